@@ -1,0 +1,176 @@
+"""Build a tiny Stable Diffusion pipeline and small image-caption datasets, offline, from configs.
+
+The tests (through conftest.py) and `make demo` use this. Nothing here downloads anything: the tokenizer is a
+byte-level CLIP BPE vocabulary written below, and every model is randomly initialised from a small config and saved
+with `save_pretrained` in the standard diffusers folder layout, exactly as a hub checkpoint is laid out.
+
+    python tests/tiny_sd.py --output_dir /tmp/tiny      # writes /tmp/tiny/{pipeline,images,...}
+"""
+
+import argparse
+import json
+import os
+import tempfile
+
+import numpy as np
+from PIL import Image
+
+# Words that get whole-word tokens, so captions tokenize into a few ids and "a", "red", ... exist in the
+# vocabulary as ordinary words (textual inversion must refuse them as placeholders).
+VOCAB_WORDS = [
+    "a", "an", "the", "of", "photo", "picture", "red", "green", "blue", "yellow", "white", "black", "circle",
+    "square", "triangle", "cat", "dog", "toy", "small", "big", "on", "in", "with", "and", "style", "painting",
+]
+COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
+SHAPES = ["circle", "square"]
+
+
+def bytes_to_unicode():
+    """CLIP's reversible byte -> printable-character table (the same mapping GPT-2 uses)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, chars)))
+
+
+def write_clip_tokenizer_files(folder, words=VOCAB_WORDS):
+    """Write vocab.json and merges.txt for a byte-level BPE that knows every byte plus `words` as whole tokens."""
+    symbols = sorted(set(bytes_to_unicode().values()))
+    vocab = {}
+    for symbol in symbols + [s + "</w>" for s in symbols]:
+        vocab[symbol] = len(vocab)
+    merges = []
+    for word in words:
+        # Merge left to right: "red" -> ("r","e") -> ("re","d</w>"); each partial result becomes a token.
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        merged = pieces[0]
+        for piece in pieces[1:]:
+            rule = f"{merged} {piece}"
+            merged = merged + piece
+            if rule not in merges:
+                merges.append(rule)
+            vocab.setdefault(merged, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return len(vocab)
+
+
+def build_tiny_pipeline(path, prediction_type="epsilon", seed=0):
+    """Save a randomly initialised tiny SD pipeline (64 px images -> 8x8x4 latents) at `path`."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as token_dir:
+        vocab_size = write_clip_tokenizer_files(token_dir)
+        tokenizer = CLIPTokenizer.from_pretrained(token_dir, model_max_length=77)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, projection_dim=32,
+        )
+    )
+    # Four VAE blocks give the SD downsampling factor of 8, so --resolution means the same as on a real model.
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+        norm_num_groups=8, sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+    )
+    schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                    prediction_type=prediction_type)
+    scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1, **schedule)
+    pipeline = StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(path, safe_serialization=True)
+    # transformers 5 saves only tokenizer.json; older releases (the Flax stack) read vocab.json + merges.txt.
+    write_clip_tokenizer_files(os.path.join(path, "tokenizer"))
+    return path
+
+
+def draw_shape(color, shape, size=64, rng=None):
+    """A plain light background with one colored shape at a random position and size."""
+    rng = rng or np.random.default_rng(0)
+    canvas = np.full((size, size, 3), 235, dtype=np.uint8)
+    radius = int(rng.integers(size // 6, size // 3))
+    cy, cx = rng.integers(radius, size - radius, size=2)
+    yy, xx = np.mgrid[0:size, 0:size]
+    if shape == "circle":
+        mask = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+    else:
+        mask = (abs(yy - cy) <= radius) & (abs(xx - cx) <= radius)
+    canvas[mask] = COLORS[color]
+    return Image.fromarray(canvas)
+
+
+def write_imagefolder(folder, num_images=8, size=64, caption_lists=False, seed=0):
+    """An imagefolder with metadata.jsonl (`file_name`, `text`): the layout --train_data_dir reads."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    rows = []
+    combos = [(c, s) for c in COLORS for s in SHAPES]
+    for i in range(num_images):
+        color, shape = combos[i % len(combos)]
+        name = f"{i:04d}.png"
+        draw_shape(color, shape, size, rng).save(os.path.join(folder, name))
+        caption = f"a {color} {shape}"
+        rows.append({"file_name": name, "text": [caption, f"a photo of a {color} {shape}"] if caption_lists else caption})
+    with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return folder
+
+
+def write_saved_dataset(folder, num_images=6, size=64, seed=1):
+    """A folder that `datasets.load_dataset(path)` reads (parquet), with its own column names."""
+    import datasets
+
+    rng = np.random.default_rng(seed)
+    combos = [(c, s) for c in COLORS for s in SHAPES]
+    images, captions = [], []
+    for i in range(num_images):
+        color, shape = combos[i % len(combos)]
+        images.append(draw_shape(color, shape, size, rng))
+        captions.append([f"a {color} {shape}", f"the {color} {shape}"])
+    table = datasets.Dataset.from_dict(
+        {"picture": images, "captions": captions},
+        features=datasets.Features({"picture": datasets.Image(), "captions": datasets.Sequence(datasets.Value("string"))}),
+    )
+    os.makedirs(os.path.join(folder, "data"), exist_ok=True)
+    table.to_parquet(os.path.join(folder, "data", "train-00000-of-00001.parquet"))
+    return folder
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output_dir", required=True, help="Where to write pipeline/ and images/.")
+    parser.add_argument("--num_images", type=int, default=16, help="Images in the generated imagefolder.")
+    args = parser.parse_args()
+    pipeline_dir = os.path.join(args.output_dir, "pipeline")
+    if not os.path.exists(os.path.join(pipeline_dir, "model_index.json")):
+        build_tiny_pipeline(pipeline_dir)
+    write_imagefolder(os.path.join(args.output_dir, "images"), num_images=args.num_images)
+    print(f"tiny pipeline: {pipeline_dir}\nimagefolder:   {os.path.join(args.output_dir, 'images')}")
+
+
+if __name__ == "__main__":
+    main()
