@@ -1,0 +1,685 @@
+#!/usr/bin/env python
+"""Fine-tune the UNet of a Stable Diffusion 1.x / 2.x pipeline on image-caption pairs (PyTorch + Accelerate).
+
+One GPU (or CPU):
+    accelerate launch train_text_to_image.py \
+      --pretrained_model_name_or_path=stable-diffusion-v1-5/stable-diffusion-v1-5 \
+      --dataset_name=lambdalabs/naruto-blip-captions --resolution=512 --center_crop --random_flip \
+      --train_batch_size=1 --gradient_accumulation_steps=4 --gradient_checkpointing --mixed_precision=fp16 \
+      --max_train_steps=15000 --learning_rate=1e-05 --max_grad_norm=1 --lr_scheduler=constant --lr_warmup_steps=0 \
+      --use_ema --checkpointing_steps=500 --validation_prompts "yoda" --output_dir=sd-naruto-model
+
+Several GPUs: run `accelerate config` once, then `accelerate launch --multi_gpu train_text_to_image.py <same flags>`.
+Two CPU processes (DDP over gloo, what the tests do):
+    ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 train_text_to_image.py <same flags>
+After a crash or preemption, relaunch the same command with --resume_from_checkpoint=latest: the resumed run ends
+with the same weights as one that was never interrupted.
+"""
+
+import argparse
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+
+import datasets
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
+
+import diffusers
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_dream_and_update_latents
+
+logger = get_logger(__name__, log_level="INFO")
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAINING_STATE = "training_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
+INTERPOLATION_MODES = ["lanczos", "bicubic", "bilinear", "nearest", "nearest_exact", "box", "hamming"]
+LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Fine-tune the UNet of a Stable Diffusion pipeline on image-caption pairs.")
+    # Model
+    parser.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="Hub id or local folder of a diffusers Stable Diffusion pipeline.")
+    parser.add_argument("--revision", type=str, default=None, help="Hub revision (branch, tag or commit) of the pretrained pipeline.")
+    parser.add_argument("--variant", type=str, default=None, help="Weight file variant to load, e.g. 'fp16'.")
+    parser.add_argument("--non_ema_revision", type=str, default=None, help="Revision holding the non-EMA UNet to train from (the EMA copy starts from --revision).")
+    parser.add_argument("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"], help="Training target; default: the scheduler config's prediction_type.")
+    # Data
+    parser.add_argument("--dataset_name", type=str, default=None, help="Hub dataset id or local dataset folder that datasets.load_dataset reads.")
+    parser.add_argument("--dataset_config_name", type=str, default=None, help="Config name of the dataset, if it has several.")
+    parser.add_argument("--train_data_dir", type=str, default=None, help="Local imagefolder with a metadata.jsonl of file_name and caption (used when --dataset_name is not given).")
+    parser.add_argument("--image_column", type=str, default="image", help="Dataset column holding the images.")
+    parser.add_argument("--caption_column", type=str, default="text", help="Dataset column holding a caption or a list of captions (one is drawn per use).")
+    parser.add_argument("--max_train_samples", type=int, default=None, help="Train on a random subset of this many examples (for debugging).")
+    parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
+    parser.add_argument("--resolution", type=int, default=512, help="Training images are resized and cropped to this square size.")
+    parser.add_argument("--center_crop", action="store_true", help="Crop the center of each image instead of a random crop.")
+    parser.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    parser.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=INTERPOLATION_MODES, help="Interpolation used to resize images.")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading worker processes (0: load in the main process).")
+    # Training
+    parser.add_argument("--seed", type=int, default=None, help="Seed for data order, augmentation and noise; a resumed run reuses its checkpoint's seed.")
+    parser.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
+    parser.add_argument("--num_train_epochs", type=int, default=100, help="Epochs to train; ignored when --max_train_steps is given.")
+    parser.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer updates; overrides --num_train_epochs.")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated into one optimizer update.")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="Recompute UNet activations in the backward pass to save memory.")
+    parser.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate (after warmup).")
+    parser.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by accumulation steps x batch size x processes.")
+    parser.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS, help="Learning-rate schedule.")
+    parser.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup optimizer updates of the schedule.")
+    parser.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 is recommended); off when not given.")
+    parser.add_argument("--dream_training", action="store_true", help="Use DREAM (Diffusion Rectification and Estimation-Adaptive Models).")
+    parser.add_argument("--dream_detail_preservation", type=float, default=1.0, help="DREAM detail preservation factor p (> 0).")
+    parser.add_argument("--noise_offset", type=float, default=0.0, help="Scale of offset noise (0.1 is typical); 0 turns it off.")
+    parser.add_argument("--input_perturbation", type=float, default=0.0, help="Scale of input perturbation (0.1 is recommended); 0 turns it off.")
+    parser.add_argument("--use_ema", action="store_true", help="Keep an exponential moving average of the UNet and save it as the final model.")
+    parser.add_argument("--offload_ema", action="store_true", help="Keep the EMA weights in CPU memory between updates.")
+    parser.add_argument("--foreach_ema", action="store_true", help="Update the EMA with fused foreach kernels (faster, more memory).")
+    parser.add_argument("--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW (GPU only; needs bitsandbytes).")
+    parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip gradients to this global norm (0 turns clipping off).")
+    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="Mixed precision; default: the accelerate config's.")
+    parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention (needs xformers; PyTorch SDPA is the default).")
+    parser.add_argument("--local_rank", type=int, default=-1, help="Set by distributed launchers; do not pass by hand.")
+    # Checkpointing
+    parser.add_argument("--output_dir", type=str, default="sd-model-finetuned", help="Where the final pipeline, checkpoints, validation images and logs go.")
+    parser.add_argument("--checkpointing_steps", type=int, default=500, help="Save the full training state every this many optimizer updates.")
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).")
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).")
+    # Logging and validation
+    parser.add_argument("--validation_prompts", type=str, default=None, nargs="+", help="Prompts rendered every --validation_epochs and at the end.")
+    parser.add_argument("--validation_epochs", type=int, default=5, help="Render the validation prompts every this many epochs.")
+    parser.add_argument("--report_to", type=str, default="tensorboard", help="Tracker: tensorboard, wandb, comet_ml, all, or none.")
+    parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker log folder, relative to --output_dir.")
+    parser.add_argument("--tracker_project_name", type=str, default="text2image-fine-tune", help="Project name passed to the tracker.")
+    parser.add_argument("--push_to_hub", action="store_true", help="Upload the final pipeline to the Hugging Face Hub.")
+    parser.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `hf auth login`).")
+    parser.add_argument("--hub_model_id", type=str, default=None, help="Hub repository to push to; default: the output folder's name.")
+    args = parser.parse_args(argv)
+
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_local_rank != -1:
+        args.local_rank = env_local_rank
+    if args.dataset_name is None and args.train_data_dir is None:
+        parser.error("no training data: pass --dataset_name (hub id or local dataset folder) or --train_data_dir (imagefolder)")
+    if args.non_ema_revision is None:
+        args.non_ema_revision = args.revision
+    for name in ["resolution", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_epochs"]:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        parser.error(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
+    if args.dream_training and args.dream_detail_preservation <= 0:
+        parser.error("--dream_detail_preservation must be positive")
+    if args.report_to == "wandb" and args.hub_token is not None:
+        parser.error("--hub_token with --report_to=wandb would leak the token to wandb; log in with `hf auth login` instead")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def derive_seed(*keys):
+    """A well-mixed 63-bit seed from integer keys. All randomness is a pure function of such keys, so a resumed
+    run draws exactly what an uninterrupted run would have drawn, whatever the number of workers."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints in output_dir, oldest first, as (step, path)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_PATTERN.match(name)
+        if match and os.path.isfile(os.path.join(output_dir, name, TRAINING_STATE)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def find_resume_checkpoint(args):
+    """The checkpoint folder --resume_from_checkpoint names, None to start fresh; a wrong name is an error."""
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(args.output_dir)
+        return checkpoints[-1][1] if checkpoints else None
+    path = args.resume_from_checkpoint
+    if not os.path.isdir(path):
+        path = os.path.join(args.output_dir, args.resume_from_checkpoint)
+    if not os.path.isfile(os.path.join(path, TRAINING_STATE)):
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {args.resume_from_checkpoint}: no complete checkpoint at {path} "
+            f"(complete ones in {args.output_dir}: {[os.path.basename(p) for _, p in list_checkpoints(args.output_dir)]})"
+        )
+    return path
+
+
+def load_image_caption_dataset(args, seed):
+    """The training rows as a datasets.Dataset, with both columns checked; images stay undecoded until used."""
+    if args.dataset_name is not None:
+        source = f"--dataset_name {args.dataset_name}"
+        looks_local = args.dataset_name.startswith(("/", "./", "../", "~")) or os.path.exists(args.dataset_name)
+        if looks_local and not os.path.exists(os.path.expanduser(args.dataset_name)):
+            raise FileNotFoundError(f"{source}: no such folder")
+        try:
+            dataset = datasets.load_dataset(
+                os.path.expanduser(args.dataset_name) if looks_local else args.dataset_name,
+                args.dataset_config_name, cache_dir=args.cache_dir, split="train",
+            )
+        except Exception as err:
+            raise RuntimeError(f"{source}: could not load a 'train' split ({type(err).__name__}: {err})") from err
+    else:
+        source = f"--train_data_dir {args.train_data_dir}"
+        if not os.path.isdir(args.train_data_dir):
+            raise FileNotFoundError(f"{source}: no such folder")
+        try:
+            dataset = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir, split="train")
+        except Exception as err:
+            raise RuntimeError(f"{source}: not a readable imagefolder ({type(err).__name__}: {err})") from err
+    for flag, column in [("--image_column", args.image_column), ("--caption_column", args.caption_column)]:
+        if column not in dataset.column_names:
+            raise ValueError(f"{flag} '{column}' is not a column of {source}; its columns are: {', '.join(dataset.column_names)}")
+    if len(dataset) == 0:
+        raise ValueError(f"{source} has no rows")
+    if isinstance(dataset.features[args.image_column], datasets.Image):
+        # Decode ourselves, so an unreadable file is reported by name.
+        dataset = dataset.cast_column(args.image_column, datasets.Image(decode=False))
+    if args.max_train_samples is not None:
+        dataset = dataset.shuffle(seed=seed).select(range(min(args.max_train_samples, len(dataset))))
+    return dataset
+
+
+class ImageCaptionDataset(torch.utils.data.Dataset):
+    """Rows -> {pixel_values, input_ids}. Indexed by (epoch, row) keys: crop, flip and caption choice are drawn from
+    an RNG seeded by (seed, epoch, row), so the same sample is identical in a resumed run."""
+
+    def __init__(self, rows, tokenizer, args, seed):
+        self.rows, self.tokenizer, self.args, self.seed = rows, tokenizer, args, seed
+        self.interpolation = InterpolationMode[args.image_interpolation_mode.upper()]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def open_image(self, value, row):
+        if isinstance(value, str):
+            value = {"path": value, "bytes": None}
+        name = value.get("path") or f"row {row}"
+        try:
+            image = Image.open(value["path"] if value.get("bytes") is None else io.BytesIO(value["bytes"]))
+            return image.convert("RGB")
+        except Exception as err:
+            raise ValueError(f"cannot read image {name} (column '{self.args.image_column}', row {row}): {err}") from err
+
+    def transform(self, image, rng):
+        size = self.args.resolution
+        image = TF.resize(image, size, interpolation=self.interpolation)
+        width, height = image.size
+        if self.args.center_crop:
+            top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+        else:
+            top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+        image = TF.crop(image, top, left, size, size)
+        if self.args.random_flip and rng.random() < 0.5:
+            image = TF.hflip(image)
+        return TF.to_tensor(image) * 2.0 - 1.0  # [0, 1] -> [-1, 1], the VAE's input range
+
+    def pick_caption(self, value, row, rng):
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0 and all(isinstance(v, str) for v in value):
+            return value[int(rng.integers(len(value)))]
+        raise ValueError(f"--caption_column '{self.args.caption_column}', row {row}: expected a string or a list of strings, got {value!r}")
+
+    def __getitem__(self, key):
+        epoch, row = key
+        rng = np.random.default_rng([self.seed, epoch, row])
+        example = self.rows[row]
+        pixel_values = self.transform(self.open_image(example[self.args.image_column], row), rng)
+        caption = self.pick_caption(example[self.args.caption_column], row, rng)
+        input_ids = self.tokenizer(
+            caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+        ).input_ids[0]
+        return {"pixel_values": pixel_values, "input_ids": input_ids}
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """Yields (epoch, row) keys in an order that depends only on (seed, epoch). The training loop sets `.epoch`
+    itself; there is deliberately no set_epoch(), which Accelerate would call with its own iteration counter."""
+
+    def __init__(self, num_rows, seed):
+        self.num_rows, self.seed, self.epoch = num_rows, seed, 0
+
+    def __len__(self):
+        return self.num_rows
+
+    def __iter__(self):
+        order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch)))
+        return iter([(self.epoch, row) for row in order.tolist()])
+
+
+def collate(examples):
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(memory_format=torch.contiguous_format),
+        "input_ids": torch.stack([e["input_ids"] for e in examples]),
+    }
+
+
+# ------------------------------------------------------ BEGIN MATH ------------------------------------------------------
+def compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args):
+    """The denoising loss of one batch. All random draws come from `generator`."""
+    with torch.no_grad():
+        # The frozen VAE maps images to latents; the scaling factor brings them to roughly unit variance.
+        latent_dist = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
+        latents = latent_dist.sample(generator=generator) * vae.config.scaling_factor
+        # The frozen text encoder's last hidden state conditions the UNet through cross-attention.
+        encoder_hidden_states = text_encoder(batch["input_ids"].to(text_encoder.device), return_dict=False)[0]
+
+    bsz = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if args.noise_offset:
+        # Offset noise (Guttenberg 2023, crosslabs.org/blog/diffusion-with-offset-noise): a per-channel constant
+        # lets the model change the overall brightness of an image.
+        noise += args.noise_offset * torch.randn((bsz, latents.shape[1], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
+    noised_with = noise
+    if args.input_perturbation:
+        # Input perturbation (Ning et al. 2023, arXiv:2301.11706): noise the input with slightly perturbed noise but
+        # keep the clean noise as target, which reduces exposure bias.
+        noised_with = noise + args.input_perturbation * torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator, device=latents.device).long()
+    # Forward diffusion: noisy_latents = sqrt(alpha_bar_t) * latents + sqrt(1 - alpha_bar_t) * noise.
+    noisy_latents = noise_scheduler.add_noise(latents, noised_with, timesteps)
+
+    # The target depends on what the model predicts: the noise (epsilon) or the velocity v (Salimans & Ho 2022).
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"unsupported prediction type {noise_scheduler.config.prediction_type!r}")
+
+    if args.dream_training:
+        # DREAM (Zhou et al. 2023, arXiv:2312.00210): blend the model's own estimate into input and target.
+        noisy_latents, target = compute_dream_and_update_latents(
+            unet, noise_scheduler, timesteps, noise, noisy_latents, target, encoder_hidden_states, args.dream_detail_preservation
+        )
+
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=list(range(1, model_pred.ndim)))
+
+    if args.snr_gamma is not None:
+        # Min-SNR-gamma weighting (Hang et al. 2023, arXiv:2303.09556): weight each timestep by min(SNR, gamma)/SNR
+        # in epsilon terms. A v-prediction loss is (SNR + 1) times the epsilon loss, hence the divisor SNR + 1.
+        alphas_cumprod = noise_scheduler.alphas_cumprod.to(latents.device)[timesteps].float()
+        snr = alphas_cumprod / (1.0 - alphas_cumprod)
+        divisor = snr + 1.0 if noise_scheduler.config.prediction_type == "v_prediction" else snr
+        weights = torch.where(divisor > 0, torch.clamp(snr, max=args.snr_gamma) / divisor, torch.ones_like(snr))
+        loss = loss * weights
+    return loss.mean()
+# ------------------------------------------------------- END MATH -------------------------------------------------------
+
+
+def save_checkpoint(accelerator, args, global_step, training_state):
+    """Write checkpoint-N crash-safely: into a hidden temporary folder first, renamed into place only when complete;
+    older checkpoints are pruned only after that. Main process only."""
+    final_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    partial_path = os.path.join(args.output_dir, f".checkpoint-{global_step}.partial")
+    shutil.rmtree(partial_path, ignore_errors=True)
+    accelerator.save_state(partial_path)
+    with open(os.path.join(partial_path, TRAINING_STATE), "w") as f:
+        json.dump({**training_state, "global_step": global_step}, f, indent=2)
+    if os.path.exists(final_path):  # left by an earlier run that got past this step; the new one replaces it
+        stale_path = final_path + ".stale"
+        os.rename(final_path, stale_path)
+        os.rename(partial_path, final_path)
+        shutil.rmtree(stale_path)
+    else:
+        os.rename(partial_path, final_path)
+    logger.info(f"Saved {final_path}")
+    if args.checkpoints_total_limit is not None:
+        for _, path in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
+            logger.info(f"Deleting {path} (--checkpoints_total_limit {args.checkpoints_total_limit})")
+            shutil.rmtree(path)
+
+
+def render_validation_images(pipeline, args, seed):
+    """One image per validation prompt, each from its own fixed seed, so grids compare across steps and resumes."""
+    device = pipeline.device
+    images = []
+    for index, prompt in enumerate(args.validation_prompts):
+        generator = torch.Generator(device=device).manual_seed(derive_seed(seed, 7919, index))
+        autocast = torch.autocast(device.type) if device.type == "cuda" else torch.autocast(device.type, enabled=False)
+        with autocast:
+            images.append(pipeline(prompt, num_inference_steps=20, generator=generator, height=args.resolution, width=args.resolution).images[0])
+    return images
+
+
+def log_validation(pipeline, args, accelerator, seed, global_step, tag):
+    """Render, save a PNG grid under output_dir/validation/, and log the images to the trackers."""
+    pipeline.set_progress_bar_config(disable=True)
+    images = render_validation_images(pipeline, args, seed)
+    grid = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)))
+    x = 0
+    for image in images:
+        grid.paste(image, (x, 0))
+        x += image.width
+    folder = os.path.join(args.output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    grid_path = os.path.join(folder, f"{tag}-step-{global_step:06d}.png")
+    grid.save(grid_path)
+    logger.info(f"Validation grid ({' | '.join(args.validation_prompts)}): {grid_path}")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(tag, np.stack([np.asarray(i) for i in images]), global_step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image(i, caption=p) for i, p in zip(images, args.validation_prompts)]}, step=global_step)
+    return images
+
+
+def write_model_card(args, global_step, validation_grid):
+    lines = [
+        "---", "license: creativeml-openrail-m", f"base_model: {args.pretrained_model_name_or_path}",
+        "tags:", "- stable-diffusion", "- text-to-image", "- diffusers", "library_name: diffusers", "---", "",
+        f"# {os.path.basename(os.path.abspath(args.output_dir))}", "",
+        f"UNet of `{args.pretrained_model_name_or_path}` fine-tuned with train_text_to_image.py on "
+        f"`{args.dataset_name or args.train_data_dir}`.", "",
+        "```python", "from diffusers import StableDiffusionPipeline", "",
+        f'pipe = StableDiffusionPipeline.from_pretrained("{args.hub_model_id or args.output_dir}")',
+        f'image = pipe("{(args.validation_prompts or ["a photo"])[0]}").images[0]', "```", "",
+        "| setting | value |", "| --- | --- |",
+        f"| optimizer updates | {global_step} |",
+        f"| learning rate | {args.learning_rate} ({args.lr_scheduler}, {args.lr_warmup_steps} warmup) |",
+        f"| batch per device x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |",
+        f"| resolution | {args.resolution} |", f"| mixed precision | {args.mixed_precision} |",
+        f"| EMA | {args.use_ema} |", f"| Min-SNR gamma | {args.snr_gamma} |",
+    ]
+    if validation_grid:
+        lines += ["", f"![validation]({validation_grid})"]
+    with open(os.path.join(args.output_dir, "README.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def save_pipeline(unet, args):
+    """The full pipeline (frozen parts re-read in their original precision) in output_dir, written to a temporary
+    folder first so a crash never leaves a half-written model over a good one."""
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, unet=unet, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir
+    )
+    if args.prediction_type is not None:
+        # The model now predicts this target: the saved scheduler must say so, or inference silently goes wrong.
+        pipeline.scheduler.register_to_config(prediction_type=args.prediction_type)
+    partial = os.path.join(args.output_dir, ".pipeline.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    pipeline.save_pretrained(partial, safe_serialization=True)
+    for name in os.listdir(partial):
+        target = os.path.join(args.output_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(partial, name), target)
+    os.rmdir(partial)
+    return pipeline
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    # ------------------------------------------------------------------------------------------------------ setup
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    for library in (datasets, diffusers):
+        library.utils.logging.set_verbosity_warning() if accelerator.is_local_main_process else library.utils.logging.set_verbosity_error()
+    if args.enable_xformers_memory_efficient_attention and not diffusers.utils.is_xformers_available():
+        raise ImportError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (GPU only)")
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    resume_path = find_resume_checkpoint(args)
+    resume_state = json.load(open(os.path.join(resume_path, TRAINING_STATE))) if resume_path else {}
+    # One seed drives everything; without --seed a resumed run must reuse the one its checkpoint recorded.
+    seed = args.seed if args.seed is not None else resume_state.get("seed", int(np.random.SeedSequence().generate_state(1)[0]))
+    if resume_state and resume_state["seed"] != seed:
+        logger.warning(f"--seed {seed} differs from the checkpoint's seed {resume_state['seed']}: the resumed run will not match an uninterrupted one")
+
+    # ------------------------------------------------------------------------------------------------ load models
+    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir)
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    if args.dream_training and noise_scheduler.config.prediction_type != "epsilon":
+        raise ValueError(f"--dream_training supports epsilon prediction only; this run predicts {noise_scheduler.config.prediction_type}")
+    tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision, cache_dir=args.cache_dir)
+    text_encoder = CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder", revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+    vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+    unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet", revision=args.non_ema_revision, cache_dir=args.cache_dir)
+    vae.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    unet.train()
+    ema_unet = None
+    if args.use_ema:
+        ema_source = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
+        ema_unet = EMAModel(ema_source.parameters(), model_cls=UNet2DConditionModel, model_config=ema_source.config, foreach=args.foreach_ema)
+        del ema_source
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    # The frozen models only run forward: keep them in the mixed-precision dtype. The UNet keeps fp32 master weights.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    if ema_unet is not None:
+        if args.offload_ema and torch.cuda.is_available():
+            ema_unet.pin_memory()
+        elif not args.offload_ema:
+            ema_unet.to(accelerator.device)
+
+    def save_model_hook(models, weights, output_dir):
+        # Checkpoints hold loadable unet/ (and unet_ema/) folders instead of anonymous state dicts.
+        if ema_unet is not None:
+            ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
+        for model in models:
+            accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"), safe_serialization=True)
+            weights.pop()
+
+    def load_model_hook(models, input_dir):
+        if ema_unet is not None:
+            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DConditionModel, foreach=args.foreach_ema)
+            ema_unet.load_state_dict(loaded.state_dict())
+            if not args.offload_ema:
+                ema_unet.to(accelerator.device)
+        while models:
+            model = models.pop()
+            loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+            model.register_to_config(**loaded.config)
+            model.load_state_dict(loaded.state_dict())
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    # ------------------------------------------------------------------------------------------------------- data
+    rows = load_image_caption_dataset(args, seed)
+    train_dataset = ImageCaptionDataset(rows, tokenizer, args, seed)
+    sampler = EpochShuffleSampler(len(train_dataset), seed)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset, sampler=sampler, batch_size=args.train_batch_size, collate_fn=collate,
+        num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
+    )
+
+    # -------------------------------------------------------------------------------- optimizer and schedule
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (GPU only)") from err
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    optimizer = optimizer_class(
+        unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+    )
+    unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
+    # global_step counts optimizer updates; --max_train_steps is authoritative and epochs are derived from it.
+    updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    # The prepared scheduler steps once per process at every update, hence the factor num_processes.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+    )
+    lr_scheduler = accelerator.prepare(lr_scheduler)
+
+    # ----------------------------------------------------------------------------------------------------- resume
+    global_step = 0
+    if resume_path is not None:
+        accelerator.print(f"Resuming from {resume_path}")
+        accelerator.load_state(resume_path)
+        global_step = resume_state["global_step"]
+        layout = {"total_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps, "updates_per_epoch": updates_per_epoch}
+        if any(resume_state.get(k) != v for k, v in layout.items()):
+            logger.warning(f"data layout changed since the checkpoint ({ {k: resume_state.get(k) for k in layout} } -> {layout}): the resumed run will not match an uninterrupted one")
+    first_epoch = global_step // updates_per_epoch
+    training_state = {
+        "seed": seed, "total_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+        "updates_per_epoch": updates_per_epoch,
+    }
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
+    total_batch_size = training_state["total_batch_size"]
+    logger.info("***** Running training *****")
+    logger.info(f"  Examples = {len(train_dataset)}, epochs = {num_train_epochs}, updates per epoch = {updates_per_epoch}")
+    logger.info(f"  Batch per device = {args.train_batch_size}, processes = {accelerator.num_processes}, accumulation = {args.gradient_accumulation_steps}, total batch = {total_batch_size}")
+    logger.info(f"  Optimizer updates = {max_train_steps}, starting at {global_step}, seed = {seed}")
+    if global_step >= max_train_steps:
+        logger.info(f"Checkpoint step {global_step} is at or past --max_train_steps {max_train_steps}: nothing to train.")
+
+    # ------------------------------------------------------------------------------------------------- train loop
+    generator = torch.Generator(device=accelerator.device)
+    progress_bar = tqdm(range(max_train_steps), initial=min(global_step, max_train_steps), desc="Steps", disable=not accelerator.is_local_main_process)
+    train_loss = torch.zeros((), device=accelerator.device)
+    step_start = time.perf_counter()
+    for epoch in range(first_epoch, num_train_epochs):
+        if global_step >= max_train_steps:
+            break
+        sampler.epoch = epoch
+        # Resume mid-epoch: skip exactly the batches the interrupted run had consumed (every earlier update in this
+        # epoch used a full accumulation group).
+        skip = (global_step - epoch * updates_per_epoch) * args.gradient_accumulation_steps
+        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        for batch_index, batch in enumerate(batches, start=skip):
+            generator.manual_seed(derive_seed(seed, epoch, batch_index, accelerator.process_index))
+            with accelerator.accumulate(unet):
+                loss = compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args)
+                train_loss += loss.detach() / args.gradient_accumulation_steps
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+
+            global_step += 1
+            if ema_unet is not None:
+                if args.offload_ema:
+                    ema_unet.to(device=accelerator.device, non_blocking=True)
+                ema_unet.step(unet.parameters())
+                if args.offload_ema:
+                    ema_unet.to(device="cpu", non_blocking=True)
+            logs = {"loss": accelerator.reduce(train_loss, reduction="mean").item(), "lr": lr_scheduler.get_last_lr()[0]}
+            if not math.isfinite(logs["loss"]):
+                raise FloatingPointError(f"loss is {logs['loss']} at step {global_step} (epoch {epoch}): stopping; no checkpoint was written for this step")
+            if grad_norm is not None:
+                logs["grad_norm"] = float(grad_norm)
+            logs["step_time"] = time.perf_counter() - step_start
+            train_loss.zero_()
+            accelerator.log(logs, step=global_step)
+            progress_bar.update(1)
+            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            if global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:
+                save_checkpoint(accelerator, args, global_step, training_state)
+            step_start = time.perf_counter()
+            if global_step >= max_train_steps:
+                break
+
+        end_of_run = global_step >= max_train_steps
+        if args.validation_prompts and (epoch + 1) % args.validation_epochs == 0 and not end_of_run:
+            if accelerator.is_main_process:
+                if ema_unet is not None:  # validate what would be saved: the EMA weights
+                    ema_unet.store(unet.parameters())
+                    ema_unet.copy_to(unet.parameters())
+                pipeline = StableDiffusionPipeline.from_pretrained(
+                    args.pretrained_model_name_or_path, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                    unet=accelerator.unwrap_model(unet), safety_checker=None, revision=args.revision, variant=args.variant,
+                    torch_dtype=weight_dtype, cache_dir=args.cache_dir,
+                )
+                log_validation(pipeline, args, accelerator, seed, global_step, tag="validation")
+                del pipeline
+                if ema_unet is not None:
+                    ema_unet.restore(unet.parameters())
+            accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------------------------------------------- save
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final_unet = accelerator.unwrap_model(unet)
+        if ema_unet is not None:
+            ema_unet.copy_to(final_unet.parameters())
+        pipeline = save_pipeline(final_unet, args)
+        grid = None
+        if args.validation_prompts:
+            pipeline = pipeline.to(accelerator.device)
+            pipeline.safety_checker = None
+            log_validation(pipeline, args, accelerator, seed, global_step, tag="final")
+            grid = f"validation/final-step-{global_step:06d}.png"
+        write_model_card(args, global_step, grid)
+        logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
+        if args.push_to_hub:
+            from huggingface_hub import create_repo, upload_folder
+
+            repo_id = create_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True, token=args.hub_token).repo_id
+            upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training", ignore_patterns=["checkpoint-*", ".*", "logs/*"], token=args.hub_token)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
