@@ -1,0 +1,67 @@
+"""Session fixtures: a tiny SD pipeline and small datasets built offline, and a launcher that runs the scripts the way
+users do (`accelerate launch --config_file <basic config> script.py ...`)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import tiny_sd  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.dirname(sys.executable)
+
+# No test may reach the network: the hub clients must fail fast instead of hanging.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+os.environ.update(OFFLINE_ENV)
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("assets")
+    paths = {
+        "pipeline": tiny_sd.build_tiny_pipeline(str(root / "pipeline")),
+        # 72 px images trained at 64 px, so the random crop has room to move.
+        "images": tiny_sd.write_imagefolder(str(root / "images"), num_images=10, size=72),
+        "images_lists": tiny_sd.write_imagefolder(str(root / "images_lists"), num_images=10, size=72, caption_lists=True),
+        "saved_dataset": tiny_sd.write_saved_dataset(str(root / "saved_dataset")),
+    }
+    from accelerate.utils import write_basic_config
+
+    paths["accelerate_config"] = str(root / "accelerate.yaml")
+    write_basic_config(mixed_precision="no", save_location=paths["accelerate_config"])
+    return paths
+
+
+class Launcher:
+    def __init__(self, assets):
+        self.assets = assets
+
+    def _run(self, command, extra_env=None, timeout=900):
+        env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        result.output = result.stdout + result.stderr
+        return result
+
+    def accelerate(self, script, args, check=True, extra_env=None):
+        """`accelerate launch --config_file <basic config> script args...`; raises with the output when check fails."""
+        command = [os.path.join(BIN, "accelerate"), "launch", "--config_file", self.assets["accelerate_config"], script]
+        result = self._run(command + [str(a) for a in args], extra_env)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{script} failed ({result.returncode}):\n{result.output[-6000:]}")
+        return result
+
+    def torchrun(self, script, args, nproc=2, check=True):
+        """`ACCELERATE_USE_CPU=true torchrun --nproc_per_node N script args...`: DDP over gloo on CPU."""
+        command = [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(nproc), "--master_port", "29517", script]
+        result = self._run(command + [str(a) for a in args], {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
+        if check and result.returncode != 0:
+            raise AssertionError(f"{script} failed under torchrun ({result.returncode}):\n{result.output[-6000:]}")
+        return result
+
+
+@pytest.fixture(scope="session")
+def launch(assets):
+    return Launcher(assets)

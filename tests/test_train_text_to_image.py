@@ -1,0 +1,301 @@
+"""train_text_to_image.py, launched as users launch it, on the tiny pipeline at 64 px."""
+
+import json
+import os
+import shutil
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from helpers import checkpoint_names, load_state_dict, max_abs_diff, tree_snapshot
+from PIL import Image
+
+SCRIPT = "train_text_to_image.py"
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_text_to_image  # noqa: E402
+
+REFERENCE_FLAGS = """--pretrained_model_name_or_path --revision --variant --dataset_name --dataset_config_name --train_data_dir
+--image_column --caption_column --max_train_samples --validation_prompts --output_dir --cache_dir --seed --resolution
+--center_crop --random_flip --train_batch_size --num_train_epochs --max_train_steps --gradient_accumulation_steps
+--gradient_checkpointing --learning_rate --scale_lr --lr_scheduler --lr_warmup_steps --snr_gamma --dream_training
+--dream_detail_preservation --use_8bit_adam --allow_tf32 --use_ema --offload_ema --foreach_ema --non_ema_revision
+--dataloader_num_workers --adam_beta1 --adam_beta2 --adam_weight_decay --adam_epsilon --max_grad_norm --push_to_hub
+--hub_token --prediction_type --hub_model_id --logging_dir --mixed_precision --report_to --local_rank
+--checkpointing_steps --checkpoints_total_limit --resume_from_checkpoint --enable_xformers_memory_efficient_attention
+--noise_offset --input_perturbation --validation_epochs --tracker_project_name --image_interpolation_mode""".split()
+
+
+def base_args(assets, output_dir, *extra, data="images"):
+    return [
+        "--pretrained_model_name_or_path", assets["pipeline"], "--train_data_dir", assets[data],
+        "--resolution", 64, "--train_batch_size", 2, "--learning_rate", 1e-3, "--lr_warmup_steps", 0,
+        "--seed", 7, "--output_dir", output_dir, "--report_to", "tensorboard", *extra,
+    ]
+
+
+def test_every_reference_flag_exists():
+    args = train_text_to_image.parse_args(["--pretrained_model_name_or_path", "x", "--train_data_dir", "y"])
+    parser_flags = {"--" + name for name in vars(args)}
+    assert set(REFERENCE_FLAGS) - parser_flags == set()
+
+
+def test_train_checkpoints_validate_save_and_generate(launch, assets, tmp_path):
+    out = str(tmp_path / "run")
+    launch.accelerate(SCRIPT, base_args(
+        assets, out, "--max_train_steps", 7, "--checkpointing_steps", 2, "--checkpoints_total_limit", 2,
+        "--use_ema", "--offload_ema", "--foreach_ema", "--random_flip",
+        "--validation_prompts", "a red circle", "a blue square", "--validation_epochs", 1,
+    ))
+    # 10 images / batch 2 = 5 updates per epoch: checkpoints at 2, 4, 6, the limit keeps the last two.
+    assert checkpoint_names(out) == ["checkpoint-4", "checkpoint-6"]
+    assert not [n for n in os.listdir(out) if n.startswith(".")], "no partial folders may remain"
+    for name in ["checkpoint-4", "checkpoint-6"]:
+        state = json.load(open(os.path.join(out, name, "training_state.json")))
+        assert state["global_step"] == int(name.split("-")[1]) and state["seed"] == 7
+
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+
+    UNet2DConditionModel.from_pretrained(os.path.join(out, "checkpoint-6", "unet"))
+    UNet2DConditionModel.from_pretrained(os.path.join(out, "checkpoint-6", "unet_ema"))
+    pipe = DiffusionPipeline.from_pretrained(out)
+    image = pipe("a red circle", num_inference_steps=2, height=64, width=64, generator=torch.manual_seed(0)).images[0]
+    assert image.size == (64, 64) and np.asarray(image).std() > 0
+
+    # The final UNet is the EMA, and both differ from the starting weights.
+    final = load_state_dict(os.path.join(out, "unet"))
+    assert max_abs_diff(final, load_state_dict(os.path.join(assets["pipeline"], "unet"))) > 1e-4
+    assert max_abs_diff(final, load_state_dict(os.path.join(out, "checkpoint-6", "unet"))) > 0
+    assert os.path.isfile(os.path.join(out, "README.md"))
+
+    # Validation at the end of epoch 1 (step 5) and after saving (step 7), two 64 px images side by side.
+    grids = sorted(os.listdir(os.path.join(out, "validation")))
+    assert grids == ["final-step-000007.png", "validation-step-000005.png"]
+    assert Image.open(os.path.join(out, "validation", grids[0])).size == (128, 64)
+    assert any(n.startswith("events.out.tfevents") for _, _, files in os.walk(os.path.join(out, "logs")) for n in files)
+
+
+EXACT_RESUME = ["--max_train_steps", 8, "--checkpointing_steps", 3, "--gradient_accumulation_steps", 2,
+                "--lr_scheduler", "cosine", "--lr_warmup_steps", 2, "--use_ema", "--random_flip", "--snr_gamma", 5.0,
+                "--noise_offset", 0.05, "--input_perturbation", 0.1, "--validation_prompts", "a red circle"]
+
+
+def test_exact_resume_mid_epoch(launch, assets, tmp_path):
+    """A run stopped at step 3 (mid-epoch, with random crops, flips, caption lists, accumulation, warmup+cosine, EMA)
+    and resumed ends with the same weights as the run that was never stopped."""
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    launch.accelerate(SCRIPT, base_args(assets, full, *EXACT_RESUME, data="images_lists"))
+    os.makedirs(resumed)
+    shutil.copytree(os.path.join(full, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
+    result = launch.accelerate(SCRIPT, base_args(assets, resumed, *EXACT_RESUME, "--resume_from_checkpoint", "latest", data="images_lists"))
+    assert "starting at 3" in result.output
+    # 10 images / (batch 2 x accumulation 2) = 3 updates per epoch: step 3 ends epoch 0, 6 is mid-epoch 2.
+    assert checkpoint_names(resumed) == ["checkpoint-3", "checkpoint-6"]
+    for folder in ["unet", "checkpoint-6/unet", "checkpoint-6/unet_ema"]:
+        diff = max_abs_diff(load_state_dict(os.path.join(full, folder)), load_state_dict(os.path.join(resumed, folder)))
+        assert diff <= 1e-6, f"{folder}: resumed run differs from the uninterrupted one by {diff}"
+    # Validation uses fixed seeds, so the final grids match too.
+    grid = "validation/final-step-000008.png"
+    assert np.array_equal(np.asarray(Image.open(os.path.join(full, grid))), np.asarray(Image.open(os.path.join(resumed, grid))))
+
+
+def test_exact_resume_from_a_checkpoint_in_the_middle_of_an_epoch(launch, assets, tmp_path):
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    common = ["--max_train_steps", 7, "--checkpointing_steps", 3, "--lr_scheduler", "linear", "--random_flip"]
+    launch.accelerate(SCRIPT, base_args(assets, full, *common))
+    shutil.copytree(os.path.join(full, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
+    launch.accelerate(SCRIPT, base_args(assets, resumed, *common, "--resume_from_checkpoint", "checkpoint-3"))
+    # 5 updates per epoch: step 3 is in the middle of epoch 0.
+    assert max_abs_diff(load_state_dict(os.path.join(full, "unet")), load_state_dict(os.path.join(resumed, "unet"))) <= 1e-6
+
+
+def test_checkpoint_sets_latest_and_max_steps_are_authoritative(launch, assets, tmp_path):
+    out = str(tmp_path / "run")
+    common = ["--checkpointing_steps", 2, "--checkpoints_total_limit", 2, "--resume_from_checkpoint", "latest"]
+    result = launch.accelerate(SCRIPT, base_args(assets, out, "--max_train_steps", 6, *common))
+    assert "starting at 0" in result.output  # 'latest' with no checkpoint starts fresh
+    assert checkpoint_names(out) == ["checkpoint-4", "checkpoint-6"]
+
+    # What a crash leaves behind must never be picked by 'latest': a temporary folder, and a folder without its
+    # completion marker.
+    os.makedirs(os.path.join(out, ".checkpoint-12.partial", "unet"))
+    shutil.copytree(os.path.join(out, "checkpoint-6"), os.path.join(out, "checkpoint-14"))
+    os.remove(os.path.join(out, "checkpoint-14", "training_state.json"))
+    result = launch.accelerate(SCRIPT, base_args(assets, out, "--max_train_steps", 10, *common))
+    assert f"Resuming from {os.path.join(out, 'checkpoint-6')}" in result.output
+    complete = [n for n in checkpoint_names(out) if os.path.isfile(os.path.join(out, n, "training_state.json"))]
+    assert complete == ["checkpoint-8", "checkpoint-10"]
+
+    # Resuming at --max_train_steps trains nothing, says so, and leaves the checkpoints alone.
+    before = tree_snapshot(os.path.join(out, "checkpoint-10"))
+    result = launch.accelerate(SCRIPT, base_args(assets, out, "--max_train_steps", 10, *common))
+    assert "nothing to train" in result.output
+    assert tree_snapshot(os.path.join(out, "checkpoint-10")) == before
+    assert max_abs_diff(load_state_dict(os.path.join(out, "unet")), load_state_dict(os.path.join(out, "checkpoint-10", "unet"))) == 0
+
+
+def test_checkpoint_is_invisible_until_complete(tmp_path, monkeypatch):
+    """A crash in the middle of saving leaves no checkpoint-N and prunes nothing."""
+    from accelerate import PartialState
+
+    PartialState()  # the script's logger needs accelerate's state, as it has inside main()
+    out = tmp_path / "run"
+    for step in (2, 4):
+        (out / f"checkpoint-{step}").mkdir(parents=True)
+        (out / f"checkpoint-{step}" / "training_state.json").write_text(json.dumps({"global_step": step}))
+
+    class CrashingAccelerator:
+        def save_state(self, path):
+            os.makedirs(os.path.join(path, "unet"))
+            open(os.path.join(path, "optimizer.bin"), "wb").write(b"half")
+            raise OSError("disk full")
+
+    args = types.SimpleNamespace(output_dir=str(out), checkpoints_total_limit=1)
+    with pytest.raises(OSError, match="disk full"):
+        train_text_to_image.save_checkpoint(CrashingAccelerator(), args, 6, {"seed": 1})
+    assert checkpoint_names(str(out)) == ["checkpoint-2", "checkpoint-4"]
+    assert [p for _, p in train_text_to_image.list_checkpoints(str(out))][-1].endswith("checkpoint-4")
+
+    class WorkingAccelerator:
+        def save_state(self, path):
+            os.makedirs(os.path.join(path, "unet"))
+
+    train_text_to_image.save_checkpoint(WorkingAccelerator(), args, 6, {"seed": 1})
+    assert checkpoint_names(str(out)) == ["checkpoint-6"]
+    assert sorted(os.listdir(out)) == ["checkpoint-6"]
+
+
+def test_snr_gamma_v_prediction_bf16_gradient_checkpointing(launch, assets, tmp_path):
+    out = str(tmp_path / "run")
+    launch.accelerate(SCRIPT, base_args(
+        assets, out, "--max_train_steps", 3, "--checkpointing_steps", 3, "--snr_gamma", 5.0,
+        "--prediction_type", "v_prediction", "--mixed_precision", "bf16", "--gradient_checkpointing",
+        "--image_interpolation_mode", "bicubic", "--center_crop",
+    ))
+    scheduler_config = json.load(open(os.path.join(out, "scheduler", "scheduler_config.json")))
+    assert scheduler_config["prediction_type"] == "v_prediction"
+    # Trained weights stay fp32 master weights and are saved as such.
+    assert all(t.dtype == torch.float32 for t in load_state_dict(os.path.join(out, "unet")).values())
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert np.isfinite(np.asarray(pipe("a blue square", num_inference_steps=2, height=64, width=64).images[0])).all()
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_min_snr_weights(assets, prediction_type):
+    """compute_loss with --snr_gamma weights each sample by min(SNR, gamma)/SNR (epsilon) or /(SNR+1) (v)."""
+    from diffusers import DDPMScheduler
+
+    scheduler = DDPMScheduler.from_pretrained(assets["pipeline"], subfolder="scheduler", prediction_type=prediction_type)
+    latents = torch.randn(32, 4, 8, 8)
+    vae = types.SimpleNamespace(
+        device=torch.device("cpu"), dtype=torch.float32, config=types.SimpleNamespace(scaling_factor=1.0),
+        encode=lambda x: types.SimpleNamespace(latent_dist=types.SimpleNamespace(sample=lambda generator: latents)),
+    )
+    text_encoder = lambda ids, return_dict: (torch.zeros(ids.shape[0], 3, 32),)  # noqa: E731
+    text_encoder.device = torch.device("cpu")
+    unet = lambda noisy, t, ehs, return_dict: (torch.zeros_like(noisy),)  # noqa: E731  predicts 0: loss = mean(target^2)
+    batch = {"pixel_values": torch.zeros(32, 3, 64, 64), "input_ids": torch.zeros(32, 77, dtype=torch.long)}
+    args = types.SimpleNamespace(noise_offset=0, input_perturbation=0, dream_training=False, snr_gamma=None)
+
+    def run(snr_gamma):
+        args.snr_gamma = snr_gamma
+        return train_text_to_image.compute_loss(unet, vae, text_encoder, scheduler, batch, torch.Generator().manual_seed(3), args)
+
+    # Replay the generator's draws to get the timesteps and per-sample unweighted losses.
+    generator = torch.Generator().manual_seed(3)
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, 1000, (32,), generator=generator)
+    target = noise if prediction_type == "epsilon" else scheduler.get_velocity(latents, noise, timesteps)
+    per_sample = (target**2).mean(dim=[1, 2, 3])
+    alpha_bar = scheduler.alphas_cumprod[timesteps]
+    snr = alpha_bar / (1 - alpha_bar)
+    weights = torch.minimum(snr, torch.tensor(5.0)) / (snr if prediction_type == "epsilon" else snr + 1)
+    assert (weights < 0.99).any(), "the draw must include low-noise timesteps for the check to bite"
+    assert torch.allclose(run(None), per_sample.mean(), rtol=1e-5)
+    assert torch.allclose(run(5.0), (per_sample * weights).mean(), rtol=1e-5)
+    assert not torch.allclose(run(5.0), run(None))
+
+
+def test_dataset_folder_with_list_captions(launch, assets, tmp_path):
+    out = str(tmp_path / "run")
+    args = base_args(assets, out, "--max_train_steps", 2, "--checkpointing_steps", 100, "--max_train_samples", 4,
+                     "--dataloader_num_workers", 2, "--dream_training")
+    args[args.index("--train_data_dir"):args.index("--train_data_dir") + 2] = [
+        "--dataset_name", assets["saved_dataset"], "--image_column", "picture", "--caption_column", "captions"]
+    launch.accelerate(SCRIPT, args)
+    assert os.path.isfile(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def test_two_processes(launch, assets, tmp_path):
+    out = str(tmp_path / "run")
+    result = launch.torchrun(SCRIPT, base_args(assets, out, "--max_train_steps", 3, "--checkpointing_steps", 2,
+                                                "--validation_prompts", "a red circle", "--use_ema"))
+    assert "processes = 2" in result.output and "total batch = 4" in result.output
+    assert checkpoint_names(out) == ["checkpoint-2"]
+    assert sorted(os.listdir(os.path.join(out, "validation"))) == ["final-step-000003.png"]
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline.from_pretrained(out)
+
+
+# ---------------------------------------------------------------------------------------------------- clear errors
+
+
+def corrupt_imagefolder(assets, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(assets["images"], folder)
+    (folder / "0003.png").write_bytes(b"this is not a png")
+    return str(folder), str(folder / "0003.png")
+
+
+def nan_pipeline(assets, tmp_path):
+    folder = tmp_path / "nan_pipeline"
+    shutil.copytree(assets["pipeline"], folder)
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"))
+    with torch.no_grad():
+        unet.conv_out.bias.fill_(float("nan"))
+    unet.save_pretrained(str(folder / "unet"))
+    return str(folder)
+
+
+ERROR_CASES = {
+    "missing_data_dir": (lambda a, t: ["--train_data_dir", str(t / "nowhere")], lambda a, t: [f"--train_data_dir {t / 'nowhere'}: no such folder"]),
+    "missing_dataset_folder": (lambda a, t: ["--dataset_name", str(t / "no_dataset")], lambda a, t: [f"--dataset_name {t / 'no_dataset'}: no such folder"]),
+    "caption_column": (lambda a, t: ["--caption_column", "prompt"], lambda a, t: ["--caption_column 'prompt' is not a column", "its columns are: image, text"]),
+    "image_column": (lambda a, t: ["--image_column", "img"], lambda a, t: ["--image_column 'img' is not a column", "image, text"]),
+    "unreadable_image": (lambda a, t: ["--train_data_dir", corrupt_imagefolder(a, t)[0]], lambda a, t: ["cannot read image", str(t / "broken" / "0003.png")]),
+    "no_data_source": (lambda a, t: ["--train_data_dir", None], lambda a, t: ["pass --dataset_name", "--train_data_dir"]),
+    "missing_checkpoint": (lambda a, t: ["--resume_from_checkpoint", "checkpoint-99"], lambda a, t: ["--resume_from_checkpoint checkpoint-99: no complete checkpoint"]),
+    "non_finite_loss": (lambda a, t: ["--pretrained_model_name_or_path", nan_pipeline(a, t)], lambda a, t: ["loss is nan at step 1"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ERROR_CASES))
+def test_clear_errors_write_nothing(launch, assets, tmp_path, case):
+    make_args, expected = ERROR_CASES[case]
+    out = tmp_path / "previous_run"
+    (out / "unet").mkdir(parents=True)
+    (out / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights of an earlier run")
+    before = tree_snapshot(str(out))
+    args = base_args(assets, str(out), "--max_train_steps", 4, "--checkpointing_steps", 1)
+    overrides = make_args(assets, tmp_path)
+    for flag, value in zip(overrides[::2], overrides[1::2]):
+        if flag in args:
+            index = args.index(flag)
+            del args[index:index + 2]
+        if value is not None:
+            args += [flag, value]
+    result = launch.accelerate(SCRIPT, args, check=False)
+    assert result.returncode != 0
+    for text in expected(assets, tmp_path):
+        assert text in result.output, f"expected {text!r} in:\n{result.output[-3000:]}"
+    after = tree_snapshot(str(out))
+    assert {k: v for k, v in after.items() if k in before} == before, "a failed run changed existing files"
+    if case == "non_finite_loss":  # the check runs before the step's checkpoint would be written
+        assert not [k for k in after if "checkpoint" in k]
