@@ -76,22 +76,22 @@ def test_train_checkpoints_validate_save_and_generate(launch, assets, tmp_path):
     assert any(n.startswith("events.out.tfevents") for _, _, files in os.walk(os.path.join(out, "logs")) for n in files)
 
 
-EXACT_RESUME = ["--max_train_steps", 8, "--checkpointing_steps", 3, "--gradient_accumulation_steps", 2,
+EXACT_RESUME = ["--max_train_steps", 8, "--checkpointing_steps", 2, "--gradient_accumulation_steps", 2,
                 "--lr_scheduler", "cosine", "--lr_warmup_steps", 2, "--use_ema", "--random_flip", "--snr_gamma", 5.0,
                 "--noise_offset", 0.05, "--input_perturbation", 0.1, "--validation_prompts", "a red circle"]
 
 
 def test_exact_resume_mid_epoch(launch, assets, tmp_path):
-    """A run stopped at step 3 (mid-epoch, with random crops, flips, caption lists, accumulation, warmup+cosine, EMA)
+    """A run stopped at step 2 (mid-epoch, with random crops, flips, caption lists, accumulation, warmup+cosine, EMA)
     and resumed ends with the same weights as the run that was never stopped."""
     full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
     launch.accelerate(SCRIPT, base_args(assets, full, *EXACT_RESUME, data="images_lists"))
     os.makedirs(resumed)
-    shutil.copytree(os.path.join(full, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
+    shutil.copytree(os.path.join(full, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
     result = launch.accelerate(SCRIPT, base_args(assets, resumed, *EXACT_RESUME, "--resume_from_checkpoint", "latest", data="images_lists"))
-    assert "starting at 3" in result.output
-    # 10 images / (batch 2 x accumulation 2) = 3 updates per epoch: step 3 ends epoch 0, 6 is mid-epoch 2.
-    assert checkpoint_names(resumed) == ["checkpoint-3", "checkpoint-6"]
+    assert "starting at 2" in result.output
+    # 10 images / (batch 2 x accumulation 2) = 3 updates per epoch: steps 2 and 8 are mid-epoch.
+    assert checkpoint_names(resumed) == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
     for folder in ["unet", "checkpoint-6/unet", "checkpoint-6/unet_ema"]:
         diff = max_abs_diff(load_state_dict(os.path.join(full, folder)), load_state_dict(os.path.join(resumed, folder)))
         assert diff <= 1e-6, f"{folder}: resumed run differs from the uninterrupted one by {diff}"
