@@ -367,22 +367,22 @@ def save_checkpoint(accelerator, args, global_step, training_state):
             shutil.rmtree(path)
 
 
-def render_validation_images(pipeline, args, seed):
-    """One image per validation prompt, each from its own fixed seed, so grids compare across steps and resumes."""
+def render_validation_images(pipeline, prompts, resolution, seed, weight_dtype):
+    """One image per prompt, each from its own fixed seed, so grids compare across steps and across a resume."""
     device = pipeline.device
     images = []
-    for index, prompt in enumerate(args.validation_prompts):
+    for index, prompt in enumerate(prompts):
         generator = torch.Generator(device=device).manual_seed(derive_seed(seed, 7919, index))
-        autocast = torch.autocast(device.type) if device.type == "cuda" else torch.autocast(device.type, enabled=False)
-        with autocast:
-            images.append(pipeline(prompt, num_inference_steps=20, generator=generator, height=args.resolution, width=args.resolution).images[0])
+        # Trained and frozen parts may differ in dtype under mixed precision; autocast reconciles them.
+        with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+            images.append(pipeline(prompt, num_inference_steps=20, generator=generator, height=resolution, width=resolution).images[0])
     return images
 
 
-def log_validation(pipeline, args, accelerator, seed, global_step, tag):
+def log_validation(pipeline, prompts, args, accelerator, seed, global_step, tag, weight_dtype):
     """Render, save a PNG grid under output_dir/validation/, and log the images to the trackers."""
     pipeline.set_progress_bar_config(disable=True)
-    images = render_validation_images(pipeline, args, seed)
+    images = render_validation_images(pipeline, prompts, args.resolution, seed, weight_dtype)
     grid = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)))
     x = 0
     for image in images:
@@ -392,14 +392,14 @@ def log_validation(pipeline, args, accelerator, seed, global_step, tag):
     os.makedirs(folder, exist_ok=True)
     grid_path = os.path.join(folder, f"{tag}-step-{global_step:06d}.png")
     grid.save(grid_path)
-    logger.info(f"Validation grid ({' | '.join(args.validation_prompts)}): {grid_path}")
+    logger.info(f"Validation grid ({' | '.join(prompts)}): {grid_path}")
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images(tag, np.stack([np.asarray(i) for i in images]), global_step, dataformats="NHWC")
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({tag: [wandb.Image(i, caption=p) for i, p in zip(images, args.validation_prompts)]}, step=global_step)
+            tracker.log({tag: [wandb.Image(i, caption=p) for i, p in zip(images, prompts)]}, step=global_step)
     return images
 
 
@@ -652,7 +652,7 @@ def main(argv=None):
                     unet=accelerator.unwrap_model(unet), safety_checker=None, revision=args.revision, variant=args.variant,
                     torch_dtype=weight_dtype, cache_dir=args.cache_dir,
                 )
-                log_validation(pipeline, args, accelerator, seed, global_step, tag="validation")
+                log_validation(pipeline, args.validation_prompts, args, accelerator, seed, global_step, "validation", weight_dtype)
                 del pipeline
                 if ema_unet is not None:
                     ema_unet.restore(unet.parameters())
@@ -669,7 +669,7 @@ def main(argv=None):
         if args.validation_prompts:
             pipeline = pipeline.to(accelerator.device)
             pipeline.safety_checker = None
-            log_validation(pipeline, args, accelerator, seed, global_step, tag="final")
+            log_validation(pipeline, args.validation_prompts, args, accelerator, seed, global_step, "final", torch.float32)
             grid = f"validation/final-step-{global_step:06d}.png"
         write_model_card(args, global_step, grid)
         logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")

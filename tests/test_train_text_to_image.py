@@ -169,10 +169,13 @@ def test_checkpoint_is_invisible_until_complete(tmp_path, monkeypatch):
 def test_snr_gamma_v_prediction_bf16_gradient_checkpointing(launch, assets, tmp_path):
     out = str(tmp_path / "run")
     launch.accelerate(SCRIPT, base_args(
-        assets, out, "--max_train_steps", 3, "--checkpointing_steps", 3, "--snr_gamma", 5.0,
+        assets, out, "--max_train_steps", 6, "--checkpointing_steps", 3, "--snr_gamma", 5.0,
         "--prediction_type", "v_prediction", "--mixed_precision", "bf16", "--gradient_checkpointing",
-        "--image_interpolation_mode", "bicubic", "--center_crop",
+        "--image_interpolation_mode", "bicubic", "--center_crop", "--validation_prompts", "a red circle",
+        "--validation_epochs", 1,
     ))
+    # Validation ran mid-training with the bf16 frozen parts and the fp32 UNet, and again on the saved pipeline.
+    assert sorted(os.listdir(os.path.join(out, "validation"))) == ["final-step-000006.png", "validation-step-000005.png"]
     scheduler_config = json.load(open(os.path.join(out, "scheduler", "scheduler_config.json")))
     assert scheduler_config["prediction_type"] == "v_prediction"
     # Trained weights stay fp32 master weights and are saved as such.
@@ -236,7 +239,7 @@ def test_two_processes(launch, assets, tmp_path):
                                                 "--validation_prompts", "a red circle", "--use_ema"))
     assert "processes = 2" in result.output and "total batch = 4" in result.output
     assert checkpoint_names(out) == ["checkpoint-2"]
-    assert sorted(os.listdir(os.path.join(out, "validation"))) == ["final-step-000003.png"]
+    assert sorted(os.listdir(os.path.join(out, "validation"))) == ["final-step-000006.png", "validation-step-000005.png"]
     from diffusers import StableDiffusionPipeline
 
     StableDiffusionPipeline.from_pretrained(out)
