@@ -650,7 +650,7 @@ def main(argv=None):
                 pipeline = StableDiffusionPipeline.from_pretrained(
                     args.pretrained_model_name_or_path, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                     unet=accelerator.unwrap_model(unet), safety_checker=None, revision=args.revision, variant=args.variant,
-                    torch_dtype=weight_dtype, cache_dir=args.cache_dir,
+                    dtype=weight_dtype, cache_dir=args.cache_dir,
                 )
                 log_validation(pipeline, args.validation_prompts, args, accelerator, seed, global_step, "validation", weight_dtype)
                 del pipeline

@@ -140,6 +140,15 @@ def write_imagefolder(folder, num_images=8, size=64, caption_lists=False, seed=0
     return folder
 
 
+def write_concept_folder(folder, num_images=4, size=64, color="yellow", shape="circle", seed=2):
+    """A few images of one concept (a plain folder, no captions): what textual inversion trains on."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    for i in range(num_images):
+        draw_shape(color, shape, size, rng).save(os.path.join(folder, f"concept_{i}.png"))
+    return folder
+
+
 def write_saved_dataset(folder, num_images=6, size=64, seed=1):
     """A folder that `datasets.load_dataset(path)` reads (parquet), with its own column names."""
     import datasets
@@ -169,7 +178,9 @@ def main():
     if not os.path.exists(os.path.join(pipeline_dir, "model_index.json")):
         build_tiny_pipeline(pipeline_dir)
     write_imagefolder(os.path.join(args.output_dir, "images"), num_images=args.num_images)
+    write_concept_folder(os.path.join(args.output_dir, "concept"))
     print(f"tiny pipeline: {pipeline_dir}\nimagefolder:   {os.path.join(args.output_dir, 'images')}")
+    print(f"concept set:   {os.path.join(args.output_dir, 'concept')}")
 
 
 if __name__ == "__main__":

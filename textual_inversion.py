@@ -1,0 +1,678 @@
+#!/usr/bin/env python
+"""Textual inversion: learn the text embedding of a new placeholder token from 3-5 images of a concept (PyTorch + Accelerate).
+
+Only the new embedding rows train; the text encoder, UNet and VAE stay frozen, and the result is a small
+learned_embeds.safetensors that diffusers (`pipe.load_textual_inversion`) and the common UIs load.
+
+One GPU (or CPU):
+    accelerate launch textual_inversion.py \
+      --pretrained_model_name_or_path=stable-diffusion-v1-5/stable-diffusion-v1-5 \
+      --train_data_dir=./cat_toy --learnable_property=object --placeholder_token="<cat-toy>" --initializer_token=toy \
+      --resolution=512 --train_batch_size=1 --gradient_accumulation_steps=4 --max_train_steps=3000 \
+      --learning_rate=5.0e-04 --scale_lr --lr_scheduler=constant --lr_warmup_steps=0 --mixed_precision=fp16 \
+      --validation_prompt="a <cat-toy> on the beach" --validation_steps=500 --output_dir=textual_inversion_cat
+
+Several GPUs: run `accelerate config` once, then `accelerate launch --multi_gpu textual_inversion.py <same flags>`.
+Two CPU processes (DDP over gloo, what the tests do):
+    ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 textual_inversion.py <same flags>
+After a crash or preemption, relaunch the same command with --resume_from_checkpoint=latest: the resumed run ends
+with the same embeddings as one that was never interrupted.
+"""
+
+import argparse
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
+
+import diffusers
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.optimization import get_scheduler
+
+logger = get_logger(__name__, log_level="INFO")
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAINING_STATE = "training_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
+LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+# Prompts the placeholder is trained in; {} is replaced by the placeholder (all of its vectors). # EDIT: to taste.
+OBJECT_TEMPLATES = [
+    "a photo of a {}", "a picture of a {}", "a close-up photo of a {}", "a photo of the {}", "a bright photo of a {}",
+    "a dark photo of the {}", "a cropped photo of a {}", "a rendering of a {}", "a good photo of the {}",
+    "a photo of my {}", "a photo of a small {}", "a photo of a large {}", "a photo of one {}", "an image of the {}",
+    "a snapshot of a {}", "a detailed photo of the {}",
+]
+STYLE_TEMPLATES = [
+    "a painting in the style of {}", "a picture in the style of {}", "a rendering in the style of {}",
+    "an artwork in the style of {}", "a drawing in the style of {}", "a close-up painting in the style of {}",
+    "a bright painting in the style of {}", "a dark painting in the style of {}", "a small painting in the style of {}",
+    "a large painting in the style of {}", "an illustration in the style of {}", "a sketch in the style of {}",
+]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Learn the text embedding of a new token from a few images (textual inversion).")
+    # Model
+    parser.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="Hub id or local folder of a diffusers Stable Diffusion pipeline.")
+    parser.add_argument("--revision", type=str, default=None, help="Hub revision (branch, tag or commit) of the pretrained pipeline.")
+    parser.add_argument("--variant", type=str, default=None, help="Weight file variant to load, e.g. 'fp16'.")
+    parser.add_argument("--tokenizer_name", type=str, default=None, help="Tokenizer to use instead of the pipeline's own.")
+    parser.add_argument("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"], help="Training target; default: the scheduler config's prediction_type.")
+    # Token
+    parser.add_argument("--placeholder_token", type=str, required=True, help="The new token that stands for the concept in prompts, e.g. '<cat-toy>'.")
+    parser.add_argument("--initializer_token", type=str, required=True, help="An existing single-token word whose embedding starts every new vector, e.g. 'toy'.")
+    parser.add_argument("--num_vectors", type=int, default=1, help="Embedding vectors the placeholder expands to (more capture more detail).")
+    parser.add_argument("--learnable_property", type=str, default="object", choices=["object", "style"], help="Train prompts that describe an object or a style.")
+    # Data
+    parser.add_argument("--train_data_dir", type=str, required=True, help="Folder with the 3-5 example images.")
+    parser.add_argument("--repeats", type=int, default=100, help="Times each image is repeated in one epoch.")
+    parser.add_argument("--resolution", type=int, default=512, help="Training images are resized to this square size.")
+    parser.add_argument("--center_crop", action="store_true", help="Crop the central square before resizing (otherwise the whole image is squeezed).")
+    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading worker processes (0: load in the main process).")
+    # Training
+    parser.add_argument("--seed", type=int, default=None, help="Seed for data order, augmentation and noise; a resumed run reuses its checkpoint's seed.")
+    parser.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
+    parser.add_argument("--num_train_epochs", type=int, default=100, help="Epochs to train; ignored when --max_train_steps is given.")
+    parser.add_argument("--max_train_steps", type=int, default=5000, help="Total optimizer updates; overrides --num_train_epochs.")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated into one optimizer update.")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in the backward pass to save memory.")
+    parser.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate (after warmup).")
+    parser.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by accumulation steps x batch size x processes.")
+    parser.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS, help="Learning-rate schedule.")
+    parser.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup optimizer updates of the schedule.")
+    parser.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of the cosine_with_restarts schedule.")
+    parser.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 is recommended); off when not given.")
+    parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay (applies to the new rows only).")
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
+    parser.add_argument("--max_grad_norm", type=float, default=0.0, help="Clip gradients to this global norm (0, the default, turns clipping off).")
+    parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="Mixed precision for the frozen UNet and VAE.")
+    parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention (needs xformers; PyTorch SDPA is the default).")
+    parser.add_argument("--local_rank", type=int, default=-1, help="Set by distributed launchers; do not pass by hand.")
+    # Checkpointing and saving
+    parser.add_argument("--output_dir", type=str, default="text-inversion-model", help="Where the embeddings, checkpoints, validation images and logs go.")
+    parser.add_argument("--save_steps", type=int, default=500, help="Also save learned_embeds-steps-N every this many optimizer updates.")
+    parser.add_argument("--no_safe_serialization", action="store_true", help="Save the embeddings as .bin (torch.save) instead of .safetensors.")
+    parser.add_argument("--save_as_full_pipeline", action="store_true", help="Also save the full pipeline with the extended tokenizer and text encoder.")
+    parser.add_argument("--checkpointing_steps", type=int, default=500, help="Save the full training state every this many optimizer updates.")
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).")
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).")
+    # Logging and validation
+    parser.add_argument("--validation_prompt", type=str, default=None, help="Prompt (with the placeholder) rendered every --validation_steps and at the end.")
+    parser.add_argument("--num_validation_images", type=int, default=4, help="Images rendered for the validation prompt, each from its own fixed seed.")
+    parser.add_argument("--validation_steps", type=int, default=100, help="Render the validation prompt every this many optimizer updates.")
+    parser.add_argument("--validation_epochs", type=int, default=None, help="Deprecated: validate every this many epochs (converted to --validation_steps).")
+    parser.add_argument("--report_to", type=str, default="tensorboard", help="Tracker: tensorboard, wandb, comet_ml, all, or none.")
+    parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker log folder, relative to --output_dir.")
+    parser.add_argument("--push_to_hub", action="store_true", help="Upload the embeddings and the full pipeline to the Hugging Face Hub.")
+    parser.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `hf auth login`).")
+    parser.add_argument("--hub_model_id", type=str, default=None, help="Hub repository to push to; default: the output folder's name.")
+    args = parser.parse_args(argv)
+
+    env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_local_rank != -1:
+        args.local_rank = env_local_rank
+    for name in ["num_vectors", "repeats", "resolution", "train_batch_size", "max_train_steps", "gradient_accumulation_steps",
+                 "save_steps", "checkpointing_steps", "validation_steps", "num_validation_images"]:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
+    if not args.placeholder_token.strip() or any(c.isspace() for c in args.placeholder_token):
+        parser.error(f"--placeholder_token {args.placeholder_token!r} must be one word without spaces")
+    if args.report_to == "wandb" and args.hub_token is not None:
+        parser.error("--hub_token with --report_to=wandb would leak the token to wandb; log in with `hf auth login` instead")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def derive_seed(*keys):
+    """A well-mixed 63-bit seed from integer keys. All randomness is a pure function of such keys, so a resumed
+    run draws exactly what an uninterrupted run would have drawn, whatever the number of workers."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints in output_dir, oldest first, as (step, path)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_PATTERN.match(name)
+        if match and os.path.isfile(os.path.join(output_dir, name, TRAINING_STATE)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def find_resume_checkpoint(args):
+    """The checkpoint folder --resume_from_checkpoint names, None to start fresh; a wrong name is an error."""
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(args.output_dir)
+        return checkpoints[-1][1] if checkpoints else None
+    path = args.resume_from_checkpoint
+    if not os.path.isdir(path):
+        path = os.path.join(args.output_dir, args.resume_from_checkpoint)
+    if not os.path.isfile(os.path.join(path, TRAINING_STATE)):
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {args.resume_from_checkpoint}: no complete checkpoint at {path} "
+            f"(complete ones in {args.output_dir}: {[os.path.basename(p) for _, p in list_checkpoints(args.output_dir)]})"
+        )
+    return path
+
+
+def find_example_images(train_data_dir):
+    """The example images, sorted by name, each checked readable now: a bad file fails before anything is written."""
+    if not os.path.isdir(train_data_dir):
+        raise FileNotFoundError(f"--train_data_dir {train_data_dir}: no such folder")
+    paths = sorted(os.path.join(train_data_dir, n) for n in os.listdir(train_data_dir) if n.lower().endswith(IMAGE_EXTENSIONS))
+    if not paths:
+        raise ValueError(f"--train_data_dir {train_data_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.convert("RGB")
+        except Exception as err:
+            raise ValueError(f"cannot read image {path}: {err}") from err
+    return paths
+
+
+def add_placeholder_tokens(tokenizer, placeholder_token, num_vectors):
+    """Add the placeholder (and placeholder_1 ... for several vectors) as new tokens; refuse any that the tokenizer
+    already knows, as an added token or as a word or sub-word of its vocabulary ('a' would hijack every 'a')."""
+    names = [placeholder_token] + [f"{placeholder_token}_{i}" for i in range(1, num_vectors)]
+    vocab = tokenizer.get_vocab()
+    for name in names:
+        for form in (name.lower() + "</w>", name, name.lower()):
+            if form in vocab:
+                raise ValueError(
+                    f"--placeholder_token {placeholder_token}: '{name}' already exists in the tokenizer (as '{form}'), so "
+                    "training it would change the meaning of existing prompts; choose a new string such as '<my-concept>'"
+                )
+    tokenizer.add_tokens(names)
+    return names, tokenizer.convert_tokens_to_ids(names)
+
+
+def initializer_token_id(tokenizer, initializer_token):
+    ids = tokenizer.encode(initializer_token, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(
+            f"--initializer_token {initializer_token!r} must be exactly one token, but the tokenizer splits it into "
+            f"{len(ids)}: {tokenizer.convert_ids_to_tokens(ids)}; pick a single word such as 'toy' or 'painting'"
+        )
+    return ids[0]
+
+
+class LearnedTokenEmbedding(torch.nn.Module):
+    """The text encoder's token embedding, extended by trainable rows for the new tokens. The original table stays
+    frozen and out of the optimizer, so every pre-existing row stays bit-identical, whatever the weight decay."""
+
+    def __init__(self, base, initial_rows):
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.first_new_id = base.num_embeddings
+        self.learned = torch.nn.Parameter(initial_rows.clone().float())
+
+    def forward(self, input_ids):
+        is_new = input_ids >= self.first_new_id
+        old = self.base(input_ids.masked_fill(is_new, 0))
+        new = self.learned[(input_ids - self.first_new_id).clamp(0, len(self.learned) - 1)]
+        return torch.where(is_new.unsqueeze(-1), new.to(old.dtype), old)
+
+    def merged(self):
+        """A plain nn.Embedding holding old and new rows, for saving a standard text encoder."""
+        weight = torch.cat([self.base.weight.detach(), self.learned.detach().to(self.base.weight.dtype)])
+        return torch.nn.Embedding.from_pretrained(weight, freeze=True)
+
+
+class TextualInversionDataset(torch.utils.data.Dataset):
+    """The example images repeated --repeats times, each with a prompt from the templates holding the placeholder.
+    Indexed by (epoch, index) keys: the template and the flip are drawn from an RNG seeded by (seed, epoch, index),
+    so the same sample is identical in a resumed run."""
+
+    def __init__(self, image_paths, tokenizer, placeholder_text, args, seed):
+        self.image_paths, self.tokenizer, self.placeholder_text, self.args, self.seed = image_paths, tokenizer, placeholder_text, args, seed
+        self.templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
+
+    def __len__(self):
+        return len(self.image_paths) * self.args.repeats
+
+    def __getitem__(self, key):
+        epoch, index = key
+        rng = np.random.default_rng([self.seed, epoch, index])
+        image = Image.open(self.image_paths[index % len(self.image_paths)]).convert("RGB")
+        if self.args.center_crop:
+            side = min(image.size)
+            image = TF.center_crop(image, [side, side])
+        image = TF.resize(image, [self.args.resolution, self.args.resolution], interpolation=InterpolationMode.BICUBIC)
+        if rng.random() < 0.5:
+            image = TF.hflip(image)
+        prompt = self.templates[int(rng.integers(len(self.templates)))].format(self.placeholder_text)
+        input_ids = self.tokenizer(
+            prompt, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+        ).input_ids[0]
+        return {"pixel_values": TF.to_tensor(image) * 2.0 - 1.0, "input_ids": input_ids}
+
+
+class EpochShuffleSampler(torch.utils.data.Sampler):
+    """Yields (epoch, row) keys in an order that depends only on (seed, epoch). The training loop sets `.epoch`
+    itself; there is deliberately no set_epoch(), which Accelerate would call with its own iteration counter."""
+
+    def __init__(self, num_rows, seed):
+        self.num_rows, self.seed, self.epoch = num_rows, seed, 0
+
+    def __len__(self):
+        return self.num_rows
+
+    def __iter__(self):
+        order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch)))
+        return iter([(self.epoch, row) for row in order.tolist()])
+
+
+def collate(examples):
+    return {
+        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(memory_format=torch.contiguous_format),
+        "input_ids": torch.stack([e["input_ids"] for e in examples]),
+    }
+
+
+# ------------------------------------------------------ BEGIN MATH ------------------------------------------------------
+def compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args):
+    """The denoising loss of one batch. All random draws come from `generator`."""
+    with torch.no_grad():
+        # The frozen VAE maps images to latents; the scaling factor brings them to roughly unit variance.
+        latent_dist = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
+        latents = latent_dist.sample(generator=generator) * vae.config.scaling_factor
+    # The text encoder runs with gradients: they reach the new token embedding rows and nothing else.
+    encoder_hidden_states = text_encoder(batch["input_ids"].to(latents.device), return_dict=False)[0].to(unet.dtype)
+
+    bsz = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator, device=latents.device).long()
+    # Forward diffusion: noisy_latents = sqrt(alpha_bar_t) * latents + sqrt(1 - alpha_bar_t) * noise.
+    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+
+    # The target depends on what the model predicts: the noise (epsilon) or the velocity v (Salimans & Ho 2022).
+    if noise_scheduler.config.prediction_type == "epsilon":
+        target = noise
+    elif noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        raise ValueError(f"unsupported prediction type {noise_scheduler.config.prediction_type!r}")
+
+    model_pred = unet(noisy_latents.to(unet.dtype), timesteps, encoder_hidden_states, return_dict=False)[0]
+    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=list(range(1, model_pred.ndim)))
+
+    if args.snr_gamma is not None:
+        # Min-SNR-gamma weighting (Hang et al. 2023, arXiv:2303.09556): weight each timestep by min(SNR, gamma)/SNR
+        # in epsilon terms. A v-prediction loss is (SNR + 1) times the epsilon loss, hence the divisor SNR + 1.
+        alphas_cumprod = noise_scheduler.alphas_cumprod.to(latents.device)[timesteps].float()
+        snr = alphas_cumprod / (1.0 - alphas_cumprod)
+        divisor = snr + 1.0 if noise_scheduler.config.prediction_type == "v_prediction" else snr
+        weights = torch.where(divisor > 0, torch.clamp(snr, max=args.snr_gamma) / divisor, torch.ones_like(snr))
+        loss = loss * weights
+    return loss.mean()
+# ------------------------------------------------------- END MATH -------------------------------------------------------
+
+
+def save_embeddings(learned, placeholder_token, path, safe_serialization=True):
+    """{placeholder: tensor[num_vectors, hidden]}: the file diffusers' load_textual_inversion and the common UIs read.
+    Written to a temporary name and renamed, so a crash never leaves a truncated file."""
+    state = {placeholder_token: learned.detach().float().cpu().contiguous()}
+    partial = path + ".partial"
+    if safe_serialization:
+        safetensors.torch.save_file(state, partial, metadata={"format": "pt"})
+    else:
+        torch.save(state, partial)
+    os.replace(partial, path)
+
+
+def save_checkpoint(accelerator, args, global_step, training_state):
+    """Write checkpoint-N crash-safely: into a hidden temporary folder first, renamed into place only when complete;
+    older checkpoints are pruned only after that. Main process only."""
+    final_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    partial_path = os.path.join(args.output_dir, f".checkpoint-{global_step}.partial")
+    shutil.rmtree(partial_path, ignore_errors=True)
+    accelerator.save_state(partial_path)
+    with open(os.path.join(partial_path, TRAINING_STATE), "w") as f:
+        json.dump({**training_state, "global_step": global_step}, f, indent=2)
+    if os.path.exists(final_path):  # left by an earlier run that got past this step; the new one replaces it
+        stale_path = final_path + ".stale"
+        os.rename(final_path, stale_path)
+        os.rename(partial_path, final_path)
+        shutil.rmtree(stale_path)
+    else:
+        os.rename(partial_path, final_path)
+    logger.info(f"Saved {final_path}")
+    if args.checkpoints_total_limit is not None:
+        for _, path in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
+            logger.info(f"Deleting {path} (--checkpoints_total_limit {args.checkpoints_total_limit})")
+            shutil.rmtree(path)
+
+
+def render_validation_images(pipeline, prompts, resolution, seed, weight_dtype):
+    """One image per prompt, each from its own fixed seed, so grids compare across steps and across a resume."""
+    device = pipeline.device
+    images = []
+    for index, prompt in enumerate(prompts):
+        generator = torch.Generator(device=device).manual_seed(derive_seed(seed, 7919, index))
+        # Trained and frozen parts may differ in dtype under mixed precision; autocast reconciles them.
+        with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+            images.append(pipeline(prompt, num_inference_steps=20, generator=generator, height=resolution, width=resolution).images[0])
+    return images
+
+
+def log_validation(pipeline, prompts, args, accelerator, seed, global_step, tag, weight_dtype):
+    """Render, save a PNG grid under output_dir/validation/, and log the images to the trackers."""
+    pipeline.set_progress_bar_config(disable=True)
+    images = render_validation_images(pipeline, prompts, args.resolution, seed, weight_dtype)
+    grid = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)))
+    x = 0
+    for image in images:
+        grid.paste(image, (x, 0))
+        x += image.width
+    folder = os.path.join(args.output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    grid_path = os.path.join(folder, f"{tag}-step-{global_step:06d}.png")
+    grid.save(grid_path)
+    logger.info(f"Validation grid ({' | '.join(prompts)}): {grid_path}")
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.add_images(tag, np.stack([np.asarray(i) for i in images]), global_step, dataformats="NHWC")
+        elif tracker.name == "wandb":
+            import wandb
+
+            tracker.log({tag: [wandb.Image(i, caption=p) for i, p in zip(images, prompts)]}, step=global_step)
+    return images
+
+
+def write_model_card(args, global_step, validation_grid):
+    name = "learned_embeds.bin" if args.no_safe_serialization else "learned_embeds.safetensors"
+    lines = [
+        "---", "license: creativeml-openrail-m", f"base_model: {args.pretrained_model_name_or_path}",
+        "tags:", "- stable-diffusion", "- text-to-image", "- diffusers", "- textual_inversion", "library_name: diffusers", "---", "",
+        f"# Textual inversion: {args.placeholder_token}", "",
+        f"Embedding of `{args.placeholder_token}` ({args.num_vectors} vector(s)) learned on `{args.pretrained_model_name_or_path}` "
+        f"from the images in `{args.train_data_dir}`, {global_step} optimizer updates.", "",
+        "```python", "from diffusers import StableDiffusionPipeline", "",
+        f'pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")',
+        f'pipe.load_textual_inversion("{args.output_dir}/{name}")',
+        f'image = pipe("{args.validation_prompt or "a photo of a " + args.placeholder_token}").images[0]', "```",
+    ]
+    if validation_grid:
+        lines += ["", f"![validation]({validation_grid})"]
+    with open(os.path.join(args.output_dir, "README.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def save_full_pipeline(text_encoder, tokenizer, unet, vae, weight_dtype, args):
+    """The pipeline with the extended tokenizer and a standard text encoder holding the learned rows, written to a
+    temporary folder first. The frozen UNet and VAE are re-read from the source when training held them in
+    reduced precision, so the saved files keep the original precision."""
+    token_embedding = text_encoder.get_input_embeddings()
+    text_encoder.set_input_embeddings(token_embedding.merged())
+    text_encoder.config.vocab_size = len(tokenizer)
+    frozen = {"unet": unet, "vae": vae} if weight_dtype == torch.float32 else {}
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path, text_encoder=text_encoder, tokenizer=tokenizer, revision=args.revision,
+        variant=args.variant, **frozen,
+    )
+    if args.prediction_type is not None:
+        pipeline.scheduler.register_to_config(prediction_type=args.prediction_type)
+    partial = os.path.join(args.output_dir, ".pipeline.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    pipeline.save_pretrained(partial, safe_serialization=not args.no_safe_serialization)
+    for name in os.listdir(partial):
+        target = os.path.join(args.output_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(partial, name), target)
+    os.rmdir(partial)
+    text_encoder.set_input_embeddings(token_embedding)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    # ------------------------------------------------------------------------------------------------------ setup
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    if not accelerator.is_local_main_process:
+        diffusers.utils.logging.set_verbosity_error()
+    if args.enable_xformers_memory_efficient_attention and not diffusers.utils.is_xformers_available():
+        raise ImportError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (GPU only)")
+    if args.allow_tf32 and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    resume_path = find_resume_checkpoint(args)
+    resume_state = json.load(open(os.path.join(resume_path, TRAINING_STATE))) if resume_path else {}
+    # One seed drives everything; without --seed a resumed run must reuse the one its checkpoint recorded.
+    seed = args.seed if args.seed is not None else resume_state.get("seed", int(np.random.SeedSequence().generate_state(1)[0]))
+    if resume_state and resume_state["seed"] != seed:
+        logger.warning(f"--seed {seed} differs from the checkpoint's seed {resume_state['seed']}: the resumed run will not match an uninterrupted one")
+    image_paths = find_example_images(args.train_data_dir)
+
+    # ------------------------------------------------------------------------------------------------ load models
+    if args.tokenizer_name:
+        tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer_name)
+    else:
+        tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision)
+    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision)
+    if args.prediction_type is not None:
+        noise_scheduler.register_to_config(prediction_type=args.prediction_type)
+    text_encoder = CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder", revision=args.revision, variant=args.variant)
+    vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant)
+    unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant)
+    init_id = initializer_token_id(tokenizer, args.initializer_token)
+    placeholder_tokens, placeholder_ids = add_placeholder_tokens(tokenizer, args.placeholder_token, args.num_vectors)
+    if placeholder_ids != list(range(text_encoder.config.vocab_size, text_encoder.config.vocab_size + args.num_vectors)):
+        raise ValueError(f"the tokenizer ({len(tokenizer) - args.num_vectors} tokens) does not match the text encoder's vocabulary ({text_encoder.config.vocab_size})")
+    # Everything is frozen; the only trainable tensor is the new rows, each starting at the initializer's embedding.
+    text_encoder.requires_grad_(False)
+    vae.requires_grad_(False)
+    unet.requires_grad_(False)
+    base_embedding = text_encoder.get_input_embeddings()
+    initial_rows = base_embedding.weight.detach()[init_id].repeat(args.num_vectors, 1)
+    text_encoder.set_input_embeddings(LearnedTokenEmbedding(base_embedding, initial_rows))
+    text_encoder.train()
+    if args.gradient_checkpointing:
+        # Gradients flow through the frozen UNet back to the text encoder; checkpointing both saves their activations.
+        unet.train()
+        unet.enable_gradient_checkpointing()
+        text_encoder.gradient_checkpointing_enable()
+    if args.enable_xformers_memory_efficient_attention:
+        unet.enable_xformers_memory_efficient_attention()
+    # The frozen UNet and VAE run in the mixed-precision dtype; the text encoder and the new rows stay fp32.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    unet.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=weight_dtype)
+    learned_embedding = text_encoder.get_input_embeddings()
+
+    def save_model_hook(models, weights, output_dir):
+        # A checkpoint holds the new rows only, in the learned_embeds format, not a copy of the whole text encoder.
+        save_embeddings(learned_embedding.learned, args.placeholder_token, os.path.join(output_dir, "learned_embeds.safetensors"))
+        for _ in models:
+            weights.pop()
+
+    def load_model_hook(models, input_dir):
+        rows = safetensors.torch.load_file(os.path.join(input_dir, "learned_embeds.safetensors"))[args.placeholder_token]
+        if rows.shape != learned_embedding.learned.shape:
+            raise ValueError(f"{input_dir}: learned embeddings of shape {tuple(rows.shape)}, this run trains {tuple(learned_embedding.learned.shape)} (--num_vectors)")
+        with torch.no_grad():
+            learned_embedding.learned.copy_(rows)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    # ------------------------------------------------------------------------------------------------------- data
+    train_dataset = TextualInversionDataset(image_paths, tokenizer, " ".join(placeholder_tokens), args, seed)
+    sampler = EpochShuffleSampler(len(train_dataset), seed)
+    train_dataloader = torch.utils.data.DataLoader(
+        train_dataset, sampler=sampler, batch_size=args.train_batch_size, collate_fn=collate,
+        num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
+    )
+
+    # -------------------------------------------------------------------------------- optimizer and schedule
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    optimizer = torch.optim.AdamW(
+        [learned_embedding.learned], lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+    )
+    text_encoder, optimizer, train_dataloader = accelerator.prepare(text_encoder, optimizer, train_dataloader)
+    # global_step counts optimizer updates; --max_train_steps is authoritative and epochs are derived from it.
+    updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps
+    num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    if args.validation_epochs is not None:
+        logger.warning("--validation_epochs is deprecated: use --validation_steps")
+        args.validation_steps = args.validation_epochs * updates_per_epoch
+    # The prepared scheduler steps once per process at every update, hence the factor num_processes.
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes, num_cycles=args.lr_num_cycles,
+    )
+    lr_scheduler = accelerator.prepare(lr_scheduler)
+
+    # ----------------------------------------------------------------------------------------------------- resume
+    global_step = 0
+    if resume_path is not None:
+        accelerator.print(f"Resuming from {resume_path}")
+        accelerator.load_state(resume_path)
+        global_step = resume_state["global_step"]
+        layout = {"total_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps, "updates_per_epoch": updates_per_epoch}
+        if any(resume_state.get(k) != v for k, v in layout.items()):
+            logger.warning(f"data layout changed since the checkpoint ({ {k: resume_state.get(k) for k in layout} } -> {layout}): the resumed run will not match an uninterrupted one")
+    first_epoch = global_step // updates_per_epoch
+    training_state = {
+        "seed": seed, "total_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+        "updates_per_epoch": updates_per_epoch,
+    }
+
+    if accelerator.is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+        accelerator.init_trackers("textual_inversion", config=tracker_config)
+    total_batch_size = training_state["total_batch_size"]
+    embeds_suffix = "bin" if args.no_safe_serialization else "safetensors"
+    validation_prompts = [args.validation_prompt] * args.num_validation_images if args.validation_prompt else []
+    logger.info("***** Running training *****")
+    logger.info(f"  Images = {len(image_paths)} x {args.repeats} repeats, epochs = {num_train_epochs}, updates per epoch = {updates_per_epoch}")
+    logger.info(f"  Batch per device = {args.train_batch_size}, processes = {accelerator.num_processes}, accumulation = {args.gradient_accumulation_steps}, total batch = {total_batch_size}")
+    logger.info(f"  Optimizer updates = {max_train_steps}, starting at {global_step}, seed = {seed}")
+    logger.info(f"  Placeholder {args.placeholder_token} -> {placeholder_tokens} (ids {placeholder_ids}), initialised from {args.initializer_token!r}")
+    if global_step >= max_train_steps:
+        logger.info(f"Checkpoint step {global_step} is at or past --max_train_steps {max_train_steps}: nothing to train.")
+
+    # ------------------------------------------------------------------------------------------------- train loop
+    generator = torch.Generator(device=accelerator.device)
+    progress_bar = tqdm(range(max_train_steps), initial=min(global_step, max_train_steps), desc="Steps", disable=not accelerator.is_local_main_process)
+    train_loss = torch.zeros((), device=accelerator.device)
+    step_start = time.perf_counter()
+    for epoch in range(first_epoch, num_train_epochs):
+        if global_step >= max_train_steps:
+            break
+        sampler.epoch = epoch
+        # Resume mid-epoch: skip exactly the batches the interrupted run had consumed (every earlier update in this
+        # epoch used a full accumulation group).
+        skip = (global_step - epoch * updates_per_epoch) * args.gradient_accumulation_steps
+        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
+        for batch_index, batch in enumerate(batches, start=skip):
+            generator.manual_seed(derive_seed(seed, epoch, batch_index, accelerator.process_index))
+            with accelerator.accumulate(text_encoder):
+                loss = compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args)
+                train_loss += loss.detach() / args.gradient_accumulation_steps
+                accelerator.backward(loss)
+                grad_norm = None
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_([learned_embedding.learned], args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+
+            global_step += 1
+            logs = {"loss": accelerator.reduce(train_loss, reduction="mean").item(), "lr": lr_scheduler.get_last_lr()[0]}
+            if not math.isfinite(logs["loss"]):
+                raise FloatingPointError(f"loss is {logs['loss']} at step {global_step} (epoch {epoch}): stopping; no checkpoint was written for this step")
+            if grad_norm is not None:
+                logs["grad_norm"] = float(grad_norm)
+            logs["step_time"] = time.perf_counter() - step_start
+            train_loss.zero_()
+            accelerator.log(logs, step=global_step)
+            progress_bar.update(1)
+            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            if accelerator.is_main_process:
+                if global_step % args.save_steps == 0:
+                    save_embeddings(learned_embedding.learned, args.placeholder_token, os.path.join(args.output_dir, f"learned_embeds-steps-{global_step}.{embeds_suffix}"), not args.no_safe_serialization)
+                if global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, args, global_step, training_state)
+                if validation_prompts and global_step % args.validation_steps == 0 and global_step < max_train_steps:
+                    pipeline = StableDiffusionPipeline.from_pretrained(
+                        args.pretrained_model_name_or_path, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=tokenizer,
+                        unet=unet, vae=vae, safety_checker=None, revision=args.revision, variant=args.variant, dtype=weight_dtype,
+                    )
+                    log_validation(pipeline, validation_prompts, args, accelerator, seed, global_step, "validation", weight_dtype)
+                    del pipeline
+            step_start = time.perf_counter()
+            if global_step >= max_train_steps:
+                break
+
+    # ------------------------------------------------------------------------------------------------------- save
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_embeddings(learned_embedding.learned, args.placeholder_token, os.path.join(args.output_dir, f"learned_embeds.{embeds_suffix}"), not args.no_safe_serialization)
+        grid = None
+        if validation_prompts:
+            pipeline = StableDiffusionPipeline.from_pretrained(
+                args.pretrained_model_name_or_path, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=tokenizer,
+                unet=unet, vae=vae, safety_checker=None, revision=args.revision, variant=args.variant, dtype=weight_dtype,
+            )
+            log_validation(pipeline, validation_prompts, args, accelerator, seed, global_step, "final", weight_dtype)
+            grid = f"validation/final-step-{global_step:06d}.png"
+            del pipeline
+        if args.save_as_full_pipeline or args.push_to_hub:
+            save_full_pipeline(accelerator.unwrap_model(text_encoder), tokenizer, unet, vae, weight_dtype, args)
+        write_model_card(args, global_step, grid)
+        logger.info(f"Saved {os.path.abspath(os.path.join(args.output_dir, f'learned_embeds.{embeds_suffix}'))}")
+        if args.push_to_hub:
+            from huggingface_hub import create_repo, upload_folder
+
+            repo_id = create_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True, token=args.hub_token).repo_id
+            upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training", ignore_patterns=["checkpoint-*", ".*", "logs/*"], token=args.hub_token)
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()
