@@ -429,6 +429,35 @@ def write_model_card(args, global_step, validation_grid):
         f.write("\n".join(lines) + "\n")
 
 
+def write_hub_style_text_encoder(text_encoder_dir):
+    """transformers 5 saves CLIPTextModel weights without the 'text_model.' key prefix that hub checkpoints carry and
+    that transformers 4, the Flax twins and single-file converters expect (they silently load random weights
+    otherwise). transformers 5 reads both layouts, so rewrite the saved file(s) with the prefix."""
+
+    def hub_key(key):
+        return "text_model." + key if key.split(".")[0] in ("embeddings", "encoder", "final_layer_norm") else key
+
+    index_path = os.path.join(text_encoder_dir, "model.safetensors.index.json")
+    names = ["model.safetensors", "pytorch_model.bin"]
+    if os.path.exists(index_path):
+        with open(index_path) as f:
+            index = json.load(f)
+        names = sorted(set(index["weight_map"].values()))
+        index["weight_map"] = {hub_key(k): v for k, v in index["weight_map"].items()}
+        with open(index_path, "w") as f:
+            json.dump(index, f, indent=2)
+    for name in names:
+        path = os.path.join(text_encoder_dir, name)
+        if not os.path.exists(path):
+            continue
+        if name.endswith(".safetensors"):
+            state = safetensors.torch.load_file(path)
+            safetensors.torch.save_file({hub_key(k): v for k, v in state.items()}, path, metadata={"format": "pt"})
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            torch.save({hub_key(k): v for k, v in state.items()}, path)
+
+
 def save_full_pipeline(text_encoder, tokenizer, unet, vae, weight_dtype, args):
     """The pipeline with the extended tokenizer and a standard text encoder holding the learned rows, written to a
     temporary folder first. The frozen UNet and VAE are re-read from the source when training held them in
@@ -446,6 +475,7 @@ def save_full_pipeline(text_encoder, tokenizer, unet, vae, weight_dtype, args):
     partial = os.path.join(args.output_dir, ".pipeline.partial")
     shutil.rmtree(partial, ignore_errors=True)
     pipeline.save_pretrained(partial, safe_serialization=not args.no_safe_serialization)
+    write_hub_style_text_encoder(os.path.join(partial, "text_encoder"))
     for name in os.listdir(partial):
         target = os.path.join(args.output_dir, name)
         if os.path.isdir(target):

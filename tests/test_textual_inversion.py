@@ -89,6 +89,7 @@ def test_only_the_new_rows_change(launch, assets, concept, tmp_path):
     ))
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    assert all(k.startswith("text_model.") for k in load_file(os.path.join(out, "text_encoder", "model.safetensors")))
     original = CLIPTextModel.from_pretrained(assets["pipeline"], subfolder="text_encoder").state_dict()
     trained = CLIPTextModel.from_pretrained(out, subfolder="text_encoder").state_dict()
     table = next(name for name in original if name.endswith("token_embedding.weight"))
@@ -219,7 +220,7 @@ def test_shared_helpers_do_not_drift():
     import train_text_to_image
 
     for name in ["derive_seed", "list_checkpoints", "find_resume_checkpoint", "EpochShuffleSampler", "collate",
-                 "save_checkpoint", "render_validation_images", "log_validation"]:
+                 "save_checkpoint", "render_validation_images", "log_validation", "write_hub_style_text_encoder"]:
         assert inspect.getsource(getattr(textual_inversion, name)) == inspect.getsource(getattr(train_text_to_image, name)), name
     # compute_loss: the textual inversion version is the same recipe without the UNet-only extras.
     ti_lines = [l.strip() for l in inspect.getsource(textual_inversion.compute_loss).splitlines() if l.strip().startswith("#")]

@@ -102,6 +102,11 @@ def build_tiny_pipeline(path, prediction_type="epsilon", seed=0):
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipeline.save_pretrained(path, safe_serialization=True)
+    # Keys as hub checkpoints have them ('text_model.' prefix), which transformers 4 (the Flax stack) needs.
+    from safetensors.torch import load_file, save_file
+
+    weights = os.path.join(path, "text_encoder", "model.safetensors")
+    save_file({("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
     # transformers 5 saves only tokenizer.json; older releases (the Flax stack) read vocab.json + merges.txt.
     write_clip_tokenizer_files(os.path.join(path, "tokenizer"))
     return path
