@@ -295,9 +295,12 @@ def collate(examples):
 def compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args):
     """The denoising loss of one batch. All random draws come from `generator`."""
     with torch.no_grad():
-        # The frozen VAE maps images to latents; the scaling factor brings them to roughly unit variance.
-        latent_dist = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
-        latents = latent_dist.sample(generator=generator) * vae.config.scaling_factor
+        if "latents" in batch:
+            latents = batch["latents"].to(vae.device, vae.dtype)
+        else:
+            # The frozen VAE maps images to latents; the scaling factor brings them to roughly unit variance.
+            latent_dist = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
+            latents = latent_dist.sample(generator=generator) * vae.config.scaling_factor
         # The frozen text encoder's last hidden state conditions the UNet through cross-attention.
         encoder_hidden_states = text_encoder(batch["input_ids"].to(text_encoder.device), return_dict=False)[0]
 

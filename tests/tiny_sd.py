@@ -92,7 +92,7 @@ def build_tiny_pipeline(path, prediction_type="epsilon", seed=0):
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,  # 32, as in SD: diffusers' Flax UNet hard-codes it
     )
     schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                     prediction_type=prediction_type)

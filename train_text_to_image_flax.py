@@ -1,0 +1,624 @@
+#!/usr/bin/env python
+"""Fine-tune the UNet of a Stable Diffusion 1.x / 2.x pipeline on image-caption pairs (JAX/Flax twin of
+train_text_to_image.py). Reads a standard PyTorch diffusers folder or hub id, trains data-parallel over every local
+device, and saves a PyTorch diffusers pipeline (safetensors) that current diffusers loads.
+
+One host (all its GPUs or TPU cores):
+    python train_text_to_image_flax.py \
+      --pretrained_model_name_or_path=stable-diffusion-v1-5/stable-diffusion-v1-5 \
+      --dataset_name=lambdalabs/naruto-blip-captions --resolution=512 --center_crop --random_flip \
+      --train_batch_size=1 --mixed_precision=bf16 --max_train_steps=15000 --learning_rate=1e-05 \
+      --max_grad_norm=1 --snr_gamma=5.0 --checkpointing_steps=500 --output_dir=sd-naruto-model-flax
+
+Multi-host TPU pod: run the same command on every host with --jax_distributed; the global batch is
+per-device batch x all devices of all hosts. Two CPU devices (what the tests do):
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 python train_text_to_image_flax.py <flags>
+After a crash or preemption, relaunch the same command with --resume_from_checkpoint=latest.
+"""
+
+import argparse
+import dataclasses
+import io
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from typing import Any
+
+import datasets
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import serialization, struct
+from flax.training import train_state
+from PIL import Image
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+TRAINING_STATE = "training_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
+INTERPOLATION_MODES = ["lanczos", "bicubic", "bilinear", "nearest", "box", "hamming"]
+LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine"]
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description="Fine-tune the UNet of a Stable Diffusion pipeline on image-caption pairs (JAX/Flax).")
+    # Model
+    parser.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="Hub id or local folder of a PyTorch diffusers Stable Diffusion pipeline.")
+    parser.add_argument("--revision", type=str, default=None, help="Hub revision (branch, tag or commit) of the pretrained pipeline.")
+    parser.add_argument("--variant", type=str, default=None, help="Weight file variant to load, e.g. 'fp16'.")
+    parser.add_argument("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"], help="Training target; default: the scheduler config's prediction_type.")
+    # Data
+    parser.add_argument("--dataset_name", type=str, default=None, help="Hub dataset id or local dataset folder that datasets.load_dataset reads.")
+    parser.add_argument("--dataset_config_name", type=str, default=None, help="Config name of the dataset, if it has several.")
+    parser.add_argument("--train_data_dir", type=str, default=None, help="Local imagefolder with a metadata.jsonl of file_name and caption (used when --dataset_name is not given).")
+    parser.add_argument("--image_column", type=str, default="image", help="Dataset column holding the images.")
+    parser.add_argument("--caption_column", type=str, default="text", help="Dataset column holding a caption or a list of captions (one is drawn per use).")
+    parser.add_argument("--max_train_samples", type=int, default=None, help="Train on a random subset of this many examples (for debugging).")
+    parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
+    parser.add_argument("--resolution", type=int, default=512, help="Training images are resized and cropped to this square size.")
+    parser.add_argument("--center_crop", action="store_true", help="Crop the center of each image instead of a random crop.")
+    parser.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    parser.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=INTERPOLATION_MODES, help="Interpolation used to resize images.")
+    # Training
+    parser.add_argument("--seed", type=int, default=None, help="Seed for data order, augmentation and noise; a resumed run reuses its checkpoint's seed.")
+    parser.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
+    parser.add_argument("--num_train_epochs", type=int, default=100, help="Epochs to train; ignored when --max_train_steps is given.")
+    parser.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer updates; overrides --num_train_epochs.")
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated into one optimizer update.")
+    parser.add_argument("--gradient_checkpointing", action="store_true", help="Rematerialise each UNet block in the backward pass to save memory.")
+    parser.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate (after warmup).")
+    parser.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by accumulation steps x global batch size.")
+    parser.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS, help="Learning-rate schedule.")
+    parser.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup optimizer updates of the schedule.")
+    parser.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 is recommended); off when not given.")
+    parser.add_argument("--noise_offset", type=float, default=0.0, help="Scale of offset noise (0.1 is typical); 0 turns it off.")
+    parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
+    parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
+    parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
+    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip gradients to this global norm (0 turns clipping off).")
+    parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "bf16"], help="bf16 computes in bfloat16 with fp32 master weights.")
+    parser.add_argument("--jax_distributed", action="store_true", help="Call jax.distributed.initialize() first (multi-host TPU pods and clusters).")
+    # Checkpointing
+    parser.add_argument("--output_dir", type=str, default="sd-model-finetuned", help="Where the final pipeline and checkpoints go.")
+    parser.add_argument("--checkpointing_steps", type=int, default=500, help="Save the full training state every this many optimizer updates.")
+    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).")
+    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).")
+    # Logging
+    parser.add_argument("--push_to_hub", action="store_true", help="Upload the final pipeline to the Hugging Face Hub.")
+    parser.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `hf auth login`).")
+    parser.add_argument("--hub_model_id", type=str, default=None, help="Hub repository to push to; default: the output folder's name.")
+    args = parser.parse_args(argv)
+
+    if args.dataset_name is None and args.train_data_dir is None:
+        parser.error("no training data: pass --dataset_name (hub id or local dataset folder) or --train_data_dir (imagefolder)")
+    for name in ["resolution", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"]:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        parser.error(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def derive_seed(*keys):
+    """A well-mixed 63-bit seed from integer keys. All randomness is a pure function of such keys, so a resumed
+    run draws exactly what an uninterrupted run would have drawn, whatever the number of workers."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints in output_dir, oldest first, as (step, path)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_PATTERN.match(name)
+        if match and os.path.isfile(os.path.join(output_dir, name, TRAINING_STATE)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def find_resume_checkpoint(args):
+    """The checkpoint folder --resume_from_checkpoint names, None to start fresh; a wrong name is an error."""
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        checkpoints = list_checkpoints(args.output_dir)
+        return checkpoints[-1][1] if checkpoints else None
+    path = args.resume_from_checkpoint
+    if not os.path.isdir(path):
+        path = os.path.join(args.output_dir, args.resume_from_checkpoint)
+    if not os.path.isfile(os.path.join(path, TRAINING_STATE)):
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {args.resume_from_checkpoint}: no complete checkpoint at {path} "
+            f"(complete ones in {args.output_dir}: {[os.path.basename(p) for _, p in list_checkpoints(args.output_dir)]})"
+        )
+    return path
+
+
+def load_image_caption_dataset(args, seed):
+    """The training rows as a datasets.Dataset, with both columns checked; images stay undecoded until used."""
+    if args.dataset_name is not None:
+        source = f"--dataset_name {args.dataset_name}"
+        looks_local = args.dataset_name.startswith(("/", "./", "../", "~")) or os.path.exists(args.dataset_name)
+        if looks_local and not os.path.exists(os.path.expanduser(args.dataset_name)):
+            raise FileNotFoundError(f"{source}: no such folder")
+        try:
+            dataset = datasets.load_dataset(
+                os.path.expanduser(args.dataset_name) if looks_local else args.dataset_name,
+                args.dataset_config_name, cache_dir=args.cache_dir, split="train",
+            )
+        except Exception as err:
+            raise RuntimeError(f"{source}: could not load a 'train' split ({type(err).__name__}: {err})") from err
+    else:
+        source = f"--train_data_dir {args.train_data_dir}"
+        if not os.path.isdir(args.train_data_dir):
+            raise FileNotFoundError(f"{source}: no such folder")
+        try:
+            dataset = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir, split="train")
+        except Exception as err:
+            raise RuntimeError(f"{source}: not a readable imagefolder ({type(err).__name__}: {err})") from err
+    for flag, column in [("--image_column", args.image_column), ("--caption_column", args.caption_column)]:
+        if column not in dataset.column_names:
+            raise ValueError(f"{flag} '{column}' is not a column of {source}; its columns are: {', '.join(dataset.column_names)}")
+    if len(dataset) == 0:
+        raise ValueError(f"{source} has no rows")
+    if isinstance(dataset.features[args.image_column], datasets.Image):
+        # Decode ourselves, so an unreadable file is reported by name.
+        dataset = dataset.cast_column(args.image_column, datasets.Image(decode=False))
+    if args.max_train_samples is not None:
+        dataset = dataset.shuffle(seed=seed).select(range(min(args.max_train_samples, len(dataset))))
+    return dataset
+
+
+class ImageCaptionDataset:
+    """Rows -> {pixel_values (CHW in [-1, 1]), input_ids} as numpy arrays. Indexed by (epoch, row) keys: crop, flip and
+    caption choice are drawn from an RNG seeded by (seed, epoch, row), so a resumed run sees the same samples."""
+
+    def __init__(self, rows, tokenizer, args, seed):
+        self.rows, self.tokenizer, self.args, self.seed = rows, tokenizer, args, seed
+        self.resample = getattr(Image.Resampling, args.image_interpolation_mode.upper())
+
+    def __len__(self):
+        return len(self.rows)
+
+    def open_image(self, value, row):
+        if isinstance(value, str):
+            value = {"path": value, "bytes": None}
+        name = value.get("path") or f"row {row}"
+        try:
+            image = Image.open(value["path"] if value.get("bytes") is None else io.BytesIO(value["bytes"]))
+            return image.convert("RGB")
+        except Exception as err:
+            raise ValueError(f"cannot read image {name} (column '{self.args.image_column}', row {row}): {err}") from err
+
+    def transform(self, image, rng):
+        size = self.args.resolution
+        width, height = image.size
+        # Shorter side to `size`, keeping the aspect ratio (the same rule as torchvision's resize).
+        if width <= height:
+            new_size = (size, int(size * height / width))
+        else:
+            new_size = (int(size * width / height), size)
+        image = image.resize(new_size, resample=self.resample)
+        width, height = image.size
+        if self.args.center_crop:
+            top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+        else:
+            top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+        image = image.crop((left, top, left + size, top + size))
+        if self.args.random_flip and rng.random() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0  # the VAE's input range
+
+    def pick_caption(self, value, row, rng):
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0 and all(isinstance(v, str) for v in value):
+            return value[int(rng.integers(len(value)))]
+        raise ValueError(f"--caption_column '{self.args.caption_column}', row {row}: expected a string or a list of strings, got {value!r}")
+
+    def __getitem__(self, key):
+        epoch, row = key
+        rng = np.random.default_rng([self.seed, epoch, row])
+        example = self.rows[row]
+        pixel_values = self.transform(self.open_image(example[self.args.image_column], row), rng)
+        caption = self.pick_caption(example[self.args.caption_column], row, rng)
+        input_ids = self.tokenizer(caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True).input_ids
+        return {"pixel_values": pixel_values, "input_ids": np.asarray(input_ids, dtype=np.int32)}
+
+
+def epoch_batches(dataset, seed, epoch, global_batch_size, skip_batches):
+    """This process's share of each global batch of an epoch, in an order that depends only on (seed, epoch).
+    Incomplete batches are dropped (shapes stay static for XLA)."""
+    order = np.random.default_rng(derive_seed(seed, epoch)).permutation(len(dataset))
+    local = global_batch_size // jax.process_count()
+    for start in range(skip_batches * global_batch_size, len(order) - global_batch_size + 1, global_batch_size):
+        keys = order[start + jax.process_index() * local : start + (jax.process_index() + 1) * local]
+        examples = [dataset[(epoch, int(row))] for row in keys]
+        yield {name: np.stack([e[name] for e in examples]) for name in examples[0]}
+
+
+def resolve_pipeline_folder(args):
+    """A local folder holding the pipeline: the path itself, or the needed files of a hub repository (configs,
+    tokenizer and the safetensors weights of the chosen variant; nothing else is downloaded)."""
+    if os.path.isdir(args.pretrained_model_name_or_path):
+        return args.pretrained_model_name_or_path
+    from huggingface_hub import snapshot_download
+
+    suffix = f".{args.variant}" if args.variant else ""
+    return snapshot_download(
+        args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir,
+        allow_patterns=["model_index.json", "scheduler/*", "tokenizer/*", "*/config.json", f"text_encoder/model{suffix}.safetensors",
+                        f"unet/diffusion_pytorch_model{suffix}.safetensors", f"vae/diffusion_pytorch_model{suffix}.safetensors"],
+    )
+
+
+def load_flax_model(cls, folder, subfolder, variant, dtype, **overrides):
+    """A diffusers Flax model and its params from the PyTorch safetensors weights of a standard pipeline folder."""
+    import safetensors.torch
+    from diffusers.models.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+
+    config = cls.load_config(folder, subfolder=subfolder)
+    if cls.__name__ == "FlaxUNet2DConditionModel" and config.get("norm_num_groups", 32) != 32:
+        # diffusers' Flax UNet always normalises over 32 groups: any other value would silently compute another model.
+        raise ValueError(f"{os.path.join(folder, subfolder)}: norm_num_groups={config['norm_num_groups']}, but the Flax UNet supports only 32")
+    model = cls.from_config(config, dtype=dtype, **overrides)
+    name = f"diffusion_pytorch_model.{variant}.safetensors" if variant else "diffusion_pytorch_model.safetensors"
+    path = os.path.join(folder, subfolder, name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: the Flax scripts read PyTorch pipelines saved with safetensors weights")
+    state = {k: v.float() for k, v in safetensors.torch.load_file(path).items()}
+
+    class ShapesOnly:
+        # The converter initialises random params only to learn their names and shapes; eval_shape gives both
+        # without running the model (tens of seconds saved on CPU).
+        def init_weights(self, rng):
+            return jax.eval_shape(model.init_weights, rng)
+
+    params = convert_pytorch_state_dict_to_flax(state, ShapesOnly())
+    return model, jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+
+
+def load_flax_text_encoder(folder, variant, dtype):
+    """transformers' FlaxCLIPTextModel and its params from the PyTorch safetensors weights of a pipeline folder."""
+    import safetensors.torch
+    from transformers import CLIPTextConfig, FlaxCLIPTextModel
+    from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+
+    model = FlaxCLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"), dtype=dtype, _do_init=False)
+    name = f"model.{variant}.safetensors" if variant else "model.safetensors"
+    path = os.path.join(folder, "text_encoder", name)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: the Flax scripts read PyTorch pipelines saved with safetensors weights")
+    state = {k: v.float() for k, v in safetensors.torch.load_file(path).items()}
+    if not any(k.startswith("text_model.") for k in state):  # transformers 5 drops the prefix when saving
+        state = {"text_model." + k: v for k, v in state.items()}
+
+    class ShapesOnly:  # what the converter reads of the model, without initialising random params
+        base_model_prefix = model.base_model_prefix
+        params = model.params_shape_tree
+
+    params = convert_pytorch_state_dict_to_flax(state, ShapesOnly())
+    model._is_initialized = True
+    model.params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+    return model
+
+
+def enable_block_rematerialisation():
+    """Gradient checkpointing for the Flax UNet: wrap each of its block classes in nn.remat, so a block's activations
+    are recomputed in the backward pass instead of stored. The model code is unchanged; only the names the UNet
+    module looks its blocks up by are rebound, before the UNet is built."""
+    import flax.linen as nn
+    import diffusers.models.unets.unet_2d_condition_flax as unet_module
+
+    for name in ["FlaxCrossAttnDownBlock2D", "FlaxDownBlock2D", "FlaxCrossAttnUpBlock2D", "FlaxUpBlock2D", "FlaxUNetMidBlock2DCrossAttn"]:
+        block = getattr(unet_module, name)
+        if not getattr(block, "_rematerialised", False):
+            wrapped = nn.remat(block)
+            wrapped._rematerialised = True
+            setattr(unet_module, name, wrapped)
+
+
+def learning_rate_schedule(args, max_train_steps):
+    """The optax schedule named by --lr_scheduler, in optimizer updates."""
+    warmup = optax.linear_schedule(0.0, args.learning_rate, max(args.lr_warmup_steps, 1))
+    if args.lr_scheduler == "constant":
+        return optax.constant_schedule(args.learning_rate)
+    if args.lr_scheduler == "constant_with_warmup":
+        after = optax.constant_schedule(args.learning_rate)
+    elif args.lr_scheduler == "linear":
+        after = optax.linear_schedule(args.learning_rate, 0.0, max(max_train_steps - args.lr_warmup_steps, 1))
+    else:
+        after = optax.cosine_decay_schedule(args.learning_rate, max(max_train_steps - args.lr_warmup_steps, 1))
+    return optax.join_schedules([warmup, after], [args.lr_warmup_steps])
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    prediction_type: str
+    snr_gamma: Any
+    noise_offset: float
+    scaling_factor: float
+
+
+class TrainState(train_state.TrainState):
+    """The UNet's params and optimizer state (what trains and what checkpoints hold), with the frozen models beside."""
+
+    vae_params: Any = None
+    text_encoder_params: Any = None
+    scheduler_state: Any = None
+    vae: Any = struct.field(pytree_node=False, default=None)
+    text_encoder: Any = struct.field(pytree_node=False, default=None)
+    noise_scheduler: Any = struct.field(pytree_node=False, default=None)
+    config: Any = struct.field(pytree_node=False, default=None)
+
+
+# ------------------------------------------------------ BEGIN MATH ------------------------------------------------------
+def train_step(state, batch, rng):
+    """One batch: the denoising loss, its gradients and an optimizer step (accumulated by optax.MultiSteps). Pure:
+    every random draw comes from `rng`."""
+    config = state.config
+    sample_rng, noise_rng, offset_rng, timestep_rng = jax.random.split(rng, 4)
+    if "latents" in batch:
+        latents = batch["latents"]
+    else:
+        # The frozen VAE maps images to latents; the scaling factor brings them to roughly unit variance.
+        latent_dist = state.vae.apply({"params": state.vae_params}, batch["pixel_values"], deterministic=True, method=state.vae.encode).latent_dist
+        latents = jnp.transpose(latent_dist.sample(sample_rng), (0, 3, 1, 2)) * config.scaling_factor
+    # The frozen text encoder's last hidden state conditions the UNet through cross-attention.
+    encoder_hidden_states = state.text_encoder(batch["input_ids"], params=state.text_encoder_params, train=False)[0]
+    latents, encoder_hidden_states = jax.lax.stop_gradient((latents, encoder_hidden_states))
+
+    bsz = latents.shape[0]
+    noise = jax.random.normal(noise_rng, latents.shape, latents.dtype)
+    if config.noise_offset:
+        # Offset noise (Guttenberg 2023, crosslabs.org/blog/diffusion-with-offset-noise): a per-channel constant
+        # lets the model change the overall brightness of an image.
+        noise = noise + config.noise_offset * jax.random.normal(offset_rng, (bsz, latents.shape[1], 1, 1), latents.dtype)
+    timesteps = jax.random.randint(timestep_rng, (bsz,), 0, state.noise_scheduler.config.num_train_timesteps)
+    # Forward diffusion: noisy_latents = sqrt(alpha_bar_t) * latents + sqrt(1 - alpha_bar_t) * noise.
+    noisy_latents = state.noise_scheduler.add_noise(state.scheduler_state, latents, noise, timesteps)
+
+    # The target depends on what the model predicts: the noise (epsilon) or the velocity v (Salimans & Ho 2022).
+    if config.prediction_type == "epsilon":
+        target = noise
+    elif config.prediction_type == "v_prediction":
+        target = state.noise_scheduler.get_velocity(state.scheduler_state, latents, noise, timesteps)
+    else:
+        raise ValueError(f"unsupported prediction type {config.prediction_type!r}")
+
+    def compute_loss(params):
+        model_pred = state.apply_fn({"params": params}, noisy_latents, timesteps, encoder_hidden_states, train=True).sample
+        loss = ((model_pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2).mean(axis=tuple(range(1, model_pred.ndim)))
+
+        if config.snr_gamma is not None:
+            # Min-SNR-gamma weighting (Hang et al. 2023, arXiv:2303.09556): weight each timestep by min(SNR, gamma)/SNR
+            # in epsilon terms. A v-prediction loss is (SNR + 1) times the epsilon loss, hence the divisor SNR + 1.
+            alphas_cumprod = state.scheduler_state.common.alphas_cumprod[timesteps].astype(jnp.float32)
+            snr = alphas_cumprod / (1.0 - alphas_cumprod)
+            divisor = snr + 1.0 if config.prediction_type == "v_prediction" else snr
+            weights = jnp.where(divisor > 0, jnp.minimum(snr, config.snr_gamma) / divisor, jnp.ones_like(snr))
+            loss = loss * weights
+        return loss.mean()
+
+    loss, grads = jax.value_and_grad(compute_loss)(state.params)
+    new_state = state.apply_gradients(grads=grads)
+    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+# ------------------------------------------------------- END MATH -------------------------------------------------------
+
+
+def checkpoint_payload(state):
+    """What a checkpoint holds of the train state: the trained params, the optimizer state and the step."""
+    return {"params": state.params, "opt_state": state.opt_state, "step": state.step}
+
+
+def save_checkpoint(state, args, global_step, training_state):
+    """Write checkpoint-N crash-safely: into a hidden temporary folder first, renamed into place only when complete;
+    older checkpoints are pruned only after that. Main process only."""
+    final_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
+    partial_path = os.path.join(args.output_dir, f".checkpoint-{global_step}.partial")
+    shutil.rmtree(partial_path, ignore_errors=True)
+    os.makedirs(partial_path)
+    with open(os.path.join(partial_path, "train_state.msgpack"), "wb") as f:
+        f.write(serialization.to_bytes(jax.device_get(checkpoint_payload(state))))
+    with open(os.path.join(partial_path, TRAINING_STATE), "w") as f:
+        json.dump({**training_state, "global_step": global_step}, f, indent=2)
+    if os.path.exists(final_path):  # left by an earlier run that got past this step; the new one replaces it
+        stale_path = final_path + ".stale"
+        os.rename(final_path, stale_path)
+        os.rename(partial_path, final_path)
+        shutil.rmtree(stale_path)
+    else:
+        os.rename(partial_path, final_path)
+    logger.info(f"Saved {final_path}")
+    if args.checkpoints_total_limit is not None:
+        for _, path in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
+            logger.info(f"Deleting {path} (--checkpoints_total_limit {args.checkpoints_total_limit})")
+            shutil.rmtree(path)
+
+
+def save_pipeline(unet_params, folder, args):
+    """The full pipeline as PyTorch diffusers with safetensors weights: the trained UNet converted from Flax, the
+    frozen parts (text encoder, VAE, tokenizer, scheduler) copied byte for byte from the source. Written to a
+    temporary folder first, so a crash never leaves a half-written model over a good one."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.modeling_pytorch_flax_utils import load_flax_weights_in_pytorch_model
+
+    partial = os.path.join(args.output_dir, ".pipeline.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    for component in ["scheduler", "tokenizer", "text_encoder", "vae"]:
+        shutil.copytree(os.path.join(folder, component), os.path.join(partial, component))
+    with open(os.path.join(folder, "model_index.json")) as f:
+        model_index = json.load(f)
+    # The source's safety checker is not downloaded (nothing the user did not name); the saved pipeline has none.
+    model_index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    with open(os.path.join(partial, "model_index.json"), "w") as f:
+        json.dump(model_index, f, indent=2)
+    if args.prediction_type is not None:
+        # The model now predicts this target: the saved scheduler must say so, or inference silently goes wrong.
+        scheduler_config = os.path.join(partial, "scheduler", "scheduler_config.json")
+        with open(scheduler_config) as f:
+            config = json.load(f)
+        with open(scheduler_config, "w") as f:
+            json.dump({**config, "prediction_type": args.prediction_type}, f, indent=2)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
+    unet = load_flax_weights_in_pytorch_model(unet, jax.tree_util.tree_map(np.array, jax.device_get(unet_params)))
+    unet.to(torch.float32).save_pretrained(os.path.join(partial, "unet"), safe_serialization=True)
+    for name in os.listdir(partial):
+        target = os.path.join(args.output_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(partial, name), target)
+    os.rmdir(partial)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    # ------------------------------------------------------------------------------------------------------ setup
+    if args.jax_distributed:
+        jax.distributed.initialize()
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    is_main_process = jax.process_index() == 0
+    if not is_main_process:
+        logger.setLevel(logging.ERROR)
+    resume_path = find_resume_checkpoint(args)
+    resume_state = json.load(open(os.path.join(resume_path, TRAINING_STATE))) if resume_path else {}
+    # One seed drives everything; without --seed a resumed run must reuse the one its checkpoint recorded.
+    seed = args.seed if args.seed is not None else resume_state.get("seed", int(np.random.SeedSequence().generate_state(1)[0]))
+    if resume_state and resume_state["seed"] != seed:
+        logger.warning(f"--seed {seed} differs from the checkpoint's seed {resume_state['seed']}: the resumed run will not match an uninterrupted one")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+    # ------------------------------------------------------------------------------------------------ load models
+    from diffusers import FlaxAutoencoderKL, FlaxDDPMScheduler, FlaxUNet2DConditionModel
+    from transformers import CLIPTokenizerFast
+
+    weight_dtype = jnp.bfloat16 if args.mixed_precision == "bf16" else jnp.float32
+    folder = resolve_pipeline_folder(args)
+    tokenizer = CLIPTokenizerFast.from_pretrained(folder, subfolder="tokenizer")
+    text_encoder = load_flax_text_encoder(folder, args.variant, weight_dtype)
+    vae, vae_params = load_flax_model(FlaxAutoencoderKL, folder, "vae", args.variant, weight_dtype)
+    if args.gradient_checkpointing:
+        enable_block_rematerialisation()
+    unet, unet_params = load_flax_model(FlaxUNet2DConditionModel, folder, "unet", args.variant, weight_dtype)
+    noise_scheduler, scheduler_state = FlaxDDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
+
+    # ------------------------------------------------------------------------------------------------------- data
+    rows = load_image_caption_dataset(args, seed)
+    train_dataset = ImageCaptionDataset(rows, tokenizer, args, seed)
+    global_batch_size = args.train_batch_size * jax.device_count()
+    batches_per_epoch = len(train_dataset) // global_batch_size
+    if batches_per_epoch < args.gradient_accumulation_steps:
+        raise ValueError(
+            f"{len(train_dataset)} examples make {batches_per_epoch} full global batches of {global_batch_size} "
+            f"({args.train_batch_size} per device x {jax.device_count()} devices); one update needs {args.gradient_accumulation_steps}"
+        )
+
+    # -------------------------------------------------------------------------------- optimizer and schedule
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * global_batch_size
+    # global_step counts optimizer updates; --max_train_steps is authoritative and epochs are derived from it.
+    updates_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
+    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
+    num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    schedule = learning_rate_schedule(args, max_train_steps)
+    optimizer = optax.adamw(schedule, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon, weight_decay=args.adam_weight_decay)
+    if args.max_grad_norm > 0:
+        optimizer = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optimizer)
+    optimizer = optax.MultiSteps(optimizer, every_k_schedule=args.gradient_accumulation_steps)
+    state = TrainState.create(
+        apply_fn=unet.apply, params=unet_params, tx=optimizer, vae_params=vae_params,
+        text_encoder_params=text_encoder.params, scheduler_state=scheduler_state, vae=vae, text_encoder=text_encoder,
+        noise_scheduler=noise_scheduler,
+        config=LossConfig(prediction_type, args.snr_gamma, args.noise_offset, vae.config.scaling_factor),
+    )
+
+    # ----------------------------------------------------------------------------------------------------- resume
+    global_step = 0
+    if resume_path is not None:
+        logger.info(f"Resuming from {resume_path}")
+        with open(os.path.join(resume_path, "train_state.msgpack"), "rb") as f:
+            restored = serialization.from_bytes(checkpoint_payload(state), f.read())
+        state = state.replace(**restored)
+        global_step = resume_state["global_step"]
+        layout = {"total_batch_size": global_batch_size * args.gradient_accumulation_steps, "updates_per_epoch": updates_per_epoch}
+        if any(resume_state.get(k) != v for k, v in layout.items()):
+            logger.warning(f"data layout changed since the checkpoint ({ {k: resume_state.get(k) for k in layout} } -> {layout}): the resumed run will not match an uninterrupted one")
+    state = jax.device_put(state, replicated)
+    first_epoch = global_step // updates_per_epoch
+    training_state = {"seed": seed, "total_batch_size": global_batch_size * args.gradient_accumulation_steps, "updates_per_epoch": updates_per_epoch}
+    if is_main_process:
+        os.makedirs(args.output_dir, exist_ok=True)
+    logger.info("***** Running training *****")
+    logger.info(f"  Examples = {len(train_dataset)}, epochs = {num_train_epochs}, updates per epoch = {updates_per_epoch}")
+    logger.info(f"  Batch per device = {args.train_batch_size}, devices = {jax.device_count()}, accumulation = {args.gradient_accumulation_steps}, total batch = {training_state['total_batch_size']}")
+    logger.info(f"  Optimizer updates = {max_train_steps}, starting at {global_step}, seed = {seed}")
+    if global_step >= max_train_steps:
+        logger.info(f"Checkpoint step {global_step} is at or past --max_train_steps {max_train_steps}: nothing to train.")
+
+    # ------------------------------------------------------------------------------------------------- train loop
+    step_fn = jax.jit(train_step, donate_argnums=(0,))
+    base_rng = jax.random.PRNGKey(seed % (2**31))
+    progress_bar = tqdm(range(max_train_steps), initial=min(global_step, max_train_steps), desc="Steps", disable=not is_main_process)
+    step_start = time.perf_counter()
+    for epoch in range(first_epoch, num_train_epochs):
+        if global_step >= max_train_steps:
+            break
+        # Resume mid-epoch: skip exactly the batches the interrupted run had consumed.
+        skip = (global_step - epoch * updates_per_epoch) * args.gradient_accumulation_steps
+        batches = epoch_batches(train_dataset, seed, epoch, global_batch_size, skip)
+        for batch_index, batch in enumerate(batches, start=skip):
+            if batch_index >= updates_per_epoch * args.gradient_accumulation_steps:
+                break  # the last batches that cannot fill an accumulation group
+            batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
+            rng = jax.random.fold_in(jax.random.fold_in(base_rng, epoch), batch_index)
+            state, metrics = step_fn(state, batch, rng)
+            if (batch_index + 1) % args.gradient_accumulation_steps:
+                continue
+
+            global_step += 1
+            logs = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(global_step - 1))}
+            if not math.isfinite(logs["loss"]):
+                raise FloatingPointError(f"loss is {logs['loss']} at step {global_step} (epoch {epoch}): stopping; no checkpoint was written for this step")
+            logs["step_time"] = time.perf_counter() - step_start
+            progress_bar.update(1)
+            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            if global_step % args.checkpointing_steps == 0 and is_main_process:
+                save_checkpoint(state, args, global_step, training_state)
+            step_start = time.perf_counter()
+            if global_step >= max_train_steps:
+                break
+
+    # ------------------------------------------------------------------------------------------------------- save
+    if is_main_process:
+        save_pipeline(state.params, folder, args)
+        logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
+        if args.push_to_hub:
+            from huggingface_hub import create_repo, upload_folder
+
+            repo_id = create_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True, token=args.hub_token).repo_id
+            upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training", ignore_patterns=["checkpoint-*", ".*"], token=args.hub_token)
+
+
+if __name__ == "__main__":
+    main()
