@@ -1,7 +1,8 @@
 # make demo: offline tiny pipeline + data, a short training run, and where the results are.
-# make test: creates the environment(s) and runs the whole test suite.
+# make test: creates both environments (.venv for PyTorch, .venv-flax for JAX) and runs both test suites.
 PYTHON ?= python3
 VENV := .venv
+VENV_FLAX := .venv-flax
 DEMO := demo_output
 
 .PHONY: demo test clean
@@ -12,8 +13,16 @@ $(VENV)/.installed: requirements.txt
 	$(VENV)/bin/pip install --quiet -r requirements.txt pytest
 	touch $@
 
-test: $(VENV)/.installed
+$(VENV_FLAX)/.installed: requirements_flax.txt
+	$(PYTHON) -m venv $(VENV_FLAX)
+	$(VENV_FLAX)/bin/pip install --quiet --upgrade pip
+	$(VENV_FLAX)/bin/pip install --quiet -r requirements_flax.txt pytest
+	touch $@
+
+# Both suites: the PyTorch scripts in .venv, the Flax twins in .venv-flax (their tests also use .venv).
+test: $(VENV)/.installed $(VENV_FLAX)/.installed
 	$(VENV)/bin/python -m pytest tests -q --durations=10
+	$(VENV_FLAX)/bin/python -m pytest tests_flax -q --durations=10
 
 demo: $(VENV)/.installed
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python tests/tiny_sd.py --output_dir $(DEMO)/assets --num_images 16

@@ -1,0 +1,17 @@
+"""The README's flag tables for the Flax twins are exactly what their parsers define (tests/flag_table.py)."""
+
+import os
+import sys
+
+import pytest
+from conftest import REPO
+
+sys.path.insert(0, os.path.join(REPO, "tests"))
+from flag_table import flag_rows  # noqa: E402
+
+
+@pytest.mark.parametrize("script", ["train_text_to_image_flax.py", "textual_inversion_flax.py"])
+def test_readme_flag_table_matches_parser(script):
+    text = open(os.path.join(REPO, "README.md")).read()
+    section = text.split(f"## {script} flags", 1)[1].split("\n## ", 1)[0]
+    assert [line for line in section.splitlines() if line.startswith("|")] == flag_rows(script)
