@@ -307,8 +307,6 @@ def compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, arg
         # The frozen VAE maps images to latents; the scaling factor brings them to roughly unit variance.
         latent_dist = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
         latents = latent_dist.sample(generator=generator) * vae.config.scaling_factor
-    # The text encoder runs with gradients: they reach the new token embedding rows and nothing else.
-    encoder_hidden_states = text_encoder(batch["input_ids"].to(latents.device), return_dict=False)[0].to(unet.dtype)
 
     bsz = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
@@ -324,6 +322,8 @@ def compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, arg
     else:
         raise ValueError(f"unsupported prediction type {noise_scheduler.config.prediction_type!r}")
 
+    # The text encoder runs with gradients: they reach the new token embedding rows and nothing else.
+    encoder_hidden_states = text_encoder(batch["input_ids"].to(latents.device), return_dict=False)[0].to(unet.dtype)
     model_pred = unet(noisy_latents.to(unet.dtype), timesteps, encoder_hidden_states, return_dict=False)[0]
     loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=list(range(1, model_pred.ndim)))
 

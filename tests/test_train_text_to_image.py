@@ -280,6 +280,9 @@ ERROR_CASES = {
     "no_data_source": (lambda a, t: ["--train_data_dir", None], lambda a, t: ["pass --dataset_name", "--train_data_dir"]),
     "missing_checkpoint": (lambda a, t: ["--resume_from_checkpoint", "checkpoint-99"], lambda a, t: ["--resume_from_checkpoint checkpoint-99: no complete checkpoint"]),
     "non_finite_loss": (lambda a, t: ["--pretrained_model_name_or_path", nan_pipeline(a, t)], lambda a, t: ["loss is nan at step 1"]),
+    # Optional GPU-only packages, absent here: the flags that need them say what to install.
+    "no_bitsandbytes": (lambda a, t: ["--use_8bit_adam", "1"], lambda a, t: ["--use_8bit_adam needs bitsandbytes: pip install bitsandbytes"]),
+    "no_xformers": (lambda a, t: ["--enable_xformers_memory_efficient_attention", "1"], lambda a, t: ["needs xformers: pip install xformers"]),
 }
 
 
@@ -296,7 +299,9 @@ def test_clear_errors_write_nothing(launch, assets, tmp_path, case):
         if flag in args:
             index = args.index(flag)
             del args[index:index + 2]
-        if value is not None:
+        if value == "1":  # a switch
+            args.append(flag)
+        elif value is not None:
             args += [flag, value]
     result = launch.accelerate(SCRIPT, args, check=False)
     assert result.returncode != 0
