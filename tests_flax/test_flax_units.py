@@ -70,3 +70,38 @@ def test_train_step_and_compute_loss_diff_cleanly(flax_script, torch_script):
     assert len(flax_comments) >= 6
     assert math_names(flax_script) == math_names(torch_script) == {
         "latents", "noise", "timesteps", "noisy_latents", "encoder_hidden_states", "model_pred", "target"}
+
+
+def definitions(script):
+    """Top-level functions, classes and assignments of a script, as source text by name (read, not imported)."""
+    import ast
+
+    text = open(os.path.join(REPO, script)).read()
+    found = {}
+    for node in ast.parse(text).body:
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            found[node.name] = ast.get_source_segment(text, node)
+        elif isinstance(node, ast.Assign) and isinstance(node.targets[0], ast.Name):
+            found[node.targets[0].id] = ast.get_source_segment(text, node)
+    return found
+
+
+SHARED = {
+    # Each script stands alone, so these helpers are copies; they must stay identical copies.
+    ("train_text_to_image_flax.py", "textual_inversion_flax.py"): [
+        "derive_seed", "list_checkpoints", "find_resume_checkpoint", "epoch_batches", "resolve_pipeline_folder",
+        "load_flax_model", "load_flax_text_encoder", "enable_block_rematerialisation", "learning_rate_schedule",
+        "LossConfig", "checkpoint_payload", "save_checkpoint", "CHECKPOINT_PATTERN", "TRAINING_STATE"],
+    ("train_text_to_image.py", "train_text_to_image_flax.py"): [
+        "derive_seed", "list_checkpoints", "find_resume_checkpoint", "load_image_caption_dataset"],
+    ("textual_inversion.py", "textual_inversion_flax.py"): [
+        "derive_seed", "find_example_images", "add_placeholder_tokens", "initializer_token_id", "OBJECT_TEMPLATES",
+        "STYLE_TEMPLATES", "IMAGE_EXTENSIONS"],
+}
+
+
+@pytest.mark.parametrize("pair", sorted(SHARED))
+def test_copied_helpers_stay_identical(pair):
+    a, b = definitions(pair[0]), definitions(pair[1])
+    for name in SHARED[pair]:
+        assert a[name] == b[name], f"{name} differs between {pair[0]} and {pair[1]}"
