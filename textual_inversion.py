@@ -20,6 +20,7 @@ with the same embeddings as one that was never interrupted.
 """
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -43,6 +44,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 import diffusers
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 
 logger = get_logger(__name__, log_level="INFO")
@@ -85,7 +87,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=100, help="Times each image is repeated in one epoch.")
     parser.add_argument("--resolution", type=int, default=512, help="Training images are resized to this square size.")
     parser.add_argument("--center_crop", action="store_true", help="Crop the central square before resizing (otherwise the whole image is squeezed).")
-    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading worker processes (0: load in the main process).")
+    parser.add_argument("--dataloader_num_workers", type=int, default=None, help="Data loading worker processes; default: 4 on GPU (with pinned memory), 0 (the main process) on CPU.")
+    parser.add_argument("--cache_latents", action="store_true", help="Encode every example image and its mirror image once before training and train from the stored latents.")
     # Training
     parser.add_argument("--seed", type=int, default=None, help="Seed for data order, augmentation and noise; a resumed run reuses its checkpoint's seed.")
     parser.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
@@ -107,6 +110,7 @@ def parse_args(argv=None):
     parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="Mixed precision for the frozen UNet and VAE.")
     parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
     parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention (needs xformers; PyTorch SDPA is the default).")
+    parser.add_argument("--torch_compile", action="store_true", help="Compile the UNet and the text encoder with torch.compile: a slower start (minutes), faster steps.")
     parser.add_argument("--local_rank", type=int, default=-1, help="Set by distributed launchers; do not pass by hand.")
     # Checkpointing and saving
     parser.add_argument("--output_dir", type=str, default="text-inversion-model", help="Where the embeddings, checkpoints, validation images and logs go.")
@@ -117,6 +121,7 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).")
     parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).")
     # Logging and validation
+    parser.add_argument("--logging_steps", type=int, default=10, help="Log loss, lr, grad norm, images/s and peak GPU memory averaged over this many updates (only these steps wait for the GPU).")
     parser.add_argument("--validation_prompt", type=str, default=None, help="Prompt (with the placeholder) rendered every --validation_steps and at the end.")
     parser.add_argument("--num_validation_images", type=int, default=4, help="Images rendered for the validation prompt, each from its own fixed seed.")
     parser.add_argument("--validation_steps", type=int, default=100, help="Render the validation prompt every this many optimizer updates.")
@@ -132,11 +137,13 @@ def parse_args(argv=None):
     if env_local_rank != -1:
         args.local_rank = env_local_rank
     for name in ["num_vectors", "repeats", "resolution", "train_batch_size", "max_train_steps", "gradient_accumulation_steps",
-                 "save_steps", "checkpointing_steps", "validation_steps", "num_validation_images"]:
+                 "save_steps", "checkpointing_steps", "validation_steps", "num_validation_images", "logging_steps"]:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
+    if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
+        parser.error(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}")
     if not args.placeholder_token.strip() or any(c.isspace() for c in args.placeholder_token):
         parser.error(f"--placeholder_token {args.placeholder_token!r} must be one word without spaces")
     if args.report_to == "wandb" and args.hub_token is not None:
@@ -252,30 +259,74 @@ class LearnedTokenEmbedding(torch.nn.Module):
 class TextualInversionDataset(torch.utils.data.Dataset):
     """The example images repeated --repeats times, each with a prompt from the templates holding the placeholder.
     Indexed by (epoch, index) keys: the template and the flip are drawn from an RNG seeded by (seed, epoch, index),
-    so the same sample is identical in a resumed run."""
+    so the same sample is identical in a resumed run, and the cached path draws exactly what the uncached one does."""
 
     def __init__(self, image_paths, tokenizer, placeholder_text, args, seed):
         self.image_paths, self.tokenizer, self.placeholder_text, self.args, self.seed = image_paths, tokenizer, placeholder_text, args, seed
         self.templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
+        self.latent_cache = None  # [image, flipped] -> VAE latent distribution parameters, set by build_latent_cache()
 
     def __len__(self):
         return len(self.image_paths) * self.args.repeats
 
-    def __getitem__(self, key):
-        epoch, index = key
-        rng = np.random.default_rng([self.seed, epoch, index])
-        image = Image.open(self.image_paths[index % len(self.image_paths)]).convert("RGB")
+    def pixels(self, image_index, flip):
+        image = Image.open(self.image_paths[image_index]).convert("RGB")
         if self.args.center_crop:
             side = min(image.size)
             image = TF.center_crop(image, [side, side])
         image = TF.resize(image, [self.args.resolution, self.args.resolution], interpolation=InterpolationMode.BICUBIC)
-        if rng.random() < 0.5:
+        if flip:
             image = TF.hflip(image)
+        return TF.to_tensor(image) * 2.0 - 1.0  # [0, 1] -> [-1, 1], the VAE's input range
+
+    def __getitem__(self, key):
+        epoch, index = key
+        rng = np.random.default_rng([self.seed, epoch, index])
+        image_index, flipped = index % len(self.image_paths), rng.random() < 0.5
         prompt = self.templates[int(rng.integers(len(self.templates)))].format(self.placeholder_text)
         input_ids = self.tokenizer(
             prompt, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
         ).input_ids[0]
-        return {"pixel_values": TF.to_tensor(image) * 2.0 - 1.0, "input_ids": input_ids}
+        if self.latent_cache is None:
+            return {"pixel_values": self.pixels(image_index, flipped), "input_ids": input_ids}
+        return {"latent_parameters": self.latent_cache[image_index, int(flipped)], "input_ids": input_ids}
+
+
+def image_views(dataset, indices):
+    """Pixel batches for the latent cache: item i is example image i // 2, horizontally flipped when i is odd."""
+    return torch.stack([dataset.pixels(i // 2, flip=i % 2 == 1) for i in indices])
+
+
+def encode_once(accelerator, num_items, batch_size, prepare, encode, description, num_workers=0):
+    """encode(prepare(indices)) over items 0..num_items-1, once, for --cache_latents / --cache_text_embeddings. Each
+    process encodes every num_processes-th batch and all of them receive the whole result as one CPU tensor: the only
+    copy of the cache (dataloader workers share it, they do not copy it)."""
+    per_round = batch_size * accelerator.num_processes
+    starts = range(0, num_items, per_round)
+    # Padded with the last item, so every process contributes a batch of the same shape to the gather.
+    batches = [[min(i, num_items - 1) for i in range(s + accelerator.process_index * batch_size, s + (accelerator.process_index + 1) * batch_size)] for s in starts]
+    loader = torch.utils.data.DataLoader(range(num_items), batch_sampler=batches, collate_fn=prepare, num_workers=num_workers)
+    cache = None
+    for start, prepared in zip(starts, tqdm(loader, desc=description, disable=not accelerator.is_local_main_process)):
+        with torch.no_grad():
+            encoded = accelerator.gather(encode(prepared).contiguous()).cpu()
+        if cache is None:
+            cache = torch.empty((num_items, *encoded.shape[1:]), dtype=encoded.dtype)
+        stop = min(start + per_round, num_items)
+        cache[start:stop] = encoded[: stop - start]
+    return cache
+
+
+def build_latent_cache(train_dataset, vae, accelerator, args, num_workers):
+    """--cache_latents: the VAE's latent distribution of every example image and of its mirror image, so the VAE
+    leaves the training loop."""
+    num_images = len(train_dataset.image_paths)
+    parameters = encode_once(
+        accelerator, num_images * 2, args.train_batch_size, functools.partial(image_views, train_dataset),
+        lambda pixels: vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters, "Caching latents", num_workers,
+    )
+    train_dataset.latent_cache = parameters.view(num_images, 2, *parameters.shape[1:])
+    logger.info(f"Cached latents: {tuple(train_dataset.latent_cache.shape)} {parameters.dtype}, {parameters.numel() * parameters.element_size() / 2**20:.1f} MiB of CPU memory")
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):
@@ -294,18 +345,65 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
 
 
 def collate(examples):
-    return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(memory_format=torch.contiguous_format),
-        "input_ids": torch.stack([e["input_ids"] for e in examples]),
-    }
+    return {key: torch.stack([example[key] for example in examples]) for key in examples[0]}
+
+
+class LogWindow:
+    """Loss and gradient norm summed on the device between logging steps. Reading them back waits for the device, so
+    it happens once per --logging_steps updates (and before each checkpoint), not at every update."""
+
+    def __init__(self, accelerator, images_per_update, global_step):
+        self.accelerator, self.images_per_update = accelerator, images_per_update
+        self.loss = torch.zeros((), device=accelerator.device)
+        self.grad_norm = torch.zeros((), device=accelerator.device)
+        self.reset(global_step)
+
+    def reset(self, global_step):
+        self.loss.zero_()
+        self.grad_norm.zero_()
+        self.first_step, self.updates, self.clipped, self.started = global_step + 1, 0, False, time.perf_counter()
+
+    def add_batch(self, loss, gradient_accumulation_steps):
+        self.loss += loss.detach() / gradient_accumulation_steps
+
+    def add_update(self, grad_norm):
+        self.updates += 1
+        if grad_norm is not None:
+            self.grad_norm += grad_norm
+            self.clipped = True
+
+    def read(self, global_step, epoch, lr):
+        """Averages over the window as a logs dict, then a new window. A non-finite loss stops the run, naming the steps."""
+        loss = self.accelerator.reduce(self.loss, reduction="mean").item() / self.updates
+        if not math.isfinite(loss):
+            steps = f"at step {global_step}" if self.updates == 1 else f"in steps {self.first_step}-{global_step}"
+            raise FloatingPointError(f"loss is {loss} {steps} (epoch {epoch}): stopping; no checkpoint was written for these steps")
+        elapsed = time.perf_counter() - self.started
+        logs = {"loss": loss, "lr": lr}
+        if self.clipped:
+            logs["grad_norm"] = self.grad_norm.item() / self.updates
+        logs["step_time"] = elapsed / self.updates
+        logs["images_per_second"] = self.updates * self.images_per_update / elapsed
+        if self.accelerator.device.type == "cuda":
+            logs["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30
+        self.reset(global_step)
+        return logs
+
+
+def format_logs(global_step, logs):
+    return f"step {global_step}: " + ", ".join(f"{key}={value:.4g}" for key, value in logs.items())
 
 
 # ------------------------------------------------------ BEGIN MATH ------------------------------------------------------
 def compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args):
     """The denoising loss of one batch. All random draws come from `generator`."""
     with torch.no_grad():
-        # The frozen VAE maps images to latents; the scaling factor brings them to roughly unit variance.
-        latent_dist = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
+        if "latent_parameters" in batch:
+            # --cache_latents: sampling from the stored distribution draws exactly what encoding the image would.
+            latent_dist = DiagonalGaussianDistribution(batch["latent_parameters"].to(vae.device, vae.dtype))
+        else:
+            # The frozen VAE maps images to latents; the scaling factor brings them to roughly unit variance.
+            latent_dist = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
         latents = latent_dist.sample(generator=generator) * vae.config.scaling_factor
 
     bsz = latents.shape[0]
@@ -545,7 +643,13 @@ def main(argv=None):
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     unet.to(accelerator.device, dtype=weight_dtype)
     vae.to(accelerator.device, dtype=weight_dtype)
+    if accelerator.device.type == "cuda":
+        # cuDNN's fastest convolution kernels for fp16/bf16 work on NHWC ("channels last") tensors.
+        unet.to(memory_format=torch.channels_last)
     learned_embedding = text_encoder.get_input_embeddings()
+    if args.torch_compile:
+        unet.compile()  # in place: the modules and their state-dict keys stay as they are
+        text_encoder.compile()
 
     def save_model_hook(models, weights, output_dir):
         # A checkpoint holds the new rows only, in the learned_embeds format, not a copy of the whole text encoder.
@@ -566,17 +670,21 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------------------------------------- data
     train_dataset = TextualInversionDataset(image_paths, tokenizer, " ".join(placeholder_tokens), args, seed)
+    num_workers = args.dataloader_num_workers if args.dataloader_num_workers is not None else (4 if accelerator.device.type == "cuda" else 0)
+    if args.cache_latents:
+        build_latent_cache(train_dataset, vae, accelerator, args, num_workers)
     sampler = EpochShuffleSampler(len(train_dataset), seed)
     train_dataloader = torch.utils.data.DataLoader(
-        train_dataset, sampler=sampler, batch_size=args.train_batch_size, collate_fn=collate,
-        num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
+        train_dataset, sampler=sampler, batch_size=args.train_batch_size, collate_fn=collate, num_workers=num_workers,
+        persistent_workers=num_workers > 0, pin_memory=accelerator.device.type == "cuda",
     )
 
     # -------------------------------------------------------------------------------- optimizer and schedule
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    # One fused kernel for the whole update, as in train_text_to_image.py.
     optimizer = torch.optim.AdamW(
-        [learned_embedding.learned], lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+        [learned_embedding.learned], fused=True, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
     )
     text_encoder, optimizer, train_dataloader = accelerator.prepare(text_encoder, optimizer, train_dataloader)
@@ -627,8 +735,7 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------- train loop
     generator = torch.Generator(device=accelerator.device)
     progress_bar = tqdm(range(max_train_steps), initial=min(global_step, max_train_steps), desc="Steps", disable=not accelerator.is_local_main_process)
-    train_loss = torch.zeros((), device=accelerator.device)
-    step_start = time.perf_counter()
+    window = LogWindow(accelerator, total_batch_size, global_step)
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
             break
@@ -641,7 +748,7 @@ def main(argv=None):
             generator.manual_seed(derive_seed(seed, epoch, batch_index, accelerator.process_index))
             with accelerator.accumulate(text_encoder):
                 loss = compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args)
-                train_loss += loss.detach() / args.gradient_accumulation_steps
+                window.add_batch(loss, args.gradient_accumulation_steps)
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
@@ -653,16 +760,16 @@ def main(argv=None):
                 continue
 
             global_step += 1
-            logs = {"loss": accelerator.reduce(train_loss, reduction="mean").item(), "lr": lr_scheduler.get_last_lr()[0]}
-            if not math.isfinite(logs["loss"]):
-                raise FloatingPointError(f"loss is {logs['loss']} at step {global_step} (epoch {epoch}): stopping; no checkpoint was written for this step")
-            if grad_norm is not None:
-                logs["grad_norm"] = float(grad_norm)
-            logs["step_time"] = time.perf_counter() - step_start
-            train_loss.zero_()
-            accelerator.log(logs, step=global_step)
+            window.add_update(grad_norm)
             progress_bar.update(1)
-            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            is_save_step = global_step % args.save_steps == 0 or global_step % args.checkpointing_steps == 0
+            # Reading the loss back waits for the device: only at logging steps, and before anything is saved (the
+            # read raises on a non-finite loss, so no saved embedding or checkpoint ever holds a diverged one).
+            if global_step % args.logging_steps == 0 or is_save_step or global_step >= max_train_steps:
+                logs = window.read(global_step, epoch, lr_scheduler.get_last_lr()[0])
+                accelerator.log(logs, step=global_step)
+                logger.info(format_logs(global_step, logs))
+                progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             if accelerator.is_main_process:
                 if global_step % args.save_steps == 0:
                     save_embeddings(learned_embedding.learned, args.placeholder_token, os.path.join(args.output_dir, f"learned_embeds-steps-{global_step}.{embeds_suffix}"), not args.no_safe_serialization)
@@ -675,7 +782,6 @@ def main(argv=None):
                     )
                     log_validation(pipeline, validation_prompts, args, accelerator, seed, global_step, "validation", weight_dtype)
                     del pipeline
-            step_start = time.perf_counter()
             if global_step >= max_train_steps:
                 break
 

@@ -17,6 +17,7 @@ with the same weights as one that was never interrupted.
 """
 
 import argparse
+import functools
 import io
 import json
 import logging
@@ -42,6 +43,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 import diffusers
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_dream_and_update_latents
 
@@ -73,7 +75,9 @@ def parse_args(argv=None):
     parser.add_argument("--center_crop", action="store_true", help="Crop the center of each image instead of a random crop.")
     parser.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
     parser.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=INTERPOLATION_MODES, help="Interpolation used to resize images.")
-    parser.add_argument("--dataloader_num_workers", type=int, default=0, help="Data loading worker processes (0: load in the main process).")
+    parser.add_argument("--dataloader_num_workers", type=int, default=None, help="Data loading worker processes; default: 4 on GPU (with pinned memory), 0 (the main process) on CPU.")
+    parser.add_argument("--cache_latents", action="store_true", help="Encode every image once before training (both flips with --random_flip) and train from the stored latents; needs --center_crop.")
+    parser.add_argument("--cache_text_embeddings", action="store_true", help="Encode every distinct caption once before training and train from the stored text-encoder outputs.")
     # Training
     parser.add_argument("--seed", type=int, default=None, help="Seed for data order, augmentation and noise; a resumed run reuses its checkpoint's seed.")
     parser.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
@@ -102,6 +106,7 @@ def parse_args(argv=None):
     parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="Mixed precision; default: the accelerate config's.")
     parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
     parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention (needs xformers; PyTorch SDPA is the default).")
+    parser.add_argument("--torch_compile", action="store_true", help="Compile the UNet with torch.compile: a slower start (minutes), faster steps.")
     parser.add_argument("--local_rank", type=int, default=-1, help="Set by distributed launchers; do not pass by hand.")
     # Checkpointing
     parser.add_argument("--output_dir", type=str, default="sd-model-finetuned", help="Where the final pipeline, checkpoints, validation images and logs go.")
@@ -109,6 +114,7 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).")
     parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).")
     # Logging and validation
+    parser.add_argument("--logging_steps", type=int, default=10, help="Log loss, lr, grad norm, images/s and peak GPU memory averaged over this many updates (only these steps wait for the GPU).")
     parser.add_argument("--validation_prompts", type=str, default=None, nargs="+", help="Prompts rendered every --validation_epochs and at the end.")
     parser.add_argument("--validation_epochs", type=int, default=5, help="Render the validation prompts every this many epochs.")
     parser.add_argument("--report_to", type=str, default="tensorboard", help="Tracker: tensorboard, wandb, comet_ml, all, or none.")
@@ -126,13 +132,17 @@ def parse_args(argv=None):
         parser.error("no training data: pass --dataset_name (hub id or local dataset folder) or --train_data_dir (imagefolder)")
     if args.non_ema_revision is None:
         args.non_ema_revision = args.revision
-    for name in ["resolution", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_epochs"]:
+    for name in ["resolution", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_epochs", "logging_steps"]:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.max_train_steps is not None and args.max_train_steps < 1:
         parser.error(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
+    if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
+        parser.error(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}")
+    if args.cache_latents and not args.center_crop:
+        parser.error("--cache_latents stores one crop per image, so it needs --center_crop (random crops would need a latent per crop)")
     if args.dream_training and args.dream_detail_preservation <= 0:
         parser.error("--dream_detail_preservation must be positive")
     if args.report_to == "wandb" and args.hub_token is not None:
@@ -217,17 +227,23 @@ def load_image_caption_dataset(args, seed):
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Rows -> {pixel_values, input_ids}. Indexed by (epoch, row) keys: crop, flip and caption choice are drawn from
-    an RNG seeded by (seed, epoch, row), so the same sample is identical in a resumed run."""
+    """Rows -> {pixel_values or latent_parameters, input_ids or encoder_hidden_states}. Indexed by (epoch, row) keys:
+    crop, flip and caption choice are drawn from an RNG seeded by (seed, epoch, row), so the same sample is identical
+    in a resumed run, and the cached path draws exactly what the uncached one does."""
 
     def __init__(self, rows, tokenizer, args, seed):
         self.rows, self.tokenizer, self.args, self.seed = rows, tokenizer, args, seed
         self.interpolation = InterpolationMode[args.image_interpolation_mode.upper()]
+        # Every caption is checked now, so a bad row fails before training rather than hours into it.
+        self.captions = [self.caption_choices(value, row) for row, value in enumerate(rows[args.caption_column])]
+        self.latent_cache = None  # [row, flipped] -> VAE latent distribution parameters, set by cache_latents()
+        self.text_cache = None  # (caption -> index, [index] -> text-encoder output), set by cache_text_embeddings()
 
     def __len__(self):
         return len(self.rows)
 
-    def open_image(self, value, row):
+    def open_image(self, row):
+        value = self.rows[row][self.args.image_column]
         if isinstance(value, str):
             value = {"path": value, "bytes": None}
         name = value.get("path") or f"row {row}"
@@ -237,7 +253,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         except Exception as err:
             raise ValueError(f"cannot read image {name} (column '{self.args.image_column}', row {row}): {err}") from err
 
-    def transform(self, image, rng):
+    def transform(self, image, rng, flip=None):
         size = self.args.resolution
         image = TF.resize(image, size, interpolation=self.interpolation)
         width, height = image.size
@@ -246,27 +262,91 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         else:
             top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
         image = TF.crop(image, top, left, size, size)
-        if self.args.random_flip and rng.random() < 0.5:
+        if flip is None:
+            flip = self.args.random_flip and rng.random() < 0.5
+        if flip:
             image = TF.hflip(image)
         return TF.to_tensor(image) * 2.0 - 1.0  # [0, 1] -> [-1, 1], the VAE's input range
 
-    def pick_caption(self, value, row, rng):
+    def caption_choices(self, value, row):
         if isinstance(value, str):
-            return value
+            return [value]
         if isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0 and all(isinstance(v, str) for v in value):
-            return value[int(rng.integers(len(value)))]
+            return list(value)
         raise ValueError(f"--caption_column '{self.args.caption_column}', row {row}: expected a string or a list of strings, got {value!r}")
 
     def __getitem__(self, key):
         epoch, row = key
         rng = np.random.default_rng([self.seed, epoch, row])
-        example = self.rows[row]
-        pixel_values = self.transform(self.open_image(example[self.args.image_column], row), rng)
-        caption = self.pick_caption(example[self.args.caption_column], row, rng)
-        input_ids = self.tokenizer(
-            caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
-        ).input_ids[0]
-        return {"pixel_values": pixel_values, "input_ids": input_ids}
+        example = {}
+        if self.latent_cache is None:
+            example["pixel_values"] = self.transform(self.open_image(row), rng)
+        else:
+            # The same draws as transform(): with --center_crop only the flip is random.
+            flipped = self.args.random_flip and rng.random() < 0.5
+            example["latent_parameters"] = self.latent_cache[row, int(flipped)]
+        choices = self.captions[row]
+        caption = choices[int(rng.integers(len(choices)))] if len(choices) > 1 else choices[0]
+        if self.text_cache is None:
+            example["input_ids"] = self.tokenizer(
+                caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+            ).input_ids[0]
+        else:
+            index, embeddings = self.text_cache
+            example["encoder_hidden_states"] = embeddings[index[caption]]
+        return example
+
+
+def image_views(dataset, views, indices):
+    """Pixel batches for the latent cache: item i is row i // views, horizontally flipped when i % views is 1."""
+    return torch.stack([dataset.transform(dataset.open_image(i // views), rng=None, flip=i % views == 1) for i in indices])
+
+
+def tokenize(tokenizer, captions, indices):
+    return tokenizer([captions[i] for i in indices], max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt").input_ids
+
+
+def encode_once(accelerator, num_items, batch_size, prepare, encode, description, num_workers=0):
+    """encode(prepare(indices)) over items 0..num_items-1, once, for --cache_latents / --cache_text_embeddings. Each
+    process encodes every num_processes-th batch and all of them receive the whole result as one CPU tensor: the only
+    copy of the cache (dataloader workers share it, they do not copy it)."""
+    per_round = batch_size * accelerator.num_processes
+    starts = range(0, num_items, per_round)
+    # Padded with the last item, so every process contributes a batch of the same shape to the gather.
+    batches = [[min(i, num_items - 1) for i in range(s + accelerator.process_index * batch_size, s + (accelerator.process_index + 1) * batch_size)] for s in starts]
+    loader = torch.utils.data.DataLoader(range(num_items), batch_sampler=batches, collate_fn=prepare, num_workers=num_workers)
+    cache = None
+    for start, prepared in zip(starts, tqdm(loader, desc=description, disable=not accelerator.is_local_main_process)):
+        with torch.no_grad():
+            encoded = accelerator.gather(encode(prepared).contiguous()).cpu()
+        if cache is None:
+            cache = torch.empty((num_items, *encoded.shape[1:]), dtype=encoded.dtype)
+        stop = min(start + per_round, num_items)
+        cache[start:stop] = encoded[: stop - start]
+    return cache
+
+
+def build_caches(train_dataset, vae, text_encoder, tokenizer, accelerator, args, num_workers):
+    """--cache_latents: the VAE's latent distribution of every image (and its mirror image with --random_flip), so
+    the VAE leaves the training loop. --cache_text_embeddings: the text encoder's output for every distinct caption."""
+    if args.cache_latents:
+        views = 2 if args.random_flip else 1
+        parameters = encode_once(
+            accelerator, len(train_dataset) * views, args.train_batch_size, functools.partial(image_views, train_dataset, views),
+            lambda pixels: vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters, "Caching latents", num_workers,
+        )
+        train_dataset.latent_cache = parameters.view(len(train_dataset), views, *parameters.shape[1:])
+    embeddings = None
+    if args.cache_text_embeddings:
+        distinct = sorted({caption for choices in train_dataset.captions for caption in choices})
+        embeddings = encode_once(
+            accelerator, len(distinct), args.train_batch_size, functools.partial(tokenize, tokenizer, distinct),
+            lambda input_ids: text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0], "Caching text embeddings",
+        )
+        train_dataset.text_cache = ({caption: index for index, caption in enumerate(distinct)}, embeddings)
+    for name, cache in [("latents", train_dataset.latent_cache), ("text embeddings", embeddings)]:
+        if cache is not None:
+            logger.info(f"Cached {name}: {tuple(cache.shape)} {cache.dtype}, {cache.numel() * cache.element_size() / 2**20:.1f} MiB of CPU memory")
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):
@@ -285,10 +365,53 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
 
 
 def collate(examples):
-    return {
-        "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(memory_format=torch.contiguous_format),
-        "input_ids": torch.stack([e["input_ids"] for e in examples]),
-    }
+    return {key: torch.stack([example[key] for example in examples]) for key in examples[0]}
+
+
+class LogWindow:
+    """Loss and gradient norm summed on the device between logging steps. Reading them back waits for the device, so
+    it happens once per --logging_steps updates (and before each checkpoint), not at every update."""
+
+    def __init__(self, accelerator, images_per_update, global_step):
+        self.accelerator, self.images_per_update = accelerator, images_per_update
+        self.loss = torch.zeros((), device=accelerator.device)
+        self.grad_norm = torch.zeros((), device=accelerator.device)
+        self.reset(global_step)
+
+    def reset(self, global_step):
+        self.loss.zero_()
+        self.grad_norm.zero_()
+        self.first_step, self.updates, self.clipped, self.started = global_step + 1, 0, False, time.perf_counter()
+
+    def add_batch(self, loss, gradient_accumulation_steps):
+        self.loss += loss.detach() / gradient_accumulation_steps
+
+    def add_update(self, grad_norm):
+        self.updates += 1
+        if grad_norm is not None:
+            self.grad_norm += grad_norm
+            self.clipped = True
+
+    def read(self, global_step, epoch, lr):
+        """Averages over the window as a logs dict, then a new window. A non-finite loss stops the run, naming the steps."""
+        loss = self.accelerator.reduce(self.loss, reduction="mean").item() / self.updates
+        if not math.isfinite(loss):
+            steps = f"at step {global_step}" if self.updates == 1 else f"in steps {self.first_step}-{global_step}"
+            raise FloatingPointError(f"loss is {loss} {steps} (epoch {epoch}): stopping; no checkpoint was written for these steps")
+        elapsed = time.perf_counter() - self.started
+        logs = {"loss": loss, "lr": lr}
+        if self.clipped:
+            logs["grad_norm"] = self.grad_norm.item() / self.updates
+        logs["step_time"] = elapsed / self.updates
+        logs["images_per_second"] = self.updates * self.images_per_update / elapsed
+        if self.accelerator.device.type == "cuda":
+            logs["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30
+        self.reset(global_step)
+        return logs
+
+
+def format_logs(global_step, logs):
+    return f"step {global_step}: " + ", ".join(f"{key}={value:.4g}" for key, value in logs.items())
 
 
 # ------------------------------------------------------ BEGIN MATH ------------------------------------------------------
@@ -298,11 +421,18 @@ def compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, arg
         if "latents" in batch:
             latents = batch["latents"].to(vae.device, vae.dtype)
         else:
-            # The frozen VAE maps images to latents; the scaling factor brings them to roughly unit variance.
-            latent_dist = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
+            if "latent_parameters" in batch:
+                # --cache_latents: sampling from the stored distribution draws exactly what encoding the image would.
+                latent_dist = DiagonalGaussianDistribution(batch["latent_parameters"].to(vae.device, vae.dtype))
+            else:
+                # The frozen VAE maps images to latents; the scaling factor brings them to roughly unit variance.
+                latent_dist = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
             latents = latent_dist.sample(generator=generator) * vae.config.scaling_factor
-        # The frozen text encoder's last hidden state conditions the UNet through cross-attention.
-        encoder_hidden_states = text_encoder(batch["input_ids"].to(text_encoder.device), return_dict=False)[0]
+        if "encoder_hidden_states" in batch:
+            encoder_hidden_states = batch["encoder_hidden_states"].to(text_encoder.device, text_encoder.dtype)
+        else:
+            # The frozen text encoder's last hidden state conditions the UNet through cross-attention.
+            encoder_hidden_states = text_encoder(batch["input_ids"].to(text_encoder.device), return_dict=False)[0]
 
     bsz = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
@@ -528,6 +658,11 @@ def main(argv=None):
         unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+    if accelerator.device.type == "cuda":
+        # cuDNN's fastest convolution kernels for fp16/bf16 work on NHWC ("channels last") tensors.
+        unet.to(memory_format=torch.channels_last)
+    if args.torch_compile:
+        unet.compile()  # in place: the module, its state-dict keys and save_pretrained stay as they are
     # The frozen models only run forward: keep them in the mixed-precision dtype. The UNet keeps fp32 master weights.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae.to(accelerator.device, dtype=weight_dtype)
@@ -564,10 +699,12 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------- data
     rows = load_image_caption_dataset(args, seed)
     train_dataset = ImageCaptionDataset(rows, tokenizer, args, seed)
+    num_workers = args.dataloader_num_workers if args.dataloader_num_workers is not None else (4 if accelerator.device.type == "cuda" else 0)
+    build_caches(train_dataset, vae, text_encoder, tokenizer, accelerator, args, num_workers)
     sampler = EpochShuffleSampler(len(train_dataset), seed)
     train_dataloader = torch.utils.data.DataLoader(
-        train_dataset, sampler=sampler, batch_size=args.train_batch_size, collate_fn=collate,
-        num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
+        train_dataset, sampler=sampler, batch_size=args.train_batch_size, collate_fn=collate, num_workers=num_workers,
+        persistent_workers=num_workers > 0, pin_memory=accelerator.device.type == "cuda",
     )
 
     # -------------------------------------------------------------------------------- optimizer and schedule
@@ -580,7 +717,8 @@ def main(argv=None):
             raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (GPU only)") from err
         optimizer_class = bnb.optim.AdamW8bit
     else:
-        optimizer_class = torch.optim.AdamW
+        # One fused kernel for the whole update: half the time of the foreach version on CPU, fewer launches on GPU.
+        optimizer_class = functools.partial(torch.optim.AdamW, fused=True)
     optimizer = optimizer_class(
         unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
@@ -627,8 +765,7 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------- train loop
     generator = torch.Generator(device=accelerator.device)
     progress_bar = tqdm(range(max_train_steps), initial=min(global_step, max_train_steps), desc="Steps", disable=not accelerator.is_local_main_process)
-    train_loss = torch.zeros((), device=accelerator.device)
-    step_start = time.perf_counter()
+    window = LogWindow(accelerator, total_batch_size, global_step)
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
             break
@@ -641,7 +778,7 @@ def main(argv=None):
             generator.manual_seed(derive_seed(seed, epoch, batch_index, accelerator.process_index))
             with accelerator.accumulate(unet):
                 loss = compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args)
-                train_loss += loss.detach() / args.gradient_accumulation_steps
+                window.add_batch(loss, args.gradient_accumulation_steps)
                 accelerator.backward(loss)
                 grad_norm = None
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
@@ -653,25 +790,24 @@ def main(argv=None):
                 continue
 
             global_step += 1
+            window.add_update(grad_norm)
             if ema_unet is not None:
                 if args.offload_ema:
                     ema_unet.to(device=accelerator.device, non_blocking=True)
                 ema_unet.step(unet.parameters())
                 if args.offload_ema:
                     ema_unet.to(device="cpu", non_blocking=True)
-            logs = {"loss": accelerator.reduce(train_loss, reduction="mean").item(), "lr": lr_scheduler.get_last_lr()[0]}
-            if not math.isfinite(logs["loss"]):
-                raise FloatingPointError(f"loss is {logs['loss']} at step {global_step} (epoch {epoch}): stopping; no checkpoint was written for this step")
-            if grad_norm is not None:
-                logs["grad_norm"] = float(grad_norm)
-            logs["step_time"] = time.perf_counter() - step_start
-            train_loss.zero_()
-            accelerator.log(logs, step=global_step)
             progress_bar.update(1)
-            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-            if global_step % args.checkpointing_steps == 0 and accelerator.is_main_process:
+            is_checkpoint_step = global_step % args.checkpointing_steps == 0
+            # Reading the loss back waits for the device: only at logging steps, and before a checkpoint is written
+            # (the read raises on a non-finite loss, so no checkpoint ever holds a diverged model).
+            if global_step % args.logging_steps == 0 or is_checkpoint_step or global_step >= max_train_steps:
+                logs = window.read(global_step, epoch, lr_scheduler.get_last_lr()[0])
+                accelerator.log(logs, step=global_step)
+                logger.info(format_logs(global_step, logs))
+                progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            if is_checkpoint_step and accelerator.is_main_process:
                 save_checkpoint(accelerator, args, global_step, training_state)
-            step_start = time.perf_counter()
             if global_step >= max_train_steps:
                 break
 

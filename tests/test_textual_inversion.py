@@ -25,7 +25,7 @@ REFERENCE_FLAGS = """--save_steps --save_as_full_pipeline --num_vectors --pretra
 --hub_model_id --logging_dir --mixed_precision --allow_tf32 --report_to --validation_prompt --num_validation_images
 --validation_steps --validation_epochs --local_rank --checkpointing_steps --checkpoints_total_limit
 --resume_from_checkpoint --enable_xformers_memory_efficient_attention --no_safe_serialization""".split()
-BEYOND_REFERENCE = {"--snr_gamma", "--prediction_type", "--max_grad_norm"}
+BEYOND_REFERENCE = {"--snr_gamma", "--prediction_type", "--max_grad_norm", "--cache_latents", "--torch_compile", "--logging_steps"}
 
 
 @pytest.fixture(scope="module")
@@ -160,8 +160,10 @@ def test_min_snr_v_prediction_bf16_gradient_checkpointing_and_bin(launch, assets
 
 def test_two_processes(launch, assets, concept, tmp_path):
     out = str(tmp_path / "run")
-    result = launch.torchrun(SCRIPT, base_args(assets, concept, out, "--max_train_steps", 3, "--checkpointing_steps", 2, "--save_steps", 2))
+    result = launch.torchrun(SCRIPT, base_args(assets, concept, out, "--max_train_steps", 3, "--checkpointing_steps", 2, "--save_steps", 2,
+                                                "--cache_latents"))
     assert "processes = 2" in result.output and "total batch = 4" in result.output
+    assert "Cached latents: (4, 2, 8, 8, 8)" in result.output  # encoded half by each process, gathered by both
     assert checkpoint_names(out) == ["checkpoint-2"]
     assert sorted(n for n in os.listdir(out) if n.startswith("learned_embeds")) == [
         "learned_embeds-steps-2.safetensors", "learned_embeds.safetensors"]
@@ -219,8 +221,9 @@ def test_shared_helpers_do_not_drift():
 
     import train_text_to_image
 
-    for name in ["derive_seed", "list_checkpoints", "find_resume_checkpoint", "EpochShuffleSampler", "collate",
-                 "save_checkpoint", "render_validation_images", "log_validation", "write_hub_style_text_encoder"]:
+    for name in ["derive_seed", "list_checkpoints", "find_resume_checkpoint", "EpochShuffleSampler", "collate", "encode_once",
+                 "LogWindow", "format_logs", "save_checkpoint", "render_validation_images", "log_validation",
+                 "write_hub_style_text_encoder"]:
         assert inspect.getsource(getattr(textual_inversion, name)) == inspect.getsource(getattr(train_text_to_image, name)), name
     # compute_loss: the textual inversion version is the same recipe without the UNet-only extras.
     ti_lines = [l.strip() for l in inspect.getsource(textual_inversion.compute_loss).splitlines() if l.strip().startswith("#")]

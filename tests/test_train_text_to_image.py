@@ -25,6 +25,8 @@ REFERENCE_FLAGS = """--pretrained_model_name_or_path --revision --variant --data
 --hub_token --prediction_type --hub_model_id --logging_dir --mixed_precision --report_to --local_rank
 --checkpointing_steps --checkpoints_total_limit --resume_from_checkpoint --enable_xformers_memory_efficient_attention
 --noise_offset --input_perturbation --validation_epochs --tracker_project_name --image_interpolation_mode""".split()
+# Beyond the reference: the speed paths (issue 6).
+SPEED_FLAGS = {"--cache_latents", "--cache_text_embeddings", "--torch_compile", "--logging_steps"}
 
 
 def base_args(assets, output_dir, *extra, data="images"):
@@ -39,6 +41,7 @@ def test_every_reference_flag_exists():
     args = train_text_to_image.parse_args(["--pretrained_model_name_or_path", "x", "--train_data_dir", "y"])
     parser_flags = {"--" + name for name in vars(args)}
     assert set(REFERENCE_FLAGS) - parser_flags == set()
+    assert SPEED_FLAGS <= parser_flags
 
 
 def test_train_checkpoints_validate_save_and_generate(launch, assets, tmp_path):
@@ -239,9 +242,12 @@ def test_dataset_folder_with_list_captions(launch, assets, tmp_path):
 
 def test_two_processes(launch, assets, tmp_path):
     out = str(tmp_path / "run")
+    # The caches are encoded half by each process and gathered: both hold all 10 rows x 2 flips.
     result = launch.torchrun(SCRIPT, base_args(assets, out, "--max_train_steps", 3, "--checkpointing_steps", 2,
-                                                "--validation_prompts", "a red circle", "--use_ema"))
+                                                "--validation_prompts", "a red circle", "--use_ema", "--center_crop",
+                                                "--random_flip", "--cache_latents", "--cache_text_embeddings"))
     assert "processes = 2" in result.output and "total batch = 4" in result.output
+    assert "Cached latents: (10, 2, 8, 8, 8)" in result.output
     assert checkpoint_names(out) == ["checkpoint-2"]
     assert sorted(os.listdir(os.path.join(out, "validation"))) == ["final-step-000003.png"]
     from diffusers import StableDiffusionPipeline
@@ -279,6 +285,7 @@ ERROR_CASES = {
     "unreadable_image": (lambda a, t: ["--train_data_dir", corrupt_imagefolder(a, t)[0]], lambda a, t: ["cannot read image", str(t / "broken" / "0003.png")]),
     "no_data_source": (lambda a, t: ["--train_data_dir", None], lambda a, t: ["pass --dataset_name", "--train_data_dir"]),
     "missing_checkpoint": (lambda a, t: ["--resume_from_checkpoint", "checkpoint-99"], lambda a, t: ["--resume_from_checkpoint checkpoint-99: no complete checkpoint"]),
+    "cache_needs_center_crop": (lambda a, t: ["--cache_latents", "1"], lambda a, t: ["--cache_latents stores one crop per image, so it needs --center_crop"]),
     "non_finite_loss": (lambda a, t: ["--pretrained_model_name_or_path", nan_pipeline(a, t)], lambda a, t: ["loss is nan at step 1"]),
     # Optional GPU-only packages, absent here: the flags that need them say what to install.
     "no_bitsandbytes": (lambda a, t: ["--use_8bit_adam", "1"], lambda a, t: ["--use_8bit_adam needs bitsandbytes: pip install bitsandbytes"]),

@@ -66,33 +66,49 @@ def write_clip_tokenizer_files(folder, words=VOCAB_WORDS):
     return len(vocab)
 
 
+# The tiny test architecture: 64 px images -> 8x8x4 latents.
+TINY = {
+    "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, projection_dim=32),
+    # Four VAE blocks give the SD downsampling factor of 8, so --resolution means the same as on a real model.
+    "vae": dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8),
+    "unet": dict(
+        block_out_channels=(32, 64), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
+        norm_num_groups=32,  # 32, as in SD: diffusers' Flax UNet hard-codes it
+    ),
+}
+
+
 def build_tiny_pipeline(path, prediction_type="epsilon", seed=0):
     """Save a randomly initialised tiny SD pipeline (64 px images -> 8x8x4 latents) at `path`."""
+    return build_pipeline(path, TINY, sample_size=64, prediction_type=prediction_type, seed=seed)
+
+
+def build_pipeline(path, architecture, sample_size, prediction_type="epsilon", seed=0, vocab_size=None):
+    """Save a randomly initialised SD pipeline of the given architecture (see TINY) at `path`, in the standard
+    diffusers folder layout. vocab_size pads the text encoder's embedding table (49408 for SD's CLIP)."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as token_dir:
-        vocab_size = write_clip_tokenizer_files(token_dir)
+        tokens = write_clip_tokenizer_files(token_dir)
         tokenizer = CLIPTokenizer.from_pretrained(token_dir, model_max_length=77)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, projection_dim=32,
+            vocab_size=max(tokens, vocab_size or 0), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **architecture["text"],
         )
     )
-    # Four VAE blocks give the SD downsampling factor of 8, so --resolution means the same as on a real model.
+    levels = len(architecture["vae"]["block_out_channels"])
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
-        norm_num_groups=8, sample_size=64,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        in_channels=3, out_channels=3, latent_channels=4, sample_size=sample_size,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels, **architecture["vae"],
     )
     unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32,  # 32, as in SD: diffusers' Flax UNet hard-codes it
+        sample_size=sample_size // 2 ** (levels - 1), in_channels=4, out_channels=4,
+        cross_attention_dim=architecture["text"]["hidden_size"], **architecture["unet"],
     )
     schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
                     prediction_type=prediction_type)
