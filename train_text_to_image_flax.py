@@ -91,6 +91,7 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).")
     parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).")
     # Logging
+    parser.add_argument("--logging_steps", type=int, default=10, help="Log loss, lr, grad norm, images/s and peak GPU memory averaged over this many updates (only these steps wait for the GPU).")
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the final pipeline to the Hugging Face Hub.")
     parser.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `hf auth login`).")
     parser.add_argument("--hub_model_id", type=str, default=None, help="Hub repository to push to; default: the output folder's name.")
@@ -98,7 +99,7 @@ def parse_args(argv=None):
 
     if args.dataset_name is None and args.train_data_dir is None:
         parser.error("no training data: pass --dataset_name (hub id or local dataset folder) or --train_data_dir (imagefolder)")
-    for name in ["resolution", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps"]:
+    for name in ["resolution", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "logging_steps"]:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.max_train_steps is not None and args.max_train_steps < 1:
@@ -367,6 +368,40 @@ class TrainState(train_state.TrainState):
     config: Any = struct.field(pytree_node=False, default=None)
 
 
+class LogWindow:
+    """Metrics of the updates since the last logging step, left on the device: reading them back waits for it, so
+    that happens once per --logging_steps updates (and before anything is saved), not at every update."""
+
+    def __init__(self, images_per_update, global_step):
+        self.images_per_update = images_per_update
+        self.reset(global_step)
+
+    def reset(self, global_step):
+        self.metrics, self.first_step, self.started = [], global_step + 1, time.perf_counter()
+
+    def add_update(self, metrics):
+        self.metrics.append(metrics)
+
+    def read(self, global_step, epoch, lr):
+        """Averages over the window as a logs dict, then a new window. A non-finite loss stops the run, naming the steps."""
+        metrics = jax.device_get(self.metrics)
+        updates = len(metrics)
+        loss = float(np.mean([m["loss"] for m in metrics]))
+        if not math.isfinite(loss):
+            steps = f"at step {global_step}" if updates == 1 else f"in steps {self.first_step}-{global_step}"
+            raise FloatingPointError(f"loss is {loss} {steps} (epoch {epoch}): stopping; no checkpoint was written for these steps")
+        elapsed = time.perf_counter() - self.started
+        logs = {"loss": loss, "lr": lr, "grad_norm": float(np.mean([m["grad_norm"] for m in metrics]))}
+        logs["step_time"] = elapsed / updates
+        logs["images_per_second"] = updates * self.images_per_update / elapsed
+        self.reset(global_step)
+        return logs
+
+
+def format_logs(global_step, logs):
+    return f"step {global_step}: " + ", ".join(f"{key}={value:.4g}" for key, value in logs.items())
+
+
 # ------------------------------------------------------ BEGIN MATH ------------------------------------------------------
 def train_step(state, batch, rng):
     """One batch: the denoising loss, its gradients and an optimizer step (accumulated by optax.MultiSteps). Pure:
@@ -580,7 +615,7 @@ def main(argv=None):
     step_fn = jax.jit(train_step, donate_argnums=(0,))
     base_rng = jax.random.PRNGKey(seed % (2**31))
     progress_bar = tqdm(range(max_train_steps), initial=min(global_step, max_train_steps), desc="Steps", disable=not is_main_process)
-    step_start = time.perf_counter()
+    window = LogWindow(global_batch_size * args.gradient_accumulation_steps, global_step)
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
             break
@@ -597,15 +632,17 @@ def main(argv=None):
                 continue
 
             global_step += 1
-            logs = {"loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]), "lr": float(schedule(global_step - 1))}
-            if not math.isfinite(logs["loss"]):
-                raise FloatingPointError(f"loss is {logs['loss']} at step {global_step} (epoch {epoch}): stopping; no checkpoint was written for this step")
-            logs["step_time"] = time.perf_counter() - step_start
+            window.add_update(metrics)
             progress_bar.update(1)
-            progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            is_checkpoint_step = global_step % args.checkpointing_steps == 0
+            # Reading the loss back waits for the device: only at logging steps, and before a checkpoint is written
+            # (the read raises on a non-finite loss, so no checkpoint ever holds a diverged model).
+            if global_step % args.logging_steps == 0 or is_checkpoint_step or global_step >= max_train_steps:
+                logs = window.read(global_step, epoch, float(schedule(global_step - 1)))
+                logger.info(format_logs(global_step, logs))
+                progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             if global_step % args.checkpointing_steps == 0 and is_main_process:
                 save_checkpoint(state, args, global_step, training_state)
-            step_start = time.perf_counter()
             if global_step >= max_train_steps:
                 break
 

@@ -91,9 +91,10 @@ SHARED = {
     ("train_text_to_image_flax.py", "textual_inversion_flax.py"): [
         "derive_seed", "list_checkpoints", "find_resume_checkpoint", "epoch_batches", "resolve_pipeline_folder",
         "load_flax_model", "load_flax_text_encoder", "enable_block_rematerialisation", "learning_rate_schedule",
-        "LossConfig", "checkpoint_payload", "save_checkpoint", "CHECKPOINT_PATTERN", "TRAINING_STATE"],
+        "LossConfig", "checkpoint_payload", "save_checkpoint", "CHECKPOINT_PATTERN", "TRAINING_STATE", "LogWindow",
+        "format_logs"],
     ("train_text_to_image.py", "train_text_to_image_flax.py"): [
-        "derive_seed", "list_checkpoints", "find_resume_checkpoint", "load_image_caption_dataset"],
+        "derive_seed", "list_checkpoints", "find_resume_checkpoint", "load_image_caption_dataset", "format_logs"],
     ("textual_inversion.py", "textual_inversion_flax.py"): [
         "derive_seed", "find_example_images", "add_placeholder_tokens", "initializer_token_id", "OBJECT_TEMPLATES",
         "STYLE_TEMPLATES", "IMAGE_EXTENSIONS"],
