@@ -1,11 +1,12 @@
 # make demo: offline starter pipeline + shapes; fine-tune, then textual inversion; prints where the grids are.
 # make test: creates both environments (.venv for PyTorch, .venv-flax for JAX) and runs both test suites.
+# make benchmark: speed and memory of all four scripts on this machine; writes BENCHMARKS.md.
 PYTHON ?= python3
 VENV := .venv
 VENV_FLAX := .venv-flax
 DEMO := demo_output
 
-.PHONY: demo test clean
+.PHONY: demo test benchmark clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,9 @@ test: $(VENV)/.installed $(VENV_FLAX)/.installed
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/python demo/run_demo.py --output_dir $(DEMO)
+
+benchmark: $(VENV)/.installed $(VENV_FLAX)/.installed
+	$(VENV)/bin/python benchmarks/run_benchmarks.py --output BENCHMARKS.md
 
 clean:
 	rm -rf $(DEMO)
