@@ -236,8 +236,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.interpolation = InterpolationMode[args.image_interpolation_mode.upper()]
         # Every caption is checked now, so a bad row fails before training rather than hours into it.
         self.captions = [self.caption_choices(value, row) for row, value in enumerate(rows[args.caption_column])]
-        self.latent_cache = None  # [row, flipped] -> VAE latent distribution parameters, set by cache_latents()
-        self.text_cache = None  # (caption -> index, [index] -> text-encoder output), set by cache_text_embeddings()
+        self.latent_cache = None  # [row, flipped] -> VAE latent distribution parameters, set by build_caches()
+        self.text_cache = None  # (caption -> index, [index] -> text-encoder output), set by build_caches()
 
     def __len__(self):
         return len(self.rows)

@@ -227,6 +227,37 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+def target_lines(rows):
+    """The issue's targets, checked against the measured rows."""
+
+    def find(config, script, variant, batch=None):
+        return [r for r in rows if r["config"].startswith(config) and r["script"] == script and r["variant"] == variant
+                and (batch is None or r["batch"] == batch) and "images_per_second" in r]
+
+    lines = []
+    plain, cached = find("(b)", "train_text_to_image.py", T2I_VARIANTS[0][1]), find("(b)", "train_text_to_image.py", "--cache_latents")
+    if plain and cached:
+        ratio = cached[0]["images_per_second"] / plain[0]["images_per_second"]
+        lines.append(f"CPU (b), `train_text_to_image.py --cache_latents`: {ratio:.2f}x the images/s without it (target: at least 1.5x; {'met' if ratio >= 1.5 else 'not met'}).")
+    gpu_cached = [r for r in rows if r["config"].startswith("(c)") and r["script"] == "train_text_to_image.py" and "cache_latents" in r["variant"]
+                  and "use_8bit_adam" not in r["variant"] and r["batch"] >= 16 and "images_per_second" in r]
+    if gpu_cached:
+        best = max(gpu_cached, key=lambda r: r["images_per_second"])
+        lines.append(f"GPU (c), cached latents, batch >= 16: {best['images_per_second']:.1f} images/s at batch {best['batch']} ({best['variant']}; "
+                     f"target 110, stretch 165: {'met' if best['images_per_second'] >= 110 else 'not met'}).")
+    ti = find("(c)", "textual_inversion.py", "--cache_latents", 4)
+    if ti:
+        minutes = 3000 * ti[0]["step_time"] / 60
+        lines.append(f"GPU (c), textual inversion 3000 steps x batch 4: {minutes:.1f} min at the measured step time (target: under 3; {'met' if minutes < 3 else 'not met'}).")
+    memory = [r for r in rows if r["config"].startswith("(c)") and "use_8bit_adam" in r["variant"] and "peak_gpu_gib" in r]
+    if memory:
+        gb = memory[0]["peak_gpu_gib"] * 2**30 / 1e9
+        lines.append(f"GPU (c), batch 1 + gradient checkpointing + 8-bit Adam + cached latents: {gb:.1f} GB peak (target: at most 10; {'met' if gb <= 10 else 'not met'}).")
+    if not any(line.startswith("GPU") for line in lines):
+        lines.append("GPU targets (110 images/s per H100, textual inversion under 3 minutes, 10 GB at batch 1): not measured.")
+    return lines
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.work_dir, exist_ok=True)
@@ -236,6 +267,8 @@ def main(argv=None):
     args.accelerate_config = {}
     for device in ["cpu", "cuda"]:
         path = os.path.join(args.work_dir, f"accelerate-{device}.yaml")
+        if os.path.exists(path):
+            os.remove(path)  # write_basic_config never overwrites
         write_basic_config(mixed_precision="no", save_location=path)
         if device == "cpu":  # a CPU run even where a GPU exists
             config = json.load(open(path))
@@ -276,6 +309,8 @@ def main(argv=None):
         "4-image concept folder (TI). fp32 on CPU, bf16 on GPU.", "",
         format_table(rows), "",
         *[f"- {note}" for note in notes], "",
+        "## Targets", "",
+        *[f"- {line}" for line in target_lines(rows)], "",
     ]
     with open(args.output, "w") as f:
         f.write("\n".join(report))
