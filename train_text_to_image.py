@@ -234,10 +234,12 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __init__(self, rows, tokenizer, args, seed):
         self.rows, self.tokenizer, self.args, self.seed = rows, tokenizer, args, seed
         self.interpolation = InterpolationMode[args.image_interpolation_mode.upper()]
-        # Every caption is checked now, so a bad row fails before training rather than hours into it.
-        self.captions = [self.caption_choices(value, row) for row, value in enumerate(rows[args.caption_column])]
+        # Captions stay in the (memory-mapped) dataset: a Python list of them would be copied into every worker.
+        self.caption_rows = rows.select_columns([args.caption_column])
+        for row, value in enumerate(self.caption_rows[args.caption_column]):
+            self.caption_choices(value, row)  # checked now, so a bad row fails before training, not hours into it
         self.latent_cache = None  # [row, flipped] -> VAE latent distribution parameters, set by build_caches()
-        self.text_cache = None  # (caption -> index, [index] -> text-encoder output), set by build_caches()
+        self.text_cache = None  # (per-row offsets, caption indices, [caption] -> text-encoder output), set by build_caches()
 
     def __len__(self):
         return len(self.rows)
@@ -285,15 +287,18 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             # The same draws as transform(): with --center_crop only the flip is random.
             flipped = self.args.random_flip and rng.random() < 0.5
             example["latent_parameters"] = self.latent_cache[row, int(flipped)]
-        choices = self.captions[row]
-        caption = choices[int(rng.integers(len(choices)))] if len(choices) > 1 else choices[0]
         if self.text_cache is None:
+            choices = self.caption_choices(self.caption_rows[row][self.args.caption_column], row)
+            caption = choices[int(rng.integers(len(choices)))] if len(choices) > 1 else choices[0]
             example["input_ids"] = self.tokenizer(
                 caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
             ).input_ids[0]
         else:
-            index, embeddings = self.text_cache
-            example["encoder_hidden_states"] = embeddings[index[caption]]
+            # The same draw as above, over the row's captions as listed in the cache.
+            offsets, indices, embeddings = self.text_cache
+            count = offsets[row + 1] - offsets[row]
+            choice = int(rng.integers(count)) if count > 1 else 0
+            example["encoder_hidden_states"] = embeddings[indices[offsets[row] + choice]]
         return example
 
 
@@ -338,12 +343,16 @@ def build_caches(train_dataset, vae, text_encoder, tokenizer, accelerator, args,
         train_dataset.latent_cache = parameters.view(len(train_dataset), views, *parameters.shape[1:])
     embeddings = None
     if args.cache_text_embeddings:
-        distinct = sorted({caption for choices in train_dataset.captions for caption in choices})
+        # Each distinct caption once, in first-seen order (the same in every process); rows point into the list.
+        distinct, indices, offsets = {}, [], [0]
+        for row, value in enumerate(train_dataset.caption_rows[args.caption_column]):
+            indices += [distinct.setdefault(caption, len(distinct)) for caption in train_dataset.caption_choices(value, row)]
+            offsets.append(len(indices))
         embeddings = encode_once(
-            accelerator, len(distinct), args.train_batch_size, functools.partial(tokenize, tokenizer, distinct),
+            accelerator, len(distinct), args.train_batch_size, functools.partial(tokenize, tokenizer, list(distinct)),
             lambda input_ids: text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0], "Caching text embeddings",
         )
-        train_dataset.text_cache = ({caption: index for index, caption in enumerate(distinct)}, embeddings)
+        train_dataset.text_cache = (np.array(offsets), np.array(indices), embeddings)
     for name, cache in [("latents", train_dataset.latent_cache), ("text embeddings", embeddings)]:
         if cache is not None:
             logger.info(f"Cached {name}: {tuple(cache.shape)} {cache.dtype}, {cache.numel() * cache.element_size() / 2**20:.1f} MiB of CPU memory")
