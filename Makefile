@@ -1,27 +1,35 @@
 # make demo: offline starter pipeline + shapes; fine-tune, then textual inversion; prints where the grids are.
-# make test: creates both environments (.venv for PyTorch, .venv-flax for JAX) and runs both test suites.
+# make test: ruff format --check and ruff check first, then both environments (.venv for PyTorch, .venv-flax for
+#            JAX) and both test suites.
+# make lint: only the formatter and linter checks.
 # make benchmark: speed and memory of all four scripts on this machine; writes BENCHMARKS.md.
 PYTHON ?= python3
 VENV := .venv
 VENV_FLAX := .venv-flax
 DEMO := demo_output
 
-.PHONY: demo test benchmark clean
+.PHONY: demo test lint benchmark clean
 
-$(VENV)/.installed: requirements.txt
+# devkit (tiny pipelines for the tests, demo and benchmark) is installed editable, so they import it by name.
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -r requirements.txt pytest
+	$(VENV)/bin/pip install --quiet -r requirements.txt -r requirements-dev.txt
+	$(VENV)/bin/pip install --quiet --no-deps -e .
 	touch $@
 
-$(VENV_FLAX)/.installed: requirements_flax.txt
+$(VENV_FLAX)/.installed: requirements_flax.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV_FLAX)
 	$(VENV_FLAX)/bin/pip install --quiet --upgrade pip
-	$(VENV_FLAX)/bin/pip install --quiet -r requirements_flax.txt pytest
+	$(VENV_FLAX)/bin/pip install --quiet -r requirements_flax.txt -r requirements-dev.txt
 	touch $@
 
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
 # Both suites: the PyTorch scripts in .venv, the Flax twins in .venv-flax (their tests also use .venv).
-test: $(VENV)/.installed $(VENV_FLAX)/.installed
+test: lint $(VENV_FLAX)/.installed
 	$(VENV)/bin/python -m pytest tests -q --durations=10 --ignore=tests/test_demo.py
 	$(VENV)/bin/python -m pytest tests/test_demo.py -q -s
 	$(VENV_FLAX)/bin/python -m pytest tests_flax -q --durations=10

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Textual inversion: learn the text embedding of a new placeholder token from 3-5 images of a concept (PyTorch + Accelerate).
+"""Textual inversion: learn the text embedding of a new placeholder token from 3-5 images of a concept
+(PyTorch + Accelerate).
 
 Only the new embedding rows train; the text encoder, UNet and VAE stay frozen, and the result is a small
 learned_embeds.safetensors that diffusers (`pipe.load_textual_inversion`) and the common UIs load.
@@ -29,6 +30,7 @@ import re
 import shutil
 import time
 
+import diffusers
 import numpy as np
 import safetensors.torch
 import torch
@@ -37,15 +39,13 @@ import torchvision.transforms.functional as TF
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.optimization import get_scheduler
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
-
-import diffusers
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.optimization import get_scheduler
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -56,88 +56,285 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 # Prompts the placeholder is trained in; {} is replaced by the placeholder (all of its vectors). # EDIT: to taste.
 OBJECT_TEMPLATES = [
-    "a photo of a {}", "a picture of a {}", "a close-up photo of a {}", "a photo of the {}", "a bright photo of a {}",
-    "a dark photo of the {}", "a cropped photo of a {}", "a rendering of a {}", "a good photo of the {}",
-    "a photo of my {}", "a photo of a small {}", "a photo of a large {}", "a photo of one {}", "an image of the {}",
-    "a snapshot of a {}", "a detailed photo of the {}",
+    "a photo of a {}",
+    "a picture of a {}",
+    "a close-up photo of a {}",
+    "a photo of the {}",
+    "a bright photo of a {}",
+    "a dark photo of the {}",
+    "a cropped photo of a {}",
+    "a rendering of a {}",
+    "a good photo of the {}",
+    "a photo of my {}",
+    "a photo of a small {}",
+    "a photo of a large {}",
+    "a photo of one {}",
+    "an image of the {}",
+    "a snapshot of a {}",
+    "a detailed photo of the {}",
 ]
 STYLE_TEMPLATES = [
-    "a painting in the style of {}", "a picture in the style of {}", "a rendering in the style of {}",
-    "an artwork in the style of {}", "a drawing in the style of {}", "a close-up painting in the style of {}",
-    "a bright painting in the style of {}", "a dark painting in the style of {}", "a small painting in the style of {}",
-    "a large painting in the style of {}", "an illustration in the style of {}", "a sketch in the style of {}",
+    "a painting in the style of {}",
+    "a picture in the style of {}",
+    "a rendering in the style of {}",
+    "an artwork in the style of {}",
+    "a drawing in the style of {}",
+    "a close-up painting in the style of {}",
+    "a bright painting in the style of {}",
+    "a dark painting in the style of {}",
+    "a small painting in the style of {}",
+    "a large painting in the style of {}",
+    "an illustration in the style of {}",
+    "a sketch in the style of {}",
 ]
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Learn the text embedding of a new token from a few images (textual inversion).")
+    parser = argparse.ArgumentParser(
+        description="Learn the text embedding of a new token from a few images (textual inversion)."
+    )
     # Model
-    parser.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="Hub id or local folder of a diffusers Stable Diffusion pipeline.")
-    parser.add_argument("--revision", type=str, default=None, help="Hub revision (branch, tag or commit) of the pretrained pipeline.")
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="Hub id or local folder of a diffusers Stable Diffusion pipeline.",
+    )
+    parser.add_argument(
+        "--revision", type=str, default=None, help="Hub revision (branch, tag or commit) of the pretrained pipeline."
+    )
     parser.add_argument("--variant", type=str, default=None, help="Weight file variant to load, e.g. 'fp16'.")
-    parser.add_argument("--tokenizer_name", type=str, default=None, help="Tokenizer to use instead of the pipeline's own.")
-    parser.add_argument("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"], help="Training target; default: the scheduler config's prediction_type.")
+    parser.add_argument(
+        "--tokenizer_name", type=str, default=None, help="Tokenizer to use instead of the pipeline's own."
+    )
+    parser.add_argument(
+        "--prediction_type",
+        type=str,
+        default=None,
+        choices=["epsilon", "v_prediction"],
+        help="Training target; default: the scheduler config's prediction_type.",
+    )
     # Token
-    parser.add_argument("--placeholder_token", type=str, required=True, help="The new token that stands for the concept in prompts, e.g. '<cat-toy>'.")
-    parser.add_argument("--initializer_token", type=str, required=True, help="An existing single-token word whose embedding starts every new vector, e.g. 'toy'.")
-    parser.add_argument("--num_vectors", type=int, default=1, help="Embedding vectors the placeholder expands to (more capture more detail).")
-    parser.add_argument("--learnable_property", type=str, default="object", choices=["object", "style"], help="Train prompts that describe an object or a style.")
+    parser.add_argument(
+        "--placeholder_token",
+        type=str,
+        required=True,
+        help="The new token that stands for the concept in prompts, e.g. '<cat-toy>'.",
+    )
+    parser.add_argument(
+        "--initializer_token",
+        type=str,
+        required=True,
+        help="An existing single-token word whose embedding starts every new vector, e.g. 'toy'.",
+    )
+    parser.add_argument(
+        "--num_vectors",
+        type=int,
+        default=1,
+        help="Embedding vectors the placeholder expands to (more capture more detail).",
+    )
+    parser.add_argument(
+        "--learnable_property",
+        type=str,
+        default="object",
+        choices=["object", "style"],
+        help="Train prompts that describe an object or a style.",
+    )
     # Data
     parser.add_argument("--train_data_dir", type=str, required=True, help="Folder with the 3-5 example images.")
     parser.add_argument("--repeats", type=int, default=100, help="Times each image is repeated in one epoch.")
     parser.add_argument("--resolution", type=int, default=512, help="Training images are resized to this square size.")
-    parser.add_argument("--center_crop", action="store_true", help="Crop the central square before resizing (otherwise the whole image is squeezed).")
-    parser.add_argument("--dataloader_num_workers", type=int, default=None, help="Data loading worker processes; default: 4 on GPU (with pinned memory), 0 (the main process) on CPU.")
-    parser.add_argument("--cache_latents", action="store_true", help="Encode every example image and its mirror image once before training and train from the stored latents.")
+    parser.add_argument(
+        "--center_crop",
+        action="store_true",
+        help="Crop the central square before resizing (otherwise the whole image is squeezed).",
+    )
+    parser.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=None,
+        help="Data loading worker processes; default: 4 on GPU (with pinned memory), 0 (the main process) on CPU.",
+    )
+    parser.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode every example image and its mirror image once before training and train from the stored latents.",
+    )
     # Training
-    parser.add_argument("--seed", type=int, default=None, help="Seed for data order, augmentation and noise; a resumed run reuses its checkpoint's seed.")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="Seed for data order, augmentation and noise; a resumed run reuses its checkpoint's seed.",
+    )
     parser.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
-    parser.add_argument("--num_train_epochs", type=int, default=100, help="Epochs to train; ignored when --max_train_steps is given.")
-    parser.add_argument("--max_train_steps", type=int, default=5000, help="Total optimizer updates; overrides --num_train_epochs.")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated into one optimizer update.")
-    parser.add_argument("--gradient_checkpointing", action="store_true", help="Recompute activations in the backward pass to save memory.")
+    parser.add_argument(
+        "--num_train_epochs", type=int, default=100, help="Epochs to train; ignored when --max_train_steps is given."
+    )
+    parser.add_argument(
+        "--max_train_steps", type=int, default=5000, help="Total optimizer updates; overrides --num_train_epochs."
+    )
+    parser.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated into one optimizer update."
+    )
+    parser.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute activations in the backward pass to save memory.",
+    )
     parser.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate (after warmup).")
-    parser.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by accumulation steps x batch size x processes.")
-    parser.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS, help="Learning-rate schedule.")
+    parser.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the learning rate by accumulation steps x batch size x processes.",
+    )
+    parser.add_argument(
+        "--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS, help="Learning-rate schedule."
+    )
     parser.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup optimizer updates of the schedule.")
-    parser.add_argument("--lr_num_cycles", type=int, default=1, help="Hard restarts of the cosine_with_restarts schedule.")
-    parser.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 is recommended); off when not given.")
+    parser.add_argument(
+        "--lr_num_cycles", type=int, default=1, help="Hard restarts of the cosine_with_restarts schedule."
+    )
+    parser.add_argument(
+        "--snr_gamma",
+        type=float,
+        default=None,
+        help="Min-SNR weighting gamma (5.0 is recommended); off when not given.",
+    )
     parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
     parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
-    parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay (applies to the new rows only).")
+    parser.add_argument(
+        "--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay (applies to the new rows only)."
+    )
     parser.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
-    parser.add_argument("--max_grad_norm", type=float, default=0.0, help="Clip gradients to this global norm (0, the default, turns clipping off).")
-    parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "fp16", "bf16"], help="Mixed precision for the frozen UNet and VAE.")
+    parser.add_argument(
+        "--max_grad_norm",
+        type=float,
+        default=0.0,
+        help="Clip gradients to this global norm (0, the default, turns clipping off).",
+    )
+    parser.add_argument(
+        "--mixed_precision",
+        type=str,
+        default="no",
+        choices=["no", "fp16", "bf16"],
+        help="Mixed precision for the frozen UNet and VAE.",
+    )
     parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
-    parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention (needs xformers; PyTorch SDPA is the default).")
-    parser.add_argument("--torch_compile", action="store_true", help="Compile the UNet and the text encoder with torch.compile: a slower start (minutes), faster steps.")
+    parser.add_argument(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="Use xformers attention (needs xformers; PyTorch SDPA is the default).",
+    )
+    parser.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="Compile the UNet and the text encoder with torch.compile: a slower start (minutes), faster steps.",
+    )
     parser.add_argument("--local_rank", type=int, default=-1, help="Set by distributed launchers; do not pass by hand.")
     # Checkpointing and saving
-    parser.add_argument("--output_dir", type=str, default="text-inversion-model", help="Where the embeddings, checkpoints, validation images and logs go.")
-    parser.add_argument("--save_steps", type=int, default=500, help="Also save learned_embeds-steps-N every this many optimizer updates.")
-    parser.add_argument("--no_safe_serialization", action="store_true", help="Save the embeddings as .bin (torch.save) instead of .safetensors.")
-    parser.add_argument("--save_as_full_pipeline", action="store_true", help="Also save the full pipeline with the extended tokenizer and text encoder.")
-    parser.add_argument("--checkpointing_steps", type=int, default=500, help="Save the full training state every this many optimizer updates.")
-    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).")
-    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).")
+    parser.add_argument(
+        "--output_dir",
+        type=str,
+        default="text-inversion-model",
+        help="Where the embeddings, checkpoints, validation images and logs go.",
+    )
+    parser.add_argument(
+        "--save_steps",
+        type=int,
+        default=500,
+        help="Also save learned_embeds-steps-N every this many optimizer updates.",
+    )
+    parser.add_argument(
+        "--no_safe_serialization",
+        action="store_true",
+        help="Save the embeddings as .bin (torch.save) instead of .safetensors.",
+    )
+    parser.add_argument(
+        "--save_as_full_pipeline",
+        action="store_true",
+        help="Also save the full pipeline with the extended tokenizer and text encoder.",
+    )
+    parser.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="Save the full training state every this many optimizer updates.",
+    )
+    parser.add_argument(
+        "--checkpoints_total_limit",
+        type=int,
+        default=None,
+        help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).",
+    )
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).",
+    )
     # Logging and validation
-    parser.add_argument("--logging_steps", type=int, default=10, help="Log loss, lr, grad norm, images/s and peak GPU memory averaged over this many updates (only these steps wait for the GPU).")
-    parser.add_argument("--validation_prompt", type=str, default=None, help="Prompt (with the placeholder) rendered every --validation_steps and at the end.")
-    parser.add_argument("--num_validation_images", type=int, default=4, help="Images rendered for the validation prompt, each from its own fixed seed.")
-    parser.add_argument("--validation_steps", type=int, default=100, help="Render the validation prompt every this many optimizer updates.")
-    parser.add_argument("--validation_epochs", type=int, default=None, help="Deprecated: validate every this many epochs (converted to --validation_steps).")
-    parser.add_argument("--report_to", type=str, default="tensorboard", help="Tracker: tensorboard, wandb, comet_ml, all, or none.")
+    parser.add_argument(
+        "--logging_steps",
+        type=int,
+        default=10,
+        help="Log loss, lr, grad norm, images/s and peak GPU memory averaged over this many updates.",
+    )
+    parser.add_argument(
+        "--validation_prompt",
+        type=str,
+        default=None,
+        help="Prompt (with the placeholder) rendered every --validation_steps and at the end.",
+    )
+    parser.add_argument(
+        "--num_validation_images",
+        type=int,
+        default=4,
+        help="Images rendered for the validation prompt, each from its own fixed seed.",
+    )
+    parser.add_argument(
+        "--validation_steps",
+        type=int,
+        default=100,
+        help="Render the validation prompt every this many optimizer updates.",
+    )
+    parser.add_argument(
+        "--validation_epochs",
+        type=int,
+        default=None,
+        help="Deprecated: validate every this many epochs (converted to --validation_steps).",
+    )
+    parser.add_argument(
+        "--report_to", type=str, default="tensorboard", help="Tracker: tensorboard, wandb, comet_ml, all, or none."
+    )
     parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker log folder, relative to --output_dir.")
-    parser.add_argument("--push_to_hub", action="store_true", help="Upload the embeddings and the full pipeline to the Hugging Face Hub.")
+    parser.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="Upload the embeddings and the full pipeline to the Hugging Face Hub.",
+    )
     parser.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `hf auth login`).")
-    parser.add_argument("--hub_model_id", type=str, default=None, help="Hub repository to push to; default: the output folder's name.")
+    parser.add_argument(
+        "--hub_model_id", type=str, default=None, help="Hub repository to push to; default: the output folder's name."
+    )
     args = parser.parse_args(argv)
 
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1:
         args.local_rank = env_local_rank
-    for name in ["num_vectors", "repeats", "resolution", "train_batch_size", "max_train_steps", "gradient_accumulation_steps",
-                 "save_steps", "checkpointing_steps", "validation_steps", "num_validation_images", "logging_steps"]:
+    for name in [
+        "num_vectors",
+        "repeats",
+        "resolution",
+        "train_batch_size",
+        "max_train_steps",
+        "gradient_accumulation_steps",
+        "save_steps",
+        "checkpointing_steps",
+        "validation_steps",
+        "num_validation_images",
+        "logging_steps",
+    ]:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
@@ -147,7 +344,9 @@ def parse_args(argv=None):
     if not args.placeholder_token.strip() or any(c.isspace() for c in args.placeholder_token):
         parser.error(f"--placeholder_token {args.placeholder_token!r} must be one word without spaces")
     if args.report_to == "wandb" and args.hub_token is not None:
-        parser.error("--hub_token with --report_to=wandb would leak the token to wandb; log in with `hf auth login` instead")
+        parser.error(
+            "--hub_token with --report_to=wandb would leak the token to wandb; log in with `hf auth login` instead"
+        )
     return args
 
 
@@ -185,9 +384,10 @@ def find_resume_checkpoint(args):
     if not os.path.isdir(path):
         path = os.path.join(args.output_dir, args.resume_from_checkpoint)
     if not os.path.isfile(os.path.join(path, TRAINING_STATE)):
+        complete = [os.path.basename(p) for _, p in list_checkpoints(args.output_dir)]
         raise FileNotFoundError(
             f"--resume_from_checkpoint {args.resume_from_checkpoint}: no complete checkpoint at {path} "
-            f"(complete ones in {args.output_dir}: {[os.path.basename(p) for _, p in list_checkpoints(args.output_dir)]})"
+            f"(complete ones in {args.output_dir}: {complete})"
         )
     return path
 
@@ -196,7 +396,9 @@ def find_example_images(train_data_dir):
     """The example images, sorted by name, each checked readable now: a bad file fails before anything is written."""
     if not os.path.isdir(train_data_dir):
         raise FileNotFoundError(f"--train_data_dir {train_data_dir}: no such folder")
-    paths = sorted(os.path.join(train_data_dir, n) for n in os.listdir(train_data_dir) if n.lower().endswith(IMAGE_EXTENSIONS))
+    paths = sorted(
+        os.path.join(train_data_dir, n) for n in os.listdir(train_data_dir) if n.lower().endswith(IMAGE_EXTENSIONS)
+    )
     if not paths:
         raise ValueError(f"--train_data_dir {train_data_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
     for path in paths:
@@ -217,8 +419,9 @@ def add_placeholder_tokens(tokenizer, placeholder_token, num_vectors):
         for form in (name.lower() + "</w>", name, name.lower()):
             if form in vocab:
                 raise ValueError(
-                    f"--placeholder_token {placeholder_token}: '{name}' already exists in the tokenizer (as '{form}'), so "
-                    "training it would change the meaning of existing prompts; choose a new string such as '<my-concept>'"
+                    f"--placeholder_token {placeholder_token}: '{name}' already exists in the tokenizer (as '{form}'), "
+                    "so training it would change the meaning of existing prompts; "
+                    "choose a new string such as '<my-concept>'"
                 )
     tokenizer.add_tokens(names)
     return names, tokenizer.convert_tokens_to_ids(names)
@@ -262,7 +465,13 @@ class TextualInversionDataset(torch.utils.data.Dataset):
     so the same sample is identical in a resumed run, and the cached path draws exactly what the uncached one does."""
 
     def __init__(self, image_paths, tokenizer, placeholder_text, args, seed):
-        self.image_paths, self.tokenizer, self.placeholder_text, self.args, self.seed = image_paths, tokenizer, placeholder_text, args, seed
+        self.image_paths, self.tokenizer, self.placeholder_text, self.args, self.seed = (
+            image_paths,
+            tokenizer,
+            placeholder_text,
+            args,
+            seed,
+        )
         self.templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
         self.latent_cache = None  # [image, flipped] -> VAE latent distribution parameters, set by build_latent_cache()
 
@@ -285,7 +494,11 @@ class TextualInversionDataset(torch.utils.data.Dataset):
         image_index, flipped = index % len(self.image_paths), rng.random() < 0.5
         prompt = self.templates[int(rng.integers(len(self.templates)))].format(self.placeholder_text)
         input_ids = self.tokenizer(
-            prompt, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+            prompt,
+            max_length=self.tokenizer.model_max_length,
+            padding="max_length",
+            truncation=True,
+            return_tensors="pt",
         ).input_ids[0]
         if self.latent_cache is None:
             return {"pixel_values": self.pixels(image_index, flipped), "input_ids": input_ids}
@@ -304,10 +517,20 @@ def encode_once(accelerator, num_items, batch_size, prepare, encode, description
     per_round = batch_size * accelerator.num_processes
     starts = range(0, num_items, per_round)
     # Padded with the last item, so every process contributes a batch of the same shape to the gather.
-    batches = [[min(i, num_items - 1) for i in range(s + accelerator.process_index * batch_size, s + (accelerator.process_index + 1) * batch_size)] for s in starts]
-    loader = torch.utils.data.DataLoader(range(num_items), batch_sampler=batches, collate_fn=prepare, num_workers=num_workers)
+    batches = [
+        [
+            min(i, num_items - 1)
+            for i in range(s + accelerator.process_index * batch_size, s + (accelerator.process_index + 1) * batch_size)
+        ]
+        for s in starts
+    ]
+    loader = torch.utils.data.DataLoader(
+        range(num_items), batch_sampler=batches, collate_fn=prepare, num_workers=num_workers
+    )
     cache = None
-    for start, prepared in zip(starts, tqdm(loader, desc=description, disable=not accelerator.is_local_main_process)):
+    for start, prepared in zip(
+        starts, tqdm(loader, desc=description, disable=not accelerator.is_local_main_process), strict=True
+    ):
         with torch.no_grad():
             encoded = accelerator.gather(encode(prepared).contiguous()).cpu()
         if cache is None:
@@ -322,11 +545,19 @@ def build_latent_cache(train_dataset, vae, accelerator, args, num_workers):
     leaves the training loop."""
     num_images = len(train_dataset.image_paths)
     parameters = encode_once(
-        accelerator, num_images * 2, args.train_batch_size, functools.partial(image_views, train_dataset),
-        lambda pixels: vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters, "Caching latents", num_workers,
+        accelerator,
+        num_images * 2,
+        args.train_batch_size,
+        functools.partial(image_views, train_dataset),
+        lambda pixels: vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters,
+        "Caching latents",
+        num_workers,
     )
     train_dataset.latent_cache = parameters.view(num_images, 2, *parameters.shape[1:])
-    logger.info(f"Cached latents: {tuple(train_dataset.latent_cache.shape)} {parameters.dtype}, {parameters.numel() * parameters.element_size() / 2**20:.1f} MiB of CPU memory")
+    logger.info(
+        f"Cached latents: {tuple(train_dataset.latent_cache.shape)} {parameters.dtype}, "
+        f"{parameters.numel() * parameters.element_size() / 2**20:.1f} MiB of CPU memory"
+    )
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):
@@ -340,7 +571,9 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
         return self.num_rows
 
     def __iter__(self):
-        order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch)))
+        order = torch.randperm(
+            self.num_rows, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        )
         return iter([(self.epoch, row) for row in order.tolist()])
 
 
@@ -373,11 +606,14 @@ class LogWindow:
             self.clipped = True
 
     def read(self, global_step, epoch, lr):
-        """Averages over the window as a logs dict, then a new window. A non-finite loss stops the run, naming the steps."""
+        """Averages over the window as a logs dict, then a new window. A non-finite loss stops the run, naming the
+        steps."""
         loss = self.accelerator.reduce(self.loss, reduction="mean").item() / self.updates
         if not math.isfinite(loss):
             steps = f"at step {global_step}" if self.updates == 1 else f"in steps {self.first_step}-{global_step}"
-            raise FloatingPointError(f"loss is {loss} {steps} (epoch {epoch}): stopping; no checkpoint was written for these steps")
+            raise FloatingPointError(
+                f"loss is {loss} {steps} (epoch {epoch}): stopping; no checkpoint was written for these steps"
+            )
         elapsed = time.perf_counter() - self.started
         logs = {"loss": loss, "lr": lr}
         if self.clipped:
@@ -394,7 +630,7 @@ def format_logs(global_step, logs):
     return f"step {global_step}: " + ", ".join(f"{key}={value:.4g}" for key, value in logs.items())
 
 
-# ------------------------------------------------------ BEGIN MATH ------------------------------------------------------
+# ----------------------------------------------------- BEGIN MATH -----------------------------------------------------
 def compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args):
     """The denoising loss of one batch. All random draws come from `generator`."""
     with torch.no_grad():
@@ -408,7 +644,9 @@ def compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, arg
 
     bsz = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator, device=latents.device).long()
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator, device=latents.device
+    ).long()
     # Forward diffusion: noisy_latents = sqrt(alpha_bar_t) * latents + sqrt(1 - alpha_bar_t) * noise.
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
 
@@ -434,7 +672,9 @@ def compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, arg
         weights = torch.where(divisor > 0, torch.clamp(snr, max=args.snr_gamma) / divisor, torch.ones_like(snr))
         loss = loss * weights
     return loss.mean()
-# ------------------------------------------------------- END MATH -------------------------------------------------------
+
+
+# ------------------------------------------------------ END MATH ------------------------------------------------------
 
 
 def save_embeddings(learned, placeholder_token, path, safe_serialization=True):
@@ -480,7 +720,11 @@ def render_validation_images(pipeline, prompts, resolution, seed, weight_dtype):
         generator = torch.Generator(device=device).manual_seed(derive_seed(seed, 7919, index))
         # Trained and frozen parts may differ in dtype under mixed precision; autocast reconciles them.
         with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-            images.append(pipeline(prompt, num_inference_steps=20, generator=generator, height=resolution, width=resolution).images[0])
+            images.append(
+                pipeline(
+                    prompt, num_inference_steps=20, generator=generator, height=resolution, width=resolution
+                ).images[0]
+            )
     return images
 
 
@@ -504,22 +748,39 @@ def log_validation(pipeline, prompts, args, accelerator, seed, global_step, tag,
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({tag: [wandb.Image(i, caption=p) for i, p in zip(images, prompts)]}, step=global_step)
+            tracker.log(
+                {tag: [wandb.Image(i, caption=p) for i, p in zip(images, prompts, strict=True)]}, step=global_step
+            )
     return images
 
 
 def write_model_card(args, global_step, validation_grid):
     name = "learned_embeds.bin" if args.no_safe_serialization else "learned_embeds.safetensors"
     lines = [
-        "---", "license: creativeml-openrail-m", f"base_model: {args.pretrained_model_name_or_path}",
-        "tags:", "- stable-diffusion", "- text-to-image", "- diffusers", "- textual_inversion", "library_name: diffusers", "---", "",
-        f"# Textual inversion: {args.placeholder_token}", "",
-        f"Embedding of `{args.placeholder_token}` ({args.num_vectors} vector(s)) learned on `{args.pretrained_model_name_or_path}` "
-        f"from the images in `{args.train_data_dir}`, {global_step} optimizer updates.", "",
-        "```python", "from diffusers import StableDiffusionPipeline", "",
+        "---",
+        "license: creativeml-openrail-m",
+        f"base_model: {args.pretrained_model_name_or_path}",
+        "tags:",
+        "- stable-diffusion",
+        "- text-to-image",
+        "- diffusers",
+        "- textual_inversion",
+        "library_name: diffusers",
+        "---",
+        "",
+        f"# Textual inversion: {args.placeholder_token}",
+        "",
+        f"Embedding of `{args.placeholder_token}` ({args.num_vectors} vector(s)) "
+        f"learned on `{args.pretrained_model_name_or_path}` "
+        f"from the images in `{args.train_data_dir}`, {global_step} optimizer updates.",
+        "",
+        "```python",
+        "from diffusers import StableDiffusionPipeline",
+        "",
         f'pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")',
         f'pipe.load_textual_inversion("{args.output_dir}/{name}")',
-        f'image = pipe("{args.validation_prompt or "a photo of a " + args.placeholder_token}").images[0]', "```",
+        f'image = pipe("{args.validation_prompt or "a photo of a " + args.placeholder_token}").images[0]',
+        "```",
     ]
     if validation_grid:
         lines += ["", f"![validation]({validation_grid})"]
@@ -565,8 +826,12 @@ def save_full_pipeline(text_encoder, tokenizer, unet, vae, weight_dtype, args):
     text_encoder.config.vocab_size = len(tokenizer)
     frozen = {"unet": unet, "vae": vae} if weight_dtype == torch.float32 else {}
     pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, text_encoder=text_encoder, tokenizer=tokenizer, revision=args.revision,
-        variant=args.variant, **frozen,
+        args.pretrained_model_name_or_path,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        revision=args.revision,
+        variant=args.variant,
+        **frozen,
     )
     if args.prediction_type is not None:
         pipeline.scheduler.register_to_config(prediction_type=args.prediction_type)
@@ -591,39 +856,67 @@ def main(argv=None):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
     )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+    )
     if not accelerator.is_local_main_process:
         diffusers.utils.logging.set_verbosity_error()
     if args.enable_xformers_memory_efficient_attention and not diffusers.utils.is_xformers_available():
-        raise ImportError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (GPU only)")
+        raise ImportError(
+            "--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (GPU only)"
+        )
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     resume_path = find_resume_checkpoint(args)
     resume_state = json.load(open(os.path.join(resume_path, TRAINING_STATE))) if resume_path else {}
     # One seed drives everything; without --seed a resumed run must reuse the one its checkpoint recorded.
-    seed = args.seed if args.seed is not None else resume_state.get("seed", int(np.random.SeedSequence().generate_state(1)[0]))
+    seed = (
+        args.seed
+        if args.seed is not None
+        else resume_state.get("seed", int(np.random.SeedSequence().generate_state(1)[0]))
+    )
     if resume_state and resume_state["seed"] != seed:
-        logger.warning(f"--seed {seed} differs from the checkpoint's seed {resume_state['seed']}: the resumed run will not match an uninterrupted one")
+        logger.warning(
+            f"--seed {seed} differs from the checkpoint's seed {resume_state['seed']}: "
+            "the resumed run will not match an uninterrupted one"
+        )
     image_paths = find_example_images(args.train_data_dir)
 
     # ------------------------------------------------------------------------------------------------ load models
     if args.tokenizer_name:
         tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer_name)
     else:
-        tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision)
-    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision)
+        tokenizer = CLIPTokenizer.from_pretrained(
+            args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision
+        )
+    noise_scheduler = DDPMScheduler.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision
+    )
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    text_encoder = CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder", revision=args.revision, variant=args.variant)
-    vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant)
-    unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant)
+    text_encoder = CLIPTextModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="text_encoder", revision=args.revision, variant=args.variant
+    )
+    vae = AutoencoderKL.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant
+    )
+    unet = UNet2DConditionModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant
+    )
     init_id = initializer_token_id(tokenizer, args.initializer_token)
     placeholder_tokens, placeholder_ids = add_placeholder_tokens(tokenizer, args.placeholder_token, args.num_vectors)
-    if placeholder_ids != list(range(text_encoder.config.vocab_size, text_encoder.config.vocab_size + args.num_vectors)):
-        raise ValueError(f"the tokenizer ({len(tokenizer) - args.num_vectors} tokens) does not match the text encoder's vocabulary ({text_encoder.config.vocab_size})")
+    if placeholder_ids != list(
+        range(text_encoder.config.vocab_size, text_encoder.config.vocab_size + args.num_vectors)
+    ):
+        raise ValueError(
+            f"the tokenizer ({len(tokenizer) - args.num_vectors} tokens) does not match "
+            f"the text encoder's vocabulary ({text_encoder.config.vocab_size})"
+        )
     # Everything is frozen; the only trainable tensor is the new rows, each starting at the initializer's embedding.
     text_encoder.requires_grad_(False)
     vae.requires_grad_(False)
@@ -653,14 +946,21 @@ def main(argv=None):
 
     def save_model_hook(models, weights, output_dir):
         # A checkpoint holds the new rows only, in the learned_embeds format, not a copy of the whole text encoder.
-        save_embeddings(learned_embedding.learned, args.placeholder_token, os.path.join(output_dir, "learned_embeds.safetensors"))
+        save_embeddings(
+            learned_embedding.learned, args.placeholder_token, os.path.join(output_dir, "learned_embeds.safetensors")
+        )
         for _ in models:
             weights.pop()
 
     def load_model_hook(models, input_dir):
-        rows = safetensors.torch.load_file(os.path.join(input_dir, "learned_embeds.safetensors"))[args.placeholder_token]
+        rows = safetensors.torch.load_file(os.path.join(input_dir, "learned_embeds.safetensors"))[
+            args.placeholder_token
+        ]
         if rows.shape != learned_embedding.learned.shape:
-            raise ValueError(f"{input_dir}: learned embeddings of shape {tuple(rows.shape)}, this run trains {tuple(learned_embedding.learned.shape)} (--num_vectors)")
+            raise ValueError(
+                f"{input_dir}: learned embeddings of shape {tuple(rows.shape)}, "
+                f"this run trains {tuple(learned_embedding.learned.shape)} (--num_vectors)"
+            )
         with torch.no_grad():
             learned_embedding.learned.copy_(rows)
         models.clear()
@@ -670,13 +970,22 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------------------------------------- data
     train_dataset = TextualInversionDataset(image_paths, tokenizer, " ".join(placeholder_tokens), args, seed)
-    num_workers = args.dataloader_num_workers if args.dataloader_num_workers is not None else (4 if accelerator.device.type == "cuda" else 0)
+    num_workers = (
+        args.dataloader_num_workers
+        if args.dataloader_num_workers is not None
+        else (4 if accelerator.device.type == "cuda" else 0)
+    )
     if args.cache_latents:
         build_latent_cache(train_dataset, vae, accelerator, args, num_workers)
     sampler = EpochShuffleSampler(len(train_dataset), seed)
     train_dataloader = torch.utils.data.DataLoader(
-        train_dataset, sampler=sampler, batch_size=args.train_batch_size, collate_fn=collate, num_workers=num_workers,
-        persistent_workers=num_workers > 0, pin_memory=accelerator.device.type == "cuda",
+        train_dataset,
+        sampler=sampler,
+        batch_size=args.train_batch_size,
+        collate_fn=collate,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=accelerator.device.type == "cuda",
     )
 
     # -------------------------------------------------------------------------------- optimizer and schedule
@@ -684,8 +993,12 @@ def main(argv=None):
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     # One fused kernel for the whole update, as in train_text_to_image.py.
     optimizer = torch.optim.AdamW(
-        [learned_embedding.learned], fused=True, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+        [learned_embedding.learned],
+        fused=True,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
     )
     text_encoder, optimizer, train_dataloader = accelerator.prepare(text_encoder, optimizer, train_dataloader)
     # global_step counts optimizer updates; --max_train_steps is authoritative and epochs are derived from it.
@@ -697,8 +1010,11 @@ def main(argv=None):
         args.validation_steps = args.validation_epochs * updates_per_epoch
     # The prepared scheduler steps once per process at every update, hence the factor num_processes.
     lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
-        num_training_steps=max_train_steps * accelerator.num_processes, num_cycles=args.lr_num_cycles,
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        num_training_steps=max_train_steps * accelerator.num_processes,
+        num_cycles=args.lr_num_cycles,
     )
     lr_scheduler = accelerator.prepare(lr_scheduler)
 
@@ -708,12 +1024,19 @@ def main(argv=None):
         accelerator.print(f"Resuming from {resume_path}")
         accelerator.load_state(resume_path)
         global_step = resume_state["global_step"]
-        layout = {"total_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps, "updates_per_epoch": updates_per_epoch}
+        layout = {
+            "total_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+            "updates_per_epoch": updates_per_epoch,
+        }
         if any(resume_state.get(k) != v for k, v in layout.items()):
-            logger.warning(f"data layout changed since the checkpoint ({ {k: resume_state.get(k) for k in layout} } -> {layout}): the resumed run will not match an uninterrupted one")
+            logger.warning(
+                f"data layout changed since the checkpoint ({ {k: resume_state.get(k) for k in layout} } -> {layout}): "
+                "the resumed run will not match an uninterrupted one"
+            )
     first_epoch = global_step // updates_per_epoch
     training_state = {
-        "seed": seed, "total_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+        "seed": seed,
+        "total_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
         "updates_per_epoch": updates_per_epoch,
     }
 
@@ -725,16 +1048,32 @@ def main(argv=None):
     embeds_suffix = "bin" if args.no_safe_serialization else "safetensors"
     validation_prompts = [args.validation_prompt] * args.num_validation_images if args.validation_prompt else []
     logger.info("***** Running training *****")
-    logger.info(f"  Images = {len(image_paths)} x {args.repeats} repeats, epochs = {num_train_epochs}, updates per epoch = {updates_per_epoch}")
-    logger.info(f"  Batch per device = {args.train_batch_size}, processes = {accelerator.num_processes}, accumulation = {args.gradient_accumulation_steps}, total batch = {total_batch_size}")
+    logger.info(
+        f"  Images = {len(image_paths)} x {args.repeats} repeats, epochs = {num_train_epochs}, "
+        f"updates per epoch = {updates_per_epoch}"
+    )
+    logger.info(
+        f"  Batch per device = {args.train_batch_size}, processes = {accelerator.num_processes}, "
+        f"accumulation = {args.gradient_accumulation_steps}, total batch = {total_batch_size}"
+    )
     logger.info(f"  Optimizer updates = {max_train_steps}, starting at {global_step}, seed = {seed}")
-    logger.info(f"  Placeholder {args.placeholder_token} -> {placeholder_tokens} (ids {placeholder_ids}), initialised from {args.initializer_token!r}")
+    logger.info(
+        f"  Placeholder {args.placeholder_token} -> {placeholder_tokens} (ids {placeholder_ids}), "
+        f"initialised from {args.initializer_token!r}"
+    )
     if global_step >= max_train_steps:
-        logger.info(f"Checkpoint step {global_step} is at or past --max_train_steps {max_train_steps}: nothing to train.")
+        logger.info(
+            f"Checkpoint step {global_step} is at or past --max_train_steps {max_train_steps}: nothing to train."
+        )
 
     # ------------------------------------------------------------------------------------------------- train loop
     generator = torch.Generator(device=accelerator.device)
-    progress_bar = tqdm(range(max_train_steps), initial=min(global_step, max_train_steps), desc="Steps", disable=not accelerator.is_local_main_process)
+    progress_bar = tqdm(
+        range(max_train_steps),
+        initial=min(global_step, max_train_steps),
+        desc="Steps",
+        disable=not accelerator.is_local_main_process,
+    )
     window = LogWindow(accelerator, total_batch_size, global_step)
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
@@ -772,15 +1111,29 @@ def main(argv=None):
                 progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             if accelerator.is_main_process:
                 if global_step % args.save_steps == 0:
-                    save_embeddings(learned_embedding.learned, args.placeholder_token, os.path.join(args.output_dir, f"learned_embeds-steps-{global_step}.{embeds_suffix}"), not args.no_safe_serialization)
+                    save_embeddings(
+                        learned_embedding.learned,
+                        args.placeholder_token,
+                        os.path.join(args.output_dir, f"learned_embeds-steps-{global_step}.{embeds_suffix}"),
+                        not args.no_safe_serialization,
+                    )
                 if global_step % args.checkpointing_steps == 0:
                     save_checkpoint(accelerator, args, global_step, training_state)
                 if validation_prompts and global_step % args.validation_steps == 0 and global_step < max_train_steps:
                     pipeline = StableDiffusionPipeline.from_pretrained(
-                        args.pretrained_model_name_or_path, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=tokenizer,
-                        unet=unet, vae=vae, safety_checker=None, revision=args.revision, variant=args.variant, dtype=weight_dtype,
+                        args.pretrained_model_name_or_path,
+                        text_encoder=accelerator.unwrap_model(text_encoder),
+                        tokenizer=tokenizer,
+                        unet=unet,
+                        vae=vae,
+                        safety_checker=None,
+                        revision=args.revision,
+                        variant=args.variant,
+                        dtype=weight_dtype,
                     )
-                    log_validation(pipeline, validation_prompts, args, accelerator, seed, global_step, "validation", weight_dtype)
+                    log_validation(
+                        pipeline, validation_prompts, args, accelerator, seed, global_step, "validation", weight_dtype
+                    )
                     del pipeline
             if global_step >= max_train_steps:
                 break
@@ -788,12 +1141,24 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------- save
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_embeddings(learned_embedding.learned, args.placeholder_token, os.path.join(args.output_dir, f"learned_embeds.{embeds_suffix}"), not args.no_safe_serialization)
+        save_embeddings(
+            learned_embedding.learned,
+            args.placeholder_token,
+            os.path.join(args.output_dir, f"learned_embeds.{embeds_suffix}"),
+            not args.no_safe_serialization,
+        )
         grid = None
         if validation_prompts:
             pipeline = StableDiffusionPipeline.from_pretrained(
-                args.pretrained_model_name_or_path, text_encoder=accelerator.unwrap_model(text_encoder), tokenizer=tokenizer,
-                unet=unet, vae=vae, safety_checker=None, revision=args.revision, variant=args.variant, dtype=weight_dtype,
+                args.pretrained_model_name_or_path,
+                text_encoder=accelerator.unwrap_model(text_encoder),
+                tokenizer=tokenizer,
+                unet=unet,
+                vae=vae,
+                safety_checker=None,
+                revision=args.revision,
+                variant=args.variant,
+                dtype=weight_dtype,
             )
             log_validation(pipeline, validation_prompts, args, accelerator, seed, global_step, "final", weight_dtype)
             grid = f"validation/final-step-{global_step:06d}.png"
@@ -805,8 +1170,18 @@ def main(argv=None):
         if args.push_to_hub:
             from huggingface_hub import create_repo, upload_folder
 
-            repo_id = create_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True, token=args.hub_token).repo_id
-            upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training", ignore_patterns=["checkpoint-*", ".*", "logs/*"], token=args.hub_token)
+            repo_id = create_repo(
+                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+                exist_ok=True,
+                token=args.hub_token,
+            ).repo_id
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=args.output_dir,
+                commit_message="End of training",
+                ignore_patterns=["checkpoint-*", ".*", "logs/*"],
+                token=args.hub_token,
+            )
     accelerator.end_training()
 
 

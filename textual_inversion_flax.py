@@ -46,72 +46,213 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 # Prompts the placeholder is trained in; {} is replaced by the placeholder (all of its vectors). # EDIT: to taste.
 OBJECT_TEMPLATES = [
-    "a photo of a {}", "a picture of a {}", "a close-up photo of a {}", "a photo of the {}", "a bright photo of a {}",
-    "a dark photo of the {}", "a cropped photo of a {}", "a rendering of a {}", "a good photo of the {}",
-    "a photo of my {}", "a photo of a small {}", "a photo of a large {}", "a photo of one {}", "an image of the {}",
-    "a snapshot of a {}", "a detailed photo of the {}",
+    "a photo of a {}",
+    "a picture of a {}",
+    "a close-up photo of a {}",
+    "a photo of the {}",
+    "a bright photo of a {}",
+    "a dark photo of the {}",
+    "a cropped photo of a {}",
+    "a rendering of a {}",
+    "a good photo of the {}",
+    "a photo of my {}",
+    "a photo of a small {}",
+    "a photo of a large {}",
+    "a photo of one {}",
+    "an image of the {}",
+    "a snapshot of a {}",
+    "a detailed photo of the {}",
 ]
 STYLE_TEMPLATES = [
-    "a painting in the style of {}", "a picture in the style of {}", "a rendering in the style of {}",
-    "an artwork in the style of {}", "a drawing in the style of {}", "a close-up painting in the style of {}",
-    "a bright painting in the style of {}", "a dark painting in the style of {}", "a small painting in the style of {}",
-    "a large painting in the style of {}", "an illustration in the style of {}", "a sketch in the style of {}",
+    "a painting in the style of {}",
+    "a picture in the style of {}",
+    "a rendering in the style of {}",
+    "an artwork in the style of {}",
+    "a drawing in the style of {}",
+    "a close-up painting in the style of {}",
+    "a bright painting in the style of {}",
+    "a dark painting in the style of {}",
+    "a small painting in the style of {}",
+    "a large painting in the style of {}",
+    "an illustration in the style of {}",
+    "a sketch in the style of {}",
 ]
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Learn the text embedding of a new token from a few images (textual inversion, JAX/Flax).")
+    parser = argparse.ArgumentParser(
+        description="Learn the text embedding of a new token from a few images (textual inversion, JAX/Flax)."
+    )
     # Model
-    parser.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="Hub id or local folder of a PyTorch diffusers Stable Diffusion pipeline.")
-    parser.add_argument("--revision", type=str, default=None, help="Hub revision (branch, tag or commit) of the pretrained pipeline.")
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="Hub id or local folder of a PyTorch diffusers Stable Diffusion pipeline.",
+    )
+    parser.add_argument(
+        "--revision", type=str, default=None, help="Hub revision (branch, tag or commit) of the pretrained pipeline."
+    )
     parser.add_argument("--variant", type=str, default=None, help="Weight file variant to load, e.g. 'fp16'.")
-    parser.add_argument("--tokenizer_name", type=str, default=None, help="Tokenizer to use instead of the pipeline's own.")
-    parser.add_argument("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"], help="Training target; default: the scheduler config's prediction_type.")
+    parser.add_argument(
+        "--tokenizer_name", type=str, default=None, help="Tokenizer to use instead of the pipeline's own."
+    )
+    parser.add_argument(
+        "--prediction_type",
+        type=str,
+        default=None,
+        choices=["epsilon", "v_prediction"],
+        help="Training target; default: the scheduler config's prediction_type.",
+    )
     parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
     # Token
-    parser.add_argument("--placeholder_token", type=str, required=True, help="The new token that stands for the concept in prompts, e.g. '<cat-toy>'.")
-    parser.add_argument("--initializer_token", type=str, required=True, help="An existing single-token word whose embedding starts every new vector, e.g. 'toy'.")
-    parser.add_argument("--num_vectors", type=int, default=1, help="Embedding vectors the placeholder expands to (more capture more detail).")
-    parser.add_argument("--learnable_property", type=str, default="object", choices=["object", "style"], help="Train prompts that describe an object or a style.")
+    parser.add_argument(
+        "--placeholder_token",
+        type=str,
+        required=True,
+        help="The new token that stands for the concept in prompts, e.g. '<cat-toy>'.",
+    )
+    parser.add_argument(
+        "--initializer_token",
+        type=str,
+        required=True,
+        help="An existing single-token word whose embedding starts every new vector, e.g. 'toy'.",
+    )
+    parser.add_argument(
+        "--num_vectors",
+        type=int,
+        default=1,
+        help="Embedding vectors the placeholder expands to (more capture more detail).",
+    )
+    parser.add_argument(
+        "--learnable_property",
+        type=str,
+        default="object",
+        choices=["object", "style"],
+        help="Train prompts that describe an object or a style.",
+    )
     # Data
     parser.add_argument("--train_data_dir", type=str, required=True, help="Folder with the 3-5 example images.")
     parser.add_argument("--repeats", type=int, default=100, help="Times each image is repeated in one epoch.")
     parser.add_argument("--resolution", type=int, default=512, help="Training images are resized to this square size.")
-    parser.add_argument("--center_crop", action="store_true", help="Crop the central square before resizing (otherwise the whole image is squeezed).")
+    parser.add_argument(
+        "--center_crop",
+        action="store_true",
+        help="Crop the central square before resizing (otherwise the whole image is squeezed).",
+    )
     # Training
-    parser.add_argument("--seed", type=int, default=None, help="Seed for data order, augmentation and noise; a resumed run reuses its checkpoint's seed.")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="Seed for data order, augmentation and noise; a resumed run reuses its checkpoint's seed.",
+    )
     parser.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
-    parser.add_argument("--num_train_epochs", type=int, default=100, help="Epochs to train; ignored when --max_train_steps is given.")
-    parser.add_argument("--max_train_steps", type=int, default=5000, help="Total optimizer updates; overrides --num_train_epochs.")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated into one optimizer update.")
-    parser.add_argument("--gradient_checkpointing", action="store_true", help="Rematerialise each UNet block in the backward pass to save memory.")
+    parser.add_argument(
+        "--num_train_epochs", type=int, default=100, help="Epochs to train; ignored when --max_train_steps is given."
+    )
+    parser.add_argument(
+        "--max_train_steps", type=int, default=5000, help="Total optimizer updates; overrides --num_train_epochs."
+    )
+    parser.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated into one optimizer update."
+    )
+    parser.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Rematerialise each UNet block in the backward pass to save memory.",
+    )
     parser.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate (after warmup).")
-    parser.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by accumulation steps x global batch size.")
-    parser.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS, help="Learning-rate schedule.")
+    parser.add_argument(
+        "--scale_lr", action="store_true", help="Multiply the learning rate by accumulation steps x global batch size."
+    )
+    parser.add_argument(
+        "--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS, help="Learning-rate schedule."
+    )
     parser.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup optimizer updates of the schedule.")
-    parser.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 is recommended); off when not given.")
+    parser.add_argument(
+        "--snr_gamma",
+        type=float,
+        default=None,
+        help="Min-SNR weighting gamma (5.0 is recommended); off when not given.",
+    )
     parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
     parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
-    parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay (applies to the new rows only).")
+    parser.add_argument(
+        "--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay (applies to the new rows only)."
+    )
     parser.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
-    parser.add_argument("--max_grad_norm", type=float, default=0.0, help="Clip gradients to this global norm (0, the default, turns clipping off).")
-    parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "bf16"], help="bf16 computes in bfloat16 with fp32 master weights.")
-    parser.add_argument("--jax_distributed", action="store_true", help="Call jax.distributed.initialize() first (multi-host TPU pods and clusters).")
+    parser.add_argument(
+        "--max_grad_norm",
+        type=float,
+        default=0.0,
+        help="Clip gradients to this global norm (0, the default, turns clipping off).",
+    )
+    parser.add_argument(
+        "--mixed_precision",
+        type=str,
+        default="no",
+        choices=["no", "bf16"],
+        help="bf16 computes in bfloat16 with fp32 master weights.",
+    )
+    parser.add_argument(
+        "--jax_distributed",
+        action="store_true",
+        help="Call jax.distributed.initialize() first (multi-host TPU pods and clusters).",
+    )
     # Checkpointing and saving
-    parser.add_argument("--output_dir", type=str, default="text-inversion-model", help="Where the embeddings and checkpoints go.")
-    parser.add_argument("--save_steps", type=int, default=500, help="Also save learned_embeds-steps-N every this many optimizer updates.")
-    parser.add_argument("--checkpointing_steps", type=int, default=500, help="Save the full training state every this many optimizer updates.")
-    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).")
-    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).")
+    parser.add_argument(
+        "--output_dir", type=str, default="text-inversion-model", help="Where the embeddings and checkpoints go."
+    )
+    parser.add_argument(
+        "--save_steps",
+        type=int,
+        default=500,
+        help="Also save learned_embeds-steps-N every this many optimizer updates.",
+    )
+    parser.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="Save the full training state every this many optimizer updates.",
+    )
+    parser.add_argument(
+        "--checkpoints_total_limit",
+        type=int,
+        default=None,
+        help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).",
+    )
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).",
+    )
     # Logging
-    parser.add_argument("--logging_steps", type=int, default=10, help="Log loss, lr, grad norm, images/s and peak GPU memory averaged over this many updates (only these steps wait for the GPU).")
+    parser.add_argument(
+        "--logging_steps",
+        type=int,
+        default=10,
+        help="Log loss, lr, grad norm, images/s and peak GPU memory averaged over this many updates.",
+    )
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the embeddings to the Hugging Face Hub.")
     parser.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `hf auth login`).")
-    parser.add_argument("--hub_model_id", type=str, default=None, help="Hub repository to push to; default: the output folder's name.")
+    parser.add_argument(
+        "--hub_model_id", type=str, default=None, help="Hub repository to push to; default: the output folder's name."
+    )
     args = parser.parse_args(argv)
 
-    for name in ["num_vectors", "repeats", "resolution", "train_batch_size", "max_train_steps", "gradient_accumulation_steps",
-                 "save_steps", "checkpointing_steps", "logging_steps"]:
+    for name in [
+        "num_vectors",
+        "repeats",
+        "resolution",
+        "train_batch_size",
+        "max_train_steps",
+        "gradient_accumulation_steps",
+        "save_steps",
+        "checkpointing_steps",
+        "logging_steps",
+    ]:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
@@ -155,9 +296,10 @@ def find_resume_checkpoint(args):
     if not os.path.isdir(path):
         path = os.path.join(args.output_dir, args.resume_from_checkpoint)
     if not os.path.isfile(os.path.join(path, TRAINING_STATE)):
+        complete = [os.path.basename(p) for _, p in list_checkpoints(args.output_dir)]
         raise FileNotFoundError(
             f"--resume_from_checkpoint {args.resume_from_checkpoint}: no complete checkpoint at {path} "
-            f"(complete ones in {args.output_dir}: {[os.path.basename(p) for _, p in list_checkpoints(args.output_dir)]})"
+            f"(complete ones in {args.output_dir}: {complete})"
         )
     return path
 
@@ -166,7 +308,9 @@ def find_example_images(train_data_dir):
     """The example images, sorted by name, each checked readable now: a bad file fails before anything is written."""
     if not os.path.isdir(train_data_dir):
         raise FileNotFoundError(f"--train_data_dir {train_data_dir}: no such folder")
-    paths = sorted(os.path.join(train_data_dir, n) for n in os.listdir(train_data_dir) if n.lower().endswith(IMAGE_EXTENSIONS))
+    paths = sorted(
+        os.path.join(train_data_dir, n) for n in os.listdir(train_data_dir) if n.lower().endswith(IMAGE_EXTENSIONS)
+    )
     if not paths:
         raise ValueError(f"--train_data_dir {train_data_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
     for path in paths:
@@ -187,8 +331,9 @@ def add_placeholder_tokens(tokenizer, placeholder_token, num_vectors):
         for form in (name.lower() + "</w>", name, name.lower()):
             if form in vocab:
                 raise ValueError(
-                    f"--placeholder_token {placeholder_token}: '{name}' already exists in the tokenizer (as '{form}'), so "
-                    "training it would change the meaning of existing prompts; choose a new string such as '<my-concept>'"
+                    f"--placeholder_token {placeholder_token}: '{name}' already exists in the tokenizer (as '{form}'), "
+                    "so training it would change the meaning of existing prompts; "
+                    "choose a new string such as '<my-concept>'"
                 )
     tokenizer.add_tokens(names)
     return names, tokenizer.convert_tokens_to_ids(names)
@@ -210,7 +355,13 @@ class TextualInversionDataset:
     (seed, epoch, index), so the same sample is identical in a resumed run."""
 
     def __init__(self, image_paths, tokenizer, placeholder_text, args, seed):
-        self.image_paths, self.tokenizer, self.placeholder_text, self.args, self.seed = image_paths, tokenizer, placeholder_text, args, seed
+        self.image_paths, self.tokenizer, self.placeholder_text, self.args, self.seed = (
+            image_paths,
+            tokenizer,
+            placeholder_text,
+            args,
+            seed,
+        )
         self.templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
 
     def __len__(self):
@@ -228,7 +379,9 @@ class TextualInversionDataset:
         if rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         prompt = self.templates[int(rng.integers(len(self.templates)))].format(self.placeholder_text)
-        input_ids = self.tokenizer(prompt, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True).input_ids
+        input_ids = self.tokenizer(
+            prompt, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True
+        ).input_ids
         pixel_values = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0  # the VAE's input range
         return {"pixel_values": pixel_values, "input_ids": np.asarray(input_ids, dtype=np.int32)}
 
@@ -253,9 +406,18 @@ def resolve_pipeline_folder(args):
 
     suffix = f".{args.variant}" if args.variant else ""
     return snapshot_download(
-        args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir,
-        allow_patterns=["model_index.json", "scheduler/*", "tokenizer/*", "*/config.json", f"text_encoder/model{suffix}.safetensors",
-                        f"unet/diffusion_pytorch_model{suffix}.safetensors", f"vae/diffusion_pytorch_model{suffix}.safetensors"],
+        args.pretrained_model_name_or_path,
+        revision=args.revision,
+        cache_dir=args.cache_dir,
+        allow_patterns=[
+            "model_index.json",
+            "scheduler/*",
+            "tokenizer/*",
+            "*/config.json",
+            f"text_encoder/model{suffix}.safetensors",
+            f"unet/diffusion_pytorch_model{suffix}.safetensors",
+            f"vae/diffusion_pytorch_model{suffix}.safetensors",
+        ],
     )
 
 
@@ -267,12 +429,17 @@ def load_flax_model(cls, folder, subfolder, variant, dtype, **overrides):
     config = cls.load_config(folder, subfolder=subfolder)
     if cls.__name__ == "FlaxUNet2DConditionModel" and config.get("norm_num_groups", 32) != 32:
         # diffusers' Flax UNet always normalises over 32 groups: any other value would silently compute another model.
-        raise ValueError(f"{os.path.join(folder, subfolder)}: norm_num_groups={config['norm_num_groups']}, but the Flax UNet supports only 32")
+        raise ValueError(
+            f"{os.path.join(folder, subfolder)}: norm_num_groups={config['norm_num_groups']}, "
+            "but the Flax UNet supports only 32"
+        )
     model = cls.from_config(config, dtype=dtype, **overrides)
     name = f"diffusion_pytorch_model.{variant}.safetensors" if variant else "diffusion_pytorch_model.safetensors"
     path = os.path.join(folder, subfolder, name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: the Flax scripts read PyTorch pipelines saved with safetensors weights")
+        raise FileNotFoundError(
+            f"{path} not found: the Flax scripts read PyTorch pipelines saved with safetensors weights"
+        )
     state = {k: v.float() for k, v in safetensors.torch.load_file(path).items()}
 
     class ShapesOnly:
@@ -291,11 +458,15 @@ def load_flax_text_encoder(folder, variant, dtype):
     from transformers import CLIPTextConfig, FlaxCLIPTextModel
     from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
 
-    model = FlaxCLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"), dtype=dtype, _do_init=False)
+    model = FlaxCLIPTextModel(
+        CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"), dtype=dtype, _do_init=False
+    )
     name = f"model.{variant}.safetensors" if variant else "model.safetensors"
     path = os.path.join(folder, "text_encoder", name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: the Flax scripts read PyTorch pipelines saved with safetensors weights")
+        raise FileNotFoundError(
+            f"{path} not found: the Flax scripts read PyTorch pipelines saved with safetensors weights"
+        )
     state = {k: v.float() for k, v in safetensors.torch.load_file(path).items()}
     if not any(k.startswith("text_model.") for k in state):  # transformers 5 drops the prefix when saving
         state = {"text_model." + k: v for k, v in state.items()}
@@ -314,10 +485,16 @@ def enable_block_rematerialisation():
     """Gradient checkpointing for the Flax UNet: wrap each of its block classes in nn.remat, so a block's activations
     are recomputed in the backward pass instead of stored. The model code is unchanged; only the names the UNet
     module looks its blocks up by are rebound, before the UNet is built."""
-    import flax.linen as nn
     import diffusers.models.unets.unet_2d_condition_flax as unet_module
+    import flax.linen as nn
 
-    for name in ["FlaxCrossAttnDownBlock2D", "FlaxDownBlock2D", "FlaxCrossAttnUpBlock2D", "FlaxUpBlock2D", "FlaxUNetMidBlock2DCrossAttn"]:
+    for name in [
+        "FlaxCrossAttnDownBlock2D",
+        "FlaxDownBlock2D",
+        "FlaxCrossAttnUpBlock2D",
+        "FlaxUpBlock2D",
+        "FlaxUNetMidBlock2DCrossAttn",
+    ]:
         block = getattr(unet_module, name)
         if not getattr(block, "_rematerialised", False):
             wrapped = nn.remat(block)
@@ -364,8 +541,16 @@ class TrainState(train_state.TrainState):
 def with_learned_rows(text_encoder_params, learned):
     """The text encoder's params with the new rows appended to its token embedding table."""
     embeddings = text_encoder_params["text_model"]["embeddings"]
-    table = jnp.concatenate([embeddings["token_embedding"]["embedding"], learned.astype(embeddings["token_embedding"]["embedding"].dtype)])
-    return {**text_encoder_params, "text_model": {**text_encoder_params["text_model"], "embeddings": {**embeddings, "token_embedding": {"embedding": table}}}}
+    table = jnp.concatenate(
+        [embeddings["token_embedding"]["embedding"], learned.astype(embeddings["token_embedding"]["embedding"].dtype)]
+    )
+    return {
+        **text_encoder_params,
+        "text_model": {
+            **text_encoder_params["text_model"],
+            "embeddings": {**embeddings, "token_embedding": {"embedding": table}},
+        },
+    }
 
 
 class LogWindow:
@@ -383,13 +568,16 @@ class LogWindow:
         self.metrics.append(metrics)
 
     def read(self, global_step, epoch, lr):
-        """Averages over the window as a logs dict, then a new window. A non-finite loss stops the run, naming the steps."""
+        """Averages over the window as a logs dict, then a new window. A non-finite loss stops the run, naming the
+        steps."""
         metrics = jax.device_get(self.metrics)
         updates = len(metrics)
         loss = float(np.mean([m["loss"] for m in metrics]))
         if not math.isfinite(loss):
             steps = f"at step {global_step}" if updates == 1 else f"in steps {self.first_step}-{global_step}"
-            raise FloatingPointError(f"loss is {loss} {steps} (epoch {epoch}): stopping; no checkpoint was written for these steps")
+            raise FloatingPointError(
+                f"loss is {loss} {steps} (epoch {epoch}): stopping; no checkpoint was written for these steps"
+            )
         elapsed = time.perf_counter() - self.started
         logs = {"loss": loss, "lr": lr, "grad_norm": float(np.mean([m["grad_norm"] for m in metrics]))}
         logs["step_time"] = elapsed / updates
@@ -402,14 +590,16 @@ def format_logs(global_step, logs):
     return f"step {global_step}: " + ", ".join(f"{key}={value:.4g}" for key, value in logs.items())
 
 
-# ------------------------------------------------------ BEGIN MATH ------------------------------------------------------
+# ----------------------------------------------------- BEGIN MATH -----------------------------------------------------
 def train_step(state, batch, rng):
     """One batch: the denoising loss, its gradients and an optimizer step (accumulated by optax.MultiSteps). Pure:
     every random draw comes from `rng`."""
     config = state.config
     sample_rng, noise_rng, timestep_rng = jax.random.split(rng, 3)
     # The frozen VAE maps images to latents; the scaling factor brings them to roughly unit variance.
-    latent_dist = state.vae.apply({"params": state.vae_params}, batch["pixel_values"], deterministic=True, method=state.vae.encode).latent_dist
+    latent_dist = state.vae.apply(
+        {"params": state.vae_params}, batch["pixel_values"], deterministic=True, method=state.vae.encode
+    ).latent_dist
     latents = jax.lax.stop_gradient(jnp.transpose(latent_dist.sample(sample_rng), (0, 3, 1, 2)) * config.scaling_factor)
 
     bsz = latents.shape[0]
@@ -428,9 +618,15 @@ def train_step(state, batch, rng):
 
     def compute_loss(params):
         # The text encoder runs with gradients: they reach the new token embedding rows and nothing else.
-        encoder_hidden_states = state.text_encoder(batch["input_ids"], params=with_learned_rows(state.text_encoder_params, params["learned"]), train=False)[0]
-        model_pred = state.apply_fn({"params": state.unet_params}, noisy_latents, timesteps, encoder_hidden_states, train=True).sample
-        loss = ((model_pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2).mean(axis=tuple(range(1, model_pred.ndim)))
+        encoder_hidden_states = state.text_encoder(
+            batch["input_ids"], params=with_learned_rows(state.text_encoder_params, params["learned"]), train=False
+        )[0]
+        model_pred = state.apply_fn(
+            {"params": state.unet_params}, noisy_latents, timesteps, encoder_hidden_states, train=True
+        ).sample
+        loss = ((model_pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2).mean(
+            axis=tuple(range(1, model_pred.ndim))
+        )
 
         if config.snr_gamma is not None:
             # Min-SNR-gamma weighting (Hang et al. 2023, arXiv:2303.09556): weight each timestep by min(SNR, gamma)/SNR
@@ -445,7 +641,9 @@ def train_step(state, batch, rng):
     loss, grads = jax.value_and_grad(compute_loss)(state.params)
     new_state = state.apply_gradients(grads=grads)
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-# ------------------------------------------------------- END MATH -------------------------------------------------------
+
+
+# ------------------------------------------------------ END MATH ------------------------------------------------------
 
 
 def save_embeddings(learned, placeholder_token, path):
@@ -455,7 +653,9 @@ def save_embeddings(learned, placeholder_token, path):
     import safetensors.numpy
 
     partial = path + ".partial"
-    safetensors.numpy.save_file({placeholder_token: np.asarray(jax.device_get(learned), dtype=np.float32)}, partial, metadata={"format": "pt"})
+    safetensors.numpy.save_file(
+        {placeholder_token: np.asarray(jax.device_get(learned), dtype=np.float32)}, partial, metadata={"format": "pt"}
+    )
     os.replace(partial, path)
 
 
@@ -495,16 +695,25 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------ setup
     if args.jax_distributed:
         jax.distributed.initialize()
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+    )
     is_main_process = jax.process_index() == 0
     if not is_main_process:
         logger.setLevel(logging.ERROR)
     resume_path = find_resume_checkpoint(args)
     resume_state = json.load(open(os.path.join(resume_path, TRAINING_STATE))) if resume_path else {}
     # One seed drives everything; without --seed a resumed run must reuse the one its checkpoint recorded.
-    seed = args.seed if args.seed is not None else resume_state.get("seed", int(np.random.SeedSequence().generate_state(1)[0]))
+    seed = (
+        args.seed
+        if args.seed is not None
+        else resume_state.get("seed", int(np.random.SeedSequence().generate_state(1)[0]))
+    )
     if resume_state and resume_state["seed"] != seed:
-        logger.warning(f"--seed {seed} differs from the checkpoint's seed {resume_state['seed']}: the resumed run will not match an uninterrupted one")
+        logger.warning(
+            f"--seed {seed} differs from the checkpoint's seed {resume_state['seed']}: "
+            "the resumed run will not match an uninterrupted one"
+        )
     image_paths = find_example_images(args.train_data_dir)
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -516,7 +725,11 @@ def main(argv=None):
 
     weight_dtype = jnp.bfloat16 if args.mixed_precision == "bf16" else jnp.float32
     folder = resolve_pipeline_folder(args)
-    tokenizer = CLIPTokenizerFast.from_pretrained(args.tokenizer_name) if args.tokenizer_name else CLIPTokenizerFast.from_pretrained(folder, subfolder="tokenizer")
+    tokenizer = (
+        CLIPTokenizerFast.from_pretrained(args.tokenizer_name)
+        if args.tokenizer_name
+        else CLIPTokenizerFast.from_pretrained(folder, subfolder="tokenizer")
+    )
     # The text encoder computes in fp32: gradients flow through it to the new rows.
     text_encoder = load_flax_text_encoder(folder, args.variant, jnp.float32)
     vae, vae_params = load_flax_model(FlaxAutoencoderKL, folder, "vae", args.variant, weight_dtype)
@@ -529,7 +742,10 @@ def main(argv=None):
     placeholder_tokens, placeholder_ids = add_placeholder_tokens(tokenizer, args.placeholder_token, args.num_vectors)
     table = text_encoder.params["text_model"]["embeddings"]["token_embedding"]["embedding"]
     if placeholder_ids != list(range(table.shape[0], table.shape[0] + args.num_vectors)):
-        raise ValueError(f"the tokenizer ({len(tokenizer) - args.num_vectors} tokens) does not match the text encoder's vocabulary ({table.shape[0]})")
+        raise ValueError(
+            f"the tokenizer ({len(tokenizer) - args.num_vectors} tokens) does not match "
+            f"the text encoder's vocabulary ({table.shape[0]})"
+        )
     # Everything is frozen; the only trainable tensor is the new rows, each starting at the initializer's embedding.
     learned = jnp.tile(table[init_id][None], (args.num_vectors, 1)).astype(jnp.float32)
     text_encoder_params = text_encoder.params
@@ -545,7 +761,8 @@ def main(argv=None):
     if batches_per_epoch < args.gradient_accumulation_steps:
         raise ValueError(
             f"{len(train_dataset)} examples make {batches_per_epoch} full global batches of {global_batch_size} "
-            f"({args.train_batch_size} per device x {jax.device_count()} devices); one update needs {args.gradient_accumulation_steps}"
+            f"({args.train_batch_size} per device x {jax.device_count()} devices); "
+            f"one update needs {args.gradient_accumulation_steps}"
         )
 
     # -------------------------------------------------------------------------------- optimizer and schedule
@@ -556,13 +773,22 @@ def main(argv=None):
     max_train_steps = args.max_train_steps
     num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
     schedule = learning_rate_schedule(args, max_train_steps)
-    optimizer = optax.adamw(schedule, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon, weight_decay=args.adam_weight_decay)
+    optimizer = optax.adamw(
+        schedule, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon, weight_decay=args.adam_weight_decay
+    )
     if args.max_grad_norm > 0:
         optimizer = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optimizer)
     optimizer = optax.MultiSteps(optimizer, every_k_schedule=args.gradient_accumulation_steps)
     state = TrainState.create(
-        apply_fn=unet.apply, params={"learned": learned}, tx=optimizer, unet_params=unet_params, vae_params=vae_params,
-        text_encoder_params=text_encoder_params, scheduler_state=scheduler_state, vae=vae, text_encoder=text_encoder,
+        apply_fn=unet.apply,
+        params={"learned": learned},
+        tx=optimizer,
+        unet_params=unet_params,
+        vae_params=vae_params,
+        text_encoder_params=text_encoder_params,
+        scheduler_state=scheduler_state,
+        vae=vae,
+        text_encoder=text_encoder,
         noise_scheduler=noise_scheduler,
         config=LossConfig(prediction_type, args.snr_gamma, 0.0, vae.config.scaling_factor),
     )
@@ -575,26 +801,49 @@ def main(argv=None):
             restored = serialization.from_bytes(checkpoint_payload(state), f.read())
         state = state.replace(**restored)
         global_step = resume_state["global_step"]
-        layout = {"total_batch_size": global_batch_size * args.gradient_accumulation_steps, "updates_per_epoch": updates_per_epoch}
+        layout = {
+            "total_batch_size": global_batch_size * args.gradient_accumulation_steps,
+            "updates_per_epoch": updates_per_epoch,
+        }
         if any(resume_state.get(k) != v for k, v in layout.items()):
-            logger.warning(f"data layout changed since the checkpoint ({ {k: resume_state.get(k) for k in layout} } -> {layout}): the resumed run will not match an uninterrupted one")
+            logger.warning(
+                f"data layout changed since the checkpoint ({ {k: resume_state.get(k) for k in layout} } -> {layout}): "
+                "the resumed run will not match an uninterrupted one"
+            )
     state = jax.device_put(state, replicated)
     first_epoch = global_step // updates_per_epoch
-    training_state = {"seed": seed, "total_batch_size": global_batch_size * args.gradient_accumulation_steps, "updates_per_epoch": updates_per_epoch}
+    training_state = {
+        "seed": seed,
+        "total_batch_size": global_batch_size * args.gradient_accumulation_steps,
+        "updates_per_epoch": updates_per_epoch,
+    }
     if is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     logger.info("***** Running training *****")
-    logger.info(f"  Images = {len(image_paths)} x {args.repeats} repeats, epochs = {num_train_epochs}, updates per epoch = {updates_per_epoch}")
-    logger.info(f"  Batch per device = {args.train_batch_size}, devices = {jax.device_count()}, accumulation = {args.gradient_accumulation_steps}, total batch = {training_state['total_batch_size']}")
+    logger.info(
+        f"  Images = {len(image_paths)} x {args.repeats} repeats, epochs = {num_train_epochs}, "
+        f"updates per epoch = {updates_per_epoch}"
+    )
+    logger.info(
+        f"  Batch per device = {args.train_batch_size}, devices = {jax.device_count()}, "
+        f"accumulation = {args.gradient_accumulation_steps}, total batch = {training_state['total_batch_size']}"
+    )
     logger.info(f"  Optimizer updates = {max_train_steps}, starting at {global_step}, seed = {seed}")
-    logger.info(f"  Placeholder {args.placeholder_token} -> {placeholder_tokens} (ids {placeholder_ids}), initialised from {args.initializer_token!r}")
+    logger.info(
+        f"  Placeholder {args.placeholder_token} -> {placeholder_tokens} (ids {placeholder_ids}), "
+        f"initialised from {args.initializer_token!r}"
+    )
     if global_step >= max_train_steps:
-        logger.info(f"Checkpoint step {global_step} is at or past --max_train_steps {max_train_steps}: nothing to train.")
+        logger.info(
+            f"Checkpoint step {global_step} is at or past --max_train_steps {max_train_steps}: nothing to train."
+        )
 
     # ------------------------------------------------------------------------------------------------- train loop
     step_fn = jax.jit(train_step, donate_argnums=(0,))
     base_rng = jax.random.PRNGKey(seed % (2**31))
-    progress_bar = tqdm(range(max_train_steps), initial=min(global_step, max_train_steps), desc="Steps", disable=not is_main_process)
+    progress_bar = tqdm(
+        range(max_train_steps), initial=min(global_step, max_train_steps), desc="Steps", disable=not is_main_process
+    )
     window = LogWindow(global_batch_size * args.gradient_accumulation_steps, global_step)
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
@@ -623,7 +872,11 @@ def main(argv=None):
                 progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             if is_main_process:
                 if global_step % args.save_steps == 0:
-                    save_embeddings(state.params["learned"], args.placeholder_token, os.path.join(args.output_dir, f"learned_embeds-steps-{global_step}.safetensors"))
+                    save_embeddings(
+                        state.params["learned"],
+                        args.placeholder_token,
+                        os.path.join(args.output_dir, f"learned_embeds-steps-{global_step}.safetensors"),
+                    )
                 if global_step % args.checkpointing_steps == 0:
                     save_checkpoint(state, args, global_step, training_state)
             if global_step >= max_train_steps:
@@ -637,8 +890,18 @@ def main(argv=None):
         if args.push_to_hub:
             from huggingface_hub import create_repo, upload_folder
 
-            repo_id = create_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True, token=args.hub_token).repo_id
-            upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training", ignore_patterns=["checkpoint-*", ".*"], token=args.hub_token)
+            repo_id = create_repo(
+                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+                exist_ok=True,
+                token=args.hub_token,
+            ).repo_id
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=args.output_dir,
+                commit_message="End of training",
+                ignore_patterns=["checkpoint-*", ".*"],
+                token=args.hub_token,
+            )
 
 
 if __name__ == "__main__":

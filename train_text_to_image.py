@@ -28,6 +28,7 @@ import shutil
 import time
 
 import datasets
+import diffusers
 import numpy as np
 import safetensors.torch
 import torch
@@ -36,16 +37,14 @@ import torchvision.transforms.functional as TF
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
-from PIL import Image
-from torchvision.transforms import InterpolationMode
-from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
-
-import diffusers
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_dream_and_update_latents
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -56,83 +55,261 @@ LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Fine-tune the UNet of a Stable Diffusion pipeline on image-caption pairs.")
+    parser = argparse.ArgumentParser(
+        description="Fine-tune the UNet of a Stable Diffusion pipeline on image-caption pairs."
+    )
     # Model
-    parser.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="Hub id or local folder of a diffusers Stable Diffusion pipeline.")
-    parser.add_argument("--revision", type=str, default=None, help="Hub revision (branch, tag or commit) of the pretrained pipeline.")
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="Hub id or local folder of a diffusers Stable Diffusion pipeline.",
+    )
+    parser.add_argument(
+        "--revision", type=str, default=None, help="Hub revision (branch, tag or commit) of the pretrained pipeline."
+    )
     parser.add_argument("--variant", type=str, default=None, help="Weight file variant to load, e.g. 'fp16'.")
-    parser.add_argument("--non_ema_revision", type=str, default=None, help="Revision holding the non-EMA UNet to train from (the EMA copy starts from --revision).")
-    parser.add_argument("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"], help="Training target; default: the scheduler config's prediction_type.")
+    parser.add_argument(
+        "--non_ema_revision",
+        type=str,
+        default=None,
+        help="Revision holding the non-EMA UNet to train from (the EMA copy starts from --revision).",
+    )
+    parser.add_argument(
+        "--prediction_type",
+        type=str,
+        default=None,
+        choices=["epsilon", "v_prediction"],
+        help="Training target; default: the scheduler config's prediction_type.",
+    )
     # Data
-    parser.add_argument("--dataset_name", type=str, default=None, help="Hub dataset id or local dataset folder that datasets.load_dataset reads.")
-    parser.add_argument("--dataset_config_name", type=str, default=None, help="Config name of the dataset, if it has several.")
-    parser.add_argument("--train_data_dir", type=str, default=None, help="Local imagefolder with a metadata.jsonl of file_name and caption (used when --dataset_name is not given).")
+    parser.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="Hub dataset id or local dataset folder that datasets.load_dataset reads.",
+    )
+    parser.add_argument(
+        "--dataset_config_name", type=str, default=None, help="Config name of the dataset, if it has several."
+    )
+    parser.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="Local imagefolder with a metadata.jsonl of file_name and caption (when --dataset_name is not given).",
+    )
     parser.add_argument("--image_column", type=str, default="image", help="Dataset column holding the images.")
-    parser.add_argument("--caption_column", type=str, default="text", help="Dataset column holding a caption or a list of captions (one is drawn per use).")
-    parser.add_argument("--max_train_samples", type=int, default=None, help="Train on a random subset of this many examples (for debugging).")
+    parser.add_argument(
+        "--caption_column",
+        type=str,
+        default="text",
+        help="Dataset column holding a caption or a list of captions (one is drawn per use).",
+    )
+    parser.add_argument(
+        "--max_train_samples",
+        type=int,
+        default=None,
+        help="Train on a random subset of this many examples (for debugging).",
+    )
     parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
-    parser.add_argument("--resolution", type=int, default=512, help="Training images are resized and cropped to this square size.")
-    parser.add_argument("--center_crop", action="store_true", help="Crop the center of each image instead of a random crop.")
+    parser.add_argument(
+        "--resolution", type=int, default=512, help="Training images are resized and cropped to this square size."
+    )
+    parser.add_argument(
+        "--center_crop", action="store_true", help="Crop the center of each image instead of a random crop."
+    )
     parser.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
-    parser.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=INTERPOLATION_MODES, help="Interpolation used to resize images.")
-    parser.add_argument("--dataloader_num_workers", type=int, default=None, help="Data loading worker processes; default: 4 on GPU (with pinned memory), 0 (the main process) on CPU.")
-    parser.add_argument("--cache_latents", action="store_true", help="Encode every image once before training (both flips with --random_flip) and train from the stored latents; needs --center_crop.")
-    parser.add_argument("--cache_text_embeddings", action="store_true", help="Encode every distinct caption once before training and train from the stored text-encoder outputs.")
+    parser.add_argument(
+        "--image_interpolation_mode",
+        type=str,
+        default="lanczos",
+        choices=INTERPOLATION_MODES,
+        help="Interpolation used to resize images.",
+    )
+    parser.add_argument(
+        "--dataloader_num_workers",
+        type=int,
+        default=None,
+        help="Data loading worker processes; default: 4 on GPU (with pinned memory), 0 (the main process) on CPU.",
+    )
+    parser.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode every image once (both flips with --random_flip); train from the cache. Needs --center_crop.",
+    )
+    parser.add_argument(
+        "--cache_text_embeddings",
+        action="store_true",
+        help="Encode every distinct caption once before training and train from the stored text-encoder outputs.",
+    )
     # Training
-    parser.add_argument("--seed", type=int, default=None, help="Seed for data order, augmentation and noise; a resumed run reuses its checkpoint's seed.")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="Seed for data order, augmentation and noise; a resumed run reuses its checkpoint's seed.",
+    )
     parser.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
-    parser.add_argument("--num_train_epochs", type=int, default=100, help="Epochs to train; ignored when --max_train_steps is given.")
-    parser.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer updates; overrides --num_train_epochs.")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated into one optimizer update.")
-    parser.add_argument("--gradient_checkpointing", action="store_true", help="Recompute UNet activations in the backward pass to save memory.")
+    parser.add_argument(
+        "--num_train_epochs", type=int, default=100, help="Epochs to train; ignored when --max_train_steps is given."
+    )
+    parser.add_argument(
+        "--max_train_steps", type=int, default=None, help="Total optimizer updates; overrides --num_train_epochs."
+    )
+    parser.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated into one optimizer update."
+    )
+    parser.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Recompute UNet activations in the backward pass to save memory.",
+    )
     parser.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate (after warmup).")
-    parser.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by accumulation steps x batch size x processes.")
-    parser.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS, help="Learning-rate schedule.")
+    parser.add_argument(
+        "--scale_lr",
+        action="store_true",
+        help="Multiply the learning rate by accumulation steps x batch size x processes.",
+    )
+    parser.add_argument(
+        "--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS, help="Learning-rate schedule."
+    )
     parser.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup optimizer updates of the schedule.")
-    parser.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 is recommended); off when not given.")
-    parser.add_argument("--dream_training", action="store_true", help="Use DREAM (Diffusion Rectification and Estimation-Adaptive Models).")
-    parser.add_argument("--dream_detail_preservation", type=float, default=1.0, help="DREAM detail preservation factor p (> 0).")
-    parser.add_argument("--noise_offset", type=float, default=0.0, help="Scale of offset noise (0.1 is typical); 0 turns it off.")
-    parser.add_argument("--input_perturbation", type=float, default=0.0, help="Scale of input perturbation (0.1 is recommended); 0 turns it off.")
-    parser.add_argument("--use_ema", action="store_true", help="Keep an exponential moving average of the UNet and save it as the final model.")
-    parser.add_argument("--offload_ema", action="store_true", help="Keep the EMA weights in CPU memory between updates.")
-    parser.add_argument("--foreach_ema", action="store_true", help="Update the EMA with fused foreach kernels (faster, more memory).")
-    parser.add_argument("--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW (GPU only; needs bitsandbytes).")
+    parser.add_argument(
+        "--snr_gamma",
+        type=float,
+        default=None,
+        help="Min-SNR weighting gamma (5.0 is recommended); off when not given.",
+    )
+    parser.add_argument(
+        "--dream_training",
+        action="store_true",
+        help="Use DREAM (Diffusion Rectification and Estimation-Adaptive Models).",
+    )
+    parser.add_argument(
+        "--dream_detail_preservation", type=float, default=1.0, help="DREAM detail preservation factor p (> 0)."
+    )
+    parser.add_argument(
+        "--noise_offset", type=float, default=0.0, help="Scale of offset noise (0.1 is typical); 0 turns it off."
+    )
+    parser.add_argument(
+        "--input_perturbation",
+        type=float,
+        default=0.0,
+        help="Scale of input perturbation (0.1 is recommended); 0 turns it off.",
+    )
+    parser.add_argument(
+        "--use_ema",
+        action="store_true",
+        help="Keep an exponential moving average of the UNet and save it as the final model.",
+    )
+    parser.add_argument(
+        "--offload_ema", action="store_true", help="Keep the EMA weights in CPU memory between updates."
+    )
+    parser.add_argument(
+        "--foreach_ema", action="store_true", help="Update the EMA with fused foreach kernels (faster, more memory)."
+    )
+    parser.add_argument(
+        "--use_8bit_adam", action="store_true", help="Use bitsandbytes' 8-bit AdamW (GPU only; needs bitsandbytes)."
+    )
     parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
     parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
     parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
     parser.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
-    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip gradients to this global norm (0 turns clipping off).")
-    parser.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"], help="Mixed precision; default: the accelerate config's.")
+    parser.add_argument(
+        "--max_grad_norm", type=float, default=1.0, help="Clip gradients to this global norm (0 turns clipping off)."
+    )
+    parser.add_argument(
+        "--mixed_precision",
+        type=str,
+        default=None,
+        choices=["no", "fp16", "bf16"],
+        help="Mixed precision; default: the accelerate config's.",
+    )
     parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
-    parser.add_argument("--enable_xformers_memory_efficient_attention", action="store_true", help="Use xformers attention (needs xformers; PyTorch SDPA is the default).")
-    parser.add_argument("--torch_compile", action="store_true", help="Compile the UNet with torch.compile: a slower start (minutes), faster steps.")
+    parser.add_argument(
+        "--enable_xformers_memory_efficient_attention",
+        action="store_true",
+        help="Use xformers attention (needs xformers; PyTorch SDPA is the default).",
+    )
+    parser.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="Compile the UNet with torch.compile: a slower start (minutes), faster steps.",
+    )
     parser.add_argument("--local_rank", type=int, default=-1, help="Set by distributed launchers; do not pass by hand.")
     # Checkpointing
-    parser.add_argument("--output_dir", type=str, default="sd-model-finetuned", help="Where the final pipeline, checkpoints, validation images and logs go.")
-    parser.add_argument("--checkpointing_steps", type=int, default=500, help="Save the full training state every this many optimizer updates.")
-    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).")
-    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).")
+    parser.add_argument(
+        "--output_dir",
+        type=str,
+        default="sd-model-finetuned",
+        help="Where the final pipeline, checkpoints, validation images and logs go.",
+    )
+    parser.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="Save the full training state every this many optimizer updates.",
+    )
+    parser.add_argument(
+        "--checkpoints_total_limit",
+        type=int,
+        default=None,
+        help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).",
+    )
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).",
+    )
     # Logging and validation
-    parser.add_argument("--logging_steps", type=int, default=10, help="Log loss, lr, grad norm, images/s and peak GPU memory averaged over this many updates (only these steps wait for the GPU).")
-    parser.add_argument("--validation_prompts", type=str, default=None, nargs="+", help="Prompts rendered every --validation_epochs and at the end.")
-    parser.add_argument("--validation_epochs", type=int, default=5, help="Render the validation prompts every this many epochs.")
-    parser.add_argument("--report_to", type=str, default="tensorboard", help="Tracker: tensorboard, wandb, comet_ml, all, or none.")
+    parser.add_argument(
+        "--logging_steps",
+        type=int,
+        default=10,
+        help="Log loss, lr, grad norm, images/s and peak GPU memory averaged over this many updates.",
+    )
+    parser.add_argument(
+        "--validation_prompts",
+        type=str,
+        default=None,
+        nargs="+",
+        help="Prompts rendered every --validation_epochs and at the end.",
+    )
+    parser.add_argument(
+        "--validation_epochs", type=int, default=5, help="Render the validation prompts every this many epochs."
+    )
+    parser.add_argument(
+        "--report_to", type=str, default="tensorboard", help="Tracker: tensorboard, wandb, comet_ml, all, or none."
+    )
     parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker log folder, relative to --output_dir.")
-    parser.add_argument("--tracker_project_name", type=str, default="text2image-fine-tune", help="Project name passed to the tracker.")
+    parser.add_argument(
+        "--tracker_project_name", type=str, default="text2image-fine-tune", help="Project name passed to the tracker."
+    )
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the final pipeline to the Hugging Face Hub.")
     parser.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `hf auth login`).")
-    parser.add_argument("--hub_model_id", type=str, default=None, help="Hub repository to push to; default: the output folder's name.")
+    parser.add_argument(
+        "--hub_model_id", type=str, default=None, help="Hub repository to push to; default: the output folder's name."
+    )
     args = parser.parse_args(argv)
 
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1:
         args.local_rank = env_local_rank
     if args.dataset_name is None and args.train_data_dir is None:
-        parser.error("no training data: pass --dataset_name (hub id or local dataset folder) or --train_data_dir (imagefolder)")
+        parser.error(
+            "no training data: pass --dataset_name (hub id or local dataset folder) or --train_data_dir (imagefolder)"
+        )
     if args.non_ema_revision is None:
         args.non_ema_revision = args.revision
-    for name in ["resolution", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "validation_epochs", "logging_steps"]:
+    for name in [
+        "resolution",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "checkpointing_steps",
+        "validation_epochs",
+        "logging_steps",
+    ]:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.max_train_steps is not None and args.max_train_steps < 1:
@@ -142,11 +319,16 @@ def parse_args(argv=None):
     if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
         parser.error(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}")
     if args.cache_latents and not args.center_crop:
-        parser.error("--cache_latents stores one crop per image, so it needs --center_crop (random crops would need a latent per crop)")
+        parser.error(
+            "--cache_latents stores one crop per image, so it needs --center_crop "
+            "(random crops would need a latent per crop)"
+        )
     if args.dream_training and args.dream_detail_preservation <= 0:
         parser.error("--dream_detail_preservation must be positive")
     if args.report_to == "wandb" and args.hub_token is not None:
-        parser.error("--hub_token with --report_to=wandb would leak the token to wandb; log in with `hf auth login` instead")
+        parser.error(
+            "--hub_token with --report_to=wandb would leak the token to wandb; log in with `hf auth login` instead"
+        )
     return args
 
 
@@ -184,9 +366,10 @@ def find_resume_checkpoint(args):
     if not os.path.isdir(path):
         path = os.path.join(args.output_dir, args.resume_from_checkpoint)
     if not os.path.isfile(os.path.join(path, TRAINING_STATE)):
+        complete = [os.path.basename(p) for _, p in list_checkpoints(args.output_dir)]
         raise FileNotFoundError(
             f"--resume_from_checkpoint {args.resume_from_checkpoint}: no complete checkpoint at {path} "
-            f"(complete ones in {args.output_dir}: {[os.path.basename(p) for _, p in list_checkpoints(args.output_dir)]})"
+            f"(complete ones in {args.output_dir}: {complete})"
         )
     return path
 
@@ -201,7 +384,9 @@ def load_image_caption_dataset(args, seed):
         try:
             dataset = datasets.load_dataset(
                 os.path.expanduser(args.dataset_name) if looks_local else args.dataset_name,
-                args.dataset_config_name, cache_dir=args.cache_dir, split="train",
+                args.dataset_config_name,
+                cache_dir=args.cache_dir,
+                split="train",
             )
         except Exception as err:
             raise RuntimeError(f"{source}: could not load a 'train' split ({type(err).__name__}: {err})") from err
@@ -210,12 +395,16 @@ def load_image_caption_dataset(args, seed):
         if not os.path.isdir(args.train_data_dir):
             raise FileNotFoundError(f"{source}: no such folder")
         try:
-            dataset = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir, split="train")
+            dataset = datasets.load_dataset(
+                "imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir, split="train"
+            )
         except Exception as err:
             raise RuntimeError(f"{source}: not a readable imagefolder ({type(err).__name__}: {err})") from err
     for flag, column in [("--image_column", args.image_column), ("--caption_column", args.caption_column)]:
         if column not in dataset.column_names:
-            raise ValueError(f"{flag} '{column}' is not a column of {source}; its columns are: {', '.join(dataset.column_names)}")
+            raise ValueError(
+                f"{flag} '{column}' is not a column of {source}; its columns are: {', '.join(dataset.column_names)}"
+            )
     if len(dataset) == 0:
         raise ValueError(f"{source} has no rows")
     if isinstance(dataset.features[args.image_column], datasets.Image):
@@ -239,7 +428,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         for row, value in enumerate(self.caption_rows[args.caption_column]):
             self.caption_choices(value, row)  # checked now, so a bad row fails before training, not hours into it
         self.latent_cache = None  # [row, flipped] -> VAE latent distribution parameters, set by build_caches()
-        self.text_cache = None  # (per-row offsets, caption indices, [caption] -> text-encoder output), set by build_caches()
+        self.text_cache = (
+            None  # (per-row offsets, caption indices, [caption] -> text-encoder output), set by build_caches()
+        )
 
     def __len__(self):
         return len(self.rows)
@@ -275,7 +466,10 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             return [value]
         if isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0 and all(isinstance(v, str) for v in value):
             return list(value)
-        raise ValueError(f"--caption_column '{self.args.caption_column}', row {row}: expected a string or a list of strings, got {value!r}")
+        raise ValueError(
+            f"--caption_column '{self.args.caption_column}', row {row}: "
+            f"expected a string or a list of strings, got {value!r}"
+        )
 
     def __getitem__(self, key):
         epoch, row = key
@@ -291,7 +485,11 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             choices = self.caption_choices(self.caption_rows[row][self.args.caption_column], row)
             caption = choices[int(rng.integers(len(choices)))] if len(choices) > 1 else choices[0]
             example["input_ids"] = self.tokenizer(
-                caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt"
+                caption,
+                max_length=self.tokenizer.model_max_length,
+                padding="max_length",
+                truncation=True,
+                return_tensors="pt",
             ).input_ids[0]
         else:
             # The same draw as above, over the row's captions as listed in the cache.
@@ -304,11 +502,19 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
 def image_views(dataset, views, indices):
     """Pixel batches for the latent cache: item i is row i // views, horizontally flipped when i % views is 1."""
-    return torch.stack([dataset.transform(dataset.open_image(i // views), rng=None, flip=i % views == 1) for i in indices])
+    return torch.stack(
+        [dataset.transform(dataset.open_image(i // views), rng=None, flip=i % views == 1) for i in indices]
+    )
 
 
 def tokenize(tokenizer, captions, indices):
-    return tokenizer([captions[i] for i in indices], max_length=tokenizer.model_max_length, padding="max_length", truncation=True, return_tensors="pt").input_ids
+    return tokenizer(
+        [captions[i] for i in indices],
+        max_length=tokenizer.model_max_length,
+        padding="max_length",
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
 
 
 def encode_once(accelerator, num_items, batch_size, prepare, encode, description, num_workers=0):
@@ -318,10 +524,20 @@ def encode_once(accelerator, num_items, batch_size, prepare, encode, description
     per_round = batch_size * accelerator.num_processes
     starts = range(0, num_items, per_round)
     # Padded with the last item, so every process contributes a batch of the same shape to the gather.
-    batches = [[min(i, num_items - 1) for i in range(s + accelerator.process_index * batch_size, s + (accelerator.process_index + 1) * batch_size)] for s in starts]
-    loader = torch.utils.data.DataLoader(range(num_items), batch_sampler=batches, collate_fn=prepare, num_workers=num_workers)
+    batches = [
+        [
+            min(i, num_items - 1)
+            for i in range(s + accelerator.process_index * batch_size, s + (accelerator.process_index + 1) * batch_size)
+        ]
+        for s in starts
+    ]
+    loader = torch.utils.data.DataLoader(
+        range(num_items), batch_sampler=batches, collate_fn=prepare, num_workers=num_workers
+    )
     cache = None
-    for start, prepared in zip(starts, tqdm(loader, desc=description, disable=not accelerator.is_local_main_process)):
+    for start, prepared in zip(
+        starts, tqdm(loader, desc=description, disable=not accelerator.is_local_main_process), strict=True
+    ):
         with torch.no_grad():
             encoded = accelerator.gather(encode(prepared).contiguous()).cpu()
         if cache is None:
@@ -337,8 +553,13 @@ def build_caches(train_dataset, vae, text_encoder, tokenizer, accelerator, args,
     if args.cache_latents:
         views = 2 if args.random_flip else 1
         parameters = encode_once(
-            accelerator, len(train_dataset) * views, args.train_batch_size, functools.partial(image_views, train_dataset, views),
-            lambda pixels: vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters, "Caching latents", num_workers,
+            accelerator,
+            len(train_dataset) * views,
+            args.train_batch_size,
+            functools.partial(image_views, train_dataset, views),
+            lambda pixels: vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters,
+            "Caching latents",
+            num_workers,
         )
         train_dataset.latent_cache = parameters.view(len(train_dataset), views, *parameters.shape[1:])
     embeddings = None
@@ -346,16 +567,25 @@ def build_caches(train_dataset, vae, text_encoder, tokenizer, accelerator, args,
         # Each distinct caption once, in first-seen order (the same in every process); rows point into the list.
         distinct, indices, offsets = {}, [], [0]
         for row, value in enumerate(train_dataset.caption_rows[args.caption_column]):
-            indices += [distinct.setdefault(caption, len(distinct)) for caption in train_dataset.caption_choices(value, row)]
+            indices += [
+                distinct.setdefault(caption, len(distinct)) for caption in train_dataset.caption_choices(value, row)
+            ]
             offsets.append(len(indices))
         embeddings = encode_once(
-            accelerator, len(distinct), args.train_batch_size, functools.partial(tokenize, tokenizer, list(distinct)),
-            lambda input_ids: text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0], "Caching text embeddings",
+            accelerator,
+            len(distinct),
+            args.train_batch_size,
+            functools.partial(tokenize, tokenizer, list(distinct)),
+            lambda input_ids: text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0],
+            "Caching text embeddings",
         )
         train_dataset.text_cache = (np.array(offsets), np.array(indices), embeddings)
     for name, cache in [("latents", train_dataset.latent_cache), ("text embeddings", embeddings)]:
         if cache is not None:
-            logger.info(f"Cached {name}: {tuple(cache.shape)} {cache.dtype}, {cache.numel() * cache.element_size() / 2**20:.1f} MiB of CPU memory")
+            logger.info(
+                f"Cached {name}: {tuple(cache.shape)} {cache.dtype}, "
+                f"{cache.numel() * cache.element_size() / 2**20:.1f} MiB of CPU memory"
+            )
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):
@@ -369,7 +599,9 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
         return self.num_rows
 
     def __iter__(self):
-        order = torch.randperm(self.num_rows, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch)))
+        order = torch.randperm(
+            self.num_rows, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        )
         return iter([(self.epoch, row) for row in order.tolist()])
 
 
@@ -402,11 +634,14 @@ class LogWindow:
             self.clipped = True
 
     def read(self, global_step, epoch, lr):
-        """Averages over the window as a logs dict, then a new window. A non-finite loss stops the run, naming the steps."""
+        """Averages over the window as a logs dict, then a new window. A non-finite loss stops the run, naming the
+        steps."""
         loss = self.accelerator.reduce(self.loss, reduction="mean").item() / self.updates
         if not math.isfinite(loss):
             steps = f"at step {global_step}" if self.updates == 1 else f"in steps {self.first_step}-{global_step}"
-            raise FloatingPointError(f"loss is {loss} {steps} (epoch {epoch}): stopping; no checkpoint was written for these steps")
+            raise FloatingPointError(
+                f"loss is {loss} {steps} (epoch {epoch}): stopping; no checkpoint was written for these steps"
+            )
         elapsed = time.perf_counter() - self.started
         logs = {"loss": loss, "lr": lr}
         if self.clipped:
@@ -423,7 +658,7 @@ def format_logs(global_step, logs):
     return f"step {global_step}: " + ", ".join(f"{key}={value:.4g}" for key, value in logs.items())
 
 
-# ------------------------------------------------------ BEGIN MATH ------------------------------------------------------
+# ----------------------------------------------------- BEGIN MATH -----------------------------------------------------
 def compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args):
     """The denoising loss of one batch. All random draws come from `generator`."""
     with torch.no_grad():
@@ -448,13 +683,19 @@ def compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, arg
     if args.noise_offset:
         # Offset noise (Guttenberg 2023, crosslabs.org/blog/diffusion-with-offset-noise): a per-channel constant
         # lets the model change the overall brightness of an image.
-        noise += args.noise_offset * torch.randn((bsz, latents.shape[1], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype)
+        noise += args.noise_offset * torch.randn(
+            (bsz, latents.shape[1], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
+        )
     noised_with = noise
     if args.input_perturbation:
         # Input perturbation (Ning et al. 2023, arXiv:2301.11706): noise the input with slightly perturbed noise but
         # keep the clean noise as target, which reduces exposure bias.
-        noised_with = noise + args.input_perturbation * torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator, device=latents.device).long()
+        noised_with = noise + args.input_perturbation * torch.randn(
+            latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
+        )
+    timesteps = torch.randint(
+        0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator, device=latents.device
+    ).long()
     # Forward diffusion: noisy_latents = sqrt(alpha_bar_t) * latents + sqrt(1 - alpha_bar_t) * noise.
     noisy_latents = noise_scheduler.add_noise(latents, noised_with, timesteps)
 
@@ -469,7 +710,14 @@ def compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, arg
     if args.dream_training:
         # DREAM (Zhou et al. 2023, arXiv:2312.00210): blend the model's own estimate into input and target.
         noisy_latents, target = compute_dream_and_update_latents(
-            unet, noise_scheduler, timesteps, noise, noisy_latents, target, encoder_hidden_states, args.dream_detail_preservation
+            unet,
+            noise_scheduler,
+            timesteps,
+            noise,
+            noisy_latents,
+            target,
+            encoder_hidden_states,
+            args.dream_detail_preservation,
         )
 
     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
@@ -484,7 +732,9 @@ def compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, arg
         weights = torch.where(divisor > 0, torch.clamp(snr, max=args.snr_gamma) / divisor, torch.ones_like(snr))
         loss = loss * weights
     return loss.mean()
-# ------------------------------------------------------- END MATH -------------------------------------------------------
+
+
+# ------------------------------------------------------ END MATH ------------------------------------------------------
 
 
 def save_checkpoint(accelerator, args, global_step, training_state):
@@ -518,7 +768,11 @@ def render_validation_images(pipeline, prompts, resolution, seed, weight_dtype):
         generator = torch.Generator(device=device).manual_seed(derive_seed(seed, 7919, index))
         # Trained and frozen parts may differ in dtype under mixed precision; autocast reconciles them.
         with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-            images.append(pipeline(prompt, num_inference_steps=20, generator=generator, height=resolution, width=resolution).images[0])
+            images.append(
+                pipeline(
+                    prompt, num_inference_steps=20, generator=generator, height=resolution, width=resolution
+                ).images[0]
+            )
     return images
 
 
@@ -542,26 +796,45 @@ def log_validation(pipeline, prompts, args, accelerator, seed, global_step, tag,
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log({tag: [wandb.Image(i, caption=p) for i, p in zip(images, prompts)]}, step=global_step)
+            tracker.log(
+                {tag: [wandb.Image(i, caption=p) for i, p in zip(images, prompts, strict=True)]}, step=global_step
+            )
     return images
 
 
 def write_model_card(args, global_step, validation_grid):
     lines = [
-        "---", "license: creativeml-openrail-m", f"base_model: {args.pretrained_model_name_or_path}",
-        "tags:", "- stable-diffusion", "- text-to-image", "- diffusers", "library_name: diffusers", "---", "",
-        f"# {os.path.basename(os.path.abspath(args.output_dir))}", "",
+        "---",
+        "license: creativeml-openrail-m",
+        f"base_model: {args.pretrained_model_name_or_path}",
+        "tags:",
+        "- stable-diffusion",
+        "- text-to-image",
+        "- diffusers",
+        "library_name: diffusers",
+        "---",
+        "",
+        f"# {os.path.basename(os.path.abspath(args.output_dir))}",
+        "",
         f"UNet of `{args.pretrained_model_name_or_path}` fine-tuned with train_text_to_image.py on "
-        f"`{args.dataset_name or args.train_data_dir}`.", "",
-        "```python", "from diffusers import StableDiffusionPipeline", "",
+        f"`{args.dataset_name or args.train_data_dir}`.",
+        "",
+        "```python",
+        "from diffusers import StableDiffusionPipeline",
+        "",
         f'pipe = StableDiffusionPipeline.from_pretrained("{args.hub_model_id or args.output_dir}")',
-        f'image = pipe("{(args.validation_prompts or ["a photo"])[0]}").images[0]', "```", "",
-        "| setting | value |", "| --- | --- |",
+        f'image = pipe("{(args.validation_prompts or ["a photo"])[0]}").images[0]',
+        "```",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
         f"| optimizer updates | {global_step} |",
         f"| learning rate | {args.learning_rate} ({args.lr_scheduler}, {args.lr_warmup_steps} warmup) |",
         f"| batch per device x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |",
-        f"| resolution | {args.resolution} |", f"| mixed precision | {args.mixed_precision} |",
-        f"| EMA | {args.use_ema} |", f"| Min-SNR gamma | {args.snr_gamma} |",
+        f"| resolution | {args.resolution} |",
+        f"| mixed precision | {args.mixed_precision} |",
+        f"| EMA | {args.use_ema} |",
+        f"| Min-SNR gamma | {args.snr_gamma} |",
     ]
     if validation_grid:
         lines += ["", f"![validation]({validation_grid})"]
@@ -602,7 +875,11 @@ def save_pipeline(unet, args):
     """The full pipeline (frozen parts re-read in their original precision) in output_dir, written to a temporary
     folder first so a crash never leaves a half-written model over a good one."""
     pipeline = StableDiffusionPipeline.from_pretrained(
-        args.pretrained_model_name_or_path, unet=unet, revision=args.revision, variant=args.variant, cache_dir=args.cache_dir
+        args.pretrained_model_name_or_path,
+        unet=unet,
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
     )
     if args.prediction_type is not None:
         # The model now predicts this target: the saved scheduler must say so, or inference silently goes wrong.
@@ -628,40 +905,88 @@ def main(argv=None):
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)),
+        project_config=ProjectConfiguration(
+            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
+        ),
     )
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+    )
     for library in (datasets, diffusers):
-        library.utils.logging.set_verbosity_warning() if accelerator.is_local_main_process else library.utils.logging.set_verbosity_error()
+        if accelerator.is_local_main_process:
+            library.utils.logging.set_verbosity_warning()
+        else:
+            library.utils.logging.set_verbosity_error()
     if args.enable_xformers_memory_efficient_attention and not diffusers.utils.is_xformers_available():
-        raise ImportError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (GPU only)")
+        raise ImportError(
+            "--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (GPU only)"
+        )
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     resume_path = find_resume_checkpoint(args)
     resume_state = json.load(open(os.path.join(resume_path, TRAINING_STATE))) if resume_path else {}
     # One seed drives everything; without --seed a resumed run must reuse the one its checkpoint recorded.
-    seed = args.seed if args.seed is not None else resume_state.get("seed", int(np.random.SeedSequence().generate_state(1)[0]))
+    seed = (
+        args.seed
+        if args.seed is not None
+        else resume_state.get("seed", int(np.random.SeedSequence().generate_state(1)[0]))
+    )
     if resume_state and resume_state["seed"] != seed:
-        logger.warning(f"--seed {seed} differs from the checkpoint's seed {resume_state['seed']}: the resumed run will not match an uninterrupted one")
+        logger.warning(
+            f"--seed {seed} differs from the checkpoint's seed {resume_state['seed']}: "
+            "the resumed run will not match an uninterrupted one"
+        )
 
     # ------------------------------------------------------------------------------------------------ load models
-    noise_scheduler = DDPMScheduler.from_pretrained(args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir)
+    noise_scheduler = DDPMScheduler.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir
+    )
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     if args.dream_training and noise_scheduler.config.prediction_type != "epsilon":
-        raise ValueError(f"--dream_training supports epsilon prediction only; this run predicts {noise_scheduler.config.prediction_type}")
-    tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision, cache_dir=args.cache_dir)
-    text_encoder = CLIPTextModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="text_encoder", revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
-    vae = AutoencoderKL.from_pretrained(args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
-    unet = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet", revision=args.non_ema_revision, cache_dir=args.cache_dir)
+        raise ValueError(
+            "--dream_training supports epsilon prediction only; "
+            f"this run predicts {noise_scheduler.config.prediction_type}"
+        )
+    tokenizer = CLIPTokenizer.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision, cache_dir=args.cache_dir
+    )
+    text_encoder = CLIPTextModel.from_pretrained(
+        args.pretrained_model_name_or_path,
+        subfolder="text_encoder",
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+    )
+    vae = AutoencoderKL.from_pretrained(
+        args.pretrained_model_name_or_path,
+        subfolder="vae",
+        revision=args.revision,
+        variant=args.variant,
+        cache_dir=args.cache_dir,
+    )
+    unet = UNet2DConditionModel.from_pretrained(
+        args.pretrained_model_name_or_path, subfolder="unet", revision=args.non_ema_revision, cache_dir=args.cache_dir
+    )
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     unet.train()
     ema_unet = None
     if args.use_ema:
-        ema_source = UNet2DConditionModel.from_pretrained(args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant, cache_dir=args.cache_dir)
-        ema_unet = EMAModel(ema_source.parameters(), model_cls=UNet2DConditionModel, model_config=ema_source.config, foreach=args.foreach_ema)
+        ema_source = UNet2DConditionModel.from_pretrained(
+            args.pretrained_model_name_or_path,
+            subfolder="unet",
+            revision=args.revision,
+            variant=args.variant,
+            cache_dir=args.cache_dir,
+        )
+        ema_unet = EMAModel(
+            ema_source.parameters(),
+            model_cls=UNet2DConditionModel,
+            model_config=ema_source.config,
+            foreach=args.foreach_ema,
+        )
         del ema_source
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
@@ -692,7 +1017,9 @@ def main(argv=None):
 
     def load_model_hook(models, input_dir):
         if ema_unet is not None:
-            loaded = EMAModel.from_pretrained(os.path.join(input_dir, "unet_ema"), UNet2DConditionModel, foreach=args.foreach_ema)
+            loaded = EMAModel.from_pretrained(
+                os.path.join(input_dir, "unet_ema"), UNet2DConditionModel, foreach=args.foreach_ema
+            )
             ema_unet.load_state_dict(loaded.state_dict())
             if not args.offload_ema:
                 ema_unet.to(accelerator.device)
@@ -708,12 +1035,21 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------- data
     rows = load_image_caption_dataset(args, seed)
     train_dataset = ImageCaptionDataset(rows, tokenizer, args, seed)
-    num_workers = args.dataloader_num_workers if args.dataloader_num_workers is not None else (4 if accelerator.device.type == "cuda" else 0)
+    num_workers = (
+        args.dataloader_num_workers
+        if args.dataloader_num_workers is not None
+        else (4 if accelerator.device.type == "cuda" else 0)
+    )
     build_caches(train_dataset, vae, text_encoder, tokenizer, accelerator, args, num_workers)
     sampler = EpochShuffleSampler(len(train_dataset), seed)
     train_dataloader = torch.utils.data.DataLoader(
-        train_dataset, sampler=sampler, batch_size=args.train_batch_size, collate_fn=collate, num_workers=num_workers,
-        persistent_workers=num_workers > 0, pin_memory=accelerator.device.type == "cuda",
+        train_dataset,
+        sampler=sampler,
+        batch_size=args.train_batch_size,
+        collate_fn=collate,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=accelerator.device.type == "cuda",
     )
 
     # -------------------------------------------------------------------------------- optimizer and schedule
@@ -729,8 +1065,11 @@ def main(argv=None):
         # One fused kernel for the whole update: half the time of the foreach version on CPU, fewer launches on GPU.
         optimizer_class = functools.partial(torch.optim.AdamW, fused=True)
     optimizer = optimizer_class(
-        unet.parameters(), lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay, eps=args.adam_epsilon,
+        unet.parameters(),
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
     )
     unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
     # global_step counts optimizer updates; --max_train_steps is authoritative and epochs are derived from it.
@@ -739,7 +1078,9 @@ def main(argv=None):
     num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
     # The prepared scheduler steps once per process at every update, hence the factor num_processes.
     lr_scheduler = get_scheduler(
-        args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
     lr_scheduler = accelerator.prepare(lr_scheduler)
@@ -750,12 +1091,19 @@ def main(argv=None):
         accelerator.print(f"Resuming from {resume_path}")
         accelerator.load_state(resume_path)
         global_step = resume_state["global_step"]
-        layout = {"total_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps, "updates_per_epoch": updates_per_epoch}
+        layout = {
+            "total_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+            "updates_per_epoch": updates_per_epoch,
+        }
         if any(resume_state.get(k) != v for k, v in layout.items()):
-            logger.warning(f"data layout changed since the checkpoint ({ {k: resume_state.get(k) for k in layout} } -> {layout}): the resumed run will not match an uninterrupted one")
+            logger.warning(
+                f"data layout changed since the checkpoint ({ {k: resume_state.get(k) for k in layout} } -> {layout}): "
+                "the resumed run will not match an uninterrupted one"
+            )
     first_epoch = global_step // updates_per_epoch
     training_state = {
-        "seed": seed, "total_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+        "seed": seed,
+        "total_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
         "updates_per_epoch": updates_per_epoch,
     }
 
@@ -765,15 +1113,27 @@ def main(argv=None):
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
     total_batch_size = training_state["total_batch_size"]
     logger.info("***** Running training *****")
-    logger.info(f"  Examples = {len(train_dataset)}, epochs = {num_train_epochs}, updates per epoch = {updates_per_epoch}")
-    logger.info(f"  Batch per device = {args.train_batch_size}, processes = {accelerator.num_processes}, accumulation = {args.gradient_accumulation_steps}, total batch = {total_batch_size}")
+    logger.info(
+        f"  Examples = {len(train_dataset)}, epochs = {num_train_epochs}, updates per epoch = {updates_per_epoch}"
+    )
+    logger.info(
+        f"  Batch per device = {args.train_batch_size}, processes = {accelerator.num_processes}, "
+        f"accumulation = {args.gradient_accumulation_steps}, total batch = {total_batch_size}"
+    )
     logger.info(f"  Optimizer updates = {max_train_steps}, starting at {global_step}, seed = {seed}")
     if global_step >= max_train_steps:
-        logger.info(f"Checkpoint step {global_step} is at or past --max_train_steps {max_train_steps}: nothing to train.")
+        logger.info(
+            f"Checkpoint step {global_step} is at or past --max_train_steps {max_train_steps}: nothing to train."
+        )
 
     # ------------------------------------------------------------------------------------------------- train loop
     generator = torch.Generator(device=accelerator.device)
-    progress_bar = tqdm(range(max_train_steps), initial=min(global_step, max_train_steps), desc="Steps", disable=not accelerator.is_local_main_process)
+    progress_bar = tqdm(
+        range(max_train_steps),
+        initial=min(global_step, max_train_steps),
+        desc="Steps",
+        disable=not accelerator.is_local_main_process,
+    )
     window = LogWindow(accelerator, total_batch_size, global_step)
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
@@ -827,11 +1187,20 @@ def main(argv=None):
                     ema_unet.store(unet.parameters())
                     ema_unet.copy_to(unet.parameters())
                 pipeline = StableDiffusionPipeline.from_pretrained(
-                    args.pretrained_model_name_or_path, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                    unet=accelerator.unwrap_model(unet), safety_checker=None, revision=args.revision, variant=args.variant,
-                    dtype=weight_dtype, cache_dir=args.cache_dir,
+                    args.pretrained_model_name_or_path,
+                    vae=vae,
+                    text_encoder=text_encoder,
+                    tokenizer=tokenizer,
+                    unet=accelerator.unwrap_model(unet),
+                    safety_checker=None,
+                    revision=args.revision,
+                    variant=args.variant,
+                    dtype=weight_dtype,
+                    cache_dir=args.cache_dir,
                 )
-                log_validation(pipeline, args.validation_prompts, args, accelerator, seed, global_step, "validation", weight_dtype)
+                log_validation(
+                    pipeline, args.validation_prompts, args, accelerator, seed, global_step, "validation", weight_dtype
+                )
                 del pipeline
                 if ema_unet is not None:
                     ema_unet.restore(unet.parameters())
@@ -848,15 +1217,27 @@ def main(argv=None):
         if args.validation_prompts:
             pipeline = pipeline.to(accelerator.device)
             pipeline.safety_checker = None
-            log_validation(pipeline, args.validation_prompts, args, accelerator, seed, global_step, "final", torch.float32)
+            log_validation(
+                pipeline, args.validation_prompts, args, accelerator, seed, global_step, "final", torch.float32
+            )
             grid = f"validation/final-step-{global_step:06d}.png"
         write_model_card(args, global_step, grid)
         logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
         if args.push_to_hub:
             from huggingface_hub import create_repo, upload_folder
 
-            repo_id = create_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True, token=args.hub_token).repo_id
-            upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training", ignore_patterns=["checkpoint-*", ".*", "logs/*"], token=args.hub_token)
+            repo_id = create_repo(
+                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+                exist_ok=True,
+                token=args.hub_token,
+            ).repo_id
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=args.output_dir,
+                commit_message="End of training",
+                ignore_patterns=["checkpoint-*", ".*", "logs/*"],
+                token=args.hub_token,
+            )
     accelerator.end_training()
 
 

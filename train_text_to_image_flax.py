@@ -47,59 +47,176 @@ LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine"]
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Fine-tune the UNet of a Stable Diffusion pipeline on image-caption pairs (JAX/Flax).")
+    parser = argparse.ArgumentParser(
+        description="Fine-tune the UNet of a Stable Diffusion pipeline on image-caption pairs (JAX/Flax)."
+    )
     # Model
-    parser.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="Hub id or local folder of a PyTorch diffusers Stable Diffusion pipeline.")
-    parser.add_argument("--revision", type=str, default=None, help="Hub revision (branch, tag or commit) of the pretrained pipeline.")
+    parser.add_argument(
+        "--pretrained_model_name_or_path",
+        type=str,
+        required=True,
+        help="Hub id or local folder of a PyTorch diffusers Stable Diffusion pipeline.",
+    )
+    parser.add_argument(
+        "--revision", type=str, default=None, help="Hub revision (branch, tag or commit) of the pretrained pipeline."
+    )
     parser.add_argument("--variant", type=str, default=None, help="Weight file variant to load, e.g. 'fp16'.")
-    parser.add_argument("--prediction_type", type=str, default=None, choices=["epsilon", "v_prediction"], help="Training target; default: the scheduler config's prediction_type.")
+    parser.add_argument(
+        "--prediction_type",
+        type=str,
+        default=None,
+        choices=["epsilon", "v_prediction"],
+        help="Training target; default: the scheduler config's prediction_type.",
+    )
     # Data
-    parser.add_argument("--dataset_name", type=str, default=None, help="Hub dataset id or local dataset folder that datasets.load_dataset reads.")
-    parser.add_argument("--dataset_config_name", type=str, default=None, help="Config name of the dataset, if it has several.")
-    parser.add_argument("--train_data_dir", type=str, default=None, help="Local imagefolder with a metadata.jsonl of file_name and caption (used when --dataset_name is not given).")
+    parser.add_argument(
+        "--dataset_name",
+        type=str,
+        default=None,
+        help="Hub dataset id or local dataset folder that datasets.load_dataset reads.",
+    )
+    parser.add_argument(
+        "--dataset_config_name", type=str, default=None, help="Config name of the dataset, if it has several."
+    )
+    parser.add_argument(
+        "--train_data_dir",
+        type=str,
+        default=None,
+        help="Local imagefolder with a metadata.jsonl of file_name and caption (when --dataset_name is not given).",
+    )
     parser.add_argument("--image_column", type=str, default="image", help="Dataset column holding the images.")
-    parser.add_argument("--caption_column", type=str, default="text", help="Dataset column holding a caption or a list of captions (one is drawn per use).")
-    parser.add_argument("--max_train_samples", type=int, default=None, help="Train on a random subset of this many examples (for debugging).")
+    parser.add_argument(
+        "--caption_column",
+        type=str,
+        default="text",
+        help="Dataset column holding a caption or a list of captions (one is drawn per use).",
+    )
+    parser.add_argument(
+        "--max_train_samples",
+        type=int,
+        default=None,
+        help="Train on a random subset of this many examples (for debugging).",
+    )
     parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
-    parser.add_argument("--resolution", type=int, default=512, help="Training images are resized and cropped to this square size.")
-    parser.add_argument("--center_crop", action="store_true", help="Crop the center of each image instead of a random crop.")
+    parser.add_argument(
+        "--resolution", type=int, default=512, help="Training images are resized and cropped to this square size."
+    )
+    parser.add_argument(
+        "--center_crop", action="store_true", help="Crop the center of each image instead of a random crop."
+    )
     parser.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
-    parser.add_argument("--image_interpolation_mode", type=str, default="lanczos", choices=INTERPOLATION_MODES, help="Interpolation used to resize images.")
+    parser.add_argument(
+        "--image_interpolation_mode",
+        type=str,
+        default="lanczos",
+        choices=INTERPOLATION_MODES,
+        help="Interpolation used to resize images.",
+    )
     # Training
-    parser.add_argument("--seed", type=int, default=None, help="Seed for data order, augmentation and noise; a resumed run reuses its checkpoint's seed.")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="Seed for data order, augmentation and noise; a resumed run reuses its checkpoint's seed.",
+    )
     parser.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
-    parser.add_argument("--num_train_epochs", type=int, default=100, help="Epochs to train; ignored when --max_train_steps is given.")
-    parser.add_argument("--max_train_steps", type=int, default=None, help="Total optimizer updates; overrides --num_train_epochs.")
-    parser.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated into one optimizer update.")
-    parser.add_argument("--gradient_checkpointing", action="store_true", help="Rematerialise each UNet block in the backward pass to save memory.")
+    parser.add_argument(
+        "--num_train_epochs", type=int, default=100, help="Epochs to train; ignored when --max_train_steps is given."
+    )
+    parser.add_argument(
+        "--max_train_steps", type=int, default=None, help="Total optimizer updates; overrides --num_train_epochs."
+    )
+    parser.add_argument(
+        "--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated into one optimizer update."
+    )
+    parser.add_argument(
+        "--gradient_checkpointing",
+        action="store_true",
+        help="Rematerialise each UNet block in the backward pass to save memory.",
+    )
     parser.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate (after warmup).")
-    parser.add_argument("--scale_lr", action="store_true", help="Multiply the learning rate by accumulation steps x global batch size.")
-    parser.add_argument("--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS, help="Learning-rate schedule.")
+    parser.add_argument(
+        "--scale_lr", action="store_true", help="Multiply the learning rate by accumulation steps x global batch size."
+    )
+    parser.add_argument(
+        "--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS, help="Learning-rate schedule."
+    )
     parser.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup optimizer updates of the schedule.")
-    parser.add_argument("--snr_gamma", type=float, default=None, help="Min-SNR weighting gamma (5.0 is recommended); off when not given.")
-    parser.add_argument("--noise_offset", type=float, default=0.0, help="Scale of offset noise (0.1 is typical); 0 turns it off.")
+    parser.add_argument(
+        "--snr_gamma",
+        type=float,
+        default=None,
+        help="Min-SNR weighting gamma (5.0 is recommended); off when not given.",
+    )
+    parser.add_argument(
+        "--noise_offset", type=float, default=0.0, help="Scale of offset noise (0.1 is typical); 0 turns it off."
+    )
     parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
     parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
     parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
     parser.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
-    parser.add_argument("--max_grad_norm", type=float, default=1.0, help="Clip gradients to this global norm (0 turns clipping off).")
-    parser.add_argument("--mixed_precision", type=str, default="no", choices=["no", "bf16"], help="bf16 computes in bfloat16 with fp32 master weights.")
-    parser.add_argument("--jax_distributed", action="store_true", help="Call jax.distributed.initialize() first (multi-host TPU pods and clusters).")
+    parser.add_argument(
+        "--max_grad_norm", type=float, default=1.0, help="Clip gradients to this global norm (0 turns clipping off)."
+    )
+    parser.add_argument(
+        "--mixed_precision",
+        type=str,
+        default="no",
+        choices=["no", "bf16"],
+        help="bf16 computes in bfloat16 with fp32 master weights.",
+    )
+    parser.add_argument(
+        "--jax_distributed",
+        action="store_true",
+        help="Call jax.distributed.initialize() first (multi-host TPU pods and clusters).",
+    )
     # Checkpointing
-    parser.add_argument("--output_dir", type=str, default="sd-model-finetuned", help="Where the final pipeline and checkpoints go.")
-    parser.add_argument("--checkpointing_steps", type=int, default=500, help="Save the full training state every this many optimizer updates.")
-    parser.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).")
-    parser.add_argument("--resume_from_checkpoint", type=str, default=None, help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).")
+    parser.add_argument(
+        "--output_dir", type=str, default="sd-model-finetuned", help="Where the final pipeline and checkpoints go."
+    )
+    parser.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="Save the full training state every this many optimizer updates.",
+    )
+    parser.add_argument(
+        "--checkpoints_total_limit",
+        type=int,
+        default=None,
+        help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).",
+    )
+    parser.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).",
+    )
     # Logging
-    parser.add_argument("--logging_steps", type=int, default=10, help="Log loss, lr, grad norm, images/s and peak GPU memory averaged over this many updates (only these steps wait for the GPU).")
+    parser.add_argument(
+        "--logging_steps",
+        type=int,
+        default=10,
+        help="Log loss, lr, grad norm, images/s and peak GPU memory averaged over this many updates.",
+    )
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the final pipeline to the Hugging Face Hub.")
     parser.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `hf auth login`).")
-    parser.add_argument("--hub_model_id", type=str, default=None, help="Hub repository to push to; default: the output folder's name.")
+    parser.add_argument(
+        "--hub_model_id", type=str, default=None, help="Hub repository to push to; default: the output folder's name."
+    )
     args = parser.parse_args(argv)
 
     if args.dataset_name is None and args.train_data_dir is None:
-        parser.error("no training data: pass --dataset_name (hub id or local dataset folder) or --train_data_dir (imagefolder)")
-    for name in ["resolution", "train_batch_size", "gradient_accumulation_steps", "checkpointing_steps", "logging_steps"]:
+        parser.error(
+            "no training data: pass --dataset_name (hub id or local dataset folder) or --train_data_dir (imagefolder)"
+        )
+    for name in [
+        "resolution",
+        "train_batch_size",
+        "gradient_accumulation_steps",
+        "checkpointing_steps",
+        "logging_steps",
+    ]:
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.max_train_steps is not None and args.max_train_steps < 1:
@@ -143,9 +260,10 @@ def find_resume_checkpoint(args):
     if not os.path.isdir(path):
         path = os.path.join(args.output_dir, args.resume_from_checkpoint)
     if not os.path.isfile(os.path.join(path, TRAINING_STATE)):
+        complete = [os.path.basename(p) for _, p in list_checkpoints(args.output_dir)]
         raise FileNotFoundError(
             f"--resume_from_checkpoint {args.resume_from_checkpoint}: no complete checkpoint at {path} "
-            f"(complete ones in {args.output_dir}: {[os.path.basename(p) for _, p in list_checkpoints(args.output_dir)]})"
+            f"(complete ones in {args.output_dir}: {complete})"
         )
     return path
 
@@ -160,7 +278,9 @@ def load_image_caption_dataset(args, seed):
         try:
             dataset = datasets.load_dataset(
                 os.path.expanduser(args.dataset_name) if looks_local else args.dataset_name,
-                args.dataset_config_name, cache_dir=args.cache_dir, split="train",
+                args.dataset_config_name,
+                cache_dir=args.cache_dir,
+                split="train",
             )
         except Exception as err:
             raise RuntimeError(f"{source}: could not load a 'train' split ({type(err).__name__}: {err})") from err
@@ -169,12 +289,16 @@ def load_image_caption_dataset(args, seed):
         if not os.path.isdir(args.train_data_dir):
             raise FileNotFoundError(f"{source}: no such folder")
         try:
-            dataset = datasets.load_dataset("imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir, split="train")
+            dataset = datasets.load_dataset(
+                "imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir, split="train"
+            )
         except Exception as err:
             raise RuntimeError(f"{source}: not a readable imagefolder ({type(err).__name__}: {err})") from err
     for flag, column in [("--image_column", args.image_column), ("--caption_column", args.caption_column)]:
         if column not in dataset.column_names:
-            raise ValueError(f"{flag} '{column}' is not a column of {source}; its columns are: {', '.join(dataset.column_names)}")
+            raise ValueError(
+                f"{flag} '{column}' is not a column of {source}; its columns are: {', '.join(dataset.column_names)}"
+            )
     if len(dataset) == 0:
         raise ValueError(f"{source} has no rows")
     if isinstance(dataset.features[args.image_column], datasets.Image):
@@ -230,7 +354,10 @@ class ImageCaptionDataset:
             return value
         if isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0 and all(isinstance(v, str) for v in value):
             return value[int(rng.integers(len(value)))]
-        raise ValueError(f"--caption_column '{self.args.caption_column}', row {row}: expected a string or a list of strings, got {value!r}")
+        raise ValueError(
+            f"--caption_column '{self.args.caption_column}', row {row}: "
+            f"expected a string or a list of strings, got {value!r}"
+        )
 
     def __getitem__(self, key):
         epoch, row = key
@@ -238,7 +365,9 @@ class ImageCaptionDataset:
         example = self.rows[row]
         pixel_values = self.transform(self.open_image(example[self.args.image_column], row), rng)
         caption = self.pick_caption(example[self.args.caption_column], row, rng)
-        input_ids = self.tokenizer(caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True).input_ids
+        input_ids = self.tokenizer(
+            caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True
+        ).input_ids
         return {"pixel_values": pixel_values, "input_ids": np.asarray(input_ids, dtype=np.int32)}
 
 
@@ -262,9 +391,18 @@ def resolve_pipeline_folder(args):
 
     suffix = f".{args.variant}" if args.variant else ""
     return snapshot_download(
-        args.pretrained_model_name_or_path, revision=args.revision, cache_dir=args.cache_dir,
-        allow_patterns=["model_index.json", "scheduler/*", "tokenizer/*", "*/config.json", f"text_encoder/model{suffix}.safetensors",
-                        f"unet/diffusion_pytorch_model{suffix}.safetensors", f"vae/diffusion_pytorch_model{suffix}.safetensors"],
+        args.pretrained_model_name_or_path,
+        revision=args.revision,
+        cache_dir=args.cache_dir,
+        allow_patterns=[
+            "model_index.json",
+            "scheduler/*",
+            "tokenizer/*",
+            "*/config.json",
+            f"text_encoder/model{suffix}.safetensors",
+            f"unet/diffusion_pytorch_model{suffix}.safetensors",
+            f"vae/diffusion_pytorch_model{suffix}.safetensors",
+        ],
     )
 
 
@@ -276,12 +414,17 @@ def load_flax_model(cls, folder, subfolder, variant, dtype, **overrides):
     config = cls.load_config(folder, subfolder=subfolder)
     if cls.__name__ == "FlaxUNet2DConditionModel" and config.get("norm_num_groups", 32) != 32:
         # diffusers' Flax UNet always normalises over 32 groups: any other value would silently compute another model.
-        raise ValueError(f"{os.path.join(folder, subfolder)}: norm_num_groups={config['norm_num_groups']}, but the Flax UNet supports only 32")
+        raise ValueError(
+            f"{os.path.join(folder, subfolder)}: norm_num_groups={config['norm_num_groups']}, "
+            "but the Flax UNet supports only 32"
+        )
     model = cls.from_config(config, dtype=dtype, **overrides)
     name = f"diffusion_pytorch_model.{variant}.safetensors" if variant else "diffusion_pytorch_model.safetensors"
     path = os.path.join(folder, subfolder, name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: the Flax scripts read PyTorch pipelines saved with safetensors weights")
+        raise FileNotFoundError(
+            f"{path} not found: the Flax scripts read PyTorch pipelines saved with safetensors weights"
+        )
     state = {k: v.float() for k, v in safetensors.torch.load_file(path).items()}
 
     class ShapesOnly:
@@ -300,11 +443,15 @@ def load_flax_text_encoder(folder, variant, dtype):
     from transformers import CLIPTextConfig, FlaxCLIPTextModel
     from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
 
-    model = FlaxCLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"), dtype=dtype, _do_init=False)
+    model = FlaxCLIPTextModel(
+        CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"), dtype=dtype, _do_init=False
+    )
     name = f"model.{variant}.safetensors" if variant else "model.safetensors"
     path = os.path.join(folder, "text_encoder", name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} not found: the Flax scripts read PyTorch pipelines saved with safetensors weights")
+        raise FileNotFoundError(
+            f"{path} not found: the Flax scripts read PyTorch pipelines saved with safetensors weights"
+        )
     state = {k: v.float() for k, v in safetensors.torch.load_file(path).items()}
     if not any(k.startswith("text_model.") for k in state):  # transformers 5 drops the prefix when saving
         state = {"text_model." + k: v for k, v in state.items()}
@@ -323,10 +470,16 @@ def enable_block_rematerialisation():
     """Gradient checkpointing for the Flax UNet: wrap each of its block classes in nn.remat, so a block's activations
     are recomputed in the backward pass instead of stored. The model code is unchanged; only the names the UNet
     module looks its blocks up by are rebound, before the UNet is built."""
-    import flax.linen as nn
     import diffusers.models.unets.unet_2d_condition_flax as unet_module
+    import flax.linen as nn
 
-    for name in ["FlaxCrossAttnDownBlock2D", "FlaxDownBlock2D", "FlaxCrossAttnUpBlock2D", "FlaxUpBlock2D", "FlaxUNetMidBlock2DCrossAttn"]:
+    for name in [
+        "FlaxCrossAttnDownBlock2D",
+        "FlaxDownBlock2D",
+        "FlaxCrossAttnUpBlock2D",
+        "FlaxUpBlock2D",
+        "FlaxUNetMidBlock2DCrossAttn",
+    ]:
         block = getattr(unet_module, name)
         if not getattr(block, "_rematerialised", False):
             wrapped = nn.remat(block)
@@ -383,13 +536,16 @@ class LogWindow:
         self.metrics.append(metrics)
 
     def read(self, global_step, epoch, lr):
-        """Averages over the window as a logs dict, then a new window. A non-finite loss stops the run, naming the steps."""
+        """Averages over the window as a logs dict, then a new window. A non-finite loss stops the run, naming the
+        steps."""
         metrics = jax.device_get(self.metrics)
         updates = len(metrics)
         loss = float(np.mean([m["loss"] for m in metrics]))
         if not math.isfinite(loss):
             steps = f"at step {global_step}" if updates == 1 else f"in steps {self.first_step}-{global_step}"
-            raise FloatingPointError(f"loss is {loss} {steps} (epoch {epoch}): stopping; no checkpoint was written for these steps")
+            raise FloatingPointError(
+                f"loss is {loss} {steps} (epoch {epoch}): stopping; no checkpoint was written for these steps"
+            )
         elapsed = time.perf_counter() - self.started
         logs = {"loss": loss, "lr": lr, "grad_norm": float(np.mean([m["grad_norm"] for m in metrics]))}
         logs["step_time"] = elapsed / updates
@@ -402,7 +558,7 @@ def format_logs(global_step, logs):
     return f"step {global_step}: " + ", ".join(f"{key}={value:.4g}" for key, value in logs.items())
 
 
-# ------------------------------------------------------ BEGIN MATH ------------------------------------------------------
+# ----------------------------------------------------- BEGIN MATH -----------------------------------------------------
 def train_step(state, batch, rng):
     """One batch: the denoising loss, its gradients and an optimizer step (accumulated by optax.MultiSteps). Pure:
     every random draw comes from `rng`."""
@@ -412,7 +568,9 @@ def train_step(state, batch, rng):
         latents = batch["latents"]
     else:
         # The frozen VAE maps images to latents; the scaling factor brings them to roughly unit variance.
-        latent_dist = state.vae.apply({"params": state.vae_params}, batch["pixel_values"], deterministic=True, method=state.vae.encode).latent_dist
+        latent_dist = state.vae.apply(
+            {"params": state.vae_params}, batch["pixel_values"], deterministic=True, method=state.vae.encode
+        ).latent_dist
         latents = jnp.transpose(latent_dist.sample(sample_rng), (0, 3, 1, 2)) * config.scaling_factor
     # The frozen text encoder's last hidden state conditions the UNet through cross-attention.
     encoder_hidden_states = state.text_encoder(batch["input_ids"], params=state.text_encoder_params, train=False)[0]
@@ -423,7 +581,9 @@ def train_step(state, batch, rng):
     if config.noise_offset:
         # Offset noise (Guttenberg 2023, crosslabs.org/blog/diffusion-with-offset-noise): a per-channel constant
         # lets the model change the overall brightness of an image.
-        noise = noise + config.noise_offset * jax.random.normal(offset_rng, (bsz, latents.shape[1], 1, 1), latents.dtype)
+        noise = noise + config.noise_offset * jax.random.normal(
+            offset_rng, (bsz, latents.shape[1], 1, 1), latents.dtype
+        )
     timesteps = jax.random.randint(timestep_rng, (bsz,), 0, state.noise_scheduler.config.num_train_timesteps)
     # Forward diffusion: noisy_latents = sqrt(alpha_bar_t) * latents + sqrt(1 - alpha_bar_t) * noise.
     noisy_latents = state.noise_scheduler.add_noise(state.scheduler_state, latents, noise, timesteps)
@@ -437,8 +597,12 @@ def train_step(state, batch, rng):
         raise ValueError(f"unsupported prediction type {config.prediction_type!r}")
 
     def compute_loss(params):
-        model_pred = state.apply_fn({"params": params}, noisy_latents, timesteps, encoder_hidden_states, train=True).sample
-        loss = ((model_pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2).mean(axis=tuple(range(1, model_pred.ndim)))
+        model_pred = state.apply_fn(
+            {"params": params}, noisy_latents, timesteps, encoder_hidden_states, train=True
+        ).sample
+        loss = ((model_pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2).mean(
+            axis=tuple(range(1, model_pred.ndim))
+        )
 
         if config.snr_gamma is not None:
             # Min-SNR-gamma weighting (Hang et al. 2023, arXiv:2303.09556): weight each timestep by min(SNR, gamma)/SNR
@@ -453,7 +617,9 @@ def train_step(state, batch, rng):
     loss, grads = jax.value_and_grad(compute_loss)(state.params)
     new_state = state.apply_gradients(grads=grads)
     return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-# ------------------------------------------------------- END MATH -------------------------------------------------------
+
+
+# ------------------------------------------------------ END MATH ------------------------------------------------------
 
 
 def checkpoint_payload(state):
@@ -529,16 +695,25 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------ setup
     if args.jax_distributed:
         jax.distributed.initialize()
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO)
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+    )
     is_main_process = jax.process_index() == 0
     if not is_main_process:
         logger.setLevel(logging.ERROR)
     resume_path = find_resume_checkpoint(args)
     resume_state = json.load(open(os.path.join(resume_path, TRAINING_STATE))) if resume_path else {}
     # One seed drives everything; without --seed a resumed run must reuse the one its checkpoint recorded.
-    seed = args.seed if args.seed is not None else resume_state.get("seed", int(np.random.SeedSequence().generate_state(1)[0]))
+    seed = (
+        args.seed
+        if args.seed is not None
+        else resume_state.get("seed", int(np.random.SeedSequence().generate_state(1)[0]))
+    )
     if resume_state and resume_state["seed"] != seed:
-        logger.warning(f"--seed {seed} differs from the checkpoint's seed {resume_state['seed']}: the resumed run will not match an uninterrupted one")
+        logger.warning(
+            f"--seed {seed} differs from the checkpoint's seed {resume_state['seed']}: "
+            "the resumed run will not match an uninterrupted one"
+        )
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -566,7 +741,8 @@ def main(argv=None):
     if batches_per_epoch < args.gradient_accumulation_steps:
         raise ValueError(
             f"{len(train_dataset)} examples make {batches_per_epoch} full global batches of {global_batch_size} "
-            f"({args.train_batch_size} per device x {jax.device_count()} devices); one update needs {args.gradient_accumulation_steps}"
+            f"({args.train_batch_size} per device x {jax.device_count()} devices); "
+            f"one update needs {args.gradient_accumulation_steps}"
         )
 
     # -------------------------------------------------------------------------------- optimizer and schedule
@@ -577,13 +753,21 @@ def main(argv=None):
     max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
     schedule = learning_rate_schedule(args, max_train_steps)
-    optimizer = optax.adamw(schedule, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon, weight_decay=args.adam_weight_decay)
+    optimizer = optax.adamw(
+        schedule, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon, weight_decay=args.adam_weight_decay
+    )
     if args.max_grad_norm > 0:
         optimizer = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optimizer)
     optimizer = optax.MultiSteps(optimizer, every_k_schedule=args.gradient_accumulation_steps)
     state = TrainState.create(
-        apply_fn=unet.apply, params=unet_params, tx=optimizer, vae_params=vae_params,
-        text_encoder_params=text_encoder.params, scheduler_state=scheduler_state, vae=vae, text_encoder=text_encoder,
+        apply_fn=unet.apply,
+        params=unet_params,
+        tx=optimizer,
+        vae_params=vae_params,
+        text_encoder_params=text_encoder.params,
+        scheduler_state=scheduler_state,
+        vae=vae,
+        text_encoder=text_encoder,
         noise_scheduler=noise_scheduler,
         config=LossConfig(prediction_type, args.snr_gamma, args.noise_offset, vae.config.scaling_factor),
     )
@@ -596,25 +780,44 @@ def main(argv=None):
             restored = serialization.from_bytes(checkpoint_payload(state), f.read())
         state = state.replace(**restored)
         global_step = resume_state["global_step"]
-        layout = {"total_batch_size": global_batch_size * args.gradient_accumulation_steps, "updates_per_epoch": updates_per_epoch}
+        layout = {
+            "total_batch_size": global_batch_size * args.gradient_accumulation_steps,
+            "updates_per_epoch": updates_per_epoch,
+        }
         if any(resume_state.get(k) != v for k, v in layout.items()):
-            logger.warning(f"data layout changed since the checkpoint ({ {k: resume_state.get(k) for k in layout} } -> {layout}): the resumed run will not match an uninterrupted one")
+            logger.warning(
+                f"data layout changed since the checkpoint ({ {k: resume_state.get(k) for k in layout} } -> {layout}): "
+                "the resumed run will not match an uninterrupted one"
+            )
     state = jax.device_put(state, replicated)
     first_epoch = global_step // updates_per_epoch
-    training_state = {"seed": seed, "total_batch_size": global_batch_size * args.gradient_accumulation_steps, "updates_per_epoch": updates_per_epoch}
+    training_state = {
+        "seed": seed,
+        "total_batch_size": global_batch_size * args.gradient_accumulation_steps,
+        "updates_per_epoch": updates_per_epoch,
+    }
     if is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     logger.info("***** Running training *****")
-    logger.info(f"  Examples = {len(train_dataset)}, epochs = {num_train_epochs}, updates per epoch = {updates_per_epoch}")
-    logger.info(f"  Batch per device = {args.train_batch_size}, devices = {jax.device_count()}, accumulation = {args.gradient_accumulation_steps}, total batch = {training_state['total_batch_size']}")
+    logger.info(
+        f"  Examples = {len(train_dataset)}, epochs = {num_train_epochs}, updates per epoch = {updates_per_epoch}"
+    )
+    logger.info(
+        f"  Batch per device = {args.train_batch_size}, devices = {jax.device_count()}, "
+        f"accumulation = {args.gradient_accumulation_steps}, total batch = {training_state['total_batch_size']}"
+    )
     logger.info(f"  Optimizer updates = {max_train_steps}, starting at {global_step}, seed = {seed}")
     if global_step >= max_train_steps:
-        logger.info(f"Checkpoint step {global_step} is at or past --max_train_steps {max_train_steps}: nothing to train.")
+        logger.info(
+            f"Checkpoint step {global_step} is at or past --max_train_steps {max_train_steps}: nothing to train."
+        )
 
     # ------------------------------------------------------------------------------------------------- train loop
     step_fn = jax.jit(train_step, donate_argnums=(0,))
     base_rng = jax.random.PRNGKey(seed % (2**31))
-    progress_bar = tqdm(range(max_train_steps), initial=min(global_step, max_train_steps), desc="Steps", disable=not is_main_process)
+    progress_bar = tqdm(
+        range(max_train_steps), initial=min(global_step, max_train_steps), desc="Steps", disable=not is_main_process
+    )
     window = LogWindow(global_batch_size * args.gradient_accumulation_steps, global_step)
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
@@ -653,8 +856,18 @@ def main(argv=None):
         if args.push_to_hub:
             from huggingface_hub import create_repo, upload_folder
 
-            repo_id = create_repo(args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True, token=args.hub_token).repo_id
-            upload_folder(repo_id=repo_id, folder_path=args.output_dir, commit_message="End of training", ignore_patterns=["checkpoint-*", ".*"], token=args.hub_token)
+            repo_id = create_repo(
+                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
+                exist_ok=True,
+                token=args.hub_token,
+            ).repo_id
+            upload_folder(
+                repo_id=repo_id,
+                folder_path=args.output_dir,
+                commit_message="End of training",
+                ignore_patterns=["checkpoint-*", ".*"],
+                token=args.hub_token,
+            )
 
 
 if __name__ == "__main__":

@@ -24,46 +24,112 @@ import subprocess
 import sys
 import tempfile
 
+from devkit import tiny_sd
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "tests"))
-import tiny_sd  # noqa: E402
 
 # (b): SD's shape at a fifth of its UNet width and a quarter of its VAE width.
 SMALL = {
-    "text": dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, projection_dim=256),
+    "text": dict(
+        hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4, projection_dim=256
+    ),
     "vae": dict(block_out_channels=(32, 64, 128, 128), layers_per_block=2, norm_num_groups=32),
     "unet": dict(
-        block_out_channels=(64, 128, 256, 256), layers_per_block=2, attention_head_dim=8, norm_num_groups=32,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(64, 128, 256, 256),
+        layers_per_block=2,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     ),
 }
 # (c): the Stable Diffusion 1.5 architecture (CLIP ViT-L/14 text encoder, 860M-parameter UNet, 84M-parameter VAE).
 SD15 = {
-    "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, projection_dim=768, hidden_act="quick_gelu"),
+    "text": dict(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    ),
     "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
     "unet": dict(
-        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8, norm_num_groups=32,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",), up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
     ),
 }
 CONFIGS = {
     # name: architecture, resolution, device, batch sizes, mixed precision, whether the Flax twins run
-    "tiny": dict(label="(a) tiny test pipeline", architecture=tiny_sd.TINY, resolution=64, device="cpu", batches=[8], precision="no", flax=True),
-    "small": dict(label="(b) small SD-shaped pipeline", architecture=SMALL, resolution=256, device="cpu", batches=[4], precision="no", flax=True),
-    "sd15": dict(label="(c) SD 1.5 architecture", architecture=SD15, resolution=512, device="cuda", batches=[8, 16, 32], precision="bf16", flax=False),
+    "tiny": dict(
+        label="(a) tiny test pipeline",
+        architecture=tiny_sd.TINY,
+        resolution=64,
+        device="cpu",
+        batches=[8],
+        precision="no",
+        flax=True,
+    ),
+    "small": dict(
+        label="(b) small SD-shaped pipeline",
+        architecture=SMALL,
+        resolution=256,
+        device="cpu",
+        batches=[4],
+        precision="no",
+        flax=True,
+    ),
+    "sd15": dict(
+        label="(c) SD 1.5 architecture",
+        architecture=SD15,
+        resolution=512,
+        device="cuda",
+        batches=[8, 16, 32],
+        precision="bf16",
+        flax=False,
+    ),
 }
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by a substring of the device name.
-GPU_PEAKS = [("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12), ("A10G", 70e12)]
+GPU_PEAKS = [
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("A10G", 70e12),
+]
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Benchmark the training scripts and write BENCHMARKS.md.")
-    parser.add_argument("--configs", nargs="+", default=["tiny", "small", "sd15"], choices=sorted(CONFIGS), help="Configurations to run.")
+    parser.add_argument(
+        "--configs",
+        nargs="+",
+        default=["tiny", "small", "sd15"],
+        choices=sorted(CONFIGS),
+        help="Configurations to run.",
+    )
     parser.add_argument("--logging_steps", type=int, default=4, help="Updates per measured window.")
     parser.add_argument("--windows", type=int, default=5, help="Measured windows per run, after one warm-up window.")
-    parser.add_argument("--work_dir", type=str, default=os.path.join(tempfile.gettempdir(), "sd-benchmarks"), help="Where pipelines, data and run outputs go (pipelines are reused).")
-    parser.add_argument("--output", type=str, default=os.path.join(REPO, "BENCHMARKS.md"), help="The Markdown report to write.")
-    parser.add_argument("--flax_python", type=str, default=os.path.join(REPO, ".venv-flax", "bin", "python"), help="Python of the JAX environment (the Flax rows are skipped without it).")
+    parser.add_argument(
+        "--work_dir",
+        type=str,
+        default=os.path.join(tempfile.gettempdir(), "sd-benchmarks"),
+        help="Where pipelines, data and run outputs go (pipelines are reused).",
+    )
+    parser.add_argument(
+        "--output", type=str, default=os.path.join(REPO, "BENCHMARKS.md"), help="The Markdown report to write."
+    )
+    parser.add_argument(
+        "--flax_python",
+        type=str,
+        default=os.path.join(REPO, ".venv-flax", "bin", "python"),
+        help="Python of the JAX environment (the Flax rows are skipped without it).",
+    )
     return parser.parse_args(argv)
 
 
@@ -82,7 +148,8 @@ def machine_description():
         cpu = names[0] if names else cpu
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     gpu = gpu_name() or "none"
-    return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM; GPU: {gpu}; torch {torch.__version__}, {platform.system()} {platform.release()}"
+    system = f"{platform.system()} {platform.release()}"
+    return f"{cpu}, {os.cpu_count()} cores, {memory:.0f} GiB RAM; GPU: {gpu}; torch {torch.__version__}, {system}"
 
 
 def prepare_assets(name, config, work_dir):
@@ -91,7 +158,9 @@ def prepare_assets(name, config, work_dir):
     pipeline = os.path.join(folder, "pipeline")
     if not os.path.exists(os.path.join(pipeline, "model_index.json")):
         vocab = 49408 if config["architecture"] is SD15 else None
-        tiny_sd.build_pipeline(pipeline + ".partial", config["architecture"], sample_size=config["resolution"], vocab_size=vocab)
+        tiny_sd.build_pipeline(
+            pipeline + ".partial", config["architecture"], sample_size=config["resolution"], vocab_size=vocab
+        )
         os.replace(pipeline + ".partial", pipeline)
     images = tiny_sd.write_imagefolder(os.path.join(folder, "images"), num_images=32, size=config["resolution"])
     concept = tiny_sd.write_concept_folder(os.path.join(folder, "concept"), num_images=4, size=config["resolution"])
@@ -107,8 +176,12 @@ def model_flops_per_image(architecture, resolution):
 
     levels = len(architecture["vae"]["block_out_channels"])
     with torch.device("meta"):
-        vae = AutoencoderKL(latent_channels=4, down_block_types=("DownEncoderBlock2D",) * levels,
-                            up_block_types=("UpDecoderBlock2D",) * levels, **architecture["vae"])
+        vae = AutoencoderKL(
+            latent_channels=4,
+            down_block_types=("DownEncoderBlock2D",) * levels,
+            up_block_types=("UpDecoderBlock2D",) * levels,
+            **architecture["vae"],
+        )
         unet = UNet2DConditionModel(cross_attention_dim=architecture["text"]["hidden_size"], **architecture["unet"])
         pixels = torch.zeros(1, 3, resolution, resolution)
         latents = torch.zeros(1, 4, resolution // 2 ** (levels - 1), resolution // 2 ** (levels - 1))
@@ -163,8 +236,11 @@ def measure(row, command, args, env):
     return row
 
 
-T2I_VARIANTS = [([], "VAE + text encoder in the loop"), (["--cache_latents"], "--cache_latents"),
-                (["--cache_latents", "--cache_text_embeddings"], "--cache_latents --cache_text_embeddings")]
+T2I_VARIANTS = [
+    ([], "VAE + text encoder in the loop"),
+    (["--cache_latents"], "--cache_latents"),
+    (["--cache_latents", "--cache_text_embeddings"], "--cache_latents --cache_text_embeddings"),
+]
 TI_VARIANTS = [([], "VAE in the loop"), (["--cache_latents"], "--cache_latents")]
 
 
@@ -175,55 +251,135 @@ def plan(name, config, args, pipeline, images, concept, flax_ok):
         jobs = [("train_text_to_image.py", batch, flags, variant) for flags, variant in T2I_VARIANTS]
         jobs += [("textual_inversion.py", batch, flags, variant) for flags, variant in TI_VARIANTS]
         if config["flax"] and flax_ok:
-            jobs += [(script, batch, [], "JAX, VAE in the step") for script in ["train_text_to_image_flax.py", "textual_inversion_flax.py"]]
+            jobs += [
+                (script, batch, [], "JAX, VAE in the step")
+                for script in ["train_text_to_image_flax.py", "textual_inversion_flax.py"]
+            ]
     else:
         cached, variant = T2I_VARIANTS[2]
         jobs = [("train_text_to_image.py", 16, *T2I_VARIANTS[0])]
         for batch in config["batches"]:
-            jobs += [("train_text_to_image.py", batch, cached, variant),
-                     ("train_text_to_image.py", batch, cached + ["--gradient_checkpointing"], variant + " --gradient_checkpointing")]
+            jobs += [
+                ("train_text_to_image.py", batch, cached, variant),
+                (
+                    "train_text_to_image.py",
+                    batch,
+                    cached + ["--gradient_checkpointing"],
+                    variant + " --gradient_checkpointing",
+                ),
+            ]
         memory = ["--gradient_checkpointing", "--use_8bit_adam"]
         jobs.append(("train_text_to_image.py", 1, cached + memory, variant + " " + " ".join(memory)))
         jobs += [("textual_inversion.py", 4, flags, variant) for flags, variant in TI_VARIANTS]
     steps = args.logging_steps * (1 + args.windows)
     runs = []
     for script, batch, flags, variant in jobs:
-        row = dict(config=config["label"], script=script, variant=variant, device=config["device"], batch=batch,
-                   resolution=config["resolution"], images_per_update=batch)
-        row["output_dir"] = os.path.join(args.work_dir, name, "runs", f"{script[:-3]}-b{batch}-" + ("-".join(f.strip("-") for f in flags) or "plain"))
-        common = ["--pretrained_model_name_or_path", pipeline, "--resolution", str(config["resolution"]), "--train_batch_size", str(batch),
-                  "--max_train_steps", str(steps), "--logging_steps", str(args.logging_steps), "--checkpointing_steps", "100000",
-                  "--seed", "0", "--output_dir", row["output_dir"], "--lr_warmup_steps", "0"]
+        row = dict(
+            config=config["label"],
+            script=script,
+            variant=variant,
+            device=config["device"],
+            batch=batch,
+            resolution=config["resolution"],
+            images_per_update=batch,
+        )
+        row["output_dir"] = os.path.join(
+            args.work_dir, name, "runs", f"{script[:-3]}-b{batch}-" + ("-".join(f.strip("-") for f in flags) or "plain")
+        )
+        common = [
+            "--pretrained_model_name_or_path",
+            pipeline,
+            "--resolution",
+            str(config["resolution"]),
+            "--train_batch_size",
+            str(batch),
+            "--max_train_steps",
+            str(steps),
+            "--logging_steps",
+            str(args.logging_steps),
+            "--checkpointing_steps",
+            "100000",
+            "--seed",
+            "0",
+            "--output_dir",
+            row["output_dir"],
+            "--lr_warmup_steps",
+            "0",
+        ]
         if script.startswith("train_text_to_image"):
             common += ["--train_data_dir", images, "--center_crop", "--random_flip"]
         else:
-            common += ["--train_data_dir", concept, "--placeholder_token", "<thing>", "--initializer_token", "circle",
-                       "--save_steps", "100000", "--repeats", "100"]
+            common += [
+                "--train_data_dir",
+                concept,
+                "--placeholder_token",
+                "<thing>",
+                "--initializer_token",
+                "circle",
+                "--save_steps",
+                "100000",
+                "--repeats",
+                "100",
+            ]
         if script.endswith("_flax.py"):
             command = [args.flax_python, script] + common
         else:
-            command = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--config_file",
-                       args.accelerate_config[config["device"]], script] + common + ["--report_to", "none", "--mixed_precision", config["precision"]]
+            command = (
+                [
+                    os.path.join(os.path.dirname(sys.executable), "accelerate"),
+                    "launch",
+                    "--config_file",
+                    args.accelerate_config[config["device"]],
+                    script,
+                ]
+                + common
+                + ["--report_to", "none", "--mixed_precision", config["precision"]]
+            )
         runs.append((row, command + flags))
     return runs
 
 
 def format_table(rows):
-    header = ["configuration", "script", "variant", "device", "batch", "px", "images/s", "s/step", "peak memory", "MFU", "vs uncached"]
+    header = [
+        "configuration",
+        "script",
+        "variant",
+        "device",
+        "batch",
+        "px",
+        "images/s",
+        "s/step",
+        "peak memory",
+        "MFU",
+        "vs uncached",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    baselines = {(r["config"], r["script"], r["batch"]): r.get("images_per_second") for r in rows if "in the loop" in r["variant"] and "checkpointing" not in r["variant"]}
+    baselines = {
+        (r["config"], r["script"], r["batch"]): r.get("images_per_second")
+        for r in rows
+        if "in the loop" in r["variant"] and "checkpointing" not in r["variant"]
+    }
     for r in rows:
         if "error" in r:
             figures = [r["error"]] + [""] * 4
         elif "images_per_second" not in r:
             figures = ["not measured"] + [""] * 4
         else:
-            memory = f"{r['peak_gpu_gib']:.1f} GiB (GPU)" if "peak_gpu_gib" in r else f"{r['peak_rss_gib']:.2f} GiB (RSS)"
+            memory = (
+                f"{r['peak_gpu_gib']:.1f} GiB (GPU)" if "peak_gpu_gib" in r else f"{r['peak_rss_gib']:.2f} GiB (RSS)"
+            )
             mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
             base = baselines.get((r["config"], r["script"], r["batch"]))
             speedup = f"{r['images_per_second'] / base:.2f}x" if base and "in the loop" not in r["variant"] else "-"
             figures = [f"{r['images_per_second']:.2f}", f"{r['step_time']:.3f}", memory, mfu, speedup]
-        lines.append("| " + " | ".join([r["config"], f"`{r['script']}`", r["variant"], r["device"], str(r["batch"]), str(r["resolution"])] + figures) + " |")
+        lines.append(
+            "| "
+            + " | ".join(
+                [r["config"], f"`{r['script']}`", r["variant"], r["device"], str(r["batch"]), str(r["resolution"])]
+                + figures
+            )
+            + " |"
+        )
     return "\n".join(lines)
 
 
@@ -231,30 +387,64 @@ def target_lines(rows):
     """The issue's targets, checked against the measured rows."""
 
     def find(config, script, variant, batch=None):
-        return [r for r in rows if r["config"].startswith(config) and r["script"] == script and r["variant"] == variant
-                and (batch is None or r["batch"] == batch) and "images_per_second" in r]
+        return [
+            r
+            for r in rows
+            if r["config"].startswith(config)
+            and r["script"] == script
+            and r["variant"] == variant
+            and (batch is None or r["batch"] == batch)
+            and "images_per_second" in r
+        ]
 
     lines = []
-    plain, cached = find("(b)", "train_text_to_image.py", T2I_VARIANTS[0][1]), find("(b)", "train_text_to_image.py", "--cache_latents")
+    plain, cached = (
+        find("(b)", "train_text_to_image.py", T2I_VARIANTS[0][1]),
+        find("(b)", "train_text_to_image.py", "--cache_latents"),
+    )
     if plain and cached:
         ratio = cached[0]["images_per_second"] / plain[0]["images_per_second"]
-        lines.append(f"CPU (b), `train_text_to_image.py --cache_latents`: {ratio:.2f}x the images/s without it (target: at least 1.5x; {'met' if ratio >= 1.5 else 'not met'}).")
-    gpu_cached = [r for r in rows if r["config"].startswith("(c)") and r["script"] == "train_text_to_image.py" and "cache_latents" in r["variant"]
-                  and "use_8bit_adam" not in r["variant"] and r["batch"] >= 16 and "images_per_second" in r]
+        lines.append(
+            f"CPU (b), `train_text_to_image.py --cache_latents`: {ratio:.2f}x the images/s without it "
+            f"(target: at least 1.5x; {'met' if ratio >= 1.5 else 'not met'})."
+        )
+    gpu_cached = [
+        r
+        for r in rows
+        if r["config"].startswith("(c)")
+        and r["script"] == "train_text_to_image.py"
+        and "cache_latents" in r["variant"]
+        and "use_8bit_adam" not in r["variant"]
+        and r["batch"] >= 16
+        and "images_per_second" in r
+    ]
     if gpu_cached:
         best = max(gpu_cached, key=lambda r: r["images_per_second"])
-        lines.append(f"GPU (c), cached latents, batch >= 16: {best['images_per_second']:.1f} images/s at batch {best['batch']} ({best['variant']}; "
-                     f"target 110, stretch 165: {'met' if best['images_per_second'] >= 110 else 'not met'}).")
+        lines.append(
+            f"GPU (c), cached latents, batch >= 16: {best['images_per_second']:.1f} images/s "
+            f"at batch {best['batch']} ({best['variant']}; "
+            f"target 110, stretch 165: {'met' if best['images_per_second'] >= 110 else 'not met'})."
+        )
     ti = find("(c)", "textual_inversion.py", "--cache_latents", 4)
     if ti:
         minutes = 3000 * ti[0]["step_time"] / 60
-        lines.append(f"GPU (c), textual inversion 3000 steps x batch 4: {minutes:.1f} min at the measured step time (target: under 3; {'met' if minutes < 3 else 'not met'}).")
-    memory = [r for r in rows if r["config"].startswith("(c)") and "use_8bit_adam" in r["variant"] and "peak_gpu_gib" in r]
+        lines.append(
+            f"GPU (c), textual inversion 3000 steps x batch 4: {minutes:.1f} min at the measured step time "
+            f"(target: under 3; {'met' if minutes < 3 else 'not met'})."
+        )
+    memory = [
+        r for r in rows if r["config"].startswith("(c)") and "use_8bit_adam" in r["variant"] and "peak_gpu_gib" in r
+    ]
     if memory:
         gb = memory[0]["peak_gpu_gib"] * 2**30 / 1e9
-        lines.append(f"GPU (c), batch 1 + gradient checkpointing + 8-bit Adam + cached latents: {gb:.1f} GB peak (target: at most 10; {'met' if gb <= 10 else 'not met'}).")
+        lines.append(
+            f"GPU (c), batch 1 + gradient checkpointing + 8-bit Adam + cached latents: {gb:.1f} GB peak "
+            f"(target: at most 10; {'met' if gb <= 10 else 'not met'})."
+        )
     if not any(line.startswith("GPU") for line in lines):
-        lines.append("GPU targets (110 images/s per H100, textual inversion under 3 minutes, 10 GB at batch 1): not measured.")
+        lines.append(
+            "GPU targets (110 images/s per H100, textual inversion under 3 minutes, 10 GB at batch 1): not measured."
+        )
     return lines
 
 
@@ -275,14 +465,23 @@ def main(argv=None):
             config.update(use_cpu=True, distributed_type="NO", num_processes=1)
             json.dump(config, open(path, "w"))
         args.accelerate_config[device] = path
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
     flax_ok = os.path.exists(args.flax_python)
     rows, notes = [], []
     for name in args.configs:
         config = CONFIGS[name]
         unet_flops, vae_flops = model_flops_per_image(config["architecture"], config["resolution"])
-        notes.append(f"{config['label']}, per {config['resolution']} px image: UNet forward + backward {unet_flops / 1e12:.4g} TFLOPs, "
-                     f"VAE encoder {vae_flops / 1e12:.4g} TFLOPs (torch.utils.flop_counter).")
+        notes.append(
+            f"{config['label']}, per {config['resolution']} px image: "
+            f"UNet forward + backward {unet_flops / 1e12:.4g} TFLOPs, "
+            f"VAE encoder {vae_flops / 1e12:.4g} TFLOPs (torch.utils.flop_counter)."
+        )
         if config["device"] == "cuda" and gpu is None:
             placeholders = ("<pipeline>", "<images>", "<concept>")
             rows += [row for row, _ in plan(name, config, args, *placeholders, flax_ok)]
@@ -290,7 +489,11 @@ def main(argv=None):
             continue
         print(f"== {config['label']}: preparing the pipeline and data", flush=True)
         pipeline, images, concept = prepare_assets(name, config, args.work_dir)
-        peak = next((value for key, value in GPU_PEAKS if gpu and key in gpu), None) if config["device"] == "cuda" else None
+        peak = (
+            next((value for key, value in GPU_PEAKS if gpu and key in gpu), None)
+            if config["device"] == "cuda"
+            else None
+        )
         for row, command in plan(name, config, args, pipeline, images, concept, flax_ok):
             print(f"-- {row['script']} {row['variant']} batch {row['batch']}", flush=True)
             row = measure(row, command, args, env)
@@ -300,17 +503,26 @@ def main(argv=None):
     if not flax_ok:
         notes.append(f"Flax rows skipped: no JAX environment at {args.flax_python} (`make test` builds it).")
     report = [
-        "# Benchmarks", "",
-        f"Written by `make benchmark` (`benchmarks/run_benchmarks.py`) on {datetime.date.today().isoformat()}.", "",
-        f"Machine: {machine_description()}.", "",
-        f"Each run: {args.logging_steps * (1 + args.windows)} optimizer updates; the first {args.logging_steps} (start-up, caching, "
-        f"compilation) are left out; figures are the median over the {args.windows} windows after them. Random-initialised "
+        "# Benchmarks",
+        "",
+        f"Written by `make benchmark` (`benchmarks/run_benchmarks.py`) on {datetime.date.today().isoformat()}.",
+        "",
+        f"Machine: {machine_description()}.",
+        "",
+        f"Each run: {args.logging_steps * (1 + args.windows)} optimizer updates; the first {args.logging_steps} "
+        f"(start-up, caching, compilation) are left out; figures are the median over the {args.windows} windows "
+        "after them. Random-initialised "
         "pipelines built from configs; synthetic 32-image captioned folder (t2i, `--center_crop --random_flip`) and "
-        "4-image concept folder (TI). fp32 on CPU, bf16 on GPU.", "",
-        format_table(rows), "",
-        *[f"- {note}" for note in notes], "",
-        "## Targets", "",
-        *[f"- {line}" for line in target_lines(rows)], "",
+        "4-image concept folder (TI). fp32 on CPU, bf16 on GPU.",
+        "",
+        format_table(rows),
+        "",
+        *[f"- {note}" for note in notes],
+        "",
+        "## Targets",
+        "",
+        *[f"- {line}" for line in target_lines(rows)],
+        "",
     ]
     with open(args.output, "w") as f:
         f.write("\n".join(report))

@@ -17,28 +17,42 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
+import shapes
 import torch
 
+from devkit import tiny_sd
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
-import shapes  # noqa: E402
-import tiny_sd  # noqa: E402
+
 
 DONE = "starter.json"  # written last: a folder with it is a finished build
 # Whole-word tokens for the captions and for textual_inversion.py's prompt templates, so that a template with the
 # placeholder fits the 8-token context instead of being cut off by byte-level pieces.
-STARTER_WORDS = tiny_sd.VOCAB_WORDS + ["close", "up", "bright", "dark", "cropped", "rendering", "good", "my", "large",
-                                       "one", "image", "snapshot", "detailed"]
+STARTER_WORDS = tiny_sd.VOCAB_WORDS + [
+    "close",
+    "up",
+    "bright",
+    "dark",
+    "cropped",
+    "rendering",
+    "good",
+    "my",
+    "large",
+    "one",
+    "image",
+    "snapshot",
+    "detailed",
+]
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Build the demo's starter pipeline and data, offline.")
-    parser.add_argument("--output_dir", type=str, default="demo_output/starter", help="Where to write pipeline/, shapes/ and concept/.")
+    parser.add_argument(
+        "--output_dir", type=str, default="demo_output/starter", help="Where to write pipeline/, shapes/ and concept/."
+    )
     parser.add_argument("--vae_steps", type=int, default=400, help="Optimizer steps of VAE pretraining.")
     parser.add_argument("--per_combination", type=int, default=20, help="Training drawings per color x shape.")
     parser.add_argument("--seed", type=int, default=0, help="Seed for weights and drawings.")
@@ -58,8 +72,14 @@ def pretrain_vae(steps, seed):
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3, norm_num_groups=32,
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        norm_num_groups=32,
         sample_size=64,
     )
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
@@ -95,31 +115,66 @@ def build_pipeline(path, args):
     # Prompts here are a few words: an 8-token context keeps the UNet's cross-attention on the words that matter
     # instead of 70 padding positions (SD uses 77).
     tokenizer = CLIPTokenizer.from_pretrained(token_dir, model_max_length=8)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=8, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, projection_dim=64,
-    ))
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=8,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            projection_dim=64,
+        )
+    )
     # A random text encoder initialised the usual way (std 0.02) maps "a red circle" and "a blue circle" to nearly the
     # same states; unit-variance token embeddings make every word's state clearly its own.
     with torch.no_grad():
         text_encoder.get_input_embeddings().weight.normal_(0.0, 1.0)
     unet = UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=4, norm_num_groups=32,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64,
+        attention_head_dim=4,
+        norm_num_groups=32,
     )
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    scheduler = DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
     vae = pretrain_vae(args.vae_steps, args.seed)
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipeline.save_pretrained(path, safe_serialization=True)
     tiny_sd.write_clip_tokenizer_files(os.path.join(path, "tokenizer"), words=STARTER_WORDS)
     from safetensors.torch import load_file, save_file
 
     weights = os.path.join(path, "text_encoder", "model.safetensors")
-    save_file({("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    save_file(
+        {("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in load_file(weights).items()},
+        weights,
+        metadata={"format": "pt"},
+    )
     shutil.rmtree(token_dir)
 
 
@@ -131,7 +186,9 @@ def main(argv=None):
     shutil.rmtree(args.output_dir, ignore_errors=True)
     start = time.time()
     build_pipeline(os.path.join(args.output_dir, "pipeline"), args)
-    shapes.write_shapes_dataset(os.path.join(args.output_dir, "shapes"), per_combination=args.per_combination, seed=args.seed)
+    shapes.write_shapes_dataset(
+        os.path.join(args.output_dir, "shapes"), per_combination=args.per_combination, seed=args.seed
+    )
     shapes.write_concept_set(os.path.join(args.output_dir, "concept"), seed=args.seed + 1)
     with open(os.path.join(args.output_dir, DONE), "w") as f:
         json.dump({**vars(args), "seconds": round(time.time() - start)}, f, indent=2)

@@ -11,23 +11,26 @@ Prints color and shape accuracy (demo/shapes.py reads both back from each pictur
 import argparse
 import json
 import os
-import sys
 
-import numpy as np
+import shapes
 import torch
 from PIL import Image, ImageDraw
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import shapes  # noqa: E402
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description="Score color and shape accuracy of generated shape pictures.")
     parser.add_argument("--pipeline", type=str, required=True, help="Pipeline folder to sample from.")
-    parser.add_argument("--unet", type=str, default=None, help="A UNet folder to use instead of the pipeline's (e.g. checkpoint-N/unet).")
+    parser.add_argument(
+        "--unet",
+        type=str,
+        default=None,
+        help="A UNet folder to use instead of the pipeline's (e.g. checkpoint-N/unet).",
+    )
     parser.add_argument("--embeddings", type=str, default=None, help="learned_embeds file to load (textual inversion).")
     parser.add_argument("--token", type=str, default=None, help="The placeholder token of --embeddings.")
-    parser.add_argument("--expect", type=str, nargs=2, default=None, help="Color and shape the token's pictures should show.")
+    parser.add_argument(
+        "--expect", type=str, nargs=2, default=None, help="Color and shape the token's pictures should show."
+    )
     parser.add_argument("--seeds", type=int, default=4, help="Pictures per prompt.")
     parser.add_argument("--steps", type=int, default=25, help="Sampling steps.")
     parser.add_argument("--guidance_scale", type=float, default=5.0, help="Classifier-free guidance (1: off).")
@@ -60,8 +63,14 @@ def evaluate(pipeline, prompts, seeds, steps, guidance_scale):
     for prompt, color, shape in prompts:
         prompt_ids = [1000 * seed + 7 for seed in range(seeds)]
         generators = [torch.Generator().manual_seed(s) for s in prompt_ids]
-        images = pipeline([prompt] * seeds, num_inference_steps=steps, guidance_scale=guidance_scale, generator=generators,
-                          height=64, width=64).images
+        images = pipeline(
+            [prompt] * seeds,
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            generator=generators,
+            height=64,
+            width=64,
+        ).images
         color_hits += sum(shapes.read_color(i) == color for i in images)
         shape_hits += sum(shapes.read_shape(i) == shape for i in images)
         rows.append((prompt, images))
@@ -89,8 +98,12 @@ def main_scores(argv=None):
     rows, color_accuracy, shape_accuracy = evaluate(pipeline, cases(args), args.seeds, args.steps, args.guidance_scale)
     if args.grid:
         save_grid(rows, args.grid)
-    return {"color_accuracy": round(color_accuracy, 4), "shape_accuracy": round(shape_accuracy, 4),
-            "images": len(rows) * args.seeds, "grid": args.grid}
+    return {
+        "color_accuracy": round(color_accuracy, 4),
+        "shape_accuracy": round(shape_accuracy, 4),
+        "images": len(rows) * args.seeds,
+        "grid": args.grid,
+    }
 
 
 def main(argv=None):

@@ -18,41 +18,86 @@ import subprocess
 import sys
 import time
 
+import evaluate
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-sys.path.insert(0, HERE)
-import evaluate  # noqa: E402
 
 THRESHOLDS = {"color_accuracy": 0.9, "shape_accuracy": 0.7}
 CONCEPT = ("green", "triangle")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description="Offline demo: fine-tune a starter pipeline on shapes, then textual inversion.")
-    parser.add_argument("--output_dir", type=str, default="demo_output", help="Where the starter, runs, grids and summary go.")
+    parser = argparse.ArgumentParser(
+        description="Offline demo: fine-tune a starter pipeline on shapes, then textual inversion."
+    )
+    parser.add_argument(
+        "--output_dir", type=str, default="demo_output", help="Where the starter, runs, grids and summary go."
+    )
     parser.add_argument("--max_train_steps", type=int, default=1500, help="train_text_to_image.py optimizer updates.")
     parser.add_argument("--ti_steps", type=int, default=300, help="textual_inversion.py optimizer updates.")
-    parser.add_argument("--snr_gamma", type=float, default=5.0, help="Min-SNR gamma for train_text_to_image.py (0: off).")
-    parser.add_argument("--compare_snr", action="store_true", help="Train with and without Min-SNR; report steps to the thresholds.")
-    parser.add_argument("--eval_every", type=int, default=100, help="With --compare_snr: score a checkpoint every this many steps.")
+    parser.add_argument(
+        "--snr_gamma", type=float, default=5.0, help="Min-SNR gamma for train_text_to_image.py (0: off)."
+    )
+    parser.add_argument(
+        "--compare_snr", action="store_true", help="Train with and without Min-SNR; report steps to the thresholds."
+    )
+    parser.add_argument(
+        "--eval_every", type=int, default=100, help="With --compare_snr: score a checkpoint every this many steps."
+    )
     parser.add_argument("--seeds", type=int, default=4, help="Pictures per prompt when scoring.")
     return parser.parse_args(argv)
 
 
 def launch(script, args):
     """Run a training script the way users do; its output streams to this terminal."""
-    command = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--num_processes", "1",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", os.path.join(REPO, script)]
+    command = [
+        os.path.join(os.path.dirname(sys.executable), "accelerate"),
+        "launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        os.path.join(REPO, script),
+    ]
     subprocess.run(command + [str(a) for a in args], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 def train_shapes(starter, output_dir, steps, snr_gamma, checkpointing_steps):
     args = [
-        "--pretrained_model_name_or_path", os.path.join(starter, "pipeline"), "--train_data_dir", os.path.join(starter, "shapes"),
-        "--resolution", 64, "--random_flip", "--train_batch_size", 16, "--max_train_steps", steps, "--learning_rate", 1e-3,
-        "--lr_scheduler", "cosine", "--lr_warmup_steps", 20, "--checkpointing_steps", checkpointing_steps, "--seed", 0,
-        "--validation_prompts", "a red circle", "a blue square", "a yellow triangle", "--validation_epochs", 10,
-        "--output_dir", output_dir,
+        "--pretrained_model_name_or_path",
+        os.path.join(starter, "pipeline"),
+        "--train_data_dir",
+        os.path.join(starter, "shapes"),
+        "--resolution",
+        64,
+        "--random_flip",
+        "--train_batch_size",
+        16,
+        "--max_train_steps",
+        steps,
+        "--learning_rate",
+        1e-3,
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_steps",
+        20,
+        "--checkpointing_steps",
+        checkpointing_steps,
+        "--seed",
+        0,
+        "--validation_prompts",
+        "a red circle",
+        "a blue square",
+        "a yellow triangle",
+        "--validation_epochs",
+        10,
+        "--output_dir",
+        output_dir,
     ]
     launch("train_text_to_image.py", args + (["--snr_gamma", snr_gamma] if snr_gamma else []))
 
@@ -63,10 +108,14 @@ def steps_to_thresholds(pipeline, run_dir, seeds):
     from diffusers import UNet2DConditionModel
 
     history = []
-    for name in sorted((n for n in os.listdir(run_dir) if n.startswith("checkpoint-")), key=lambda n: int(n.split("-")[1])):
+    for name in sorted(
+        (n for n in os.listdir(run_dir) if n.startswith("checkpoint-")), key=lambda n: int(n.split("-")[1])
+    ):
         pipeline.unet = UNet2DConditionModel.from_pretrained(os.path.join(run_dir, name, "unet")).to(torch.float32)
         _, color, shape = evaluate.evaluate(pipeline, evaluate.cases(argparse.Namespace(token=None)), seeds, 25, 5.0)
-        history.append({"step": int(name.split("-")[1]), "color_accuracy": round(color, 4), "shape_accuracy": round(shape, 4)})
+        history.append(
+            {"step": int(name.split("-")[1]), "color_accuracy": round(color, 4), "shape_accuracy": round(shape, 4)}
+        )
         print(f"{run_dir}: {history[-1]}", flush=True)
     reached = [h["step"] for h in history if all(h[k] >= v for k, v in THRESHOLDS.items())]
     return (reached[0] if reached else None), history
@@ -98,35 +147,89 @@ def main(argv=None):
     # Fine-tune the UNet on the shapes.
     t2i = os.path.join(args.output_dir, "text_to_image")
     train_shapes(starter, t2i, args.max_train_steps, args.snr_gamma, max(args.max_train_steps // 2, 1))
-    score = evaluate.main_scores(["--pipeline", t2i, "--seeds", str(args.seeds), "--grid", os.path.join(t2i, "samples.png")])
+    score = evaluate.main_scores(
+        ["--pipeline", t2i, "--seeds", str(args.seeds), "--grid", os.path.join(t2i, "samples.png")]
+    )
     summary["text_to_image"] = {**score, "loss_curve": plot_loss(t2i)}
 
     # Learn a word for the concept, on top of the fine-tuned pipeline.
     ti = os.path.join(args.output_dir, "textual_inversion")
-    launch("textual_inversion.py", [
-        "--pretrained_model_name_or_path", t2i, "--train_data_dir", os.path.join(starter, "concept"),
-        "--placeholder_token", "<thing>", "--initializer_token", "circle", "--num_vectors", 1, "--resolution", 64,
-        "--repeats", 20, "--train_batch_size", 8, "--max_train_steps", args.ti_steps, "--learning_rate", 2e-2,
-        "--lr_warmup_steps", 0, "--snr_gamma", 5.0, "--seed", 0, "--checkpointing_steps", args.ti_steps,
-        "--save_steps", args.ti_steps, "--validation_prompt", "a <thing>", "--num_validation_images", 4,
-        "--validation_steps", max(args.ti_steps // 2, 1), "--output_dir", ti,
-    ])
-    score = evaluate.main_scores(["--pipeline", t2i, "--embeddings", os.path.join(ti, "learned_embeds.safetensors"),
-                                  "--token", "<thing>", "--expect", *CONCEPT, "--seeds", str(2 * args.seeds),
-                                  "--grid", os.path.join(ti, "samples.png")])
+    launch(
+        "textual_inversion.py",
+        [
+            "--pretrained_model_name_or_path",
+            t2i,
+            "--train_data_dir",
+            os.path.join(starter, "concept"),
+            "--placeholder_token",
+            "<thing>",
+            "--initializer_token",
+            "circle",
+            "--num_vectors",
+            1,
+            "--resolution",
+            64,
+            "--repeats",
+            20,
+            "--train_batch_size",
+            8,
+            "--max_train_steps",
+            args.ti_steps,
+            "--learning_rate",
+            2e-2,
+            "--lr_warmup_steps",
+            0,
+            "--snr_gamma",
+            5.0,
+            "--seed",
+            0,
+            "--checkpointing_steps",
+            args.ti_steps,
+            "--save_steps",
+            args.ti_steps,
+            "--validation_prompt",
+            "a <thing>",
+            "--num_validation_images",
+            4,
+            "--validation_steps",
+            max(args.ti_steps // 2, 1),
+            "--output_dir",
+            ti,
+        ],
+    )
+    score = evaluate.main_scores(
+        [
+            "--pipeline",
+            t2i,
+            "--embeddings",
+            os.path.join(ti, "learned_embeds.safetensors"),
+            "--token",
+            "<thing>",
+            "--expect",
+            *CONCEPT,
+            "--seeds",
+            str(2 * args.seeds),
+            "--grid",
+            os.path.join(ti, "samples.png"),
+        ]
+    )
     summary["textual_inversion"] = {**score, "concept": " ".join(CONCEPT), "loss_curve": plot_loss(ti)}
     summary["seconds"] = round(time.time() - start)
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     print()
     print(f"Fine-tuned pipeline:   {t2i}  (StableDiffusionPipeline.from_pretrained loads it)")
-    print(f"  samples (prompts x seeds): {summary['text_to_image']['grid']}")
-    print(f"  color accuracy {summary['text_to_image']['color_accuracy']:.0%}, shape accuracy {summary['text_to_image']['shape_accuracy']:.0%}")
-    print(f"  loss curve: {summary['text_to_image']['loss_curve']}")
-    print(f"Learned word <thing>:  {os.path.join(ti, 'learned_embeds.safetensors')}  (pipe.load_textual_inversion loads it)")
-    print(f"  samples: {summary['textual_inversion']['grid']}")
-    print(f"  shows a {' '.join(CONCEPT)}: color {summary['textual_inversion']['color_accuracy']:.0%}, shape {summary['textual_inversion']['shape_accuracy']:.0%}")
-    print(f"  loss curve: {summary['textual_inversion']['loss_curve']}")
+    t2i_score, ti_score = summary["text_to_image"], summary["textual_inversion"]
+    print(f"  samples (prompts x seeds): {t2i_score['grid']}")
+    print(f"  color accuracy {t2i_score['color_accuracy']:.0%}, shape accuracy {t2i_score['shape_accuracy']:.0%}")
+    print(f"  loss curve: {t2i_score['loss_curve']}")
+    embeddings = os.path.join(ti, "learned_embeds.safetensors")
+    print(f"Learned word <thing>:  {embeddings}  (pipe.load_textual_inversion loads it)")
+    print(f"  samples: {ti_score['grid']}")
+    print(
+        f"  shows a {' '.join(CONCEPT)}: color {ti_score['color_accuracy']:.0%}, shape {ti_score['shape_accuracy']:.0%}"
+    )
+    print(f"  loss curve: {ti_score['loss_curve']}")
     print(f"Summary: {os.path.join(args.output_dir, 'summary.json')}  ({summary['seconds']} s)")
 
 
@@ -149,14 +252,19 @@ def plot_loss(run_dir, width=480, height=240):
     if len(points) > 1:
         steps, losses = [p[0] for p in points], [p[1] for p in points]
         window = max(len(losses) // 20, 1)
-        smooth = [sum(losses[max(0, i - window + 1): i + 1]) / len(losses[max(0, i - window + 1): i + 1]) for i in range(len(losses))]
+        smooth = [
+            sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
+            for i in range(len(losses))
+        ]
         top, bottom = max(losses), min(losses)
 
         def xy(step, value):
-            return 40 + (width - 50) * (step - steps[0]) / max(steps[-1] - steps[0], 1), 10 + (height - 40) * (top - value) / max(top - bottom, 1e-8)
+            return 40 + (width - 50) * (step - steps[0]) / max(steps[-1] - steps[0], 1), 10 + (height - 40) * (
+                top - value
+            ) / max(top - bottom, 1e-8)
 
-        pen.line([xy(s, v) for s, v in zip(steps, losses)], fill=(200, 200, 200))
-        pen.line([xy(s, v) for s, v in zip(steps, smooth)], fill=(30, 80, 200), width=2)
+        pen.line([xy(s, v) for s, v in zip(steps, losses, strict=True)], fill=(200, 200, 200))
+        pen.line([xy(s, v) for s, v in zip(steps, smooth, strict=True)], fill=(30, 80, 200), width=2)
         pen.text((4, 4), f"{top:.3f}", fill="black")
         pen.text((4, height - 40), f"{bottom:.3f}", fill="black")
         pen.text((40, height - 20), f"loss vs step ({steps[0]}..{steps[-1]})", fill="black")

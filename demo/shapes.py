@@ -82,7 +82,7 @@ def read_shape(image):
     if mask.sum() < 12:
         return None
     rows, cols = np.nonzero(mask)
-    box = mask[rows.min(): rows.max() + 1, cols.min(): cols.max() + 1]
+    box = mask[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
     h, w = max(box.shape[0] // 5, 1), max(box.shape[1] // 5, 1)
     top = (box[:h, :w].mean() + box[:h, -w:].mean()) / 2
     bottom = (box[-h:, :w].mean() + box[-h:, -w:].mean()) / 2

@@ -7,14 +7,18 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-import tiny_sd  # noqa: E402
+from devkit import tiny_sd
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 
 # No test may reach the network: the hub clients must fail fast instead of hanging.
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 os.environ.update(OFFLINE_ENV)
 
 
@@ -25,7 +29,9 @@ def assets(tmp_path_factory):
         "pipeline": tiny_sd.build_tiny_pipeline(str(root / "pipeline")),
         # 72 px images trained at 64 px, so the random crop has room to move.
         "images": tiny_sd.write_imagefolder(str(root / "images"), num_images=10, size=72),
-        "images_lists": tiny_sd.write_imagefolder(str(root / "images_lists"), num_images=10, size=72, caption_lists=True),
+        "images_lists": tiny_sd.write_imagefolder(
+            str(root / "images_lists"), num_images=10, size=72, caption_lists=True
+        ),
         "saved_dataset": tiny_sd.write_saved_dataset(str(root / "saved_dataset")),
     }
     from accelerate.utils import write_basic_config

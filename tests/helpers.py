@@ -4,7 +4,9 @@ import os
 
 
 def checkpoint_names(output_dir):
-    return sorted((n for n in os.listdir(output_dir) if n.startswith("checkpoint-")), key=lambda n: int(n.split("-")[1]))
+    return sorted(
+        (n for n in os.listdir(output_dir) if n.startswith("checkpoint-")), key=lambda n: int(n.split("-")[1])
+    )
 
 
 def load_state_dict(folder):

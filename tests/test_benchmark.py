@@ -11,19 +11,43 @@ from conftest import OFFLINE_ENV, REPO
 
 def test_benchmark_writes_a_table_with_every_row(tmp_path):
     report = tmp_path / "BENCHMARKS.md"
-    command = [sys.executable, os.path.join(REPO, "benchmarks", "run_benchmarks.py"), "--configs", "tiny", "sd15",
-               "--logging_steps", "2", "--windows", "1", "--work_dir", str(tmp_path / "work"), "--output", str(report),
-               "--flax_python", str(tmp_path / "no-flax-python")]
-    result = subprocess.run(command, cwd=REPO, env={**os.environ, **OFFLINE_ENV, "CUDA_VISIBLE_DEVICES": ""}, capture_output=True, text=True, timeout=900)
+    command = [
+        sys.executable,
+        os.path.join(REPO, "benchmarks", "run_benchmarks.py"),
+        "--configs",
+        "tiny",
+        "sd15",
+        "--logging_steps",
+        "2",
+        "--windows",
+        "1",
+        "--work_dir",
+        str(tmp_path / "work"),
+        "--output",
+        str(report),
+        "--flax_python",
+        str(tmp_path / "no-flax-python"),
+    ]
+    result = subprocess.run(
+        command,
+        cwd=REPO,
+        env={**os.environ, **OFFLINE_ENV, "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     text = report.read_text()
     assert "Machine: " in text and " cores, " in text
     rows = [line for line in text.splitlines() if line.startswith("| (")]
     tiny = [row.strip("| ").split(" | ") for row in rows if row.startswith("| (a)")]
     assert [(r[1], r[2]) for r in tiny] == [
-        ("`train_text_to_image.py`", "VAE + text encoder in the loop"), ("`train_text_to_image.py`", "--cache_latents"),
-        ("`train_text_to_image.py`", "--cache_latents --cache_text_embeddings"), ("`textual_inversion.py`", "VAE in the loop"),
-        ("`textual_inversion.py`", "--cache_latents")]
+        ("`train_text_to_image.py`", "VAE + text encoder in the loop"),
+        ("`train_text_to_image.py`", "--cache_latents"),
+        ("`train_text_to_image.py`", "--cache_latents --cache_text_embeddings"),
+        ("`textual_inversion.py`", "VAE in the loop"),
+        ("`textual_inversion.py`", "--cache_latents"),
+    ]
     for row in tiny:
         assert float(row[6]) > 0 and float(row[7]) > 0 and row[8].endswith("GiB (RSS)"), row
     assert all(re.fullmatch(r"\d+\.\d\dx", row[10]) for row in tiny if "cache" in row[2])

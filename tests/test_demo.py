@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+from demo import shapes
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "demo"))
-import shapes  # noqa: E402
 
 
 def test_shape_reader_on_real_drawings():
@@ -31,8 +31,14 @@ def test_shape_reader_on_real_drawings():
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    result = subprocess.run([sys.executable, os.path.join(REPO, "demo", "run_demo.py"), "--output_dir", str(out)],
-                            cwd=REPO, capture_output=True, text=True, timeout=1800, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    result = subprocess.run(
+        [sys.executable, os.path.join(REPO, "demo", "run_demo.py"), "--output_dir", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     print("\n" + "\n".join(result.stdout.splitlines()[-10:]))
     return out, json.load(open(out / "summary.json"))
@@ -61,7 +67,9 @@ def test_starter_is_a_usable_base(demo_run):
 
     tokenizer = CLIPTokenizer.from_pretrained(pipeline, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(pipeline, subfolder="text_encoder").eval()
-    ids = tokenizer(["a red circle", "a blue circle", "a red square"], padding="max_length", return_tensors="pt").input_ids
+    ids = tokenizer(
+        ["a red circle", "a blue circle", "a red square"], padding="max_length", return_tensors="pt"
+    ).input_ids
     with torch.no_grad():
         states = text_encoder(ids)[0]
     # Position 2 holds the color word, 3 the shape word: they differ by most of the states' norm.
@@ -71,12 +79,14 @@ def test_starter_is_a_usable_base(demo_run):
 
 def test_fine_tuned_pipeline_draws_what_prompts_ask(demo_run):
     score = demo_run[1]["text_to_image"]
-    print(f"\ntext_to_image: color {score['color_accuracy']:.1%}, shape {score['shape_accuracy']:.1%} over {score['images']} pictures")
+    accuracy = f"color {score['color_accuracy']:.1%}, shape {score['shape_accuracy']:.1%}"
+    print(f"\ntext_to_image: {accuracy} over {score['images']} pictures")
     assert score["color_accuracy"] >= 0.9 and score["shape_accuracy"] >= 0.7
     assert os.path.isfile(score["grid"]) and os.path.isfile(score["loss_curve"])
 
 
 def test_textual_inversion_learns_the_concept(demo_run):
     score = demo_run[1]["textual_inversion"]
-    print(f"\ntextual_inversion ({score['concept']}): color {score['color_accuracy']:.1%}, shape {score['shape_accuracy']:.1%}")
+    accuracy = f"color {score['color_accuracy']:.1%}, shape {score['shape_accuracy']:.1%}"
+    print(f"\ntextual_inversion ({score['concept']}): {accuracy}")
     assert score["color_accuracy"] >= 0.8 and score["shape_accuracy"] >= 0.8

@@ -1,9 +1,10 @@
-"""The README's flag tables are exactly what each script's parser defines (regenerate with tests/flag_table.py)."""
+"""The README's flag tables are exactly what each script's parser defines (regenerate with devkit/flag_table.py)."""
 
 import os
 
 import pytest
-from flag_table import flag_rows
+
+from devkit.flag_table import flag_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import sys
 import types
 
 import numpy as np
@@ -12,28 +11,47 @@ import torch
 from helpers import checkpoint_names, load_state_dict, max_abs_diff, tree_snapshot
 from PIL import Image
 
-SCRIPT = "train_text_to_image.py"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import train_text_to_image  # noqa: E402
+import train_text_to_image
 
-REFERENCE_FLAGS = """--pretrained_model_name_or_path --revision --variant --dataset_name --dataset_config_name --train_data_dir
---image_column --caption_column --max_train_samples --validation_prompts --output_dir --cache_dir --seed --resolution
---center_crop --random_flip --train_batch_size --num_train_epochs --max_train_steps --gradient_accumulation_steps
---gradient_checkpointing --learning_rate --scale_lr --lr_scheduler --lr_warmup_steps --snr_gamma --dream_training
---dream_detail_preservation --use_8bit_adam --allow_tf32 --use_ema --offload_ema --foreach_ema --non_ema_revision
---dataloader_num_workers --adam_beta1 --adam_beta2 --adam_weight_decay --adam_epsilon --max_grad_norm --push_to_hub
---hub_token --prediction_type --hub_model_id --logging_dir --mixed_precision --report_to --local_rank
---checkpointing_steps --checkpoints_total_limit --resume_from_checkpoint --enable_xformers_memory_efficient_attention
---noise_offset --input_perturbation --validation_epochs --tracker_project_name --image_interpolation_mode""".split()
+SCRIPT = "train_text_to_image.py"
+
+REFERENCE_FLAGS = """
+--pretrained_model_name_or_path --revision --variant --dataset_name --dataset_config_name --train_data_dir
+--image_column --caption_column --max_train_samples --validation_prompts --output_dir --cache_dir --seed
+--resolution --center_crop --random_flip --train_batch_size --num_train_epochs --max_train_steps
+--gradient_accumulation_steps --gradient_checkpointing --learning_rate --scale_lr --lr_scheduler
+--lr_warmup_steps --snr_gamma --dream_training --dream_detail_preservation --use_8bit_adam --allow_tf32
+--use_ema --offload_ema --foreach_ema --non_ema_revision --dataloader_num_workers --adam_beta1 --adam_beta2
+--adam_weight_decay --adam_epsilon --max_grad_norm --push_to_hub --hub_token --prediction_type --hub_model_id
+--logging_dir --mixed_precision --report_to --local_rank --checkpointing_steps --checkpoints_total_limit
+--resume_from_checkpoint --enable_xformers_memory_efficient_attention --noise_offset --input_perturbation
+--validation_epochs --tracker_project_name --image_interpolation_mode
+""".split()
 # Beyond the reference: the speed paths (issue 6).
 SPEED_FLAGS = {"--cache_latents", "--cache_text_embeddings", "--torch_compile", "--logging_steps"}
 
 
 def base_args(assets, output_dir, *extra, data="images"):
     return [
-        "--pretrained_model_name_or_path", assets["pipeline"], "--train_data_dir", assets[data],
-        "--resolution", 64, "--train_batch_size", 2, "--learning_rate", 1e-3, "--lr_warmup_steps", 0,
-        "--seed", 7, "--output_dir", output_dir, "--report_to", "tensorboard", *extra,
+        "--pretrained_model_name_or_path",
+        assets["pipeline"],
+        "--train_data_dir",
+        assets[data],
+        "--resolution",
+        64,
+        "--train_batch_size",
+        2,
+        "--learning_rate",
+        1e-3,
+        "--lr_warmup_steps",
+        0,
+        "--seed",
+        7,
+        "--output_dir",
+        output_dir,
+        "--report_to",
+        "tensorboard",
+        *extra,
     ]
 
 
@@ -46,11 +64,28 @@ def test_every_reference_flag_exists():
 
 def test_train_checkpoints_validate_save_and_generate(launch, assets, tmp_path):
     out = str(tmp_path / "run")
-    launch.accelerate(SCRIPT, base_args(
-        assets, out, "--max_train_steps", 7, "--checkpointing_steps", 2, "--checkpoints_total_limit", 2,
-        "--use_ema", "--offload_ema", "--foreach_ema", "--random_flip",
-        "--validation_prompts", "a red circle", "a blue square", "--validation_epochs", 1,
-    ))
+    launch.accelerate(
+        SCRIPT,
+        base_args(
+            assets,
+            out,
+            "--max_train_steps",
+            7,
+            "--checkpointing_steps",
+            2,
+            "--checkpoints_total_limit",
+            2,
+            "--use_ema",
+            "--offload_ema",
+            "--foreach_ema",
+            "--random_flip",
+            "--validation_prompts",
+            "a red circle",
+            "a blue square",
+            "--validation_epochs",
+            1,
+        ),
+    )
     # 10 images / batch 2 = 5 updates per epoch: checkpoints at 2, 4, 6, the limit keeps the last two.
     assert checkpoint_names(out) == ["checkpoint-4", "checkpoint-6"]
     assert not [n for n in os.listdir(out) if n.startswith(".")], "no partial folders may remain"
@@ -83,9 +118,28 @@ def test_train_checkpoints_validate_save_and_generate(launch, assets, tmp_path):
     assert any(n.startswith("events.out.tfevents") for _, _, files in os.walk(os.path.join(out, "logs")) for n in files)
 
 
-EXACT_RESUME = ["--max_train_steps", 8, "--checkpointing_steps", 2, "--gradient_accumulation_steps", 2,
-                "--lr_scheduler", "cosine", "--lr_warmup_steps", 2, "--use_ema", "--random_flip", "--snr_gamma", 5.0,
-                "--noise_offset", 0.05, "--input_perturbation", 0.1, "--validation_prompts", "a red circle"]
+EXACT_RESUME = [
+    "--max_train_steps",
+    8,
+    "--checkpointing_steps",
+    2,
+    "--gradient_accumulation_steps",
+    2,
+    "--lr_scheduler",
+    "cosine",
+    "--lr_warmup_steps",
+    2,
+    "--use_ema",
+    "--random_flip",
+    "--snr_gamma",
+    5.0,
+    "--noise_offset",
+    0.05,
+    "--input_perturbation",
+    0.1,
+    "--validation_prompts",
+    "a red circle",
+]
 
 
 def test_exact_resume_mid_epoch(launch, assets, tmp_path):
@@ -95,7 +149,9 @@ def test_exact_resume_mid_epoch(launch, assets, tmp_path):
     launch.accelerate(SCRIPT, base_args(assets, full, *EXACT_RESUME, data="images_lists"))
     os.makedirs(resumed)
     shutil.copytree(os.path.join(full, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
-    result = launch.accelerate(SCRIPT, base_args(assets, resumed, *EXACT_RESUME, "--resume_from_checkpoint", "latest", data="images_lists"))
+    result = launch.accelerate(
+        SCRIPT, base_args(assets, resumed, *EXACT_RESUME, "--resume_from_checkpoint", "latest", data="images_lists")
+    )
     assert "starting at 2" in result.output
     # 10 images / (batch 2 x accumulation 2) = 3 updates per epoch: steps 2 and 8 are mid-epoch.
     assert checkpoint_names(resumed) == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
@@ -104,7 +160,9 @@ def test_exact_resume_mid_epoch(launch, assets, tmp_path):
         assert diff <= 1e-6, f"{folder}: resumed run differs from the uninterrupted one by {diff}"
     # Validation uses fixed seeds, so the final grids match too.
     grid = "validation/final-step-000008.png"
-    assert np.array_equal(np.asarray(Image.open(os.path.join(full, grid))), np.asarray(Image.open(os.path.join(resumed, grid))))
+    assert np.array_equal(
+        np.asarray(Image.open(os.path.join(full, grid))), np.asarray(Image.open(os.path.join(resumed, grid)))
+    )
 
 
 def test_exact_resume_from_a_checkpoint_in_the_middle_of_an_epoch(launch, assets, tmp_path):
@@ -114,7 +172,10 @@ def test_exact_resume_from_a_checkpoint_in_the_middle_of_an_epoch(launch, assets
     shutil.copytree(os.path.join(full, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
     launch.accelerate(SCRIPT, base_args(assets, resumed, *common, "--resume_from_checkpoint", "checkpoint-3"))
     # 5 updates per epoch: step 3 is in the middle of epoch 0.
-    assert max_abs_diff(load_state_dict(os.path.join(full, "unet")), load_state_dict(os.path.join(resumed, "unet"))) <= 1e-6
+    assert (
+        max_abs_diff(load_state_dict(os.path.join(full, "unet")), load_state_dict(os.path.join(resumed, "unet")))
+        <= 1e-6
+    )
 
 
 def test_checkpoint_sets_latest_and_max_steps_are_authoritative(launch, assets, tmp_path):
@@ -139,7 +200,12 @@ def test_checkpoint_sets_latest_and_max_steps_are_authoritative(launch, assets, 
     result = launch.accelerate(SCRIPT, base_args(assets, out, "--max_train_steps", 10, *common))
     assert "nothing to train" in result.output
     assert tree_snapshot(os.path.join(out, "checkpoint-10")) == before
-    assert max_abs_diff(load_state_dict(os.path.join(out, "unet")), load_state_dict(os.path.join(out, "checkpoint-10", "unet"))) == 0
+    assert (
+        max_abs_diff(
+            load_state_dict(os.path.join(out, "unet")), load_state_dict(os.path.join(out, "checkpoint-10", "unet"))
+        )
+        == 0
+    )
 
 
 def test_checkpoint_is_invisible_until_complete(tmp_path, monkeypatch):
@@ -175,14 +241,36 @@ def test_checkpoint_is_invisible_until_complete(tmp_path, monkeypatch):
 
 def test_snr_gamma_v_prediction_bf16_gradient_checkpointing(launch, assets, tmp_path):
     out = str(tmp_path / "run")
-    launch.accelerate(SCRIPT, base_args(
-        assets, out, "--max_train_steps", 6, "--checkpointing_steps", 3, "--snr_gamma", 5.0,
-        "--prediction_type", "v_prediction", "--mixed_precision", "bf16", "--gradient_checkpointing",
-        "--image_interpolation_mode", "bicubic", "--center_crop", "--validation_prompts", "a red circle",
-        "--validation_epochs", 1,
-    ))
+    launch.accelerate(
+        SCRIPT,
+        base_args(
+            assets,
+            out,
+            "--max_train_steps",
+            6,
+            "--checkpointing_steps",
+            3,
+            "--snr_gamma",
+            5.0,
+            "--prediction_type",
+            "v_prediction",
+            "--mixed_precision",
+            "bf16",
+            "--gradient_checkpointing",
+            "--image_interpolation_mode",
+            "bicubic",
+            "--center_crop",
+            "--validation_prompts",
+            "a red circle",
+            "--validation_epochs",
+            1,
+        ),
+    )
     # Validation ran mid-training with the bf16 frozen parts and the fp32 UNet, and again on the saved pipeline.
-    assert sorted(os.listdir(os.path.join(out, "validation"))) == ["final-step-000006.png", "validation-step-000005.png"]
+    assert sorted(os.listdir(os.path.join(out, "validation"))) == [
+        "final-step-000006.png",
+        "validation-step-000005.png",
+    ]
     scheduler_config = json.load(open(os.path.join(out, "scheduler", "scheduler_config.json")))
     assert scheduler_config["prediction_type"] == "v_prediction"
     # Trained weights stay fp32 master weights and are saved as such.
@@ -199,10 +287,14 @@ def test_min_snr_weights(assets, prediction_type):
     """compute_loss with --snr_gamma weights each sample by min(SNR, gamma)/SNR (epsilon) or /(SNR+1) (v)."""
     from diffusers import DDPMScheduler
 
-    scheduler = DDPMScheduler.from_pretrained(assets["pipeline"], subfolder="scheduler", prediction_type=prediction_type)
+    scheduler = DDPMScheduler.from_pretrained(
+        assets["pipeline"], subfolder="scheduler", prediction_type=prediction_type
+    )
     latents = torch.randn(32, 4, 8, 8)
     vae = types.SimpleNamespace(
-        device=torch.device("cpu"), dtype=torch.float32, config=types.SimpleNamespace(scaling_factor=1.0),
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        config=types.SimpleNamespace(scaling_factor=1.0),
         encode=lambda x: types.SimpleNamespace(latent_dist=types.SimpleNamespace(sample=lambda generator: latents)),
     )
     text_encoder = lambda ids, return_dict: (torch.zeros(ids.shape[0], 3, 32),)  # noqa: E731
@@ -213,7 +305,9 @@ def test_min_snr_weights(assets, prediction_type):
 
     def run(snr_gamma):
         args.snr_gamma = snr_gamma
-        return train_text_to_image.compute_loss(unet, vae, text_encoder, scheduler, batch, torch.Generator().manual_seed(3), args)
+        return train_text_to_image.compute_loss(
+            unet, vae, text_encoder, scheduler, batch, torch.Generator().manual_seed(3), args
+        )
 
     # Replay the generator's draws to get the timesteps and per-sample unweighted losses.
     generator = torch.Generator().manual_seed(3)
@@ -232,10 +326,27 @@ def test_min_snr_weights(assets, prediction_type):
 
 def test_dataset_folder_with_list_captions(launch, assets, tmp_path):
     out = str(tmp_path / "run")
-    args = base_args(assets, out, "--max_train_steps", 2, "--checkpointing_steps", 100, "--max_train_samples", 4,
-                     "--dataloader_num_workers", 2, "--dream_training")
-    args[args.index("--train_data_dir"):args.index("--train_data_dir") + 2] = [
-        "--dataset_name", assets["saved_dataset"], "--image_column", "picture", "--caption_column", "captions"]
+    args = base_args(
+        assets,
+        out,
+        "--max_train_steps",
+        2,
+        "--checkpointing_steps",
+        100,
+        "--max_train_samples",
+        4,
+        "--dataloader_num_workers",
+        2,
+        "--dream_training",
+    )
+    args[args.index("--train_data_dir") : args.index("--train_data_dir") + 2] = [
+        "--dataset_name",
+        assets["saved_dataset"],
+        "--image_column",
+        "picture",
+        "--caption_column",
+        "captions",
+    ]
     launch.accelerate(SCRIPT, args)
     assert os.path.isfile(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
 
@@ -243,9 +354,24 @@ def test_dataset_folder_with_list_captions(launch, assets, tmp_path):
 def test_two_processes(launch, assets, tmp_path):
     out = str(tmp_path / "run")
     # The caches are encoded half by each process and gathered: both hold all 10 rows x 2 flips.
-    result = launch.torchrun(SCRIPT, base_args(assets, out, "--max_train_steps", 3, "--checkpointing_steps", 2,
-                                                "--validation_prompts", "a red circle", "--use_ema", "--center_crop",
-                                                "--random_flip", "--cache_latents", "--cache_text_embeddings"))
+    result = launch.torchrun(
+        SCRIPT,
+        base_args(
+            assets,
+            out,
+            "--max_train_steps",
+            3,
+            "--checkpointing_steps",
+            2,
+            "--validation_prompts",
+            "a red circle",
+            "--use_ema",
+            "--center_crop",
+            "--random_flip",
+            "--cache_latents",
+            "--cache_text_embeddings",
+        ),
+    )
     assert "processes = 2" in result.output and "total batch = 4" in result.output
     assert "Cached latents: (10, 2, 8, 8, 8)" in result.output
     assert checkpoint_names(out) == ["checkpoint-2"]
@@ -278,18 +404,51 @@ def nan_pipeline(assets, tmp_path):
 
 
 ERROR_CASES = {
-    "missing_data_dir": (lambda a, t: ["--train_data_dir", str(t / "nowhere")], lambda a, t: [f"--train_data_dir {t / 'nowhere'}: no such folder"]),
-    "missing_dataset_folder": (lambda a, t: ["--dataset_name", str(t / "no_dataset")], lambda a, t: [f"--dataset_name {t / 'no_dataset'}: no such folder"]),
-    "caption_column": (lambda a, t: ["--caption_column", "prompt"], lambda a, t: ["--caption_column 'prompt' is not a column", "its columns are: image, text"]),
-    "image_column": (lambda a, t: ["--image_column", "img"], lambda a, t: ["--image_column 'img' is not a column", "image, text"]),
-    "unreadable_image": (lambda a, t: ["--train_data_dir", corrupt_imagefolder(a, t)[0]], lambda a, t: ["cannot read image", str(t / "broken" / "0003.png")]),
-    "no_data_source": (lambda a, t: ["--train_data_dir", None], lambda a, t: ["pass --dataset_name", "--train_data_dir"]),
-    "missing_checkpoint": (lambda a, t: ["--resume_from_checkpoint", "checkpoint-99"], lambda a, t: ["--resume_from_checkpoint checkpoint-99: no complete checkpoint"]),
-    "cache_needs_center_crop": (lambda a, t: ["--cache_latents", "1"], lambda a, t: ["--cache_latents stores one crop per image, so it needs --center_crop"]),
-    "non_finite_loss": (lambda a, t: ["--pretrained_model_name_or_path", nan_pipeline(a, t)], lambda a, t: ["loss is nan at step 1"]),
+    "missing_data_dir": (
+        lambda a, t: ["--train_data_dir", str(t / "nowhere")],
+        lambda a, t: [f"--train_data_dir {t / 'nowhere'}: no such folder"],
+    ),
+    "missing_dataset_folder": (
+        lambda a, t: ["--dataset_name", str(t / "no_dataset")],
+        lambda a, t: [f"--dataset_name {t / 'no_dataset'}: no such folder"],
+    ),
+    "caption_column": (
+        lambda a, t: ["--caption_column", "prompt"],
+        lambda a, t: ["--caption_column 'prompt' is not a column", "its columns are: image, text"],
+    ),
+    "image_column": (
+        lambda a, t: ["--image_column", "img"],
+        lambda a, t: ["--image_column 'img' is not a column", "image, text"],
+    ),
+    "unreadable_image": (
+        lambda a, t: ["--train_data_dir", corrupt_imagefolder(a, t)[0]],
+        lambda a, t: ["cannot read image", str(t / "broken" / "0003.png")],
+    ),
+    "no_data_source": (
+        lambda a, t: ["--train_data_dir", None],
+        lambda a, t: ["pass --dataset_name", "--train_data_dir"],
+    ),
+    "missing_checkpoint": (
+        lambda a, t: ["--resume_from_checkpoint", "checkpoint-99"],
+        lambda a, t: ["--resume_from_checkpoint checkpoint-99: no complete checkpoint"],
+    ),
+    "cache_needs_center_crop": (
+        lambda a, t: ["--cache_latents", "1"],
+        lambda a, t: ["--cache_latents stores one crop per image, so it needs --center_crop"],
+    ),
+    "non_finite_loss": (
+        lambda a, t: ["--pretrained_model_name_or_path", nan_pipeline(a, t)],
+        lambda a, t: ["loss is nan at step 1"],
+    ),
     # Optional GPU-only packages, absent here: the flags that need them say what to install.
-    "no_bitsandbytes": (lambda a, t: ["--use_8bit_adam", "1"], lambda a, t: ["--use_8bit_adam needs bitsandbytes: pip install bitsandbytes"]),
-    "no_xformers": (lambda a, t: ["--enable_xformers_memory_efficient_attention", "1"], lambda a, t: ["needs xformers: pip install xformers"]),
+    "no_bitsandbytes": (
+        lambda a, t: ["--use_8bit_adam", "1"],
+        lambda a, t: ["--use_8bit_adam needs bitsandbytes: pip install bitsandbytes"],
+    ),
+    "no_xformers": (
+        lambda a, t: ["--enable_xformers_memory_efficient_attention", "1"],
+        lambda a, t: ["needs xformers: pip install xformers"],
+    ),
 }
 
 
@@ -302,10 +461,10 @@ def test_clear_errors_write_nothing(launch, assets, tmp_path, case):
     before = tree_snapshot(str(out))
     args = base_args(assets, str(out), "--max_train_steps", 4, "--checkpointing_steps", 1)
     overrides = make_args(assets, tmp_path)
-    for flag, value in zip(overrides[::2], overrides[1::2]):
+    for flag, value in zip(overrides[::2], overrides[1::2], strict=True):
         if flag in args:
             index = args.index(flag)
-            del args[index:index + 2]
+            del args[index : index + 2]
         if value == "1":  # a switch
             args.append(flag)
         elif value is not None:

@@ -10,9 +10,20 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TORCH_PYTHON = os.environ.get("TORCH_PYTHON", os.path.join(REPO, ".venv", "bin", "python"))
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
 # Two host devices, and fewer XLA optimisations: the tiny models compile faster and the tests stay short.
-XLA_FLAGS = "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+XLA_FLAGS = " ".join(
+    [
+        "--xla_force_host_platform_device_count=2",
+        "--xla_backend_optimization_level=0",
+        "--xla_llvm_disable_expensive_passes=true",
+    ]
+)
 os.environ.update(OFFLINE_ENV)
 os.environ.setdefault("XLA_FLAGS", XLA_FLAGS)
 
@@ -20,7 +31,9 @@ os.environ.setdefault("XLA_FLAGS", XLA_FLAGS)
 def run_torch(code_or_args, check=True):
     """Run Python in the PyTorch environment: a list of arguments, or a snippet of code."""
     command = [TORCH_PYTHON] + (code_or_args if isinstance(code_or_args, list) else ["-c", code_or_args])
-    result = subprocess.run(command, cwd=REPO, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        command, cwd=REPO, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True, timeout=600
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"PyTorch environment failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
@@ -29,13 +42,15 @@ def run_torch(code_or_args, check=True):
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
     if not os.path.exists(TORCH_PYTHON):
-        pytest.fail(f"the PyTorch environment {TORCH_PYTHON} is missing: run `make test`, which builds both environments")
+        pytest.fail(
+            f"the PyTorch environment {TORCH_PYTHON} is missing: run `make test`, which builds both environments"
+        )
     root = tmp_path_factory.mktemp("assets")
     run_torch(f"""
-import sys; sys.path.insert(0, 'tests'); import tiny_sd
-tiny_sd.build_tiny_pipeline({str(root / 'pipeline')!r})
-tiny_sd.write_imagefolder({str(root / 'images')!r}, num_images=10, size=72)
-tiny_sd.write_concept_folder({str(root / 'concept')!r}, num_images=4, size=72)
+from devkit import tiny_sd
+tiny_sd.build_tiny_pipeline({str(root / "pipeline")!r})
+tiny_sd.write_imagefolder({str(root / "images")!r}, num_images=10, size=72)
+tiny_sd.write_concept_folder({str(root / "concept")!r}, num_images=4, size=72)
 """)
     return {"pipeline": str(root / "pipeline"), "images": str(root / "images"), "concept": str(root / "concept")}
 
@@ -44,8 +59,14 @@ class FlaxLauncher:
     def run(self, script, args, check=True, devices=2):
         flags = XLA_FLAGS.replace("device_count=2", f"device_count={devices}")
         env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1", "XLA_FLAGS": flags}
-        result = subprocess.run([sys.executable, script] + [str(a) for a in args], cwd=REPO, env=env,
-                                capture_output=True, text=True, timeout=900)
+        result = subprocess.run(
+            [sys.executable, script] + [str(a) for a in args],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         result.output = result.stdout + result.stderr
         if check and result.returncode != 0:
             raise AssertionError(f"{script} failed ({result.returncode}):\n{result.output[-6000:]}")

@@ -2,7 +2,6 @@
 loaded by the PyTorch environment."""
 
 import filecmp
-import json
 import os
 import re
 import shutil
@@ -20,15 +19,19 @@ def flags_of(script):
     return set(re.findall(r'add_argument\(\s*"(--\w+)"', open(os.path.join(REPO, script)).read()))
 
 
-@pytest.mark.parametrize("flax_script,torch_script", [("train_text_to_image_flax.py", "train_text_to_image.py"),
-                                                      ("textual_inversion_flax.py", "textual_inversion.py")])
+@pytest.mark.parametrize(
+    "flax_script,torch_script",
+    [("train_text_to_image_flax.py", "train_text_to_image.py"), ("textual_inversion_flax.py", "textual_inversion.py")],
+)
 def test_flags_are_a_subset_of_the_pytorch_twin(flax_script, torch_script):
     assert flags_of(flax_script) - flags_of(torch_script) - FLAX_ONLY == set()
     assert len(flags_of(flax_script)) > 30
 
 
 def checkpoint_names(output_dir):
-    return sorted((n for n in os.listdir(output_dir) if n.startswith("checkpoint-")), key=lambda n: int(n.split("-")[1]))
+    return sorted(
+        (n for n in os.listdir(output_dir) if n.startswith("checkpoint-")), key=lambda n: int(n.split("-")[1])
+    )
 
 
 # ------------------------------------------------------------------------------------------- train_text_to_image_flax
@@ -38,21 +41,58 @@ T2I = "train_text_to_image_flax.py"
 
 
 def t2i_args(assets, output_dir, *extra):
-    return ["--pretrained_model_name_or_path", assets["pipeline"], "--train_data_dir", assets["images"], "--resolution", 64,
-            "--train_batch_size", 1, "--learning_rate", 1e-3, "--lr_warmup_steps", 0, "--seed", 3, "--output_dir", output_dir, *extra]
+    return [
+        "--pretrained_model_name_or_path",
+        assets["pipeline"],
+        "--train_data_dir",
+        assets["images"],
+        "--resolution",
+        64,
+        "--train_batch_size",
+        1,
+        "--learning_rate",
+        1e-3,
+        "--lr_warmup_steps",
+        0,
+        "--seed",
+        3,
+        "--output_dir",
+        output_dir,
+        *extra,
+    ]
 
 
 def test_text_to_image_flax_trains_on_two_devices_and_pytorch_loads_it(launch, assets, tmp_path):
     out = str(tmp_path / "run")
-    result = launch.run(T2I, t2i_args(assets, out, "--max_train_steps", 4, "--checkpointing_steps", 2, "--checkpoints_total_limit", 1,
-                                      "--gradient_checkpointing", "--mixed_precision", "bf16", "--snr_gamma", 5.0,
-                                      "--prediction_type", "v_prediction", "--random_flip"))
+    result = launch.run(
+        T2I,
+        t2i_args(
+            assets,
+            out,
+            "--max_train_steps",
+            4,
+            "--checkpointing_steps",
+            2,
+            "--checkpoints_total_limit",
+            1,
+            "--gradient_checkpointing",
+            "--mixed_precision",
+            "bf16",
+            "--snr_gamma",
+            5.0,
+            "--prediction_type",
+            "v_prediction",
+            "--random_flip",
+        ),
+    )
     assert "devices = 2" in result.output and "total batch = 2" in result.output
     assert checkpoint_names(out) == ["checkpoint-4"]
     assert not [n for n in os.listdir(out) if n.startswith(".")]
     # The frozen parts are the source's files, byte for byte; the UNet is the trained one.
     for component, name in [("text_encoder", "model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors")]:
-        assert filecmp.cmp(os.path.join(assets["pipeline"], component, name), os.path.join(out, component, name), shallow=False)
+        assert filecmp.cmp(
+            os.path.join(assets["pipeline"], component, name), os.path.join(out, component, name), shallow=False
+        )
     trained = load_file(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
     source = load_file(os.path.join(assets["pipeline"], "unet", "diffusion_pytorch_model.safetensors"))
     assert trained.keys() == source.keys() and all(v.dtype == np.float32 for v in trained.values())
@@ -68,8 +108,23 @@ print("generated", image.size, float(np.asarray(image).std()) > 0)
     assert "generated (64, 64) True" in result.stdout
 
 
-T2I_EXACT = ["--max_train_steps", 6, "--checkpointing_steps", 3, "--gradient_accumulation_steps", 2, "--lr_scheduler", "cosine",
-             "--lr_warmup_steps", 2, "--random_flip", "--noise_offset", 0.05, "--snr_gamma", 5.0]
+T2I_EXACT = [
+    "--max_train_steps",
+    6,
+    "--checkpointing_steps",
+    3,
+    "--gradient_accumulation_steps",
+    2,
+    "--lr_scheduler",
+    "cosine",
+    "--lr_warmup_steps",
+    2,
+    "--random_flip",
+    "--noise_offset",
+    0.05,
+    "--snr_gamma",
+    5.0,
+]
 
 
 def test_text_to_image_flax_exact_resume(launch, assets, tmp_path):
@@ -89,10 +144,13 @@ def test_text_to_image_flax_exact_resume(launch, assets, tmp_path):
     assert open(os.path.join(resumed, "checkpoint-6", "train_state.msgpack"), "rb").read() == before
 
 
-@pytest.mark.parametrize("flag,value,message", [
-    ("--train_data_dir", "/nowhere/images", "--train_data_dir /nowhere/images: no such folder"),
-    ("--caption_column", "prompt", "--caption_column 'prompt' is not a column"),
-])
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--train_data_dir", "/nowhere/images", "--train_data_dir /nowhere/images: no such folder"),
+        ("--caption_column", "prompt", "--caption_column 'prompt' is not a column"),
+    ],
+)
 def test_text_to_image_flax_clear_errors(launch, assets, tmp_path, flag, value, message):
     out = tmp_path / "previous"
     out.mkdir()
@@ -114,27 +172,68 @@ TI = "textual_inversion_flax.py"
 
 
 def ti_args(assets, output_dir, *extra):
-    return ["--pretrained_model_name_or_path", assets["pipeline"], "--train_data_dir", assets["concept"],
-            "--placeholder_token", "<blob>", "--initializer_token", "circle", "--resolution", 64, "--repeats", 3,
-            "--train_batch_size", 1, "--learning_rate", 5e-2, "--lr_warmup_steps", 0, "--seed", 4, "--output_dir", output_dir, *extra]
+    return [
+        "--pretrained_model_name_or_path",
+        assets["pipeline"],
+        "--train_data_dir",
+        assets["concept"],
+        "--placeholder_token",
+        "<blob>",
+        "--initializer_token",
+        "circle",
+        "--resolution",
+        64,
+        "--repeats",
+        3,
+        "--train_batch_size",
+        1,
+        "--learning_rate",
+        5e-2,
+        "--lr_warmup_steps",
+        0,
+        "--seed",
+        4,
+        "--output_dir",
+        output_dir,
+        *extra,
+    ]
 
 
 def test_textual_inversion_flax_embeddings_load_in_pytorch(launch, assets, tmp_path):
     out = str(tmp_path / "run")
-    result = launch.run(TI, ti_args(assets, out, "--num_vectors", 2, "--max_train_steps", 4, "--save_steps", 2,
-                                    "--checkpointing_steps", 2, "--snr_gamma", 5.0, "--gradient_checkpointing"))
+    result = launch.run(
+        TI,
+        ti_args(
+            assets,
+            out,
+            "--num_vectors",
+            2,
+            "--max_train_steps",
+            4,
+            "--save_steps",
+            2,
+            "--checkpointing_steps",
+            2,
+            "--snr_gamma",
+            5.0,
+            "--gradient_checkpointing",
+        ),
+    )
     assert "devices = 2" in result.output
     assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-4"]
     assert sorted(n for n in os.listdir(out) if n.startswith("learned_embeds")) == [
-        "learned_embeds-steps-2.safetensors", "learned_embeds-steps-4.safetensors", "learned_embeds.safetensors"]
+        "learned_embeds-steps-2.safetensors",
+        "learned_embeds-steps-4.safetensors",
+        "learned_embeds.safetensors",
+    ]
     embeds = load_file(os.path.join(out, "learned_embeds.safetensors"))
     assert list(embeds) == ["<blob>"] and embeds["<blob>"].shape == (2, 32) and embeds["<blob>"].dtype == np.float32
     result = run_torch(f"""
 import torch
 from diffusers import StableDiffusionPipeline
-pipe = StableDiffusionPipeline.from_pretrained({assets['pipeline']!r})
+pipe = StableDiffusionPipeline.from_pretrained({assets["pipeline"]!r})
 initial = pipe.text_encoder.get_input_embeddings().weight[pipe.tokenizer.convert_tokens_to_ids("circle</w>")].clone()
-pipe.load_textual_inversion({os.path.join(out, 'learned_embeds.safetensors')!r})
+pipe.load_textual_inversion({os.path.join(out, "learned_embeds.safetensors")!r})
 ids = pipe.tokenizer.convert_tokens_to_ids(["<blob>", "<blob>_1"])
 rows = pipe.text_encoder.get_input_embeddings().weight[ids]
 print("moved", bool((rows - initial).abs().max() > 1e-3))
@@ -144,8 +243,19 @@ print("generated", image.size)
     assert "moved True" in result.stdout and "generated (64, 64)" in result.stdout
 
 
-TI_EXACT = ["--num_vectors", 2, "--max_train_steps", 6, "--checkpointing_steps", 3, "--lr_scheduler", "linear",
-            "--lr_warmup_steps", 1, "--center_crop"]
+TI_EXACT = [
+    "--num_vectors",
+    2,
+    "--max_train_steps",
+    6,
+    "--checkpointing_steps",
+    3,
+    "--lr_scheduler",
+    "linear",
+    "--lr_warmup_steps",
+    1,
+    "--center_crop",
+]
 
 
 def test_textual_inversion_flax_exact_resume(launch, assets, tmp_path):
@@ -159,11 +269,14 @@ def test_textual_inversion_flax_exact_resume(launch, assets, tmp_path):
     assert np.abs(a - b).max() <= 1e-6
 
 
-@pytest.mark.parametrize("flag,value,message", [
-    ("--initializer_token", "squares", "--initializer_token 'squares' must be exactly one token"),
-    ("--placeholder_token", "red", "--placeholder_token red: 'red' already exists in the tokenizer (as 'red</w>')"),
-    ("--train_data_dir", "/nowhere/concept", "--train_data_dir /nowhere/concept: no such folder"),
-])
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--initializer_token", "squares", "--initializer_token 'squares' must be exactly one token"),
+        ("--placeholder_token", "red", "--placeholder_token red: 'red' already exists in the tokenizer (as 'red</w>')"),
+        ("--train_data_dir", "/nowhere/concept", "--train_data_dir /nowhere/concept: no such folder"),
+    ],
+)
 def test_textual_inversion_flax_clear_errors(launch, assets, tmp_path, flag, value, message):
     out = tmp_path / "previous"
     out.mkdir()
@@ -172,4 +285,7 @@ def test_textual_inversion_flax_clear_errors(launch, assets, tmp_path, flag, val
     args[args.index(flag) + 1] = value
     result = launch.run(TI, args, check=False)
     assert result.returncode != 0 and message in result.output, result.output[-3000:]
-    assert os.listdir(out) == ["learned_embeds.safetensors"] and (out / "learned_embeds.safetensors").read_bytes() == b"earlier"
+    assert (
+        os.listdir(out) == ["learned_embeds.safetensors"]
+        and (out / "learned_embeds.safetensors").read_bytes() == b"earlier"
+    )

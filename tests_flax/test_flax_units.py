@@ -3,7 +3,6 @@ JAX train_step keeps the PyTorch compute_loss's names and comments."""
 
 import os
 import re
-import sys
 import types
 
 import jax
@@ -12,8 +11,7 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-sys.path.insert(0, REPO)
-import train_text_to_image_flax as T  # noqa: E402
+import train_text_to_image_flax as T
 
 
 @pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine"])
@@ -40,7 +38,9 @@ def test_gradient_checkpointing_rematerialises_every_unet_block(assets):
     unet, params = T.load_flax_model(FlaxUNet2DConditionModel, assets["pipeline"], "unet", None, jnp.float32)
 
     def loss(p):
-        return unet.apply({"params": p}, jnp.ones((1, 4, 8, 8)), jnp.array([3]), jnp.ones((1, 77, 32)), train=True).sample.mean()
+        return unet.apply(
+            {"params": p}, jnp.ones((1, 4, 8, 8)), jnp.array([3]), jnp.ones((1, 77, 32)), train=True
+        ).sample.mean()
 
     jaxpr = str(jax.make_jaxpr(jax.grad(loss))(params))
     # Two down blocks, the mid block and two up blocks, each under its own checkpoint.
@@ -56,20 +56,28 @@ def math_comments(script):
 
 def math_names(script):
     text = open(os.path.join(REPO, script)).read().split("BEGIN MATH", 1)[1].split("END MATH", 1)[0]
-    return {n for n in ["latents", "noise", "timesteps", "noisy_latents", "encoder_hidden_states", "model_pred", "target"]
-            if re.search(rf"\b{n}\b", text)}
+    return {
+        n
+        for n in ["latents", "noise", "timesteps", "noisy_latents", "encoder_hidden_states", "model_pred", "target"]
+        if re.search(rf"\b{n}\b", text)
+    }
 
 
-@pytest.mark.parametrize("flax_script,torch_script", [("train_text_to_image_flax.py", "train_text_to_image.py"),
-                                                      ("textual_inversion_flax.py", "textual_inversion.py")])
+@pytest.mark.parametrize(
+    "flax_script,torch_script",
+    [("train_text_to_image_flax.py", "train_text_to_image.py"), ("textual_inversion_flax.py", "textual_inversion.py")],
+)
 def test_train_step_and_compute_loss_diff_cleanly(flax_script, torch_script):
     flax_comments, torch_comments = math_comments(flax_script), math_comments(torch_script)
     # Every comment of the JAX math is a comment of the PyTorch math, in the same order; the PyTorch side may have
     # more (features the Flax twin does not carry: input perturbation, DREAM).
     assert [c for c in torch_comments if c in flax_comments] == flax_comments
     assert len(flax_comments) >= 6
-    assert math_names(flax_script) == math_names(torch_script) == {
-        "latents", "noise", "timesteps", "noisy_latents", "encoder_hidden_states", "model_pred", "target"}
+    assert (
+        math_names(flax_script)
+        == math_names(torch_script)
+        == {"latents", "noise", "timesteps", "noisy_latents", "encoder_hidden_states", "model_pred", "target"}
+    )
 
 
 def definitions(script):
@@ -89,15 +97,39 @@ def definitions(script):
 SHARED = {
     # Each script stands alone, so these helpers are copies; they must stay identical copies.
     ("train_text_to_image_flax.py", "textual_inversion_flax.py"): [
-        "derive_seed", "list_checkpoints", "find_resume_checkpoint", "epoch_batches", "resolve_pipeline_folder",
-        "load_flax_model", "load_flax_text_encoder", "enable_block_rematerialisation", "learning_rate_schedule",
-        "LossConfig", "checkpoint_payload", "save_checkpoint", "CHECKPOINT_PATTERN", "TRAINING_STATE", "LogWindow",
-        "format_logs"],
+        "derive_seed",
+        "list_checkpoints",
+        "find_resume_checkpoint",
+        "epoch_batches",
+        "resolve_pipeline_folder",
+        "load_flax_model",
+        "load_flax_text_encoder",
+        "enable_block_rematerialisation",
+        "learning_rate_schedule",
+        "LossConfig",
+        "checkpoint_payload",
+        "save_checkpoint",
+        "CHECKPOINT_PATTERN",
+        "TRAINING_STATE",
+        "LogWindow",
+        "format_logs",
+    ],
     ("train_text_to_image.py", "train_text_to_image_flax.py"): [
-        "derive_seed", "list_checkpoints", "find_resume_checkpoint", "load_image_caption_dataset", "format_logs"],
+        "derive_seed",
+        "list_checkpoints",
+        "find_resume_checkpoint",
+        "load_image_caption_dataset",
+        "format_logs",
+    ],
     ("textual_inversion.py", "textual_inversion_flax.py"): [
-        "derive_seed", "find_example_images", "add_placeholder_tokens", "initializer_token_id", "OBJECT_TEMPLATES",
-        "STYLE_TEMPLATES", "IMAGE_EXTENSIONS"],
+        "derive_seed",
+        "find_example_images",
+        "add_placeholder_tokens",
+        "initializer_token_id",
+        "OBJECT_TEMPLATES",
+        "STYLE_TEMPLATES",
+        "IMAGE_EXTENSIONS",
+    ],
 }
 
 

@@ -1,13 +1,11 @@
-"""The README's flag tables for the Flax twins are exactly what their parsers define (tests/flag_table.py)."""
+"""The README's flag tables for the Flax twins are exactly what their parsers define (devkit/flag_table.py)."""
 
 import os
-import sys
 
 import pytest
 from conftest import REPO
 
-sys.path.insert(0, os.path.join(REPO, "tests"))
-from flag_table import flag_rows  # noqa: E402
+from devkit.flag_table import flag_rows
 
 
 @pytest.mark.parametrize("script", ["train_text_to_image_flax.py", "textual_inversion_flax.py"])

@@ -4,7 +4,7 @@ The tests (through conftest.py) and `make demo` use this. Nothing here downloads
 byte-level CLIP BPE vocabulary written below, and every model is randomly initialised from a small config and saved
 with `save_pretrained` in the standard diffusers folder layout, exactly as a hub checkpoint is laid out.
 
-    python tests/tiny_sd.py --output_dir /tmp/tiny      # writes /tmp/tiny/{pipeline,images,...}
+    python -m devkit.tiny_sd --output_dir /tmp/tiny      # writes /tmp/tiny/{pipeline,images,...}
 """
 
 import argparse
@@ -18,8 +18,32 @@ from PIL import Image
 # Words that get whole-word tokens, so captions tokenize into a few ids and "a", "red", ... exist in the
 # vocabulary as ordinary words (textual inversion must refuse them as placeholders).
 VOCAB_WORDS = [
-    "a", "an", "the", "of", "photo", "picture", "red", "green", "blue", "yellow", "white", "black", "circle",
-    "square", "triangle", "cat", "dog", "toy", "small", "big", "on", "in", "with", "and", "style", "painting",
+    "a",
+    "an",
+    "the",
+    "of",
+    "photo",
+    "picture",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "white",
+    "black",
+    "circle",
+    "square",
+    "triangle",
+    "cat",
+    "dog",
+    "toy",
+    "small",
+    "big",
+    "on",
+    "in",
+    "with",
+    "and",
+    "style",
+    "painting",
 ]
 COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (230, 210, 40)}
 SHAPES = ["circle", "square"]
@@ -36,7 +60,7 @@ def bytes_to_unicode():
             printable.append(b)
             chars.append(256 + extra)
             extra += 1
-    return dict(zip(printable, map(chr, chars)))
+    return dict(zip(printable, map(chr, chars), strict=True))
 
 
 def write_clip_tokenizer_files(folder, words=VOCAB_WORDS):
@@ -72,8 +96,11 @@ TINY = {
     # Four VAE blocks give the SD downsampling factor of 8, so --resolution means the same as on a real model.
     "vae": dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=8),
     "unet": dict(
-        block_out_channels=(32, 64), layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8,
         norm_num_groups=32,  # 32, as in SD: diffusers' Flax UNet hard-codes it
     ),
 }
@@ -97,32 +124,59 @@ def build_pipeline(path, architecture, sample_size, prediction_type="epsilon", s
         tokenizer = CLIPTokenizer.from_pretrained(token_dir, model_max_length=77)
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=max(tokens, vocab_size or 0), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **architecture["text"],
+            vocab_size=max(tokens, vocab_size or 0),
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            **architecture["text"],
         )
     )
     levels = len(architecture["vae"]["block_out_channels"])
     vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, sample_size=sample_size,
-        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels, **architecture["vae"],
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=sample_size,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        **architecture["vae"],
     )
     unet = UNet2DConditionModel(
-        sample_size=sample_size // 2 ** (levels - 1), in_channels=4, out_channels=4,
-        cross_attention_dim=architecture["text"]["hidden_size"], **architecture["unet"],
+        sample_size=sample_size // 2 ** (levels - 1),
+        in_channels=4,
+        out_channels=4,
+        cross_attention_dim=architecture["text"]["hidden_size"],
+        **architecture["unet"],
     )
-    schedule = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                    prediction_type=prediction_type)
+    schedule = dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type=prediction_type,
+    )
     scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1, **schedule)
     pipeline = StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
     )
     pipeline.save_pretrained(path, safe_serialization=True)
     # Keys as hub checkpoints have them ('text_model.' prefix), which transformers 4 (the Flax stack) needs.
     from safetensors.torch import load_file, save_file
 
     weights = os.path.join(path, "text_encoder", "model.safetensors")
-    save_file({("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    save_file(
+        {("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in load_file(weights).items()},
+        weights,
+        metadata={"format": "pt"},
+    )
     # transformers 5 saves only tokenizer.json; older releases (the Flax stack) read vocab.json + merges.txt.
     write_clip_tokenizer_files(os.path.join(path, "tokenizer"))
     return path
@@ -154,7 +208,9 @@ def write_imagefolder(folder, num_images=8, size=64, caption_lists=False, seed=0
         name = f"{i:04d}.png"
         draw_shape(color, shape, size, rng).save(os.path.join(folder, name))
         caption = f"a {color} {shape}"
-        rows.append({"file_name": name, "text": [caption, f"a photo of a {color} {shape}"] if caption_lists else caption})
+        rows.append(
+            {"file_name": name, "text": [caption, f"a photo of a {color} {shape}"] if caption_lists else caption}
+        )
     with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
@@ -183,7 +239,9 @@ def write_saved_dataset(folder, num_images=6, size=64, seed=1):
         captions.append([f"a {color} {shape}", f"the {color} {shape}"])
     table = datasets.Dataset.from_dict(
         {"picture": images, "captions": captions},
-        features=datasets.Features({"picture": datasets.Image(), "captions": datasets.Sequence(datasets.Value("string"))}),
+        features=datasets.Features(
+            {"picture": datasets.Image(), "captions": datasets.Sequence(datasets.Value("string"))}
+        ),
     )
     os.makedirs(os.path.join(folder, "data"), exist_ok=True)
     table.to_parquet(os.path.join(folder, "data", "train-00000-of-00001.parquet"))
