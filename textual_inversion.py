@@ -21,6 +21,7 @@ with the same embeddings as one that was never interrupted.
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import logging
@@ -42,6 +43,7 @@ from accelerate.utils import ProjectConfiguration
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_dream_and_update_latents
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
@@ -50,7 +52,11 @@ from transformers import CLIPTextModel, CLIPTokenizer
 logger = get_logger(__name__, log_level="INFO")
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-TRAINING_STATE = "training_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
+# Seed, step and batch layout of a checkpoint, written last into it: its presence marks the checkpoint complete.
+CHECKPOINT_METADATA = "checkpoint_metadata.json"
+# The second key of every validation seed, derive_seed(seed, VALIDATION_SEED_KEY, prompt index): training draws use
+# four keys, so a validation image never shares its noise with a training step.
+VALIDATION_SEED_KEY = 7919
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -114,6 +120,7 @@ def parse_args(argv=None):
         choices=["epsilon", "v_prediction"],
         help="Training target; default: the scheduler config's prediction_type.",
     )
+    parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
     # Token
     parser.add_argument(
         "--placeholder_token",
@@ -322,19 +329,8 @@ def parse_args(argv=None):
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1:
         args.local_rank = env_local_rank
-    for name in [
-        "num_vectors",
-        "repeats",
-        "resolution",
-        "train_batch_size",
-        "max_train_steps",
-        "gradient_accumulation_steps",
-        "save_steps",
-        "checkpointing_steps",
-        "validation_steps",
-        "num_validation_images",
-        "logging_steps",
-    ]:
+    positive = "num_vectors repeats resolution train_batch_size max_train_steps gradient_accumulation_steps save_steps"
+    for name in (positive + " checkpointing_steps validation_steps num_validation_images logging_steps").split():
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
@@ -344,9 +340,7 @@ def parse_args(argv=None):
     if not args.placeholder_token.strip() or any(c.isspace() for c in args.placeholder_token):
         parser.error(f"--placeholder_token {args.placeholder_token!r} must be one word without spaces")
     if args.report_to == "wandb" and args.hub_token is not None:
-        parser.error(
-            "--hub_token with --report_to=wandb would leak the token to wandb; log in with `hf auth login` instead"
-        )
+        parser.error("--hub_token with --report_to=wandb would leak the token to wandb; use `hf auth login` instead")
     return args
 
 
@@ -368,7 +362,7 @@ def list_checkpoints(output_dir):
     found = []
     for name in os.listdir(output_dir):
         match = CHECKPOINT_PATTERN.match(name)
-        if match and os.path.isfile(os.path.join(output_dir, name, TRAINING_STATE)):
+        if match and os.path.isfile(os.path.join(output_dir, name, CHECKPOINT_METADATA)):
             found.append((int(match.group(1)), os.path.join(output_dir, name)))
     return sorted(found)
 
@@ -383,13 +377,47 @@ def find_resume_checkpoint(args):
     path = args.resume_from_checkpoint
     if not os.path.isdir(path):
         path = os.path.join(args.output_dir, args.resume_from_checkpoint)
-    if not os.path.isfile(os.path.join(path, TRAINING_STATE)):
+    if not os.path.isfile(os.path.join(path, CHECKPOINT_METADATA)):
         complete = [os.path.basename(p) for _, p in list_checkpoints(args.output_dir)]
         raise FileNotFoundError(
             f"--resume_from_checkpoint {args.resume_from_checkpoint}: no complete checkpoint at {path} "
             f"(complete ones in {args.output_dir}: {complete})"
         )
     return path
+
+
+def read_checkpoint_metadata(checkpoint_path):
+    """The metadata save_checkpoint wrote into a checkpoint ({} when there is no checkpoint to resume)."""
+    if checkpoint_path is None:
+        return {}
+    with open(os.path.join(checkpoint_path, CHECKPOINT_METADATA)) as f:
+        return json.load(f)
+
+
+def choose_seed(args, resume_metadata):
+    """One seed drives every draw. Without --seed a resumed run reuses the seed its checkpoint recorded, and a new
+    run draws one (and records it in its checkpoints)."""
+    if args.seed is not None:
+        seed = args.seed
+    else:
+        seed = resume_metadata.get("seed", int(np.random.SeedSequence().generate_state(1)[0]))
+    if resume_metadata and resume_metadata["seed"] != seed:
+        logger.warning(
+            f"--seed {seed} differs from the checkpoint's seed {resume_metadata['seed']}: "
+            "the resumed run will not match an uninterrupted one"
+        )
+    return seed
+
+
+def warn_if_batch_layout_changed(resume_metadata, run_metadata):
+    """A resume is exact only with the global batch and epoch length the checkpoint was written with."""
+    keys = ("total_batch_size", "updates_per_epoch")
+    before, now = ({key: metadata.get(key) for key in keys} for metadata in (resume_metadata, run_metadata))
+    if before != now:
+        logger.warning(
+            f"batch layout changed since the checkpoint ({before} -> {now}): "
+            "the resumed run will not match an uninterrupted one"
+        )
 
 
 def find_example_images(train_data_dir):
@@ -459,19 +487,32 @@ class LearnedTokenEmbedding(torch.nn.Module):
         return torch.nn.Embedding.from_pretrained(weight, freeze=True)
 
 
+def add_learned_embedding(text_encoder, tokenizer, placeholder_token, initializer_token, num_vectors):
+    """Add the placeholder's tokens to the tokenizer and give the text encoder a LearnedTokenEmbedding whose new rows
+    all start at the initializer token's embedding. Returns the new tokens, their ids and the embedding module."""
+    init_id = initializer_token_id(tokenizer, initializer_token)
+    placeholder_tokens, placeholder_ids = add_placeholder_tokens(tokenizer, placeholder_token, num_vectors)
+    vocab_size = text_encoder.config.vocab_size
+    if placeholder_ids != list(range(vocab_size, vocab_size + num_vectors)):
+        raise ValueError(
+            f"the tokenizer ({len(tokenizer) - num_vectors} tokens) does not match "
+            f"the text encoder's vocabulary ({vocab_size})"
+        )
+    base_embedding = text_encoder.get_input_embeddings()
+    initial_rows = base_embedding.weight.detach()[init_id].repeat(num_vectors, 1)
+    learned_embedding = LearnedTokenEmbedding(base_embedding, initial_rows)
+    text_encoder.set_input_embeddings(learned_embedding)
+    return placeholder_tokens, placeholder_ids, learned_embedding
+
+
 class TextualInversionDataset(torch.utils.data.Dataset):
     """The example images repeated --repeats times, each with a prompt from the templates holding the placeholder.
     Indexed by (epoch, index) keys: the template and the flip are drawn from an RNG seeded by (seed, epoch, index),
     so the same sample is identical in a resumed run, and the cached path draws exactly what the uncached one does."""
 
     def __init__(self, image_paths, tokenizer, placeholder_text, args, seed):
-        self.image_paths, self.tokenizer, self.placeholder_text, self.args, self.seed = (
-            image_paths,
-            tokenizer,
-            placeholder_text,
-            args,
-            seed,
-        )
+        self.image_paths, self.tokenizer, self.placeholder_text = image_paths, tokenizer, placeholder_text
+        self.args, self.seed = args, seed
         self.templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
         self.latent_cache = None  # [image, flipped] -> VAE latent distribution parameters, set by build_latent_cache()
 
@@ -493,13 +534,7 @@ class TextualInversionDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, epoch, index])
         image_index, flipped = index % len(self.image_paths), rng.random() < 0.5
         prompt = self.templates[int(rng.integers(len(self.templates)))].format(self.placeholder_text)
-        input_ids = self.tokenizer(
-            prompt,
-            max_length=self.tokenizer.model_max_length,
-            padding="max_length",
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids[0]
+        input_ids = tokenize(self.tokenizer, [prompt], [0])[0]
         if self.latent_cache is None:
             return {"pixel_values": self.pixels(image_index, flipped), "input_ids": input_ids}
         return {"latent_parameters": self.latent_cache[image_index, int(flipped)], "input_ids": input_ids}
@@ -510,27 +545,28 @@ def image_views(dataset, indices):
     return torch.stack([dataset.pixels(i // 2, flip=i % 2 == 1) for i in indices])
 
 
+def tokenize(tokenizer, captions, indices):
+    """Token ids of captions[i] for i in indices, padded (or cut) to the text encoder's context length."""
+    selected = [captions[i] for i in indices]
+    padding = dict(max_length=tokenizer.model_max_length, padding="max_length", truncation=True)
+    return tokenizer(selected, return_tensors="pt", **padding).input_ids
+
+
 def encode_once(accelerator, num_items, batch_size, prepare, encode, description, num_workers=0):
     """encode(prepare(indices)) over items 0..num_items-1, once, for --cache_latents / --cache_text_embeddings. Each
     process encodes every num_processes-th batch and all of them receive the whole result as one CPU tensor: the only
     copy of the cache (dataloader workers share it, they do not copy it)."""
     per_round = batch_size * accelerator.num_processes
     starts = range(0, num_items, per_round)
+    first = accelerator.process_index * batch_size
     # Padded with the last item, so every process contributes a batch of the same shape to the gather.
-    batches = [
-        [
-            min(i, num_items - 1)
-            for i in range(s + accelerator.process_index * batch_size, s + (accelerator.process_index + 1) * batch_size)
-        ]
-        for s in starts
-    ]
+    batches = [[min(i, num_items - 1) for i in range(s + first, s + first + batch_size)] for s in starts]
     loader = torch.utils.data.DataLoader(
         range(num_items), batch_sampler=batches, collate_fn=prepare, num_workers=num_workers
     )
+    progress = tqdm(loader, desc=description, disable=not accelerator.is_local_main_process)
     cache = None
-    for start, prepared in zip(
-        starts, tqdm(loader, desc=description, disable=not accelerator.is_local_main_process), strict=True
-    ):
+    for start, prepared in zip(starts, progress, strict=True):
         with torch.no_grad():
             encoded = accelerator.gather(encode(prepared).contiguous()).cpu()
         if cache is None:
@@ -554,9 +590,9 @@ def build_latent_cache(train_dataset, vae, accelerator, args, num_workers):
         num_workers,
     )
     train_dataset.latent_cache = parameters.view(num_images, 2, *parameters.shape[1:])
+    size = parameters.numel() * parameters.element_size() / 2**20
     logger.info(
-        f"Cached latents: {tuple(train_dataset.latent_cache.shape)} {parameters.dtype}, "
-        f"{parameters.numel() * parameters.element_size() / 2**20:.1f} MiB of CPU memory"
+        f"Cached latents: {tuple(train_dataset.latent_cache.shape)} {parameters.dtype}, {size:.1f} MiB of CPU memory"
     )
 
 
@@ -571,14 +607,19 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
         return self.num_rows
 
     def __iter__(self):
-        order = torch.randperm(
-            self.num_rows, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
-        )
-        return iter([(self.epoch, row) for row in order.tolist()])
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        return iter([(self.epoch, row) for row in torch.randperm(self.num_rows, generator=generator).tolist()])
 
 
 def collate(examples):
     return {key: torch.stack([example[key] for example in examples]) for key in examples[0]}
+
+
+def default_num_workers(args, accelerator):
+    """--dataloader_num_workers, or 4 workers on GPU (decoding and augmenting overlap the step) and none on CPU."""
+    if args.dataloader_num_workers is not None:
+        return args.dataloader_num_workers
+    return 4 if accelerator.device.type == "cuda" else 0
 
 
 class LogWindow:
@@ -630,9 +671,52 @@ def format_logs(global_step, logs):
     return f"step {global_step}: " + ", ".join(f"{key}={value:.4g}" for key, value in logs.items())
 
 
-# ----------------------------------------------------- BEGIN MATH -----------------------------------------------------
-def compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args):
-    """The denoising loss of one batch. All random draws come from `generator`."""
+def load_component(cls, args, subfolder, **kwargs):
+    """One part of the --pretrained_model_name_or_path pipeline, at --revision unless kwargs name another."""
+    kwargs = {"revision": args.revision, "cache_dir": args.cache_dir, **kwargs}
+    return cls.from_pretrained(args.pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+
+def register_checkpoint_hooks(accelerator, learned_embedding, args):
+    """A checkpoint holds the new rows only, in the learned_embeds format, not a copy of the whole text encoder."""
+
+    def save_model_hook(models, weights, output_dir):
+        path = os.path.join(output_dir, "learned_embeds.safetensors")
+        save_embeddings(learned_embedding.learned, args.placeholder_token, path)
+        for _ in models:
+            weights.pop()
+
+    def load_model_hook(models, input_dir):
+        path = os.path.join(input_dir, "learned_embeds.safetensors")
+        rows = safetensors.torch.load_file(path)[args.placeholder_token]
+        if rows.shape != learned_embedding.learned.shape:
+            raise ValueError(
+                f"{input_dir}: learned embeddings of shape {tuple(rows.shape)}, "
+                f"this run trains {tuple(learned_embedding.learned.shape)} (--num_vectors)"
+            )
+        with torch.no_grad():
+            learned_embedding.learned.copy_(rows)
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+def make_optimizer(args, params):
+    """AdamW over the new rows, as PyTorch's fused kernel (one kernel for the whole update)."""
+    return torch.optim.AdamW(
+        params,
+        fused=True,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+def encode_batch(batch, vae, text_encoder, generator):
+    """The batch's latents, from the frozen VAE or its cache (the VAE sample is the first draw from `generator`), and
+    its text conditioning, which carries gradients back to the new embedding rows."""
     with torch.no_grad():
         if "latent_parameters" in batch:
             # --cache_latents: sampling from the stored distribution draws exactly what encoding the image would.
@@ -641,35 +725,77 @@ def compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, arg
             # The frozen VAE maps images to latents; the scaling factor brings them to roughly unit variance.
             latent_dist = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
         latents = latent_dist.sample(generator=generator) * vae.config.scaling_factor
+    # The text encoder runs with gradients: they reach the new token embedding rows and nothing else. Its output
+    # takes the dtype of the frozen UNet, which is the VAE's (both hold the mixed-precision dtype).
+    encoder_hidden_states = text_encoder(batch["input_ids"].to(latents.device), return_dict=False)[0]
+    return latents, encoder_hidden_states.to(latents.dtype)
 
+
+# ----------------------------------------------------- BEGIN MATH -----------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """What the denoising loss depends on, built once from the flags in main(): the math reads nothing else."""
+
+    prediction_type: str  # what the UNet predicts: "epsilon" (the noise) or "v_prediction" (the velocity)
+    snr_gamma: float | None = None  # Min-SNR-gamma weighting; None weighs every timestep the same
+    noise_offset: float = 0.0  # scale of offset noise; 0 turns it off
+    input_perturbation: float = 0.0  # scale of input perturbation; 0 turns it off
+    dream_detail_preservation: float | None = None  # DREAM's detail preservation p; None turns DREAM off
+
+
+def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator, config):
+    """The denoising loss of a batch of clean latents, averaged over the batch. Every random draw comes from
+    `generator`, in the JAX twin's order: noise, offset noise, input perturbation, timesteps."""
     bsz = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator, device=latents.device
-    ).long()
+    if config.noise_offset:
+        # Offset noise (Guttenberg 2023, crosslabs.org/blog/diffusion-with-offset-noise): a per-channel constant
+        # lets the model change the overall brightness of an image.
+        offset_shape = (bsz, latents.shape[1], 1, 1)
+        offset = torch.randn(offset_shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        noise = noise + config.noise_offset * offset
+    noised_with = noise
+    if config.input_perturbation:
+        # Input perturbation (Ning et al. 2023, arXiv:2301.11706): noise the input with slightly perturbed noise but
+        # keep the clean noise as target, which reduces exposure bias.
+        perturbation = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        noised_with = noise + config.input_perturbation * perturbation
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, num_train_timesteps, (bsz,), generator=generator, device=latents.device)
     # Forward diffusion: noisy_latents = sqrt(alpha_bar_t) * latents + sqrt(1 - alpha_bar_t) * noise.
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+    noisy_latents = noise_scheduler.add_noise(latents, noised_with, timesteps)
 
     # The target depends on what the model predicts: the noise (epsilon) or the velocity v (Salimans & Ho 2022).
-    if noise_scheduler.config.prediction_type == "epsilon":
+    if config.prediction_type == "epsilon":
         target = noise
-    elif noise_scheduler.config.prediction_type == "v_prediction":
+    elif config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
-        raise ValueError(f"unsupported prediction type {noise_scheduler.config.prediction_type!r}")
+        raise ValueError(f"unsupported prediction type {config.prediction_type!r}")
 
-    # The text encoder runs with gradients: they reach the new token embedding rows and nothing else.
-    encoder_hidden_states = text_encoder(batch["input_ids"].to(latents.device), return_dict=False)[0].to(unet.dtype)
-    model_pred = unet(noisy_latents.to(unet.dtype), timesteps, encoder_hidden_states, return_dict=False)[0]
+    if config.dream_detail_preservation is not None:
+        # DREAM (Zhou et al. 2023, arXiv:2312.00210): blend the model's own estimate into input and target.
+        noisy_latents, target = compute_dream_and_update_latents(
+            unet,
+            noise_scheduler,
+            timesteps,
+            noise,
+            noisy_latents,
+            target,
+            encoder_hidden_states,
+            config.dream_detail_preservation,
+        )
+
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
     loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=list(range(1, model_pred.ndim)))
 
-    if args.snr_gamma is not None:
+    if config.snr_gamma is not None:
         # Min-SNR-gamma weighting (Hang et al. 2023, arXiv:2303.09556): weight each timestep by min(SNR, gamma)/SNR
         # in epsilon terms. A v-prediction loss is (SNR + 1) times the epsilon loss, hence the divisor SNR + 1.
         alphas_cumprod = noise_scheduler.alphas_cumprod.to(latents.device)[timesteps].float()
         snr = alphas_cumprod / (1.0 - alphas_cumprod)
-        divisor = snr + 1.0 if noise_scheduler.config.prediction_type == "v_prediction" else snr
-        weights = torch.where(divisor > 0, torch.clamp(snr, max=args.snr_gamma) / divisor, torch.ones_like(snr))
+        divisor = snr + 1.0 if config.prediction_type == "v_prediction" else snr
+        weights = torch.where(divisor > 0, torch.clamp(snr, max=config.snr_gamma) / divisor, torch.ones_like(snr))
         loss = loss * weights
     return loss.mean()
 
@@ -689,15 +815,15 @@ def save_embeddings(learned, placeholder_token, path, safe_serialization=True):
     os.replace(partial, path)
 
 
-def save_checkpoint(accelerator, args, global_step, training_state):
+def save_checkpoint(accelerator, output_dir, global_step, run_metadata, total_limit=None):
     """Write checkpoint-N crash-safely: into a hidden temporary folder first, renamed into place only when complete;
-    older checkpoints are pruned only after that. Main process only."""
-    final_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    partial_path = os.path.join(args.output_dir, f".checkpoint-{global_step}.partial")
+    then keep the newest `total_limit` checkpoints (--checkpoints_total_limit). Main process only."""
+    final_path = os.path.join(output_dir, f"checkpoint-{global_step}")
+    partial_path = os.path.join(output_dir, f".checkpoint-{global_step}.partial")
     shutil.rmtree(partial_path, ignore_errors=True)
     accelerator.save_state(partial_path)
-    with open(os.path.join(partial_path, TRAINING_STATE), "w") as f:
-        json.dump({**training_state, "global_step": global_step}, f, indent=2)
+    with open(os.path.join(partial_path, CHECKPOINT_METADATA), "w") as f:
+        json.dump({**run_metadata, "global_step": global_step}, f, indent=2)
     if os.path.exists(final_path):  # left by an earlier run that got past this step; the new one replaces it
         stale_path = final_path + ".stale"
         os.rename(final_path, stale_path)
@@ -706,9 +832,9 @@ def save_checkpoint(accelerator, args, global_step, training_state):
     else:
         os.rename(partial_path, final_path)
     logger.info(f"Saved {final_path}")
-    if args.checkpoints_total_limit is not None:
-        for _, path in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
-            logger.info(f"Deleting {path} (--checkpoints_total_limit {args.checkpoints_total_limit})")
+    if total_limit is not None:
+        for _, path in list_checkpoints(output_dir)[:-total_limit]:
+            logger.info(f"Deleting {path} (--checkpoints_total_limit {total_limit})")
             shutil.rmtree(path)
 
 
@@ -717,14 +843,11 @@ def render_validation_images(pipeline, prompts, resolution, seed, weight_dtype):
     device = pipeline.device
     images = []
     for index, prompt in enumerate(prompts):
-        generator = torch.Generator(device=device).manual_seed(derive_seed(seed, 7919, index))
+        generator = torch.Generator(device=device).manual_seed(derive_seed(seed, VALIDATION_SEED_KEY, index))
         # Trained and frozen parts may differ in dtype under mixed precision; autocast reconciles them.
         with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-            images.append(
-                pipeline(
-                    prompt, num_inference_steps=20, generator=generator, height=resolution, width=resolution
-                ).images[0]
-            )
+            output = pipeline(prompt, num_inference_steps=20, generator=generator, height=resolution, width=resolution)
+        images.append(output.images[0])
     return images
 
 
@@ -748,10 +871,26 @@ def log_validation(pipeline, prompts, args, accelerator, seed, global_step, tag,
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log(
-                {tag: [wandb.Image(i, caption=p) for i, p in zip(images, prompts, strict=True)]}, step=global_step
-            )
+            logged = [wandb.Image(image, caption=prompt) for image, prompt in zip(images, prompts, strict=True)]
+            tracker.log({tag: logged}, step=global_step)
     return images
+
+
+def validate(accelerator, text_encoder, tokenizer, unet, vae, prompts, args, seed, global_step, tag, weight_dtype):
+    """Render the validation prompts with the embedding learned so far, through the frozen pipeline."""
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path,
+        text_encoder=accelerator.unwrap_model(text_encoder),
+        tokenizer=tokenizer,
+        unet=unet,
+        vae=vae,
+        safety_checker=None,
+        revision=args.revision,
+        variant=args.variant,
+        dtype=weight_dtype,
+        cache_dir=args.cache_dir,
+    )
+    log_validation(pipeline, prompts, args, accelerator, seed, global_step, tag, weight_dtype)
 
 
 def write_model_card(args, global_step, validation_grid):
@@ -817,6 +956,16 @@ def write_hub_style_text_encoder(text_encoder_dir):
             torch.save({hub_key(k): v for k, v in state.items()}, path)
 
 
+def swap_in_pipeline(partial, output_dir):
+    """Move a complete pipeline written to the folder `partial` into output_dir, one component at a time."""
+    for name in os.listdir(partial):
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(partial, name), target)
+    os.rmdir(partial)
+
+
 def save_full_pipeline(text_encoder, tokenizer, unet, vae, weight_dtype, args):
     """The pipeline with the extended tokenizer and a standard text encoder holding the learned rows, written to a
     temporary folder first. The frozen UNet and VAE are re-read from the source when training held them in
@@ -831,6 +980,7 @@ def save_full_pipeline(text_encoder, tokenizer, unet, vae, weight_dtype, args):
         tokenizer=tokenizer,
         revision=args.revision,
         variant=args.variant,
+        cache_dir=args.cache_dir,
         **frozen,
     )
     if args.prediction_type is not None:
@@ -839,26 +989,36 @@ def save_full_pipeline(text_encoder, tokenizer, unet, vae, weight_dtype, args):
     shutil.rmtree(partial, ignore_errors=True)
     pipeline.save_pretrained(partial, safe_serialization=not args.no_safe_serialization)
     write_hub_style_text_encoder(os.path.join(partial, "text_encoder"))
-    for name in os.listdir(partial):
-        target = os.path.join(args.output_dir, name)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(partial, name), target)
-    os.rmdir(partial)
+    swap_in_pipeline(partial, args.output_dir)
     text_encoder.set_input_embeddings(token_embedding)
+
+
+def push_to_hub(args):
+    """Upload output_dir, without checkpoints, hidden temporary folders and tracker logs."""
+    from huggingface_hub import create_repo, upload_folder
+
+    name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    repo_id = create_repo(name, exist_ok=True, token=args.hub_token).repo_id
+    ignore = ["checkpoint-*", ".*", "logs/*"]
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        commit_message="End of training",
+        ignore_patterns=ignore,
+        token=args.hub_token,
+    )
 
 
 def main(argv=None):
     args = parse_args(argv)
 
     # ------------------------------------------------------------------------------------------------------ setup
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
-        ),
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
     )
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
@@ -873,57 +1033,28 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     resume_path = find_resume_checkpoint(args)
-    resume_state = json.load(open(os.path.join(resume_path, TRAINING_STATE))) if resume_path else {}
-    # One seed drives everything; without --seed a resumed run must reuse the one its checkpoint recorded.
-    seed = (
-        args.seed
-        if args.seed is not None
-        else resume_state.get("seed", int(np.random.SeedSequence().generate_state(1)[0]))
-    )
-    if resume_state and resume_state["seed"] != seed:
-        logger.warning(
-            f"--seed {seed} differs from the checkpoint's seed {resume_state['seed']}: "
-            "the resumed run will not match an uninterrupted one"
-        )
+    resume_metadata = read_checkpoint_metadata(resume_path)
+    seed = choose_seed(args, resume_metadata)
     image_paths = find_example_images(args.train_data_dir)
 
     # ------------------------------------------------------------------------------------------------ load models
     if args.tokenizer_name:
-        tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer_name)
+        tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)
     else:
-        tokenizer = CLIPTokenizer.from_pretrained(
-            args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision
-        )
-    noise_scheduler = DDPMScheduler.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision
-    )
+        tokenizer = load_component(CLIPTokenizer, args, "tokenizer")
+    noise_scheduler = load_component(DDPMScheduler, args, "scheduler")
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    text_encoder = CLIPTextModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="text_encoder", revision=args.revision, variant=args.variant
-    )
-    vae = AutoencoderKL.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="vae", revision=args.revision, variant=args.variant
-    )
-    unet = UNet2DConditionModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision, variant=args.variant
-    )
-    init_id = initializer_token_id(tokenizer, args.initializer_token)
-    placeholder_tokens, placeholder_ids = add_placeholder_tokens(tokenizer, args.placeholder_token, args.num_vectors)
-    if placeholder_ids != list(
-        range(text_encoder.config.vocab_size, text_encoder.config.vocab_size + args.num_vectors)
-    ):
-        raise ValueError(
-            f"the tokenizer ({len(tokenizer) - args.num_vectors} tokens) does not match "
-            f"the text encoder's vocabulary ({text_encoder.config.vocab_size})"
-        )
+    text_encoder = load_component(CLIPTextModel, args, "text_encoder", variant=args.variant)
+    vae = load_component(AutoencoderKL, args, "vae", variant=args.variant)
+    unet = load_component(UNet2DConditionModel, args, "unet", variant=args.variant)
     # Everything is frozen; the only trainable tensor is the new rows, each starting at the initializer's embedding.
     text_encoder.requires_grad_(False)
     vae.requires_grad_(False)
     unet.requires_grad_(False)
-    base_embedding = text_encoder.get_input_embeddings()
-    initial_rows = base_embedding.weight.detach()[init_id].repeat(args.num_vectors, 1)
-    text_encoder.set_input_embeddings(LearnedTokenEmbedding(base_embedding, initial_rows))
+    placeholder_tokens, placeholder_ids, learned_embedding = add_learned_embedding(
+        text_encoder, tokenizer, args.placeholder_token, args.initializer_token, args.num_vectors
+    )
     text_encoder.train()
     if args.gradient_checkpointing:
         # Gradients flow through the frozen UNet back to the text encoder; checkpointing both saves their activations.
@@ -939,42 +1070,15 @@ def main(argv=None):
     if accelerator.device.type == "cuda":
         # cuDNN's fastest convolution kernels for fp16/bf16 work on NHWC ("channels last") tensors.
         unet.to(memory_format=torch.channels_last)
-    learned_embedding = text_encoder.get_input_embeddings()
     if args.torch_compile:
         unet.compile()  # in place: the modules and their state-dict keys stay as they are
         text_encoder.compile()
-
-    def save_model_hook(models, weights, output_dir):
-        # A checkpoint holds the new rows only, in the learned_embeds format, not a copy of the whole text encoder.
-        save_embeddings(
-            learned_embedding.learned, args.placeholder_token, os.path.join(output_dir, "learned_embeds.safetensors")
-        )
-        for _ in models:
-            weights.pop()
-
-    def load_model_hook(models, input_dir):
-        rows = safetensors.torch.load_file(os.path.join(input_dir, "learned_embeds.safetensors"))[
-            args.placeholder_token
-        ]
-        if rows.shape != learned_embedding.learned.shape:
-            raise ValueError(
-                f"{input_dir}: learned embeddings of shape {tuple(rows.shape)}, "
-                f"this run trains {tuple(learned_embedding.learned.shape)} (--num_vectors)"
-            )
-        with torch.no_grad():
-            learned_embedding.learned.copy_(rows)
-        models.clear()
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
+    register_checkpoint_hooks(accelerator, learned_embedding, args)
+    loss_config = LossConfig(prediction_type=noise_scheduler.config.prediction_type, snr_gamma=args.snr_gamma)
 
     # ------------------------------------------------------------------------------------------------------- data
     train_dataset = TextualInversionDataset(image_paths, tokenizer, " ".join(placeholder_tokens), args, seed)
-    num_workers = (
-        args.dataloader_num_workers
-        if args.dataloader_num_workers is not None
-        else (4 if accelerator.device.type == "cuda" else 0)
-    )
+    num_workers = default_num_workers(args, accelerator)
     if args.cache_latents:
         build_latent_cache(train_dataset, vae, accelerator, args, num_workers)
     sampler = EpochShuffleSampler(len(train_dataset), seed)
@@ -988,18 +1092,10 @@ def main(argv=None):
         pin_memory=accelerator.device.type == "cuda",
     )
 
-    # -------------------------------------------------------------------------------- optimizer and schedule
+    # ---------------------------------------------------------------------------------- optimizer and schedule
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    # One fused kernel for the whole update, as in train_text_to_image.py.
-    optimizer = torch.optim.AdamW(
-        [learned_embedding.learned],
-        fused=True,
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
+    optimizer = make_optimizer(args, [learned_embedding.learned])
     text_encoder, optimizer, train_dataloader = accelerator.prepare(text_encoder, optimizer, train_dataloader)
     # global_step counts optimizer updates; --max_train_steps is authoritative and epochs are derived from it.
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
@@ -1017,36 +1113,25 @@ def main(argv=None):
         num_cycles=args.lr_num_cycles,
     )
     lr_scheduler = accelerator.prepare(lr_scheduler)
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
 
     # ----------------------------------------------------------------------------------------------------- resume
     global_step = 0
     if resume_path is not None:
         accelerator.print(f"Resuming from {resume_path}")
         accelerator.load_state(resume_path)
-        global_step = resume_state["global_step"]
-        layout = {
-            "total_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
-            "updates_per_epoch": updates_per_epoch,
-        }
-        if any(resume_state.get(k) != v for k, v in layout.items()):
-            logger.warning(
-                f"data layout changed since the checkpoint ({ {k: resume_state.get(k) for k in layout} } -> {layout}): "
-                "the resumed run will not match an uninterrupted one"
-            )
+        global_step = resume_metadata["global_step"]
+        warn_if_batch_layout_changed(resume_metadata, run_metadata)
     first_epoch = global_step // updates_per_epoch
-    training_state = {
-        "seed": seed,
-        "total_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
-        "updates_per_epoch": updates_per_epoch,
-    }
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers("textual_inversion", config=tracker_config)
-    total_batch_size = training_state["total_batch_size"]
     embeds_suffix = "bin" if args.no_safe_serialization else "safetensors"
     validation_prompts = [args.validation_prompt] * args.num_validation_images if args.validation_prompt else []
+    validation_models = (text_encoder, tokenizer, unet, vae, validation_prompts)
     logger.info("***** Running training *****")
     logger.info(
         f"  Images = {len(image_paths)} x {args.repeats} repeats, epochs = {num_train_epochs}, "
@@ -1086,7 +1171,8 @@ def main(argv=None):
         for batch_index, batch in enumerate(batches, start=skip):
             generator.manual_seed(derive_seed(seed, epoch, batch_index, accelerator.process_index))
             with accelerator.accumulate(text_encoder):
-                loss = compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args)
+                latents, encoder_hidden_states = encode_batch(batch, vae, text_encoder, generator)
+                loss = diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator, loss_config)
                 window.add_batch(loss, args.gradient_accumulation_steps)
                 accelerator.backward(loss)
                 grad_norm = None
@@ -1111,77 +1197,34 @@ def main(argv=None):
                 progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             if accelerator.is_main_process:
                 if global_step % args.save_steps == 0:
+                    path = os.path.join(args.output_dir, f"learned_embeds-steps-{global_step}.{embeds_suffix}")
                     save_embeddings(
-                        learned_embedding.learned,
-                        args.placeholder_token,
-                        os.path.join(args.output_dir, f"learned_embeds-steps-{global_step}.{embeds_suffix}"),
-                        not args.no_safe_serialization,
+                        learned_embedding.learned, args.placeholder_token, path, not args.no_safe_serialization
                     )
                 if global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, args, global_step, training_state)
+                    save_checkpoint(
+                        accelerator, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit
+                    )
                 if validation_prompts and global_step % args.validation_steps == 0 and global_step < max_train_steps:
-                    pipeline = StableDiffusionPipeline.from_pretrained(
-                        args.pretrained_model_name_or_path,
-                        text_encoder=accelerator.unwrap_model(text_encoder),
-                        tokenizer=tokenizer,
-                        unet=unet,
-                        vae=vae,
-                        safety_checker=None,
-                        revision=args.revision,
-                        variant=args.variant,
-                        dtype=weight_dtype,
-                    )
-                    log_validation(
-                        pipeline, validation_prompts, args, accelerator, seed, global_step, "validation", weight_dtype
-                    )
-                    del pipeline
+                    validate(accelerator, *validation_models, args, seed, global_step, "validation", weight_dtype)
             if global_step >= max_train_steps:
                 break
 
     # ------------------------------------------------------------------------------------------------------- save
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        save_embeddings(
-            learned_embedding.learned,
-            args.placeholder_token,
-            os.path.join(args.output_dir, f"learned_embeds.{embeds_suffix}"),
-            not args.no_safe_serialization,
-        )
+        path = os.path.join(args.output_dir, f"learned_embeds.{embeds_suffix}")
+        save_embeddings(learned_embedding.learned, args.placeholder_token, path, not args.no_safe_serialization)
         grid = None
         if validation_prompts:
-            pipeline = StableDiffusionPipeline.from_pretrained(
-                args.pretrained_model_name_or_path,
-                text_encoder=accelerator.unwrap_model(text_encoder),
-                tokenizer=tokenizer,
-                unet=unet,
-                vae=vae,
-                safety_checker=None,
-                revision=args.revision,
-                variant=args.variant,
-                dtype=weight_dtype,
-            )
-            log_validation(pipeline, validation_prompts, args, accelerator, seed, global_step, "final", weight_dtype)
+            validate(accelerator, *validation_models, args, seed, global_step, "final", weight_dtype)
             grid = f"validation/final-step-{global_step:06d}.png"
-            del pipeline
         if args.save_as_full_pipeline or args.push_to_hub:
             save_full_pipeline(accelerator.unwrap_model(text_encoder), tokenizer, unet, vae, weight_dtype, args)
         write_model_card(args, global_step, grid)
-        logger.info(f"Saved {os.path.abspath(os.path.join(args.output_dir, f'learned_embeds.{embeds_suffix}'))}")
+        logger.info(f"Saved {os.path.abspath(path)}")
         if args.push_to_hub:
-            from huggingface_hub import create_repo, upload_folder
-
-            repo_id = create_repo(
-                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-                exist_ok=True,
-                token=args.hub_token,
-            ).repo_id
-            upload_folder(
-                repo_id=repo_id,
-                folder_path=args.output_dir,
-                commit_message="End of training",
-                ignore_patterns=["checkpoint-*", ".*", "logs/*"],
-                token=args.hub_token,
-            )
+            push_to_hub(args)
     accelerator.end_training()
 
 

@@ -19,6 +19,7 @@ After a crash or preemption, relaunch the same command with --resume_from_checkp
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -33,14 +34,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import serialization, struct
-from flax.training import train_state
+from flax.training.train_state import TrainState
 from PIL import Image
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-TRAINING_STATE = "training_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
+# Seed, step and batch layout of a checkpoint, written last into it: its presence marks the checkpoint complete.
+CHECKPOINT_METADATA = "checkpoint_metadata.json"
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine"]
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -242,17 +244,8 @@ def parse_args(argv=None):
     )
     args = parser.parse_args(argv)
 
-    for name in [
-        "num_vectors",
-        "repeats",
-        "resolution",
-        "train_batch_size",
-        "max_train_steps",
-        "gradient_accumulation_steps",
-        "save_steps",
-        "checkpointing_steps",
-        "logging_steps",
-    ]:
+    positive = "num_vectors repeats resolution train_batch_size max_train_steps gradient_accumulation_steps save_steps"
+    for name in (positive + " checkpointing_steps logging_steps").split():
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
@@ -280,7 +273,7 @@ def list_checkpoints(output_dir):
     found = []
     for name in os.listdir(output_dir):
         match = CHECKPOINT_PATTERN.match(name)
-        if match and os.path.isfile(os.path.join(output_dir, name, TRAINING_STATE)):
+        if match and os.path.isfile(os.path.join(output_dir, name, CHECKPOINT_METADATA)):
             found.append((int(match.group(1)), os.path.join(output_dir, name)))
     return sorted(found)
 
@@ -295,13 +288,47 @@ def find_resume_checkpoint(args):
     path = args.resume_from_checkpoint
     if not os.path.isdir(path):
         path = os.path.join(args.output_dir, args.resume_from_checkpoint)
-    if not os.path.isfile(os.path.join(path, TRAINING_STATE)):
+    if not os.path.isfile(os.path.join(path, CHECKPOINT_METADATA)):
         complete = [os.path.basename(p) for _, p in list_checkpoints(args.output_dir)]
         raise FileNotFoundError(
             f"--resume_from_checkpoint {args.resume_from_checkpoint}: no complete checkpoint at {path} "
             f"(complete ones in {args.output_dir}: {complete})"
         )
     return path
+
+
+def read_checkpoint_metadata(checkpoint_path):
+    """The metadata save_checkpoint wrote into a checkpoint ({} when there is no checkpoint to resume)."""
+    if checkpoint_path is None:
+        return {}
+    with open(os.path.join(checkpoint_path, CHECKPOINT_METADATA)) as f:
+        return json.load(f)
+
+
+def choose_seed(args, resume_metadata):
+    """One seed drives every draw. Without --seed a resumed run reuses the seed its checkpoint recorded, and a new
+    run draws one (and records it in its checkpoints)."""
+    if args.seed is not None:
+        seed = args.seed
+    else:
+        seed = resume_metadata.get("seed", int(np.random.SeedSequence().generate_state(1)[0]))
+    if resume_metadata and resume_metadata["seed"] != seed:
+        logger.warning(
+            f"--seed {seed} differs from the checkpoint's seed {resume_metadata['seed']}: "
+            "the resumed run will not match an uninterrupted one"
+        )
+    return seed
+
+
+def warn_if_batch_layout_changed(resume_metadata, run_metadata):
+    """A resume is exact only with the global batch and epoch length the checkpoint was written with."""
+    keys = ("total_batch_size", "updates_per_epoch")
+    before, now = ({key: metadata.get(key) for key in keys} for metadata in (resume_metadata, run_metadata))
+    if before != now:
+        logger.warning(
+            f"batch layout changed since the checkpoint ({before} -> {now}): "
+            "the resumed run will not match an uninterrupted one"
+        )
 
 
 def find_example_images(train_data_dir):
@@ -349,19 +376,45 @@ def initializer_token_id(tokenizer, initializer_token):
     return ids[0]
 
 
+def add_learned_embedding(text_encoder, tokenizer, placeholder_token, initializer_token, num_vectors):
+    """Add the placeholder's tokens to the tokenizer; the new rows all start at the initializer token's embedding.
+    Returns the new tokens, their ids, the rows, and a text encoder module that expects the extended table (Flax
+    checks parameter shapes; the frozen params stay apart, see with_learned_rows)."""
+    init_id = initializer_token_id(tokenizer, initializer_token)
+    placeholder_tokens, placeholder_ids = add_placeholder_tokens(tokenizer, placeholder_token, num_vectors)
+    table = text_encoder.params["text_model"]["embeddings"]["token_embedding"]["embedding"]
+    if placeholder_ids != list(range(table.shape[0], table.shape[0] + num_vectors)):
+        raise ValueError(
+            f"the tokenizer ({len(tokenizer) - num_vectors} tokens) does not match "
+            f"the text encoder's vocabulary ({table.shape[0]})"
+        )
+    learned = jnp.tile(table[init_id][None], (num_vectors, 1)).astype(jnp.float32)
+    extended_config = copy.deepcopy(text_encoder.config)
+    extended_config.vocab_size = len(tokenizer)
+    extended_text_encoder = type(text_encoder)(extended_config, dtype=jnp.float32, _do_init=False)
+    return placeholder_tokens, placeholder_ids, learned, extended_text_encoder
+
+
+def with_learned_rows(text_encoder_params, learned):
+    """The text encoder's params with the new rows appended to its token embedding table."""
+    embeddings = text_encoder_params["text_model"]["embeddings"]
+    old_table = embeddings["token_embedding"]["embedding"]
+    table = jnp.concatenate([old_table, learned.astype(old_table.dtype)])
+    text_model = {
+        **text_encoder_params["text_model"],
+        "embeddings": {**embeddings, "token_embedding": {"embedding": table}},
+    }
+    return {**text_encoder_params, "text_model": text_model}
+
+
 class TextualInversionDataset:
     """The example images repeated --repeats times, each with a prompt from the templates holding the placeholder, as
     numpy arrays. Indexed by (epoch, index) keys: the template and the flip are drawn from an RNG seeded by
     (seed, epoch, index), so the same sample is identical in a resumed run."""
 
     def __init__(self, image_paths, tokenizer, placeholder_text, args, seed):
-        self.image_paths, self.tokenizer, self.placeholder_text, self.args, self.seed = (
-            image_paths,
-            tokenizer,
-            placeholder_text,
-            args,
-            seed,
-        )
+        self.image_paths, self.tokenizer, self.placeholder_text = image_paths, tokenizer, placeholder_text
+        self.args, self.seed = args, seed
         self.templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
 
     def __len__(self):
@@ -379,9 +432,8 @@ class TextualInversionDataset:
         if rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         prompt = self.templates[int(rng.integers(len(self.templates)))].format(self.placeholder_text)
-        input_ids = self.tokenizer(
-            prompt, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True
-        ).input_ids
+        padding = dict(max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True)
+        input_ids = self.tokenizer(prompt, **padding).input_ids
         pixel_values = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0  # the VAE's input range
         return {"pixel_values": pixel_values, "input_ids": np.asarray(input_ids, dtype=np.int32)}
 
@@ -502,55 +554,30 @@ def enable_block_rematerialisation():
             setattr(unet_module, name, wrapped)
 
 
-def learning_rate_schedule(args, max_train_steps):
-    """The optax schedule named by --lr_scheduler, in optimizer updates."""
-    warmup = optax.linear_schedule(0.0, args.learning_rate, max(args.lr_warmup_steps, 1))
-    if args.lr_scheduler == "constant":
-        return optax.constant_schedule(args.learning_rate)
-    if args.lr_scheduler == "constant_with_warmup":
-        after = optax.constant_schedule(args.learning_rate)
-    elif args.lr_scheduler == "linear":
-        after = optax.linear_schedule(args.learning_rate, 0.0, max(max_train_steps - args.lr_warmup_steps, 1))
+def learning_rate_schedule(name, peak, warmup_steps, max_train_steps):
+    """The optax schedule --lr_scheduler names, in optimizer updates: a linear warmup to `peak` over warmup_steps
+    (except for 'constant', which ignores warmup as diffusers' get_scheduler does), then constant, linear or cosine."""
+    warmup = optax.linear_schedule(0.0, peak, max(warmup_steps, 1))
+    if name == "constant":
+        return optax.constant_schedule(peak)
+    if name == "constant_with_warmup":
+        after = optax.constant_schedule(peak)
+    elif name == "linear":
+        after = optax.linear_schedule(peak, 0.0, max(max_train_steps - warmup_steps, 1))
     else:
-        after = optax.cosine_decay_schedule(args.learning_rate, max(max_train_steps - args.lr_warmup_steps, 1))
-    return optax.join_schedules([warmup, after], [args.lr_warmup_steps])
+        after = optax.cosine_decay_schedule(peak, max(max_train_steps - warmup_steps, 1))
+    return optax.join_schedules([warmup, after], [warmup_steps])
 
 
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    prediction_type: str
-    snr_gamma: Any
-    noise_offset: float
-    scaling_factor: float
-
-
-class TrainState(train_state.TrainState):
-    """The new embedding rows and their optimizer state (what trains and what checkpoints hold), with the frozen models
-    beside."""
-
-    unet_params: Any = None
-    vae_params: Any = None
-    text_encoder_params: Any = None
-    scheduler_state: Any = None
-    vae: Any = struct.field(pytree_node=False, default=None)
-    text_encoder: Any = struct.field(pytree_node=False, default=None)
-    noise_scheduler: Any = struct.field(pytree_node=False, default=None)
-    config: Any = struct.field(pytree_node=False, default=None)
-
-
-def with_learned_rows(text_encoder_params, learned):
-    """The text encoder's params with the new rows appended to its token embedding table."""
-    embeddings = text_encoder_params["text_model"]["embeddings"]
-    table = jnp.concatenate(
-        [embeddings["token_embedding"]["embedding"], learned.astype(embeddings["token_embedding"]["embedding"].dtype)]
+def make_optimizer(args, schedule):
+    """AdamW following `schedule`, after global-norm clipping (--max_grad_norm), applied once every
+    --gradient_accumulation_steps batches to their mean gradient (optax.MultiSteps)."""
+    optimizer = optax.adamw(
+        schedule, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon, weight_decay=args.adam_weight_decay
     )
-    return {
-        **text_encoder_params,
-        "text_model": {
-            **text_encoder_params["text_model"],
-            "embeddings": {**embeddings, "token_embedding": {"embedding": table}},
-        },
-    }
+    if args.max_grad_norm > 0:
+        optimizer = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optimizer)
+    return optax.MultiSteps(optimizer, every_k_schedule=args.gradient_accumulation_steps)
 
 
 class LogWindow:
@@ -590,60 +617,145 @@ def format_logs(global_step, logs):
     return f"step {global_step}: " + ", ".join(f"{key}={value:.4g}" for key, value in logs.items())
 
 
-# ----------------------------------------------------- BEGIN MATH -----------------------------------------------------
-def train_step(state, batch, rng):
-    """One batch: the denoising loss, its gradients and an optimizer step (accumulated by optax.MultiSteps). Pure:
-    every random draw comes from `rng`."""
-    config = state.config
-    sample_rng, noise_rng, timestep_rng = jax.random.split(rng, 3)
-    # The frozen VAE maps images to latents; the scaling factor brings them to roughly unit variance.
-    latent_dist = state.vae.apply(
-        {"params": state.vae_params}, batch["pixel_values"], deterministic=True, method=state.vae.encode
-    ).latent_dist
-    latents = jax.lax.stop_gradient(jnp.transpose(latent_dist.sample(sample_rng), (0, 3, 1, 2)) * config.scaling_factor)
+@struct.dataclass
+class FrozenModels:
+    """The models that do not train. Their params are pytree leaves, so the jitted step takes them as arguments (not
+    as constants baked into the compiled program); the modules and the noise scheduler are static."""
 
+    unet_params: Any
+    vae_params: Any
+    text_encoder_params: Any
+    scheduler_state: Any
+    unet: Any = struct.field(pytree_node=False)
+    vae: Any = struct.field(pytree_node=False)
+    text_encoder: Any = struct.field(pytree_node=False)
+    noise_scheduler: Any = struct.field(pytree_node=False)
+
+
+def encode_batch(frozen, batch, learned, rng):
+    """The batch's latents, from the frozen VAE (the sample is drawn from `rng`), and its text conditioning, computed
+    with the new embedding rows `learned`."""
+    # The frozen VAE maps images to latents; the scaling factor brings them to roughly unit variance.
+    vae_variables = {"params": frozen.vae_params}
+    encoded = frozen.vae.apply(vae_variables, batch["pixel_values"], deterministic=True, method=frozen.vae.encode)
+    latents = jnp.transpose(encoded.latent_dist.sample(rng), (0, 3, 1, 2)) * frozen.vae.config.scaling_factor
+    # The text encoder runs with gradients: they reach the new token embedding rows and nothing else.
+    text_encoder_params = with_learned_rows(frozen.text_encoder_params, learned)
+    encoder_hidden_states = frozen.text_encoder(batch["input_ids"], params=text_encoder_params, train=False)[0]
+    return jax.lax.stop_gradient(latents), encoder_hidden_states
+
+
+# ----------------------------------------------------- BEGIN MATH -----------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """What the denoising loss depends on, built once from the flags in main(): the math reads nothing else."""
+
+    prediction_type: str  # what the UNet predicts: "epsilon" (the noise) or "v_prediction" (the velocity)
+    snr_gamma: float | None = None  # Min-SNR-gamma weighting; None weighs every timestep the same
+    noise_offset: float = 0.0  # scale of offset noise; 0 turns it off
+    input_perturbation: float = 0.0  # scale of input perturbation; 0 turns it off
+
+
+def diffusion_loss(unet, noise_scheduler, scheduler_state, latents, encoder_hidden_states, rng, config):
+    """The denoising loss of a batch of clean latents, averaged over the batch. Every random draw comes from `rng`, in
+    the PyTorch twin's order: noise, offset noise, input perturbation, timesteps."""
+    noise_rng, offset_rng, perturbation_rng, timestep_rng = jax.random.split(rng, 4)
     bsz = latents.shape[0]
     noise = jax.random.normal(noise_rng, latents.shape, latents.dtype)
-    timesteps = jax.random.randint(timestep_rng, (bsz,), 0, state.noise_scheduler.config.num_train_timesteps)
+    if config.noise_offset:
+        # Offset noise (Guttenberg 2023, crosslabs.org/blog/diffusion-with-offset-noise): a per-channel constant
+        # lets the model change the overall brightness of an image.
+        offset_shape = (bsz, latents.shape[1], 1, 1)
+        offset = jax.random.normal(offset_rng, offset_shape, latents.dtype)
+        noise = noise + config.noise_offset * offset
+    noised_with = noise
+    if config.input_perturbation:
+        # Input perturbation (Ning et al. 2023, arXiv:2301.11706): noise the input with slightly perturbed noise but
+        # keep the clean noise as target, which reduces exposure bias.
+        perturbation = jax.random.normal(perturbation_rng, latents.shape, latents.dtype)
+        noised_with = noise + config.input_perturbation * perturbation
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    timesteps = jax.random.randint(timestep_rng, (bsz,), 0, num_train_timesteps)
     # Forward diffusion: noisy_latents = sqrt(alpha_bar_t) * latents + sqrt(1 - alpha_bar_t) * noise.
-    noisy_latents = state.noise_scheduler.add_noise(state.scheduler_state, latents, noise, timesteps)
+    noisy_latents = noise_scheduler.add_noise(scheduler_state, latents, noised_with, timesteps)
 
     # The target depends on what the model predicts: the noise (epsilon) or the velocity v (Salimans & Ho 2022).
     if config.prediction_type == "epsilon":
         target = noise
     elif config.prediction_type == "v_prediction":
-        target = state.noise_scheduler.get_velocity(state.scheduler_state, latents, noise, timesteps)
+        target = noise_scheduler.get_velocity(scheduler_state, latents, noise, timesteps)
     else:
         raise ValueError(f"unsupported prediction type {config.prediction_type!r}")
 
-    def compute_loss(params):
-        # The text encoder runs with gradients: they reach the new token embedding rows and nothing else.
-        encoder_hidden_states = state.text_encoder(
-            batch["input_ids"], params=with_learned_rows(state.text_encoder_params, params["learned"]), train=False
-        )[0]
-        model_pred = state.apply_fn(
-            {"params": state.unet_params}, noisy_latents, timesteps, encoder_hidden_states, train=True
-        ).sample
-        loss = ((model_pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2).mean(
-            axis=tuple(range(1, model_pred.ndim))
-        )
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states)
+    loss = ((model_pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2).mean(
+        axis=tuple(range(1, model_pred.ndim))
+    )
 
-        if config.snr_gamma is not None:
-            # Min-SNR-gamma weighting (Hang et al. 2023, arXiv:2303.09556): weight each timestep by min(SNR, gamma)/SNR
-            # in epsilon terms. A v-prediction loss is (SNR + 1) times the epsilon loss, hence the divisor SNR + 1.
-            alphas_cumprod = state.scheduler_state.common.alphas_cumprod[timesteps].astype(jnp.float32)
-            snr = alphas_cumprod / (1.0 - alphas_cumprod)
-            divisor = snr + 1.0 if config.prediction_type == "v_prediction" else snr
-            weights = jnp.where(divisor > 0, jnp.minimum(snr, config.snr_gamma) / divisor, jnp.ones_like(snr))
-            loss = loss * weights
-        return loss.mean()
-
-    loss, grads = jax.value_and_grad(compute_loss)(state.params)
-    new_state = state.apply_gradients(grads=grads)
-    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    if config.snr_gamma is not None:
+        # Min-SNR-gamma weighting (Hang et al. 2023, arXiv:2303.09556): weight each timestep by min(SNR, gamma)/SNR
+        # in epsilon terms. A v-prediction loss is (SNR + 1) times the epsilon loss, hence the divisor SNR + 1.
+        alphas_cumprod = scheduler_state.common.alphas_cumprod[timesteps].astype(jnp.float32)
+        snr = alphas_cumprod / (1.0 - alphas_cumprod)
+        divisor = snr + 1.0 if config.prediction_type == "v_prediction" else snr
+        weights = jnp.where(divisor > 0, jnp.minimum(snr, config.snr_gamma) / divisor, jnp.ones_like(snr))
+        loss = loss * weights
+    return loss.mean()
 
 
 # ------------------------------------------------------ END MATH ------------------------------------------------------
+
+
+def train_step(state, frozen, batch, rng, config):
+    """One batch: encode, the denoising loss and its gradients, an optimizer step (accumulated by optax.MultiSteps).
+    Pure: every random draw comes from `rng`."""
+    sample_rng, loss_rng = jax.random.split(rng)
+
+    def loss_fn(params):
+        latents, encoder_hidden_states = encode_batch(frozen, batch, params["learned"], sample_rng)
+
+        def unet(noisy_latents, timesteps, encoder_hidden_states):
+            variables = {"params": frozen.unet_params}
+            return frozen.unet.apply(variables, noisy_latents, timesteps, encoder_hidden_states, train=True).sample
+
+        return diffusion_loss(
+            unet, frozen.noise_scheduler, frozen.scheduler_state, latents, encoder_hidden_states, loss_rng, config
+        )
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads=grads), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+
+def save_checkpoint(state, output_dir, global_step, run_metadata, total_limit=None):
+    """Write checkpoint-N crash-safely: into a hidden temporary folder first, renamed into place only when complete;
+    then keep the newest `total_limit` checkpoints (--checkpoints_total_limit). Main process only. The train state
+    file holds what trains: the step, the trained params and the optimizer state."""
+    final_path = os.path.join(output_dir, f"checkpoint-{global_step}")
+    partial_path = os.path.join(output_dir, f".checkpoint-{global_step}.partial")
+    shutil.rmtree(partial_path, ignore_errors=True)
+    os.makedirs(partial_path)
+    with open(os.path.join(partial_path, "train_state.msgpack"), "wb") as f:
+        f.write(serialization.to_bytes(jax.device_get(state)))
+    with open(os.path.join(partial_path, CHECKPOINT_METADATA), "w") as f:
+        json.dump({**run_metadata, "global_step": global_step}, f, indent=2)
+    if os.path.exists(final_path):  # left by an earlier run that got past this step; the new one replaces it
+        stale_path = final_path + ".stale"
+        os.rename(final_path, stale_path)
+        os.rename(partial_path, final_path)
+        shutil.rmtree(stale_path)
+    else:
+        os.rename(partial_path, final_path)
+    logger.info(f"Saved {final_path}")
+    if total_limit is not None:
+        for _, path in list_checkpoints(output_dir)[:-total_limit]:
+            logger.info(f"Deleting {path} (--checkpoints_total_limit {total_limit})")
+            shutil.rmtree(path)
+
+
+def restore_train_state(state, checkpoint_path):
+    """`state` with the step, params and optimizer state saved in a checkpoint."""
+    with open(os.path.join(checkpoint_path, "train_state.msgpack"), "rb") as f:
+        return serialization.from_bytes(state, f.read())
 
 
 def save_embeddings(learned, placeholder_token, path):
@@ -659,34 +771,20 @@ def save_embeddings(learned, placeholder_token, path):
     os.replace(partial, path)
 
 
-def checkpoint_payload(state):
-    """What a checkpoint holds of the train state: the trained params, the optimizer state and the step."""
-    return {"params": state.params, "opt_state": state.opt_state, "step": state.step}
+def push_to_hub(args):
+    """Upload output_dir, without checkpoints, hidden temporary folders and tracker logs."""
+    from huggingface_hub import create_repo, upload_folder
 
-
-def save_checkpoint(state, args, global_step, training_state):
-    """Write checkpoint-N crash-safely: into a hidden temporary folder first, renamed into place only when complete;
-    older checkpoints are pruned only after that. Main process only."""
-    final_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    partial_path = os.path.join(args.output_dir, f".checkpoint-{global_step}.partial")
-    shutil.rmtree(partial_path, ignore_errors=True)
-    os.makedirs(partial_path)
-    with open(os.path.join(partial_path, "train_state.msgpack"), "wb") as f:
-        f.write(serialization.to_bytes(jax.device_get(checkpoint_payload(state))))
-    with open(os.path.join(partial_path, TRAINING_STATE), "w") as f:
-        json.dump({**training_state, "global_step": global_step}, f, indent=2)
-    if os.path.exists(final_path):  # left by an earlier run that got past this step; the new one replaces it
-        stale_path = final_path + ".stale"
-        os.rename(final_path, stale_path)
-        os.rename(partial_path, final_path)
-        shutil.rmtree(stale_path)
-    else:
-        os.rename(partial_path, final_path)
-    logger.info(f"Saved {final_path}")
-    if args.checkpoints_total_limit is not None:
-        for _, path in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
-            logger.info(f"Deleting {path} (--checkpoints_total_limit {args.checkpoints_total_limit})")
-            shutil.rmtree(path)
+    name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    repo_id = create_repo(name, exist_ok=True, token=args.hub_token).repo_id
+    ignore = ["checkpoint-*", ".*", "logs/*"]
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        commit_message="End of training",
+        ignore_patterns=ignore,
+        token=args.hub_token,
+    )
 
 
 def main(argv=None):
@@ -702,18 +800,8 @@ def main(argv=None):
     if not is_main_process:
         logger.setLevel(logging.ERROR)
     resume_path = find_resume_checkpoint(args)
-    resume_state = json.load(open(os.path.join(resume_path, TRAINING_STATE))) if resume_path else {}
-    # One seed drives everything; without --seed a resumed run must reuse the one its checkpoint recorded.
-    seed = (
-        args.seed
-        if args.seed is not None
-        else resume_state.get("seed", int(np.random.SeedSequence().generate_state(1)[0]))
-    )
-    if resume_state and resume_state["seed"] != seed:
-        logger.warning(
-            f"--seed {seed} differs from the checkpoint's seed {resume_state['seed']}: "
-            "the resumed run will not match an uninterrupted one"
-        )
+    resume_metadata = read_checkpoint_metadata(resume_path)
+    seed = choose_seed(args, resume_metadata)
     image_paths = find_example_images(args.train_data_dir)
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -725,11 +813,10 @@ def main(argv=None):
 
     weight_dtype = jnp.bfloat16 if args.mixed_precision == "bf16" else jnp.float32
     folder = resolve_pipeline_folder(args)
-    tokenizer = (
-        CLIPTokenizerFast.from_pretrained(args.tokenizer_name)
-        if args.tokenizer_name
-        else CLIPTokenizerFast.from_pretrained(folder, subfolder="tokenizer")
-    )
+    if args.tokenizer_name:
+        tokenizer = CLIPTokenizerFast.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)
+    else:
+        tokenizer = CLIPTokenizerFast.from_pretrained(folder, subfolder="tokenizer")
     # The text encoder computes in fp32: gradients flow through it to the new rows.
     text_encoder = load_flax_text_encoder(folder, args.variant, jnp.float32)
     vae, vae_params = load_flax_model(FlaxAutoencoderKL, folder, "vae", args.variant, weight_dtype)
@@ -737,22 +824,23 @@ def main(argv=None):
         enable_block_rematerialisation()
     unet, unet_params = load_flax_model(FlaxUNet2DConditionModel, folder, "unet", args.variant, weight_dtype)
     noise_scheduler, scheduler_state = FlaxDDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
-    init_id = initializer_token_id(tokenizer, args.initializer_token)
-    placeholder_tokens, placeholder_ids = add_placeholder_tokens(tokenizer, args.placeholder_token, args.num_vectors)
-    table = text_encoder.params["text_model"]["embeddings"]["token_embedding"]["embedding"]
-    if placeholder_ids != list(range(table.shape[0], table.shape[0] + args.num_vectors)):
-        raise ValueError(
-            f"the tokenizer ({len(tokenizer) - args.num_vectors} tokens) does not match "
-            f"the text encoder's vocabulary ({table.shape[0]})"
-        )
     # Everything is frozen; the only trainable tensor is the new rows, each starting at the initializer's embedding.
-    learned = jnp.tile(table[init_id][None], (args.num_vectors, 1)).astype(jnp.float32)
-    text_encoder_params = text_encoder.params
-    # The module must expect the extended table (Flax checks parameter shapes); the params stay apart from it.
-    extended_config = copy.deepcopy(text_encoder.config)
-    extended_config.vocab_size = len(tokenizer)
-    text_encoder = type(text_encoder)(extended_config, dtype=jnp.float32, _do_init=False)
+    token = (args.placeholder_token, args.initializer_token, args.num_vectors)
+    placeholder_tokens, placeholder_ids, learned, extended_text_encoder = add_learned_embedding(
+        text_encoder, tokenizer, *token
+    )
+    frozen = FrozenModels(
+        unet_params=unet_params,
+        vae_params=vae_params,
+        text_encoder_params=text_encoder.params,
+        scheduler_state=scheduler_state,
+        unet=unet,
+        vae=vae,
+        text_encoder=extended_text_encoder,
+        noise_scheduler=noise_scheduler,
+    )
+    prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
+    loss_config = LossConfig(prediction_type=prediction_type, snr_gamma=args.snr_gamma)
 
     # ------------------------------------------------------------------------------------------------------- data
     train_dataset = TextualInversionDataset(image_paths, tokenizer, " ".join(placeholder_tokens), args, seed)
@@ -765,58 +853,27 @@ def main(argv=None):
             f"one update needs {args.gradient_accumulation_steps}"
         )
 
-    # -------------------------------------------------------------------------------- optimizer and schedule
+    # ---------------------------------------------------------------------------------- optimizer and schedule
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * global_batch_size
     # global_step counts optimizer updates; --max_train_steps is authoritative and epochs are derived from it.
     updates_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
     max_train_steps = args.max_train_steps
     num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
-    schedule = learning_rate_schedule(args, max_train_steps)
-    optimizer = optax.adamw(
-        schedule, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon, weight_decay=args.adam_weight_decay
-    )
-    if args.max_grad_norm > 0:
-        optimizer = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optimizer)
-    optimizer = optax.MultiSteps(optimizer, every_k_schedule=args.gradient_accumulation_steps)
-    state = TrainState.create(
-        apply_fn=unet.apply,
-        params={"learned": learned},
-        tx=optimizer,
-        unet_params=unet_params,
-        vae_params=vae_params,
-        text_encoder_params=text_encoder_params,
-        scheduler_state=scheduler_state,
-        vae=vae,
-        text_encoder=text_encoder,
-        noise_scheduler=noise_scheduler,
-        config=LossConfig(prediction_type, args.snr_gamma, 0.0, vae.config.scaling_factor),
-    )
+    schedule = learning_rate_schedule(args.lr_scheduler, args.learning_rate, args.lr_warmup_steps, max_train_steps)
+    state = TrainState.create(apply_fn=None, params={"learned": learned}, tx=make_optimizer(args, schedule))
+    total_batch_size = global_batch_size * args.gradient_accumulation_steps
+    run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
 
     # ----------------------------------------------------------------------------------------------------- resume
     global_step = 0
     if resume_path is not None:
         logger.info(f"Resuming from {resume_path}")
-        with open(os.path.join(resume_path, "train_state.msgpack"), "rb") as f:
-            restored = serialization.from_bytes(checkpoint_payload(state), f.read())
-        state = state.replace(**restored)
-        global_step = resume_state["global_step"]
-        layout = {
-            "total_batch_size": global_batch_size * args.gradient_accumulation_steps,
-            "updates_per_epoch": updates_per_epoch,
-        }
-        if any(resume_state.get(k) != v for k, v in layout.items()):
-            logger.warning(
-                f"data layout changed since the checkpoint ({ {k: resume_state.get(k) for k in layout} } -> {layout}): "
-                "the resumed run will not match an uninterrupted one"
-            )
-    state = jax.device_put(state, replicated)
+        state = restore_train_state(state, resume_path)
+        global_step = resume_metadata["global_step"]
+        warn_if_batch_layout_changed(resume_metadata, run_metadata)
+    state, frozen = jax.device_put((state, frozen), replicated)
     first_epoch = global_step // updates_per_epoch
-    training_state = {
-        "seed": seed,
-        "total_batch_size": global_batch_size * args.gradient_accumulation_steps,
-        "updates_per_epoch": updates_per_epoch,
-    }
     if is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     logger.info("***** Running training *****")
@@ -826,7 +883,7 @@ def main(argv=None):
     )
     logger.info(
         f"  Batch per device = {args.train_batch_size}, devices = {jax.device_count()}, "
-        f"accumulation = {args.gradient_accumulation_steps}, total batch = {training_state['total_batch_size']}"
+        f"accumulation = {args.gradient_accumulation_steps}, total batch = {total_batch_size}"
     )
     logger.info(f"  Optimizer updates = {max_train_steps}, starting at {global_step}, seed = {seed}")
     logger.info(
@@ -839,12 +896,12 @@ def main(argv=None):
         )
 
     # ------------------------------------------------------------------------------------------------- train loop
-    step_fn = jax.jit(train_step, donate_argnums=(0,))
+    step_fn = jax.jit(functools.partial(train_step, config=loss_config), donate_argnums=(0,))
     base_rng = jax.random.PRNGKey(seed % (2**31))
     progress_bar = tqdm(
         range(max_train_steps), initial=min(global_step, max_train_steps), desc="Steps", disable=not is_main_process
     )
-    window = LogWindow(global_batch_size * args.gradient_accumulation_steps, global_step)
+    window = LogWindow(total_batch_size, global_step)
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
             break
@@ -856,7 +913,7 @@ def main(argv=None):
                 break  # the last batches that cannot fill an accumulation group
             batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
             rng = jax.random.fold_in(jax.random.fold_in(base_rng, epoch), batch_index)
-            state, metrics = step_fn(state, batch, rng)
+            state, metrics = step_fn(state, frozen, batch, rng)
             if (batch_index + 1) % args.gradient_accumulation_steps:
                 continue
 
@@ -872,13 +929,10 @@ def main(argv=None):
                 progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             if is_main_process:
                 if global_step % args.save_steps == 0:
-                    save_embeddings(
-                        state.params["learned"],
-                        args.placeholder_token,
-                        os.path.join(args.output_dir, f"learned_embeds-steps-{global_step}.safetensors"),
-                    )
+                    path = os.path.join(args.output_dir, f"learned_embeds-steps-{global_step}.safetensors")
+                    save_embeddings(state.params["learned"], args.placeholder_token, path)
                 if global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(state, args, global_step, training_state)
+                    save_checkpoint(state, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
             if global_step >= max_train_steps:
                 break
 
@@ -888,20 +942,7 @@ def main(argv=None):
         save_embeddings(state.params["learned"], args.placeholder_token, path)
         logger.info(f"Saved {os.path.abspath(path)}")
         if args.push_to_hub:
-            from huggingface_hub import create_repo, upload_folder
-
-            repo_id = create_repo(
-                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-                exist_ok=True,
-                token=args.hub_token,
-            ).repo_id
-            upload_folder(
-                repo_id=repo_id,
-                folder_path=args.output_dir,
-                commit_message="End of training",
-                ignore_patterns=["checkpoint-*", ".*"],
-                token=args.hub_token,
-            )
+            push_to_hub(args)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ with the same weights as one that was never interrupted.
 """
 
 import argparse
+import dataclasses
 import functools
 import io
 import json
@@ -49,7 +50,11 @@ from transformers import CLIPTextModel, CLIPTokenizer
 logger = get_logger(__name__, log_level="INFO")
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-TRAINING_STATE = "training_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
+# Seed, step and batch layout of a checkpoint, written last into it: its presence marks the checkpoint complete.
+CHECKPOINT_METADATA = "checkpoint_metadata.json"
+# The second key of every validation seed, derive_seed(seed, VALIDATION_SEED_KEY, prompt index): training draws use
+# four keys, so a validation image never shares its noise with a training step.
+VALIDATION_SEED_KEY = 7919
 INTERPOLATION_MODES = ["lanczos", "bicubic", "bilinear", "nearest", "nearest_exact", "box", "hamming"]
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
@@ -297,38 +302,24 @@ def parse_args(argv=None):
     if env_local_rank != -1:
         args.local_rank = env_local_rank
     if args.dataset_name is None and args.train_data_dir is None:
-        parser.error(
-            "no training data: pass --dataset_name (hub id or local dataset folder) or --train_data_dir (imagefolder)"
-        )
+        parser.error("no training data: pass --dataset_name (hub id or local dataset folder) or --train_data_dir")
     if args.non_ema_revision is None:
         args.non_ema_revision = args.revision
-    for name in [
-        "resolution",
-        "train_batch_size",
-        "gradient_accumulation_steps",
-        "checkpointing_steps",
-        "validation_epochs",
-        "logging_steps",
-    ]:
+    positive = "resolution train_batch_size gradient_accumulation_steps checkpointing_steps validation_epochs"
+    for name in (positive + " logging_steps").split():
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        parser.error(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        parser.error(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
+    for name in ["max_train_steps", "checkpoints_total_limit"]:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
         parser.error(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}")
     if args.cache_latents and not args.center_crop:
-        parser.error(
-            "--cache_latents stores one crop per image, so it needs --center_crop "
-            "(random crops would need a latent per crop)"
-        )
+        parser.error("--cache_latents stores one crop per image, so it needs --center_crop (not one latent per crop)")
     if args.dream_training and args.dream_detail_preservation <= 0:
         parser.error("--dream_detail_preservation must be positive")
     if args.report_to == "wandb" and args.hub_token is not None:
-        parser.error(
-            "--hub_token with --report_to=wandb would leak the token to wandb; log in with `hf auth login` instead"
-        )
+        parser.error("--hub_token with --report_to=wandb would leak the token to wandb; use `hf auth login` instead")
     return args
 
 
@@ -350,7 +341,7 @@ def list_checkpoints(output_dir):
     found = []
     for name in os.listdir(output_dir):
         match = CHECKPOINT_PATTERN.match(name)
-        if match and os.path.isfile(os.path.join(output_dir, name, TRAINING_STATE)):
+        if match and os.path.isfile(os.path.join(output_dir, name, CHECKPOINT_METADATA)):
             found.append((int(match.group(1)), os.path.join(output_dir, name)))
     return sorted(found)
 
@@ -365,13 +356,47 @@ def find_resume_checkpoint(args):
     path = args.resume_from_checkpoint
     if not os.path.isdir(path):
         path = os.path.join(args.output_dir, args.resume_from_checkpoint)
-    if not os.path.isfile(os.path.join(path, TRAINING_STATE)):
+    if not os.path.isfile(os.path.join(path, CHECKPOINT_METADATA)):
         complete = [os.path.basename(p) for _, p in list_checkpoints(args.output_dir)]
         raise FileNotFoundError(
             f"--resume_from_checkpoint {args.resume_from_checkpoint}: no complete checkpoint at {path} "
             f"(complete ones in {args.output_dir}: {complete})"
         )
     return path
+
+
+def read_checkpoint_metadata(checkpoint_path):
+    """The metadata save_checkpoint wrote into a checkpoint ({} when there is no checkpoint to resume)."""
+    if checkpoint_path is None:
+        return {}
+    with open(os.path.join(checkpoint_path, CHECKPOINT_METADATA)) as f:
+        return json.load(f)
+
+
+def choose_seed(args, resume_metadata):
+    """One seed drives every draw. Without --seed a resumed run reuses the seed its checkpoint recorded, and a new
+    run draws one (and records it in its checkpoints)."""
+    if args.seed is not None:
+        seed = args.seed
+    else:
+        seed = resume_metadata.get("seed", int(np.random.SeedSequence().generate_state(1)[0]))
+    if resume_metadata and resume_metadata["seed"] != seed:
+        logger.warning(
+            f"--seed {seed} differs from the checkpoint's seed {resume_metadata['seed']}: "
+            "the resumed run will not match an uninterrupted one"
+        )
+    return seed
+
+
+def warn_if_batch_layout_changed(resume_metadata, run_metadata):
+    """A resume is exact only with the global batch and epoch length the checkpoint was written with."""
+    keys = ("total_batch_size", "updates_per_epoch")
+    before, now = ({key: metadata.get(key) for key in keys} for metadata in (resume_metadata, run_metadata))
+    if before != now:
+        logger.warning(
+            f"batch layout changed since the checkpoint ({before} -> {now}): "
+            "the resumed run will not match an uninterrupted one"
+        )
 
 
 def load_image_caption_dataset(args, seed):
@@ -381,13 +406,9 @@ def load_image_caption_dataset(args, seed):
         looks_local = args.dataset_name.startswith(("/", "./", "../", "~")) or os.path.exists(args.dataset_name)
         if looks_local and not os.path.exists(os.path.expanduser(args.dataset_name)):
             raise FileNotFoundError(f"{source}: no such folder")
+        name = os.path.expanduser(args.dataset_name) if looks_local else args.dataset_name
         try:
-            dataset = datasets.load_dataset(
-                os.path.expanduser(args.dataset_name) if looks_local else args.dataset_name,
-                args.dataset_config_name,
-                cache_dir=args.cache_dir,
-                split="train",
-            )
+            dataset = datasets.load_dataset(name, args.dataset_config_name, cache_dir=args.cache_dir, split="train")
         except Exception as err:
             raise RuntimeError(f"{source}: could not load a 'train' split ({type(err).__name__}: {err})") from err
     else:
@@ -427,10 +448,10 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.caption_rows = rows.select_columns([args.caption_column])
         for row, value in enumerate(self.caption_rows[args.caption_column]):
             self.caption_choices(value, row)  # checked now, so a bad row fails before training, not hours into it
-        self.latent_cache = None  # [row, flipped] -> VAE latent distribution parameters, set by build_caches()
-        self.text_cache = (
-            None  # (per-row offsets, caption indices, [caption] -> text-encoder output), set by build_caches()
-        )
+        # Set by build_caches(): [row, flipped] -> the VAE's latent distribution parameters, and
+        # (per-row offsets, caption indices, [caption] -> text-encoder output).
+        self.latent_cache = None
+        self.text_cache = None
 
     def __len__(self):
         return len(self.rows)
@@ -484,13 +505,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if self.text_cache is None:
             choices = self.caption_choices(self.caption_rows[row][self.args.caption_column], row)
             caption = choices[int(rng.integers(len(choices)))] if len(choices) > 1 else choices[0]
-            example["input_ids"] = self.tokenizer(
-                caption,
-                max_length=self.tokenizer.model_max_length,
-                padding="max_length",
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids[0]
+            example["input_ids"] = tokenize(self.tokenizer, [caption], [0])[0]
         else:
             # The same draw as above, over the row's captions as listed in the cache.
             offsets, indices, embeddings = self.text_cache
@@ -502,19 +517,15 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
 def image_views(dataset, views, indices):
     """Pixel batches for the latent cache: item i is row i // views, horizontally flipped when i % views is 1."""
-    return torch.stack(
-        [dataset.transform(dataset.open_image(i // views), rng=None, flip=i % views == 1) for i in indices]
-    )
+    pixels = [dataset.transform(dataset.open_image(i // views), rng=None, flip=i % views == 1) for i in indices]
+    return torch.stack(pixels)
 
 
 def tokenize(tokenizer, captions, indices):
-    return tokenizer(
-        [captions[i] for i in indices],
-        max_length=tokenizer.model_max_length,
-        padding="max_length",
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
+    """Token ids of captions[i] for i in indices, padded (or cut) to the text encoder's context length."""
+    selected = [captions[i] for i in indices]
+    padding = dict(max_length=tokenizer.model_max_length, padding="max_length", truncation=True)
+    return tokenizer(selected, return_tensors="pt", **padding).input_ids
 
 
 def encode_once(accelerator, num_items, batch_size, prepare, encode, description, num_workers=0):
@@ -523,21 +534,15 @@ def encode_once(accelerator, num_items, batch_size, prepare, encode, description
     copy of the cache (dataloader workers share it, they do not copy it)."""
     per_round = batch_size * accelerator.num_processes
     starts = range(0, num_items, per_round)
+    first = accelerator.process_index * batch_size
     # Padded with the last item, so every process contributes a batch of the same shape to the gather.
-    batches = [
-        [
-            min(i, num_items - 1)
-            for i in range(s + accelerator.process_index * batch_size, s + (accelerator.process_index + 1) * batch_size)
-        ]
-        for s in starts
-    ]
+    batches = [[min(i, num_items - 1) for i in range(s + first, s + first + batch_size)] for s in starts]
     loader = torch.utils.data.DataLoader(
         range(num_items), batch_sampler=batches, collate_fn=prepare, num_workers=num_workers
     )
+    progress = tqdm(loader, desc=description, disable=not accelerator.is_local_main_process)
     cache = None
-    for start, prepared in zip(
-        starts, tqdm(loader, desc=description, disable=not accelerator.is_local_main_process), strict=True
-    ):
+    for start, prepared in zip(starts, progress, strict=True):
         with torch.no_grad():
             encoded = accelerator.gather(encode(prepared).contiguous()).cpu()
         if cache is None:
@@ -567,9 +572,8 @@ def build_caches(train_dataset, vae, text_encoder, tokenizer, accelerator, args,
         # Each distinct caption once, in first-seen order (the same in every process); rows point into the list.
         distinct, indices, offsets = {}, [], [0]
         for row, value in enumerate(train_dataset.caption_rows[args.caption_column]):
-            indices += [
-                distinct.setdefault(caption, len(distinct)) for caption in train_dataset.caption_choices(value, row)
-            ]
+            for caption in train_dataset.caption_choices(value, row):
+                indices.append(distinct.setdefault(caption, len(distinct)))
             offsets.append(len(indices))
         embeddings = encode_once(
             accelerator,
@@ -582,10 +586,8 @@ def build_caches(train_dataset, vae, text_encoder, tokenizer, accelerator, args,
         train_dataset.text_cache = (np.array(offsets), np.array(indices), embeddings)
     for name, cache in [("latents", train_dataset.latent_cache), ("text embeddings", embeddings)]:
         if cache is not None:
-            logger.info(
-                f"Cached {name}: {tuple(cache.shape)} {cache.dtype}, "
-                f"{cache.numel() * cache.element_size() / 2**20:.1f} MiB of CPU memory"
-            )
+            size = cache.numel() * cache.element_size() / 2**20
+            logger.info(f"Cached {name}: {tuple(cache.shape)} {cache.dtype}, {size:.1f} MiB of CPU memory")
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):
@@ -599,14 +601,19 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
         return self.num_rows
 
     def __iter__(self):
-        order = torch.randperm(
-            self.num_rows, generator=torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
-        )
-        return iter([(self.epoch, row) for row in order.tolist()])
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
+        return iter([(self.epoch, row) for row in torch.randperm(self.num_rows, generator=generator).tolist()])
 
 
 def collate(examples):
     return {key: torch.stack([example[key] for example in examples]) for key in examples[0]}
+
+
+def default_num_workers(args, accelerator):
+    """--dataloader_num_workers, or 4 workers on GPU (decoding and augmenting overlap the step) and none on CPU."""
+    if args.dataloader_num_workers is not None:
+        return args.dataloader_num_workers
+    return 4 if accelerator.device.type == "cuda" else 0
 
 
 class LogWindow:
@@ -658,56 +665,139 @@ def format_logs(global_step, logs):
     return f"step {global_step}: " + ", ".join(f"{key}={value:.4g}" for key, value in logs.items())
 
 
-# ----------------------------------------------------- BEGIN MATH -----------------------------------------------------
-def compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args):
-    """The denoising loss of one batch. All random draws come from `generator`."""
+def load_component(cls, args, subfolder, **kwargs):
+    """One part of the --pretrained_model_name_or_path pipeline, at --revision unless kwargs name another."""
+    kwargs = {"revision": args.revision, "cache_dir": args.cache_dir, **kwargs}
+    return cls.from_pretrained(args.pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+
+def make_ema_unet(args, device):
+    """--use_ema: an exponential moving average of the UNet, starting from --revision's UNet (training may start from
+    --non_ema_revision), on the device or, with --offload_ema, in CPU memory (pinned on GPU machines)."""
+    ema_source = load_component(UNet2DConditionModel, args, "unet", variant=args.variant)
+    ema_unet = EMAModel(
+        ema_source.parameters(),
+        model_cls=UNet2DConditionModel,
+        model_config=ema_source.config,
+        foreach=args.foreach_ema,
+    )
+    if args.offload_ema and torch.cuda.is_available():
+        ema_unet.pin_memory()
+    elif not args.offload_ema:
+        ema_unet.to(device)
+    return ema_unet
+
+
+def register_checkpoint_hooks(accelerator, ema_unet, args):
+    """Checkpoints hold loadable unet/ (and unet_ema/) folders instead of anonymous state dicts."""
+
+    def save_model_hook(models, weights, output_dir):
+        if ema_unet is not None:
+            ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
+        for model in models:
+            accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"), safe_serialization=True)
+            weights.pop()
+
+    def load_model_hook(models, input_dir):
+        if ema_unet is not None:
+            loaded = EMAModel.from_pretrained(
+                os.path.join(input_dir, "unet_ema"), UNet2DConditionModel, foreach=args.foreach_ema
+            )
+            ema_unet.load_state_dict(loaded.state_dict())
+            if not args.offload_ema:
+                ema_unet.to(accelerator.device)
+        while models:
+            model = models.pop()
+            loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+            model.register_to_config(**loaded.config)
+            model.load_state_dict(loaded.state_dict())
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+
+def make_optimizer(args, params):
+    """AdamW over params: PyTorch's fused kernel (one kernel for the whole update: half the time of the foreach
+    version on CPU, fewer launches on GPU), or bitsandbytes' 8-bit AdamW with --use_8bit_adam."""
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as err:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (GPU only)") from err
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = functools.partial(torch.optim.AdamW, fused=True)
+    return optimizer_class(
+        params,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+
+
+def encode_batch(batch, vae, text_encoder, generator):
+    """The batch's latents and text conditioning, from the frozen VAE and text encoder or from their caches. The VAE
+    sample is the first draw from `generator`."""
     with torch.no_grad():
-        if "latents" in batch:
-            latents = batch["latents"].to(vae.device, vae.dtype)
+        if "latent_parameters" in batch:
+            # --cache_latents: sampling from the stored distribution draws exactly what encoding the image would.
+            latent_dist = DiagonalGaussianDistribution(batch["latent_parameters"].to(vae.device, vae.dtype))
         else:
-            if "latent_parameters" in batch:
-                # --cache_latents: sampling from the stored distribution draws exactly what encoding the image would.
-                latent_dist = DiagonalGaussianDistribution(batch["latent_parameters"].to(vae.device, vae.dtype))
-            else:
-                # The frozen VAE maps images to latents; the scaling factor brings them to roughly unit variance.
-                latent_dist = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
-            latents = latent_dist.sample(generator=generator) * vae.config.scaling_factor
+            # The frozen VAE maps images to latents; the scaling factor brings them to roughly unit variance.
+            latent_dist = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
+        latents = latent_dist.sample(generator=generator) * vae.config.scaling_factor
         if "encoder_hidden_states" in batch:
             encoder_hidden_states = batch["encoder_hidden_states"].to(text_encoder.device, text_encoder.dtype)
         else:
             # The frozen text encoder's last hidden state conditions the UNet through cross-attention.
             encoder_hidden_states = text_encoder(batch["input_ids"].to(text_encoder.device), return_dict=False)[0]
+    return latents, encoder_hidden_states
 
+
+# ----------------------------------------------------- BEGIN MATH -----------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """What the denoising loss depends on, built once from the flags in main(): the math reads nothing else."""
+
+    prediction_type: str  # what the UNet predicts: "epsilon" (the noise) or "v_prediction" (the velocity)
+    snr_gamma: float | None = None  # Min-SNR-gamma weighting; None weighs every timestep the same
+    noise_offset: float = 0.0  # scale of offset noise; 0 turns it off
+    input_perturbation: float = 0.0  # scale of input perturbation; 0 turns it off
+    dream_detail_preservation: float | None = None  # DREAM's detail preservation p; None turns DREAM off
+
+
+def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator, config):
+    """The denoising loss of a batch of clean latents, averaged over the batch. Every random draw comes from
+    `generator`, in the JAX twin's order: noise, offset noise, input perturbation, timesteps."""
     bsz = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-    if args.noise_offset:
+    if config.noise_offset:
         # Offset noise (Guttenberg 2023, crosslabs.org/blog/diffusion-with-offset-noise): a per-channel constant
         # lets the model change the overall brightness of an image.
-        noise += args.noise_offset * torch.randn(
-            (bsz, latents.shape[1], 1, 1), generator=generator, device=latents.device, dtype=latents.dtype
-        )
+        offset_shape = (bsz, latents.shape[1], 1, 1)
+        offset = torch.randn(offset_shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        noise = noise + config.noise_offset * offset
     noised_with = noise
-    if args.input_perturbation:
+    if config.input_perturbation:
         # Input perturbation (Ning et al. 2023, arXiv:2301.11706): noise the input with slightly perturbed noise but
         # keep the clean noise as target, which reduces exposure bias.
-        noised_with = noise + args.input_perturbation * torch.randn(
-            latents.shape, generator=generator, device=latents.device, dtype=latents.dtype
-        )
-    timesteps = torch.randint(
-        0, noise_scheduler.config.num_train_timesteps, (bsz,), generator=generator, device=latents.device
-    ).long()
+        perturbation = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        noised_with = noise + config.input_perturbation * perturbation
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, num_train_timesteps, (bsz,), generator=generator, device=latents.device)
     # Forward diffusion: noisy_latents = sqrt(alpha_bar_t) * latents + sqrt(1 - alpha_bar_t) * noise.
     noisy_latents = noise_scheduler.add_noise(latents, noised_with, timesteps)
 
     # The target depends on what the model predicts: the noise (epsilon) or the velocity v (Salimans & Ho 2022).
-    if noise_scheduler.config.prediction_type == "epsilon":
+    if config.prediction_type == "epsilon":
         target = noise
-    elif noise_scheduler.config.prediction_type == "v_prediction":
+    elif config.prediction_type == "v_prediction":
         target = noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
-        raise ValueError(f"unsupported prediction type {noise_scheduler.config.prediction_type!r}")
+        raise ValueError(f"unsupported prediction type {config.prediction_type!r}")
 
-    if args.dream_training:
+    if config.dream_detail_preservation is not None:
         # DREAM (Zhou et al. 2023, arXiv:2312.00210): blend the model's own estimate into input and target.
         noisy_latents, target = compute_dream_and_update_latents(
             unet,
@@ -717,19 +807,19 @@ def compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, arg
             noisy_latents,
             target,
             encoder_hidden_states,
-            args.dream_detail_preservation,
+            config.dream_detail_preservation,
         )
 
     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
     loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=list(range(1, model_pred.ndim)))
 
-    if args.snr_gamma is not None:
+    if config.snr_gamma is not None:
         # Min-SNR-gamma weighting (Hang et al. 2023, arXiv:2303.09556): weight each timestep by min(SNR, gamma)/SNR
         # in epsilon terms. A v-prediction loss is (SNR + 1) times the epsilon loss, hence the divisor SNR + 1.
         alphas_cumprod = noise_scheduler.alphas_cumprod.to(latents.device)[timesteps].float()
         snr = alphas_cumprod / (1.0 - alphas_cumprod)
-        divisor = snr + 1.0 if noise_scheduler.config.prediction_type == "v_prediction" else snr
-        weights = torch.where(divisor > 0, torch.clamp(snr, max=args.snr_gamma) / divisor, torch.ones_like(snr))
+        divisor = snr + 1.0 if config.prediction_type == "v_prediction" else snr
+        weights = torch.where(divisor > 0, torch.clamp(snr, max=config.snr_gamma) / divisor, torch.ones_like(snr))
         loss = loss * weights
     return loss.mean()
 
@@ -737,15 +827,15 @@ def compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, arg
 # ------------------------------------------------------ END MATH ------------------------------------------------------
 
 
-def save_checkpoint(accelerator, args, global_step, training_state):
+def save_checkpoint(accelerator, output_dir, global_step, run_metadata, total_limit=None):
     """Write checkpoint-N crash-safely: into a hidden temporary folder first, renamed into place only when complete;
-    older checkpoints are pruned only after that. Main process only."""
-    final_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    partial_path = os.path.join(args.output_dir, f".checkpoint-{global_step}.partial")
+    then keep the newest `total_limit` checkpoints (--checkpoints_total_limit). Main process only."""
+    final_path = os.path.join(output_dir, f"checkpoint-{global_step}")
+    partial_path = os.path.join(output_dir, f".checkpoint-{global_step}.partial")
     shutil.rmtree(partial_path, ignore_errors=True)
     accelerator.save_state(partial_path)
-    with open(os.path.join(partial_path, TRAINING_STATE), "w") as f:
-        json.dump({**training_state, "global_step": global_step}, f, indent=2)
+    with open(os.path.join(partial_path, CHECKPOINT_METADATA), "w") as f:
+        json.dump({**run_metadata, "global_step": global_step}, f, indent=2)
     if os.path.exists(final_path):  # left by an earlier run that got past this step; the new one replaces it
         stale_path = final_path + ".stale"
         os.rename(final_path, stale_path)
@@ -754,9 +844,9 @@ def save_checkpoint(accelerator, args, global_step, training_state):
     else:
         os.rename(partial_path, final_path)
     logger.info(f"Saved {final_path}")
-    if args.checkpoints_total_limit is not None:
-        for _, path in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
-            logger.info(f"Deleting {path} (--checkpoints_total_limit {args.checkpoints_total_limit})")
+    if total_limit is not None:
+        for _, path in list_checkpoints(output_dir)[:-total_limit]:
+            logger.info(f"Deleting {path} (--checkpoints_total_limit {total_limit})")
             shutil.rmtree(path)
 
 
@@ -765,14 +855,11 @@ def render_validation_images(pipeline, prompts, resolution, seed, weight_dtype):
     device = pipeline.device
     images = []
     for index, prompt in enumerate(prompts):
-        generator = torch.Generator(device=device).manual_seed(derive_seed(seed, 7919, index))
+        generator = torch.Generator(device=device).manual_seed(derive_seed(seed, VALIDATION_SEED_KEY, index))
         # Trained and frozen parts may differ in dtype under mixed precision; autocast reconciles them.
         with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-            images.append(
-                pipeline(
-                    prompt, num_inference_steps=20, generator=generator, height=resolution, width=resolution
-                ).images[0]
-            )
+            output = pipeline(prompt, num_inference_steps=20, generator=generator, height=resolution, width=resolution)
+        images.append(output.images[0])
     return images
 
 
@@ -796,10 +883,30 @@ def log_validation(pipeline, prompts, args, accelerator, seed, global_step, tag,
         elif tracker.name == "wandb":
             import wandb
 
-            tracker.log(
-                {tag: [wandb.Image(i, caption=p) for i, p in zip(images, prompts, strict=True)]}, step=global_step
-            )
+            logged = [wandb.Image(image, caption=prompt) for image, prompt in zip(images, prompts, strict=True)]
+            tracker.log({tag: logged}, step=global_step)
     return images
+
+
+def validate(accelerator, unet, ema_unet, components, args, seed, global_step, weight_dtype):
+    """Render the validation prompts mid-training with the weights that would be saved now (the EMA with --use_ema)."""
+    if ema_unet is not None:
+        ema_unet.store(unet.parameters())
+        ema_unet.copy_to(unet.parameters())
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        args.pretrained_model_name_or_path,
+        unet=accelerator.unwrap_model(unet),
+        safety_checker=None,
+        revision=args.revision,
+        variant=args.variant,
+        dtype=weight_dtype,
+        cache_dir=args.cache_dir,
+        **components,
+    )
+    log_validation(pipeline, args.validation_prompts, args, accelerator, seed, global_step, "validation", weight_dtype)
+    del pipeline
+    if ema_unet is not None:
+        ema_unet.restore(unet.parameters())
 
 
 def write_model_card(args, global_step, validation_grid):
@@ -871,6 +978,16 @@ def write_hub_style_text_encoder(text_encoder_dir):
             torch.save({hub_key(k): v for k, v in state.items()}, path)
 
 
+def swap_in_pipeline(partial, output_dir):
+    """Move a complete pipeline written to the folder `partial` into output_dir, one component at a time."""
+    for name in os.listdir(partial):
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(partial, name), target)
+    os.rmdir(partial)
+
+
 def save_pipeline(unet, args):
     """The full pipeline (frozen parts re-read in their original precision) in output_dir, written to a temporary
     folder first so a crash never leaves a half-written model over a good one."""
@@ -888,26 +1005,36 @@ def save_pipeline(unet, args):
     shutil.rmtree(partial, ignore_errors=True)
     pipeline.save_pretrained(partial, safe_serialization=True)
     write_hub_style_text_encoder(os.path.join(partial, "text_encoder"))
-    for name in os.listdir(partial):
-        target = os.path.join(args.output_dir, name)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(partial, name), target)
-    os.rmdir(partial)
+    swap_in_pipeline(partial, args.output_dir)
     return pipeline
+
+
+def push_to_hub(args):
+    """Upload output_dir, without checkpoints, hidden temporary folders and tracker logs."""
+    from huggingface_hub import create_repo, upload_folder
+
+    name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    repo_id = create_repo(name, exist_ok=True, token=args.hub_token).repo_id
+    ignore = ["checkpoint-*", ".*", "logs/*"]
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        commit_message="End of training",
+        ignore_patterns=ignore,
+        token=args.hub_token,
+    )
 
 
 def main(argv=None):
     args = parse_args(argv)
 
     # ------------------------------------------------------------------------------------------------------ setup
+    logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator = Accelerator(
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=args.output_dir, logging_dir=os.path.join(args.output_dir, args.logging_dir)
-        ),
+        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
     )
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
@@ -925,69 +1052,24 @@ def main(argv=None):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     resume_path = find_resume_checkpoint(args)
-    resume_state = json.load(open(os.path.join(resume_path, TRAINING_STATE))) if resume_path else {}
-    # One seed drives everything; without --seed a resumed run must reuse the one its checkpoint recorded.
-    seed = (
-        args.seed
-        if args.seed is not None
-        else resume_state.get("seed", int(np.random.SeedSequence().generate_state(1)[0]))
-    )
-    if resume_state and resume_state["seed"] != seed:
-        logger.warning(
-            f"--seed {seed} differs from the checkpoint's seed {resume_state['seed']}: "
-            "the resumed run will not match an uninterrupted one"
-        )
+    resume_metadata = read_checkpoint_metadata(resume_path)
+    seed = choose_seed(args, resume_metadata)
 
     # ------------------------------------------------------------------------------------------------ load models
-    noise_scheduler = DDPMScheduler.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="scheduler", revision=args.revision, cache_dir=args.cache_dir
-    )
+    noise_scheduler = load_component(DDPMScheduler, args, "scheduler")
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    if args.dream_training and noise_scheduler.config.prediction_type != "epsilon":
-        raise ValueError(
-            "--dream_training supports epsilon prediction only; "
-            f"this run predicts {noise_scheduler.config.prediction_type}"
-        )
-    tokenizer = CLIPTokenizer.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="tokenizer", revision=args.revision, cache_dir=args.cache_dir
-    )
-    text_encoder = CLIPTextModel.from_pretrained(
-        args.pretrained_model_name_or_path,
-        subfolder="text_encoder",
-        revision=args.revision,
-        variant=args.variant,
-        cache_dir=args.cache_dir,
-    )
-    vae = AutoencoderKL.from_pretrained(
-        args.pretrained_model_name_or_path,
-        subfolder="vae",
-        revision=args.revision,
-        variant=args.variant,
-        cache_dir=args.cache_dir,
-    )
-    unet = UNet2DConditionModel.from_pretrained(
-        args.pretrained_model_name_or_path, subfolder="unet", revision=args.non_ema_revision, cache_dir=args.cache_dir
-    )
+    prediction_type = noise_scheduler.config.prediction_type
+    if args.dream_training and prediction_type != "epsilon":
+        raise ValueError(f"--dream_training supports epsilon prediction only; this run predicts {prediction_type}")
+    tokenizer = load_component(CLIPTokenizer, args, "tokenizer")
+    text_encoder = load_component(CLIPTextModel, args, "text_encoder", variant=args.variant)
+    vae = load_component(AutoencoderKL, args, "vae", variant=args.variant)
+    unet = load_component(UNet2DConditionModel, args, "unet", revision=args.non_ema_revision)
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
     unet.train()
-    ema_unet = None
-    if args.use_ema:
-        ema_source = UNet2DConditionModel.from_pretrained(
-            args.pretrained_model_name_or_path,
-            subfolder="unet",
-            revision=args.revision,
-            variant=args.variant,
-            cache_dir=args.cache_dir,
-        )
-        ema_unet = EMAModel(
-            ema_source.parameters(),
-            model_cls=UNet2DConditionModel,
-            model_config=ema_source.config,
-            foreach=args.foreach_ema,
-        )
-        del ema_source
+    ema_unet = make_ema_unet(args, accelerator.device) if args.use_ema else None
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
@@ -1001,45 +1083,18 @@ def main(argv=None):
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     vae.to(accelerator.device, dtype=weight_dtype)
     text_encoder.to(accelerator.device, dtype=weight_dtype)
-    if ema_unet is not None:
-        if args.offload_ema and torch.cuda.is_available():
-            ema_unet.pin_memory()
-        elif not args.offload_ema:
-            ema_unet.to(accelerator.device)
-
-    def save_model_hook(models, weights, output_dir):
-        # Checkpoints hold loadable unet/ (and unet_ema/) folders instead of anonymous state dicts.
-        if ema_unet is not None:
-            ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
-        for model in models:
-            accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"), safe_serialization=True)
-            weights.pop()
-
-    def load_model_hook(models, input_dir):
-        if ema_unet is not None:
-            loaded = EMAModel.from_pretrained(
-                os.path.join(input_dir, "unet_ema"), UNet2DConditionModel, foreach=args.foreach_ema
-            )
-            ema_unet.load_state_dict(loaded.state_dict())
-            if not args.offload_ema:
-                ema_unet.to(accelerator.device)
-        while models:
-            model = models.pop()
-            loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
-            model.register_to_config(**loaded.config)
-            model.load_state_dict(loaded.state_dict())
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
+    register_checkpoint_hooks(accelerator, ema_unet, args)
+    loss_config = LossConfig(
+        prediction_type=prediction_type,
+        snr_gamma=args.snr_gamma,
+        noise_offset=args.noise_offset,
+        input_perturbation=args.input_perturbation,
+        dream_detail_preservation=args.dream_detail_preservation if args.dream_training else None,
+    )
 
     # ------------------------------------------------------------------------------------------------------- data
-    rows = load_image_caption_dataset(args, seed)
-    train_dataset = ImageCaptionDataset(rows, tokenizer, args, seed)
-    num_workers = (
-        args.dataloader_num_workers
-        if args.dataloader_num_workers is not None
-        else (4 if accelerator.device.type == "cuda" else 0)
-    )
+    train_dataset = ImageCaptionDataset(load_image_caption_dataset(args, seed), tokenizer, args, seed)
+    num_workers = default_num_workers(args, accelerator)
     build_caches(train_dataset, vae, text_encoder, tokenizer, accelerator, args, num_workers)
     sampler = EpochShuffleSampler(len(train_dataset), seed)
     train_dataloader = torch.utils.data.DataLoader(
@@ -1052,25 +1107,10 @@ def main(argv=None):
         pin_memory=accelerator.device.type == "cuda",
     )
 
-    # -------------------------------------------------------------------------------- optimizer and schedule
+    # ---------------------------------------------------------------------------------- optimizer and schedule
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    if args.use_8bit_adam:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as err:
-            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes (GPU only)") from err
-        optimizer_class = bnb.optim.AdamW8bit
-    else:
-        # One fused kernel for the whole update: half the time of the foreach version on CPU, fewer launches on GPU.
-        optimizer_class = functools.partial(torch.optim.AdamW, fused=True)
-    optimizer = optimizer_class(
-        unet.parameters(),
-        lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
-        eps=args.adam_epsilon,
-    )
+    optimizer = make_optimizer(args, unet.parameters())
     unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
     # global_step counts optimizer updates; --max_train_steps is authoritative and epochs are derived from it.
     updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
@@ -1084,34 +1124,22 @@ def main(argv=None):
         num_training_steps=max_train_steps * accelerator.num_processes,
     )
     lr_scheduler = accelerator.prepare(lr_scheduler)
+    total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
 
     # ----------------------------------------------------------------------------------------------------- resume
     global_step = 0
     if resume_path is not None:
         accelerator.print(f"Resuming from {resume_path}")
         accelerator.load_state(resume_path)
-        global_step = resume_state["global_step"]
-        layout = {
-            "total_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
-            "updates_per_epoch": updates_per_epoch,
-        }
-        if any(resume_state.get(k) != v for k, v in layout.items()):
-            logger.warning(
-                f"data layout changed since the checkpoint ({ {k: resume_state.get(k) for k in layout} } -> {layout}): "
-                "the resumed run will not match an uninterrupted one"
-            )
+        global_step = resume_metadata["global_step"]
+        warn_if_batch_layout_changed(resume_metadata, run_metadata)
     first_epoch = global_step // updates_per_epoch
-    training_state = {
-        "seed": seed,
-        "total_batch_size": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
-        "updates_per_epoch": updates_per_epoch,
-    }
 
     if accelerator.is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
         tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
-    total_batch_size = training_state["total_batch_size"]
     logger.info("***** Running training *****")
     logger.info(
         f"  Examples = {len(train_dataset)}, epochs = {num_train_epochs}, updates per epoch = {updates_per_epoch}"
@@ -1146,7 +1174,8 @@ def main(argv=None):
         for batch_index, batch in enumerate(batches, start=skip):
             generator.manual_seed(derive_seed(seed, epoch, batch_index, accelerator.process_index))
             with accelerator.accumulate(unet):
-                loss = compute_loss(unet, vae, text_encoder, noise_scheduler, batch, generator, args)
+                latents, encoder_hidden_states = encode_batch(batch, vae, text_encoder, generator)
+                loss = diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator, loss_config)
                 window.add_batch(loss, args.gradient_accumulation_steps)
                 accelerator.backward(loss)
                 grad_norm = None
@@ -1176,34 +1205,15 @@ def main(argv=None):
                 logger.info(format_logs(global_step, logs))
                 progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             if is_checkpoint_step and accelerator.is_main_process:
-                save_checkpoint(accelerator, args, global_step, training_state)
+                save_checkpoint(accelerator, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
             if global_step >= max_train_steps:
                 break
 
         end_of_run = global_step >= max_train_steps
         if args.validation_prompts and (epoch + 1) % args.validation_epochs == 0 and not end_of_run:
             if accelerator.is_main_process:
-                if ema_unet is not None:  # validate what would be saved: the EMA weights
-                    ema_unet.store(unet.parameters())
-                    ema_unet.copy_to(unet.parameters())
-                pipeline = StableDiffusionPipeline.from_pretrained(
-                    args.pretrained_model_name_or_path,
-                    vae=vae,
-                    text_encoder=text_encoder,
-                    tokenizer=tokenizer,
-                    unet=accelerator.unwrap_model(unet),
-                    safety_checker=None,
-                    revision=args.revision,
-                    variant=args.variant,
-                    dtype=weight_dtype,
-                    cache_dir=args.cache_dir,
-                )
-                log_validation(
-                    pipeline, args.validation_prompts, args, accelerator, seed, global_step, "validation", weight_dtype
-                )
-                del pipeline
-                if ema_unet is not None:
-                    ema_unet.restore(unet.parameters())
+                components = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+                validate(accelerator, unet, ema_unet, components, args, seed, global_step, weight_dtype)
             accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------------------------- save
@@ -1224,20 +1234,7 @@ def main(argv=None):
         write_model_card(args, global_step, grid)
         logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
         if args.push_to_hub:
-            from huggingface_hub import create_repo, upload_folder
-
-            repo_id = create_repo(
-                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-                exist_ok=True,
-                token=args.hub_token,
-            ).repo_id
-            upload_folder(
-                repo_id=repo_id,
-                folder_path=args.output_dir,
-                commit_message="End of training",
-                ignore_patterns=["checkpoint-*", ".*", "logs/*"],
-                token=args.hub_token,
-            )
+            push_to_hub(args)
     accelerator.end_training()
 
 

@@ -18,6 +18,7 @@ After a crash or preemption, relaunch the same command with --resume_from_checkp
 
 import argparse
 import dataclasses
+import functools
 import io
 import json
 import logging
@@ -34,14 +35,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import serialization, struct
-from flax.training import train_state
+from flax.training.train_state import TrainState
 from PIL import Image
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-TRAINING_STATE = "training_state.json"  # written last into a checkpoint: its presence marks the checkpoint complete
+# Seed, step and batch layout of a checkpoint, written last into it: its presence marks the checkpoint complete.
+CHECKPOINT_METADATA = "checkpoint_metadata.json"
 INTERPOLATION_MODES = ["lanczos", "bicubic", "bilinear", "nearest", "box", "hamming"]
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine"]
 
@@ -151,6 +153,12 @@ def parse_args(argv=None):
     parser.add_argument(
         "--noise_offset", type=float, default=0.0, help="Scale of offset noise (0.1 is typical); 0 turns it off."
     )
+    parser.add_argument(
+        "--input_perturbation",
+        type=float,
+        default=0.0,
+        help="Scale of input perturbation (0.1 is recommended); 0 turns it off.",
+    )
     parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
     parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
     parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
@@ -207,22 +215,13 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
 
     if args.dataset_name is None and args.train_data_dir is None:
-        parser.error(
-            "no training data: pass --dataset_name (hub id or local dataset folder) or --train_data_dir (imagefolder)"
-        )
-    for name in [
-        "resolution",
-        "train_batch_size",
-        "gradient_accumulation_steps",
-        "checkpointing_steps",
-        "logging_steps",
-    ]:
+        parser.error("no training data: pass --dataset_name (hub id or local dataset folder) or --train_data_dir")
+    for name in "resolution train_batch_size gradient_accumulation_steps checkpointing_steps logging_steps".split():
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        parser.error(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        parser.error(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
+    for name in ["max_train_steps", "checkpoints_total_limit"]:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     return args
 
 
@@ -244,7 +243,7 @@ def list_checkpoints(output_dir):
     found = []
     for name in os.listdir(output_dir):
         match = CHECKPOINT_PATTERN.match(name)
-        if match and os.path.isfile(os.path.join(output_dir, name, TRAINING_STATE)):
+        if match and os.path.isfile(os.path.join(output_dir, name, CHECKPOINT_METADATA)):
             found.append((int(match.group(1)), os.path.join(output_dir, name)))
     return sorted(found)
 
@@ -259,13 +258,47 @@ def find_resume_checkpoint(args):
     path = args.resume_from_checkpoint
     if not os.path.isdir(path):
         path = os.path.join(args.output_dir, args.resume_from_checkpoint)
-    if not os.path.isfile(os.path.join(path, TRAINING_STATE)):
+    if not os.path.isfile(os.path.join(path, CHECKPOINT_METADATA)):
         complete = [os.path.basename(p) for _, p in list_checkpoints(args.output_dir)]
         raise FileNotFoundError(
             f"--resume_from_checkpoint {args.resume_from_checkpoint}: no complete checkpoint at {path} "
             f"(complete ones in {args.output_dir}: {complete})"
         )
     return path
+
+
+def read_checkpoint_metadata(checkpoint_path):
+    """The metadata save_checkpoint wrote into a checkpoint ({} when there is no checkpoint to resume)."""
+    if checkpoint_path is None:
+        return {}
+    with open(os.path.join(checkpoint_path, CHECKPOINT_METADATA)) as f:
+        return json.load(f)
+
+
+def choose_seed(args, resume_metadata):
+    """One seed drives every draw. Without --seed a resumed run reuses the seed its checkpoint recorded, and a new
+    run draws one (and records it in its checkpoints)."""
+    if args.seed is not None:
+        seed = args.seed
+    else:
+        seed = resume_metadata.get("seed", int(np.random.SeedSequence().generate_state(1)[0]))
+    if resume_metadata and resume_metadata["seed"] != seed:
+        logger.warning(
+            f"--seed {seed} differs from the checkpoint's seed {resume_metadata['seed']}: "
+            "the resumed run will not match an uninterrupted one"
+        )
+    return seed
+
+
+def warn_if_batch_layout_changed(resume_metadata, run_metadata):
+    """A resume is exact only with the global batch and epoch length the checkpoint was written with."""
+    keys = ("total_batch_size", "updates_per_epoch")
+    before, now = ({key: metadata.get(key) for key in keys} for metadata in (resume_metadata, run_metadata))
+    if before != now:
+        logger.warning(
+            f"batch layout changed since the checkpoint ({before} -> {now}): "
+            "the resumed run will not match an uninterrupted one"
+        )
 
 
 def load_image_caption_dataset(args, seed):
@@ -275,13 +308,9 @@ def load_image_caption_dataset(args, seed):
         looks_local = args.dataset_name.startswith(("/", "./", "../", "~")) or os.path.exists(args.dataset_name)
         if looks_local and not os.path.exists(os.path.expanduser(args.dataset_name)):
             raise FileNotFoundError(f"{source}: no such folder")
+        name = os.path.expanduser(args.dataset_name) if looks_local else args.dataset_name
         try:
-            dataset = datasets.load_dataset(
-                os.path.expanduser(args.dataset_name) if looks_local else args.dataset_name,
-                args.dataset_config_name,
-                cache_dir=args.cache_dir,
-                split="train",
-            )
+            dataset = datasets.load_dataset(name, args.dataset_config_name, cache_dir=args.cache_dir, split="train")
         except Exception as err:
             raise RuntimeError(f"{source}: could not load a 'train' split ({type(err).__name__}: {err})") from err
     else:
@@ -487,38 +516,30 @@ def enable_block_rematerialisation():
             setattr(unet_module, name, wrapped)
 
 
-def learning_rate_schedule(args, max_train_steps):
-    """The optax schedule named by --lr_scheduler, in optimizer updates."""
-    warmup = optax.linear_schedule(0.0, args.learning_rate, max(args.lr_warmup_steps, 1))
-    if args.lr_scheduler == "constant":
-        return optax.constant_schedule(args.learning_rate)
-    if args.lr_scheduler == "constant_with_warmup":
-        after = optax.constant_schedule(args.learning_rate)
-    elif args.lr_scheduler == "linear":
-        after = optax.linear_schedule(args.learning_rate, 0.0, max(max_train_steps - args.lr_warmup_steps, 1))
+def learning_rate_schedule(name, peak, warmup_steps, max_train_steps):
+    """The optax schedule --lr_scheduler names, in optimizer updates: a linear warmup to `peak` over warmup_steps
+    (except for 'constant', which ignores warmup as diffusers' get_scheduler does), then constant, linear or cosine."""
+    warmup = optax.linear_schedule(0.0, peak, max(warmup_steps, 1))
+    if name == "constant":
+        return optax.constant_schedule(peak)
+    if name == "constant_with_warmup":
+        after = optax.constant_schedule(peak)
+    elif name == "linear":
+        after = optax.linear_schedule(peak, 0.0, max(max_train_steps - warmup_steps, 1))
     else:
-        after = optax.cosine_decay_schedule(args.learning_rate, max(max_train_steps - args.lr_warmup_steps, 1))
-    return optax.join_schedules([warmup, after], [args.lr_warmup_steps])
+        after = optax.cosine_decay_schedule(peak, max(max_train_steps - warmup_steps, 1))
+    return optax.join_schedules([warmup, after], [warmup_steps])
 
 
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    prediction_type: str
-    snr_gamma: Any
-    noise_offset: float
-    scaling_factor: float
-
-
-class TrainState(train_state.TrainState):
-    """The UNet's params and optimizer state (what trains and what checkpoints hold), with the frozen models beside."""
-
-    vae_params: Any = None
-    text_encoder_params: Any = None
-    scheduler_state: Any = None
-    vae: Any = struct.field(pytree_node=False, default=None)
-    text_encoder: Any = struct.field(pytree_node=False, default=None)
-    noise_scheduler: Any = struct.field(pytree_node=False, default=None)
-    config: Any = struct.field(pytree_node=False, default=None)
+def make_optimizer(args, schedule):
+    """AdamW following `schedule`, after global-norm clipping (--max_grad_norm), applied once every
+    --gradient_accumulation_steps batches to their mean gradient (optax.MultiSteps)."""
+    optimizer = optax.adamw(
+        schedule, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon, weight_decay=args.adam_weight_decay
+    )
+    if args.max_grad_norm > 0:
+        optimizer = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optimizer)
+    return optax.MultiSteps(optimizer, every_k_schedule=args.gradient_accumulation_steps)
 
 
 class LogWindow:
@@ -558,86 +579,123 @@ def format_logs(global_step, logs):
     return f"step {global_step}: " + ", ".join(f"{key}={value:.4g}" for key, value in logs.items())
 
 
-# ----------------------------------------------------- BEGIN MATH -----------------------------------------------------
-def train_step(state, batch, rng):
-    """One batch: the denoising loss, its gradients and an optimizer step (accumulated by optax.MultiSteps). Pure:
-    every random draw comes from `rng`."""
-    config = state.config
-    sample_rng, noise_rng, offset_rng, timestep_rng = jax.random.split(rng, 4)
-    if "latents" in batch:
-        latents = batch["latents"]
-    else:
-        # The frozen VAE maps images to latents; the scaling factor brings them to roughly unit variance.
-        latent_dist = state.vae.apply(
-            {"params": state.vae_params}, batch["pixel_values"], deterministic=True, method=state.vae.encode
-        ).latent_dist
-        latents = jnp.transpose(latent_dist.sample(sample_rng), (0, 3, 1, 2)) * config.scaling_factor
-    # The frozen text encoder's last hidden state conditions the UNet through cross-attention.
-    encoder_hidden_states = state.text_encoder(batch["input_ids"], params=state.text_encoder_params, train=False)[0]
-    latents, encoder_hidden_states = jax.lax.stop_gradient((latents, encoder_hidden_states))
+@struct.dataclass
+class FrozenModels:
+    """The models that do not train. Their params are pytree leaves, so the jitted step takes them as arguments (not
+    as constants baked into the compiled program); the modules and the noise scheduler are static."""
 
+    vae_params: Any
+    text_encoder_params: Any
+    scheduler_state: Any
+    vae: Any = struct.field(pytree_node=False)
+    text_encoder: Any = struct.field(pytree_node=False)
+    noise_scheduler: Any = struct.field(pytree_node=False)
+
+
+def encode_batch(frozen, batch, rng):
+    """The batch's latents and text conditioning, from the frozen VAE and text encoder. The VAE sample is drawn from
+    `rng`."""
+    # The frozen VAE maps images to latents; the scaling factor brings them to roughly unit variance.
+    vae_variables = {"params": frozen.vae_params}
+    encoded = frozen.vae.apply(vae_variables, batch["pixel_values"], deterministic=True, method=frozen.vae.encode)
+    latents = jnp.transpose(encoded.latent_dist.sample(rng), (0, 3, 1, 2)) * frozen.vae.config.scaling_factor
+    # The frozen text encoder's last hidden state conditions the UNet through cross-attention.
+    encoder_hidden_states = frozen.text_encoder(batch["input_ids"], params=frozen.text_encoder_params, train=False)[0]
+    return jax.lax.stop_gradient((latents, encoder_hidden_states))
+
+
+# ----------------------------------------------------- BEGIN MATH -----------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """What the denoising loss depends on, built once from the flags in main(): the math reads nothing else."""
+
+    prediction_type: str  # what the UNet predicts: "epsilon" (the noise) or "v_prediction" (the velocity)
+    snr_gamma: float | None = None  # Min-SNR-gamma weighting; None weighs every timestep the same
+    noise_offset: float = 0.0  # scale of offset noise; 0 turns it off
+    input_perturbation: float = 0.0  # scale of input perturbation; 0 turns it off
+
+
+def diffusion_loss(unet, noise_scheduler, scheduler_state, latents, encoder_hidden_states, rng, config):
+    """The denoising loss of a batch of clean latents, averaged over the batch. Every random draw comes from `rng`, in
+    the PyTorch twin's order: noise, offset noise, input perturbation, timesteps."""
+    noise_rng, offset_rng, perturbation_rng, timestep_rng = jax.random.split(rng, 4)
     bsz = latents.shape[0]
     noise = jax.random.normal(noise_rng, latents.shape, latents.dtype)
     if config.noise_offset:
         # Offset noise (Guttenberg 2023, crosslabs.org/blog/diffusion-with-offset-noise): a per-channel constant
         # lets the model change the overall brightness of an image.
-        noise = noise + config.noise_offset * jax.random.normal(
-            offset_rng, (bsz, latents.shape[1], 1, 1), latents.dtype
-        )
-    timesteps = jax.random.randint(timestep_rng, (bsz,), 0, state.noise_scheduler.config.num_train_timesteps)
+        offset_shape = (bsz, latents.shape[1], 1, 1)
+        offset = jax.random.normal(offset_rng, offset_shape, latents.dtype)
+        noise = noise + config.noise_offset * offset
+    noised_with = noise
+    if config.input_perturbation:
+        # Input perturbation (Ning et al. 2023, arXiv:2301.11706): noise the input with slightly perturbed noise but
+        # keep the clean noise as target, which reduces exposure bias.
+        perturbation = jax.random.normal(perturbation_rng, latents.shape, latents.dtype)
+        noised_with = noise + config.input_perturbation * perturbation
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    timesteps = jax.random.randint(timestep_rng, (bsz,), 0, num_train_timesteps)
     # Forward diffusion: noisy_latents = sqrt(alpha_bar_t) * latents + sqrt(1 - alpha_bar_t) * noise.
-    noisy_latents = state.noise_scheduler.add_noise(state.scheduler_state, latents, noise, timesteps)
+    noisy_latents = noise_scheduler.add_noise(scheduler_state, latents, noised_with, timesteps)
 
     # The target depends on what the model predicts: the noise (epsilon) or the velocity v (Salimans & Ho 2022).
     if config.prediction_type == "epsilon":
         target = noise
     elif config.prediction_type == "v_prediction":
-        target = state.noise_scheduler.get_velocity(state.scheduler_state, latents, noise, timesteps)
+        target = noise_scheduler.get_velocity(scheduler_state, latents, noise, timesteps)
     else:
         raise ValueError(f"unsupported prediction type {config.prediction_type!r}")
 
-    def compute_loss(params):
-        model_pred = state.apply_fn(
-            {"params": params}, noisy_latents, timesteps, encoder_hidden_states, train=True
-        ).sample
-        loss = ((model_pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2).mean(
-            axis=tuple(range(1, model_pred.ndim))
-        )
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states)
+    loss = ((model_pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2).mean(
+        axis=tuple(range(1, model_pred.ndim))
+    )
 
-        if config.snr_gamma is not None:
-            # Min-SNR-gamma weighting (Hang et al. 2023, arXiv:2303.09556): weight each timestep by min(SNR, gamma)/SNR
-            # in epsilon terms. A v-prediction loss is (SNR + 1) times the epsilon loss, hence the divisor SNR + 1.
-            alphas_cumprod = state.scheduler_state.common.alphas_cumprod[timesteps].astype(jnp.float32)
-            snr = alphas_cumprod / (1.0 - alphas_cumprod)
-            divisor = snr + 1.0 if config.prediction_type == "v_prediction" else snr
-            weights = jnp.where(divisor > 0, jnp.minimum(snr, config.snr_gamma) / divisor, jnp.ones_like(snr))
-            loss = loss * weights
-        return loss.mean()
-
-    loss, grads = jax.value_and_grad(compute_loss)(state.params)
-    new_state = state.apply_gradients(grads=grads)
-    return new_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+    if config.snr_gamma is not None:
+        # Min-SNR-gamma weighting (Hang et al. 2023, arXiv:2303.09556): weight each timestep by min(SNR, gamma)/SNR
+        # in epsilon terms. A v-prediction loss is (SNR + 1) times the epsilon loss, hence the divisor SNR + 1.
+        alphas_cumprod = scheduler_state.common.alphas_cumprod[timesteps].astype(jnp.float32)
+        snr = alphas_cumprod / (1.0 - alphas_cumprod)
+        divisor = snr + 1.0 if config.prediction_type == "v_prediction" else snr
+        weights = jnp.where(divisor > 0, jnp.minimum(snr, config.snr_gamma) / divisor, jnp.ones_like(snr))
+        loss = loss * weights
+    return loss.mean()
 
 
 # ------------------------------------------------------ END MATH ------------------------------------------------------
 
 
-def checkpoint_payload(state):
-    """What a checkpoint holds of the train state: the trained params, the optimizer state and the step."""
-    return {"params": state.params, "opt_state": state.opt_state, "step": state.step}
+def train_step(state, frozen, batch, rng, config):
+    """One batch: encode, the denoising loss and its gradients, an optimizer step (accumulated by optax.MultiSteps).
+    Pure: every random draw comes from `rng`."""
+    sample_rng, loss_rng = jax.random.split(rng)
+    latents, encoder_hidden_states = encode_batch(frozen, batch, sample_rng)
+
+    def loss_fn(params):
+        def unet(noisy_latents, timesteps, encoder_hidden_states):
+            variables = {"params": params}
+            return state.apply_fn(variables, noisy_latents, timesteps, encoder_hidden_states, train=True).sample
+
+        return diffusion_loss(
+            unet, frozen.noise_scheduler, frozen.scheduler_state, latents, encoder_hidden_states, loss_rng, config
+        )
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads=grads), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
-def save_checkpoint(state, args, global_step, training_state):
+def save_checkpoint(state, output_dir, global_step, run_metadata, total_limit=None):
     """Write checkpoint-N crash-safely: into a hidden temporary folder first, renamed into place only when complete;
-    older checkpoints are pruned only after that. Main process only."""
-    final_path = os.path.join(args.output_dir, f"checkpoint-{global_step}")
-    partial_path = os.path.join(args.output_dir, f".checkpoint-{global_step}.partial")
+    then keep the newest `total_limit` checkpoints (--checkpoints_total_limit). Main process only. The train state
+    file holds what trains: the step, the trained params and the optimizer state."""
+    final_path = os.path.join(output_dir, f"checkpoint-{global_step}")
+    partial_path = os.path.join(output_dir, f".checkpoint-{global_step}.partial")
     shutil.rmtree(partial_path, ignore_errors=True)
     os.makedirs(partial_path)
     with open(os.path.join(partial_path, "train_state.msgpack"), "wb") as f:
-        f.write(serialization.to_bytes(jax.device_get(checkpoint_payload(state))))
-    with open(os.path.join(partial_path, TRAINING_STATE), "w") as f:
-        json.dump({**training_state, "global_step": global_step}, f, indent=2)
+        f.write(serialization.to_bytes(jax.device_get(state)))
+    with open(os.path.join(partial_path, CHECKPOINT_METADATA), "w") as f:
+        json.dump({**run_metadata, "global_step": global_step}, f, indent=2)
     if os.path.exists(final_path):  # left by an earlier run that got past this step; the new one replaces it
         stale_path = final_path + ".stale"
         os.rename(final_path, stale_path)
@@ -646,10 +704,26 @@ def save_checkpoint(state, args, global_step, training_state):
     else:
         os.rename(partial_path, final_path)
     logger.info(f"Saved {final_path}")
-    if args.checkpoints_total_limit is not None:
-        for _, path in list_checkpoints(args.output_dir)[: -args.checkpoints_total_limit]:
-            logger.info(f"Deleting {path} (--checkpoints_total_limit {args.checkpoints_total_limit})")
+    if total_limit is not None:
+        for _, path in list_checkpoints(output_dir)[:-total_limit]:
+            logger.info(f"Deleting {path} (--checkpoints_total_limit {total_limit})")
             shutil.rmtree(path)
+
+
+def restore_train_state(state, checkpoint_path):
+    """`state` with the step, params and optimizer state saved in a checkpoint."""
+    with open(os.path.join(checkpoint_path, "train_state.msgpack"), "rb") as f:
+        return serialization.from_bytes(state, f.read())
+
+
+def swap_in_pipeline(partial, output_dir):
+    """Move a complete pipeline written to the folder `partial` into output_dir, one component at a time."""
+    for name in os.listdir(partial):
+        target = os.path.join(output_dir, name)
+        if os.path.isdir(target):
+            shutil.rmtree(target)
+        os.replace(os.path.join(partial, name), target)
+    os.rmdir(partial)
 
 
 def save_pipeline(unet_params, folder, args):
@@ -681,12 +755,23 @@ def save_pipeline(unet_params, folder, args):
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
     unet = load_flax_weights_in_pytorch_model(unet, jax.tree_util.tree_map(np.array, jax.device_get(unet_params)))
     unet.to(torch.float32).save_pretrained(os.path.join(partial, "unet"), safe_serialization=True)
-    for name in os.listdir(partial):
-        target = os.path.join(args.output_dir, name)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(partial, name), target)
-    os.rmdir(partial)
+    swap_in_pipeline(partial, args.output_dir)
+
+
+def push_to_hub(args):
+    """Upload output_dir, without checkpoints, hidden temporary folders and tracker logs."""
+    from huggingface_hub import create_repo, upload_folder
+
+    name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+    repo_id = create_repo(name, exist_ok=True, token=args.hub_token).repo_id
+    ignore = ["checkpoint-*", ".*", "logs/*"]
+    upload_folder(
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        commit_message="End of training",
+        ignore_patterns=ignore,
+        token=args.hub_token,
+    )
 
 
 def main(argv=None):
@@ -702,18 +787,8 @@ def main(argv=None):
     if not is_main_process:
         logger.setLevel(logging.ERROR)
     resume_path = find_resume_checkpoint(args)
-    resume_state = json.load(open(os.path.join(resume_path, TRAINING_STATE))) if resume_path else {}
-    # One seed drives everything; without --seed a resumed run must reuse the one its checkpoint recorded.
-    seed = (
-        args.seed
-        if args.seed is not None
-        else resume_state.get("seed", int(np.random.SeedSequence().generate_state(1)[0]))
-    )
-    if resume_state and resume_state["seed"] != seed:
-        logger.warning(
-            f"--seed {seed} differs from the checkpoint's seed {resume_state['seed']}: "
-            "the resumed run will not match an uninterrupted one"
-        )
+    resume_metadata = read_checkpoint_metadata(resume_path)
+    seed = choose_seed(args, resume_metadata)
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -731,11 +806,23 @@ def main(argv=None):
         enable_block_rematerialisation()
     unet, unet_params = load_flax_model(FlaxUNet2DConditionModel, folder, "unet", args.variant, weight_dtype)
     noise_scheduler, scheduler_state = FlaxDDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
+    frozen = FrozenModels(
+        vae_params=vae_params,
+        text_encoder_params=text_encoder.params,
+        scheduler_state=scheduler_state,
+        vae=vae,
+        text_encoder=text_encoder,
+        noise_scheduler=noise_scheduler,
+    )
+    loss_config = LossConfig(
+        prediction_type=args.prediction_type or noise_scheduler.config.prediction_type,
+        snr_gamma=args.snr_gamma,
+        noise_offset=args.noise_offset,
+        input_perturbation=args.input_perturbation,
+    )
 
     # ------------------------------------------------------------------------------------------------------- data
-    rows = load_image_caption_dataset(args, seed)
-    train_dataset = ImageCaptionDataset(rows, tokenizer, args, seed)
+    train_dataset = ImageCaptionDataset(load_image_caption_dataset(args, seed), tokenizer, args, seed)
     global_batch_size = args.train_batch_size * jax.device_count()
     batches_per_epoch = len(train_dataset) // global_batch_size
     if batches_per_epoch < args.gradient_accumulation_steps:
@@ -745,57 +832,27 @@ def main(argv=None):
             f"one update needs {args.gradient_accumulation_steps}"
         )
 
-    # -------------------------------------------------------------------------------- optimizer and schedule
+    # ---------------------------------------------------------------------------------- optimizer and schedule
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * global_batch_size
     # global_step counts optimizer updates; --max_train_steps is authoritative and epochs are derived from it.
     updates_per_epoch = batches_per_epoch // args.gradient_accumulation_steps
     max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
-    schedule = learning_rate_schedule(args, max_train_steps)
-    optimizer = optax.adamw(
-        schedule, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon, weight_decay=args.adam_weight_decay
-    )
-    if args.max_grad_norm > 0:
-        optimizer = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optimizer)
-    optimizer = optax.MultiSteps(optimizer, every_k_schedule=args.gradient_accumulation_steps)
-    state = TrainState.create(
-        apply_fn=unet.apply,
-        params=unet_params,
-        tx=optimizer,
-        vae_params=vae_params,
-        text_encoder_params=text_encoder.params,
-        scheduler_state=scheduler_state,
-        vae=vae,
-        text_encoder=text_encoder,
-        noise_scheduler=noise_scheduler,
-        config=LossConfig(prediction_type, args.snr_gamma, args.noise_offset, vae.config.scaling_factor),
-    )
+    schedule = learning_rate_schedule(args.lr_scheduler, args.learning_rate, args.lr_warmup_steps, max_train_steps)
+    state = TrainState.create(apply_fn=unet.apply, params=unet_params, tx=make_optimizer(args, schedule))
+    total_batch_size = global_batch_size * args.gradient_accumulation_steps
+    run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
 
     # ----------------------------------------------------------------------------------------------------- resume
     global_step = 0
     if resume_path is not None:
         logger.info(f"Resuming from {resume_path}")
-        with open(os.path.join(resume_path, "train_state.msgpack"), "rb") as f:
-            restored = serialization.from_bytes(checkpoint_payload(state), f.read())
-        state = state.replace(**restored)
-        global_step = resume_state["global_step"]
-        layout = {
-            "total_batch_size": global_batch_size * args.gradient_accumulation_steps,
-            "updates_per_epoch": updates_per_epoch,
-        }
-        if any(resume_state.get(k) != v for k, v in layout.items()):
-            logger.warning(
-                f"data layout changed since the checkpoint ({ {k: resume_state.get(k) for k in layout} } -> {layout}): "
-                "the resumed run will not match an uninterrupted one"
-            )
-    state = jax.device_put(state, replicated)
+        state = restore_train_state(state, resume_path)
+        global_step = resume_metadata["global_step"]
+        warn_if_batch_layout_changed(resume_metadata, run_metadata)
+    state, frozen = jax.device_put((state, frozen), replicated)
     first_epoch = global_step // updates_per_epoch
-    training_state = {
-        "seed": seed,
-        "total_batch_size": global_batch_size * args.gradient_accumulation_steps,
-        "updates_per_epoch": updates_per_epoch,
-    }
     if is_main_process:
         os.makedirs(args.output_dir, exist_ok=True)
     logger.info("***** Running training *****")
@@ -804,7 +861,7 @@ def main(argv=None):
     )
     logger.info(
         f"  Batch per device = {args.train_batch_size}, devices = {jax.device_count()}, "
-        f"accumulation = {args.gradient_accumulation_steps}, total batch = {training_state['total_batch_size']}"
+        f"accumulation = {args.gradient_accumulation_steps}, total batch = {total_batch_size}"
     )
     logger.info(f"  Optimizer updates = {max_train_steps}, starting at {global_step}, seed = {seed}")
     if global_step >= max_train_steps:
@@ -813,12 +870,12 @@ def main(argv=None):
         )
 
     # ------------------------------------------------------------------------------------------------- train loop
-    step_fn = jax.jit(train_step, donate_argnums=(0,))
+    step_fn = jax.jit(functools.partial(train_step, config=loss_config), donate_argnums=(0,))
     base_rng = jax.random.PRNGKey(seed % (2**31))
     progress_bar = tqdm(
         range(max_train_steps), initial=min(global_step, max_train_steps), desc="Steps", disable=not is_main_process
     )
-    window = LogWindow(global_batch_size * args.gradient_accumulation_steps, global_step)
+    window = LogWindow(total_batch_size, global_step)
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
             break
@@ -830,7 +887,7 @@ def main(argv=None):
                 break  # the last batches that cannot fill an accumulation group
             batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
             rng = jax.random.fold_in(jax.random.fold_in(base_rng, epoch), batch_index)
-            state, metrics = step_fn(state, batch, rng)
+            state, metrics = step_fn(state, frozen, batch, rng)
             if (batch_index + 1) % args.gradient_accumulation_steps:
                 continue
 
@@ -844,8 +901,8 @@ def main(argv=None):
                 logs = window.read(global_step, epoch, float(schedule(global_step - 1)))
                 logger.info(format_logs(global_step, logs))
                 progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-            if global_step % args.checkpointing_steps == 0 and is_main_process:
-                save_checkpoint(state, args, global_step, training_state)
+            if is_checkpoint_step and is_main_process:
+                save_checkpoint(state, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
             if global_step >= max_train_steps:
                 break
 
@@ -854,20 +911,7 @@ def main(argv=None):
         save_pipeline(state.params, folder, args)
         logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
         if args.push_to_hub:
-            from huggingface_hub import create_repo, upload_folder
-
-            repo_id = create_repo(
-                args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)),
-                exist_ok=True,
-                token=args.hub_token,
-            ).repo_id
-            upload_folder(
-                repo_id=repo_id,
-                folder_path=args.output_dir,
-                commit_message="End of training",
-                ignore_patterns=["checkpoint-*", ".*"],
-                token=args.hub_token,
-            )
+            push_to_hub(args)
 
 
 if __name__ == "__main__":

@@ -49,11 +49,11 @@ def load_pipeline(args):
     return pipeline
 
 
-def cases(args):
-    """(prompt, expected color, expected shape) to sample."""
-    if args.token:
-        color, shape = args.expect
-        return [(f"a {args.token}", color, shape), (f"a photo of a {args.token}", color, shape)]
+def cases(token=None, expect=None):
+    """(prompt, expected color, expected shape) to sample: every color x shape, or the token's two prompts."""
+    if token:
+        color, shape = expect
+        return [(f"a {token}", color, shape), (f"a photo of a {token}", color, shape)]
     return [(f"a {color} {shape}", color, shape) for color in shapes.COLORS for shape in shapes.SHAPES]
 
 
@@ -95,7 +95,9 @@ def main_scores(argv=None):
     """Sample, score and (with --grid) save the grid; the figures as a dict."""
     args = parse_args(argv)
     pipeline = load_pipeline(args)
-    rows, color_accuracy, shape_accuracy = evaluate(pipeline, cases(args), args.seeds, args.steps, args.guidance_scale)
+    rows, color_accuracy, shape_accuracy = evaluate(
+        pipeline, cases(args.token, args.expect), args.seeds, args.steps, args.guidance_scale
+    )
     if args.grid:
         save_grid(rows, args.grid)
     return {

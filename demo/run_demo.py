@@ -112,7 +112,7 @@ def steps_to_thresholds(pipeline, run_dir, seeds):
         (n for n in os.listdir(run_dir) if n.startswith("checkpoint-")), key=lambda n: int(n.split("-")[1])
     ):
         pipeline.unet = UNet2DConditionModel.from_pretrained(os.path.join(run_dir, name, "unet")).to(torch.float32)
-        _, color, shape = evaluate.evaluate(pipeline, evaluate.cases(argparse.Namespace(token=None)), seeds, 25, 5.0)
+        _, color, shape = evaluate.evaluate(pipeline, evaluate.cases(), seeds, 25, 5.0)
         history.append(
             {"step": int(name.split("-")[1]), "color_accuracy": round(color, 4), "shape_accuracy": round(shape, 4)}
         )

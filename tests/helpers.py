@@ -1,4 +1,4 @@
-"""Assertion helpers shared by the test files."""
+"""Helpers shared by the test files: command lines, and assertions on saved files."""
 
 import os
 

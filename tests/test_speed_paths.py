@@ -11,6 +11,7 @@ from helpers import checkpoint_names, load_state_dict, max_abs_diff
 
 import textual_inversion
 import train_text_to_image
+from devkit.command_line import command_line
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,22 +36,9 @@ def test_text_to_image_caches_equal_encoding_in_the_loop(assets):
     """Every (epoch, row) sample of the cached dataset holds the VAE distribution and text-encoder output that the
     uncached sample encodes to: same flip, same caption drawn from each row's list."""
     tokenizer, text_encoder, vae = load_frozen_models(assets["pipeline"])
-    args = train_text_to_image.parse_args(
-        [
-            "--pretrained_model_name_or_path",
-            assets["pipeline"],
-            "--train_data_dir",
-            assets["images_lists"],
-            "--resolution",
-            "64",
-            "--center_crop",
-            "--random_flip",
-            "--cache_latents",
-            "--cache_text_embeddings",
-            "--train_batch_size",
-            "3",
-        ]
-    )
+    paths = ["--pretrained_model_name_or_path", assets["pipeline"], "--train_data_dir", assets["images_lists"]]
+    flags = "--resolution 64 --center_crop --random_flip --cache_latents --cache_text_embeddings --train_batch_size 3"
+    args = train_text_to_image.parse_args(command_line(*paths, flags))
     rows = train_text_to_image.load_image_caption_dataset(args, 7)
     plain = train_text_to_image.ImageCaptionDataset(rows, tokenizer, args, 7)
     cached = train_text_to_image.ImageCaptionDataset(rows, tokenizer, args, 7)
@@ -77,25 +65,9 @@ def test_textual_inversion_cache_equals_encoding_in_the_loop(assets, tmp_path):
 
     concept = tiny_sd.write_concept_folder(str(tmp_path / "concept"), num_images=3, size=72)
     tokenizer, _, vae = load_frozen_models(assets["pipeline"])
-    args = textual_inversion.parse_args(
-        [
-            "--pretrained_model_name_or_path",
-            assets["pipeline"],
-            "--train_data_dir",
-            concept,
-            "--placeholder_token",
-            "<t>",
-            "--initializer_token",
-            "toy",
-            "--resolution",
-            "64",
-            "--repeats",
-            "4",
-            "--train_batch_size",
-            "4",
-            "--cache_latents",
-        ]
-    )
+    paths = ["--pretrained_model_name_or_path", assets["pipeline"], "--train_data_dir", concept]
+    flags = "--placeholder_token <t> --initializer_token toy --resolution 64 --repeats 4 --train_batch_size 4"
+    args = textual_inversion.parse_args(command_line(*paths, flags, "--cache_latents"))
     paths = textual_inversion.find_example_images(concept)
     plain = textual_inversion.TextualInversionDataset(paths, tokenizer, "<t>", args, 5)
     cached = textual_inversion.TextualInversionDataset(paths, tokenizer, "<t>", args, 5)
@@ -127,31 +99,11 @@ def test_cached_training_logs_the_same_losses_in_windows(launch, assets, tmp_pat
     the last step, which also read the loss back); the cached run loads its caches in two dataloader workers."""
     from test_train_text_to_image import SCRIPT, base_args
 
-    common = [
-        "--max_train_steps",
-        7,
-        "--checkpointing_steps",
-        5,
-        "--logging_steps",
-        3,
-        "--center_crop",
-        "--random_flip",
-    ]
+    common = "--max_train_steps 7 --checkpointing_steps 5 --logging_steps 3 --center_crop --random_flip"
     plain, cached = str(tmp_path / "plain"), str(tmp_path / "cached")
-    launch.accelerate(SCRIPT, base_args(assets, plain, *common, data="images_lists"))
-    result = launch.accelerate(
-        SCRIPT,
-        base_args(
-            assets,
-            cached,
-            *common,
-            "--cache_latents",
-            "--cache_text_embeddings",
-            "--dataloader_num_workers",
-            2,
-            data="images_lists",
-        ),
-    )
+    launch.accelerate(SCRIPT, base_args(assets, plain, common, data="images_lists"))
+    caches = "--cache_latents --cache_text_embeddings --dataloader_num_workers 2"
+    result = launch.accelerate(SCRIPT, base_args(assets, cached, common, caches, data="images_lists"))
     assert "Cached latents: (10, 2, 8, 8, 8)" in result.output and "Cached text embeddings: (" in result.output
     assert "step 3: loss=" in result.output and "images_per_second=" in result.output
     plain_losses, cached_losses = tensorboard_losses(plain), tensorboard_losses(cached)
@@ -168,9 +120,7 @@ def test_torch_compile_saves_plain_loadable_models(launch, assets, tmp_path):
     from test_train_text_to_image import SCRIPT, base_args
 
     out = str(tmp_path / "run")
-    launch.accelerate(
-        SCRIPT, base_args(assets, out, "--max_train_steps", 2, "--checkpointing_steps", 2, "--torch_compile")
-    )
+    launch.accelerate(SCRIPT, base_args(assets, out, "--max_train_steps 2 --checkpointing_steps 2 --torch_compile"))
     reference = load_state_dict(os.path.join(assets["pipeline"], "unet"))
     for folder in ["unet", "checkpoint-2/unet"]:
         trained = load_state_dict(os.path.join(out, folder))

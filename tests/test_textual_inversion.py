@@ -11,79 +11,45 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import textual_inversion
+from devkit import tiny_sd
+from devkit.command_line import command_line
 
 SCRIPT = "textual_inversion.py"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 REFERENCE_FLAGS = """
 --save_steps --save_as_full_pipeline --num_vectors --pretrained_model_name_or_path --revision --variant
---tokenizer_name --train_data_dir --placeholder_token --initializer_token --learnable_property --repeats
---output_dir --seed --resolution --center_crop --train_batch_size --num_train_epochs --max_train_steps
---gradient_accumulation_steps --gradient_checkpointing --learning_rate --scale_lr --lr_scheduler
---lr_warmup_steps --lr_num_cycles --dataloader_num_workers --adam_beta1 --adam_beta2 --adam_weight_decay
---adam_epsilon --push_to_hub --hub_token --hub_model_id --logging_dir --mixed_precision --allow_tf32 --report_to
---validation_prompt --num_validation_images --validation_steps --validation_epochs --local_rank
---checkpointing_steps --checkpoints_total_limit --resume_from_checkpoint
---enable_xformers_memory_efficient_attention --no_safe_serialization
-""".split()
-BEYOND_REFERENCE = {
-    "--snr_gamma",
-    "--prediction_type",
-    "--max_grad_norm",
-    "--cache_latents",
-    "--torch_compile",
-    "--logging_steps",
-}
+--tokenizer_name --train_data_dir --placeholder_token --initializer_token --learnable_property --repeats --output_dir
+--seed --resolution --center_crop --train_batch_size --num_train_epochs --max_train_steps --gradient_accumulation_steps
+--gradient_checkpointing --learning_rate --scale_lr --lr_scheduler --lr_warmup_steps --lr_num_cycles
+--dataloader_num_workers --adam_beta1 --adam_beta2 --adam_weight_decay --adam_epsilon --push_to_hub --hub_token
+--hub_model_id --logging_dir --mixed_precision --allow_tf32 --report_to --validation_prompt --num_validation_images
+--validation_steps --validation_epochs --local_rank --checkpointing_steps --checkpoints_total_limit
+--resume_from_checkpoint --enable_xformers_memory_efficient_attention --no_safe_serialization""".split()
+BEYOND_REFERENCE = {"--snr_gamma", "--prediction_type", "--max_grad_norm", "--cache_latents", "--torch_compile"}
+BEYOND_REFERENCE |= {"--logging_steps", "--cache_dir"}
 
 
 @pytest.fixture(scope="module")
 def concept(assets, tmp_path_factory):
-    from devkit import tiny_sd
-
     return tiny_sd.write_concept_folder(str(tmp_path_factory.mktemp("concept")), num_images=4, size=72)
 
 
 def base_args(assets, concept, output_dir, *extra):
-    return [
+    """The tiny run's command line; `extra` are more flags, written as on a shell command line."""
+    paths = [
         "--pretrained_model_name_or_path",
         assets["pipeline"],
         "--train_data_dir",
         concept,
-        "--placeholder_token",
-        "<blob>",
-        "--initializer_token",
-        "circle",
-        "--resolution",
-        64,
-        "--repeats",
-        3,
-        "--train_batch_size",
-        2,
-        "--learning_rate",
-        5e-2,
-        "--lr_warmup_steps",
-        0,
-        "--seed",
-        5,
         "--output_dir",
         output_dir,
-        *extra,
     ]
+    token = "--placeholder_token <blob> --initializer_token circle --resolution 64 --repeats 3 --train_batch_size 2"
+    return command_line(*paths, token, "--learning_rate 5e-2 --lr_warmup_steps 0 --seed 5", *extra)
 
 
 def test_every_reference_flag_exists():
-    args = textual_inversion.parse_args(
-        [
-            "--pretrained_model_name_or_path",
-            "x",
-            "--train_data_dir",
-            "y",
-            "--placeholder_token",
-            "<t>",
-            "--initializer_token",
-            "toy",
-        ]
-    )
+    required = "--pretrained_model_name_or_path x --train_data_dir y --placeholder_token <t> --initializer_token toy"
+    args = textual_inversion.parse_args(required.split())
     flags = {"--" + name for name in vars(args)}
     assert set(REFERENCE_FLAGS) - flags == set()
     assert BEYOND_REFERENCE <= flags
@@ -92,28 +58,9 @@ def test_every_reference_flag_exists():
 
 def test_embeddings_load_in_diffusers_and_generate(launch, assets, concept, tmp_path):
     out = str(tmp_path / "run")
-    launch.accelerate(
-        SCRIPT,
-        base_args(
-            assets,
-            concept,
-            out,
-            "--num_vectors",
-            3,
-            "--max_train_steps",
-            6,
-            "--save_steps",
-            2,
-            "--checkpointing_steps",
-            100,
-            "--validation_prompt",
-            "a <blob> on a table",
-            "--num_validation_images",
-            2,
-            "--validation_steps",
-            4,
-        ),
-    )
+    flags = "--num_vectors 3 --max_train_steps 6 --save_steps 2 --checkpointing_steps 100"
+    validation = "--validation_prompt 'a <blob> on a table' --num_validation_images 2 --validation_steps 4"
+    launch.accelerate(SCRIPT, base_args(assets, concept, out, flags, validation))
     embeds = load_file(os.path.join(out, "learned_embeds.safetensors"))
     assert list(embeds) == ["<blob>"] and embeds["<blob>"].shape == (3, 32) and embeds["<blob>"].dtype == torch.float32
     assert sorted(n for n in os.listdir(out) if n.startswith("learned_embeds-steps-")) == [
@@ -148,25 +95,8 @@ def test_only_the_new_rows_change(launch, assets, concept, tmp_path):
     """With a huge learning rate and weight decay, every pre-existing embedding row and every other weight of the text
     encoder, UNet and VAE stays bit-identical; the new rows move away from the initializer."""
     out = str(tmp_path / "run")
-    launch.accelerate(
-        SCRIPT,
-        base_args(
-            assets,
-            concept,
-            out,
-            "--num_vectors",
-            2,
-            "--max_train_steps",
-            4,
-            "--learning_rate",
-            10.0,
-            "--adam_weight_decay",
-            0.5,
-            "--save_as_full_pipeline",
-            "--checkpointing_steps",
-            100,
-        ),
-    )
+    flags = "--num_vectors 2 --max_train_steps 4 --learning_rate 10.0 --adam_weight_decay 0.5 --save_as_full_pipeline"
+    launch.accelerate(SCRIPT, base_args(assets, concept, out, flags, "--checkpointing_steps 100"))
     from transformers import CLIPTextModel, CLIPTokenizer
 
     assert all(k.startswith("text_model.") for k in load_file(os.path.join(out, "text_encoder", "model.safetensors")))
@@ -199,30 +129,15 @@ def test_only_the_new_rows_change(launch, assets, concept, tmp_path):
     pipe("a <blob>", num_inference_steps=2, height=64, width=64)
 
 
-EXACT = [
-    "--num_vectors",
-    2,
-    "--max_train_steps",
-    8,
-    "--checkpointing_steps",
-    2,
-    "--checkpoints_total_limit",
-    3,
-    "--gradient_accumulation_steps",
-    2,
-    "--lr_scheduler",
-    "cosine",
-    "--lr_warmup_steps",
-    2,
-    "--snr_gamma",
-    5.0,
-    "--center_crop",
-]
+EXACT = (
+    "--num_vectors 2 --max_train_steps 8 --checkpointing_steps 2 --checkpoints_total_limit 3"
+    " --gradient_accumulation_steps 2 --lr_scheduler cosine --lr_warmup_steps 2 --snr_gamma 5.0 --center_crop"
+)
 
 
 def test_checkpoints_and_exact_resume(launch, assets, concept, tmp_path):
     full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
-    launch.accelerate(SCRIPT, base_args(assets, concept, full, *EXACT))
+    launch.accelerate(SCRIPT, base_args(assets, concept, full, EXACT))
     # 4 images x 3 repeats / (batch 2 x accumulation 2) = 3 updates per epoch; checkpoints every 2, the last 3 kept.
     assert checkpoint_names(full) == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
     checkpoint = os.listdir(os.path.join(full, "checkpoint-4"))
@@ -230,53 +145,25 @@ def test_checkpoints_and_exact_resume(launch, assets, concept, tmp_path):
     # A run stopped after step 4 (mid-epoch 1) and resumed.
     os.makedirs(resumed)
     shutil.copytree(os.path.join(full, "checkpoint-4"), os.path.join(resumed, "checkpoint-4"))
-    result = launch.accelerate(
-        SCRIPT, base_args(assets, concept, resumed, *EXACT, "--resume_from_checkpoint", "latest")
-    )
+    result = launch.accelerate(SCRIPT, base_args(assets, concept, resumed, EXACT, "--resume_from_checkpoint latest"))
     assert "starting at 4" in result.output
     assert checkpoint_names(resumed) == ["checkpoint-4", "checkpoint-6", "checkpoint-8"]
     a = load_file(os.path.join(full, "learned_embeds.safetensors"))["<blob>"]
     b = load_file(os.path.join(resumed, "learned_embeds.safetensors"))["<blob>"]
     assert (a - b).abs().max() <= 1e-6
 
-    result = launch.accelerate(
-        SCRIPT, base_args(assets, concept, resumed, *EXACT, "--resume_from_checkpoint", "latest")
-    )
+    result = launch.accelerate(SCRIPT, base_args(assets, concept, resumed, EXACT, "--resume_from_checkpoint latest"))
     assert "nothing to train" in result.output
 
 
 def test_min_snr_v_prediction_bf16_gradient_checkpointing_and_bin(launch, assets, concept, tmp_path):
     out = str(tmp_path / "run")
-    launch.accelerate(
-        SCRIPT,
-        base_args(
-            assets,
-            concept,
-            out,
-            "--max_train_steps",
-            3,
-            "--snr_gamma",
-            5.0,
-            "--prediction_type",
-            "v_prediction",
-            "--mixed_precision",
-            "bf16",
-            "--gradient_checkpointing",
-            "--no_safe_serialization",
-            "--max_grad_norm",
-            1.0,
-            "--learnable_property",
-            "style",
-            "--validation_prompt",
-            "a painting in the style of <blob>",
-            "--num_validation_images",
-            1,
-            "--validation_steps",
-            2,
-            "--checkpointing_steps",
-            100,
-        ),
+    flags = "--max_train_steps 3 --snr_gamma 5.0 --prediction_type v_prediction --mixed_precision bf16"
+    more = "--gradient_checkpointing --no_safe_serialization --max_grad_norm 1.0 --learnable_property style"
+    validation = (
+        "--validation_prompt 'a painting in the style of <blob>' --num_validation_images 1 --validation_steps 2"
     )
+    launch.accelerate(SCRIPT, base_args(assets, concept, out, flags, more, validation, "--checkpointing_steps 100"))
     embeds = torch.load(os.path.join(out, "learned_embeds.bin"))
     assert list(embeds) == ["<blob>"] and embeds["<blob>"].shape == (1, 32) and torch.isfinite(embeds["<blob>"]).all()
     assert sorted(os.listdir(os.path.join(out, "validation"))) == [
@@ -292,21 +179,8 @@ def test_min_snr_v_prediction_bf16_gradient_checkpointing_and_bin(launch, assets
 
 def test_two_processes(launch, assets, concept, tmp_path):
     out = str(tmp_path / "run")
-    result = launch.torchrun(
-        SCRIPT,
-        base_args(
-            assets,
-            concept,
-            out,
-            "--max_train_steps",
-            3,
-            "--checkpointing_steps",
-            2,
-            "--save_steps",
-            2,
-            "--cache_latents",
-        ),
-    )
+    flags = "--max_train_steps 3 --checkpointing_steps 2 --save_steps 2 --cache_latents"
+    result = launch.torchrun(SCRIPT, base_args(assets, concept, out, flags))
     assert "processes = 2" in result.output and "total batch = 4" in result.output
     assert "Cached latents: (4, 2, 8, 8, 8)" in result.output  # encoded half by each process, gathered by both
     assert checkpoint_names(out) == ["checkpoint-2"]
@@ -368,7 +242,7 @@ def test_clear_errors_write_nothing(launch, assets, concept, tmp_path, case):
     out.mkdir()
     (out / "learned_embeds.safetensors").write_bytes(b"embeddings of an earlier run")
     before = tree_snapshot(str(out))
-    args = base_args(assets, concept, str(out), "--max_train_steps", 2)
+    args = base_args(assets, concept, str(out), "--max_train_steps 2")
     overrides = make_args(tmp_path, concept)
     for flag, value in zip(overrides[::2], overrides[1::2], strict=True):
         index = args.index(flag)
@@ -378,42 +252,3 @@ def test_clear_errors_write_nothing(launch, assets, concept, tmp_path, case):
     for text in expected:
         assert text in result.output, f"expected {text!r} in:\n{result.output[-3000:]}"
     assert tree_snapshot(str(out)) == before, "a failed run wrote into the output folder"
-
-
-def test_shared_helpers_do_not_drift():
-    """The helpers both PyTorch scripts carry (each script stands alone) stay identical."""
-    import inspect
-
-    import train_text_to_image
-
-    for name in [
-        "derive_seed",
-        "list_checkpoints",
-        "find_resume_checkpoint",
-        "EpochShuffleSampler",
-        "collate",
-        "encode_once",
-        "LogWindow",
-        "format_logs",
-        "save_checkpoint",
-        "render_validation_images",
-        "log_validation",
-        "write_hub_style_text_encoder",
-    ]:
-        assert inspect.getsource(getattr(textual_inversion, name)) == inspect.getsource(
-            getattr(train_text_to_image, name)
-        ), name
-    # compute_loss: the textual inversion version is the same recipe without the UNet-only extras.
-    ti_lines = [
-        line.strip()
-        for line in inspect.getsource(textual_inversion.compute_loss).splitlines()
-        if line.strip().startswith("#")
-    ]
-    t2i_lines = [
-        line.strip()
-        for line in inspect.getsource(train_text_to_image.compute_loss).splitlines()
-        if line.strip().startswith("#")
-    ]
-    assert set(ti_lines) - set(t2i_lines) == {
-        "# The text encoder runs with gradients: they reach the new token embedding rows and nothing else."
-    }

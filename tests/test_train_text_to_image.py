@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import types
 
 import numpy as np
 import pytest
@@ -12,47 +11,31 @@ from helpers import checkpoint_names, load_state_dict, max_abs_diff, tree_snapsh
 from PIL import Image
 
 import train_text_to_image
+from devkit.command_line import command_line
 
 SCRIPT = "train_text_to_image.py"
-
 REFERENCE_FLAGS = """
 --pretrained_model_name_or_path --revision --variant --dataset_name --dataset_config_name --train_data_dir
---image_column --caption_column --max_train_samples --validation_prompts --output_dir --cache_dir --seed
---resolution --center_crop --random_flip --train_batch_size --num_train_epochs --max_train_steps
---gradient_accumulation_steps --gradient_checkpointing --learning_rate --scale_lr --lr_scheduler
---lr_warmup_steps --snr_gamma --dream_training --dream_detail_preservation --use_8bit_adam --allow_tf32
---use_ema --offload_ema --foreach_ema --non_ema_revision --dataloader_num_workers --adam_beta1 --adam_beta2
---adam_weight_decay --adam_epsilon --max_grad_norm --push_to_hub --hub_token --prediction_type --hub_model_id
---logging_dir --mixed_precision --report_to --local_rank --checkpointing_steps --checkpoints_total_limit
---resume_from_checkpoint --enable_xformers_memory_efficient_attention --noise_offset --input_perturbation
---validation_epochs --tracker_project_name --image_interpolation_mode
+--image_column --caption_column --max_train_samples --validation_prompts --output_dir --cache_dir --seed --resolution
+--center_crop --random_flip --train_batch_size --num_train_epochs --max_train_steps --gradient_accumulation_steps
+--gradient_checkpointing --learning_rate --scale_lr --lr_scheduler --lr_warmup_steps --snr_gamma --dream_training
+--dream_detail_preservation --use_8bit_adam --allow_tf32 --use_ema --offload_ema --foreach_ema --non_ema_revision
+--dataloader_num_workers --adam_beta1 --adam_beta2 --adam_weight_decay --adam_epsilon --max_grad_norm --push_to_hub
+--hub_token --prediction_type --hub_model_id --logging_dir --mixed_precision --report_to --local_rank
+--checkpointing_steps --checkpoints_total_limit --resume_from_checkpoint --enable_xformers_memory_efficient_attention
+--noise_offset --input_perturbation --validation_epochs --tracker_project_name --image_interpolation_mode
 """.split()
 # Beyond the reference: the speed paths (issue 6).
 SPEED_FLAGS = {"--cache_latents", "--cache_text_embeddings", "--torch_compile", "--logging_steps"}
 
 
 def base_args(assets, output_dir, *extra, data="images"):
-    return [
-        "--pretrained_model_name_or_path",
-        assets["pipeline"],
-        "--train_data_dir",
-        assets[data],
-        "--resolution",
-        64,
-        "--train_batch_size",
-        2,
-        "--learning_rate",
-        1e-3,
-        "--lr_warmup_steps",
-        0,
-        "--seed",
-        7,
-        "--output_dir",
-        output_dir,
-        "--report_to",
-        "tensorboard",
-        *extra,
-    ]
+    """The tiny run's command line; `extra` are more flags, written as on a shell command line."""
+    paths = ["--pretrained_model_name_or_path", assets["pipeline"], "--train_data_dir", assets[data]]
+    fixed = (
+        "--resolution 64 --train_batch_size 2 --learning_rate 1e-3 --lr_warmup_steps 0 --seed 7 --report_to tensorboard"
+    )
+    return command_line(*paths, "--output_dir", output_dir, fixed, *extra)
 
 
 def test_every_reference_flag_exists():
@@ -64,34 +47,17 @@ def test_every_reference_flag_exists():
 
 def test_train_checkpoints_validate_save_and_generate(launch, assets, tmp_path):
     out = str(tmp_path / "run")
-    launch.accelerate(
-        SCRIPT,
-        base_args(
-            assets,
-            out,
-            "--max_train_steps",
-            7,
-            "--checkpointing_steps",
-            2,
-            "--checkpoints_total_limit",
-            2,
-            "--use_ema",
-            "--offload_ema",
-            "--foreach_ema",
-            "--random_flip",
-            "--validation_prompts",
-            "a red circle",
-            "a blue square",
-            "--validation_epochs",
-            1,
-        ),
+    flags = (
+        "--max_train_steps 7 --checkpointing_steps 2 --checkpoints_total_limit 2 --use_ema --offload_ema --foreach_ema"
     )
+    validation = "--random_flip --validation_prompts 'a red circle' 'a blue square' --validation_epochs 1"
+    launch.accelerate(SCRIPT, base_args(assets, out, flags, validation))
     # 10 images / batch 2 = 5 updates per epoch: checkpoints at 2, 4, 6, the limit keeps the last two.
     assert checkpoint_names(out) == ["checkpoint-4", "checkpoint-6"]
     assert not [n for n in os.listdir(out) if n.startswith(".")], "no partial folders may remain"
     for name in ["checkpoint-4", "checkpoint-6"]:
-        state = json.load(open(os.path.join(out, name, "training_state.json")))
-        assert state["global_step"] == int(name.split("-")[1]) and state["seed"] == 7
+        metadata = json.load(open(os.path.join(out, name, "checkpoint_metadata.json")))
+        assert metadata["global_step"] == int(name.split("-")[1]) and metadata["seed"] == 7
 
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
@@ -118,40 +84,22 @@ def test_train_checkpoints_validate_save_and_generate(launch, assets, tmp_path):
     assert any(n.startswith("events.out.tfevents") for _, _, files in os.walk(os.path.join(out, "logs")) for n in files)
 
 
-EXACT_RESUME = [
-    "--max_train_steps",
-    8,
-    "--checkpointing_steps",
-    2,
-    "--gradient_accumulation_steps",
-    2,
-    "--lr_scheduler",
-    "cosine",
-    "--lr_warmup_steps",
-    2,
-    "--use_ema",
-    "--random_flip",
-    "--snr_gamma",
-    5.0,
-    "--noise_offset",
-    0.05,
-    "--input_perturbation",
-    0.1,
-    "--validation_prompts",
-    "a red circle",
-]
+EXACT_RESUME = (
+    "--max_train_steps 8 --checkpointing_steps 2 --gradient_accumulation_steps 2 --lr_scheduler cosine"
+    " --lr_warmup_steps 2 --use_ema --random_flip --snr_gamma 5.0 --noise_offset 0.05 --input_perturbation 0.1"
+    " --validation_prompts 'a red circle'"
+)
 
 
 def test_exact_resume_mid_epoch(launch, assets, tmp_path):
     """A run stopped at step 2 (mid-epoch, with random crops, flips, caption lists, accumulation, warmup+cosine, EMA)
     and resumed ends with the same weights as the run that was never stopped."""
     full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
-    launch.accelerate(SCRIPT, base_args(assets, full, *EXACT_RESUME, data="images_lists"))
+    launch.accelerate(SCRIPT, base_args(assets, full, EXACT_RESUME, data="images_lists"))
     os.makedirs(resumed)
     shutil.copytree(os.path.join(full, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
-    result = launch.accelerate(
-        SCRIPT, base_args(assets, resumed, *EXACT_RESUME, "--resume_from_checkpoint", "latest", data="images_lists")
-    )
+    resume = "--resume_from_checkpoint latest"
+    result = launch.accelerate(SCRIPT, base_args(assets, resumed, EXACT_RESUME, resume, data="images_lists"))
     assert "starting at 2" in result.output
     # 10 images / (batch 2 x accumulation 2) = 3 updates per epoch: steps 2 and 8 are mid-epoch.
     assert checkpoint_names(resumed) == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
@@ -167,10 +115,10 @@ def test_exact_resume_mid_epoch(launch, assets, tmp_path):
 
 def test_exact_resume_from_a_checkpoint_in_the_middle_of_an_epoch(launch, assets, tmp_path):
     full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
-    common = ["--max_train_steps", 7, "--checkpointing_steps", 3, "--lr_scheduler", "linear", "--random_flip"]
-    launch.accelerate(SCRIPT, base_args(assets, full, *common))
+    common = "--max_train_steps 7 --checkpointing_steps 3 --lr_scheduler linear --random_flip"
+    launch.accelerate(SCRIPT, base_args(assets, full, common))
     shutil.copytree(os.path.join(full, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
-    launch.accelerate(SCRIPT, base_args(assets, resumed, *common, "--resume_from_checkpoint", "checkpoint-3"))
+    launch.accelerate(SCRIPT, base_args(assets, resumed, common, "--resume_from_checkpoint checkpoint-3"))
     # 5 updates per epoch: step 3 is in the middle of epoch 0.
     assert (
         max_abs_diff(load_state_dict(os.path.join(full, "unet")), load_state_dict(os.path.join(resumed, "unet")))
@@ -180,8 +128,8 @@ def test_exact_resume_from_a_checkpoint_in_the_middle_of_an_epoch(launch, assets
 
 def test_checkpoint_sets_latest_and_max_steps_are_authoritative(launch, assets, tmp_path):
     out = str(tmp_path / "run")
-    common = ["--checkpointing_steps", 2, "--checkpoints_total_limit", 2, "--resume_from_checkpoint", "latest"]
-    result = launch.accelerate(SCRIPT, base_args(assets, out, "--max_train_steps", 6, *common))
+    common = "--checkpointing_steps 2 --checkpoints_total_limit 2 --resume_from_checkpoint latest"
+    result = launch.accelerate(SCRIPT, base_args(assets, out, "--max_train_steps 6", common))
     assert "starting at 0" in result.output  # 'latest' with no checkpoint starts fresh
     assert checkpoint_names(out) == ["checkpoint-4", "checkpoint-6"]
 
@@ -189,26 +137,22 @@ def test_checkpoint_sets_latest_and_max_steps_are_authoritative(launch, assets, 
     # completion marker.
     os.makedirs(os.path.join(out, ".checkpoint-12.partial", "unet"))
     shutil.copytree(os.path.join(out, "checkpoint-6"), os.path.join(out, "checkpoint-14"))
-    os.remove(os.path.join(out, "checkpoint-14", "training_state.json"))
-    result = launch.accelerate(SCRIPT, base_args(assets, out, "--max_train_steps", 10, *common))
+    os.remove(os.path.join(out, "checkpoint-14", "checkpoint_metadata.json"))
+    result = launch.accelerate(SCRIPT, base_args(assets, out, "--max_train_steps 10", common))
     assert f"Resuming from {os.path.join(out, 'checkpoint-6')}" in result.output
-    complete = [n for n in checkpoint_names(out) if os.path.isfile(os.path.join(out, n, "training_state.json"))]
+    complete = [n for n in checkpoint_names(out) if os.path.isfile(os.path.join(out, n, "checkpoint_metadata.json"))]
     assert complete == ["checkpoint-8", "checkpoint-10"]
 
     # Resuming at --max_train_steps trains nothing, says so, and leaves the checkpoints alone.
     before = tree_snapshot(os.path.join(out, "checkpoint-10"))
-    result = launch.accelerate(SCRIPT, base_args(assets, out, "--max_train_steps", 10, *common))
+    result = launch.accelerate(SCRIPT, base_args(assets, out, "--max_train_steps 10", common))
     assert "nothing to train" in result.output
     assert tree_snapshot(os.path.join(out, "checkpoint-10")) == before
-    assert (
-        max_abs_diff(
-            load_state_dict(os.path.join(out, "unet")), load_state_dict(os.path.join(out, "checkpoint-10", "unet"))
-        )
-        == 0
-    )
+    final, last = (load_state_dict(os.path.join(out, folder)) for folder in ["unet", "checkpoint-10/unet"])
+    assert max_abs_diff(final, last) == 0
 
 
-def test_checkpoint_is_invisible_until_complete(tmp_path, monkeypatch):
+def test_checkpoint_is_invisible_until_complete(tmp_path):
     """A crash in the middle of saving leaves no checkpoint-N and prunes nothing."""
     from accelerate import PartialState
 
@@ -216,7 +160,7 @@ def test_checkpoint_is_invisible_until_complete(tmp_path, monkeypatch):
     out = tmp_path / "run"
     for step in (2, 4):
         (out / f"checkpoint-{step}").mkdir(parents=True)
-        (out / f"checkpoint-{step}" / "training_state.json").write_text(json.dumps({"global_step": step}))
+        (out / f"checkpoint-{step}" / "checkpoint_metadata.json").write_text(json.dumps({"global_step": step}))
 
     class CrashingAccelerator:
         def save_state(self, path):
@@ -224,9 +168,8 @@ def test_checkpoint_is_invisible_until_complete(tmp_path, monkeypatch):
             open(os.path.join(path, "optimizer.bin"), "wb").write(b"half")
             raise OSError("disk full")
 
-    args = types.SimpleNamespace(output_dir=str(out), checkpoints_total_limit=1)
     with pytest.raises(OSError, match="disk full"):
-        train_text_to_image.save_checkpoint(CrashingAccelerator(), args, 6, {"seed": 1})
+        train_text_to_image.save_checkpoint(CrashingAccelerator(), str(out), 6, {"seed": 1}, total_limit=1)
     assert checkpoint_names(str(out)) == ["checkpoint-2", "checkpoint-4"]
     assert [p for _, p in train_text_to_image.list_checkpoints(str(out))][-1].endswith("checkpoint-4")
 
@@ -234,38 +177,17 @@ def test_checkpoint_is_invisible_until_complete(tmp_path, monkeypatch):
         def save_state(self, path):
             os.makedirs(os.path.join(path, "unet"))
 
-    train_text_to_image.save_checkpoint(WorkingAccelerator(), args, 6, {"seed": 1})
+    train_text_to_image.save_checkpoint(WorkingAccelerator(), str(out), 6, {"seed": 1}, total_limit=1)
     assert checkpoint_names(str(out)) == ["checkpoint-6"]
     assert sorted(os.listdir(out)) == ["checkpoint-6"]
 
 
 def test_snr_gamma_v_prediction_bf16_gradient_checkpointing(launch, assets, tmp_path):
     out = str(tmp_path / "run")
-    launch.accelerate(
-        SCRIPT,
-        base_args(
-            assets,
-            out,
-            "--max_train_steps",
-            6,
-            "--checkpointing_steps",
-            3,
-            "--snr_gamma",
-            5.0,
-            "--prediction_type",
-            "v_prediction",
-            "--mixed_precision",
-            "bf16",
-            "--gradient_checkpointing",
-            "--image_interpolation_mode",
-            "bicubic",
-            "--center_crop",
-            "--validation_prompts",
-            "a red circle",
-            "--validation_epochs",
-            1,
-        ),
-    )
+    flags = "--max_train_steps 6 --checkpointing_steps 3 --snr_gamma 5.0 --prediction_type v_prediction --center_crop"
+    precision = "--mixed_precision bf16 --gradient_checkpointing --image_interpolation_mode bicubic"
+    validation = "--validation_prompts 'a red circle' --validation_epochs 1"
+    launch.accelerate(SCRIPT, base_args(assets, out, flags, precision, validation))
     # Validation ran mid-training with the bf16 frozen parts and the fp32 UNet, and again on the saved pipeline.
     assert sorted(os.listdir(os.path.join(out, "validation"))) == [
         "final-step-000006.png",
@@ -284,30 +206,22 @@ def test_snr_gamma_v_prediction_bf16_gradient_checkpointing(launch, assets, tmp_
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_min_snr_weights(assets, prediction_type):
-    """compute_loss with --snr_gamma weights each sample by min(SNR, gamma)/SNR (epsilon) or /(SNR+1) (v)."""
+    """diffusion_loss with snr_gamma weights each sample by min(SNR, gamma)/SNR (epsilon) or /(SNR+1) (v)."""
     from diffusers import DDPMScheduler
 
     scheduler = DDPMScheduler.from_pretrained(
         assets["pipeline"], subfolder="scheduler", prediction_type=prediction_type
     )
     latents = torch.randn(32, 4, 8, 8)
-    vae = types.SimpleNamespace(
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        config=types.SimpleNamespace(scaling_factor=1.0),
-        encode=lambda x: types.SimpleNamespace(latent_dist=types.SimpleNamespace(sample=lambda generator: latents)),
-    )
-    text_encoder = lambda ids, return_dict: (torch.zeros(ids.shape[0], 3, 32),)  # noqa: E731
-    text_encoder.device = torch.device("cpu")
-    unet = lambda noisy, t, ehs, return_dict: (torch.zeros_like(noisy),)  # noqa: E731  predicts 0: loss = mean(target^2)
-    batch = {"pixel_values": torch.zeros(32, 3, 64, 64), "input_ids": torch.zeros(32, 77, dtype=torch.long)}
-    args = types.SimpleNamespace(noise_offset=0, input_perturbation=0, dream_training=False, snr_gamma=None)
+    encoder_hidden_states = torch.zeros(32, 3, 32)
 
-    def run(snr_gamma):
-        args.snr_gamma = snr_gamma
-        return train_text_to_image.compute_loss(
-            unet, vae, text_encoder, scheduler, batch, torch.Generator().manual_seed(3), args
-        )
+    def unet(noisy_latents, timesteps, encoder_hidden_states, return_dict):
+        return (torch.zeros_like(noisy_latents),)  # predicts 0, so each sample's loss is mean(target^2)
+
+    def loss(snr_gamma):
+        config = train_text_to_image.LossConfig(prediction_type=prediction_type, snr_gamma=snr_gamma)
+        generator = torch.Generator().manual_seed(3)
+        return train_text_to_image.diffusion_loss(unet, scheduler, latents, encoder_hidden_states, generator, config)
 
     # Replay the generator's draws to get the timesteps and per-sample unweighted losses.
     generator = torch.Generator().manual_seed(3)
@@ -319,59 +233,27 @@ def test_min_snr_weights(assets, prediction_type):
     snr = alpha_bar / (1 - alpha_bar)
     weights = torch.minimum(snr, torch.tensor(5.0)) / (snr if prediction_type == "epsilon" else snr + 1)
     assert (weights < 0.99).any(), "the draw must include low-noise timesteps for the check to bite"
-    assert torch.allclose(run(None), per_sample.mean(), rtol=1e-5)
-    assert torch.allclose(run(5.0), (per_sample * weights).mean(), rtol=1e-5)
-    assert not torch.allclose(run(5.0), run(None))
+    assert torch.allclose(loss(None), per_sample.mean(), rtol=1e-5)
+    assert torch.allclose(loss(5.0), (per_sample * weights).mean(), rtol=1e-5)
+    assert not torch.allclose(loss(5.0), loss(None))
 
 
 def test_dataset_folder_with_list_captions(launch, assets, tmp_path):
     out = str(tmp_path / "run")
-    args = base_args(
-        assets,
-        out,
-        "--max_train_steps",
-        2,
-        "--checkpointing_steps",
-        100,
-        "--max_train_samples",
-        4,
-        "--dataloader_num_workers",
-        2,
-        "--dream_training",
-    )
-    args[args.index("--train_data_dir") : args.index("--train_data_dir") + 2] = [
-        "--dataset_name",
-        assets["saved_dataset"],
-        "--image_column",
-        "picture",
-        "--caption_column",
-        "captions",
-    ]
-    launch.accelerate(SCRIPT, args)
+    args = base_args(assets, out, "--max_train_steps 2 --checkpointing_steps 100 --max_train_samples 4")
+    args += ["--dataloader_num_workers", "2", "--dream_training"]
+    data = args.index("--train_data_dir")
+    args[data : data + 2] = ["--dataset_name", assets["saved_dataset"], "--image_column", "picture"]
+    launch.accelerate(SCRIPT, args + ["--caption_column", "captions"])
     assert os.path.isfile(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
 
 
 def test_two_processes(launch, assets, tmp_path):
     out = str(tmp_path / "run")
     # The caches are encoded half by each process and gathered: both hold all 10 rows x 2 flips.
-    result = launch.torchrun(
-        SCRIPT,
-        base_args(
-            assets,
-            out,
-            "--max_train_steps",
-            3,
-            "--checkpointing_steps",
-            2,
-            "--validation_prompts",
-            "a red circle",
-            "--use_ema",
-            "--center_crop",
-            "--random_flip",
-            "--cache_latents",
-            "--cache_text_embeddings",
-        ),
-    )
+    flags = "--max_train_steps 3 --checkpointing_steps 2 --validation_prompts 'a red circle' --use_ema --center_crop"
+    caches = "--random_flip --cache_latents --cache_text_embeddings"
+    result = launch.torchrun(SCRIPT, base_args(assets, out, flags, caches))
     assert "processes = 2" in result.output and "total batch = 4" in result.output
     assert "Cached latents: (10, 2, 8, 8, 8)" in result.output
     assert checkpoint_names(out) == ["checkpoint-2"]
@@ -403,6 +285,7 @@ def nan_pipeline(assets, tmp_path):
     return str(folder)
 
 
+# case -> (flag overrides from (assets, tmp_path), texts the output must contain). A value of "1" is a switch.
 ERROR_CASES = {
     "missing_data_dir": (
         lambda a, t: ["--train_data_dir", str(t / "nowhere")],
@@ -459,7 +342,7 @@ def test_clear_errors_write_nothing(launch, assets, tmp_path, case):
     (out / "unet").mkdir(parents=True)
     (out / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights of an earlier run")
     before = tree_snapshot(str(out))
-    args = base_args(assets, str(out), "--max_train_steps", 4, "--checkpointing_steps", 1)
+    args = base_args(assets, str(out), "--max_train_steps 4 --checkpointing_steps 1")
     overrides = make_args(assets, tmp_path)
     for flag, value in zip(overrides[::2], overrides[1::2], strict=True):
         if flag in args:

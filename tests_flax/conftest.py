@@ -31,9 +31,8 @@ os.environ.setdefault("XLA_FLAGS", XLA_FLAGS)
 def run_torch(code_or_args, check=True):
     """Run Python in the PyTorch environment: a list of arguments, or a snippet of code."""
     command = [TORCH_PYTHON] + (code_or_args if isinstance(code_or_args, list) else ["-c", code_or_args])
-    result = subprocess.run(
-        command, cwd=REPO, env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True, timeout=600
-    )
+    env = {**os.environ, **OFFLINE_ENV, "PYTHONPATH": REPO}  # the scripts and devkit import by name
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"PyTorch environment failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result

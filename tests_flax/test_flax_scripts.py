@@ -3,29 +3,14 @@ loaded by the PyTorch environment."""
 
 import filecmp
 import os
-import re
 import shutil
 
 import numpy as np
 import pytest
-from conftest import REPO, run_torch
+from conftest import run_torch
 from safetensors.numpy import load_file
 
-# Flags a Flax script may have that its PyTorch twin does not.
-FLAX_ONLY = {"--jax_distributed", "--cache_dir"}
-
-
-def flags_of(script):
-    return set(re.findall(r'add_argument\(\s*"(--\w+)"', open(os.path.join(REPO, script)).read()))
-
-
-@pytest.mark.parametrize(
-    "flax_script,torch_script",
-    [("train_text_to_image_flax.py", "train_text_to_image.py"), ("textual_inversion_flax.py", "textual_inversion.py")],
-)
-def test_flags_are_a_subset_of_the_pytorch_twin(flax_script, torch_script):
-    assert flags_of(flax_script) - flags_of(torch_script) - FLAX_ONLY == set()
-    assert len(flags_of(flax_script)) > 30
+from devkit.command_line import command_line
 
 
 def checkpoint_names(output_dir):
@@ -41,50 +26,17 @@ T2I = "train_text_to_image_flax.py"
 
 
 def t2i_args(assets, output_dir, *extra):
-    return [
-        "--pretrained_model_name_or_path",
-        assets["pipeline"],
-        "--train_data_dir",
-        assets["images"],
-        "--resolution",
-        64,
-        "--train_batch_size",
-        1,
-        "--learning_rate",
-        1e-3,
-        "--lr_warmup_steps",
-        0,
-        "--seed",
-        3,
-        "--output_dir",
-        output_dir,
-        *extra,
-    ]
+    """The tiny run's command line; `extra` are more flags, written as on a shell command line."""
+    paths = ["--pretrained_model_name_or_path", assets["pipeline"], "--train_data_dir", assets["images"]]
+    fixed = "--resolution 64 --train_batch_size 1 --learning_rate 1e-3 --lr_warmup_steps 0 --seed 3"
+    return command_line(*paths, "--output_dir", output_dir, fixed, *extra)
 
 
 def test_text_to_image_flax_trains_on_two_devices_and_pytorch_loads_it(launch, assets, tmp_path):
     out = str(tmp_path / "run")
-    result = launch.run(
-        T2I,
-        t2i_args(
-            assets,
-            out,
-            "--max_train_steps",
-            4,
-            "--checkpointing_steps",
-            2,
-            "--checkpoints_total_limit",
-            1,
-            "--gradient_checkpointing",
-            "--mixed_precision",
-            "bf16",
-            "--snr_gamma",
-            5.0,
-            "--prediction_type",
-            "v_prediction",
-            "--random_flip",
-        ),
-    )
+    flags = "--max_train_steps 4 --checkpointing_steps 2 --checkpoints_total_limit 1 --gradient_checkpointing"
+    recipe = "--mixed_precision bf16 --snr_gamma 5.0 --prediction_type v_prediction --random_flip"
+    result = launch.run(T2I, t2i_args(assets, out, flags, recipe))
     assert "devices = 2" in result.output and "total batch = 2" in result.output
     assert checkpoint_names(out) == ["checkpoint-4"]
     assert not [n for n in os.listdir(out) if n.startswith(".")]
@@ -108,38 +60,25 @@ print("generated", image.size, float(np.asarray(image).std()) > 0)
     assert "generated (64, 64) True" in result.stdout
 
 
-T2I_EXACT = [
-    "--max_train_steps",
-    6,
-    "--checkpointing_steps",
-    3,
-    "--gradient_accumulation_steps",
-    2,
-    "--lr_scheduler",
-    "cosine",
-    "--lr_warmup_steps",
-    2,
-    "--random_flip",
-    "--noise_offset",
-    0.05,
-    "--snr_gamma",
-    5.0,
-]
+T2I_EXACT = (
+    "--max_train_steps 6 --checkpointing_steps 3 --gradient_accumulation_steps 2 --lr_scheduler cosine"
+    " --lr_warmup_steps 2 --random_flip --noise_offset 0.05 --input_perturbation 0.1 --snr_gamma 5.0"
+)
 
 
 def test_text_to_image_flax_exact_resume(launch, assets, tmp_path):
     full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
-    launch.run(T2I, t2i_args(assets, full, *T2I_EXACT))
+    launch.run(T2I, t2i_args(assets, full, T2I_EXACT))
     # 10 images / global batch 2 = 5 batches, 2 updates of 2 per epoch: step 3 is in the middle of epoch 1.
     assert checkpoint_names(full) == ["checkpoint-3", "checkpoint-6"]
     shutil.copytree(os.path.join(full, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
-    result = launch.run(T2I, t2i_args(assets, resumed, *T2I_EXACT, "--resume_from_checkpoint", "latest"))
+    result = launch.run(T2I, t2i_args(assets, resumed, T2I_EXACT, "--resume_from_checkpoint latest"))
     assert "starting at 3" in result.output
     a = load_file(os.path.join(full, "unet", "diffusion_pytorch_model.safetensors"))
     b = load_file(os.path.join(resumed, "unet", "diffusion_pytorch_model.safetensors"))
     assert max(np.abs(a[k] - b[k]).max() for k in a) <= 1e-6
     before = open(os.path.join(resumed, "checkpoint-6", "train_state.msgpack"), "rb").read()
-    result = launch.run(T2I, t2i_args(assets, resumed, *T2I_EXACT, "--resume_from_checkpoint", "latest"))
+    result = launch.run(T2I, t2i_args(assets, resumed, T2I_EXACT, "--resume_from_checkpoint latest"))
     assert "nothing to train" in result.output
     assert open(os.path.join(resumed, "checkpoint-6", "train_state.msgpack"), "rb").read() == before
 
@@ -155,7 +94,7 @@ def test_text_to_image_flax_clear_errors(launch, assets, tmp_path, flag, value, 
     out = tmp_path / "previous"
     out.mkdir()
     (out / "model_index.json").write_text("{}")
-    args = t2i_args(assets, str(out), "--max_train_steps", 2)
+    args = t2i_args(assets, str(out), "--max_train_steps 2")
     if flag in args:
         args[args.index(flag) + 1] = value
     else:
@@ -172,53 +111,18 @@ TI = "textual_inversion_flax.py"
 
 
 def ti_args(assets, output_dir, *extra):
-    return [
-        "--pretrained_model_name_or_path",
-        assets["pipeline"],
-        "--train_data_dir",
-        assets["concept"],
-        "--placeholder_token",
-        "<blob>",
-        "--initializer_token",
-        "circle",
-        "--resolution",
-        64,
-        "--repeats",
-        3,
-        "--train_batch_size",
-        1,
-        "--learning_rate",
-        5e-2,
-        "--lr_warmup_steps",
-        0,
-        "--seed",
-        4,
-        "--output_dir",
-        output_dir,
-        *extra,
-    ]
+    """The tiny run's command line; `extra` are more flags, written as on a shell command line."""
+    paths = ["--pretrained_model_name_or_path", assets["pipeline"], "--train_data_dir", assets["concept"]]
+    token = "--placeholder_token <blob> --initializer_token circle --resolution 64 --repeats 3 --train_batch_size 1"
+    return command_line(
+        *paths, "--output_dir", output_dir, token, "--learning_rate 5e-2 --lr_warmup_steps 0 --seed 4", *extra
+    )
 
 
 def test_textual_inversion_flax_embeddings_load_in_pytorch(launch, assets, tmp_path):
     out = str(tmp_path / "run")
-    result = launch.run(
-        TI,
-        ti_args(
-            assets,
-            out,
-            "--num_vectors",
-            2,
-            "--max_train_steps",
-            4,
-            "--save_steps",
-            2,
-            "--checkpointing_steps",
-            2,
-            "--snr_gamma",
-            5.0,
-            "--gradient_checkpointing",
-        ),
-    )
+    flags = "--num_vectors 2 --max_train_steps 4 --save_steps 2 --checkpointing_steps 2 --snr_gamma 5.0"
+    result = launch.run(TI, ti_args(assets, out, flags, "--gradient_checkpointing"))
     assert "devices = 2" in result.output
     assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-4"]
     assert sorted(n for n in os.listdir(out) if n.startswith("learned_embeds")) == [
@@ -243,27 +147,16 @@ print("generated", image.size)
     assert "moved True" in result.stdout and "generated (64, 64)" in result.stdout
 
 
-TI_EXACT = [
-    "--num_vectors",
-    2,
-    "--max_train_steps",
-    6,
-    "--checkpointing_steps",
-    3,
-    "--lr_scheduler",
-    "linear",
-    "--lr_warmup_steps",
-    1,
-    "--center_crop",
-]
+TI_EXACT = "--num_vectors 2 --max_train_steps 6 --checkpointing_steps 3 --lr_scheduler linear --lr_warmup_steps 1"
+TI_EXACT += " --center_crop"
 
 
 def test_textual_inversion_flax_exact_resume(launch, assets, tmp_path):
     full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
-    launch.run(TI, ti_args(assets, full, *TI_EXACT))
+    launch.run(TI, ti_args(assets, full, TI_EXACT))
     # 4 images x 3 repeats / global batch 2 = 6 updates per epoch: step 3 is mid-epoch.
     shutil.copytree(os.path.join(full, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
-    launch.run(TI, ti_args(assets, resumed, *TI_EXACT, "--resume_from_checkpoint", "checkpoint-3"))
+    launch.run(TI, ti_args(assets, resumed, TI_EXACT, "--resume_from_checkpoint checkpoint-3"))
     a = load_file(os.path.join(full, "learned_embeds.safetensors"))["<blob>"]
     b = load_file(os.path.join(resumed, "learned_embeds.safetensors"))["<blob>"]
     assert np.abs(a - b).max() <= 1e-6
@@ -281,7 +174,7 @@ def test_textual_inversion_flax_clear_errors(launch, assets, tmp_path, flag, val
     out = tmp_path / "previous"
     out.mkdir()
     (out / "learned_embeds.safetensors").write_bytes(b"earlier")
-    args = ti_args(assets, str(out), "--max_train_steps", 2)
+    args = ti_args(assets, str(out), "--max_train_steps 2")
     args[args.index(flag) + 1] = value
     result = launch.run(TI, args, check=False)
     assert result.returncode != 0 and message in result.output, result.output[-3000:]

@@ -1,84 +1,124 @@
-"""Same weights, same batch, same noise and timesteps: the PyTorch compute_loss and the JAX train_step agree (fp32)."""
+"""Same weights, same latents, same prompts, same random draws: each script's pure diffusion_loss agrees with its
+PyTorch twin's (fp32, within 1e-4), for every option of the loss. The PyTorch half (torch_side.py) records every draw
+its generator made; here the JAX draws are replaced by those, one by one, in order, so the check also proves that both
+twins draw the same shapes in the same order. Textual inversion compares the gradient for the new rows as well."""
 
+import functools
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from conftest import REPO, run_torch
+from parity_cases import CASES, INITIALIZER, NUM_VECTORS, PLACEHOLDER, TEXT_TO_IMAGE
 
-import train_text_to_image_flax as T
+import textual_inversion_flax
+import train_text_to_image_flax
+
+
+@pytest.fixture(scope="module")
+def torch_side(assets, tmp_path_factory):
+    """Runs the PyTorch half once for every case; the folder of its .npz files."""
+    out = str(tmp_path_factory.mktemp("torch_side"))
+    run_torch([os.path.join(REPO, "tests_flax", "torch_side.py"), assets["pipeline"], out])
+    return out
 
 
 @pytest.fixture(scope="module")
 def flax_models(assets):
-    from diffusers import FlaxAutoencoderKL, FlaxDDPMScheduler, FlaxUNet2DConditionModel
+    from diffusers import FlaxDDPMScheduler, FlaxUNet2DConditionModel
 
     folder = assets["pipeline"]
-    vae, vae_params = T.load_flax_model(FlaxAutoencoderKL, folder, "vae", None, jnp.float32)
-    unet, unet_params = T.load_flax_model(FlaxUNet2DConditionModel, folder, "unet", None, jnp.float32)
+    unet, unet_params = train_text_to_image_flax.load_flax_model(
+        FlaxUNet2DConditionModel, folder, "unet", None, jnp.float32
+    )
     noise_scheduler, scheduler_state = FlaxDDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    return dict(
-        text_encoder=T.load_flax_text_encoder(folder, None, jnp.float32),
-        vae=vae,
-        vae_params=vae_params,
-        unet=unet,
-        unet_params=unet_params,
-        noise_scheduler=noise_scheduler,
-        scheduler_state=scheduler_state,
-    )
+    text_encoder = train_text_to_image_flax.load_flax_text_encoder(folder, None, jnp.float32)
+    models = dict(unet=unet, unet_params=unet_params, noise_scheduler=noise_scheduler, scheduler_state=scheduler_state)
+    return {**models, "text_encoder": text_encoder}
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
-@pytest.mark.parametrize("snr_gamma", [None, 5.0])
-def test_pytorch_compute_loss_equals_jax_train_step(
-    assets, flax_models, tmp_path, monkeypatch, prediction_type, snr_gamma
-):
-    npz = str(tmp_path / "torch.npz")
-    run_torch(
-        [
-            os.path.join(REPO, "tests_flax", "torch_loss.py"),
-            assets["pipeline"],
-            prediction_type,
-            str(snr_gamma or "none"),
-            npz,
-        ]
-    )
-    torch_side = np.load(npz)
+def replay_draws(monkeypatch, recorded):
+    """jax.random.normal and jax.random.randint hand out the PyTorch draws in order; each must have the shape asked."""
+    queue = [recorded[f"draw_{i}"] for i in range(sum(k.startswith("draw_") for k in recorded.files))]
+
+    def next_draw(shape, dtype):
+        assert queue, "JAX drew more often than PyTorch"
+        draw = queue.pop(0)
+        assert tuple(shape) == draw.shape, f"JAX drew shape {tuple(shape)} where PyTorch drew {draw.shape}"
+        return jnp.asarray(draw, dtype)
+
+    monkeypatch.setattr(jax.random, "normal", lambda key, shape, dtype=jnp.float32: next_draw(shape, dtype))
+    monkeypatch.setattr(jax.random, "randint", lambda key, shape, minval, maxval: next_draw(shape, jnp.int32))
+    return queue
+
+
+def bound_loss(script, models):
+    """script.diffusion_loss with the UNet and the noise scheduler of `models` filled in."""
+
+    def unet(noisy_latents, timesteps, encoder_hidden_states):
+        variables = {"params": models["unet_params"]}
+        return models["unet"].apply(variables, noisy_latents, timesteps, encoder_hidden_states, train=True).sample
+
+    return functools.partial(script.diffusion_loss, unet, models["noise_scheduler"], models["scheduler_state"])
+
+
+@pytest.mark.parametrize("case", sorted(TEXT_TO_IMAGE))
+def test_text_to_image_loss_equals_pytorch(torch_side, flax_models, monkeypatch, case):
+    recorded = np.load(os.path.join(torch_side, f"{case}.npz"))
+    m = flax_models
+    encoder_hidden_states = m["text_encoder"](jnp.asarray(recorded["input_ids"]), params=m["text_encoder"].params)[0]
+    queue = replay_draws(monkeypatch, recorded)
+    config = train_text_to_image_flax.LossConfig(**CASES[case])
+    diffusion_loss = bound_loss(train_text_to_image_flax, m)
+    loss = diffusion_loss(jnp.asarray(recorded["latents"]), encoder_hidden_states, jax.random.PRNGKey(0), config)
+    assert not queue, "PyTorch drew more often than JAX"
+    assert abs(float(loss) - float(recorded["loss"])) <= 1e-4, (float(loss), float(recorded["loss"]))
+
+
+@pytest.mark.parametrize("case", sorted(set(CASES) - set(TEXT_TO_IMAGE)))
+def test_textual_inversion_loss_and_gradient_equal_pytorch(assets, torch_side, flax_models, monkeypatch, case):
+    """The new rows enter the text encoder (with_learned_rows), its output conditions the UNet: loss and gradient."""
+    recorded = np.load(os.path.join(torch_side, f"{case}.npz"))
+    from transformers import CLIPTokenizerFast
 
     m = flax_models
-    state = T.TrainState.create(
-        apply_fn=m["unet"].apply,
-        params=m["unet_params"],
-        tx=optax.sgd(0.0),
-        vae_params=m["vae_params"],
-        text_encoder_params=m["text_encoder"].params,
-        scheduler_state=m["scheduler_state"],
-        vae=m["vae"],
-        text_encoder=m["text_encoder"],
-        noise_scheduler=m["noise_scheduler"],
-        config=T.LossConfig(prediction_type, snr_gamma, 0.0, m["vae"].config.scaling_factor),
+    tokenizer = CLIPTokenizerFast.from_pretrained(assets["pipeline"], subfolder="tokenizer")
+    token = (PLACEHOLDER, INITIALIZER, NUM_VECTORS)
+    _, placeholder_ids, _, text_encoder = textual_inversion_flax.add_learned_embedding(
+        m["text_encoder"], tokenizer, *token
     )
-    # Hand train_step the noise and timesteps the PyTorch generator drew.
-    monkeypatch.setattr(
-        jax.random, "normal", lambda key, shape, dtype=jnp.float32: jnp.asarray(torch_side["noise"], dtype)
-    )
-    monkeypatch.setattr(jax.random, "randint", lambda key, shape, minval, maxval: jnp.asarray(torch_side["timesteps"]))
-    batch = {"latents": jnp.asarray(torch_side["latents"]), "input_ids": jnp.asarray(torch_side["input_ids"])}
-    _, metrics = T.train_step(state, batch, jax.random.PRNGKey(0))
-    assert abs(float(metrics["loss"]) - float(torch_side["loss"])) <= 1e-4, (
-        float(metrics["loss"]),
-        float(torch_side["loss"]),
-    )
+    input_ids = jnp.asarray(recorded["input_ids"])
+    assert set(placeholder_ids) <= set(np.asarray(input_ids).ravel().tolist()), "the prompts must use every new row"
+    config = textual_inversion_flax.LossConfig(**CASES[case])
+    diffusion_loss = bound_loss(textual_inversion_flax, m)
+
+    def loss_fn(rows):
+        params = textual_inversion_flax.with_learned_rows(m["text_encoder"].params, rows)
+        encoder_hidden_states = text_encoder(input_ids, params=params, train=False)[0]
+        return diffusion_loss(jnp.asarray(recorded["latents"]), encoder_hidden_states, jax.random.PRNGKey(0), config)
+
+    queue = replay_draws(monkeypatch, recorded)
+    loss, grad = jax.value_and_grad(loss_fn)(jnp.asarray(recorded["learned"]))
+    assert not queue, "PyTorch drew more often than JAX"
+    assert abs(float(loss) - float(recorded["loss"])) <= 1e-4, (float(loss), float(recorded["loss"]))
+    expected = recorded["learned_grad"]
+    assert np.abs(expected).max() > 0, "the gradient must reach the new rows for the check to bite"
+    assert np.abs(np.asarray(grad) - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
 
 
-def test_min_snr_cases_differ(assets, tmp_path):
-    """The draw includes a low-noise timestep, so Min-SNR changes the epsilon loss: the parity cases have teeth."""
-    losses = {}
-    for gamma in ("none", "5.0"):
-        npz = str(tmp_path / f"{gamma}.npz")
-        run_torch([os.path.join(REPO, "tests_flax", "torch_loss.py"), assets["pipeline"], "epsilon", gamma, npz])
-        losses[gamma] = float(np.load(npz)["loss"])
-    assert abs(losses["none"] - losses["5.0"]) > 1e-3
+def test_every_option_changes_the_loss(torch_side):
+    """The cases have teeth: Min-SNR, offset noise and input perturbation each change the PyTorch loss."""
+
+    def loss(name):
+        return float(np.load(os.path.join(torch_side, f"{name}.npz"))["loss"])
+
+    for prediction in ["epsilon", "v_prediction"]:
+        plain = loss(f"t2i-{prediction}-snr_None-plain")
+        assert abs(plain - loss(f"t2i-{prediction}-snr_5.0-plain")) > 1e-3
+        assert abs(plain - loss(f"t2i-{prediction}-snr_None-offset")) > 1e-4
+        assert (
+            abs(loss(f"t2i-{prediction}-snr_None-offset") - loss(f"t2i-{prediction}-snr_None-offset_perturbed")) > 1e-4
+        )
+        assert abs(loss(f"ti-{prediction}-snr_None") - loss(f"ti-{prediction}-snr_5.0")) > 1e-3

@@ -1,0 +1,12 @@
+"""Command lines for launching the scripts from tests and tools, written as on a shell."""
+
+import shlex
+
+
+def command_line(*parts):
+    """A script's arguments. A part that starts with '--' is a piece of command line, split as a shell splits it
+    ("--seed 7 --validation_prompts 'a red circle'"); any other part (a path, a number) is one argument."""
+    arguments = []
+    for part in parts:
+        arguments += shlex.split(part) if isinstance(part, str) and part.startswith("--") else [str(part)]
+    return arguments
