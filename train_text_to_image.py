@@ -17,6 +17,8 @@ with the same weights as one that was never interrupted.
 """
 
 import argparse
+import concurrent.futures
+import ctypes
 import dataclasses
 import functools
 import io
@@ -26,6 +28,9 @@ import math
 import os
 import re
 import shutil
+import signal
+import socket
+import sys
 import time
 
 import datasets
@@ -37,12 +42,12 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import ProjectConfiguration, gather_object
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_dream_and_update_latents
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
@@ -55,6 +60,10 @@ CHECKPOINT_METADATA = "checkpoint_metadata.json"
 # The second key of every validation seed, derive_seed(seed, VALIDATION_SEED_KEY, prompt index): training draws use
 # four keys, so a validation image never shares its noise with a training step.
 VALIDATION_SEED_KEY = 7919
+LOCK_FILE = ".training.lock"  # held (an OS lock) by the run writing into output_dir; a killed run holds none
+PIPELINE_LINK = ".pipeline"  # -> the current .pipeline-<n> folder; output_dir's components link through it
+PIPELINE_VERSION = re.compile(r"^\.pipeline-(\d+)$")
+PREEMPTED_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL: stopped by a signal after writing a checkpoint; relaunch to continue
 INTERPOLATION_MODES = ["lanczos", "bicubic", "bilinear", "nearest", "nearest_exact", "box", "hamming"]
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 
@@ -309,7 +318,7 @@ def parse_args(argv=None):
     for name in (positive + " logging_steps").split():
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ["max_train_steps", "checkpoints_total_limit"]:
+    for name in ["max_train_steps", "checkpoints_total_limit", "max_train_samples"]:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
@@ -347,12 +356,17 @@ def list_checkpoints(output_dir):
 
 
 def find_resume_checkpoint(args):
-    """The checkpoint folder --resume_from_checkpoint names, None to start fresh; a wrong name is an error."""
+    """The checkpoint --resume_from_checkpoint names (None to start fresh). 'latest' is the newest intact checkpoint:
+    a damaged one is skipped with a warning. A named checkpoint that is missing or damaged is an error."""
     if args.resume_from_checkpoint is None:
         return None
     if args.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(args.output_dir)
-        return checkpoints[-1][1] if checkpoints else None
+        for _, path in reversed(list_checkpoints(args.output_dir)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            logger.warning(f"skipping {os.path.basename(path)}: {problem}")
+        return None
     path = args.resume_from_checkpoint
     if not os.path.isdir(path):
         path = os.path.join(args.output_dir, args.resume_from_checkpoint)
@@ -362,6 +376,9 @@ def find_resume_checkpoint(args):
             f"--resume_from_checkpoint {args.resume_from_checkpoint}: no complete checkpoint at {path} "
             f"(complete ones in {args.output_dir}: {complete})"
         )
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: {problem}")
     return path
 
 
@@ -389,14 +406,294 @@ def choose_seed(args, resume_metadata):
 
 
 def warn_if_batch_layout_changed(resume_metadata, run_metadata):
-    """A resume is exact only with the global batch and epoch length the checkpoint was written with."""
-    keys = ("total_batch_size", "updates_per_epoch")
+    """A resume is exact only with the global batch, epoch length and process count the checkpoint was written with
+    (each process draws its own noise)."""
+    keys = ("total_batch_size", "updates_per_epoch", "num_processes")
     before, now = ({key: metadata.get(key) for key in keys} for metadata in (resume_metadata, run_metadata))
     if before != now:
         logger.warning(
             f"batch layout changed since the checkpoint ({before} -> {now}): "
             "the resumed run will not match an uninterrupted one"
         )
+
+
+def fsync_folder(folder):
+    """Flush a folder's entries (the names created or renamed in it) to disk; a no-op where folders cannot be opened."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # Windows: folders cannot be opened, and its renames are durable
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(folder):
+    """Flush every file and folder under `folder` to disk, so that the rename that publishes it can never survive a
+    power cut that its bytes did not."""
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_folder(root)
+
+
+def write_failure(what, folder, err):
+    """The message for a save that failed (a full disk, most often), with the space left where it was written."""
+    free = shutil.disk_usage(folder).free / 2**30 if os.path.isdir(folder) else float("nan")
+    return (
+        f"could not write {what} into {folder} ({type(err).__name__}: {err}); {free:.2f} GiB free there. "
+        "Nothing that was there before was replaced"
+    )
+
+
+def lock_output_dir(output_dir):
+    """Hold an OS lock on output_dir for the whole run, so that a second run into the same folder is refused instead
+    of overwriting this run's checkpoints and model. The kernel drops the lock when the process ends, however it
+    ends, so the lock of a killed run is simply taken over. Then clear what a killed run may have left: unfinished
+    checkpoints and pipelines, and replaced ones not yet deleted. Main process only."""
+    import filelock
+
+    os.makedirs(output_dir, exist_ok=True)
+    lock = filelock.FileLock(os.path.join(output_dir, LOCK_FILE), timeout=0)
+    owner_path = os.path.join(output_dir, LOCK_FILE + ".owner")
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        owner = open(owner_path).read().strip() if os.path.isfile(owner_path) else "unknown"
+        raise RuntimeError(
+            f"--output_dir {output_dir} is in use by another training run (pid {owner}): wait for it to end, "
+            "stop it, or choose another --output_dir"
+        ) from None
+    with open(owner_path, "w") as f:
+        f.write(f"{os.getpid()} on {socket.gethostname()}\n")
+    link = os.path.join(output_dir, PIPELINE_LINK)
+    current = os.readlink(link) if os.path.islink(link) else None
+    for name in os.listdir(output_dir):
+        unfinished = name.endswith((".partial", ".stale", ".link", ".link.old", ".new", ".probe"))
+        if unfinished or (PIPELINE_VERSION.match(name) and name != current):
+            path = os.path.join(output_dir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+    return lock
+
+
+def checkpoint_problem(checkpoint_path):
+    """Why a checkpoint cannot be resumed from, naming the file, or None. Its metadata lists every file it holds with
+    its size, so a truncated or missing file is found without reading the weights."""
+    metadata_path = os.path.join(checkpoint_path, CHECKPOINT_METADATA)
+    try:
+        with open(metadata_path) as f:
+            metadata = json.load(f)
+        int(metadata["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{metadata_path} is unreadable ({type(err).__name__}: {err})"
+    for name, size in metadata.get("files", {}).items():
+        path = os.path.join(checkpoint_path, name)
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        if os.path.getsize(path) != size:
+            return f"{path} is damaged: {os.path.getsize(path)} bytes, {size} were written"
+    return None
+
+
+def write_checkpoint_metadata(folder, metadata):
+    """Write the metadata file, last, with every file of the checkpoint and its size; then flush it all to disk."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            files[os.path.relpath(os.path.join(root, name), folder)] = os.path.getsize(os.path.join(root, name))
+    with open(os.path.join(folder, CHECKPOINT_METADATA), "w") as f:
+        json.dump({**metadata, "files": files}, f, indent=2)
+    fsync_tree(folder)
+
+
+def publish_checkpoint(partial_path, final_path):
+    """Make a complete checkpoint visible under its final name with one rename; one of the same step left by an
+    earlier run is replaced."""
+    stale_path = final_path + ".stale"
+    shutil.rmtree(stale_path, ignore_errors=True)
+    if os.path.exists(final_path):
+        os.rename(final_path, stale_path)
+    os.rename(partial_path, final_path)
+    fsync_folder(os.path.dirname(final_path))
+    shutil.rmtree(stale_path, ignore_errors=True)
+
+
+def exchange_entries(path_a, path_b):
+    """Swap two directory entries in one atomic step (Linux's renameat2 with RENAME_EXCHANGE); False where the
+    system or the filesystem cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    here, rename_exchange = -100, 2  # AT_FDCWD (paths are absolute or relative to the working folder)
+    return renameat2(here, os.fsencode(path_a), here, os.fsencode(path_b), rename_exchange) == 0
+
+
+def point_link(link, target):
+    """Point the symbolic link `link` at `target` in one atomic step: a new link renamed over the old one."""
+    temporary = link + ".new"
+    if os.path.lexists(temporary):
+        os.remove(temporary)
+    os.symlink(target, temporary)
+    os.replace(temporary, link)
+    fsync_folder(os.path.dirname(link))
+
+
+def link_component(output_dir, name):
+    """Make output_dir/<name> the relative link .pipeline/<name>. A real file is replaced by its link in one rename;
+    a real folder is swapped with it in one exchange (or, where the system cannot, moved aside first)."""
+    path, target = os.path.join(output_dir, name), os.path.join(PIPELINE_LINK, name)
+    if os.path.islink(path) and os.readlink(path) == target:
+        return
+    temporary = os.path.join(output_dir, f".{name}.link")
+    if os.path.lexists(temporary):
+        os.remove(temporary)
+    os.symlink(target, temporary)
+    if os.path.isdir(path) and not os.path.islink(path):
+        if not exchange_entries(temporary, path):
+            os.rename(path, temporary + ".old")
+            os.rename(temporary, path)
+            temporary += ".old"
+        shutil.rmtree(temporary)
+    else:
+        os.replace(temporary, path)
+
+
+def next_pipeline_version(output_dir):
+    numbers = [int(match.group(1)) for match in map(PIPELINE_VERSION.match, os.listdir(output_dir)) if match]
+    return f".pipeline-{max(numbers, default=0) + 1}"
+
+
+def publish_pipeline(partial, output_dir):
+    """Make the complete pipeline in the folder `partial` the one output_dir holds, atomically. It becomes a hidden
+    version folder .pipeline-<n>; every component in output_dir (model_index.json, unet/, ...) is a relative link
+    through the link .pipeline; and one rename, pointing .pipeline at the new version, switches them all. So at every
+    instant, crash or not, from_pretrained(output_dir) loads the old pipeline or the new one. Where symbolic links
+    cannot be made (Windows without developer mode), components are moved in one at a time, with a warning."""
+    fsync_tree(partial)
+    link = os.path.join(output_dir, PIPELINE_LINK)
+    components = sorted(os.listdir(partial))
+    try:
+        os.symlink(PIPELINE_LINK, link + ".probe")
+        os.remove(link + ".probe")
+    except (OSError, NotImplementedError):
+        logger.warning(f"no symbolic links in {output_dir}: the pipeline is replaced one component at a time")
+        for name in components:
+            target = os.path.join(output_dir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(partial, name), target)
+        os.rmdir(partial)
+        return
+    shown = [name for name in components if os.path.lexists(os.path.join(output_dir, name))]
+    if any(not os.path.islink(os.path.join(output_dir, name)) for name in shown):
+        # Saved as real files and folders (by an older version, or by diffusers' own script): a snapshot of what
+        # output_dir shows now (hard links, no extra space) first becomes the current version, entry for entry.
+        snapshot = os.path.join(output_dir, next_pipeline_version(output_dir))
+        os.makedirs(snapshot)
+        for name in shown:
+            source = os.path.join(output_dir, name)
+            if os.path.isdir(source):
+                shutil.copytree(source, os.path.join(snapshot, name), copy_function=os.link)
+            else:
+                os.link(source, os.path.join(snapshot, name))
+        fsync_tree(snapshot)
+        point_link(link, os.path.basename(snapshot))
+    previous = os.readlink(link) if os.path.islink(link) else None
+    for name in components:  # a link to a component the current version lacks points nowhere until the switch
+        link_component(output_dir, name)
+    version = next_pipeline_version(output_dir)
+    os.rename(partial, os.path.join(output_dir, version))
+    fsync_folder(output_dir)
+    point_link(link, version)  # the one step that switches every component
+    for name in os.listdir(output_dir):  # links to components the new pipeline does not have
+        path = os.path.join(output_dir, name)
+        if os.path.islink(path) and os.readlink(path).startswith(PIPELINE_LINK + os.sep) and not os.path.exists(path):
+            os.remove(path)
+    if previous is not None and previous != version:
+        shutil.rmtree(os.path.join(output_dir, previous), ignore_errors=True)
+
+
+def load_rgb(source, name):
+    """The image at `source` (a path or a file object) as 8-bit RGB, whatever it is stored as: EXIF rotation applied,
+    16-bit samples scaled to 8 bits (not clipped to white), transparency composited onto white, palette, grayscale
+    and CMYK converted. Any failure, a truncated file included, raises an error that names the image."""
+    try:
+        with Image.open(source) as image:
+            image = ImageOps.exif_transpose(image)  # decoded, and turned the way the camera was held
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            # 16-bit samples (I;16, and 16-bit PNGs opened as I) span 0-65535, float ones 0-1: scale, then round.
+            scale = 255.0 if image.mode == "F" else 255.0 / 65535.0
+            samples = np.clip(np.asarray(image, dtype=np.float64) * scale + 0.5, 0, 255).astype(np.uint8)
+            image = Image.fromarray(samples, "L")
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+            # Transparent pixels hold arbitrary colours: show them as a viewer does, on white.
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        return image.convert("RGB")
+    except Exception as err:
+        raise ValueError(f"cannot read image {name}: {err}") from err
+
+
+def verify_image(source, name):
+    """Check that an image file decodes, at a fraction of a full decode: a PNG's chunk checksums cover all its bytes,
+    and a JPEG decodes at 1/8 scale (its entropy-coded data is still read to the end, so truncation is caught); other
+    formats decode in full. A failure raises an error that names the image."""
+    try:
+        with Image.open(source) as image:
+            if image.format == "PNG":
+                image.verify()
+            else:
+                if image.format == "JPEG":
+                    image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+                image.load()
+    except Exception as err:
+        raise ValueError(f"cannot read image {name}: {err}") from err
+
+
+def find_unreadable_images(check_image, indices):
+    """check_image(i) for every i in indices, on a thread pool (decoding releases the GIL), before any training: the
+    error messages of the images that cannot be read, in order."""
+
+    def problem(index):
+        try:
+            check_image(index)
+        except ValueError as err:
+            return str(err)
+        return None
+
+    workers = min(32, 4 * (os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return [message for message in pool.map(problem, indices) if message is not None]
+
+
+class StopRequest:
+    """SIGTERM (what cloud spot VMs and SLURM send before a kill) and SIGUSR1 (SLURM's --signal) ask the run to stop.
+    The handler only records the request: the loop finishes the optimizer update it is in, writes a checkpoint at
+    that step and exits with PREEMPTED_EXIT_CODE. A second signal changes nothing, so it cannot break the save."""
+
+    def __init__(self):
+        self.signal_name = None
+        for name in ("SIGTERM", "SIGUSR1"):
+            if hasattr(signal, name):  # Windows has no SIGUSR1
+                signal.signal(getattr(signal, name), self.record)
+
+    def record(self, signum, frame):
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+
+
+def preemption_message(stop_request, global_step):
+    received = stop_request.signal_name or "a stop signal (on another process)"
+    return (
+        f"{received} received: stopped after step {global_step} with checkpoint-{global_step} written; relaunch the "
+        f"same command with --resume_from_checkpoint latest to continue (exit code {PREEMPTED_EXIT_CODE})"
+    )
 
 
 def load_image_caption_dataset(args, seed):
@@ -456,16 +753,19 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.rows)
 
-    def open_image(self, row):
+    def image_source(self, row):
+        """The row's image as (a path or a file object, a name that points the user to it)."""
         value = self.rows[row][self.args.image_column]
         if isinstance(value, str):
             value = {"path": value, "bytes": None}
-        name = value.get("path") or f"row {row}"
-        try:
-            image = Image.open(value["path"] if value.get("bytes") is None else io.BytesIO(value["bytes"]))
-            return image.convert("RGB")
-        except Exception as err:
-            raise ValueError(f"cannot read image {name} (column '{self.args.image_column}', row {row}): {err}") from err
+        name = f"{value.get('path') or 'in the data'} (column '{self.args.image_column}', row {row})"
+        return (value["path"] if value.get("bytes") is None else io.BytesIO(value["bytes"])), name
+
+    def open_image(self, row):
+        return load_rgb(*self.image_source(row))
+
+    def verify_image(self, row):
+        verify_image(*self.image_source(row))
 
     def transform(self, image, rng, flip=None):
         size = self.args.resolution
@@ -513,6 +813,20 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             choice = int(rng.integers(count)) if count > 1 else 0
             example["encoder_hidden_states"] = embeddings[indices[offsets[row] + choice]]
         return example
+
+
+def check_images(dataset, accelerator):
+    """Every image must decode before anything else happens (a bad file found hours in would stop every resume
+    too). Each process checks its share of the rows; the failures are gathered, so all processes stop together."""
+    indices = range(accelerator.process_index, len(dataset), accelerator.num_processes)
+    started = time.perf_counter()
+    problems = find_unreadable_images(dataset.verify_image, indices)
+    if accelerator.num_processes > 1:
+        problems = gather_object(problems)
+    if problems:
+        listed = "\n  ".join(sorted(problems)[:10])
+        raise ValueError(f"{len(problems)} of {len(dataset)} images cannot be read; fix or remove them:\n  {listed}")
+    logger.info(f"Checked {len(dataset)} images in {time.perf_counter() - started:.1f} s")
 
 
 def image_views(dataset, views, indices):
@@ -663,6 +977,56 @@ class LogWindow:
 
 def format_logs(global_step, logs):
     return f"step {global_step}: " + ", ".join(f"{key}={value:.4g}" for key, value in logs.items())
+
+
+def stop_agreed(stop_request, accelerator, group):
+    """Whether any process received a stop signal, the same answer on every process at the same update: one
+    all-reduce of a CPU integer over gloo per update, which never waits for the GPU."""
+    requested = torch.tensor([int(stop_request.signal_name is not None)])
+    if accelerator.num_processes > 1:
+        torch.distributed.all_reduce(requested, op=torch.distributed.ReduceOp.MAX, group=group)
+    return bool(requested.item())
+
+
+def check_finite(named_tensors, loss, what, global_step):
+    """Before anything is written: every tensor about to be written is finite, and so is the loss the new weights
+    give on the last batch (weights can stay finite while a model's outputs do not). Otherwise stop, naming the step
+    and the tensors; only then is anything written, so no file ever holds a diverged model."""
+    bad = [name for name, tensor in named_tensors if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad or not math.isfinite(loss):
+        culprits = f"non-finite values in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}" if bad else ""
+        culprits = culprits or f"a loss of {loss} on the last batch"
+        raise FloatingPointError(
+            f"{what} diverged at step {global_step} ({culprits}): stopping, nothing was written for this step. "
+            "Lower --learning_rate, or clip gradients with --max_grad_norm"
+        )
+
+
+def optimizer_tensors(optimizer):
+    """The optimizer's state tensors, named by parameter index and key."""
+    for index, state in enumerate(optimizer.state.values()):
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                yield f"optimizer state {index}.{key}", value
+
+
+def probe_loss(accelerator, unet, noise_scheduler, latents, encoder_hidden_states, config, seed):
+    """The loss the UNet's current weights give on a batch (the mean over processes), with draws of its own."""
+    generator = torch.Generator(device=latents.device).manual_seed(seed)
+    with torch.no_grad(), accelerator.autocast():
+        loss = diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator, config)
+    return accelerator.reduce(loss.detach().float(), reduction="mean").item()
+
+
+def trained_tensors(unet, ema_unet, optimizer):
+    """Everything of the trained model a checkpoint or the final pipeline holds, by name."""
+    yield from unet.named_parameters()
+    if ema_unet is not None:
+        yield from (
+            (f"EMA {name}", shadow)
+            for (name, _), shadow in zip(unet.named_parameters(), ema_unet.shadow_params, strict=True)
+        )
+    yield from optimizer_tensors(optimizer)
 
 
 def load_component(cls, args, subfolder, **kwargs):
@@ -828,21 +1192,19 @@ def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, genera
 
 
 def save_checkpoint(accelerator, output_dir, global_step, run_metadata, total_limit=None):
-    """Write checkpoint-N crash-safely: into a hidden temporary folder first, renamed into place only when complete;
-    then keep the newest `total_limit` checkpoints (--checkpoints_total_limit). Main process only."""
+    """Write checkpoint-N crash-safely: into a hidden temporary folder, flushed to disk, then renamed into place (a
+    checkpoint is visible only when complete); then keep the newest `total_limit` (--checkpoints_total_limit).
+    Main process only."""
     final_path = os.path.join(output_dir, f"checkpoint-{global_step}")
     partial_path = os.path.join(output_dir, f".checkpoint-{global_step}.partial")
     shutil.rmtree(partial_path, ignore_errors=True)
-    accelerator.save_state(partial_path)
-    with open(os.path.join(partial_path, CHECKPOINT_METADATA), "w") as f:
-        json.dump({**run_metadata, "global_step": global_step}, f, indent=2)
-    if os.path.exists(final_path):  # left by an earlier run that got past this step; the new one replaces it
-        stale_path = final_path + ".stale"
-        os.rename(final_path, stale_path)
-        os.rename(partial_path, final_path)
-        shutil.rmtree(stale_path)
-    else:
-        os.rename(partial_path, final_path)
+    try:
+        accelerator.save_state(partial_path)
+        write_checkpoint_metadata(partial_path, {**run_metadata, "global_step": global_step})
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(partial_path, ignore_errors=True)
+        raise OSError(write_failure(f"checkpoint-{global_step}", output_dir, err)) from err
+    publish_checkpoint(partial_path, final_path)
     logger.info(f"Saved {final_path}")
     if total_limit is not None:
         for _, path in list_checkpoints(output_dir)[:-total_limit]:
@@ -978,19 +1340,9 @@ def write_hub_style_text_encoder(text_encoder_dir):
             torch.save({hub_key(k): v for k, v in state.items()}, path)
 
 
-def swap_in_pipeline(partial, output_dir):
-    """Move a complete pipeline written to the folder `partial` into output_dir, one component at a time."""
-    for name in os.listdir(partial):
-        target = os.path.join(output_dir, name)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(partial, name), target)
-    os.rmdir(partial)
-
-
 def save_pipeline(unet, args):
     """The full pipeline (frozen parts re-read in their original precision) in output_dir, written to a temporary
-    folder first so a crash never leaves a half-written model over a good one."""
+    folder first and switched in atomically (publish_pipeline), so a crash never leaves a broken model."""
     pipeline = StableDiffusionPipeline.from_pretrained(
         args.pretrained_model_name_or_path,
         unet=unet,
@@ -1003,26 +1355,42 @@ def save_pipeline(unet, args):
         pipeline.scheduler.register_to_config(prediction_type=args.prediction_type)
     partial = os.path.join(args.output_dir, ".pipeline.partial")
     shutil.rmtree(partial, ignore_errors=True)
-    pipeline.save_pretrained(partial, safe_serialization=True)
-    write_hub_style_text_encoder(os.path.join(partial, "text_encoder"))
-    swap_in_pipeline(partial, args.output_dir)
+    try:
+        pipeline.save_pretrained(partial, safe_serialization=True)
+        write_hub_style_text_encoder(os.path.join(partial, "text_encoder"))
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise OSError(write_failure("the pipeline", args.output_dir, err)) from err
+    publish_pipeline(partial, args.output_dir)
     return pipeline
 
 
-def push_to_hub(args):
-    """Upload output_dir, without checkpoints, hidden temporary folders and tracker logs."""
-    from huggingface_hub import create_repo, upload_folder
+def files_to_upload(output_dir):
+    """(path in the repository, local path) for what push_to_hub uploads: the pipeline (component links resolved), the
+    model card, embeddings and validation grids; not checkpoints, tracker logs or hidden files."""
+    found = []
+    for root, folders, names in os.walk(output_dir, followlinks=True):
+        top = os.path.relpath(root, output_dir) == "."
+        folders[:] = [
+            f for f in folders if not f.startswith(".") and not (top and f.startswith(("checkpoint-", "logs")))
+        ]
+        for name in names:
+            if not name.startswith("."):
+                path = os.path.join(root, name)
+                found.append((os.path.relpath(path, output_dir).replace(os.sep, "/"), path))
+    return sorted(found)
 
-    name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-    repo_id = create_repo(name, exist_ok=True, token=args.hub_token).repo_id
-    ignore = ["checkpoint-*", ".*", "logs/*"]
-    upload_folder(
-        repo_id=repo_id,
-        folder_path=args.output_dir,
-        commit_message="End of training",
-        ignore_patterns=ignore,
-        token=args.hub_token,
-    )
+
+def push_to_hub(args):
+    """Upload output_dir's files_to_upload in one commit."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    api = HfApi(token=args.hub_token)
+    repo_id = api.create_repo(
+        args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True
+    ).repo_id
+    files = [CommitOperationAdd(path_in_repo, local) for path_in_repo, local in files_to_upload(args.output_dir)]
+    api.create_commit(repo_id, operations=files, commit_message="End of training")
 
 
 def main(argv=None):
@@ -1048,9 +1416,19 @@ def main(argv=None):
         raise ImportError(
             "--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (GPU only)"
         )
+    if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
+        raise ValueError(
+            f"--mixed_precision fp16 needs a CUDA GPU (this run is on {accelerator.device.type}): use bf16 or no"
+        )
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    # Only the main process writes, and only while it holds output_dir: a second run into it is refused.
+    output_lock = lock_output_dir(args.output_dir) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    stop_request = StopRequest()
+    # A CPU side channel for agreeing on stop requests, so that it never waits for the GPU.
+    stop_group = torch.distributed.new_group(backend="gloo") if accelerator.num_processes > 1 else None
     resume_path = find_resume_checkpoint(args)
     resume_metadata = read_checkpoint_metadata(resume_path)
     seed = choose_seed(args, resume_metadata)
@@ -1094,6 +1472,7 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------------------------------------- data
     train_dataset = ImageCaptionDataset(load_image_caption_dataset(args, seed), tokenizer, args, seed)
+    check_images(train_dataset, accelerator)
     num_workers = default_num_workers(args, accelerator)
     build_caches(train_dataset, vae, text_encoder, tokenizer, accelerator, args, num_workers)
     sampler = EpochShuffleSampler(len(train_dataset), seed)
@@ -1113,7 +1492,14 @@ def main(argv=None):
     optimizer = make_optimizer(args, unet.parameters())
     unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
     # global_step counts optimizer updates; --max_train_steps is authoritative and epochs are derived from it.
-    updates_per_epoch = math.ceil(len(train_dataloader) / args.gradient_accumulation_steps)
+    batches_per_epoch = len(train_dataloader)
+    if args.gradient_accumulation_steps > batches_per_epoch:
+        raise ValueError(
+            f"--gradient_accumulation_steps {args.gradient_accumulation_steps} is more than the {batches_per_epoch} "
+            f"batches of an epoch ({len(train_dataset)} examples, {args.train_batch_size} per device x "
+            f"{accelerator.num_processes} processes): use at most {batches_per_epoch}, or a smaller batch"
+        )
+    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
     # The prepared scheduler steps once per process at every update, hence the factor num_processes.
@@ -1126,12 +1512,16 @@ def main(argv=None):
     lr_scheduler = accelerator.prepare(lr_scheduler)
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
+    run_metadata["num_processes"] = accelerator.num_processes
 
     # ----------------------------------------------------------------------------------------------------- resume
     global_step = 0
     if resume_path is not None:
         accelerator.print(f"Resuming from {resume_path}")
-        accelerator.load_state(resume_path)
+        try:
+            accelerator.load_state(resume_path)
+        except Exception as err:
+            raise RuntimeError(f"{resume_path} could not be loaded ({type(err).__name__}: {err})") from err
         global_step = resume_metadata["global_step"]
         warn_if_batch_layout_changed(resume_metadata, run_metadata)
     first_epoch = global_step // updates_per_epoch
@@ -1163,6 +1553,7 @@ def main(argv=None):
         disable=not accelerator.is_local_main_process,
     )
     window = LogWindow(accelerator, total_batch_size, global_step)
+    last_batch = None  # (latents, encoder_hidden_states) of the last batch, to probe the weights before writing them
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
             break
@@ -1173,11 +1564,15 @@ def main(argv=None):
         batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
         for batch_index, batch in enumerate(batches, start=skip):
             generator.manual_seed(derive_seed(seed, epoch, batch_index, accelerator.process_index))
+            # The epoch's last accumulation group may be short: its update averages the batches it has.
+            group_start = batch_index - batch_index % args.gradient_accumulation_steps
+            group_size = min(args.gradient_accumulation_steps, batches_per_epoch - group_start)
             with accelerator.accumulate(unet):
                 latents, encoder_hidden_states = encode_batch(batch, vae, text_encoder, generator)
                 loss = diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator, loss_config)
-                window.add_batch(loss, args.gradient_accumulation_steps)
-                accelerator.backward(loss)
+                window.add_batch(loss, group_size)
+                accelerator.backward(loss * (args.gradient_accumulation_steps / group_size))
+                last_batch = (latents, encoder_hidden_states)
                 grad_norm = None
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
@@ -1196,16 +1591,28 @@ def main(argv=None):
                 if args.offload_ema:
                     ema_unet.to(device="cpu", non_blocking=True)
             progress_bar.update(1)
-            is_checkpoint_step = global_step % args.checkpointing_steps == 0
+            stopping = stop_agreed(stop_request, accelerator, stop_group)  # a SIGTERM / SIGUSR1 on any process
+            is_checkpoint_step = global_step % args.checkpointing_steps == 0 or stopping
             # Reading the loss back waits for the device: only at logging steps, and before a checkpoint is written
-            # (the read raises on a non-finite loss, so no checkpoint ever holds a diverged model).
+            # (the read raises on a non-finite loss).
             if global_step % args.logging_steps == 0 or is_checkpoint_step or global_step >= max_train_steps:
                 logs = window.read(global_step, epoch, lr_scheduler.get_last_lr()[0])
                 accelerator.log(logs, step=global_step)
                 logger.info(format_logs(global_step, logs))
                 progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-            if is_checkpoint_step and accelerator.is_main_process:
-                save_checkpoint(accelerator, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
+            if is_checkpoint_step:
+                tensors = trained_tensors(accelerator.unwrap_model(unet), ema_unet, optimizer)
+                probe = probe_loss(accelerator, unet, noise_scheduler, *last_batch, loss_config, seed)
+                check_finite(tensors, probe, "the UNet", global_step)
+                if accelerator.is_main_process:
+                    save_checkpoint(
+                        accelerator, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit
+                    )
+            if stopping:
+                accelerator.wait_for_everyone()
+                logger.warning(preemption_message(stop_request, global_step))
+                accelerator.end_training()
+                sys.exit(PREEMPTED_EXIT_CODE)
             if global_step >= max_train_steps:
                 break
 
@@ -1217,6 +1624,10 @@ def main(argv=None):
             accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------------------------------------------- save
+    if last_batch is not None:  # what is about to be saved, checked as every checkpoint is
+        tensors = trained_tensors(accelerator.unwrap_model(unet), ema_unet, optimizer)
+        probe = probe_loss(accelerator, unet, noise_scheduler, *last_batch, loss_config, seed)
+        check_finite(tensors, probe, "the UNet", global_step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
@@ -1236,6 +1647,8 @@ def main(argv=None):
         if args.push_to_hub:
             push_to_hub(args)
     accelerator.end_training()
+    if output_lock is not None:
+        output_lock.release()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,8 @@ After a crash or preemption, relaunch the same command with --resume_from_checkp
 """
 
 import argparse
+import concurrent.futures
+import ctypes
 import dataclasses
 import functools
 import io
@@ -26,6 +28,9 @@ import math
 import os
 import re
 import shutil
+import signal
+import socket
+import sys
 import time
 from typing import Any
 
@@ -36,7 +41,7 @@ import numpy as np
 import optax
 from flax import serialization, struct
 from flax.training.train_state import TrainState
-from PIL import Image
+from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
 logger = logging.getLogger(__name__)
@@ -44,6 +49,10 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # Seed, step and batch layout of a checkpoint, written last into it: its presence marks the checkpoint complete.
 CHECKPOINT_METADATA = "checkpoint_metadata.json"
+LOCK_FILE = ".training.lock"  # held (an OS lock) by the run writing into output_dir; a killed run holds none
+PIPELINE_LINK = ".pipeline"  # -> the current .pipeline-<n> folder; output_dir's components link through it
+PIPELINE_VERSION = re.compile(r"^\.pipeline-(\d+)$")
+PREEMPTED_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL: stopped by a signal after writing a checkpoint; relaunch to continue
 INTERPOLATION_MODES = ["lanczos", "bicubic", "bilinear", "nearest", "box", "hamming"]
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine"]
 
@@ -219,7 +228,7 @@ def parse_args(argv=None):
     for name in "resolution train_batch_size gradient_accumulation_steps checkpointing_steps logging_steps".split():
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ["max_train_steps", "checkpoints_total_limit"]:
+    for name in ["max_train_steps", "checkpoints_total_limit", "max_train_samples"]:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     return args
@@ -249,12 +258,17 @@ def list_checkpoints(output_dir):
 
 
 def find_resume_checkpoint(args):
-    """The checkpoint folder --resume_from_checkpoint names, None to start fresh; a wrong name is an error."""
+    """The checkpoint --resume_from_checkpoint names (None to start fresh). 'latest' is the newest intact checkpoint:
+    a damaged one is skipped with a warning. A named checkpoint that is missing or damaged is an error."""
     if args.resume_from_checkpoint is None:
         return None
     if args.resume_from_checkpoint == "latest":
-        checkpoints = list_checkpoints(args.output_dir)
-        return checkpoints[-1][1] if checkpoints else None
+        for _, path in reversed(list_checkpoints(args.output_dir)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            logger.warning(f"skipping {os.path.basename(path)}: {problem}")
+        return None
     path = args.resume_from_checkpoint
     if not os.path.isdir(path):
         path = os.path.join(args.output_dir, args.resume_from_checkpoint)
@@ -264,6 +278,9 @@ def find_resume_checkpoint(args):
             f"--resume_from_checkpoint {args.resume_from_checkpoint}: no complete checkpoint at {path} "
             f"(complete ones in {args.output_dir}: {complete})"
         )
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: {problem}")
     return path
 
 
@@ -291,14 +308,294 @@ def choose_seed(args, resume_metadata):
 
 
 def warn_if_batch_layout_changed(resume_metadata, run_metadata):
-    """A resume is exact only with the global batch and epoch length the checkpoint was written with."""
-    keys = ("total_batch_size", "updates_per_epoch")
+    """A resume is exact only with the global batch, epoch length and process count the checkpoint was written with
+    (each process draws its own noise)."""
+    keys = ("total_batch_size", "updates_per_epoch", "num_processes")
     before, now = ({key: metadata.get(key) for key in keys} for metadata in (resume_metadata, run_metadata))
     if before != now:
         logger.warning(
             f"batch layout changed since the checkpoint ({before} -> {now}): "
             "the resumed run will not match an uninterrupted one"
         )
+
+
+def fsync_folder(folder):
+    """Flush a folder's entries (the names created or renamed in it) to disk; a no-op where folders cannot be opened."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # Windows: folders cannot be opened, and its renames are durable
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(folder):
+    """Flush every file and folder under `folder` to disk, so that the rename that publishes it can never survive a
+    power cut that its bytes did not."""
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_folder(root)
+
+
+def write_failure(what, folder, err):
+    """The message for a save that failed (a full disk, most often), with the space left where it was written."""
+    free = shutil.disk_usage(folder).free / 2**30 if os.path.isdir(folder) else float("nan")
+    return (
+        f"could not write {what} into {folder} ({type(err).__name__}: {err}); {free:.2f} GiB free there. "
+        "Nothing that was there before was replaced"
+    )
+
+
+def lock_output_dir(output_dir):
+    """Hold an OS lock on output_dir for the whole run, so that a second run into the same folder is refused instead
+    of overwriting this run's checkpoints and model. The kernel drops the lock when the process ends, however it
+    ends, so the lock of a killed run is simply taken over. Then clear what a killed run may have left: unfinished
+    checkpoints and pipelines, and replaced ones not yet deleted. Main process only."""
+    import filelock
+
+    os.makedirs(output_dir, exist_ok=True)
+    lock = filelock.FileLock(os.path.join(output_dir, LOCK_FILE), timeout=0)
+    owner_path = os.path.join(output_dir, LOCK_FILE + ".owner")
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        owner = open(owner_path).read().strip() if os.path.isfile(owner_path) else "unknown"
+        raise RuntimeError(
+            f"--output_dir {output_dir} is in use by another training run (pid {owner}): wait for it to end, "
+            "stop it, or choose another --output_dir"
+        ) from None
+    with open(owner_path, "w") as f:
+        f.write(f"{os.getpid()} on {socket.gethostname()}\n")
+    link = os.path.join(output_dir, PIPELINE_LINK)
+    current = os.readlink(link) if os.path.islink(link) else None
+    for name in os.listdir(output_dir):
+        unfinished = name.endswith((".partial", ".stale", ".link", ".link.old", ".new", ".probe"))
+        if unfinished or (PIPELINE_VERSION.match(name) and name != current):
+            path = os.path.join(output_dir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+    return lock
+
+
+def checkpoint_problem(checkpoint_path):
+    """Why a checkpoint cannot be resumed from, naming the file, or None. Its metadata lists every file it holds with
+    its size, so a truncated or missing file is found without reading the weights."""
+    metadata_path = os.path.join(checkpoint_path, CHECKPOINT_METADATA)
+    try:
+        with open(metadata_path) as f:
+            metadata = json.load(f)
+        int(metadata["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{metadata_path} is unreadable ({type(err).__name__}: {err})"
+    for name, size in metadata.get("files", {}).items():
+        path = os.path.join(checkpoint_path, name)
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        if os.path.getsize(path) != size:
+            return f"{path} is damaged: {os.path.getsize(path)} bytes, {size} were written"
+    return None
+
+
+def write_checkpoint_metadata(folder, metadata):
+    """Write the metadata file, last, with every file of the checkpoint and its size; then flush it all to disk."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            files[os.path.relpath(os.path.join(root, name), folder)] = os.path.getsize(os.path.join(root, name))
+    with open(os.path.join(folder, CHECKPOINT_METADATA), "w") as f:
+        json.dump({**metadata, "files": files}, f, indent=2)
+    fsync_tree(folder)
+
+
+def publish_checkpoint(partial_path, final_path):
+    """Make a complete checkpoint visible under its final name with one rename; one of the same step left by an
+    earlier run is replaced."""
+    stale_path = final_path + ".stale"
+    shutil.rmtree(stale_path, ignore_errors=True)
+    if os.path.exists(final_path):
+        os.rename(final_path, stale_path)
+    os.rename(partial_path, final_path)
+    fsync_folder(os.path.dirname(final_path))
+    shutil.rmtree(stale_path, ignore_errors=True)
+
+
+def exchange_entries(path_a, path_b):
+    """Swap two directory entries in one atomic step (Linux's renameat2 with RENAME_EXCHANGE); False where the
+    system or the filesystem cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    here, rename_exchange = -100, 2  # AT_FDCWD (paths are absolute or relative to the working folder)
+    return renameat2(here, os.fsencode(path_a), here, os.fsencode(path_b), rename_exchange) == 0
+
+
+def point_link(link, target):
+    """Point the symbolic link `link` at `target` in one atomic step: a new link renamed over the old one."""
+    temporary = link + ".new"
+    if os.path.lexists(temporary):
+        os.remove(temporary)
+    os.symlink(target, temporary)
+    os.replace(temporary, link)
+    fsync_folder(os.path.dirname(link))
+
+
+def link_component(output_dir, name):
+    """Make output_dir/<name> the relative link .pipeline/<name>. A real file is replaced by its link in one rename;
+    a real folder is swapped with it in one exchange (or, where the system cannot, moved aside first)."""
+    path, target = os.path.join(output_dir, name), os.path.join(PIPELINE_LINK, name)
+    if os.path.islink(path) and os.readlink(path) == target:
+        return
+    temporary = os.path.join(output_dir, f".{name}.link")
+    if os.path.lexists(temporary):
+        os.remove(temporary)
+    os.symlink(target, temporary)
+    if os.path.isdir(path) and not os.path.islink(path):
+        if not exchange_entries(temporary, path):
+            os.rename(path, temporary + ".old")
+            os.rename(temporary, path)
+            temporary += ".old"
+        shutil.rmtree(temporary)
+    else:
+        os.replace(temporary, path)
+
+
+def next_pipeline_version(output_dir):
+    numbers = [int(match.group(1)) for match in map(PIPELINE_VERSION.match, os.listdir(output_dir)) if match]
+    return f".pipeline-{max(numbers, default=0) + 1}"
+
+
+def publish_pipeline(partial, output_dir):
+    """Make the complete pipeline in the folder `partial` the one output_dir holds, atomically. It becomes a hidden
+    version folder .pipeline-<n>; every component in output_dir (model_index.json, unet/, ...) is a relative link
+    through the link .pipeline; and one rename, pointing .pipeline at the new version, switches them all. So at every
+    instant, crash or not, from_pretrained(output_dir) loads the old pipeline or the new one. Where symbolic links
+    cannot be made (Windows without developer mode), components are moved in one at a time, with a warning."""
+    fsync_tree(partial)
+    link = os.path.join(output_dir, PIPELINE_LINK)
+    components = sorted(os.listdir(partial))
+    try:
+        os.symlink(PIPELINE_LINK, link + ".probe")
+        os.remove(link + ".probe")
+    except (OSError, NotImplementedError):
+        logger.warning(f"no symbolic links in {output_dir}: the pipeline is replaced one component at a time")
+        for name in components:
+            target = os.path.join(output_dir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(partial, name), target)
+        os.rmdir(partial)
+        return
+    shown = [name for name in components if os.path.lexists(os.path.join(output_dir, name))]
+    if any(not os.path.islink(os.path.join(output_dir, name)) for name in shown):
+        # Saved as real files and folders (by an older version, or by diffusers' own script): a snapshot of what
+        # output_dir shows now (hard links, no extra space) first becomes the current version, entry for entry.
+        snapshot = os.path.join(output_dir, next_pipeline_version(output_dir))
+        os.makedirs(snapshot)
+        for name in shown:
+            source = os.path.join(output_dir, name)
+            if os.path.isdir(source):
+                shutil.copytree(source, os.path.join(snapshot, name), copy_function=os.link)
+            else:
+                os.link(source, os.path.join(snapshot, name))
+        fsync_tree(snapshot)
+        point_link(link, os.path.basename(snapshot))
+    previous = os.readlink(link) if os.path.islink(link) else None
+    for name in components:  # a link to a component the current version lacks points nowhere until the switch
+        link_component(output_dir, name)
+    version = next_pipeline_version(output_dir)
+    os.rename(partial, os.path.join(output_dir, version))
+    fsync_folder(output_dir)
+    point_link(link, version)  # the one step that switches every component
+    for name in os.listdir(output_dir):  # links to components the new pipeline does not have
+        path = os.path.join(output_dir, name)
+        if os.path.islink(path) and os.readlink(path).startswith(PIPELINE_LINK + os.sep) and not os.path.exists(path):
+            os.remove(path)
+    if previous is not None and previous != version:
+        shutil.rmtree(os.path.join(output_dir, previous), ignore_errors=True)
+
+
+def load_rgb(source, name):
+    """The image at `source` (a path or a file object) as 8-bit RGB, whatever it is stored as: EXIF rotation applied,
+    16-bit samples scaled to 8 bits (not clipped to white), transparency composited onto white, palette, grayscale
+    and CMYK converted. Any failure, a truncated file included, raises an error that names the image."""
+    try:
+        with Image.open(source) as image:
+            image = ImageOps.exif_transpose(image)  # decoded, and turned the way the camera was held
+        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            # 16-bit samples (I;16, and 16-bit PNGs opened as I) span 0-65535, float ones 0-1: scale, then round.
+            scale = 255.0 if image.mode == "F" else 255.0 / 65535.0
+            samples = np.clip(np.asarray(image, dtype=np.float64) * scale + 0.5, 0, 255).astype(np.uint8)
+            image = Image.fromarray(samples, "L")
+        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+            # Transparent pixels hold arbitrary colours: show them as a viewer does, on white.
+            rgba = image.convert("RGBA")
+            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        return image.convert("RGB")
+    except Exception as err:
+        raise ValueError(f"cannot read image {name}: {err}") from err
+
+
+def verify_image(source, name):
+    """Check that an image file decodes, at a fraction of a full decode: a PNG's chunk checksums cover all its bytes,
+    and a JPEG decodes at 1/8 scale (its entropy-coded data is still read to the end, so truncation is caught); other
+    formats decode in full. A failure raises an error that names the image."""
+    try:
+        with Image.open(source) as image:
+            if image.format == "PNG":
+                image.verify()
+            else:
+                if image.format == "JPEG":
+                    image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+                image.load()
+    except Exception as err:
+        raise ValueError(f"cannot read image {name}: {err}") from err
+
+
+def find_unreadable_images(check_image, indices):
+    """check_image(i) for every i in indices, on a thread pool (decoding releases the GIL), before any training: the
+    error messages of the images that cannot be read, in order."""
+
+    def problem(index):
+        try:
+            check_image(index)
+        except ValueError as err:
+            return str(err)
+        return None
+
+    workers = min(32, 4 * (os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        return [message for message in pool.map(problem, indices) if message is not None]
+
+
+class StopRequest:
+    """SIGTERM (what cloud spot VMs and SLURM send before a kill) and SIGUSR1 (SLURM's --signal) ask the run to stop.
+    The handler only records the request: the loop finishes the optimizer update it is in, writes a checkpoint at
+    that step and exits with PREEMPTED_EXIT_CODE. A second signal changes nothing, so it cannot break the save."""
+
+    def __init__(self):
+        self.signal_name = None
+        for name in ("SIGTERM", "SIGUSR1"):
+            if hasattr(signal, name):  # Windows has no SIGUSR1
+                signal.signal(getattr(signal, name), self.record)
+
+    def record(self, signum, frame):
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+
+
+def preemption_message(stop_request, global_step):
+    received = stop_request.signal_name or "a stop signal (on another process)"
+    return (
+        f"{received} received: stopped after step {global_step} with checkpoint-{global_step} written; relaunch the "
+        f"same command with --resume_from_checkpoint latest to continue (exit code {PREEMPTED_EXIT_CODE})"
+    )
 
 
 def load_image_caption_dataset(args, seed):
@@ -349,15 +646,19 @@ class ImageCaptionDataset:
     def __len__(self):
         return len(self.rows)
 
-    def open_image(self, value, row):
+    def image_source(self, row):
+        """The row's image as (a path or a file object, a name that points the user to it)."""
+        value = self.rows[row][self.args.image_column]
         if isinstance(value, str):
             value = {"path": value, "bytes": None}
-        name = value.get("path") or f"row {row}"
-        try:
-            image = Image.open(value["path"] if value.get("bytes") is None else io.BytesIO(value["bytes"]))
-            return image.convert("RGB")
-        except Exception as err:
-            raise ValueError(f"cannot read image {name} (column '{self.args.image_column}', row {row}): {err}") from err
+        name = f"{value.get('path') or 'in the data'} (column '{self.args.image_column}', row {row})"
+        return (value["path"] if value.get("bytes") is None else io.BytesIO(value["bytes"])), name
+
+    def open_image(self, row):
+        return load_rgb(*self.image_source(row))
+
+    def verify_image(self, row):
+        verify_image(*self.image_source(row))
 
     def transform(self, image, rng):
         size = self.args.resolution
@@ -392,12 +693,29 @@ class ImageCaptionDataset:
         epoch, row = key
         rng = np.random.default_rng([self.seed, epoch, row])
         example = self.rows[row]
-        pixel_values = self.transform(self.open_image(example[self.args.image_column], row), rng)
+        pixel_values = self.transform(self.open_image(row), rng)
         caption = self.pick_caption(example[self.args.caption_column], row, rng)
         input_ids = self.tokenizer(
             caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True
         ).input_ids
         return {"pixel_values": pixel_values, "input_ids": np.asarray(input_ids, dtype=np.int32)}
+
+
+def check_images(dataset):
+    """Every image must decode before anything else happens (a bad file found hours in would stop every resume
+    too). Each process checks its share of the rows, and all processes agree on the count of failures."""
+    indices = range(jax.process_index(), len(dataset), jax.process_count())
+    started = time.perf_counter()
+    problems = find_unreadable_images(dataset.verify_image, indices)
+    count = len(problems)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        count = int(np.sum(multihost_utils.process_allgather(np.array(count))))
+    if count:
+        listed = "\n  ".join(sorted(problems)[:10]) or "(listed by the other processes)"
+        raise ValueError(f"{count} of {len(dataset)} images cannot be read; fix or remove them:\n  {listed}")
+    logger.info(f"Checked {len(dataset)} images in {time.perf_counter() - started:.1f} s")
 
 
 def epoch_batches(dataset, seed, epoch, global_batch_size, skip_batches):
@@ -665,44 +983,68 @@ def diffusion_loss(unet, noise_scheduler, scheduler_state, latents, encoder_hidd
 # ------------------------------------------------------ END MATH ------------------------------------------------------
 
 
-def train_step(state, frozen, batch, rng, config):
-    """One batch: encode, the denoising loss and its gradients, an optimizer step (accumulated by optax.MultiSteps).
-    Pure: every random draw comes from `rng`."""
+def batch_loss(params, state, frozen, batch, rng, config):
+    """The loss `params` give on one batch: encode, then the denoising loss. Pure: every draw comes from `rng`."""
     sample_rng, loss_rng = jax.random.split(rng)
     latents, encoder_hidden_states = encode_batch(frozen, batch, sample_rng)
 
-    def loss_fn(params):
-        def unet(noisy_latents, timesteps, encoder_hidden_states):
-            variables = {"params": params}
-            return state.apply_fn(variables, noisy_latents, timesteps, encoder_hidden_states, train=True).sample
+    def unet(noisy_latents, timesteps, encoder_hidden_states):
+        variables = {"params": params}
+        return state.apply_fn(variables, noisy_latents, timesteps, encoder_hidden_states, train=True).sample
 
-        return diffusion_loss(
-            unet, frozen.noise_scheduler, frozen.scheduler_state, latents, encoder_hidden_states, loss_rng, config
-        )
+    return diffusion_loss(
+        unet, frozen.noise_scheduler, frozen.scheduler_state, latents, encoder_hidden_states, loss_rng, config
+    )
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+
+def train_step(state, frozen, batch, rng, config):
+    """One batch: its loss and gradients, then an optimizer step (accumulated by optax.MultiSteps)."""
+    loss, grads = jax.value_and_grad(batch_loss)(state.params, state, frozen, batch, rng, config)
     return state.apply_gradients(grads=grads), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
+def stop_agreed(stop_request):
+    """Whether any process received a stop signal, the same answer on every process at the same update."""
+    requested = int(stop_request.signal_name is not None)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        requested = int(np.max(multihost_utils.process_allgather(np.array(requested))))
+    return bool(requested)
+
+
+def check_finite(tree, loss, what, global_step):
+    """Before anything is written: every array about to be written is finite, and so is the loss the new params give
+    on the last batch (params can stay finite while a model's outputs do not). Otherwise stop, naming the step and
+    the arrays; only then is anything written, so no file ever holds a diverged model."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    floating = [(path, leaf) for path, leaf in leaves if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating)]
+    bad = [jax.tree_util.keystr(path) for path, leaf in floating if not bool(jnp.isfinite(leaf).all())]
+    if bad or not math.isfinite(loss):
+        culprits = f"non-finite values in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}" if bad else ""
+        culprits = culprits or f"a loss of {loss} on the last batch"
+        raise FloatingPointError(
+            f"{what} diverged at step {global_step} ({culprits}): stopping, nothing was written for this step. "
+            "Lower --learning_rate, or clip gradients with --max_grad_norm"
+        )
+
+
 def save_checkpoint(state, output_dir, global_step, run_metadata, total_limit=None):
-    """Write checkpoint-N crash-safely: into a hidden temporary folder first, renamed into place only when complete;
-    then keep the newest `total_limit` checkpoints (--checkpoints_total_limit). Main process only. The train state
-    file holds what trains: the step, the trained params and the optimizer state."""
+    """Write checkpoint-N crash-safely: into a hidden temporary folder, flushed to disk, then renamed into place (a
+    checkpoint is visible only when complete); then keep the newest `total_limit` (--checkpoints_total_limit).
+    Main process only. The train state file holds what trains: the step, the params and the optimizer state."""
     final_path = os.path.join(output_dir, f"checkpoint-{global_step}")
     partial_path = os.path.join(output_dir, f".checkpoint-{global_step}.partial")
     shutil.rmtree(partial_path, ignore_errors=True)
-    os.makedirs(partial_path)
-    with open(os.path.join(partial_path, "train_state.msgpack"), "wb") as f:
-        f.write(serialization.to_bytes(jax.device_get(state)))
-    with open(os.path.join(partial_path, CHECKPOINT_METADATA), "w") as f:
-        json.dump({**run_metadata, "global_step": global_step}, f, indent=2)
-    if os.path.exists(final_path):  # left by an earlier run that got past this step; the new one replaces it
-        stale_path = final_path + ".stale"
-        os.rename(final_path, stale_path)
-        os.rename(partial_path, final_path)
-        shutil.rmtree(stale_path)
-    else:
-        os.rename(partial_path, final_path)
+    try:
+        os.makedirs(partial_path)
+        with open(os.path.join(partial_path, "train_state.msgpack"), "wb") as f:
+            f.write(serialization.to_bytes(jax.device_get(state)))
+        write_checkpoint_metadata(partial_path, {**run_metadata, "global_step": global_step})
+    except OSError as err:
+        shutil.rmtree(partial_path, ignore_errors=True)
+        raise OSError(write_failure(f"checkpoint-{global_step}", output_dir, err)) from err
+    publish_checkpoint(partial_path, final_path)
     logger.info(f"Saved {final_path}")
     if total_limit is not None:
         for _, path in list_checkpoints(output_dir)[:-total_limit]:
@@ -712,18 +1054,12 @@ def save_checkpoint(state, output_dir, global_step, run_metadata, total_limit=No
 
 def restore_train_state(state, checkpoint_path):
     """`state` with the step, params and optimizer state saved in a checkpoint."""
-    with open(os.path.join(checkpoint_path, "train_state.msgpack"), "rb") as f:
-        return serialization.from_bytes(state, f.read())
-
-
-def swap_in_pipeline(partial, output_dir):
-    """Move a complete pipeline written to the folder `partial` into output_dir, one component at a time."""
-    for name in os.listdir(partial):
-        target = os.path.join(output_dir, name)
-        if os.path.isdir(target):
-            shutil.rmtree(target)
-        os.replace(os.path.join(partial, name), target)
-    os.rmdir(partial)
+    path = os.path.join(checkpoint_path, "train_state.msgpack")
+    try:
+        with open(path, "rb") as f:
+            return serialization.from_bytes(state, f.read())
+    except Exception as err:
+        raise RuntimeError(f"{path} could not be loaded ({type(err).__name__}: {err})") from err
 
 
 def save_pipeline(unet_params, folder, args):
@@ -754,24 +1090,40 @@ def save_pipeline(unet_params, folder, args):
             json.dump({**config, "prediction_type": args.prediction_type}, f, indent=2)
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
     unet = load_flax_weights_in_pytorch_model(unet, jax.tree_util.tree_map(np.array, jax.device_get(unet_params)))
-    unet.to(torch.float32).save_pretrained(os.path.join(partial, "unet"), safe_serialization=True)
-    swap_in_pipeline(partial, args.output_dir)
+    try:
+        unet.to(torch.float32).save_pretrained(os.path.join(partial, "unet"), safe_serialization=True)
+    except (OSError, RuntimeError) as err:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise OSError(write_failure("the pipeline", args.output_dir, err)) from err
+    publish_pipeline(partial, args.output_dir)
+
+
+def files_to_upload(output_dir):
+    """(path in the repository, local path) for what push_to_hub uploads: the pipeline (component links resolved), the
+    model card, embeddings and validation grids; not checkpoints, tracker logs or hidden files."""
+    found = []
+    for root, folders, names in os.walk(output_dir, followlinks=True):
+        top = os.path.relpath(root, output_dir) == "."
+        folders[:] = [
+            f for f in folders if not f.startswith(".") and not (top and f.startswith(("checkpoint-", "logs")))
+        ]
+        for name in names:
+            if not name.startswith("."):
+                path = os.path.join(root, name)
+                found.append((os.path.relpath(path, output_dir).replace(os.sep, "/"), path))
+    return sorted(found)
 
 
 def push_to_hub(args):
-    """Upload output_dir, without checkpoints, hidden temporary folders and tracker logs."""
-    from huggingface_hub import create_repo, upload_folder
+    """Upload output_dir's files_to_upload in one commit."""
+    from huggingface_hub import CommitOperationAdd, HfApi
 
-    name = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
-    repo_id = create_repo(name, exist_ok=True, token=args.hub_token).repo_id
-    ignore = ["checkpoint-*", ".*", "logs/*"]
-    upload_folder(
-        repo_id=repo_id,
-        folder_path=args.output_dir,
-        commit_message="End of training",
-        ignore_patterns=ignore,
-        token=args.hub_token,
-    )
+    api = HfApi(token=args.hub_token)
+    repo_id = api.create_repo(
+        args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True
+    ).repo_id
+    files = [CommitOperationAdd(path_in_repo, local) for path_in_repo, local in files_to_upload(args.output_dir)]
+    api.create_commit(repo_id, operations=files, commit_message="End of training")
 
 
 def main(argv=None):
@@ -786,6 +1138,9 @@ def main(argv=None):
     is_main_process = jax.process_index() == 0
     if not is_main_process:
         logger.setLevel(logging.ERROR)
+    # Only the main process writes, and only while it holds output_dir: a second run into it is refused.
+    output_lock = lock_output_dir(args.output_dir) if is_main_process else None
+    stop_request = StopRequest()
     resume_path = find_resume_checkpoint(args)
     resume_metadata = read_checkpoint_metadata(resume_path)
     seed = choose_seed(args, resume_metadata)
@@ -823,6 +1178,7 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------------------------------------- data
     train_dataset = ImageCaptionDataset(load_image_caption_dataset(args, seed), tokenizer, args, seed)
+    check_images(train_dataset)
     global_batch_size = args.train_batch_size * jax.device_count()
     batches_per_epoch = len(train_dataset) // global_batch_size
     if batches_per_epoch < args.gradient_accumulation_steps:
@@ -843,6 +1199,7 @@ def main(argv=None):
     state = TrainState.create(apply_fn=unet.apply, params=unet_params, tx=make_optimizer(args, schedule))
     total_batch_size = global_batch_size * args.gradient_accumulation_steps
     run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
+    run_metadata["num_processes"] = jax.process_count()
 
     # ----------------------------------------------------------------------------------------------------- resume
     global_step = 0
@@ -871,11 +1228,13 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------------------------------- train loop
     step_fn = jax.jit(functools.partial(train_step, config=loss_config), donate_argnums=(0,))
+    probe_fn = jax.jit(functools.partial(batch_loss, config=loss_config))  # the new params' loss, before writing them
     base_rng = jax.random.PRNGKey(seed % (2**31))
     progress_bar = tqdm(
         range(max_train_steps), initial=min(global_step, max_train_steps), desc="Steps", disable=not is_main_process
     )
     window = LogWindow(total_batch_size, global_step)
+    last_batch = None  # (batch, rng) of the last step, to probe the params before writing them
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
             break
@@ -888,30 +1247,42 @@ def main(argv=None):
             batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
             rng = jax.random.fold_in(jax.random.fold_in(base_rng, epoch), batch_index)
             state, metrics = step_fn(state, frozen, batch, rng)
+            last_batch = (batch, rng)
             if (batch_index + 1) % args.gradient_accumulation_steps:
                 continue
 
             global_step += 1
             window.add_update(metrics)
             progress_bar.update(1)
-            is_checkpoint_step = global_step % args.checkpointing_steps == 0
+            stopping = stop_agreed(stop_request)  # a SIGTERM / SIGUSR1 on any process
+            is_checkpoint_step = global_step % args.checkpointing_steps == 0 or stopping
             # Reading the loss back waits for the device: only at logging steps, and before a checkpoint is written
             # (the read raises on a non-finite loss, so no checkpoint ever holds a diverged model).
             if global_step % args.logging_steps == 0 or is_checkpoint_step or global_step >= max_train_steps:
                 logs = window.read(global_step, epoch, float(schedule(global_step - 1)))
                 logger.info(format_logs(global_step, logs))
                 progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
-            if is_checkpoint_step and is_main_process:
-                save_checkpoint(state, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
+            if is_checkpoint_step:
+                probe = float(probe_fn(state.params, state, frozen, *last_batch))
+                check_finite({"params": state.params, "opt_state": state.opt_state}, probe, "the UNet", global_step)
+                if is_main_process:
+                    save_checkpoint(state, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
+            if stopping:
+                logger.warning(preemption_message(stop_request, global_step))
+                sys.exit(PREEMPTED_EXIT_CODE)
             if global_step >= max_train_steps:
                 break
 
     # ------------------------------------------------------------------------------------------------------- save
+    if last_batch is not None:  # what is about to be saved, checked as every checkpoint is
+        probe = float(probe_fn(state.params, state, frozen, *last_batch))
+        check_finite({"params": state.params}, probe, "the UNet", global_step)
     if is_main_process:
         save_pipeline(state.params, folder, args)
         logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
         if args.push_to_hub:
             push_to_hub(args)
+        output_lock.release()
 
 
 if __name__ == "__main__":

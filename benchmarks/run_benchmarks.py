@@ -15,6 +15,8 @@ Pipelines are random-initialised from configs and saved in the diffusers folder 
 
 import argparse
 import datetime
+import functools
+import importlib.util
 import json
 import os
 import platform
@@ -123,6 +125,9 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--output", type=str, default=os.path.join(REPO, "BENCHMARKS.md"), help="The Markdown report to write."
+    )
+    parser.add_argument(
+        "--image_check_count", type=int, default=2000, help="Images per format for the data-check figure (0: skip)."
     )
     parser.add_argument(
         "--flax_python",
@@ -448,6 +453,35 @@ def target_lines(rows):
     return lines
 
 
+def image_check_rates(work_dir, count):
+    """Images per second the scripts' start-up data check (verify_image on a thread pool) gets through: 512 px JPEG
+    and PNG files of a photo-like gradient with noise, written once into work_dir."""
+    import time
+
+    import numpy as np
+    from PIL import Image
+
+    spec = importlib.util.spec_from_file_location("train_text_to_image", os.path.join(REPO, "train_text_to_image.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    rates = {}
+    rng = np.random.default_rng(0)
+    picture = (rng.random((512, 512, 3)) * 40 + np.linspace(0, 200, 512)[None, :, None]).astype(np.uint8)
+    for extension in ["jpg", "png"]:
+        folder = os.path.join(work_dir, f"image-check-{extension}")
+        os.makedirs(folder, exist_ok=True)
+        paths = [os.path.join(folder, f"{index:06d}.{extension}") for index in range(count)]
+        for index, path in enumerate(paths):
+            if not os.path.exists(path):
+                Image.fromarray(np.roll(picture, index, axis=1)).save(path, quality=90)
+        started = time.perf_counter()
+        check = functools.partial(lambda paths, index: script.verify_image(paths[index], paths[index]), paths)
+        problems = script.find_unreadable_images(check, range(count))
+        assert not problems, problems[:3]
+        rates[extension] = count / (time.perf_counter() - started)
+    return rates
+
+
 def main(argv=None):
     args = parse_args(argv)
     os.makedirs(args.work_dir, exist_ok=True)
@@ -500,6 +534,13 @@ def main(argv=None):
             if peak and "images_per_second" in row:
                 row["mfu"] = row["images_per_second"] * unet_flops / peak
             rows.append(row)
+    if args.image_check_count:
+        rates = image_check_rates(args.work_dir, args.image_check_count)
+        notes.append(
+            f"Data check at start (every image decoded before training; {os.cpu_count()} CPU cores): "
+            f"{rates['jpg']:.0f} JPEGs/s and {rates['png']:.0f} PNGs/s at 512 px, so 100,000 images take "
+            f"{100_000 / rates['jpg']:.0f} s and {100_000 / rates['png']:.0f} s."
+        )
     if not flax_ok:
         notes.append(f"Flax rows skipped: no JAX environment at {args.flax_python} (`make test` builds it).")
     report = [

@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from devkit import tiny_sd
+from devkit.running_launch import RunningLaunch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -58,6 +59,19 @@ class Launcher:
         if check and result.returncode != 0:
             raise AssertionError(f"{script} failed ({result.returncode}):\n{result.output[-6000:]}")
         return result
+
+    def start(self, script, args, launcher="accelerate", extra_env=None):
+        """Start a launch without waiting for it: "accelerate" (as `accelerate` above), "torchrun" (2 processes) or
+        "python" (the script run directly)."""
+        env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
+        if launcher == "accelerate":
+            command = [os.path.join(BIN, "accelerate"), "launch", "--config_file", self.assets["accelerate_config"]]
+        elif launcher == "torchrun":
+            command = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", "29518"]
+            env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+        else:
+            command = [sys.executable]
+        return RunningLaunch(command + [script] + [str(a) for a in args], env, cwd=REPO)
 
     def torchrun(self, script, args, nproc=2, check=True):
         """`ACCELERATE_USE_CPU=true torchrun --nproc_per_node N script args...`: DDP over gloo on CPU."""

@@ -8,26 +8,14 @@ import sys
 
 from conftest import OFFLINE_ENV, REPO
 
+from devkit.command_line import command_line
+
 
 def test_benchmark_writes_a_table_with_every_row(tmp_path):
     report = tmp_path / "BENCHMARKS.md"
-    command = [
-        sys.executable,
-        os.path.join(REPO, "benchmarks", "run_benchmarks.py"),
-        "--configs",
-        "tiny",
-        "sd15",
-        "--logging_steps",
-        "2",
-        "--windows",
-        "1",
-        "--work_dir",
-        str(tmp_path / "work"),
-        "--output",
-        str(report),
-        "--flax_python",
-        str(tmp_path / "no-flax-python"),
-    ]
+    flags = "--configs tiny sd15 --logging_steps 2 --windows 1 --image_check_count 40"
+    paths = ["--work_dir", tmp_path / "work", "--output", report, "--flax_python", tmp_path / "no-flax-python"]
+    command = [sys.executable, os.path.join(REPO, "benchmarks", "run_benchmarks.py"), *command_line(flags, *paths)]
     result = subprocess.run(
         command,
         cwd=REPO,
@@ -57,3 +45,4 @@ def test_benchmark_writes_a_table_with_every_row(tmp_path):
     flops = re.search(r"\(c\) SD 1.5 architecture, per 512 px image: UNet forward \+ backward ([\d.]+) TFLOPs", text)
     assert flops and abs(float(flops.group(1)) - 2.41) < 0.01  # the published figure for SD's UNet at 512 px
     assert "Flax rows skipped" in text
+    assert re.search(r"Data check at start .*: \d+ JPEGs/s and \d+ PNGs/s at 512 px", text)

@@ -251,4 +251,6 @@ def test_clear_errors_write_nothing(launch, assets, concept, tmp_path, case):
     assert result.returncode != 0
     for text in expected:
         assert text in result.output, f"expected {text!r} in:\n{result.output[-3000:]}"
-    assert tree_snapshot(str(out)) == before, "a failed run wrote into the output folder"
+    after = tree_snapshot(str(out))
+    assert {k: v for k, v in after.items() if k in before} == before, "a failed run changed existing files"
+    assert not [k for k in after if k not in before and not k.startswith(".training.lock")], "it wrote new files"

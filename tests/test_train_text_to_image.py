@@ -54,7 +54,9 @@ def test_train_checkpoints_validate_save_and_generate(launch, assets, tmp_path):
     launch.accelerate(SCRIPT, base_args(assets, out, flags, validation))
     # 10 images / batch 2 = 5 updates per epoch: checkpoints at 2, 4, 6, the limit keeps the last two.
     assert checkpoint_names(out) == ["checkpoint-4", "checkpoint-6"]
-    assert not [n for n in os.listdir(out) if n.startswith(".")], "no partial folders may remain"
+    hidden = sorted(n for n in os.listdir(out) if n.startswith("."))
+    assert hidden == [".pipeline", ".pipeline-1", ".training.lock", ".training.lock.owner"], "no partial folders remain"
+    assert os.path.islink(os.path.join(out, "unet")) and os.readlink(os.path.join(out, "unet")) == ".pipeline/unet"
     for name in ["checkpoint-4", "checkpoint-6"]:
         metadata = json.load(open(os.path.join(out, name, "checkpoint_metadata.json")))
         assert metadata["global_step"] == int(name.split("-")[1]) and metadata["seed"] == 7
@@ -322,6 +324,15 @@ ERROR_CASES = {
     "non_finite_loss": (
         lambda a, t: ["--pretrained_model_name_or_path", nan_pipeline(a, t)],
         lambda a, t: ["loss is nan at step 1"],
+    ),
+    "fp16_on_cpu": (
+        lambda a, t: ["--mixed_precision", "fp16"],
+        lambda a, t: ["--mixed_precision fp16 needs a CUDA GPU (this run is on cpu): use bf16 or no"],
+    ),
+    "no_samples": (lambda a, t: ["--max_train_samples", "0"], lambda a, t: ["--max_train_samples must be at least 1"]),
+    "accumulation_longer_than_an_epoch": (
+        lambda a, t: ["--gradient_accumulation_steps", "100"],
+        lambda a, t: ["--gradient_accumulation_steps 100 is more than the 5 batches of an epoch"],
     ),
     # Optional GPU-only packages, absent here: the flags that need them say what to install.
     "no_bitsandbytes": (

@@ -16,19 +16,25 @@ T2I_FLAX, TI_FLAX = "train_text_to_image_flax.py", "textual_inversion_flax.py"
 COPIED = {
     (T2I, TI, T2I_FLAX, TI_FLAX): """
         CHECKPOINT_PATTERN CHECKPOINT_METADATA derive_seed list_checkpoints find_resume_checkpoint
-        read_checkpoint_metadata choose_seed warn_if_batch_layout_changed format_logs push_to_hub
+        read_checkpoint_metadata choose_seed warn_if_batch_layout_changed format_logs push_to_hub files_to_upload
+        LOCK_FILE PIPELINE_LINK PIPELINE_VERSION PREEMPTED_EXIT_CODE fsync_folder fsync_tree write_failure
+        lock_output_dir checkpoint_problem write_checkpoint_metadata publish_checkpoint load_rgb verify_image
+        find_unreadable_images StopRequest preemption_message
+    """.split(),
+    (T2I, TI, T2I_FLAX): """
+        exchange_entries point_link link_component next_pipeline_version publish_pipeline
     """.split(),
     (T2I, TI): """
         LR_SCHEDULERS VALIDATION_SEED_KEY tokenize encode_once EpochShuffleSampler collate default_num_workers LogWindow
         load_component LossConfig diffusion_loss save_checkpoint render_validation_images log_validation
-        write_hub_style_text_encoder swap_in_pipeline
+        write_hub_style_text_encoder stop_agreed check_finite optimizer_tensors
     """.split(),
     (T2I_FLAX, TI_FLAX): """
         LR_SCHEDULERS epoch_batches resolve_pipeline_folder load_flax_model load_flax_text_encoder
         enable_block_rematerialisation learning_rate_schedule make_optimizer LogWindow LossConfig diffusion_loss
-        save_checkpoint restore_train_state
+        save_checkpoint restore_train_state stop_agreed check_finite
     """.split(),
-    (T2I, T2I_FLAX): "load_image_caption_dataset swap_in_pipeline".split(),
+    (T2I, T2I_FLAX): "load_image_caption_dataset".split(),
     (TI, TI_FLAX): """
         IMAGE_EXTENSIONS OBJECT_TEMPLATES STYLE_TEMPLATES find_example_images add_placeholder_tokens
         initializer_token_id

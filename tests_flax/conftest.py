@@ -71,6 +71,14 @@ class FlaxLauncher:
             raise AssertionError(f"{script} failed ({result.returncode}):\n{result.output[-6000:]}")
         return result
 
+    def start(self, script, args, devices=2):
+        """The launch left running (see devkit.running_launch)."""
+        from devkit.running_launch import RunningLaunch
+
+        flags = XLA_FLAGS.replace("device_count=2", f"device_count={devices}")
+        env = {**os.environ, **OFFLINE_ENV, "PYTHONUNBUFFERED": "1", "XLA_FLAGS": flags}
+        return RunningLaunch([sys.executable, script] + [str(a) for a in args], env, cwd=REPO)
+
 
 @pytest.fixture(scope="session")
 def launch():

@@ -39,7 +39,7 @@ def test_text_to_image_flax_trains_on_two_devices_and_pytorch_loads_it(launch, a
     result = launch.run(T2I, t2i_args(assets, out, flags, recipe))
     assert "devices = 2" in result.output and "total batch = 2" in result.output
     assert checkpoint_names(out) == ["checkpoint-4"]
-    assert not [n for n in os.listdir(out) if n.startswith(".")]
+    assert not [n for n in os.listdir(out) if n.endswith((".partial", ".stale"))]
     # The frozen parts are the source's files, byte for byte; the UNet is the trained one.
     for component, name in [("text_encoder", "model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors")]:
         assert filecmp.cmp(
@@ -101,7 +101,8 @@ def test_text_to_image_flax_clear_errors(launch, assets, tmp_path, flag, value, 
         args += [flag, value]
     result = launch.run(T2I, args, check=False)
     assert result.returncode != 0 and message in result.output, result.output[-3000:]
-    assert os.listdir(out) == ["model_index.json"] and (out / "model_index.json").read_text() == "{}"
+    visible = [name for name in os.listdir(out) if not name.startswith(".training.lock")]  # the run's lock
+    assert visible == ["model_index.json"] and (out / "model_index.json").read_text() == "{}"
 
 
 # --------------------------------------------------------------------------------------------- textual_inversion_flax
@@ -178,7 +179,42 @@ def test_textual_inversion_flax_clear_errors(launch, assets, tmp_path, flag, val
     args[args.index(flag) + 1] = value
     result = launch.run(TI, args, check=False)
     assert result.returncode != 0 and message in result.output, result.output[-3000:]
-    assert (
-        os.listdir(out) == ["learned_embeds.safetensors"]
-        and (out / "learned_embeds.safetensors").read_bytes() == b"earlier"
-    )
+    visible = [name for name in os.listdir(out) if not name.startswith(".training.lock")]  # the run's lock
+    assert visible == ["learned_embeds.safetensors"] and (out / "learned_embeds.safetensors").read_bytes() == b"earlier"
+
+
+def test_textual_inversion_flax_preempted_resumes_to_the_same_embedding(launch, assets, tmp_path):
+    """SIGTERM, sent twice to the process group: a checkpoint at the step reached, exit code 75, exact resume."""
+    import re
+    import signal
+
+    full, out = str(tmp_path / "full"), str(tmp_path / "run")
+    flags = "--num_vectors 2 --max_train_steps 10 --checkpointing_steps 100 --save_steps 100 --logging_steps 1"
+    launch.run(TI, ti_args(assets, full, flags))
+    run = launch.start(TI, ti_args(assets, out, flags))
+    run.wait_for(r"step 2: loss")
+    run.send(signal.SIGTERM)
+    run.send(signal.SIGTERM)
+    result = run.finish()
+    found = re.search(r"SIGTERM received: stopped after step (\d+) with checkpoint-(\d+) written", result.output)
+    assert found and result.returncode == 75, result.output[-3000:]
+    step = int(found.group(1))
+    assert checkpoint_names(out) == [f"checkpoint-{step}"] and step < 10
+    launch.run(TI, ti_args(assets, out, flags, "--resume_from_checkpoint latest"))
+    a = load_file(os.path.join(full, "learned_embeds.safetensors"))["<blob>"]
+    b = load_file(os.path.join(out, "learned_embeds.safetensors"))["<blob>"]
+    assert np.abs(a - b).max() <= 1e-6
+
+
+def test_flax_writes_no_diverged_embedding_and_skips_a_damaged_checkpoint(launch, assets, tmp_path):
+    out = tmp_path / "diverged"
+    flags = "--learning_rate 1e39 --max_train_steps 3 --checkpointing_steps 1 --save_steps 1"
+    result = launch.run(TI, ti_args(assets, str(out), flags), check=False)
+    assert result.returncode != 0 and "the embedding diverged at step 1" in result.output, result.output[-3000:]
+    assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == []
+    out = str(tmp_path / "damaged")
+    launch.run(TI, ti_args(assets, out, "--max_train_steps 4 --checkpointing_steps 2"))
+    state = os.path.join(out, "checkpoint-4", "train_state.msgpack")
+    open(state, "r+b").truncate(os.path.getsize(state) // 2)
+    result = launch.run(TI, ti_args(assets, out, "--max_train_steps 5 --resume_from_checkpoint latest"))
+    assert f"skipping checkpoint-4: {state} is damaged" in result.output and "starting at 2" in result.output

@@ -1,0 +1,451 @@
+"""Nothing bad is ever saved, launched as users launch the scripts: diverged models, unreadable or odd images, a
+second run into the same folder, damaged or leftover checkpoints, a crash during the final swap, a preemption
+signal, a full disk. Each test here failed on the scripts before these guards existed."""
+
+import io
+import json
+import os
+import re
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import BIN, OFFLINE_ENV, REPO
+from helpers import checkpoint_names, load_state_dict, max_abs_diff
+from PIL import Image
+from test_textual_inversion import SCRIPT as TI_SCRIPT
+from test_textual_inversion import base_args as ti_args
+from test_train_text_to_image import SCRIPT, base_args
+
+import train_text_to_image
+from devkit import tiny_sd
+
+
+def concept_folder(tmp_path):
+    return tiny_sd.write_concept_folder(str(tmp_path / "concept"), num_images=4, size=72)
+
+
+# ------------------------------------------------------------------------------------------------ diverged models
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        "--learning_rate 1e6 --max_train_steps 1 --checkpointing_steps 100",  # finite weights, NaN outputs
+        "--learning_rate 1e39 --max_train_steps 3 --checkpointing_steps 1",  # non-finite weights
+    ],
+)
+def test_a_diverged_unet_is_never_written(launch, assets, tmp_path, flags):
+    out = tmp_path / "run"
+    result = launch.accelerate(SCRIPT, base_args(assets, str(out), flags), check=False)
+    assert result.returncode != 0 and "the UNet diverged at step 1" in result.output, result.output[-3000:]
+    written = sorted(n for n in os.listdir(out) if not n.startswith((".", "logs")))
+    assert written == [], f"a diverged run wrote {written}"
+
+
+def test_a_diverged_embedding_is_never_written(launch, assets, tmp_path):
+    out = tmp_path / "run"
+    flags = "--learning_rate 1e39 --max_train_steps 3 --checkpointing_steps 1 --save_steps 1"
+    result = launch.accelerate(TI_SCRIPT, ti_args(assets, concept_folder(tmp_path), str(out), flags), check=False)
+    assert result.returncode != 0 and "the embedding diverged at step 1" in result.output, result.output[-3000:]
+    assert sorted(n for n in os.listdir(out) if not n.startswith((".", "logs"))) == []
+
+
+# ---------------------------------------------------------------------------------------------------------- images
+
+
+def truncated_png(path, size=72):
+    buffer = io.BytesIO()
+    tiny_sd.draw_shape("red", "circle", size).save(buffer, "PNG")
+    path.write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+
+
+def test_a_bad_image_anywhere_stops_the_run_before_anything_is_written(launch, assets, tmp_path):
+    """A truncated PNG late in the data used to stop the run at step 2, after checkpoint-1, and every resume after."""
+    folder = tmp_path / "data"
+    shutil.copytree(assets["images"], folder)
+    truncated_png(folder / "0009.png")
+    out = tmp_path / "run"
+    args = base_args(assets, str(out), "--max_train_steps 4 --checkpointing_steps 1")
+    args[args.index("--train_data_dir") + 1] = str(folder)
+    result = launch.accelerate(SCRIPT, args, check=False)
+    assert result.returncode != 0
+    assert "1 of 10 images cannot be read" in result.output and str(folder / "0009.png") in result.output
+    assert "row 9" in result.output and "truncated" in result.output.lower()
+    assert not [n for n in os.listdir(out) if n.startswith("checkpoint")]
+
+
+def image_file(mode, tmp_path):
+    """An image stored in `mode`, and the RGB picture it shows."""
+    path = tmp_path / f"{mode}.png"
+    gradient = np.tile(np.linspace(0, 1, 32), (32, 1))
+    if mode == "I;16":  # 16-bit grayscale: 0..65535
+        Image.fromarray((gradient * 65535).astype(np.uint16)).save(path)
+        shown = np.repeat((gradient * 255).round()[..., None], 3, axis=2)
+    elif mode == "RGBA":  # left half transparent (with a garbage colour), right half opaque blue
+        pixels = np.zeros((32, 32, 4), np.uint8)
+        pixels[:, :16] = (10, 200, 30, 0)
+        pixels[:, 16:] = (0, 0, 255, 255)
+        Image.fromarray(pixels, "RGBA").save(path)
+        shown = np.where(np.arange(32)[None, :, None] < 16, [255, 255, 255], [0, 0, 255]) * np.ones((32, 1, 1))
+    elif mode == "P":  # palette with a transparent index
+        image = Image.new("P", (32, 32), 0)
+        image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+        image.paste(1, (16, 0, 32, 32))
+        image.save(path, transparency=0)
+        shown = np.where(np.arange(32)[None, :, None] < 16, [255, 255, 255], [255, 0, 0]) * np.ones((32, 1, 1))
+    elif mode == "LA":
+        pixels = np.stack([np.full((32, 32), 80, np.uint8), np.full((32, 32), 255, np.uint8)], axis=2)
+        Image.fromarray(pixels, "LA").save(path)
+        shown = np.full((32, 32, 3), 80)
+    elif mode == "L":
+        Image.fromarray((gradient * 255).round().astype(np.uint8), "L").save(path)
+        shown = np.repeat((gradient * 255).round()[..., None], 3, axis=2)
+    elif mode == "CMYK":  # pure cyan
+        path = tmp_path / "CMYK.jpg"
+        Image.new("CMYK", (32, 32), (255, 0, 0, 0)).save(path, quality=100)
+        shown = np.broadcast_to(np.array([0, 255, 255]), (32, 32, 3))
+    elif mode == "EXIF-rotated":  # stored landscape, red on the left; orientation 6: shown rotated 90 degrees clockwise
+        path = tmp_path / "rotated.jpg"
+        pixels = np.zeros((16, 32, 3), np.uint8)
+        pixels[:, :16] = (255, 0, 0)
+        image = Image.fromarray(pixels)
+        exif = image.getexif()
+        exif[0x0112] = 6
+        image.save(path, exif=exif, quality=100)
+        shown = np.zeros((32, 16, 3))
+        shown[:16] = (255, 0, 0)  # red on top
+    return path, shown
+
+
+@pytest.mark.parametrize("mode", ["I;16", "RGBA", "P", "LA", "L", "CMYK", "EXIF-rotated"])
+def test_images_of_every_kind_become_the_picture_they_show(tmp_path, mode):
+    path, shown = image_file(mode, tmp_path)
+    rgb = train_text_to_image.load_rgb(str(path), str(path))
+    assert rgb.mode == "RGB" and np.asarray(rgb).shape == shown.shape
+    assert np.abs(np.asarray(rgb).astype(float) - shown).mean() < 3, np.asarray(rgb)[::8, ::8]
+
+
+def test_a_16_bit_png_trains_as_its_picture_not_as_white(assets, tmp_path):
+    """The dataset a launch trains on (16-bit PNGs used to become 99.6% white)."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    path, shown = image_file("I;16", tmp_path)
+    shutil.copy(path, folder / "gray16.png")
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": "gray16.png", "text": "a gradient"}) + "\n")
+    from transformers import CLIPTokenizer
+
+    from devkit.command_line import command_line
+
+    flags = "--resolution 32 --center_crop"
+    args = train_text_to_image.parse_args(
+        command_line("--pretrained_model_name_or_path", "x", "--train_data_dir", folder, flags)
+    )
+    rows = train_text_to_image.load_image_caption_dataset(args, 0)
+    tokenizer = CLIPTokenizer.from_pretrained(assets["pipeline"], subfolder="tokenizer")
+    pixels = train_text_to_image.ImageCaptionDataset(rows, tokenizer, args, 0)[(0, 0)]["pixel_values"]
+    assert abs(float((pixels.mean() + 1) * 127.5) - shown.mean()) < 2  # mid-gray, as the gradient shows
+
+
+# ------------------------------------------------------------------------------------------------- output folders
+
+
+def test_a_second_run_into_a_live_runs_folder_is_refused(launch, assets, tmp_path):
+    out = tmp_path / "run"
+    first = launch.start(SCRIPT, base_args(assets, str(out), "--max_train_steps 40 --logging_steps 1"))
+    first.wait_for(r"step 1: loss")
+    second = launch.accelerate(SCRIPT, base_args(assets, str(out), "--max_train_steps 2"), check=False)
+    assert second.returncode != 0
+    assert f"--output_dir {out} is in use by another training run (pid" in second.output, second.output[-3000:]
+    owner = int(re.search(r"in use by another training run \(pid (\d+)", second.output).group(1))
+    assert owner != first.process.pid and owner > 0  # the training process, not its launcher
+    result = first.finish()
+    assert result.returncode == 0, result.output[-3000:]
+    assert os.path.isfile(out / "model_index.json")
+
+
+def test_a_killed_runs_lock_and_leftovers_never_block(launch, assets, tmp_path):
+    """The lock of a run killed with SIGKILL is taken over; its unfinished checkpoint and pipeline, and a replaced
+    checkpoint it had not deleted yet, are cleared instead of failing the next run at that step."""
+    out = tmp_path / "run"
+    code = f"import time, train_text_to_image as t; t.lock_output_dir({str(out)!r}); time.sleep(600)"
+    holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
+    for _ in range(200):
+        if os.path.isfile(out / ".training.lock.owner"):
+            break
+        subprocess.run(["sleep", "0.1"])
+    holder.kill()
+    holder.wait()
+    for leftover in [".checkpoint-2.partial/unet", "checkpoint-2.stale/unet", ".pipeline-7/unet", ".pipeline.partial"]:
+        (out / leftover).mkdir(parents=True)
+        (out / leftover / "half.bin").write_bytes(b"half")
+    launch.accelerate(SCRIPT, base_args(assets, str(out), "--max_train_steps 2 --checkpointing_steps 2"))
+    assert checkpoint_names(str(out)) == ["checkpoint-2"]
+    hidden = sorted(n for n in os.listdir(out) if n.startswith("."))
+    assert hidden == [".pipeline", ".pipeline-1", ".training.lock", ".training.lock.owner"], hidden
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+
+def damage(checkpoint, case):
+    """Damage a checkpoint the ways a crash or a bad disk does; the file that was damaged."""
+    name = {
+        "empty metadata": "checkpoint_metadata.json",
+        "truncated optimizer": "optimizer.bin",
+        "truncated weights": "unet/diffusion_pytorch_model.safetensors",
+        "truncated embeddings": "learned_embeds.safetensors",
+    }[case]
+    path = os.path.join(checkpoint, name)
+    data = open(path, "rb").read()
+    open(path, "wb").write(b"" if case == "empty metadata" else data[: len(data) // 2])
+    return path
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(launch, assets, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("two_checkpoints") / "run")
+    launch.accelerate(SCRIPT, base_args(assets, out, "--max_train_steps 4 --checkpointing_steps 2"))
+    return out
+
+
+@pytest.mark.parametrize("case", ["empty metadata", "truncated optimizer", "truncated weights"])
+def test_a_damaged_checkpoint_is_named_and_latest_falls_back_to_the_newest_good_one(
+    launch, assets, tmp_path, two_checkpoints, case
+):
+    out, flags = str(tmp_path / "run"), "--max_train_steps 4 --checkpointing_steps 2"
+    shutil.copytree(two_checkpoints, out, symlinks=True)
+    damaged = damage(os.path.join(out, "checkpoint-4"), case)
+    named = launch.accelerate(
+        SCRIPT, base_args(assets, out, flags, "--resume_from_checkpoint checkpoint-4"), check=False
+    )
+    assert named.returncode != 0 and damaged in named.output, named.output[-3000:]
+    resumed = launch.accelerate(
+        SCRIPT, base_args(assets, out, "--max_train_steps 5 --checkpointing_steps 5", "--resume_from_checkpoint latest")
+    )
+    assert f"skipping checkpoint-4: {damaged}" in resumed.output
+    assert f"Resuming from {os.path.join(out, 'checkpoint-2')}" in resumed.output and "starting at 2" in resumed.output
+
+
+def test_a_damaged_embeddings_checkpoint_falls_back(launch, assets, tmp_path):
+    out, concept = str(tmp_path / "run"), concept_folder(tmp_path)
+    flags = "--max_train_steps 4 --checkpointing_steps 2"
+    launch.accelerate(TI_SCRIPT, ti_args(assets, concept, out, flags))
+    damaged = damage(os.path.join(out, "checkpoint-4"), "truncated embeddings")
+    named = launch.accelerate(
+        TI_SCRIPT, ti_args(assets, concept, out, flags, "--resume_from_checkpoint checkpoint-4"), check=False
+    )
+    assert named.returncode != 0 and damaged in named.output
+    resumed = launch.accelerate(
+        TI_SCRIPT, ti_args(assets, concept, out, "--max_train_steps 5", "--resume_from_checkpoint latest")
+    )
+    assert f"skipping checkpoint-4: {damaged}" in resumed.output and "starting at 2" in resumed.output
+
+
+def test_checkpoint_files_reach_the_disk_before_the_rename_that_publishes_them(tmp_path, monkeypatch):
+    from accelerate import PartialState
+
+    PartialState()
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))) or real_fsync(fd)
+    )
+    monkeypatch.setattr(os, "rename", lambda a, b: events.append(("rename", str(a))) or real_rename(a, b))
+
+    class Accelerator:
+        def save_state(self, path):
+            os.makedirs(os.path.join(path, "unet"))
+            for name in ["unet/diffusion_pytorch_model.safetensors", "optimizer.bin"]:
+                open(os.path.join(path, name), "wb").write(b"weights")
+
+    train_text_to_image.save_checkpoint(Accelerator(), str(tmp_path), 3, {"seed": 1})
+    partial = str(tmp_path / ".checkpoint-3.partial")
+    publish = events.index(("rename", partial))
+    flushed = {path for kind, path in events[:publish] if kind == "fsync"}
+    files = ["unet/diffusion_pytorch_model.safetensors", "optimizer.bin", "checkpoint_metadata.json"]
+    assert {os.path.join(partial, name) for name in files} | {partial, os.path.join(partial, "unet")} <= flushed
+    assert ("fsync", str(tmp_path)) in events[publish:], "the rename itself must be flushed"
+    metadata = json.load(open(tmp_path / "checkpoint-3" / "checkpoint_metadata.json"))
+    assert metadata["files"] == {"unet/diffusion_pytorch_model.safetensors": 7, "optimizer.bin": 7}
+
+
+def test_a_full_disk_during_a_checkpoint_is_a_clear_error_that_keeps_the_older_checkpoints(launch, assets, tmp_path):
+    """Writing past a file-size limit fails like a full disk does (an error from the write in the middle of
+    torch.save), here after checkpoint-2 was written."""
+    out = str(tmp_path / "run")
+    launch.accelerate(SCRIPT, base_args(assets, out, "--max_train_steps 2 --checkpointing_steps 2 --report_to none"))
+    size = os.path.getsize(os.path.join(out, "checkpoint-2", "optimizer.bin"))
+    args = base_args(assets, out, "--max_train_steps 4 --checkpointing_steps 2 --report_to none")
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+
+    command = [os.path.join(BIN, "accelerate"), "launch", "--config_file", assets["accelerate_config"], SCRIPT]
+    env = {**os.environ, **OFFLINE_ENV}
+    command += args + ["--resume_from_checkpoint", "latest"]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, preexec_fn=limit_file_size)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0 and "could not write checkpoint-4 into" in output and "GiB free there" in output
+    assert checkpoint_names(out) == ["checkpoint-2"] and not [n for n in os.listdir(out) if n.endswith(".partial")]
+
+
+def test_a_checkpoint_from_two_processes_resumed_on_one_warns(launch, assets, tmp_path):
+    out = str(tmp_path / "run")
+    launch.torchrun(SCRIPT, base_args(assets, out, "--max_train_steps 2 --checkpointing_steps 2"))
+    result = launch.accelerate(
+        SCRIPT, base_args(assets, out, "--max_train_steps 3 --train_batch_size 4 --resume_from_checkpoint latest")
+    )
+    assert "batch layout changed since the checkpoint" in result.output and "'num_processes': 2}" in result.output
+
+
+# ------------------------------------------------------------------------------------------------- the final swap
+
+
+def pipeline_with_unet_offset(source, destination, offset):
+    """A copy of a pipeline whose UNet and text encoder weights are shifted by `offset`: a second, distinct model."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, destination)
+    for name in ["unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"]:
+        path = os.path.join(destination, name)
+        shifted = {k: v + offset if v.is_floating_point() else v for k, v in load_file(path).items()}
+        save_file(shifted, path, metadata={"format": "pt"})
+    return destination
+
+
+def first_weights(pipe):
+    return tuple(float(next(iter(part.state_dict().values())).flatten()[0]) for part in (pipe.unet, pipe.text_encoder))
+
+
+def shown_model(output_dir, base):
+    """Which model from_pretrained(output_dir) loads: the offsets of its UNet and text encoder from `base`'s (one
+    value if they agree), or why it does not load."""
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(output_dir)
+    except Exception as err:  # noqa: BLE001 - failing to load at all is what this looks for
+        return f"does not load: {type(err).__name__}: {err}"
+    return {round(loaded - start, 3) for loaded, start in zip(first_weights(pipe), base, strict=True)}
+
+
+class Killed(Exception):
+    pass
+
+
+def publish_killed_before_operation(number, output_dir, monkeypatch):
+    """publish_pipeline(output_dir/.pipeline.partial, output_dir), stopped dead right before its number-th file
+    operation (a rename, link, removal, ...), as a kill there would stop it. True if it finished first."""
+    calls = []
+
+    def counted(function):
+        def call(*args, **kwargs):
+            calls.append(function)
+            if len(calls) >= number:
+                raise Killed()
+            return function(*args, **kwargs)
+
+        return call
+
+    with monkeypatch.context() as patch:
+        for name in ["rename", "replace", "symlink", "link", "remove", "rmdir", "makedirs"]:
+            patch.setattr(os, name, counted(getattr(os, name)))
+        patch.setattr(shutil, "rmtree", counted(shutil.rmtree))
+        patch.setattr(train_text_to_image, "exchange_entries", counted(train_text_to_image.exchange_entries))
+        try:
+            train_text_to_image.publish_pipeline(os.path.join(output_dir, ".pipeline.partial"), output_dir)
+        except Killed:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("before", ["published", "real folders", "nothing"])
+def test_the_final_swap_leaves_the_old_or_the_new_model_at_every_step(assets, tmp_path, monkeypatch, before):
+    """publish_pipeline is stopped right before each of its file operations in turn (as a kill there would): the
+    folder then loads the old model or the new one, never a mix and never nothing (when there was an old one)."""
+    from accelerate import PartialState
+    from diffusers import StableDiffusionPipeline
+
+    PartialState()  # the script's logger needs accelerate's state, as it has inside main()
+    base = first_weights(StableDiffusionPipeline.from_pretrained(assets["pipeline"]))
+    old = pipeline_with_unet_offset(assets["pipeline"], str(tmp_path / "old"), 1.0)
+    new = pipeline_with_unet_offset(assets["pipeline"], str(tmp_path / "new"), 2.0)
+
+    crash_at = 0
+    while True:
+        out = str(tmp_path / f"run-{crash_at}")
+        os.makedirs(out)
+        if before == "published":
+            shutil.copytree(old, os.path.join(out, ".pipeline.partial"))
+            train_text_to_image.publish_pipeline(os.path.join(out, ".pipeline.partial"), out)
+        elif before == "real folders":
+            shutil.copytree(old, out, dirs_exist_ok=True)
+        shutil.copytree(new, os.path.join(out, ".pipeline.partial"))
+        finished = publish_killed_before_operation(crash_at + 1, out, monkeypatch)
+        shown = shown_model(out, base)
+        if finished:
+            assert shown == {2.0}, shown
+            break
+        if before == "nothing":
+            assert shown == {2.0} or str(shown).startswith("does not load"), f"killed at operation {crash_at + 1}"
+        else:
+            assert shown in ({1.0}, {2.0}), f"killed at operation {crash_at + 1}: {shown}"
+        crash_at += 1
+    assert crash_at > 5, "the swap must have been interrupted at each of its steps"
+
+
+# ---------------------------------------------------------------------------------------------------- preemption
+
+PREEMPTED = r"(SIGTERM|SIGUSR1) received: stopped after step (\d+) with checkpoint-(\d+) written"
+RUN = "--max_train_steps 12 --checkpointing_steps 100 --logging_steps 1 --random_flip --lr_scheduler cosine"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(launch, assets, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("uninterrupted"))
+    launch.accelerate(SCRIPT, base_args(assets, out, RUN))
+    return load_state_dict(os.path.join(out, "unet"))
+
+
+@pytest.mark.parametrize("launcher,sig", [("accelerate", signal.SIGTERM), ("python", signal.SIGUSR1)])
+def test_a_preempted_run_checkpoints_its_step_and_resumes_to_the_same_weights(
+    launch, assets, tmp_path, uninterrupted, launcher, sig
+):
+    """The signal goes to the whole process group, as SLURM and a spot VM's shutdown send it; it is sent twice."""
+    out = str(tmp_path / "run")
+    run = launch.start(SCRIPT, base_args(assets, out, RUN), launcher=launcher)
+    run.wait_for(r"step 2: loss")
+    run.send(sig)
+    run.send(sig)  # a second signal changes nothing
+    result = run.finish()
+    found = re.search(PREEMPTED, result.output)
+    assert found, result.output[-4000:]
+    step = int(found.group(2))
+    assert 2 <= step < 12 and checkpoint_names(out) == [f"checkpoint-{step}"]
+    assert not os.path.exists(os.path.join(out, "model_index.json")), "a preempted run saves no final model"
+    if launcher == "python":
+        assert result.returncode == 75, "the documented exit code"
+    resumed = launch.accelerate(SCRIPT, base_args(assets, out, RUN, "--resume_from_checkpoint latest"))
+    assert f"starting at {step}" in resumed.output
+    assert max_abs_diff(load_state_dict(os.path.join(out, "unet")), uninterrupted) <= 1e-6
+
+
+def test_a_preempted_two_process_run_resumes_exactly_on_two_processes(launch, assets, tmp_path):
+    """Under torchrun the agent forwards the signal again: the second one arrives while the checkpoint is written."""
+    full, out = str(tmp_path / "full"), str(tmp_path / "run")
+    flags = "--train_batch_size 1 --random_flip --max_train_steps 12 --checkpointing_steps 100 --logging_steps 1"
+    launch.torchrun(SCRIPT, base_args(assets, full, flags))
+    run = launch.start(SCRIPT, base_args(assets, out, flags), launcher="torchrun")
+    run.wait_for(r"step 2: loss")
+    run.send(signal.SIGTERM)
+    result = run.finish()
+    step = int(re.search(PREEMPTED, result.output).group(2))
+    launch.torchrun(SCRIPT, base_args(assets, out, flags, "--resume_from_checkpoint latest"))
+    final, resumed = (load_state_dict(os.path.join(folder, "unet")) for folder in (full, out))
+    assert max_abs_diff(final, resumed) <= 1e-6, f"stopped at step {step}"
