@@ -8,7 +8,7 @@ VENV := .venv
 VENV_FLAX := .venv-flax
 DEMO := demo_output
 
-.PHONY: demo test lint benchmark clean
+.PHONY: demo test test-torch test-demo test-flax lint benchmark clean
 
 # devkit (tiny pipelines for the tests, demo and benchmark) is installed editable, so they import it by name.
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
@@ -28,10 +28,22 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
-# Both suites: the PyTorch scripts in .venv, the Flax twins in .venv-flax (their tests also use .venv).
-test: lint $(VENV_FLAX)/.installed
-	$(VENV)/bin/python -m pytest tests -q --durations=10 --ignore=tests/test_demo.py
+# Both environments are built side by side, then the three parts run at once, each printing its output when done:
+# one test process alone keeps about 0.7 of the 2 cores busy (measured), so in parallel they take the time of the
+# longest part (the demo) instead of the sum. PyTorch scripts run in .venv, the Flax twins in .venv-flax (their
+# tests also use .venv).
+test:
+	$(MAKE) --no-print-directory -j2 $(VENV)/.installed $(VENV_FLAX)/.installed
+	$(MAKE) --no-print-directory lint
+	$(MAKE) --no-print-directory -j3 --output-sync=target test-torch test-demo test-flax
+
+test-torch: $(VENV)/.installed
+	$(VENV)/bin/python -m pytest tests -q -n 2 --durations=10 --ignore=tests/test_demo.py
+
+test-demo: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest tests/test_demo.py -q -s
+
+test-flax: $(VENV)/.installed $(VENV_FLAX)/.installed
 	$(VENV_FLAX)/bin/python -m pytest tests_flax -q --durations=10
 
 demo: $(VENV)/.installed

@@ -2,6 +2,7 @@
 users do (`accelerate launch --config_file <basic config> script.py ...`)."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -21,6 +22,13 @@ OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 os.environ.update(OFFLINE_ENV)
+
+
+def free_port():
+    """A port nothing listens on now: the suites run in parallel (pytest -n), so fixed rendezvous ports would clash."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +75,7 @@ class Launcher:
         if launcher == "accelerate":
             command = [os.path.join(BIN, "accelerate"), "launch", "--config_file", self.assets["accelerate_config"]]
         elif launcher == "torchrun":
-            command = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", "29518"]
+            command = [os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", free_port()]
             env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
         else:
             command = [sys.executable]
@@ -75,7 +83,7 @@ class Launcher:
 
     def torchrun(self, script, args, nproc=2, check=True):
         """`ACCELERATE_USE_CPU=true torchrun --nproc_per_node N script args...`: DDP over gloo on CPU."""
-        command = [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(nproc), "--master_port", "29517", script]
+        command = [os.path.join(BIN, "torchrun"), "--nproc_per_node", str(nproc), "--master_port", free_port(), script]
         result = self._run(command + [str(a) for a in args], {"ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"})
         if check and result.returncode != 0:
             raise AssertionError(f"{script} failed under torchrun ({result.returncode}):\n{result.output[-6000:]}")
