@@ -28,19 +28,26 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
-# Both environments are built side by side, then the three parts run at once, each printing its output when done:
-# one test process alone keeps about 0.7 of the 2 cores busy (measured), so in parallel they take the time of the
-# longest part (the demo) instead of the sum. PyTorch scripts run in .venv, the Flax twins in .venv-flax (their
-# tests also use .venv).
+# Both environments are built side by side, then the three parts run at once, each printing its output when done.
+# One thread per PyTorch process: on the tiny test models a second thread gains nothing (measured: 87 s with one,
+# 92 s with two, for the same two tests), and single-threaded processes share the 2 cores without OpenMP threads
+# spinning against each other (with two threads each, three parts in parallel ran several times slower than alone).
+# PyTorch scripts run in .venv, the Flax twins in .venv-flax (their tests also use .venv).
 test:
 	$(MAKE) --no-print-directory -j2 $(VENV)/.installed $(VENV_FLAX)/.installed
 	$(MAKE) --no-print-directory lint
 	$(MAKE) --no-print-directory -j3 --output-sync=target test-torch test-demo test-flax
 
 test-torch: $(VENV)/.installed
-	$(VENV)/bin/python -m pytest tests -q -n 2 --durations=10 --ignore=tests/test_demo.py
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest tests -q --durations=10 --ignore=tests/test_demo.py
 
 test-demo: $(VENV)/.installed
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest tests/test_demo.py -q -s
+
+test-flax: $(VENV)/.installed $(VENV_FLAX)/.installed
+	OMP_NUM_THREADS=1 $(VENV_FLAX)/bin/python -m pytest tests_flax -q --durations=10
+
+demo: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest tests/test_demo.py -q -s
 
 test-flax: $(VENV)/.installed $(VENV_FLAX)/.installed
