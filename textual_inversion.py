@@ -309,6 +309,12 @@ def parse_args(argv=None):
         help="Images rendered for the validation prompt, each from its own fixed seed.",
     )
     parser.add_argument(
+        "--validation_resolution",
+        type=str,
+        default=None,
+        help="Size of the validation images, 'height,width'; default: --resolution square.",
+    )
+    parser.add_argument(
         "--validation_steps",
         type=int,
         default=100,
@@ -350,12 +356,30 @@ def parse_args(argv=None):
         parser.error(f"--placeholder_token {args.placeholder_token!r} must be one word without spaces")
     if args.report_to == "wandb" and args.hub_token is not None:
         parser.error("--hub_token with --report_to=wandb would leak the token to wandb; use `hf auth login` instead")
+    try:
+        args.validation_resolution = parse_size(args.validation_resolution, args.resolution)
+    except ValueError as err:
+        parser.error(str(err))
     return args
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def parse_size(text, default):
+    """--validation_resolution 'height,width' (or one side, for a square) as (height, width); default when not given."""
+    if text is None:
+        return default, default
+    try:
+        sides = [int(side) for side in text.replace(" ", "").split(",")]
+        height, width = sides if len(sides) == 2 else sides * 2
+    except ValueError:
+        raise ValueError(f"--validation_resolution {text!r}: expected 'height,width', e.g. '640,384'") from None
+    if height % 8 or width % 8 or height < 8 or width < 8:
+        raise ValueError(f"--validation_resolution {text!r}: both sides must be multiples of 8")
+    return height, width
 
 
 def derive_seed(*keys):
@@ -427,9 +451,9 @@ def choose_seed(args, resume_metadata):
 
 
 def warn_if_batch_layout_changed(resume_metadata, run_metadata):
-    """A resume is exact only with the global batch, epoch length and process count the checkpoint was written with
-    (each process draws its own noise)."""
-    keys = ("total_batch_size", "updates_per_epoch", "num_processes")
+    """A resume is exact only with the global batch, epoch length, process count (each process draws its own noise)
+    and aspect-ratio buckets the checkpoint was written with."""
+    keys = ("total_batch_size", "updates_per_epoch", "num_processes", "aspect_ratio_buckets")
     before, now = ({key: metadata.get(key) for key in keys} for metadata in (resume_metadata, run_metadata))
     if before != now:
         logger.warning(
@@ -664,33 +688,41 @@ def load_rgb(source, name):
 def verify_image(source, name):
     """Check that an image file decodes, at a fraction of a full decode: a PNG's chunk checksums cover all its bytes,
     and a JPEG decodes at 1/8 scale (its entropy-coded data is still read to the end, so truncation is caught); other
-    formats decode in full. A failure raises an error that names the image."""
+    formats decode in full. Returns the size it shows, (width, height) after EXIF rotation; a failure raises an error
+    that names the image."""
     try:
         with Image.open(source) as image:
+            size = image.size
             if image.format == "PNG":
                 image.verify()
+                exif = Image.Exif()
+                exif.load(image.info.get("exif"))
             else:
+                exif = image.getexif()
                 if image.format == "JPEG":
                     image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
                 image.load()
+        if exif.get(0x0112, 1) in (5, 6, 7, 8):  # the EXIF orientations that turn the picture by 90 degrees
+            size = size[::-1]
+        return size
     except Exception as err:
         raise ValueError(f"cannot read image {name}: {err}") from err
 
 
-def find_unreadable_images(check_image, indices):
-    """check_image(i) for every i in indices, on a thread pool (decoding releases the GIL), before any training: the
-    error messages of the images that cannot be read, in order."""
+def inspect_images(inspect, indices):
+    """inspect(i) for every i in indices, on a thread pool (decoding releases the GIL), before any training: what it
+    returned for each (None where it failed), and the error messages of the images that cannot be read."""
 
-    def problem(index):
+    def attempt(index):
         try:
-            check_image(index)
+            return inspect(index), None
         except ValueError as err:
-            return str(err)
-        return None
+            return None, str(err)
 
     workers = min(32, 4 * (os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        return [message for message in pool.map(problem, indices) if message is not None]
+        results = list(pool.map(attempt, indices))
+    return [result for result, _ in results], [problem for _, problem in results if problem is not None]
 
 
 class StopRequest:
@@ -725,7 +757,7 @@ def find_example_images(train_data_dir):
     paths = [os.path.join(train_data_dir, name) for name in names]
     if not paths:
         raise ValueError(f"--train_data_dir {train_data_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
-    problems = find_unreadable_images(lambda index: load_rgb(paths[index], paths[index]), range(len(paths)))
+    _, problems = inspect_images(lambda index: load_rgb(paths[index], paths[index]).size, range(len(paths)))
     if problems:
         raise ValueError(
             f"{len(problems)} of {len(paths)} images cannot be read; fix or remove them:\n  " + "\n  ".join(problems)
@@ -802,8 +834,9 @@ def add_learned_embedding(text_encoder, tokenizer, placeholder_token, initialize
 
 class TextualInversionDataset(torch.utils.data.Dataset):
     """The example images repeated --repeats times, each with a prompt from the templates holding the placeholder.
-    Indexed by (epoch, index) keys: the template and the flip are drawn from an RNG seeded by (seed, epoch, index),
-    so the same sample is identical in a resumed run, and the cached path draws exactly what the uncached one does."""
+    Indexed by (epoch, index, weight) keys: the template and the flip are drawn from an RNG seeded by (seed, epoch,
+    index), so the same sample is identical in a resumed run, and the cached path draws exactly what the uncached one
+    does."""
 
     def __init__(self, image_paths, tokenizer, placeholder_text, args, seed):
         self.image_paths, self.tokenizer, self.placeholder_text = image_paths, tokenizer, placeholder_text
@@ -825,14 +858,16 @@ class TextualInversionDataset(torch.utils.data.Dataset):
         return TF.to_tensor(image) * 2.0 - 1.0  # [0, 1] -> [-1, 1], the VAE's input range
 
     def __getitem__(self, key):
-        epoch, index = key
+        epoch, index, weight = key
         rng = np.random.default_rng([self.seed, epoch, index])
         image_index, flipped = index % len(self.image_paths), rng.random() < 0.5
         prompt = self.templates[int(rng.integers(len(self.templates)))].format(self.placeholder_text)
-        input_ids = tokenize(self.tokenizer, [prompt], [0])[0]
+        example = {"input_ids": tokenize(self.tokenizer, [prompt], [0])[0], "sample_weights": torch.tensor(weight)}
         if self.latent_cache is None:
-            return {"pixel_values": self.pixels(image_index, flipped), "input_ids": input_ids}
-        return {"latent_parameters": self.latent_cache[image_index, int(flipped)], "input_ids": input_ids}
+            example["pixel_values"] = self.pixels(image_index, flipped)
+        else:
+            example["latent_parameters"] = self.latent_cache[image_index, int(flipped)]
+        return example
 
 
 def image_views(dataset, indices):
@@ -892,7 +927,7 @@ def build_latent_cache(train_dataset, vae, accelerator, args, num_workers):
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):
-    """Yields (epoch, row) keys in an order that depends only on (seed, epoch). The training loop sets `.epoch`
+    """Yields (epoch, row, weight) keys in an order that depends only on (seed, epoch). The training loop sets `.epoch`
     itself; there is deliberately no set_epoch(), which Accelerate would call with its own iteration counter."""
 
     def __init__(self, num_rows, seed):
@@ -903,7 +938,7 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
-        return iter([(self.epoch, row) for row in torch.randperm(self.num_rows, generator=generator).tolist()])
+        return iter([(self.epoch, row, 1.0) for row in torch.randperm(self.num_rows, generator=generator).tolist()])
 
 
 def collate(examples):
@@ -1078,8 +1113,9 @@ class LossConfig:
     dream_detail_preservation: float | None = None  # DREAM's detail preservation p; None turns DREAM off
 
 
-def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator, config):
-    """The denoising loss of a batch of clean latents, averaged over the batch. Every random draw comes from
+def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator, config, sample_weights=None):
+    """The denoising loss of a batch of clean latents, averaged over the batch (weighted by `sample_weights` when
+    given: aspect-ratio buckets pad a short batch with examples of weight 0). Every random draw comes from
     `generator`, in the JAX twin's order: noise, offset noise, input perturbation, timesteps."""
     bsz = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
@@ -1132,6 +1168,8 @@ def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, genera
         divisor = snr + 1.0 if config.prediction_type == "v_prediction" else snr
         weights = torch.where(divisor > 0, torch.clamp(snr, max=config.snr_gamma) / divisor, torch.ones_like(snr))
         loss = loss * weights
+    if sample_weights is not None:
+        loss = loss * sample_weights
     return loss.mean()
 
 
@@ -1179,7 +1217,7 @@ def save_checkpoint(accelerator, output_dir, global_step, run_metadata, total_li
             shutil.rmtree(path)
 
 
-def render_validation_images(pipeline, prompts, resolution, seed, weight_dtype):
+def render_validation_images(pipeline, prompts, size, seed, weight_dtype):
     """One image per prompt, each from its own fixed seed, so grids compare across steps and across a resume."""
     device = pipeline.device
     images = []
@@ -1187,7 +1225,8 @@ def render_validation_images(pipeline, prompts, resolution, seed, weight_dtype):
         generator = torch.Generator(device=device).manual_seed(derive_seed(seed, VALIDATION_SEED_KEY, index))
         # Trained and frozen parts may differ in dtype under mixed precision; autocast reconciles them.
         with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-            output = pipeline(prompt, num_inference_steps=20, generator=generator, height=resolution, width=resolution)
+            height, width = size
+            output = pipeline(prompt, num_inference_steps=20, generator=generator, height=height, width=width)
         images.append(output.images[0])
     return images
 
@@ -1195,7 +1234,7 @@ def render_validation_images(pipeline, prompts, resolution, seed, weight_dtype):
 def log_validation(pipeline, prompts, args, accelerator, seed, global_step, tag, weight_dtype):
     """Render, save a PNG grid under output_dir/validation/, and log the images to the trackers."""
     pipeline.set_progress_bar_config(disable=True)
-    images = render_validation_images(pipeline, prompts, args.resolution, seed, weight_dtype)
+    images = render_validation_images(pipeline, prompts, args.validation_resolution, seed, weight_dtype)
     grid = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)))
     x = 0
     for image in images:
@@ -1540,7 +1579,10 @@ def main(argv=None):
             group_size = min(args.gradient_accumulation_steps, batches_per_epoch - group_start)
             with accelerator.accumulate(text_encoder):
                 latents, encoder_hidden_states = encode_batch(batch, vae, text_encoder, generator)
-                loss = diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator, loss_config)
+                sample_weights = batch["sample_weights"].to(latents.device)
+                loss = diffusion_loss(
+                    unet, noise_scheduler, latents, encoder_hidden_states, generator, loss_config, sample_weights
+                )
                 window.add_batch(loss, group_size)
                 accelerator.backward(loss * (args.gradient_accumulation_steps / group_size))
                 last_batch = (latents, batch["input_ids"].to(latents.device))

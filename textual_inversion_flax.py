@@ -337,9 +337,9 @@ def choose_seed(args, resume_metadata):
 
 
 def warn_if_batch_layout_changed(resume_metadata, run_metadata):
-    """A resume is exact only with the global batch, epoch length and process count the checkpoint was written with
-    (each process draws its own noise)."""
-    keys = ("total_batch_size", "updates_per_epoch", "num_processes")
+    """A resume is exact only with the global batch, epoch length, process count (each process draws its own noise)
+    and aspect-ratio buckets the checkpoint was written with."""
+    keys = ("total_batch_size", "updates_per_epoch", "num_processes", "aspect_ratio_buckets")
     before, now = ({key: metadata.get(key) for key in keys} for metadata in (resume_metadata, run_metadata))
     if before != now:
         logger.warning(
@@ -478,33 +478,41 @@ def load_rgb(source, name):
 def verify_image(source, name):
     """Check that an image file decodes, at a fraction of a full decode: a PNG's chunk checksums cover all its bytes,
     and a JPEG decodes at 1/8 scale (its entropy-coded data is still read to the end, so truncation is caught); other
-    formats decode in full. A failure raises an error that names the image."""
+    formats decode in full. Returns the size it shows, (width, height) after EXIF rotation; a failure raises an error
+    that names the image."""
     try:
         with Image.open(source) as image:
+            size = image.size
             if image.format == "PNG":
                 image.verify()
+                exif = Image.Exif()
+                exif.load(image.info.get("exif"))
             else:
+                exif = image.getexif()
                 if image.format == "JPEG":
                     image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
                 image.load()
+        if exif.get(0x0112, 1) in (5, 6, 7, 8):  # the EXIF orientations that turn the picture by 90 degrees
+            size = size[::-1]
+        return size
     except Exception as err:
         raise ValueError(f"cannot read image {name}: {err}") from err
 
 
-def find_unreadable_images(check_image, indices):
-    """check_image(i) for every i in indices, on a thread pool (decoding releases the GIL), before any training: the
-    error messages of the images that cannot be read, in order."""
+def inspect_images(inspect, indices):
+    """inspect(i) for every i in indices, on a thread pool (decoding releases the GIL), before any training: what it
+    returned for each (None where it failed), and the error messages of the images that cannot be read."""
 
-    def problem(index):
+    def attempt(index):
         try:
-            check_image(index)
+            return inspect(index), None
         except ValueError as err:
-            return str(err)
-        return None
+            return None, str(err)
 
     workers = min(32, 4 * (os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        return [message for message in pool.map(problem, indices) if message is not None]
+        results = list(pool.map(attempt, indices))
+    return [result for result, _ in results], [problem for _, problem in results if problem is not None]
 
 
 class StopRequest:
@@ -539,7 +547,7 @@ def find_example_images(train_data_dir):
     paths = [os.path.join(train_data_dir, name) for name in names]
     if not paths:
         raise ValueError(f"--train_data_dir {train_data_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
-    problems = find_unreadable_images(lambda index: load_rgb(paths[index], paths[index]), range(len(paths)))
+    _, problems = inspect_images(lambda index: load_rgb(paths[index], paths[index]).size, range(len(paths)))
     if problems:
         raise ValueError(
             f"{len(problems)} of {len(paths)} images cannot be read; fix or remove them:\n  " + "\n  ".join(problems)
@@ -637,15 +645,24 @@ class TextualInversionDataset:
         return {"pixel_values": pixel_values, "input_ids": np.asarray(input_ids, dtype=np.int32)}
 
 
-def epoch_batches(dataset, seed, epoch, global_batch_size, skip_batches):
-    """This process's share of each global batch of an epoch, in an order that depends only on (seed, epoch).
-    Incomplete batches are dropped (shapes stay static for XLA)."""
-    order = np.random.default_rng(derive_seed(seed, epoch)).permutation(len(dataset))
-    local = global_batch_size // jax.process_count()
-    for start in range(skip_batches * global_batch_size, len(order) - global_batch_size + 1, global_batch_size):
-        keys = order[start + jax.process_index() * local : start + (jax.process_index() + 1) * local]
-        examples = [dataset[(epoch, int(row))] for row in keys]
-        yield {name: np.stack([e[name] for e in examples]) for name in examples[0]}
+def shuffled_batches(num_rows, global_batch_size, seed, epoch):
+    """The epoch's global batches as lists of (row, weight): the rows in an order that depends only on (seed, epoch),
+    cut into full batches (an incomplete last one is dropped: shapes stay static for XLA)."""
+    order = np.random.default_rng(derive_seed(seed, epoch)).permutation(num_rows).tolist()
+    starts = range(0, num_rows - global_batch_size + 1, global_batch_size)
+    return [[(row, 1.0) for row in order[start : start + global_batch_size]] for start in starts]
+
+
+def epoch_batches(dataset, epoch, global_batches, skip_batches):
+    """This process's share of each of the epoch's global batches (lists of (row, weight)) from skip_batches on, with
+    the weights as "sample_weights"."""
+    local = len(global_batches[0]) // jax.process_count()
+    for global_batch in global_batches[skip_batches:]:
+        share = global_batch[jax.process_index() * local : (jax.process_index() + 1) * local]
+        examples = [dataset[(epoch, row)] for row, _ in share]
+        batch = {name: np.stack([example[name] for example in examples]) for name in examples[0]}
+        batch["sample_weights"] = np.array([weight for _, weight in share], np.float32)
+        yield batch
 
 
 def resolve_pipeline_folder(args):
@@ -855,8 +872,11 @@ class LossConfig:
     input_perturbation: float = 0.0  # scale of input perturbation; 0 turns it off
 
 
-def diffusion_loss(unet, noise_scheduler, scheduler_state, latents, encoder_hidden_states, rng, config):
-    """The denoising loss of a batch of clean latents, averaged over the batch. Every random draw comes from `rng`, in
+def diffusion_loss(
+    unet, noise_scheduler, scheduler_state, latents, encoder_hidden_states, rng, config, sample_weights=None
+):
+    """The denoising loss of a batch of clean latents, averaged over the batch (weighted by `sample_weights` when
+    given: aspect-ratio buckets pad a short batch with examples of weight 0). Every random draw comes from `rng`, in
     the PyTorch twin's order: noise, offset noise, input perturbation, timesteps."""
     noise_rng, offset_rng, perturbation_rng, timestep_rng = jax.random.split(rng, 4)
     bsz = latents.shape[0]
@@ -899,6 +919,8 @@ def diffusion_loss(unet, noise_scheduler, scheduler_state, latents, encoder_hidd
         divisor = snr + 1.0 if config.prediction_type == "v_prediction" else snr
         weights = jnp.where(divisor > 0, jnp.minimum(snr, config.snr_gamma) / divisor, jnp.ones_like(snr))
         loss = loss * weights
+    if sample_weights is not None:
+        loss = loss * sample_weights
     return loss.mean()
 
 
@@ -915,9 +937,8 @@ def batch_loss(params, state, frozen, batch, rng, config):
         variables = {"params": frozen.unet_params}
         return frozen.unet.apply(variables, noisy_latents, timesteps, encoder_hidden_states, train=True).sample
 
-    return diffusion_loss(
-        unet, frozen.noise_scheduler, frozen.scheduler_state, latents, encoder_hidden_states, loss_rng, config
-    )
+    scheduler, scheduler_state, weights = frozen.noise_scheduler, frozen.scheduler_state, batch["sample_weights"]
+    return diffusion_loss(unet, scheduler, scheduler_state, latents, encoder_hidden_states, loss_rng, config, weights)
 
 
 def train_step(state, frozen, batch, rng, config):
@@ -1094,7 +1115,8 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------- data
     train_dataset = TextualInversionDataset(image_paths, tokenizer, " ".join(placeholder_tokens), args, seed)
     global_batch_size = args.train_batch_size * jax.device_count()
-    batches_per_epoch = len(train_dataset) // global_batch_size
+    epoch_global_batches = functools.partial(shuffled_batches, len(train_dataset), global_batch_size, seed)
+    batches_per_epoch = len(epoch_global_batches(0))  # the same every epoch
     if batches_per_epoch < args.gradient_accumulation_steps:
         raise ValueError(
             f"{len(train_dataset)} examples make {batches_per_epoch} full global batches of {global_batch_size} "
@@ -1159,7 +1181,8 @@ def main(argv=None):
             break
         # Resume mid-epoch: skip exactly the batches the interrupted run had consumed.
         skip = (global_step - epoch * updates_per_epoch) * args.gradient_accumulation_steps
-        batches = epoch_batches(train_dataset, seed, epoch, global_batch_size, skip)
+        global_batches = epoch_global_batches(epoch)
+        batches = epoch_batches(train_dataset, epoch, global_batches, skip)
         for batch_index, batch in enumerate(batches, start=skip):
             if batch_index >= updates_per_epoch * args.gradient_accumulation_steps:
                 break  # the last batches that cannot fill an accumulation group

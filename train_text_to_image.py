@@ -60,6 +60,8 @@ CHECKPOINT_METADATA = "checkpoint_metadata.json"
 # The second key of every validation seed, derive_seed(seed, VALIDATION_SEED_KEY, prompt index): training draws use
 # four keys, so a validation image never shares its noise with a training step.
 VALIDATION_SEED_KEY = 7919
+# The third key of bucket draws, derive_seed(seed, epoch, BUCKET_SEED_KEY, ...), and of each image's fixed bucket crop.
+BUCKET_SEED_KEY = 6007
 LOCK_FILE = ".training.lock"  # held (an OS lock) by the run writing into output_dir; a killed run holds none
 PIPELINE_LINK = ".pipeline"  # -> the current .pipeline-<n> folder; output_dir's components link through it
 PIPELINE_VERSION = re.compile(r"^\.pipeline-(\d+)$")
@@ -155,6 +157,43 @@ def parse_args(argv=None):
         "--cache_text_embeddings",
         action="store_true",
         help="Encode every distinct caption once before training and train from the stored text-encoder outputs.",
+    )
+    parser.add_argument(
+        "--use_aspect_ratio_buckets",
+        action="store_true",
+        help="Batch images by aspect ratio (one bucket per batch) instead of cropping every one to a square.",
+    )
+    parser.add_argument(
+        "--aspect_ratio_buckets",
+        type=str,
+        default=None,
+        help="Buckets as 'height,width;...' (implies --use_aspect_ratio_buckets); default: made from --resolution.",
+    )
+    parser.add_argument(
+        "--bucket_no_upscale",
+        action="store_true",
+        help="Never enlarge an image to fit a bucket: an image smaller than every bucket gets one of its own size.",
+    )
+    parser.add_argument(
+        "--proportion_empty_prompts",
+        type=float,
+        default=0.0,
+        help="Replace each use of a caption by the empty caption with this probability (classifier-free guidance).",
+    )
+    parser.add_argument(
+        "--shuffle_caption", action="store_true", help="Shuffle the comma-separated tags of a caption at every use."
+    )
+    parser.add_argument(
+        "--keep_tokens",
+        type=int,
+        default=0,
+        help="Tags at the start of a caption that stay in place (and are never dropped).",
+    )
+    parser.add_argument(
+        "--caption_tag_dropout_rate",
+        type=float,
+        default=0.0,
+        help="Drop each tag of a caption (after --keep_tokens) with this probability at every use.",
     )
     # Training
     parser.add_argument(
@@ -294,6 +333,12 @@ def parse_args(argv=None):
         "--validation_epochs", type=int, default=5, help="Render the validation prompts every this many epochs."
     )
     parser.add_argument(
+        "--validation_resolution",
+        type=str,
+        default=None,
+        help="Size of the validation images, 'height,width' (a bucket's, say); default: --resolution square.",
+    )
+    parser.add_argument(
         "--report_to", type=str, default="tensorboard", help="Tracker: tensorboard, wandb, comet_ml, all, or none."
     )
     parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker log folder, relative to --output_dir.")
@@ -323,8 +368,29 @@ def parse_args(argv=None):
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
         parser.error(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}")
-    if args.cache_latents and not args.center_crop:
-        parser.error("--cache_latents stores one crop per image, so it needs --center_crop (not one latent per crop)")
+    try:
+        args.aspect_ratio_buckets = parse_buckets(args.aspect_ratio_buckets)
+        args.validation_resolution = parse_size(args.validation_resolution, args.resolution)
+    except ValueError as err:
+        parser.error(str(err))
+    args.use_aspect_ratio_buckets = args.use_aspect_ratio_buckets or args.aspect_ratio_buckets is not None
+    if args.bucket_no_upscale and not args.use_aspect_ratio_buckets:
+        parser.error("--bucket_no_upscale needs --use_aspect_ratio_buckets")
+    if args.cache_latents and not (args.center_crop or args.use_aspect_ratio_buckets):
+        parser.error(
+            "--cache_latents stores one crop per image, so it needs --center_crop or --use_aspect_ratio_buckets "
+            "(where each image has one crop), not a new random crop at every use"
+        )
+    for name in ["proportion_empty_prompts", "caption_tag_dropout_rate"]:
+        if not 0 <= getattr(args, name) < 1:
+            parser.error(f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    if args.keep_tokens < 0:
+        parser.error(f"--keep_tokens must be 0 or more, got {args.keep_tokens}")
+    if args.cache_text_embeddings and (args.shuffle_caption or args.caption_tag_dropout_rate > 0):
+        parser.error(
+            "--shuffle_caption and --caption_tag_dropout_rate change a caption at every use, and "
+            "--cache_text_embeddings encodes each caption once: use one or the other"
+        )
     if args.dream_training and args.dream_detail_preservation <= 0:
         parser.error("--dream_detail_preservation must be positive")
     if args.report_to == "wandb" and args.hub_token is not None:
@@ -406,9 +472,9 @@ def choose_seed(args, resume_metadata):
 
 
 def warn_if_batch_layout_changed(resume_metadata, run_metadata):
-    """A resume is exact only with the global batch, epoch length and process count the checkpoint was written with
-    (each process draws its own noise)."""
-    keys = ("total_batch_size", "updates_per_epoch", "num_processes")
+    """A resume is exact only with the global batch, epoch length, process count (each process draws its own noise)
+    and aspect-ratio buckets the checkpoint was written with."""
+    keys = ("total_batch_size", "updates_per_epoch", "num_processes", "aspect_ratio_buckets")
     before, now = ({key: metadata.get(key) for key in keys} for metadata in (resume_metadata, run_metadata))
     if before != now:
         logger.warning(
@@ -643,33 +709,41 @@ def load_rgb(source, name):
 def verify_image(source, name):
     """Check that an image file decodes, at a fraction of a full decode: a PNG's chunk checksums cover all its bytes,
     and a JPEG decodes at 1/8 scale (its entropy-coded data is still read to the end, so truncation is caught); other
-    formats decode in full. A failure raises an error that names the image."""
+    formats decode in full. Returns the size it shows, (width, height) after EXIF rotation; a failure raises an error
+    that names the image."""
     try:
         with Image.open(source) as image:
+            size = image.size
             if image.format == "PNG":
                 image.verify()
+                exif = Image.Exif()
+                exif.load(image.info.get("exif"))
             else:
+                exif = image.getexif()
                 if image.format == "JPEG":
                     image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
                 image.load()
+        if exif.get(0x0112, 1) in (5, 6, 7, 8):  # the EXIF orientations that turn the picture by 90 degrees
+            size = size[::-1]
+        return size
     except Exception as err:
         raise ValueError(f"cannot read image {name}: {err}") from err
 
 
-def find_unreadable_images(check_image, indices):
-    """check_image(i) for every i in indices, on a thread pool (decoding releases the GIL), before any training: the
-    error messages of the images that cannot be read, in order."""
+def inspect_images(inspect, indices):
+    """inspect(i) for every i in indices, on a thread pool (decoding releases the GIL), before any training: what it
+    returned for each (None where it failed), and the error messages of the images that cannot be read."""
 
-    def problem(index):
+    def attempt(index):
         try:
-            check_image(index)
+            return inspect(index), None
         except ValueError as err:
-            return str(err)
-        return None
+            return None, str(err)
 
     workers = min(32, 4 * (os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        return [message for message in pool.map(problem, indices) if message is not None]
+        results = list(pool.map(attempt, indices))
+    return [result for result, _ in results], [problem for _, problem in results if problem is not None]
 
 
 class StopRequest:
@@ -694,6 +768,142 @@ def preemption_message(stop_request, global_step):
         f"{received} received: stopped after step {global_step} with checkpoint-{global_step} written; relaunch the "
         f"same command with --resume_from_checkpoint latest to continue (exit code {PREEMPTED_EXIT_CODE})"
     )
+
+
+def parse_buckets(text):
+    """--aspect_ratio_buckets "h,w;h,w;...": the buckets as (height, width) pairs; None when not given."""
+    if text is None:
+        return None
+    buckets = []
+    for part in text.replace(" ", "").strip(";").split(";"):
+        try:
+            height, width = (int(side) for side in part.split(","))
+        except ValueError:
+            raise ValueError(
+                f"--aspect_ratio_buckets: {part!r} is not 'height,width' (e.g. '512,512;384,640')"
+            ) from None
+        if height < 8 or width < 8 or height % 8 or width % 8:
+            raise ValueError(f"--aspect_ratio_buckets: {height},{width} has a side that is not a multiple of 8")
+        buckets.append((height, width))
+    if len(set(buckets)) != len(buckets):
+        raise ValueError(f"--aspect_ratio_buckets {text!r}: a bucket is listed twice")
+    return buckets
+
+
+def parse_size(text, default):
+    """--validation_resolution 'height,width' (or one side, for a square) as (height, width); default when not given."""
+    if text is None:
+        return default, default
+    try:
+        sides = [int(side) for side in text.replace(" ", "").split(",")]
+        height, width = sides if len(sides) == 2 else sides * 2
+    except ValueError:
+        raise ValueError(f"--validation_resolution {text!r}: expected 'height,width', e.g. '640,384'") from None
+    if height % 8 or width % 8 or height < 8 or width < 8:
+        raise ValueError(f"--validation_resolution {text!r}: both sides must be multiples of 8")
+    return height, width
+
+
+def bucket_step(resolution, model_factor):
+    """The multiple every generated bucket side is made of: what the VAE and the UNet's downsampling need
+    (`model_factor`, 64 for Stable Diffusion), and at least an eighth of the resolution (64 at 512, as kohya's
+    default), so the number of buckets stays small."""
+    return model_factor * max(1, resolution // 8 // model_factor)
+
+
+def generate_buckets(resolution, step, max_ratio=4.0):
+    """Buckets of at most resolution² pixels with both sides multiples of `step`, no side under half the resolution
+    and aspect ratios from 1:max_ratio to max_ratio:1: for each landscape width, the tallest height that fits, and
+    each of those turned to portrait too (17 buckets at 512 with step 64). Sorted from tall to wide."""
+    shortest = max(resolution // 2 // step * step, step)
+    buckets = set()
+    for width in range(resolution // step * step, resolution * resolution // shortest + 1, step):
+        height = min(resolution * resolution // width // step * step, width // step * step)
+        if height >= shortest and width / height <= max_ratio:
+            buckets.update({(height, width), (width, height)})
+    return sorted(buckets, key=lambda bucket: (bucket[1] / bucket[0], bucket[0]))
+
+
+def assign_buckets(sizes, buckets, no_upscale, step):
+    """The bucket of each image, given its (width, height): the one nearest its aspect ratio (in log ratio). With
+    no_upscale only buckets that fit inside the image count, and an image smaller than all of them gets a bucket of
+    its own size (cut down to multiples of `step`). Returns the bucket index of every image and the buckets,
+    extended with those own sizes."""
+    buckets = list(buckets)
+    assigned = []
+    for width, height in sizes:
+        candidates = range(len(buckets))
+        if no_upscale:
+            candidates = [i for i in candidates if buckets[i][0] <= height and buckets[i][1] <= width]
+            if not candidates:
+                own = (max(height // step, 1) * step, max(width // step, 1) * step)
+                if own not in buckets:
+                    buckets.append(own)
+                candidates = [buckets.index(own)]
+        ratio = math.log(width / height)
+        assigned.append(min(candidates, key=lambda i: (abs(math.log(buckets[i][1] / buckets[i][0]) - ratio), i)))
+    return assigned, buckets
+
+
+def bucket_batches(bucket_of_row, global_batch_size, seed, epoch):
+    """The epoch's global batches as lists of (row, weight), every batch from one bucket: each bucket's rows shuffled,
+    cut into batches, then the batches shuffled; all a pure function of (seed, epoch). A bucket's last batch is topped
+    up with rows from the start of the same bucket's order at weight 0, and its own rows weigh more so that a batch's
+    weights always average 1. Padding rather than dropping: shapes stay fixed, a small bucket still trains, every image
+    counts exactly once per epoch, and the number of batches is the same every epoch."""
+    rows_by_bucket = {}
+    for row, bucket in enumerate(bucket_of_row):
+        rows_by_bucket.setdefault(int(bucket), []).append(row)
+    batches = []
+    for bucket, rows in sorted(rows_by_bucket.items()):
+        order = np.random.default_rng(derive_seed(seed, epoch, BUCKET_SEED_KEY, bucket)).permutation(rows).tolist()
+        for start in range(0, len(order), global_batch_size):
+            chosen = order[start : start + global_batch_size]
+            padding = [order[i % len(order)] for i in range(global_batch_size - len(chosen))]
+            weight = global_batch_size / len(chosen)
+            batches.append([(row, weight) for row in chosen] + [(row, 0.0) for row in padding])
+    batch_order = np.random.default_rng(derive_seed(seed, epoch, BUCKET_SEED_KEY)).permutation(len(batches))
+    return [batches[index] for index in batch_order]
+
+
+def describe_buckets(bucket_of_row, buckets, global_batch_size):
+    """The bucket histogram for the log: images and batches per bucket, largest first."""
+    counts = np.bincount(np.asarray(bucket_of_row), minlength=len(buckets))
+    lines = [
+        f"  {buckets[i][0]}x{buckets[i][1]} (h x w): {counts[i]} images, {math.ceil(counts[i] / global_batch_size)} "
+        f"batches"
+        for i in np.argsort(-counts, kind="stable")
+        if counts[i]
+    ]
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionConfig:
+    """How a caption changes at each use, built once from the flags in main()."""
+
+    proportion_empty_prompts: float = 0.0  # chance that a use sees the empty caption
+    shuffle_caption: bool = False  # shuffle the comma-separated tags
+    keep_tokens: int = 0  # tags at the start that stay in place and are never dropped
+    caption_tag_dropout_rate: float = 0.0  # chance that each other tag is dropped
+
+
+def edit_caption(caption, rng, config):
+    """The caption as this use sees it. Tag-style captions ("1girl, red hair, smiling") get their comma-separated tags
+    dropped and shuffled, the first config.keep_tokens tags kept in place; then the whole caption is replaced by the
+    empty one with probability config.proportion_empty_prompts, so the model also learns the unconditional picture
+    that classifier-free guidance needs. Every draw comes from this use's `rng`."""
+    if config.shuffle_caption or config.caption_tag_dropout_rate > 0:
+        tags = [tag.strip() for tag in caption.split(",")]
+        kept, rest = tags[: config.keep_tokens], tags[config.keep_tokens :]
+        if config.caption_tag_dropout_rate > 0:
+            rest = [tag for tag in rest if rng.random() >= config.caption_tag_dropout_rate]
+        if config.shuffle_caption:
+            rest = [rest[index] for index in rng.permutation(len(rest))]
+        caption = ", ".join(kept + rest)
+    if config.proportion_empty_prompts > 0 and rng.random() < config.proportion_empty_prompts:
+        caption = ""
+    return caption
 
 
 def load_image_caption_dataset(args, seed):
@@ -734,19 +944,29 @@ def load_image_caption_dataset(args, seed):
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Rows -> {pixel_values or latent_parameters, input_ids or encoder_hidden_states}. Indexed by (epoch, row) keys:
-    crop, flip and caption choice are drawn from an RNG seeded by (seed, epoch, row), so the same sample is identical
-    in a resumed run, and the cached path draws exactly what the uncached one does."""
+    """Rows -> {pixel_values or latent_parameters, input_ids or encoder_hidden_states, sample_weights}. Indexed by
+    (epoch, row, weight) keys: crop, flip and caption edits are drawn from an RNG seeded by (seed, epoch, row), so the
+    same sample is identical in a resumed run, and the cached path draws exactly what the uncached one does."""
 
     def __init__(self, rows, tokenizer, args, seed):
         self.rows, self.tokenizer, self.args, self.seed = rows, tokenizer, args, seed
         self.interpolation = InterpolationMode[args.image_interpolation_mode.upper()]
+        self.caption_config = CaptionConfig(
+            proportion_empty_prompts=args.proportion_empty_prompts,
+            shuffle_caption=args.shuffle_caption,
+            keep_tokens=args.keep_tokens,
+            caption_tag_dropout_rate=args.caption_tag_dropout_rate,
+        )
         # Captions stay in the (memory-mapped) dataset: a Python list of them would be copied into every worker.
         self.caption_rows = rows.select_columns([args.caption_column])
         for row, value in enumerate(self.caption_rows[args.caption_column]):
             self.caption_choices(value, row)  # checked now, so a bad row fails before training, not hours into it
-        # Set by build_caches(): [row, flipped] -> the VAE's latent distribution parameters, and
-        # (per-row offsets, caption indices, [caption] -> text-encoder output).
+        # Set by setup_buckets(): each row's bucket and the buckets' (height, width); None crops squares.
+        self.bucket_of_row = None
+        self.buckets = None
+        # Set by build_caches(): (each row's group, its place in the group, [group][place, flipped] -> the VAE's latent
+        # distribution parameters), and (per-row offsets, caption indices, [caption] -> text-encoder output, the
+        # empty caption's index).
         self.latent_cache = None
         self.text_cache = None
 
@@ -765,17 +985,32 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return load_rgb(*self.image_source(row))
 
     def verify_image(self, row):
-        verify_image(*self.image_source(row))
+        return verify_image(*self.image_source(row))
 
-    def transform(self, image, rng, flip=None):
-        size = self.args.resolution
-        image = TF.resize(image, size, interpolation=self.interpolation)
-        width, height = image.size
-        if self.args.center_crop:
-            top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    def shape_groups(self):
+        """Rows that share an image size, as (each row's group, the rows of each group): the buckets, or one group."""
+        group_of_row = np.zeros(len(self), np.int64) if self.buckets is None else np.asarray(self.bucket_of_row)
+        return group_of_row, [np.flatnonzero(group_of_row == group).tolist() for group in range(group_of_row.max() + 1)]
+
+    def transform(self, image, row, rng, flip=None):
+        if self.buckets is None:
+            height = width = self.args.resolution
+            image = TF.resize(image, self.args.resolution, interpolation=self.interpolation)
+            crop_rng = rng
         else:
-            top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
-        image = TF.crop(image, top, left, size, size)
+            # Resized to cover its bucket, then cropped; a random crop is drawn once per image (from the seed and the
+            # row), so --cache_latents stores exactly what an uncached run trains on.
+            height, width = self.buckets[self.bucket_of_row[row]]
+            scale = max(height / image.height, width / image.width)
+            size = [max(height, round(image.height * scale)), max(width, round(image.width * scale))]
+            image = TF.resize(image, size, interpolation=self.interpolation)
+            crop_rng = np.random.default_rng([self.seed, BUCKET_SEED_KEY, row])
+        if self.args.center_crop:
+            top, left = int(round((image.height - height) / 2.0)), int(round((image.width - width) / 2.0))
+        else:
+            top = int(crop_rng.integers(0, image.height - height + 1))
+            left = int(crop_rng.integers(0, image.width - width + 1))
+        image = TF.crop(image, top, left, height, width)
         if flip is None:
             flip = self.args.random_flip and rng.random() < 0.5
         if flip:
@@ -793,45 +1028,75 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         )
 
     def __getitem__(self, key):
-        epoch, row = key
+        epoch, row, weight = key
         rng = np.random.default_rng([self.seed, epoch, row])
-        example = {}
+        example = {"sample_weights": torch.tensor(weight, dtype=torch.float32)}
         if self.latent_cache is None:
-            example["pixel_values"] = self.transform(self.open_image(row), rng)
+            example["pixel_values"] = self.transform(self.open_image(row), row, rng)
         else:
-            # The same draws as transform(): with --center_crop only the flip is random.
+            # The same draws as transform(): with a fixed crop only the flip is random.
             flipped = self.args.random_flip and rng.random() < 0.5
-            example["latent_parameters"] = self.latent_cache[row, int(flipped)]
+            group_of_row, place, latents = self.latent_cache
+            example["latent_parameters"] = latents[group_of_row[row]][place[row], int(flipped)]
+        choices = self.caption_choices(self.caption_rows[row][self.args.caption_column], row)
+        choice = int(rng.integers(len(choices))) if len(choices) > 1 else 0
+        caption = edit_caption(choices[choice], rng, self.caption_config)
         if self.text_cache is None:
-            choices = self.caption_choices(self.caption_rows[row][self.args.caption_column], row)
-            caption = choices[int(rng.integers(len(choices)))] if len(choices) > 1 else choices[0]
             example["input_ids"] = tokenize(self.tokenizer, [caption], [0])[0]
         else:
-            # The same draw as above, over the row's captions as listed in the cache.
-            offsets, indices, embeddings = self.text_cache
-            count = offsets[row + 1] - offsets[row]
-            choice = int(rng.integers(count)) if count > 1 else 0
-            example["encoder_hidden_states"] = embeddings[indices[offsets[row] + choice]]
+            # The same draws as above; the cache lists each row's captions in order, and the empty caption once.
+            offsets, indices, embeddings, empty_index = self.text_cache
+            index = empty_index if caption == "" else indices[offsets[row] + choice]
+            example["encoder_hidden_states"] = embeddings[index]
         return example
 
 
 def check_images(dataset, accelerator):
     """Every image must decode before anything else happens (a bad file found hours in would stop every resume
-    too). Each process checks its share of the rows; the failures are gathered, so all processes stop together."""
-    indices = range(accelerator.process_index, len(dataset), accelerator.num_processes)
+    too). Each process checks its share of the rows; the failures are gathered, so all processes stop together.
+    Returns every image's (width, height), which the buckets need."""
+    indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
     started = time.perf_counter()
-    problems = find_unreadable_images(dataset.verify_image, indices)
+    sizes, problems = inspect_images(dataset.verify_image, indices)
+    found = list(zip(indices, sizes, strict=True))
     if accelerator.num_processes > 1:
-        problems = gather_object(problems)
+        problems, found = gather_object(problems), gather_object(found)
     if problems:
         listed = "\n  ".join(sorted(problems)[:10])
         raise ValueError(f"{len(problems)} of {len(dataset)} images cannot be read; fix or remove them:\n  {listed}")
     logger.info(f"Checked {len(dataset)} images in {time.perf_counter() - started:.1f} s")
+    return [size for _, size in sorted(found)]
 
 
-def image_views(dataset, views, indices):
-    """Pixel batches for the latent cache: item i is row i // views, horizontally flipped when i % views is 1."""
-    pixels = [dataset.transform(dataset.open_image(i // views), rng=None, flip=i % views == 1) for i in indices]
+def setup_buckets(dataset, sizes, args, model_factor, global_batch_size):
+    """--use_aspect_ratio_buckets: each image's bucket, from --aspect_ratio_buckets or generated from --resolution;
+    logs the bucket histogram."""
+    step = bucket_step(args.resolution, model_factor)
+    if args.aspect_ratio_buckets is not None:
+        buckets = args.aspect_ratio_buckets
+        for height, width in buckets:
+            if height % model_factor or width % model_factor:
+                raise ValueError(
+                    f"--aspect_ratio_buckets: {height},{width} has a side that is not a multiple of {model_factor}, "
+                    "which this model's VAE and UNet downsampling need"
+                )
+        origin = f"{len(buckets)} from --aspect_ratio_buckets"
+    else:
+        buckets = generate_buckets(args.resolution, step)
+        origin = f"{len(buckets)} generated for --resolution {args.resolution}: sides multiples of {step}, 1:4 to 4:1"
+    dataset.bucket_of_row, dataset.buckets = assign_buckets(sizes, buckets, args.bucket_no_upscale, model_factor)
+    if len(dataset.buckets) > len(buckets):
+        origin += f", {len(dataset.buckets) - len(buckets)} more for images smaller than all (--bucket_no_upscale)"
+    histogram = describe_buckets(dataset.bucket_of_row, dataset.buckets, global_batch_size)
+    logger.info(f"Aspect-ratio buckets ({origin}):\n{histogram}")
+
+
+def image_views(dataset, views, rows, indices):
+    """Pixel batches for the latent cache: item i is rows[i // views], horizontally flipped when i % views is 1."""
+    pixels = [
+        dataset.transform(dataset.open_image(rows[i // views]), rows[i // views], rng=None, flip=i % views == 1)
+        for i in indices
+    ]
     return torch.stack(pixels)
 
 
@@ -867,21 +1132,31 @@ def encode_once(accelerator, num_items, batch_size, prepare, encode, description
 
 
 def build_caches(train_dataset, vae, text_encoder, tokenizer, accelerator, args, num_workers):
-    """--cache_latents: the VAE's latent distribution of every image (and its mirror image with --random_flip), so
-    the VAE leaves the training loop. --cache_text_embeddings: the text encoder's output for every distinct caption."""
+    """--cache_latents: the VAE's latent distribution of every image (and its mirror image with --random_flip), at its
+    bucket's size, so the VAE leaves the training loop. --cache_text_embeddings: the text encoder's output for every
+    distinct caption (and the empty one, with --proportion_empty_prompts)."""
+    caches = []
     if args.cache_latents:
         views = 2 if args.random_flip else 1
-        parameters = encode_once(
-            accelerator,
-            len(train_dataset) * views,
-            args.train_batch_size,
-            functools.partial(image_views, train_dataset, views),
-            lambda pixels: vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters,
-            "Caching latents",
-            num_workers,
-        )
-        train_dataset.latent_cache = parameters.view(len(train_dataset), views, *parameters.shape[1:])
-    embeddings = None
+        group_of_row, groups = train_dataset.shape_groups()
+        place, latents = np.zeros(len(train_dataset), np.int64), []
+        for rows in groups:
+            if not rows:  # a bucket no image went to
+                latents.append(None)
+                continue
+            place[rows] = np.arange(len(rows))
+            parameters = encode_once(
+                accelerator,
+                len(rows) * views,
+                args.train_batch_size,
+                functools.partial(image_views, train_dataset, views, rows),
+                lambda pixels: vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist.parameters,
+                f"Caching latents ({len(rows)} images)",
+                num_workers,
+            )
+            latents.append(parameters.view(len(rows), views, *parameters.shape[1:]))
+        train_dataset.latent_cache = (group_of_row, place, latents)
+        caches.append(("latents", [tensor for tensor in latents if tensor is not None]))
     if args.cache_text_embeddings:
         # Each distinct caption once, in first-seen order (the same in every process); rows point into the list.
         distinct, indices, offsets = {}, [], [0]
@@ -889,6 +1164,7 @@ def build_caches(train_dataset, vae, text_encoder, tokenizer, accelerator, args,
             for caption in train_dataset.caption_choices(value, row):
                 indices.append(distinct.setdefault(caption, len(distinct)))
             offsets.append(len(indices))
+        empty_index = distinct.setdefault("", len(distinct)) if args.proportion_empty_prompts > 0 else None
         embeddings = encode_once(
             accelerator,
             len(distinct),
@@ -897,15 +1173,16 @@ def build_caches(train_dataset, vae, text_encoder, tokenizer, accelerator, args,
             lambda input_ids: text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0],
             "Caching text embeddings",
         )
-        train_dataset.text_cache = (np.array(offsets), np.array(indices), embeddings)
-    for name, cache in [("latents", train_dataset.latent_cache), ("text embeddings", embeddings)]:
-        if cache is not None:
-            size = cache.numel() * cache.element_size() / 2**20
-            logger.info(f"Cached {name}: {tuple(cache.shape)} {cache.dtype}, {size:.1f} MiB of CPU memory")
+        train_dataset.text_cache = (np.array(offsets), np.array(indices), embeddings, empty_index)
+        caches.append(("text embeddings", [embeddings]))
+    for name, tensors in caches:
+        size = sum(t.numel() * t.element_size() for t in tensors) / 2**20
+        shapes = ", ".join(str(tuple(t.shape)) for t in tensors[:4]) + (", ..." if len(tensors) > 4 else "")
+        logger.info(f"Cached {name}: {shapes} {tensors[0].dtype}, {size:.1f} MiB of CPU memory")
 
 
 class EpochShuffleSampler(torch.utils.data.Sampler):
-    """Yields (epoch, row) keys in an order that depends only on (seed, epoch). The training loop sets `.epoch`
+    """Yields (epoch, row, weight) keys in an order that depends only on (seed, epoch). The training loop sets `.epoch`
     itself; there is deliberately no set_epoch(), which Accelerate would call with its own iteration counter."""
 
     def __init__(self, num_rows, seed):
@@ -916,7 +1193,34 @@ class EpochShuffleSampler(torch.utils.data.Sampler):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
-        return iter([(self.epoch, row) for row in torch.randperm(self.num_rows, generator=generator).tolist()])
+        return iter([(self.epoch, row, 1.0) for row in torch.randperm(self.num_rows, generator=generator).tolist()])
+
+
+class BucketBatchSampler(torch.utils.data.Sampler):
+    """With buckets: yields the epoch's global batches (bucket_batches) as per-process batches of (epoch, row, weight)
+    keys, process 0's share first. Accelerate deals batch k to process k % num_processes, so each process gets its
+    share of every global batch and no image is seen twice. The training loop sets `.epoch` (no set_epoch(), as
+    above)."""
+
+    def __init__(self, bucket_of_row, batch_size, num_processes, seed):
+        self.bucket_of_row, self.batch_size, self.num_processes, self.seed = (
+            bucket_of_row,
+            batch_size,
+            num_processes,
+            seed,
+        )
+        self.drop_last, self.epoch = False, 0  # read by Accelerate's batch sharding
+
+    def __len__(self):
+        global_batch_size = self.batch_size * self.num_processes
+        counts = np.bincount(np.asarray(self.bucket_of_row))
+        return int(sum(math.ceil(count / global_batch_size) for count in counts)) * self.num_processes
+
+    def __iter__(self):
+        for batch in bucket_batches(self.bucket_of_row, self.batch_size * self.num_processes, self.seed, self.epoch):
+            for process in range(self.num_processes):
+                share = batch[process * self.batch_size : (process + 1) * self.batch_size]
+                yield [(self.epoch, row, weight) for row, weight in share]
 
 
 def collate(examples):
@@ -1131,8 +1435,9 @@ class LossConfig:
     dream_detail_preservation: float | None = None  # DREAM's detail preservation p; None turns DREAM off
 
 
-def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator, config):
-    """The denoising loss of a batch of clean latents, averaged over the batch. Every random draw comes from
+def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator, config, sample_weights=None):
+    """The denoising loss of a batch of clean latents, averaged over the batch (weighted by `sample_weights` when
+    given: aspect-ratio buckets pad a short batch with examples of weight 0). Every random draw comes from
     `generator`, in the JAX twin's order: noise, offset noise, input perturbation, timesteps."""
     bsz = latents.shape[0]
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
@@ -1185,6 +1490,8 @@ def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, genera
         divisor = snr + 1.0 if config.prediction_type == "v_prediction" else snr
         weights = torch.where(divisor > 0, torch.clamp(snr, max=config.snr_gamma) / divisor, torch.ones_like(snr))
         loss = loss * weights
+    if sample_weights is not None:
+        loss = loss * sample_weights
     return loss.mean()
 
 
@@ -1212,7 +1519,7 @@ def save_checkpoint(accelerator, output_dir, global_step, run_metadata, total_li
             shutil.rmtree(path)
 
 
-def render_validation_images(pipeline, prompts, resolution, seed, weight_dtype):
+def render_validation_images(pipeline, prompts, size, seed, weight_dtype):
     """One image per prompt, each from its own fixed seed, so grids compare across steps and across a resume."""
     device = pipeline.device
     images = []
@@ -1220,7 +1527,8 @@ def render_validation_images(pipeline, prompts, resolution, seed, weight_dtype):
         generator = torch.Generator(device=device).manual_seed(derive_seed(seed, VALIDATION_SEED_KEY, index))
         # Trained and frozen parts may differ in dtype under mixed precision; autocast reconciles them.
         with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-            output = pipeline(prompt, num_inference_steps=20, generator=generator, height=resolution, width=resolution)
+            height, width = size
+            output = pipeline(prompt, num_inference_steps=20, generator=generator, height=height, width=width)
         images.append(output.images[0])
     return images
 
@@ -1228,7 +1536,7 @@ def render_validation_images(pipeline, prompts, resolution, seed, weight_dtype):
 def log_validation(pipeline, prompts, args, accelerator, seed, global_step, tag, weight_dtype):
     """Render, save a PNG grid under output_dir/validation/, and log the images to the trackers."""
     pipeline.set_progress_bar_config(disable=True)
-    images = render_validation_images(pipeline, prompts, args.resolution, seed, weight_dtype)
+    images = render_validation_images(pipeline, prompts, args.validation_resolution, seed, weight_dtype)
     grid = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)))
     x = 0
     for image in images:
@@ -1472,14 +1780,25 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------------------------------------- data
     train_dataset = ImageCaptionDataset(load_image_caption_dataset(args, seed), tokenizer, args, seed)
-    check_images(train_dataset, accelerator)
+    image_sizes = check_images(train_dataset, accelerator)
+    if args.use_aspect_ratio_buckets:
+        # The VAE shrinks images by 2 per block after its first; the UNet halves latents per down block after its first.
+        model_factor = 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.down_block_types) - 1)
+        global_batch_size = args.train_batch_size * accelerator.num_processes
+        setup_buckets(train_dataset, image_sizes, args, model_factor, global_batch_size)
     num_workers = default_num_workers(args, accelerator)
     build_caches(train_dataset, vae, text_encoder, tokenizer, accelerator, args, num_workers)
-    sampler = EpochShuffleSampler(len(train_dataset), seed)
+    if args.use_aspect_ratio_buckets:
+        sampler = BucketBatchSampler(
+            train_dataset.bucket_of_row, args.train_batch_size, accelerator.num_processes, seed
+        )
+        sampling = {"batch_sampler": sampler}
+    else:
+        sampler = EpochShuffleSampler(len(train_dataset), seed)
+        sampling = {"sampler": sampler, "batch_size": args.train_batch_size}
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
-        sampler=sampler,
-        batch_size=args.train_batch_size,
+        **sampling,
         collate_fn=collate,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
@@ -1513,6 +1832,7 @@ def main(argv=None):
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
     run_metadata["num_processes"] = accelerator.num_processes
+    run_metadata["aspect_ratio_buckets"] = [list(bucket) for bucket in train_dataset.buckets or []] or None
 
     # ----------------------------------------------------------------------------------------------------- resume
     global_step = 0
@@ -1569,7 +1889,10 @@ def main(argv=None):
             group_size = min(args.gradient_accumulation_steps, batches_per_epoch - group_start)
             with accelerator.accumulate(unet):
                 latents, encoder_hidden_states = encode_batch(batch, vae, text_encoder, generator)
-                loss = diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator, loss_config)
+                sample_weights = batch["sample_weights"].to(latents.device)
+                loss = diffusion_loss(
+                    unet, noise_scheduler, latents, encoder_hidden_states, generator, loss_config, sample_weights
+                )
                 window.add_batch(loss, group_size)
                 accelerator.backward(loss * (args.gradient_accumulation_steps / group_size))
                 last_batch = (latents, encoder_hidden_states)

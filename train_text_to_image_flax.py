@@ -52,6 +52,8 @@ CHECKPOINT_METADATA = "checkpoint_metadata.json"
 LOCK_FILE = ".training.lock"  # held (an OS lock) by the run writing into output_dir; a killed run holds none
 PIPELINE_LINK = ".pipeline"  # -> the current .pipeline-<n> folder; output_dir's components link through it
 PIPELINE_VERSION = re.compile(r"^\.pipeline-(\d+)$")
+# The third key of bucket draws, derive_seed(seed, epoch, BUCKET_SEED_KEY, ...), and of each image's fixed bucket crop.
+BUCKET_SEED_KEY = 6007
 PREEMPTED_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL: stopped by a signal after writing a checkpoint; relaunch to continue
 INTERPOLATION_MODES = ["lanczos", "bicubic", "bilinear", "nearest", "box", "hamming"]
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine"]
@@ -122,6 +124,43 @@ def parse_args(argv=None):
         default="lanczos",
         choices=INTERPOLATION_MODES,
         help="Interpolation used to resize images.",
+    )
+    parser.add_argument(
+        "--use_aspect_ratio_buckets",
+        action="store_true",
+        help="Batch images by aspect ratio (one bucket per batch) instead of cropping every one to a square.",
+    )
+    parser.add_argument(
+        "--aspect_ratio_buckets",
+        type=str,
+        default=None,
+        help="Buckets as 'height,width;...' (implies --use_aspect_ratio_buckets); default: made from --resolution.",
+    )
+    parser.add_argument(
+        "--bucket_no_upscale",
+        action="store_true",
+        help="Never enlarge an image to fit a bucket: an image smaller than every bucket gets one of its own size.",
+    )
+    parser.add_argument(
+        "--proportion_empty_prompts",
+        type=float,
+        default=0.0,
+        help="Replace each use of a caption by the empty caption with this probability (classifier-free guidance).",
+    )
+    parser.add_argument(
+        "--shuffle_caption", action="store_true", help="Shuffle the comma-separated tags of a caption at every use."
+    )
+    parser.add_argument(
+        "--keep_tokens",
+        type=int,
+        default=0,
+        help="Tags at the start of a caption that stay in place (and are never dropped).",
+    )
+    parser.add_argument(
+        "--caption_tag_dropout_rate",
+        type=float,
+        default=0.0,
+        help="Drop each tag of a caption (after --keep_tokens) with this probability at every use.",
     )
     # Training
     parser.add_argument(
@@ -231,6 +270,18 @@ def parse_args(argv=None):
     for name in ["max_train_steps", "checkpoints_total_limit", "max_train_samples"]:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    try:
+        args.aspect_ratio_buckets = parse_buckets(args.aspect_ratio_buckets)
+    except ValueError as err:
+        parser.error(str(err))
+    args.use_aspect_ratio_buckets = args.use_aspect_ratio_buckets or args.aspect_ratio_buckets is not None
+    if args.bucket_no_upscale and not args.use_aspect_ratio_buckets:
+        parser.error("--bucket_no_upscale needs --use_aspect_ratio_buckets")
+    for name in ["proportion_empty_prompts", "caption_tag_dropout_rate"]:
+        if not 0 <= getattr(args, name) < 1:
+            parser.error(f"--{name} must be in [0, 1), got {getattr(args, name)}")
+    if args.keep_tokens < 0:
+        parser.error(f"--keep_tokens must be 0 or more, got {args.keep_tokens}")
     return args
 
 
@@ -308,9 +359,9 @@ def choose_seed(args, resume_metadata):
 
 
 def warn_if_batch_layout_changed(resume_metadata, run_metadata):
-    """A resume is exact only with the global batch, epoch length and process count the checkpoint was written with
-    (each process draws its own noise)."""
-    keys = ("total_batch_size", "updates_per_epoch", "num_processes")
+    """A resume is exact only with the global batch, epoch length, process count (each process draws its own noise)
+    and aspect-ratio buckets the checkpoint was written with."""
+    keys = ("total_batch_size", "updates_per_epoch", "num_processes", "aspect_ratio_buckets")
     before, now = ({key: metadata.get(key) for key in keys} for metadata in (resume_metadata, run_metadata))
     if before != now:
         logger.warning(
@@ -545,33 +596,41 @@ def load_rgb(source, name):
 def verify_image(source, name):
     """Check that an image file decodes, at a fraction of a full decode: a PNG's chunk checksums cover all its bytes,
     and a JPEG decodes at 1/8 scale (its entropy-coded data is still read to the end, so truncation is caught); other
-    formats decode in full. A failure raises an error that names the image."""
+    formats decode in full. Returns the size it shows, (width, height) after EXIF rotation; a failure raises an error
+    that names the image."""
     try:
         with Image.open(source) as image:
+            size = image.size
             if image.format == "PNG":
                 image.verify()
+                exif = Image.Exif()
+                exif.load(image.info.get("exif"))
             else:
+                exif = image.getexif()
                 if image.format == "JPEG":
                     image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
                 image.load()
+        if exif.get(0x0112, 1) in (5, 6, 7, 8):  # the EXIF orientations that turn the picture by 90 degrees
+            size = size[::-1]
+        return size
     except Exception as err:
         raise ValueError(f"cannot read image {name}: {err}") from err
 
 
-def find_unreadable_images(check_image, indices):
-    """check_image(i) for every i in indices, on a thread pool (decoding releases the GIL), before any training: the
-    error messages of the images that cannot be read, in order."""
+def inspect_images(inspect, indices):
+    """inspect(i) for every i in indices, on a thread pool (decoding releases the GIL), before any training: what it
+    returned for each (None where it failed), and the error messages of the images that cannot be read."""
 
-    def problem(index):
+    def attempt(index):
         try:
-            check_image(index)
+            return inspect(index), None
         except ValueError as err:
-            return str(err)
-        return None
+            return None, str(err)
 
     workers = min(32, 4 * (os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        return [message for message in pool.map(problem, indices) if message is not None]
+        results = list(pool.map(attempt, indices))
+    return [result for result, _ in results], [problem for _, problem in results if problem is not None]
 
 
 class StopRequest:
@@ -596,6 +655,128 @@ def preemption_message(stop_request, global_step):
         f"{received} received: stopped after step {global_step} with checkpoint-{global_step} written; relaunch the "
         f"same command with --resume_from_checkpoint latest to continue (exit code {PREEMPTED_EXIT_CODE})"
     )
+
+
+def parse_buckets(text):
+    """--aspect_ratio_buckets "h,w;h,w;...": the buckets as (height, width) pairs; None when not given."""
+    if text is None:
+        return None
+    buckets = []
+    for part in text.replace(" ", "").strip(";").split(";"):
+        try:
+            height, width = (int(side) for side in part.split(","))
+        except ValueError:
+            raise ValueError(
+                f"--aspect_ratio_buckets: {part!r} is not 'height,width' (e.g. '512,512;384,640')"
+            ) from None
+        if height < 8 or width < 8 or height % 8 or width % 8:
+            raise ValueError(f"--aspect_ratio_buckets: {height},{width} has a side that is not a multiple of 8")
+        buckets.append((height, width))
+    if len(set(buckets)) != len(buckets):
+        raise ValueError(f"--aspect_ratio_buckets {text!r}: a bucket is listed twice")
+    return buckets
+
+
+def bucket_step(resolution, model_factor):
+    """The multiple every generated bucket side is made of: what the VAE and the UNet's downsampling need
+    (`model_factor`, 64 for Stable Diffusion), and at least an eighth of the resolution (64 at 512, as kohya's
+    default), so the number of buckets stays small."""
+    return model_factor * max(1, resolution // 8 // model_factor)
+
+
+def generate_buckets(resolution, step, max_ratio=4.0):
+    """Buckets of at most resolution² pixels with both sides multiples of `step`, no side under half the resolution
+    and aspect ratios from 1:max_ratio to max_ratio:1: for each landscape width, the tallest height that fits, and
+    each of those turned to portrait too (17 buckets at 512 with step 64). Sorted from tall to wide."""
+    shortest = max(resolution // 2 // step * step, step)
+    buckets = set()
+    for width in range(resolution // step * step, resolution * resolution // shortest + 1, step):
+        height = min(resolution * resolution // width // step * step, width // step * step)
+        if height >= shortest and width / height <= max_ratio:
+            buckets.update({(height, width), (width, height)})
+    return sorted(buckets, key=lambda bucket: (bucket[1] / bucket[0], bucket[0]))
+
+
+def assign_buckets(sizes, buckets, no_upscale, step):
+    """The bucket of each image, given its (width, height): the one nearest its aspect ratio (in log ratio). With
+    no_upscale only buckets that fit inside the image count, and an image smaller than all of them gets a bucket of
+    its own size (cut down to multiples of `step`). Returns the bucket index of every image and the buckets,
+    extended with those own sizes."""
+    buckets = list(buckets)
+    assigned = []
+    for width, height in sizes:
+        candidates = range(len(buckets))
+        if no_upscale:
+            candidates = [i for i in candidates if buckets[i][0] <= height and buckets[i][1] <= width]
+            if not candidates:
+                own = (max(height // step, 1) * step, max(width // step, 1) * step)
+                if own not in buckets:
+                    buckets.append(own)
+                candidates = [buckets.index(own)]
+        ratio = math.log(width / height)
+        assigned.append(min(candidates, key=lambda i: (abs(math.log(buckets[i][1] / buckets[i][0]) - ratio), i)))
+    return assigned, buckets
+
+
+def bucket_batches(bucket_of_row, global_batch_size, seed, epoch):
+    """The epoch's global batches as lists of (row, weight), every batch from one bucket: each bucket's rows shuffled,
+    cut into batches, then the batches shuffled; all a pure function of (seed, epoch). A bucket's last batch is topped
+    up with rows from the start of the same bucket's order at weight 0, and its own rows weigh more so that a batch's
+    weights always average 1. Padding rather than dropping: shapes stay fixed, a small bucket still trains, every image
+    counts exactly once per epoch, and the number of batches is the same every epoch."""
+    rows_by_bucket = {}
+    for row, bucket in enumerate(bucket_of_row):
+        rows_by_bucket.setdefault(int(bucket), []).append(row)
+    batches = []
+    for bucket, rows in sorted(rows_by_bucket.items()):
+        order = np.random.default_rng(derive_seed(seed, epoch, BUCKET_SEED_KEY, bucket)).permutation(rows).tolist()
+        for start in range(0, len(order), global_batch_size):
+            chosen = order[start : start + global_batch_size]
+            padding = [order[i % len(order)] for i in range(global_batch_size - len(chosen))]
+            weight = global_batch_size / len(chosen)
+            batches.append([(row, weight) for row in chosen] + [(row, 0.0) for row in padding])
+    batch_order = np.random.default_rng(derive_seed(seed, epoch, BUCKET_SEED_KEY)).permutation(len(batches))
+    return [batches[index] for index in batch_order]
+
+
+def describe_buckets(bucket_of_row, buckets, global_batch_size):
+    """The bucket histogram for the log: images and batches per bucket, largest first."""
+    counts = np.bincount(np.asarray(bucket_of_row), minlength=len(buckets))
+    lines = [
+        f"  {buckets[i][0]}x{buckets[i][1]} (h x w): {counts[i]} images, {math.ceil(counts[i] / global_batch_size)} "
+        f"batches"
+        for i in np.argsort(-counts, kind="stable")
+        if counts[i]
+    ]
+    return "\n".join(lines)
+
+
+@dataclasses.dataclass(frozen=True)
+class CaptionConfig:
+    """How a caption changes at each use, built once from the flags in main()."""
+
+    proportion_empty_prompts: float = 0.0  # chance that a use sees the empty caption
+    shuffle_caption: bool = False  # shuffle the comma-separated tags
+    keep_tokens: int = 0  # tags at the start that stay in place and are never dropped
+    caption_tag_dropout_rate: float = 0.0  # chance that each other tag is dropped
+
+
+def edit_caption(caption, rng, config):
+    """The caption as this use sees it. Tag-style captions ("1girl, red hair, smiling") get their comma-separated tags
+    dropped and shuffled, the first config.keep_tokens tags kept in place; then the whole caption is replaced by the
+    empty one with probability config.proportion_empty_prompts, so the model also learns the unconditional picture
+    that classifier-free guidance needs. Every draw comes from this use's `rng`."""
+    if config.shuffle_caption or config.caption_tag_dropout_rate > 0:
+        tags = [tag.strip() for tag in caption.split(",")]
+        kept, rest = tags[: config.keep_tokens], tags[config.keep_tokens :]
+        if config.caption_tag_dropout_rate > 0:
+            rest = [tag for tag in rest if rng.random() >= config.caption_tag_dropout_rate]
+        if config.shuffle_caption:
+            rest = [rest[index] for index in rng.permutation(len(rest))]
+        caption = ", ".join(kept + rest)
+    if config.proportion_empty_prompts > 0 and rng.random() < config.proportion_empty_prompts:
+        caption = ""
+    return caption
 
 
 def load_image_caption_dataset(args, seed):
@@ -637,11 +818,20 @@ def load_image_caption_dataset(args, seed):
 
 class ImageCaptionDataset:
     """Rows -> {pixel_values (CHW in [-1, 1]), input_ids} as numpy arrays. Indexed by (epoch, row) keys: crop, flip and
-    caption choice are drawn from an RNG seeded by (seed, epoch, row), so a resumed run sees the same samples."""
+    caption edits are drawn from an RNG seeded by (seed, epoch, row), so a resumed run sees the same samples."""
 
     def __init__(self, rows, tokenizer, args, seed):
         self.rows, self.tokenizer, self.args, self.seed = rows, tokenizer, args, seed
         self.resample = getattr(Image.Resampling, args.image_interpolation_mode.upper())
+        self.caption_config = CaptionConfig(
+            proportion_empty_prompts=args.proportion_empty_prompts,
+            shuffle_caption=args.shuffle_caption,
+            keep_tokens=args.keep_tokens,
+            caption_tag_dropout_rate=args.caption_tag_dropout_rate,
+        )
+        # Set by setup_buckets(): each row's bucket and the buckets' (height, width); None crops squares.
+        self.bucket_of_row = None
+        self.buckets = None
 
     def __len__(self):
         return len(self.rows)
@@ -658,23 +848,31 @@ class ImageCaptionDataset:
         return load_rgb(*self.image_source(row))
 
     def verify_image(self, row):
-        verify_image(*self.image_source(row))
+        return verify_image(*self.image_source(row))
 
-    def transform(self, image, rng):
-        size = self.args.resolution
-        width, height = image.size
-        # Shorter side to `size`, keeping the aspect ratio (the same rule as torchvision's resize).
-        if width <= height:
-            new_size = (size, int(size * height / width))
+    def transform(self, image, row, rng):
+        if self.buckets is None:
+            height = width = size = self.args.resolution
+            # Shorter side to `size`, keeping the aspect ratio (the same rule as torchvision's resize).
+            if image.width <= image.height:
+                new_size = (size, int(size * image.height / image.width))
+            else:
+                new_size = (int(size * image.width / image.height), size)
+            crop_rng = rng
         else:
-            new_size = (int(size * width / height), size)
+            # Resized to cover its bucket, then cropped; a random crop is drawn once per image (from the seed and the
+            # row), as in the PyTorch twin, where --cache_latents relies on it.
+            height, width = self.buckets[self.bucket_of_row[row]]
+            scale = max(height / image.height, width / image.width)
+            new_size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
+            crop_rng = np.random.default_rng([self.seed, BUCKET_SEED_KEY, row])
         image = image.resize(new_size, resample=self.resample)
-        width, height = image.size
         if self.args.center_crop:
-            top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+            top, left = int(round((image.height - height) / 2.0)), int(round((image.width - width) / 2.0))
         else:
-            top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
-        image = image.crop((left, top, left + size, top + size))
+            top = int(crop_rng.integers(0, image.height - height + 1))
+            left = int(crop_rng.integers(0, image.width - width + 1))
+        image = image.crop((left, top, left + width, top + height))
         if self.args.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0  # the VAE's input range
@@ -693,8 +891,9 @@ class ImageCaptionDataset:
         epoch, row = key
         rng = np.random.default_rng([self.seed, epoch, row])
         example = self.rows[row]
-        pixel_values = self.transform(self.open_image(row), rng)
+        pixel_values = self.transform(self.open_image(row), row, rng)
         caption = self.pick_caption(example[self.args.caption_column], row, rng)
+        caption = edit_caption(caption, rng, self.caption_config)
         input_ids = self.tokenizer(
             caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True
         ).input_ids
@@ -703,30 +902,67 @@ class ImageCaptionDataset:
 
 def check_images(dataset):
     """Every image must decode before anything else happens (a bad file found hours in would stop every resume
-    too). Each process checks its share of the rows, and all processes agree on the count of failures."""
-    indices = range(jax.process_index(), len(dataset), jax.process_count())
+    too). Each process checks its share of the rows, and all processes agree on the count of failures. Returns every
+    image's (width, height), which the buckets need."""
+    indices = list(range(jax.process_index(), len(dataset), jax.process_count()))
     started = time.perf_counter()
-    problems = find_unreadable_images(dataset.verify_image, indices)
+    found, problems = inspect_images(dataset.verify_image, indices)
+    sizes = np.zeros((len(dataset), 2), np.int64)
+    sizes[indices] = [size or (0, 0) for size in found]
     count = len(problems)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         count = int(np.sum(multihost_utils.process_allgather(np.array(count))))
+        sizes = np.sum(multihost_utils.process_allgather(sizes), axis=0)  # each row is filled by one process
     if count:
         listed = "\n  ".join(sorted(problems)[:10]) or "(listed by the other processes)"
         raise ValueError(f"{count} of {len(dataset)} images cannot be read; fix or remove them:\n  {listed}")
     logger.info(f"Checked {len(dataset)} images in {time.perf_counter() - started:.1f} s")
+    return [tuple(int(side) for side in size) for size in sizes]
 
 
-def epoch_batches(dataset, seed, epoch, global_batch_size, skip_batches):
-    """This process's share of each global batch of an epoch, in an order that depends only on (seed, epoch).
-    Incomplete batches are dropped (shapes stay static for XLA)."""
-    order = np.random.default_rng(derive_seed(seed, epoch)).permutation(len(dataset))
-    local = global_batch_size // jax.process_count()
-    for start in range(skip_batches * global_batch_size, len(order) - global_batch_size + 1, global_batch_size):
-        keys = order[start + jax.process_index() * local : start + (jax.process_index() + 1) * local]
-        examples = [dataset[(epoch, int(row))] for row in keys]
-        yield {name: np.stack([e[name] for e in examples]) for name in examples[0]}
+def setup_buckets(dataset, sizes, args, model_factor, global_batch_size):
+    """--use_aspect_ratio_buckets: each image's bucket, from --aspect_ratio_buckets or generated from --resolution;
+    logs the bucket histogram."""
+    step = bucket_step(args.resolution, model_factor)
+    if args.aspect_ratio_buckets is not None:
+        buckets = args.aspect_ratio_buckets
+        for height, width in buckets:
+            if height % model_factor or width % model_factor:
+                raise ValueError(
+                    f"--aspect_ratio_buckets: {height},{width} has a side that is not a multiple of {model_factor}, "
+                    "which this model's VAE and UNet downsampling need"
+                )
+        origin = f"{len(buckets)} from --aspect_ratio_buckets"
+    else:
+        buckets = generate_buckets(args.resolution, step)
+        origin = f"{len(buckets)} generated for --resolution {args.resolution}: sides multiples of {step}, 1:4 to 4:1"
+    dataset.bucket_of_row, dataset.buckets = assign_buckets(sizes, buckets, args.bucket_no_upscale, model_factor)
+    if len(dataset.buckets) > len(buckets):
+        origin += f", {len(dataset.buckets) - len(buckets)} more for images smaller than all (--bucket_no_upscale)"
+    histogram = describe_buckets(dataset.bucket_of_row, dataset.buckets, global_batch_size)
+    logger.info(f"Aspect-ratio buckets ({origin}):\n{histogram}")
+
+
+def shuffled_batches(num_rows, global_batch_size, seed, epoch):
+    """The epoch's global batches as lists of (row, weight): the rows in an order that depends only on (seed, epoch),
+    cut into full batches (an incomplete last one is dropped: shapes stay static for XLA)."""
+    order = np.random.default_rng(derive_seed(seed, epoch)).permutation(num_rows).tolist()
+    starts = range(0, num_rows - global_batch_size + 1, global_batch_size)
+    return [[(row, 1.0) for row in order[start : start + global_batch_size]] for start in starts]
+
+
+def epoch_batches(dataset, epoch, global_batches, skip_batches):
+    """This process's share of each of the epoch's global batches (lists of (row, weight)) from skip_batches on, with
+    the weights as "sample_weights"."""
+    local = len(global_batches[0]) // jax.process_count()
+    for global_batch in global_batches[skip_batches:]:
+        share = global_batch[jax.process_index() * local : (jax.process_index() + 1) * local]
+        examples = [dataset[(epoch, row)] for row, _ in share]
+        batch = {name: np.stack([example[name] for example in examples]) for name in examples[0]}
+        batch["sample_weights"] = np.array([weight for _, weight in share], np.float32)
+        yield batch
 
 
 def resolve_pipeline_folder(args):
@@ -933,8 +1169,11 @@ class LossConfig:
     input_perturbation: float = 0.0  # scale of input perturbation; 0 turns it off
 
 
-def diffusion_loss(unet, noise_scheduler, scheduler_state, latents, encoder_hidden_states, rng, config):
-    """The denoising loss of a batch of clean latents, averaged over the batch. Every random draw comes from `rng`, in
+def diffusion_loss(
+    unet, noise_scheduler, scheduler_state, latents, encoder_hidden_states, rng, config, sample_weights=None
+):
+    """The denoising loss of a batch of clean latents, averaged over the batch (weighted by `sample_weights` when
+    given: aspect-ratio buckets pad a short batch with examples of weight 0). Every random draw comes from `rng`, in
     the PyTorch twin's order: noise, offset noise, input perturbation, timesteps."""
     noise_rng, offset_rng, perturbation_rng, timestep_rng = jax.random.split(rng, 4)
     bsz = latents.shape[0]
@@ -977,6 +1216,8 @@ def diffusion_loss(unet, noise_scheduler, scheduler_state, latents, encoder_hidd
         divisor = snr + 1.0 if config.prediction_type == "v_prediction" else snr
         weights = jnp.where(divisor > 0, jnp.minimum(snr, config.snr_gamma) / divisor, jnp.ones_like(snr))
         loss = loss * weights
+    if sample_weights is not None:
+        loss = loss * sample_weights
     return loss.mean()
 
 
@@ -992,9 +1233,8 @@ def batch_loss(params, state, frozen, batch, rng, config):
         variables = {"params": params}
         return state.apply_fn(variables, noisy_latents, timesteps, encoder_hidden_states, train=True).sample
 
-    return diffusion_loss(
-        unet, frozen.noise_scheduler, frozen.scheduler_state, latents, encoder_hidden_states, loss_rng, config
-    )
+    scheduler, scheduler_state, weights = frozen.noise_scheduler, frozen.scheduler_state, batch["sample_weights"]
+    return diffusion_loss(unet, scheduler, scheduler_state, latents, encoder_hidden_states, loss_rng, config, weights)
 
 
 def train_step(state, frozen, batch, rng, config):
@@ -1178,9 +1418,16 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------------------------------------- data
     train_dataset = ImageCaptionDataset(load_image_caption_dataset(args, seed), tokenizer, args, seed)
-    check_images(train_dataset)
+    image_sizes = check_images(train_dataset)
     global_batch_size = args.train_batch_size * jax.device_count()
-    batches_per_epoch = len(train_dataset) // global_batch_size
+    if args.use_aspect_ratio_buckets:
+        # The VAE shrinks images by 2 per block after its first; the UNet halves latents per down block after its first.
+        model_factor = 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.down_block_types) - 1)
+        setup_buckets(train_dataset, image_sizes, args, model_factor, global_batch_size)
+        epoch_global_batches = functools.partial(bucket_batches, train_dataset.bucket_of_row, global_batch_size, seed)
+    else:
+        epoch_global_batches = functools.partial(shuffled_batches, len(train_dataset), global_batch_size, seed)
+    batches_per_epoch = len(epoch_global_batches(0))  # the same every epoch
     if batches_per_epoch < args.gradient_accumulation_steps:
         raise ValueError(
             f"{len(train_dataset)} examples make {batches_per_epoch} full global batches of {global_batch_size} "
@@ -1200,6 +1447,7 @@ def main(argv=None):
     total_batch_size = global_batch_size * args.gradient_accumulation_steps
     run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
     run_metadata["num_processes"] = jax.process_count()
+    run_metadata["aspect_ratio_buckets"] = [list(bucket) for bucket in train_dataset.buckets or []] or None
 
     # ----------------------------------------------------------------------------------------------------- resume
     global_step = 0
@@ -1235,17 +1483,25 @@ def main(argv=None):
     )
     window = LogWindow(total_batch_size, global_step)
     last_batch = None  # (batch, rng) of the last step, to probe the params before writing them
+    compiled_shapes = set()
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
             break
         # Resume mid-epoch: skip exactly the batches the interrupted run had consumed.
         skip = (global_step - epoch * updates_per_epoch) * args.gradient_accumulation_steps
-        batches = epoch_batches(train_dataset, seed, epoch, global_batch_size, skip)
+        global_batches = epoch_global_batches(epoch)
+        batches = epoch_batches(train_dataset, epoch, global_batches, skip)
         for batch_index, batch in enumerate(batches, start=skip):
             if batch_index >= updates_per_epoch * args.gradient_accumulation_steps:
                 break  # the last batches that cannot fill an accumulation group
             batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
             rng = jax.random.fold_in(jax.random.fold_in(base_rng, epoch), batch_index)
+            batch_shape = batch["pixel_values"].shape[2:]
+            if batch_shape not in compiled_shapes:
+                # XLA compiles one program per input shape: one per bucket in use, each once.
+                compiled_shapes.add(batch_shape)
+                height, width = batch_shape
+                logger.info(f"Compiling the train step for {height}x{width} images ({len(compiled_shapes)} so far)")
             state, metrics = step_fn(state, frozen, batch, rng)
             last_batch = (batch, rng)
             if (batch_index + 1) % args.gradient_accumulation_steps:

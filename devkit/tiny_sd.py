@@ -217,6 +217,25 @@ def write_imagefolder(folder, num_images=8, size=64, caption_lists=False, seed=0
     return folder
 
 
+# Landscape, portrait and square sizes (width, height) for the bucket tests: 3 wide, 2 tall, 2 square, 1 very wide.
+MIXED_SIZES = [(96, 48), (100, 52), (90, 60), (48, 96), (56, 100), (64, 64), (70, 72), (128, 32)]
+
+
+def write_mixed_imagefolder(folder, sizes=MIXED_SIZES, seed=3):
+    """An imagefolder of non-square images (sizes as (width, height)), with tag-style captions ("a red circle, shape,
+    flat, plain"): what the aspect-ratio bucket and caption tests train on."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    combos = [(c, s) for c in COLORS for s in SHAPES]
+    with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
+        for i, (width, height) in enumerate(sizes):
+            color, shape = combos[i % len(combos)]
+            name = f"{i:04d}.png"
+            draw_shape(color, shape, max(width, height), rng).resize((width, height)).save(os.path.join(folder, name))
+            f.write(json.dumps({"file_name": name, "text": f"a {color} {shape}, {shape}, {color}, flat, plain"}) + "\n")
+    return folder
+
+
 def write_concept_folder(folder, num_images=4, size=64, color="yellow", shape="circle", seed=2):
     """A few images of one concept (a plain folder, no captions): what textual inversion trains on."""
     rng = np.random.default_rng(seed)

@@ -42,6 +42,8 @@ def assets(tmp_path_factory):
             str(root / "images_lists"), num_images=10, size=72, caption_lists=True
         ),
         "saved_dataset": tiny_sd.write_saved_dataset(str(root / "saved_dataset")),
+        # Wide, tall and square images with tag captions, for the aspect-ratio buckets.
+        "mixed": tiny_sd.write_mixed_imagefolder(str(root / "mixed")),
     }
     from accelerate.utils import write_basic_config
 

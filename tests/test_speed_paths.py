@@ -43,10 +43,11 @@ def test_text_to_image_caches_equal_encoding_in_the_loop(assets):
     plain = train_text_to_image.ImageCaptionDataset(rows, tokenizer, args, 7)
     cached = train_text_to_image.ImageCaptionDataset(rows, tokenizer, args, 7)
     train_text_to_image.build_caches(cached, vae, text_encoder, tokenizer, cpu_accelerator(), args, num_workers=0)
-    assert tuple(cached.latent_cache.shape) == (len(rows), 2, 8, 8, 8)  # rows x flips x (mean, logvar) x 8 x 8
-    assert cached.latent_cache.dtype == vae.dtype
+    _, _, latents = cached.latent_cache  # without buckets, one group of every row
+    assert [tuple(t.shape) for t in latents] == [(len(rows), 2, 8, 8, 8)]  # rows x flips x (mean, logvar) x 8 x 8
+    assert latents[0].dtype == vae.dtype
     flips, captions = set(), set()
-    for key in [(epoch, row) for epoch in range(3) for row in range(len(rows))]:
+    for key in [(epoch, row, 1.0) for epoch in range(3) for row in range(len(rows))]:
         expected, got = plain[key], cached[key]
         assert "pixel_values" not in got and "input_ids" not in got, "the cached path must not load images or tokenize"
         with torch.no_grad():
@@ -54,7 +55,7 @@ def test_text_to_image_caches_equal_encoding_in_the_loop(assets):
             hidden = text_encoder(expected["input_ids"][None], return_dict=False)[0][0]
         assert torch.allclose(got["latent_parameters"], latents, atol=1e-5), key
         assert torch.allclose(got["encoder_hidden_states"], hidden, atol=1e-5), key
-        flips.add(bool(torch.equal(got["latent_parameters"], cached.latent_cache[key[1], 1])))
+        flips.add(bool(torch.equal(got["latent_parameters"], latents[0][key[1], 1])))
         captions.add(tokenizer.decode(expected["input_ids"], skip_special_tokens=True))
     assert flips == {False, True}, "the check must see both flips"
     assert len(captions) > len(rows), "the check must see several captions of a row's list"
@@ -73,7 +74,7 @@ def test_textual_inversion_cache_equals_encoding_in_the_loop(assets, tmp_path):
     cached = textual_inversion.TextualInversionDataset(paths, tokenizer, "<t>", args, 5)
     textual_inversion.build_latent_cache(cached, vae, cpu_accelerator(), args, num_workers=0)
     assert tuple(cached.latent_cache.shape) == (3, 2, 8, 8, 8)
-    for key in [(epoch, index) for epoch in range(2) for index in range(len(plain))]:
+    for key in [(epoch, index, 1.0) for epoch in range(2) for index in range(len(plain))]:
         expected, got = plain[key], cached[key]
         with torch.no_grad():
             latents = vae.encode(expected["pixel_values"][None]).latent_dist.parameters[0]

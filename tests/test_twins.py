@@ -19,7 +19,7 @@ COPIED = {
         read_checkpoint_metadata choose_seed warn_if_batch_layout_changed format_logs push_to_hub files_to_upload
         LOCK_FILE PIPELINE_LINK PIPELINE_VERSION PREEMPTED_EXIT_CODE fsync_folder fsync_tree write_failure
         lock_output_dir checkpoint_problem write_checkpoint_metadata publish_checkpoint load_rgb verify_image
-        find_unreadable_images StopRequest preemption_message
+        inspect_images StopRequest preemption_message
     """.split(),
     (T2I, TI, T2I_FLAX): """
         exchange_entries point_link link_component next_pipeline_version publish_pipeline
@@ -27,14 +27,17 @@ COPIED = {
     (T2I, TI): """
         LR_SCHEDULERS VALIDATION_SEED_KEY tokenize encode_once EpochShuffleSampler collate default_num_workers LogWindow
         load_component LossConfig diffusion_loss save_checkpoint render_validation_images log_validation
-        write_hub_style_text_encoder stop_agreed check_finite optimizer_tensors
+        write_hub_style_text_encoder stop_agreed check_finite optimizer_tensors parse_size
     """.split(),
     (T2I_FLAX, TI_FLAX): """
-        LR_SCHEDULERS epoch_batches resolve_pipeline_folder load_flax_model load_flax_text_encoder
+        LR_SCHEDULERS shuffled_batches epoch_batches resolve_pipeline_folder load_flax_model load_flax_text_encoder
         enable_block_rematerialisation learning_rate_schedule make_optimizer LogWindow LossConfig diffusion_loss
         save_checkpoint restore_train_state stop_agreed check_finite
     """.split(),
-    (T2I, T2I_FLAX): "load_image_caption_dataset".split(),
+    (T2I, T2I_FLAX): """
+        load_image_caption_dataset BUCKET_SEED_KEY parse_buckets bucket_step generate_buckets assign_buckets
+        bucket_batches describe_buckets setup_buckets CaptionConfig edit_caption
+    """.split(),
     (TI, TI_FLAX): """
         IMAGE_EXTENSIONS OBJECT_TEMPLATES STYLE_TEMPLATES find_example_images add_placeholder_tokens
         initializer_token_id

@@ -50,8 +50,10 @@ from devkit import tiny_sd
 tiny_sd.build_tiny_pipeline({str(root / "pipeline")!r})
 tiny_sd.write_imagefolder({str(root / "images")!r}, num_images=10, size=72)
 tiny_sd.write_concept_folder({str(root / "concept")!r}, num_images=4, size=72)
+tiny_sd.write_mixed_imagefolder({str(root / "mixed")!r})
 """)
-    return {"pipeline": str(root / "pipeline"), "images": str(root / "images"), "concept": str(root / "concept")}
+    names = ["pipeline", "images", "concept", "mixed"]
+    return {name: str(root / name) for name in names}
 
 
 class FlaxLauncher:
