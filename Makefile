@@ -8,7 +8,7 @@ VENV := .venv
 VENV_FLAX := .venv-flax
 DEMO := demo_output
 
-.PHONY: demo test test-torch test-demo test-flax lint benchmark clean
+.PHONY: demo test lint benchmark clean
 
 # devkit (tiny pipelines for the tests, demo and benchmark) is installed editable, so they import it by name.
 $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
@@ -28,30 +28,14 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
-# Both environments are built side by side, then the three parts run at once, each printing its output when done.
-# One thread per PyTorch process: on the tiny test models a second thread gains nothing (measured: 87 s with one,
-# 92 s with two, for the same two tests), and single-threaded processes share the 2 cores without OpenMP threads
-# spinning against each other (with two threads each, three parts in parallel ran several times slower than alone).
-# PyTorch scripts run in .venv, the Flax twins in .venv-flax (their tests also use .venv).
-test:
-	$(MAKE) --no-print-directory -j2 $(VENV)/.installed $(VENV_FLAX)/.installed
-	$(MAKE) --no-print-directory lint
-	$(MAKE) --no-print-directory -j3 --output-sync=target test-torch test-demo test-flax
-
-test-torch: $(VENV)/.installed
+# The suites run one after the other: the 2 cores are busy either way (three parts run at once took longer than in
+# series, and the demo hit its time limit). One thread per PyTorch process in the suites: on the tiny test models a
+# second thread gains nothing (measured: 87 s with one, 92 s with two, for the same two tests). PyTorch scripts run
+# in .venv, the Flax twins in .venv-flax (their tests also use .venv).
+test: lint $(VENV_FLAX)/.installed
 	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest tests -q --durations=10 --ignore=tests/test_demo.py
-
-test-demo: $(VENV)/.installed
-	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest tests/test_demo.py -q -s
-
-test-flax: $(VENV)/.installed $(VENV_FLAX)/.installed
-	OMP_NUM_THREADS=1 $(VENV_FLAX)/bin/python -m pytest tests_flax -q --durations=10
-
-demo: $(VENV)/.installed
 	$(VENV)/bin/python -m pytest tests/test_demo.py -q -s
-
-test-flax: $(VENV)/.installed $(VENV_FLAX)/.installed
-	$(VENV_FLAX)/bin/python -m pytest tests_flax -q --durations=10
+	OMP_NUM_THREADS=1 $(VENV_FLAX)/bin/python -m pytest tests_flax -q --durations=10
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/python demo/run_demo.py --output_dir $(DEMO)

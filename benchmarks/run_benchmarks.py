@@ -158,7 +158,8 @@ def machine_description():
 
 
 def prepare_assets(name, config, work_dir):
-    """The pipeline, a 32-image captioned imagefolder and a 4-image concept folder for one configuration."""
+    """The pipeline, a 32-image captioned imagefolder, the same with mixed aspect ratios (for the buckets) and a
+    4-image concept folder for one configuration."""
     folder = os.path.join(work_dir, name)
     pipeline = os.path.join(folder, "pipeline")
     if not os.path.exists(os.path.join(pipeline, "model_index.json")):
@@ -168,8 +169,11 @@ def prepare_assets(name, config, work_dir):
         )
         os.replace(pipeline + ".partial", pipeline)
     images = tiny_sd.write_imagefolder(os.path.join(folder, "images"), num_images=32, size=config["resolution"])
+    side = config["resolution"]
+    shapes = [(2 * side, side), (side, 2 * side), (side, side), (3 * side // 2, side)] * 8  # (width, height)
+    mixed = tiny_sd.write_mixed_imagefolder(os.path.join(folder, "mixed"), sizes=shapes)
     concept = tiny_sd.write_concept_folder(os.path.join(folder, "concept"), num_images=4, size=config["resolution"])
-    return pipeline, images, concept
+    return pipeline, images, mixed, concept
 
 
 def model_flops_per_image(architecture, resolution):
@@ -224,6 +228,7 @@ def measure(row, command, args, env):
     """Run one configuration and fill the row with steady-state figures (windows after the first)."""
     os.makedirs(row["output_dir"], exist_ok=True)
     status, output, rss = run(command, os.path.join(row["output_dir"], "run.log"), env)
+    row["compiled_shapes"] = output.count("Compiling the train step for")  # the Flax twin logs each compilation
     if status != 0:
         row["error"] = output.strip().splitlines()[-1][:200] if output.strip() else f"exit status {status}"
         print(f"  FAILED: {row['error']}", flush=True)
@@ -247,19 +252,23 @@ T2I_VARIANTS = [
     (["--cache_latents", "--cache_text_embeddings"], "--cache_latents --cache_text_embeddings"),
 ]
 TI_VARIANTS = [([], "VAE in the loop"), (["--cache_latents"], "--cache_latents")]
+# Uncached, like the first t2i row, on 2:1, 1:2, 1:1 and 3:2 images: each bucket holds at most resolution² pixels.
+BUCKETS_VARIANT = (["--use_aspect_ratio_buckets"], "--use_aspect_ratio_buckets, mixed aspect ratios")
 
 
-def plan(name, config, args, pipeline, images, concept, flax_ok):
+def plan(name, config, args, pipeline, images, mixed, concept, flax_ok):
     """(row, command) pairs for one configuration."""
     if config["device"] == "cpu":
         batch = config["batches"][0]
         jobs = [("train_text_to_image.py", batch, flags, variant) for flags, variant in T2I_VARIANTS]
+        jobs.append(("train_text_to_image.py", batch, *BUCKETS_VARIANT))
         jobs += [("textual_inversion.py", batch, flags, variant) for flags, variant in TI_VARIANTS]
         if config["flax"] and flax_ok:
             jobs += [
                 (script, batch, [], "JAX, VAE in the step")
                 for script in ["train_text_to_image_flax.py", "textual_inversion_flax.py"]
             ]
+            jobs.append(("train_text_to_image_flax.py", batch, BUCKETS_VARIANT[0], "JAX, " + BUCKETS_VARIANT[1]))
     else:
         cached, variant = T2I_VARIANTS[2]
         jobs = [("train_text_to_image.py", 16, *T2I_VARIANTS[0])]
@@ -312,7 +321,8 @@ def plan(name, config, args, pipeline, images, concept, flax_ok):
             "0",
         ]
         if script.startswith("train_text_to_image"):
-            common += ["--train_data_dir", images, "--center_crop", "--random_flip"]
+            data = mixed if "--use_aspect_ratio_buckets" in flags else images
+            common += ["--train_data_dir", data, "--center_crop", "--random_flip"]
         else:
             common += [
                 "--train_data_dir",
@@ -356,7 +366,7 @@ def format_table(rows):
         "s/step",
         "peak memory",
         "MFU",
-        "vs uncached",
+        "vs uncached square",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     baselines = {
@@ -517,23 +527,28 @@ def main(argv=None):
             f"VAE encoder {vae_flops / 1e12:.4g} TFLOPs (torch.utils.flop_counter)."
         )
         if config["device"] == "cuda" and gpu is None:
-            placeholders = ("<pipeline>", "<images>", "<concept>")
+            placeholders = ("<pipeline>", "<images>", "<mixed>", "<concept>")
             rows += [row for row, _ in plan(name, config, args, *placeholders, flax_ok)]
             notes.append(f"{config['label']}: not measured, no GPU on this machine.")
             continue
         print(f"== {config['label']}: preparing the pipeline and data", flush=True)
-        pipeline, images, concept = prepare_assets(name, config, args.work_dir)
+        pipeline, images, mixed, concept = prepare_assets(name, config, args.work_dir)
         peak = (
             next((value for key, value in GPU_PEAKS if gpu and key in gpu), None)
             if config["device"] == "cuda"
             else None
         )
-        for row, command in plan(name, config, args, pipeline, images, concept, flax_ok):
+        for row, command in plan(name, config, args, pipeline, images, mixed, concept, flax_ok):
             print(f"-- {row['script']} {row['variant']} batch {row['batch']}", flush=True)
             row = measure(row, command, args, env)
             if peak and "images_per_second" in row:
                 row["mfu"] = row["images_per_second"] * unet_flops / peak
             rows.append(row)
+            if row.get("compiled_shapes"):
+                notes.append(
+                    f"{config['label']}, `{row['script']}` {row['variant']}: the train step compiled "
+                    f"{row['compiled_shapes']} times, once per bucket shape (the log says which)."
+                )
     if args.image_check_count:
         rates = image_check_rates(args.work_dir, args.image_check_count)
         notes.append(

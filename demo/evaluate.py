@@ -35,6 +35,8 @@ def parse_args(argv=None):
     parser.add_argument("--steps", type=int, default=25, help="Sampling steps.")
     parser.add_argument("--guidance_scale", type=float, default=5.0, help="Classifier-free guidance (1: off).")
     parser.add_argument("--grid", type=str, default=None, help="Where to save the prompts x seeds grid PNG.")
+    parser.add_argument("--height", type=int, default=64, help="Height of the generated pictures.")
+    parser.add_argument("--width", type=int, default=64, help="Width of the generated pictures.")
     return parser.parse_args(argv)
 
 
@@ -57,7 +59,7 @@ def cases(token=None, expect=None):
     return [(f"a {color} {shape}", color, shape) for color in shapes.COLORS for shape in shapes.SHAPES]
 
 
-def evaluate(pipeline, prompts, seeds, steps, guidance_scale):
+def evaluate(pipeline, prompts, seeds, steps, guidance_scale, height=64, width=64):
     """Every prompt with every seed: the pictures, and the fraction whose color and whose shape match."""
     rows, color_hits, shape_hits = [], 0, 0
     for prompt, color, shape in prompts:
@@ -68,8 +70,8 @@ def evaluate(pipeline, prompts, seeds, steps, guidance_scale):
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             generator=generators,
-            height=64,
-            width=64,
+            height=height,
+            width=width,
         ).images
         color_hits += sum(shapes.read_color(i) == color for i in images)
         shape_hits += sum(shapes.read_shape(i) == shape for i in images)
@@ -80,13 +82,13 @@ def evaluate(pipeline, prompts, seeds, steps, guidance_scale):
 
 def save_grid(rows, path, label_width=150):
     """Rows of pictures, one row per prompt, with the prompt written on the left."""
-    size = rows[0][1][0].width
-    grid = Image.new("RGB", (label_width + size * len(rows[0][1]), size * len(rows)), "white")
+    width, height = rows[0][1][0].size
+    grid = Image.new("RGB", (label_width + width * len(rows[0][1]), height * len(rows)), "white")
     pen = ImageDraw.Draw(grid)
     for r, (prompt, images) in enumerate(rows):
-        pen.text((4, r * size + size // 2 - 6), prompt, fill="black")
+        pen.text((4, r * height + height // 2 - 6), prompt, fill="black")
         for c, image in enumerate(images):
-            grid.paste(image, (label_width + c * size, r * size))
+            grid.paste(image, (label_width + c * width, r * height))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     grid.save(path)
 
@@ -96,7 +98,7 @@ def main_scores(argv=None):
     args = parse_args(argv)
     pipeline = load_pipeline(args)
     rows, color_accuracy, shape_accuracy = evaluate(
-        pipeline, cases(args.token, args.expect), args.seeds, args.steps, args.guidance_scale
+        pipeline, cases(args.token, args.expect), args.seeds, args.steps, args.guidance_scale, args.height, args.width
     )
     if args.grid:
         save_grid(rows, args.grid)

@@ -5,10 +5,13 @@
 
 1. demo/build_starter.py builds (or reuses) the starter pipeline, the shapes dataset and the concept set.
 2. `accelerate launch train_text_to_image.py` teaches the starter's fresh UNet to draw "a <color> <shape>".
-3. `accelerate launch textual_inversion.py` learns "<thing>" from five pictures of one concept.
+3. `accelerate launch textual_inversion.py` learns "<thing>" from five pictures of one concept; with --bucket_steps N,
+   at the same time, the fine-tuned pipeline trains on for N updates with aspect-ratio buckets on wide and tall
+   pictures (the shape off the centre) and is scored at a landscape and a portrait size.
 Each step writes a sample grid (prompts x seeds) scored by demo/evaluate.py and a loss curve; summary.json holds the
 figures. --snr_gamma and --max_train_steps choose the recipe; --compare_snr runs it with and without Min-SNR and
-reports the steps each needs to reach the accuracy thresholds.
+reports the steps each needs to reach the accuracy thresholds; --compare_buckets trains on the wide and tall pictures
+with buckets and with square crops and scores both at the landscape and portrait sizes.
 """
 
 import argparse
@@ -19,12 +22,17 @@ import sys
 import time
 
 import evaluate
+import shapes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
 THRESHOLDS = {"color_accuracy": 0.9, "shape_accuracy": 0.7}
 CONCEPT = ("green", "triangle")
+# The buckets of the wide-and-tall stage, as --aspect_ratio_buckets takes them (height,width), and the (height, width)
+# sizes it is scored at.
+BUCKETS = "64,64;48,96;96,48"
+SCORED_SIZES = {"landscape": (48, 96), "portrait": (96, 48)}
 
 
 def parse_args(argv=None):
@@ -45,12 +53,24 @@ def parse_args(argv=None):
     parser.add_argument(
         "--eval_every", type=int, default=100, help="With --compare_snr: score a checkpoint every this many steps."
     )
+    parser.add_argument(
+        "--bucket_steps",
+        type=int,
+        default=0,
+        help="Updates of the wide-and-tall stage (aspect-ratio buckets); 0 leaves it out (300 with --compare_buckets).",
+    )
+    parser.add_argument(
+        "--compare_buckets",
+        action="store_true",
+        help="Train the wide-and-tall stage with buckets and with square crops; score both at both sizes.",
+    )
     parser.add_argument("--seeds", type=int, default=4, help="Pictures per prompt when scoring.")
     return parser.parse_args(argv)
 
 
-def launch(script, args):
-    """Run a training script the way users do; its output streams to this terminal."""
+def launch(script, args, wait=True):
+    """Run a training script the way users do; its output streams to this terminal. wait=False returns the running
+    process."""
     command = [
         os.path.join(os.path.dirname(sys.executable), "accelerate"),
         "launch",
@@ -64,7 +84,59 @@ def launch(script, args):
         "no",
         os.path.join(REPO, script),
     ]
-    subprocess.run(command + [str(a) for a in args], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    process = subprocess.Popen(command + [str(a) for a in args], env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if wait:
+        finish(process)
+    return process
+
+
+def finish(process):
+    if process.wait() != 0:
+        raise subprocess.CalledProcessError(process.returncode, process.args)
+
+
+def train_wide_and_tall(t2i, data, output_dir, steps, buckets, wait=True):
+    """Go on training the fine-tuned pipeline on wide and tall pictures: with aspect-ratio buckets, or (buckets=False)
+    resized and cropped to 64x64 squares as without them."""
+    args = [
+        "--pretrained_model_name_or_path",
+        t2i,
+        "--train_data_dir",
+        data,
+        "--resolution",
+        64,
+        "--train_batch_size",
+        16,
+        "--max_train_steps",
+        steps,
+        "--learning_rate",
+        3e-4,
+        "--lr_scheduler",
+        "cosine",
+        "--lr_warmup_steps",
+        10,
+        "--checkpointing_steps",
+        steps,
+        "--snr_gamma",
+        5.0,
+        "--seed",
+        0,
+        "--report_to",
+        "none",
+        "--output_dir",
+        output_dir,
+    ]
+    layout = ["--aspect_ratio_buckets", BUCKETS] if buckets else ["--random_flip"]
+    return launch("train_text_to_image.py", args + layout, wait=wait)
+
+
+def score_sizes(pipeline, seeds, grid_prefix):
+    """Color and shape accuracy of the pipeline's pictures at the landscape and the portrait size."""
+    scores = {}
+    for name, (height, width) in SCORED_SIZES.items():
+        argv = ["--pipeline", pipeline, "--seeds", str(seeds), "--height", str(height), "--width", str(width)]
+        scores[name] = evaluate.main_scores(argv + ["--grid", f"{grid_prefix}-{name}.png"])
+    return scores
 
 
 def train_shapes(starter, output_dir, steps, snr_gamma, checkpointing_steps):
@@ -144,13 +216,37 @@ def main(argv=None):
         print(json.dumps({k: v["steps_to_thresholds"] for k, v in summary.items()}))
         return
 
-    # Fine-tune the UNet on the shapes.
     t2i = os.path.join(args.output_dir, "text_to_image")
+    wide_and_tall = shapes.write_wide_and_tall_dataset(os.path.join(args.output_dir, "wide_and_tall_data"))
+    if args.compare_buckets:
+        if not os.path.exists(os.path.join(t2i, "model_index.json")):
+            train_shapes(starter, t2i, args.max_train_steps, args.snr_gamma, max(args.max_train_steps // 2, 1))
+        for label, buckets in [("buckets", True), ("square_crops", False)]:
+            run_dir = os.path.join(args.output_dir, f"compare_{label}")
+            train_wide_and_tall(t2i, wide_and_tall, run_dir, args.bucket_steps or 300, buckets)
+            summary[label] = score_sizes(run_dir, args.seeds, os.path.join(run_dir, "samples"))
+        summary["before"] = score_sizes(t2i, args.seeds, os.path.join(args.output_dir, "compare_before"))
+        with open(os.path.join(args.output_dir, "compare_buckets.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        for label, scores in summary.items():
+            figures = ", ".join(
+                f"{size} color {s['color_accuracy']:.0%} shape {s['shape_accuracy']:.0%}" for size, s in scores.items()
+            )
+            print(f"{label}: {figures}")
+        return
+
+    # Fine-tune the UNet on the shapes.
     train_shapes(starter, t2i, args.max_train_steps, args.snr_gamma, max(args.max_train_steps // 2, 1))
     score = evaluate.main_scores(
         ["--pipeline", t2i, "--seeds", str(args.seeds), "--grid", os.path.join(t2i, "samples.png")]
     )
     summary["text_to_image"] = {**score, "loss_curve": plot_loss(t2i)}
+
+    # Meanwhile, go on training the fine-tuned pipeline on wide and tall pictures, with aspect-ratio buckets.
+    buckets = os.path.join(args.output_dir, "buckets")
+    bucket_run = None
+    if args.bucket_steps:
+        bucket_run = train_wide_and_tall(t2i, wide_and_tall, buckets, args.bucket_steps, buckets=True, wait=False)
 
     # Learn a word for the concept, on top of the fine-tuned pipeline.
     ti = os.path.join(args.output_dir, "textual_inversion")
@@ -214,6 +310,9 @@ def main(argv=None):
         ]
     )
     summary["textual_inversion"] = {**score, "concept": " ".join(CONCEPT), "loss_curve": plot_loss(ti)}
+    if bucket_run is not None:
+        finish(bucket_run)
+        summary["buckets"] = score_sizes(buckets, args.seeds, os.path.join(buckets, "samples"))
     summary["seconds"] = round(time.time() - start)
     with open(os.path.join(args.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -230,6 +329,11 @@ def main(argv=None):
         f"  shows a {' '.join(CONCEPT)}: color {ti_score['color_accuracy']:.0%}, shape {ti_score['shape_accuracy']:.0%}"
     )
     print(f"  loss curve: {ti_score['loss_curve']}")
+    if bucket_run is not None:
+        print(f"Trained on with aspect-ratio buckets: {buckets}")
+        for size, score in summary["buckets"].items():
+            figures = f"color {score['color_accuracy']:.0%}, shape {score['shape_accuracy']:.0%}"
+            print(f"  {size}: {figures}  ({score['grid']})")
     print(f"Summary: {os.path.join(args.output_dir, 'summary.json')}  ({summary['seconds']} s)")
 
 

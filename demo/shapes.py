@@ -48,6 +48,45 @@ def write_shapes_dataset(folder, per_combination=20, seed=0, size=64):
     return folder
 
 
+def draw_off_centre(color, shape, rng, width, height):
+    """One shape on a wide or tall canvas, placed in the outer part of the long side: a square crop from the middle
+    (what training without buckets sees) cuts it or misses it."""
+    image = Image.new("RGB", (width, height), BACKGROUND)
+    short, long = min(width, height), max(width, height)
+    radius = int(rng.integers(short * 7 // 32, short * 11 // 32 + 1))
+    across = int(rng.integers(radius + 2, short - radius - 2 + 1))
+    # Along the long side: within the first or last quarter of it, whichever the draw picks.
+    along = int(rng.integers(radius + 2, long // 4 + 1))
+    along = along if rng.random() < 0.5 else long - along
+    cx, cy = (along, across) if width >= height else (across, along)
+    box = [cx - radius, cy - radius, cx + radius, cy + radius]
+    pen = ImageDraw.Draw(image)
+    if shape == "circle":
+        pen.ellipse(box, fill=COLORS[color])
+    elif shape == "square":
+        pen.rectangle(box, fill=COLORS[color])
+    else:
+        pen.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=COLORS[color])
+    return image
+
+
+def write_wide_and_tall_dataset(folder, per_combination=8, seed=5, sizes=((96, 48), (48, 96))):
+    """An imagefolder of wide and tall pictures (sizes as (width, height)), every color x shape `per_combination`
+    times per size, the shape off the centre; captioned as the square set, one caption in ten empty."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "metadata.jsonl"), "w") as metadata:
+        for width, height in sizes:
+            for color in COLORS:
+                for shape in SHAPES:
+                    for i in range(per_combination):
+                        name = f"{width}x{height}_{color}_{shape}_{i:03d}.png"
+                        draw_off_centre(color, shape, rng, width, height).save(os.path.join(folder, name))
+                        captions = [f"a {color} {shape}"] * 9 + [""]
+                        metadata.write(json.dumps({"file_name": name, "text": captions}) + "\n")
+    return folder
+
+
 def write_concept_set(folder, color="green", shape="triangle", count=5, seed=1, size=64):
     """A few drawings of one concept, no captions: the textual inversion demo learns a word for it."""
     rng = np.random.default_rng(seed)

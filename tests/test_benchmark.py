@@ -33,12 +33,13 @@ def test_benchmark_writes_a_table_with_every_row(tmp_path):
         ("`train_text_to_image.py`", "VAE + text encoder in the loop"),
         ("`train_text_to_image.py`", "--cache_latents"),
         ("`train_text_to_image.py`", "--cache_latents --cache_text_embeddings"),
+        ("`train_text_to_image.py`", "--use_aspect_ratio_buckets, mixed aspect ratios"),
         ("`textual_inversion.py`", "VAE in the loop"),
         ("`textual_inversion.py`", "--cache_latents"),
     ]
     for row in tiny:
         assert float(row[6]) > 0 and float(row[7]) > 0 and row[8].endswith("GiB (RSS)"), row
-    assert all(re.fullmatch(r"\d+\.\d\dx", row[10]) for row in tiny if "cache" in row[2])
+    assert all(re.fullmatch(r"\d+\.\d\dx", row[10]) for row in tiny if "cache" in row[2] or "buckets" in row[2])
     # Without a GPU the SD 1.5 rows are listed, marked not measured; its FLOPs are counted on the meta device.
     sd15 = [row for row in rows if row.startswith("| (c)")]
     assert len(sd15) == 10 and all("not measured" in row for row in sd15)

@@ -36,7 +36,7 @@ def demo_run(tmp_path_factory):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=1800,
+        timeout=3600,  # about 24 minutes alone on 2 slow cores; room for a busy machine
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]

@@ -70,9 +70,13 @@ def test_text_to_image_loss_equals_pytorch(torch_side, flax_models, monkeypatch,
     m = flax_models
     encoder_hidden_states = m["text_encoder"](jnp.asarray(recorded["input_ids"]), params=m["text_encoder"].params)[0]
     queue = replay_draws(monkeypatch, recorded)
-    config = train_text_to_image_flax.LossConfig(**CASES[case])
+    fields = dict(CASES[case])
+    weights = fields.pop("sample_weights", None)
+    sample_weights = None if weights is None else jnp.asarray(weights, jnp.float32)
+    config = train_text_to_image_flax.LossConfig(**fields)
     diffusion_loss = bound_loss(train_text_to_image_flax, m)
-    loss = diffusion_loss(jnp.asarray(recorded["latents"]), encoder_hidden_states, jax.random.PRNGKey(0), config)
+    latents, rng = jnp.asarray(recorded["latents"]), jax.random.PRNGKey(0)
+    loss = diffusion_loss(latents, encoder_hidden_states, rng, config, sample_weights)
     assert not queue, "PyTorch drew more often than JAX"
     assert abs(float(loss) - float(recorded["loss"])) <= 1e-4, (float(loss), float(recorded["loss"]))
 
@@ -109,7 +113,8 @@ def test_textual_inversion_loss_and_gradient_equal_pytorch(assets, torch_side, f
 
 
 def test_every_option_changes_the_loss(torch_side):
-    """The cases have teeth: Min-SNR, offset noise and input perturbation each change the PyTorch loss."""
+    """The cases have teeth: Min-SNR, offset noise, input perturbation and sample weights each change the PyTorch
+    loss."""
 
     def loss(name):
         return float(np.load(os.path.join(torch_side, f"{name}.npz"))["loss"])
@@ -122,3 +127,4 @@ def test_every_option_changes_the_loss(torch_side):
             abs(loss(f"t2i-{prediction}-snr_None-offset") - loss(f"t2i-{prediction}-snr_None-offset_perturbed")) > 1e-4
         )
         assert abs(loss(f"ti-{prediction}-snr_None") - loss(f"ti-{prediction}-snr_5.0")) > 1e-3
+        assert abs(loss(f"t2i-{prediction}-snr_5.0-plain") - loss(f"t2i-{prediction}-snr_5.0-padded_batch")) > 1e-4

@@ -68,13 +68,22 @@ def main(pipeline, out_dir):
             with torch.no_grad():  # moved away from the initializer, so each new row is distinct
                 learned.add_(0.1 * torch.from_numpy(np.random.default_rng(1).standard_normal(learned.shape)).float())
         input_ids = train_text_to_image.tokenize(case_tokenizer, prompts, range(len(prompts)))
+        fields = dict(fields)
+        weights = fields.pop("sample_weights", None)
+        sample_weights = None if weights is None else torch.tensor(weights)
         config = script.LossConfig(**fields)
         with torch.set_grad_enabled(learned is not None):
             encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
             # Seed 20 draws timestep 13 among others, where Min-SNR changes the epsilon weight: every case has teeth.
             with RecordedDraws() as recorded:
                 loss = script.diffusion_loss(
-                    unet, scheduler, latents, encoder_hidden_states, torch.Generator().manual_seed(20), config
+                    unet,
+                    scheduler,
+                    latents,
+                    encoder_hidden_states,
+                    torch.Generator().manual_seed(20),
+                    config,
+                    sample_weights,
                 )
         saved = {"latents": latents.numpy(), "input_ids": input_ids.numpy(), "loss": loss.item()}
         saved.update({f"draw_{i}": draw.numpy() for i, draw in enumerate(recorded.draws)})
