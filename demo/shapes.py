@@ -15,11 +15,8 @@ COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "
 SHAPES = ["circle", "square", "triangle"]
 
 
-def draw(color, shape, rng, size=64):
-    """One shape of one color on a plain background, at a random position and size."""
-    image = Image.new("RGB", (size, size), BACKGROUND)
-    radius = int(rng.integers(size * 7 // 32, size * 11 // 32 + 1))
-    cx, cy = (int(v) for v in rng.integers(radius + 2, size - radius - 2, size=2))
+def paint(image, color, shape, cx, cy, radius):
+    """The shape, centred at (cx, cy), `radius` from its centre to its sides, painted onto the image."""
     box = [cx - radius, cy - radius, cx + radius, cy + radius]
     pen = ImageDraw.Draw(image)
     if shape == "circle":
@@ -29,6 +26,14 @@ def draw(color, shape, rng, size=64):
     else:
         pen.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=COLORS[color])
     return image
+
+
+def draw(color, shape, rng, size=64):
+    """One shape of one color on a plain background, at a random position and size."""
+    image = Image.new("RGB", (size, size), BACKGROUND)
+    radius = int(rng.integers(size * 7 // 32, size * 11 // 32 + 1))
+    cx, cy = (int(v) for v in rng.integers(radius + 2, size - radius - 2, size=2))
+    return paint(image, color, shape, cx, cy, radius)
 
 
 def write_shapes_dataset(folder, per_combination=20, seed=0, size=64):
@@ -59,15 +64,7 @@ def draw_off_centre(color, shape, rng, width, height):
     along = int(rng.integers(radius + 2, long // 4 + 1))
     along = along if rng.random() < 0.5 else long - along
     cx, cy = (along, across) if width >= height else (across, along)
-    box = [cx - radius, cy - radius, cx + radius, cy + radius]
-    pen = ImageDraw.Draw(image)
-    if shape == "circle":
-        pen.ellipse(box, fill=COLORS[color])
-    elif shape == "square":
-        pen.rectangle(box, fill=COLORS[color])
-    else:
-        pen.polygon([(cx, cy - radius), (cx - radius, cy + radius), (cx + radius, cy + radius)], fill=COLORS[color])
-    return image
+    return paint(image, color, shape, cx, cy, radius)
 
 
 def write_wide_and_tall_dataset(folder, per_combination=8, seed=5, sizes=((96, 48), (48, 96))):
