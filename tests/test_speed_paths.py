@@ -43,9 +43,9 @@ def test_text_to_image_caches_equal_encoding_in_the_loop(assets):
     plain = train_text_to_image.ImageCaptionDataset(rows, tokenizer, args, 7)
     cached = train_text_to_image.ImageCaptionDataset(rows, tokenizer, args, 7)
     train_text_to_image.build_caches(cached, vae, text_encoder, tokenizer, cpu_accelerator(), args, num_workers=0)
-    _, _, latents = cached.latent_cache  # without buckets, one group of every row
-    assert [tuple(t.shape) for t in latents] == [(len(rows), 2, 8, 8, 8)]  # rows x flips x (mean, logvar) x 8 x 8
-    assert latents[0].dtype == vae.dtype
+    _, _, cache = cached.latent_cache  # without buckets, one group of every row
+    assert [tuple(t.shape) for t in cache] == [(len(rows), 2, 8, 8, 8)]  # rows x flips x (mean, logvar) x 8 x 8
+    assert cache[0].dtype == vae.dtype
     flips, captions = set(), set()
     for key in [(epoch, row, 1.0) for epoch in range(3) for row in range(len(rows))]:
         expected, got = plain[key], cached[key]
@@ -55,7 +55,7 @@ def test_text_to_image_caches_equal_encoding_in_the_loop(assets):
             hidden = text_encoder(expected["input_ids"][None], return_dict=False)[0][0]
         assert torch.allclose(got["latent_parameters"], latents, atol=1e-5), key
         assert torch.allclose(got["encoder_hidden_states"], hidden, atol=1e-5), key
-        flips.add(bool(torch.equal(got["latent_parameters"], latents[0][key[1], 1])))
+        flips.add(bool(torch.equal(got["latent_parameters"], cache[0][key[1], 1])))
         captions.add(tokenizer.decode(expected["input_ids"], skip_special_tokens=True))
     assert flips == {False, True}, "the check must see both flips"
     assert len(captions) > len(rows), "the check must see several captions of a row's list"
