@@ -28,14 +28,16 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/ruff check .
 
-# The suites run one after the other: the 2 cores are busy either way (three parts run at once took longer than in
-# series, and the demo hit its time limit). One thread per PyTorch process in the suites: on the tiny test models a
-# second thread gains nothing (measured: 87 s with one, 92 s with two, for the same two tests). PyTorch scripts run
-# in .venv, the Flax twins in .venv-flax (their tests also use .venv).
+# Each suite runs on two pytest workers (the 2 cores), and the suites run one after the other: all three at once took
+# longer than in series, and the demo hit its time limit. One thread per PyTorch process: on the tiny test models a
+# second thread gains nothing (measured: 87 s with one, 92 s with two, for the same two tests). worksteal: a few tests
+# take minutes, and an idle worker takes queued tests from the busy one. PyTorch scripts run in .venv, the Flax twins
+# in .venv-flax (their tests also use .venv).
+PYTEST := -q --durations=10 -n 2 --dist worksteal
 test: lint $(VENV_FLAX)/.installed
-	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest tests -q --durations=10 --ignore=tests/test_demo.py
+	OMP_NUM_THREADS=1 $(VENV)/bin/python -m pytest tests $(PYTEST) --ignore=tests/test_demo.py
 	$(VENV)/bin/python -m pytest tests/test_demo.py -q -s
-	OMP_NUM_THREADS=1 $(VENV_FLAX)/bin/python -m pytest tests_flax -q --durations=10
+	OMP_NUM_THREADS=1 $(VENV_FLAX)/bin/python -m pytest tests_flax $(PYTEST)
 
 demo: $(VENV)/.installed
 	$(VENV)/bin/python demo/run_demo.py --output_dir $(DEMO)

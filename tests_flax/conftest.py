@@ -38,6 +38,17 @@ def run_torch(code_or_args, check=True):
     return result
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent XLA compilation cache for the whole run (shared by the pytest -n workers): the launched scripts
+    compile the same tiny train steps again and again, and a cached executable is the one XLA would build."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = str(root / "jax-compilation-cache")
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
+
+
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory):
     if not os.path.exists(TORCH_PYTHON):
