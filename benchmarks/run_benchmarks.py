@@ -369,10 +369,13 @@ def format_table(rows):
         "vs uncached square",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+
+    def is_baseline(variant):
+        """The uncached square run of a script: "... in the loop" (PyTorch) or "... in the step" (JAX)."""
+        return ("in the loop" in variant or "in the step" in variant) and "checkpointing" not in variant
+
     baselines = {
-        (r["config"], r["script"], r["batch"]): r.get("images_per_second")
-        for r in rows
-        if "in the loop" in r["variant"] and "checkpointing" not in r["variant"]
+        (r["config"], r["script"], r["batch"]): r.get("images_per_second") for r in rows if is_baseline(r["variant"])
     }
     for r in rows:
         if "error" in r:
@@ -385,7 +388,7 @@ def format_table(rows):
             )
             mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
             base = baselines.get((r["config"], r["script"], r["batch"]))
-            speedup = f"{r['images_per_second'] / base:.2f}x" if base and "in the loop" not in r["variant"] else "-"
+            speedup = f"{r['images_per_second'] / base:.2f}x" if base and not is_baseline(r["variant"]) else "-"
             figures = [f"{r['images_per_second']:.2f}", f"{r['step_time']:.3f}", memory, mfu, speedup]
         lines.append(
             "| "

@@ -45,6 +45,9 @@ def parse_args(argv=None):
     parser.add_argument("--max_train_steps", type=int, default=1500, help="train_text_to_image.py optimizer updates.")
     parser.add_argument("--ti_steps", type=int, default=300, help="textual_inversion.py optimizer updates.")
     parser.add_argument(
+        "--vae_steps", type=int, default=400, help="VAE pretraining steps of a new starter (build_starter.py)."
+    )
+    parser.add_argument(
         "--snr_gamma", type=float, default=5.0, help="Min-SNR gamma for train_text_to_image.py (0: off)."
     )
     parser.add_argument(
@@ -197,7 +200,17 @@ def main(argv=None):
     args = parse_args(argv)
     start = time.time()
     starter = os.path.join(args.output_dir, "starter")
-    subprocess.run([sys.executable, os.path.join(HERE, "build_starter.py"), "--output_dir", starter], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            os.path.join(HERE, "build_starter.py"),
+            "--output_dir",
+            starter,
+            "--vae_steps",
+            str(args.vae_steps),
+        ],
+        check=True,
+    )
     summary = {}
 
     if args.compare_snr:
