@@ -1044,9 +1044,10 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if self.text_cache is None:
             example["input_ids"] = tokenize(self.tokenizer, [caption], [0])[0]
         else:
-            # The same draws as above; the cache lists each row's captions in order, and the empty caption once.
+            # The same draws as above; the cache lists each row's captions in order, and the empty caption once. A
+            # caption that edit_caption replaced is the dropped (empty) one; an empty caption of the data is listed.
             offsets, indices, embeddings, empty_index = self.text_cache
-            index = empty_index if caption == "" else indices[offsets[row] + choice]
+            index = indices[offsets[row] + choice] if caption == choices[choice] else empty_index
             example["encoder_hidden_states"] = embeddings[index]
         return example
 

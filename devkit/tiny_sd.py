@@ -198,7 +198,8 @@ def draw_shape(color, shape, size=64, rng=None):
 
 
 def write_imagefolder(folder, num_images=8, size=64, caption_lists=False, seed=0):
-    """An imagefolder with metadata.jsonl (`file_name`, `text`): the layout --train_data_dir reads."""
+    """An imagefolder with metadata.jsonl (`file_name`, `text`): the layout --train_data_dir reads. With caption_lists,
+    each row lists two captions and the empty one, as datasets that train classifier-free guidance do."""
     rng = np.random.default_rng(seed)
     os.makedirs(folder, exist_ok=True)
     rows = []
@@ -209,7 +210,7 @@ def write_imagefolder(folder, num_images=8, size=64, caption_lists=False, seed=0
         draw_shape(color, shape, size, rng).save(os.path.join(folder, name))
         caption = f"a {color} {shape}"
         rows.append(
-            {"file_name": name, "text": [caption, f"a photo of a {color} {shape}"] if caption_lists else caption}
+            {"file_name": name, "text": [caption, f"a photo of a {color} {shape}", ""] if caption_lists else caption}
         )
     with open(os.path.join(folder, "metadata.jsonl"), "w") as f:
         for row in rows:
