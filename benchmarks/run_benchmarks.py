@@ -550,7 +550,8 @@ def main(argv=None):
             if row.get("compiled_shapes"):
                 notes.append(
                     f"{config['label']}, `{row['script']}` {row['variant']}: the train step compiled "
-                    f"{row['compiled_shapes']} times, once per bucket shape (the log says which)."
+                    f"{row['compiled_shapes']} time{'s' if row['compiled_shapes'] != 1 else ''}, once per batch shape "
+                    "(the log says which)."
                 )
     if args.image_check_count:
         rates = image_check_rates(args.work_dir, args.image_check_count)
