@@ -25,6 +25,9 @@ import concurrent.futures
 import ctypes
 import dataclasses
 import functools
+import importlib
+import importlib.util
+import inspect
 import json
 import logging
 import math
@@ -45,7 +48,7 @@ import torchvision.transforms.functional as TF
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_dream_and_update_latents
@@ -67,6 +70,15 @@ PIPELINE_LINK = ".pipeline"  # -> the current .pipeline-<n> folder; output_dir's
 PIPELINE_VERSION = re.compile(r"^\.pipeline-(\d+)$")
 PREEMPTED_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL: stopped by a signal after writing a checkpoint; relaunch to continue
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+OPTIMIZERS = ["adamw", "adamw_8bit", "adafactor", "lion", "prodigy", "schedule_free_adamw"]
+# The optimizers that need a package of their own: module, pip package.
+OPTIMIZER_PACKAGES = {
+    "adamw_8bit": ("bitsandbytes", "bitsandbytes"),
+    "lion": ("lion_pytorch", "lion-pytorch"),
+    "prodigy": ("prodigyopt", "prodigyopt"),
+    "schedule_free_adamw": ("schedulefree", "schedulefree"),
+}
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 # Prompts the placeholder is trained in; {} is replaced by the placeholder (all of its vectors). # EDIT: to taste.
@@ -217,12 +229,8 @@ def parse_args(argv=None):
         default=None,
         help="Min-SNR weighting gamma (5.0 is recommended); off when not given.",
     )
-    parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
-    parser.add_argument(
-        "--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay (applies to the new rows only)."
-    )
-    parser.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
+    add_recipe_arguments(parser)
+    add_optimizer_arguments(parser)
     parser.add_argument(
         "--max_grad_norm",
         type=float,
@@ -360,7 +368,160 @@ def parse_args(argv=None):
         args.validation_resolution = parse_size(args.validation_resolution, args.resolution)
     except ValueError as err:
         parser.error(str(err))
+    check_recipe_arguments(parser, args)
+    check_optimizer_arguments(parser, args)
     return args
+
+
+def add_recipe_arguments(parser):
+    """The loss and timestep-sampling recipes, the same flags in all four scripts (see the README's recipes table)."""
+    parser.add_argument(
+        "--rescale_betas_zero_snr",
+        action="store_true",
+        help="Rescale the noise schedule to zero terminal SNR (Lin et al. 2023); needs v-prediction.",
+    )
+    parser.add_argument(
+        "--loss_type",
+        type=str,
+        default="l2",
+        choices=["l2", "huber", "smooth_l1", "l1"],
+        help="Distance between prediction and target: l2 (MSE), pseudo-Huber, smooth L1 or L1.",
+    )
+    parser.add_argument(
+        "--huber_schedule",
+        type=str,
+        default="snr",
+        choices=["constant", "exponential", "snr"],
+        help="How the Huber threshold c falls from 1 at low noise to --huber_c at high noise (constant: always c).",
+    )
+    parser.add_argument("--huber_c", type=float, default=0.1, help="The Huber threshold c (huber and smooth_l1).")
+    parser.add_argument(
+        "--debiased_estimation_loss",
+        action="store_true",
+        help="Weight each timestep by 1/sqrt(SNR) in epsilon terms (Yu et al. 2024); composes with --snr_gamma.",
+    )
+    parser.add_argument(
+        "--timestep_sampling",
+        type=str,
+        default="uniform",
+        choices=["uniform", "logit_normal"],
+        help="How training timesteps are drawn: uniformly, or logit-normal as SD3 trains.",
+    )
+    parser.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit-normal timestep draw.")
+    parser.add_argument("--logit_std", type=float, default=1.0, help="Standard deviation of the logit-normal draw.")
+    parser.add_argument(
+        "--timestep_bias_strategy",
+        type=str,
+        default="none",
+        choices=["none", "earlier", "later", "range"],
+        help="Draw the earlier (less noisy), later (noisier) or a range of timesteps more often.",
+    )
+    parser.add_argument(
+        "--timestep_bias_multiplier",
+        type=float,
+        default=1.0,
+        help="How many times as often the favoured timesteps are drawn (below 1: less often).",
+    )
+    parser.add_argument(
+        "--timestep_bias_begin", type=int, default=0, help="First favoured timestep of the 'range' strategy."
+    )
+    parser.add_argument(
+        "--timestep_bias_end", type=int, default=1000, help="One past the last favoured timestep of 'range'."
+    )
+    parser.add_argument(
+        "--timestep_bias_portion",
+        type=float,
+        default=0.25,
+        help="Share of the timesteps favoured by 'earlier' and 'later'.",
+    )
+
+
+def check_recipe_arguments(parser, args):
+    """The recipe flags' values make sense together; parser.error names the flag otherwise."""
+    if args.huber_c <= 0 or (args.huber_schedule != "constant" and args.huber_c > 1):
+        parser.error(f"--huber_c must be in (0, 1] (above 0 with --huber_schedule constant), got {args.huber_c}")
+    if args.logit_std <= 0:
+        parser.error(f"--logit_std must be positive, got {args.logit_std}")
+    if args.timestep_bias_multiplier <= 0:
+        parser.error(f"--timestep_bias_multiplier must be positive, got {args.timestep_bias_multiplier}")
+    if not 0 < args.timestep_bias_portion < 1:
+        parser.error(f"--timestep_bias_portion must be in (0, 1), got {args.timestep_bias_portion}")
+    if not 0 <= args.timestep_bias_begin < args.timestep_bias_end:
+        parser.error(
+            f"--timestep_bias_begin {args.timestep_bias_begin} and --timestep_bias_end {args.timestep_bias_end}: "
+            "need 0 <= begin < end"
+        )
+    if args.timestep_sampling != "uniform" and args.timestep_bias_strategy != "none":
+        parser.error(
+            "--timestep_sampling logit_normal and --timestep_bias_strategy both choose the timesteps: pick one"
+        )
+
+
+def recipe_fields(args, prediction_type, num_train_timesteps):
+    """The LossConfig fields of the recipe flags, once the prediction type and the schedule length are known."""
+    if args.rescale_betas_zero_snr and prediction_type != "v_prediction":
+        # At zero terminal SNR the last timestep's input is pure noise, so predicting that noise teaches nothing.
+        raise ValueError(
+            f"--rescale_betas_zero_snr needs v-prediction, and this run predicts {prediction_type}: add "
+            "--prediction_type v_prediction"
+        )
+    if args.timestep_bias_strategy == "range" and args.timestep_bias_begin >= num_train_timesteps:
+        raise ValueError(
+            f"--timestep_bias_begin {args.timestep_bias_begin} is past the schedule's {num_train_timesteps} timesteps"
+        )
+    return dict(
+        loss_type=args.loss_type,
+        huber_schedule=args.huber_schedule,
+        huber_c=args.huber_c,
+        debiased_estimation=args.debiased_estimation_loss,
+        timestep_sampling=args.timestep_sampling,
+        logit_mean=args.logit_mean,
+        logit_std=args.logit_std,
+        timestep_bias_strategy=args.timestep_bias_strategy,
+        timestep_bias_multiplier=args.timestep_bias_multiplier,
+        timestep_bias_begin=args.timestep_bias_begin,
+        timestep_bias_end=args.timestep_bias_end,
+        timestep_bias_portion=args.timestep_bias_portion,
+    )
+
+
+def add_optimizer_arguments(parser):
+    """--optimizer and its hyperparameters, the same flags in both PyTorch scripts."""
+    parser.add_argument(
+        "--optimizer",
+        type=str,
+        default="adamw",
+        choices=OPTIMIZERS,
+        help="adamw, 8-bit AdamW, Adafactor, Lion, Prodigy (use --learning_rate 1) or schedule-free AdamW.",
+    )
+    parser.add_argument(
+        "--use_8bit_adam", action="store_true", help="Same as --optimizer adamw_8bit (GPU only; needs bitsandbytes)."
+    )
+    parser.add_argument("--adam_beta1", type=float, default=0.9, help="Beta1 of AdamW, Lion, Prodigy, schedule-free.")
+    parser.add_argument("--adam_beta2", type=float, default=0.999, help="Beta2 of AdamW, Lion, Prodigy, schedule-free.")
+    parser.add_argument(
+        "--adam_weight_decay",
+        type=float,
+        default=1e-2,
+        help="Decoupled weight decay (textual inversion: of the new rows only).",
+    )
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08, help="Epsilon of AdamW, Prodigy, schedule-free.")
+
+
+def check_optimizer_arguments(parser, args):
+    """--use_8bit_adam is an alias; an optional package that is missing is named before any model loads."""
+    chosen = f"--optimizer {args.optimizer}"
+    if args.use_8bit_adam:
+        if args.optimizer not in ("adamw", "adamw_8bit"):
+            parser.error(f"--use_8bit_adam and {chosen} contradict each other: pick one")
+        args.optimizer, chosen = "adamw_8bit", "--use_8bit_adam"
+    if args.optimizer in OPTIMIZER_PACKAGES:
+        module, package = OPTIMIZER_PACKAGES[args.optimizer]
+        if importlib.util.find_spec(module) is None:
+            parser.error(f"{chosen} needs the {package} package: pip install {package}")
+    if args.optimizer == "schedule_free_adamw" and args.lr_scheduler != "constant":
+        # Schedule-free replaces the schedule (Defazio et al. 2024); its warmup is --lr_warmup_steps, inside it.
+        parser.error(f"--optimizer schedule_free_adamw needs --lr_scheduler constant, got {args.lr_scheduler}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1073,14 +1234,35 @@ def register_checkpoint_hooks(accelerator, learned_embedding, args):
 
 
 def make_optimizer(args, params):
-    """AdamW over the new rows, as PyTorch's fused kernel (one kernel for the whole update)."""
-    return torch.optim.AdamW(
+    """The --optimizer over params. AdamW is PyTorch's fused kernel (one kernel for the whole update: half the time of
+    the foreach version on CPU); the others come from the libraries their authors maintain."""
+    betas, decay = (args.adam_beta1, args.adam_beta2), args.adam_weight_decay
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(
+            params, fused=True, lr=args.learning_rate, betas=betas, weight_decay=decay, eps=args.adam_epsilon
+        )
+    if args.optimizer == "adafactor":
+        # Adafactor (Shazeer & Stern 2018, arXiv:1804.04235): factored second moments, a fraction of AdamW's memory.
+        return torch.optim.Adafactor(params, lr=args.learning_rate, weight_decay=decay)
+    library = importlib.import_module(OPTIMIZER_PACKAGES[args.optimizer][0])
+    if args.optimizer == "adamw_8bit":
+        return library.optim.AdamW8bit(
+            params, lr=args.learning_rate, betas=betas, weight_decay=decay, eps=args.adam_epsilon
+        )
+    if args.optimizer == "lion":
+        # Lion (Chen et al. 2023, arXiv:2302.06675): the sign of a momentum blend; wants a 3-10x smaller lr.
+        return library.Lion(params, lr=args.learning_rate, betas=betas, weight_decay=decay)
+    if args.optimizer == "prodigy":
+        # Prodigy (Mishchenko & Defazio 2023, arXiv:2306.06101) estimates the step size itself: --learning_rate 1.
+        return library.Prodigy(params, lr=args.learning_rate, betas=betas, weight_decay=decay, eps=args.adam_epsilon)
+    # Schedule-free AdamW (Defazio et al. 2024, arXiv:2405.15682): averaging replaces the learning-rate schedule.
+    return library.AdamWScheduleFree(
         params,
-        fused=True,
         lr=args.learning_rate,
-        betas=(args.adam_beta1, args.adam_beta2),
-        weight_decay=args.adam_weight_decay,
+        betas=betas,
+        weight_decay=decay,
         eps=args.adam_epsilon,
+        warmup_steps=args.lr_warmup_steps,
     )
 
 
@@ -1102,6 +1284,23 @@ def encode_batch(batch, vae, text_encoder, generator):
 
 
 # ----------------------------------------------------- BEGIN MATH -----------------------------------------------------
+def timestep_bias_weights(num_train_timesteps, config):
+    """Relative weight of drawing each timestep under --timestep_bias_strategy: timesteps in the favoured span weigh
+    config.timestep_bias_multiplier, the others 1. NumPy, so the PyTorch and JAX twins draw from the same table."""
+    weights = np.ones(num_train_timesteps, np.float64)
+    favoured = round(config.timestep_bias_portion * num_train_timesteps)
+    if config.timestep_bias_strategy == "earlier":
+        span = slice(0, favoured)
+    elif config.timestep_bias_strategy == "later":
+        span = slice(num_train_timesteps - favoured, num_train_timesteps)
+    elif config.timestep_bias_strategy == "range":
+        span = slice(config.timestep_bias_begin, min(config.timestep_bias_end, num_train_timesteps))
+    else:
+        raise ValueError(f"unknown timestep bias strategy {config.timestep_bias_strategy!r}")
+    weights[span] *= config.timestep_bias_multiplier
+    return weights
+
+
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     """What the denoising loss depends on, built once from the flags in main(): the math reads nothing else."""
@@ -1111,6 +1310,18 @@ class LossConfig:
     noise_offset: float = 0.0  # scale of offset noise; 0 turns it off
     input_perturbation: float = 0.0  # scale of input perturbation; 0 turns it off
     dream_detail_preservation: float | None = None  # DREAM's detail preservation p; None turns DREAM off
+    loss_type: str = "l2"  # "l2", "l1", "huber" (pseudo-Huber) or "smooth_l1"
+    huber_schedule: str = "snr"  # how the Huber threshold c varies with the timestep: constant, exponential or snr
+    huber_c: float = 0.1  # the Huber threshold c (at the noisiest timestep, when scheduled)
+    debiased_estimation: bool = False  # weight each timestep by 1/sqrt(SNR) in epsilon terms
+    timestep_sampling: str = "uniform"  # "uniform" or "logit_normal"
+    logit_mean: float = 0.0  # logit-normal sampling: mean of the normal draw
+    logit_std: float = 1.0  # logit-normal sampling: standard deviation of the normal draw
+    timestep_bias_strategy: str = "none"  # favour "earlier", "later" or a "range" of timesteps; "none": uniform
+    timestep_bias_multiplier: float = 1.0  # how much more (or less, below 1) often the favoured timesteps are drawn
+    timestep_bias_begin: int = 0  # "range": first favoured timestep
+    timestep_bias_end: int = 1000  # "range": one past the last favoured timestep
+    timestep_bias_portion: float = 0.25  # "earlier" / "later": the favoured share of the timesteps
 
 
 def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator, config, sample_weights=None):
@@ -1132,7 +1343,20 @@ def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, genera
         perturbation = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
         noised_with = noise + config.input_perturbation * perturbation
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
-    timesteps = torch.randint(0, num_train_timesteps, (bsz,), generator=generator, device=latents.device)
+    if config.timestep_sampling == "logit_normal":
+        # Logit-normal timesteps (Esser et al. 2024, arXiv:2403.03206, as SD3 trains): t/T = sigmoid(n) with
+        # n ~ N(mean, std) draws the middle timesteps, where denoising is hardest, most often.
+        normal = torch.randn((bsz,), generator=generator, device=latents.device, dtype=torch.float32)
+        fraction = torch.sigmoid(config.logit_mean + config.logit_std * normal)
+        timesteps = (fraction * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
+    elif config.timestep_bias_strategy != "none":
+        # Biased timesteps (diffusers' SDXL script): invert the cumulative weights at a uniform draw.
+        cdf = np.cumsum(timestep_bias_weights(num_train_timesteps, config))
+        cdf = torch.from_numpy((cdf / cdf[-1]).astype(np.float32)).to(latents.device)
+        uniform = torch.rand((bsz,), generator=generator, device=latents.device, dtype=torch.float32)
+        timesteps = torch.searchsorted(cdf, uniform, right=True).clamp(max=num_train_timesteps - 1)
+    else:
+        timesteps = torch.randint(0, num_train_timesteps, (bsz,), generator=generator, device=latents.device)
     # Forward diffusion: noisy_latents = sqrt(alpha_bar_t) * latents + sqrt(1 - alpha_bar_t) * noise.
     noisy_latents = noise_scheduler.add_noise(latents, noised_with, timesteps)
 
@@ -1158,15 +1382,43 @@ def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, genera
         )
 
     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
-    loss = F.mse_loss(model_pred.float(), target.float(), reduction="none").mean(dim=list(range(1, model_pred.ndim)))
+    # Signal-to-noise ratio of each sample's timestep, alpha_bar / (1 - alpha_bar): 0 at a zero-terminal-SNR end.
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(latents.device)[timesteps].float()
+    snr = alphas_cumprod / (1.0 - alphas_cumprod)
+    if config.loss_type == "l2":
+        loss = F.mse_loss(model_pred.float(), target.float(), reduction="none")
+    elif config.loss_type == "l1":
+        loss = (model_pred.float() - target.float()).abs()
+    else:
+        # Scheduled pseudo-Huber loss (Khrapov et al. 2024, arXiv:2403.16728): quadratic below c and linear above,
+        # so outliers in the data pull less; c is large at low noise (nearly L2) and falls to huber_c at high noise.
+        if config.huber_schedule == "exponential":
+            huber_c = config.huber_c ** (timesteps.float() / num_train_timesteps)
+        elif config.huber_schedule == "snr":
+            sigmas = torch.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+            huber_c = (1.0 - config.huber_c) / (1.0 + sigmas) ** 2 + config.huber_c
+        else:
+            huber_c = torch.full((bsz,), config.huber_c, device=latents.device)
+        huber_c = huber_c.view(bsz, *[1] * (model_pred.ndim - 1))
+        pseudo_huber = torch.sqrt((model_pred.float() - target.float()) ** 2 + huber_c**2) - huber_c
+        # "huber" is scaled to match L2's curvature near 0, "smooth_l1" to match L1's slope in the tails.
+        loss = 2.0 * huber_c * pseudo_huber if config.loss_type == "huber" else 2.0 * pseudo_huber
+    loss = loss.mean(dim=list(range(1, model_pred.ndim)))
 
+    # The timestep weights below are defined on the epsilon loss. A v-prediction loss is (SNR + 1) / SNR times the
+    # epsilon loss (Salimans & Ho 2022), so in v terms a weight w becomes w * SNR / (SNR + 1).
     if config.snr_gamma is not None:
-        # Min-SNR-gamma weighting (Hang et al. 2023, arXiv:2303.09556): weight each timestep by min(SNR, gamma)/SNR
-        # in epsilon terms. A v-prediction loss is (SNR + 1) times the epsilon loss, hence the divisor SNR + 1.
-        alphas_cumprod = noise_scheduler.alphas_cumprod.to(latents.device)[timesteps].float()
-        snr = alphas_cumprod / (1.0 - alphas_cumprod)
+        # Min-SNR-gamma weighting (Hang et al. 2023, arXiv:2303.09556): min(SNR, gamma) / SNR in epsilon terms,
+        # min(SNR, gamma) / (SNR + 1) in v terms; 1 where the epsilon SNR is 0.
         divisor = snr + 1.0 if config.prediction_type == "v_prediction" else snr
         weights = torch.where(divisor > 0, torch.clamp(snr, max=config.snr_gamma) / divisor, torch.ones_like(snr))
+        loss = loss * weights
+    if config.debiased_estimation:
+        # Debiased estimation (Yu et al. 2024, arXiv:2310.08442): weight 1/sqrt(SNR) in epsilon terms, with the SNR
+        # held within [1e-3, 1e3] so the weight stays finite (at most 31.6) at a zero-terminal-SNR end.
+        weights = torch.rsqrt(torch.clamp(snr, min=1e-3, max=1e3))
+        if config.prediction_type == "v_prediction":
+            weights = weights * snr / (snr + 1.0)
         loss = loss * weights
     if sample_weights is not None:
         loss = loss * sample_weights
@@ -1256,6 +1508,21 @@ def log_validation(pipeline, prompts, args, accelerator, seed, global_step, tag,
     return images
 
 
+def inference_scheduler(scheduler, args):
+    """The pipeline's scheduler set up for what this run trained: its prediction type, and with
+    --rescale_betas_zero_snr the rescaled schedule sampled from its last timestep ("trailing", Lin et al. 2023 sec.
+    3.3). A scheduler class that cannot rescale (PNDM, LMS) is replaced by DDIM, which the paper samples with."""
+    overrides = {} if args.prediction_type is None else {"prediction_type": args.prediction_type}
+    if not args.rescale_betas_zero_snr:
+        return scheduler.from_config(scheduler.config, **overrides) if overrides else scheduler
+    overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    if "rescale_betas_zero_snr" in inspect.signature(type(scheduler).__init__).parameters:
+        return type(scheduler).from_config(scheduler.config, **overrides)
+    logger.info(f"--rescale_betas_zero_snr: {type(scheduler).__name__} cannot rescale, saving a DDIMScheduler")
+    # Latents are not confined to [-1, 1]: DDIM's default clipping of its x0 estimate would distort them.
+    return DDIMScheduler.from_config(scheduler.config, **overrides, clip_sample=False)
+
+
 def validate(accelerator, text_encoder, tokenizer, unet, vae, prompts, args, seed, global_step, tag, weight_dtype):
     """Render the validation prompts with the embedding learned so far, through the frozen pipeline."""
     pipeline = StableDiffusionPipeline.from_pretrained(
@@ -1270,6 +1537,7 @@ def validate(accelerator, text_encoder, tokenizer, unet, vae, prompts, args, see
         dtype=weight_dtype,
         cache_dir=args.cache_dir,
     )
+    pipeline.scheduler = inference_scheduler(pipeline.scheduler, args)
     log_validation(pipeline, prompts, args, accelerator, seed, global_step, tag, weight_dtype)
 
 
@@ -1353,8 +1621,8 @@ def save_full_pipeline(text_encoder, tokenizer, unet, vae, weight_dtype, args):
         cache_dir=args.cache_dir,
         **frozen,
     )
-    if args.prediction_type is not None:
-        pipeline.scheduler.register_to_config(prediction_type=args.prediction_type)
+    # The saved scheduler says what this run trained with (prediction type, zero terminal SNR).
+    pipeline.scheduler = inference_scheduler(pipeline.scheduler, args)
     partial = os.path.join(args.output_dir, ".pipeline.partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
@@ -1434,7 +1702,10 @@ def main(argv=None):
         tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)
     else:
         tokenizer = load_component(CLIPTokenizer, args, "tokenizer")
-    noise_scheduler = load_component(DDPMScheduler, args, "scheduler")
+    # Lin et al. 2023 (arXiv:2305.08891): rescaled betas reach zero SNR at the last timestep, as sampling starts.
+    noise_scheduler = load_component(
+        DDPMScheduler, args, "scheduler", rescale_betas_zero_snr=args.rescale_betas_zero_snr
+    )
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     text_encoder = load_component(CLIPTextModel, args, "text_encoder", variant=args.variant)
@@ -1466,7 +1737,12 @@ def main(argv=None):
         unet.compile()  # in place: the modules and their state-dict keys stay as they are
         text_encoder.compile()
     register_checkpoint_hooks(accelerator, learned_embedding, args)
-    loss_config = LossConfig(prediction_type=noise_scheduler.config.prediction_type, snr_gamma=args.snr_gamma)
+    prediction_type = noise_scheduler.config.prediction_type
+    loss_config = LossConfig(
+        prediction_type=prediction_type,
+        snr_gamma=args.snr_gamma,
+        **recipe_fields(args, prediction_type, noise_scheduler.config.num_train_timesteps),
+    )
 
     # ------------------------------------------------------------------------------------------------------- data
     train_dataset = TextualInversionDataset(image_paths, tokenizer, " ".join(placeholder_tokens), args, seed)
@@ -1564,6 +1840,10 @@ def main(argv=None):
     )
     window = LogWindow(accelerator, total_batch_size, global_step)
     last_batch = None  # (latents, input_ids) of the last batch, to probe the new rows before writing them
+    # Schedule-free AdamW steps one sequence of weights and evaluates another, its average: it trains in train mode
+    # and is switched to eval mode (on every process) whenever the rows are checked, rendered or saved. The other
+    # optimizers have no modes, and Accelerate makes these calls no-ops for them.
+    optimizer.train()
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
             break
@@ -1608,6 +1888,9 @@ def main(argv=None):
                 accelerator.log(logs, step=global_step)
                 logger.info(format_logs(global_step, logs))
                 progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+            is_validation_step = validation_prompts and global_step % args.validation_steps == 0
+            if is_save_step or is_validation_step:
+                optimizer.eval()  # what is saved or rendered is the model at this step; resume switches back exactly
             if is_save_step:
                 tensors = [("the new rows", learned_embedding.learned), *optimizer_tensors(optimizer)]
                 probe = probe_loss(accelerator, unet, text_encoder, noise_scheduler, *last_batch, loss_config, seed)
@@ -1622,8 +1905,10 @@ def main(argv=None):
                     save_checkpoint(
                         accelerator, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit
                     )
-                if validation_prompts and global_step % args.validation_steps == 0 and global_step < max_train_steps:
+                if is_validation_step and global_step < max_train_steps:
                     validate(accelerator, *validation_models, args, seed, global_step, "validation", weight_dtype)
+            if is_save_step or is_validation_step:
+                optimizer.train()
             if stopping:
                 accelerator.wait_for_everyone()
                 logger.warning(preemption_message(stop_request, global_step))
@@ -1633,6 +1918,7 @@ def main(argv=None):
                 break
 
     # ------------------------------------------------------------------------------------------------------- save
+    optimizer.eval()
     if last_batch is not None:  # what is about to be saved, checked as every checkpoint is
         tensors = [("the new rows", learned_embedding.learned), *optimizer_tensors(optimizer)]
         probe = probe_loss(accelerator, unet, text_encoder, noise_scheduler, *last_batch, loss_config, seed)

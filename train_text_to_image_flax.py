@@ -21,6 +21,7 @@ import concurrent.futures
 import ctypes
 import dataclasses
 import functools
+import inspect
 import io
 import json
 import logging
@@ -57,6 +58,7 @@ BUCKET_SEED_KEY = 6007
 PREEMPTED_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL: stopped by a signal after writing a checkpoint; relaunch to continue
 INTERPOLATION_MODES = ["lanczos", "bicubic", "bilinear", "nearest", "box", "hamming"]
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine"]
+OPTIMIZERS = ["adamw", "adafactor", "lion", "prodigy", "schedule_free_adamw"]
 
 
 def parse_args(argv=None):
@@ -198,6 +200,7 @@ def parse_args(argv=None):
         default=None,
         help="Min-SNR weighting gamma (5.0 is recommended); off when not given.",
     )
+    add_recipe_arguments(parser)
     parser.add_argument(
         "--noise_offset", type=float, default=0.0, help="Scale of offset noise (0.1 is typical); 0 turns it off."
     )
@@ -207,10 +210,7 @@ def parse_args(argv=None):
         default=0.0,
         help="Scale of input perturbation (0.1 is recommended); 0 turns it off.",
     )
-    parser.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta1.")
-    parser.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta2.")
-    parser.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay.")
-    parser.add_argument("--adam_epsilon", type=float, default=1e-08, help="AdamW epsilon.")
+    add_optimizer_arguments(parser)
     parser.add_argument(
         "--max_grad_norm", type=float, default=1.0, help="Clip gradients to this global norm (0 turns clipping off)."
     )
@@ -282,12 +282,176 @@ def parse_args(argv=None):
             parser.error(f"--{name} must be in [0, 1), got {getattr(args, name)}")
     if args.keep_tokens < 0:
         parser.error(f"--keep_tokens must be 0 or more, got {args.keep_tokens}")
+    check_recipe_arguments(parser, args)
+    check_optimizer_arguments(parser, args)
     return args
+
+
+def add_recipe_arguments(parser):
+    """The loss and timestep-sampling recipes, the same flags in all four scripts (see the README's recipes table)."""
+    parser.add_argument(
+        "--rescale_betas_zero_snr",
+        action="store_true",
+        help="Rescale the noise schedule to zero terminal SNR (Lin et al. 2023); needs v-prediction.",
+    )
+    parser.add_argument(
+        "--loss_type",
+        type=str,
+        default="l2",
+        choices=["l2", "huber", "smooth_l1", "l1"],
+        help="Distance between prediction and target: l2 (MSE), pseudo-Huber, smooth L1 or L1.",
+    )
+    parser.add_argument(
+        "--huber_schedule",
+        type=str,
+        default="snr",
+        choices=["constant", "exponential", "snr"],
+        help="How the Huber threshold c falls from 1 at low noise to --huber_c at high noise (constant: always c).",
+    )
+    parser.add_argument("--huber_c", type=float, default=0.1, help="The Huber threshold c (huber and smooth_l1).")
+    parser.add_argument(
+        "--debiased_estimation_loss",
+        action="store_true",
+        help="Weight each timestep by 1/sqrt(SNR) in epsilon terms (Yu et al. 2024); composes with --snr_gamma.",
+    )
+    parser.add_argument(
+        "--timestep_sampling",
+        type=str,
+        default="uniform",
+        choices=["uniform", "logit_normal"],
+        help="How training timesteps are drawn: uniformly, or logit-normal as SD3 trains.",
+    )
+    parser.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit-normal timestep draw.")
+    parser.add_argument("--logit_std", type=float, default=1.0, help="Standard deviation of the logit-normal draw.")
+    parser.add_argument(
+        "--timestep_bias_strategy",
+        type=str,
+        default="none",
+        choices=["none", "earlier", "later", "range"],
+        help="Draw the earlier (less noisy), later (noisier) or a range of timesteps more often.",
+    )
+    parser.add_argument(
+        "--timestep_bias_multiplier",
+        type=float,
+        default=1.0,
+        help="How many times as often the favoured timesteps are drawn (below 1: less often).",
+    )
+    parser.add_argument(
+        "--timestep_bias_begin", type=int, default=0, help="First favoured timestep of the 'range' strategy."
+    )
+    parser.add_argument(
+        "--timestep_bias_end", type=int, default=1000, help="One past the last favoured timestep of 'range'."
+    )
+    parser.add_argument(
+        "--timestep_bias_portion",
+        type=float,
+        default=0.25,
+        help="Share of the timesteps favoured by 'earlier' and 'later'.",
+    )
+
+
+def check_recipe_arguments(parser, args):
+    """The recipe flags' values make sense together; parser.error names the flag otherwise."""
+    if args.huber_c <= 0 or (args.huber_schedule != "constant" and args.huber_c > 1):
+        parser.error(f"--huber_c must be in (0, 1] (above 0 with --huber_schedule constant), got {args.huber_c}")
+    if args.logit_std <= 0:
+        parser.error(f"--logit_std must be positive, got {args.logit_std}")
+    if args.timestep_bias_multiplier <= 0:
+        parser.error(f"--timestep_bias_multiplier must be positive, got {args.timestep_bias_multiplier}")
+    if not 0 < args.timestep_bias_portion < 1:
+        parser.error(f"--timestep_bias_portion must be in (0, 1), got {args.timestep_bias_portion}")
+    if not 0 <= args.timestep_bias_begin < args.timestep_bias_end:
+        parser.error(
+            f"--timestep_bias_begin {args.timestep_bias_begin} and --timestep_bias_end {args.timestep_bias_end}: "
+            "need 0 <= begin < end"
+        )
+    if args.timestep_sampling != "uniform" and args.timestep_bias_strategy != "none":
+        parser.error(
+            "--timestep_sampling logit_normal and --timestep_bias_strategy both choose the timesteps: pick one"
+        )
+
+
+def recipe_fields(args, prediction_type, num_train_timesteps):
+    """The LossConfig fields of the recipe flags, once the prediction type and the schedule length are known."""
+    if args.rescale_betas_zero_snr and prediction_type != "v_prediction":
+        # At zero terminal SNR the last timestep's input is pure noise, so predicting that noise teaches nothing.
+        raise ValueError(
+            f"--rescale_betas_zero_snr needs v-prediction, and this run predicts {prediction_type}: add "
+            "--prediction_type v_prediction"
+        )
+    if args.timestep_bias_strategy == "range" and args.timestep_bias_begin >= num_train_timesteps:
+        raise ValueError(
+            f"--timestep_bias_begin {args.timestep_bias_begin} is past the schedule's {num_train_timesteps} timesteps"
+        )
+    return dict(
+        loss_type=args.loss_type,
+        huber_schedule=args.huber_schedule,
+        huber_c=args.huber_c,
+        debiased_estimation=args.debiased_estimation_loss,
+        timestep_sampling=args.timestep_sampling,
+        logit_mean=args.logit_mean,
+        logit_std=args.logit_std,
+        timestep_bias_strategy=args.timestep_bias_strategy,
+        timestep_bias_multiplier=args.timestep_bias_multiplier,
+        timestep_bias_begin=args.timestep_bias_begin,
+        timestep_bias_end=args.timestep_bias_end,
+        timestep_bias_portion=args.timestep_bias_portion,
+    )
+
+
+def add_optimizer_arguments(parser):
+    """--optimizer and its hyperparameters, the PyTorch twins' flags (8-bit AdamW is CUDA-only and not here)."""
+    parser.add_argument(
+        "--optimizer",
+        type=str,
+        default="adamw",
+        choices=OPTIMIZERS,
+        help="adamw, Adafactor, Lion, Prodigy (use --learning_rate 1) or schedule-free AdamW, all from optax.",
+    )
+    parser.add_argument("--adam_beta1", type=float, default=0.9, help="Beta1 of AdamW, Lion, Prodigy, schedule-free.")
+    parser.add_argument("--adam_beta2", type=float, default=0.999, help="Beta2 of AdamW, Lion, Prodigy, schedule-free.")
+    parser.add_argument(
+        "--adam_weight_decay",
+        type=float,
+        default=1e-2,
+        help="Decoupled weight decay (textual inversion: of the new rows only).",
+    )
+    parser.add_argument("--adam_epsilon", type=float, default=1e-08, help="Epsilon of AdamW, Prodigy, schedule-free.")
+
+
+def check_optimizer_arguments(parser, args):
+    if args.optimizer == "schedule_free_adamw" and args.lr_scheduler != "constant":
+        # Schedule-free replaces the schedule (Defazio et al. 2024); its warmup is --lr_warmup_steps, inside it.
+        parser.error(f"--optimizer schedule_free_adamw needs --lr_scheduler constant, got {args.lr_scheduler}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------------------------
+
+
+def rescale_zero_terminal_snr(betas):
+    """Betas whose schedule ends at zero SNR (Lin et al. 2023, arXiv:2305.08891, Algorithm 1): sqrt(alpha_bar) is
+    shifted so its last value is 0 and scaled so its first value is unchanged. diffusers' FlaxDDPMScheduler has no
+    such option, so the rescaled betas are handed to it as trained_betas."""
+    sqrt_alphas_cumprod = np.sqrt(np.cumprod(1.0 - np.asarray(betas, np.float64)))
+    first, last = sqrt_alphas_cumprod[0], sqrt_alphas_cumprod[-1]
+    sqrt_alphas_cumprod = (sqrt_alphas_cumprod - last) * first / (first - last)
+    alphas_cumprod = sqrt_alphas_cumprod**2
+    alphas = np.concatenate([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
+    return 1.0 - alphas
+
+
+def load_noise_scheduler(folder, args):
+    """The training noise scheduler and its state; with --rescale_betas_zero_snr, on the rescaled schedule."""
+    from diffusers import FlaxDDPMScheduler
+
+    noise_scheduler, scheduler_state = FlaxDDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    if args.rescale_betas_zero_snr:
+        betas = rescale_zero_terminal_snr(np.asarray(scheduler_state.common.betas))
+        noise_scheduler = FlaxDDPMScheduler.from_config(noise_scheduler.config, trained_betas=betas.tolist())
+        scheduler_state = noise_scheduler.create_state()
+    return noise_scheduler, scheduler_state
 
 
 def derive_seed(*keys):
@@ -1086,14 +1250,43 @@ def learning_rate_schedule(name, peak, warmup_steps, max_train_steps):
 
 
 def make_optimizer(args, schedule):
-    """AdamW following `schedule`, after global-norm clipping (--max_grad_norm), applied once every
-    --gradient_accumulation_steps batches to their mean gradient (optax.MultiSteps)."""
-    optimizer = optax.adamw(
-        schedule, b1=args.adam_beta1, b2=args.adam_beta2, eps=args.adam_epsilon, weight_decay=args.adam_weight_decay
-    )
+    """The --optimizer following `schedule`, after global-norm clipping (--max_grad_norm), applied once every
+    --gradient_accumulation_steps batches to their mean gradient (optax.MultiSteps). Every one is optax's own."""
+    betas, decay = (args.adam_beta1, args.adam_beta2), args.adam_weight_decay
+    if args.optimizer == "adamw":
+        optimizer = optax.adamw(schedule, b1=betas[0], b2=betas[1], eps=args.adam_epsilon, weight_decay=decay)
+    elif args.optimizer == "adafactor":
+        # Adafactor (Shazeer & Stern 2018, arXiv:1804.04235): factored second moments, a fraction of AdamW's memory.
+        optimizer = optax.adafactor(schedule, weight_decay_rate=decay or None)
+    elif args.optimizer == "lion":
+        # Lion (Chen et al. 2023, arXiv:2302.06675): the sign of a momentum blend; wants a 3-10x smaller lr.
+        optimizer = optax.lion(schedule, b1=betas[0], b2=betas[1], weight_decay=decay)
+    elif args.optimizer == "prodigy":
+        # Prodigy (Mishchenko & Defazio 2023, arXiv:2306.06101) estimates the step size itself: --learning_rate 1.
+        optimizer = optax.contrib.prodigy(schedule, betas=betas, eps=args.adam_epsilon, weight_decay=decay)
+    else:
+        # Schedule-free AdamW (Defazio et al. 2024, arXiv:2405.15682): averaging replaces the learning-rate schedule.
+        optimizer = optax.contrib.schedule_free_adamw(
+            args.learning_rate,
+            warmup_steps=args.lr_warmup_steps or None,  # optax reads 0 warmup steps as a learning rate of 0
+            b1=betas[0],
+            b2=betas[1],
+            eps=args.adam_epsilon,
+            weight_decay=decay,
+        )
     if args.max_grad_norm > 0:
         optimizer = optax.chain(optax.clip_by_global_norm(args.max_grad_norm), optimizer)
     return optax.MultiSteps(optimizer, every_k_schedule=args.gradient_accumulation_steps)
+
+
+def evaluation_params(state, args):
+    """The weights to check, render and save: the trained params, or with schedule-free AdamW the average it
+    evaluates (its params are the point gradients are taken at). Checkpoints keep the training state as it is."""
+    if args.optimizer != "schedule_free_adamw":
+        return state.params
+    inner = state.opt_state.inner_opt_state  # MultiSteps -> (clipping, schedule-free) or schedule-free alone
+    schedule_free = inner if hasattr(inner, "z") else inner[-1]
+    return optax.contrib.schedule_free_eval_params(schedule_free, state.params)
 
 
 class LogWindow:
@@ -1159,6 +1352,23 @@ def encode_batch(frozen, batch, rng):
 
 
 # ----------------------------------------------------- BEGIN MATH -----------------------------------------------------
+def timestep_bias_weights(num_train_timesteps, config):
+    """Relative weight of drawing each timestep under --timestep_bias_strategy: timesteps in the favoured span weigh
+    config.timestep_bias_multiplier, the others 1. NumPy, so the PyTorch and JAX twins draw from the same table."""
+    weights = np.ones(num_train_timesteps, np.float64)
+    favoured = round(config.timestep_bias_portion * num_train_timesteps)
+    if config.timestep_bias_strategy == "earlier":
+        span = slice(0, favoured)
+    elif config.timestep_bias_strategy == "later":
+        span = slice(num_train_timesteps - favoured, num_train_timesteps)
+    elif config.timestep_bias_strategy == "range":
+        span = slice(config.timestep_bias_begin, min(config.timestep_bias_end, num_train_timesteps))
+    else:
+        raise ValueError(f"unknown timestep bias strategy {config.timestep_bias_strategy!r}")
+    weights[span] *= config.timestep_bias_multiplier
+    return weights
+
+
 @dataclasses.dataclass(frozen=True)
 class LossConfig:
     """What the denoising loss depends on, built once from the flags in main(): the math reads nothing else."""
@@ -1167,6 +1377,18 @@ class LossConfig:
     snr_gamma: float | None = None  # Min-SNR-gamma weighting; None weighs every timestep the same
     noise_offset: float = 0.0  # scale of offset noise; 0 turns it off
     input_perturbation: float = 0.0  # scale of input perturbation; 0 turns it off
+    loss_type: str = "l2"  # "l2", "l1", "huber" (pseudo-Huber) or "smooth_l1"
+    huber_schedule: str = "snr"  # how the Huber threshold c varies with the timestep: constant, exponential or snr
+    huber_c: float = 0.1  # the Huber threshold c (at the noisiest timestep, when scheduled)
+    debiased_estimation: bool = False  # weight each timestep by 1/sqrt(SNR) in epsilon terms
+    timestep_sampling: str = "uniform"  # "uniform" or "logit_normal"
+    logit_mean: float = 0.0  # logit-normal sampling: mean of the normal draw
+    logit_std: float = 1.0  # logit-normal sampling: standard deviation of the normal draw
+    timestep_bias_strategy: str = "none"  # favour "earlier", "later" or a "range" of timesteps; "none": uniform
+    timestep_bias_multiplier: float = 1.0  # how much more (or less, below 1) often the favoured timesteps are drawn
+    timestep_bias_begin: int = 0  # "range": first favoured timestep
+    timestep_bias_end: int = 1000  # "range": one past the last favoured timestep
+    timestep_bias_portion: float = 0.25  # "earlier" / "later": the favoured share of the timesteps
 
 
 def diffusion_loss(
@@ -1191,7 +1413,20 @@ def diffusion_loss(
         perturbation = jax.random.normal(perturbation_rng, latents.shape, latents.dtype)
         noised_with = noise + config.input_perturbation * perturbation
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
-    timesteps = jax.random.randint(timestep_rng, (bsz,), 0, num_train_timesteps)
+    if config.timestep_sampling == "logit_normal":
+        # Logit-normal timesteps (Esser et al. 2024, arXiv:2403.03206, as SD3 trains): t/T = sigmoid(n) with
+        # n ~ N(mean, std) draws the middle timesteps, where denoising is hardest, most often.
+        normal = jax.random.normal(timestep_rng, (bsz,), jnp.float32)
+        fraction = jax.nn.sigmoid(config.logit_mean + config.logit_std * normal)
+        timesteps = jnp.minimum((fraction * num_train_timesteps).astype(jnp.int32), num_train_timesteps - 1)
+    elif config.timestep_bias_strategy != "none":
+        # Biased timesteps (diffusers' SDXL script): invert the cumulative weights at a uniform draw.
+        cdf = np.cumsum(timestep_bias_weights(num_train_timesteps, config))
+        cdf = jnp.asarray((cdf / cdf[-1]).astype(np.float32))
+        uniform = jax.random.uniform(timestep_rng, (bsz,), jnp.float32)
+        timesteps = jnp.minimum(jnp.searchsorted(cdf, uniform, side="right"), num_train_timesteps - 1)
+    else:
+        timesteps = jax.random.randint(timestep_rng, (bsz,), 0, num_train_timesteps)
     # Forward diffusion: noisy_latents = sqrt(alpha_bar_t) * latents + sqrt(1 - alpha_bar_t) * noise.
     noisy_latents = noise_scheduler.add_noise(scheduler_state, latents, noised_with, timesteps)
 
@@ -1204,17 +1439,45 @@ def diffusion_loss(
         raise ValueError(f"unsupported prediction type {config.prediction_type!r}")
 
     model_pred = unet(noisy_latents, timesteps, encoder_hidden_states)
-    loss = ((model_pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2).mean(
-        axis=tuple(range(1, model_pred.ndim))
-    )
+    # Signal-to-noise ratio of each sample's timestep, alpha_bar / (1 - alpha_bar): 0 at a zero-terminal-SNR end.
+    alphas_cumprod = scheduler_state.common.alphas_cumprod[timesteps].astype(jnp.float32)
+    snr = alphas_cumprod / (1.0 - alphas_cumprod)
+    if config.loss_type == "l2":
+        loss = (model_pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2
+    elif config.loss_type == "l1":
+        loss = jnp.abs(model_pred.astype(jnp.float32) - target.astype(jnp.float32))
+    else:
+        # Scheduled pseudo-Huber loss (Khrapov et al. 2024, arXiv:2403.16728): quadratic below c and linear above,
+        # so outliers in the data pull less; c is large at low noise (nearly L2) and falls to huber_c at high noise.
+        if config.huber_schedule == "exponential":
+            huber_c = config.huber_c ** (timesteps.astype(jnp.float32) / num_train_timesteps)
+        elif config.huber_schedule == "snr":
+            sigmas = jnp.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+            huber_c = (1.0 - config.huber_c) / (1.0 + sigmas) ** 2 + config.huber_c
+        else:
+            huber_c = jnp.full((bsz,), config.huber_c, jnp.float32)
+        huber_c = huber_c.reshape(bsz, *[1] * (model_pred.ndim - 1))
+        pseudo_huber = (
+            jnp.sqrt((model_pred.astype(jnp.float32) - target.astype(jnp.float32)) ** 2 + huber_c**2) - huber_c
+        )
+        # "huber" is scaled to match L2's curvature near 0, "smooth_l1" to match L1's slope in the tails.
+        loss = 2.0 * huber_c * pseudo_huber if config.loss_type == "huber" else 2.0 * pseudo_huber
+    loss = loss.mean(axis=tuple(range(1, model_pred.ndim)))
 
+    # The timestep weights below are defined on the epsilon loss. A v-prediction loss is (SNR + 1) / SNR times the
+    # epsilon loss (Salimans & Ho 2022), so in v terms a weight w becomes w * SNR / (SNR + 1).
     if config.snr_gamma is not None:
-        # Min-SNR-gamma weighting (Hang et al. 2023, arXiv:2303.09556): weight each timestep by min(SNR, gamma)/SNR
-        # in epsilon terms. A v-prediction loss is (SNR + 1) times the epsilon loss, hence the divisor SNR + 1.
-        alphas_cumprod = scheduler_state.common.alphas_cumprod[timesteps].astype(jnp.float32)
-        snr = alphas_cumprod / (1.0 - alphas_cumprod)
+        # Min-SNR-gamma weighting (Hang et al. 2023, arXiv:2303.09556): min(SNR, gamma) / SNR in epsilon terms,
+        # min(SNR, gamma) / (SNR + 1) in v terms; 1 where the epsilon SNR is 0.
         divisor = snr + 1.0 if config.prediction_type == "v_prediction" else snr
         weights = jnp.where(divisor > 0, jnp.minimum(snr, config.snr_gamma) / divisor, jnp.ones_like(snr))
+        loss = loss * weights
+    if config.debiased_estimation:
+        # Debiased estimation (Yu et al. 2024, arXiv:2310.08442): weight 1/sqrt(SNR) in epsilon terms, with the SNR
+        # held within [1e-3, 1e3] so the weight stays finite (at most 31.6) at a zero-terminal-SNR end.
+        weights = jax.lax.rsqrt(jnp.clip(snr, 1e-3, 1e3))
+        if config.prediction_type == "v_prediction":
+            weights = weights * snr / (snr + 1.0)
         loss = loss * weights
     if sample_weights is not None:
         loss = loss * sample_weights
@@ -1302,6 +1565,27 @@ def restore_train_state(state, checkpoint_path):
         raise RuntimeError(f"{path} could not be loaded ({type(err).__name__}: {err})") from err
 
 
+def inference_scheduler_config(config, args):
+    """The saved scheduler's config for what this run trained: its prediction type, and with
+    --rescale_betas_zero_snr the rescaled schedule sampled from its last timestep ("trailing", Lin et al. 2023 sec.
+    3.3). A scheduler class that cannot rescale (PNDM, LMS) is replaced by DDIM, which the paper samples with."""
+    config = dict(config)
+    if args.prediction_type is not None:
+        config["prediction_type"] = args.prediction_type
+    if args.rescale_betas_zero_snr:
+        import diffusers
+
+        config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        if (
+            "rescale_betas_zero_snr"
+            not in inspect.signature(getattr(diffusers, config["_class_name"]).__init__).parameters
+        ):
+            logger.info(f"--rescale_betas_zero_snr: {config['_class_name']} cannot rescale, saving a DDIMScheduler")
+            # Latents are not confined to [-1, 1]: DDIM's default clipping of its x0 estimate would distort them.
+            config.update(_class_name="DDIMScheduler", clip_sample=False)
+    return config
+
+
 def save_pipeline(unet_params, folder, args):
     """The full pipeline as PyTorch diffusers with safetensors weights: the trained UNet converted from Flax, the
     frozen parts (text encoder, VAE, tokenizer, scheduler) copied byte for byte from the source. Written to a
@@ -1315,19 +1599,20 @@ def save_pipeline(unet_params, folder, args):
     os.makedirs(partial)
     for component in ["scheduler", "tokenizer", "text_encoder", "vae"]:
         shutil.copytree(os.path.join(folder, component), os.path.join(partial, component))
+    # The model now predicts this target on this schedule: the saved scheduler must say so, or inference silently
+    # goes wrong.
+    scheduler_config = os.path.join(partial, "scheduler", "scheduler_config.json")
+    with open(scheduler_config) as f:
+        config = inference_scheduler_config(json.load(f), args)
+    with open(scheduler_config, "w") as f:
+        json.dump(config, f, indent=2)
     with open(os.path.join(folder, "model_index.json")) as f:
         model_index = json.load(f)
     # The source's safety checker is not downloaded (nothing the user did not name); the saved pipeline has none.
     model_index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    model_index["scheduler"] = ["diffusers", config["_class_name"]]  # the class pipelines load it as
     with open(os.path.join(partial, "model_index.json"), "w") as f:
         json.dump(model_index, f, indent=2)
-    if args.prediction_type is not None:
-        # The model now predicts this target: the saved scheduler must say so, or inference silently goes wrong.
-        scheduler_config = os.path.join(partial, "scheduler", "scheduler_config.json")
-        with open(scheduler_config) as f:
-            config = json.load(f)
-        with open(scheduler_config, "w") as f:
-            json.dump({**config, "prediction_type": args.prediction_type}, f, indent=2)
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
     unet = load_flax_weights_in_pytorch_model(unet, jax.tree_util.tree_map(np.array, jax.device_get(unet_params)))
     try:
@@ -1389,7 +1674,7 @@ def main(argv=None):
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
     # ------------------------------------------------------------------------------------------------ load models
-    from diffusers import FlaxAutoencoderKL, FlaxDDPMScheduler, FlaxUNet2DConditionModel
+    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
     from transformers import CLIPTokenizerFast
 
     weight_dtype = jnp.bfloat16 if args.mixed_precision == "bf16" else jnp.float32
@@ -1400,7 +1685,8 @@ def main(argv=None):
     if args.gradient_checkpointing:
         enable_block_rematerialisation()
     unet, unet_params = load_flax_model(FlaxUNet2DConditionModel, folder, "unet", args.variant, weight_dtype)
-    noise_scheduler, scheduler_state = FlaxDDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    # Lin et al. 2023 (arXiv:2305.08891): rescaled betas reach zero SNR at the last timestep, as sampling starts.
+    noise_scheduler, scheduler_state = load_noise_scheduler(folder, args)
     frozen = FrozenModels(
         vae_params=vae_params,
         text_encoder_params=text_encoder.params,
@@ -1409,11 +1695,13 @@ def main(argv=None):
         text_encoder=text_encoder,
         noise_scheduler=noise_scheduler,
     )
+    prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
     loss_config = LossConfig(
-        prediction_type=args.prediction_type or noise_scheduler.config.prediction_type,
+        prediction_type=prediction_type,
         snr_gamma=args.snr_gamma,
         noise_offset=args.noise_offset,
         input_perturbation=args.input_perturbation,
+        **recipe_fields(args, prediction_type, noise_scheduler.config.num_train_timesteps),
     )
 
     # ------------------------------------------------------------------------------------------------------- data
@@ -1530,11 +1818,12 @@ def main(argv=None):
                 break
 
     # ------------------------------------------------------------------------------------------------------- save
+    unet_params = evaluation_params(state, args)
     if last_batch is not None:  # what is about to be saved, checked as every checkpoint is
-        probe = float(probe_fn(state.params, state, frozen, *last_batch))
-        check_finite({"params": state.params}, probe, "the UNet", global_step)
+        probe = float(probe_fn(unet_params, state, frozen, *last_batch))
+        check_finite({"params": unet_params}, probe, "the UNet", global_step)
     if is_main_process:
-        save_pipeline(state.params, folder, args)
+        save_pipeline(unet_params, folder, args)
         logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
         if args.push_to_hub:
             push_to_hub(args)

@@ -337,7 +337,11 @@ ERROR_CASES = {
     # Optional GPU-only packages, absent here: the flags that need them say what to install.
     "no_bitsandbytes": (
         lambda a, t: ["--use_8bit_adam", "1"],
-        lambda a, t: ["--use_8bit_adam needs bitsandbytes: pip install bitsandbytes"],
+        lambda a, t: ["--use_8bit_adam needs the bitsandbytes package: pip install bitsandbytes"],
+    ),
+    "zero_terminal_snr_needs_v_prediction": (
+        lambda a, t: ["--rescale_betas_zero_snr", "1"],
+        lambda a, t: ["--rescale_betas_zero_snr needs v-prediction, and this run predicts epsilon"],
     ),
     "no_xformers": (
         lambda a, t: ["--enable_xformers_memory_efficient_attention", "1"],

@@ -3,7 +3,8 @@
 
 import itertools
 
-# name -> LossConfig fields (the same fields in all four scripts' LossConfig), and the sample_weights argument if any.
+# name -> LossConfig fields (the same fields in all four scripts' LossConfig), the sample_weights argument if any, and
+# "zero_snr": the noise schedule rescaled to zero terminal SNR (--rescale_betas_zero_snr).
 TEXT_TO_IMAGE = {
     f"t2i-{prediction}-snr_{snr}-{extra}": {"prediction_type": prediction, "snr_gamma": snr, **extra_fields}
     for prediction, snr, (extra, extra_fields) in itertools.product(
@@ -24,9 +25,70 @@ TEXT_TO_IMAGE.update(
         for prediction in ["epsilon", "v_prediction"]
     }
 )
+# The recipes: every loss type x Huber schedule x debiased on/off x prediction type, with Min-SNR on (they compose).
+TEXT_TO_IMAGE.update(
+    {
+        f"t2i-{prediction}-{loss_type}-{schedule}-debiased_{debiased}": {
+            "prediction_type": prediction,
+            "snr_gamma": 5.0,
+            "loss_type": loss_type,
+            "huber_schedule": schedule,
+            "huber_c": 0.1,
+            "debiased_estimation": debiased,
+        }
+        for prediction, loss_type, schedule, debiased in itertools.product(
+            ["epsilon", "v_prediction"],
+            ["l2", "huber", "smooth_l1", "l1"],
+            ["constant", "exponential", "snr"],
+            [False, True],
+        )
+    }
+)
+# Timestep sampling: logit-normal, and each bias strategy (a strong multiplier, so the draws visibly move).
+SAMPLING = {
+    "logit_normal": {"timestep_sampling": "logit_normal", "logit_mean": 0.5, "logit_std": 1.5},
+    "bias_earlier": {"timestep_bias_strategy": "earlier", "timestep_bias_multiplier": 20.0},
+    "bias_later": {"timestep_bias_strategy": "later", "timestep_bias_multiplier": 20.0, "timestep_bias_portion": 0.1},
+    "bias_range": {
+        "timestep_bias_strategy": "range",
+        "timestep_bias_multiplier": 50.0,
+        "timestep_bias_begin": 200,
+        "timestep_bias_end": 300,
+    },
+}
+TEXT_TO_IMAGE.update(
+    {
+        f"t2i-{prediction}-{name}": {"prediction_type": prediction, "snr_gamma": 5.0, **fields}
+        for prediction in ["epsilon", "v_prediction"]
+        for name, fields in SAMPLING.items()
+    }
+)
+# Zero terminal SNR (each side rescales its own schedule), every draw at one of the last two timesteps (the last has
+# SNR 0): Min-SNR, debiased estimation and the SNR-scheduled Huber threshold must all stay finite there.
+TERMINAL = {"timestep_bias_strategy": "range", "timestep_bias_multiplier": 1e9, "timestep_bias_begin": 998}
+TEXT_TO_IMAGE.update(
+    {
+        "t2i-v_prediction-zero_snr-l2": {"prediction_type": "v_prediction", "zero_snr": True, **TERMINAL},
+        "t2i-v_prediction-zero_snr-huber-weighted": {
+            "prediction_type": "v_prediction",
+            "zero_snr": True,
+            "snr_gamma": 5.0,
+            "debiased_estimation": True,
+            "loss_type": "huber",
+            **TERMINAL,
+        },
+    }
+)
 TEXTUAL_INVERSION = {
     f"ti-{prediction}-snr_{snr}": {"prediction_type": prediction, "snr_gamma": snr}
     for prediction, snr in itertools.product(["epsilon", "v_prediction"], [None, 5.0])
+}
+TEXTUAL_INVERSION["ti-v_prediction-huber-debiased-logit_normal"] = {
+    "prediction_type": "v_prediction",
+    "snr_gamma": 5.0,
+    "loss_type": "huber",
+    "debiased_estimation": True,
+    **SAMPLING["logit_normal"],
 }
 CASES = {**TEXT_TO_IMAGE, **TEXTUAL_INVERSION}
 PROMPTS = ["a red circle", "a blue square", "a photo of a green circle", "a <blob> on a yellow square"]

@@ -35,7 +35,10 @@ def t2i_args(assets, output_dir, *extra):
 def test_text_to_image_flax_trains_on_two_devices_and_pytorch_loads_it(launch, assets, tmp_path):
     out = str(tmp_path / "run")
     flags = "--max_train_steps 4 --checkpointing_steps 2 --checkpoints_total_limit 1 --gradient_checkpointing"
-    recipe = "--mixed_precision bf16 --snr_gamma 5.0 --prediction_type v_prediction --random_flip"
+    recipe = (
+        "--mixed_precision bf16 --snr_gamma 5.0 --prediction_type v_prediction --random_flip --rescale_betas_zero_snr"
+        " --loss_type huber --debiased_estimation_loss --timestep_sampling logit_normal"
+    )
     result = launch.run(T2I, t2i_args(assets, out, flags, recipe))
     assert "devices = 2" in result.output and "total batch = 2" in result.output
     assert checkpoint_names(out) == ["checkpoint-4"]
@@ -54,6 +57,11 @@ import numpy as np, torch
 from diffusers import StableDiffusionPipeline
 pipe = StableDiffusionPipeline.from_pretrained({out!r})
 assert pipe.scheduler.config.prediction_type == "v_prediction", pipe.scheduler.config.prediction_type
+# Zero terminal SNR: the tiny pipeline's PNDM cannot rescale, so DDIM, on the rescaled schedule from the last timestep.
+assert type(pipe.scheduler).__name__ == "DDIMScheduler" and pipe.scheduler.config.rescale_betas_zero_snr
+assert pipe.scheduler.config.clip_sample is False
+pipe.scheduler.set_timesteps(10)
+assert pipe.scheduler.timesteps[0] == 999 and pipe.scheduler.alphas_cumprod[-1] == 0
 image = pipe("a red circle", num_inference_steps=2, height=64, width=64, generator=torch.manual_seed(0)).images[0]
 print("generated", image.size, float(np.asarray(image).std()) > 0)
 """)
@@ -63,6 +71,7 @@ print("generated", image.size, float(np.asarray(image).std()) > 0)
 T2I_EXACT = (
     "--max_train_steps 6 --checkpointing_steps 3 --gradient_accumulation_steps 2 --lr_scheduler cosine"
     " --lr_warmup_steps 2 --random_flip --noise_offset 0.05 --input_perturbation 0.1 --snr_gamma 5.0"
+    " --loss_type smooth_l1 --huber_schedule exponential --timestep_bias_strategy later --timestep_bias_multiplier 2"
 )
 
 

@@ -3,6 +3,7 @@ PyTorch twin's (fp32, within 1e-4), for every option of the loss. The PyTorch ha
 its generator made; here the JAX draws are replaced by those, one by one, in order, so the check also proves that both
 twins draw the same shapes in the same order. Textual inversion compares the gradient for the new rows as well."""
 
+import argparse
 import functools
 import os
 
@@ -36,11 +37,12 @@ def flax_models(assets):
     noise_scheduler, scheduler_state = FlaxDDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     text_encoder = train_text_to_image_flax.load_flax_text_encoder(folder, None, jnp.float32)
     models = dict(unet=unet, unet_params=unet_params, noise_scheduler=noise_scheduler, scheduler_state=scheduler_state)
+    models["folder"] = folder
     return {**models, "text_encoder": text_encoder}
 
 
 def replay_draws(monkeypatch, recorded):
-    """jax.random.normal and jax.random.randint hand out the PyTorch draws in order; each must have the shape asked."""
+    """jax.random.normal, .uniform and .randint hand out the PyTorch draws in order; each must have the shape asked."""
     queue = [recorded[f"draw_{i}"] for i in range(sum(k.startswith("draw_") for k in recorded.files))]
 
     def next_draw(shape, dtype):
@@ -51,7 +53,19 @@ def replay_draws(monkeypatch, recorded):
 
     monkeypatch.setattr(jax.random, "normal", lambda key, shape, dtype=jnp.float32: next_draw(shape, dtype))
     monkeypatch.setattr(jax.random, "randint", lambda key, shape, minval, maxval: next_draw(shape, jnp.int32))
+    monkeypatch.setattr(jax.random, "uniform", lambda key, shape, dtype=jnp.float32: next_draw(shape, dtype))
     return queue
+
+
+def with_zero_terminal_snr(script, models, recorded):
+    """`models` with the script's own zero-terminal-SNR schedule, which must equal diffusers' PyTorch one."""
+    noise_scheduler, scheduler_state = script.load_noise_scheduler(
+        models["folder"], argparse.Namespace(rescale_betas_zero_snr=True)
+    )
+    alphas_cumprod = np.asarray(scheduler_state.common.alphas_cumprod)
+    assert alphas_cumprod[-1] == 0 and recorded["alphas_cumprod"][-1] == 0
+    np.testing.assert_allclose(alphas_cumprod, recorded["alphas_cumprod"], atol=1e-6)
+    return {**models, "noise_scheduler": noise_scheduler, "scheduler_state": scheduler_state}
 
 
 def bound_loss(script, models):
@@ -73,6 +87,8 @@ def test_text_to_image_loss_equals_pytorch(torch_side, flax_models, monkeypatch,
     fields = dict(CASES[case])
     weights = fields.pop("sample_weights", None)
     sample_weights = None if weights is None else jnp.asarray(weights, jnp.float32)
+    if fields.pop("zero_snr", False):
+        m = with_zero_terminal_snr(train_text_to_image_flax, m, recorded)
     config = train_text_to_image_flax.LossConfig(**fields)
     diffusion_loss = bound_loss(train_text_to_image_flax, m)
     latents, rng = jnp.asarray(recorded["latents"]), jax.random.PRNGKey(0)
@@ -128,3 +144,32 @@ def test_every_option_changes_the_loss(torch_side):
         )
         assert abs(loss(f"ti-{prediction}-snr_None") - loss(f"ti-{prediction}-snr_5.0")) > 1e-3
         assert abs(loss(f"t2i-{prediction}-snr_5.0-plain") - loss(f"t2i-{prediction}-snr_5.0-padded_batch")) > 1e-4
+
+
+def test_every_recipe_changes_the_loss(torch_side):
+    """The recipe cases have teeth too: each loss type, Huber schedule, debiased estimation and timestep sampler
+    changes the PyTorch loss, and the zero-terminal-SNR cases (every draw at SNR 0) stay finite."""
+
+    def loss(name):
+        return float(np.load(os.path.join(torch_side, f"{name}.npz"))["loss"])
+
+    for prediction in ["epsilon", "v_prediction"]:
+        base = f"t2i-{prediction}"
+        losses = {loss_type: loss(f"{base}-{loss_type}-snr-debiased_False") for loss_type in ["l2", "huber", "l1"]}
+        losses["smooth_l1"] = loss(f"{base}-smooth_l1-snr-debiased_False")
+        assert len({round(value, 6) for value in losses.values()}) == 4, losses
+        for loss_type in ["huber", "smooth_l1"]:
+            schedules = {loss(f"{base}-{loss_type}-{schedule}-debiased_False") for schedule in ["constant", "snr"]}
+            schedules.add(loss(f"{base}-{loss_type}-exponential-debiased_False"))
+            assert len({round(value, 6) for value in schedules}) == 3
+        assert abs(loss(f"{base}-l2-snr-debiased_True") - losses["l2"]) > 1e-4
+        uniform = loss(f"t2i-{prediction}-snr_5.0-plain")
+        assert abs(uniform - losses["l2"]) < 1e-6, "the l2 recipe case is the plain case"
+        for sampler in ["logit_normal", "bias_earlier", "bias_later", "bias_range"]:
+            assert abs(loss(f"{base}-{sampler}") - uniform) > 1e-4, sampler
+    for name in ["l2", "huber-weighted"]:
+        recorded = np.load(os.path.join(torch_side, f"t2i-v_prediction-zero_snr-{name}.npz"))
+        assert np.isfinite(recorded["loss"]) and recorded["loss"] > 0
+        # The timestep draw (the last one) lands on the SNR-0 timestep 999 for some samples and on 998 for others.
+        uniform = recorded[f"draw_{sum(k.startswith('draw_') for k in recorded.files) - 1}"]
+        assert (uniform >= 0.5).any() and (uniform < 0.5).any()

@@ -22,13 +22,13 @@ import train_text_to_image
 
 
 class RecordedDraws:
-    """Wraps torch.randn and torch.randint, keeping a copy of every tensor they return."""
+    """Wraps torch.randn, torch.rand and torch.randint, keeping a copy of every tensor they return."""
 
     def __init__(self):
         self.draws = []
 
     def __enter__(self):
-        self.originals = torch.randn, torch.randint
+        self.originals = torch.randn, torch.rand, torch.randint
 
         def recording(function):
             def draw(*args, **kwargs):
@@ -38,11 +38,11 @@ class RecordedDraws:
 
             return draw
 
-        torch.randn, torch.randint = (recording(function) for function in self.originals)
+        torch.randn, torch.rand, torch.randint = (recording(function) for function in self.originals)
         return self
 
     def __exit__(self, *exc):
-        torch.randn, torch.randint = self.originals
+        torch.randn, torch.rand, torch.randint = self.originals
 
 
 def main(pipeline, out_dir):
@@ -51,8 +51,12 @@ def main(pipeline, out_dir):
     latents = torch.from_numpy(np.random.default_rng(0).standard_normal((4, 4, 8, 8)).astype(np.float32))
     os.makedirs(out_dir, exist_ok=True)
     for name, fields in CASES.items():
+        fields = dict(fields)
         scheduler = DDPMScheduler.from_pretrained(
-            pipeline, subfolder="scheduler", prediction_type=fields["prediction_type"]
+            pipeline,
+            subfolder="scheduler",
+            prediction_type=fields["prediction_type"],
+            rescale_betas_zero_snr=fields.pop("zero_snr", False),
         )
         text_encoder = CLIPTextModel.from_pretrained(pipeline, subfolder="text_encoder").eval()
         if name.startswith("t2i"):
@@ -68,7 +72,6 @@ def main(pipeline, out_dir):
             with torch.no_grad():  # moved away from the initializer, so each new row is distinct
                 learned.add_(0.1 * torch.from_numpy(np.random.default_rng(1).standard_normal(learned.shape)).float())
         input_ids = train_text_to_image.tokenize(case_tokenizer, prompts, range(len(prompts)))
-        fields = dict(fields)
         weights = fields.pop("sample_weights", None)
         sample_weights = None if weights is None else torch.tensor(weights)
         config = script.LossConfig(**fields)
@@ -86,6 +89,7 @@ def main(pipeline, out_dir):
                     sample_weights,
                 )
         saved = {"latents": latents.numpy(), "input_ids": input_ids.numpy(), "loss": loss.item()}
+        saved["alphas_cumprod"] = scheduler.alphas_cumprod.numpy()
         saved.update({f"draw_{i}": draw.numpy() for i, draw in enumerate(recorded.draws)})
         if learned is not None:
             loss.backward()
