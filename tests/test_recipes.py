@@ -118,6 +118,23 @@ def test_timestep_sampling_draws_the_chosen_distribution():
     assert np.array_equal(logit, drawn_timesteps(timestep_sampling="logit_normal", logit_mean=1.0, logit_std=1.0))
 
 
+# What each PyTorch script needs on its command line besides the flags under test.
+REQUIRED = {
+    train_text_to_image: "--pretrained_model_name_or_path p --train_data_dir d",
+    textual_inversion: "--pretrained_model_name_or_path p --train_data_dir d --placeholder_token t"
+    " --initializer_token a",
+}
+
+
+def assert_both_scripts_refuse(flags, message, capsys):
+    """Both PyTorch scripts stop at argument parsing (exit code 2) with `message`."""
+    for script, required in REQUIRED.items():
+        with pytest.raises(SystemExit) as exit_info:
+            script.parse_args(command_line(required, flags))
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
+
+
 BAD_FLAGS = {
     "huber_c zero": ("--loss_type huber --huber_c 0", "--huber_c must be in (0, 1]"),
     "huber_c above 1 scheduled": ("--loss_type huber --huber_c 2", "--huber_c must be in (0, 1]"),
@@ -133,17 +150,7 @@ BAD_FLAGS = {
 @pytest.mark.parametrize("case", sorted(BAD_FLAGS))
 def test_bad_recipe_flags_are_clear_errors(case, capsys):
     flags, message = BAD_FLAGS[case]
-    for script, required in [
-        (train_text_to_image, "--pretrained_model_name_or_path p --train_data_dir d"),
-        (
-            textual_inversion,
-            "--pretrained_model_name_or_path p --train_data_dir d --placeholder_token t --initializer_token a",
-        ),
-    ]:
-        with pytest.raises(SystemExit) as exit_info:
-            script.parse_args(command_line(required, flags))
-        assert exit_info.value.code == 2
-        assert message in capsys.readouterr().err
+    assert_both_scripts_refuse(flags, message, capsys)
 
 
 def test_zero_terminal_snr_trains_saves_and_samples_from_pure_noise(launch, assets, tmp_path):
@@ -262,17 +269,7 @@ def test_optimizer_flag_errors(case, capsys, monkeypatch):
     if case == "missing package":  # as if prodigyopt were not installed
         find_spec = importlib.util.find_spec
         monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "prodigyopt" else find_spec(name))
-    for script, required in [
-        (train_text_to_image, "--pretrained_model_name_or_path p --train_data_dir d"),
-        (
-            textual_inversion,
-            "--pretrained_model_name_or_path p --train_data_dir d --placeholder_token t --initializer_token a",
-        ),
-    ]:
-        with pytest.raises(SystemExit) as exit_info:
-            script.parse_args(command_line(required, flags))
-        assert exit_info.value.code == 2
-        assert message in capsys.readouterr().err
+    assert_both_scripts_refuse(flags, message, capsys)
 
 
 def test_use_8bit_adam_is_an_alias(monkeypatch):
