@@ -268,6 +268,13 @@ def parse_args(argv=None):
         help="Keep an exponential moving average of the UNet and save it as the final model.",
     )
     parser.add_argument(
+        "--ema_validation",
+        type=str,
+        default="ema",
+        choices=["ema", "raw", "both"],
+        help="With --use_ema, what validation renders: the EMA, the raw weights (-raw grids), or both side by side.",
+    )
+    parser.add_argument(
         "--offload_ema", action="store_true", help="Keep the EMA weights in CPU memory between updates."
     )
     parser.add_argument(
@@ -365,6 +372,8 @@ def parse_args(argv=None):
         parser.error("no training data: pass --dataset_name (hub id or local dataset folder) or --train_data_dir")
     if args.non_ema_revision is None:
         args.non_ema_revision = args.revision
+    if args.ema_validation != "ema" and not args.use_ema:
+        parser.error(f"--ema_validation {args.ema_validation} renders EMA and raw weights: it needs --use_ema")
     positive = "resolution train_batch_size gradient_accumulation_steps checkpointing_steps validation_epochs"
     for name in (positive + " logging_steps").split():
         if getattr(args, name) < 1:
@@ -1801,11 +1810,18 @@ def log_validation(pipeline, prompts, args, accelerator, seed, global_step, tag,
     return images
 
 
+def validation_weights(args):
+    """(grid tag suffix, whether it renders the EMA) for each grid --ema_validation asks for. An unsuffixed grid shows
+    the weights that would be saved (the EMA with --use_ema); "-raw" grids show the weights the optimizer trains, so
+    the two compare side by side at every validation (SimpleTuner's EMA validation, diffusers issue 7549)."""
+    if not args.use_ema:
+        return [("", False)]
+    return {"ema": [("", True)], "raw": [("-raw", False)], "both": [("", True), ("-raw", False)]}[args.ema_validation]
+
+
 def validate(accelerator, unet, ema_unet, components, args, seed, global_step, weight_dtype):
-    """Render the validation prompts mid-training with the weights that would be saved now (the EMA with --use_ema)."""
-    if ema_unet is not None:
-        ema_unet.store(unet.parameters())
-        ema_unet.copy_to(unet.parameters())
+    """Render the validation prompts mid-training with the weights that would be saved now (the EMA with --use_ema),
+    and with --ema_validation raw or both, with the raw trained weights."""
     pipeline = StableDiffusionPipeline.from_pretrained(
         args.pretrained_model_name_or_path,
         unet=accelerator.unwrap_model(unet),
@@ -1817,10 +1833,15 @@ def validate(accelerator, unet, ema_unet, components, args, seed, global_step, w
         **components,
     )
     pipeline.scheduler = inference_scheduler(pipeline.scheduler, args)
-    log_validation(pipeline, args.validation_prompts, args, accelerator, seed, global_step, "validation", weight_dtype)
+    for suffix, ema_weights in validation_weights(args):
+        if ema_weights:
+            ema_unet.store(unet.parameters())
+            ema_unet.copy_to(unet.parameters())
+        tag = "validation" + suffix
+        log_validation(pipeline, args.validation_prompts, args, accelerator, seed, global_step, tag, weight_dtype)
+        if ema_weights:
+            ema_unet.restore(unet.parameters())
     del pipeline
-    if ema_unet is not None:
-        ema_unet.restore(unet.parameters())
 
 
 def write_model_card(args, global_step, validation_grid):
@@ -2227,17 +2248,22 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
+        renders = validation_weights(args) if args.validation_prompts else []
         if ema_unet is not None:
+            if ("-raw", False) in renders:
+                ema_unet.store(final_unet.parameters())  # the raw weights, rendered after the saved EMA
             ema_unet.copy_to(final_unet.parameters())
         pipeline = save_pipeline(final_unet, args)
         grid = None
-        if args.validation_prompts:
+        if renders:
             pipeline = pipeline.to(accelerator.device)
             pipeline.safety_checker = None
-            log_validation(
-                pipeline, args.validation_prompts, args, accelerator, seed, global_step, "final", torch.float32
-            )
-            grid = f"validation/final-step-{global_step:06d}.png"
+            for suffix, ema_weights in renders:
+                if ema_unet is not None and not ema_weights:
+                    ema_unet.restore(final_unet.parameters())
+                prompts, tag = args.validation_prompts, "final" + suffix
+                log_validation(pipeline, prompts, args, accelerator, seed, global_step, tag, torch.float32)
+            grid = f"validation/final{renders[0][0]}-step-{global_step:06d}.png"
         write_model_card(args, global_step, grid)
         logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
         if args.push_to_hub:

@@ -51,7 +51,7 @@ def test_train_checkpoints_validate_save_and_generate(launch, assets, tmp_path):
         "--max_train_steps 7 --checkpointing_steps 2 --checkpoints_total_limit 2 --use_ema --offload_ema --foreach_ema"
     )
     validation = "--random_flip --validation_prompts 'a red circle' 'a blue square' --validation_epochs 1"
-    launch.accelerate(SCRIPT, base_args(assets, out, flags, validation))
+    launch.accelerate(SCRIPT, base_args(assets, out, flags, validation, "--ema_validation both"))
     # 10 images / batch 2 = 5 updates per epoch: checkpoints at 2, 4, 6, the limit keeps the last two.
     assert checkpoint_names(out) == ["checkpoint-4", "checkpoint-6"]
     hidden = sorted(n for n in os.listdir(out) if n.startswith("."))
@@ -79,10 +79,22 @@ def test_train_checkpoints_validate_save_and_generate(launch, assets, tmp_path):
 
     assert all(k.startswith("text_model.") for k in load_file(os.path.join(out, "text_encoder", "model.safetensors")))
 
-    # Validation at the end of epoch 1 (step 5) and after saving (step 7), two 64 px images side by side.
+    # Validation at the end of epoch 1 (step 5) and after saving (step 7), two 64 px images side by side, rendered
+    # with the EMA and (--ema_validation both) with the raw weights.
     grids = sorted(os.listdir(os.path.join(out, "validation")))
-    assert grids == ["final-step-000007.png", "validation-step-000005.png"]
-    assert Image.open(os.path.join(out, "validation", grids[0])).size == (128, 64)
+    assert grids == [
+        "final-raw-step-000007.png",
+        "final-step-000007.png",
+        "validation-raw-step-000005.png",
+        "validation-step-000005.png",
+    ]
+    final_grid, raw_grid = (np.asarray(Image.open(os.path.join(out, "validation", n))) for n in grids[1::-1])
+    assert final_grid.shape == raw_grid.shape == (64, 128, 3) and np.abs(final_grid - raw_grid.astype(int)).max() > 0
+    # The final grid is what the saved (EMA) pipeline draws from the same seeds.
+    drawn = train_text_to_image.render_validation_images(
+        pipe, ["a red circle", "a blue square"], (64, 64), 7, torch.float32
+    )
+    assert np.array_equal(final_grid, np.concatenate([np.asarray(image) for image in drawn], axis=1))
     assert any(n.startswith("events.out.tfevents") for _, _, files in os.walk(os.path.join(out, "logs")) for n in files)
 
 
