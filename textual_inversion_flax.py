@@ -21,6 +21,7 @@ import concurrent.futures
 import copy
 import dataclasses
 import functools
+import inspect
 import json
 import logging
 import math
@@ -45,6 +46,9 @@ from tqdm.auto import tqdm
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+# The second key of every validation seed, derive_seed(seed, VALIDATION_SEED_KEY, prompt index): training draws use
+# four keys, so a validation image never shares its noise with a training step.
+VALIDATION_SEED_KEY = 7919
 # Seed, step and batch layout of a checkpoint, written last into it: its presence marks the checkpoint complete.
 CHECKPOINT_METADATA = "checkpoint_metadata.json"
 LOCK_FILE = ".training.lock"  # held (an OS lock) by the run writing into output_dir; a killed run holds none
@@ -243,6 +247,30 @@ def parse_args(argv=None):
         default=10,
         help="Log loss, lr, grad norm, images/s and peak GPU memory averaged over this many updates.",
     )
+    parser.add_argument(
+        "--validation_prompt",
+        type=str,
+        default=None,
+        help="Prompt (with the placeholder) rendered every --validation_steps and at the end.",
+    )
+    parser.add_argument(
+        "--num_validation_images",
+        type=int,
+        default=4,
+        help="Images rendered for the validation prompt, each from its own fixed seed.",
+    )
+    parser.add_argument(
+        "--validation_resolution",
+        type=str,
+        default=None,
+        help="Size of the validation images, 'height,width'; default: --resolution square.",
+    )
+    parser.add_argument(
+        "--validation_steps",
+        type=int,
+        default=100,
+        help="Render the validation prompt every this many optimizer updates.",
+    )
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the embeddings to the Hugging Face Hub.")
     parser.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `hf auth login`).")
     parser.add_argument(
@@ -251,13 +279,17 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
 
     positive = "num_vectors repeats resolution train_batch_size max_train_steps gradient_accumulation_steps save_steps"
-    for name in (positive + " checkpointing_steps logging_steps").split():
+    for name in (positive + " checkpointing_steps validation_steps num_validation_images logging_steps").split():
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         parser.error(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
     if not args.placeholder_token.strip() or any(c.isspace() for c in args.placeholder_token):
         parser.error(f"--placeholder_token {args.placeholder_token!r} must be one word without spaces")
+    try:
+        args.validation_resolution = parse_size(args.validation_resolution, args.resolution)
+    except ValueError as err:
+        parser.error(str(err))
     check_recipe_arguments(parser, args)
     check_optimizer_arguments(parser, args)
     return args
@@ -699,6 +731,20 @@ def preemption_message(stop_request, global_step):
         f"{received} received: stopped after step {global_step} with checkpoint-{global_step} written; relaunch the "
         f"same command with --resume_from_checkpoint latest to continue (exit code {PREEMPTED_EXIT_CODE})"
     )
+
+
+def parse_size(text, default):
+    """--validation_resolution 'height,width' (or one side, for a square) as (height, width); default when not given."""
+    if text is None:
+        return default, default
+    try:
+        sides = [int(side) for side in text.replace(" ", "").split(",")]
+        height, width = sides if len(sides) == 2 else sides * 2
+    except ValueError:
+        raise ValueError(f"--validation_resolution {text!r}: expected 'height,width', e.g. '640,384'") from None
+    if height % 8 or width % 8 or height < 8 or width < 8:
+        raise ValueError(f"--validation_resolution {text!r}: both sides must be multiples of 8")
+    return height, width
 
 
 def find_example_images(train_data_dir):
@@ -1208,6 +1254,137 @@ def train_step(state, frozen, batch, rng, config):
     return state.apply_gradients(grads=grads), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
+@struct.dataclass
+class ValidationModels:
+    """What renders validation images, all static: the modules, the tokenizer, and the sampling scheduler with its
+    state. The params that change (UNet, VAE, text encoder) are passed to each render."""
+
+    unet: Any = struct.field(pytree_node=False)
+    vae: Any = struct.field(pytree_node=False)
+    text_encoder: Any = struct.field(pytree_node=False)
+    tokenizer: Any = struct.field(pytree_node=False)
+    scheduler: Any = struct.field(pytree_node=False)
+    scheduler_state: Any = struct.field(pytree_node=False)
+    trailing: bool = struct.field(pytree_node=False)
+
+
+def load_validation_scheduler(folder, args):
+    """The Flax twin of the scheduler the saved pipeline samples with (inference_scheduler_config), its state, and
+    whether it samples from the last timestep ("trailing", which Flax schedulers cannot set themselves)."""
+    import diffusers
+
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
+        config = inference_scheduler_config(json.load(f), args)
+    cls = getattr(diffusers, "Flax" + config["_class_name"], None)
+    if cls is None:
+        logger.info(f"Validation renders with FlaxDDIMScheduler: diffusers has no Flax {config['_class_name']}")
+        cls = diffusers.FlaxDDIMScheduler
+    config = {key: value for key, value in config.items() if not key.startswith("_")}
+    scheduler = cls.from_config(config)
+    if config.get("rescale_betas_zero_snr"):
+        betas = rescale_zero_terminal_snr(np.asarray(scheduler.create_state().common.betas))
+        scheduler = cls.from_config(config, trained_betas=betas.tolist())
+    return scheduler, scheduler.create_state(), config.get("timestep_spacing") == "trailing"
+
+
+def make_renderer(models, size, num_inference_steps=20, guidance_scale=7.5):
+    """A compiled function (params, prompt_ids, rng) -> one image of `size` (height, width) as uint8 HWC: the
+    pipeline's classifier-free guided sampling, as the PyTorch twin renders (20 steps, guidance 7.5, empty negative
+    prompt). Compiled once per run, whatever the prompts."""
+    height, width = size
+    empty_ids = models.tokenizer("", padding="max_length", max_length=models.tokenizer.model_max_length).input_ids
+    empty_ids = np.asarray([empty_ids])
+    scale = 2 ** (len(models.vae.config.block_out_channels) - 1)
+    shape = (1, models.unet.config.in_channels, height // scale, width // scale)
+
+    def render(params, prompt_ids, rng):
+        text = models.text_encoder(prompt_ids, params=params["text_encoder"], train=False)[0]
+        empty = models.text_encoder(empty_ids, params=params["text_encoder"], train=False)[0]
+        encoder_hidden_states = jnp.concatenate([empty, text])
+        state = models.scheduler.set_timesteps(models.scheduler_state, num_inference_steps, shape)
+        if models.trailing:
+            # Lin et al. 2023 sec. 3.3: with zero terminal SNR, sampling starts at the last timestep.
+            train_steps = models.scheduler.config.num_train_timesteps
+            timesteps = np.round(np.arange(train_steps, 0, -train_steps / num_inference_steps)).astype(np.int32) - 1
+            state = state.replace(timesteps=jnp.asarray(timesteps))
+        latents = jax.random.normal(rng, shape, jnp.float32) * state.init_noise_sigma
+
+        def denoise(step, carry):
+            latents, state = carry
+            t = state.timesteps[step]
+            model_input = models.scheduler.scale_model_input(state, jnp.concatenate([latents] * 2), t)
+            timesteps = jnp.broadcast_to(t, (2,))
+            variables = {"params": params["unet"]}
+            model_pred = models.unet.apply(variables, model_input, timesteps, encoder_hidden_states).sample
+            unconditional, conditional = jnp.split(model_pred, 2)
+            # Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598).
+            model_pred = unconditional + guidance_scale * (conditional - unconditional)
+            return models.scheduler.step(state, model_pred, t, latents).to_tuple()
+
+        latents, _ = jax.lax.fori_loop(0, num_inference_steps, denoise, (latents, state))
+        latents = latents / models.vae.config.scaling_factor
+        image = models.vae.apply({"params": params["vae"]}, latents, method=models.vae.decode).sample[0]
+        return jnp.round(jnp.clip(image / 2 + 0.5, 0, 1).transpose(1, 2, 0) * 255).astype(jnp.uint8)
+
+    return jax.jit(render)
+
+
+def render_validation_images(render, params, tokenizer, prompts, seed):
+    """One image per prompt, each from its own fixed seed, so grids compare across steps and across a resume."""
+    images = []
+    for index, prompt in enumerate(prompts):
+        prompt_ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+        rng = jax.random.PRNGKey(derive_seed(seed, VALIDATION_SEED_KEY, index) % (2**31))
+        images.append(Image.fromarray(np.asarray(render(params, np.asarray([prompt_ids.input_ids]), rng))))
+    return images
+
+
+def save_validation_grid(images, prompts, output_dir, tag, global_step):
+    """The images side by side in output_dir/validation/<tag>-step-<global_step>.png. Main process only."""
+    grid = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)))
+    x = 0
+    for image in images:
+        grid.paste(image, (x, 0))
+        x += image.width
+    folder = os.path.join(output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    grid_path = os.path.join(folder, f"{tag}-step-{global_step:06d}.png")
+    grid.save(grid_path)
+    logger.info(f"Validation grid ({' | '.join(prompts)}): {grid_path}")
+
+
+def inference_scheduler_config(config, args):
+    """The saved scheduler's config for what this run trained: its prediction type, and with
+    --rescale_betas_zero_snr the rescaled schedule sampled from its last timestep ("trailing", Lin et al. 2023 sec.
+    3.3). A scheduler class that cannot rescale (PNDM, LMS) is replaced by DDIM, which the paper samples with."""
+    config = dict(config)
+    if args.prediction_type is not None:
+        config["prediction_type"] = args.prediction_type
+    if args.rescale_betas_zero_snr:
+        import diffusers
+
+        config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        if (
+            "rescale_betas_zero_snr"
+            not in inspect.signature(getattr(diffusers, config["_class_name"]).__init__).parameters
+        ):
+            logger.info(f"--rescale_betas_zero_snr: {config['_class_name']} cannot rescale, saving a DDIMScheduler")
+            # Latents are not confined to [-1, 1]: DDIM's default clipping of its x0 estimate would distort them.
+            config.update(_class_name="DDIMScheduler", clip_sample=False)
+    return config
+
+
+def validate(render, state, frozen, tokenizer, prompts, args, seed, global_step, tag, is_main_process):
+    """Render the validation prompts with the embedding learned so far, through the frozen pipeline. Every process
+    renders; the main process saves."""
+    learned = evaluation_params(state, args)["learned"]
+    text_encoder_params = with_learned_rows(frozen.text_encoder_params, learned)
+    params = {"unet": frozen.unet_params, "vae": frozen.vae_params, "text_encoder": text_encoder_params}
+    images = render_validation_images(render, params, tokenizer, prompts, seed)
+    if is_main_process:
+        save_validation_grid(images, prompts, args.output_dir, tag, global_step)
+
+
 def stop_agreed(stop_request):
     """Whether any process received a stop signal, the same answer on every process at the same update."""
     requested = int(stop_request.signal_name is not None)
@@ -1371,6 +1548,20 @@ def main(argv=None):
         text_encoder=extended_text_encoder,
         noise_scheduler=noise_scheduler,
     )
+    validation_prompts = [args.validation_prompt] * args.num_validation_images if args.validation_prompt else []
+    render = None
+    if validation_prompts:
+        scheduler, validation_scheduler_state, trailing = load_validation_scheduler(folder, args)
+        validation_models = ValidationModels(
+            unet=unet,
+            vae=vae,
+            text_encoder=extended_text_encoder,
+            tokenizer=tokenizer,
+            scheduler=scheduler,
+            scheduler_state=validation_scheduler_state,
+            trailing=trailing,
+        )
+        render = make_renderer(validation_models, args.validation_resolution)
     prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
     loss_config = LossConfig(
         prediction_type=prediction_type,
@@ -1482,6 +1673,19 @@ def main(argv=None):
                     save_embeddings(evaluation_params(state, args)["learned"], args.placeholder_token, path)
                 if is_checkpoint_step:
                     save_checkpoint(state, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
+            if validation_prompts and global_step % args.validation_steps == 0 and global_step < max_train_steps:
+                validate(
+                    render,
+                    state,
+                    frozen,
+                    tokenizer,
+                    validation_prompts,
+                    args,
+                    seed,
+                    global_step,
+                    "validation",
+                    is_main_process,
+                )
             if stopping:
                 logger.warning(preemption_message(stop_request, global_step))
                 sys.exit(PREEMPTED_EXIT_CODE)
@@ -1497,6 +1701,11 @@ def main(argv=None):
         path = os.path.join(args.output_dir, "learned_embeds.safetensors")
         save_embeddings(params["learned"], args.placeholder_token, path)
         logger.info(f"Saved {os.path.abspath(path)}")
+    if validation_prompts:
+        validate(
+            render, state, frozen, tokenizer, validation_prompts, args, seed, global_step, "final", is_main_process
+        )
+    if is_main_process:
         if args.push_to_hub:
             push_to_hub(args)
         output_lock.release()

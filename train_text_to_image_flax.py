@@ -53,6 +53,11 @@ CHECKPOINT_METADATA = "checkpoint_metadata.json"
 LOCK_FILE = ".training.lock"  # held (an OS lock) by the run writing into output_dir; a killed run holds none
 PIPELINE_LINK = ".pipeline"  # -> the current .pipeline-<n> folder; output_dir's components link through it
 PIPELINE_VERSION = re.compile(r"^\.pipeline-(\d+)$")
+# The second key of every validation seed, derive_seed(seed, VALIDATION_SEED_KEY, prompt index): training draws use
+# four keys, so a validation image never shares its noise with a training step.
+VALIDATION_SEED_KEY = 7919
+# The largest decay of --use_ema, as diffusers' EMAModel.
+EMA_MAX_DECAY = 0.9999
 # The third key of bucket draws, derive_seed(seed, epoch, BUCKET_SEED_KEY, ...), and of each image's fixed bucket crop.
 BUCKET_SEED_KEY = 6007
 PREEMPTED_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL: stopped by a signal after writing a checkpoint; relaunch to continue
@@ -120,6 +125,16 @@ def parse_args(argv=None):
         "--center_crop", action="store_true", help="Crop the center of each image instead of a random crop."
     )
     parser.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    parser.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode every image once (both flips with --random_flip); train from the cache. Needs --center_crop.",
+    )
+    parser.add_argument(
+        "--cache_text_embeddings",
+        action="store_true",
+        help="Encode every distinct caption once before training and train from the stored text-encoder outputs.",
+    )
     parser.add_argument(
         "--image_interpolation_mode",
         type=str,
@@ -202,6 +217,18 @@ def parse_args(argv=None):
     )
     add_recipe_arguments(parser)
     parser.add_argument(
+        "--use_ema",
+        action="store_true",
+        help="Keep an exponential moving average of the UNet and save it as the final model.",
+    )
+    parser.add_argument(
+        "--ema_validation",
+        type=str,
+        default="ema",
+        choices=["ema", "raw", "both"],
+        help="With --use_ema, what validation renders: the EMA, the raw weights (-raw grids), or both side by side.",
+    )
+    parser.add_argument(
         "--noise_offset", type=float, default=0.0, help="Scale of offset noise (0.1 is typical); 0 turns it off."
     )
     parser.add_argument(
@@ -255,6 +282,22 @@ def parse_args(argv=None):
         default=10,
         help="Log loss, lr, grad norm, images/s and peak GPU memory averaged over this many updates.",
     )
+    parser.add_argument(
+        "--validation_prompts",
+        type=str,
+        default=None,
+        nargs="+",
+        help="Prompts rendered every --validation_epochs and at the end.",
+    )
+    parser.add_argument(
+        "--validation_epochs", type=int, default=5, help="Render the validation prompts every this many epochs."
+    )
+    parser.add_argument(
+        "--validation_resolution",
+        type=str,
+        default=None,
+        help="Size of the validation images, 'height,width' (a bucket's, say); default: --resolution square.",
+    )
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the final pipeline to the Hugging Face Hub.")
     parser.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `hf auth login`).")
     parser.add_argument(
@@ -264,7 +307,8 @@ def parse_args(argv=None):
 
     if args.dataset_name is None and args.train_data_dir is None:
         parser.error("no training data: pass --dataset_name (hub id or local dataset folder) or --train_data_dir")
-    for name in "resolution train_batch_size gradient_accumulation_steps checkpointing_steps logging_steps".split():
+    positive = "resolution train_batch_size gradient_accumulation_steps checkpointing_steps validation_epochs"
+    for name in (positive + " logging_steps").split():
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ["max_train_steps", "checkpoints_total_limit", "max_train_samples"]:
@@ -272,9 +316,22 @@ def parse_args(argv=None):
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     try:
         args.aspect_ratio_buckets = parse_buckets(args.aspect_ratio_buckets)
+        args.validation_resolution = parse_size(args.validation_resolution, args.resolution)
     except ValueError as err:
         parser.error(str(err))
     args.use_aspect_ratio_buckets = args.use_aspect_ratio_buckets or args.aspect_ratio_buckets is not None
+    if args.cache_latents and not (args.center_crop or args.use_aspect_ratio_buckets):
+        parser.error(
+            "--cache_latents stores one crop per image, so it needs --center_crop or --use_aspect_ratio_buckets "
+            "(where each image has one crop), not a new random crop at every use"
+        )
+    if args.cache_text_embeddings and (args.shuffle_caption or args.caption_tag_dropout_rate > 0):
+        parser.error(
+            "--shuffle_caption and --caption_tag_dropout_rate change a caption at every use, and "
+            "--cache_text_embeddings encodes each caption once: use one or the other"
+        )
+    if args.ema_validation != "ema" and not args.use_ema:
+        parser.error(f"--ema_validation {args.ema_validation} renders EMA and raw weights: it needs --use_ema")
     if args.bucket_no_upscale and not args.use_aspect_ratio_buckets:
         parser.error("--bucket_no_upscale needs --use_aspect_ratio_buckets")
     for name in ["proportion_empty_prompts", "caption_tag_dropout_rate"]:
@@ -821,6 +878,20 @@ def preemption_message(stop_request, global_step):
     )
 
 
+def parse_size(text, default):
+    """--validation_resolution 'height,width' (or one side, for a square) as (height, width); default when not given."""
+    if text is None:
+        return default, default
+    try:
+        sides = [int(side) for side in text.replace(" ", "").split(",")]
+        height, width = sides if len(sides) == 2 else sides * 2
+    except ValueError:
+        raise ValueError(f"--validation_resolution {text!r}: expected 'height,width', e.g. '640,384'") from None
+    if height % 8 or width % 8 or height < 8 or width < 8:
+        raise ValueError(f"--validation_resolution {text!r}: both sides must be multiples of 8")
+    return height, width
+
+
 def parse_buckets(text):
     """--aspect_ratio_buckets "h,w;h,w;...": the buckets as (height, width) pairs; None when not given."""
     if text is None:
@@ -996,6 +1067,9 @@ class ImageCaptionDataset:
         # Set by setup_buckets(): each row's bucket and the buckets' (height, width); None crops squares.
         self.bucket_of_row = None
         self.buckets = None
+        # Set by build_caches(): row -> (latent means, stds) per view; (caption -> index, text embeddings).
+        self.latent_cache = None
+        self.text_cache = None
 
     def __len__(self):
         return len(self.rows)
@@ -1014,7 +1088,7 @@ class ImageCaptionDataset:
     def verify_image(self, row):
         return verify_image(*self.image_source(row))
 
-    def transform(self, image, row, rng):
+    def transform(self, image, row, rng, flip=None):
         if self.buckets is None:
             height = width = size = self.args.resolution
             # Shorter side to `size`, keeping the aspect ratio (the same rule as torchvision's resize).
@@ -1037,15 +1111,23 @@ class ImageCaptionDataset:
             top = int(crop_rng.integers(0, image.height - height + 1))
             left = int(crop_rng.integers(0, image.width - width + 1))
         image = image.crop((left, top, left + width, top + height))
-        if self.args.random_flip and rng.random() < 0.5:
+        if flip is None:
+            flip = self.args.random_flip and rng.random() < 0.5
+        if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0  # the VAE's input range
 
     def pick_caption(self, value, row, rng):
         if isinstance(value, str):
             return value
+        choices = self.caption_choices(value, row)
+        return choices[int(rng.integers(len(choices)))]
+
+    def caption_choices(self, value, row):
+        if isinstance(value, str):
+            return [value]
         if isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0 and all(isinstance(v, str) for v in value):
-            return value[int(rng.integers(len(value)))]
+            return list(value)
         raise ValueError(
             f"--caption_column '{self.args.caption_column}', row {row}: "
             f"expected a string or a list of strings, got {value!r}"
@@ -1054,14 +1136,25 @@ class ImageCaptionDataset:
     def __getitem__(self, key):
         epoch, row = key
         rng = np.random.default_rng([self.seed, epoch, row])
-        example = self.rows[row]
-        pixel_values = self.transform(self.open_image(row), row, rng)
-        caption = self.pick_caption(example[self.args.caption_column], row, rng)
+        example = {}
+        if self.latent_cache is None:
+            example["pixel_values"] = self.transform(self.open_image(row), row, rng)
+        else:
+            # The same draws as transform(): with a fixed crop only the flip is random.
+            view = int(self.args.random_flip and rng.random() < 0.5)
+            means, stds = self.latent_cache[row]
+            example["latent_mean"], example["latent_std"] = means[view], stds[view]
+        caption = self.pick_caption(self.rows[row][self.args.caption_column], row, rng)
         caption = edit_caption(caption, rng, self.caption_config)
-        input_ids = self.tokenizer(
-            caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True
-        ).input_ids
-        return {"pixel_values": pixel_values, "input_ids": np.asarray(input_ids, dtype=np.int32)}
+        if self.text_cache is None:
+            input_ids = self.tokenizer(
+                caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True
+            ).input_ids
+            example["input_ids"] = np.asarray(input_ids, dtype=np.int32)
+        else:
+            index_of_caption, embeddings = self.text_cache
+            example["encoder_hidden_states"] = embeddings[index_of_caption[caption]]
+        return example
 
 
 def check_images(dataset):
@@ -1084,6 +1177,83 @@ def check_images(dataset):
         raise ValueError(f"{count} of {len(dataset)} images cannot be read; fix or remove them:\n  {listed}")
     logger.info(f"Checked {len(dataset)} images in {time.perf_counter() - started:.1f} s")
     return [tuple(int(side) for side in size) for size in sizes]
+
+
+def encode_once(items, prepare, encode, global_batch_size, batch_sharding, description):
+    """encode(prepare(share)) over `items`, once, for --cache_latents / --cache_text_embeddings, as host arrays (a
+    tuple of them) in the order of `items`. Global batches are data-parallel like training batches (each process
+    prepares its share; the last one is padded with its last item) and every process receives the whole result."""
+    local = global_batch_size // jax.process_count()
+    first = jax.process_index() * local
+    outputs = []
+    for start in tqdm(range(0, len(items), global_batch_size), desc=description, disable=jax.process_index() != 0):
+        chunk = items[start : start + global_batch_size]
+        chunk = chunk + [chunk[-1]] * (global_batch_size - len(chunk))
+        inputs = jax.make_array_from_process_local_data(batch_sharding, prepare(chunk[first : first + local]))
+        encoded = encode(inputs)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            encoded = multihost_utils.process_allgather(encoded, tiled=True)
+        outputs.append([np.asarray(part)[: len(items) - start] for part in encoded])
+    return tuple(np.concatenate(parts) for parts in zip(*outputs, strict=True))
+
+
+def build_caches(dataset, frozen, tokenizer, args, global_batch_size, batch_sharding):
+    """--cache_latents: the VAE's latent distribution (mean, std) of every image (and its mirror image with
+    --random_flip), at its bucket's size, so the VAE leaves the jitted step. --cache_text_embeddings: the text
+    encoder's output for every caption the data holds, and the empty one."""
+    if args.cache_latents:
+
+        @jax.jit
+        def encode_images(vae_params, pixel_values):
+            encoded = frozen.vae.apply(
+                {"params": vae_params}, pixel_values, deterministic=True, method=frozen.vae.encode
+            )
+            return encoded.latent_dist.mean, encoded.latent_dist.std
+
+        def prepare(share):
+            return np.stack(
+                [dataset.transform(dataset.open_image(row), row, None, flip=view == 1) for row, view in share]
+            )
+
+        views = 2 if args.random_flip else 1
+        bucket_of_row = dataset.bucket_of_row if dataset.buckets is not None else [0] * len(dataset)
+        dataset.latent_cache, size = {}, 0
+        for bucket in sorted(set(bucket_of_row)):
+            rows = [row for row in range(len(dataset)) if bucket_of_row[row] == bucket]
+            items = [(row, view) for row in rows for view in range(views)]
+            description = f"Caching latents ({len(rows)} images)"
+            encode = functools.partial(encode_images, frozen.vae_params)
+            means, stds = encode_once(items, prepare, encode, global_batch_size, batch_sharding, description)
+            for index, row in enumerate(rows):
+                dataset.latent_cache[row] = (
+                    means[index * views : (index + 1) * views],
+                    stds[index * views : (index + 1) * views],
+                )
+            size += means.nbytes + stds.nbytes
+        logger.info(f"Cached latents: {len(dataset)} images x {views} views, {size / 2**20:.1f} MiB of host memory")
+    if args.cache_text_embeddings:
+        captions = {"": 0}  # a dropped caption (--proportion_empty_prompts) is the empty one
+        for row, value in enumerate(dataset.rows.select_columns([args.caption_column])[args.caption_column]):
+            for caption in dataset.caption_choices(value, row):
+                captions.setdefault(caption, len(captions))
+
+        @jax.jit
+        def encode_text(text_encoder_params, input_ids):
+            return (frozen.text_encoder(input_ids, params=text_encoder_params, train=False)[0],)
+
+        def prepare(share):
+            ids = tokenizer(share, max_length=tokenizer.model_max_length, padding="max_length", truncation=True)
+            return np.asarray(ids.input_ids, np.int32)
+
+        encode = functools.partial(encode_text, frozen.text_encoder_params)
+        description = "Caching text embeddings"
+        (embeddings,) = encode_once(list(captions), prepare, encode, global_batch_size, batch_sharding, description)
+        dataset.text_cache = (captions, embeddings)
+        logger.info(
+            f"Cached text embeddings: {embeddings.shape} {embeddings.dtype}, {embeddings.nbytes / 2**20:.1f} MiB"
+        )
 
 
 def setup_buckets(dataset, sizes, args, model_factor, global_batch_size):
@@ -1340,14 +1510,23 @@ class FrozenModels:
 
 
 def encode_batch(frozen, batch, rng):
-    """The batch's latents and text conditioning, from the frozen VAE and text encoder. The VAE sample is drawn from
-    `rng`."""
-    # The frozen VAE maps images to latents; the scaling factor brings them to roughly unit variance.
-    vae_variables = {"params": frozen.vae_params}
-    encoded = frozen.vae.apply(vae_variables, batch["pixel_values"], deterministic=True, method=frozen.vae.encode)
-    latents = jnp.transpose(encoded.latent_dist.sample(rng), (0, 3, 1, 2)) * frozen.vae.config.scaling_factor
-    # The frozen text encoder's last hidden state conditions the UNet through cross-attention.
-    encoder_hidden_states = frozen.text_encoder(batch["input_ids"], params=frozen.text_encoder_params, train=False)[0]
+    """The batch's latents and text conditioning, from the frozen VAE and text encoder, or from their caches
+    (build_caches). The VAE sample is drawn from `rng`."""
+    if "latent_mean" in batch:
+        # --cache_latents: sampling the stored distribution draws exactly what encoding the image would.
+        latent_sample = batch["latent_mean"] + batch["latent_std"] * jax.random.normal(rng, batch["latent_mean"].shape)
+    else:
+        # The frozen VAE maps images to latents; the scaling factor brings them to roughly unit variance.
+        vae_variables = {"params": frozen.vae_params}
+        encoded = frozen.vae.apply(vae_variables, batch["pixel_values"], deterministic=True, method=frozen.vae.encode)
+        latent_sample = encoded.latent_dist.sample(rng)
+    latents = jnp.transpose(latent_sample, (0, 3, 1, 2)) * frozen.vae.config.scaling_factor
+    if "encoder_hidden_states" in batch:
+        encoder_hidden_states = batch["encoder_hidden_states"]  # --cache_text_embeddings
+    else:
+        # The frozen text encoder's last hidden state conditions the UNet through cross-attention.
+        input_ids = batch["input_ids"]
+        encoder_hidden_states = frozen.text_encoder(input_ids, params=frozen.text_encoder_params, train=False)[0]
     return jax.lax.stop_gradient((latents, encoder_hidden_states))
 
 
@@ -1504,6 +1683,140 @@ def train_step(state, frozen, batch, rng, config):
     """One batch: its loss and gradients, then an optimizer step (accumulated by optax.MultiSteps)."""
     loss, grads = jax.value_and_grad(batch_loss)(state.params, state, frozen, batch, rng, config)
     return state.apply_gradients(grads=grads), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+
+
+@struct.dataclass
+class ValidationModels:
+    """What renders validation images, all static: the modules, the tokenizer, and the sampling scheduler with its
+    state. The params that change (UNet, VAE, text encoder) are passed to each render."""
+
+    unet: Any = struct.field(pytree_node=False)
+    vae: Any = struct.field(pytree_node=False)
+    text_encoder: Any = struct.field(pytree_node=False)
+    tokenizer: Any = struct.field(pytree_node=False)
+    scheduler: Any = struct.field(pytree_node=False)
+    scheduler_state: Any = struct.field(pytree_node=False)
+    trailing: bool = struct.field(pytree_node=False)
+
+
+def load_validation_scheduler(folder, args):
+    """The Flax twin of the scheduler the saved pipeline samples with (inference_scheduler_config), its state, and
+    whether it samples from the last timestep ("trailing", which Flax schedulers cannot set themselves)."""
+    import diffusers
+
+    with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
+        config = inference_scheduler_config(json.load(f), args)
+    cls = getattr(diffusers, "Flax" + config["_class_name"], None)
+    if cls is None:
+        logger.info(f"Validation renders with FlaxDDIMScheduler: diffusers has no Flax {config['_class_name']}")
+        cls = diffusers.FlaxDDIMScheduler
+    config = {key: value for key, value in config.items() if not key.startswith("_")}
+    scheduler = cls.from_config(config)
+    if config.get("rescale_betas_zero_snr"):
+        betas = rescale_zero_terminal_snr(np.asarray(scheduler.create_state().common.betas))
+        scheduler = cls.from_config(config, trained_betas=betas.tolist())
+    return scheduler, scheduler.create_state(), config.get("timestep_spacing") == "trailing"
+
+
+def make_renderer(models, size, num_inference_steps=20, guidance_scale=7.5):
+    """A compiled function (params, prompt_ids, rng) -> one image of `size` (height, width) as uint8 HWC: the
+    pipeline's classifier-free guided sampling, as the PyTorch twin renders (20 steps, guidance 7.5, empty negative
+    prompt). Compiled once per run, whatever the prompts."""
+    height, width = size
+    empty_ids = models.tokenizer("", padding="max_length", max_length=models.tokenizer.model_max_length).input_ids
+    empty_ids = np.asarray([empty_ids])
+    scale = 2 ** (len(models.vae.config.block_out_channels) - 1)
+    shape = (1, models.unet.config.in_channels, height // scale, width // scale)
+
+    def render(params, prompt_ids, rng):
+        text = models.text_encoder(prompt_ids, params=params["text_encoder"], train=False)[0]
+        empty = models.text_encoder(empty_ids, params=params["text_encoder"], train=False)[0]
+        encoder_hidden_states = jnp.concatenate([empty, text])
+        state = models.scheduler.set_timesteps(models.scheduler_state, num_inference_steps, shape)
+        if models.trailing:
+            # Lin et al. 2023 sec. 3.3: with zero terminal SNR, sampling starts at the last timestep.
+            train_steps = models.scheduler.config.num_train_timesteps
+            timesteps = np.round(np.arange(train_steps, 0, -train_steps / num_inference_steps)).astype(np.int32) - 1
+            state = state.replace(timesteps=jnp.asarray(timesteps))
+        latents = jax.random.normal(rng, shape, jnp.float32) * state.init_noise_sigma
+
+        def denoise(step, carry):
+            latents, state = carry
+            t = state.timesteps[step]
+            model_input = models.scheduler.scale_model_input(state, jnp.concatenate([latents] * 2), t)
+            timesteps = jnp.broadcast_to(t, (2,))
+            variables = {"params": params["unet"]}
+            model_pred = models.unet.apply(variables, model_input, timesteps, encoder_hidden_states).sample
+            unconditional, conditional = jnp.split(model_pred, 2)
+            # Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598).
+            model_pred = unconditional + guidance_scale * (conditional - unconditional)
+            return models.scheduler.step(state, model_pred, t, latents).to_tuple()
+
+        latents, _ = jax.lax.fori_loop(0, num_inference_steps, denoise, (latents, state))
+        latents = latents / models.vae.config.scaling_factor
+        image = models.vae.apply({"params": params["vae"]}, latents, method=models.vae.decode).sample[0]
+        return jnp.round(jnp.clip(image / 2 + 0.5, 0, 1).transpose(1, 2, 0) * 255).astype(jnp.uint8)
+
+    return jax.jit(render)
+
+
+def render_validation_images(render, params, tokenizer, prompts, seed):
+    """One image per prompt, each from its own fixed seed, so grids compare across steps and across a resume."""
+    images = []
+    for index, prompt in enumerate(prompts):
+        prompt_ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+        rng = jax.random.PRNGKey(derive_seed(seed, VALIDATION_SEED_KEY, index) % (2**31))
+        images.append(Image.fromarray(np.asarray(render(params, np.asarray([prompt_ids.input_ids]), rng))))
+    return images
+
+
+def save_validation_grid(images, prompts, output_dir, tag, global_step):
+    """The images side by side in output_dir/validation/<tag>-step-<global_step>.png. Main process only."""
+    grid = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)))
+    x = 0
+    for image in images:
+        grid.paste(image, (x, 0))
+        x += image.width
+    folder = os.path.join(output_dir, "validation")
+    os.makedirs(folder, exist_ok=True)
+    grid_path = os.path.join(folder, f"{tag}-step-{global_step:06d}.png")
+    grid.save(grid_path)
+    logger.info(f"Validation grid ({' | '.join(prompts)}): {grid_path}")
+
+
+class EMATrainState(TrainState):
+    """The train state with --use_ema: the exponential moving average of the params is checkpointed with them."""
+
+    ema_params: Any = None
+
+
+def update_ema(state, global_step):
+    """The EMA after optimizer update `global_step` (from 1), by diffusers' EMAModel rule: decay
+    min(0.9999, (1 + s) / (10 + s)) for s = global_step - 1, and 0 at the first update, where the average starts."""
+    s = global_step - 1
+    decay = jnp.where(s <= 0, 0.0, jnp.minimum(EMA_MAX_DECAY, (1.0 + s) / (10.0 + s)))
+    ema_params = jax.tree.map(lambda ema, new: ema - (1 - decay) * (ema - new), state.ema_params, state.params)
+    return state.replace(ema_params=ema_params)
+
+
+def validation_weights(args):
+    """(grid tag suffix, whether it renders the EMA) for each grid --ema_validation asks for. An unsuffixed grid shows
+    the weights that would be saved (the EMA with --use_ema); "-raw" grids show the weights the optimizer trains, so
+    the two compare side by side at every validation (SimpleTuner's EMA validation, diffusers issue 7549)."""
+    if not args.use_ema:
+        return [("", False)]
+    return {"ema": [("", True)], "raw": [("-raw", False)], "both": [("", True), ("-raw", False)]}[args.ema_validation]
+
+
+def validate(render, state, frozen, tokenizer, args, seed, global_step, tag, is_main_process):
+    """Render the validation prompts with the weights that would be saved now (the EMA with --use_ema), and with
+    --ema_validation raw or both, with the raw trained weights. Every process renders; the main process saves."""
+    for suffix, ema_weights in validation_weights(args):
+        unet_params = state.ema_params if ema_weights else evaluation_params(state, args)
+        params = {"unet": unet_params, "vae": frozen.vae_params, "text_encoder": frozen.text_encoder_params}
+        images = render_validation_images(render, params, tokenizer, args.validation_prompts, seed)
+        if is_main_process:
+            save_validation_grid(images, args.validation_prompts, args.output_dir, tag + suffix, global_step)
 
 
 def stop_agreed(stop_request):
@@ -1668,6 +1981,11 @@ def main(argv=None):
     stop_request = StopRequest()
     resume_path = find_resume_checkpoint(args)
     resume_metadata = read_checkpoint_metadata(resume_path)
+    if resume_path is not None and bool(resume_metadata.get("use_ema")) != args.use_ema:
+        saved = "with" if resume_metadata.get("use_ema") else "without"
+        raise ValueError(
+            f"{resume_path} was saved {saved} --use_ema: resume it the same way, or start a new output_dir"
+        )
     seed = choose_seed(args, resume_metadata)
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
@@ -1695,6 +2013,19 @@ def main(argv=None):
         text_encoder=text_encoder,
         noise_scheduler=noise_scheduler,
     )
+    render = None
+    if args.validation_prompts:
+        scheduler, validation_scheduler_state, trailing = load_validation_scheduler(folder, args)
+        validation_models = ValidationModels(
+            unet=unet,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            scheduler=scheduler,
+            scheduler_state=validation_scheduler_state,
+            trailing=trailing,
+        )
+        render = make_renderer(validation_models, args.validation_resolution)
     prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
     loss_config = LossConfig(
         prediction_type=prediction_type,
@@ -1722,6 +2053,9 @@ def main(argv=None):
             f"({args.train_batch_size} per device x {jax.device_count()} devices); "
             f"one update needs {args.gradient_accumulation_steps}"
         )
+    frozen = jax.device_put(frozen, replicated)
+    if args.cache_latents or args.cache_text_embeddings:
+        build_caches(train_dataset, frozen, tokenizer, args, global_batch_size, batch_sharding)
 
     # ---------------------------------------------------------------------------------- optimizer and schedule
     if args.scale_lr:
@@ -1731,10 +2065,17 @@ def main(argv=None):
     max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
     num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
     schedule = learning_rate_schedule(args.lr_scheduler, args.learning_rate, args.lr_warmup_steps, max_train_steps)
-    state = TrainState.create(apply_fn=unet.apply, params=unet_params, tx=make_optimizer(args, schedule))
+    optimizer = make_optimizer(args, schedule)
+    if args.use_ema:
+        # A float32 copy: bf16 cannot hold the small steps of a 0.9999 average.
+        ema_params = jax.tree.map(lambda p: jnp.array(p, dtype=jnp.float32), unet_params)
+        state = EMATrainState.create(apply_fn=unet.apply, params=unet_params, tx=optimizer, ema_params=ema_params)
+    else:
+        state = TrainState.create(apply_fn=unet.apply, params=unet_params, tx=optimizer)
     total_batch_size = global_batch_size * args.gradient_accumulation_steps
     run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
     run_metadata["num_processes"] = jax.process_count()
+    run_metadata["use_ema"] = args.use_ema
     run_metadata["aspect_ratio_buckets"] = [list(bucket) for bucket in train_dataset.buckets or []] or None
 
     # ----------------------------------------------------------------------------------------------------- resume
@@ -1765,6 +2106,7 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------- train loop
     step_fn = jax.jit(functools.partial(train_step, config=loss_config), donate_argnums=(0,))
     probe_fn = jax.jit(functools.partial(batch_loss, config=loss_config))  # the new params' loss, before writing them
+    ema_fn = jax.jit(update_ema, donate_argnums=(0,))
     base_rng = jax.random.PRNGKey(seed % (2**31))
     progress_bar = tqdm(
         range(max_train_steps), initial=min(global_step, max_train_steps), desc="Steps", disable=not is_main_process
@@ -1784,18 +2126,23 @@ def main(argv=None):
                 break  # the last batches that cannot fill an accumulation group
             batch = {k: jax.make_array_from_process_local_data(batch_sharding, v) for k, v in batch.items()}
             rng = jax.random.fold_in(jax.random.fold_in(base_rng, epoch), batch_index)
-            batch_shape = batch["pixel_values"].shape[2:]
+            batch_shape = (
+                batch["pixel_values"].shape[2:] if "pixel_values" in batch else batch["latent_mean"].shape[1:3]
+            )
             if batch_shape not in compiled_shapes:
                 # XLA compiles one program per input shape: one per bucket in use, each once.
                 compiled_shapes.add(batch_shape)
+                what = "images" if "pixel_values" in batch else "latents"
                 height, width = batch_shape
-                logger.info(f"Compiling the train step for {height}x{width} images ({len(compiled_shapes)} so far)")
+                logger.info(f"Compiling the train step for {height}x{width} {what} ({len(compiled_shapes)} so far)")
             state, metrics = step_fn(state, frozen, batch, rng)
             last_batch = (batch, rng)
             if (batch_index + 1) % args.gradient_accumulation_steps:
                 continue
 
             global_step += 1
+            if args.use_ema:
+                state = ema_fn(state, global_step)
             window.add_update(metrics)
             progress_bar.update(1)
             stopping = stop_agreed(stop_request)  # a SIGTERM / SIGUSR1 on any process
@@ -1808,7 +2155,10 @@ def main(argv=None):
                 progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             if is_checkpoint_step:
                 probe = float(probe_fn(state.params, state, frozen, *last_batch))
-                check_finite({"params": state.params, "opt_state": state.opt_state}, probe, "the UNet", global_step)
+                trained = {"params": state.params, "opt_state": state.opt_state}
+                if args.use_ema:
+                    trained["ema_params"] = state.ema_params
+                check_finite(trained, probe, "the UNet", global_step)
                 if is_main_process:
                     save_checkpoint(state, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
             if stopping:
@@ -1817,14 +2167,21 @@ def main(argv=None):
             if global_step >= max_train_steps:
                 break
 
+        end_of_run = global_step >= max_train_steps
+        if args.validation_prompts and (epoch + 1) % args.validation_epochs == 0 and not end_of_run:
+            validate(render, state, frozen, tokenizer, args, seed, global_step, "validation", is_main_process)
+
     # ------------------------------------------------------------------------------------------------------- save
-    unet_params = evaluation_params(state, args)
+    unet_params = state.ema_params if args.use_ema else evaluation_params(state, args)
     if last_batch is not None:  # what is about to be saved, checked as every checkpoint is
         probe = float(probe_fn(unet_params, state, frozen, *last_batch))
         check_finite({"params": unet_params}, probe, "the UNet", global_step)
     if is_main_process:
         save_pipeline(unet_params, folder, args)
         logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
+    if args.validation_prompts:
+        validate(render, state, frozen, tokenizer, args, seed, global_step, "final", is_main_process)
+    if is_main_process:
         if args.push_to_hub:
             push_to_hub(args)
         output_lock.release()

@@ -20,26 +20,27 @@ COPIED = {
         LOCK_FILE PIPELINE_LINK PIPELINE_VERSION PREEMPTED_EXIT_CODE fsync_folder fsync_tree write_failure
         lock_output_dir checkpoint_problem write_checkpoint_metadata publish_checkpoint load_rgb verify_image
         inspect_images StopRequest preemption_message add_recipe_arguments check_recipe_arguments recipe_fields
-        timestep_bias_weights
+        timestep_bias_weights VALIDATION_SEED_KEY parse_size
     """.split(),
     (T2I, TI, T2I_FLAX): """
         exchange_entries point_link link_component next_pipeline_version publish_pipeline
     """.split(),
     (T2I, TI): """
-        LR_SCHEDULERS VALIDATION_SEED_KEY tokenize encode_once EpochShuffleSampler collate default_num_workers LogWindow
+        LR_SCHEDULERS tokenize encode_once EpochShuffleSampler collate default_num_workers LogWindow
         load_component LossConfig diffusion_loss save_checkpoint render_validation_images log_validation
-        write_hub_style_text_encoder stop_agreed check_finite optimizer_tensors parse_size inference_scheduler
+        write_hub_style_text_encoder stop_agreed check_finite optimizer_tensors inference_scheduler
         OPTIMIZERS OPTIMIZER_PACKAGES add_optimizer_arguments check_optimizer_arguments make_optimizer
     """.split(),
     (T2I_FLAX, TI_FLAX): """
         LR_SCHEDULERS shuffled_batches epoch_batches resolve_pipeline_folder load_flax_model load_flax_text_encoder
         enable_block_rematerialisation learning_rate_schedule make_optimizer LogWindow LossConfig diffusion_loss
         save_checkpoint restore_train_state stop_agreed check_finite rescale_zero_terminal_snr load_noise_scheduler
-        OPTIMIZERS add_optimizer_arguments check_optimizer_arguments evaluation_params
+        OPTIMIZERS add_optimizer_arguments check_optimizer_arguments evaluation_params ValidationModels
+        load_validation_scheduler make_renderer render_validation_images save_validation_grid inference_scheduler_config
     """.split(),
     (T2I, T2I_FLAX): """
         load_image_caption_dataset BUCKET_SEED_KEY parse_buckets bucket_step generate_buckets assign_buckets
-        bucket_batches describe_buckets setup_buckets CaptionConfig edit_caption
+        bucket_batches describe_buckets setup_buckets CaptionConfig edit_caption validation_weights
     """.split(),
     (TI, TI_FLAX): """
         IMAGE_EXTENSIONS OBJECT_TEMPLATES STYLE_TEMPLATES find_example_images add_placeholder_tokens

@@ -3,11 +3,14 @@ loaded by the PyTorch environment."""
 
 import filecmp
 import os
+import re
 import shutil
 
 import numpy as np
 import pytest
 from conftest import run_torch
+from flax import serialization
+from PIL import Image
 from safetensors.numpy import load_file
 
 from devkit.command_line import command_line
@@ -75,19 +78,45 @@ T2I_EXACT = (
 )
 
 
+T2I_EMA_VALIDATION = (
+    "--use_ema --ema_validation both --validation_prompts 'a red circle' 'a blue square' --validation_epochs 2"
+)
+
+
 def test_text_to_image_flax_exact_resume(launch, assets, tmp_path):
+    """With EMA and validation grids of the EMA and raw weights: the resumed run saves the same EMA UNet and draws the
+    same grids."""
     full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
-    launch.run(T2I, t2i_args(assets, full, T2I_EXACT))
+    launch.run(T2I, t2i_args(assets, full, T2I_EXACT, T2I_EMA_VALIDATION))
     # 10 images / global batch 2 = 5 batches, 2 updates of 2 per epoch: step 3 is in the middle of epoch 1.
     assert checkpoint_names(full) == ["checkpoint-3", "checkpoint-6"]
     shutil.copytree(os.path.join(full, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
-    result = launch.run(T2I, t2i_args(assets, resumed, T2I_EXACT, "--resume_from_checkpoint latest"))
+    result = launch.run(
+        T2I, t2i_args(assets, resumed, T2I_EXACT, T2I_EMA_VALIDATION, "--resume_from_checkpoint latest")
+    )
     assert "starting at 3" in result.output
     a = load_file(os.path.join(full, "unet", "diffusion_pytorch_model.safetensors"))
     b = load_file(os.path.join(resumed, "unet", "diffusion_pytorch_model.safetensors"))
     assert max(np.abs(a[k] - b[k]).max() for k in a) <= 1e-6
+    # The saved UNet is the checkpointed EMA (conv_in: Flax HWIO kernel, PyTorch OIHW weight), not the raw params.
+    saved = serialization.msgpack_restore(open(os.path.join(full, "checkpoint-6", "train_state.msgpack"), "rb").read())
+    ema, raw = (np.transpose(saved[k]["conv_in"]["kernel"], (3, 2, 0, 1)) for k in ("ema_params", "params"))
+    assert np.abs(a["conv_in.weight"] - ema).max() <= 1e-6 < np.abs(a["conv_in.weight"] - raw).max()
+    # Grids at the end of epoch 2 (step 4) and after saving (step 6): two 64 px images side by side, EMA and raw.
+    grids = ["final-raw-step-000006.png", "final-step-000006.png"]
+    grids += ["validation-raw-step-000004.png", "validation-step-000004.png"]
+    for run in (full, resumed):
+        assert sorted(os.listdir(os.path.join(run, "validation"))) == grids
+    drawn = {
+        (run, n): np.asarray(Image.open(os.path.join(run, "validation", n))) for run in (full, resumed) for n in grids
+    }
+    assert all(image.shape == (64, 128, 3) and image.std() > 0 for image in drawn.values())
+    assert all(np.array_equal(drawn[full, n], drawn[resumed, n]) for n in grids), "fixed seeds, exact resume"
+    assert not np.array_equal(drawn[full, grids[0]], drawn[full, grids[1]]), "the EMA and the raw weights differ"
     before = open(os.path.join(resumed, "checkpoint-6", "train_state.msgpack"), "rb").read()
-    result = launch.run(T2I, t2i_args(assets, resumed, T2I_EXACT, "--resume_from_checkpoint latest"))
+    result = launch.run(
+        T2I, t2i_args(assets, resumed, T2I_EXACT, T2I_EMA_VALIDATION, "--resume_from_checkpoint latest")
+    )
     assert "nothing to train" in result.output
     assert open(os.path.join(resumed, "checkpoint-6", "train_state.msgpack"), "rb").read() == before
 
@@ -161,15 +190,26 @@ TI_EXACT = "--num_vectors 2 --max_train_steps 6 --checkpointing_steps 3 --lr_sch
 TI_EXACT += " --center_crop"
 
 
+TI_VALIDATION = "--validation_prompt 'a <blob> on a table' --num_validation_images 2 --validation_steps 4"
+
+
 def test_textual_inversion_flax_exact_resume(launch, assets, tmp_path):
+    """With validation grids: the resumed run learns the same embedding and draws the same grids."""
     full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
-    launch.run(TI, ti_args(assets, full, TI_EXACT))
+    launch.run(TI, ti_args(assets, full, TI_EXACT, TI_VALIDATION))
     # 4 images x 3 repeats / global batch 2 = 6 updates per epoch: step 3 is mid-epoch.
     shutil.copytree(os.path.join(full, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
-    launch.run(TI, ti_args(assets, resumed, TI_EXACT, "--resume_from_checkpoint checkpoint-3"))
+    launch.run(TI, ti_args(assets, resumed, TI_EXACT, TI_VALIDATION, "--resume_from_checkpoint checkpoint-3"))
     a = load_file(os.path.join(full, "learned_embeds.safetensors"))["<blob>"]
     b = load_file(os.path.join(resumed, "learned_embeds.safetensors"))["<blob>"]
     assert np.abs(a - b).max() <= 1e-6
+    # Two 64 px images from their own seeds, at step 4 and after saving (step 6), the same in both runs.
+    grids = ["final-step-000006.png", "validation-step-000004.png"]
+    for name in grids:
+        images = [np.asarray(Image.open(os.path.join(run, "validation", name))) for run in (full, resumed)]
+        assert images[0].shape == (64, 128, 3) and np.array_equal(*images)
+        assert not np.array_equal(images[0][:, :64], images[0][:, 64:]), "each image has its own seed"
+    assert sorted(os.listdir(os.path.join(full, "validation"))) == grids
 
 
 @pytest.mark.parametrize(
@@ -194,7 +234,6 @@ def test_textual_inversion_flax_clear_errors(launch, assets, tmp_path, flag, val
 
 def test_textual_inversion_flax_preempted_resumes_to_the_same_embedding(launch, assets, tmp_path):
     """SIGTERM, sent twice to the process group: a checkpoint at the step reached, exit code 75, exact resume."""
-    import re
     import signal
 
     full, out = str(tmp_path / "full"), str(tmp_path / "run")
@@ -227,3 +266,18 @@ def test_flax_writes_no_diverged_embedding_and_skips_a_damaged_checkpoint(launch
     open(state, "r+b").truncate(os.path.getsize(state) // 2)
     result = launch.run(TI, ti_args(assets, out, "--max_train_steps 5 --resume_from_checkpoint latest"))
     assert f"skipping checkpoint-4: {state} is damaged" in result.output and "starting at 2" in result.output
+
+
+def test_text_to_image_flax_cached_training_logs_the_same_losses(launch, assets, tmp_path):
+    """--cache_latents (both flips) and --cache_text_embeddings (with dropped captions): the VAE and text encoder leave
+    the step, and every update logs the loss of the plain run and ends at its weights."""
+    plain, cached = str(tmp_path / "plain"), str(tmp_path / "cached")
+    flags = "--max_train_steps 3 --logging_steps 1 --center_crop --random_flip --proportion_empty_prompts 0.3"
+    outputs = [launch.run(T2I, t2i_args(assets, plain, flags)).output]
+    outputs.append(launch.run(T2I, t2i_args(assets, cached, flags, "--cache_latents --cache_text_embeddings")).output)
+    assert "Cached latents: 10 images x 2 views" in outputs[1] and "Cached text embeddings: (" in outputs[1]
+    plain_losses, cached_losses = ([float(x) for x in re.findall(r"step \d+: loss=([^,]+),", o)] for o in outputs)
+    assert len(plain_losses) == 3 and cached_losses == pytest.approx(plain_losses, rel=1e-3)  # logged to 4 digits
+    a = load_file(os.path.join(plain, "unet", "diffusion_pytorch_model.safetensors"))
+    b = load_file(os.path.join(cached, "unet", "diffusion_pytorch_model.safetensors"))
+    assert max(np.abs(a[k] - b[k]).max() for k in a) <= 1e-5

@@ -86,3 +86,26 @@ def test_each_optimizer_state_round_trips_through_a_checkpoint(optimizer, tmp_pa
     differs = max_difference(evaluated, full.params)
     # Schedule-free saves its average, which differs from the point it takes gradients at; the others save params.
     assert (differs > 1e-6) == (optimizer == "schedule_free_adamw")
+
+
+def test_ema_follows_the_diffusers_ema_model_rule():
+    """update_ema against diffusers' EMAModel (PyTorch) over updates whose decay climbs: 0 at the first update, then
+    (1 + s) / (10 + s), capped at 0.9999."""
+    import torch
+    from diffusers.training_utils import EMAModel
+    from flax.training.train_state import TrainState
+
+    rng = np.random.default_rng(0)
+    trajectory = [rng.standard_normal((3, 4)).astype(np.float32) for _ in range(8)]
+    torch_weight = torch.nn.Parameter(torch.from_numpy(trajectory[0].copy()))
+    reference = EMAModel([torch_weight])
+    state = T.EMATrainState.create(
+        apply_fn=None, params={"w": jnp.asarray(trajectory[0])}, tx=T.optax.sgd(0.0), ema_params={"w": trajectory[0]}
+    )
+    for global_step, weights in enumerate(trajectory[1:], start=1):
+        torch_weight.data.copy_(torch.from_numpy(weights))
+        reference.step([torch_weight])
+        state = T.update_ema(state.replace(params={"w": jnp.asarray(weights)}), global_step)
+        assert np.abs(np.asarray(state.ema_params["w"]) - reference.shadow_params[0].numpy()).max() <= 1e-6
+    assert not np.allclose(state.ema_params["w"], trajectory[-1]), "the average lags the last weights"
+    assert isinstance(state, TrainState)
