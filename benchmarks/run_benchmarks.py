@@ -66,7 +66,8 @@ SD15 = {
     ),
 }
 CONFIGS = {
-    # name: architecture, resolution, device, batch sizes, mixed precision, whether the Flax twins run
+    # name: architecture, resolution, device, batch sizes, mixed precision, whether the Flax twins run, whether the
+    # recipes (each loss and optimizer) get their own rows
     "tiny": dict(
         label="(a) tiny test pipeline",
         architecture=tiny_sd.TINY,
@@ -84,6 +85,7 @@ CONFIGS = {
         batches=[4],
         precision="no",
         flax=True,
+        recipes=True,
     ),
     "sd15": dict(
         label="(c) SD 1.5 architecture",
@@ -93,6 +95,7 @@ CONFIGS = {
         batches=[8, 16, 32],
         precision="bf16",
         flax=False,
+        recipes=True,
     ),
 }
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by a substring of the device name.
@@ -128,6 +131,11 @@ def parse_args(argv=None):
     )
     parser.add_argument(
         "--image_check_count", type=int, default=2000, help="Images per format for the data-check figure (0: skip)."
+    )
+    parser.add_argument(
+        "--recipes_only",
+        action="store_true",
+        help="Measure only the recipe rows (and their cached baseline); replace the recipe section of --output.",
     )
     parser.add_argument(
         "--flax_python",
@@ -252,6 +260,20 @@ T2I_VARIANTS = [
     (["--cache_latents", "--cache_text_embeddings"], "--cache_latents --cache_text_embeddings"),
 ]
 TI_VARIANTS = [([], "VAE in the loop"), (["--cache_latents"], "--cache_latents")]
+# Each recipe over the cached t2i run (AdamW + L2), which keeps the VAE and text encoder out of the step so the
+# loss's and optimizer's own cost shows.
+RECIPE_VARIANTS = [
+    ["--loss_type", "huber"],
+    ["--loss_type", "smooth_l1"],
+    ["--loss_type", "l1"],
+    ["--debiased_estimation_loss"],
+    ["--timestep_sampling", "logit_normal"],
+    ["--optimizer", "adafactor"],
+    ["--optimizer", "lion"],
+    ["--optimizer", "prodigy"],
+    ["--optimizer", "schedule_free_adamw"],
+]
+GPU_RECIPE_VARIANTS = [["--optimizer", "adamw_8bit"]]  # bitsandbytes needs CUDA
 # Uncached, like the first t2i row, on 2:1, 1:2, 1:1 and 3:2 images: each bucket holds at most resolution² pixels.
 BUCKETS_VARIANT = (["--use_aspect_ratio_buckets"], "--use_aspect_ratio_buckets, mixed aspect ratios")
 
@@ -285,6 +307,16 @@ def plan(name, config, args, pipeline, images, mixed, concept, flax_ok):
         memory = ["--gradient_checkpointing", "--use_8bit_adam"]
         jobs.append(("train_text_to_image.py", 1, cached + memory, variant + " " + " ".join(memory)))
         jobs += [("textual_inversion.py", 4, flags, variant) for flags, variant in TI_VARIANTS]
+    if config.get("recipes"):
+        cached, variant = T2I_VARIANTS[2]
+        batch = config["batches"][0] if config["device"] == "cpu" else 16
+        recipes = RECIPE_VARIANTS + (GPU_RECIPE_VARIANTS if config["device"] == "cuda" else [])
+        jobs += [
+            ("train_text_to_image.py", batch, cached + flags, RECIPE_PREFIX + " ".join(flags)) for flags in recipes
+        ]
+    if args.recipes_only:
+        cached_job = [job for job in jobs if job[0] == "train_text_to_image.py" and job[3] == T2I_VARIANTS[2][1]][:1]
+        jobs = cached_job + [job for job in jobs if job[3].startswith(RECIPE_PREFIX)]
     steps = args.logging_steps * (1 + args.windows)
     runs = []
     for script, batch, flags, variant in jobs:
@@ -354,6 +386,34 @@ def plan(name, config, args, pipeline, images, mixed, concept, flax_ok):
     return runs
 
 
+RECIPE_PREFIX = "recipe: "
+
+
+def format_recipe_table(rows):
+    """The recipe rows: seconds per step against the cached AdamW + L2 run of the same configuration and batch."""
+    baselines = {
+        (r["config"], r["batch"]): r.get("step_time")
+        for r in rows
+        if r["script"] == "train_text_to_image.py" and r["variant"] == T2I_VARIANTS[2][1]
+    }
+    header = ["configuration", "recipe (over the cached AdamW + L2 run)", "batch", "s/step", "vs AdamW + L2", "memory"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        if not r["variant"].startswith(RECIPE_PREFIX):
+            continue
+        base = baselines.get((r["config"], r["batch"]))
+        if "step_time" in r:
+            memory = (
+                f"{r['peak_gpu_gib']:.1f} GiB (GPU)" if "peak_gpu_gib" in r else f"{r['peak_rss_gib']:.2f} GiB (RSS)"
+            )
+            figures = [f"{r['step_time']:.3f}", f"{r['step_time'] / base:.2f}x" if base else "-", memory]
+        else:
+            figures = [r.get("error", "not measured"), "", ""]
+        recipe = f"`{r['variant'].removeprefix(RECIPE_PREFIX)}`"
+        lines.append("| " + " | ".join([r["config"], recipe, str(r["batch"])] + figures) + " |")
+    return "\n".join(lines)
+
+
 def format_table(rows):
     header = [
         "configuration",
@@ -378,6 +438,8 @@ def format_table(rows):
         (r["config"], r["script"], r["batch"]): r.get("images_per_second") for r in rows if is_baseline(r["variant"])
     }
     for r in rows:
+        if r["variant"].startswith(RECIPE_PREFIX):
+            continue  # in the recipe table
         if "error" in r:
             figures = [r["error"]] + [""] * 4
         elif "images_per_second" not in r:
@@ -553,7 +615,7 @@ def main(argv=None):
                     f"{row['compiled_shapes']} time{'s' if row['compiled_shapes'] != 1 else ''}, once per batch shape "
                     "(the log says which)."
                 )
-    if args.image_check_count:
+    if args.image_check_count and not args.recipes_only:
         rates = image_check_rates(args.work_dir, args.image_check_count)
         notes.append(
             f"Data check at start (every image decoded before training; {os.cpu_count()} CPU cores): "
@@ -562,6 +624,23 @@ def main(argv=None):
         )
     if not flax_ok:
         notes.append(f"Flax rows skipped: no JAX environment at {args.flax_python} (`make test` builds it).")
+    recipe_section = [
+        "## Recipes: per-step cost of each loss, sampler and optimizer",
+        "",
+        f"Measured on {datetime.date.today().isoformat()}: `train_text_to_image.py` with `--cache_latents "
+        "--cache_text_embeddings` and one recipe flag each; the Flax twins share the math (their per-recipe cost is "
+        "not measured: each run compiles for minutes on CPU).",
+        "",
+        format_recipe_table(rows),
+        "",
+    ]
+    if args.recipes_only:
+        text = open(args.output).read() if os.path.exists(args.output) else "# Benchmarks\n"
+        text = text.split("\n" + recipe_section[0] + "\n")[0].rstrip("\n") + "\n\n" + "\n".join(recipe_section)
+        with open(args.output, "w") as f:
+            f.write(text)
+        print(f"Wrote the recipe section of {args.output}")
+        return rows
     report = [
         "# Benchmarks",
         "",
@@ -583,6 +662,7 @@ def main(argv=None):
         "",
         *[f"- {line}" for line in target_lines(rows)],
         "",
+        *recipe_section,
     ]
     with open(args.output, "w") as f:
         f.write("\n".join(report))

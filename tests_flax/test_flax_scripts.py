@@ -42,9 +42,12 @@ def test_text_to_image_flax_trains_on_two_devices_and_pytorch_loads_it(launch, a
         "--mixed_precision bf16 --snr_gamma 5.0 --prediction_type v_prediction --random_flip --rescale_betas_zero_snr"
         " --loss_type huber --debiased_estimation_loss --timestep_sampling logit_normal"
     )
-    result = launch.run(T2I, t2i_args(assets, out, flags, recipe))
+    result = launch.run(T2I, t2i_args(assets, out, flags, recipe, "--validation_prompts 'a red circle'"))
     assert "devices = 2" in result.output and "total batch = 2" in result.output
     assert checkpoint_names(out) == ["checkpoint-4"]
+    # Rendered by DDIM from the last timestep, where alpha_bar is 0: a picture, not NaN (which would render black).
+    assert os.listdir(os.path.join(out, "validation")) == ["final-step-000004.png"]
+    assert np.asarray(Image.open(os.path.join(out, "validation", "final-step-000004.png"))).std() > 0
     assert not [n for n in os.listdir(out) if n.endswith((".partial", ".stale"))]
     # The frozen parts are the source's files, byte for byte; the UNet is the trained one.
     for component, name in [("text_encoder", "model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors")]:
