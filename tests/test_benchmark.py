@@ -42,10 +42,12 @@ def test_benchmark_writes_a_table_with_every_row(tmp_path):
     assert all(re.fullmatch(r"\d+\.\d\dx", row[10]) for row in tiny if "cache" in row[2] or "buckets" in row[2])
     # Without a GPU the SD 1.5 rows are listed, marked not measured; its FLOPs are counted on the meta device.
     sd15 = [row for row in rows if row.startswith("| (c)")]
-    assert len(sd15) == 20 and all("not measured" in row for row in sd15)
-    # Its recipe rows: every loss, sampler and optimizer over the cached run, 8-bit AdamW included (CUDA only).
+    assert len(sd15) == 21 and all("not measured" in row for row in sd15)
+    # Its recipe rows: every loss, sampler and optimizer over the cached run, 8-bit AdamW included (CUDA only), and
+    # that run once more.
     recipes = [row.split(" | ")[1] for row in sd15 if "`--" in row.split(" | ")[1]]
     assert len(recipes) == 10 and "`--optimizer adamw_8bit`" in recipes and "`--loss_type huber`" in recipes
+    assert sum("(none: AdamW + L2, measured again)" in row for row in sd15) == 1
     flops = re.search(r"\(c\) SD 1.5 architecture, per 512 px image: UNet forward \+ backward ([\d.]+) TFLOPs", text)
     assert flops and abs(float(flops.group(1)) - 2.41) < 0.01  # the published figure for SD's UNet at 512 px
     assert "Flax rows skipped" in text
