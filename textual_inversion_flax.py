@@ -1329,6 +1329,21 @@ def make_renderer(models, size, num_inference_steps=20, guidance_scale=7.5):
     return jax.jit(render)
 
 
+def validation_renderer(folder, args, unet, vae, text_encoder, tokenizer):
+    """The compiled validation sampler (make_renderer) of these models, at --validation_resolution."""
+    scheduler, scheduler_state, trailing = load_validation_scheduler(folder, args)
+    models = ValidationModels(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=scheduler,
+        scheduler_state=scheduler_state,
+        trailing=trailing,
+    )
+    return make_renderer(models, args.validation_resolution)
+
+
 def render_validation_images(render, params, tokenizer, prompts, seed):
     """One image per prompt, each from its own fixed seed, so grids compare across steps and across a resume."""
     images = []
@@ -1549,19 +1564,9 @@ def main(argv=None):
         noise_scheduler=noise_scheduler,
     )
     validation_prompts = [args.validation_prompt] * args.num_validation_images if args.validation_prompt else []
-    render = None
-    if validation_prompts:
-        scheduler, validation_scheduler_state, trailing = load_validation_scheduler(folder, args)
-        validation_models = ValidationModels(
-            unet=unet,
-            vae=vae,
-            text_encoder=extended_text_encoder,
-            tokenizer=tokenizer,
-            scheduler=scheduler,
-            scheduler_state=validation_scheduler_state,
-            trailing=trailing,
-        )
-        render = make_renderer(validation_models, args.validation_resolution)
+    render = (
+        validation_renderer(folder, args, unet, vae, extended_text_encoder, tokenizer) if validation_prompts else None
+    )
     prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
     loss_config = LossConfig(
         prediction_type=prediction_type,

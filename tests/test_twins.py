@@ -36,7 +36,8 @@ COPIED = {
         enable_block_rematerialisation learning_rate_schedule make_optimizer LogWindow LossConfig diffusion_loss
         save_checkpoint restore_train_state stop_agreed check_finite rescale_zero_terminal_snr load_noise_scheduler
         OPTIMIZERS add_optimizer_arguments check_optimizer_arguments evaluation_params ValidationModels
-        load_validation_scheduler make_renderer render_validation_images save_validation_grid inference_scheduler_config
+        load_validation_scheduler make_renderer validation_renderer render_validation_images save_validation_grid
+        inference_scheduler_config
     """.split(),
     (T2I, T2I_FLAX): """
         load_image_caption_dataset BUCKET_SEED_KEY parse_buckets bucket_step generate_buckets assign_buckets
