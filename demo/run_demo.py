@@ -36,6 +36,7 @@ SCORED_SIZES = {"landscape": (48, 96), "portrait": (96, 48)}
 # The frozen VAE and text encoder encode every image and caption once, before training: the same training, with 31%
 # less time per step on the shapes (measured on 2 CPU cores).
 CACHES = ["--cache_latents", "--cache_text_embeddings"]
+CORES = len(os.sched_getaffinity(0))
 
 
 def parse_args(argv=None):
@@ -74,12 +75,15 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def launch(script, args, wait=True):
+def launch(script, args, wait=True, threads=None):
     """Run a training script the way users do; its output streams to this terminal. wait=False returns the running
-    process."""
+    process. `threads`: CPU threads for it, by default every core (Accelerate gives a one-process launch one thread,
+    and the demo's fine-tuning ran 1.45x faster per step on two: 0.25 against 0.36 s, with the same losses)."""
     command = [
         os.path.join(os.path.dirname(sys.executable), "accelerate"),
         "launch",
+        "--num_cpu_threads_per_process",
+        str(threads or CORES),
         "--num_processes",
         "1",
         "--num_machines",
@@ -101,7 +105,7 @@ def finish(process):
         raise subprocess.CalledProcessError(process.returncode, process.args)
 
 
-def train_wide_and_tall(t2i, data, output_dir, steps, buckets, wait=True):
+def train_wide_and_tall(t2i, data, output_dir, steps, buckets, wait=True, threads=None):
     """Go on training the fine-tuned pipeline on wide and tall pictures: with aspect-ratio buckets, or (buckets=False)
     resized and cropped to 64x64 squares as without them."""
     args = [
@@ -135,7 +139,7 @@ def train_wide_and_tall(t2i, data, output_dir, steps, buckets, wait=True):
     # With buckets each image has one crop, so it can be cached. The square arm keeps a new random crop per use, as
     # training without buckets does.
     layout = ["--aspect_ratio_buckets", BUCKETS, *CACHES] if buckets else ["--random_flip"]
-    return launch("train_text_to_image.py", args + layout, wait=wait)
+    return launch("train_text_to_image.py", args + layout, wait=wait, threads=threads)
 
 
 def score_sizes(pipeline, seeds, grid_prefix):
@@ -267,7 +271,10 @@ def main(argv=None):
     buckets = os.path.join(args.output_dir, "buckets")
     bucket_run = None
     if args.bucket_steps:
-        bucket_run = train_wide_and_tall(t2i, wide_and_tall, buckets, args.bucket_steps, buckets=True, wait=False)
+        # The two runs share the cores.
+        bucket_run = train_wide_and_tall(
+            t2i, wide_and_tall, buckets, args.bucket_steps, buckets=True, wait=False, threads=max(CORES // 2, 1)
+        )
 
     # Learn a word for the concept, on top of the fine-tuned pipeline.
     ti = os.path.join(args.output_dir, "textual_inversion")
@@ -314,6 +321,7 @@ def main(argv=None):
             "--output_dir",
             ti,
         ],
+        threads=max(CORES // 2, 1) if bucket_run else None,
     )
     score = evaluate.main_scores(
         [
