@@ -277,6 +277,7 @@ GPU_RECIPE_VARIANTS = [["--optimizer", "adamw_8bit"]]  # bitsandbytes needs CUDA
 # The cached AdamW + L2 run once more, after the recipes: the baseline is the mean of its two runs, and their spread
 # shows how far this machine's noise reaches.
 BASELINE_AGAIN = "(none: AdamW + L2, measured again)"
+RECIPE_PREFIX = "recipe: "  # the variant of a recipe row, which goes to the recipe table
 # Uncached, like the first t2i row, on 2:1, 1:2, 1:1 and 3:2 images: each bucket holds at most resolution² pixels.
 BUCKETS_VARIANT = (["--use_aspect_ratio_buckets"], "--use_aspect_ratio_buckets, mixed aspect ratios")
 
@@ -391,37 +392,27 @@ def plan(name, config, args, pipeline, images, mixed, concept, flax_ok):
     return runs
 
 
-RECIPE_PREFIX = "recipe: "
+def memory_text(row):
+    return f"{row['peak_gpu_gib']:.1f} GiB (GPU)" if "peak_gpu_gib" in row else f"{row['peak_rss_gib']:.2f} GiB (RSS)"
 
 
 def format_recipe_table(rows):
     """The recipe rows: seconds per step against the cached AdamW + L2 run of the same configuration and batch."""
+    baseline_variants = (T2I_VARIANTS[2][1], RECIPE_PREFIX + BASELINE_AGAIN)
     runs = {}
     for r in rows:
-        if r["script"] == "train_text_to_image.py" and r["variant"] in (
-            T2I_VARIANTS[2][1],
-            RECIPE_PREFIX + BASELINE_AGAIN,
-        ):
+        if r["script"] == "train_text_to_image.py" and r["variant"] in baseline_variants:
             runs.setdefault((r["config"], r["batch"]), []).append(r.get("step_time"))
     baselines = {key: statistics.mean(times) for key, times in runs.items() if None not in times}
-    header = [
-        "configuration",
-        "recipe (over the cached AdamW + L2 run)",
-        "batch",
-        "s/step",
-        "vs AdamW + L2 (mean of 2)",
-    ]
-    header.append("memory")
+    header = ["configuration", "recipe (over the cached AdamW + L2 run)", "batch", "s/step"]
+    header += ["vs AdamW + L2 (mean of 2)", "memory"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         if not r["variant"].startswith(RECIPE_PREFIX):
             continue
         base = baselines.get((r["config"], r["batch"]))
         if "step_time" in r:
-            memory = (
-                f"{r['peak_gpu_gib']:.1f} GiB (GPU)" if "peak_gpu_gib" in r else f"{r['peak_rss_gib']:.2f} GiB (RSS)"
-            )
-            figures = [f"{r['step_time']:.3f}", f"{r['step_time'] / base:.2f}x" if base else "-", memory]
+            figures = [f"{r['step_time']:.3f}", f"{r['step_time'] / base:.2f}x" if base else "-", memory_text(r)]
         else:
             figures = [r.get("error", "not measured"), "", ""]
         recipe = r["variant"].removeprefix(RECIPE_PREFIX)
@@ -461,9 +452,7 @@ def format_table(rows):
         elif "images_per_second" not in r:
             figures = ["not measured"] + [""] * 4
         else:
-            memory = (
-                f"{r['peak_gpu_gib']:.1f} GiB (GPU)" if "peak_gpu_gib" in r else f"{r['peak_rss_gib']:.2f} GiB (RSS)"
-            )
+            memory = memory_text(r)
             mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
             base = baselines.get((r["config"], r["script"], r["batch"]))
             speedup = f"{r['images_per_second'] / base:.2f}x" if base and not is_baseline(r["variant"]) else "-"

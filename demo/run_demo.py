@@ -37,6 +37,7 @@ SCORED_SIZES = {"landscape": (48, 96), "portrait": (96, 48)}
 # less time per step on the shapes (measured on 2 CPU cores).
 CACHES = ["--cache_latents", "--cache_text_embeddings"]
 CORES = len(os.sched_getaffinity(0))
+HALF_THE_CORES = max(CORES // 2, 1)  # for each of two runs side by side
 
 
 def parse_args(argv=None):
@@ -271,9 +272,8 @@ def main(argv=None):
     buckets = os.path.join(args.output_dir, "buckets")
     bucket_run = None
     if args.bucket_steps:
-        # The two runs share the cores.
         bucket_run = train_wide_and_tall(
-            t2i, wide_and_tall, buckets, args.bucket_steps, buckets=True, wait=False, threads=max(CORES // 2, 1)
+            t2i, wide_and_tall, buckets, args.bucket_steps, buckets=True, wait=False, threads=HALF_THE_CORES
         )
 
     # Learn a word for the concept, on top of the fine-tuned pipeline.
@@ -321,7 +321,7 @@ def main(argv=None):
             "--output_dir",
             ti,
         ],
-        threads=max(CORES // 2, 1) if bucket_run else None,
+        threads=HALF_THE_CORES if bucket_run else None,
     )
     score = evaluate.main_scores(
         [
