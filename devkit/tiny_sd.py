@@ -105,6 +105,13 @@ TINY = {
     ),
 }
 
+# The same at SD 2.x's structure: OpenCLIP's GELU text encoder and linear projections in the UNet's transformers.
+TINY_SD2 = {
+    "text": {**TINY["text"], "hidden_act": "gelu"},
+    "vae": TINY["vae"],
+    "unet": {**TINY["unet"], "use_linear_projection": True},
+}
+
 
 def build_tiny_pipeline(path, prediction_type="epsilon", seed=0):
     """Save a randomly initialised tiny SD pipeline (64 px images -> 8x8x4 latents) at `path`."""

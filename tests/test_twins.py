@@ -42,6 +42,10 @@ COPIED = {
     (T2I, T2I_FLAX): """
         load_image_caption_dataset BUCKET_SEED_KEY parse_buckets bucket_step generate_buckets assign_buckets
         bucket_batches describe_buckets setup_buckets CaptionConfig edit_caption validation_weights
+        SINGLE_FILE_DTYPES SD_DOWN_BLOCKS SD_UP_BLOCKS LDM_RESNET_NAMES LDM_VAE_RESNET_NAMES LDM_VAE_ATTENTION_NAMES
+        OPEN_CLIP_LAYER_NAMES single_file_layout ldm_unet_prefixes ldm_vae_prefixes rename_by_prefix open_clip_state
+        component_configs read_component_weights original_layout_state write_single_file single_file_metadata
+        save_single_file
     """.split(),
     (TI, TI_FLAX): """
         IMAGE_EXTENSIONS OBJECT_TEMPLATES STYLE_TEMPLATES find_example_images add_placeholder_tokens

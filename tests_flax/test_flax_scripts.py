@@ -11,6 +11,7 @@ import pytest
 from conftest import run_torch
 from flax import serialization
 from PIL import Image
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from devkit.command_line import command_line
@@ -42,7 +43,9 @@ def test_text_to_image_flax_trains_on_two_devices_and_pytorch_loads_it(launch, a
         "--mixed_precision bf16 --snr_gamma 5.0 --prediction_type v_prediction --random_flip --rescale_betas_zero_snr"
         " --loss_type huber --debiased_estimation_loss --timestep_sampling logit_normal"
     )
-    result = launch.run(T2I, t2i_args(assets, out, flags, recipe, "--validation_prompts 'a red circle'"))
+    result = launch.run(
+        T2I, t2i_args(assets, out, flags, recipe, "--validation_prompts 'a red circle' --save_single_file")
+    )
     assert "devices = 2" in result.output and "total batch = 2" in result.output
     assert checkpoint_names(out) == ["checkpoint-4"]
     # Rendered by DDIM from the last timestep, where alpha_bar is 0: a picture, not NaN (which would render black).
@@ -70,8 +73,20 @@ pipe.scheduler.set_timesteps(10)
 assert pipe.scheduler.timesteps[0] == 999 and pipe.scheduler.alphas_cumprod[-1] == 0
 image = pipe("a red circle", num_inference_steps=2, height=64, width=64, generator=torch.manual_seed(0)).images[0]
 print("generated", image.size, float(np.asarray(image).std()) > 0)
+# The single file (fp16 by default) holds the same pipeline, as diffusers' own single-file loader reads it.
+path = {os.path.join(out, "run.safetensors")!r}
+single = StableDiffusionPipeline.from_single_file(path, config={out!r}, safety_checker=None, local_files_only=True)
+for name in ["unet", "vae", "text_encoder"]:
+    ours, folder = getattr(single, name).state_dict(), getattr(pipe, name).state_dict()
+    assert ours.keys() == folder.keys(), name
+    assert all(torch.equal(ours[k], v.half().float()) for k, v in folder.items()), name
+print("single file", single.scheduler.config.prediction_type)
 """)
-    assert "generated (64, 64) True" in result.stdout
+    assert "generated (64, 64) True" in result.stdout and "single file v_prediction" in result.stdout
+    with safe_open(os.path.join(out, "run.safetensors"), "np") as f:
+        metadata = f.metadata()
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1" and metadata["modelspec.prediction_type"] == "v"
+    assert metadata["training.zero_terminal_snr"] == "true" and metadata["training.global_step"] == "4"
 
 
 T2I_EXACT = (

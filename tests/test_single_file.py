@@ -1,0 +1,102 @@
+"""--save_single_file: the trained pipeline as one .safetensors file in the original Stable Diffusion key layout, read
+back by diffusers' own single-file loader (the UI loaders are tested in test_ui_loaders.py)."""
+
+import os
+
+import numpy as np
+import torch
+from helpers import tree_snapshot
+from safetensors import safe_open
+from test_train_text_to_image import SCRIPT, base_args
+
+from devkit import tiny_sd
+
+
+def render(pipeline):
+    generator = torch.Generator().manual_seed(0)
+    image = pipeline("a red circle", num_inference_steps=3, height=64, width=64, generator=generator, output_type="np")
+    return image.images[0]
+
+
+def components_match(single, folder, dtype):
+    """Every weight diffusers reads back from the single file equals the folder's, rounded to the file's dtype."""
+    for name in ["unet", "vae", "text_encoder"]:
+        ours, theirs = getattr(single, name).state_dict(), getattr(folder, name).state_dict()
+        assert ours.keys() == theirs.keys(), name
+        for key, tensor in theirs.items():
+            assert torch.equal(ours[key], tensor.to(dtype).float()), f"{name}.{key}"
+
+
+def test_single_file_round_trips_through_diffusers(launch, assets, tmp_path):
+    out = str(tmp_path / "cat-run")
+    launch.accelerate(SCRIPT, base_args(assets, out, "--max_train_steps 2 --save_single_file"))
+    path = os.path.join(out, "cat-run.safetensors")
+    assert not [name for name in os.listdir(out) if name.endswith(".partial")]
+    with safe_open(path, "pt") as f:
+        metadata, keys = f.metadata(), list(f.keys())
+        assert {f.get_tensor(key).dtype for key in keys} == {torch.float16}, "the default --single_file_dtype fp16"
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v1"
+    assert metadata["modelspec.prediction_type"] == "epsilon" and metadata["training.global_step"] == "2"
+    assert metadata["training.base_model"] == assets["pipeline"] and metadata["modelspec.title"] == "cat-run"
+    prefixes = {key.split(".")[0] + "." + key.split(".")[1] for key in keys}
+    assert prefixes == {"model.diffusion_model", "first_stage_model.encoder", "first_stage_model.decoder"} | {
+        "first_stage_model.quant_conv",
+        "first_stage_model.post_quant_conv",
+        "cond_stage_model.transformer",
+    }
+
+    from diffusers import StableDiffusionPipeline
+
+    folder = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    single = StableDiffusionPipeline.from_single_file(path, config=out, safety_checker=None, local_files_only=True)
+    components_match(single, folder, torch.float16)
+    # The same picture as the folder's weights rounded to fp16; the fp16 rounding itself moves pixels only slightly.
+    reference = render(folder)
+    for model in [folder.unet, folder.vae, folder.text_encoder]:
+        model.load_state_dict({key: tensor.half().float() for key, tensor in model.state_dict().items()})
+    assert np.abs(render(single) - render(folder)).max() < 1e-5
+    assert np.abs(render(single) - reference).max() < 0.02
+
+
+def test_sd2_layout_v_prediction_and_fp32(launch, assets, tmp_path):
+    base = tiny_sd.build_pipeline(
+        str(tmp_path / "sd2"), tiny_sd.TINY_SD2, sample_size=64, prediction_type="v_prediction"
+    )
+    args = base_args(assets, str(tmp_path / "run"), "--max_train_steps 1 --save_single_file --single_file_dtype fp32")
+    args[args.index("--pretrained_model_name_or_path") + 1] = base
+    launch.accelerate(SCRIPT, args)
+    out = str(tmp_path / "run")
+    path = os.path.join(out, "run.safetensors")
+    with safe_open(path, "pt") as f:
+        metadata, keys = f.metadata(), set(f.keys())
+    assert metadata["modelspec.architecture"] == "stable-diffusion-v2-768-v"
+    assert metadata["modelspec.prediction_type"] == "v"
+    # OpenCLIP's fused attention input projection, and no CLIP-L names.
+    assert "cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+    assert not any(key.startswith("cond_stage_model.transformer.") for key in keys)
+
+    from diffusers import StableDiffusionPipeline
+
+    folder = StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    single = StableDiffusionPipeline.from_single_file(path, config=out, safety_checker=None, local_files_only=True)
+    components_match(single, folder, torch.float32)
+    assert single.scheduler.config.prediction_type == "v_prediction"
+    assert np.abs(render(single) - render(folder)).max() < 1e-5
+
+
+def test_unknown_architecture_is_refused_before_training(launch, assets, tmp_path):
+    architecture = {**tiny_sd.TINY, "unet": {**tiny_sd.TINY["unet"], "class_embed_type": "timestep"}}
+    base = tiny_sd.build_pipeline(str(tmp_path / "class-embedding"), architecture, sample_size=64)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("kept")
+    before = tree_snapshot(str(out))
+    args = base_args(assets, str(out), "--max_train_steps 1 --save_single_file")
+    args[args.index("--pretrained_model_name_or_path") + 1] = base
+    result = launch.accelerate(SCRIPT, args, check=False)
+    assert result.returncode != 0
+    assert "--save_single_file: no original Stable Diffusion single-file layout" in result.output
+    assert "class_embed_type='timestep'" in result.output
+    assert not os.path.exists(out / "unet") and not os.path.exists(out / "run.safetensors")
+    after = tree_snapshot(str(out))
+    assert {k: v for k, v in after.items() if not k.startswith(".training.lock")} == before
