@@ -270,6 +270,13 @@ def parse_args(argv=None):
         help="Also save learned_embeds-steps-N every this many optimizer updates.",
     )
     parser.add_argument(
+        "--embedding_format",
+        type=str,
+        default="both",
+        choices=["diffusers", "ui", "both"],
+        help="Final embeddings: learned_embeds (diffusers), <placeholder> (A1111/Forge, ComfyUI, InvokeAI), or both.",
+    )
+    parser.add_argument(
         "--no_safe_serialization",
         action="store_true",
         help="Save the embeddings as .bin (torch.save) instead of .safetensors.",
@@ -1428,10 +1435,33 @@ def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, genera
 # ------------------------------------------------------ END MATH ------------------------------------------------------
 
 
-def save_embeddings(learned, placeholder_token, path, safe_serialization=True):
-    """{placeholder: tensor[num_vectors, hidden]}: the file diffusers' load_textual_inversion and the common UIs read.
+# A1111/Forge and ComfyUI read this key too; InvokeAI's probe reads the vector width from it (from a file keyed by the
+# token it reads the number of vectors instead, and refuses the file).
+UI_EMBEDDING_KEY = "emb_params"
+
+
+def ui_embedding_name(placeholder_token):
+    """The name the UIs show and prompts use for the embedding, which they take from its file name: the placeholder
+    without the characters file systems or prompt syntax reserve, "<cat-toy>" -> "cat-toy"."""
+    return re.sub(r"[^\w.-]+", "", placeholder_token).strip(".") or "embedding"
+
+
+def embedding_files(args, suffix):
+    """(key, path) of each final embeddings file --embedding_format asks for: learned_embeds.<suffix> keyed by the
+    placeholder (diffusers' layout) and <name>.<suffix> keyed by UI_EMBEDDING_KEY (the UIs' layout)."""
+    files = []
+    if args.embedding_format in ("diffusers", "both"):
+        files.append((args.placeholder_token, os.path.join(args.output_dir, f"learned_embeds.{suffix}")))
+    if args.embedding_format in ("ui", "both"):
+        name = ui_embedding_name(args.placeholder_token)
+        files.append((UI_EMBEDDING_KEY, os.path.join(args.output_dir, f"{name}.{suffix}")))
+    return files
+
+
+def save_embeddings(learned, key, path, safe_serialization=True):
+    """{key: tensor[num_vectors, hidden]}, key the placeholder (diffusers) or UI_EMBEDDING_KEY (the UIs).
     Written to a temporary name, flushed to disk and renamed, so a crash never leaves a truncated file."""
-    state = {placeholder_token: learned.detach().float().cpu().contiguous()}
+    state = {key: learned.detach().float().cpu().contiguous()}
     partial = path + ".partial"
     try:
         if safe_serialization:
@@ -1925,8 +1955,9 @@ def main(argv=None):
         check_finite(tensors, probe, "the embedding", global_step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        path = os.path.join(args.output_dir, f"learned_embeds.{embeds_suffix}")
-        save_embeddings(learned_embedding.learned, args.placeholder_token, path, not args.no_safe_serialization)
+        for key, path in embedding_files(args, embeds_suffix):
+            save_embeddings(learned_embedding.learned, key, path, not args.no_safe_serialization)
+            logger.info(f"Saved {os.path.abspath(path)}")
         grid = None
         if validation_prompts:
             validate(accelerator, *validation_models, args, seed, global_step, "final", weight_dtype)
@@ -1934,7 +1965,6 @@ def main(argv=None):
         if args.save_as_full_pipeline or args.push_to_hub:
             save_full_pipeline(accelerator.unwrap_model(text_encoder), tokenizer, unet, vae, weight_dtype, args)
         write_model_card(args, global_step, grid)
-        logger.info(f"Saved {os.path.abspath(path)}")
         if args.push_to_hub:
             push_to_hub(args)
     accelerator.end_training()

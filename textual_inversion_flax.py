@@ -223,6 +223,13 @@ def parse_args(argv=None):
         help="Also save learned_embeds-steps-N every this many optimizer updates.",
     )
     parser.add_argument(
+        "--embedding_format",
+        type=str,
+        default="both",
+        choices=["diffusers", "ui", "both"],
+        help="Final embeddings: learned_embeds (diffusers), <placeholder> (A1111/Forge, ComfyUI, InvokeAI), or both.",
+    )
+    parser.add_argument(
         "--checkpointing_steps",
         type=int,
         default=500,
@@ -1459,16 +1466,39 @@ def restore_train_state(state, checkpoint_path):
         raise RuntimeError(f"{path} could not be loaded ({type(err).__name__}: {err})") from err
 
 
-def save_embeddings(learned, placeholder_token, path):
-    """{placeholder: tensor[num_vectors, hidden]}: the file diffusers' load_textual_inversion and the common UIs read,
-    the same as the PyTorch twin writes. Written to a temporary name, flushed to disk and renamed, so a crash never
+# A1111/Forge and ComfyUI read this key too; InvokeAI's probe reads the vector width from it (from a file keyed by the
+# token it reads the number of vectors instead, and refuses the file).
+UI_EMBEDDING_KEY = "emb_params"
+
+
+def ui_embedding_name(placeholder_token):
+    """The name the UIs show and prompts use for the embedding, which they take from its file name: the placeholder
+    without the characters file systems or prompt syntax reserve, "<cat-toy>" -> "cat-toy"."""
+    return re.sub(r"[^\w.-]+", "", placeholder_token).strip(".") or "embedding"
+
+
+def embedding_files(args, suffix):
+    """(key, path) of each final embeddings file --embedding_format asks for: learned_embeds.<suffix> keyed by the
+    placeholder (diffusers' layout) and <name>.<suffix> keyed by UI_EMBEDDING_KEY (the UIs' layout)."""
+    files = []
+    if args.embedding_format in ("diffusers", "both"):
+        files.append((args.placeholder_token, os.path.join(args.output_dir, f"learned_embeds.{suffix}")))
+    if args.embedding_format in ("ui", "both"):
+        name = ui_embedding_name(args.placeholder_token)
+        files.append((UI_EMBEDDING_KEY, os.path.join(args.output_dir, f"{name}.{suffix}")))
+    return files
+
+
+def save_embeddings(learned, key, path):
+    """{key: tensor[num_vectors, hidden]}, key the placeholder (diffusers) or UI_EMBEDDING_KEY (the UIs), the same
+    as the PyTorch twin writes. Written to a temporary name, flushed to disk and renamed, so a crash never
     leaves a truncated file."""
     import safetensors.numpy
 
     partial = path + ".partial"
     try:
         rows = np.asarray(jax.device_get(learned), dtype=np.float32)
-        safetensors.numpy.save_file({placeholder_token: rows}, partial, metadata={"format": "pt"})
+        safetensors.numpy.save_file({key: rows}, partial, metadata={"format": "pt"})
         with open(partial, "rb") as f:
             os.fsync(f.fileno())
     except OSError as err:
@@ -1703,9 +1733,9 @@ def main(argv=None):
         probe = float(probe_fn(params, state, frozen, *last_batch))
         check_finite({"params": params}, probe, "the embedding", global_step)
     if is_main_process:
-        path = os.path.join(args.output_dir, "learned_embeds.safetensors")
-        save_embeddings(params["learned"], args.placeholder_token, path)
-        logger.info(f"Saved {os.path.abspath(path)}")
+        for key, path in embedding_files(args, "safetensors"):
+            save_embeddings(params["learned"], key, path)
+            logger.info(f"Saved {os.path.abspath(path)}")
     if validation_prompts:
         validate(
             render, state, frozen, tokenizer, validation_prompts, args, seed, global_step, "final", is_main_process

@@ -85,6 +85,15 @@ def test_embeddings_load_in_diffusers_and_generate(launch, assets, concept, tmp_
     ids = pipe.tokenizer(pipe.maybe_convert_prompt("a <blob>", pipe.tokenizer)).input_ids
     assert ids[2:5] == pipe.tokenizer.convert_tokens_to_ids(["<blob>", "<blob>_1", "<blob>_2"])
     assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[ids[2:5]], embeds["<blob>"])
+    # The UIs' file (--embedding_format both, the default): the same rows under "emb_params", named for the prompt
+    # word the UIs take from the file name; diffusers reads it too, told the token.
+    ui_file = os.path.join(out, "blob.safetensors")
+    assert load_file(ui_file).keys() == {"emb_params"} and torch.equal(
+        load_file(ui_file)["emb_params"], embeds["<blob>"]
+    )
+    other = StableDiffusionPipeline.from_pretrained(assets["pipeline"])
+    other.load_textual_inversion(ui_file, token="<blob>")
+    assert torch.equal(other.text_encoder.get_input_embeddings().weight[ids[2:5]], embeds["<blob>"])
     image = pipe(
         "a photo of a <blob>", num_inference_steps=2, height=64, width=64, generator=torch.manual_seed(0)
     ).images[0]
@@ -166,6 +175,7 @@ def test_min_snr_v_prediction_bf16_gradient_checkpointing_and_bin(launch, assets
     launch.accelerate(SCRIPT, base_args(assets, concept, out, flags, more, validation, "--checkpointing_steps 100"))
     embeds = torch.load(os.path.join(out, "learned_embeds.bin"))
     assert list(embeds) == ["<blob>"] and embeds["<blob>"].shape == (1, 32) and torch.isfinite(embeds["<blob>"]).all()
+    assert torch.equal(torch.load(os.path.join(out, "blob.bin"))["emb_params"], embeds["<blob>"])
     assert sorted(os.listdir(os.path.join(out, "validation"))) == [
         "final-step-000003.png",
         "validation-step-000002.png",
@@ -179,7 +189,7 @@ def test_min_snr_v_prediction_bf16_gradient_checkpointing_and_bin(launch, assets
 
 def test_two_processes(launch, assets, concept, tmp_path):
     out = str(tmp_path / "run")
-    flags = "--max_train_steps 3 --checkpointing_steps 2 --save_steps 2 --cache_latents"
+    flags = "--max_train_steps 3 --checkpointing_steps 2 --save_steps 2 --cache_latents --embedding_format diffusers"
     result = launch.torchrun(SCRIPT, base_args(assets, concept, out, flags))
     assert "processes = 2" in result.output and "total batch = 4" in result.output
     assert "Cached latents: (4, 2, 8, 8, 8)" in result.output  # encoded half by each process, gathered by both
@@ -188,7 +198,9 @@ def test_two_processes(launch, assets, concept, tmp_path):
         "learned_embeds-steps-2.safetensors",
         "learned_embeds.safetensors",
     ]
-    assert not [n for n in os.listdir(out) if n.endswith(".partial")]
+    assert not [n for n in os.listdir(out) if n.endswith(".partial")] and not os.path.exists(
+        os.path.join(out, "blob.safetensors")
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- clear errors

@@ -49,7 +49,7 @@ COPIED = {
     """.split(),
     (TI, TI_FLAX): """
         IMAGE_EXTENSIONS OBJECT_TEMPLATES STYLE_TEMPLATES find_example_images add_placeholder_tokens
-        initializer_token_id
+        initializer_token_id UI_EMBEDDING_KEY ui_embedding_name embedding_files
     """.split(),
 }
 # The names the math uses in all four scripts (diffusers' names).

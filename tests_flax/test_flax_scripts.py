@@ -189,6 +189,8 @@ def test_textual_inversion_flax_embeddings_load_in_pytorch(launch, assets, tmp_p
     ]
     embeds = load_file(os.path.join(out, "learned_embeds.safetensors"))
     assert list(embeds) == ["<blob>"] and embeds["<blob>"].shape == (2, 32) and embeds["<blob>"].dtype == np.float32
+    assert load_file(os.path.join(out, "blob.safetensors")).keys() == {"emb_params"}
+    assert np.array_equal(load_file(os.path.join(out, "blob.safetensors"))["emb_params"], embeds["<blob>"])
     result = run_torch(f"""
 import torch
 from diffusers import StableDiffusionPipeline
