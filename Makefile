@@ -18,10 +18,13 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(VENV)/bin/pip install --quiet --no-deps -e .
 	touch $@
 
-$(VENV_FLAX)/.installed: requirements_flax.txt requirements-dev.txt
+# The JAX environment also holds the UIs' model loaders that tests/test_ui_loaders.py runs (ComfyUI, InvokeAI), without
+# their declared dependencies: see requirements_ui_loaders.txt.
+$(VENV_FLAX)/.installed: requirements_flax.txt requirements-dev.txt requirements_ui_loaders.txt
 	$(PYTHON) -m venv $(VENV_FLAX)
 	$(VENV_FLAX)/bin/pip install --quiet --upgrade pip
 	$(VENV_FLAX)/bin/pip install --quiet -r requirements_flax.txt -r requirements-dev.txt
+	$(VENV_FLAX)/bin/pip install --quiet --no-deps -r requirements_ui_loaders.txt
 	touch $@
 
 lint: $(VENV)/.installed

@@ -2216,6 +2216,7 @@ def write_single_file(state, path, dtype, metadata):
         if os.path.exists(partial):
             os.remove(partial)
         raise OSError(write_failure("the single-file checkpoint", os.path.dirname(path), err)) from err
+    fsync_folder(os.path.dirname(path))
 
 
 def single_file_metadata(layout, prediction_type, zero_terminal_snr, resolution, base_model, global_step, title):

@@ -112,6 +112,38 @@ TINY_SD2 = {
     "unet": {**TINY["unet"], "use_linear_projection": True},
 }
 
+# Stable Diffusion's structure at a reduced size, for the tests that run the UIs' own loaders: ComfyUI tells the model
+# family by the UNet's first width (320) and its cross-attention width (768 for SD 1.x, 1024 with linear projections
+# for SD 2.x); InvokeAI by the cross-attention of the second layer of the first level (so two layers per level); and
+# both build SD's VAE and text encoder with their real shapes, so the VAE is SD's whole VAE and the text encoder keeps
+# its real width and vocabulary (build with vocab_size=49408) with one layer. About 180M parameters in all.
+SD1_SHAPED = {
+    "text": dict(
+        hidden_size=768, intermediate_size=3072, num_hidden_layers=1, num_attention_heads=12, projection_dim=768
+    ),
+    "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
+    "unet": dict(
+        block_out_channels=(320, 320),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=8,  # SD 1.x's 8 heads (diffusers' name for the head count)
+        norm_num_groups=32,
+    ),
+}
+SD2_SHAPED = {
+    "text": dict(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=1,
+        num_attention_heads=16,
+        projection_dim=1024,
+        hidden_act="gelu",
+    ),
+    "vae": SD1_SHAPED["vae"],
+    "unet": {**SD1_SHAPED["unet"], "attention_head_dim": 5, "use_linear_projection": True},  # 64 channels per head
+}
+
 
 def build_tiny_pipeline(path, prediction_type="epsilon", seed=0):
     """Save a randomly initialised tiny SD pipeline (64 px images -> 8x8x4 latents) at `path`."""

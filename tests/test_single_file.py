@@ -55,7 +55,7 @@ def test_single_file_round_trips_through_diffusers(launch, assets, tmp_path):
     for model in [folder.unet, folder.vae, folder.text_encoder]:
         model.load_state_dict({key: tensor.half().float() for key, tensor in model.state_dict().items()})
     assert np.abs(render(single) - render(folder)).max() < 1e-5
-    assert np.abs(render(single) - reference).max() < 0.02
+    assert np.abs(render(single) - reference).max() < 0.005  # measured 7.7e-4
 
 
 def test_sd2_layout_v_prediction_and_fp32(launch, assets, tmp_path):

@@ -1,0 +1,155 @@
+"""Run the UIs' own model loaders on our files, offline, and print what they make of them as one JSON line.
+
+Run by the JAX environment (.venv-flax), which holds ComfyUI's `comfy` package and InvokeAI's model probe
+(requirements_ui_loaders.txt, installed without their declared dependencies):
+
+    .venv-flax/bin/python devkit/ui_loaders.py checkpoint FILE.safetensors
+    .venv-flax/bin/python devkit/ui_loaders.py embedding FILE.safetensors --width 768
+
+checkpoint: ComfyUI's load_checkpoint_guess_config (the model family it detects, and whether every tensor of the file
+is what its loaded UNet, VAE and text encoder hold, read back through its own save path) and InvokeAI's model probe
+(type, format, base, variant, prediction type). embedding: ComfyUI's load_embed and its tokenizer's expansion of
+"embedding:NAME", and InvokeAI's probe. The tests (tests/test_ui_loaders.py) assert on the printed result.
+"""
+
+import argparse
+import importlib.abc
+import importlib.machinery
+import json
+import os
+import sys
+import types
+
+# ComfyUI reads its settings from COMFYUI_* variables (and ./config.yaml, so run this from a folder without one).
+os.environ.setdefault("COMFYUI_CPU", "true")
+# On CPU ComfyUI would still store the text encoder in fp16; fp32 keeps an fp32 file's tensors exact.
+os.environ.setdefault("COMFYUI_FP32_TEXT_ENC", "true")
+
+
+class AbsentModule(types.ModuleType):
+    """A module the loaders import but never use on our files: any attribute is a placeholder class, and calling it
+    fails, so a code path that did use it would show up as an error."""
+
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+
+        def unavailable(*args, **kwargs):
+            raise RuntimeError(f"{self.__name__}.{name} is stubbed out in this test environment")
+
+        return type(name, (), {"__init__": unavailable})
+
+
+class AbsentPackages(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """torchvision: PyPI's builds for this torch are CUDA builds that fail to import beside the CPU torch, and only
+    ComfyUI's Stable Cascade code and InvokeAI's image utilities use it. onnxruntime: InvokeAI names it in a type
+    only."""
+
+    def __init__(self, roots):
+        self.roots = roots
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.split(".")[0] in self.roots:
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = AbsentModule(spec.name)
+        module.__path__ = []
+        return module
+
+    def exec_module(self, module):
+        module.__version__ = "0+absent"
+
+
+def stub_absent_packages(names=("torchvision", "onnxruntime")):
+    missing = set()
+    for name in names:
+        try:
+            __import__(name)
+        except Exception:
+            for loaded in [key for key in sys.modules if key == name or key.startswith(name + ".")]:
+                del sys.modules[loaded]
+            missing.add(name)
+    if missing:
+        sys.meta_path.insert(0, AbsentPackages(missing))
+
+
+def invokeai_probe(path):
+    from invokeai.backend.model_manager.configs.factory import ModelConfigFactory
+
+    # The hash is only InvokeAI's database key; skipping it leaves the classification as it is.
+    result = ModelConfigFactory.from_model_on_disk(path, override_fields={"hash": "skip"}, allow_unknown=False)
+    config = result.config
+    if config is None:
+        return {"config": None, "reasons": {name: str(reason)[:200] for name, reason in result.details.items()}}
+    found = {"config": type(config).__name__, "type": config.type.value, "format": config.format.value}
+    found["base"] = config.base.value
+    for field in ["variant", "prediction_type"]:
+        value = getattr(config, field, None)
+        found[field] = getattr(value, "value", value)
+    return found
+
+
+def comfy_checkpoint(path):
+    import comfy.sd
+    import torch
+    from safetensors.torch import load_file
+
+    with torch.no_grad():  # ComfyUI's CLIP constructor copies into parameters in place
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(path, output_vae=True, output_clip=True)
+    # ComfyUI's own save path turns what its modules hold back into original-layout keys.
+    held = model.model.state_dict_for_saving(clip.get_sd(), vae.get_sd(), None)
+    written = load_file(path)
+    not_loaded = sorted(key for key in written if key not in held)
+    differ = sorted(
+        key for key in written if key in held and not torch.equal(held[key].to(written[key].dtype), written[key])
+    )
+    return {
+        "model_config": type(model.model.model_config).__name__,
+        "model_type": model.model.model_type.name,
+        "tensors": len(written),
+        "not_loaded": not_loaded[:20],
+        "differ": differ[:20],
+    }
+
+
+def comfy_embedding(path, width):
+    import comfy.sd1_clip
+    import comfy.sd2_clip
+    import torch
+
+    folder, file = os.path.split(path)
+    name = os.path.splitext(file)[0]
+    # The text encoder the width belongs to: CLIP ViT-L (SD 1.x, 768) or OpenCLIP ViT-H (SD 2.x, 1024).
+    tokenizer, key = (comfy.sd1_clip.SD1Tokenizer, "l") if width == 768 else (comfy.sd2_clip.SD2Tokenizer, "h")
+    rows = comfy.sd1_clip.load_embed(name, folder, width, "clip_" + key)
+    tokens = tokenizer(embedding_directory=folder).tokenize_with_weights(f"a photo of embedding:{name}")[key][0]
+    vectors = [token for token, _ in tokens if isinstance(token, torch.Tensor)]
+    return {
+        "rows": list(rows.shape),
+        "vectors_in_prompt": len(vectors),
+        "vectors_match": len(vectors) == len(rows)
+        and all(torch.equal(v, r) for v, r in zip(vectors, rows, strict=True)),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("kind", choices=["checkpoint", "embedding"], help="What the file is.")
+    parser.add_argument("path", help="The .safetensors file.")
+    parser.add_argument("--width", type=int, default=768, help="embedding: the text encoder's width (768 or 1024).")
+    args = parser.parse_args(argv)
+    path = os.path.abspath(args.path)
+    import torch  # noqa: F401  (before the stubs: only what fails to import is replaced)
+
+    stub_absent_packages()
+    if args.kind == "checkpoint":
+        report = {"comfyui": comfy_checkpoint(path), "invokeai": invokeai_probe(path)}
+    else:
+        report = {"comfyui": comfy_embedding(path, args.width), "invokeai": invokeai_probe(path)}
+    print("UI_LOADERS " + json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""The single file and the embeddings file in the UIs' own loaders: ComfyUI's `comfy` package and InvokeAI's model
+probe, run offline by devkit/ui_loaders.py in the JAX environment (where requirements_ui_loaders.txt installs them).
+The runs train an SD-shaped pipeline (devkit/tiny_sd.py SD1_SHAPED / SD2_SHAPED) for one step: the tiny test pipeline
+is too small for the loaders to tell which model family it is."""
+
+import json
+import os
+import subprocess
+
+import pytest
+from conftest import OFFLINE_ENV, REPO
+from safetensors.torch import load_file
+from test_textual_inversion import SCRIPT as TI_SCRIPT
+from test_train_text_to_image import SCRIPT as T2I_SCRIPT
+
+from devkit import tiny_sd
+from devkit.command_line import command_line
+
+FLAX_PYTHON = os.path.join(REPO, ".venv-flax", "bin", "python")
+FAMILIES = {
+    # family: (architecture, prediction type, ComfyUI's model class, InvokeAI's base, text encoder width)
+    "sd1": (tiny_sd.SD1_SHAPED, "epsilon", "SD15", "sd-1", 768),
+    "sd2": (tiny_sd.SD2_SHAPED, "v_prediction", "SD20", "sd-2", 1024),
+}
+
+
+def ui_loaders(kind, path, tmp_path, *extra):
+    """devkit/ui_loaders.py's report; run from an empty folder, since ComfyUI reads ./config.yaml if there is one."""
+    workdir = tmp_path / f"loaders-{kind}"
+    workdir.mkdir(exist_ok=True)
+    command = [FLAX_PYTHON, os.path.join(REPO, "devkit", "ui_loaders.py"), kind, str(path), *extra]
+    env = {**os.environ, **OFFLINE_ENV}
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    line = next(line for line in result.stdout.splitlines() if line.startswith("UI_LOADERS "))
+    return json.loads(line.removeprefix("UI_LOADERS "))
+
+
+@pytest.fixture(scope="module")
+def concept(tmp_path_factory):
+    return tiny_sd.write_concept_folder(str(tmp_path_factory.mktemp("concept")), num_images=2, size=64)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_comfyui_and_invokeai_load_the_single_file_and_the_embedding(launch, assets, concept, tmp_path, family):
+    if not os.path.exists(FLAX_PYTHON):
+        pytest.fail(f"{FLAX_PYTHON} is missing: `make test` builds it, with the UI loaders")
+    architecture, prediction_type, comfy_class, invoke_base, width = FAMILIES[family]
+    # The UIs' text encoders have CLIP's 49408-row vocabulary; textual inversion needs the tokenizer to match the
+    # text encoder's table, so it trains on the same architecture with the test vocabulary.
+    base = tiny_sd.build_pipeline(
+        str(tmp_path / "base"), architecture, sample_size=64, prediction_type=prediction_type, vocab_size=49408
+    )
+    ti_base = tiny_sd.build_pipeline(str(tmp_path / "ti-base"), architecture, 64, prediction_type=prediction_type)
+    common = "--resolution 64 --train_batch_size 1 --max_train_steps 1 --report_to none"
+    t2i_out = tmp_path / "my-model"
+    t2i = command_line("--pretrained_model_name_or_path", base, "--train_data_dir", assets["images"], common)
+    launch.accelerate(T2I_SCRIPT, t2i + ["--output_dir", t2i_out, "--save_single_file"])
+    ti_out = tmp_path / "embedding"
+    ti = command_line("--pretrained_model_name_or_path", ti_base, "--train_data_dir", concept, common)
+    ti += command_line(
+        "--output_dir", ti_out, "--num_vectors 3 --placeholder_token <cat-toy> --initializer_token circle"
+    )
+    launch.accelerate(TI_SCRIPT, ti)
+
+    single_file = t2i_out / "my-model.safetensors"
+    report = ui_loaders("checkpoint", single_file, tmp_path)
+    comfy, invoke = report["comfyui"], report["invokeai"]
+    assert comfy["model_config"] == comfy_class
+    assert comfy["tensors"] == len(load_file(single_file)) and comfy["not_loaded"] == [] and comfy["differ"] == []
+    assert invoke["type"] == "main" and invoke["format"] == "checkpoint" and invoke["base"] == invoke_base
+    assert invoke["variant"] == "normal" and invoke["prediction_type"] == prediction_type
+
+    ui_file = ti_out / "cat-toy.safetensors"
+    report = ui_loaders("embedding", ui_file, tmp_path, "--width", str(width))
+    comfy, invoke = report["comfyui"], report["invokeai"]
+    assert comfy == {"rows": [3, width], "vectors_in_prompt": 3, "vectors_match": True}
+    assert invoke["type"] == "embedding" and invoke["format"] == "embedding_file" and invoke["base"] == invoke_base
+    # Why the UI file exists: InvokeAI's probe reads the width of a token-keyed file from its first dimension (the
+    # number of vectors) and refuses diffusers' learned_embeds, which ComfyUI reads all the same.
+    report = ui_loaders("embedding", ti_out / "learned_embeds.safetensors", tmp_path, "--width", str(width))
+    assert report["invokeai"]["config"] is None and report["comfyui"]["vectors_match"]
