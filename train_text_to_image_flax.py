@@ -2319,14 +2319,14 @@ def main(argv=None):
 
     weight_dtype = jnp.bfloat16 if args.mixed_precision == "bf16" else jnp.float32
     folder = resolve_pipeline_folder(args)
+    if args.save_single_file:  # refused now rather than after training
+        single_file_layout(*component_configs(folder))
     tokenizer = CLIPTokenizerFast.from_pretrained(folder, subfolder="tokenizer")
     text_encoder = load_flax_text_encoder(folder, args.variant, weight_dtype)
     vae, vae_params = load_flax_model(FlaxAutoencoderKL, folder, "vae", args.variant, weight_dtype)
     if args.gradient_checkpointing:
         enable_block_rematerialisation()
     unet, unet_params = load_flax_model(FlaxUNet2DConditionModel, folder, "unet", args.variant, weight_dtype)
-    if args.save_single_file:  # refused now rather than after training
-        single_file_layout(*component_configs(folder))
     # Lin et al. 2023 (arXiv:2305.08891): rescaled betas reach zero SNR at the last timestep, as sampling starts.
     noise_scheduler, scheduler_state = load_noise_scheduler(folder, args)
     frozen = FrozenModels(

@@ -2,6 +2,7 @@
 loaded by the PyTorch environment."""
 
 import filecmp
+import json
 import os
 import re
 import shutil
@@ -159,6 +160,24 @@ def test_text_to_image_flax_clear_errors(launch, assets, tmp_path, flag, value, 
     assert result.returncode != 0 and message in result.output, result.output[-3000:]
     visible = [name for name in os.listdir(out) if not name.startswith(".training.lock")]  # the run's lock
     assert visible == ["model_index.json"] and (out / "model_index.json").read_text() == "{}"
+
+
+def test_text_to_image_flax_refuses_a_single_file_it_has_no_layout_for(launch, assets, tmp_path):
+    """An SD UNet with a class embedding (as upscalers and unCLIP have) has no original single-file layout: refused
+    before anything is loaded or written."""
+    base = tmp_path / "class-embedding"
+    shutil.copytree(assets["pipeline"], base)
+    config = json.loads((base / "unet" / "config.json").read_text())
+    (base / "unet" / "config.json").write_text(json.dumps({**config, "class_embed_type": "timestep"}))
+    out = tmp_path / "run"
+    args = t2i_args(assets, str(out), "--max_train_steps 2 --save_single_file")
+    args[args.index("--pretrained_model_name_or_path") + 1] = str(base)
+    result = launch.run(T2I, args, check=False)
+    assert result.returncode != 0, result.output[-3000:]
+    assert "--save_single_file: no original Stable Diffusion single-file layout" in result.output
+    assert "class_embed_type='timestep'" in result.output
+    written = [name for name in os.listdir(out) if not name.startswith(".training.lock")] if out.exists() else []
+    assert written == []
 
 
 # --------------------------------------------------------------------------------------------- textual_inversion_flax
