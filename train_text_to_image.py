@@ -1993,7 +1993,7 @@ OPEN_CLIP_LAYER_NAMES = {
 
 
 def single_file_layout(unet_config, vae_config, text_config):
-    """ "sd1" (CLIP ViT-L text encoder layout) or "sd2" (OpenCLIP) for models the original Stable Diffusion code
+    """The layout, "sd1" (CLIP ViT-L text encoder) or "sd2" (OpenCLIP), of models the original Stable Diffusion code
     defines; a ValueError naming what differs otherwise (an SDXL, LCM, upscaler or unCLIP UNet, another VAE or text
     encoder), since no UI would load a file with an invented layout."""
     problems = []
