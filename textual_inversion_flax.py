@@ -13,6 +13,9 @@ One host (all its GPUs or TPU cores):
 
 Multi-host TPU pod: run the same command on every host with --jax_distributed. Two CPU devices (what the tests do):
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python textual_inversion_flax.py <flags>
+Several processes named by hand (GPU nodes, or two CPU processes as a test does), process 0 on HOST0:
+    python textual_inversion_flax.py <flags> --coordinator_address=HOST0:1234 --num_processes=2 --process_id=0
+    python textual_inversion_flax.py <flags> --coordinator_address=HOST0:1234 --num_processes=2 --process_id=1
 After a crash or preemption, relaunch the same command with --resume_from_checkpoint=latest.
 """
 
@@ -212,6 +215,24 @@ def parse_args(argv=None):
         action="store_true",
         help="Call jax.distributed.initialize() first (multi-host TPU pods and clusters).",
     )
+    parser.add_argument(
+        "--coordinator_address",
+        type=str,
+        default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+        help="host:port where process 0 coordinates a multi-process run (implies --jax_distributed).",
+    )
+    parser.add_argument(
+        "--num_processes",
+        type=int,
+        default=int(os.environ["JAX_NUM_PROCESSES"]) if os.environ.get("JAX_NUM_PROCESSES") else None,
+        help="With --coordinator_address: the run's processes, all hosts together (default $JAX_NUM_PROCESSES).",
+    )
+    parser.add_argument(
+        "--process_id",
+        type=int,
+        default=int(os.environ["JAX_PROCESS_ID"]) if os.environ.get("JAX_PROCESS_ID") else None,
+        help="With --coordinator_address: this process's index, 0 to --num_processes - 1 (default $JAX_PROCESS_ID).",
+    )
     # Checkpointing and saving
     parser.add_argument(
         "--output_dir", type=str, default="text-inversion-model", help="Where the embeddings and checkpoints go."
@@ -299,6 +320,13 @@ def parse_args(argv=None):
         parser.error(str(err))
     check_recipe_arguments(parser, args)
     check_optimizer_arguments(parser, args)
+    if args.coordinator_address is not None:
+        if args.num_processes is None or args.process_id is None:
+            parser.error(
+                "--coordinator_address needs --num_processes and --process_id (or JAX_NUM_PROCESSES/_PROCESS_ID)"
+            )
+        if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+            parser.error(f"--process_id must be in [0, {args.num_processes}), got {args.process_id}")
     return args
 
 
@@ -538,9 +566,10 @@ def choose_seed(args, resume_metadata):
 
 
 def warn_if_batch_layout_changed(resume_metadata, run_metadata):
-    """A resume is exact only with the global batch, epoch length, process count (each process draws its own noise)
-    and aspect-ratio buckets the checkpoint was written with."""
-    keys = ("total_batch_size", "updates_per_epoch", "num_processes", "aspect_ratio_buckets")
+    """A resume is exact only with the global batch, epoch length and aspect-ratio buckets the checkpoint was written
+    with, and the process count where the run records it (where each process draws its own noise)."""
+    layout = ("total_batch_size", "updates_per_epoch", "num_processes", "aspect_ratio_buckets")
+    keys = [key for key in layout if key in run_metadata]
     before, now = ({key: metadata.get(key) for key in keys} for metadata in (resume_metadata, run_metadata))
     if before != now:
         logger.warning(
@@ -1537,12 +1566,24 @@ def push_to_hub(args):
     api.create_commit(repo_id, operations=files, commit_message="End of training")
 
 
+def start_distributed(args):
+    """Join the run's other processes, before JAX touches a device: at the coordinator and with the process count and
+    index given, or found by JAX itself on TPU pods and the clusters it knows (--jax_distributed alone)."""
+    if not (args.jax_distributed or args.coordinator_address):
+        return
+    # CPU processes exchange arrays over gloo (JAX's CPU backend has no collectives of its own); GPUs and TPUs
+    # ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id
+    )
+
+
 def main(argv=None):
     args = parse_args(argv)
 
     # ------------------------------------------------------------------------------------------------------ setup
-    if args.jax_distributed:
-        jax.distributed.initialize()
+    start_distributed(args)
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
     )

@@ -13,6 +13,9 @@ One host (all its GPUs or TPU cores):
 Multi-host TPU pod: run the same command on every host with --jax_distributed; the global batch is
 per-device batch x all devices of all hosts. Two CPU devices (what the tests do):
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python train_text_to_image_flax.py <flags>
+Several processes named by hand (GPU nodes, or two CPU processes as a test does), process 0 on HOST0:
+    python train_text_to_image_flax.py <flags> --coordinator_address=HOST0:1234 --num_processes=2 --process_id=0
+    python train_text_to_image_flax.py <flags> --coordinator_address=HOST0:1234 --num_processes=2 --process_id=1
 After a crash or preemption, relaunch the same command with --resume_from_checkpoint=latest.
 """
 
@@ -253,6 +256,24 @@ def parse_args(argv=None):
         action="store_true",
         help="Call jax.distributed.initialize() first (multi-host TPU pods and clusters).",
     )
+    parser.add_argument(
+        "--coordinator_address",
+        type=str,
+        default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
+        help="host:port where process 0 coordinates a multi-process run (implies --jax_distributed).",
+    )
+    parser.add_argument(
+        "--num_processes",
+        type=int,
+        default=int(os.environ["JAX_NUM_PROCESSES"]) if os.environ.get("JAX_NUM_PROCESSES") else None,
+        help="With --coordinator_address: the run's processes, all hosts together (default $JAX_NUM_PROCESSES).",
+    )
+    parser.add_argument(
+        "--process_id",
+        type=int,
+        default=int(os.environ["JAX_PROCESS_ID"]) if os.environ.get("JAX_PROCESS_ID") else None,
+        help="With --coordinator_address: this process's index, 0 to --num_processes - 1 (default $JAX_PROCESS_ID).",
+    )
     # Checkpointing
     parser.add_argument(
         "--output_dir", type=str, default="sd-model-finetuned", help="Where the final pipeline and checkpoints go."
@@ -353,6 +374,13 @@ def parse_args(argv=None):
         parser.error(f"--keep_tokens must be 0 or more, got {args.keep_tokens}")
     check_recipe_arguments(parser, args)
     check_optimizer_arguments(parser, args)
+    if args.coordinator_address is not None:
+        if args.num_processes is None or args.process_id is None:
+            parser.error(
+                "--coordinator_address needs --num_processes and --process_id (or JAX_NUM_PROCESSES/_PROCESS_ID)"
+            )
+        if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+            parser.error(f"--process_id must be in [0, {args.num_processes}), got {args.process_id}")
     return args
 
 
@@ -592,9 +620,10 @@ def choose_seed(args, resume_metadata):
 
 
 def warn_if_batch_layout_changed(resume_metadata, run_metadata):
-    """A resume is exact only with the global batch, epoch length, process count (each process draws its own noise)
-    and aspect-ratio buckets the checkpoint was written with."""
-    keys = ("total_batch_size", "updates_per_epoch", "num_processes", "aspect_ratio_buckets")
+    """A resume is exact only with the global batch, epoch length and aspect-ratio buckets the checkpoint was written
+    with, and the process count where the run records it (where each process draws its own noise)."""
+    layout = ("total_batch_size", "updates_per_epoch", "num_processes", "aspect_ratio_buckets")
+    keys = [key for key in layout if key in run_metadata]
     before, now = ({key: metadata.get(key) for key in keys} for metadata in (resume_metadata, run_metadata))
     if before != now:
         logger.warning(
@@ -2286,12 +2315,24 @@ def push_to_hub(args):
     api.create_commit(repo_id, operations=files, commit_message="End of training")
 
 
+def start_distributed(args):
+    """Join the run's other processes, before JAX touches a device: at the coordinator and with the process count and
+    index given, or found by JAX itself on TPU pods and the clusters it knows (--jax_distributed alone)."""
+    if not (args.jax_distributed or args.coordinator_address):
+        return
+    # CPU processes exchange arrays over gloo (JAX's CPU backend has no collectives of its own); GPUs and TPUs
+    # ignore this setting.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id
+    )
+
+
 def main(argv=None):
     args = parse_args(argv)
 
     # ------------------------------------------------------------------------------------------------------ setup
-    if args.jax_distributed:
-        jax.distributed.initialize()
+    start_distributed(args)
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
     )
@@ -2386,7 +2427,9 @@ def main(argv=None):
         state = TrainState.create(apply_fn=unet.apply, params=unet_params, tx=optimizer)
     total_batch_size = global_batch_size * args.gradient_accumulation_steps
     run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
-    run_metadata["num_processes"] = jax.process_count()
+    # Not part of the batch layout here: every draw is made over the global batch from the step's key, so a checkpoint
+    # resumes exactly on another process count with the same global batch (tested with 2 processes and 1).
+    run_metadata["process_count"] = jax.process_count()
     run_metadata["use_ema"] = args.use_ema
     run_metadata["aspect_ratio_buckets"] = [list(bucket) for bucket in train_dataset.buckets or []] or None
 

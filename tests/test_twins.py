@@ -37,7 +37,7 @@ COPIED = {
         save_checkpoint restore_train_state stop_agreed check_finite rescale_zero_terminal_snr load_noise_scheduler
         OPTIMIZERS add_optimizer_arguments check_optimizer_arguments evaluation_params ValidationModels
         load_validation_scheduler make_renderer validation_renderer render_validation_images save_validation_grid
-        inference_scheduler_config
+        inference_scheduler_config start_distributed
     """.split(),
     (T2I, T2I_FLAX): """
         load_image_caption_dataset BUCKET_SEED_KEY parse_buckets bucket_step generate_buckets assign_buckets
@@ -55,7 +55,7 @@ COPIED = {
 # The names the math uses in all four scripts (diffusers' names).
 DOMAIN_NAMES = {"latents", "noise", "timesteps", "noisy_latents", "encoder_hidden_states", "model_pred", "target"}
 # Flags a Flax twin may have that its PyTorch twin does not.
-FLAX_ONLY_FLAGS = {"--jax_distributed"}
+FLAX_ONLY_FLAGS = {"--jax_distributed", "--coordinator_address", "--num_processes", "--process_id"}
 
 
 def definitions(script):

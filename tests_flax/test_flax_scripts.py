@@ -9,7 +9,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import run_torch
+from conftest import free_port, run_torch
 from flax import serialization
 from PIL import Image
 from safetensors import safe_open
@@ -178,6 +178,40 @@ def test_text_to_image_flax_refuses_a_single_file_it_has_no_layout_for(launch, a
     assert "class_embed_type='timestep'" in result.output
     written = [name for name in os.listdir(out) if not name.startswith(".training.lock")] if out.exists() else []
     assert written == []
+
+
+def test_text_to_image_flax_as_two_processes_matches_one_process_with_two_devices(launch, assets, tmp_path):
+    """Two JAX processes of one CPU device each (a coordinator on 127.0.0.1, gloo collectives), as two hosts of a pod
+    run: the same checkpoints and the same final UNet as one process with two devices, written by process 0 alone."""
+    flags = "--max_train_steps 3 --checkpointing_steps 2 --random_flip --snr_gamma 5.0"
+    one = tmp_path / "one"
+    launch.run(T2I, t2i_args(assets, one, flags))
+    two = tmp_path / "two"
+    address = f"127.0.0.1:{free_port()}"
+    processes = [
+        launch.start(
+            T2I, t2i_args(assets, two, flags, f"--coordinator_address {address} --num_processes 2 --process_id {i}"), 1
+        )
+        for i in range(2)
+    ]
+    results = [process.finish() for process in processes]
+    for result in results:
+        assert result.returncode == 0, result.output[-4000:]
+    assert "devices = 2" in results[0].output and "total batch = 2" in results[0].output
+    assert "Saved the pipeline" in results[0].output and "Saved" not in results[1].output
+    assert checkpoint_names(two) == checkpoint_names(one) == ["checkpoint-2"]
+    name = os.path.join("unet", "diffusion_pytorch_model.safetensors")
+    single, multi = load_file(os.path.join(one, name)), load_file(os.path.join(two, name))
+    # Reduction order across processes may differ from across devices; measured: equal.
+    assert max(np.abs(single[k] - multi[k]).max() for k in single) <= 1e-6
+    # The 2-process checkpoint resumed by one process with two devices continues the same run: every draw is keyed by
+    # the step and made over the global batch, whichever process holds which rows.
+    elastic = tmp_path / "elastic"
+    shutil.copytree(os.path.join(two, "checkpoint-2"), elastic / "checkpoint-2")
+    result = launch.run(T2I, t2i_args(assets, elastic, flags, "--resume_from_checkpoint latest"))
+    assert f"Resuming from {elastic / 'checkpoint-2'}" in result.output and "batch layout changed" not in result.output
+    resumed = load_file(os.path.join(elastic, name))
+    assert max(np.abs(single[k] - resumed[k]).max() for k in single) <= 1e-6
 
 
 # --------------------------------------------------------------------------------------------- textual_inversion_flax
