@@ -3,10 +3,19 @@
 import os
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
 import types
+
+
+def free_port():
+    """A port nothing listens on now: the suites run in parallel (pytest -n), so fixed rendezvous or coordinator ports
+    would clash."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
 
 
 class RunningLaunch:

@@ -2,14 +2,13 @@
 users do (`accelerate launch --config_file <basic config> script.py ...`)."""
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from devkit import tiny_sd
-from devkit.running_launch import RunningLaunch
+from devkit.running_launch import RunningLaunch, free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
@@ -22,13 +21,6 @@ OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 os.environ.update(OFFLINE_ENV)
-
-
-def free_port():
-    """A port nothing listens on now: the suites run in parallel (pytest -n), so fixed rendezvous ports would clash."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return str(probe.getsockname()[1])
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ PyTorch environment (.venv, current diffusers and transformers), exactly as a us
 and the outputs are loaded back there."""
 
 import os
-import socket
 import subprocess
 import sys
 
@@ -27,13 +26,6 @@ XLA_FLAGS = " ".join(
 )
 os.environ.update(OFFLINE_ENV)
 os.environ.setdefault("XLA_FLAGS", XLA_FLAGS)
-
-
-def free_port():
-    """A port nothing listens on now: the suite runs in parallel (pytest -n), so fixed coordinator ports would clash."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return str(probe.getsockname()[1])
 
 
 def run_torch(code_or_args, check=True):

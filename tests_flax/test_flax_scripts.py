@@ -9,13 +9,14 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import free_port, run_torch
+from conftest import run_torch
 from flax import serialization
 from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
 from devkit.command_line import command_line
+from devkit.running_launch import free_port
 
 
 def checkpoint_names(output_dir):
