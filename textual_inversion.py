@@ -47,7 +47,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import DistributedType, ProjectConfiguration
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
@@ -619,9 +619,9 @@ def choose_seed(args, resume_metadata):
 
 
 def warn_if_batch_layout_changed(resume_metadata, run_metadata):
-    """A resume is exact only with the global batch, epoch length and aspect-ratio buckets the checkpoint was written
-    with, and the process count where the run records it (where each process draws its own noise)."""
-    layout = ("total_batch_size", "updates_per_epoch", "num_processes", "aspect_ratio_buckets")
+    """A resume is exact only with the global batch, epoch length and aspect-ratio buckets (where the run records them)
+    the checkpoint was written with. The number of processes sharing the global batch may change."""
+    layout = ("total_batch_size", "updates_per_epoch", "aspect_ratio_buckets")
     keys = [key for key in layout if key in run_metadata]
     before, now = ({key: metadata.get(key) for key in keys} for metadata in (resume_metadata, run_metadata))
     if before != now:
@@ -1095,19 +1095,47 @@ def build_latent_cache(train_dataset, vae, accelerator, args, num_workers):
     )
 
 
-class EpochShuffleSampler(torch.utils.data.Sampler):
-    """Yields (epoch, row, weight) keys in an order that depends only on (seed, epoch). The training loop sets `.epoch`
-    itself; there is deliberately no set_epoch(), which Accelerate would call with its own iteration counter."""
+def cut_into_batches(order, global_batch_size):
+    """Rows in order, cut into global batches of (row, weight). The last batch is topped up with rows from the start of
+    the order at weight 0, and its own rows weigh more so that a batch's weights always average 1. Padding rather than
+    dropping: shapes stay fixed, every row counts exactly once per epoch, and a batch is the same whatever number of
+    processes shares it."""
+    batches = []
+    for start in range(0, len(order), global_batch_size):
+        chosen = order[start : start + global_batch_size]
+        padding = [order[i % len(order)] for i in range(global_batch_size - len(chosen))]
+        weight = global_batch_size / len(chosen)
+        batches.append([(row, weight) for row in chosen] + [(row, 0.0) for row in padding])
+    return batches
 
-    def __init__(self, num_rows, seed):
-        self.num_rows, self.seed, self.epoch = num_rows, seed, 0
+
+def shuffled_batches(num_rows, global_batch_size, seed, epoch):
+    """The epoch's global batches as lists of (row, weight): all rows in an order that depends only on (seed, epoch),
+    cut into batches (cut_into_batches). NumPy, so the PyTorch and JAX twins see the same batches."""
+    order = np.random.default_rng(derive_seed(seed, epoch)).permutation(num_rows).tolist()
+    return cut_into_batches(order, global_batch_size)
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Yields each epoch's global batches (lists of (row, weight) from epoch_global_batches(epoch)) as per-process
+    batches of (epoch, row, weight) keys, process 0's share first. Accelerate deals batch k to process k %
+    num_processes, so each process gets its share of every global batch: the run sees the same global batches however
+    many processes share them. The training loop sets `.epoch` itself; there is deliberately no set_epoch(), which
+    Accelerate would call with its own iteration counter."""
+
+    def __init__(self, epoch_global_batches, batch_size, num_processes):
+        self.epoch_global_batches, self.batch_size, self.num_processes = epoch_global_batches, batch_size, num_processes
+        self.drop_last, self.epoch = False, 0  # read by Accelerate's batch sharding
+        self.num_batches = len(epoch_global_batches(0)) * num_processes  # the same every epoch
 
     def __len__(self):
-        return self.num_rows
+        return self.num_batches
 
     def __iter__(self):
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
-        return iter([(self.epoch, row, 1.0) for row in torch.randperm(self.num_rows, generator=generator).tolist()])
+        for batch in self.epoch_global_batches(self.epoch):
+            for process in range(self.num_processes):
+                share = batch[process * self.batch_size : (process + 1) * self.batch_size]
+                yield [(self.epoch, row, weight) for row, weight in share]
 
 
 def collate(examples):
@@ -1220,10 +1248,11 @@ def register_checkpoint_hooks(accelerator, learned_embedding, args):
     """A checkpoint holds the new rows only, in the learned_embeds format, not a copy of the whole text encoder."""
 
     def save_model_hook(models, weights, output_dir):
-        path = os.path.join(output_dir, "learned_embeds.safetensors")
-        save_embeddings(learned_embedding.learned, args.placeholder_token, path)
-        for _ in models:
-            weights.pop()
+        # Under DeepSpeed and FSDP every rank runs this hook; the file is the main process's to write.
+        if accelerator.is_main_process:
+            path = os.path.join(output_dir, "learned_embeds.safetensors")
+            save_embeddings(learned_embedding.learned, args.placeholder_token, path)
+        weights.clear()  # the text encoder is frozen but for these rows: no copy of it in the checkpoint
 
     def load_model_hook(models, input_dir):
         path = os.path.join(input_dir, "learned_embeds.safetensors")
@@ -1274,9 +1303,10 @@ def make_optimizer(args, params):
     )
 
 
-def encode_batch(batch, vae, text_encoder, generator):
-    """The batch's latents, from the frozen VAE or its cache (the VAE sample is the first draw from `generator`), and
-    its text conditioning, which carries gradients back to the new embedding rows."""
+def encode_batch(batch, vae, text_encoder, generator, share):
+    """The batch's latents, from the frozen VAE or its cache (the VAE sample is the first draw from `generator`, made
+    for the global batch `share` belongs to: see BatchShare), and its text conditioning, which carries gradients back
+    to the new embedding rows."""
     with torch.no_grad():
         if "latent_parameters" in batch:
             # --cache_latents: sampling from the stored distribution draws exactly what encoding the image would.
@@ -1284,7 +1314,11 @@ def encode_batch(batch, vae, text_encoder, generator):
         else:
             # The frozen VAE maps images to latents; the scaling factor brings them to roughly unit variance.
             latent_dist = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
-        latents = latent_dist.sample(generator=generator) * vae.config.scaling_factor
+        # What latent_dist.sample() computes, with the draw made for the global batch.
+        mean, std = latent_dist.mean, latent_dist.std
+        sample_shape = (share.global_batch_size, *mean.shape[1:])
+        sample = torch.randn(sample_shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        latents = (mean + std * sample[share.start : share.stop]) * vae.config.scaling_factor
     # The text encoder runs with gradients: they reach the new token embedding rows and nothing else. Its output
     # takes the dtype of the frozen UNet, which is the VAE's (both hold the mixed-precision dtype).
     encoder_hidden_states = text_encoder(batch["input_ids"].to(latents.device), return_dict=False)[0]
@@ -1332,39 +1366,60 @@ class LossConfig:
     timestep_bias_portion: float = 0.25  # "earlier" / "later": the favoured share of the timesteps
 
 
-def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator, config, sample_weights=None):
+@dataclasses.dataclass(frozen=True)
+class BatchShare:
+    """This process's rows, start:stop, of a global batch of global_batch_size. Each random draw is made for the whole
+    global batch and cut to these rows (as the JAX twin draws over its global arrays), so a sample's draws depend on
+    its place in the global batch, and the run on the global batch, not on how many processes share it."""
+
+    start: int
+    stop: int
+    global_batch_size: int
+
+    @classmethod
+    def of_process(cls, process_index, batch_size, num_processes):
+        return cls(process_index * batch_size, (process_index + 1) * batch_size, batch_size * num_processes)
+
+
+def diffusion_loss(
+    unet, noise_scheduler, latents, encoder_hidden_states, generator, config, sample_weights=None, share=None
+):
     """The denoising loss of a batch of clean latents, averaged over the batch (weighted by `sample_weights` when
-    given: aspect-ratio buckets pad a short batch with examples of weight 0). Every random draw comes from
-    `generator`, in the JAX twin's order: noise, offset noise, input perturbation, timesteps."""
+    given: a padded batch holds examples of weight 0). Every random draw comes from `generator`, in the JAX twin's
+    order: noise, offset noise, input perturbation, timesteps; each is drawn for the global batch `share` belongs to
+    (None: this batch is the whole batch) and cut to its rows."""
     bsz = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    share = share or BatchShare(0, bsz, bsz)
+    rows, draws = slice(share.start, share.stop), share.global_batch_size
+    noise_shape = (draws, *latents.shape[1:])
+    noise = torch.randn(noise_shape, generator=generator, device=latents.device, dtype=latents.dtype)[rows]
     if config.noise_offset:
         # Offset noise (Guttenberg 2023, crosslabs.org/blog/diffusion-with-offset-noise): a per-channel constant
         # lets the model change the overall brightness of an image.
-        offset_shape = (bsz, latents.shape[1], 1, 1)
-        offset = torch.randn(offset_shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        offset_shape = (draws, latents.shape[1], 1, 1)
+        offset = torch.randn(offset_shape, generator=generator, device=latents.device, dtype=latents.dtype)[rows]
         noise = noise + config.noise_offset * offset
     noised_with = noise
     if config.input_perturbation:
         # Input perturbation (Ning et al. 2023, arXiv:2301.11706): noise the input with slightly perturbed noise but
         # keep the clean noise as target, which reduces exposure bias.
-        perturbation = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        noised_with = noise + config.input_perturbation * perturbation
+        perturbation = torch.randn(noise_shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        noised_with = noise + config.input_perturbation * perturbation[rows]
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     if config.timestep_sampling == "logit_normal":
         # Logit-normal timesteps (Esser et al. 2024, arXiv:2403.03206, as SD3 trains): t/T = sigmoid(n) with
         # n ~ N(mean, std) draws the middle timesteps, where denoising is hardest, most often.
-        normal = torch.randn((bsz,), generator=generator, device=latents.device, dtype=torch.float32)
+        normal = torch.randn((draws,), generator=generator, device=latents.device, dtype=torch.float32)[rows]
         fraction = torch.sigmoid(config.logit_mean + config.logit_std * normal)
         timesteps = (fraction * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
     elif config.timestep_bias_strategy != "none":
         # Biased timesteps (diffusers' SDXL script): invert the cumulative weights at a uniform draw.
         cdf = np.cumsum(timestep_bias_weights(num_train_timesteps, config))
         cdf = torch.from_numpy((cdf / cdf[-1]).astype(np.float32)).to(latents.device)
-        uniform = torch.rand((bsz,), generator=generator, device=latents.device, dtype=torch.float32)
+        uniform = torch.rand((draws,), generator=generator, device=latents.device, dtype=torch.float32)[rows]
         timesteps = torch.searchsorted(cdf, uniform, right=True).clamp(max=num_train_timesteps - 1)
     else:
-        timesteps = torch.randint(0, num_train_timesteps, (bsz,), generator=generator, device=latents.device)
+        timesteps = torch.randint(0, num_train_timesteps, (draws,), generator=generator, device=latents.device)[rows]
     # Forward diffusion: noisy_latents = sqrt(alpha_bar_t) * latents + sqrt(1 - alpha_bar_t) * noise.
     noisy_latents = noise_scheduler.add_noise(latents, noised_with, timesteps)
 
@@ -1482,22 +1537,42 @@ def save_embeddings(learned, key, path, safe_serialization=True):
 def save_checkpoint(accelerator, output_dir, global_step, run_metadata, total_limit=None):
     """Write checkpoint-N crash-safely: into a hidden temporary folder, flushed to disk, then renamed into place (a
     checkpoint is visible only when complete); then keep the newest `total_limit` (--checkpoints_total_limit).
-    Main process only."""
+    Called by every process. Under DeepSpeed and FSDP, save_state is collective (each rank writes its own shards into
+    the folder, which must be shared by all machines) and the checkpoint is published only if every rank succeeded;
+    otherwise the main process writes it alone."""
+    collective = accelerator.state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    if not (accelerator.is_main_process or collective):
+        return
     final_path = os.path.join(output_dir, f"checkpoint-{global_step}")
     partial_path = os.path.join(output_dir, f".checkpoint-{global_step}.partial")
-    shutil.rmtree(partial_path, ignore_errors=True)
+    if accelerator.is_main_process:
+        shutil.rmtree(partial_path, ignore_errors=True)
+    failure = None
+    if collective:
+        accelerator.wait_for_everyone()
     try:
         accelerator.save_state(partial_path)
-        write_checkpoint_metadata(partial_path, {**run_metadata, "global_step": global_step})
+        if accelerator.is_main_process:
+            write_checkpoint_metadata(partial_path, {**run_metadata, "global_step": global_step})
     except (OSError, RuntimeError) as err:
-        shutil.rmtree(partial_path, ignore_errors=True)
-        raise OSError(write_failure(f"checkpoint-{global_step}", output_dir, err)) from err
-    publish_checkpoint(partial_path, final_path)
-    logger.info(f"Saved {final_path}")
-    if total_limit is not None:
-        for _, path in list_checkpoints(output_dir)[:-total_limit]:
-            logger.info(f"Deleting {path} (--checkpoints_total_limit {total_limit})")
-            shutil.rmtree(path)
+        failure = err
+    if collective:
+        failed = torch.tensor(float(failure is not None), device=accelerator.device)
+        if accelerator.reduce(failed, reduction="sum").item() and failure is None:
+            failure = RuntimeError("another process could not write its part")
+    if failure is not None:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial_path, ignore_errors=True)
+        raise OSError(write_failure(f"checkpoint-{global_step}", output_dir, failure)) from failure
+    if accelerator.is_main_process:
+        publish_checkpoint(partial_path, final_path)
+        logger.info(f"Saved {final_path}")
+        if total_limit is not None:
+            for _, path in list_checkpoints(output_dir)[:-total_limit]:
+                logger.info(f"Deleting {path} (--checkpoints_total_limit {total_limit})")
+                shutil.rmtree(path)
+    if collective:
+        accelerator.wait_for_everyone()
 
 
 def render_validation_images(pipeline, prompts, size, seed, weight_dtype):
@@ -1780,11 +1855,13 @@ def main(argv=None):
     num_workers = default_num_workers(args, accelerator)
     if args.cache_latents:
         build_latent_cache(train_dataset, vae, accelerator, args, num_workers)
-    sampler = EpochShuffleSampler(len(train_dataset), seed)
+    # The run depends on the global batch, not on how many processes share it: batches and draws are made for it.
+    global_batch_size = args.train_batch_size * accelerator.num_processes
+    epoch_global_batches = functools.partial(shuffled_batches, len(train_dataset), global_batch_size, seed)
+    sampler = GlobalBatchSampler(epoch_global_batches, args.train_batch_size, accelerator.num_processes)
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
-        sampler=sampler,
-        batch_size=args.train_batch_size,
+        batch_sampler=sampler,
         collate_fn=collate,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
@@ -1821,7 +1898,7 @@ def main(argv=None):
     lr_scheduler = accelerator.prepare(lr_scheduler)
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
-    run_metadata["num_processes"] = accelerator.num_processes
+    run_metadata["process_count"] = accelerator.num_processes  # information only: the run does not depend on it
 
     # ----------------------------------------------------------------------------------------------------- resume
     global_step = 0
@@ -1863,6 +1940,7 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------------------------------- train loop
     generator = torch.Generator(device=accelerator.device)
+    share = BatchShare.of_process(accelerator.process_index, args.train_batch_size, accelerator.num_processes)
     progress_bar = tqdm(
         range(max_train_steps),
         initial=min(global_step, max_train_steps),
@@ -1884,15 +1962,15 @@ def main(argv=None):
         skip = (global_step - epoch * updates_per_epoch) * args.gradient_accumulation_steps
         batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
         for batch_index, batch in enumerate(batches, start=skip):
-            generator.manual_seed(derive_seed(seed, epoch, batch_index, accelerator.process_index))
+            generator.manual_seed(derive_seed(seed, epoch, batch_index))  # the same in every process: see BatchShare
             # The epoch's last accumulation group may be short: its update averages the batches it has.
             group_start = batch_index - batch_index % args.gradient_accumulation_steps
             group_size = min(args.gradient_accumulation_steps, batches_per_epoch - group_start)
             with accelerator.accumulate(text_encoder):
-                latents, encoder_hidden_states = encode_batch(batch, vae, text_encoder, generator)
+                latents, encoder_hidden_states = encode_batch(batch, vae, text_encoder, generator, share)
                 sample_weights = batch["sample_weights"].to(latents.device)
                 loss = diffusion_loss(
-                    unet, noise_scheduler, latents, encoder_hidden_states, generator, loss_config, sample_weights
+                    unet, noise_scheduler, latents, encoder_hidden_states, generator, loss_config, sample_weights, share
                 )
                 window.add_batch(loss, group_size)
                 accelerator.backward(loss * (args.gradient_accumulation_steps / group_size))
@@ -1932,12 +2010,10 @@ def main(argv=None):
                     save_embeddings(
                         learned_embedding.learned, args.placeholder_token, path, not args.no_safe_serialization
                     )
-                if is_checkpoint_step:
-                    save_checkpoint(
-                        accelerator, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit
-                    )
                 if is_validation_step and global_step < max_train_steps:
                     validate(accelerator, *validation_models, args, seed, global_step, "validation", weight_dtype)
+            if is_checkpoint_step:
+                save_checkpoint(accelerator, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
             if is_save_step or is_validation_step:
                 optimizer.train()
             if stopping:

@@ -10,10 +10,14 @@ One GPU (or CPU):
       --use_ema --checkpointing_steps=500 --validation_prompts "yoda" --output_dir=sd-naruto-model
 
 Several GPUs: run `accelerate config` once, then `accelerate launch --multi_gpu train_text_to_image.py <same flags>`.
+Several machines (the same on each, --machine_rank 0 on the one at --main_process_ip; output_dir shared by all):
+    accelerate launch --multi_gpu --num_machines 2 --num_processes 16 --machine_rank 0 \
+      --main_process_ip 10.0.0.1 --main_process_port 29500 train_text_to_image.py <same flags>
 Two CPU processes (DDP over gloo, what the tests do):
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 train_text_to_image.py <same flags>
 After a crash or preemption, relaunch the same command with --resume_from_checkpoint=latest: the resumed run ends
-with the same weights as one that was never interrupted.
+with the same weights as one that was never interrupted, on the same or another number of processes as long as the
+global batch (batch x processes x accumulation) is the same.
 """
 
 import argparse
@@ -45,7 +49,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, gather_object
+from accelerate.utils import DistributedType, ProjectConfiguration, gather_object
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
@@ -652,9 +656,9 @@ def choose_seed(args, resume_metadata):
 
 
 def warn_if_batch_layout_changed(resume_metadata, run_metadata):
-    """A resume is exact only with the global batch, epoch length and aspect-ratio buckets the checkpoint was written
-    with, and the process count where the run records it (where each process draws its own noise)."""
-    layout = ("total_batch_size", "updates_per_epoch", "num_processes", "aspect_ratio_buckets")
+    """A resume is exact only with the global batch, epoch length and aspect-ratio buckets (where the run records them)
+    the checkpoint was written with. The number of processes sharing the global batch may change."""
+    layout = ("total_batch_size", "updates_per_epoch", "aspect_ratio_buckets")
     keys = [key for key in layout if key in run_metadata]
     before, now = ({key: metadata.get(key) for key in keys} for metadata in (resume_metadata, run_metadata))
     if before != now:
@@ -1026,23 +1030,38 @@ def assign_buckets(sizes, buckets, no_upscale, step):
     return assigned, buckets
 
 
+def cut_into_batches(order, global_batch_size):
+    """Rows in order, cut into global batches of (row, weight). The last batch is topped up with rows from the start of
+    the order at weight 0, and its own rows weigh more so that a batch's weights always average 1. Padding rather than
+    dropping: shapes stay fixed, every row counts exactly once per epoch, and a batch is the same whatever number of
+    processes shares it."""
+    batches = []
+    for start in range(0, len(order), global_batch_size):
+        chosen = order[start : start + global_batch_size]
+        padding = [order[i % len(order)] for i in range(global_batch_size - len(chosen))]
+        weight = global_batch_size / len(chosen)
+        batches.append([(row, weight) for row in chosen] + [(row, 0.0) for row in padding])
+    return batches
+
+
+def shuffled_batches(num_rows, global_batch_size, seed, epoch):
+    """The epoch's global batches as lists of (row, weight): all rows in an order that depends only on (seed, epoch),
+    cut into batches (cut_into_batches). NumPy, so the PyTorch and JAX twins see the same batches."""
+    order = np.random.default_rng(derive_seed(seed, epoch)).permutation(num_rows).tolist()
+    return cut_into_batches(order, global_batch_size)
+
+
 def bucket_batches(bucket_of_row, global_batch_size, seed, epoch):
     """The epoch's global batches as lists of (row, weight), every batch from one bucket: each bucket's rows shuffled,
-    cut into batches, then the batches shuffled; all a pure function of (seed, epoch). A bucket's last batch is topped
-    up with rows from the start of the same bucket's order at weight 0, and its own rows weigh more so that a batch's
-    weights always average 1. Padding rather than dropping: shapes stay fixed, a small bucket still trains, every image
-    counts exactly once per epoch, and the number of batches is the same every epoch."""
+    cut into batches (cut_into_batches: a small bucket still trains, and the number of batches is the same every
+    epoch), then the batches shuffled; all a pure function of (seed, epoch)."""
     rows_by_bucket = {}
     for row, bucket in enumerate(bucket_of_row):
         rows_by_bucket.setdefault(int(bucket), []).append(row)
     batches = []
     for bucket, rows in sorted(rows_by_bucket.items()):
         order = np.random.default_rng(derive_seed(seed, epoch, BUCKET_SEED_KEY, bucket)).permutation(rows).tolist()
-        for start in range(0, len(order), global_batch_size):
-            chosen = order[start : start + global_batch_size]
-            padding = [order[i % len(order)] for i in range(global_batch_size - len(chosen))]
-            weight = global_batch_size / len(chosen)
-            batches.append([(row, weight) for row in chosen] + [(row, 0.0) for row in padding])
+        batches.extend(cut_into_batches(order, global_batch_size))
     batch_order = np.random.default_rng(derive_seed(seed, epoch, BUCKET_SEED_KEY)).permutation(len(batches))
     return [batches[index] for index in batch_order]
 
@@ -1363,43 +1382,23 @@ def build_caches(train_dataset, vae, text_encoder, tokenizer, accelerator, args,
         logger.info(f"Cached {name}: {shapes} {tensors[0].dtype}, {size:.1f} MiB of CPU memory")
 
 
-class EpochShuffleSampler(torch.utils.data.Sampler):
-    """Yields (epoch, row, weight) keys in an order that depends only on (seed, epoch). The training loop sets `.epoch`
-    itself; there is deliberately no set_epoch(), which Accelerate would call with its own iteration counter."""
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Yields each epoch's global batches (lists of (row, weight) from epoch_global_batches(epoch)) as per-process
+    batches of (epoch, row, weight) keys, process 0's share first. Accelerate deals batch k to process k %
+    num_processes, so each process gets its share of every global batch: the run sees the same global batches however
+    many processes share them. The training loop sets `.epoch` itself; there is deliberately no set_epoch(), which
+    Accelerate would call with its own iteration counter."""
 
-    def __init__(self, num_rows, seed):
-        self.num_rows, self.seed, self.epoch = num_rows, seed, 0
-
-    def __len__(self):
-        return self.num_rows
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch))
-        return iter([(self.epoch, row, 1.0) for row in torch.randperm(self.num_rows, generator=generator).tolist()])
-
-
-class BucketBatchSampler(torch.utils.data.Sampler):
-    """With buckets: yields the epoch's global batches (bucket_batches) as per-process batches of (epoch, row, weight)
-    keys, process 0's share first. Accelerate deals batch k to process k % num_processes, so each process gets its
-    share of every global batch and no image is seen twice. The training loop sets `.epoch` (no set_epoch(), as
-    above)."""
-
-    def __init__(self, bucket_of_row, batch_size, num_processes, seed):
-        self.bucket_of_row, self.batch_size, self.num_processes, self.seed = (
-            bucket_of_row,
-            batch_size,
-            num_processes,
-            seed,
-        )
+    def __init__(self, epoch_global_batches, batch_size, num_processes):
+        self.epoch_global_batches, self.batch_size, self.num_processes = epoch_global_batches, batch_size, num_processes
         self.drop_last, self.epoch = False, 0  # read by Accelerate's batch sharding
+        self.num_batches = len(epoch_global_batches(0)) * num_processes  # the same every epoch
 
     def __len__(self):
-        global_batch_size = self.batch_size * self.num_processes
-        counts = np.bincount(np.asarray(self.bucket_of_row))
-        return int(sum(math.ceil(count / global_batch_size) for count in counts)) * self.num_processes
+        return self.num_batches
 
     def __iter__(self):
-        for batch in bucket_batches(self.bucket_of_row, self.batch_size * self.num_processes, self.seed, self.epoch):
+        for batch in self.epoch_global_batches(self.epoch):
             for process in range(self.num_processes):
                 share = batch[process * self.batch_size : (process + 1) * self.batch_size]
                 yield [(self.epoch, row, weight) for row, weight in share]
@@ -1542,11 +1541,14 @@ def register_checkpoint_hooks(accelerator, ema_unet, args):
     """Checkpoints hold loadable unet/ (and unet_ema/) folders instead of anonymous state dicts."""
 
     def save_model_hook(models, weights, output_dir):
-        if ema_unet is not None:
-            ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
-        for model in models:
-            accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"), safe_serialization=True)
-            weights.pop()
+        # Under DeepSpeed and FSDP every rank runs this hook, and their engines save the weights and leave `weights`
+        # empty; the loadable folders are the main process's to write.
+        if accelerator.is_main_process:
+            if ema_unet is not None:
+                ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
+            for model in models:
+                accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"))
+        weights.clear()  # already saved above: Accelerate would write a second, anonymous copy
 
     def load_model_hook(models, input_dir):
         if ema_unet is not None:
@@ -1599,9 +1601,9 @@ def make_optimizer(args, params):
     )
 
 
-def encode_batch(batch, vae, text_encoder, generator):
+def encode_batch(batch, vae, text_encoder, generator, share):
     """The batch's latents and text conditioning, from the frozen VAE and text encoder or from their caches. The VAE
-    sample is the first draw from `generator`."""
+    sample is the first draw from `generator`, made for the global batch `share` belongs to (see BatchShare)."""
     with torch.no_grad():
         if "latent_parameters" in batch:
             # --cache_latents: sampling from the stored distribution draws exactly what encoding the image would.
@@ -1609,7 +1611,11 @@ def encode_batch(batch, vae, text_encoder, generator):
         else:
             # The frozen VAE maps images to latents; the scaling factor brings them to roughly unit variance.
             latent_dist = vae.encode(batch["pixel_values"].to(vae.device, vae.dtype)).latent_dist
-        latents = latent_dist.sample(generator=generator) * vae.config.scaling_factor
+        # What latent_dist.sample() computes, with the draw made for the global batch.
+        mean, std = latent_dist.mean, latent_dist.std
+        sample_shape = (share.global_batch_size, *mean.shape[1:])
+        sample = torch.randn(sample_shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        latents = (mean + std * sample[share.start : share.stop]) * vae.config.scaling_factor
         if "encoder_hidden_states" in batch:
             encoder_hidden_states = batch["encoder_hidden_states"].to(text_encoder.device, text_encoder.dtype)
         else:
@@ -1659,39 +1665,60 @@ class LossConfig:
     timestep_bias_portion: float = 0.25  # "earlier" / "later": the favoured share of the timesteps
 
 
-def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator, config, sample_weights=None):
+@dataclasses.dataclass(frozen=True)
+class BatchShare:
+    """This process's rows, start:stop, of a global batch of global_batch_size. Each random draw is made for the whole
+    global batch and cut to these rows (as the JAX twin draws over its global arrays), so a sample's draws depend on
+    its place in the global batch, and the run on the global batch, not on how many processes share it."""
+
+    start: int
+    stop: int
+    global_batch_size: int
+
+    @classmethod
+    def of_process(cls, process_index, batch_size, num_processes):
+        return cls(process_index * batch_size, (process_index + 1) * batch_size, batch_size * num_processes)
+
+
+def diffusion_loss(
+    unet, noise_scheduler, latents, encoder_hidden_states, generator, config, sample_weights=None, share=None
+):
     """The denoising loss of a batch of clean latents, averaged over the batch (weighted by `sample_weights` when
-    given: aspect-ratio buckets pad a short batch with examples of weight 0). Every random draw comes from
-    `generator`, in the JAX twin's order: noise, offset noise, input perturbation, timesteps."""
+    given: a padded batch holds examples of weight 0). Every random draw comes from `generator`, in the JAX twin's
+    order: noise, offset noise, input perturbation, timesteps; each is drawn for the global batch `share` belongs to
+    (None: this batch is the whole batch) and cut to its rows."""
     bsz = latents.shape[0]
-    noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    share = share or BatchShare(0, bsz, bsz)
+    rows, draws = slice(share.start, share.stop), share.global_batch_size
+    noise_shape = (draws, *latents.shape[1:])
+    noise = torch.randn(noise_shape, generator=generator, device=latents.device, dtype=latents.dtype)[rows]
     if config.noise_offset:
         # Offset noise (Guttenberg 2023, crosslabs.org/blog/diffusion-with-offset-noise): a per-channel constant
         # lets the model change the overall brightness of an image.
-        offset_shape = (bsz, latents.shape[1], 1, 1)
-        offset = torch.randn(offset_shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        offset_shape = (draws, latents.shape[1], 1, 1)
+        offset = torch.randn(offset_shape, generator=generator, device=latents.device, dtype=latents.dtype)[rows]
         noise = noise + config.noise_offset * offset
     noised_with = noise
     if config.input_perturbation:
         # Input perturbation (Ning et al. 2023, arXiv:2301.11706): noise the input with slightly perturbed noise but
         # keep the clean noise as target, which reduces exposure bias.
-        perturbation = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
-        noised_with = noise + config.input_perturbation * perturbation
+        perturbation = torch.randn(noise_shape, generator=generator, device=latents.device, dtype=latents.dtype)
+        noised_with = noise + config.input_perturbation * perturbation[rows]
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     if config.timestep_sampling == "logit_normal":
         # Logit-normal timesteps (Esser et al. 2024, arXiv:2403.03206, as SD3 trains): t/T = sigmoid(n) with
         # n ~ N(mean, std) draws the middle timesteps, where denoising is hardest, most often.
-        normal = torch.randn((bsz,), generator=generator, device=latents.device, dtype=torch.float32)
+        normal = torch.randn((draws,), generator=generator, device=latents.device, dtype=torch.float32)[rows]
         fraction = torch.sigmoid(config.logit_mean + config.logit_std * normal)
         timesteps = (fraction * num_train_timesteps).long().clamp(max=num_train_timesteps - 1)
     elif config.timestep_bias_strategy != "none":
         # Biased timesteps (diffusers' SDXL script): invert the cumulative weights at a uniform draw.
         cdf = np.cumsum(timestep_bias_weights(num_train_timesteps, config))
         cdf = torch.from_numpy((cdf / cdf[-1]).astype(np.float32)).to(latents.device)
-        uniform = torch.rand((bsz,), generator=generator, device=latents.device, dtype=torch.float32)
+        uniform = torch.rand((draws,), generator=generator, device=latents.device, dtype=torch.float32)[rows]
         timesteps = torch.searchsorted(cdf, uniform, right=True).clamp(max=num_train_timesteps - 1)
     else:
-        timesteps = torch.randint(0, num_train_timesteps, (bsz,), generator=generator, device=latents.device)
+        timesteps = torch.randint(0, num_train_timesteps, (draws,), generator=generator, device=latents.device)[rows]
     # Forward diffusion: noisy_latents = sqrt(alpha_bar_t) * latents + sqrt(1 - alpha_bar_t) * noise.
     noisy_latents = noise_scheduler.add_noise(latents, noised_with, timesteps)
 
@@ -1766,22 +1793,42 @@ def diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, genera
 def save_checkpoint(accelerator, output_dir, global_step, run_metadata, total_limit=None):
     """Write checkpoint-N crash-safely: into a hidden temporary folder, flushed to disk, then renamed into place (a
     checkpoint is visible only when complete); then keep the newest `total_limit` (--checkpoints_total_limit).
-    Main process only."""
+    Called by every process. Under DeepSpeed and FSDP, save_state is collective (each rank writes its own shards into
+    the folder, which must be shared by all machines) and the checkpoint is published only if every rank succeeded;
+    otherwise the main process writes it alone."""
+    collective = accelerator.state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    if not (accelerator.is_main_process or collective):
+        return
     final_path = os.path.join(output_dir, f"checkpoint-{global_step}")
     partial_path = os.path.join(output_dir, f".checkpoint-{global_step}.partial")
-    shutil.rmtree(partial_path, ignore_errors=True)
+    if accelerator.is_main_process:
+        shutil.rmtree(partial_path, ignore_errors=True)
+    failure = None
+    if collective:
+        accelerator.wait_for_everyone()
     try:
         accelerator.save_state(partial_path)
-        write_checkpoint_metadata(partial_path, {**run_metadata, "global_step": global_step})
+        if accelerator.is_main_process:
+            write_checkpoint_metadata(partial_path, {**run_metadata, "global_step": global_step})
     except (OSError, RuntimeError) as err:
-        shutil.rmtree(partial_path, ignore_errors=True)
-        raise OSError(write_failure(f"checkpoint-{global_step}", output_dir, err)) from err
-    publish_checkpoint(partial_path, final_path)
-    logger.info(f"Saved {final_path}")
-    if total_limit is not None:
-        for _, path in list_checkpoints(output_dir)[:-total_limit]:
-            logger.info(f"Deleting {path} (--checkpoints_total_limit {total_limit})")
-            shutil.rmtree(path)
+        failure = err
+    if collective:
+        failed = torch.tensor(float(failure is not None), device=accelerator.device)
+        if accelerator.reduce(failed, reduction="sum").item() and failure is None:
+            failure = RuntimeError("another process could not write its part")
+    if failure is not None:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial_path, ignore_errors=True)
+        raise OSError(write_failure(f"checkpoint-{global_step}", output_dir, failure)) from failure
+    if accelerator.is_main_process:
+        publish_checkpoint(partial_path, final_path)
+        logger.info(f"Saved {final_path}")
+        if total_limit is not None:
+            for _, path in list_checkpoints(output_dir)[:-total_limit]:
+                logger.info(f"Deleting {path} (--checkpoints_total_limit {total_limit})")
+                shutil.rmtree(path)
+    if collective:
+        accelerator.wait_for_everyone()
 
 
 def render_validation_images(pipeline, prompts, size, seed, weight_dtype):
@@ -2376,24 +2423,21 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------- data
     train_dataset = ImageCaptionDataset(load_image_caption_dataset(args, seed), tokenizer, args, seed)
     image_sizes = check_images(train_dataset, accelerator)
+    # The run depends on the global batch, not on how many processes share it: batches and draws are made for it.
+    global_batch_size = args.train_batch_size * accelerator.num_processes
     if args.use_aspect_ratio_buckets:
         # The VAE shrinks images by 2 per block after its first; the UNet halves latents per down block after its first.
         model_factor = 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.down_block_types) - 1)
-        global_batch_size = args.train_batch_size * accelerator.num_processes
         setup_buckets(train_dataset, image_sizes, args, model_factor, global_batch_size)
+        epoch_global_batches = functools.partial(bucket_batches, train_dataset.bucket_of_row, global_batch_size, seed)
+    else:
+        epoch_global_batches = functools.partial(shuffled_batches, len(train_dataset), global_batch_size, seed)
     num_workers = default_num_workers(args, accelerator)
     build_caches(train_dataset, vae, text_encoder, tokenizer, accelerator, args, num_workers)
-    if args.use_aspect_ratio_buckets:
-        sampler = BucketBatchSampler(
-            train_dataset.bucket_of_row, args.train_batch_size, accelerator.num_processes, seed
-        )
-        sampling = {"batch_sampler": sampler}
-    else:
-        sampler = EpochShuffleSampler(len(train_dataset), seed)
-        sampling = {"sampler": sampler, "batch_size": args.train_batch_size}
+    sampler = GlobalBatchSampler(epoch_global_batches, args.train_batch_size, accelerator.num_processes)
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
-        **sampling,
+        batch_sampler=sampler,
         collate_fn=collate,
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
@@ -2426,7 +2470,7 @@ def main(argv=None):
     lr_scheduler = accelerator.prepare(lr_scheduler)
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
-    run_metadata["num_processes"] = accelerator.num_processes
+    run_metadata["process_count"] = accelerator.num_processes  # information only: the run does not depend on it
     run_metadata["aspect_ratio_buckets"] = [list(bucket) for bucket in train_dataset.buckets or []] or None
 
     # ----------------------------------------------------------------------------------------------------- resume
@@ -2461,6 +2505,7 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------------------------------- train loop
     generator = torch.Generator(device=accelerator.device)
+    share = BatchShare.of_process(accelerator.process_index, args.train_batch_size, accelerator.num_processes)
     progress_bar = tqdm(
         range(max_train_steps),
         initial=min(global_step, max_train_steps),
@@ -2482,15 +2527,15 @@ def main(argv=None):
         skip = (global_step - epoch * updates_per_epoch) * args.gradient_accumulation_steps
         batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
         for batch_index, batch in enumerate(batches, start=skip):
-            generator.manual_seed(derive_seed(seed, epoch, batch_index, accelerator.process_index))
+            generator.manual_seed(derive_seed(seed, epoch, batch_index))  # the same in every process: see BatchShare
             # The epoch's last accumulation group may be short: its update averages the batches it has.
             group_start = batch_index - batch_index % args.gradient_accumulation_steps
             group_size = min(args.gradient_accumulation_steps, batches_per_epoch - group_start)
             with accelerator.accumulate(unet):
-                latents, encoder_hidden_states = encode_batch(batch, vae, text_encoder, generator)
+                latents, encoder_hidden_states = encode_batch(batch, vae, text_encoder, generator, share)
                 sample_weights = batch["sample_weights"].to(latents.device)
                 loss = diffusion_loss(
-                    unet, noise_scheduler, latents, encoder_hidden_states, generator, loss_config, sample_weights
+                    unet, noise_scheduler, latents, encoder_hidden_states, generator, loss_config, sample_weights, share
                 )
                 window.add_batch(loss, group_size)
                 accelerator.backward(loss * (args.gradient_accumulation_steps / group_size))
@@ -2527,10 +2572,7 @@ def main(argv=None):
                 tensors = trained_tensors(accelerator.unwrap_model(unet), ema_unet, optimizer)
                 probe = probe_loss(accelerator, unet, noise_scheduler, *last_batch, loss_config, seed)
                 check_finite(tensors, probe, "the UNet", global_step)
-                if accelerator.is_main_process:
-                    save_checkpoint(
-                        accelerator, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit
-                    )
+                save_checkpoint(accelerator, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
                 optimizer.train()
             if stopping:
                 accelerator.wait_for_everyone()

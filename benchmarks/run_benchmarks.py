@@ -21,12 +21,14 @@ import json
 import os
 import platform
 import re
+import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
 
 from devkit import tiny_sd
+from devkit.running_launch import free_port
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -280,6 +282,8 @@ BASELINE_AGAIN = "(none: AdamW + L2, measured again)"
 RECIPE_PREFIX = "recipe: "  # the variant of a recipe row, which goes to the recipe table
 # Uncached, like the first t2i row, on 2:1, 1:2, 1:1 and 3:2 images: each bucket holds at most resolution² pixels.
 BUCKETS_VARIANT = (["--use_aspect_ratio_buckets"], "--use_aspect_ratio_buckets, mixed aspect ratios")
+# The variant of a scaling row: two processes (torchrun / two JAX processes with a coordinator) share the global batch.
+TWO_PROCESSES = "2 processes x half the batch, "
 
 
 def plan(name, config, args, pipeline, images, mixed, concept, flax_ok):
@@ -295,6 +299,10 @@ def plan(name, config, args, pipeline, images, mixed, concept, flax_ok):
                 for script in ["train_text_to_image_flax.py", "textual_inversion_flax.py"]
             ]
             jobs.append(("train_text_to_image_flax.py", batch, BUCKETS_VARIANT[0], "JAX, " + BUCKETS_VARIANT[1]))
+        # Scaling: the same global batch (and the same run, see README) shared by two processes of one core each.
+        jobs.append(("train_text_to_image.py", batch, [], TWO_PROCESSES + T2I_VARIANTS[0][1]))
+        if config["flax"] and flax_ok:
+            jobs.append(("train_text_to_image_flax.py", batch, [], "JAX, " + TWO_PROCESSES + "VAE in the step"))
     else:
         cached, variant = T2I_VARIANTS[2]
         jobs = [("train_text_to_image.py", 16, *T2I_VARIANTS[0])]
@@ -335,16 +343,18 @@ def plan(name, config, args, pipeline, images, mixed, concept, flax_ok):
             resolution=config["resolution"],
             images_per_update=batch,
         )
+        processes = 2 if TWO_PROCESSES in variant else 1
         row["output_dir"] = os.path.join(
             args.work_dir, name, "runs", f"{script[:-3]}-b{batch}-" + ("-".join(f.strip("-") for f in flags) or "plain")
         )
+        row["output_dir"] += "-2processes" if processes == 2 else ""
         common = [
             "--pretrained_model_name_or_path",
             pipeline,
             "--resolution",
             str(config["resolution"]),
             "--train_batch_size",
-            str(batch),
+            str(batch // processes),
             "--max_train_steps",
             str(steps),
             "--logging_steps",
@@ -374,8 +384,20 @@ def plan(name, config, args, pipeline, images, mixed, concept, flax_ok):
                 "--repeats",
                 "100",
             ]
+        if script.endswith("_flax.py") and processes == 2:
+            address = f"--coordinator_address 127.0.0.1:{free_port()} --num_processes 2 --process_id".split()
+            first, second = ([args.flax_python, script, *common, *flags, *address, str(i)] for i in range(2))
+            # The second process's output is dropped; the first logs the steps. The exit status is the first's.
+            script_line = f"{shlex.join(second)} > /dev/null 2>&1 & {shlex.join(first)}; status=$?; wait; exit $status"
+            runs.append((row, ["env", "OMP_NUM_THREADS=1", "bash", "-c", script_line]))
+            continue
         if script.endswith("_flax.py"):
             command = [args.flax_python, script] + common
+        elif processes == 2:
+            torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+            launcher = ["env", "ACCELERATE_USE_CPU=true", "OMP_NUM_THREADS=1", torchrun, "--nproc_per_node", "2"]
+            command = [*launcher, "--master_port", free_port(), script, *common, "--report_to", "none"]
+            command += ["--mixed_precision", config["precision"]]
         else:
             command = (
                 [
@@ -439,7 +461,8 @@ def format_table(rows):
 
     def is_baseline(variant):
         """The uncached square run of a script: "... in the loop" (PyTorch) or "... in the step" (JAX)."""
-        return ("in the loop" in variant or "in the step" in variant) and "checkpointing" not in variant
+        one_process = TWO_PROCESSES not in variant
+        return ("in the loop" in variant or "in the step" in variant) and "checkpointing" not in variant and one_process
 
     baselines = {
         (r["config"], r["script"], r["batch"]): r.get("images_per_second") for r in rows if is_baseline(r["variant"])

@@ -2,6 +2,7 @@
 users do (`accelerate launch --config_file <basic config> script.py ...`)."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -74,6 +75,36 @@ class Launcher:
         else:
             command = [sys.executable]
         return RunningLaunch(command + [script] + [str(a) for a in args], env, cwd=REPO)
+
+    def torchrun_nodes(self, script, args, nnodes=2):
+        """Two "machines" on this one: `torchrun --nnodes 2 --nproc_per_node 1 --node_rank i --master_addr 127.0.0.1
+        --master_port P script args...` started side by side, as a multi-node job starts one per node. Raises with the
+        output of the node that failed."""
+        rendezvous = ["--nnodes", str(nnodes), "--nproc_per_node", "1", "--master_addr", "127.0.0.1"]
+        rendezvous += ["--master_port", free_port()]
+        env = {
+            **os.environ,
+            **OFFLINE_ENV,
+            "PYTHONUNBUFFERED": "1",
+            "ACCELERATE_USE_CPU": "true",
+            "OMP_NUM_THREADS": "1",
+        }
+        nodes = [
+            RunningLaunch(
+                [os.path.join(BIN, "torchrun"), *rendezvous, "--node_rank", str(rank), script, *map(str, args)],
+                env,
+                cwd=REPO,
+            )
+            for rank in range(nnodes)
+        ]
+        results = []
+        for rank, node in enumerate(nodes):
+            results.append(node.finish(timeout=900))
+            if results[-1].returncode != 0:
+                for other in nodes[rank + 1 :]:  # they would wait for the failed node
+                    other.send(signal.SIGKILL)
+                raise AssertionError(f"{script} failed on node {rank}:\n{results[-1].output[-6000:]}")
+        return results
 
     def torchrun(self, script, args, nproc=2, check=True):
         """`ACCELERATE_USE_CPU=true torchrun --nproc_per_node N script args...`: DDP over gloo on CPU."""

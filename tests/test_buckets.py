@@ -3,6 +3,7 @@ epoch batches that never mix buckets and show every image once (1 and 2 processe
 dealing), exact resume and cached == uncached with buckets on, deterministic caption edits, and clear errors."""
 
 import collections
+import functools
 import os
 import shutil
 
@@ -79,7 +80,8 @@ def test_processes_get_whole_shares_of_each_batch(num_processes):
     from accelerate.data_loader import prepare_data_loader, skip_first_batches
 
     bucket_of_row = [0] * 9 + [1] * 4 + [2] * 3
-    sampler = t2i.BucketBatchSampler(bucket_of_row, batch_size=2, num_processes=num_processes, seed=5)
+    epoch_global_batches = functools.partial(t2i.bucket_batches, bucket_of_row, 2 * num_processes, 5)
+    sampler = t2i.GlobalBatchSampler(epoch_global_batches, batch_size=2, num_processes=num_processes)
     sampler.epoch = 3
     loader = torch.utils.data.DataLoader(KeyEcho(), batch_sampler=sampler, collate_fn=lambda keys: keys)
     shares = []

@@ -187,9 +187,10 @@ def test_min_snr_v_prediction_bf16_gradient_checkpointing_and_bin(launch, assets
     assert "<blob>" in pipe.tokenizer.get_vocab()
 
 
-def test_two_processes(launch, assets, concept, tmp_path):
-    out = str(tmp_path / "run")
+def test_two_processes_train_what_one_process_with_the_same_global_batch_trains(launch, assets, concept, tmp_path):
+    out, one = str(tmp_path / "run"), str(tmp_path / "one")
     flags = "--max_train_steps 3 --checkpointing_steps 2 --save_steps 2 --cache_latents --embedding_format diffusers"
+    flags += " --adam_epsilon 1e-5"  # see test_multi_node: Adam at 1e-8 amplifies the all-reduce's rounding
     result = launch.torchrun(SCRIPT, base_args(assets, concept, out, flags))
     assert "processes = 2" in result.output and "total batch = 4" in result.output
     assert "Cached latents: (4, 2, 8, 8, 8)" in result.output  # encoded half by each process, gathered by both
@@ -201,6 +202,12 @@ def test_two_processes(launch, assets, concept, tmp_path):
     assert not [n for n in os.listdir(out) if n.endswith(".partial")] and not os.path.exists(
         os.path.join(out, "blob.safetensors")
     )
+    launch.accelerate(SCRIPT, base_args(assets, concept, one, flags, "--train_batch_size 4"))
+    rows = {run: load_file(os.path.join(run, "learned_embeds.safetensors"))["<blob>"] for run in (out, one)}
+    difference = (rows[out] - rows[one]).abs().max().item()
+    print(f"2 processes x 2 vs 1 x 4: {difference:.2e}")
+    last_step = (rows[one] - load_file(os.path.join(one, "learned_embeds-steps-2.safetensors"))["<blob>"]).abs().max()
+    assert difference <= 1e-5 < last_step / 100  # far below what one step changes
 
 
 # ---------------------------------------------------------------------------------------------------- clear errors
