@@ -16,6 +16,7 @@ Multi-host TPU pod: run the same command on every host with --jax_distributed. T
 Several processes named by hand (GPU nodes, or two CPU processes as a test does), process 0 on HOST0:
     python textual_inversion_flax.py <flags> --coordinator_address=HOST0:1234 --num_processes=2 --process_id=0
     python textual_inversion_flax.py <flags> --coordinator_address=HOST0:1234 --num_processes=2 --process_id=1
+The output_dir must be on a file system all hosts share: each writes and reads its part of every checkpoint.
 After a crash or preemption, relaunch the same command with --resume_from_checkpoint=latest.
 """
 
@@ -41,8 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization, struct
+import orbax.checkpoint as ocp
+from flax import struct
 from flax.training.train_state import TrainState
+from jax.experimental import multihost_utils
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
@@ -55,6 +58,7 @@ VALIDATION_SEED_KEY = 7919
 # Seed, step and batch layout of a checkpoint, written last into it: its presence marks the checkpoint complete.
 CHECKPOINT_METADATA = "checkpoint_metadata.json"
 LOCK_FILE = ".training.lock"  # held (an OS lock) by the run writing into output_dir; a killed run holds none
+TRAIN_STATE = "train_state"  # inside checkpoint-N: the Orbax checkpoint of the step, params and optimizer state
 PIPELINE_LINK = ".pipeline"  # -> the current .pipeline-<n> folder; output_dir's components link through it
 PIPELINE_VERSION = re.compile(r"^\.pipeline-(\d+)$")
 PREEMPTED_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL: stopped by a signal after writing a checkpoint; relaunch to continue
@@ -232,6 +236,12 @@ def parse_args(argv=None):
         type=int,
         default=int(os.environ["JAX_PROCESS_ID"]) if os.environ.get("JAX_PROCESS_ID") else None,
         help="With --coordinator_address: this process's index, 0 to --num_processes - 1 (default $JAX_PROCESS_ID).",
+    )
+    parser.add_argument(
+        "--heartbeat_timeout_seconds",
+        type=int,
+        default=100,
+        help="With several processes: seconds without a heartbeat before a process counts as dead and the rest stop.",
     )
     # Checkpointing and saving
     parser.add_argument(
@@ -503,6 +513,20 @@ def derive_seed(*keys):
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
+def cut_into_batches(order, global_batch_size):
+    """Rows in order, cut into global batches of (row, weight). The last batch is topped up with rows from the start of
+    the order at weight 0, and its own rows weigh more so that a batch's weights always average 1. Padding rather than
+    dropping: shapes stay fixed, every row counts exactly once per epoch, and a batch is the same whatever number of
+    processes shares it."""
+    batches = []
+    for start in range(0, len(order), global_batch_size):
+        chosen = order[start : start + global_batch_size]
+        padding = [order[i % len(order)] for i in range(global_batch_size - len(chosen))]
+        weight = global_batch_size / len(chosen)
+        batches.append([(row, weight) for row in chosen] + [(row, 0.0) for row in padding])
+    return batches
+
+
 def list_checkpoints(output_dir):
     """Complete checkpoints in output_dir, oldest first, as (step, path)."""
     if not os.path.isdir(output_dir):
@@ -566,9 +590,9 @@ def choose_seed(args, resume_metadata):
 
 
 def warn_if_batch_layout_changed(resume_metadata, run_metadata):
-    """A resume is exact only with the global batch, epoch length and aspect-ratio buckets the checkpoint was written
-    with, and the process count where the run records it (where each process draws its own noise)."""
-    layout = ("total_batch_size", "updates_per_epoch", "num_processes", "aspect_ratio_buckets")
+    """A resume is exact only with the global batch, epoch length and aspect-ratio buckets (where the run records them)
+    the checkpoint was written with. The number of processes sharing the global batch may change."""
+    layout = ("total_batch_size", "updates_per_epoch", "aspect_ratio_buckets")
     keys = [key for key in layout if key in run_metadata]
     before, now = ({key: metadata.get(key) for key in keys} for metadata in (resume_metadata, run_metadata))
     if before != now:
@@ -890,11 +914,10 @@ class TextualInversionDataset:
 
 
 def shuffled_batches(num_rows, global_batch_size, seed, epoch):
-    """The epoch's global batches as lists of (row, weight): the rows in an order that depends only on (seed, epoch),
-    cut into full batches (an incomplete last one is dropped: shapes stay static for XLA)."""
+    """The epoch's global batches as lists of (row, weight): all rows in an order that depends only on (seed, epoch),
+    cut into batches (cut_into_batches). NumPy, so the PyTorch and JAX twins see the same batches."""
     order = np.random.default_rng(derive_seed(seed, epoch)).permutation(num_rows).tolist()
-    starts = range(0, num_rows - global_batch_size + 1, global_batch_size)
-    return [[(row, 1.0) for row in order[start : start + global_batch_size]] for start in starts]
+    return cut_into_batches(order, global_batch_size)
 
 
 def epoch_batches(dataset, epoch, global_batches, skip_batches):
@@ -1178,7 +1201,7 @@ def diffusion_loss(
     unet, noise_scheduler, scheduler_state, latents, encoder_hidden_states, rng, config, sample_weights=None
 ):
     """The denoising loss of a batch of clean latents, averaged over the batch (weighted by `sample_weights` when
-    given: aspect-ratio buckets pad a short batch with examples of weight 0). Every random draw comes from `rng`, in
+    given: a padded batch holds examples of weight 0). Every random draw comes from `rng`, in
     the PyTorch twin's order: noise, offset noise, input perturbation, timesteps."""
     noise_rng, offset_rng, perturbation_rng, timestep_rng = jax.random.split(rng, 4)
     bsz = latents.shape[0]
@@ -1465,32 +1488,43 @@ def check_finite(tree, loss, what, global_step):
 def save_checkpoint(state, output_dir, global_step, run_metadata, total_limit=None):
     """Write checkpoint-N crash-safely: into a hidden temporary folder, flushed to disk, then renamed into place (a
     checkpoint is visible only when complete); then keep the newest `total_limit` (--checkpoints_total_limit).
-    Main process only. The train state file holds what trains: the step, the params and the optimizer state."""
-    final_path = os.path.join(output_dir, f"checkpoint-{global_step}")
-    partial_path = os.path.join(output_dir, f".checkpoint-{global_step}.partial")
-    shutil.rmtree(partial_path, ignore_errors=True)
-    try:
-        os.makedirs(partial_path)
-        with open(os.path.join(partial_path, "train_state.msgpack"), "wb") as f:
-            f.write(serialization.to_bytes(jax.device_get(state)))
-        write_checkpoint_metadata(partial_path, {**run_metadata, "global_step": global_step})
-    except OSError as err:
+    Called by every process: Orbax, JAX's multi-host checkpointer, writes the train state (the step, the params and
+    the optimizer state; each array once, by the processes that hold it) and returns when every process is done;
+    process 0 writes the metadata and publishes the folder. With several hosts, output_dir must be shared by all."""
+    is_main_process = jax.process_index() == 0
+    final_path = os.path.abspath(os.path.join(output_dir, f"checkpoint-{global_step}"))
+    partial_path = os.path.abspath(os.path.join(output_dir, f".checkpoint-{global_step}.partial"))
+    if is_main_process:
         shutil.rmtree(partial_path, ignore_errors=True)
-        raise OSError(write_failure(f"checkpoint-{global_step}", output_dir, err)) from err
-    publish_checkpoint(partial_path, final_path)
-    logger.info(f"Saved {final_path}")
-    if total_limit is not None:
-        for _, path in list_checkpoints(output_dir)[:-total_limit]:
-            logger.info(f"Deleting {path} (--checkpoints_total_limit {total_limit})")
-            shutil.rmtree(path)
-
-
-def restore_train_state(state, checkpoint_path):
-    """`state` with the step, params and optimizer state saved in a checkpoint."""
-    path = os.path.join(checkpoint_path, "train_state.msgpack")
+    multihost_utils.sync_global_devices(f"checkpoint-{global_step}: cleared")
     try:
-        with open(path, "rb") as f:
-            return serialization.from_bytes(state, f.read())
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(os.path.join(partial_path, TRAIN_STATE), state)
+            checkpointer.wait_until_finished()
+        if is_main_process:
+            write_checkpoint_metadata(partial_path, {**run_metadata, "global_step": global_step})
+    except OSError as err:
+        if is_main_process:
+            shutil.rmtree(partial_path, ignore_errors=True)
+        raise OSError(write_failure(f"checkpoint-{global_step}", output_dir, err)) from err
+    if is_main_process:
+        publish_checkpoint(partial_path, final_path)
+        logger.info(f"Saved {final_path}")
+        if total_limit is not None:
+            for _, path in list_checkpoints(output_dir)[:-total_limit]:
+                logger.info(f"Deleting {path} (--checkpoints_total_limit {total_limit})")
+                shutil.rmtree(path)
+    multihost_utils.sync_global_devices(f"checkpoint-{global_step}: published")
+
+
+def restore_train_state(state, checkpoint_path, sharding):
+    """`state` with the step, params and optimizer state saved in a checkpoint, as arrays placed by `sharding` (each
+    process reads what its devices hold)."""
+    path = os.path.abspath(os.path.join(checkpoint_path, TRAIN_STATE))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=sharding), state)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(path, target)
     except Exception as err:
         raise RuntimeError(f"{path} could not be loaded ({type(err).__name__}: {err})") from err
 
@@ -1575,7 +1609,10 @@ def start_distributed(args):
     # ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
-        coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id
+        coordinator_address=args.coordinator_address,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        heartbeat_timeout_seconds=args.heartbeat_timeout_seconds,
     )
 
 
@@ -1584,14 +1621,19 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------------------------------------ setup
     start_distributed(args)
+    # force: importing Orbax (or anything that logs at import time) leaves a root handler that would make this a no-op.
     logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.INFO,
+        force=True,
     )
     is_main_process = jax.process_index() == 0
     if not is_main_process:
         logger.setLevel(logging.ERROR)
     image_paths = find_example_images(args.train_data_dir)
-    # Only the main process writes, and only while it holds output_dir: a second run into it is refused.
+    # Only the main process writes (but for each process's share of a checkpoint's arrays), and only while it holds
+    # output_dir: a second run into it is refused.
     output_lock = lock_output_dir(args.output_dir) if is_main_process else None
     stop_request = StopRequest()
     resume_path = find_resume_checkpoint(args)
@@ -1652,7 +1694,7 @@ def main(argv=None):
     batches_per_epoch = len(epoch_global_batches(0))  # the same every epoch
     if batches_per_epoch < args.gradient_accumulation_steps:
         raise ValueError(
-            f"{len(train_dataset)} examples make {batches_per_epoch} full global batches of {global_batch_size} "
+            f"{len(train_dataset)} examples make {batches_per_epoch} global batches of {global_batch_size} "
             f"({args.train_batch_size} per device x {jax.device_count()} devices); "
             f"one update needs {args.gradient_accumulation_steps}"
         )
@@ -1668,13 +1710,13 @@ def main(argv=None):
     state = TrainState.create(apply_fn=None, params={"learned": learned}, tx=make_optimizer(args, schedule))
     total_batch_size = global_batch_size * args.gradient_accumulation_steps
     run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
-    run_metadata["num_processes"] = jax.process_count()
+    run_metadata["process_count"] = jax.process_count()  # information only: the run does not depend on it
 
     # ----------------------------------------------------------------------------------------------------- resume
     global_step = 0
     if resume_path is not None:
         logger.info(f"Resuming from {resume_path}")
-        state = restore_train_state(state, resume_path)
+        state = restore_train_state(state, resume_path, replicated)
         global_step = resume_metadata["global_step"]
         warn_if_batch_layout_changed(resume_metadata, run_metadata)
     state, frozen = jax.device_put((state, frozen), replicated)
@@ -1747,8 +1789,8 @@ def main(argv=None):
                 if global_step % args.save_steps == 0:
                     path = os.path.join(args.output_dir, f"learned_embeds-steps-{global_step}.safetensors")
                     save_embeddings(evaluation_params(state, args)["learned"], args.placeholder_token, path)
-                if is_checkpoint_step:
-                    save_checkpoint(state, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
+            if is_checkpoint_step:
+                save_checkpoint(state, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
             if validation_prompts and global_step % args.validation_steps == 0 and global_step < max_train_steps:
                 validate(
                     render,

@@ -16,6 +16,7 @@ per-device batch x all devices of all hosts. Two CPU devices (what the tests do)
 Several processes named by hand (GPU nodes, or two CPU processes as a test does), process 0 on HOST0:
     python train_text_to_image_flax.py <flags> --coordinator_address=HOST0:1234 --num_processes=2 --process_id=0
     python train_text_to_image_flax.py <flags> --coordinator_address=HOST0:1234 --num_processes=2 --process_id=1
+The output_dir must be on a file system all hosts share: each writes and reads its part of every checkpoint.
 After a crash or preemption, relaunch the same command with --resume_from_checkpoint=latest.
 """
 
@@ -43,8 +44,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import serialization, struct
+import orbax.checkpoint as ocp
+from flax import struct
 from flax.training.train_state import TrainState
+from jax.experimental import multihost_utils
 from PIL import Image, ImageOps
 from tqdm.auto import tqdm
 
@@ -54,6 +57,7 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 # Seed, step and batch layout of a checkpoint, written last into it: its presence marks the checkpoint complete.
 CHECKPOINT_METADATA = "checkpoint_metadata.json"
 LOCK_FILE = ".training.lock"  # held (an OS lock) by the run writing into output_dir; a killed run holds none
+TRAIN_STATE = "train_state"  # inside checkpoint-N: the Orbax checkpoint of the step, params and optimizer state
 PIPELINE_LINK = ".pipeline"  # -> the current .pipeline-<n> folder; output_dir's components link through it
 PIPELINE_VERSION = re.compile(r"^\.pipeline-(\d+)$")
 # The second key of every validation seed, derive_seed(seed, VALIDATION_SEED_KEY, prompt index): training draws use
@@ -273,6 +277,12 @@ def parse_args(argv=None):
         type=int,
         default=int(os.environ["JAX_PROCESS_ID"]) if os.environ.get("JAX_PROCESS_ID") else None,
         help="With --coordinator_address: this process's index, 0 to --num_processes - 1 (default $JAX_PROCESS_ID).",
+    )
+    parser.add_argument(
+        "--heartbeat_timeout_seconds",
+        type=int,
+        default=100,
+        help="With several processes: seconds without a heartbeat before a process counts as dead and the rest stop.",
     )
     # Checkpointing
     parser.add_argument(
@@ -620,9 +630,9 @@ def choose_seed(args, resume_metadata):
 
 
 def warn_if_batch_layout_changed(resume_metadata, run_metadata):
-    """A resume is exact only with the global batch, epoch length and aspect-ratio buckets the checkpoint was written
-    with, and the process count where the run records it (where each process draws its own noise)."""
-    layout = ("total_batch_size", "updates_per_epoch", "num_processes", "aspect_ratio_buckets")
+    """A resume is exact only with the global batch, epoch length and aspect-ratio buckets (where the run records them)
+    the checkpoint was written with. The number of processes sharing the global batch may change."""
+    layout = ("total_batch_size", "updates_per_epoch", "aspect_ratio_buckets")
     keys = [key for key in layout if key in run_metadata]
     before, now = ({key: metadata.get(key) for key in keys} for metadata in (resume_metadata, run_metadata))
     if before != now:
@@ -996,21 +1006,15 @@ def assign_buckets(sizes, buckets, no_upscale, step):
 
 def bucket_batches(bucket_of_row, global_batch_size, seed, epoch):
     """The epoch's global batches as lists of (row, weight), every batch from one bucket: each bucket's rows shuffled,
-    cut into batches, then the batches shuffled; all a pure function of (seed, epoch). A bucket's last batch is topped
-    up with rows from the start of the same bucket's order at weight 0, and its own rows weigh more so that a batch's
-    weights always average 1. Padding rather than dropping: shapes stay fixed, a small bucket still trains, every image
-    counts exactly once per epoch, and the number of batches is the same every epoch."""
+    cut into batches (cut_into_batches: a small bucket still trains, and the number of batches is the same every
+    epoch), then the batches shuffled; all a pure function of (seed, epoch)."""
     rows_by_bucket = {}
     for row, bucket in enumerate(bucket_of_row):
         rows_by_bucket.setdefault(int(bucket), []).append(row)
     batches = []
     for bucket, rows in sorted(rows_by_bucket.items()):
         order = np.random.default_rng(derive_seed(seed, epoch, BUCKET_SEED_KEY, bucket)).permutation(rows).tolist()
-        for start in range(0, len(order), global_batch_size):
-            chosen = order[start : start + global_batch_size]
-            padding = [order[i % len(order)] for i in range(global_batch_size - len(chosen))]
-            weight = global_batch_size / len(chosen)
-            batches.append([(row, weight) for row in chosen] + [(row, 0.0) for row in padding])
+        batches.extend(cut_into_batches(order, global_batch_size))
     batch_order = np.random.default_rng(derive_seed(seed, epoch, BUCKET_SEED_KEY)).permutation(len(batches))
     return [batches[index] for index in batch_order]
 
@@ -1025,6 +1029,20 @@ def describe_buckets(bucket_of_row, buckets, global_batch_size):
         if counts[i]
     ]
     return "\n".join(lines)
+
+
+def cut_into_batches(order, global_batch_size):
+    """Rows in order, cut into global batches of (row, weight). The last batch is topped up with rows from the start of
+    the order at weight 0, and its own rows weigh more so that a batch's weights always average 1. Padding rather than
+    dropping: shapes stay fixed, every row counts exactly once per epoch, and a batch is the same whatever number of
+    processes shares it."""
+    batches = []
+    for start in range(0, len(order), global_batch_size):
+        chosen = order[start : start + global_batch_size]
+        padding = [order[i % len(order)] for i in range(global_batch_size - len(chosen))]
+        weight = global_batch_size / len(chosen)
+        batches.append([(row, weight) for row in chosen] + [(row, 0.0) for row in padding])
+    return batches
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1321,11 +1339,10 @@ def setup_buckets(dataset, sizes, args, model_factor, global_batch_size):
 
 
 def shuffled_batches(num_rows, global_batch_size, seed, epoch):
-    """The epoch's global batches as lists of (row, weight): the rows in an order that depends only on (seed, epoch),
-    cut into full batches (an incomplete last one is dropped: shapes stay static for XLA)."""
+    """The epoch's global batches as lists of (row, weight): all rows in an order that depends only on (seed, epoch),
+    cut into batches (cut_into_batches). NumPy, so the PyTorch and JAX twins see the same batches."""
     order = np.random.default_rng(derive_seed(seed, epoch)).permutation(num_rows).tolist()
-    starts = range(0, num_rows - global_batch_size + 1, global_batch_size)
-    return [[(row, 1.0) for row in order[start : start + global_batch_size]] for start in starts]
+    return cut_into_batches(order, global_batch_size)
 
 
 def epoch_batches(dataset, epoch, global_batches, skip_batches):
@@ -1615,7 +1632,7 @@ def diffusion_loss(
     unet, noise_scheduler, scheduler_state, latents, encoder_hidden_states, rng, config, sample_weights=None
 ):
     """The denoising loss of a batch of clean latents, averaged over the batch (weighted by `sample_weights` when
-    given: aspect-ratio buckets pad a short batch with examples of weight 0). Every random draw comes from `rng`, in
+    given: a padded batch holds examples of weight 0). Every random draw comes from `rng`, in
     the PyTorch twin's order: noise, offset noise, input perturbation, timesteps."""
     noise_rng, offset_rng, perturbation_rng, timestep_rng = jax.random.split(rng, 4)
     bsz = latents.shape[0]
@@ -1904,32 +1921,43 @@ def check_finite(tree, loss, what, global_step):
 def save_checkpoint(state, output_dir, global_step, run_metadata, total_limit=None):
     """Write checkpoint-N crash-safely: into a hidden temporary folder, flushed to disk, then renamed into place (a
     checkpoint is visible only when complete); then keep the newest `total_limit` (--checkpoints_total_limit).
-    Main process only. The train state file holds what trains: the step, the params and the optimizer state."""
-    final_path = os.path.join(output_dir, f"checkpoint-{global_step}")
-    partial_path = os.path.join(output_dir, f".checkpoint-{global_step}.partial")
-    shutil.rmtree(partial_path, ignore_errors=True)
-    try:
-        os.makedirs(partial_path)
-        with open(os.path.join(partial_path, "train_state.msgpack"), "wb") as f:
-            f.write(serialization.to_bytes(jax.device_get(state)))
-        write_checkpoint_metadata(partial_path, {**run_metadata, "global_step": global_step})
-    except OSError as err:
+    Called by every process: Orbax, JAX's multi-host checkpointer, writes the train state (the step, the params and
+    the optimizer state; each array once, by the processes that hold it) and returns when every process is done;
+    process 0 writes the metadata and publishes the folder. With several hosts, output_dir must be shared by all."""
+    is_main_process = jax.process_index() == 0
+    final_path = os.path.abspath(os.path.join(output_dir, f"checkpoint-{global_step}"))
+    partial_path = os.path.abspath(os.path.join(output_dir, f".checkpoint-{global_step}.partial"))
+    if is_main_process:
         shutil.rmtree(partial_path, ignore_errors=True)
-        raise OSError(write_failure(f"checkpoint-{global_step}", output_dir, err)) from err
-    publish_checkpoint(partial_path, final_path)
-    logger.info(f"Saved {final_path}")
-    if total_limit is not None:
-        for _, path in list_checkpoints(output_dir)[:-total_limit]:
-            logger.info(f"Deleting {path} (--checkpoints_total_limit {total_limit})")
-            shutil.rmtree(path)
-
-
-def restore_train_state(state, checkpoint_path):
-    """`state` with the step, params and optimizer state saved in a checkpoint."""
-    path = os.path.join(checkpoint_path, "train_state.msgpack")
+    multihost_utils.sync_global_devices(f"checkpoint-{global_step}: cleared")
     try:
-        with open(path, "rb") as f:
-            return serialization.from_bytes(state, f.read())
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(os.path.join(partial_path, TRAIN_STATE), state)
+            checkpointer.wait_until_finished()
+        if is_main_process:
+            write_checkpoint_metadata(partial_path, {**run_metadata, "global_step": global_step})
+    except OSError as err:
+        if is_main_process:
+            shutil.rmtree(partial_path, ignore_errors=True)
+        raise OSError(write_failure(f"checkpoint-{global_step}", output_dir, err)) from err
+    if is_main_process:
+        publish_checkpoint(partial_path, final_path)
+        logger.info(f"Saved {final_path}")
+        if total_limit is not None:
+            for _, path in list_checkpoints(output_dir)[:-total_limit]:
+                logger.info(f"Deleting {path} (--checkpoints_total_limit {total_limit})")
+                shutil.rmtree(path)
+    multihost_utils.sync_global_devices(f"checkpoint-{global_step}: published")
+
+
+def restore_train_state(state, checkpoint_path, sharding):
+    """`state` with the step, params and optimizer state saved in a checkpoint, as arrays placed by `sharding` (each
+    process reads what its devices hold)."""
+    path = os.path.abspath(os.path.join(checkpoint_path, TRAIN_STATE))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=sharding), state)
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            return checkpointer.restore(path, target)
     except Exception as err:
         raise RuntimeError(f"{path} could not be loaded ({type(err).__name__}: {err})") from err
 
@@ -2324,7 +2352,10 @@ def start_distributed(args):
     # ignore this setting.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
-        coordinator_address=args.coordinator_address, num_processes=args.num_processes, process_id=args.process_id
+        coordinator_address=args.coordinator_address,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+        heartbeat_timeout_seconds=args.heartbeat_timeout_seconds,
     )
 
 
@@ -2333,13 +2364,18 @@ def main(argv=None):
 
     # ------------------------------------------------------------------------------------------------------ setup
     start_distributed(args)
+    # force: importing Orbax (or anything that logs at import time) leaves a root handler that would make this a no-op.
     logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%H:%M:%S",
+        level=logging.INFO,
+        force=True,
     )
     is_main_process = jax.process_index() == 0
     if not is_main_process:
         logger.setLevel(logging.ERROR)
-    # Only the main process writes, and only while it holds output_dir: a second run into it is refused.
+    # Only the main process writes (but for each process's share of a checkpoint's arrays), and only while it holds
+    # output_dir: a second run into it is refused.
     output_lock = lock_output_dir(args.output_dir) if is_main_process else None
     stop_request = StopRequest()
     resume_path = find_resume_checkpoint(args)
@@ -2402,7 +2438,7 @@ def main(argv=None):
     batches_per_epoch = len(epoch_global_batches(0))  # the same every epoch
     if batches_per_epoch < args.gradient_accumulation_steps:
         raise ValueError(
-            f"{len(train_dataset)} examples make {batches_per_epoch} full global batches of {global_batch_size} "
+            f"{len(train_dataset)} examples make {batches_per_epoch} global batches of {global_batch_size} "
             f"({args.train_batch_size} per device x {jax.device_count()} devices); "
             f"one update needs {args.gradient_accumulation_steps}"
         )
@@ -2437,7 +2473,7 @@ def main(argv=None):
     global_step = 0
     if resume_path is not None:
         logger.info(f"Resuming from {resume_path}")
-        state = restore_train_state(state, resume_path)
+        state = restore_train_state(state, resume_path, replicated)
         global_step = resume_metadata["global_step"]
         warn_if_batch_layout_changed(resume_metadata, run_metadata)
     state, frozen = jax.device_put((state, frozen), replicated)
@@ -2514,8 +2550,7 @@ def main(argv=None):
                 if args.use_ema:
                     trained["ema_params"] = state.ema_params
                 check_finite(trained, probe, "the UNet", global_step)
-                if is_main_process:
-                    save_checkpoint(state, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
+                save_checkpoint(state, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
             if stopping:
                 logger.warning(preemption_message(stop_request, global_step))
                 sys.exit(PREEMPTED_EXIT_CODE)

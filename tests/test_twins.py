@@ -20,24 +20,24 @@ COPIED = {
         LOCK_FILE PIPELINE_LINK PIPELINE_VERSION PREEMPTED_EXIT_CODE fsync_folder fsync_tree write_failure
         lock_output_dir checkpoint_problem write_checkpoint_metadata publish_checkpoint load_rgb verify_image
         inspect_images StopRequest preemption_message add_recipe_arguments check_recipe_arguments recipe_fields
-        timestep_bias_weights VALIDATION_SEED_KEY parse_size
+        timestep_bias_weights VALIDATION_SEED_KEY parse_size cut_into_batches shuffled_batches
     """.split(),
     (T2I, TI, T2I_FLAX): """
         exchange_entries point_link link_component next_pipeline_version publish_pipeline
     """.split(),
     (T2I, TI): """
-        LR_SCHEDULERS tokenize encode_once EpochShuffleSampler collate default_num_workers LogWindow
+        LR_SCHEDULERS tokenize encode_once GlobalBatchSampler BatchShare collate default_num_workers LogWindow
         load_component LossConfig diffusion_loss save_checkpoint render_validation_images log_validation
         write_hub_style_text_encoder stop_agreed check_finite optimizer_tensors inference_scheduler
         OPTIMIZERS OPTIMIZER_PACKAGES add_optimizer_arguments check_optimizer_arguments make_optimizer
     """.split(),
     (T2I_FLAX, TI_FLAX): """
-        LR_SCHEDULERS shuffled_batches epoch_batches resolve_pipeline_folder load_flax_model load_flax_text_encoder
+        LR_SCHEDULERS epoch_batches resolve_pipeline_folder load_flax_model load_flax_text_encoder
         enable_block_rematerialisation learning_rate_schedule make_optimizer LogWindow LossConfig diffusion_loss
         save_checkpoint restore_train_state stop_agreed check_finite rescale_zero_terminal_snr load_noise_scheduler
         OPTIMIZERS add_optimizer_arguments check_optimizer_arguments evaluation_params ValidationModels
         load_validation_scheduler make_renderer validation_renderer render_validation_images save_validation_grid
-        inference_scheduler_config start_distributed
+        inference_scheduler_config start_distributed TRAIN_STATE
     """.split(),
     (T2I, T2I_FLAX): """
         load_image_caption_dataset BUCKET_SEED_KEY parse_buckets bucket_step generate_buckets assign_buckets
@@ -55,7 +55,13 @@ COPIED = {
 # The names the math uses in all four scripts (diffusers' names).
 DOMAIN_NAMES = {"latents", "noise", "timesteps", "noisy_latents", "encoder_hidden_states", "model_pred", "target"}
 # Flags a Flax twin may have that its PyTorch twin does not.
-FLAX_ONLY_FLAGS = {"--jax_distributed", "--coordinator_address", "--num_processes", "--process_id"}
+FLAX_ONLY_FLAGS = {
+    "--jax_distributed",
+    "--coordinator_address",
+    "--num_processes",
+    "--process_id",
+    "--heartbeat_timeout_seconds",
+}
 
 
 def definitions(script):

@@ -27,8 +27,8 @@ def bucketed_args(assets, output_dir, *extra):
 
 def test_pytorch_and_flax_draw_the_same_batches(assets, tmp_path):
     """Both scripts' own data code, same seed, global batch 2 (Flax: 1 per device x 2 devices; PyTorch: 2 in one
-    process, through the sampler the script builds): the same batches of (row, weight) in two epochs, the same
-    pixels and the same edited captions."""
+    process, through the sampler the script builds), with buckets and without: the same batches of (row, weight) in
+    two epochs, the same pixels and the same edited captions."""
     args = t2i_flax.parse_args(bucketed_args(assets, str(tmp_path / "flax")))
     from transformers import CLIPTokenizerFast
 
@@ -36,10 +36,11 @@ def test_pytorch_and_flax_draw_the_same_batches(assets, tmp_path):
     dataset = t2i_flax.ImageCaptionDataset(t2i_flax.load_image_caption_dataset(args, 3), tokenizer, args, 3)
     t2i_flax.setup_buckets(dataset, t2i_flax.check_images(dataset), args, model_factor=16, global_batch_size=2)
     flax_batches = [t2i_flax.bucket_batches(dataset.bucket_of_row, 2, 3, epoch) for epoch in range(2)]
+    flax_unbucketed = [t2i_flax.shuffled_batches(len(dataset), 2, 3, epoch) for epoch in range(2)]
     first = [dataset[(1, row)] for row, _ in flax_batches[1][0]]
     torch_argv = bucketed_args(assets, str(tmp_path / "torch"), "--train_batch_size 2")  # the last value counts
     torch_side = run_torch(f"""
-import json, numpy as np, torch
+import functools, json, numpy as np, torch
 from accelerate import Accelerator
 from transformers import CLIPTokenizer
 import train_text_to_image as t2i
@@ -47,18 +48,26 @@ args = t2i.parse_args(json.loads({json.dumps(torch_argv)!r}))
 tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer")
 dataset = t2i.ImageCaptionDataset(t2i.load_image_caption_dataset(args, 3), tokenizer, args, 3)
 t2i.setup_buckets(dataset, t2i.check_images(dataset, Accelerator(cpu=True)), args, 16, 2)
-sampler = t2i.BucketBatchSampler(dataset.bucket_of_row, 2, 1, 3)
-batches = []
-for epoch in range(2):
-    sampler.epoch = epoch
-    batches.append([[(row, weight) for _, row, weight in keys] for keys in sampler])
+def epochs(sampler):
+    found = []
+    for epoch in range(2):
+        sampler.epoch = epoch
+        found.append([[(row, weight) for _, row, weight in keys] for keys in sampler])
+    return found
+unbucketed = epochs(t2i.GlobalBatchSampler(functools.partial(t2i.shuffled_batches, len(dataset), 2, 3), 2, 1))
+sampler = t2i.GlobalBatchSampler(functools.partial(t2i.bucket_batches, dataset.bucket_of_row, 2, 3), 2, 1)
+batches = epochs(sampler)
 first = [dataset[key] for key in list(iter(sampler))[0]]
 np.savez({str(tmp_path / "torch.npz")!r}, pixels=np.stack([e["pixel_values"].numpy() for e in first]),
          ids=np.stack([e["input_ids"].numpy() for e in first]))
+print("UNBUCKETED", json.dumps(unbucketed))
 print("BATCHES", json.dumps(batches))
 """)
     torch_batches = json.loads(torch_side.stdout.split("BATCHES ", 1)[1])
     assert [[[list(key) for key in batch] for batch in epoch] for epoch in flax_batches] == torch_batches
+    torch_unbucketed = json.loads(torch_side.stdout.split("UNBUCKETED ", 1)[1].split("\n", 1)[0])
+    assert [[[list(key) for key in batch] for batch in epoch] for epoch in flax_unbucketed] == torch_unbucketed
+    assert len(flax_unbucketed[0]) == 4 and flax_unbucketed[0] != flax_unbucketed[1]  # 8 images, two orders
     recorded = np.load(tmp_path / "torch.npz")
     assert np.abs(np.stack([e["pixel_values"] for e in first]) - recorded["pixels"]).max() < 1e-6
     assert np.array_equal(np.stack([e["input_ids"] for e in first]), recorded["ids"])

@@ -6,11 +6,12 @@ import json
 import os
 import re
 import shutil
+import signal
+import time
 
 import numpy as np
 import pytest
 from conftest import run_torch
-from flax import serialization
 from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import load_file
@@ -29,6 +30,30 @@ def checkpoint_names(output_dir):
 
 
 T2I = "train_text_to_image_flax.py"
+
+
+def saved_train_state(checkpoint):
+    """A checkpoint's train state as saved, as nested dicts of arrays on this process's first device (read with
+    Orbax, given the shapes and dtypes its metadata lists)."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    path = os.path.abspath(os.path.join(checkpoint, "train_state"))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    with ocp.StandardCheckpointer() as checkpointer:
+        saved = checkpointer.metadata(path).item_metadata.tree
+        target = jax.tree.map(lambda array: jax.ShapeDtypeStruct(array.shape, array.dtype, sharding=device), saved)
+        return checkpointer.restore(path, target)
+
+
+def folder_bytes(folder):
+    """Every file under folder with its bytes: to prove a run wrote nothing over it."""
+    found = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            found[os.path.relpath(path, folder)] = open(path, "rb").read()
+    return found
 
 
 def t2i_args(assets, output_dir, *extra):
@@ -119,8 +144,8 @@ def test_text_to_image_flax_exact_resume(launch, assets, tmp_path):
     b = load_file(os.path.join(resumed, "unet", "diffusion_pytorch_model.safetensors"))
     assert max(np.abs(a[k] - b[k]).max() for k in a) <= 1e-6
     # The saved UNet is the checkpointed EMA (conv_in: Flax HWIO kernel, PyTorch OIHW weight), not the raw params.
-    saved = serialization.msgpack_restore(open(os.path.join(full, "checkpoint-6", "train_state.msgpack"), "rb").read())
-    ema, raw = (np.transpose(saved[k]["conv_in"]["kernel"], (3, 2, 0, 1)) for k in ("ema_params", "params"))
+    saved = saved_train_state(os.path.join(full, "checkpoint-6"))
+    ema, raw = (np.transpose(np.asarray(saved[k]["conv_in"]["kernel"]), (3, 2, 0, 1)) for k in ("ema_params", "params"))
     assert np.abs(a["conv_in.weight"] - ema).max() <= 1e-6 < np.abs(a["conv_in.weight"] - raw).max()
     # Grids at the end of epoch 2 (step 4) and after saving (step 6): two 64 px images side by side, EMA and raw.
     grids = ["final-raw-step-000006.png", "final-step-000006.png"]
@@ -133,12 +158,12 @@ def test_text_to_image_flax_exact_resume(launch, assets, tmp_path):
     assert all(image.shape == (64, 128, 3) and image.std() > 0 for image in drawn.values())
     assert all(np.array_equal(drawn[full, n], drawn[resumed, n]) for n in grids), "fixed seeds, exact resume"
     assert not np.array_equal(drawn[full, grids[0]], drawn[full, grids[1]]), "the EMA and the raw weights differ"
-    before = open(os.path.join(resumed, "checkpoint-6", "train_state.msgpack"), "rb").read()
+    before = folder_bytes(os.path.join(resumed, "checkpoint-6"))
     result = launch.run(
         T2I, t2i_args(assets, resumed, T2I_EXACT, T2I_EMA_VALIDATION, "--resume_from_checkpoint latest")
     )
     assert "nothing to train" in result.output
-    assert open(os.path.join(resumed, "checkpoint-6", "train_state.msgpack"), "rb").read() == before
+    assert folder_bytes(os.path.join(resumed, "checkpoint-6")) == before
 
 
 @pytest.mark.parametrize(
@@ -181,6 +206,36 @@ def test_text_to_image_flax_refuses_a_single_file_it_has_no_layout_for(launch, a
     assert written == []
 
 
+def start_two_processes(launch, script, args):
+    """The script as two JAX processes of one CPU device each, meeting at a coordinator on 127.0.0.1, as two hosts
+    of a pod or two GPU machines run it."""
+    address = f"127.0.0.1:{free_port()}"
+    return [
+        launch.start(
+            script, args + command_line(f"--coordinator_address {address} --num_processes 2 --process_id {i}"), 1
+        )
+        for i in range(2)
+    ]
+
+
+def test_a_dead_process_makes_the_other_exit_in_bounded_time(launch, assets, tmp_path):
+    """A host that dies (SIGKILL, as a lost machine) mid-run: the other process leaves its collective and exits with
+    an error naming the dead task once JAX's coordination service misses its heartbeats (--heartbeat_timeout_seconds,
+    here 10), instead of hanging until the job's time limit; nothing half-written is visible."""
+    out = tmp_path / "run"
+    flags = "--max_train_steps 1000 --logging_steps 1 --heartbeat_timeout_seconds 10"
+    processes = start_two_processes(launch, T2I, t2i_args(assets, out, flags))
+    processes[0].wait_for(r"step 2: loss")
+    killed = time.monotonic()
+    processes[1].send(signal.SIGKILL)
+    result = processes[0].finish(timeout=300)
+    waited = time.monotonic() - killed
+    print(f"the surviving process exited {waited:.0f} s after the other was killed")
+    assert result.returncode != 0 and waited < 60
+    assert "stopped sending heartbeats" in result.output and "1" in result.output.split("stopped sending heartbeats")[1]
+    assert not os.path.exists(out / "model_index.json") and checkpoint_names(out) == []
+
+
 def test_text_to_image_flax_as_two_processes_matches_one_process_with_two_devices(launch, assets, tmp_path):
     """Two JAX processes of one CPU device each (a coordinator on 127.0.0.1, gloo collectives), as two hosts of a pod
     run: the same checkpoints and the same final UNet as one process with two devices, written by process 0 alone."""
@@ -188,19 +243,18 @@ def test_text_to_image_flax_as_two_processes_matches_one_process_with_two_device
     one = tmp_path / "one"
     launch.run(T2I, t2i_args(assets, one, flags))
     two = tmp_path / "two"
-    address = f"127.0.0.1:{free_port()}"
-    processes = [
-        launch.start(
-            T2I, t2i_args(assets, two, flags, f"--coordinator_address {address} --num_processes 2 --process_id {i}"), 1
-        )
-        for i in range(2)
-    ]
-    results = [process.finish() for process in processes]
+    results = [process.finish() for process in start_two_processes(launch, T2I, t2i_args(assets, two, flags))]
     for result in results:
         assert result.returncode == 0, result.output[-4000:]
     assert "devices = 2" in results[0].output and "total batch = 2" in results[0].output
     assert "Saved the pipeline" in results[0].output and "Saved" not in results[1].output
     assert checkpoint_names(two) == checkpoint_names(one) == ["checkpoint-2"]
+    # Orbax spreads the replicated arrays over the processes: each writes its own files, each array once.
+    written = os.listdir(os.path.join(two, "checkpoint-2", "train_state"))
+    assert sorted(name for name in written if name.startswith("ocdbt.process_")) == [
+        "ocdbt.process_0",
+        "ocdbt.process_1",
+    ]
     name = os.path.join("unet", "diffusion_pytorch_model.safetensors")
     single, multi = load_file(os.path.join(one, name)), load_file(os.path.join(two, name))
     # Reduction order across processes may differ from across devices; measured: equal.
@@ -258,6 +312,26 @@ image = pipe("a photo of a <blob>", num_inference_steps=2, height=64, width=64).
 print("generated", image.size)
 """)
     assert "moved True" in result.stdout and "generated (64, 64)" in result.stdout
+
+
+def test_textual_inversion_flax_as_two_processes_matches_one_process_and_resumes_on_it(launch, assets, tmp_path):
+    """Textual inversion as two JAX processes of one CPU device each: the same checkpoints and embedding as one process
+    with two devices, written by process 0 alone; their mid-epoch checkpoint resumed by one process ends there too."""
+    flags = "--num_vectors 2 --max_train_steps 5 --checkpointing_steps 3 --embedding_format diffusers"
+    one, two, elastic = tmp_path / "one", tmp_path / "two", tmp_path / "elastic"
+    launch.run(TI, ti_args(assets, one, flags))
+    results = [process.finish() for process in start_two_processes(launch, TI, ti_args(assets, two, flags))]
+    for result in results:
+        assert result.returncode == 0, result.output[-4000:]
+    assert "devices = 2" in results[0].output and "Saved" in results[0].output and "Saved" not in results[1].output
+    assert checkpoint_names(two) == checkpoint_names(one) == ["checkpoint-3"]
+    assert sorted(os.listdir(two)) == sorted(os.listdir(one))
+    reference = load_file(os.path.join(one, "learned_embeds.safetensors"))["<blob>"]
+    assert np.abs(load_file(os.path.join(two, "learned_embeds.safetensors"))["<blob>"] - reference).max() <= 1e-6
+    shutil.copytree(os.path.join(two, "checkpoint-3"), elastic / "checkpoint-3")
+    result = launch.run(TI, ti_args(assets, elastic, flags, "--resume_from_checkpoint latest"))
+    assert "starting at 3" in result.output and "batch layout changed" not in result.output
+    assert np.abs(load_file(os.path.join(elastic, "learned_embeds.safetensors"))["<blob>"] - reference).max() <= 1e-6
 
 
 TI_EXACT = "--num_vectors 2 --max_train_steps 6 --checkpointing_steps 3 --lr_scheduler linear --lr_warmup_steps 1"
@@ -336,7 +410,11 @@ def test_flax_writes_no_diverged_embedding_and_skips_a_damaged_checkpoint(launch
     assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == []
     out = str(tmp_path / "damaged")
     launch.run(TI, ti_args(assets, out, "--max_train_steps 4 --checkpointing_steps 2"))
-    state = os.path.join(out, "checkpoint-4", "train_state.msgpack")
+    files = [
+        os.path.join(root, name) for root, _, names in os.walk(os.path.join(out, "checkpoint-4")) for name in names
+    ]
+    state = max(files, key=os.path.getsize)  # the largest file of the Orbax train state: the weights
+    assert f"{os.sep}train_state{os.sep}" in state
     open(state, "r+b").truncate(os.path.getsize(state) // 2)
     result = launch.run(TI, ti_args(assets, out, "--max_train_steps 5 --resume_from_checkpoint latest"))
     assert f"skipping checkpoint-4: {state} is damaged" in result.output and "starting at 2" in result.output

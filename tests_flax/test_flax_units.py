@@ -75,7 +75,8 @@ def test_each_optimizer_state_round_trips_through_a_checkpoint(optimizer, tmp_pa
     for x in batches[:4]:
         half = step(half, x)
     T.save_checkpoint(half, str(tmp_path), 2, {"seed": 0})
-    resumed = T.restore_train_state(start, str(tmp_path / "checkpoint-2"))
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    resumed = T.restore_train_state(start, str(tmp_path / "checkpoint-2"), device)
     for x in batches[4:]:
         resumed = step(resumed, x)
     moved = max_difference(full.params, params)
