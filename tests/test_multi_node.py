@@ -31,6 +31,12 @@ def unet(output_dir):
     return load_state_dict(os.path.join(output_dir, "unet"))
 
 
+def assert_same_unet(reference, output_dir, what):
+    difference = max_abs_diff(reference, unet(output_dir))
+    print(f"{what}: {difference:.2e}")
+    assert difference <= TOLERANCE, what
+
+
 def test_two_nodes_and_one_process_with_the_same_global_batch_train_and_resume_the_same_run(launch, assets, tmp_path):
     nodes, one = str(tmp_path / "nodes"), str(tmp_path / "one")
     # 2 nodes x 1 process x batch 2 x accumulation 2, and 1 process x batch 4 x accumulation 2.
@@ -40,9 +46,7 @@ def test_two_nodes_and_one_process_with_the_same_global_batch_train_and_resume_t
     launch.accelerate(SCRIPT, base_args(assets, one, *FLAGS, "--train_batch_size 4"))
     assert checkpoint_names(nodes) == checkpoint_names(one) == ["checkpoint-3"]
     reference = unet(one)
-    difference = max_abs_diff(reference, unet(nodes))
-    print(f"nodes vs one: {difference:.2e}")
-    assert difference <= TOLERANCE
+    assert_same_unet(reference, nodes, "two nodes vs one process")
     # The tolerance is far below what training changed (and below the 2.7e-4 that per-process draws made).
     assert max_abs_diff(reference, load_state_dict(os.path.join(assets["pipeline"], "unet"))) > 100 * TOLERANCE
 
@@ -52,17 +56,13 @@ def test_two_nodes_and_one_process_with_the_same_global_batch_train_and_resume_t
         SCRIPT, base_args(assets, nodes_then_one, *FLAGS, "--train_batch_size 4 --resume_from_checkpoint latest")
     )
     assert "starting at 3" in result.output and "batch layout changed" not in result.output
-    difference = max_abs_diff(reference, unet(nodes_then_one))
-    print(f"nodes then one: {difference:.2e}")
-    assert difference <= TOLERANCE
+    assert_same_unet(reference, nodes_then_one, "two nodes, then one process")
     one_then_nodes = resumed_copy(one, str(tmp_path / "one_then_nodes"))
     head, _ = launch.torchrun_nodes(
         SCRIPT, base_args(assets, one_then_nodes, *FLAGS, "--resume_from_checkpoint latest")
     )
     assert "starting at 3" in head.output and "batch layout changed" not in head.output
-    difference = max_abs_diff(reference, unet(one_then_nodes))
-    print(f"one then nodes: {difference:.2e}")
-    assert difference <= TOLERANCE
+    assert_same_unet(reference, one_then_nodes, "one process, then two nodes")
 
     # Another global batch (one process x batch 2) is another run: said clearly.
     smaller = resumed_copy(nodes, str(tmp_path / "smaller"))

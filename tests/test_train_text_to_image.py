@@ -177,6 +177,8 @@ def test_checkpoint_is_invisible_until_complete(tmp_path):
         (out / f"checkpoint-{step}" / "checkpoint_metadata.json").write_text(json.dumps({"global_step": step}))
 
     class CrashingAccelerator:
+        state, is_main_process = PartialState(), True  # one process, no DeepSpeed or FSDP
+
         def save_state(self, path):
             os.makedirs(os.path.join(path, "unet"))
             open(os.path.join(path, "optimizer.bin"), "wb").write(b"half")
@@ -188,6 +190,8 @@ def test_checkpoint_is_invisible_until_complete(tmp_path):
     assert [p for _, p in train_text_to_image.list_checkpoints(str(out))][-1].endswith("checkpoint-4")
 
     class WorkingAccelerator:
+        state, is_main_process = PartialState(), True
+
         def save_state(self, path):
             os.makedirs(os.path.join(path, "unet"))
 
