@@ -650,6 +650,12 @@ def main(argv=None):
             f"{rates['jpg']:.0f} JPEGs/s and {rates['png']:.0f} PNGs/s at 512 px, so 100,000 images take "
             f"{100_000 / rates['jpg']:.0f} s and {100_000 / rates['png']:.0f} s."
         )
+    if any(TWO_PROCESSES in row["variant"] for row in rows):
+        notes.append(
+            "Scaling rows (2 processes x half the batch): the same global batch and the same run as the 1-process row "
+            "above them, shared by two processes on this machine (PyTorch: torchrun, DDP over gloo, one thread each; "
+            "JAX: two processes of one CPU device, gloo collectives). Their peak memory is the largest single process."
+        )
     if not flax_ok:
         notes.append(f"Flax rows skipped: no JAX environment at {args.flax_python} (`make test` builds it).")
     recipe_section = [
