@@ -18,300 +18,291 @@ Several processes named by hand (GPU nodes, or two CPU processes as a test does)
     python textual_inversion_flax.py <flags> --coordinator_address=HOST0:1234 --num_processes=2 --process_id=1
 The output_dir must be on a file system all hosts share: each writes and reads its part of every checkpoint.
 After a crash or preemption, relaunch the same command with --resume_from_checkpoint=latest.
+This file keeps the recipe you edit; the machinery it shares with the other scripts (run folder, checkpoints,
+batching, image checks, single-file export) is the sdtrain/ package beside it: copy both together.
 """
 
 import argparse
-import concurrent.futures
 import copy
 import dataclasses
 import functools
-import inspect
 import json
 import logging
 import math
 import os
-import re
-import shutil
-import signal
-import socket
 import sys
-import time
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import struct
 from flax.training.train_state import TrainState
 from jax.experimental import multihost_utils
-from PIL import Image, ImageOps
+from PIL import Image
 from tqdm.auto import tqdm
+
+from sdtrain.batching import parse_size, shuffled_batches
+from sdtrain.embeddings import (
+    OBJECT_TEMPLATES,
+    STYLE_TEMPLATES,
+    add_placeholder_tokens,
+    embedding_files,
+    find_example_images,
+    initializer_token_id,
+)
+from sdtrain.hub import push_to_hub
+from sdtrain.images import load_rgb
+from sdtrain.jax_training import (
+    LogWindow,
+    check_finite,
+    enable_block_rematerialisation,
+    epoch_batches,
+    evaluation_params,
+    inference_scheduler_config,
+    load_flax_model,
+    load_flax_text_encoder,
+    make_renderer,
+    render_validation_images,
+    resolve_pipeline_folder,
+    restore_train_state,
+    save_checkpoint,
+    save_validation_grid,
+    start_distributed,
+    stop_agreed,
+)
+from sdtrain.logs import format_logs
+from sdtrain.preemption import PREEMPTED_EXIT_CODE, StopRequest, preemption_message
+from sdtrain.recipes import add_recipe_arguments, check_recipe_arguments, recipe_fields, timestep_bias_weights
+from sdtrain.run_folder import (
+    choose_seed,
+    draw_seed,
+    find_resume_checkpoint,
+    fsync_folder,
+    lock_output_dir,
+    read_checkpoint_metadata,
+    warn_if_batch_layout_changed,
+    write_failure,
+)
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-# The second key of every validation seed, derive_seed(seed, VALIDATION_SEED_KEY, prompt index): training draws use
-# four keys, so a validation image never shares its noise with a training step.
-VALIDATION_SEED_KEY = 7919
-# Seed, step and batch layout of a checkpoint, written last into it: its presence marks the checkpoint complete.
-CHECKPOINT_METADATA = "checkpoint_metadata.json"
-LOCK_FILE = ".training.lock"  # held (an OS lock) by the run writing into output_dir; a killed run holds none
-TRAIN_STATE = "train_state"  # inside checkpoint-N: the Orbax checkpoint of the step, params and optimizer state
-PIPELINE_LINK = ".pipeline"  # -> the current .pipeline-<n> folder; output_dir's components link through it
-PIPELINE_VERSION = re.compile(r"^\.pipeline-(\d+)$")
-PREEMPTED_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL: stopped by a signal after writing a checkpoint; relaunch to continue
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine"]
 OPTIMIZERS = ["adamw", "adafactor", "lion", "prodigy", "schedule_free_adamw"]
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-
-# Prompts the placeholder is trained in; {} is replaced by the placeholder (all of its vectors). # EDIT: to taste.
-OBJECT_TEMPLATES = [
-    "a photo of a {}",
-    "a picture of a {}",
-    "a close-up photo of a {}",
-    "a photo of the {}",
-    "a bright photo of a {}",
-    "a dark photo of the {}",
-    "a cropped photo of a {}",
-    "a rendering of a {}",
-    "a good photo of the {}",
-    "a photo of my {}",
-    "a photo of a small {}",
-    "a photo of a large {}",
-    "a photo of one {}",
-    "an image of the {}",
-    "a snapshot of a {}",
-    "a detailed photo of the {}",
-]
-STYLE_TEMPLATES = [
-    "a painting in the style of {}",
-    "a picture in the style of {}",
-    "a rendering in the style of {}",
-    "an artwork in the style of {}",
-    "a drawing in the style of {}",
-    "a close-up painting in the style of {}",
-    "a bright painting in the style of {}",
-    "a dark painting in the style of {}",
-    "a small painting in the style of {}",
-    "a large painting in the style of {}",
-    "an illustration in the style of {}",
-    "a sketch in the style of {}",
-]
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description="Learn the text embedding of a new token from a few images (textual inversion, JAX/Flax)."
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Learn the text embedding of a new token from a few images (textual inversion, JAX/Flax).",
     )
-    # Model
-    parser.add_argument(
+    group = parser.add_argument_group("Model")
+    group.add_argument(
         "--pretrained_model_name_or_path",
         type=str,
         required=True,
         help="Hub id or local folder of a PyTorch diffusers Stable Diffusion pipeline.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--revision", type=str, default=None, help="Hub revision (branch, tag or commit) of the pretrained pipeline."
     )
-    parser.add_argument("--variant", type=str, default=None, help="Weight file variant to load, e.g. 'fp16'.")
-    parser.add_argument(
+    group.add_argument("--variant", type=str, default=None, help="Weight file variant to load, e.g. 'fp16'.")
+    group.add_argument(
         "--tokenizer_name", type=str, default=None, help="Tokenizer to use instead of the pipeline's own."
     )
-    parser.add_argument(
+    group.add_argument(
         "--prediction_type",
         type=str,
         default=None,
         choices=["epsilon", "v_prediction"],
         help="Training target; default: the scheduler config's prediction_type.",
     )
-    parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
-    # Token
-    parser.add_argument(
+    group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
+    group = parser.add_argument_group("Token")
+    group.add_argument(
         "--placeholder_token",
         type=str,
         required=True,
         help="The new token that stands for the concept in prompts, e.g. '<cat-toy>'.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--initializer_token",
         type=str,
         required=True,
         help="An existing single-token word whose embedding starts every new vector, e.g. 'toy'.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--num_vectors",
         type=int,
         default=1,
         help="Embedding vectors the placeholder expands to (more capture more detail).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--learnable_property",
         type=str,
         default="object",
         choices=["object", "style"],
         help="Train prompts that describe an object or a style.",
     )
-    # Data
-    parser.add_argument("--train_data_dir", type=str, required=True, help="Folder with the 3-5 example images.")
-    parser.add_argument("--repeats", type=int, default=100, help="Times each image is repeated in one epoch.")
-    parser.add_argument("--resolution", type=int, default=512, help="Training images are resized to this square size.")
-    parser.add_argument(
+    group = parser.add_argument_group("Data")
+    group.add_argument("--train_data_dir", type=str, required=True, help="Folder with the 3-5 example images.")
+    group.add_argument("--repeats", type=int, default=100, help="Times each image is repeated in one epoch.")
+    group.add_argument("--resolution", type=int, default=512, help="Training images are resized to this square size.")
+    group.add_argument(
         "--center_crop",
         action="store_true",
         help="Crop the central square before resizing (otherwise the whole image is squeezed).",
     )
-    # Training
-    parser.add_argument(
+    group = parser.add_argument_group("Training")
+    group.add_argument(
         "--seed",
         type=int,
         default=None,
         help="Seed for data order, augmentation and noise; a resumed run reuses its checkpoint's seed.",
     )
-    parser.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
-    parser.add_argument(
+    group.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
+    group.add_argument(
         "--num_train_epochs", type=int, default=100, help="Epochs to train; ignored when --max_train_steps is given."
     )
-    parser.add_argument(
+    group.add_argument(
         "--max_train_steps", type=int, default=5000, help="Total optimizer updates; overrides --num_train_epochs."
     )
-    parser.add_argument(
+    group.add_argument(
         "--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated into one optimizer update."
     )
-    parser.add_argument(
+    group.add_argument(
         "--gradient_checkpointing",
         action="store_true",
         help="Rematerialise each UNet block in the backward pass to save memory.",
     )
-    parser.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate (after warmup).")
-    parser.add_argument(
+    group.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate (after warmup).")
+    group.add_argument(
         "--scale_lr", action="store_true", help="Multiply the learning rate by accumulation steps x global batch size."
     )
-    parser.add_argument(
+    group.add_argument(
         "--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS, help="Learning-rate schedule."
     )
-    parser.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup optimizer updates of the schedule.")
-    parser.add_argument(
+    group.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup optimizer updates of the schedule.")
+    group.add_argument(
         "--snr_gamma",
         type=float,
         default=None,
         help="Min-SNR weighting gamma (5.0 is recommended); off when not given.",
     )
-    add_recipe_arguments(parser)
-    add_optimizer_arguments(parser)
-    parser.add_argument(
+    add_recipe_arguments(parser.add_argument_group("Recipe: noise, timesteps, loss"))
+    add_optimizer_arguments(parser.add_argument_group("Optimizer"))
+    group.add_argument(
         "--max_grad_norm",
         type=float,
         default=0.0,
         help="Clip gradients to this global norm (0, the default, turns clipping off).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--mixed_precision",
         type=str,
         default="no",
         choices=["no", "bf16"],
         help="bf16 computes in bfloat16 with fp32 master weights.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--jax_distributed",
         action="store_true",
         help="Call jax.distributed.initialize() first (multi-host TPU pods and clusters).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--coordinator_address",
         type=str,
         default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
         help="host:port where process 0 coordinates a multi-process run (implies --jax_distributed).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--num_processes",
         type=int,
         default=int(os.environ["JAX_NUM_PROCESSES"]) if os.environ.get("JAX_NUM_PROCESSES") else None,
         help="With --coordinator_address: the run's processes, all hosts together (default $JAX_NUM_PROCESSES).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--process_id",
         type=int,
         default=int(os.environ["JAX_PROCESS_ID"]) if os.environ.get("JAX_PROCESS_ID") else None,
         help="With --coordinator_address: this process's index, 0 to --num_processes - 1 (default $JAX_PROCESS_ID).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--heartbeat_timeout_seconds",
         type=int,
         default=100,
         help="With several processes: seconds without a heartbeat before a process counts as dead and the rest stop.",
     )
-    # Checkpointing and saving
-    parser.add_argument(
+    group = parser.add_argument_group("Checkpointing and saving")
+    group.add_argument(
         "--output_dir", type=str, default="text-inversion-model", help="Where the embeddings and checkpoints go."
     )
-    parser.add_argument(
+    group.add_argument(
         "--save_steps",
         type=int,
         default=500,
         help="Also save learned_embeds-steps-N every this many optimizer updates.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--embedding_format",
         type=str,
         default="both",
         choices=["diffusers", "ui", "both"],
         help="Final embeddings: learned_embeds (diffusers), <placeholder> (A1111/Forge, ComfyUI, InvokeAI), or both.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--checkpointing_steps",
         type=int,
         default=500,
         help="Save the full training state every this many optimizer updates.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--checkpoints_total_limit",
         type=int,
         default=None,
         help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--resume_from_checkpoint",
         type=str,
         default=None,
         help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).",
     )
-    # Logging
-    parser.add_argument(
+    group = parser.add_argument_group("Logging")
+    group.add_argument(
         "--logging_steps",
         type=int,
         default=10,
         help="Log loss, lr, grad norm, images/s and peak GPU memory averaged over this many updates.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--validation_prompt",
         type=str,
         default=None,
         help="Prompt (with the placeholder) rendered every --validation_steps and at the end.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--num_validation_images",
         type=int,
         default=4,
         help="Images rendered for the validation prompt, each from its own fixed seed.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--validation_resolution",
         type=str,
         default=None,
         help="Size of the validation images, 'height,width'; default: --resolution square.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--validation_steps",
         type=int,
         default=100,
         help="Render the validation prompt every this many optimizer updates.",
     )
-    parser.add_argument("--push_to_hub", action="store_true", help="Upload the embeddings to the Hugging Face Hub.")
-    parser.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `hf auth login`).")
-    parser.add_argument(
+    group.add_argument("--push_to_hub", action="store_true", help="Upload the embeddings to the Hugging Face Hub.")
+    group.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `hf auth login`).")
+    group.add_argument(
         "--hub_model_id", type=str, default=None, help="Hub repository to push to; default: the output folder's name."
     )
     args = parser.parse_args(argv)
@@ -338,118 +329,6 @@ def parse_args(argv=None):
         if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
             parser.error(f"--process_id must be in [0, {args.num_processes}), got {args.process_id}")
     return args
-
-
-def add_recipe_arguments(parser):
-    """The loss and timestep-sampling recipes, the same flags in all four scripts (see the README's recipes table)."""
-    parser.add_argument(
-        "--rescale_betas_zero_snr",
-        action="store_true",
-        help="Rescale the noise schedule to zero terminal SNR (Lin et al. 2023); needs v-prediction.",
-    )
-    parser.add_argument(
-        "--loss_type",
-        type=str,
-        default="l2",
-        choices=["l2", "huber", "smooth_l1", "l1"],
-        help="Distance between prediction and target: l2 (MSE), pseudo-Huber, smooth L1 or L1.",
-    )
-    parser.add_argument(
-        "--huber_schedule",
-        type=str,
-        default="snr",
-        choices=["constant", "exponential", "snr"],
-        help="How the Huber threshold c falls from 1 at low noise to --huber_c at high noise (constant: always c).",
-    )
-    parser.add_argument("--huber_c", type=float, default=0.1, help="The Huber threshold c (huber and smooth_l1).")
-    parser.add_argument(
-        "--debiased_estimation_loss",
-        action="store_true",
-        help="Weight each timestep by 1/sqrt(SNR) in epsilon terms (Yu et al. 2024); composes with --snr_gamma.",
-    )
-    parser.add_argument(
-        "--timestep_sampling",
-        type=str,
-        default="uniform",
-        choices=["uniform", "logit_normal"],
-        help="How training timesteps are drawn: uniformly, or logit-normal as SD3 trains.",
-    )
-    parser.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit-normal timestep draw.")
-    parser.add_argument("--logit_std", type=float, default=1.0, help="Standard deviation of the logit-normal draw.")
-    parser.add_argument(
-        "--timestep_bias_strategy",
-        type=str,
-        default="none",
-        choices=["none", "earlier", "later", "range"],
-        help="Draw the earlier (less noisy), later (noisier) or a range of timesteps more often.",
-    )
-    parser.add_argument(
-        "--timestep_bias_multiplier",
-        type=float,
-        default=1.0,
-        help="How many times as often the favoured timesteps are drawn (below 1: less often).",
-    )
-    parser.add_argument(
-        "--timestep_bias_begin", type=int, default=0, help="First favoured timestep of the 'range' strategy."
-    )
-    parser.add_argument(
-        "--timestep_bias_end", type=int, default=1000, help="One past the last favoured timestep of 'range'."
-    )
-    parser.add_argument(
-        "--timestep_bias_portion",
-        type=float,
-        default=0.25,
-        help="Share of the timesteps favoured by 'earlier' and 'later'.",
-    )
-
-
-def check_recipe_arguments(parser, args):
-    """The recipe flags' values make sense together; parser.error names the flag otherwise."""
-    if args.huber_c <= 0 or (args.huber_schedule != "constant" and args.huber_c > 1):
-        parser.error(f"--huber_c must be in (0, 1] (above 0 with --huber_schedule constant), got {args.huber_c}")
-    if args.logit_std <= 0:
-        parser.error(f"--logit_std must be positive, got {args.logit_std}")
-    if args.timestep_bias_multiplier <= 0:
-        parser.error(f"--timestep_bias_multiplier must be positive, got {args.timestep_bias_multiplier}")
-    if not 0 < args.timestep_bias_portion < 1:
-        parser.error(f"--timestep_bias_portion must be in (0, 1), got {args.timestep_bias_portion}")
-    if not 0 <= args.timestep_bias_begin < args.timestep_bias_end:
-        parser.error(
-            f"--timestep_bias_begin {args.timestep_bias_begin} and --timestep_bias_end {args.timestep_bias_end}: "
-            "need 0 <= begin < end"
-        )
-    if args.timestep_sampling != "uniform" and args.timestep_bias_strategy != "none":
-        parser.error(
-            "--timestep_sampling logit_normal and --timestep_bias_strategy both choose the timesteps: pick one"
-        )
-
-
-def recipe_fields(args, prediction_type, num_train_timesteps):
-    """The LossConfig fields of the recipe flags, once the prediction type and the schedule length are known."""
-    if args.rescale_betas_zero_snr and prediction_type != "v_prediction":
-        # At zero terminal SNR the last timestep's input is pure noise, so predicting that noise teaches nothing.
-        raise ValueError(
-            f"--rescale_betas_zero_snr needs v-prediction, and this run predicts {prediction_type}: add "
-            "--prediction_type v_prediction"
-        )
-    if args.timestep_bias_strategy == "range" and args.timestep_bias_begin >= num_train_timesteps:
-        raise ValueError(
-            f"--timestep_bias_begin {args.timestep_bias_begin} is past the schedule's {num_train_timesteps} timesteps"
-        )
-    return dict(
-        loss_type=args.loss_type,
-        huber_schedule=args.huber_schedule,
-        huber_c=args.huber_c,
-        debiased_estimation=args.debiased_estimation_loss,
-        timestep_sampling=args.timestep_sampling,
-        logit_mean=args.logit_mean,
-        logit_std=args.logit_std,
-        timestep_bias_strategy=args.timestep_bias_strategy,
-        timestep_bias_multiplier=args.timestep_bias_multiplier,
-        timestep_bias_begin=args.timestep_bias_begin,
-        timestep_bias_end=args.timestep_bias_end,
-        timestep_bias_portion=args.timestep_bias_portion,
-    )
 
 
 def add_optimizer_arguments(parser):
@@ -479,7 +358,7 @@ def check_optimizer_arguments(parser, args):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Helpers
+# The recipe's parts: dataset, models, loss, optimizer, validation and saving (the machinery is in sdtrain/)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
@@ -505,349 +384,6 @@ def load_noise_scheduler(folder, args):
         noise_scheduler = FlaxDDPMScheduler.from_config(noise_scheduler.config, trained_betas=betas.tolist())
         scheduler_state = noise_scheduler.create_state()
     return noise_scheduler, scheduler_state
-
-
-def derive_seed(*keys):
-    """A well-mixed 63-bit seed from integer keys. All randomness is a pure function of such keys, so a resumed
-    run draws exactly what an uninterrupted run would have drawn, whatever the number of workers."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def cut_into_batches(order, global_batch_size):
-    """Rows in order, cut into global batches of (row, weight). The last batch is topped up with rows from the start of
-    the order at weight 0, and its own rows weigh more so that a batch's weights always average 1. Padding rather than
-    dropping: shapes stay fixed, every row counts exactly once per epoch, and a batch is the same whatever number of
-    processes shares it."""
-    batches = []
-    for start in range(0, len(order), global_batch_size):
-        chosen = order[start : start + global_batch_size]
-        padding = [order[i % len(order)] for i in range(global_batch_size - len(chosen))]
-        weight = global_batch_size / len(chosen)
-        batches.append([(row, weight) for row in chosen] + [(row, 0.0) for row in padding])
-    return batches
-
-
-def list_checkpoints(output_dir):
-    """Complete checkpoints in output_dir, oldest first, as (step, path)."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        match = CHECKPOINT_PATTERN.match(name)
-        if match and os.path.isfile(os.path.join(output_dir, name, CHECKPOINT_METADATA)):
-            found.append((int(match.group(1)), os.path.join(output_dir, name)))
-    return sorted(found)
-
-
-def find_resume_checkpoint(args):
-    """The checkpoint --resume_from_checkpoint names (None to start fresh). 'latest' is the newest intact checkpoint:
-    a damaged one is skipped with a warning. A named checkpoint that is missing or damaged is an error."""
-    if args.resume_from_checkpoint is None:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        for _, path in reversed(list_checkpoints(args.output_dir)):
-            problem = checkpoint_problem(path)
-            if problem is None:
-                return path
-            logger.warning(f"skipping {os.path.basename(path)}: {problem}")
-        return None
-    path = args.resume_from_checkpoint
-    if not os.path.isdir(path):
-        path = os.path.join(args.output_dir, args.resume_from_checkpoint)
-    if not os.path.isfile(os.path.join(path, CHECKPOINT_METADATA)):
-        complete = [os.path.basename(p) for _, p in list_checkpoints(args.output_dir)]
-        raise FileNotFoundError(
-            f"--resume_from_checkpoint {args.resume_from_checkpoint}: no complete checkpoint at {path} "
-            f"(complete ones in {args.output_dir}: {complete})"
-        )
-    problem = checkpoint_problem(path)
-    if problem is not None:
-        raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: {problem}")
-    return path
-
-
-def read_checkpoint_metadata(checkpoint_path):
-    """The metadata save_checkpoint wrote into a checkpoint ({} when there is no checkpoint to resume)."""
-    if checkpoint_path is None:
-        return {}
-    with open(os.path.join(checkpoint_path, CHECKPOINT_METADATA)) as f:
-        return json.load(f)
-
-
-def choose_seed(args, resume_metadata):
-    """One seed drives every draw. Without --seed a resumed run reuses the seed its checkpoint recorded, and a new
-    run draws one (and records it in its checkpoints)."""
-    if args.seed is not None:
-        seed = args.seed
-    else:
-        seed = resume_metadata.get("seed", int(np.random.SeedSequence().generate_state(1)[0]))
-    if resume_metadata and resume_metadata["seed"] != seed:
-        logger.warning(
-            f"--seed {seed} differs from the checkpoint's seed {resume_metadata['seed']}: "
-            "the resumed run will not match an uninterrupted one"
-        )
-    return seed
-
-
-def warn_if_batch_layout_changed(resume_metadata, run_metadata):
-    """A resume is exact only with the global batch, epoch length and aspect-ratio buckets (where the run records them)
-    the checkpoint was written with. The number of processes sharing the global batch may change."""
-    layout = ("total_batch_size", "updates_per_epoch", "aspect_ratio_buckets")
-    keys = [key for key in layout if key in run_metadata]
-    before, now = ({key: metadata.get(key) for key in keys} for metadata in (resume_metadata, run_metadata))
-    if before != now:
-        logger.warning(
-            f"batch layout changed since the checkpoint ({before} -> {now}): "
-            "the resumed run will not match an uninterrupted one"
-        )
-
-
-def fsync_folder(folder):
-    """Flush a folder's entries (the names created or renamed in it) to disk; a no-op where folders cannot be opened."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # Windows: folders cannot be opened, and its renames are durable
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def fsync_tree(folder):
-    """Flush every file and folder under `folder` to disk, so that the rename that publishes it can never survive a
-    power cut that its bytes did not."""
-    for root, _, names in os.walk(folder):
-        for name in names:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-        fsync_folder(root)
-
-
-def write_failure(what, folder, err):
-    """The message for a save that failed (a full disk, most often), with the space left where it was written."""
-    free = shutil.disk_usage(folder).free / 2**30 if os.path.isdir(folder) else float("nan")
-    return (
-        f"could not write {what} into {folder} ({type(err).__name__}: {err}); {free:.2f} GiB free there. "
-        "Nothing that was there before was replaced"
-    )
-
-
-def lock_output_dir(output_dir):
-    """Hold an OS lock on output_dir for the whole run, so that a second run into the same folder is refused instead
-    of overwriting this run's checkpoints and model. The kernel drops the lock when the process ends, however it
-    ends, so the lock of a killed run is simply taken over. Then clear what a killed run may have left: unfinished
-    checkpoints and pipelines, and replaced ones not yet deleted. Main process only."""
-    import filelock
-
-    os.makedirs(output_dir, exist_ok=True)
-    lock = filelock.FileLock(os.path.join(output_dir, LOCK_FILE), timeout=0)
-    owner_path = os.path.join(output_dir, LOCK_FILE + ".owner")
-    try:
-        lock.acquire()
-    except filelock.Timeout:
-        owner = open(owner_path).read().strip() if os.path.isfile(owner_path) else "unknown"
-        raise RuntimeError(
-            f"--output_dir {output_dir} is in use by another training run (pid {owner}): wait for it to end, "
-            "stop it, or choose another --output_dir"
-        ) from None
-    with open(owner_path, "w") as f:
-        f.write(f"{os.getpid()} on {socket.gethostname()}\n")
-    link = os.path.join(output_dir, PIPELINE_LINK)
-    current = os.readlink(link) if os.path.islink(link) else None
-    for name in os.listdir(output_dir):
-        unfinished = name.endswith((".partial", ".stale", ".link", ".link.old", ".new", ".probe"))
-        if unfinished or (PIPELINE_VERSION.match(name) and name != current):
-            path = os.path.join(output_dir, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
-    return lock
-
-
-def checkpoint_problem(checkpoint_path):
-    """Why a checkpoint cannot be resumed from, naming the file, or None. Its metadata lists every file it holds with
-    its size, so a truncated or missing file is found without reading the weights."""
-    metadata_path = os.path.join(checkpoint_path, CHECKPOINT_METADATA)
-    try:
-        with open(metadata_path) as f:
-            metadata = json.load(f)
-        int(metadata["global_step"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"{metadata_path} is unreadable ({type(err).__name__}: {err})"
-    for name, size in metadata.get("files", {}).items():
-        path = os.path.join(checkpoint_path, name)
-        if not os.path.isfile(path):
-            return f"{path} is missing"
-        if os.path.getsize(path) != size:
-            return f"{path} is damaged: {os.path.getsize(path)} bytes, {size} were written"
-    return None
-
-
-def write_checkpoint_metadata(folder, metadata):
-    """Write the metadata file, last, with every file of the checkpoint and its size; then flush it all to disk."""
-    files = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            files[os.path.relpath(os.path.join(root, name), folder)] = os.path.getsize(os.path.join(root, name))
-    with open(os.path.join(folder, CHECKPOINT_METADATA), "w") as f:
-        json.dump({**metadata, "files": files}, f, indent=2)
-    fsync_tree(folder)
-
-
-def publish_checkpoint(partial_path, final_path):
-    """Make a complete checkpoint visible under its final name with one rename; one of the same step left by an
-    earlier run is replaced."""
-    stale_path = final_path + ".stale"
-    shutil.rmtree(stale_path, ignore_errors=True)
-    if os.path.exists(final_path):
-        os.rename(final_path, stale_path)
-    os.rename(partial_path, final_path)
-    fsync_folder(os.path.dirname(final_path))
-    shutil.rmtree(stale_path, ignore_errors=True)
-
-
-def load_rgb(source, name):
-    """The image at `source` (a path or a file object) as 8-bit RGB, whatever it is stored as: EXIF rotation applied,
-    16-bit samples scaled to 8 bits (not clipped to white), transparency composited onto white, palette, grayscale
-    and CMYK converted. Any failure, a truncated file included, raises an error that names the image."""
-    try:
-        with Image.open(source) as image:
-            image = ImageOps.exif_transpose(image)  # decoded, and turned the way the camera was held
-        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            # 16-bit samples (I;16, and 16-bit PNGs opened as I) span 0-65535, float ones 0-1: scale, then round.
-            scale = 255.0 if image.mode == "F" else 255.0 / 65535.0
-            samples = np.clip(np.asarray(image, dtype=np.float64) * scale + 0.5, 0, 255).astype(np.uint8)
-            image = Image.fromarray(samples, "L")
-        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-            # Transparent pixels hold arbitrary colours: show them as a viewer does, on white.
-            rgba = image.convert("RGBA")
-            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        return image.convert("RGB")
-    except Exception as err:
-        raise ValueError(f"cannot read image {name}: {err}") from err
-
-
-def verify_image(source, name):
-    """Check that an image file decodes, at a fraction of a full decode: a PNG's chunk checksums cover all its bytes,
-    and a JPEG decodes at 1/8 scale (its entropy-coded data is still read to the end, so truncation is caught); other
-    formats decode in full. Returns the size it shows, (width, height) after EXIF rotation; a failure raises an error
-    that names the image."""
-    try:
-        with Image.open(source) as image:
-            size = image.size
-            if image.format == "PNG":
-                image.verify()
-                exif = Image.Exif()
-                exif.load(image.info.get("exif"))
-            else:
-                exif = image.getexif()
-                if image.format == "JPEG":
-                    image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-                image.load()
-        if exif.get(0x0112, 1) in (5, 6, 7, 8):  # the EXIF orientations that turn the picture by 90 degrees
-            size = size[::-1]
-        return size
-    except Exception as err:
-        raise ValueError(f"cannot read image {name}: {err}") from err
-
-
-def inspect_images(inspect, indices):
-    """inspect(i) for every i in indices, on a thread pool (decoding releases the GIL), before any training: what it
-    returned for each (None where it failed), and the error messages of the images that cannot be read."""
-
-    def attempt(index):
-        try:
-            return inspect(index), None
-        except ValueError as err:
-            return None, str(err)
-
-    workers = min(32, 4 * (os.cpu_count() or 1))
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        results = list(pool.map(attempt, indices))
-    return [result for result, _ in results], [problem for _, problem in results if problem is not None]
-
-
-class StopRequest:
-    """SIGTERM (what cloud spot VMs and SLURM send before a kill) and SIGUSR1 (SLURM's --signal) ask the run to stop.
-    The handler only records the request: the loop finishes the optimizer update it is in, writes a checkpoint at
-    that step and exits with PREEMPTED_EXIT_CODE. A second signal changes nothing, so it cannot break the save."""
-
-    def __init__(self):
-        self.signal_name = None
-        for name in ("SIGTERM", "SIGUSR1"):
-            if hasattr(signal, name):  # Windows has no SIGUSR1
-                signal.signal(getattr(signal, name), self.record)
-
-    def record(self, signum, frame):
-        if self.signal_name is None:
-            self.signal_name = signal.Signals(signum).name
-
-
-def preemption_message(stop_request, global_step):
-    received = stop_request.signal_name or "a stop signal (on another process)"
-    return (
-        f"{received} received: stopped after step {global_step} with checkpoint-{global_step} written; relaunch the "
-        f"same command with --resume_from_checkpoint latest to continue (exit code {PREEMPTED_EXIT_CODE})"
-    )
-
-
-def parse_size(text, default):
-    """--validation_resolution 'height,width' (or one side, for a square) as (height, width); default when not given."""
-    if text is None:
-        return default, default
-    try:
-        sides = [int(side) for side in text.replace(" ", "").split(",")]
-        height, width = sides if len(sides) == 2 else sides * 2
-    except ValueError:
-        raise ValueError(f"--validation_resolution {text!r}: expected 'height,width', e.g. '640,384'") from None
-    if height % 8 or width % 8 or height < 8 or width < 8:
-        raise ValueError(f"--validation_resolution {text!r}: both sides must be multiples of 8")
-    return height, width
-
-
-def find_example_images(train_data_dir):
-    """The example images, sorted by name, each decoded now: a bad file fails before anything is written."""
-    if not os.path.isdir(train_data_dir):
-        raise FileNotFoundError(f"--train_data_dir {train_data_dir}: no such folder")
-    names = sorted(name for name in os.listdir(train_data_dir) if name.lower().endswith(IMAGE_EXTENSIONS))
-    paths = [os.path.join(train_data_dir, name) for name in names]
-    if not paths:
-        raise ValueError(f"--train_data_dir {train_data_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
-    _, problems = inspect_images(lambda index: load_rgb(paths[index], paths[index]).size, range(len(paths)))
-    if problems:
-        raise ValueError(
-            f"{len(problems)} of {len(paths)} images cannot be read; fix or remove them:\n  " + "\n  ".join(problems)
-        )
-    return paths
-
-
-def add_placeholder_tokens(tokenizer, placeholder_token, num_vectors):
-    """Add the placeholder (and placeholder_1 ... for several vectors) as new tokens; refuse any that the tokenizer
-    already knows, as an added token or as a word or sub-word of its vocabulary ('a' would hijack every 'a')."""
-    names = [placeholder_token] + [f"{placeholder_token}_{i}" for i in range(1, num_vectors)]
-    vocab = tokenizer.get_vocab()
-    for name in names:
-        for form in (name.lower() + "</w>", name, name.lower()):
-            if form in vocab:
-                raise ValueError(
-                    f"--placeholder_token {placeholder_token}: '{name}' already exists in the tokenizer (as '{form}'), "
-                    "so training it would change the meaning of existing prompts; "
-                    "choose a new string such as '<my-concept>'"
-                )
-    tokenizer.add_tokens(names)
-    return names, tokenizer.convert_tokens_to_ids(names)
-
-
-def initializer_token_id(tokenizer, initializer_token):
-    ids = tokenizer.encode(initializer_token, add_special_tokens=False)
-    if len(ids) != 1:
-        raise ValueError(
-            f"--initializer_token {initializer_token!r} must be exactly one token, but the tokenizer splits it into "
-            f"{len(ids)}: {tokenizer.convert_ids_to_tokens(ids)}; pick a single word such as 'toy' or 'painting'"
-        )
-    return ids[0]
 
 
 def add_learned_embedding(text_encoder, tokenizer, placeholder_token, initializer_token, num_vectors):
@@ -913,130 +449,6 @@ class TextualInversionDataset:
         return {"pixel_values": pixel_values, "input_ids": np.asarray(input_ids, dtype=np.int32)}
 
 
-def shuffled_batches(num_rows, global_batch_size, seed, epoch):
-    """The epoch's global batches as lists of (row, weight): all rows in an order that depends only on (seed, epoch),
-    cut into batches (cut_into_batches). NumPy, so the PyTorch and JAX twins see the same batches."""
-    order = np.random.default_rng(derive_seed(seed, epoch)).permutation(num_rows).tolist()
-    return cut_into_batches(order, global_batch_size)
-
-
-def epoch_batches(dataset, epoch, global_batches, skip_batches):
-    """This process's share of each of the epoch's global batches (lists of (row, weight)) from skip_batches on, with
-    the weights as "sample_weights"."""
-    local = len(global_batches[0]) // jax.process_count()
-    for global_batch in global_batches[skip_batches:]:
-        share = global_batch[jax.process_index() * local : (jax.process_index() + 1) * local]
-        examples = [dataset[(epoch, row)] for row, _ in share]
-        batch = {name: np.stack([example[name] for example in examples]) for name in examples[0]}
-        batch["sample_weights"] = np.array([weight for _, weight in share], np.float32)
-        yield batch
-
-
-def resolve_pipeline_folder(args):
-    """A local folder holding the pipeline: the path itself, or the needed files of a hub repository (configs,
-    tokenizer and the safetensors weights of the chosen variant; nothing else is downloaded)."""
-    if os.path.isdir(args.pretrained_model_name_or_path):
-        return args.pretrained_model_name_or_path
-    from huggingface_hub import snapshot_download
-
-    suffix = f".{args.variant}" if args.variant else ""
-    return snapshot_download(
-        args.pretrained_model_name_or_path,
-        revision=args.revision,
-        cache_dir=args.cache_dir,
-        allow_patterns=[
-            "model_index.json",
-            "scheduler/*",
-            "tokenizer/*",
-            "*/config.json",
-            f"text_encoder/model{suffix}.safetensors",
-            f"unet/diffusion_pytorch_model{suffix}.safetensors",
-            f"vae/diffusion_pytorch_model{suffix}.safetensors",
-        ],
-    )
-
-
-def load_flax_model(cls, folder, subfolder, variant, dtype, **overrides):
-    """A diffusers Flax model and its params from the PyTorch safetensors weights of a standard pipeline folder."""
-    import safetensors.torch
-    from diffusers.models.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
-
-    config = cls.load_config(folder, subfolder=subfolder)
-    if cls.__name__ == "FlaxUNet2DConditionModel" and config.get("norm_num_groups", 32) != 32:
-        # diffusers' Flax UNet always normalises over 32 groups: any other value would silently compute another model.
-        raise ValueError(
-            f"{os.path.join(folder, subfolder)}: norm_num_groups={config['norm_num_groups']}, "
-            "but the Flax UNet supports only 32"
-        )
-    model = cls.from_config(config, dtype=dtype, **overrides)
-    name = f"diffusion_pytorch_model.{variant}.safetensors" if variant else "diffusion_pytorch_model.safetensors"
-    path = os.path.join(folder, subfolder, name)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path} not found: the Flax scripts read PyTorch pipelines saved with safetensors weights"
-        )
-    state = {k: v.float() for k, v in safetensors.torch.load_file(path).items()}
-
-    class ShapesOnly:
-        # The converter initialises random params only to learn their names and shapes; eval_shape gives both
-        # without running the model (tens of seconds saved on CPU).
-        def init_weights(self, rng):
-            return jax.eval_shape(model.init_weights, rng)
-
-    params = convert_pytorch_state_dict_to_flax(state, ShapesOnly())
-    return model, jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
-
-
-def load_flax_text_encoder(folder, variant, dtype):
-    """transformers' FlaxCLIPTextModel and its params from the PyTorch safetensors weights of a pipeline folder."""
-    import safetensors.torch
-    from transformers import CLIPTextConfig, FlaxCLIPTextModel
-    from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
-
-    model = FlaxCLIPTextModel(
-        CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"), dtype=dtype, _do_init=False
-    )
-    name = f"model.{variant}.safetensors" if variant else "model.safetensors"
-    path = os.path.join(folder, "text_encoder", name)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path} not found: the Flax scripts read PyTorch pipelines saved with safetensors weights"
-        )
-    state = {k: v.float() for k, v in safetensors.torch.load_file(path).items()}
-    if not any(k.startswith("text_model.") for k in state):  # transformers 5 drops the prefix when saving
-        state = {"text_model." + k: v for k, v in state.items()}
-
-    class ShapesOnly:  # what the converter reads of the model, without initialising random params
-        base_model_prefix = model.base_model_prefix
-        params = model.params_shape_tree
-
-    params = convert_pytorch_state_dict_to_flax(state, ShapesOnly())
-    model._is_initialized = True
-    model.params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
-    return model
-
-
-def enable_block_rematerialisation():
-    """Gradient checkpointing for the Flax UNet: wrap each of its block classes in nn.remat, so a block's activations
-    are recomputed in the backward pass instead of stored. The model code is unchanged; only the names the UNet
-    module looks its blocks up by are rebound, before the UNet is built."""
-    import diffusers.models.unets.unet_2d_condition_flax as unet_module
-    import flax.linen as nn
-
-    for name in [
-        "FlaxCrossAttnDownBlock2D",
-        "FlaxDownBlock2D",
-        "FlaxCrossAttnUpBlock2D",
-        "FlaxUpBlock2D",
-        "FlaxUNetMidBlock2DCrossAttn",
-    ]:
-        block = getattr(unet_module, name)
-        if not getattr(block, "_rematerialised", False):
-            wrapped = nn.remat(block)
-            wrapped._rematerialised = True
-            setattr(unet_module, name, wrapped)
-
-
 def learning_rate_schedule(name, peak, warmup_steps, max_train_steps):
     """The optax schedule --lr_scheduler names, in optimizer updates: a linear warmup to `peak` over warmup_steps
     (except for 'constant', which ignores warmup as diffusers' get_scheduler does), then constant, linear or cosine."""
@@ -1082,53 +494,6 @@ def make_optimizer(args, schedule):
     return optax.MultiSteps(optimizer, every_k_schedule=args.gradient_accumulation_steps)
 
 
-def evaluation_params(state, args):
-    """The weights to check, render and save: the trained params, or with schedule-free AdamW the average it
-    evaluates (its params are the point gradients are taken at). Checkpoints keep the training state as it is."""
-    if args.optimizer != "schedule_free_adamw":
-        return state.params
-    inner = state.opt_state.inner_opt_state  # MultiSteps -> (clipping, schedule-free) or schedule-free alone
-    schedule_free = inner if hasattr(inner, "z") else inner[-1]
-    return optax.contrib.schedule_free_eval_params(schedule_free, state.params)
-
-
-class LogWindow:
-    """Metrics of the updates since the last logging step, left on the device: reading them back waits for it, so
-    that happens once per --logging_steps updates (and before anything is saved), not at every update."""
-
-    def __init__(self, images_per_update, global_step):
-        self.images_per_update = images_per_update
-        self.reset(global_step)
-
-    def reset(self, global_step):
-        self.metrics, self.first_step, self.started = [], global_step + 1, time.perf_counter()
-
-    def add_update(self, metrics):
-        self.metrics.append(metrics)
-
-    def read(self, global_step, epoch, lr):
-        """Averages over the window as a logs dict, then a new window. A non-finite loss stops the run, naming the
-        steps."""
-        metrics = jax.device_get(self.metrics)
-        updates = len(metrics)
-        loss = float(np.mean([m["loss"] for m in metrics]))
-        if not math.isfinite(loss):
-            steps = f"at step {global_step}" if updates == 1 else f"in steps {self.first_step}-{global_step}"
-            raise FloatingPointError(
-                f"loss is {loss} {steps} (epoch {epoch}): stopping; no checkpoint was written for these steps"
-            )
-        elapsed = time.perf_counter() - self.started
-        logs = {"loss": loss, "lr": lr, "grad_norm": float(np.mean([m["grad_norm"] for m in metrics]))}
-        logs["step_time"] = elapsed / updates
-        logs["images_per_second"] = updates * self.images_per_update / elapsed
-        self.reset(global_step)
-        return logs
-
-
-def format_logs(global_step, logs):
-    return f"step {global_step}: " + ", ".join(f"{key}={value:.4g}" for key, value in logs.items())
-
-
 @struct.dataclass
 class FrozenModels:
     """The models that do not train. Their params are pytree leaves, so the jitted step takes them as arguments (not
@@ -1158,21 +523,6 @@ def encode_batch(frozen, batch, learned, rng):
 
 
 # ----------------------------------------------------- BEGIN MATH -----------------------------------------------------
-def timestep_bias_weights(num_train_timesteps, config):
-    """Relative weight of drawing each timestep under --timestep_bias_strategy: timesteps in the favoured span weigh
-    config.timestep_bias_multiplier, the others 1. NumPy, so the PyTorch and JAX twins draw from the same table."""
-    weights = np.ones(num_train_timesteps, np.float64)
-    favoured = round(config.timestep_bias_portion * num_train_timesteps)
-    if config.timestep_bias_strategy == "earlier":
-        span = slice(0, favoured)
-    elif config.timestep_bias_strategy == "later":
-        span = slice(num_train_timesteps - favoured, num_train_timesteps)
-    elif config.timestep_bias_strategy == "range":
-        span = slice(config.timestep_bias_begin, min(config.timestep_bias_end, num_train_timesteps))
-    else:
-        raise ValueError(f"unknown timestep bias strategy {config.timestep_bias_strategy!r}")
-    weights[span] *= config.timestep_bias_multiplier
-    return weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1346,48 +696,6 @@ def load_validation_scheduler(folder, args):
     return scheduler, scheduler.create_state(), config.get("timestep_spacing") == "trailing"
 
 
-def make_renderer(models, size, num_inference_steps=20, guidance_scale=7.5):
-    """A compiled function (params, prompt_ids, rng) -> one image of `size` (height, width) as uint8 HWC: the
-    pipeline's classifier-free guided sampling, as the PyTorch twin renders (20 steps, guidance 7.5, empty negative
-    prompt). Compiled once per run, whatever the prompts."""
-    height, width = size
-    empty_ids = models.tokenizer("", padding="max_length", max_length=models.tokenizer.model_max_length).input_ids
-    empty_ids = np.asarray([empty_ids])
-    scale = 2 ** (len(models.vae.config.block_out_channels) - 1)
-    shape = (1, models.unet.config.in_channels, height // scale, width // scale)
-
-    def render(params, prompt_ids, rng):
-        text = models.text_encoder(prompt_ids, params=params["text_encoder"], train=False)[0]
-        empty = models.text_encoder(empty_ids, params=params["text_encoder"], train=False)[0]
-        encoder_hidden_states = jnp.concatenate([empty, text])
-        state = models.scheduler.set_timesteps(models.scheduler_state, num_inference_steps, shape)
-        if models.trailing:
-            # Lin et al. 2023 sec. 3.3: with zero terminal SNR, sampling starts at the last timestep.
-            train_steps = models.scheduler.config.num_train_timesteps
-            timesteps = np.round(np.arange(train_steps, 0, -train_steps / num_inference_steps)).astype(np.int32) - 1
-            state = state.replace(timesteps=jnp.asarray(timesteps))
-        latents = jax.random.normal(rng, shape, jnp.float32) * state.init_noise_sigma
-
-        def denoise(step, carry):
-            latents, state = carry
-            t = state.timesteps[step]
-            model_input = models.scheduler.scale_model_input(state, jnp.concatenate([latents] * 2), t)
-            timesteps = jnp.broadcast_to(t, (2,))
-            variables = {"params": params["unet"]}
-            model_pred = models.unet.apply(variables, model_input, timesteps, encoder_hidden_states).sample
-            unconditional, conditional = jnp.split(model_pred, 2)
-            # Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598).
-            model_pred = unconditional + guidance_scale * (conditional - unconditional)
-            return models.scheduler.step(state, model_pred, t, latents).to_tuple()
-
-        latents, _ = jax.lax.fori_loop(0, num_inference_steps, denoise, (latents, state))
-        latents = latents / models.vae.config.scaling_factor
-        image = models.vae.apply({"params": params["vae"]}, latents, method=models.vae.decode).sample[0]
-        return jnp.round(jnp.clip(image / 2 + 0.5, 0, 1).transpose(1, 2, 0) * 255).astype(jnp.uint8)
-
-    return jax.jit(render)
-
-
 def validation_renderer(folder, args, unet, vae, text_encoder, tokenizer):
     """The compiled validation sampler (make_renderer) of these models, at --validation_resolution."""
     scheduler, scheduler_state, trailing = load_validation_scheduler(folder, args)
@@ -1403,51 +711,6 @@ def validation_renderer(folder, args, unet, vae, text_encoder, tokenizer):
     return make_renderer(models, args.validation_resolution)
 
 
-def render_validation_images(render, params, tokenizer, prompts, seed):
-    """One image per prompt, each from its own fixed seed, so grids compare across steps and across a resume."""
-    images = []
-    for index, prompt in enumerate(prompts):
-        prompt_ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
-        rng = jax.random.PRNGKey(derive_seed(seed, VALIDATION_SEED_KEY, index) % (2**31))
-        images.append(Image.fromarray(np.asarray(render(params, np.asarray([prompt_ids.input_ids]), rng))))
-    return images
-
-
-def save_validation_grid(images, prompts, output_dir, tag, global_step):
-    """The images side by side in output_dir/validation/<tag>-step-<global_step>.png. Main process only."""
-    grid = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)))
-    x = 0
-    for image in images:
-        grid.paste(image, (x, 0))
-        x += image.width
-    folder = os.path.join(output_dir, "validation")
-    os.makedirs(folder, exist_ok=True)
-    grid_path = os.path.join(folder, f"{tag}-step-{global_step:06d}.png")
-    grid.save(grid_path)
-    logger.info(f"Validation grid ({' | '.join(prompts)}): {grid_path}")
-
-
-def inference_scheduler_config(config, args):
-    """The saved scheduler's config for what this run trained: its prediction type, and with
-    --rescale_betas_zero_snr the rescaled schedule sampled from its last timestep ("trailing", Lin et al. 2023 sec.
-    3.3). A scheduler class that cannot rescale (PNDM, LMS) is replaced by DDIM, which the paper samples with."""
-    config = dict(config)
-    if args.prediction_type is not None:
-        config["prediction_type"] = args.prediction_type
-    if args.rescale_betas_zero_snr:
-        import diffusers
-
-        config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
-        if (
-            "rescale_betas_zero_snr"
-            not in inspect.signature(getattr(diffusers, config["_class_name"]).__init__).parameters
-        ):
-            logger.info(f"--rescale_betas_zero_snr: {config['_class_name']} cannot rescale, saving a DDIMScheduler")
-            # Latents are not confined to [-1, 1]: DDIM's default clipping of its x0 estimate would distort them.
-            config.update(_class_name="DDIMScheduler", clip_sample=False)
-    return config
-
-
 def validate(render, state, frozen, tokenizer, prompts, args, seed, global_step, tag, is_main_process):
     """Render the validation prompts with the embedding learned so far, through the frozen pipeline. Every process
     renders; the main process saves."""
@@ -1457,99 +720,6 @@ def validate(render, state, frozen, tokenizer, prompts, args, seed, global_step,
     images = render_validation_images(render, params, tokenizer, prompts, seed)
     if is_main_process:
         save_validation_grid(images, prompts, args.output_dir, tag, global_step)
-
-
-def stop_agreed(stop_request):
-    """Whether any process received a stop signal, the same answer on every process at the same update."""
-    requested = int(stop_request.signal_name is not None)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        requested = int(np.max(multihost_utils.process_allgather(np.array(requested))))
-    return bool(requested)
-
-
-def check_finite(tree, loss, what, global_step):
-    """Before anything is written: every array about to be written is finite, and so is the loss the new params give
-    on the last batch (params can stay finite while a model's outputs do not). Otherwise stop, naming the step and
-    the arrays; only then is anything written, so no file ever holds a diverged model."""
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    floating = [(path, leaf) for path, leaf in leaves if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating)]
-    bad = [jax.tree_util.keystr(path) for path, leaf in floating if not bool(jnp.isfinite(leaf).all())]
-    if bad or not math.isfinite(loss):
-        culprits = f"non-finite values in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}" if bad else ""
-        culprits = culprits or f"a loss of {loss} on the last batch"
-        raise FloatingPointError(
-            f"{what} diverged at step {global_step} ({culprits}): stopping, nothing was written for this step. "
-            "Lower --learning_rate, or clip gradients with --max_grad_norm"
-        )
-
-
-def save_checkpoint(state, output_dir, global_step, run_metadata, total_limit=None):
-    """Write checkpoint-N crash-safely: into a hidden temporary folder, flushed to disk, then renamed into place (a
-    checkpoint is visible only when complete); then keep the newest `total_limit` (--checkpoints_total_limit).
-    Called by every process: Orbax, JAX's multi-host checkpointer, writes the train state (the step, the params and
-    the optimizer state; each array once, by the processes that hold it) and returns when every process is done;
-    process 0 writes the metadata and publishes the folder. With several hosts, output_dir must be shared by all."""
-    is_main_process = jax.process_index() == 0
-    final_path = os.path.abspath(os.path.join(output_dir, f"checkpoint-{global_step}"))
-    partial_path = os.path.abspath(os.path.join(output_dir, f".checkpoint-{global_step}.partial"))
-    if is_main_process:
-        shutil.rmtree(partial_path, ignore_errors=True)
-    multihost_utils.sync_global_devices(f"checkpoint-{global_step}: cleared")
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(os.path.join(partial_path, TRAIN_STATE), state)
-            checkpointer.wait_until_finished()
-        if is_main_process:
-            write_checkpoint_metadata(partial_path, {**run_metadata, "global_step": global_step})
-    except OSError as err:
-        if is_main_process:
-            shutil.rmtree(partial_path, ignore_errors=True)
-        raise OSError(write_failure(f"checkpoint-{global_step}", output_dir, err)) from err
-    if is_main_process:
-        publish_checkpoint(partial_path, final_path)
-        logger.info(f"Saved {final_path}")
-        if total_limit is not None:
-            for _, path in list_checkpoints(output_dir)[:-total_limit]:
-                logger.info(f"Deleting {path} (--checkpoints_total_limit {total_limit})")
-                shutil.rmtree(path)
-    multihost_utils.sync_global_devices(f"checkpoint-{global_step}: published")
-
-
-def restore_train_state(state, checkpoint_path, sharding):
-    """`state` with the step, params and optimizer state saved in a checkpoint, as arrays placed by `sharding` (each
-    process reads what its devices hold)."""
-    path = os.path.abspath(os.path.join(checkpoint_path, TRAIN_STATE))
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x), sharding=sharding), state)
-    try:
-        with ocp.StandardCheckpointer() as checkpointer:
-            return checkpointer.restore(path, target)
-    except Exception as err:
-        raise RuntimeError(f"{path} could not be loaded ({type(err).__name__}: {err})") from err
-
-
-# A1111/Forge and ComfyUI read this key too; InvokeAI's probe reads the vector width from it (from a file keyed by the
-# token it reads the number of vectors instead, and refuses the file).
-UI_EMBEDDING_KEY = "emb_params"
-
-
-def ui_embedding_name(placeholder_token):
-    """The name the UIs show and prompts use for the embedding, which they take from its file name: the placeholder
-    without the characters file systems or prompt syntax reserve, "<cat-toy>" -> "cat-toy"."""
-    return re.sub(r"[^\w.-]+", "", placeholder_token).strip(".") or "embedding"
-
-
-def embedding_files(args, suffix):
-    """(key, path) of each final embeddings file --embedding_format asks for: learned_embeds.<suffix> keyed by the
-    placeholder (diffusers' layout) and <name>.<suffix> keyed by UI_EMBEDDING_KEY (the UIs' layout)."""
-    files = []
-    if args.embedding_format in ("diffusers", "both"):
-        files.append((args.placeholder_token, os.path.join(args.output_dir, f"learned_embeds.{suffix}")))
-    if args.embedding_format in ("ui", "both"):
-        name = ui_embedding_name(args.placeholder_token)
-        files.append((UI_EMBEDDING_KEY, os.path.join(args.output_dir, f"{name}.{suffix}")))
-    return files
 
 
 def save_embeddings(learned, key, path):
@@ -1572,50 +742,6 @@ def save_embeddings(learned, key, path):
     fsync_folder(os.path.dirname(path))
 
 
-def files_to_upload(output_dir):
-    """(path in the repository, local path) for what push_to_hub uploads: the pipeline (component links resolved), the
-    model card, embeddings and validation grids; not checkpoints, tracker logs or hidden files."""
-    found = []
-    for root, folders, names in os.walk(output_dir, followlinks=True):
-        top = os.path.relpath(root, output_dir) == "."
-        folders[:] = [
-            f for f in folders if not f.startswith(".") and not (top and f.startswith(("checkpoint-", "logs")))
-        ]
-        for name in names:
-            if not name.startswith("."):
-                path = os.path.join(root, name)
-                found.append((os.path.relpath(path, output_dir).replace(os.sep, "/"), path))
-    return sorted(found)
-
-
-def push_to_hub(args):
-    """Upload output_dir's files_to_upload in one commit."""
-    from huggingface_hub import CommitOperationAdd, HfApi
-
-    api = HfApi(token=args.hub_token)
-    repo_id = api.create_repo(
-        args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True
-    ).repo_id
-    files = [CommitOperationAdd(path_in_repo, local) for path_in_repo, local in files_to_upload(args.output_dir)]
-    api.create_commit(repo_id, operations=files, commit_message="End of training")
-
-
-def start_distributed(args):
-    """Join the run's other processes, before JAX touches a device: at the coordinator and with the process count and
-    index given, or found by JAX itself on TPU pods and the clusters it knows (--jax_distributed alone)."""
-    if not (args.jax_distributed or args.coordinator_address):
-        return
-    # CPU processes exchange arrays over gloo (JAX's CPU backend has no collectives of its own); GPUs and TPUs
-    # ignore this setting.
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(
-        coordinator_address=args.coordinator_address,
-        num_processes=args.num_processes,
-        process_id=args.process_id,
-        heartbeat_timeout_seconds=args.heartbeat_timeout_seconds,
-    )
-
-
 def main(argv=None):
     args = parse_args(argv)
 
@@ -1630,7 +756,8 @@ def main(argv=None):
     )
     is_main_process = jax.process_index() == 0
     if not is_main_process:
-        logger.setLevel(logging.ERROR)
+        for name in (__name__, "sdtrain"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     image_paths = find_example_images(args.train_data_dir)
     # Only the main process writes (but for each process's share of a checkpoint's arrays), and only while it holds
     # output_dir: a second run into it is refused.
@@ -1638,7 +765,8 @@ def main(argv=None):
     stop_request = StopRequest()
     resume_path = find_resume_checkpoint(args)
     resume_metadata = read_checkpoint_metadata(resume_path)
-    seed = choose_seed(args, resume_metadata)
+    # Process 0's draw on every process when there is no --seed, so that all shuffle and draw alike.
+    seed = choose_seed(args, resume_metadata, int(multihost_utils.broadcast_one_to_all(np.uint32(draw_seed()))))
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))

@@ -18,61 +18,85 @@ Two CPU processes (DDP over gloo, what the tests do):
 After a crash or preemption, relaunch the same command with --resume_from_checkpoint=latest: the resumed run ends
 with the same weights as one that was never interrupted, on the same or another number of processes as long as the
 global batch (batch x processes x accumulation) is the same.
+This file keeps the recipe you edit; the machinery it shares with the other scripts (run folder, checkpoints,
+batching, image checks, single-file export) is the sdtrain/ package beside it: copy both together.
 """
 
 import argparse
-import concurrent.futures
-import ctypes
 import dataclasses
 import functools
 import importlib
 import importlib.util
-import inspect
 import io
-import json
 import logging
 import math
 import os
-import re
 import shutil
-import signal
-import socket
 import sys
-import time
 
 import datasets
 import diffusers
 import numpy as np
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, gather_object
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from accelerate.utils import ProjectConfiguration, broadcast_object_list
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_dream_and_update_latents
-from PIL import Image, ImageOps
 from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from sdtrain.batching import (
+    BUCKET_SEED_KEY,
+    BatchShare,
+    bucket_batches,
+    parse_buckets,
+    parse_size,
+    setup_buckets,
+    shuffled_batches,
+)
+from sdtrain.captions import CaptionConfig, edit_caption, load_image_caption_dataset
+from sdtrain.hub import push_to_hub
+from sdtrain.images import load_rgb, verify_image
+from sdtrain.logs import format_logs
+from sdtrain.preemption import PREEMPTED_EXIT_CODE, StopRequest, preemption_message
+from sdtrain.recipes import add_recipe_arguments, check_recipe_arguments, recipe_fields, timestep_bias_weights
+from sdtrain.run_folder import (
+    choose_seed,
+    derive_seed,
+    draw_seed,
+    find_resume_checkpoint,
+    lock_output_dir,
+    publish_pipeline,
+    read_checkpoint_metadata,
+    warn_if_batch_layout_changed,
+    write_failure,
+)
+from sdtrain.single_file import SINGLE_FILE_DTYPES, save_single_file, single_file_layout
+from sdtrain.torch_training import (
+    LogWindow,
+    check_finite,
+    check_images,
+    collate,
+    default_num_workers,
+    encode_once,
+    inference_scheduler,
+    load_component,
+    log_validation,
+    optimizer_tensors,
+    save_checkpoint,
+    stop_agreed,
+    tokenize,
+    write_hub_style_text_encoder,
+)
+
 logger = get_logger(__name__, log_level="INFO")
 
-CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-# Seed, step and batch layout of a checkpoint, written last into it: its presence marks the checkpoint complete.
-CHECKPOINT_METADATA = "checkpoint_metadata.json"
-# The second key of every validation seed, derive_seed(seed, VALIDATION_SEED_KEY, prompt index): training draws use
-# four keys, so a validation image never shares its noise with a training step.
-VALIDATION_SEED_KEY = 7919
-# The third key of bucket draws, derive_seed(seed, epoch, BUCKET_SEED_KEY, ...), and of each image's fixed bucket crop.
-BUCKET_SEED_KEY = 6007
-LOCK_FILE = ".training.lock"  # held (an OS lock) by the run writing into output_dir; a killed run holds none
-PIPELINE_LINK = ".pipeline"  # -> the current .pipeline-<n> folder; output_dir's components link through it
-PIPELINE_VERSION = re.compile(r"^\.pipeline-(\d+)$")
-PREEMPTED_EXIT_CODE = 75  # sysexits' EX_TEMPFAIL: stopped by a signal after writing a checkpoint; relaunch to continue
 INTERPOLATION_MODES = ["lanczos", "bicubic", "bilinear", "nearest", "nearest_exact", "box", "hamming"]
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 OPTIMIZERS = ["adamw", "adamw_8bit", "adafactor", "lion", "prodigy", "schedule_free_adamw"]
@@ -87,296 +111,295 @@ OPTIMIZER_PACKAGES = {
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
-        description="Fine-tune the UNet of a Stable Diffusion pipeline on image-caption pairs."
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Fine-tune the UNet of a Stable Diffusion pipeline on image-caption pairs.",
     )
-    # Model
-    parser.add_argument(
+    group = parser.add_argument_group("Model")
+    group.add_argument(
         "--pretrained_model_name_or_path",
         type=str,
         required=True,
         help="Hub id or local folder of a diffusers Stable Diffusion pipeline.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--revision", type=str, default=None, help="Hub revision (branch, tag or commit) of the pretrained pipeline."
     )
-    parser.add_argument("--variant", type=str, default=None, help="Weight file variant to load, e.g. 'fp16'.")
-    parser.add_argument(
+    group.add_argument("--variant", type=str, default=None, help="Weight file variant to load, e.g. 'fp16'.")
+    group.add_argument(
         "--non_ema_revision",
         type=str,
         default=None,
         help="Revision holding the non-EMA UNet to train from (the EMA copy starts from --revision).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--prediction_type",
         type=str,
         default=None,
         choices=["epsilon", "v_prediction"],
         help="Training target; default: the scheduler config's prediction_type.",
     )
-    # Data
-    parser.add_argument(
+    group = parser.add_argument_group("Data")
+    group.add_argument(
         "--dataset_name",
         type=str,
         default=None,
         help="Hub dataset id or local dataset folder that datasets.load_dataset reads.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--dataset_config_name", type=str, default=None, help="Config name of the dataset, if it has several."
     )
-    parser.add_argument(
+    group.add_argument(
         "--train_data_dir",
         type=str,
         default=None,
-        help="Local imagefolder with a metadata.jsonl of file_name and caption (when --dataset_name is not given).",
+        help="Local image folder: a metadata.jsonl of file_name and caption, or a caption .txt beside each image.",
     )
-    parser.add_argument("--image_column", type=str, default="image", help="Dataset column holding the images.")
-    parser.add_argument(
+    group.add_argument("--image_column", type=str, default="image", help="Dataset column holding the images.")
+    group.add_argument(
         "--caption_column",
         type=str,
         default="text",
         help="Dataset column holding a caption or a list of captions (one is drawn per use).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--max_train_samples",
         type=int,
         default=None,
         help="Train on a random subset of this many examples (for debugging).",
     )
-    parser.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
-    parser.add_argument(
+    group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
+    group.add_argument(
         "--resolution", type=int, default=512, help="Training images are resized and cropped to this square size."
     )
-    parser.add_argument(
+    group.add_argument(
         "--center_crop", action="store_true", help="Crop the center of each image instead of a random crop."
     )
-    parser.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
-    parser.add_argument(
+    group.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    group.add_argument(
         "--image_interpolation_mode",
         type=str,
         default="lanczos",
         choices=INTERPOLATION_MODES,
         help="Interpolation used to resize images.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--dataloader_num_workers",
         type=int,
         default=None,
         help="Data loading worker processes; default: 4 on GPU (with pinned memory), 0 (the main process) on CPU.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--cache_latents",
         action="store_true",
         help="Encode every image once (both flips with --random_flip); train from the cache. Needs --center_crop.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--cache_text_embeddings",
         action="store_true",
         help="Encode every distinct caption once before training and train from the stored text-encoder outputs.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--use_aspect_ratio_buckets",
         action="store_true",
         help="Batch images by aspect ratio (one bucket per batch) instead of cropping every one to a square.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--aspect_ratio_buckets",
         type=str,
         default=None,
         help="Buckets as 'height,width;...' (implies --use_aspect_ratio_buckets); default: made from --resolution.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--bucket_no_upscale",
         action="store_true",
         help="Never enlarge an image to fit a bucket: an image smaller than every bucket gets one of its own size.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--proportion_empty_prompts",
         type=float,
         default=0.0,
         help="Replace each use of a caption by the empty caption with this probability (classifier-free guidance).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--shuffle_caption", action="store_true", help="Shuffle the comma-separated tags of a caption at every use."
     )
-    parser.add_argument(
+    group.add_argument(
         "--keep_tokens",
         type=int,
         default=0,
         help="Tags at the start of a caption that stay in place (and are never dropped).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--caption_tag_dropout_rate",
         type=float,
         default=0.0,
         help="Drop each tag of a caption (after --keep_tokens) with this probability at every use.",
     )
-    # Training
-    parser.add_argument(
+    group = parser.add_argument_group("Training")
+    group.add_argument(
         "--seed",
         type=int,
         default=None,
         help="Seed for data order, augmentation and noise; a resumed run reuses its checkpoint's seed.",
     )
-    parser.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
-    parser.add_argument(
+    group.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
+    group.add_argument(
         "--num_train_epochs", type=int, default=100, help="Epochs to train; ignored when --max_train_steps is given."
     )
-    parser.add_argument(
+    group.add_argument(
         "--max_train_steps", type=int, default=None, help="Total optimizer updates; overrides --num_train_epochs."
     )
-    parser.add_argument(
+    group.add_argument(
         "--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated into one optimizer update."
     )
-    parser.add_argument(
+    group.add_argument(
         "--gradient_checkpointing",
         action="store_true",
         help="Recompute UNet activations in the backward pass to save memory.",
     )
-    parser.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate (after warmup).")
-    parser.add_argument(
+    group.add_argument("--learning_rate", type=float, default=1e-4, help="Peak learning rate (after warmup).")
+    group.add_argument(
         "--scale_lr",
         action="store_true",
         help="Multiply the learning rate by accumulation steps x batch size x processes.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--lr_scheduler", type=str, default="constant", choices=LR_SCHEDULERS, help="Learning-rate schedule."
     )
-    parser.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup optimizer updates of the schedule.")
-    parser.add_argument(
+    group.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup optimizer updates of the schedule.")
+    group.add_argument(
         "--snr_gamma",
         type=float,
         default=None,
         help="Min-SNR weighting gamma (5.0 is recommended); off when not given.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--dream_training",
         action="store_true",
         help="Use DREAM (Diffusion Rectification and Estimation-Adaptive Models).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--dream_detail_preservation", type=float, default=1.0, help="DREAM detail preservation factor p (> 0)."
     )
-    parser.add_argument(
+    group.add_argument(
         "--noise_offset", type=float, default=0.0, help="Scale of offset noise (0.1 is typical); 0 turns it off."
     )
-    parser.add_argument(
+    group.add_argument(
         "--input_perturbation",
         type=float,
         default=0.0,
         help="Scale of input perturbation (0.1 is recommended); 0 turns it off.",
     )
-    add_recipe_arguments(parser)
-    parser.add_argument(
+    add_recipe_arguments(parser.add_argument_group("Recipe: noise, timesteps, loss"))
+    group.add_argument(
         "--use_ema",
         action="store_true",
         help="Keep an exponential moving average of the UNet and save it as the final model.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--ema_validation",
         type=str,
         default="ema",
         choices=["ema", "raw", "both"],
         help="With --use_ema, what validation renders: the EMA, the raw weights (-raw grids), or both side by side.",
     )
-    parser.add_argument(
-        "--offload_ema", action="store_true", help="Keep the EMA weights in CPU memory between updates."
-    )
-    parser.add_argument(
+    group.add_argument("--offload_ema", action="store_true", help="Keep the EMA weights in CPU memory between updates.")
+    group.add_argument(
         "--foreach_ema", action="store_true", help="Update the EMA with fused foreach kernels (faster, more memory)."
     )
-    add_optimizer_arguments(parser)
-    parser.add_argument(
+    add_optimizer_arguments(parser.add_argument_group("Optimizer"))
+    group.add_argument(
         "--max_grad_norm", type=float, default=1.0, help="Clip gradients to this global norm (0 turns clipping off)."
     )
-    parser.add_argument(
+    group.add_argument(
         "--mixed_precision",
         type=str,
         default=None,
         choices=["no", "fp16", "bf16"],
         help="Mixed precision; default: the accelerate config's.",
     )
-    parser.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
-    parser.add_argument(
+    group.add_argument("--allow_tf32", action="store_true", help="Allow TF32 matmuls on Ampere and newer GPUs.")
+    group.add_argument(
         "--enable_xformers_memory_efficient_attention",
         action="store_true",
         help="Use xformers attention (needs xformers; PyTorch SDPA is the default).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--torch_compile",
         action="store_true",
         help="Compile the UNet with torch.compile: a slower start (minutes), faster steps.",
     )
-    parser.add_argument("--local_rank", type=int, default=-1, help="Set by distributed launchers; do not pass by hand.")
-    # Checkpointing
-    parser.add_argument(
+    group.add_argument("--local_rank", type=int, default=-1, help="Set by distributed launchers; do not pass by hand.")
+    group = parser.add_argument_group("Checkpointing")
+    group.add_argument(
         "--output_dir",
         type=str,
         default="sd-model-finetuned",
         help="Where the final pipeline, checkpoints, validation images and logs go.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--save_single_file",
         action="store_true",
         help="Also write output_dir/<its name>.safetensors in the original SD layout (A1111/Forge, ComfyUI, InvokeAI).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--single_file_dtype",
         type=str,
         default="fp16",
         choices=SINGLE_FILE_DTYPES,
         help="Precision of the --save_single_file weights (fp16 halves the file; the UIs run fp16 anyway).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--checkpointing_steps",
         type=int,
         default=500,
         help="Save the full training state every this many optimizer updates.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--checkpoints_total_limit",
         type=int,
         default=None,
         help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).",
     )
-    parser.add_argument(
+    group.add_argument(
         "--resume_from_checkpoint",
         type=str,
         default=None,
         help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).",
     )
-    # Logging and validation
-    parser.add_argument(
+    group = parser.add_argument_group("Logging and validation")
+    group.add_argument(
         "--logging_steps",
         type=int,
         default=10,
         help="Log loss, lr, grad norm, images/s and peak GPU memory averaged over this many updates.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--validation_prompts",
         type=str,
         default=None,
         nargs="+",
         help="Prompts rendered every --validation_epochs and at the end.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--validation_epochs", type=int, default=5, help="Render the validation prompts every this many epochs."
     )
-    parser.add_argument(
+    group.add_argument(
         "--validation_resolution",
         type=str,
         default=None,
         help="Size of the validation images, 'height,width' (a bucket's, say); default: --resolution square.",
     )
-    parser.add_argument(
+    group.add_argument(
         "--report_to", type=str, default="tensorboard", help="Tracker: tensorboard, wandb, comet_ml, all, or none."
     )
-    parser.add_argument("--logging_dir", type=str, default="logs", help="Tracker log folder, relative to --output_dir.")
-    parser.add_argument(
+    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker log folder, relative to --output_dir.")
+    group.add_argument(
         "--tracker_project_name", type=str, default="text2image-fine-tune", help="Project name passed to the tracker."
     )
-    parser.add_argument("--push_to_hub", action="store_true", help="Upload the final pipeline to the Hugging Face Hub.")
-    parser.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `hf auth login`).")
-    parser.add_argument(
+    group.add_argument("--push_to_hub", action="store_true", help="Upload the final pipeline to the Hugging Face Hub.")
+    group.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `hf auth login`).")
+    group.add_argument(
         "--hub_model_id", type=str, default=None, help="Hub repository to push to; default: the output folder's name."
     )
     args = parser.parse_args(argv)
@@ -431,118 +454,6 @@ def parse_args(argv=None):
     return args
 
 
-def add_recipe_arguments(parser):
-    """The loss and timestep-sampling recipes, the same flags in all four scripts (see the README's recipes table)."""
-    parser.add_argument(
-        "--rescale_betas_zero_snr",
-        action="store_true",
-        help="Rescale the noise schedule to zero terminal SNR (Lin et al. 2023); needs v-prediction.",
-    )
-    parser.add_argument(
-        "--loss_type",
-        type=str,
-        default="l2",
-        choices=["l2", "huber", "smooth_l1", "l1"],
-        help="Distance between prediction and target: l2 (MSE), pseudo-Huber, smooth L1 or L1.",
-    )
-    parser.add_argument(
-        "--huber_schedule",
-        type=str,
-        default="snr",
-        choices=["constant", "exponential", "snr"],
-        help="How the Huber threshold c falls from 1 at low noise to --huber_c at high noise (constant: always c).",
-    )
-    parser.add_argument("--huber_c", type=float, default=0.1, help="The Huber threshold c (huber and smooth_l1).")
-    parser.add_argument(
-        "--debiased_estimation_loss",
-        action="store_true",
-        help="Weight each timestep by 1/sqrt(SNR) in epsilon terms (Yu et al. 2024); composes with --snr_gamma.",
-    )
-    parser.add_argument(
-        "--timestep_sampling",
-        type=str,
-        default="uniform",
-        choices=["uniform", "logit_normal"],
-        help="How training timesteps are drawn: uniformly, or logit-normal as SD3 trains.",
-    )
-    parser.add_argument("--logit_mean", type=float, default=0.0, help="Mean of the logit-normal timestep draw.")
-    parser.add_argument("--logit_std", type=float, default=1.0, help="Standard deviation of the logit-normal draw.")
-    parser.add_argument(
-        "--timestep_bias_strategy",
-        type=str,
-        default="none",
-        choices=["none", "earlier", "later", "range"],
-        help="Draw the earlier (less noisy), later (noisier) or a range of timesteps more often.",
-    )
-    parser.add_argument(
-        "--timestep_bias_multiplier",
-        type=float,
-        default=1.0,
-        help="How many times as often the favoured timesteps are drawn (below 1: less often).",
-    )
-    parser.add_argument(
-        "--timestep_bias_begin", type=int, default=0, help="First favoured timestep of the 'range' strategy."
-    )
-    parser.add_argument(
-        "--timestep_bias_end", type=int, default=1000, help="One past the last favoured timestep of 'range'."
-    )
-    parser.add_argument(
-        "--timestep_bias_portion",
-        type=float,
-        default=0.25,
-        help="Share of the timesteps favoured by 'earlier' and 'later'.",
-    )
-
-
-def check_recipe_arguments(parser, args):
-    """The recipe flags' values make sense together; parser.error names the flag otherwise."""
-    if args.huber_c <= 0 or (args.huber_schedule != "constant" and args.huber_c > 1):
-        parser.error(f"--huber_c must be in (0, 1] (above 0 with --huber_schedule constant), got {args.huber_c}")
-    if args.logit_std <= 0:
-        parser.error(f"--logit_std must be positive, got {args.logit_std}")
-    if args.timestep_bias_multiplier <= 0:
-        parser.error(f"--timestep_bias_multiplier must be positive, got {args.timestep_bias_multiplier}")
-    if not 0 < args.timestep_bias_portion < 1:
-        parser.error(f"--timestep_bias_portion must be in (0, 1), got {args.timestep_bias_portion}")
-    if not 0 <= args.timestep_bias_begin < args.timestep_bias_end:
-        parser.error(
-            f"--timestep_bias_begin {args.timestep_bias_begin} and --timestep_bias_end {args.timestep_bias_end}: "
-            "need 0 <= begin < end"
-        )
-    if args.timestep_sampling != "uniform" and args.timestep_bias_strategy != "none":
-        parser.error(
-            "--timestep_sampling logit_normal and --timestep_bias_strategy both choose the timesteps: pick one"
-        )
-
-
-def recipe_fields(args, prediction_type, num_train_timesteps):
-    """The LossConfig fields of the recipe flags, once the prediction type and the schedule length are known."""
-    if args.rescale_betas_zero_snr and prediction_type != "v_prediction":
-        # At zero terminal SNR the last timestep's input is pure noise, so predicting that noise teaches nothing.
-        raise ValueError(
-            f"--rescale_betas_zero_snr needs v-prediction, and this run predicts {prediction_type}: add "
-            "--prediction_type v_prediction"
-        )
-    if args.timestep_bias_strategy == "range" and args.timestep_bias_begin >= num_train_timesteps:
-        raise ValueError(
-            f"--timestep_bias_begin {args.timestep_bias_begin} is past the schedule's {num_train_timesteps} timesteps"
-        )
-    return dict(
-        loss_type=args.loss_type,
-        huber_schedule=args.huber_schedule,
-        huber_c=args.huber_c,
-        debiased_estimation=args.debiased_estimation_loss,
-        timestep_sampling=args.timestep_sampling,
-        logit_mean=args.logit_mean,
-        logit_std=args.logit_std,
-        timestep_bias_strategy=args.timestep_bias_strategy,
-        timestep_bias_multiplier=args.timestep_bias_multiplier,
-        timestep_bias_begin=args.timestep_bias_begin,
-        timestep_bias_end=args.timestep_bias_end,
-        timestep_bias_portion=args.timestep_bias_portion,
-    )
-
-
 def add_optimizer_arguments(parser):
     """--optimizer and its hyperparameters, the same flags in both PyTorch scripts."""
     parser.add_argument(
@@ -583,564 +494,8 @@ def check_optimizer_arguments(parser, args):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Helpers
+# The recipe's parts: dataset, models, loss, optimizer, validation and saving (the machinery is in sdtrain/)
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def derive_seed(*keys):
-    """A well-mixed 63-bit seed from integer keys. All randomness is a pure function of such keys, so a resumed
-    run draws exactly what an uninterrupted run would have drawn, whatever the number of workers."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
-
-
-def list_checkpoints(output_dir):
-    """Complete checkpoints in output_dir, oldest first, as (step, path)."""
-    if not os.path.isdir(output_dir):
-        return []
-    found = []
-    for name in os.listdir(output_dir):
-        match = CHECKPOINT_PATTERN.match(name)
-        if match and os.path.isfile(os.path.join(output_dir, name, CHECKPOINT_METADATA)):
-            found.append((int(match.group(1)), os.path.join(output_dir, name)))
-    return sorted(found)
-
-
-def find_resume_checkpoint(args):
-    """The checkpoint --resume_from_checkpoint names (None to start fresh). 'latest' is the newest intact checkpoint:
-    a damaged one is skipped with a warning. A named checkpoint that is missing or damaged is an error."""
-    if args.resume_from_checkpoint is None:
-        return None
-    if args.resume_from_checkpoint == "latest":
-        for _, path in reversed(list_checkpoints(args.output_dir)):
-            problem = checkpoint_problem(path)
-            if problem is None:
-                return path
-            logger.warning(f"skipping {os.path.basename(path)}: {problem}")
-        return None
-    path = args.resume_from_checkpoint
-    if not os.path.isdir(path):
-        path = os.path.join(args.output_dir, args.resume_from_checkpoint)
-    if not os.path.isfile(os.path.join(path, CHECKPOINT_METADATA)):
-        complete = [os.path.basename(p) for _, p in list_checkpoints(args.output_dir)]
-        raise FileNotFoundError(
-            f"--resume_from_checkpoint {args.resume_from_checkpoint}: no complete checkpoint at {path} "
-            f"(complete ones in {args.output_dir}: {complete})"
-        )
-    problem = checkpoint_problem(path)
-    if problem is not None:
-        raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: {problem}")
-    return path
-
-
-def read_checkpoint_metadata(checkpoint_path):
-    """The metadata save_checkpoint wrote into a checkpoint ({} when there is no checkpoint to resume)."""
-    if checkpoint_path is None:
-        return {}
-    with open(os.path.join(checkpoint_path, CHECKPOINT_METADATA)) as f:
-        return json.load(f)
-
-
-def choose_seed(args, resume_metadata):
-    """One seed drives every draw. Without --seed a resumed run reuses the seed its checkpoint recorded, and a new
-    run draws one (and records it in its checkpoints)."""
-    if args.seed is not None:
-        seed = args.seed
-    else:
-        seed = resume_metadata.get("seed", int(np.random.SeedSequence().generate_state(1)[0]))
-    if resume_metadata and resume_metadata["seed"] != seed:
-        logger.warning(
-            f"--seed {seed} differs from the checkpoint's seed {resume_metadata['seed']}: "
-            "the resumed run will not match an uninterrupted one"
-        )
-    return seed
-
-
-def warn_if_batch_layout_changed(resume_metadata, run_metadata):
-    """A resume is exact only with the global batch, epoch length and aspect-ratio buckets (where the run records them)
-    the checkpoint was written with. The number of processes sharing the global batch may change."""
-    layout = ("total_batch_size", "updates_per_epoch", "aspect_ratio_buckets")
-    keys = [key for key in layout if key in run_metadata]
-    before, now = ({key: metadata.get(key) for key in keys} for metadata in (resume_metadata, run_metadata))
-    if before != now:
-        logger.warning(
-            f"batch layout changed since the checkpoint ({before} -> {now}): "
-            "the resumed run will not match an uninterrupted one"
-        )
-
-
-def fsync_folder(folder):
-    """Flush a folder's entries (the names created or renamed in it) to disk; a no-op where folders cannot be opened."""
-    try:
-        descriptor = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # Windows: folders cannot be opened, and its renames are durable
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def fsync_tree(folder):
-    """Flush every file and folder under `folder` to disk, so that the rename that publishes it can never survive a
-    power cut that its bytes did not."""
-    for root, _, names in os.walk(folder):
-        for name in names:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-        fsync_folder(root)
-
-
-def write_failure(what, folder, err):
-    """The message for a save that failed (a full disk, most often), with the space left where it was written."""
-    free = shutil.disk_usage(folder).free / 2**30 if os.path.isdir(folder) else float("nan")
-    return (
-        f"could not write {what} into {folder} ({type(err).__name__}: {err}); {free:.2f} GiB free there. "
-        "Nothing that was there before was replaced"
-    )
-
-
-def lock_output_dir(output_dir):
-    """Hold an OS lock on output_dir for the whole run, so that a second run into the same folder is refused instead
-    of overwriting this run's checkpoints and model. The kernel drops the lock when the process ends, however it
-    ends, so the lock of a killed run is simply taken over. Then clear what a killed run may have left: unfinished
-    checkpoints and pipelines, and replaced ones not yet deleted. Main process only."""
-    import filelock
-
-    os.makedirs(output_dir, exist_ok=True)
-    lock = filelock.FileLock(os.path.join(output_dir, LOCK_FILE), timeout=0)
-    owner_path = os.path.join(output_dir, LOCK_FILE + ".owner")
-    try:
-        lock.acquire()
-    except filelock.Timeout:
-        owner = open(owner_path).read().strip() if os.path.isfile(owner_path) else "unknown"
-        raise RuntimeError(
-            f"--output_dir {output_dir} is in use by another training run (pid {owner}): wait for it to end, "
-            "stop it, or choose another --output_dir"
-        ) from None
-    with open(owner_path, "w") as f:
-        f.write(f"{os.getpid()} on {socket.gethostname()}\n")
-    link = os.path.join(output_dir, PIPELINE_LINK)
-    current = os.readlink(link) if os.path.islink(link) else None
-    for name in os.listdir(output_dir):
-        unfinished = name.endswith((".partial", ".stale", ".link", ".link.old", ".new", ".probe"))
-        if unfinished or (PIPELINE_VERSION.match(name) and name != current):
-            path = os.path.join(output_dir, name)
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)
-            else:
-                os.remove(path)
-    return lock
-
-
-def checkpoint_problem(checkpoint_path):
-    """Why a checkpoint cannot be resumed from, naming the file, or None. Its metadata lists every file it holds with
-    its size, so a truncated or missing file is found without reading the weights."""
-    metadata_path = os.path.join(checkpoint_path, CHECKPOINT_METADATA)
-    try:
-        with open(metadata_path) as f:
-            metadata = json.load(f)
-        int(metadata["global_step"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"{metadata_path} is unreadable ({type(err).__name__}: {err})"
-    for name, size in metadata.get("files", {}).items():
-        path = os.path.join(checkpoint_path, name)
-        if not os.path.isfile(path):
-            return f"{path} is missing"
-        if os.path.getsize(path) != size:
-            return f"{path} is damaged: {os.path.getsize(path)} bytes, {size} were written"
-    return None
-
-
-def write_checkpoint_metadata(folder, metadata):
-    """Write the metadata file, last, with every file of the checkpoint and its size; then flush it all to disk."""
-    files = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            files[os.path.relpath(os.path.join(root, name), folder)] = os.path.getsize(os.path.join(root, name))
-    with open(os.path.join(folder, CHECKPOINT_METADATA), "w") as f:
-        json.dump({**metadata, "files": files}, f, indent=2)
-    fsync_tree(folder)
-
-
-def publish_checkpoint(partial_path, final_path):
-    """Make a complete checkpoint visible under its final name with one rename; one of the same step left by an
-    earlier run is replaced."""
-    stale_path = final_path + ".stale"
-    shutil.rmtree(stale_path, ignore_errors=True)
-    if os.path.exists(final_path):
-        os.rename(final_path, stale_path)
-    os.rename(partial_path, final_path)
-    fsync_folder(os.path.dirname(final_path))
-    shutil.rmtree(stale_path, ignore_errors=True)
-
-
-def exchange_entries(path_a, path_b):
-    """Swap two directory entries in one atomic step (Linux's renameat2 with RENAME_EXCHANGE); False where the
-    system or the filesystem cannot."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    here, rename_exchange = -100, 2  # AT_FDCWD (paths are absolute or relative to the working folder)
-    return renameat2(here, os.fsencode(path_a), here, os.fsencode(path_b), rename_exchange) == 0
-
-
-def point_link(link, target):
-    """Point the symbolic link `link` at `target` in one atomic step: a new link renamed over the old one."""
-    temporary = link + ".new"
-    if os.path.lexists(temporary):
-        os.remove(temporary)
-    os.symlink(target, temporary)
-    os.replace(temporary, link)
-    fsync_folder(os.path.dirname(link))
-
-
-def link_component(output_dir, name):
-    """Make output_dir/<name> the relative link .pipeline/<name>. A real file is replaced by its link in one rename;
-    a real folder is swapped with it in one exchange (or, where the system cannot, moved aside first)."""
-    path, target = os.path.join(output_dir, name), os.path.join(PIPELINE_LINK, name)
-    if os.path.islink(path) and os.readlink(path) == target:
-        return
-    temporary = os.path.join(output_dir, f".{name}.link")
-    if os.path.lexists(temporary):
-        os.remove(temporary)
-    os.symlink(target, temporary)
-    if os.path.isdir(path) and not os.path.islink(path):
-        if not exchange_entries(temporary, path):
-            os.rename(path, temporary + ".old")
-            os.rename(temporary, path)
-            temporary += ".old"
-        shutil.rmtree(temporary)
-    else:
-        os.replace(temporary, path)
-
-
-def next_pipeline_version(output_dir):
-    numbers = [int(match.group(1)) for match in map(PIPELINE_VERSION.match, os.listdir(output_dir)) if match]
-    return f".pipeline-{max(numbers, default=0) + 1}"
-
-
-def publish_pipeline(partial, output_dir):
-    """Make the complete pipeline in the folder `partial` the one output_dir holds, atomically. It becomes a hidden
-    version folder .pipeline-<n>; every component in output_dir (model_index.json, unet/, ...) is a relative link
-    through the link .pipeline; and one rename, pointing .pipeline at the new version, switches them all. So at every
-    instant, crash or not, from_pretrained(output_dir) loads the old pipeline or the new one. Where symbolic links
-    cannot be made (Windows without developer mode), components are moved in one at a time, with a warning."""
-    fsync_tree(partial)
-    link = os.path.join(output_dir, PIPELINE_LINK)
-    components = sorted(os.listdir(partial))
-    try:
-        os.symlink(PIPELINE_LINK, link + ".probe")
-        os.remove(link + ".probe")
-    except (OSError, NotImplementedError):
-        logger.warning(f"no symbolic links in {output_dir}: the pipeline is replaced one component at a time")
-        for name in components:
-            target = os.path.join(output_dir, name)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            os.replace(os.path.join(partial, name), target)
-        os.rmdir(partial)
-        return
-    shown = [name for name in components if os.path.lexists(os.path.join(output_dir, name))]
-    if any(not os.path.islink(os.path.join(output_dir, name)) for name in shown):
-        # Saved as real files and folders (by an older version, or by diffusers' own script): a snapshot of what
-        # output_dir shows now (hard links, no extra space) first becomes the current version, entry for entry.
-        snapshot = os.path.join(output_dir, next_pipeline_version(output_dir))
-        os.makedirs(snapshot)
-        for name in shown:
-            source = os.path.join(output_dir, name)
-            if os.path.isdir(source):
-                shutil.copytree(source, os.path.join(snapshot, name), copy_function=os.link)
-            else:
-                os.link(source, os.path.join(snapshot, name))
-        fsync_tree(snapshot)
-        point_link(link, os.path.basename(snapshot))
-    previous = os.readlink(link) if os.path.islink(link) else None
-    for name in components:  # a link to a component the current version lacks points nowhere until the switch
-        link_component(output_dir, name)
-    version = next_pipeline_version(output_dir)
-    os.rename(partial, os.path.join(output_dir, version))
-    fsync_folder(output_dir)
-    point_link(link, version)  # the one step that switches every component
-    for name in os.listdir(output_dir):  # links to components the new pipeline does not have
-        path = os.path.join(output_dir, name)
-        if os.path.islink(path) and os.readlink(path).startswith(PIPELINE_LINK + os.sep) and not os.path.exists(path):
-            os.remove(path)
-    if previous is not None and previous != version:
-        shutil.rmtree(os.path.join(output_dir, previous), ignore_errors=True)
-
-
-def load_rgb(source, name):
-    """The image at `source` (a path or a file object) as 8-bit RGB, whatever it is stored as: EXIF rotation applied,
-    16-bit samples scaled to 8 bits (not clipped to white), transparency composited onto white, palette, grayscale
-    and CMYK converted. Any failure, a truncated file included, raises an error that names the image."""
-    try:
-        with Image.open(source) as image:
-            image = ImageOps.exif_transpose(image)  # decoded, and turned the way the camera was held
-        if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            # 16-bit samples (I;16, and 16-bit PNGs opened as I) span 0-65535, float ones 0-1: scale, then round.
-            scale = 255.0 if image.mode == "F" else 255.0 / 65535.0
-            samples = np.clip(np.asarray(image, dtype=np.float64) * scale + 0.5, 0, 255).astype(np.uint8)
-            image = Image.fromarray(samples, "L")
-        if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
-            # Transparent pixels hold arbitrary colours: show them as a viewer does, on white.
-            rgba = image.convert("RGBA")
-            image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-        return image.convert("RGB")
-    except Exception as err:
-        raise ValueError(f"cannot read image {name}: {err}") from err
-
-
-def verify_image(source, name):
-    """Check that an image file decodes, at a fraction of a full decode: a PNG's chunk checksums cover all its bytes,
-    and a JPEG decodes at 1/8 scale (its entropy-coded data is still read to the end, so truncation is caught); other
-    formats decode in full. Returns the size it shows, (width, height) after EXIF rotation; a failure raises an error
-    that names the image."""
-    try:
-        with Image.open(source) as image:
-            size = image.size
-            if image.format == "PNG":
-                image.verify()
-                exif = Image.Exif()
-                exif.load(image.info.get("exif"))
-            else:
-                exif = image.getexif()
-                if image.format == "JPEG":
-                    image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
-                image.load()
-        if exif.get(0x0112, 1) in (5, 6, 7, 8):  # the EXIF orientations that turn the picture by 90 degrees
-            size = size[::-1]
-        return size
-    except Exception as err:
-        raise ValueError(f"cannot read image {name}: {err}") from err
-
-
-def inspect_images(inspect, indices):
-    """inspect(i) for every i in indices, on a thread pool (decoding releases the GIL), before any training: what it
-    returned for each (None where it failed), and the error messages of the images that cannot be read."""
-
-    def attempt(index):
-        try:
-            return inspect(index), None
-        except ValueError as err:
-            return None, str(err)
-
-    workers = min(32, 4 * (os.cpu_count() or 1))
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        results = list(pool.map(attempt, indices))
-    return [result for result, _ in results], [problem for _, problem in results if problem is not None]
-
-
-class StopRequest:
-    """SIGTERM (what cloud spot VMs and SLURM send before a kill) and SIGUSR1 (SLURM's --signal) ask the run to stop.
-    The handler only records the request: the loop finishes the optimizer update it is in, writes a checkpoint at
-    that step and exits with PREEMPTED_EXIT_CODE. A second signal changes nothing, so it cannot break the save."""
-
-    def __init__(self):
-        self.signal_name = None
-        for name in ("SIGTERM", "SIGUSR1"):
-            if hasattr(signal, name):  # Windows has no SIGUSR1
-                signal.signal(getattr(signal, name), self.record)
-
-    def record(self, signum, frame):
-        if self.signal_name is None:
-            self.signal_name = signal.Signals(signum).name
-
-
-def preemption_message(stop_request, global_step):
-    received = stop_request.signal_name or "a stop signal (on another process)"
-    return (
-        f"{received} received: stopped after step {global_step} with checkpoint-{global_step} written; relaunch the "
-        f"same command with --resume_from_checkpoint latest to continue (exit code {PREEMPTED_EXIT_CODE})"
-    )
-
-
-def parse_buckets(text):
-    """--aspect_ratio_buckets "h,w;h,w;...": the buckets as (height, width) pairs; None when not given."""
-    if text is None:
-        return None
-    buckets = []
-    for part in text.replace(" ", "").strip(";").split(";"):
-        try:
-            height, width = (int(side) for side in part.split(","))
-        except ValueError:
-            raise ValueError(
-                f"--aspect_ratio_buckets: {part!r} is not 'height,width' (e.g. '512,512;384,640')"
-            ) from None
-        if height < 8 or width < 8 or height % 8 or width % 8:
-            raise ValueError(f"--aspect_ratio_buckets: {height},{width} has a side that is not a multiple of 8")
-        buckets.append((height, width))
-    if len(set(buckets)) != len(buckets):
-        raise ValueError(f"--aspect_ratio_buckets {text!r}: a bucket is listed twice")
-    return buckets
-
-
-def parse_size(text, default):
-    """--validation_resolution 'height,width' (or one side, for a square) as (height, width); default when not given."""
-    if text is None:
-        return default, default
-    try:
-        sides = [int(side) for side in text.replace(" ", "").split(",")]
-        height, width = sides if len(sides) == 2 else sides * 2
-    except ValueError:
-        raise ValueError(f"--validation_resolution {text!r}: expected 'height,width', e.g. '640,384'") from None
-    if height % 8 or width % 8 or height < 8 or width < 8:
-        raise ValueError(f"--validation_resolution {text!r}: both sides must be multiples of 8")
-    return height, width
-
-
-def bucket_step(resolution, model_factor):
-    """The multiple every generated bucket side is made of: what the VAE and the UNet's downsampling need
-    (`model_factor`, 64 for Stable Diffusion), and at least an eighth of the resolution (64 at 512, as kohya's
-    default), so the number of buckets stays small."""
-    return model_factor * max(1, resolution // 8 // model_factor)
-
-
-def generate_buckets(resolution, step, max_ratio=4.0):
-    """Buckets of at most resolution² pixels with both sides multiples of `step`, no side under half the resolution
-    and aspect ratios from 1:max_ratio to max_ratio:1: for each landscape width, the tallest height that fits, and
-    each of those turned to portrait too (17 buckets at 512 with step 64). Sorted from tall to wide."""
-    shortest = max(resolution // 2 // step * step, step)
-    buckets = set()
-    for width in range(resolution // step * step, resolution * resolution // shortest + 1, step):
-        height = min(resolution * resolution // width // step * step, width // step * step)
-        if height >= shortest and width / height <= max_ratio:
-            buckets.update({(height, width), (width, height)})
-    return sorted(buckets, key=lambda bucket: (bucket[1] / bucket[0], bucket[0]))
-
-
-def assign_buckets(sizes, buckets, no_upscale, step):
-    """The bucket of each image, given its (width, height): the one nearest its aspect ratio (in log ratio). With
-    no_upscale only buckets that fit inside the image count, and an image smaller than all of them gets a bucket of
-    its own size (cut down to multiples of `step`). Returns the bucket index of every image and the buckets,
-    extended with those own sizes."""
-    buckets = list(buckets)
-    assigned = []
-    for width, height in sizes:
-        candidates = range(len(buckets))
-        if no_upscale:
-            candidates = [i for i in candidates if buckets[i][0] <= height and buckets[i][1] <= width]
-            if not candidates:
-                own = (max(height // step, 1) * step, max(width // step, 1) * step)
-                if own not in buckets:
-                    buckets.append(own)
-                candidates = [buckets.index(own)]
-        ratio = math.log(width / height)
-        assigned.append(min(candidates, key=lambda i: (abs(math.log(buckets[i][1] / buckets[i][0]) - ratio), i)))
-    return assigned, buckets
-
-
-def cut_into_batches(order, global_batch_size):
-    """Rows in order, cut into global batches of (row, weight). The last batch is topped up with rows from the start of
-    the order at weight 0, and its own rows weigh more so that a batch's weights always average 1. Padding rather than
-    dropping: shapes stay fixed, every row counts exactly once per epoch, and a batch is the same whatever number of
-    processes shares it."""
-    batches = []
-    for start in range(0, len(order), global_batch_size):
-        chosen = order[start : start + global_batch_size]
-        padding = [order[i % len(order)] for i in range(global_batch_size - len(chosen))]
-        weight = global_batch_size / len(chosen)
-        batches.append([(row, weight) for row in chosen] + [(row, 0.0) for row in padding])
-    return batches
-
-
-def shuffled_batches(num_rows, global_batch_size, seed, epoch):
-    """The epoch's global batches as lists of (row, weight): all rows in an order that depends only on (seed, epoch),
-    cut into batches (cut_into_batches). NumPy, so the PyTorch and JAX twins see the same batches."""
-    order = np.random.default_rng(derive_seed(seed, epoch)).permutation(num_rows).tolist()
-    return cut_into_batches(order, global_batch_size)
-
-
-def bucket_batches(bucket_of_row, global_batch_size, seed, epoch):
-    """The epoch's global batches as lists of (row, weight), every batch from one bucket: each bucket's rows shuffled,
-    cut into batches (cut_into_batches: a small bucket still trains, and the number of batches is the same every
-    epoch), then the batches shuffled; all a pure function of (seed, epoch)."""
-    rows_by_bucket = {}
-    for row, bucket in enumerate(bucket_of_row):
-        rows_by_bucket.setdefault(int(bucket), []).append(row)
-    batches = []
-    for bucket, rows in sorted(rows_by_bucket.items()):
-        order = np.random.default_rng(derive_seed(seed, epoch, BUCKET_SEED_KEY, bucket)).permutation(rows).tolist()
-        batches.extend(cut_into_batches(order, global_batch_size))
-    batch_order = np.random.default_rng(derive_seed(seed, epoch, BUCKET_SEED_KEY)).permutation(len(batches))
-    return [batches[index] for index in batch_order]
-
-
-def describe_buckets(bucket_of_row, buckets, global_batch_size):
-    """The bucket histogram for the log: images and batches per bucket, largest first."""
-    counts = np.bincount(np.asarray(bucket_of_row), minlength=len(buckets))
-    lines = [
-        f"  {buckets[i][0]}x{buckets[i][1]} (h x w): {counts[i]} images, {math.ceil(counts[i] / global_batch_size)} "
-        f"batches"
-        for i in np.argsort(-counts, kind="stable")
-        if counts[i]
-    ]
-    return "\n".join(lines)
-
-
-@dataclasses.dataclass(frozen=True)
-class CaptionConfig:
-    """How a caption changes at each use, built once from the flags in main()."""
-
-    proportion_empty_prompts: float = 0.0  # chance that a use sees the empty caption
-    shuffle_caption: bool = False  # shuffle the comma-separated tags
-    keep_tokens: int = 0  # tags at the start that stay in place and are never dropped
-    caption_tag_dropout_rate: float = 0.0  # chance that each other tag is dropped
-
-
-def edit_caption(caption, rng, config):
-    """The caption as this use sees it. Tag-style captions ("1girl, red hair, smiling") get their comma-separated tags
-    dropped and shuffled, the first config.keep_tokens tags kept in place; then the whole caption is replaced by the
-    empty one with probability config.proportion_empty_prompts, so the model also learns the unconditional picture
-    that classifier-free guidance needs. Every draw comes from this use's `rng`."""
-    if config.shuffle_caption or config.caption_tag_dropout_rate > 0:
-        tags = [tag.strip() for tag in caption.split(",")]
-        kept, rest = tags[: config.keep_tokens], tags[config.keep_tokens :]
-        if config.caption_tag_dropout_rate > 0:
-            rest = [tag for tag in rest if rng.random() >= config.caption_tag_dropout_rate]
-        if config.shuffle_caption:
-            rest = [rest[index] for index in rng.permutation(len(rest))]
-        caption = ", ".join(kept + rest)
-    if config.proportion_empty_prompts > 0 and rng.random() < config.proportion_empty_prompts:
-        caption = ""
-    return caption
-
-
-def load_image_caption_dataset(args, seed):
-    """The training rows as a datasets.Dataset, with both columns checked; images stay undecoded until used."""
-    if args.dataset_name is not None:
-        source = f"--dataset_name {args.dataset_name}"
-        looks_local = args.dataset_name.startswith(("/", "./", "../", "~")) or os.path.exists(args.dataset_name)
-        if looks_local and not os.path.exists(os.path.expanduser(args.dataset_name)):
-            raise FileNotFoundError(f"{source}: no such folder")
-        name = os.path.expanduser(args.dataset_name) if looks_local else args.dataset_name
-        try:
-            dataset = datasets.load_dataset(name, args.dataset_config_name, cache_dir=args.cache_dir, split="train")
-        except Exception as err:
-            raise RuntimeError(f"{source}: could not load a 'train' split ({type(err).__name__}: {err})") from err
-    else:
-        source = f"--train_data_dir {args.train_data_dir}"
-        if not os.path.isdir(args.train_data_dir):
-            raise FileNotFoundError(f"{source}: no such folder")
-        try:
-            dataset = datasets.load_dataset(
-                "imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir, split="train"
-            )
-        except Exception as err:
-            raise RuntimeError(f"{source}: not a readable imagefolder ({type(err).__name__}: {err})") from err
-    for flag, column in [("--image_column", args.image_column), ("--caption_column", args.caption_column)]:
-        if column not in dataset.column_names:
-            raise ValueError(
-                f"{flag} '{column}' is not a column of {source}; its columns are: {', '.join(dataset.column_names)}"
-            )
-    if len(dataset) == 0:
-        raise ValueError(f"{source} has no rows")
-    if isinstance(dataset.features[args.image_column], datasets.Image):
-        # Decode ourselves, so an unreadable file is reported by name.
-        dataset = dataset.cast_column(args.image_column, datasets.Image(decode=False))
-    if args.max_train_samples is not None:
-        dataset = dataset.shuffle(seed=seed).select(range(min(args.max_train_samples, len(dataset))))
-    return dataset
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
@@ -1252,46 +607,6 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return example
 
 
-def check_images(dataset, accelerator):
-    """Every image must decode before anything else happens (a bad file found hours in would stop every resume
-    too). Each process checks its share of the rows; the failures are gathered, so all processes stop together.
-    Returns every image's (width, height), which the buckets need."""
-    indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
-    started = time.perf_counter()
-    sizes, problems = inspect_images(dataset.verify_image, indices)
-    found = list(zip(indices, sizes, strict=True))
-    if accelerator.num_processes > 1:
-        problems, found = gather_object(problems), gather_object(found)
-    if problems:
-        listed = "\n  ".join(sorted(problems)[:10])
-        raise ValueError(f"{len(problems)} of {len(dataset)} images cannot be read; fix or remove them:\n  {listed}")
-    logger.info(f"Checked {len(dataset)} images in {time.perf_counter() - started:.1f} s")
-    return [size for _, size in sorted(found)]
-
-
-def setup_buckets(dataset, sizes, args, model_factor, global_batch_size):
-    """--use_aspect_ratio_buckets: each image's bucket, from --aspect_ratio_buckets or generated from --resolution;
-    logs the bucket histogram."""
-    step = bucket_step(args.resolution, model_factor)
-    if args.aspect_ratio_buckets is not None:
-        buckets = args.aspect_ratio_buckets
-        for height, width in buckets:
-            if height % model_factor or width % model_factor:
-                raise ValueError(
-                    f"--aspect_ratio_buckets: {height},{width} has a side that is not a multiple of {model_factor}, "
-                    "which this model's VAE and UNet downsampling need"
-                )
-        origin = f"{len(buckets)} from --aspect_ratio_buckets"
-    else:
-        buckets = generate_buckets(args.resolution, step)
-        origin = f"{len(buckets)} generated for --resolution {args.resolution}: sides multiples of {step}, 1:4 to 4:1"
-    dataset.bucket_of_row, dataset.buckets = assign_buckets(sizes, buckets, args.bucket_no_upscale, model_factor)
-    if len(dataset.buckets) > len(buckets):
-        origin += f", {len(dataset.buckets) - len(buckets)} more for images smaller than all (--bucket_no_upscale)"
-    histogram = describe_buckets(dataset.bucket_of_row, dataset.buckets, global_batch_size)
-    logger.info(f"Aspect-ratio buckets ({origin}):\n{histogram}")
-
-
 def image_views(dataset, views, rows, indices):
     """Pixel batches for the latent cache: item i is rows[i // views], horizontally flipped when i % views is 1."""
     pixels = [
@@ -1299,37 +614,6 @@ def image_views(dataset, views, rows, indices):
         for i in indices
     ]
     return torch.stack(pixels)
-
-
-def tokenize(tokenizer, captions, indices):
-    """Token ids of captions[i] for i in indices, padded (or cut) to the text encoder's context length."""
-    selected = [captions[i] for i in indices]
-    padding = dict(max_length=tokenizer.model_max_length, padding="max_length", truncation=True)
-    return tokenizer(selected, return_tensors="pt", **padding).input_ids
-
-
-def encode_once(accelerator, num_items, batch_size, prepare, encode, description, num_workers=0):
-    """encode(prepare(indices)) over items 0..num_items-1, once, for --cache_latents / --cache_text_embeddings. Each
-    process encodes every num_processes-th batch and all of them receive the whole result as one CPU tensor: the only
-    copy of the cache (dataloader workers share it, they do not copy it)."""
-    per_round = batch_size * accelerator.num_processes
-    starts = range(0, num_items, per_round)
-    first = accelerator.process_index * batch_size
-    # Padded with the last item, so every process contributes a batch of the same shape to the gather.
-    batches = [[min(i, num_items - 1) for i in range(s + first, s + first + batch_size)] for s in starts]
-    loader = torch.utils.data.DataLoader(
-        range(num_items), batch_sampler=batches, collate_fn=prepare, num_workers=num_workers
-    )
-    progress = tqdm(loader, desc=description, disable=not accelerator.is_local_main_process)
-    cache = None
-    for start, prepared in zip(starts, progress, strict=True):
-        with torch.no_grad():
-            encoded = accelerator.gather(encode(prepared).contiguous()).cpu()
-        if cache is None:
-            cache = torch.empty((num_items, *encoded.shape[1:]), dtype=encoded.dtype)
-        stop = min(start + per_round, num_items)
-        cache[start:stop] = encoded[: stop - start]
-    return cache
 
 
 def build_caches(train_dataset, vae, text_encoder, tokenizer, accelerator, args, num_workers):
@@ -1404,97 +688,6 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
                 yield [(self.epoch, row, weight) for row, weight in share]
 
 
-def collate(examples):
-    return {key: torch.stack([example[key] for example in examples]) for key in examples[0]}
-
-
-def default_num_workers(args, accelerator):
-    """--dataloader_num_workers, or 4 workers on GPU (decoding and augmenting overlap the step) and none on CPU."""
-    if args.dataloader_num_workers is not None:
-        return args.dataloader_num_workers
-    return 4 if accelerator.device.type == "cuda" else 0
-
-
-class LogWindow:
-    """Loss and gradient norm summed on the device between logging steps. Reading them back waits for the device, so
-    it happens once per --logging_steps updates (and before each checkpoint), not at every update."""
-
-    def __init__(self, accelerator, images_per_update, global_step):
-        self.accelerator, self.images_per_update = accelerator, images_per_update
-        self.loss = torch.zeros((), device=accelerator.device)
-        self.grad_norm = torch.zeros((), device=accelerator.device)
-        self.reset(global_step)
-
-    def reset(self, global_step):
-        self.loss.zero_()
-        self.grad_norm.zero_()
-        self.first_step, self.updates, self.clipped, self.started = global_step + 1, 0, False, time.perf_counter()
-
-    def add_batch(self, loss, gradient_accumulation_steps):
-        self.loss += loss.detach() / gradient_accumulation_steps
-
-    def add_update(self, grad_norm):
-        self.updates += 1
-        if grad_norm is not None:
-            self.grad_norm += grad_norm
-            self.clipped = True
-
-    def read(self, global_step, epoch, lr):
-        """Averages over the window as a logs dict, then a new window. A non-finite loss stops the run, naming the
-        steps."""
-        loss = self.accelerator.reduce(self.loss, reduction="mean").item() / self.updates
-        if not math.isfinite(loss):
-            steps = f"at step {global_step}" if self.updates == 1 else f"in steps {self.first_step}-{global_step}"
-            raise FloatingPointError(
-                f"loss is {loss} {steps} (epoch {epoch}): stopping; no checkpoint was written for these steps"
-            )
-        elapsed = time.perf_counter() - self.started
-        logs = {"loss": loss, "lr": lr}
-        if self.clipped:
-            logs["grad_norm"] = self.grad_norm.item() / self.updates
-        logs["step_time"] = elapsed / self.updates
-        logs["images_per_second"] = self.updates * self.images_per_update / elapsed
-        if self.accelerator.device.type == "cuda":
-            logs["peak_memory_gib"] = torch.cuda.max_memory_allocated(self.accelerator.device) / 2**30
-        self.reset(global_step)
-        return logs
-
-
-def format_logs(global_step, logs):
-    return f"step {global_step}: " + ", ".join(f"{key}={value:.4g}" for key, value in logs.items())
-
-
-def stop_agreed(stop_request, accelerator, group):
-    """Whether any process received a stop signal, the same answer on every process at the same update: one
-    all-reduce of a CPU integer over gloo per update, which never waits for the GPU."""
-    requested = torch.tensor([int(stop_request.signal_name is not None)])
-    if accelerator.num_processes > 1:
-        torch.distributed.all_reduce(requested, op=torch.distributed.ReduceOp.MAX, group=group)
-    return bool(requested.item())
-
-
-def check_finite(named_tensors, loss, what, global_step):
-    """Before anything is written: every tensor about to be written is finite, and so is the loss the new weights
-    give on the last batch (weights can stay finite while a model's outputs do not). Otherwise stop, naming the step
-    and the tensors; only then is anything written, so no file ever holds a diverged model."""
-    bad = [name for name, tensor in named_tensors if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-    if bad or not math.isfinite(loss):
-        culprits = f"non-finite values in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}" if bad else ""
-        culprits = culprits or f"a loss of {loss} on the last batch"
-        raise FloatingPointError(
-            f"{what} diverged at step {global_step} ({culprits}): stopping, nothing was written for this step. "
-            "Lower --learning_rate, or clip gradients with --max_grad_norm"
-        )
-
-
-def optimizer_tensors(optimizer):
-    """The optimizer's state tensors, named by parameter index and key."""
-    for index, state in enumerate(optimizer.state.values()):
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                yield f"optimizer state {index}.{key}", value
-
-
 def probe_loss(accelerator, unet, noise_scheduler, latents, encoder_hidden_states, config, seed):
     """The loss the UNet's current weights give on a batch (the mean over processes), with draws of its own."""
     generator = torch.Generator(device=latents.device).manual_seed(seed)
@@ -1512,12 +705,6 @@ def trained_tensors(unet, ema_unet, optimizer):
             for (name, _), shadow in zip(unet.named_parameters(), ema_unet.shadow_params, strict=True)
         )
     yield from optimizer_tensors(optimizer)
-
-
-def load_component(cls, args, subfolder, **kwargs):
-    """One part of the --pretrained_model_name_or_path pipeline, at --revision unless kwargs name another."""
-    kwargs = {"revision": args.revision, "cache_dir": args.cache_dir, **kwargs}
-    return cls.from_pretrained(args.pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
 
 
 def make_ema_unet(args, device):
@@ -1625,21 +812,6 @@ def encode_batch(batch, vae, text_encoder, generator, share):
 
 
 # ----------------------------------------------------- BEGIN MATH -----------------------------------------------------
-def timestep_bias_weights(num_train_timesteps, config):
-    """Relative weight of drawing each timestep under --timestep_bias_strategy: timesteps in the favoured span weigh
-    config.timestep_bias_multiplier, the others 1. NumPy, so the PyTorch and JAX twins draw from the same table."""
-    weights = np.ones(num_train_timesteps, np.float64)
-    favoured = round(config.timestep_bias_portion * num_train_timesteps)
-    if config.timestep_bias_strategy == "earlier":
-        span = slice(0, favoured)
-    elif config.timestep_bias_strategy == "later":
-        span = slice(num_train_timesteps - favoured, num_train_timesteps)
-    elif config.timestep_bias_strategy == "range":
-        span = slice(config.timestep_bias_begin, min(config.timestep_bias_end, num_train_timesteps))
-    else:
-        raise ValueError(f"unknown timestep bias strategy {config.timestep_bias_strategy!r}")
-    weights[span] *= config.timestep_bias_multiplier
-    return weights
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1663,21 +835,6 @@ class LossConfig:
     timestep_bias_begin: int = 0  # "range": first favoured timestep
     timestep_bias_end: int = 1000  # "range": one past the last favoured timestep
     timestep_bias_portion: float = 0.25  # "earlier" / "later": the favoured share of the timesteps
-
-
-@dataclasses.dataclass(frozen=True)
-class BatchShare:
-    """This process's rows, start:stop, of a global batch of global_batch_size. Each random draw is made for the whole
-    global batch and cut to these rows (as the JAX twin draws over its global arrays), so a sample's draws depend on
-    its place in the global batch, and the run on the global batch, not on how many processes share it."""
-
-    start: int
-    stop: int
-    global_batch_size: int
-
-    @classmethod
-    def of_process(cls, process_index, batch_size, num_processes):
-        return cls(process_index * batch_size, (process_index + 1) * batch_size, batch_size * num_processes)
 
 
 def diffusion_loss(
@@ -1790,86 +947,6 @@ def diffusion_loss(
 # ------------------------------------------------------ END MATH ------------------------------------------------------
 
 
-def save_checkpoint(accelerator, output_dir, global_step, run_metadata, total_limit=None):
-    """Write checkpoint-N crash-safely: into a hidden temporary folder, flushed to disk, then renamed into place (a
-    checkpoint is visible only when complete); then keep the newest `total_limit` (--checkpoints_total_limit).
-    Called by every process. Under DeepSpeed and FSDP, save_state is collective (each rank writes its own shards into
-    the folder, which must be shared by all machines) and the checkpoint is published only if every rank succeeded;
-    otherwise the main process writes it alone."""
-    collective = accelerator.state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
-    if not (accelerator.is_main_process or collective):
-        return
-    final_path = os.path.join(output_dir, f"checkpoint-{global_step}")
-    partial_path = os.path.join(output_dir, f".checkpoint-{global_step}.partial")
-    if accelerator.is_main_process:
-        shutil.rmtree(partial_path, ignore_errors=True)
-    failure = None
-    if collective:
-        accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(partial_path)
-        if accelerator.is_main_process:
-            write_checkpoint_metadata(partial_path, {**run_metadata, "global_step": global_step})
-    except (OSError, RuntimeError) as err:
-        failure = err
-    if collective:
-        failed = torch.tensor(float(failure is not None), device=accelerator.device)
-        if accelerator.reduce(failed, reduction="sum").item() and failure is None:
-            failure = RuntimeError("another process could not write its part")
-    if failure is not None:
-        if accelerator.is_main_process:
-            shutil.rmtree(partial_path, ignore_errors=True)
-        raise OSError(write_failure(f"checkpoint-{global_step}", output_dir, failure)) from failure
-    if accelerator.is_main_process:
-        publish_checkpoint(partial_path, final_path)
-        logger.info(f"Saved {final_path}")
-        if total_limit is not None:
-            for _, path in list_checkpoints(output_dir)[:-total_limit]:
-                logger.info(f"Deleting {path} (--checkpoints_total_limit {total_limit})")
-                shutil.rmtree(path)
-    if collective:
-        accelerator.wait_for_everyone()
-
-
-def render_validation_images(pipeline, prompts, size, seed, weight_dtype):
-    """One image per prompt, each from its own fixed seed, so grids compare across steps and across a resume."""
-    device = pipeline.device
-    images = []
-    for index, prompt in enumerate(prompts):
-        generator = torch.Generator(device=device).manual_seed(derive_seed(seed, VALIDATION_SEED_KEY, index))
-        # Trained and frozen parts may differ in dtype under mixed precision; autocast reconciles them.
-        with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
-            height, width = size
-            output = pipeline(prompt, num_inference_steps=20, generator=generator, height=height, width=width)
-        images.append(output.images[0])
-    return images
-
-
-def log_validation(pipeline, prompts, args, accelerator, seed, global_step, tag, weight_dtype):
-    """Render, save a PNG grid under output_dir/validation/, and log the images to the trackers."""
-    pipeline.set_progress_bar_config(disable=True)
-    images = render_validation_images(pipeline, prompts, args.validation_resolution, seed, weight_dtype)
-    grid = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)))
-    x = 0
-    for image in images:
-        grid.paste(image, (x, 0))
-        x += image.width
-    folder = os.path.join(args.output_dir, "validation")
-    os.makedirs(folder, exist_ok=True)
-    grid_path = os.path.join(folder, f"{tag}-step-{global_step:06d}.png")
-    grid.save(grid_path)
-    logger.info(f"Validation grid ({' | '.join(prompts)}): {grid_path}")
-    for tracker in accelerator.trackers:
-        if tracker.name == "tensorboard":
-            tracker.writer.add_images(tag, np.stack([np.asarray(i) for i in images]), global_step, dataformats="NHWC")
-        elif tracker.name == "wandb":
-            import wandb
-
-            logged = [wandb.Image(image, caption=prompt) for image, prompt in zip(images, prompts, strict=True)]
-            tracker.log({tag: logged}, step=global_step)
-    return images
-
-
 def validation_weights(args):
     """(grid tag suffix, whether it renders the EMA) for each grid --ema_validation asks for. An unsuffixed grid shows
     the weights that would be saved (the EMA with --use_ema); "-raw" grids show the weights the optimizer trains, so
@@ -1944,50 +1021,6 @@ def write_model_card(args, global_step, validation_grid):
         f.write("\n".join(lines) + "\n")
 
 
-def write_hub_style_text_encoder(text_encoder_dir):
-    """transformers 5 saves CLIPTextModel weights without the 'text_model.' key prefix that hub checkpoints carry and
-    that transformers 4, the Flax twins and single-file converters expect (they silently load random weights
-    otherwise). transformers 5 reads both layouts, so rewrite the saved file(s) with the prefix."""
-
-    def hub_key(key):
-        return "text_model." + key if key.split(".")[0] in ("embeddings", "encoder", "final_layer_norm") else key
-
-    index_path = os.path.join(text_encoder_dir, "model.safetensors.index.json")
-    names = ["model.safetensors", "pytorch_model.bin"]
-    if os.path.exists(index_path):
-        with open(index_path) as f:
-            index = json.load(f)
-        names = sorted(set(index["weight_map"].values()))
-        index["weight_map"] = {hub_key(k): v for k, v in index["weight_map"].items()}
-        with open(index_path, "w") as f:
-            json.dump(index, f, indent=2)
-    for name in names:
-        path = os.path.join(text_encoder_dir, name)
-        if not os.path.exists(path):
-            continue
-        if name.endswith(".safetensors"):
-            state = safetensors.torch.load_file(path)
-            safetensors.torch.save_file({hub_key(k): v for k, v in state.items()}, path, metadata={"format": "pt"})
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            torch.save({hub_key(k): v for k, v in state.items()}, path)
-
-
-def inference_scheduler(scheduler, args):
-    """The pipeline's scheduler set up for what this run trained: its prediction type, and with
-    --rescale_betas_zero_snr the rescaled schedule sampled from its last timestep ("trailing", Lin et al. 2023 sec.
-    3.3). A scheduler class that cannot rescale (PNDM, LMS) is replaced by DDIM, which the paper samples with."""
-    overrides = {} if args.prediction_type is None else {"prediction_type": args.prediction_type}
-    if not args.rescale_betas_zero_snr:
-        return scheduler.from_config(scheduler.config, **overrides) if overrides else scheduler
-    overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
-    if "rescale_betas_zero_snr" in inspect.signature(type(scheduler).__init__).parameters:
-        return type(scheduler).from_config(scheduler.config, **overrides)
-    logger.info(f"--rescale_betas_zero_snr: {type(scheduler).__name__} cannot rescale, saving a DDIMScheduler")
-    # Latents are not confined to [-1, 1]: DDIM's default clipping of its x0 estimate would distort them.
-    return DDIMScheduler.from_config(scheduler.config, **overrides, clip_sample=False)
-
-
 def save_pipeline(unet, args):
     """The full pipeline (frozen parts re-read in their original precision) in output_dir, written to a temporary
     folder first and switched in atomically (publish_pipeline), so a crash never leaves a broken model."""
@@ -2013,329 +1046,6 @@ def save_pipeline(unet, args):
     return pipeline
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# The single file the UIs load: the original Stable Diffusion (LDM) key layout
-# ----------------------------------------------------------------------------------------------------------------------
-SINGLE_FILE_DTYPES = ["fp16", "bf16", "fp32"]
-SD_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
-SD_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D")
-# Inside a ResNet block the original names its layers by position in a Sequential.
-LDM_RESNET_NAMES = {
-    "norm1": "in_layers.0",
-    "conv1": "in_layers.2",
-    "time_emb_proj": "emb_layers.1",
-    "norm2": "out_layers.0",
-    "conv2": "out_layers.3",
-    "conv_shortcut": "skip_connection",
-}
-LDM_VAE_RESNET_NAMES = {"conv_shortcut": "nin_shortcut"}
-LDM_VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
-# OpenCLIP (SD 2.x) names for the layers of a transformers CLIP encoder layer.
-OPEN_CLIP_LAYER_NAMES = {
-    "self_attn.out_proj": "attn.out_proj",
-    "layer_norm1": "ln_1",
-    "layer_norm2": "ln_2",
-    "mlp.fc1": "mlp.c_fc",
-    "mlp.fc2": "mlp.c_proj",
-}
-
-
-def single_file_layout(unet_config, vae_config, text_config):
-    """The layout, "sd1" (CLIP ViT-L text encoder) or "sd2" (OpenCLIP), of models the original Stable Diffusion code
-    defines; a ValueError naming what differs otherwise (an SDXL, LCM, upscaler or unCLIP UNet, another VAE or text
-    encoder), since no UI would load a file with an invented layout."""
-    problems = []
-    layers = unet_config.get("layers_per_block")
-    if not isinstance(layers, int):
-        problems.append(f"UNet layers_per_block {layers!r} (one number in SD)")
-    for key in ["addition_embed_type", "class_embed_type", "encoder_hid_dim", "time_cond_proj_dim"]:
-        if unet_config.get(key) is not None:
-            problems.append(f"UNet {key}={unet_config[key]!r} (SD has none)")
-    if unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
-        problems.append(f"UNet mid_block_type {unet_config['mid_block_type']!r}")
-    if unet_config.get("transformer_layers_per_block", 1) != 1:
-        problems.append(f"UNet transformer_layers_per_block {unet_config['transformer_layers_per_block']!r}")
-    down, up = list(unet_config.get("down_block_types", [])), list(unet_config.get("up_block_types", []))
-    if any(kind not in SD_DOWN_BLOCKS for kind in down) or any(kind not in SD_UP_BLOCKS for kind in up):
-        problems.append(f"UNet blocks {down} / {up} (SD has only {SD_DOWN_BLOCKS} / {SD_UP_BLOCKS})")
-    elif [kind.startswith("CrossAttn") for kind in down] != [kind.startswith("CrossAttn") for kind in reversed(up)]:
-        problems.append(f"UNet up blocks {up} do not mirror the down blocks {down}")
-    vae_blocks = set(vae_config.get("down_block_types", [])) | set(vae_config.get("up_block_types", []))
-    if vae_blocks != {"DownEncoderBlock2D", "UpDecoderBlock2D"} or not vae_config.get("mid_block_add_attention", True):
-        problems.append(f"VAE blocks {sorted(vae_blocks)}")
-    if text_config.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
-        problems.append(f"text encoder model_type {text_config.get('model_type')!r} (SD uses CLIP)")
-    if problems:
-        raise ValueError(
-            "--save_single_file: no original Stable Diffusion single-file layout for this model: " + "; ".join(problems)
-        )
-    # The one architectural difference between the two text encoders: OpenCLIP ViT-H uses GELU, OpenAI's CLIP ViT-L
-    # its "quick" approximation.
-    return "sd1" if text_config.get("hidden_act", "quick_gelu") == "quick_gelu" else "sd2"
-
-
-def ldm_unet_prefixes(unet_config):
-    """(diffusers prefix, original prefix, renames inside) for every block of an SD UNet. The original numbers its
-    input blocks and output blocks in one running sequence each: conv_in, then per level its ResNet(+attention)
-    layers and its downsampler; per up level, layers+1 ResNet(+attention) layers, the last with the upsampler."""
-    layers = unet_config["layers_per_block"]
-    prefixes = [
-        ("time_embedding.linear_1.", "time_embed.0.", {}),
-        ("time_embedding.linear_2.", "time_embed.2.", {}),
-        ("conv_in.", "input_blocks.0.0.", {}),
-        ("conv_norm_out.", "out.0.", {}),
-        ("conv_out.", "out.2.", {}),
-        ("mid_block.resnets.0.", "middle_block.0.", LDM_RESNET_NAMES),
-        ("mid_block.attentions.0.", "middle_block.1.", {}),
-        ("mid_block.resnets.1.", "middle_block.2.", LDM_RESNET_NAMES),
-    ]
-    for level in range(len(unet_config["down_block_types"])):
-        for layer in range(layers):
-            index = 1 + level * (layers + 1) + layer
-            prefixes.append((f"down_blocks.{level}.resnets.{layer}.", f"input_blocks.{index}.0.", LDM_RESNET_NAMES))
-            prefixes.append((f"down_blocks.{level}.attentions.{layer}.", f"input_blocks.{index}.1.", {}))
-        index = (level + 1) * (layers + 1)
-        prefixes.append((f"down_blocks.{level}.downsamplers.0.conv.", f"input_blocks.{index}.0.op.", {}))
-    for level, kind in enumerate(unet_config["up_block_types"]):
-        for layer in range(layers + 1):
-            index = level * (layers + 1) + layer
-            prefixes.append((f"up_blocks.{level}.resnets.{layer}.", f"output_blocks.{index}.0.", LDM_RESNET_NAMES))
-            prefixes.append((f"up_blocks.{level}.attentions.{layer}.", f"output_blocks.{index}.1.", {}))
-        # The upsampler follows the ResNet, and the attention where the level has one.
-        position = 2 if kind.startswith("CrossAttn") else 1
-        index = (level + 1) * (layers + 1) - 1
-        prefixes.append((f"up_blocks.{level}.upsamplers.0.", f"output_blocks.{index}.{position}.", {}))
-    return prefixes
-
-
-def ldm_vae_prefixes(vae_config):
-    """(diffusers prefix, original prefix, renames inside) for every block of the SD VAE. The original numbers the
-    decoder's levels from the bottom (the encoder's order), diffusers from the top."""
-    levels, layers = len(vae_config["block_out_channels"]), vae_config["layers_per_block"]
-    prefixes = [(name, name, {}) for name in ["encoder.conv_in.", "encoder.conv_out.", "decoder.conv_in."]]
-    prefixes += [(name, name, {}) for name in ["decoder.conv_out.", "quant_conv.", "post_quant_conv."]]
-    for part in ["encoder", "decoder"]:
-        prefixes += [
-            (f"{part}.conv_norm_out.", f"{part}.norm_out.", {}),
-            (f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1.", LDM_VAE_RESNET_NAMES),
-            (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", LDM_VAE_ATTENTION_NAMES),
-            (f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2.", LDM_VAE_RESNET_NAMES),
-        ]
-    for level in range(levels):
-        for layer in range(layers):
-            prefixes.append(
-                (
-                    f"encoder.down_blocks.{level}.resnets.{layer}.",
-                    f"encoder.down.{level}.block.{layer}.",
-                    LDM_VAE_RESNET_NAMES,
-                )
-            )
-        prefixes.append((f"encoder.down_blocks.{level}.downsamplers.0.", f"encoder.down.{level}.downsample.", {}))
-        up = levels - 1 - level
-        for layer in range(layers + 1):
-            prefixes.append(
-                (f"decoder.up_blocks.{level}.resnets.{layer}.", f"decoder.up.{up}.block.{layer}.", LDM_VAE_RESNET_NAMES)
-            )
-        prefixes.append((f"decoder.up_blocks.{level}.upsamplers.0.", f"decoder.up.{up}.upsample.", {}))
-    return prefixes
-
-
-def rename_by_prefix(state, prefixes, what):
-    """state with every key's prefix replaced by its original one (longest prefix wins) and the name inside the
-    block renamed; a key no prefix covers is an error, so a layout change never silently drops a weight."""
-    ordered = sorted(prefixes, key=lambda entry: -len(entry[0]))
-    renamed = {}
-    for key, tensor in state.items():
-        match = next((entry for entry in ordered if key.startswith(entry[0])), None)
-        if match is None:
-            raise ValueError(f"{what} weight {key} has no name in the original Stable Diffusion layout")
-        old, new, inner = match
-        rest = key[len(old) :]
-        for name, original in inner.items():
-            if rest.startswith(name + "."):
-                rest = original + rest[len(name) :]
-                break
-        renamed[new + rest] = tensor
-    return renamed
-
-
-def open_clip_state(state):
-    """transformers CLIP text-model weights in OpenCLIP's names (SD 2.x). OpenCLIP keeps the query, key and value
-    projections in one in_proj matrix, stacked in that order."""
-    import torch
-
-    converted = {}
-    for key, tensor in state.items():
-        name = key.removeprefix("text_model.")
-        if name.startswith("encoder.layers."):
-            index, layer_name = name.removeprefix("encoder.layers.").split(".", 1)
-            prefix = f"transformer.resblocks.{index}."
-            if layer_name.startswith(("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")):
-                if layer_name.startswith("self_attn.q_proj."):
-                    kind = layer_name.rsplit(".", 1)[1]
-                    parts = [state[f"text_model.encoder.layers.{index}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
-                    converted[prefix + f"attn.in_proj_{kind}"] = torch.cat(parts)
-                continue
-            for old, new in OPEN_CLIP_LAYER_NAMES.items():
-                if layer_name.startswith(old + "."):
-                    layer_name = new + layer_name[len(old) :]
-                    break
-            else:
-                raise ValueError(f"text encoder weight {key} has no name in the OpenCLIP layout")
-            converted[prefix + layer_name] = tensor
-        elif name == "embeddings.token_embedding.weight":
-            converted["token_embedding.weight"] = tensor
-        elif name == "embeddings.position_embedding.weight":
-            converted["positional_embedding"] = tensor
-        elif name.startswith("final_layer_norm."):
-            converted["ln_final." + name.removeprefix("final_layer_norm.")] = tensor
-        elif name != "embeddings.position_ids":
-            raise ValueError(f"text encoder weight {key} has no name in the OpenCLIP layout")
-    return converted
-
-
-def component_configs(pipeline_dir):
-    """The UNet, VAE and text encoder configs of a pipeline folder."""
-    configs = []
-    for name in ["unet", "vae", "text_encoder"]:
-        with open(os.path.join(pipeline_dir, name, "config.json")) as f:
-            configs.append(json.load(f))
-    return configs
-
-
-def read_component_weights(folder):
-    """A diffusers/transformers component's weights, from its one safetensors file or its shards."""
-    import safetensors.torch
-
-    names = [name for name in sorted(os.listdir(folder)) if name.endswith(".safetensors")]
-    if not names:
-        raise ValueError(f"{folder} has no .safetensors weights to write into the single file")
-    state = {}
-    for name in names:
-        state.update(safetensors.torch.load_file(os.path.join(folder, name)))
-    return state
-
-
-def original_layout_state(pipeline_dir):
-    """(layout, state) of a saved diffusers pipeline, in the original Stable Diffusion keys that A1111/Forge,
-    ComfyUI and InvokeAI load: model.diffusion_model.* (UNet), first_stage_model.* (VAE) and
-    cond_stage_model.transformer.* (SD 1.x CLIP) or cond_stage_model.model.* (SD 2.x OpenCLIP)."""
-    unet_config, vae_config, text_config = component_configs(pipeline_dir)
-    layout = single_file_layout(unet_config, vae_config, text_config)
-    unet = rename_by_prefix(
-        read_component_weights(os.path.join(pipeline_dir, "unet")), ldm_unet_prefixes(unet_config), "UNet"
-    )
-    vae = rename_by_prefix(
-        read_component_weights(os.path.join(pipeline_dir, "vae")), ldm_vae_prefixes(vae_config), "VAE"
-    )
-    # The original VAE's attention projections are 1x1 convolutions, diffusers' are linear layers: same numbers.
-    for key, tensor in vae.items():
-        if ".mid.attn_1." in key and key.endswith(".weight") and tensor.ndim == 2:
-            vae[key] = tensor.reshape(*tensor.shape, 1, 1)
-    text = {}
-    for key, tensor in read_component_weights(os.path.join(pipeline_dir, "text_encoder")).items():
-        # transformers 5 may save without the "text_model." prefix that the original layout keeps.
-        text[key if key.startswith("text_model.") else "text_model." + key] = tensor
-    if layout == "sd1":
-        text = {"transformer." + key: tensor for key, tensor in text.items() if not key.endswith("position_ids")}
-    else:
-        text = {"model." + key: tensor for key, tensor in open_clip_state(text).items()}
-    state = {"model.diffusion_model." + key: tensor for key, tensor in unet.items()}
-    state.update({"first_stage_model." + key: tensor for key, tensor in vae.items()})
-    state.update({"cond_stage_model." + key: tensor for key, tensor in text.items()})
-    return layout, state
-
-
-def write_single_file(state, path, dtype, metadata):
-    """state as one .safetensors file in `dtype` ("fp16", "bf16" or "fp32"), with `metadata` in its header; written
-    beside `path` and renamed over it, so it appears only when complete."""
-    import safetensors.torch
-    import torch
-
-    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    state = {key: tensor.to(torch_dtype).contiguous() for key, tensor in state.items()}
-    partial = path + ".partial"
-    try:
-        safetensors.torch.save_file(state, partial, metadata={"format": "pt", **metadata})
-        with open(partial, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(partial, path)
-    except OSError as err:
-        if os.path.exists(partial):
-            os.remove(partial)
-        raise OSError(write_failure("the single-file checkpoint", os.path.dirname(path), err)) from err
-    fsync_folder(os.path.dirname(path))
-
-
-def single_file_metadata(layout, prediction_type, zero_terminal_snr, resolution, base_model, global_step, title):
-    """The SAI model spec header (github.com/Stability-AI/ModelSpec) that UIs read to tell SD 1.x, SD 2.x-512 and
-    SD 2.x-768-v apart, plus how the model was trained."""
-    v_prediction = prediction_type == "v_prediction"
-    if layout == "sd1":
-        architecture, implementation = "stable-diffusion-v1", "https://github.com/CompVis/stable-diffusion"
-    else:
-        architecture = "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512"
-        implementation = "https://github.com/Stability-AI/stablediffusion"
-    return {
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": architecture,
-        "modelspec.implementation": implementation,
-        "modelspec.title": title,
-        "modelspec.resolution": f"{resolution}x{resolution}",
-        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
-        "training.base_model": base_model,
-        "training.global_step": str(global_step),
-        "training.prediction_type": prediction_type,
-        "training.zero_terminal_snr": str(bool(zero_terminal_snr)).lower(),
-    }
-
-
-def save_single_file(args, prediction_type, global_step):
-    """output_dir/<its name>.safetensors from the pipeline just saved there."""
-    title = os.path.basename(os.path.abspath(args.output_dir))
-    path = os.path.join(args.output_dir, title + ".safetensors")
-    layout, state = original_layout_state(args.output_dir)
-    metadata = single_file_metadata(
-        layout,
-        prediction_type,
-        args.rescale_betas_zero_snr,
-        args.resolution,
-        args.pretrained_model_name_or_path,
-        global_step,
-        title,
-    )
-    write_single_file(state, path, args.single_file_dtype, metadata)
-    logger.info(f"Saved the single-file checkpoint ({layout}, {args.single_file_dtype}) to {os.path.abspath(path)}")
-
-
-def files_to_upload(output_dir):
-    """(path in the repository, local path) for what push_to_hub uploads: the pipeline (component links resolved), the
-    model card, embeddings and validation grids; not checkpoints, tracker logs or hidden files."""
-    found = []
-    for root, folders, names in os.walk(output_dir, followlinks=True):
-        top = os.path.relpath(root, output_dir) == "."
-        folders[:] = [
-            f for f in folders if not f.startswith(".") and not (top and f.startswith(("checkpoint-", "logs")))
-        ]
-        for name in names:
-            if not name.startswith("."):
-                path = os.path.join(root, name)
-                found.append((os.path.relpath(path, output_dir).replace(os.sep, "/"), path))
-    return sorted(found)
-
-
-def push_to_hub(args):
-    """Upload output_dir's files_to_upload in one commit."""
-    from huggingface_hub import CommitOperationAdd, HfApi
-
-    api = HfApi(token=args.hub_token)
-    repo_id = api.create_repo(
-        args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True
-    ).repo_id
-    files = [CommitOperationAdd(path_in_repo, local) for path_in_repo, local in files_to_upload(args.output_dir)]
-    api.create_commit(repo_id, operations=files, commit_message="End of training")
-
-
 def main(argv=None):
     args = parse_args(argv)
 
@@ -2350,6 +1060,8 @@ def main(argv=None):
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
     )
+    # The shared package (sdtrain) logs through the standard library: only the main process speaks, as this script does.
+    logging.getLogger("sdtrain").setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
     for library in (datasets, diffusers):
         if accelerator.is_local_main_process:
             library.utils.logging.set_verbosity_warning()
@@ -2374,7 +1086,8 @@ def main(argv=None):
     stop_group = torch.distributed.new_group(backend="gloo") if accelerator.num_processes > 1 else None
     resume_path = find_resume_checkpoint(args)
     resume_metadata = read_checkpoint_metadata(resume_path)
-    seed = choose_seed(args, resume_metadata)
+    # Process 0's draw on every process when there is no --seed, so that all shuffle and draw alike.
+    seed = choose_seed(args, resume_metadata, broadcast_object_list([draw_seed()])[0])
 
     # ------------------------------------------------------------------------------------------------ load models
     # Lin et al. 2023 (arXiv:2305.08891): rescaled betas reach zero SNR at the last timestep, so the model learns to

@@ -16,7 +16,6 @@ Pipelines are random-initialised from configs and saved in the diffusers folder 
 import argparse
 import datetime
 import functools
-import importlib.util
 import json
 import os
 import platform
@@ -299,7 +298,7 @@ def plan(name, config, args, pipeline, images, mixed, concept, flax_ok):
                 for script in ["train_text_to_image_flax.py", "textual_inversion_flax.py"]
             ]
             jobs.append(("train_text_to_image_flax.py", batch, BUCKETS_VARIANT[0], "JAX, " + BUCKETS_VARIANT[1]))
-        # Scaling: the same global batch (and the same run, see README) shared by two processes of one core each.
+        # Scaling: the same global batch (the same run, docs/distributed.md) shared by two processes of a core each.
         jobs.append(("train_text_to_image.py", batch, [], TWO_PROCESSES + T2I_VARIANTS[0][1]))
         if config["flax"] and flax_ok:
             jobs.append(("train_text_to_image_flax.py", batch, [], "JAX, " + TWO_PROCESSES + "VAE in the step"))
@@ -564,9 +563,9 @@ def image_check_rates(work_dir, count):
     import numpy as np
     from PIL import Image
 
-    spec = importlib.util.spec_from_file_location("train_text_to_image", os.path.join(REPO, "train_text_to_image.py"))
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    sys.path.insert(0, REPO)  # the scripts' own package, found beside them
+    from sdtrain.images import inspect_images, verify_image
+
     rates = {}
     rng = np.random.default_rng(0)
     picture = (rng.random((512, 512, 3)) * 40 + np.linspace(0, 200, 512)[None, :, None]).astype(np.uint8)
@@ -578,8 +577,8 @@ def image_check_rates(work_dir, count):
             if not os.path.exists(path):
                 Image.fromarray(np.roll(picture, index, axis=1)).save(path, quality=90)
         started = time.perf_counter()
-        check = functools.partial(lambda paths, index: script.verify_image(paths[index], paths[index]), paths)
-        _, problems = script.inspect_images(check, range(count))
+        check = functools.partial(lambda paths, index: verify_image(paths[index], paths[index]), paths)
+        _, problems = inspect_images(check, range(count))
         assert not problems, problems[:3]
         rates[extension] = count / (time.perf_counter() - started)
     return rates

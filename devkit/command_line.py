@@ -10,3 +10,18 @@ def command_line(*parts):
     for part in parts:
         arguments += shlex.split(part) if isinstance(part, str) and part.startswith("--") else [str(part)]
     return arguments
+
+
+def without_seed(arguments):
+    """The arguments with --seed and its value taken out: a run that draws its own seed."""
+    position = arguments.index("--seed")
+    return arguments[:position] + arguments[position + 2 :]
+
+
+def recorded_seed(checkpoint):
+    """The seed a checkpoint recorded (the one its run drew when started without --seed)."""
+    import json
+    import os
+
+    with open(os.path.join(checkpoint, "checkpoint_metadata.json")) as f:
+        return json.load(f)["seed"]

@@ -1,7 +1,7 @@
-"""The README flag table of a script, from its argparse parser.
+"""The flag table of a script in docs/flags.md, from its argparse parser.
 
     python devkit/flag_table.py textual_inversion.py                # print it
-    python devkit/flag_table.py --update README.md textual_inversion.py   # rewrite its table in the README
+    python devkit/flag_table.py --update docs/flags.md textual_inversion.py   # rewrite its table there
 
 The Flax scripts import jax: run those with .venv-flax/bin/python.
 """
@@ -14,6 +14,8 @@ import sys
 
 def flag_rows(script):
     path = script if os.path.isfile(script) else os.path.join(os.path.dirname(os.path.dirname(__file__)), script)
+    # A script imports the sdtrain package from its own folder, as when it is run.
+    sys.path.insert(0, os.path.dirname(os.path.abspath(path)))
     spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(script))[0], path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -42,22 +44,22 @@ def flag_rows(script):
     return rows
 
 
-def update_readme(readme, script):
-    """Replace the table under '## <script> flags' in the README with the parser's."""
-    text = open(readme).read()
+def update_flag_table(path, script):
+    """Replace the table under '## <script> flags' in the file at path (docs/flags.md) with the parser's."""
+    text = open(path).read()
     head, rest = text.split(f"## {script} flags", 1)
     section, tail = (rest.split("\n## ", 1) + [None])[:2]
     lines = section.split("\n")
     first = next(i for i, line in enumerate(lines) if line.startswith("|"))
     last = max(i for i, line in enumerate(lines) if line.startswith("|"))
     section = "\n".join(lines[:first] + flag_rows(script) + lines[last + 1 :])
-    with open(readme, "w") as f:
+    with open(path, "w") as f:
         f.write(head + f"## {script} flags" + section + ("" if tail is None else "\n## " + tail))
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "--update":
         for name in sys.argv[3:]:
-            update_readme(sys.argv[2], name)
+            update_flag_table(sys.argv[2], name)
     else:
         print("\n".join(flag_rows(sys.argv[1])))

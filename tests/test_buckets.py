@@ -16,11 +16,12 @@ from test_train_text_to_image import SCRIPT, base_args
 
 import train_text_to_image as t2i
 from devkit.command_line import command_line
+from sdtrain import batching, captions
 
 
 def test_generated_buckets_at_512():
-    step = t2i.bucket_step(512, 64)
-    buckets = t2i.generate_buckets(512, step)
+    step = batching.bucket_step(512, 64)
+    buckets = batching.generate_buckets(512, step)
     assert step == 64 and len(buckets) == 17 and (512, 512) in buckets
     for height, width in buckets:
         assert height % 64 == 0 and width % 64 == 0 and height * width <= 512 * 512
@@ -30,8 +31,8 @@ def test_generated_buckets_at_512():
     ratios = [width / height for height, width in buckets]
     assert ratios == sorted(ratios)
     # The tiny test pipeline (latents 1/8, one UNet downsampling) at 64 px: sides multiples of 16.
-    assert t2i.bucket_step(64, 16) == 16
-    assert t2i.generate_buckets(64, 16) == [(128, 32), (112, 32), (96, 32), (80, 48), (64, 64), (48, 80)] + [
+    assert batching.bucket_step(64, 16) == 16
+    assert batching.generate_buckets(64, 16) == [(128, 32), (112, 32), (96, 32), (80, 48), (64, 64), (48, 80)] + [
         (32, 96),
         (32, 112),
         (32, 128),
@@ -39,12 +40,12 @@ def test_generated_buckets_at_512():
 
 
 def test_assignment_by_aspect_ratio_and_no_upscale():
-    buckets = t2i.generate_buckets(512, 64)
+    buckets = batching.generate_buckets(512, 64)
     sizes = [(800, 800), (1000, 500), (500, 1000), (4000, 500), (600, 400), (200, 100)]  # (width, height)
-    assigned, extended = t2i.assign_buckets(sizes, buckets, no_upscale=False, step=64)
+    assigned, extended = batching.assign_buckets(sizes, buckets, no_upscale=False, step=64)
     assert [extended[i] for i in assigned] == [(512, 512), (320, 704), (704, 320), (256, 1024), (384, 640), (320, 704)]
     assert extended == buckets
-    assigned, extended = t2i.assign_buckets(sizes, buckets, no_upscale=True, step=64)
+    assigned, extended = batching.assign_buckets(sizes, buckets, no_upscale=True, step=64)
     # Big enough images keep their bucket; smaller ones get one that fits inside them, or one of their own size.
     assert [extended[i] for i in assigned] == [(512, 512), (320, 704), (704, 320), (256, 1024), (384, 576), (64, 192)]
     assert extended[len(buckets) :] == [(384, 576), (64, 192)]
@@ -54,8 +55,8 @@ def test_epoch_batches_never_mix_buckets_and_show_every_image_once():
     rng = np.random.default_rng(0)
     bucket_of_row = rng.integers(0, 5, size=103).tolist()
     for epoch in range(3):
-        batches = t2i.bucket_batches(bucket_of_row, 8, seed=11, epoch=epoch)
-        assert batches == t2i.bucket_batches(bucket_of_row, 8, seed=11, epoch=epoch)  # a pure function
+        batches = batching.bucket_batches(bucket_of_row, 8, seed=11, epoch=epoch)
+        assert batches == batching.bucket_batches(bucket_of_row, 8, seed=11, epoch=epoch)  # a pure function
         assert len(batches) == sum(-(-bucket_of_row.count(b) // 8) for b in range(5))  # fixed: ceil per bucket
         seen = collections.Counter()
         for batch in batches:
@@ -63,7 +64,7 @@ def test_epoch_batches_never_mix_buckets_and_show_every_image_once():
             assert sum(weight for _, weight in batch) == pytest.approx(8)  # weights average 1 in every batch
             seen.update(row for row, weight in batch if weight > 0)
         assert sorted(seen) == list(range(103)) and set(seen.values()) == {1}
-    assert t2i.bucket_batches(bucket_of_row, 8, 11, 0) != t2i.bucket_batches(bucket_of_row, 8, 11, 1)
+    assert batching.bucket_batches(bucket_of_row, 8, 11, 0) != batching.bucket_batches(bucket_of_row, 8, 11, 1)
 
 
 class KeyEcho(torch.utils.data.Dataset):
@@ -80,7 +81,7 @@ def test_processes_get_whole_shares_of_each_batch(num_processes):
     from accelerate.data_loader import prepare_data_loader, skip_first_batches
 
     bucket_of_row = [0] * 9 + [1] * 4 + [2] * 3
-    epoch_global_batches = functools.partial(t2i.bucket_batches, bucket_of_row, 2 * num_processes, 5)
+    epoch_global_batches = functools.partial(batching.bucket_batches, bucket_of_row, 2 * num_processes, 5)
     sampler = t2i.GlobalBatchSampler(epoch_global_batches, batch_size=2, num_processes=num_processes)
     sampler.epoch = 3
     loader = torch.utils.data.DataLoader(KeyEcho(), batch_sampler=sampler, collate_fn=lambda keys: keys)
@@ -89,7 +90,7 @@ def test_processes_get_whole_shares_of_each_batch(num_processes):
         prepared = prepare_data_loader(loader, num_processes=num_processes, process_index=process, put_on_device=False)
         shares.append(list(prepared))
         assert shares[-1][2:] == list(skip_first_batches(prepared, 2))
-    global_batches = t2i.bucket_batches(bucket_of_row, 2 * num_processes, seed=5, epoch=3)
+    global_batches = batching.bucket_batches(bucket_of_row, 2 * num_processes, seed=5, epoch=3)
     assert len(shares[0]) == len(global_batches) == len(sampler) // num_processes
     for index, global_batch in enumerate(global_batches):
         together = [key for share in shares for key in share[index]]
@@ -99,18 +100,18 @@ def test_processes_get_whole_shares_of_each_batch(num_processes):
 
 
 def test_caption_edits_are_deterministic_and_keep_the_trigger_tags():
-    config = t2i.CaptionConfig(shuffle_caption=True, keep_tokens=2, caption_tag_dropout_rate=0.3)
+    config = captions.CaptionConfig(shuffle_caption=True, keep_tokens=2, caption_tag_dropout_rate=0.3)
     caption = "sks dog, photo, red collar, grass, sunny, running, happy"
-    edited = [t2i.edit_caption(caption, np.random.default_rng([1, epoch, 4]), config) for epoch in range(50)]
-    again = [t2i.edit_caption(caption, np.random.default_rng([1, epoch, 4]), config) for epoch in range(50)]
+    edited = [captions.edit_caption(caption, np.random.default_rng([1, epoch, 4]), config) for epoch in range(50)]
+    again = [captions.edit_caption(caption, np.random.default_rng([1, epoch, 4]), config) for epoch in range(50)]
     assert edited == again
     assert all(text.startswith("sks dog, photo") for text in edited)
     assert len(set(edited)) > 20  # shuffled and dropped differently at each use
     kept = [len(text.split(", ")) - 2 for text in edited]
     assert 0.5 < np.mean(kept) / 5 < 0.9  # about 70% of the other 5 tags survive
-    assert t2i.edit_caption(caption, np.random.default_rng(0), t2i.CaptionConfig()) == caption
-    empty = t2i.CaptionConfig(proportion_empty_prompts=0.25)
-    share = np.mean([t2i.edit_caption(caption, np.random.default_rng(i), empty) == "" for i in range(2000)])
+    assert captions.edit_caption(caption, np.random.default_rng(0), captions.CaptionConfig()) == caption
+    empty = captions.CaptionConfig(proportion_empty_prompts=0.25)
+    share = np.mean([captions.edit_caption(caption, np.random.default_rng(i), empty) == "" for i in range(2000)])
     assert 0.2 < share < 0.3
 
 

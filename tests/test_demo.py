@@ -15,7 +15,7 @@ import torch
 from demo import shapes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Half the updates of the README's --compare_buckets run, alongside textual inversion; the square-crop arm and its
+# Half the updates of docs/datasets.md's --compare_buckets run, alongside textual inversion; the square-crop arm and its
 # lower figures are left to that command.
 BUCKET_STAGE = ["--bucket_steps", "150"]
 

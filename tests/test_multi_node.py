@@ -1,12 +1,15 @@
 """A run depends on its global batch, not on how many processes share it: two "nodes" (torchrun --nnodes 2 on this
 machine, meeting on 127.0.0.1) and one process with the same global batch train the same UNet, and a checkpoint
-written by either resumes on the other and ends where an uninterrupted run ends."""
+written by either resumes on the other and ends where an uninterrupted run ends. The two nodes start without --seed:
+node 0's draw must be every node's seed."""
 
 import os
 import shutil
 
 from helpers import checkpoint_names, load_state_dict, max_abs_diff
 from test_train_text_to_image import SCRIPT, base_args
+
+from devkit.command_line import recorded_seed, without_seed
 
 # Every kind of draw: the VAE sample, noise, offset noise, input perturbation, timesteps; flips and dropped captions.
 # 10 images in global batches of 4 make 3 batches an epoch, the last padded; accumulation 2 makes its last update
@@ -39,11 +42,15 @@ def assert_same_unet(reference, output_dir, what):
 
 def test_two_nodes_and_one_process_with_the_same_global_batch_train_and_resume_the_same_run(launch, assets, tmp_path):
     nodes, one = str(tmp_path / "nodes"), str(tmp_path / "one")
-    # 2 nodes x 1 process x batch 2 x accumulation 2, and 1 process x batch 4 x accumulation 2.
-    head, other = launch.torchrun_nodes(SCRIPT, base_args(assets, nodes, *FLAGS))
+    # 2 nodes x 1 process x batch 2 x accumulation 2, no --seed; then 1 process x batch 4 x accumulation 2 with the seed
+    # the nodes' checkpoint recorded. Had node 1 drawn its own seed, it would shuffle and draw noise differently.
+    head, other = launch.torchrun_nodes(SCRIPT, without_seed(base_args(assets, nodes, *FLAGS)))
     assert "processes = 2" in head.output and "total batch = 8" in head.output
     assert "Saved" in head.output and "Saved" not in other.output  # only the main process writes
-    launch.accelerate(SCRIPT, base_args(assets, one, *FLAGS, "--train_batch_size 4"))
+    drawn = recorded_seed(os.path.join(nodes, "checkpoint-3"))
+    assert f"seed = {drawn}" in head.output
+    seed = f"--seed {drawn}"
+    launch.accelerate(SCRIPT, base_args(assets, one, *FLAGS, "--train_batch_size 4", seed))
     assert checkpoint_names(nodes) == checkpoint_names(one) == ["checkpoint-3"]
     reference = unet(one)
     assert_same_unet(reference, nodes, "two nodes vs one process")
@@ -53,19 +60,19 @@ def test_two_nodes_and_one_process_with_the_same_global_batch_train_and_resume_t
     # Elastic resume: the nodes' checkpoint on one process, and one process's checkpoint on two nodes.
     nodes_then_one = resumed_copy(nodes, str(tmp_path / "nodes_then_one"))
     result = launch.accelerate(
-        SCRIPT, base_args(assets, nodes_then_one, *FLAGS, "--train_batch_size 4 --resume_from_checkpoint latest")
+        SCRIPT, base_args(assets, nodes_then_one, *FLAGS, "--train_batch_size 4 --resume_from_checkpoint latest", seed)
     )
     assert "starting at 3" in result.output and "batch layout changed" not in result.output
     assert_same_unet(reference, nodes_then_one, "two nodes, then one process")
     one_then_nodes = resumed_copy(one, str(tmp_path / "one_then_nodes"))
     head, _ = launch.torchrun_nodes(
-        SCRIPT, base_args(assets, one_then_nodes, *FLAGS, "--resume_from_checkpoint latest")
+        SCRIPT, base_args(assets, one_then_nodes, *FLAGS, "--resume_from_checkpoint latest", seed)
     )
     assert "starting at 3" in head.output and "batch layout changed" not in head.output
     assert_same_unet(reference, one_then_nodes, "one process, then two nodes")
 
     # Another global batch (one process x batch 2) is another run: said clearly.
     smaller = resumed_copy(nodes, str(tmp_path / "smaller"))
-    result = launch.accelerate(SCRIPT, base_args(assets, smaller, *FLAGS, "--resume_from_checkpoint latest"))
+    result = launch.accelerate(SCRIPT, base_args(assets, smaller, *FLAGS, "--resume_from_checkpoint latest", seed))
     assert "batch layout changed since the checkpoint" in result.output
     assert "'total_batch_size': 8" in result.output and "'total_batch_size': 4" in result.output

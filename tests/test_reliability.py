@@ -23,6 +23,7 @@ from test_train_text_to_image import SCRIPT, base_args
 
 import train_text_to_image
 from devkit import tiny_sd
+from sdtrain import captions, images, run_folder, torch_training
 
 
 def concept_folder(tmp_path):
@@ -125,7 +126,7 @@ def image_file(mode, tmp_path):
 @pytest.mark.parametrize("mode", ["I;16", "RGBA", "P", "LA", "L", "CMYK", "EXIF-rotated"])
 def test_images_of_every_kind_become_the_picture_they_show(tmp_path, mode):
     path, shown = image_file(mode, tmp_path)
-    rgb = train_text_to_image.load_rgb(str(path), str(path))
+    rgb = images.load_rgb(str(path), str(path))
     assert rgb.mode == "RGB" and np.asarray(rgb).shape == shown.shape
     assert np.abs(np.asarray(rgb).astype(float) - shown).mean() < 3, np.asarray(rgb)[::8, ::8]
 
@@ -145,7 +146,7 @@ def test_a_16_bit_png_trains_as_its_picture_not_as_white(assets, tmp_path):
     args = train_text_to_image.parse_args(
         command_line("--pretrained_model_name_or_path", "x", "--train_data_dir", folder, flags)
     )
-    rows = train_text_to_image.load_image_caption_dataset(args, 0)
+    rows = captions.load_image_caption_dataset(args, 0)
     tokenizer = CLIPTokenizer.from_pretrained(assets["pipeline"], subfolder="tokenizer")
     pixels = train_text_to_image.ImageCaptionDataset(rows, tokenizer, args, 0)[(0, 0, 1.0)]["pixel_values"]
     assert abs(float((pixels.mean() + 1) * 127.5) - shown.mean()) < 2  # mid-gray, as the gradient shows
@@ -267,7 +268,7 @@ def test_checkpoint_files_reach_the_disk_before_the_rename_that_publishes_them(t
             for name in ["unet/diffusion_pytorch_model.safetensors", "optimizer.bin"]:
                 open(os.path.join(path, name), "wb").write(b"weights")
 
-    train_text_to_image.save_checkpoint(Accelerator(), str(tmp_path), 3, {"seed": 1})
+    torch_training.save_checkpoint(Accelerator(), str(tmp_path), 3, {"seed": 1})
     partial = str(tmp_path / ".checkpoint-3.partial")
     publish = events.index(("rename", partial))
     flushed = {path for kind, path in events[:publish] if kind == "fsync"}
@@ -352,9 +353,9 @@ def publish_killed_before_operation(number, output_dir, monkeypatch):
         for name in ["rename", "replace", "symlink", "link", "remove", "rmdir", "makedirs"]:
             patch.setattr(os, name, counted(getattr(os, name)))
         patch.setattr(shutil, "rmtree", counted(shutil.rmtree))
-        patch.setattr(train_text_to_image, "exchange_entries", counted(train_text_to_image.exchange_entries))
+        patch.setattr(run_folder, "exchange_entries", counted(run_folder.exchange_entries))
         try:
-            train_text_to_image.publish_pipeline(os.path.join(output_dir, ".pipeline.partial"), output_dir)
+            run_folder.publish_pipeline(os.path.join(output_dir, ".pipeline.partial"), output_dir)
         except Killed:
             return False
     return True
@@ -378,7 +379,7 @@ def test_the_final_swap_leaves_the_old_or_the_new_model_at_every_step(assets, tm
         os.makedirs(out)
         if before == "published":
             shutil.copytree(old, os.path.join(out, ".pipeline.partial"))
-            train_text_to_image.publish_pipeline(os.path.join(out, ".pipeline.partial"), out)
+            run_folder.publish_pipeline(os.path.join(out, ".pipeline.partial"), out)
         elif before == "real folders":
             shutil.copytree(old, out, dirs_exist_ok=True)
         shutil.copytree(new, os.path.join(out, ".pipeline.partial"))

@@ -12,6 +12,7 @@ from helpers import checkpoint_names, load_state_dict, max_abs_diff
 import textual_inversion
 import train_text_to_image
 from devkit.command_line import command_line
+from sdtrain import captions, embeddings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,14 +40,14 @@ def test_text_to_image_caches_equal_encoding_in_the_loop(assets):
     paths = ["--pretrained_model_name_or_path", assets["pipeline"], "--train_data_dir", assets["images_lists"]]
     flags = "--resolution 64 --center_crop --random_flip --cache_latents --cache_text_embeddings --train_batch_size 3"
     args = train_text_to_image.parse_args(command_line(*paths, flags))
-    rows = train_text_to_image.load_image_caption_dataset(args, 7)
+    rows = captions.load_image_caption_dataset(args, 7)
     plain = train_text_to_image.ImageCaptionDataset(rows, tokenizer, args, 7)
     cached = train_text_to_image.ImageCaptionDataset(rows, tokenizer, args, 7)
     train_text_to_image.build_caches(cached, vae, text_encoder, tokenizer, cpu_accelerator(), args, num_workers=0)
     _, _, cache = cached.latent_cache  # without buckets, one group of every row
     assert [tuple(t.shape) for t in cache] == [(len(rows), 2, 8, 8, 8)]  # rows x flips x (mean, logvar) x 8 x 8
     assert cache[0].dtype == vae.dtype
-    flips, captions = set(), set()
+    flips, texts = set(), set()
     for key in [(epoch, row, 1.0) for epoch in range(3) for row in range(len(rows))]:
         expected, got = plain[key], cached[key]
         assert "pixel_values" not in got and "input_ids" not in got, "the cached path must not load images or tokenize"
@@ -56,9 +57,9 @@ def test_text_to_image_caches_equal_encoding_in_the_loop(assets):
         assert torch.allclose(got["latent_parameters"], latents, atol=1e-5), key
         assert torch.allclose(got["encoder_hidden_states"], hidden, atol=1e-5), key
         flips.add(bool(torch.equal(got["latent_parameters"], cache[0][key[1], 1])))
-        captions.add(tokenizer.decode(expected["input_ids"], skip_special_tokens=True))
+        texts.add(tokenizer.decode(expected["input_ids"], skip_special_tokens=True))
     assert flips == {False, True}, "the check must see both flips"
-    assert len(captions) > len(rows), "the check must see several captions of a row's list"
+    assert len(texts) > len(rows), "the check must see several captions of a row's list"
 
 
 def test_textual_inversion_cache_equals_encoding_in_the_loop(assets, tmp_path):
@@ -69,7 +70,7 @@ def test_textual_inversion_cache_equals_encoding_in_the_loop(assets, tmp_path):
     paths = ["--pretrained_model_name_or_path", assets["pipeline"], "--train_data_dir", concept]
     flags = "--placeholder_token <t> --initializer_token toy --resolution 64 --repeats 4 --train_batch_size 4"
     args = textual_inversion.parse_args(command_line(*paths, flags, "--cache_latents"))
-    paths = textual_inversion.find_example_images(concept)
+    paths = embeddings.find_example_images(concept)
     plain = textual_inversion.TextualInversionDataset(paths, tokenizer, "<t>", args, 5)
     cached = textual_inversion.TextualInversionDataset(paths, tokenizer, "<t>", args, 5)
     textual_inversion.build_latent_cache(cached, vae, cpu_accelerator(), args, num_workers=0)

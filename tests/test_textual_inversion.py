@@ -207,7 +207,9 @@ def test_two_processes_train_what_one_process_with_the_same_global_batch_trains(
     difference = (rows[out] - rows[one]).abs().max().item()
     print(f"2 processes x 2 vs 1 x 4: {difference:.2e}")
     last_step = (rows[one] - load_file(os.path.join(one, "learned_embeds-steps-2.safetensors"))["<blob>"]).abs().max()
-    assert difference <= 1e-5 < last_step / 100  # far below what one step changes
+    # Only the reduction order differs. Measured: 3.5e-7 on an Intel Xeon, 1.4e-5 on an AMD EPYC (the same on the
+    # commit before sdtrain), against a last step of 4.6e-2: the bound is a thousandth of what one step changes.
+    assert difference <= last_step / 1000
 
 
 # ---------------------------------------------------------------------------------------------------- clear errors

@@ -12,6 +12,7 @@ from PIL import Image
 
 import train_text_to_image
 from devkit.command_line import command_line
+from sdtrain import run_folder, torch_training
 
 SCRIPT = "train_text_to_image.py"
 REFERENCE_FLAGS = """
@@ -91,9 +92,7 @@ def test_train_checkpoints_validate_save_and_generate(launch, assets, tmp_path):
     final_grid, raw_grid = (np.asarray(Image.open(os.path.join(out, "validation", n))) for n in grids[1::-1])
     assert final_grid.shape == raw_grid.shape == (64, 128, 3) and np.abs(final_grid - raw_grid.astype(int)).max() > 0
     # The final grid is what the saved (EMA) pipeline draws from the same seeds.
-    drawn = train_text_to_image.render_validation_images(
-        pipe, ["a red circle", "a blue square"], (64, 64), 7, torch.float32
-    )
+    drawn = torch_training.render_validation_images(pipe, ["a red circle", "a blue square"], (64, 64), 7, torch.float32)
     assert np.array_equal(final_grid, np.concatenate([np.asarray(image) for image in drawn], axis=1))
     assert any(n.startswith("events.out.tfevents") for _, _, files in os.walk(os.path.join(out, "logs")) for n in files)
 
@@ -185,9 +184,9 @@ def test_checkpoint_is_invisible_until_complete(tmp_path):
             raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        train_text_to_image.save_checkpoint(CrashingAccelerator(), str(out), 6, {"seed": 1}, total_limit=1)
+        torch_training.save_checkpoint(CrashingAccelerator(), str(out), 6, {"seed": 1}, total_limit=1)
     assert checkpoint_names(str(out)) == ["checkpoint-2", "checkpoint-4"]
-    assert [p for _, p in train_text_to_image.list_checkpoints(str(out))][-1].endswith("checkpoint-4")
+    assert [p for _, p in run_folder.list_checkpoints(str(out))][-1].endswith("checkpoint-4")
 
     class WorkingAccelerator:
         state, is_main_process = PartialState(), True
@@ -195,7 +194,7 @@ def test_checkpoint_is_invisible_until_complete(tmp_path):
         def save_state(self, path):
             os.makedirs(os.path.join(path, "unet"))
 
-    train_text_to_image.save_checkpoint(WorkingAccelerator(), str(out), 6, {"seed": 1}, total_limit=1)
+    torch_training.save_checkpoint(WorkingAccelerator(), str(out), 6, {"seed": 1}, total_limit=1)
     assert checkpoint_names(str(out)) == ["checkpoint-6"]
     assert sorted(os.listdir(out)) == ["checkpoint-6"]
 

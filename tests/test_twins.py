@@ -1,7 +1,7 @@
-"""The four scripts stand alone, so helpers are copied between them. This file lists every copied helper in one place
-and keeps the copies identical as code: definitions are compared as syntax trees, so comments may differ and code may
-not. It also checks that each Flax twin keeps its PyTorch twin's flags and the same shape of diffusion_loss. The
-scripts are read, not imported, so this runs in either environment."""
+"""The four scripts share their machinery through the sdtrain package and copy only the recipe a user edits. This
+file lists every deliberate copy in one place and keeps the copies identical as code: definitions are compared as
+syntax trees, so comments may differ and code may not. It also checks that each Flax twin keeps its PyTorch twin's
+flags and the same shape of diffusion_loss. The scripts are read, not imported, so this runs in either environment."""
 
 import ast
 import os
@@ -12,44 +12,20 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T2I, TI = "train_text_to_image.py", "textual_inversion.py"
 T2I_FLAX, TI_FLAX = "train_text_to_image_flax.py", "textual_inversion_flax.py"
 
-# The scripts that carry an identical copy -> the top-level names copied among them.
+# What the scripts still copy on purpose: the recipe a user edits (the loss, its config, the optimizer and schedule,
+# the batch sampler), kept identical between scripts of the same framework. Everything else lives once, in sdtrain/.
 COPIED = {
-    (T2I, TI, T2I_FLAX, TI_FLAX): """
-        CHECKPOINT_PATTERN CHECKPOINT_METADATA derive_seed list_checkpoints find_resume_checkpoint
-        read_checkpoint_metadata choose_seed warn_if_batch_layout_changed format_logs push_to_hub files_to_upload
-        LOCK_FILE PIPELINE_LINK PIPELINE_VERSION PREEMPTED_EXIT_CODE fsync_folder fsync_tree write_failure
-        lock_output_dir checkpoint_problem write_checkpoint_metadata publish_checkpoint load_rgb verify_image
-        inspect_images StopRequest preemption_message add_recipe_arguments check_recipe_arguments recipe_fields
-        timestep_bias_weights VALIDATION_SEED_KEY parse_size cut_into_batches shuffled_batches
-    """.split(),
-    (T2I, TI, T2I_FLAX): """
-        exchange_entries point_link link_component next_pipeline_version publish_pipeline
-    """.split(),
     (T2I, TI): """
-        LR_SCHEDULERS tokenize encode_once GlobalBatchSampler BatchShare collate default_num_workers LogWindow
-        load_component LossConfig diffusion_loss save_checkpoint render_validation_images log_validation
-        write_hub_style_text_encoder stop_agreed check_finite optimizer_tensors inference_scheduler
-        OPTIMIZERS OPTIMIZER_PACKAGES add_optimizer_arguments check_optimizer_arguments make_optimizer
+        LR_SCHEDULERS OPTIMIZERS OPTIMIZER_PACKAGES add_optimizer_arguments check_optimizer_arguments make_optimizer
+        LossConfig diffusion_loss GlobalBatchSampler
     """.split(),
     (T2I_FLAX, TI_FLAX): """
-        LR_SCHEDULERS epoch_batches resolve_pipeline_folder load_flax_model load_flax_text_encoder
-        enable_block_rematerialisation learning_rate_schedule make_optimizer LogWindow LossConfig diffusion_loss
-        save_checkpoint restore_train_state stop_agreed check_finite rescale_zero_terminal_snr load_noise_scheduler
-        OPTIMIZERS add_optimizer_arguments check_optimizer_arguments evaluation_params ValidationModels
-        load_validation_scheduler make_renderer validation_renderer render_validation_images save_validation_grid
-        inference_scheduler_config start_distributed TRAIN_STATE
+        LR_SCHEDULERS OPTIMIZERS add_optimizer_arguments check_optimizer_arguments make_optimizer learning_rate_schedule
+        LossConfig diffusion_loss train_step rescale_zero_terminal_snr load_noise_scheduler ValidationModels
+        load_validation_scheduler validation_renderer
     """.split(),
     (T2I, T2I_FLAX): """
-        load_image_caption_dataset BUCKET_SEED_KEY parse_buckets bucket_step generate_buckets assign_buckets
-        bucket_batches describe_buckets setup_buckets CaptionConfig edit_caption validation_weights
-        SINGLE_FILE_DTYPES SD_DOWN_BLOCKS SD_UP_BLOCKS LDM_RESNET_NAMES LDM_VAE_RESNET_NAMES LDM_VAE_ATTENTION_NAMES
-        OPEN_CLIP_LAYER_NAMES single_file_layout ldm_unet_prefixes ldm_vae_prefixes rename_by_prefix open_clip_state
-        component_configs read_component_weights original_layout_state write_single_file single_file_metadata
-        save_single_file
-    """.split(),
-    (TI, TI_FLAX): """
-        IMAGE_EXTENSIONS OBJECT_TEMPLATES STYLE_TEMPLATES find_example_images add_placeholder_tokens
-        initializer_token_id UI_EMBEDDING_KEY ui_embedding_name embedding_files
+        validation_weights
     """.split(),
 }
 # The names the math uses in all four scripts (diffusers' names).

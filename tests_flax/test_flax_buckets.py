@@ -11,6 +11,7 @@ from safetensors.numpy import load_file
 
 import train_text_to_image_flax as t2i_flax
 from devkit.command_line import command_line
+from sdtrain import batching, captions
 
 T2I = "train_text_to_image_flax.py"
 RECIPE = (
@@ -33,10 +34,10 @@ def test_pytorch_and_flax_draw_the_same_batches(assets, tmp_path):
     from transformers import CLIPTokenizerFast
 
     tokenizer = CLIPTokenizerFast.from_pretrained(assets["pipeline"], subfolder="tokenizer")
-    dataset = t2i_flax.ImageCaptionDataset(t2i_flax.load_image_caption_dataset(args, 3), tokenizer, args, 3)
-    t2i_flax.setup_buckets(dataset, t2i_flax.check_images(dataset), args, model_factor=16, global_batch_size=2)
-    flax_batches = [t2i_flax.bucket_batches(dataset.bucket_of_row, 2, 3, epoch) for epoch in range(2)]
-    flax_unbucketed = [t2i_flax.shuffled_batches(len(dataset), 2, 3, epoch) for epoch in range(2)]
+    dataset = t2i_flax.ImageCaptionDataset(captions.load_image_caption_dataset(args, 3), tokenizer, args, 3)
+    batching.setup_buckets(dataset, t2i_flax.check_images(dataset), args, model_factor=16, global_batch_size=2)
+    flax_batches = [batching.bucket_batches(dataset.bucket_of_row, 2, 3, epoch) for epoch in range(2)]
+    flax_unbucketed = [batching.shuffled_batches(len(dataset), 2, 3, epoch) for epoch in range(2)]
     first = [dataset[(1, row)] for row, _ in flax_batches[1][0]]
     torch_argv = bucketed_args(assets, str(tmp_path / "torch"), "--train_batch_size 2")  # the last value counts
     torch_side = run_torch(f"""
@@ -44,18 +45,19 @@ import functools, json, numpy as np, torch
 from accelerate import Accelerator
 from transformers import CLIPTokenizer
 import train_text_to_image as t2i
+from sdtrain import batching, captions
 args = t2i.parse_args(json.loads({json.dumps(torch_argv)!r}))
 tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer")
-dataset = t2i.ImageCaptionDataset(t2i.load_image_caption_dataset(args, 3), tokenizer, args, 3)
-t2i.setup_buckets(dataset, t2i.check_images(dataset, Accelerator(cpu=True)), args, 16, 2)
+dataset = t2i.ImageCaptionDataset(captions.load_image_caption_dataset(args, 3), tokenizer, args, 3)
+batching.setup_buckets(dataset, t2i.check_images(dataset, Accelerator(cpu=True)), args, 16, 2)
 def epochs(sampler):
     found = []
     for epoch in range(2):
         sampler.epoch = epoch
         found.append([[(row, weight) for _, row, weight in keys] for keys in sampler])
     return found
-unbucketed = epochs(t2i.GlobalBatchSampler(functools.partial(t2i.shuffled_batches, len(dataset), 2, 3), 2, 1))
-sampler = t2i.GlobalBatchSampler(functools.partial(t2i.bucket_batches, dataset.bucket_of_row, 2, 3), 2, 1)
+unbucketed = epochs(t2i.GlobalBatchSampler(functools.partial(batching.shuffled_batches, len(dataset), 2, 3), 2, 1))
+sampler = t2i.GlobalBatchSampler(functools.partial(batching.bucket_batches, dataset.bucket_of_row, 2, 3), 2, 1)
 batches = epochs(sampler)
 first = [dataset[key] for key in list(iter(sampler))[0]]
 np.savez({str(tmp_path / "torch.npz")!r}, pixels=np.stack([e["pixel_values"].numpy() for e in first]),

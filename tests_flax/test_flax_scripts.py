@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from devkit.command_line import command_line
+from devkit.command_line import command_line, recorded_seed, without_seed
 from devkit.running_launch import free_port
 
 
@@ -319,17 +319,21 @@ def test_textual_inversion_flax_as_two_processes_matches_one_process_and_resumes
     with two devices, written by process 0 alone; their mid-epoch checkpoint resumed by one process ends there too."""
     flags = "--num_vectors 2 --max_train_steps 5 --checkpointing_steps 3 --embedding_format diffusers"
     one, two, elastic = tmp_path / "one", tmp_path / "two", tmp_path / "elastic"
-    launch.run(TI, ti_args(assets, one, flags))
-    results = [process.finish() for process in start_two_processes(launch, TI, ti_args(assets, two, flags))]
+    # The two processes start without --seed: process 0's draw must be both processes' seed, which the one-process
+    # run then takes from their checkpoint. Had process 1 drawn its own, it would shuffle and draw differently.
+    two_processes = start_two_processes(launch, TI, without_seed(ti_args(assets, two, flags)))
+    results = [process.finish() for process in two_processes]
     for result in results:
         assert result.returncode == 0, result.output[-4000:]
+    seed = f"--seed {recorded_seed(two / 'checkpoint-3')}"
+    launch.run(TI, ti_args(assets, one, flags, seed))
     assert "devices = 2" in results[0].output and "Saved" in results[0].output and "Saved" not in results[1].output
     assert checkpoint_names(two) == checkpoint_names(one) == ["checkpoint-3"]
     assert sorted(os.listdir(two)) == sorted(os.listdir(one))
     reference = load_file(os.path.join(one, "learned_embeds.safetensors"))["<blob>"]
     assert np.abs(load_file(os.path.join(two, "learned_embeds.safetensors"))["<blob>"] - reference).max() <= 1e-6
     shutil.copytree(os.path.join(two, "checkpoint-3"), elastic / "checkpoint-3")
-    result = launch.run(TI, ti_args(assets, elastic, flags, "--resume_from_checkpoint latest"))
+    result = launch.run(TI, ti_args(assets, elastic, flags, "--resume_from_checkpoint latest", seed))
     assert "starting at 3" in result.output and "batch layout changed" not in result.output
     assert np.abs(load_file(os.path.join(elastic, "learned_embeds.safetensors"))["<blob>"] - reference).max() <= 1e-6
 

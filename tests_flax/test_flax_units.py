@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import train_text_to_image_flax as T
+from sdtrain import jax_training
 
 
 @pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine"])
@@ -27,8 +28,8 @@ def test_lr_scheduler_and_warmup_are_honoured(name):
 def test_gradient_checkpointing_rematerialises_every_unet_block(assets):
     from diffusers import FlaxUNet2DConditionModel
 
-    T.enable_block_rematerialisation()
-    unet, params = T.load_flax_model(FlaxUNet2DConditionModel, assets["pipeline"], "unet", None, jnp.float32)
+    jax_training.enable_block_rematerialisation()
+    unet, params = jax_training.load_flax_model(FlaxUNet2DConditionModel, assets["pipeline"], "unet", None, jnp.float32)
 
     def loss(p):
         return unet.apply(
@@ -74,16 +75,16 @@ def test_each_optimizer_state_round_trips_through_a_checkpoint(optimizer, tmp_pa
     half = start
     for x in batches[:4]:
         half = step(half, x)
-    T.save_checkpoint(half, str(tmp_path), 2, {"seed": 0})
+    jax_training.save_checkpoint(half, str(tmp_path), 2, {"seed": 0})
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    resumed = T.restore_train_state(start, str(tmp_path / "checkpoint-2"), device)
+    resumed = jax_training.restore_train_state(start, str(tmp_path / "checkpoint-2"), device)
     for x in batches[4:]:
         resumed = step(resumed, x)
     moved = max_difference(full.params, params)
     assert moved > (1e-6 if optimizer == "prodigy" else 1e-4), f"{optimizer} must train: moved {moved}"
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b)), optimizer
-    evaluated = T.evaluation_params(full, args)
+    evaluated = jax_training.evaluation_params(full, args)
     differs = max_difference(evaluated, full.params)
     # Schedule-free saves its average, which differs from the point it takes gradients at; the others save params.
     assert (differs > 1e-6) == (optimizer == "schedule_free_adamw")

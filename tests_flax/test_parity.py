@@ -16,6 +16,7 @@ from parity_cases import CASES, INITIALIZER, NUM_VECTORS, PLACEHOLDER, TEXT_TO_I
 
 import textual_inversion_flax
 import train_text_to_image_flax
+from sdtrain import jax_training
 
 
 @pytest.fixture(scope="module")
@@ -31,11 +32,9 @@ def flax_models(assets):
     from diffusers import FlaxDDPMScheduler, FlaxUNet2DConditionModel
 
     folder = assets["pipeline"]
-    unet, unet_params = train_text_to_image_flax.load_flax_model(
-        FlaxUNet2DConditionModel, folder, "unet", None, jnp.float32
-    )
+    unet, unet_params = jax_training.load_flax_model(FlaxUNet2DConditionModel, folder, "unet", None, jnp.float32)
     noise_scheduler, scheduler_state = FlaxDDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    text_encoder = train_text_to_image_flax.load_flax_text_encoder(folder, None, jnp.float32)
+    text_encoder = jax_training.load_flax_text_encoder(folder, None, jnp.float32)
     models = dict(unet=unet, unet_params=unet_params, noise_scheduler=noise_scheduler, scheduler_state=scheduler_state)
     models["folder"] = folder
     return {**models, "text_encoder": text_encoder}

@@ -19,6 +19,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 import textual_inversion
 import train_text_to_image
+from sdtrain import torch_training
 
 
 class RecordedDraws:
@@ -71,7 +72,7 @@ def main(pipeline, out_dir):
             learned = learned_embedding.learned
             with torch.no_grad():  # moved away from the initializer, so each new row is distinct
                 learned.add_(0.1 * torch.from_numpy(np.random.default_rng(1).standard_normal(learned.shape)).float())
-        input_ids = train_text_to_image.tokenize(case_tokenizer, prompts, range(len(prompts)))
+        input_ids = torch_training.tokenize(case_tokenizer, prompts, range(len(prompts)))
         weights = fields.pop("sample_weights", None)
         sample_weights = None if weights is None else torch.tensor(weights)
         config = script.LossConfig(**fields)

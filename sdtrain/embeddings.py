@@ -1,0 +1,112 @@
+"""Textual inversion's token side: example images, prompt templates, the placeholder tokens and the files the
+learned embedding is saved as (diffusers' and the UIs')."""
+
+import os
+import re
+
+from sdtrain.images import inspect_images, load_rgb
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+
+
+# Prompts the placeholder is trained in; {} is replaced by the placeholder (all of its vectors). # EDIT: to taste.
+OBJECT_TEMPLATES = [
+    "a photo of a {}",
+    "a picture of a {}",
+    "a close-up photo of a {}",
+    "a photo of the {}",
+    "a bright photo of a {}",
+    "a dark photo of the {}",
+    "a cropped photo of a {}",
+    "a rendering of a {}",
+    "a good photo of the {}",
+    "a photo of my {}",
+    "a photo of a small {}",
+    "a photo of a large {}",
+    "a photo of one {}",
+    "an image of the {}",
+    "a snapshot of a {}",
+    "a detailed photo of the {}",
+]
+
+
+STYLE_TEMPLATES = [
+    "a painting in the style of {}",
+    "a picture in the style of {}",
+    "a rendering in the style of {}",
+    "an artwork in the style of {}",
+    "a drawing in the style of {}",
+    "a close-up painting in the style of {}",
+    "a bright painting in the style of {}",
+    "a dark painting in the style of {}",
+    "a small painting in the style of {}",
+    "a large painting in the style of {}",
+    "an illustration in the style of {}",
+    "a sketch in the style of {}",
+]
+
+
+def find_example_images(train_data_dir):
+    """The example images, sorted by name, each decoded now: a bad file fails before anything is written."""
+    if not os.path.isdir(train_data_dir):
+        raise FileNotFoundError(f"--train_data_dir {train_data_dir}: no such folder")
+    names = sorted(name for name in os.listdir(train_data_dir) if name.lower().endswith(IMAGE_EXTENSIONS))
+    paths = [os.path.join(train_data_dir, name) for name in names]
+    if not paths:
+        raise ValueError(f"--train_data_dir {train_data_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
+    _, problems = inspect_images(lambda index: load_rgb(paths[index], paths[index]).size, range(len(paths)))
+    if problems:
+        raise ValueError(
+            f"{len(problems)} of {len(paths)} images cannot be read; fix or remove them:\n  " + "\n  ".join(problems)
+        )
+    return paths
+
+
+def add_placeholder_tokens(tokenizer, placeholder_token, num_vectors):
+    """Add the placeholder (and placeholder_1 ... for several vectors) as new tokens; refuse any that the tokenizer
+    already knows, as an added token or as a word or sub-word of its vocabulary ('a' would hijack every 'a')."""
+    names = [placeholder_token] + [f"{placeholder_token}_{i}" for i in range(1, num_vectors)]
+    vocab = tokenizer.get_vocab()
+    for name in names:
+        for form in (name.lower() + "</w>", name, name.lower()):
+            if form in vocab:
+                raise ValueError(
+                    f"--placeholder_token {placeholder_token}: '{name}' already exists in the tokenizer (as '{form}'), "
+                    "so training it would change the meaning of existing prompts; "
+                    "choose a new string such as '<my-concept>'"
+                )
+    tokenizer.add_tokens(names)
+    return names, tokenizer.convert_tokens_to_ids(names)
+
+
+def initializer_token_id(tokenizer, initializer_token):
+    ids = tokenizer.encode(initializer_token, add_special_tokens=False)
+    if len(ids) != 1:
+        raise ValueError(
+            f"--initializer_token {initializer_token!r} must be exactly one token, but the tokenizer splits it into "
+            f"{len(ids)}: {tokenizer.convert_ids_to_tokens(ids)}; pick a single word such as 'toy' or 'painting'"
+        )
+    return ids[0]
+
+
+# A1111/Forge and ComfyUI read this key too; InvokeAI's probe reads the vector width from it (from a file keyed by the
+# token it reads the number of vectors instead, and refuses the file).
+UI_EMBEDDING_KEY = "emb_params"
+
+
+def ui_embedding_name(placeholder_token):
+    """The name the UIs show and prompts use for the embedding, which they take from its file name: the placeholder
+    without the characters file systems or prompt syntax reserve, "<cat-toy>" -> "cat-toy"."""
+    return re.sub(r"[^\w.-]+", "", placeholder_token).strip(".") or "embedding"
+
+
+def embedding_files(args, suffix):
+    """(key, path) of each final embeddings file --embedding_format asks for: learned_embeds.<suffix> keyed by the
+    placeholder (diffusers' layout) and <name>.<suffix> keyed by UI_EMBEDDING_KEY (the UIs' layout)."""
+    files = []
+    if args.embedding_format in ("diffusers", "both"):
+        files.append((args.placeholder_token, os.path.join(args.output_dir, f"learned_embeds.{suffix}")))
+    if args.embedding_format in ("ui", "both"):
+        name = ui_embedding_name(args.placeholder_token)
+        files.append((UI_EMBEDDING_KEY, os.path.join(args.output_dir, f"{name}.{suffix}")))
+    return files

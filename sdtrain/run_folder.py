@@ -1,0 +1,324 @@
+"""The output folder of a run: its lock, checkpoints (listed, checked, published only when complete), the published
+pipeline, the seed and the choice of checkpoint to resume from. Shared by the four scripts; no framework needed."""
+
+import ctypes
+import json
+import logging
+import os
+import re
+import shutil
+import socket
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+
+
+# Seed, step and batch layout of a checkpoint, written last into it: its presence marks the checkpoint complete.
+CHECKPOINT_METADATA = "checkpoint_metadata.json"
+
+
+# The second key of every validation seed, derive_seed(seed, VALIDATION_SEED_KEY, prompt index): training draws use
+# four keys, so a validation image never shares its noise with a training step.
+VALIDATION_SEED_KEY = 7919
+
+
+LOCK_FILE = ".training.lock"  # held (an OS lock) by the run writing into output_dir; a killed run holds none
+
+
+PIPELINE_LINK = ".pipeline"  # -> the current .pipeline-<n> folder; output_dir's components link through it
+
+
+PIPELINE_VERSION = re.compile(r"^\.pipeline-(\d+)$")
+
+
+def derive_seed(*keys):
+    """A well-mixed 63-bit seed from integer keys. All randomness is a pure function of such keys, so a resumed
+    run draws exactly what an uninterrupted run would have drawn, whatever the number of workers."""
+    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints in output_dir, oldest first, as (step, path)."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = CHECKPOINT_PATTERN.match(name)
+        if match and os.path.isfile(os.path.join(output_dir, name, CHECKPOINT_METADATA)):
+            found.append((int(match.group(1)), os.path.join(output_dir, name)))
+    return sorted(found)
+
+
+def find_resume_checkpoint(args):
+    """The checkpoint --resume_from_checkpoint names (None to start fresh). 'latest' is the newest intact checkpoint:
+    a damaged one is skipped with a warning. A named checkpoint that is missing or damaged is an error."""
+    if args.resume_from_checkpoint is None:
+        return None
+    if args.resume_from_checkpoint == "latest":
+        for _, path in reversed(list_checkpoints(args.output_dir)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            logger.warning(f"skipping {os.path.basename(path)}: {problem}")
+        return None
+    path = args.resume_from_checkpoint
+    if not os.path.isdir(path):
+        path = os.path.join(args.output_dir, args.resume_from_checkpoint)
+    if not os.path.isfile(os.path.join(path, CHECKPOINT_METADATA)):
+        complete = [os.path.basename(p) for _, p in list_checkpoints(args.output_dir)]
+        raise FileNotFoundError(
+            f"--resume_from_checkpoint {args.resume_from_checkpoint}: no complete checkpoint at {path} "
+            f"(complete ones in {args.output_dir}: {complete})"
+        )
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: {problem}")
+    return path
+
+
+def read_checkpoint_metadata(checkpoint_path):
+    """The metadata save_checkpoint wrote into a checkpoint ({} when there is no checkpoint to resume)."""
+    if checkpoint_path is None:
+        return {}
+    with open(os.path.join(checkpoint_path, CHECKPOINT_METADATA)) as f:
+        return json.load(f)
+
+
+def draw_seed():
+    """A fresh seed for a run started without --seed. A multi-process run must use process 0's draw on every process
+    (the scripts broadcast it): each process drawing its own would shuffle and noise differently."""
+    return int(np.random.SeedSequence().generate_state(1)[0])
+
+
+def choose_seed(args, resume_metadata, drawn_seed):
+    """One seed drives every draw: --seed; without it, the seed a resumed checkpoint recorded, or for a new run
+    drawn_seed (draw_seed() of process 0, the same on every process), which its checkpoints record."""
+    if args.seed is not None:
+        seed = args.seed
+    else:
+        seed = resume_metadata.get("seed", drawn_seed)
+    if resume_metadata and resume_metadata["seed"] != seed:
+        logger.warning(
+            f"--seed {seed} differs from the checkpoint's seed {resume_metadata['seed']}: "
+            "the resumed run will not match an uninterrupted one"
+        )
+    return seed
+
+
+def warn_if_batch_layout_changed(resume_metadata, run_metadata):
+    """A resume is exact only with the global batch, epoch length and aspect-ratio buckets (where the run records them)
+    the checkpoint was written with. The number of processes sharing the global batch may change."""
+    layout = ("total_batch_size", "updates_per_epoch", "aspect_ratio_buckets")
+    keys = [key for key in layout if key in run_metadata]
+    before, now = ({key: metadata.get(key) for key in keys} for metadata in (resume_metadata, run_metadata))
+    if before != now:
+        logger.warning(
+            f"batch layout changed since the checkpoint ({before} -> {now}): "
+            "the resumed run will not match an uninterrupted one"
+        )
+
+
+def fsync_folder(folder):
+    """Flush a folder's entries (the names created or renamed in it) to disk; a no-op where folders cannot be opened."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # Windows: folders cannot be opened, and its renames are durable
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_tree(folder):
+    """Flush every file and folder under `folder` to disk, so that the rename that publishes it can never survive a
+    power cut that its bytes did not."""
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_folder(root)
+
+
+def write_failure(what, folder, err):
+    """The message for a save that failed (a full disk, most often), with the space left where it was written."""
+    free = shutil.disk_usage(folder).free / 2**30 if os.path.isdir(folder) else float("nan")
+    return (
+        f"could not write {what} into {folder} ({type(err).__name__}: {err}); {free:.2f} GiB free there. "
+        "Nothing that was there before was replaced"
+    )
+
+
+def lock_output_dir(output_dir):
+    """Hold an OS lock on output_dir for the whole run, so that a second run into the same folder is refused instead
+    of overwriting this run's checkpoints and model. The kernel drops the lock when the process ends, however it
+    ends, so the lock of a killed run is simply taken over. Then clear what a killed run may have left: unfinished
+    checkpoints and pipelines, and replaced ones not yet deleted. Main process only."""
+    import filelock
+
+    os.makedirs(output_dir, exist_ok=True)
+    lock = filelock.FileLock(os.path.join(output_dir, LOCK_FILE), timeout=0)
+    owner_path = os.path.join(output_dir, LOCK_FILE + ".owner")
+    try:
+        lock.acquire()
+    except filelock.Timeout:
+        owner = open(owner_path).read().strip() if os.path.isfile(owner_path) else "unknown"
+        raise RuntimeError(
+            f"--output_dir {output_dir} is in use by another training run (pid {owner}): wait for it to end, "
+            "stop it, or choose another --output_dir"
+        ) from None
+    with open(owner_path, "w") as f:
+        f.write(f"{os.getpid()} on {socket.gethostname()}\n")
+    link = os.path.join(output_dir, PIPELINE_LINK)
+    current = os.readlink(link) if os.path.islink(link) else None
+    for name in os.listdir(output_dir):
+        unfinished = name.endswith((".partial", ".stale", ".link", ".link.old", ".new", ".probe"))
+        if unfinished or (PIPELINE_VERSION.match(name) and name != current):
+            path = os.path.join(output_dir, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+    return lock
+
+
+def checkpoint_problem(checkpoint_path):
+    """Why a checkpoint cannot be resumed from, naming the file, or None. Its metadata lists every file it holds with
+    its size, so a truncated or missing file is found without reading the weights."""
+    metadata_path = os.path.join(checkpoint_path, CHECKPOINT_METADATA)
+    try:
+        with open(metadata_path) as f:
+            metadata = json.load(f)
+        int(metadata["global_step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{metadata_path} is unreadable ({type(err).__name__}: {err})"
+    for name, size in metadata.get("files", {}).items():
+        path = os.path.join(checkpoint_path, name)
+        if not os.path.isfile(path):
+            return f"{path} is missing"
+        if os.path.getsize(path) != size:
+            return f"{path} is damaged: {os.path.getsize(path)} bytes, {size} were written"
+    return None
+
+
+def write_checkpoint_metadata(folder, metadata):
+    """Write the metadata file, last, with every file of the checkpoint and its size; then flush it all to disk."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            files[os.path.relpath(os.path.join(root, name), folder)] = os.path.getsize(os.path.join(root, name))
+    with open(os.path.join(folder, CHECKPOINT_METADATA), "w") as f:
+        json.dump({**metadata, "files": files}, f, indent=2)
+    fsync_tree(folder)
+
+
+def publish_checkpoint(partial_path, final_path):
+    """Make a complete checkpoint visible under its final name with one rename; one of the same step left by an
+    earlier run is replaced."""
+    stale_path = final_path + ".stale"
+    shutil.rmtree(stale_path, ignore_errors=True)
+    if os.path.exists(final_path):
+        os.rename(final_path, stale_path)
+    os.rename(partial_path, final_path)
+    fsync_folder(os.path.dirname(final_path))
+    shutil.rmtree(stale_path, ignore_errors=True)
+
+
+def exchange_entries(path_a, path_b):
+    """Swap two directory entries in one atomic step (Linux's renameat2 with RENAME_EXCHANGE); False where the
+    system or the filesystem cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    here, rename_exchange = -100, 2  # AT_FDCWD (paths are absolute or relative to the working folder)
+    return renameat2(here, os.fsencode(path_a), here, os.fsencode(path_b), rename_exchange) == 0
+
+
+def point_link(link, target):
+    """Point the symbolic link `link` at `target` in one atomic step: a new link renamed over the old one."""
+    temporary = link + ".new"
+    if os.path.lexists(temporary):
+        os.remove(temporary)
+    os.symlink(target, temporary)
+    os.replace(temporary, link)
+    fsync_folder(os.path.dirname(link))
+
+
+def link_component(output_dir, name):
+    """Make output_dir/<name> the relative link .pipeline/<name>. A real file is replaced by its link in one rename;
+    a real folder is swapped with it in one exchange (or, where the system cannot, moved aside first)."""
+    path, target = os.path.join(output_dir, name), os.path.join(PIPELINE_LINK, name)
+    if os.path.islink(path) and os.readlink(path) == target:
+        return
+    temporary = os.path.join(output_dir, f".{name}.link")
+    if os.path.lexists(temporary):
+        os.remove(temporary)
+    os.symlink(target, temporary)
+    if os.path.isdir(path) and not os.path.islink(path):
+        if not exchange_entries(temporary, path):
+            os.rename(path, temporary + ".old")
+            os.rename(temporary, path)
+            temporary += ".old"
+        shutil.rmtree(temporary)
+    else:
+        os.replace(temporary, path)
+
+
+def next_pipeline_version(output_dir):
+    numbers = [int(match.group(1)) for match in map(PIPELINE_VERSION.match, os.listdir(output_dir)) if match]
+    return f".pipeline-{max(numbers, default=0) + 1}"
+
+
+def publish_pipeline(partial, output_dir):
+    """Make the complete pipeline in the folder `partial` the one output_dir holds, atomically. It becomes a hidden
+    version folder .pipeline-<n>; every component in output_dir (model_index.json, unet/, ...) is a relative link
+    through the link .pipeline; and one rename, pointing .pipeline at the new version, switches them all. So at every
+    instant, crash or not, from_pretrained(output_dir) loads the old pipeline or the new one. Where symbolic links
+    cannot be made (Windows without developer mode), components are moved in one at a time, with a warning."""
+    fsync_tree(partial)
+    link = os.path.join(output_dir, PIPELINE_LINK)
+    components = sorted(os.listdir(partial))
+    try:
+        os.symlink(PIPELINE_LINK, link + ".probe")
+        os.remove(link + ".probe")
+    except (OSError, NotImplementedError):
+        logger.warning(f"no symbolic links in {output_dir}: the pipeline is replaced one component at a time")
+        for name in components:
+            target = os.path.join(output_dir, name)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            os.replace(os.path.join(partial, name), target)
+        os.rmdir(partial)
+        return
+    shown = [name for name in components if os.path.lexists(os.path.join(output_dir, name))]
+    if any(not os.path.islink(os.path.join(output_dir, name)) for name in shown):
+        # Saved as real files and folders (by an older version, or by diffusers' own script): a snapshot of what
+        # output_dir shows now (hard links, no extra space) first becomes the current version, entry for entry.
+        snapshot = os.path.join(output_dir, next_pipeline_version(output_dir))
+        os.makedirs(snapshot)
+        for name in shown:
+            source = os.path.join(output_dir, name)
+            if os.path.isdir(source):
+                shutil.copytree(source, os.path.join(snapshot, name), copy_function=os.link)
+            else:
+                os.link(source, os.path.join(snapshot, name))
+        fsync_tree(snapshot)
+        point_link(link, os.path.basename(snapshot))
+    previous = os.readlink(link) if os.path.islink(link) else None
+    for name in components:  # a link to a component the current version lacks points nowhere until the switch
+        link_component(output_dir, name)
+    version = next_pipeline_version(output_dir)
+    os.rename(partial, os.path.join(output_dir, version))
+    fsync_folder(output_dir)
+    point_link(link, version)  # the one step that switches every component
+    for name in os.listdir(output_dir):  # links to components the new pipeline does not have
+        path = os.path.join(output_dir, name)
+        if os.path.islink(path) and os.readlink(path).startswith(PIPELINE_LINK + os.sep) and not os.path.exists(path):
+            os.remove(path)
+    if previous is not None and previous != version:
+        shutil.rmtree(os.path.join(output_dir, previous), ignore_errors=True)

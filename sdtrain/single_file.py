@@ -1,0 +1,314 @@
+"""--save_single_file: a diffusers pipeline folder as one .safetensors in the original Stable Diffusion key layout
+(the file A1111, ComfyUI and InvokeAI load). Reads the saved folder, so it serves PyTorch and JAX alike."""
+
+import json
+import logging
+import os
+
+from sdtrain.run_folder import fsync_folder, write_failure
+
+logger = logging.getLogger(__name__)
+
+
+SINGLE_FILE_DTYPES = ["fp16", "bf16", "fp32"]
+
+
+SD_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+
+
+SD_UP_BLOCKS = ("UpBlock2D", "CrossAttnUpBlock2D")
+
+
+# Inside a ResNet block the original names its layers by position in a Sequential.
+LDM_RESNET_NAMES = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+
+
+LDM_VAE_RESNET_NAMES = {"conv_shortcut": "nin_shortcut"}
+
+
+LDM_VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+# OpenCLIP (SD 2.x) names for the layers of a transformers CLIP encoder layer.
+OPEN_CLIP_LAYER_NAMES = {
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
+}
+
+
+def single_file_layout(unet_config, vae_config, text_config):
+    """The layout, "sd1" (CLIP ViT-L text encoder) or "sd2" (OpenCLIP), of models the original Stable Diffusion code
+    defines; a ValueError naming what differs otherwise (an SDXL, LCM, upscaler or unCLIP UNet, another VAE or text
+    encoder), since no UI would load a file with an invented layout."""
+    problems = []
+    layers = unet_config.get("layers_per_block")
+    if not isinstance(layers, int):
+        problems.append(f"UNet layers_per_block {layers!r} (one number in SD)")
+    for key in ["addition_embed_type", "class_embed_type", "encoder_hid_dim", "time_cond_proj_dim"]:
+        if unet_config.get(key) is not None:
+            problems.append(f"UNet {key}={unet_config[key]!r} (SD has none)")
+    if unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
+        problems.append(f"UNet mid_block_type {unet_config['mid_block_type']!r}")
+    if unet_config.get("transformer_layers_per_block", 1) != 1:
+        problems.append(f"UNet transformer_layers_per_block {unet_config['transformer_layers_per_block']!r}")
+    down, up = list(unet_config.get("down_block_types", [])), list(unet_config.get("up_block_types", []))
+    if any(kind not in SD_DOWN_BLOCKS for kind in down) or any(kind not in SD_UP_BLOCKS for kind in up):
+        problems.append(f"UNet blocks {down} / {up} (SD has only {SD_DOWN_BLOCKS} / {SD_UP_BLOCKS})")
+    elif [kind.startswith("CrossAttn") for kind in down] != [kind.startswith("CrossAttn") for kind in reversed(up)]:
+        problems.append(f"UNet up blocks {up} do not mirror the down blocks {down}")
+    vae_blocks = set(vae_config.get("down_block_types", [])) | set(vae_config.get("up_block_types", []))
+    if vae_blocks != {"DownEncoderBlock2D", "UpDecoderBlock2D"} or not vae_config.get("mid_block_add_attention", True):
+        problems.append(f"VAE blocks {sorted(vae_blocks)}")
+    if text_config.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
+        problems.append(f"text encoder model_type {text_config.get('model_type')!r} (SD uses CLIP)")
+    if problems:
+        raise ValueError(
+            "--save_single_file: no original Stable Diffusion single-file layout for this model: " + "; ".join(problems)
+        )
+    # The one architectural difference between the two text encoders: OpenCLIP ViT-H uses GELU, OpenAI's CLIP ViT-L
+    # its "quick" approximation.
+    return "sd1" if text_config.get("hidden_act", "quick_gelu") == "quick_gelu" else "sd2"
+
+
+def ldm_unet_prefixes(unet_config):
+    """(diffusers prefix, original prefix, renames inside) for every block of an SD UNet. The original numbers its
+    input blocks and output blocks in one running sequence each: conv_in, then per level its ResNet(+attention)
+    layers and its downsampler; per up level, layers+1 ResNet(+attention) layers, the last with the upsampler."""
+    layers = unet_config["layers_per_block"]
+    prefixes = [
+        ("time_embedding.linear_1.", "time_embed.0.", {}),
+        ("time_embedding.linear_2.", "time_embed.2.", {}),
+        ("conv_in.", "input_blocks.0.0.", {}),
+        ("conv_norm_out.", "out.0.", {}),
+        ("conv_out.", "out.2.", {}),
+        ("mid_block.resnets.0.", "middle_block.0.", LDM_RESNET_NAMES),
+        ("mid_block.attentions.0.", "middle_block.1.", {}),
+        ("mid_block.resnets.1.", "middle_block.2.", LDM_RESNET_NAMES),
+    ]
+    for level in range(len(unet_config["down_block_types"])):
+        for layer in range(layers):
+            index = 1 + level * (layers + 1) + layer
+            prefixes.append((f"down_blocks.{level}.resnets.{layer}.", f"input_blocks.{index}.0.", LDM_RESNET_NAMES))
+            prefixes.append((f"down_blocks.{level}.attentions.{layer}.", f"input_blocks.{index}.1.", {}))
+        index = (level + 1) * (layers + 1)
+        prefixes.append((f"down_blocks.{level}.downsamplers.0.conv.", f"input_blocks.{index}.0.op.", {}))
+    for level, kind in enumerate(unet_config["up_block_types"]):
+        for layer in range(layers + 1):
+            index = level * (layers + 1) + layer
+            prefixes.append((f"up_blocks.{level}.resnets.{layer}.", f"output_blocks.{index}.0.", LDM_RESNET_NAMES))
+            prefixes.append((f"up_blocks.{level}.attentions.{layer}.", f"output_blocks.{index}.1.", {}))
+        # The upsampler follows the ResNet, and the attention where the level has one.
+        position = 2 if kind.startswith("CrossAttn") else 1
+        index = (level + 1) * (layers + 1) - 1
+        prefixes.append((f"up_blocks.{level}.upsamplers.0.", f"output_blocks.{index}.{position}.", {}))
+    return prefixes
+
+
+def ldm_vae_prefixes(vae_config):
+    """(diffusers prefix, original prefix, renames inside) for every block of the SD VAE. The original numbers the
+    decoder's levels from the bottom (the encoder's order), diffusers from the top."""
+    levels, layers = len(vae_config["block_out_channels"]), vae_config["layers_per_block"]
+    prefixes = [(name, name, {}) for name in ["encoder.conv_in.", "encoder.conv_out.", "decoder.conv_in."]]
+    prefixes += [(name, name, {}) for name in ["decoder.conv_out.", "quant_conv.", "post_quant_conv."]]
+    for part in ["encoder", "decoder"]:
+        prefixes += [
+            (f"{part}.conv_norm_out.", f"{part}.norm_out.", {}),
+            (f"{part}.mid_block.resnets.0.", f"{part}.mid.block_1.", LDM_VAE_RESNET_NAMES),
+            (f"{part}.mid_block.attentions.0.", f"{part}.mid.attn_1.", LDM_VAE_ATTENTION_NAMES),
+            (f"{part}.mid_block.resnets.1.", f"{part}.mid.block_2.", LDM_VAE_RESNET_NAMES),
+        ]
+    for level in range(levels):
+        for layer in range(layers):
+            prefixes.append(
+                (
+                    f"encoder.down_blocks.{level}.resnets.{layer}.",
+                    f"encoder.down.{level}.block.{layer}.",
+                    LDM_VAE_RESNET_NAMES,
+                )
+            )
+        prefixes.append((f"encoder.down_blocks.{level}.downsamplers.0.", f"encoder.down.{level}.downsample.", {}))
+        up = levels - 1 - level
+        for layer in range(layers + 1):
+            prefixes.append(
+                (f"decoder.up_blocks.{level}.resnets.{layer}.", f"decoder.up.{up}.block.{layer}.", LDM_VAE_RESNET_NAMES)
+            )
+        prefixes.append((f"decoder.up_blocks.{level}.upsamplers.0.", f"decoder.up.{up}.upsample.", {}))
+    return prefixes
+
+
+def rename_by_prefix(state, prefixes, what):
+    """state with every key's prefix replaced by its original one (longest prefix wins) and the name inside the
+    block renamed; a key no prefix covers is an error, so a layout change never silently drops a weight."""
+    ordered = sorted(prefixes, key=lambda entry: -len(entry[0]))
+    renamed = {}
+    for key, tensor in state.items():
+        match = next((entry for entry in ordered if key.startswith(entry[0])), None)
+        if match is None:
+            raise ValueError(f"{what} weight {key} has no name in the original Stable Diffusion layout")
+        old, new, inner = match
+        rest = key[len(old) :]
+        for name, original in inner.items():
+            if rest.startswith(name + "."):
+                rest = original + rest[len(name) :]
+                break
+        renamed[new + rest] = tensor
+    return renamed
+
+
+def open_clip_state(state):
+    """transformers CLIP text-model weights in OpenCLIP's names (SD 2.x). OpenCLIP keeps the query, key and value
+    projections in one in_proj matrix, stacked in that order."""
+    import torch
+
+    converted = {}
+    for key, tensor in state.items():
+        name = key.removeprefix("text_model.")
+        if name.startswith("encoder.layers."):
+            index, layer_name = name.removeprefix("encoder.layers.").split(".", 1)
+            prefix = f"transformer.resblocks.{index}."
+            if layer_name.startswith(("self_attn.q_proj.", "self_attn.k_proj.", "self_attn.v_proj.")):
+                if layer_name.startswith("self_attn.q_proj."):
+                    kind = layer_name.rsplit(".", 1)[1]
+                    parts = [state[f"text_model.encoder.layers.{index}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
+                    converted[prefix + f"attn.in_proj_{kind}"] = torch.cat(parts)
+                continue
+            for old, new in OPEN_CLIP_LAYER_NAMES.items():
+                if layer_name.startswith(old + "."):
+                    layer_name = new + layer_name[len(old) :]
+                    break
+            else:
+                raise ValueError(f"text encoder weight {key} has no name in the OpenCLIP layout")
+            converted[prefix + layer_name] = tensor
+        elif name == "embeddings.token_embedding.weight":
+            converted["token_embedding.weight"] = tensor
+        elif name == "embeddings.position_embedding.weight":
+            converted["positional_embedding"] = tensor
+        elif name.startswith("final_layer_norm."):
+            converted["ln_final." + name.removeprefix("final_layer_norm.")] = tensor
+        elif name != "embeddings.position_ids":
+            raise ValueError(f"text encoder weight {key} has no name in the OpenCLIP layout")
+    return converted
+
+
+def component_configs(pipeline_dir):
+    """The UNet, VAE and text encoder configs of a pipeline folder."""
+    configs = []
+    for name in ["unet", "vae", "text_encoder"]:
+        with open(os.path.join(pipeline_dir, name, "config.json")) as f:
+            configs.append(json.load(f))
+    return configs
+
+
+def read_component_weights(folder):
+    """A diffusers/transformers component's weights, from its one safetensors file or its shards."""
+    import safetensors.torch
+
+    names = [name for name in sorted(os.listdir(folder)) if name.endswith(".safetensors")]
+    if not names:
+        raise ValueError(f"{folder} has no .safetensors weights to write into the single file")
+    state = {}
+    for name in names:
+        state.update(safetensors.torch.load_file(os.path.join(folder, name)))
+    return state
+
+
+def original_layout_state(pipeline_dir):
+    """(layout, state) of a saved diffusers pipeline, in the original Stable Diffusion keys that A1111/Forge,
+    ComfyUI and InvokeAI load: model.diffusion_model.* (UNet), first_stage_model.* (VAE) and
+    cond_stage_model.transformer.* (SD 1.x CLIP) or cond_stage_model.model.* (SD 2.x OpenCLIP)."""
+    unet_config, vae_config, text_config = component_configs(pipeline_dir)
+    layout = single_file_layout(unet_config, vae_config, text_config)
+    unet = rename_by_prefix(
+        read_component_weights(os.path.join(pipeline_dir, "unet")), ldm_unet_prefixes(unet_config), "UNet"
+    )
+    vae = rename_by_prefix(
+        read_component_weights(os.path.join(pipeline_dir, "vae")), ldm_vae_prefixes(vae_config), "VAE"
+    )
+    # The original VAE's attention projections are 1x1 convolutions, diffusers' are linear layers: same numbers.
+    for key, tensor in vae.items():
+        if ".mid.attn_1." in key and key.endswith(".weight") and tensor.ndim == 2:
+            vae[key] = tensor.reshape(*tensor.shape, 1, 1)
+    text = {}
+    for key, tensor in read_component_weights(os.path.join(pipeline_dir, "text_encoder")).items():
+        # transformers 5 may save without the "text_model." prefix that the original layout keeps.
+        text[key if key.startswith("text_model.") else "text_model." + key] = tensor
+    if layout == "sd1":
+        text = {"transformer." + key: tensor for key, tensor in text.items() if not key.endswith("position_ids")}
+    else:
+        text = {"model." + key: tensor for key, tensor in open_clip_state(text).items()}
+    state = {"model.diffusion_model." + key: tensor for key, tensor in unet.items()}
+    state.update({"first_stage_model." + key: tensor for key, tensor in vae.items()})
+    state.update({"cond_stage_model." + key: tensor for key, tensor in text.items()})
+    return layout, state
+
+
+def write_single_file(state, path, dtype, metadata):
+    """state as one .safetensors file in `dtype` ("fp16", "bf16" or "fp32"), with `metadata` in its header; written
+    beside `path` and renamed over it, so it appears only when complete."""
+    import safetensors.torch
+    import torch
+
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    state = {key: tensor.to(torch_dtype).contiguous() for key, tensor in state.items()}
+    partial = path + ".partial"
+    try:
+        safetensors.torch.save_file(state, partial, metadata={"format": "pt", **metadata})
+        with open(partial, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, path)
+    except OSError as err:
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise OSError(write_failure("the single-file checkpoint", os.path.dirname(path), err)) from err
+    fsync_folder(os.path.dirname(path))
+
+
+def single_file_metadata(layout, prediction_type, zero_terminal_snr, resolution, base_model, global_step, title):
+    """The SAI model spec header (github.com/Stability-AI/ModelSpec) that UIs read to tell SD 1.x, SD 2.x-512 and
+    SD 2.x-768-v apart, plus how the model was trained."""
+    v_prediction = prediction_type == "v_prediction"
+    if layout == "sd1":
+        architecture, implementation = "stable-diffusion-v1", "https://github.com/CompVis/stable-diffusion"
+    else:
+        architecture = "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512"
+        implementation = "https://github.com/Stability-AI/stablediffusion"
+    return {
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": architecture,
+        "modelspec.implementation": implementation,
+        "modelspec.title": title,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.prediction_type": "v" if v_prediction else "epsilon",
+        "training.base_model": base_model,
+        "training.global_step": str(global_step),
+        "training.prediction_type": prediction_type,
+        "training.zero_terminal_snr": str(bool(zero_terminal_snr)).lower(),
+    }
+
+
+def save_single_file(args, prediction_type, global_step):
+    """output_dir/<its name>.safetensors from the pipeline just saved there."""
+    title = os.path.basename(os.path.abspath(args.output_dir))
+    path = os.path.join(args.output_dir, title + ".safetensors")
+    layout, state = original_layout_state(args.output_dir)
+    metadata = single_file_metadata(
+        layout,
+        prediction_type,
+        args.rescale_betas_zero_snr,
+        args.resolution,
+        args.pretrained_model_name_or_path,
+        global_step,
+        title,
+    )
+    write_single_file(state, path, args.single_file_dtype, metadata)
+    logger.info(f"Saved the single-file checkpoint ({layout}, {args.single_file_dtype}) to {os.path.abspath(path)}")

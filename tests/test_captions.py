@@ -1,0 +1,87 @@
+"""--train_data_dir with a caption file beside each image (photo.png and photo.txt, the kohya and OneTrainer layout),
+read when the folder has no metadata file: the same rows as the metadata, clear errors, and a run that trains."""
+
+import json
+import os
+import shutil
+
+import pytest
+from helpers import tree_snapshot
+from test_train_text_to_image import SCRIPT, base_args
+
+import train_text_to_image
+from devkit.command_line import command_line
+from sdtrain import captions
+
+
+def metadata_rows(folder):
+    with open(os.path.join(folder, "metadata.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def caption_file_folder(source, destination):
+    """source's images with their metadata captions written as .txt files beside them, half of them in a subfolder;
+    no metadata file."""
+    os.makedirs(os.path.join(destination, "more"))
+    for index, row in enumerate(metadata_rows(source)):
+        folder = destination if index % 2 == 0 else os.path.join(destination, "more")
+        shutil.copy(os.path.join(source, row["file_name"]), folder)
+        with open(os.path.join(folder, os.path.splitext(row["file_name"])[0] + ".txt"), "w") as f:
+            f.write(row["text"] + "\n")
+    return destination
+
+
+def read(folder, *flags):
+    args = train_text_to_image.parse_args(
+        command_line("--pretrained_model_name_or_path p --train_data_dir", folder, *flags)
+    )
+    dataset = captions.load_image_caption_dataset(args, 0)
+    return {os.path.basename(row["image"]["path"]): row["text"] for row in dataset}
+
+
+def test_caption_files_give_the_rows_the_metadata_gives(assets, tmp_path):
+    folder = caption_file_folder(assets["images"], str(tmp_path / "photos"))
+    expected = {row["file_name"]: row["text"] for row in metadata_rows(assets["images"])}
+    assert read(folder) == expected
+    # Several lines are alternatives (one drawn per use, as a metadata list); blank lines are not captions.
+    with open(os.path.join(folder, "0000.txt"), "w") as f:
+        f.write("a red circle\n\na photo of a red circle\n")
+    rows = read(folder)
+    assert rows["0000.png"] == ["a red circle", "a photo of a red circle"]
+    assert rows["0002.png"] == [expected["0002.png"]]
+
+
+def test_a_metadata_file_wins_over_caption_files(assets, tmp_path):
+    folder = shutil.copytree(assets["images"], tmp_path / "both")
+    with open(folder / "0000.txt", "w") as f:
+        f.write("not this caption")
+    assert read(str(folder))["0000.png"] == metadata_rows(assets["images"])[0]["text"]
+
+
+def test_an_image_without_a_caption_file_is_named_and_nothing_is_written(launch, assets, tmp_path):
+    folder = caption_file_folder(assets["images"], str(tmp_path / "photos"))
+    os.remove(os.path.join(folder, "more", "0003.txt"))
+    with pytest.raises(ValueError, match=r"1 of 10 images have no \.txt caption file beside them: more/0003\.png"):
+        read(folder)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    before = tree_snapshot(str(out))
+    args = base_args(assets, str(out), "--max_train_steps 1")
+    args[args.index("--train_data_dir") + 1] = folder
+    result = launch.accelerate(SCRIPT, args, check=False)
+    assert result.returncode != 0 and "more/0003.png" in result.output
+    after = tree_snapshot(str(out))
+    # The existing file is untouched, and nothing was written but the output folder's lock (held while a run lives).
+    assert {k: v for k, v in after.items() if k in before} == before
+    assert set(after) - set(before) <= {".training.lock", ".training.lock.owner"}
+
+
+def test_a_run_trains_on_caption_files(launch, assets, tmp_path):
+    folder = caption_file_folder(assets["images"], str(tmp_path / "photos"))
+    out = str(tmp_path / "run")
+    args = base_args(assets, out, "--max_train_steps 2 --checkpointing_steps 100")
+    args[args.index("--train_data_dir") + 1] = folder
+    result = launch.accelerate(SCRIPT, args)
+    assert "Examples = 10," in result.output
+    assert os.path.isfile(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
