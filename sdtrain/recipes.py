@@ -5,7 +5,7 @@ import numpy as np
 
 
 def add_recipe_arguments(parser):
-    """The loss and timestep-sampling recipes, the same flags in all four scripts (see the README's recipes table)."""
+    """The loss and timestep-sampling recipes, the same flags in all four scripts (docs/recipes.md)."""
     parser.add_argument(
         "--rescale_betas_zero_snr",
         action="store_true",
