@@ -36,8 +36,8 @@ def edit_caption(caption, rng, config):
     return caption
 
 
-# The metadata files that make a --train_data_dir an imagefolder (datasets' names): name -> extensions.
-METADATA_FILES = {"metadata": (".jsonl", ".csv", ".parquet")}
+# The metadata files that make a --train_data_dir an imagefolder (datasets' names).
+METADATA_FILES = {"metadata.jsonl", "metadata.csv", "metadata.parquet"}
 # The caption file beside each image when there is no metadata file (kohya's and OneTrainer's default extension).
 CAPTION_EXTENSION = ".txt"
 
@@ -51,9 +51,9 @@ def caption_file_dataset(folder, image_column, caption_column):
     for root, folders, names in os.walk(folder):
         folders[:] = sorted(name for name in folders if not name.startswith("."))
         for name in sorted(names):
-            stem, extension = os.path.splitext(name)
-            if stem in METADATA_FILES and extension in METADATA_FILES[stem]:
+            if name in METADATA_FILES:
                 return None
+            extension = os.path.splitext(name)[1]
             has_caption_files = has_caption_files or extension.lower() == CAPTION_EXTENSION
             if extension.lower() in image_extensions and not name.startswith("."):
                 images.append(os.path.join(root, name))
