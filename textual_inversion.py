@@ -59,6 +59,7 @@ from sdtrain.embeddings import (
     find_example_images,
     initializer_token_id,
 )
+from sdtrain.families import sdxl_not_yet
 from sdtrain.hub import push_to_hub
 from sdtrain.images import load_rgb
 from sdtrain.logs import format_logs
@@ -85,6 +86,7 @@ from sdtrain.torch_training import (
     inference_scheduler,
     load_component,
     log_validation,
+    model_family,
     optimizer_tensors,
     save_checkpoint,
     stop_agreed,
@@ -656,12 +658,21 @@ class LossConfig:
 
 
 def diffusion_loss(
-    unet, noise_scheduler, latents, encoder_hidden_states, generator, config, sample_weights=None, share=None
+    unet,
+    noise_scheduler,
+    latents,
+    encoder_hidden_states,
+    generator,
+    config,
+    sample_weights=None,
+    share=None,
+    added_cond_kwargs=None,
 ):
     """The denoising loss of a batch of clean latents, averaged over the batch (weighted by `sample_weights` when
     given: a padded batch holds examples of weight 0). Every random draw comes from `generator`, in the JAX twin's
     order: noise, offset noise, input perturbation, timesteps; each is drawn for the global batch `share` belongs to
-    (None: this batch is the whole batch) and cut to its rows."""
+    (None: this batch is the whole batch) and cut to its rows. added_cond_kwargs: SDXL's pooled text embedding and size
+    conditioning (None for SD 1.x / 2.x)."""
     bsz = latents.shape[0]
     share = share or BatchShare(0, bsz, bsz)
     rows, draws = slice(share.start, share.stop), share.global_batch_size
@@ -718,7 +729,9 @@ def diffusion_loss(
             config.dream_detail_preservation,
         )
 
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    model_pred = unet(
+        noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, return_dict=False
+    )[0]
     # Signal-to-noise ratio of each sample's timestep, alpha_bar / (1 - alpha_bar): 0 at a zero-terminal-SNR end.
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(latents.device)[timesteps].float()
     snr = alphas_cumprod / (1.0 - alphas_cumprod)
@@ -906,6 +919,10 @@ def main(argv=None):
     seed = choose_seed(args, resume_metadata, broadcast_object_list([draw_seed()])[0])
 
     # ------------------------------------------------------------------------------------------------ load models
+    if model_family(args) == "sdxl":  # any other family is named and refused by model_family
+        raise sdxl_not_yet(
+            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}", "textual_inversion.py"
+        )
     if args.tokenizer_name:
         tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)
     else:

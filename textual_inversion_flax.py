@@ -52,6 +52,7 @@ from sdtrain.embeddings import (
     find_example_images,
     initializer_token_id,
 )
+from sdtrain.families import folder_family, sdxl_not_yet
 from sdtrain.hub import push_to_hub
 from sdtrain.images import load_rgb
 from sdtrain.jax_training import (
@@ -777,6 +778,9 @@ def main(argv=None):
 
     weight_dtype = jnp.bfloat16 if args.mixed_precision == "bf16" else jnp.float32
     folder = resolve_pipeline_folder(args)
+    source = f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}"
+    if folder_family(folder, source) == "sdxl":  # any other family is named and refused by folder_family
+        raise sdxl_not_yet(source, os.path.basename(__file__))
     if args.tokenizer_name:
         tokenizer = CLIPTokenizerFast.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)
     else:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fine-tune the UNet of a Stable Diffusion 1.x / 2.x pipeline on image-caption pairs (PyTorch + Accelerate).
+"""Fine-tune the UNet of a Stable Diffusion 1.x / 2.x or SDXL pipeline on image-caption pairs (PyTorch + Accelerate).
 
 One GPU (or CPU):
     accelerate launch train_text_to_image.py \
@@ -8,6 +8,14 @@ One GPU (or CPU):
       --train_batch_size=1 --gradient_accumulation_steps=4 --gradient_checkpointing --mixed_precision=fp16 \
       --max_train_steps=15000 --learning_rate=1e-05 --max_grad_norm=1 --lr_scheduler=constant --lr_warmup_steps=0 \
       --use_ema --checkpointing_steps=500 --validation_prompts "yoda" --output_dir=sd-naruto-model
+
+SDXL (found from the pipeline: a second text encoder), with the fp16-safe VAE:
+    accelerate launch train_text_to_image.py \
+      --pretrained_model_name_or_path=stabilityai/stable-diffusion-xl-base-1.0 \
+      --pretrained_vae_model_name_or_path=madebyollin/sdxl-vae-fp16-fix \
+      --dataset_name=lambdalabs/naruto-blip-captions --resolution=1024 --random_flip --train_batch_size=1 \
+      --gradient_accumulation_steps=4 --gradient_checkpointing --mixed_precision=fp16 --max_train_steps=10000 \
+      --learning_rate=1e-06 --lr_scheduler=constant --lr_warmup_steps=0 --output_dir=sdxl-naruto-model
 
 Several GPUs: run `accelerate config` once, then `accelerate launch --multi_gpu train_text_to_image.py <same flags>`.
 Several machines (the same on each, --machine_rank 0 on the one at --main_process_ip; output_dir shared by all):
@@ -43,13 +51,19 @@ import torchvision.transforms.functional as TF
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, broadcast_object_list
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_dream_and_update_latents
 from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdtrain.batching import (
     BUCKET_SEED_KEY,
@@ -88,6 +102,7 @@ from sdtrain.torch_training import (
     inference_scheduler,
     load_component,
     log_validation,
+    model_family,
     optimizer_tensors,
     save_checkpoint,
     stop_agreed,
@@ -119,7 +134,14 @@ def parse_args(argv=None):
         "--pretrained_model_name_or_path",
         type=str,
         required=True,
-        help="Hub id or local folder of a diffusers Stable Diffusion pipeline.",
+        help="Hub id or local folder of a diffusers Stable Diffusion 1.x / 2.x or SDXL pipeline.",
+    )
+    group.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help="A VAE to use and save instead of the pipeline's (e.g. an fp16-safe SDXL VAE); it runs in the "
+        "mixed-precision dtype unless its config asks for fp32 (force_upcast).",
     )
     group.add_argument(
         "--revision", type=str, default=None, help="Hub revision (branch, tag or commit) of the pretrained pipeline."
@@ -499,12 +521,14 @@ def check_optimizer_arguments(parser, args):
 
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
-    """Rows -> {pixel_values or latent_parameters, input_ids or encoder_hidden_states, sample_weights}. Indexed by
-    (epoch, row, weight) keys: crop, flip and caption edits are drawn from an RNG seeded by (seed, epoch, row), so the
-    same sample is identical in a resumed run, and the cached path draws exactly what the uncached one does."""
+    """Rows -> {pixel_values or latent_parameters, input_ids or encoder_hidden_states (+ pooled_text_embeds),
+    sample_weights}, and for SDXL {time_ids, caption_kept}. Indexed by (epoch, row, weight) keys: crop, flip and
+    caption edits are drawn from an RNG seeded by (seed, epoch, row), so the same sample is identical in a resumed run,
+    and the cached path draws exactly what the uncached one does. `tokenizers`: one per text encoder (two for SDXL);
+    input_ids holds a row of ids for each."""
 
-    def __init__(self, rows, tokenizer, args, seed):
-        self.rows, self.tokenizer, self.args, self.seed = rows, tokenizer, args, seed
+    def __init__(self, rows, tokenizers, args, seed, sdxl=False):
+        self.rows, self.tokenizers, self.args, self.seed, self.sdxl = rows, tokenizers, args, seed, sdxl
         self.interpolation = InterpolationMode[args.image_interpolation_mode.upper()]
         self.caption_config = CaptionConfig(
             proportion_empty_prompts=args.proportion_empty_prompts,
@@ -524,6 +548,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         # empty caption's index).
         self.latent_cache = None
         self.text_cache = None
+        # Set in main() from check_images(): every image's (width, height), SDXL's original-size conditioning.
+        self.image_sizes = None
 
     def __len__(self):
         return len(self.rows)
@@ -547,30 +573,54 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         group_of_row = np.zeros(len(self), np.int64) if self.buckets is None else np.asarray(self.bucket_of_row)
         return group_of_row, [np.flatnonzero(group_of_row == group).tolist() for group in range(group_of_row.max() + 1)]
 
-    def transform(self, image, row, rng, flip=None):
+    def crop_box(self, row, image_width, image_height, rng):
+        """Where the row's training crop comes from: (resized height, width), (top, left) of the crop in the resized
+        image, and the crop's (height, width)."""
         if self.buckets is None:
+            # The shorter side to --resolution, the longer in proportion (truncated, as torchvision computes it).
             height = width = self.args.resolution
-            image = TF.resize(image, self.args.resolution, interpolation=self.interpolation)
+            short, long = sorted((image_width, image_height))
+            resized_long = int(self.args.resolution * long / short)
+            if image_width <= image_height:
+                resized = (resized_long, self.args.resolution)
+            else:
+                resized = (self.args.resolution, resized_long)
             crop_rng = rng
         else:
             # Resized to cover its bucket, then cropped; a random crop is drawn once per image (from the seed and the
             # row), so --cache_latents stores exactly what an uncached run trains on.
             height, width = self.buckets[self.bucket_of_row[row]]
-            scale = max(height / image.height, width / image.width)
-            size = [max(height, round(image.height * scale)), max(width, round(image.width * scale))]
-            image = TF.resize(image, size, interpolation=self.interpolation)
+            scale = max(height / image_height, width / image_width)
+            resized = (max(height, round(image_height * scale)), max(width, round(image_width * scale)))
             crop_rng = np.random.default_rng([self.seed, BUCKET_SEED_KEY, row])
         if self.args.center_crop:
-            top, left = int(round((image.height - height) / 2.0)), int(round((image.width - width) / 2.0))
+            top, left = int(round((resized[0] - height) / 2.0)), int(round((resized[1] - width) / 2.0))
         else:
-            top = int(crop_rng.integers(0, image.height - height + 1))
-            left = int(crop_rng.integers(0, image.width - width + 1))
+            top = int(crop_rng.integers(0, resized[0] - height + 1))
+            left = int(crop_rng.integers(0, resized[1] - width + 1))
+        return resized, (top, left), (height, width)
+
+    def time_ids(self, row, box, flipped):
+        """SDXL's size conditioning (Podell et al. 2023, arXiv:2307.01952, sec. 2.2): the image's original (height,
+        width), the crop's top-left corner in the resized image, and the size trained at. A mirrored image was cropped
+        from the mirrored corner, so its left offset is measured from the other side."""
+        image_width, image_height = self.image_sizes[row]
+        resized, (top, left), (height, width) = box
+        if flipped:
+            left = resized[1] - left - width
+        return torch.tensor([image_height, image_width, top, left, height, width], dtype=torch.float32)
+
+    def transform(self, image, row, rng, flip=None):
+        """The row's image as the training crop, in [-1, 1], and its crop box (see crop_box)."""
+        box = self.crop_box(row, image.width, image.height, rng)
+        resized, (top, left), (height, width) = box
+        image = TF.resize(image, list(resized), interpolation=self.interpolation)
         image = TF.crop(image, top, left, height, width)
         if flip is None:
             flip = self.args.random_flip and rng.random() < 0.5
         if flip:
             image = TF.hflip(image)
-        return TF.to_tensor(image) * 2.0 - 1.0  # [0, 1] -> [-1, 1], the VAE's input range
+        return TF.to_tensor(image) * 2.0 - 1.0, box, flip  # [0, 1] -> [-1, 1], the VAE's input range
 
     def caption_choices(self, value, row):
         if isinstance(value, str):
@@ -587,36 +637,47 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, epoch, row])
         example = {"sample_weights": torch.tensor(weight, dtype=torch.float32)}
         if self.latent_cache is None:
-            example["pixel_values"] = self.transform(self.open_image(row), row, rng)
+            example["pixel_values"], box, flipped = self.transform(self.open_image(row), row, rng)
         else:
             # The same draws as transform(): with a fixed crop only the flip is random.
             flipped = self.args.random_flip and rng.random() < 0.5
             group_of_row, place, latents = self.latent_cache
             example["latent_parameters"] = latents[group_of_row[row]][place[row], int(flipped)]
+            box = self.crop_box(row, *self.image_sizes[row], rng=None) if self.sdxl else None
+        if self.sdxl:
+            example["time_ids"] = self.time_ids(row, box, flipped)
         choices = self.caption_choices(self.caption_rows[row][self.args.caption_column], row)
         choice = int(rng.integers(len(choices))) if len(choices) > 1 else 0
         caption = edit_caption(choices[choice], rng, self.caption_config)
+        if self.sdxl:
+            # SDXL pipelines sample the unconditional branch from zeros, not from the encoded empty prompt
+            # (force_zeros_for_empty_prompt): an empty caption, dropped or in the data, trains that branch.
+            example["caption_kept"] = torch.tensor(float(caption != ""))
         if self.text_cache is None:
-            example["input_ids"] = tokenize(self.tokenizer, [caption], [0])[0]
+            example["input_ids"] = torch.stack(
+                [tokenize(tokenizer, [caption], [0])[0] for tokenizer in self.tokenizers]
+            )
         else:
             # The same draws as above; the cache lists each row's captions in order, and the empty caption once. A
             # caption that edit_caption replaced is the dropped (empty) one; an empty caption of the data is listed.
-            offsets, indices, embeddings, empty_index = self.text_cache
+            offsets, indices, embeddings, pooled, empty_index = self.text_cache
             index = indices[offsets[row] + choice] if caption == choices[choice] else empty_index
             example["encoder_hidden_states"] = embeddings[index]
+            if pooled is not None:
+                example["pooled_text_embeds"] = pooled[index]
         return example
 
 
 def image_views(dataset, views, rows, indices):
     """Pixel batches for the latent cache: item i is rows[i // views], horizontally flipped when i % views is 1."""
     pixels = [
-        dataset.transform(dataset.open_image(rows[i // views]), rows[i // views], rng=None, flip=i % views == 1)
+        dataset.transform(dataset.open_image(rows[i // views]), rows[i // views], rng=None, flip=i % views == 1)[0]
         for i in indices
     ]
     return torch.stack(pixels)
 
 
-def build_caches(train_dataset, vae, text_encoder, tokenizer, accelerator, args, num_workers):
+def build_caches(train_dataset, vae, text_encoders, accelerator, args, num_workers):
     """--cache_latents: the VAE's latent distribution of every image (and its mirror image with --random_flip), at its
     bucket's size, so the VAE leaves the training loop. --cache_text_embeddings: the text encoder's output for every
     distinct caption (and the empty one, with --proportion_empty_prompts)."""
@@ -650,16 +711,22 @@ def build_caches(train_dataset, vae, text_encoder, tokenizer, accelerator, args,
                 indices.append(distinct.setdefault(caption, len(distinct)))
             offsets.append(len(indices))
         empty_index = distinct.setdefault("", len(distinct)) if args.proportion_empty_prompts > 0 else None
+        captions = list(distinct)
+
+        def token_ids(indices):
+            return torch.stack([tokenize(tokenizer, captions, indices) for tokenizer in train_dataset.tokenizers], 1)
+
         embeddings = encode_once(
             accelerator,
             len(distinct),
             args.train_batch_size,
-            functools.partial(tokenize, tokenizer, list(distinct)),
-            lambda input_ids: text_encoder(input_ids.to(text_encoder.device), return_dict=False)[0],
+            token_ids,
+            lambda input_ids: encode_text(text_encoders, input_ids),
             "Caching text embeddings",
         )
-        train_dataset.text_cache = (np.array(offsets), np.array(indices), embeddings, empty_index)
-        caches.append(("text embeddings", [embeddings]))
+        embeddings, pooled = embeddings if train_dataset.sdxl else (embeddings, None)
+        train_dataset.text_cache = (np.array(offsets), np.array(indices), embeddings, pooled, empty_index)
+        caches.append(("text embeddings", [embeddings] + ([pooled] if pooled is not None else [])))
     for name, tensors in caches:
         size = sum(t.numel() * t.element_size() for t in tensors) / 2**20
         shapes = ", ".join(str(tuple(t.shape)) for t in tensors[:4]) + (", ..." if len(tensors) > 4 else "")
@@ -688,11 +755,19 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
                 yield [(self.epoch, row, weight) for row, weight in share]
 
 
-def probe_loss(accelerator, unet, noise_scheduler, latents, encoder_hidden_states, config, seed):
+def probe_loss(accelerator, unet, noise_scheduler, latents, encoder_hidden_states, added_cond_kwargs, config, seed):
     """The loss the UNet's current weights give on a batch (the mean over processes), with draws of its own."""
     generator = torch.Generator(device=latents.device).manual_seed(seed)
     with torch.no_grad(), accelerator.autocast():
-        loss = diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator, config)
+        loss = diffusion_loss(
+            unet,
+            noise_scheduler,
+            latents,
+            encoder_hidden_states,
+            generator,
+            config,
+            added_cond_kwargs=added_cond_kwargs,
+        )
     return accelerator.reduce(loss.detach().float(), reduction="mean").item()
 
 
@@ -788,9 +863,23 @@ def make_optimizer(args, params):
     )
 
 
-def encode_batch(batch, vae, text_encoder, generator, share):
-    """The batch's latents and text conditioning, from the frozen VAE and text encoder or from their caches. The VAE
-    sample is the first draw from `generator`, made for the global batch `share` belongs to (see BatchShare)."""
+def encode_text(text_encoders, input_ids):
+    """The UNet's text conditioning from token ids [batch, encoders, tokens]. SD 1.x / 2.x: the text encoder's last
+    hidden state. SDXL: (both encoders' penultimate hidden states side by side, the second's pooled projection)."""
+    if len(text_encoders) == 1:
+        return text_encoders[0](input_ids[:, 0].to(text_encoders[0].device), return_dict=False)[0]
+    hidden_states = []
+    for text_encoder, ids in zip(text_encoders, input_ids.unbind(1), strict=True):
+        output = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
+        # SDXL reads the penultimate layer of each encoder (Podell et al. 2023, arXiv:2307.01952, sec. 2.1).
+        hidden_states.append(output.hidden_states[-2])
+    return torch.cat(hidden_states, dim=-1), output[0]  # output[0]: the second encoder's text_embeds
+
+
+def encode_batch(batch, vae, text_encoders, generator, share):
+    """The batch's latents and text conditioning (encoder_hidden_states, and for SDXL the UNet's added_cond_kwargs),
+    from the frozen VAE and text encoders or from their caches. The VAE sample is the first draw from `generator`,
+    made for the global batch `share` belongs to (see BatchShare)."""
     with torch.no_grad():
         if "latent_parameters" in batch:
             # --cache_latents: sampling from the stored distribution draws exactly what encoding the image would.
@@ -803,12 +892,23 @@ def encode_batch(batch, vae, text_encoder, generator, share):
         sample_shape = (share.global_batch_size, *mean.shape[1:])
         sample = torch.randn(sample_shape, generator=generator, device=mean.device, dtype=mean.dtype)
         latents = (mean + std * sample[share.start : share.stop]) * vae.config.scaling_factor
+        device, dtype = text_encoders[0].device, text_encoders[0].dtype
         if "encoder_hidden_states" in batch:
-            encoder_hidden_states = batch["encoder_hidden_states"].to(text_encoder.device, text_encoder.dtype)
+            encoder_hidden_states = batch["encoder_hidden_states"].to(device, dtype)
+            pooled_text_embeds = batch.get("pooled_text_embeds")
         else:
-            # The frozen text encoder's last hidden state conditions the UNet through cross-attention.
-            encoder_hidden_states = text_encoder(batch["input_ids"].to(text_encoder.device), return_dict=False)[0]
-    return latents, encoder_hidden_states
+            # The frozen text encoders' hidden states condition the UNet through cross-attention.
+            encoded = encode_text(text_encoders, batch["input_ids"])
+            encoder_hidden_states, pooled_text_embeds = encoded if isinstance(encoded, tuple) else (encoded, None)
+        added_cond_kwargs = None
+        if "time_ids" in batch:
+            # SDXL: the pooled text embedding and the size conditioning enter through the UNet's added embedding; an
+            # empty caption conditions on zeros (see ImageCaptionDataset).
+            kept = batch["caption_kept"].to(device, dtype)
+            encoder_hidden_states = encoder_hidden_states * kept[:, None, None]
+            text_embeds = pooled_text_embeds.to(device, dtype) * kept[:, None]
+            added_cond_kwargs = {"text_embeds": text_embeds, "time_ids": batch["time_ids"].to(device, dtype)}
+    return latents, encoder_hidden_states, added_cond_kwargs
 
 
 # ----------------------------------------------------- BEGIN MATH -----------------------------------------------------
@@ -838,12 +938,21 @@ class LossConfig:
 
 
 def diffusion_loss(
-    unet, noise_scheduler, latents, encoder_hidden_states, generator, config, sample_weights=None, share=None
+    unet,
+    noise_scheduler,
+    latents,
+    encoder_hidden_states,
+    generator,
+    config,
+    sample_weights=None,
+    share=None,
+    added_cond_kwargs=None,
 ):
     """The denoising loss of a batch of clean latents, averaged over the batch (weighted by `sample_weights` when
     given: a padded batch holds examples of weight 0). Every random draw comes from `generator`, in the JAX twin's
     order: noise, offset noise, input perturbation, timesteps; each is drawn for the global batch `share` belongs to
-    (None: this batch is the whole batch) and cut to its rows."""
+    (None: this batch is the whole batch) and cut to its rows. added_cond_kwargs: SDXL's pooled text embedding and size
+    conditioning (None for SD 1.x / 2.x)."""
     bsz = latents.shape[0]
     share = share or BatchShare(0, bsz, bsz)
     rows, draws = slice(share.start, share.stop), share.global_batch_size
@@ -900,7 +1009,9 @@ def diffusion_loss(
             config.dream_detail_preservation,
         )
 
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False)[0]
+    model_pred = unet(
+        noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, return_dict=False
+    )[0]
     # Signal-to-noise ratio of each sample's timestep, alpha_bar / (1 - alpha_bar): 0 at a zero-terminal-SNR end.
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(latents.device)[timesteps].float()
     snr = alphas_cumprod / (1.0 - alphas_cumprod)
@@ -956,13 +1067,28 @@ def validation_weights(args):
     return {"ema": [("", True)], "raw": [("-raw", False)], "both": [("", True), ("-raw", False)]}[args.ema_validation]
 
 
+def frozen_components(vae, text_encoders, tokenizers):
+    """The frozen models by their pipeline names: vae, text_encoder, tokenizer (and SDXL's text_encoder_2,
+    tokenizer_2)."""
+    components = {"vae": vae}
+    for index, (text_encoder, tokenizer) in enumerate(zip(text_encoders, tokenizers, strict=True)):
+        suffix = f"_{index + 1}" if index else ""
+        components["text_encoder" + suffix], components["tokenizer" + suffix] = text_encoder, tokenizer
+    return components
+
+
+def pipeline_class(sdxl):
+    return StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+
+
 def validate(accelerator, unet, ema_unet, components, args, seed, global_step, weight_dtype):
     """Render the validation prompts mid-training with the weights that would be saved now (the EMA with --use_ema),
     and with --ema_validation raw or both, with the raw trained weights."""
-    pipeline = StableDiffusionPipeline.from_pretrained(
+    sdxl = "text_encoder_2" in components
+    pipeline = pipeline_class(sdxl).from_pretrained(
         args.pretrained_model_name_or_path,
         unet=accelerator.unwrap_model(unet),
-        safety_checker=None,
+        **({} if sdxl else {"safety_checker": None}),
         revision=args.revision,
         variant=args.variant,
         dtype=weight_dtype,
@@ -981,13 +1107,13 @@ def validate(accelerator, unet, ema_unet, components, args, seed, global_step, w
     del pipeline
 
 
-def write_model_card(args, global_step, validation_grid):
+def write_model_card(args, global_step, validation_grid, sdxl):
     lines = [
         "---",
         "license: creativeml-openrail-m",
         f"base_model: {args.pretrained_model_name_or_path}",
         "tags:",
-        "- stable-diffusion",
+        "- stable-diffusion-xl" if sdxl else "- stable-diffusion",
         "- text-to-image",
         "- diffusers",
         "library_name: diffusers",
@@ -999,9 +1125,9 @@ def write_model_card(args, global_step, validation_grid):
         f"`{args.dataset_name or args.train_data_dir}`.",
         "",
         "```python",
-        "from diffusers import StableDiffusionPipeline",
+        f"from diffusers import {pipeline_class(sdxl).__name__}",
         "",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{args.hub_model_id or args.output_dir}")',
+        f'pipe = {pipeline_class(sdxl).__name__}.from_pretrained("{args.hub_model_id or args.output_dir}")',
         f'image = pipe("{(args.validation_prompts or ["a photo"])[0]}").images[0]',
         "```",
         "",
@@ -1021,12 +1147,19 @@ def write_model_card(args, global_step, validation_grid):
         f.write("\n".join(lines) + "\n")
 
 
-def save_pipeline(unet, args):
-    """The full pipeline (frozen parts re-read in their original precision) in output_dir, written to a temporary
-    folder first and switched in atomically (publish_pipeline), so a crash never leaves a broken model."""
-    pipeline = StableDiffusionPipeline.from_pretrained(
+def save_pipeline(unet, args, sdxl):
+    """The full pipeline (frozen parts re-read in their original precision, the --pretrained_vae_model_name_or_path VAE
+    in place of the pipeline's) in output_dir, written to a temporary folder first and switched in atomically
+    (publish_pipeline), so a crash never leaves a broken model."""
+    replaced = {}
+    if args.pretrained_vae_model_name_or_path:
+        replaced["vae"] = AutoencoderKL.from_pretrained(
+            args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir
+        )
+    pipeline = pipeline_class(sdxl).from_pretrained(
         args.pretrained_model_name_or_path,
         unet=unet,
+        **replaced,
         revision=args.revision,
         variant=args.variant,
         cache_dir=args.cache_dir,
@@ -1038,7 +1171,9 @@ def save_pipeline(unet, args):
     shutil.rmtree(partial, ignore_errors=True)
     try:
         pipeline.save_pretrained(partial, safe_serialization=True)
-        write_hub_style_text_encoder(os.path.join(partial, "text_encoder"))
+        for name in ("text_encoder", "text_encoder_2"):
+            if os.path.isdir(os.path.join(partial, name)):
+                write_hub_style_text_encoder(os.path.join(partial, name))
     except (OSError, RuntimeError) as err:
         shutil.rmtree(partial, ignore_errors=True)
         raise OSError(write_failure("the pipeline", args.output_dir, err)) from err
@@ -1092,6 +1227,12 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------ load models
     # Lin et al. 2023 (arXiv:2305.08891): rescaled betas reach zero SNR at the last timestep, so the model learns to
     # start from pure noise, as sampling does, and can make very dark and very bright images.
+    # SD 1.x / 2.x or SDXL, from model_index.json before any weights load; any other family is named and refused.
+    sdxl = model_family(args) == "sdxl"
+    if sdxl and args.dream_training:
+        raise ValueError("--dream_training supports Stable Diffusion 1.x / 2.x pipelines; this one is SDXL")
+    if sdxl and args.save_single_file:
+        raise ValueError("--save_single_file writes Stable Diffusion 1.x / 2.x checkpoints; this pipeline is SDXL")
     noise_scheduler = load_component(
         DDPMScheduler, args, "scheduler", rescale_betas_zero_snr=args.rescale_betas_zero_snr
     )
@@ -1100,12 +1241,19 @@ def main(argv=None):
     prediction_type = noise_scheduler.config.prediction_type
     if args.dream_training and prediction_type != "epsilon":
         raise ValueError(f"--dream_training supports epsilon prediction only; this run predicts {prediction_type}")
-    tokenizer = load_component(CLIPTokenizer, args, "tokenizer")
-    text_encoder = load_component(CLIPTextModel, args, "text_encoder", variant=args.variant)
-    vae = load_component(AutoencoderKL, args, "vae", variant=args.variant)
+    tokenizers = [load_component(CLIPTokenizer, args, "tokenizer")]
+    text_encoders = [load_component(CLIPTextModel, args, "text_encoder", variant=args.variant)]
+    if sdxl:
+        tokenizers.append(load_component(CLIPTokenizer, args, "tokenizer_2"))
+        text_encoders.append(load_component(CLIPTextModelWithProjection, args, "text_encoder_2", variant=args.variant))
+    if args.pretrained_vae_model_name_or_path:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+    else:
+        vae = load_component(AutoencoderKL, args, "vae", variant=args.variant)
     unet = load_component(UNet2DConditionModel, args, "unet", revision=args.non_ema_revision)
     vae.requires_grad_(False)
-    text_encoder.requires_grad_(False)
+    for text_encoder in text_encoders:
+        text_encoder.requires_grad_(False)
     unet.train()
     ema_unet = make_ema_unet(args, accelerator.device) if args.use_ema else None
     if args.enable_xformers_memory_efficient_attention:
@@ -1119,10 +1267,12 @@ def main(argv=None):
         unet.compile()  # in place: the module, its state-dict keys and save_pretrained stay as they are
     # The frozen models only run forward: keep them in the mixed-precision dtype. The UNet keeps fp32 master weights.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    vae.to(accelerator.device, dtype=weight_dtype)
-    text_encoder.to(accelerator.device, dtype=weight_dtype)
+    # SDXL's VAE overflows in fp16 and says so (force_upcast): it stays in fp32. An fp16-safe VAE says otherwise.
+    vae.to(accelerator.device, dtype=torch.float32 if sdxl and vae.config.force_upcast else weight_dtype)
+    for text_encoder in text_encoders:
+        text_encoder.to(accelerator.device, dtype=weight_dtype)
     if args.save_single_file:  # refused now rather than after training
-        single_file_layout(dict(unet.config), dict(vae.config), text_encoder.config.to_dict())
+        single_file_layout(dict(unet.config), dict(vae.config), text_encoders[0].config.to_dict())
     register_checkpoint_hooks(accelerator, ema_unet, args)
     loss_config = LossConfig(
         prediction_type=prediction_type,
@@ -1134,8 +1284,8 @@ def main(argv=None):
     )
 
     # ------------------------------------------------------------------------------------------------------- data
-    train_dataset = ImageCaptionDataset(load_image_caption_dataset(args, seed), tokenizer, args, seed)
-    image_sizes = check_images(train_dataset, accelerator)
+    train_dataset = ImageCaptionDataset(load_image_caption_dataset(args, seed), tokenizers, args, seed, sdxl)
+    image_sizes = train_dataset.image_sizes = check_images(train_dataset, accelerator)
     # The run depends on the global batch, not on how many processes share it: batches and draws are made for it.
     global_batch_size = args.train_batch_size * accelerator.num_processes
     if args.use_aspect_ratio_buckets:
@@ -1146,7 +1296,7 @@ def main(argv=None):
     else:
         epoch_global_batches = functools.partial(shuffled_batches, len(train_dataset), global_batch_size, seed)
     num_workers = default_num_workers(args, accelerator)
-    build_caches(train_dataset, vae, text_encoder, tokenizer, accelerator, args, num_workers)
+    build_caches(train_dataset, vae, text_encoders, accelerator, args, num_workers)
     sampler = GlobalBatchSampler(epoch_global_batches, args.train_batch_size, accelerator.num_processes)
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
@@ -1230,7 +1380,7 @@ def main(argv=None):
     # and is switched to eval mode (on every process) whenever the weights are checked, rendered or saved. The other
     # optimizers have no modes, and Accelerate makes these calls no-ops for them.
     optimizer.train()
-    last_batch = None  # (latents, encoder_hidden_states) of the last batch, to probe the weights before writing them
+    last_batch = None  # the last batch's encode_batch(), to probe the weights before writing them
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
             break
@@ -1245,14 +1395,24 @@ def main(argv=None):
             group_start = batch_index - batch_index % args.gradient_accumulation_steps
             group_size = min(args.gradient_accumulation_steps, batches_per_epoch - group_start)
             with accelerator.accumulate(unet):
-                latents, encoder_hidden_states = encode_batch(batch, vae, text_encoder, generator, share)
+                latents, encoder_hidden_states, added_cond_kwargs = encode_batch(
+                    batch, vae, text_encoders, generator, share
+                )
                 sample_weights = batch["sample_weights"].to(latents.device)
                 loss = diffusion_loss(
-                    unet, noise_scheduler, latents, encoder_hidden_states, generator, loss_config, sample_weights, share
+                    unet,
+                    noise_scheduler,
+                    latents,
+                    encoder_hidden_states,
+                    generator,
+                    loss_config,
+                    sample_weights,
+                    share,
+                    added_cond_kwargs=added_cond_kwargs,
                 )
                 window.add_batch(loss, group_size)
                 accelerator.backward(loss * (args.gradient_accumulation_steps / group_size))
-                last_batch = (latents, encoder_hidden_states)
+                last_batch = (latents, encoder_hidden_states, added_cond_kwargs)
                 grad_norm = None
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
@@ -1299,7 +1459,7 @@ def main(argv=None):
         if args.validation_prompts and (epoch + 1) % args.validation_epochs == 0 and not end_of_run:
             optimizer.eval()
             if accelerator.is_main_process:
-                components = {"vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+                components = frozen_components(vae, text_encoders, tokenizers)
                 validate(accelerator, unet, ema_unet, components, args, seed, global_step, weight_dtype)
             accelerator.wait_for_everyone()
             optimizer.train()
@@ -1318,7 +1478,7 @@ def main(argv=None):
             if ("-raw", False) in renders:
                 ema_unet.store(final_unet.parameters())  # the raw weights, rendered after the saved EMA
             ema_unet.copy_to(final_unet.parameters())
-        pipeline = save_pipeline(final_unet, args)
+        pipeline = save_pipeline(final_unet, args, sdxl)
         if args.save_single_file:
             save_single_file(args, prediction_type, global_step)
         grid = None
@@ -1331,7 +1491,7 @@ def main(argv=None):
                 prompts, tag = args.validation_prompts, "final" + suffix
                 log_validation(pipeline, prompts, args, accelerator, seed, global_step, tag, torch.float32)
             grid = f"validation/final{renders[0][0]}-step-{global_step:06d}.png"
-        write_model_card(args, global_step, grid)
+        write_model_card(args, global_step, grid, sdxl)
         logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
         if args.push_to_hub:
             push_to_hub(args)

@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 
 from sdtrain.batching import BUCKET_SEED_KEY, bucket_batches, parse_buckets, parse_size, setup_buckets, shuffled_batches
 from sdtrain.captions import CaptionConfig, edit_caption, load_image_caption_dataset
+from sdtrain.families import folder_family, sdxl_not_yet
 from sdtrain.hub import push_to_hub
 from sdtrain.images import inspect_images, load_rgb, verify_image
 from sdtrain.jax_training import (
@@ -1047,6 +1048,9 @@ def main(argv=None):
 
     weight_dtype = jnp.bfloat16 if args.mixed_precision == "bf16" else jnp.float32
     folder = resolve_pipeline_folder(args)
+    source = f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}"
+    if folder_family(folder, source) == "sdxl":  # any other family is named and refused by folder_family
+        raise sdxl_not_yet(source, os.path.basename(__file__))
     if args.save_single_file:  # refused now rather than after training
         single_file_layout(*component_configs(folder))
     tokenizer = CLIPTokenizerFast.from_pretrained(folder, subfolder="tokenizer")

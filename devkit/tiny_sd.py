@@ -221,6 +221,99 @@ def build_pipeline(path, architecture, sample_size, prediction_type="epsilon", s
     return path
 
 
+# The tiny architecture at SDXL's structure: two text encoders (CLIP ViT-L's and OpenCLIP bigG's kinds, the second with
+# a projection whose output is the pooled text embedding), a UNet with linear projections that reads their
+# concatenated hidden states (32 + 32) and, through its "text_time" addition embedding, the pooled embedding and the six
+# size numbers (original size, crop offsets, target size), each embedded in 8 channels.
+TINY_SDXL = {
+    "text": TINY["text"],
+    "text_2": {**TINY["text"], "hidden_act": "gelu"},
+    "vae": TINY["vae"],
+    "unet": {
+        **TINY["unet"],
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": 8,
+        "projection_class_embeddings_input_dim": TINY["text"]["projection_dim"] + 6 * 8,
+    },
+}
+
+
+def build_tiny_sdxl_pipeline(path, prediction_type="epsilon", seed=0):
+    """Save a randomly initialised tiny SDXL pipeline (64 px images -> 8x8x4 latents) at `path`, in the layout
+    StableDiffusionXLPipeline.save_pretrained writes: tokenizer(_2), text_encoder(_2), unet, vae, scheduler."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    architecture = TINY_SDXL
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as token_dir:
+        tokens = write_clip_tokenizer_files(token_dir)
+        tokenizer = CLIPTokenizer.from_pretrained(token_dir, model_max_length=77)
+        # OpenCLIP pads with "!" (id 0), as SDXL's second tokenizer does.
+        tokenizer_2 = CLIPTokenizer.from_pretrained(token_dir, model_max_length=77, pad_token="!")
+
+    def text_config(name):
+        ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        return CLIPTextConfig(vocab_size=tokens, max_position_embeddings=77, **ids, **architecture[name])
+
+    text_encoder = CLIPTextModel(text_config("text"))
+    text_encoder_2 = CLIPTextModelWithProjection(text_config("text_2"))
+    levels = len(architecture["vae"]["block_out_channels"])
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=64,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        scaling_factor=0.13025,  # SDXL's VAE
+        force_upcast=True,  # SDXL's VAE overflows in fp16: its pipeline decodes in fp32
+        **architecture["vae"],
+    )
+    unet = UNet2DConditionModel(
+        sample_size=64 // 2 ** (levels - 1),
+        in_channels=4,
+        out_channels=4,
+        cross_attention_dim=architecture["text"]["hidden_size"] + architecture["text_2"]["hidden_size"],
+        **architecture["unet"],
+    )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type=prediction_type,
+        timestep_spacing="leading",
+        steps_offset=1,
+    )
+    pipeline = StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        scheduler=scheduler,
+        force_zeros_for_empty_prompt=True,
+    )
+    pipeline.save_pretrained(path, safe_serialization=True)
+    from safetensors.torch import load_file, save_file
+
+    for name in ("text_encoder", "text_encoder_2"):
+        weights = os.path.join(path, name, "model.safetensors")
+        save_file({hub_text_key(k): v for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+    write_clip_tokenizer_files(os.path.join(path, "tokenizer"))
+    write_clip_tokenizer_files(os.path.join(path, "tokenizer_2"))
+    return path
+
+
+def hub_text_key(key):
+    """A CLIP text encoder's weight name as hub checkpoints have it ('text_model.' prefix; the projection stays)."""
+    return key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key
+
+
 def draw_shape(color, shape, size=64, rng=None):
     """A plain light background with one colored shape at a random position and size."""
     rng = rng or np.random.default_rng(0)

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from sdtrain.families import local_model_index, pipeline_family
 from sdtrain.images import inspect_images
 from sdtrain.run_folder import (
     VALIDATION_SEED_KEY,
@@ -37,7 +38,8 @@ def tokenize(tokenizer, captions, indices):
 def encode_once(accelerator, num_items, batch_size, prepare, encode, description, num_workers=0):
     """encode(prepare(indices)) over items 0..num_items-1, once, for --cache_latents / --cache_text_embeddings. Each
     process encodes every num_processes-th batch and all of them receive the whole result as one CPU tensor: the only
-    copy of the cache (dataloader workers share it, they do not copy it)."""
+    copy of the cache (dataloader workers share it, they do not copy it). An encode that returns a tuple of tensors
+    gives a tuple of caches."""
     import torch
 
     per_round = batch_size * accelerator.num_processes
@@ -49,15 +51,18 @@ def encode_once(accelerator, num_items, batch_size, prepare, encode, description
         range(num_items), batch_sampler=batches, collate_fn=prepare, num_workers=num_workers
     )
     progress = tqdm(loader, desc=description, disable=not accelerator.is_local_main_process)
-    cache = None
+    caches, several = None, False
     for start, prepared in zip(starts, progress, strict=True):
         with torch.no_grad():
-            encoded = accelerator.gather(encode(prepared).contiguous()).cpu()
-        if cache is None:
-            cache = torch.empty((num_items, *encoded.shape[1:]), dtype=encoded.dtype)
+            outputs = encode(prepared)
+            several = isinstance(outputs, tuple)
+            encoded = [accelerator.gather(part.contiguous()).cpu() for part in (outputs if several else (outputs,))]
+        if caches is None:
+            caches = [torch.empty((num_items, *part.shape[1:]), dtype=part.dtype) for part in encoded]
         stop = min(start + per_round, num_items)
-        cache[start:stop] = encoded[: stop - start]
-    return cache
+        for cache, part in zip(caches, encoded, strict=True):
+            cache[start:stop] = part[: stop - start]
+    return tuple(caches) if several else caches[0]
 
 
 def collate(examples):
@@ -157,6 +162,19 @@ def optimizer_tensors(optimizer):
         for key, value in state.items():
             if torch.is_tensor(value):
                 yield f"optimizer state {index}.{key}", value
+
+
+def model_family(args):
+    """ "sd" or "sdxl": the --pretrained_model_name_or_path pipeline's family, from its model_index.json (read before
+    any weights); a ValueError naming any other family."""
+    path = args.pretrained_model_name_or_path
+    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
+        model_index = local_model_index(path)
+    else:
+        from diffusers import DiffusionPipeline
+
+        model_index = DiffusionPipeline.load_config(path, revision=args.revision, cache_dir=args.cache_dir)
+    return pipeline_family(model_index, f"--pretrained_model_name_or_path {path}")
 
 
 def load_component(cls, args, subfolder, **kwargs):

@@ -45,6 +45,12 @@ def assets(tmp_path_factory):
     return paths
 
 
+@pytest.fixture(scope="session")
+def sdxl_pipeline(tmp_path_factory):
+    """A tiny SDXL pipeline (devkit/tiny_sd.py TINY_SDXL) in the layout StableDiffusionXLPipeline saves."""
+    return tiny_sd.build_tiny_sdxl_pipeline(str(tmp_path_factory.mktemp("sdxl") / "pipeline"))
+
+
 class Launcher:
     def __init__(self, assets):
         self.assets = assets

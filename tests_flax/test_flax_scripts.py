@@ -437,3 +437,19 @@ def test_text_to_image_flax_cached_training_logs_the_same_losses(launch, assets,
     a = load_file(os.path.join(plain, "unet", "diffusion_pytorch_model.safetensors"))
     b = load_file(os.path.join(cached, "unet", "diffusion_pytorch_model.safetensors"))
     assert max(np.abs(a[k] - b[k]).max() for k in a) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------------------ SDXL
+
+
+@pytest.mark.parametrize("script", [T2I, "textual_inversion_flax.py"])
+def test_the_flax_twins_name_sdxl_as_not_yet_supported(launch, assets, tmp_path, script):
+    """A tiny SDXL pipeline (devkit/tiny_sd.py) is named as SDXL before any weights load, not failed on later."""
+    pipeline = tmp_path / "sdxl"
+    run_torch(f"from devkit import tiny_sd; tiny_sd.build_tiny_sdxl_pipeline({str(pipeline)!r})")
+    args = (t2i_args if script == T2I else ti_args)(assets, str(tmp_path / "run"), "--max_train_steps 1")
+    args[args.index("--pretrained_model_name_or_path") + 1] = str(pipeline)
+    result = launch.run(script, args, check=False)
+    assert result.returncode != 0
+    message = f"--pretrained_model_name_or_path {pipeline} is an SDXL pipeline: {script} trains Stable Diffusion 1.x"
+    assert message in result.output, result.output[-3000:]
