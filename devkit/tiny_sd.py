@@ -150,11 +150,48 @@ def build_tiny_pipeline(path, prediction_type="epsilon", seed=0):
     return build_pipeline(path, TINY, sample_size=64, prediction_type=prediction_type, seed=seed)
 
 
+def sd_schedule(prediction_type):
+    """The noise schedule of SD 1.x, 2.x and SDXL (scaled linear betas, 1000 steps)."""
+    return dict(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        num_train_timesteps=1000,
+        prediction_type=prediction_type,
+    )
+
+
+def build_vae_and_unet(architecture, sample_size, cross_attention_dim, **vae_overrides):
+    """A randomly initialised AutoencoderKL and UNet2DConditionModel of the architecture (see TINY) for images of
+    sample_size pixels; the UNet reads text states of cross_attention_dim channels."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    levels = len(architecture["vae"]["block_out_channels"])
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        sample_size=sample_size,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        **architecture["vae"],
+        **vae_overrides,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=sample_size // 2 ** (levels - 1),
+        in_channels=4,
+        out_channels=4,
+        cross_attention_dim=cross_attention_dim,
+        **architecture["unet"],
+    )
+    return vae, unet
+
+
 def build_pipeline(path, architecture, sample_size, prediction_type="epsilon", seed=0, vocab_size=None):
     """Save a randomly initialised SD pipeline of the given architecture (see TINY) at `path`, in the standard
     diffusers folder layout. vocab_size pads the text encoder's embedding table (49408 for SD's CLIP)."""
     import torch
-    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(seed)
@@ -171,31 +208,8 @@ def build_pipeline(path, architecture, sample_size, prediction_type="epsilon", s
             **architecture["text"],
         )
     )
-    levels = len(architecture["vae"]["block_out_channels"])
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        sample_size=sample_size,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        **architecture["vae"],
-    )
-    unet = UNet2DConditionModel(
-        sample_size=sample_size // 2 ** (levels - 1),
-        in_channels=4,
-        out_channels=4,
-        cross_attention_dim=architecture["text"]["hidden_size"],
-        **architecture["unet"],
-    )
-    schedule = dict(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        prediction_type=prediction_type,
-    )
-    scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1, **schedule)
+    vae, unet = build_vae_and_unet(architecture, sample_size, architecture["text"]["hidden_size"])
+    scheduler = PNDMScheduler(skip_prk_steps=True, steps_offset=1, **sd_schedule(prediction_type))
     pipeline = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
@@ -243,7 +257,7 @@ def build_tiny_sdxl_pipeline(path, prediction_type="epsilon", seed=0):
     """Save a randomly initialised tiny SDXL pipeline (64 px images -> 8x8x4 latents) at `path`, in the layout
     StableDiffusionXLPipeline.save_pretrained writes: tokenizer(_2), text_encoder(_2), unet, vae, scheduler."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     architecture = TINY_SDXL
@@ -260,34 +274,10 @@ def build_tiny_sdxl_pipeline(path, prediction_type="epsilon", seed=0):
 
     text_encoder = CLIPTextModel(text_config("text"))
     text_encoder_2 = CLIPTextModelWithProjection(text_config("text_2"))
-    levels = len(architecture["vae"]["block_out_channels"])
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        latent_channels=4,
-        sample_size=64,
-        down_block_types=("DownEncoderBlock2D",) * levels,
-        up_block_types=("UpDecoderBlock2D",) * levels,
-        scaling_factor=0.13025,  # SDXL's VAE
-        force_upcast=True,  # SDXL's VAE overflows in fp16: its pipeline decodes in fp32
-        **architecture["vae"],
-    )
-    unet = UNet2DConditionModel(
-        sample_size=64 // 2 ** (levels - 1),
-        in_channels=4,
-        out_channels=4,
-        cross_attention_dim=architecture["text"]["hidden_size"] + architecture["text_2"]["hidden_size"],
-        **architecture["unet"],
-    )
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        num_train_timesteps=1000,
-        prediction_type=prediction_type,
-        timestep_spacing="leading",
-        steps_offset=1,
-    )
+    width = architecture["text"]["hidden_size"] + architecture["text_2"]["hidden_size"]
+    # SDXL's VAE: its own scaling factor, and it overflows in fp16, so its pipeline decodes in fp32 (force_upcast).
+    vae, unet = build_vae_and_unet(architecture, 64, width, scaling_factor=0.13025, force_upcast=True)
+    scheduler = EulerDiscreteScheduler(timestep_spacing="leading", steps_offset=1, **sd_schedule(prediction_type))
     pipeline = StableDiffusionXLPipeline(
         vae=vae,
         text_encoder=text_encoder,
