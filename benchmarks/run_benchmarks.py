@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Speed and memory of the four training scripts, launched as users launch them; writes BENCHMARKS.md.
 
-    make benchmark                                   # CPU configs (a) and (b), and (c) when a GPU is present
+    make benchmark                                   # CPU configs (a), (b) and (d), and (c) when a GPU is present
     .venv/bin/python benchmarks/run_benchmarks.py --configs small --output BENCHMARKS.md
 
 Each run trains for (1 + --windows) windows of --logging_steps updates. The scripts log images/s and step time per
@@ -88,6 +88,18 @@ CONFIGS = {
         flax=True,
         recipes=True,
     ),
+    # SDXL's structure (two text encoders, the pooled embedding and size conditioning) at the tiny size; SDXL is in
+    # train_text_to_image.py only so far, so it has no textual inversion or Flax rows.
+    "sdxl": dict(
+        label="(d) tiny SDXL pipeline",
+        architecture=tiny_sd.TINY_SDXL,
+        resolution=64,
+        device="cpu",
+        batches=[8],
+        precision="no",
+        flax=False,
+        textual_inversion=False,
+    ),
     "sd15": dict(
         label="(c) SD 1.5 architecture",
         architecture=SD15,
@@ -115,7 +127,7 @@ def parse_args(argv=None):
     parser.add_argument(
         "--configs",
         nargs="+",
-        default=["tiny", "small", "sd15"],
+        default=["tiny", "small", "sd15", "sdxl"],
         choices=sorted(CONFIGS),
         help="Configurations to run.",
     )
@@ -173,9 +185,12 @@ def prepare_assets(name, config, work_dir):
     pipeline = os.path.join(folder, "pipeline")
     if not os.path.exists(os.path.join(pipeline, "model_index.json")):
         vocab = 49408 if config["architecture"] is SD15 else None
-        tiny_sd.build_pipeline(
-            pipeline + ".partial", config["architecture"], sample_size=config["resolution"], vocab_size=vocab
-        )
+        if config["architecture"] is tiny_sd.TINY_SDXL:
+            tiny_sd.build_tiny_sdxl_pipeline(pipeline + ".partial")
+        else:
+            tiny_sd.build_pipeline(
+                pipeline + ".partial", config["architecture"], sample_size=config["resolution"], vocab_size=vocab
+            )
         os.replace(pipeline + ".partial", pipeline)
     images = tiny_sd.write_imagefolder(os.path.join(folder, "images"), num_images=32, size=config["resolution"])
     side = config["resolution"]
@@ -193,6 +208,8 @@ def model_flops_per_image(architecture, resolution):
     from torch.utils.flop_counter import FlopCounterMode
 
     levels = len(architecture["vae"]["block_out_channels"])
+    # SDXL's UNet reads both text encoders' states side by side, and the pooled embedding and six size numbers.
+    width = architecture["text"]["hidden_size"] + architecture.get("text_2", {}).get("hidden_size", 0)
     with torch.device("meta"):
         vae = AutoencoderKL(
             latent_channels=4,
@@ -200,13 +217,19 @@ def model_flops_per_image(architecture, resolution):
             up_block_types=("UpDecoderBlock2D",) * levels,
             **architecture["vae"],
         )
-        unet = UNet2DConditionModel(cross_attention_dim=architecture["text"]["hidden_size"], **architecture["unet"])
+        unet = UNet2DConditionModel(cross_attention_dim=width, **architecture["unet"])
         pixels = torch.zeros(1, 3, resolution, resolution)
         latents = torch.zeros(1, 4, resolution // 2 ** (levels - 1), resolution // 2 ** (levels - 1))
-        context = torch.zeros(1, 77, architecture["text"]["hidden_size"])
+        context = torch.zeros(1, 77, width)
         timesteps = torch.tensor([500])
+        added = None
+        if "text_2" in architecture:
+            added = {
+                "text_embeds": torch.zeros(1, architecture["text_2"]["projection_dim"]),
+                "time_ids": torch.zeros(1, 6),
+            }
     with FlopCounterMode(display=False) as counter:
-        unet(latents, timesteps, context).sample.sum().backward()
+        unet(latents, timesteps, context, added_cond_kwargs=added).sample.sum().backward()
     unet_flops = counter.get_total_flops()
     with FlopCounterMode(display=False) as counter:
         vae.encode(pixels)
@@ -291,7 +314,8 @@ def plan(name, config, args, pipeline, images, mixed, concept, flax_ok):
         batch = config["batches"][0]
         jobs = [("train_text_to_image.py", batch, flags, variant) for flags, variant in T2I_VARIANTS]
         jobs.append(("train_text_to_image.py", batch, *BUCKETS_VARIANT))
-        jobs += [("textual_inversion.py", batch, flags, variant) for flags, variant in TI_VARIANTS]
+        if config.get("textual_inversion", True):
+            jobs += [("textual_inversion.py", batch, flags, variant) for flags, variant in TI_VARIANTS]
         if config["flax"] and flax_ok:
             jobs += [
                 (script, batch, [], "JAX, VAE in the step")
