@@ -1268,7 +1268,11 @@ def main(argv=None):
     # The frozen models only run forward: keep them in the mixed-precision dtype. The UNet keeps fp32 master weights.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     # SDXL's VAE overflows in fp16 and says so (force_upcast): it stays in fp32. An fp16-safe VAE says otherwise.
-    vae.to(accelerator.device, dtype=torch.float32 if sdxl and vae.config.force_upcast else weight_dtype)
+    vae_dtype = torch.float32 if sdxl and vae.config.force_upcast else weight_dtype
+    vae.to(accelerator.device, dtype=vae_dtype)
+    logger.info(
+        f"VAE in {vae_dtype}" + (" (its config asks for it: force_upcast)" if vae_dtype != weight_dtype else "")
+    )
     for text_encoder in text_encoders:
         text_encoder.to(accelerator.device, dtype=weight_dtype)
     if args.save_single_file:  # refused now rather than after training

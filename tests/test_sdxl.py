@@ -32,12 +32,16 @@ def test_sdxl_fine_tuning_saves_a_pipeline_diffusers_loads_and_samples(launch, a
 
     out = str(tmp_path / "run")
     recipe = "--snr_gamma 5 --noise_offset 0.05 --loss_type huber --timestep_sampling logit_normal"
-    flags = "--random_flip --proportion_empty_prompts 0.5 --max_train_steps 3 --checkpointing_steps 2"
-    launch.accelerate(SCRIPT, sdxl_args(sdxl_pipeline, assets["images"], out, flags, recipe, "--validation_prompts x"))
-    assert checkpoint_names(out) == ["checkpoint-2"]
+    flags = "--random_flip --proportion_empty_prompts 0.5 --max_train_steps 6 --checkpointing_steps 4"
+    validation = "--validation_prompts x --validation_epochs 1"  # 5 updates an epoch: rendered at 5, and at the end
+    launch.accelerate(SCRIPT, sdxl_args(sdxl_pipeline, assets["images"], out, flags, recipe, validation))
+    assert checkpoint_names(out) == ["checkpoint-4"]
     assert json.load(open(os.path.join(out, "model_index.json")))["_class_name"] == "StableDiffusionXLPipeline"
     assert "StableDiffusionXLPipeline.from_pretrained" in open(os.path.join(out, "README.md")).read()
-    assert os.listdir(os.path.join(out, "validation")) == ["final-step-000003.png"]
+    assert sorted(os.listdir(os.path.join(out, "validation"))) == [
+        "final-step-000006.png",
+        "validation-step-000005.png",
+    ]
     trained, base = load_state_dict(os.path.join(out, "unet")), load_state_dict(os.path.join(sdxl_pipeline, "unet"))
     assert max_abs_diff(trained, base) > 0  # the UNet learned, its added embedding too
     assert max_abs_diff({"w": trained["add_embedding.linear_1.weight"]}, {"w": base["add_embedding.linear_1.weight"]})
@@ -49,6 +53,29 @@ def test_sdxl_fine_tuning_saves_a_pipeline_diffusers_loads_and_samples(launch, a
     pipeline = StableDiffusionXLPipeline.from_pretrained(out)
     image = pipeline("a red circle", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
     assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+def test_sdxl_vae_stays_in_fp32_unless_the_given_vae_needs_no_upcast(launch, assets, sdxl_pipeline, tmp_path):
+    """Under bf16 the pipeline's SDXL VAE (force_upcast) runs in fp32; --pretrained_vae_model_name_or_path with an
+    fp16-safe VAE (force_upcast false, as madebyollin/sdxl-vae-fp16-fix says) runs in bf16 and is the VAE saved."""
+    from safetensors.torch import save_file
+
+    safe_vae = tmp_path / "fp16-safe-vae"
+    shutil.copytree(os.path.join(sdxl_pipeline, "vae"), safe_vae)
+    config = json.loads((safe_vae / "config.json").read_text())
+    (safe_vae / "config.json").write_text(json.dumps({**config, "force_upcast": False}))
+    weights = {k: v * 1.01 for k, v in load_file(safe_vae / "diffusion_pytorch_model.safetensors").items()}
+    save_file(weights, safe_vae / "diffusion_pytorch_model.safetensors")
+    flags = "--mixed_precision bf16 --max_train_steps 1 --checkpointing_steps 10"
+    own, given = str(tmp_path / "own"), str(tmp_path / "given")
+    result = launch.accelerate(SCRIPT, sdxl_args(sdxl_pipeline, assets["images"], own, flags))
+    assert "VAE in torch.float32 (its config asks for it: force_upcast)" in result.output
+    vae_flag = ["--pretrained_vae_model_name_or_path", str(safe_vae)]
+    result = launch.accelerate(SCRIPT, sdxl_args(sdxl_pipeline, assets["images"], given, flags, *vae_flag))
+    assert "VAE in torch.bfloat16" in result.output
+    saved = load_file(os.path.join(given, "vae", "diffusion_pytorch_model.safetensors"))
+    assert max_abs_diff(saved, weights) == 0
+    assert json.load(open(os.path.join(given, "vae", "config.json")))["force_upcast"] is False
 
 
 def test_sdxl_text_conditioning_is_what_the_sdxl_pipeline_samples_with(sdxl_pipeline):
