@@ -234,3 +234,12 @@ def test_textual_inversion_names_sdxl_as_not_yet_supported(launch, assets, sdxl_
     assert result.returncode != 0
     message = f"--pretrained_model_name_or_path {sdxl_pipeline} is an SDXL pipeline: textual_inversion.py trains"
     assert message in result.output, result.output[-3000:]
+
+
+def test_sdxl_single_file_is_refused_before_training(launch, assets, sdxl_pipeline, tmp_path):
+    out = tmp_path / "run"
+    flags = "--max_train_steps 1 --save_single_file"
+    result = launch.accelerate(SCRIPT, sdxl_args(sdxl_pipeline, assets["images"], str(out), flags), check=False)
+    assert result.returncode != 0
+    assert "--save_single_file writes Stable Diffusion 1.x / 2.x checkpoints; this pipeline is SDXL" in result.output
+    assert [name for name in os.listdir(out) if not name.startswith(".training.lock")] == []
