@@ -141,7 +141,7 @@ def parse_args(argv=None):
         type=str,
         default=None,
         help="A VAE to use and save instead of the pipeline's (e.g. an fp16-safe SDXL VAE); it runs in the "
-        "mixed-precision dtype unless its config asks for fp32 (force_upcast).",
+        "mixed-precision dtype (for SDXL, unless its config asks for fp32: force_upcast).",
     )
     group.add_argument(
         "--revision", type=str, default=None, help="Hub revision (branch, tag or commit) of the pretrained pipeline."
@@ -1110,7 +1110,7 @@ def validate(accelerator, unet, ema_unet, components, args, seed, global_step, w
 def write_model_card(args, global_step, validation_grid, sdxl):
     lines = [
         "---",
-        "license: creativeml-openrail-m",
+        "license: openrail++" if sdxl else "license: creativeml-openrail-m",  # SDXL's license, SD 1.x / 2.x's
         f"base_model: {args.pretrained_model_name_or_path}",
         "tags:",
         "- stable-diffusion-xl" if sdxl else "- stable-diffusion",

@@ -232,14 +232,27 @@ def render_validation_images(pipeline, prompts, size, seed, weight_dtype):
     import torch
 
     device = pipeline.device
+    mixed = weight_dtype != torch.float32
+    # A VAE kept in fp32 under mixed precision (SDXL's, which overflows in fp16) must also decode in fp32, and autocast
+    # would run its convolutions in the low precision: the latents are decoded after it.
+    decode_apart = mixed and pipeline.vae.dtype == torch.float32
     images = []
     for index, prompt in enumerate(prompts):
         generator = torch.Generator(device=device).manual_seed(derive_seed(seed, VALIDATION_SEED_KEY, index))
         # Trained and frozen parts may differ in dtype under mixed precision; autocast reconciles them.
-        with torch.autocast(device.type, dtype=weight_dtype, enabled=weight_dtype != torch.float32):
+        with torch.autocast(device.type, dtype=weight_dtype, enabled=mixed):
             height, width = size
-            output = pipeline(prompt, num_inference_steps=20, generator=generator, height=height, width=width)
-        images.append(output.images[0])
+            output_type = "latent" if decode_apart else "pil"
+            output = pipeline(
+                prompt, num_inference_steps=20, generator=generator, height=height, width=width, output_type=output_type
+            )
+        if decode_apart:
+            with torch.no_grad():
+                latents = output.images.to(torch.float32) / pipeline.vae.config.scaling_factor
+                decoded = pipeline.vae.decode(latents, return_dict=False)[0]
+            images.append(pipeline.image_processor.postprocess(decoded, output_type="pil")[0])
+        else:
+            images.append(output.images[0])
     return images
 
 

@@ -27,7 +27,7 @@ def scaled_linear_alphas_cumprod():
     return np.cumprod(1.0 - betas)
 
 
-def zero_unet(noisy_latents, timesteps, encoder_hidden_states, return_dict=False):
+def zero_unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=None, return_dict=False):
     """A UNet that predicts 0, so the error is minus the target and every per-sample loss is known in closed form."""
     return (torch.zeros_like(noisy_latents),)
 

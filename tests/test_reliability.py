@@ -148,7 +148,7 @@ def test_a_16_bit_png_trains_as_its_picture_not_as_white(assets, tmp_path):
     )
     rows = captions.load_image_caption_dataset(args, 0)
     tokenizer = CLIPTokenizer.from_pretrained(assets["pipeline"], subfolder="tokenizer")
-    pixels = train_text_to_image.ImageCaptionDataset(rows, tokenizer, args, 0)[(0, 0, 1.0)]["pixel_values"]
+    pixels = train_text_to_image.ImageCaptionDataset(rows, [tokenizer], args, 0)[(0, 0, 1.0)]["pixel_values"]
     assert abs(float((pixels.mean() + 1) * 127.5) - shown.mean()) < 2  # mid-gray, as the gradient shows
 
 

@@ -68,8 +68,14 @@ def test_sdxl_vae_stays_in_fp32_unless_the_given_vae_needs_no_upcast(launch, ass
     save_file(weights, safe_vae / "diffusion_pytorch_model.safetensors")
     flags = "--mixed_precision bf16 --max_train_steps 1 --checkpointing_steps 10"
     own, given = str(tmp_path / "own"), str(tmp_path / "given")
-    result = launch.accelerate(SCRIPT, sdxl_args(sdxl_pipeline, assets["images"], own, flags))
+    # Rendered mid-run (5 updates an epoch) under bf16 autocast, the fp32 VAE decodes outside it.
+    validation = "--max_train_steps 6 --validation_prompts x --validation_epochs 1"
+    result = launch.accelerate(SCRIPT, sdxl_args(sdxl_pipeline, assets["images"], own, flags, validation))
     assert "VAE in torch.float32 (its config asks for it: force_upcast)" in result.output
+    from PIL import Image
+
+    grid = np.asarray(Image.open(os.path.join(own, "validation", "validation-step-000005.png")), np.float32)
+    assert grid.shape == (64, 64, 3) and grid.std() > 1  # a picture, not the black of a NaN decode
     vae_flag = ["--pretrained_vae_model_name_or_path", str(safe_vae)]
     result = launch.accelerate(SCRIPT, sdxl_args(sdxl_pipeline, assets["images"], given, flags, *vae_flag))
     assert "VAE in torch.bfloat16" in result.output
@@ -109,24 +115,27 @@ def test_sdxl_text_conditioning_is_what_the_sdxl_pipeline_samples_with(sdxl_pipe
     assert not encoder_hidden_states[1].any() and not added["text_embeds"][1].any()
 
 
-def test_sdxl_size_conditioning_is_the_original_size_the_crop_corner_and_the_target(tmp_path):
+def test_sdxl_size_conditioning_is_the_original_size_the_crop_corner_and_the_target(sdxl_pipeline, tmp_path):
     """time_ids = (original height, width, crop top, left, target height, width) in the resized image's pixels; a
     mirrored image's left offset is measured from the other side (Podell et al. 2023, sec. 2.2)."""
     from PIL import Image
+    from transformers import CLIPTokenizer
 
     path = str(tmp_path / "wide.png")
     Image.new("RGB", (100, 50), (200, 30, 30)).save(path)
     rows = datasets.Dataset.from_dict({"image": [path], "text": ["a red square"]})
+    tokenizers = [CLIPTokenizer.from_pretrained(sdxl_pipeline, subfolder=name) for name in ("tokenizer", "tokenizer_2")]
 
     def dataset(*flags):
         args = t2i.parse_args(
             command_line("--pretrained_model_name_or_path p --train_data_dir d --resolution 64", *flags)
         )
-        data = t2i.ImageCaptionDataset(rows, [], args, seed=0, sdxl=True)
+        data = t2i.ImageCaptionDataset(rows, tokenizers, args, seed=0, sdxl=True)
         data.image_sizes = [(100, 50)]
         return data
 
     centered = dataset("--center_crop")
+    assert centered[(0, 0, 1.0)]["time_ids"].tolist() == [50, 100, 0, 32, 64, 64]  # as __getitem__ wires it
     box = centered.crop_box(0, 100, 50, rng=None)
     assert box == ((64, 128), (0, 32), (64, 64))  # 100x50 resized to 128x64, the middle 64 columns
     assert centered.time_ids(0, box, flipped=False).tolist() == [50, 100, 0, 32, 64, 64]

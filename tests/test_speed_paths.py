@@ -41,9 +41,9 @@ def test_text_to_image_caches_equal_encoding_in_the_loop(assets):
     flags = "--resolution 64 --center_crop --random_flip --cache_latents --cache_text_embeddings --train_batch_size 3"
     args = train_text_to_image.parse_args(command_line(*paths, flags))
     rows = captions.load_image_caption_dataset(args, 7)
-    plain = train_text_to_image.ImageCaptionDataset(rows, tokenizer, args, 7)
-    cached = train_text_to_image.ImageCaptionDataset(rows, tokenizer, args, 7)
-    train_text_to_image.build_caches(cached, vae, text_encoder, tokenizer, cpu_accelerator(), args, num_workers=0)
+    plain = train_text_to_image.ImageCaptionDataset(rows, [tokenizer], args, 7)
+    cached = train_text_to_image.ImageCaptionDataset(rows, [tokenizer], args, 7)
+    train_text_to_image.build_caches(cached, vae, [text_encoder], cpu_accelerator(), args, num_workers=0)
     _, _, cache = cached.latent_cache  # without buckets, one group of every row
     assert [tuple(t.shape) for t in cache] == [(len(rows), 2, 8, 8, 8)]  # rows x flips x (mean, logvar) x 8 x 8
     assert cache[0].dtype == vae.dtype
@@ -53,11 +53,11 @@ def test_text_to_image_caches_equal_encoding_in_the_loop(assets):
         assert "pixel_values" not in got and "input_ids" not in got, "the cached path must not load images or tokenize"
         with torch.no_grad():
             latents = vae.encode(expected["pixel_values"][None]).latent_dist.parameters[0]
-            hidden = text_encoder(expected["input_ids"][None], return_dict=False)[0][0]
+            hidden = text_encoder(expected["input_ids"], return_dict=False)[0][0]  # one row of ids per text encoder
         assert torch.allclose(got["latent_parameters"], latents, atol=1e-5), key
         assert torch.allclose(got["encoder_hidden_states"], hidden, atol=1e-5), key
         flips.add(bool(torch.equal(got["latent_parameters"], cache[0][key[1], 1])))
-        texts.add(tokenizer.decode(expected["input_ids"], skip_special_tokens=True))
+        texts.add(tokenizer.decode(expected["input_ids"][0], skip_special_tokens=True))
     assert flips == {False, True}, "the check must see both flips"
     assert len(texts) > len(rows), "the check must see several captions of a row's list"
 

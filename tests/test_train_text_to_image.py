@@ -232,7 +232,7 @@ def test_min_snr_weights(assets, prediction_type):
     latents = torch.randn(32, 4, 8, 8)
     encoder_hidden_states = torch.zeros(32, 3, 32)
 
-    def unet(noisy_latents, timesteps, encoder_hidden_states, return_dict):
+    def unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs, return_dict):
         return (torch.zeros_like(noisy_latents),)  # predicts 0, so each sample's loss is mean(target^2)
 
     def loss(snr_gamma):

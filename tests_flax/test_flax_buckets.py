@@ -48,7 +48,7 @@ import train_text_to_image as t2i
 from sdtrain import batching, captions
 args = t2i.parse_args(json.loads({json.dumps(torch_argv)!r}))
 tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer")
-dataset = t2i.ImageCaptionDataset(captions.load_image_caption_dataset(args, 3), tokenizer, args, 3)
+dataset = t2i.ImageCaptionDataset(captions.load_image_caption_dataset(args, 3), [tokenizer], args, 3)
 batching.setup_buckets(dataset, t2i.check_images(dataset, Accelerator(cpu=True)), args, 16, 2)
 def epochs(sampler):
     found = []
@@ -61,7 +61,7 @@ sampler = t2i.GlobalBatchSampler(functools.partial(batching.bucket_batches, data
 batches = epochs(sampler)
 first = [dataset[key] for key in list(iter(sampler))[0]]
 np.savez({str(tmp_path / "torch.npz")!r}, pixels=np.stack([e["pixel_values"].numpy() for e in first]),
-         ids=np.stack([e["input_ids"].numpy() for e in first]))
+         ids=np.stack([e["input_ids"][0].numpy() for e in first]))  # the ids of the one text encoder
 print("UNBUCKETED", json.dumps(unbucketed))
 print("BATCHES", json.dumps(batches))
 """)
