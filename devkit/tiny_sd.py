@@ -194,6 +194,8 @@ def build_pipeline(path, architecture, sample_size, prediction_type="epsilon", s
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    from sdtrain.torch_training import write_hub_style_text_encoder
+
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as token_dir:
         tokens = write_clip_tokenizer_files(token_dir)
@@ -222,14 +224,7 @@ def build_pipeline(path, architecture, sample_size, prediction_type="epsilon", s
     )
     pipeline.save_pretrained(path, safe_serialization=True)
     # Keys as hub checkpoints have them ('text_model.' prefix), which transformers 4 (the Flax stack) needs.
-    from safetensors.torch import load_file, save_file
-
-    weights = os.path.join(path, "text_encoder", "model.safetensors")
-    save_file(
-        {("" if k.startswith("text_model.") else "text_model.") + k: v for k, v in load_file(weights).items()},
-        weights,
-        metadata={"format": "pt"},
-    )
+    write_hub_style_text_encoder(os.path.join(path, "text_encoder"))
     # transformers 5 saves only tokenizer.json; older releases (the Flax stack) read vocab.json + merges.txt.
     write_clip_tokenizer_files(os.path.join(path, "tokenizer"))
     return path
@@ -260,6 +255,8 @@ def build_tiny_sdxl_pipeline(path, prediction_type="epsilon", seed=0):
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+    from sdtrain.torch_training import write_hub_style_text_encoder
+
     architecture = TINY_SDXL
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as token_dir:
@@ -289,19 +286,11 @@ def build_tiny_sdxl_pipeline(path, prediction_type="epsilon", seed=0):
         force_zeros_for_empty_prompt=True,
     )
     pipeline.save_pretrained(path, safe_serialization=True)
-    from safetensors.torch import load_file, save_file
-
     for name in ("text_encoder", "text_encoder_2"):
-        weights = os.path.join(path, name, "model.safetensors")
-        save_file({hub_text_key(k): v for k, v in load_file(weights).items()}, weights, metadata={"format": "pt"})
+        write_hub_style_text_encoder(os.path.join(path, name))
     write_clip_tokenizer_files(os.path.join(path, "tokenizer"))
     write_clip_tokenizer_files(os.path.join(path, "tokenizer_2"))
     return path
-
-
-def hub_text_key(key):
-    """A CLIP text encoder's weight name as hub checkpoints have it ('text_model.' prefix; the projection stays)."""
-    return key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key
 
 
 def draw_shape(color, shape, size=64, rng=None):
