@@ -13,6 +13,14 @@ One GPU (or CPU):
       --learning_rate=5.0e-04 --scale_lr --lr_scheduler=constant --lr_warmup_steps=0 --mixed_precision=fp16 \
       --validation_prompt="a <cat-toy> on the beach" --validation_steps=500 --output_dir=textual_inversion_cat
 
+SDXL: the placeholder gets rows in both text encoders, saved as learned_embeds.safetensors and
+learned_embeds_2.safetensors (diffusers) and <name>.safetensors with clip_l / clip_g (A1111/Forge, ComfyUI, InvokeAI):
+    accelerate launch textual_inversion.py \
+      --pretrained_model_name_or_path=stabilityai/stable-diffusion-xl-base-1.0 \
+      --train_data_dir=./cat_toy --placeholder_token="<cat-toy>" --initializer_token=toy --resolution=1024 \
+      --train_batch_size=1 --gradient_accumulation_steps=4 --max_train_steps=1000 --learning_rate=5.0e-04 \
+      --mixed_precision=bf16 --validation_prompt="a <cat-toy> on the beach" --output_dir=textual_inversion_cat_sdxl
+
 Several GPUs: run `accelerate config` once, then `accelerate launch --multi_gpu textual_inversion.py <same flags>`.
 Two CPU processes (DDP over gloo, what the tests do):
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 textual_inversion.py <same flags>
@@ -42,13 +50,19 @@ import torchvision.transforms.functional as TF
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, broadcast_object_list
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_dream_and_update_latents
 from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdtrain.batching import BatchShare, parse_size, shuffled_batches
 from sdtrain.embeddings import (
@@ -58,8 +72,8 @@ from sdtrain.embeddings import (
     embedding_files,
     find_example_images,
     initializer_token_id,
+    learned_embeds_name,
 )
-from sdtrain.families import sdxl_not_yet
 from sdtrain.hub import push_to_hub
 from sdtrain.images import load_rgb
 from sdtrain.logs import format_logs
@@ -83,6 +97,7 @@ from sdtrain.torch_training import (
     collate,
     default_num_workers,
     encode_once,
+    encode_text,
     inference_scheduler,
     load_component,
     log_validation,
@@ -90,6 +105,7 @@ from sdtrain.torch_training import (
     optimizer_tensors,
     save_checkpoint,
     stop_agreed,
+    text_components,
     tokenize,
     write_hub_style_text_encoder,
 )
@@ -117,14 +133,17 @@ def parse_args(argv=None):
         "--pretrained_model_name_or_path",
         type=str,
         required=True,
-        help="Hub id or local folder of a diffusers Stable Diffusion pipeline.",
+        help="Hub id or local folder of a diffusers Stable Diffusion 1.x / 2.x or SDXL pipeline.",
     )
     group.add_argument(
         "--revision", type=str, default=None, help="Hub revision (branch, tag or commit) of the pretrained pipeline."
     )
     group.add_argument("--variant", type=str, default=None, help="Weight file variant to load, e.g. 'fp16'.")
     group.add_argument(
-        "--tokenizer_name", type=str, default=None, help="Tokenizer to use instead of the pipeline's own."
+        "--tokenizer_name",
+        type=str,
+        default=None,
+        help="Tokenizer to use instead of the pipeline's own (SDXL: its first).",
     )
     group.add_argument(
         "--prediction_type",
@@ -259,14 +278,14 @@ def parse_args(argv=None):
         "--save_steps",
         type=int,
         default=500,
-        help="Also save learned_embeds-steps-N every this many optimizer updates.",
+        help="Also save learned_embeds(_2 for SDXL)-steps-N every this many optimizer updates.",
     )
     group.add_argument(
         "--embedding_format",
         type=str,
         default="both",
         choices=["diffusers", "ui", "both"],
-        help="Final embeddings: learned_embeds (diffusers), <placeholder> (A1111/Forge, ComfyUI, InvokeAI), or both.",
+        help="Final files: learned_embeds(_2) (diffusers), <placeholder> (A1111/Forge, ComfyUI, InvokeAI), or both.",
     )
     group.add_argument(
         "--no_safe_serialization",
@@ -460,13 +479,16 @@ class TextualInversionDataset(torch.utils.data.Dataset):
     """The example images repeated --repeats times, each with a prompt from the templates holding the placeholder.
     Indexed by (epoch, index, weight) keys: the template and the flip are drawn from an RNG seeded by (seed, epoch,
     index), so the same sample is identical in a resumed run, and the cached path draws exactly what the uncached one
-    does."""
+    does. `tokenizers`: one per text encoder (two for SDXL); input_ids holds a row of ids for each, and for SDXL each
+    example has its size conditioning, time_ids."""
 
-    def __init__(self, image_paths, tokenizer, placeholder_text, args, seed):
-        self.image_paths, self.tokenizer, self.placeholder_text = image_paths, tokenizer, placeholder_text
+    def __init__(self, image_paths, tokenizers, placeholder_text, args, seed, sdxl=False):
+        self.image_paths, self.tokenizers, self.placeholder_text = image_paths, tokenizers, placeholder_text
         self.args, self.seed = args, seed
         self.templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
         self.latent_cache = None  # [image, flipped] -> VAE latent distribution parameters, set by build_latent_cache()
+        # Every image's (width, height) as decoded (EXIF rotation applied): SDXL's original-size conditioning.
+        self.image_sizes = [load_rgb(path, path).size for path in image_paths] if sdxl else None
 
     def __len__(self):
         return len(self.image_paths) * self.args.repeats
@@ -481,12 +503,31 @@ class TextualInversionDataset(torch.utils.data.Dataset):
             image = TF.hflip(image)
         return TF.to_tensor(image) * 2.0 - 1.0  # [0, 1] -> [-1, 1], the VAE's input range
 
+    def time_ids(self, image_index, flipped):
+        """SDXL's size conditioning (Podell et al. 2023, arXiv:2307.01952, sec. 2.2): the image's original (height,
+        width), the top-left corner of the crop pixels() takes, in the image scaled so its shorter side is
+        --resolution (without --center_crop the whole image is squeezed to the square: no crop), and the size
+        trained at. A mirrored image was cropped from the mirrored corner, so its left offset is measured from the
+        other side."""
+        width, height = self.image_sizes[image_index]
+        size, top, left = self.args.resolution, 0, 0
+        if self.args.center_crop:
+            side = min(width, height)
+            top, left = int(round((height - side) / 2.0)), int(round((width - side) / 2.0))  # as TF.center_crop
+            if flipped:
+                left = width - left - side
+            top, left = round(top * size / side), round(left * size / side)
+        return torch.tensor([height, width, top, left, size, size], dtype=torch.float32)
+
     def __getitem__(self, key):
         epoch, index, weight = key
         rng = np.random.default_rng([self.seed, epoch, index])
         image_index, flipped = index % len(self.image_paths), rng.random() < 0.5
         prompt = self.templates[int(rng.integers(len(self.templates)))].format(self.placeholder_text)
-        example = {"input_ids": tokenize(self.tokenizer, [prompt], [0])[0], "sample_weights": torch.tensor(weight)}
+        input_ids = torch.stack([tokenize(tokenizer, [prompt], [0])[0] for tokenizer in self.tokenizers])
+        example = {"input_ids": input_ids, "sample_weights": torch.tensor(weight)}
+        if self.image_sizes is not None:
+            example["time_ids"] = self.time_ids(image_index, flipped)
         if self.latent_cache is None:
             example["pixel_values"] = self.pixels(image_index, flipped)
         else:
@@ -541,35 +582,48 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
                 yield [(self.epoch, row, weight) for row, weight in share]
 
 
-def probe_loss(accelerator, unet, text_encoder, noise_scheduler, latents, input_ids, config, seed):
+def probe_loss(accelerator, unet, text_encoders, noise_scheduler, latents, input_ids, time_ids, config, seed):
     """The loss the learned rows give now on a batch (the mean over processes), with draws of its own."""
     generator = torch.Generator(device=latents.device).manual_seed(seed)
     with torch.no_grad(), accelerator.autocast():
-        encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0].to(latents.dtype)
-        loss = diffusion_loss(unet, noise_scheduler, latents, encoder_hidden_states, generator, config)
+        encoder_hidden_states, added_cond_kwargs = text_conditioning(text_encoders, input_ids, time_ids, latents.dtype)
+        loss = diffusion_loss(
+            unet,
+            noise_scheduler,
+            latents,
+            encoder_hidden_states,
+            generator,
+            config,
+            added_cond_kwargs=added_cond_kwargs,
+        )
     return accelerator.reduce(loss.detach().float(), reduction="mean").item()
 
 
-def register_checkpoint_hooks(accelerator, learned_embedding, args):
-    """A checkpoint holds the new rows only, in the learned_embeds format, not a copy of the whole text encoder."""
+def register_checkpoint_hooks(accelerator, learned_embeddings, args):
+    """A checkpoint holds the new rows only, in the learned_embeds format (learned_embeds_2 for SDXL's second text
+    encoder), not a copy of the whole text encoder."""
 
     def save_model_hook(models, weights, output_dir):
         # Under DeepSpeed and FSDP every rank runs this hook; the file is the main process's to write.
         if accelerator.is_main_process:
-            path = os.path.join(output_dir, "learned_embeds.safetensors")
-            save_embeddings(learned_embedding.learned, args.placeholder_token, path)
-        weights.clear()  # the text encoder is frozen but for these rows: no copy of it in the checkpoint
+            for index, learned_embedding in enumerate(learned_embeddings):
+                path = os.path.join(output_dir, f"{learned_embeds_name(index)}.safetensors")
+                save_embeddings({args.placeholder_token: learned_embedding.learned}, path)
+        weights.clear()  # the text encoders are frozen but for these rows: no copy of them in the checkpoint
 
     def load_model_hook(models, input_dir):
-        path = os.path.join(input_dir, "learned_embeds.safetensors")
-        rows = safetensors.torch.load_file(path)[args.placeholder_token]
-        if rows.shape != learned_embedding.learned.shape:
-            raise ValueError(
-                f"{input_dir}: learned embeddings of shape {tuple(rows.shape)}, "
-                f"this run trains {tuple(learned_embedding.learned.shape)} (--num_vectors)"
-            )
-        with torch.no_grad():
-            learned_embedding.learned.copy_(rows)
+        for index, learned_embedding in enumerate(learned_embeddings):
+            path = os.path.join(input_dir, f"{learned_embeds_name(index)}.safetensors")
+            if not os.path.exists(path):
+                raise ValueError(f"{input_dir}: no {os.path.basename(path)}; is it a checkpoint of this pipeline?")
+            rows = safetensors.torch.load_file(path)[args.placeholder_token]
+            if rows.shape != learned_embedding.learned.shape:
+                raise ValueError(
+                    f"{path}: learned embeddings of shape {tuple(rows.shape)}, "
+                    f"this run trains {tuple(learned_embedding.learned.shape)} (--num_vectors)"
+                )
+            with torch.no_grad():
+                learned_embedding.learned.copy_(rows)
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_model_hook)
@@ -609,10 +663,21 @@ def make_optimizer(args, params):
     )
 
 
-def encode_batch(batch, vae, text_encoder, generator, share):
-    """The batch's latents, from the frozen VAE or its cache (the VAE sample is the first draw from `generator`, made
-    for the global batch `share` belongs to: see BatchShare), and its text conditioning, which carries gradients back
-    to the new embedding rows."""
+def text_conditioning(text_encoders, input_ids, time_ids, dtype):
+    """The UNet's conditioning from the text encoders: encoder_hidden_states, and for SDXL (time_ids given)
+    added_cond_kwargs, the second encoder's pooled embedding and the size conditioning. Cast to the dtype of the
+    frozen UNet, which is the latents' (the mixed-precision dtype)."""
+    encoded = encode_text(text_encoders, input_ids)
+    if time_ids is None:
+        return encoded.to(dtype), None
+    encoder_hidden_states, text_embeds = encoded
+    return encoder_hidden_states.to(dtype), {"text_embeds": text_embeds.to(dtype), "time_ids": time_ids.to(dtype)}
+
+
+def encode_batch(batch, vae, text_encoders, generator, share, unet_dtype):
+    """The batch's latents in the frozen UNet's dtype, from the frozen VAE or its cache (the VAE sample is the first
+    draw from `generator`, made for the global batch `share` belongs to: see BatchShare), and its text conditioning
+    (encoder_hidden_states, and for SDXL added_cond_kwargs), which carries gradients back to the new embedding rows."""
     with torch.no_grad():
         if "latent_parameters" in batch:
             # --cache_latents: sampling from the stored distribution draws exactly what encoding the image would.
@@ -625,10 +690,11 @@ def encode_batch(batch, vae, text_encoder, generator, share):
         sample_shape = (share.global_batch_size, *mean.shape[1:])
         sample = torch.randn(sample_shape, generator=generator, device=mean.device, dtype=mean.dtype)
         latents = (mean + std * sample[share.start : share.stop]) * vae.config.scaling_factor
-    # The text encoder runs with gradients: they reach the new token embedding rows and nothing else. Its output
-    # takes the dtype of the frozen UNet, which is the VAE's (both hold the mixed-precision dtype).
-    encoder_hidden_states = text_encoder(batch["input_ids"].to(latents.device), return_dict=False)[0]
-    return latents, encoder_hidden_states.to(latents.dtype)
+        latents = latents.to(unet_dtype)  # an fp32 VAE (SDXL's: see main) beside a reduced-precision UNet
+    # The text encoders run with gradients: they reach the new token embedding rows and nothing else.
+    input_ids, time_ids = batch["input_ids"].to(latents.device), batch.get("time_ids")
+    time_ids = None if time_ids is None else time_ids.to(latents.device)
+    return latents, *text_conditioning(text_encoders, input_ids, time_ids, latents.dtype)
 
 
 # ----------------------------------------------------- BEGIN MATH -----------------------------------------------------
@@ -778,10 +844,10 @@ def diffusion_loss(
 # ------------------------------------------------------ END MATH ------------------------------------------------------
 
 
-def save_embeddings(learned, key, path, safe_serialization=True):
-    """{key: tensor[num_vectors, hidden]}, key the placeholder (diffusers) or UI_EMBEDDING_KEY (the UIs).
-    Written to a temporary name, flushed to disk and renamed, so a crash never leaves a truncated file."""
-    state = {key: learned.detach().float().cpu().contiguous()}
+def save_embeddings(tensors, path, safe_serialization=True):
+    """{key: rows[num_vectors, hidden]}, keys as embedding_files() names them (the placeholder for diffusers, the UIs'
+    keys). Written to a temporary name, flushed to disk and renamed, so a crash never leaves a truncated file."""
+    state = {key: learned.detach().float().cpu().contiguous() for key, learned in tensors.items()}
     partial = path + ".partial"
     try:
         if safe_serialization:
@@ -798,15 +864,19 @@ def save_embeddings(learned, key, path, safe_serialization=True):
     fsync_folder(os.path.dirname(path))
 
 
-def validate(accelerator, text_encoder, tokenizer, unet, vae, prompts, args, seed, global_step, tag, weight_dtype):
+def pipeline_class(sdxl):
+    return StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
+
+
+def validate(accelerator, text_encoders, tokenizers, unet, vae, prompts, args, seed, global_step, tag, weight_dtype):
     """Render the validation prompts with the embedding learned so far, through the frozen pipeline."""
-    pipeline = StableDiffusionPipeline.from_pretrained(
+    text_encoders = [accelerator.unwrap_model(text_encoder) for text_encoder in text_encoders]
+    pipeline = pipeline_class(len(text_encoders) == 2).from_pretrained(
         args.pretrained_model_name_or_path,
-        text_encoder=accelerator.unwrap_model(text_encoder),
-        tokenizer=tokenizer,
+        **text_components(text_encoders, tokenizers),
         unet=unet,
         vae=vae,
-        safety_checker=None,
+        **({} if len(text_encoders) == 2 else {"safety_checker": None}),  # SDXL pipelines have none
         revision=args.revision,
         variant=args.variant,
         dtype=weight_dtype,
@@ -816,14 +886,23 @@ def validate(accelerator, text_encoder, tokenizer, unet, vae, prompts, args, see
     log_validation(pipeline, prompts, args, accelerator, seed, global_step, tag, weight_dtype)
 
 
-def write_model_card(args, global_step, validation_grid):
-    name = "learned_embeds.bin" if args.no_safe_serialization else "learned_embeds.safetensors"
+def write_model_card(args, global_step, validation_grid, sdxl):
+    suffix = "bin" if args.no_safe_serialization else "safetensors"
+    if sdxl:
+        # One file per text encoder: each gets the placeholder's tokens and its own rows.
+        load = [
+            f'pipe.load_textual_inversion("{args.output_dir}/{learned_embeds_name(index)}.{suffix}", '
+            f'token="{args.placeholder_token}", text_encoder=pipe.text_encoder{name}, tokenizer=pipe.tokenizer{name})'
+            for index, name in enumerate(["", "_2"])
+        ]
+    else:
+        load = [f'pipe.load_textual_inversion("{args.output_dir}/learned_embeds.{suffix}")']
     lines = [
         "---",
-        "license: creativeml-openrail-m",
+        "license: openrail++" if sdxl else "license: creativeml-openrail-m",  # SDXL's license, SD 1.x / 2.x's
         f"base_model: {args.pretrained_model_name_or_path}",
         "tags:",
-        "- stable-diffusion",
+        "- stable-diffusion-xl" if sdxl else "- stable-diffusion",
         "- text-to-image",
         "- diffusers",
         "- textual_inversion",
@@ -837,10 +916,10 @@ def write_model_card(args, global_step, validation_grid):
         f"from the images in `{args.train_data_dir}`, {global_step} optimizer updates.",
         "",
         "```python",
-        "from diffusers import StableDiffusionPipeline",
+        f"from diffusers import {pipeline_class(sdxl).__name__}",
         "",
-        f'pipe = StableDiffusionPipeline.from_pretrained("{args.pretrained_model_name_or_path}")',
-        f'pipe.load_textual_inversion("{args.output_dir}/{name}")',
+        f'pipe = {pipeline_class(sdxl).__name__}.from_pretrained("{args.pretrained_model_name_or_path}")',
+        *load,
         f'image = pipe("{args.validation_prompt or "a photo of a " + args.placeholder_token}").images[0]',
         "```",
     ]
@@ -850,18 +929,19 @@ def write_model_card(args, global_step, validation_grid):
         f.write("\n".join(lines) + "\n")
 
 
-def save_full_pipeline(text_encoder, tokenizer, unet, vae, weight_dtype, args):
-    """The pipeline with the extended tokenizer and a standard text encoder holding the learned rows, written to a
+def save_full_pipeline(text_encoders, tokenizers, unet, vae, weight_dtype, args):
+    """The pipeline with the extended tokenizer(s) and standard text encoder(s) holding the learned rows, written to a
     temporary folder first. The frozen UNet and VAE are re-read from the source when training held them in
     reduced precision, so the saved files keep the original precision."""
-    token_embedding = text_encoder.get_input_embeddings()
-    text_encoder.set_input_embeddings(token_embedding.merged())
-    text_encoder.config.vocab_size = len(tokenizer)
+    token_embeddings = [text_encoder.get_input_embeddings() for text_encoder in text_encoders]
+    for text_encoder, tokenizer, token_embedding in zip(text_encoders, tokenizers, token_embeddings, strict=True):
+        text_encoder.set_input_embeddings(token_embedding.merged())
+        text_encoder.config.vocab_size = len(tokenizer)
     frozen = {"unet": unet, "vae": vae} if weight_dtype == torch.float32 else {}
-    pipeline = StableDiffusionPipeline.from_pretrained(
+    components = text_components(text_encoders, tokenizers)
+    pipeline = pipeline_class(len(text_encoders) == 2).from_pretrained(
         args.pretrained_model_name_or_path,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        **components,
         revision=args.revision,
         variant=args.variant,
         cache_dir=args.cache_dir,
@@ -873,12 +953,15 @@ def save_full_pipeline(text_encoder, tokenizer, unet, vae, weight_dtype, args):
     shutil.rmtree(partial, ignore_errors=True)
     try:
         pipeline.save_pretrained(partial, safe_serialization=not args.no_safe_serialization)
-        write_hub_style_text_encoder(os.path.join(partial, "text_encoder"))
+        for name in components:
+            if name.startswith("text_encoder"):
+                write_hub_style_text_encoder(os.path.join(partial, name))
     except (OSError, RuntimeError) as err:
         shutil.rmtree(partial, ignore_errors=True)
         raise OSError(write_failure("the pipeline", args.output_dir, err)) from err
     publish_pipeline(partial, args.output_dir)
-    text_encoder.set_input_embeddings(token_embedding)
+    for text_encoder, token_embedding in zip(text_encoders, token_embeddings, strict=True):
+        text_encoder.set_input_embeddings(token_embedding)
 
 
 def main(argv=None):
@@ -919,49 +1002,62 @@ def main(argv=None):
     seed = choose_seed(args, resume_metadata, broadcast_object_list([draw_seed()])[0])
 
     # ------------------------------------------------------------------------------------------------ load models
-    if model_family(args) == "sdxl":  # any other family is named and refused by model_family
-        raise sdxl_not_yet(
-            f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}", "textual_inversion.py"
-        )
+    # SDXL: two text encoders, each with its own tokenizer and its own copy of the placeholder's rows.
+    sdxl = model_family(args) == "sdxl"  # any family but SD 1.x / 2.x and SDXL is named and refused by model_family
     if args.tokenizer_name:
-        tokenizer = CLIPTokenizer.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)
+        tokenizers = [CLIPTokenizer.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)]
     else:
-        tokenizer = load_component(CLIPTokenizer, args, "tokenizer")
+        tokenizers = [load_component(CLIPTokenizer, args, "tokenizer")]
+    if sdxl:
+        tokenizers.append(load_component(CLIPTokenizer, args, "tokenizer_2"))
     # Lin et al. 2023 (arXiv:2305.08891): rescaled betas reach zero SNR at the last timestep, as sampling starts.
     noise_scheduler = load_component(
         DDPMScheduler, args, "scheduler", rescale_betas_zero_snr=args.rescale_betas_zero_snr
     )
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    text_encoder = load_component(CLIPTextModel, args, "text_encoder", variant=args.variant)
+    text_encoders = [load_component(CLIPTextModel, args, "text_encoder", variant=args.variant)]
+    if sdxl:
+        text_encoders.append(load_component(CLIPTextModelWithProjection, args, "text_encoder_2", variant=args.variant))
     vae = load_component(AutoencoderKL, args, "vae", variant=args.variant)
     unet = load_component(UNet2DConditionModel, args, "unet", variant=args.variant)
-    # Everything is frozen; the only trainable tensor is the new rows, each starting at the initializer's embedding.
-    text_encoder.requires_grad_(False)
+    # Everything is frozen; the only trainable tensors are the new rows (one set per text encoder), each starting at
+    # the initializer's embedding in that encoder.
     vae.requires_grad_(False)
     unet.requires_grad_(False)
-    placeholder_tokens, placeholder_ids, learned_embedding = add_learned_embedding(
-        text_encoder, tokenizer, args.placeholder_token, args.initializer_token, args.num_vectors
-    )
-    text_encoder.train()
+    learned_embeddings = []
+    for text_encoder, tokenizer in zip(text_encoders, tokenizers, strict=True):
+        text_encoder.requires_grad_(False)
+        placeholder_tokens, placeholder_ids, learned_embedding = add_learned_embedding(
+            text_encoder, tokenizer, args.placeholder_token, args.initializer_token, args.num_vectors
+        )
+        learned_embeddings.append(learned_embedding)
+        text_encoder.train()
     if args.gradient_checkpointing:
-        # Gradients flow through the frozen UNet back to the text encoder; checkpointing both saves their activations.
+        # Gradients flow through the frozen UNet back to the text encoders; checkpointing saves their activations.
         unet.train()
         unet.enable_gradient_checkpointing()
-        text_encoder.gradient_checkpointing_enable()
+        for text_encoder in text_encoders:
+            text_encoder.gradient_checkpointing_enable()
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
-    # The frozen UNet and VAE run in the mixed-precision dtype; the text encoder and the new rows stay fp32.
+    # The frozen UNet and VAE run in the mixed-precision dtype; the text encoders and the new rows stay fp32. SDXL's
+    # VAE overflows in fp16 and says so (force_upcast): it stays in fp32.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    vae_dtype = torch.float32 if sdxl and vae.config.force_upcast else weight_dtype
     unet.to(accelerator.device, dtype=weight_dtype)
-    vae.to(accelerator.device, dtype=weight_dtype)
+    vae.to(accelerator.device, dtype=vae_dtype)
+    logger.info(
+        f"VAE in {vae_dtype}" + (" (its config asks for it: force_upcast)" if vae_dtype != weight_dtype else "")
+    )
     if accelerator.device.type == "cuda":
         # cuDNN's fastest convolution kernels for fp16/bf16 work on NHWC ("channels last") tensors.
         unet.to(memory_format=torch.channels_last)
     if args.torch_compile:
         unet.compile()  # in place: the modules and their state-dict keys stay as they are
-        text_encoder.compile()
-    register_checkpoint_hooks(accelerator, learned_embedding, args)
+        for text_encoder in text_encoders:
+            text_encoder.compile()
+    register_checkpoint_hooks(accelerator, learned_embeddings, args)
     prediction_type = noise_scheduler.config.prediction_type
     loss_config = LossConfig(
         prediction_type=prediction_type,
@@ -970,7 +1066,7 @@ def main(argv=None):
     )
 
     # ------------------------------------------------------------------------------------------------------- data
-    train_dataset = TextualInversionDataset(image_paths, tokenizer, " ".join(placeholder_tokens), args, seed)
+    train_dataset = TextualInversionDataset(image_paths, tokenizers, " ".join(placeholder_tokens), args, seed, sdxl)
     num_workers = default_num_workers(args, accelerator)
     if args.cache_latents:
         build_latent_cache(train_dataset, vae, accelerator, args, num_workers)
@@ -990,8 +1086,9 @@ def main(argv=None):
     # ---------------------------------------------------------------------------------- optimizer and schedule
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer = make_optimizer(args, [learned_embedding.learned])
-    text_encoder, optimizer, train_dataloader = accelerator.prepare(text_encoder, optimizer, train_dataloader)
+    learned_rows = [learned_embedding.learned for learned_embedding in learned_embeddings]
+    optimizer = make_optimizer(args, learned_rows)
+    *text_encoders, optimizer, train_dataloader = accelerator.prepare(*text_encoders, optimizer, train_dataloader)
     # global_step counts optimizer updates; --max_train_steps is authoritative and epochs are derived from it.
     batches_per_epoch = len(train_dataloader)
     if args.gradient_accumulation_steps > batches_per_epoch:
@@ -1037,7 +1134,7 @@ def main(argv=None):
         accelerator.init_trackers("textual_inversion", config=tracker_config)
     embeds_suffix = "bin" if args.no_safe_serialization else "safetensors"
     validation_prompts = [args.validation_prompt] * args.num_validation_images if args.validation_prompt else []
-    validation_models = (text_encoder, tokenizer, unet, vae, validation_prompts)
+    validation_models = (text_encoders, tokenizers, unet, vae, validation_prompts)
     logger.info("***** Running training *****")
     logger.info(
         f"  Images = {len(image_paths)} x {args.repeats} repeats, epochs = {num_train_epochs}, "
@@ -1067,7 +1164,7 @@ def main(argv=None):
         disable=not accelerator.is_local_main_process,
     )
     window = LogWindow(accelerator, total_batch_size, global_step)
-    last_batch = None  # (latents, input_ids) of the last batch, to probe the new rows before writing them
+    last_batch = None  # (latents, input_ids, time_ids) of the last batch, to probe the new rows before writing them
     # Schedule-free AdamW steps one sequence of weights and evaluates another, its average: it trains in train mode
     # and is switched to eval mode (on every process) whenever the rows are checked, rendered or saved. The other
     # optimizers have no modes, and Accelerate makes these calls no-ops for them.
@@ -1085,18 +1182,29 @@ def main(argv=None):
             # The epoch's last accumulation group may be short: its update averages the batches it has.
             group_start = batch_index - batch_index % args.gradient_accumulation_steps
             group_size = min(args.gradient_accumulation_steps, batches_per_epoch - group_start)
-            with accelerator.accumulate(text_encoder):
-                latents, encoder_hidden_states = encode_batch(batch, vae, text_encoder, generator, share)
+            with accelerator.accumulate(*text_encoders):
+                latents, encoder_hidden_states, added_cond_kwargs = encode_batch(
+                    batch, vae, text_encoders, generator, share, weight_dtype
+                )
                 sample_weights = batch["sample_weights"].to(latents.device)
                 loss = diffusion_loss(
-                    unet, noise_scheduler, latents, encoder_hidden_states, generator, loss_config, sample_weights, share
+                    unet,
+                    noise_scheduler,
+                    latents,
+                    encoder_hidden_states,
+                    generator,
+                    loss_config,
+                    sample_weights,
+                    share,
+                    added_cond_kwargs,
                 )
                 window.add_batch(loss, group_size)
                 accelerator.backward(loss * (args.gradient_accumulation_steps / group_size))
-                last_batch = (latents, batch["input_ids"].to(latents.device))
+                time_ids = None if added_cond_kwargs is None else added_cond_kwargs["time_ids"]
+                last_batch = (latents, batch["input_ids"].to(latents.device), time_ids)
                 grad_norm = None
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_([learned_embedding.learned], args.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(learned_rows, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -1120,15 +1228,15 @@ def main(argv=None):
             if is_save_step or is_validation_step:
                 optimizer.eval()  # what is saved or rendered is the model at this step; resume switches back exactly
             if is_save_step:
-                tensors = [("the new rows", learned_embedding.learned), *optimizer_tensors(optimizer)]
-                probe = probe_loss(accelerator, unet, text_encoder, noise_scheduler, *last_batch, loss_config, seed)
+                tensors = [*(("the new rows", rows) for rows in learned_rows), *optimizer_tensors(optimizer)]
+                probe = probe_loss(accelerator, unet, text_encoders, noise_scheduler, *last_batch, loss_config, seed)
                 check_finite(tensors, probe, "the embedding", global_step)
             if accelerator.is_main_process:
                 if global_step % args.save_steps == 0:
-                    path = os.path.join(args.output_dir, f"learned_embeds-steps-{global_step}.{embeds_suffix}")
-                    save_embeddings(
-                        learned_embedding.learned, args.placeholder_token, path, not args.no_safe_serialization
-                    )
+                    for index, rows in enumerate(learned_rows):
+                        name = f"{learned_embeds_name(index)}-steps-{global_step}.{embeds_suffix}"
+                        path = os.path.join(args.output_dir, name)
+                        save_embeddings({args.placeholder_token: rows}, path, not args.no_safe_serialization)
                 if is_validation_step and global_step < max_train_steps:
                     validate(accelerator, *validation_models, args, seed, global_step, "validation", weight_dtype)
             if is_checkpoint_step:
@@ -1146,21 +1254,23 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------- save
     optimizer.eval()
     if last_batch is not None:  # what is about to be saved, checked as every checkpoint is
-        tensors = [("the new rows", learned_embedding.learned), *optimizer_tensors(optimizer)]
-        probe = probe_loss(accelerator, unet, text_encoder, noise_scheduler, *last_batch, loss_config, seed)
+        tensors = [*(("the new rows", rows) for rows in learned_rows), *optimizer_tensors(optimizer)]
+        probe = probe_loss(accelerator, unet, text_encoders, noise_scheduler, *last_batch, loss_config, seed)
         check_finite(tensors, probe, "the embedding", global_step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        for key, path in embedding_files(args, embeds_suffix):
-            save_embeddings(learned_embedding.learned, key, path, not args.no_safe_serialization)
+        for path, keys in embedding_files(args, embeds_suffix, len(learned_rows)):
+            tensors = {key: learned_rows[index] for key, index in keys.items()}
+            save_embeddings(tensors, path, not args.no_safe_serialization)
             logger.info(f"Saved {os.path.abspath(path)}")
         grid = None
         if validation_prompts:
             validate(accelerator, *validation_models, args, seed, global_step, "final", weight_dtype)
             grid = f"validation/final-step-{global_step:06d}.png"
         if args.save_as_full_pipeline or args.push_to_hub:
-            save_full_pipeline(accelerator.unwrap_model(text_encoder), tokenizer, unet, vae, weight_dtype, args)
-        write_model_card(args, global_step, grid)
+            text_encoders = [accelerator.unwrap_model(text_encoder) for text_encoder in text_encoders]
+            save_full_pipeline(text_encoders, tokenizers, unet, vae, weight_dtype, args)
+        write_model_card(args, global_step, grid, sdxl)
         if args.push_to_hub:
             push_to_hub(args)
     accelerator.end_training()

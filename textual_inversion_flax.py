@@ -723,16 +723,16 @@ def validate(render, state, frozen, tokenizer, prompts, args, seed, global_step,
         save_validation_grid(images, prompts, args.output_dir, tag, global_step)
 
 
-def save_embeddings(learned, key, path):
-    """{key: tensor[num_vectors, hidden]}, key the placeholder (diffusers) or UI_EMBEDDING_KEY (the UIs), the same
-    as the PyTorch twin writes. Written to a temporary name, flushed to disk and renamed, so a crash never
-    leaves a truncated file."""
+def save_embeddings(tensors, path):
+    """{key: rows[num_vectors, hidden]}, keys as embedding_files() names them (the placeholder for diffusers, the UIs'
+    keys), the same as the PyTorch twin writes. Written to a temporary name, flushed to disk and renamed, so a crash
+    never leaves a truncated file."""
     import safetensors.numpy
 
     partial = path + ".partial"
     try:
-        rows = np.asarray(jax.device_get(learned), dtype=np.float32)
-        safetensors.numpy.save_file({key: rows}, partial, metadata={"format": "pt"})
+        rows = {key: np.asarray(jax.device_get(learned), dtype=np.float32) for key, learned in tensors.items()}
+        safetensors.numpy.save_file(rows, partial, metadata={"format": "pt"})
         with open(partial, "rb") as f:
             os.fsync(f.fileno())
     except OSError as err:
@@ -920,7 +920,7 @@ def main(argv=None):
             if is_main_process:
                 if global_step % args.save_steps == 0:
                     path = os.path.join(args.output_dir, f"learned_embeds-steps-{global_step}.safetensors")
-                    save_embeddings(evaluation_params(state, args)["learned"], args.placeholder_token, path)
+                    save_embeddings({args.placeholder_token: evaluation_params(state, args)["learned"]}, path)
             if is_checkpoint_step:
                 save_checkpoint(state, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
             if validation_prompts and global_step % args.validation_steps == 0 and global_step < max_train_steps:
@@ -948,8 +948,8 @@ def main(argv=None):
         probe = float(probe_fn(params, state, frozen, *last_batch))
         check_finite({"params": params}, probe, "the embedding", global_step)
     if is_main_process:
-        for key, path in embedding_files(args, "safetensors"):
-            save_embeddings(params["learned"], key, path)
+        for path, keys in embedding_files(args, "safetensors"):
+            save_embeddings({key: params["learned"] for key in keys}, path)
             logger.info(f"Saved {os.path.abspath(path)}")
     if validation_prompts:
         validate(

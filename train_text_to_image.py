@@ -99,6 +99,7 @@ from sdtrain.torch_training import (
     collate,
     default_num_workers,
     encode_once,
+    encode_text,
     inference_scheduler,
     load_component,
     log_validation,
@@ -106,6 +107,7 @@ from sdtrain.torch_training import (
     optimizer_tensors,
     save_checkpoint,
     stop_agreed,
+    text_components,
     tokenize,
     write_hub_style_text_encoder,
 )
@@ -721,7 +723,7 @@ def build_caches(train_dataset, vae, text_encoders, accelerator, args, num_worke
             len(distinct),
             args.train_batch_size,
             token_ids,
-            lambda input_ids: encode_text(text_encoders, input_ids),
+            lambda input_ids: encode_text(text_encoders, input_ids.to(text_encoders[0].device)),
             "Caching text embeddings",
         )
         embeddings, pooled = embeddings if train_dataset.sdxl else (embeddings, None)
@@ -863,19 +865,6 @@ def make_optimizer(args, params):
     )
 
 
-def encode_text(text_encoders, input_ids):
-    """The UNet's text conditioning from token ids [batch, encoders, tokens]. SD 1.x / 2.x: the text encoder's last
-    hidden state. SDXL: (both encoders' penultimate hidden states side by side, the second's pooled projection)."""
-    if len(text_encoders) == 1:
-        return text_encoders[0](input_ids[:, 0].to(text_encoders[0].device), return_dict=False)[0]
-    hidden_states = []
-    for text_encoder, ids in zip(text_encoders, input_ids.unbind(1), strict=True):
-        output = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
-        # SDXL reads the penultimate layer of each encoder (Podell et al. 2023, arXiv:2307.01952, sec. 2.1).
-        hidden_states.append(output.hidden_states[-2])
-    return torch.cat(hidden_states, dim=-1), output[0]  # output[0]: the second encoder's text_embeds
-
-
 def encode_batch(batch, vae, text_encoders, generator, share):
     """The batch's latents and text conditioning (encoder_hidden_states, and for SDXL the UNet's added_cond_kwargs),
     from the frozen VAE and text encoders or from their caches. The VAE sample is the first draw from `generator`,
@@ -898,7 +887,7 @@ def encode_batch(batch, vae, text_encoders, generator, share):
             pooled_text_embeds = batch.get("pooled_text_embeds")
         else:
             # The frozen text encoders' hidden states condition the UNet through cross-attention.
-            encoded = encode_text(text_encoders, batch["input_ids"])
+            encoded = encode_text(text_encoders, batch["input_ids"].to(device))
             encoder_hidden_states, pooled_text_embeds = encoded if isinstance(encoded, tuple) else (encoded, None)
         added_cond_kwargs = None
         if "time_ids" in batch:
@@ -1070,11 +1059,7 @@ def validation_weights(args):
 def frozen_components(vae, text_encoders, tokenizers):
     """The frozen models by their pipeline names: vae, text_encoder, tokenizer (and SDXL's text_encoder_2,
     tokenizer_2)."""
-    components = {"vae": vae}
-    for index, (text_encoder, tokenizer) in enumerate(zip(text_encoders, tokenizers, strict=True)):
-        suffix = f"_{index + 1}" if index else ""
-        components["text_encoder" + suffix], components["tokenizer" + suffix] = text_encoder, tokenizer
-    return components
+    return {"vae": vae, **text_components(text_encoders, tokenizers)}
 
 
 def pipeline_class(sdxl):

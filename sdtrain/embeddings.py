@@ -94,19 +94,32 @@ def initializer_token_id(tokenizer, initializer_token):
 UI_EMBEDDING_KEY = "emb_params"
 
 
+# The UIs' SDXL embedding: one tensor per text encoder, named after the encoder (CLIP ViT-L, OpenCLIP bigG).
+UI_SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")
+
+
 def ui_embedding_name(placeholder_token):
     """The name the UIs show and prompts use for the embedding, which they take from its file name: the placeholder
     without the characters file systems or prompt syntax reserve, "<cat-toy>" -> "cat-toy"."""
     return re.sub(r"[^\w.-]+", "", placeholder_token).strip(".") or "embedding"
 
 
-def embedding_files(args, suffix):
-    """(key, path) of each final embeddings file --embedding_format asks for: learned_embeds.<suffix> keyed by the
-    placeholder (diffusers' layout) and <name>.<suffix> keyed by UI_EMBEDDING_KEY (the UIs' layout)."""
+def learned_embeds_name(encoder_index):
+    """diffusers' name for the rows of text encoder `encoder_index`: learned_embeds, then learned_embeds_2 (SDXL)."""
+    return "learned_embeds" + (f"_{encoder_index + 1}" if encoder_index else "")
+
+
+def embedding_files(args, suffix, num_encoders=1):
+    """(path, {key in the file: text encoder index}) of each final embeddings file --embedding_format asks for:
+    diffusers' learned_embeds.<suffix> (and learned_embeds_2.<suffix> for SDXL's second encoder) keyed by the
+    placeholder, and the UIs' <name>.<suffix>, keyed by UI_EMBEDDING_KEY or for SDXL by UI_SDXL_EMBEDDING_KEYS."""
     files = []
     if args.embedding_format in ("diffusers", "both"):
-        files.append((args.placeholder_token, os.path.join(args.output_dir, f"learned_embeds.{suffix}")))
+        for index in range(num_encoders):
+            path = os.path.join(args.output_dir, f"{learned_embeds_name(index)}.{suffix}")
+            files.append((path, {args.placeholder_token: index}))
     if args.embedding_format in ("ui", "both"):
-        name = ui_embedding_name(args.placeholder_token)
-        files.append((UI_EMBEDDING_KEY, os.path.join(args.output_dir, f"{name}.{suffix}")))
+        keys = (UI_EMBEDDING_KEY,) if num_encoders == 1 else UI_SDXL_EMBEDDING_KEYS
+        path = os.path.join(args.output_dir, f"{ui_embedding_name(args.placeholder_token)}.{suffix}")
+        files.append((path, {key: index for index, key in enumerate(keys)}))
     return files

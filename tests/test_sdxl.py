@@ -233,18 +233,6 @@ def test_an_sd3_pipeline_is_refused_by_name_before_anything_is_written(launch, a
     assert {k: v for k, v in after.items() if not k.startswith(".training.lock")} == before
 
 
-def test_textual_inversion_names_sdxl_as_not_yet_supported(launch, assets, sdxl_pipeline, tmp_path):
-    concept = os.path.join(assets["images"])
-    args = command_line(
-        "--pretrained_model_name_or_path", sdxl_pipeline, "--train_data_dir", concept, "--output_dir", tmp_path / "run"
-    )
-    args += command_line("--placeholder_token <blob> --initializer_token circle --resolution 64 --max_train_steps 1")
-    result = launch.accelerate("textual_inversion.py", args, check=False)
-    assert result.returncode != 0
-    message = f"--pretrained_model_name_or_path {sdxl_pipeline} is an SDXL pipeline: textual_inversion.py trains"
-    assert message in result.output, result.output[-3000:]
-
-
 def test_sdxl_single_file_is_refused_before_training(launch, assets, sdxl_pipeline, tmp_path):
     out = tmp_path / "run"
     flags = "--max_train_steps 1 --save_single_file"

@@ -71,8 +71,8 @@ def test_textual_inversion_cache_equals_encoding_in_the_loop(assets, tmp_path):
     flags = "--placeholder_token <t> --initializer_token toy --resolution 64 --repeats 4 --train_batch_size 4"
     args = textual_inversion.parse_args(command_line(*paths, flags, "--cache_latents"))
     paths = embeddings.find_example_images(concept)
-    plain = textual_inversion.TextualInversionDataset(paths, tokenizer, "<t>", args, 5)
-    cached = textual_inversion.TextualInversionDataset(paths, tokenizer, "<t>", args, 5)
+    plain = textual_inversion.TextualInversionDataset(paths, [tokenizer], "<t>", args, 5)
+    cached = textual_inversion.TextualInversionDataset(paths, [tokenizer], "<t>", args, 5)
     textual_inversion.build_latent_cache(cached, vae, cpu_accelerator(), args, num_workers=0)
     assert tuple(cached.latent_cache.shape) == (3, 2, 8, 8, 8)
     for key in [(epoch, index, 1.0) for epoch in range(2) for index in range(len(plain))]:
