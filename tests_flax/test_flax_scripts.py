@@ -511,6 +511,13 @@ print("sampled", image.shape, bool(np.isfinite(image).all()), float(image.std())
     assert "sampled (64, 64, 3) True True" in result.stdout, result.stdout
 
 
+def test_text_to_image_flax_refuses_an_sdxl_single_file_before_training(launch, assets, sdxl_pipeline, tmp_path):
+    """--save_single_file writes SD 1.x / 2.x layouts only (as in train_text_to_image.py): refused before any step."""
+    result = launch.run(T2I, sdxl_args(assets, sdxl_pipeline, str(tmp_path / "run"), "--save_single_file"), check=False)
+    assert result.returncode != 0 and "Compiling the train step" not in result.output
+    assert "--save_single_file writes Stable Diffusion 1.x / 2.x checkpoints; this pipeline is SDXL" in result.output
+
+
 def test_text_to_image_flax_sdxl_size_conditioning_of_a_known_image(sdxl_pipeline, tmp_path):
     """time_ids = (original height, width, crop top, left, target height, width) in the resized image's pixels; a
     mirrored image's left offset is measured from the other side; an empty caption is marked for zero
