@@ -66,13 +66,14 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdtrain.batching import (
-    BUCKET_SEED_KEY,
     BatchShare,
     bucket_batches,
+    crop_box,
     parse_buckets,
     parse_size,
     setup_buckets,
     shuffled_batches,
+    size_conditioning,
 )
 from sdtrain.captions import CaptionConfig, edit_caption, load_image_caption_dataset
 from sdtrain.hub import push_to_hub
@@ -576,41 +577,12 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return group_of_row, [np.flatnonzero(group_of_row == group).tolist() for group in range(group_of_row.max() + 1)]
 
     def crop_box(self, row, image_width, image_height, rng):
-        """Where the row's training crop comes from: (resized height, width), (top, left) of the crop in the resized
-        image, and the crop's (height, width)."""
-        if self.buckets is None:
-            # The shorter side to --resolution, the longer in proportion (truncated, as torchvision computes it).
-            height = width = self.args.resolution
-            short, long = sorted((image_width, image_height))
-            resized_long = int(self.args.resolution * long / short)
-            if image_width <= image_height:
-                resized = (resized_long, self.args.resolution)
-            else:
-                resized = (self.args.resolution, resized_long)
-            crop_rng = rng
-        else:
-            # Resized to cover its bucket, then cropped; a random crop is drawn once per image (from the seed and the
-            # row), so --cache_latents stores exactly what an uncached run trains on.
-            height, width = self.buckets[self.bucket_of_row[row]]
-            scale = max(height / image_height, width / image_width)
-            resized = (max(height, round(image_height * scale)), max(width, round(image_width * scale)))
-            crop_rng = np.random.default_rng([self.seed, BUCKET_SEED_KEY, row])
-        if self.args.center_crop:
-            top, left = int(round((resized[0] - height) / 2.0)), int(round((resized[1] - width) / 2.0))
-        else:
-            top = int(crop_rng.integers(0, resized[0] - height + 1))
-            left = int(crop_rng.integers(0, resized[1] - width + 1))
-        return resized, (top, left), (height, width)
+        """Where the row's training crop comes from (see sdtrain.batching.crop_box, shared with the JAX twin)."""
+        return crop_box(self, row, (image_width, image_height), rng)
 
     def time_ids(self, row, box, flipped):
-        """SDXL's size conditioning (Podell et al. 2023, arXiv:2307.01952, sec. 2.2): the image's original (height,
-        width), the crop's top-left corner in the resized image, and the size trained at. A mirrored image was cropped
-        from the mirrored corner, so its left offset is measured from the other side."""
-        image_width, image_height = self.image_sizes[row]
-        resized, (top, left), (height, width) = box
-        if flipped:
-            left = resized[1] - left - width
-        return torch.tensor([image_height, image_width, top, left, height, width], dtype=torch.float32)
+        """SDXL's size conditioning of the row's crop (see sdtrain.batching.size_conditioning)."""
+        return torch.tensor(size_conditioning(self.image_sizes[row], box, flipped), dtype=torch.float32)
 
     def transform(self, image, row, rng, flip=None):
         """The row's image as the training crop, in [-1, 1], and its crop box (see crop_box)."""

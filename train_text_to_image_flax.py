@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fine-tune the UNet of a Stable Diffusion 1.x / 2.x pipeline on image-caption pairs (JAX/Flax twin of
+"""Fine-tune the UNet of a Stable Diffusion 1.x / 2.x or SDXL pipeline on image-caption pairs (JAX/Flax twin of
 train_text_to_image.py). Reads a standard PyTorch diffusers folder or hub id, trains data-parallel over every local
 device, and saves a PyTorch diffusers pipeline (safetensors) that current diffusers loads.
 
@@ -45,9 +45,17 @@ from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sdtrain.batching import BUCKET_SEED_KEY, bucket_batches, parse_buckets, parse_size, setup_buckets, shuffled_batches
+from sdtrain.batching import (
+    bucket_batches,
+    crop_box,
+    parse_buckets,
+    parse_size,
+    setup_buckets,
+    shuffled_batches,
+    size_conditioning,
+)
 from sdtrain.captions import CaptionConfig, edit_caption, load_image_caption_dataset
-from sdtrain.families import folder_family, sdxl_not_yet
+from sdtrain.families import folder_family
 from sdtrain.hub import push_to_hub
 from sdtrain.images import inspect_images, load_rgb, verify_image
 from sdtrain.jax_training import (
@@ -62,6 +70,7 @@ from sdtrain.jax_training import (
     make_renderer,
     render_validation_images,
     resolve_pipeline_folder,
+    resolve_vae_folder,
     restore_train_state,
     save_checkpoint,
     save_validation_grid,
@@ -102,7 +111,14 @@ def parse_args(argv=None):
         "--pretrained_model_name_or_path",
         type=str,
         required=True,
-        help="Hub id or local folder of a PyTorch diffusers Stable Diffusion pipeline.",
+        help="Hub id or local folder of a PyTorch diffusers Stable Diffusion 1.x / 2.x or SDXL pipeline.",
+    )
+    group.add_argument(
+        "--pretrained_vae_model_name_or_path",
+        type=str,
+        default=None,
+        help="A VAE to use and save instead of the pipeline's (e.g. an fp16-safe SDXL VAE); it runs in the "
+        "mixed-precision dtype (for SDXL, unless its config asks for fp32: force_upcast).",
     )
     group.add_argument(
         "--revision", type=str, default=None, help="Hub revision (branch, tag or commit) of the pretrained pipeline."
@@ -470,11 +486,13 @@ def load_noise_scheduler(folder, args):
 
 
 class ImageCaptionDataset:
-    """Rows -> {pixel_values (CHW in [-1, 1]), input_ids} as numpy arrays. Indexed by (epoch, row) keys: crop, flip and
-    caption edits are drawn from an RNG seeded by (seed, epoch, row), so a resumed run sees the same samples."""
+    """Rows -> {pixel_values (CHW in [-1, 1]) or latent_mean and latent_std, input_ids or encoder_hidden_states
+    (+ pooled_text_embeds)}, and for SDXL {time_ids, caption_kept}, as numpy arrays. Indexed by (epoch, row) keys: crop,
+    flip and caption edits are drawn from an RNG seeded by (seed, epoch, row), so a resumed run sees the same samples.
+    `tokenizers`: one per text encoder (two for SDXL); input_ids holds a row of ids for each."""
 
-    def __init__(self, rows, tokenizer, args, seed):
-        self.rows, self.tokenizer, self.args, self.seed = rows, tokenizer, args, seed
+    def __init__(self, rows, tokenizers, args, seed, sdxl=False):
+        self.rows, self.tokenizers, self.args, self.seed, self.sdxl = rows, tokenizers, args, seed, sdxl
         self.resample = getattr(Image.Resampling, args.image_interpolation_mode.upper())
         self.caption_config = CaptionConfig(
             proportion_empty_prompts=args.proportion_empty_prompts,
@@ -485,9 +503,12 @@ class ImageCaptionDataset:
         # Set by setup_buckets(): each row's bucket and the buckets' (height, width); None crops squares.
         self.bucket_of_row = None
         self.buckets = None
-        # Set by build_caches(): row -> (latent means, stds) per view; (caption -> index, text embeddings).
+        # Set by build_caches(): row -> (latent means, stds) per view; (caption -> index, text embeddings, pooled text
+        # embeddings or None).
         self.latent_cache = None
         self.text_cache = None
+        # Set in main() from check_images(): every image's (width, height), SDXL's original-size conditioning.
+        self.image_sizes = None
 
     def __len__(self):
         return len(self.rows)
@@ -507,33 +528,18 @@ class ImageCaptionDataset:
         return verify_image(*self.image_source(row))
 
     def transform(self, image, row, rng, flip=None):
-        if self.buckets is None:
-            height = width = size = self.args.resolution
-            # Shorter side to `size`, keeping the aspect ratio (the same rule as torchvision's resize).
-            if image.width <= image.height:
-                new_size = (size, int(size * image.height / image.width))
-            else:
-                new_size = (int(size * image.width / image.height), size)
-            crop_rng = rng
-        else:
-            # Resized to cover its bucket, then cropped; a random crop is drawn once per image (from the seed and the
-            # row), as in the PyTorch twin, where --cache_latents relies on it.
-            height, width = self.buckets[self.bucket_of_row[row]]
-            scale = max(height / image.height, width / image.width)
-            new_size = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-            crop_rng = np.random.default_rng([self.seed, BUCKET_SEED_KEY, row])
-        image = image.resize(new_size, resample=self.resample)
-        if self.args.center_crop:
-            top, left = int(round((image.height - height) / 2.0)), int(round((image.width - width) / 2.0))
-        else:
-            top = int(crop_rng.integers(0, image.height - height + 1))
-            left = int(crop_rng.integers(0, image.width - width + 1))
+        """The row's image as the training crop, CHW in [-1, 1], its crop box (see crop_box) and whether it is
+        mirrored."""
+        box = crop_box(self, row, (image.width, image.height), rng)
+        (resized_height, resized_width), (top, left), (height, width) = box
+        image = image.resize((resized_width, resized_height), resample=self.resample)
         image = image.crop((left, top, left + width, top + height))
         if flip is None:
-            flip = self.args.random_flip and rng.random() < 0.5
+            flip = bool(self.args.random_flip and rng.random() < 0.5)
         if flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0  # the VAE's input range
+        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0  # the VAE's input range
+        return pixels, box, flip
 
     def pick_caption(self, value, row, rng):
         if isinstance(value, str):
@@ -556,23 +562,38 @@ class ImageCaptionDataset:
         rng = np.random.default_rng([self.seed, epoch, row])
         example = {}
         if self.latent_cache is None:
-            example["pixel_values"] = self.transform(self.open_image(row), row, rng)
+            example["pixel_values"], box, flipped = self.transform(self.open_image(row), row, rng)
         else:
             # The same draws as transform(): with a fixed crop only the flip is random.
-            view = int(self.args.random_flip and rng.random() < 0.5)
+            flipped = bool(self.args.random_flip and rng.random() < 0.5)
             means, stds = self.latent_cache[row]
-            example["latent_mean"], example["latent_std"] = means[view], stds[view]
+            example["latent_mean"], example["latent_std"] = means[int(flipped)], stds[int(flipped)]
+            box = crop_box(self, row, self.image_sizes[row], rng=None) if self.sdxl else None
+        if self.sdxl:
+            example["time_ids"] = np.asarray(size_conditioning(self.image_sizes[row], box, flipped), np.float32)
         caption = self.pick_caption(self.rows[row][self.args.caption_column], row, rng)
         caption = edit_caption(caption, rng, self.caption_config)
+        if self.sdxl:
+            # SDXL pipelines sample the unconditional branch from zeros, not from the encoded empty prompt
+            # (force_zeros_for_empty_prompt): an empty caption, dropped or in the data, trains that branch.
+            example["caption_kept"] = np.float32(caption != "")
         if self.text_cache is None:
-            input_ids = self.tokenizer(
-                caption, max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True
-            ).input_ids
-            example["input_ids"] = np.asarray(input_ids, dtype=np.int32)
+            example["input_ids"] = token_ids(self.tokenizers, [caption])[0]
         else:
-            index_of_caption, embeddings = self.text_cache
+            index_of_caption, embeddings, pooled = self.text_cache
             example["encoder_hidden_states"] = embeddings[index_of_caption[caption]]
+            if pooled is not None:
+                example["pooled_text_embeds"] = pooled[index_of_caption[caption]]
         return example
+
+
+def token_ids(tokenizers, captions):
+    """The captions' token ids [caption, tokenizer, token] as int32, padded to each tokenizer's full length."""
+    ids = [
+        tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True).input_ids
+        for tokenizer in tokenizers
+    ]
+    return np.asarray(ids, np.int32).transpose(1, 0, 2)
 
 
 def check_images(dataset):
@@ -613,10 +634,10 @@ def encode_once(items, prepare, encode, global_batch_size, batch_sharding, descr
     return tuple(np.concatenate(parts) for parts in zip(*outputs, strict=True))
 
 
-def build_caches(dataset, frozen, tokenizer, args, global_batch_size, batch_sharding):
+def build_caches(dataset, frozen, args, global_batch_size, batch_sharding):
     """--cache_latents: the VAE's latent distribution (mean, std) of every image (and its mirror image with
     --random_flip), at its bucket's size, so the VAE leaves the jitted step. --cache_text_embeddings: the text
-    encoder's output for every caption the data holds, and the empty one."""
+    encoders' output (for SDXL with the pooled embedding) for every caption the data holds, and the empty one."""
     if args.cache_latents:
 
         @jax.jit
@@ -628,7 +649,7 @@ def build_caches(dataset, frozen, tokenizer, args, global_batch_size, batch_shar
 
         def prepare(share):
             return np.stack(
-                [dataset.transform(dataset.open_image(row), row, None, flip=view == 1) for row, view in share]
+                [dataset.transform(dataset.open_image(row), row, None, flip=view == 1)[0] for row, view in share]
             )
 
         views = 2 if args.random_flip else 1
@@ -653,18 +674,19 @@ def build_caches(dataset, frozen, tokenizer, args, global_batch_size, batch_shar
             for caption in dataset.caption_choices(value, row):
                 captions.setdefault(caption, len(captions))
 
-        @jax.jit
-        def encode_text(text_encoder_params, input_ids):
-            return (frozen.text_encoder(input_ids, params=text_encoder_params, train=False)[0],)
+        encode_jitted = jax.jit(encode_text)
 
-        def prepare(share):
-            ids = tokenizer(share, max_length=tokenizer.model_max_length, padding="max_length", truncation=True)
-            return np.asarray(ids.input_ids, np.int32)
+        def encode(input_ids):
+            encoder_hidden_states, pooled_text_embeds = encode_jitted(frozen, input_ids)
+            return (
+                (encoder_hidden_states,) if pooled_text_embeds is None else (encoder_hidden_states, pooled_text_embeds)
+            )
 
-        encode = functools.partial(encode_text, frozen.text_encoder_params)
+        prepare = functools.partial(token_ids, dataset.tokenizers)
         description = "Caching text embeddings"
-        (embeddings,) = encode_once(list(captions), prepare, encode, global_batch_size, batch_sharding, description)
-        dataset.text_cache = (captions, embeddings)
+        encoded = encode_once(list(captions), prepare, encode, global_batch_size, batch_sharding, description)
+        embeddings, pooled = encoded if len(encoded) == 2 else (encoded[0], None)
+        dataset.text_cache = (captions, embeddings, pooled)
         logger.info(
             f"Cached text embeddings: {embeddings.shape} {embeddings.dtype}, {embeddings.nbytes / 2**20:.1f} MiB"
         )
@@ -726,11 +748,32 @@ class FrozenModels:
     vae: Any = struct.field(pytree_node=False)
     text_encoder: Any = struct.field(pytree_node=False)
     noise_scheduler: Any = struct.field(pytree_node=False)
+    # SDXL's second text encoder (FlaxCLIPTextModelWithProjection); None for SD 1.x / 2.x.
+    text_encoder_2_params: Any = None
+    text_encoder_2: Any = struct.field(pytree_node=False, default=None)
+
+
+def encode_text(frozen, input_ids):
+    """The UNet's text conditioning from token ids [batch, encoders, tokens], as (encoder_hidden_states, pooled text
+    embeddings or None). SD 1.x / 2.x: the text encoder's last hidden state. SDXL: both encoders' penultimate hidden
+    states side by side, and the second's pooled projection."""
+    if frozen.text_encoder_2 is None:
+        return frozen.text_encoder(input_ids[:, 0], params=frozen.text_encoder_params, train=False)[0], None
+    encoders = [
+        (frozen.text_encoder, frozen.text_encoder_params),
+        (frozen.text_encoder_2, frozen.text_encoder_2_params),
+    ]
+    hidden_states = []
+    for (text_encoder, params), ids in zip(encoders, jnp.unstack(input_ids, axis=1), strict=True):
+        output = text_encoder(ids, params=params, output_hidden_states=True, train=False)
+        # SDXL reads the penultimate layer of each encoder (Podell et al. 2023, arXiv:2307.01952, sec. 2.1).
+        hidden_states.append(output.hidden_states[-2])
+    return jnp.concatenate(hidden_states, axis=-1), output[0]  # output[0]: the second encoder's text_embeds
 
 
 def encode_batch(frozen, batch, rng):
-    """The batch's latents and text conditioning, from the frozen VAE and text encoder, or from their caches
-    (build_caches). The VAE sample is drawn from `rng`."""
+    """The batch's latents and text conditioning (encoder_hidden_states, and for SDXL the UNet's added_cond_kwargs),
+    from the frozen VAE and text encoders, or from their caches (build_caches). The VAE sample is drawn from `rng`."""
     if "latent_mean" in batch:
         # --cache_latents: sampling the stored distribution draws exactly what encoding the image would.
         latent_sample = batch["latent_mean"] + batch["latent_std"] * jax.random.normal(rng, batch["latent_mean"].shape)
@@ -741,12 +784,20 @@ def encode_batch(frozen, batch, rng):
         latent_sample = encoded.latent_dist.sample(rng)
     latents = jnp.transpose(latent_sample, (0, 3, 1, 2)) * frozen.vae.config.scaling_factor
     if "encoder_hidden_states" in batch:
-        encoder_hidden_states = batch["encoder_hidden_states"]  # --cache_text_embeddings
+        # --cache_text_embeddings
+        encoder_hidden_states, pooled_text_embeds = batch["encoder_hidden_states"], batch.get("pooled_text_embeds")
     else:
-        # The frozen text encoder's last hidden state conditions the UNet through cross-attention.
-        input_ids = batch["input_ids"]
-        encoder_hidden_states = frozen.text_encoder(input_ids, params=frozen.text_encoder_params, train=False)[0]
-    return jax.lax.stop_gradient((latents, encoder_hidden_states))
+        # The frozen text encoders' hidden states condition the UNet through cross-attention.
+        encoder_hidden_states, pooled_text_embeds = encode_text(frozen, batch["input_ids"])
+    added_cond_kwargs = None
+    if "time_ids" in batch:
+        # SDXL: the pooled text embedding and the size conditioning enter through the UNet's added embedding; an
+        # empty caption conditions on zeros (see ImageCaptionDataset).
+        kept = batch["caption_kept"].astype(encoder_hidden_states.dtype)
+        encoder_hidden_states = encoder_hidden_states * kept[:, None, None]
+        text_embeds = pooled_text_embeds * kept[:, None].astype(pooled_text_embeds.dtype)
+        added_cond_kwargs = {"text_embeds": text_embeds, "time_ids": batch["time_ids"]}
+    return jax.lax.stop_gradient((latents, encoder_hidden_states, added_cond_kwargs))
 
 
 # ----------------------------------------------------- BEGIN MATH -----------------------------------------------------
@@ -775,11 +826,20 @@ class LossConfig:
 
 
 def diffusion_loss(
-    unet, noise_scheduler, scheduler_state, latents, encoder_hidden_states, rng, config, sample_weights=None
+    unet,
+    noise_scheduler,
+    scheduler_state,
+    latents,
+    encoder_hidden_states,
+    rng,
+    config,
+    sample_weights=None,
+    added_cond_kwargs=None,
 ):
     """The denoising loss of a batch of clean latents, averaged over the batch (weighted by `sample_weights` when
     given: a padded batch holds examples of weight 0). Every random draw comes from `rng`, in
-    the PyTorch twin's order: noise, offset noise, input perturbation, timesteps."""
+    the PyTorch twin's order: noise, offset noise, input perturbation, timesteps. added_cond_kwargs: SDXL's pooled text
+    embedding and size conditioning (None for SD 1.x / 2.x)."""
     noise_rng, offset_rng, perturbation_rng, timestep_rng = jax.random.split(rng, 4)
     bsz = latents.shape[0]
     noise = jax.random.normal(noise_rng, latents.shape, latents.dtype)
@@ -821,7 +881,7 @@ def diffusion_loss(
     else:
         raise ValueError(f"unsupported prediction type {config.prediction_type!r}")
 
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states)
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
     # Signal-to-noise ratio of each sample's timestep, alpha_bar / (1 - alpha_bar): 0 at a zero-terminal-SNR end.
     alphas_cumprod = scheduler_state.common.alphas_cumprod[timesteps].astype(jnp.float32)
     snr = alphas_cumprod / (1.0 - alphas_cumprod)
@@ -873,14 +933,26 @@ def diffusion_loss(
 def batch_loss(params, state, frozen, batch, rng, config):
     """The loss `params` give on one batch: encode, then the denoising loss. Pure: every draw comes from `rng`."""
     sample_rng, loss_rng = jax.random.split(rng)
-    latents, encoder_hidden_states = encode_batch(frozen, batch, sample_rng)
+    latents, encoder_hidden_states, added_cond_kwargs = encode_batch(frozen, batch, sample_rng)
 
-    def unet(noisy_latents, timesteps, encoder_hidden_states):
+    def unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=None):
         variables = {"params": params}
-        return state.apply_fn(variables, noisy_latents, timesteps, encoder_hidden_states, train=True).sample
+        return state.apply_fn(
+            variables, noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, train=True
+        ).sample
 
-    scheduler, scheduler_state, weights = frozen.noise_scheduler, frozen.scheduler_state, batch["sample_weights"]
-    return diffusion_loss(unet, scheduler, scheduler_state, latents, encoder_hidden_states, loss_rng, config, weights)
+    scheduler, scheduler_state = frozen.noise_scheduler, frozen.scheduler_state
+    return diffusion_loss(
+        unet,
+        scheduler,
+        scheduler_state,
+        latents,
+        encoder_hidden_states,
+        loss_rng,
+        config,
+        batch["sample_weights"],
+        added_cond_kwargs,
+    )
 
 
 def train_step(state, frozen, batch, rng, config):
@@ -922,19 +994,50 @@ def load_validation_scheduler(folder, args):
     return scheduler, scheduler.create_state(), config.get("timestep_spacing") == "trailing"
 
 
-def validation_renderer(folder, args, unet, vae, text_encoder, tokenizer):
-    """The compiled validation sampler (make_renderer) of these models, at --validation_resolution."""
+def validation_renderer(folder, args, unet, frozen, tokenizers, sdxl):
+    """The compiled validation sampler (make_renderer) of these models, at --validation_resolution, conditioned as the
+    saved pipeline samples (validation_conditioning)."""
     scheduler, scheduler_state, trailing = load_validation_scheduler(folder, args)
     models = ValidationModels(
         unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
+        vae=frozen.vae,
+        text_encoder=frozen.text_encoder,
+        tokenizer=tokenizers[0],
         scheduler=scheduler,
         scheduler_state=scheduler_state,
         trailing=trailing,
     )
-    return make_renderer(models, args.validation_resolution)
+    conditioning = validation_conditioning(folder, tokenizers, sdxl, args.validation_resolution)
+    return make_renderer(models, args.validation_resolution, conditioning=conditioning)
+
+
+def validation_conditioning(folder, tokenizers, sdxl, size):
+    """conditioning(params, prompt_ids) for make_renderer: the pair (unconditional, conditional) of encode_text's
+    output, from params["text_encoders"] (the FrozenModels). The unconditional branch is the empty prompt's encoding,
+    or for an SDXL pipeline that says force_zeros_for_empty_prompt (as SDXL base does) zeros, as
+    StableDiffusionXLPipeline samples. SDXL's size conditioning at sampling: the rendered size, uncropped."""
+    with open(os.path.join(folder, "model_index.json")) as f:
+        zeros_for_empty_prompt = sdxl and json.load(f).get("force_zeros_for_empty_prompt", True)
+    empty_ids = token_ids(tokenizers, [""])
+    height, width = size
+
+    def conditioning(params, prompt_ids):
+        encoder_hidden_states, pooled_text_embeds = encode_text(params["text_encoders"], prompt_ids)
+        if zeros_for_empty_prompt:
+            empty, empty_pooled = jnp.zeros_like(encoder_hidden_states), jnp.zeros_like(pooled_text_embeds)
+        else:
+            empty, empty_pooled = encode_text(params["text_encoders"], empty_ids)
+        encoder_hidden_states = jnp.concatenate([empty, encoder_hidden_states])
+        if not sdxl:
+            return encoder_hidden_states, None
+        time_ids = jnp.asarray([size_conditioning((width, height), ((height, width), (0, 0), (height, width)), False)])
+        added_cond_kwargs = {
+            "text_embeds": jnp.concatenate([empty_pooled, pooled_text_embeds]),
+            "time_ids": jnp.concatenate([time_ids, time_ids]).astype(jnp.float32),
+        }
+        return encoder_hidden_states, added_cond_kwargs
+
+    return conditioning
 
 
 class EMATrainState(TrainState):
@@ -961,30 +1064,55 @@ def validation_weights(args):
     return {"ema": [("", True)], "raw": [("-raw", False)], "both": [("", True), ("-raw", False)]}[args.ema_validation]
 
 
-def validate(render, state, frozen, tokenizer, args, seed, global_step, tag, is_main_process):
+def validate(render, state, frozen, tokenizers, args, seed, global_step, tag, is_main_process):
     """Render the validation prompts with the weights that would be saved now (the EMA with --use_ema), and with
     --ema_validation raw or both, with the raw trained weights. Every process renders; the main process saves."""
+
+    def tokenize(prompt):
+        return token_ids(tokenizers, [prompt])  # ids [1, encoders, tokens], as encode_text reads them
+
     for suffix, ema_weights in validation_weights(args):
         unet_params = state.ema_params if ema_weights else evaluation_params(state, args)
-        params = {"unet": unet_params, "vae": frozen.vae_params, "text_encoder": frozen.text_encoder_params}
-        images = render_validation_images(render, params, tokenizer, args.validation_prompts, seed)
+        params = {"unet": unet_params, "vae": frozen.vae_params, "text_encoders": frozen}
+        images = render_validation_images(render, params, tokenize, args.validation_prompts, seed)
         if is_main_process:
             save_validation_grid(images, args.validation_prompts, args.output_dir, tag + suffix, global_step)
 
 
-def save_pipeline(unet_params, folder, args):
-    """The full pipeline as PyTorch diffusers with safetensors weights: the trained UNet converted from Flax, the
-    frozen parts (text encoder, VAE, tokenizer, scheduler) copied byte for byte from the source. Written to a
-    temporary folder first, so a crash never leaves a half-written model over a good one."""
+def pytorch_unet(unet_params, folder):
+    """The trained Flax UNet params as diffusers' PyTorch UNet2DConditionModel of the source's config. diffusers'
+    converter renames every "_1" of a key to ".1" except under time_embedding, so SDXL's add_embedding.linear_1 and
+    linear_2 would be left at random values (with a warning): they are copied here (Dense kernels are transposed
+    weights)."""
     import torch
     from diffusers import UNet2DConditionModel
     from diffusers.models.modeling_pytorch_flax_utils import load_flax_weights_in_pytorch_model
 
+    params = dict(jax.tree_util.tree_map(np.array, jax.device_get(unet_params)))
+    add_embedding = params.pop("add_embedding", None)
+    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
+    unet = load_flax_weights_in_pytorch_model(unet, params)
+    if add_embedding is not None:
+        with torch.no_grad():
+            for name, dense in add_embedding.items():
+                getattr(unet.add_embedding, name).weight.copy_(torch.from_numpy(dense["kernel"].T.copy()))
+                getattr(unet.add_embedding, name).bias.copy_(torch.from_numpy(dense["bias"]))
+    return unet
+
+
+def save_pipeline(unet_params, folder, args, sdxl):
+    """The full pipeline as PyTorch diffusers with safetensors weights: the trained UNet converted from Flax, the
+    frozen parts (text encoders, VAE, tokenizers, scheduler) copied byte for byte from the source (the VAE from
+    --pretrained_vae_model_name_or_path when given). Written to a temporary folder first, so a crash never leaves a
+    half-written model over a good one."""
+    import torch
+
     partial = os.path.join(args.output_dir, ".pipeline.partial")
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
-    for component in ["scheduler", "tokenizer", "text_encoder", "vae"]:
+    for component in ["scheduler", "tokenizer", "text_encoder"] + (["tokenizer_2", "text_encoder_2"] if sdxl else []):
         shutil.copytree(os.path.join(folder, component), os.path.join(partial, component))
+    shutil.copytree(os.path.join(*resolve_vae_folder(folder, args)), os.path.join(partial, "vae"))
     # The model now predicts this target on this schedule: the saved scheduler must say so, or inference silently
     # goes wrong.
     scheduler_config = os.path.join(partial, "scheduler", "scheduler_config.json")
@@ -994,13 +1122,13 @@ def save_pipeline(unet_params, folder, args):
         json.dump(config, f, indent=2)
     with open(os.path.join(folder, "model_index.json")) as f:
         model_index = json.load(f)
-    # The source's safety checker is not downloaded (nothing the user did not name); the saved pipeline has none.
-    model_index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
+    if not sdxl:  # SDXL pipelines have no safety checker
+        # The source's safety checker is not downloaded (nothing the user did not name); the saved pipeline has none.
+        model_index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
     model_index["scheduler"] = ["diffusers", config["_class_name"]]  # the class pipelines load it as
     with open(os.path.join(partial, "model_index.json"), "w") as f:
         json.dump(model_index, f, indent=2)
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
-    unet = load_flax_weights_in_pytorch_model(unet, jax.tree_util.tree_map(np.array, jax.device_get(unet_params)))
+    unet = pytorch_unet(unet_params, folder)
     try:
         unet.to(torch.float32).save_pretrained(os.path.join(partial, "unet"), safe_serialization=True)
     except (OSError, RuntimeError) as err:
@@ -1049,13 +1177,25 @@ def main(argv=None):
     weight_dtype = jnp.bfloat16 if args.mixed_precision == "bf16" else jnp.float32
     folder = resolve_pipeline_folder(args)
     source = f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}"
-    if folder_family(folder, source) == "sdxl":  # any other family is named and refused by folder_family
-        raise sdxl_not_yet(source, os.path.basename(__file__))
+    # SD 1.x / 2.x or SDXL, from model_index.json before any weights load; any other family is named and refused.
+    sdxl = folder_family(folder, source) == "sdxl"
+    if sdxl and args.save_single_file:
+        raise ValueError("--save_single_file writes Stable Diffusion 1.x / 2.x checkpoints; this pipeline is SDXL")
     if args.save_single_file:  # refused now rather than after training
         single_file_layout(*component_configs(folder))
-    tokenizer = CLIPTokenizerFast.from_pretrained(folder, subfolder="tokenizer")
+    tokenizer_names = ["tokenizer", "tokenizer_2"] if sdxl else ["tokenizer"]
+    tokenizers = [CLIPTokenizerFast.from_pretrained(folder, subfolder=name) for name in tokenizer_names]
     text_encoder = load_flax_text_encoder(folder, args.variant, weight_dtype)
-    vae, vae_params = load_flax_model(FlaxAutoencoderKL, folder, "vae", args.variant, weight_dtype)
+    text_encoder_2 = load_flax_text_encoder(folder, args.variant, weight_dtype, "text_encoder_2") if sdxl else None
+    vae_folder, vae_subfolder = resolve_vae_folder(folder, args)
+    # SDXL's VAE overflows in fp16 and says so (force_upcast): it stays in fp32. An fp16-safe VAE says otherwise.
+    force_upcast = FlaxAutoencoderKL.load_config(vae_folder, subfolder=vae_subfolder).get("force_upcast", True)
+    vae_dtype = jnp.float32 if sdxl and force_upcast else weight_dtype
+    vae, vae_params = load_flax_model(FlaxAutoencoderKL, vae_folder, vae_subfolder, args.variant, vae_dtype)
+    logger.info(
+        f"VAE in {jnp.dtype(vae_dtype)}"
+        + (" (its config asks for it: force_upcast)" if vae_dtype != weight_dtype else "")
+    )
     if args.gradient_checkpointing:
         enable_block_rematerialisation()
     unet, unet_params = load_flax_model(FlaxUNet2DConditionModel, folder, "unet", args.variant, weight_dtype)
@@ -1068,8 +1208,10 @@ def main(argv=None):
         vae=vae,
         text_encoder=text_encoder,
         noise_scheduler=noise_scheduler,
+        text_encoder_2_params=text_encoder_2.params if sdxl else None,
+        text_encoder_2=text_encoder_2,
     )
-    render = validation_renderer(folder, args, unet, vae, text_encoder, tokenizer) if args.validation_prompts else None
+    render = validation_renderer(folder, args, unet, frozen, tokenizers, sdxl) if args.validation_prompts else None
     prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
     loss_config = LossConfig(
         prediction_type=prediction_type,
@@ -1080,8 +1222,8 @@ def main(argv=None):
     )
 
     # ------------------------------------------------------------------------------------------------------- data
-    train_dataset = ImageCaptionDataset(load_image_caption_dataset(args, seed), tokenizer, args, seed)
-    image_sizes = check_images(train_dataset)
+    train_dataset = ImageCaptionDataset(load_image_caption_dataset(args, seed), tokenizers, args, seed, sdxl)
+    image_sizes = train_dataset.image_sizes = check_images(train_dataset)
     global_batch_size = args.train_batch_size * jax.device_count()
     if args.use_aspect_ratio_buckets:
         # The VAE shrinks images by 2 per block after its first; the UNet halves latents per down block after its first.
@@ -1099,7 +1241,7 @@ def main(argv=None):
         )
     frozen = jax.device_put(frozen, replicated)
     if args.cache_latents or args.cache_text_embeddings:
-        build_caches(train_dataset, frozen, tokenizer, args, global_batch_size, batch_sharding)
+        build_caches(train_dataset, frozen, args, global_batch_size, batch_sharding)
 
     # ---------------------------------------------------------------------------------- optimizer and schedule
     if args.scale_lr:
@@ -1214,7 +1356,7 @@ def main(argv=None):
 
         end_of_run = global_step >= max_train_steps
         if args.validation_prompts and (epoch + 1) % args.validation_epochs == 0 and not end_of_run:
-            validate(render, state, frozen, tokenizer, args, seed, global_step, "validation", is_main_process)
+            validate(render, state, frozen, tokenizers, args, seed, global_step, "validation", is_main_process)
 
     # ------------------------------------------------------------------------------------------------------- save
     unet_params = state.ema_params if args.use_ema else evaluation_params(state, args)
@@ -1222,12 +1364,12 @@ def main(argv=None):
         probe = float(probe_fn(unet_params, state, frozen, *last_batch))
         check_finite({"params": unet_params}, probe, "the UNet", global_step)
     if is_main_process:
-        save_pipeline(unet_params, folder, args)
+        save_pipeline(unet_params, folder, args, sdxl)
         logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
         if args.save_single_file:
             save_single_file(args, prediction_type, global_step)
     if args.validation_prompts:
-        validate(render, state, frozen, tokenizer, args, seed, global_step, "final", is_main_process)
+        validate(render, state, frozen, tokenizers, args, seed, global_step, "final", is_main_process)
     if is_main_process:
         if args.push_to_hub:
             push_to_hub(args)

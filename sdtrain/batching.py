@@ -174,3 +174,46 @@ def setup_buckets(dataset, sizes, args, model_factor, global_batch_size):
         origin += f", {len(dataset.buckets) - len(buckets)} more for images smaller than all (--bucket_no_upscale)"
     histogram = describe_buckets(dataset.bucket_of_row, dataset.buckets, global_batch_size)
     logger.info(f"Aspect-ratio buckets ({origin}):\n{histogram}")
+
+
+def crop_box(dataset, row, image_size, rng):
+    """Where the training crop of `row` (an image of image_size (width, height)) comes from: (resized height, width),
+    (top, left) of the crop in the resized image, and the crop's (height, width). The same in both frameworks' datasets,
+    which hold args (resolution, center_crop), seed, and the buckets setup_buckets() set. `rng` draws a random square
+    crop; a bucket's random crop is drawn once per image (from the seed and the row), so --cache_latents stores exactly
+    what an uncached run trains on."""
+    image_width, image_height = image_size
+    if dataset.buckets is None:
+        # The shorter side to --resolution, the longer in proportion (truncated, as torchvision computes it).
+        height = width = dataset.args.resolution
+        short, long = sorted((image_width, image_height))
+        resized_long = int(dataset.args.resolution * long / short)
+        if image_width <= image_height:
+            resized = (resized_long, dataset.args.resolution)
+        else:
+            resized = (dataset.args.resolution, resized_long)
+        crop_rng = rng
+    else:
+        # Resized to cover its bucket, then cropped.
+        height, width = dataset.buckets[dataset.bucket_of_row[row]]
+        scale = max(height / image_height, width / image_width)
+        resized = (max(height, round(image_height * scale)), max(width, round(image_width * scale)))
+        crop_rng = np.random.default_rng([dataset.seed, BUCKET_SEED_KEY, row])
+    if dataset.args.center_crop:
+        top, left = int(round((resized[0] - height) / 2.0)), int(round((resized[1] - width) / 2.0))
+    else:
+        top = int(crop_rng.integers(0, resized[0] - height + 1))
+        left = int(crop_rng.integers(0, resized[1] - width + 1))
+    return resized, (top, left), (height, width)
+
+
+def size_conditioning(image_size, box, flipped):
+    """SDXL's time_ids (Podell et al. 2023, arXiv:2307.01952, sec. 2.2): the image's original (height, width), the
+    crop's top-left corner in the resized image, and the size trained at, for an image of image_size (width, height)
+    cropped at `box` (see crop_box). A mirrored image was cropped from the mirrored corner, so its left offset is
+    measured from the other side."""
+    image_width, image_height = image_size
+    resized, (top, left), (height, width) = box
+    if flipped:
+        left = resized[1] - left - width
+    return [image_height, image_width, top, left, height, width]

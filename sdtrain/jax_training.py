@@ -57,12 +57,29 @@ def resolve_pipeline_folder(args):
             "model_index.json",
             "scheduler/*",
             "tokenizer/*",
+            "tokenizer_2/*",  # SDXL's second tokenizer and text encoder
             "*/config.json",
             f"text_encoder/model{suffix}.safetensors",
+            f"text_encoder_2/model{suffix}.safetensors",
             f"unet/diffusion_pytorch_model{suffix}.safetensors",
             f"vae/diffusion_pytorch_model{suffix}.safetensors",
         ],
     )
+
+
+def resolve_vae_folder(pipeline_folder, args):
+    """(folder, subfolder) of the VAE to train with and save: the pipeline's, or --pretrained_vae_model_name_or_path
+    (a local VAE folder, or the config and safetensors weights of a hub repository)."""
+    if not args.pretrained_vae_model_name_or_path:
+        return pipeline_folder, "vae"
+    if os.path.isdir(args.pretrained_vae_model_name_or_path):
+        return args.pretrained_vae_model_name_or_path, ""
+    from huggingface_hub import snapshot_download
+
+    allow_patterns = ["config.json", "diffusion_pytorch_model*.safetensors"]
+    return snapshot_download(
+        args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir, allow_patterns=allow_patterns
+    ), ""
 
 
 def load_flax_model(cls, folder, subfolder, variant, dtype, **overrides):
@@ -98,19 +115,22 @@ def load_flax_model(cls, folder, subfolder, variant, dtype, **overrides):
     return model, jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
 
 
-def load_flax_text_encoder(folder, variant, dtype):
-    """transformers' FlaxCLIPTextModel and its params from the PyTorch safetensors weights of a pipeline folder."""
+def load_flax_text_encoder(folder, variant, dtype, subfolder="text_encoder"):
+    """transformers' Flax CLIP text model and its params from the PyTorch safetensors weights of a pipeline folder:
+    FlaxCLIPTextModel, or for SDXL's text_encoder_2 (CLIPTextModelWithProjection in its config) the model whose first
+    output is the projected pooled embedding, FlaxCLIPTextModelWithProjection."""
     import jax
     import jax.numpy as jnp
     import safetensors.torch
-    from transformers import CLIPTextConfig, FlaxCLIPTextModel
+    from transformers import CLIPTextConfig, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
     from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
 
-    model = FlaxCLIPTextModel(
-        CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"), dtype=dtype, _do_init=False
-    )
+    config = CLIPTextConfig.from_pretrained(folder, subfolder=subfolder)
+    with_projection = "CLIPTextModelWithProjection" in (config.architectures or [])
+    cls = FlaxCLIPTextModelWithProjection if with_projection else FlaxCLIPTextModel
+    model = cls(config, dtype=dtype, _do_init=False)
     name = f"model.{variant}.safetensors" if variant else "model.safetensors"
-    path = os.path.join(folder, "text_encoder", name)
+    path = os.path.join(folder, subfolder, name)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"{path} not found: the Flax scripts read PyTorch pipelines saved with safetensors weights"
@@ -197,10 +217,12 @@ class LogWindow:
         return logs
 
 
-def make_renderer(models, size, num_inference_steps=20, guidance_scale=7.5):
+def make_renderer(models, size, num_inference_steps=20, guidance_scale=7.5, conditioning=None):
     """A compiled function (params, prompt_ids, rng) -> one image of `size` (height, width) as uint8 HWC: the
     pipeline's classifier-free guided sampling, as the PyTorch twin renders (20 steps, guidance 7.5, empty negative
-    prompt). Compiled once per run, whatever the prompts."""
+    prompt). Compiled once per run, whatever the prompts. conditioning(params, prompt_ids): the UNet's
+    (encoder_hidden_states, added_cond_kwargs or None) for the pair (unconditional, conditional); by default the
+    text encoder's last hidden state of the empty prompt and of the prompt (SD 1.x / 2.x)."""
     import jax
     import jax.numpy as jnp
 
@@ -210,10 +232,15 @@ def make_renderer(models, size, num_inference_steps=20, guidance_scale=7.5):
     scale = 2 ** (len(models.vae.config.block_out_channels) - 1)
     shape = (1, models.unet.config.in_channels, height // scale, width // scale)
 
-    def render(params, prompt_ids, rng):
+    def prompt_and_empty_prompt(params, prompt_ids):
         text = models.text_encoder(prompt_ids, params=params["text_encoder"], train=False)[0]
         empty = models.text_encoder(empty_ids, params=params["text_encoder"], train=False)[0]
-        encoder_hidden_states = jnp.concatenate([empty, text])
+        return jnp.concatenate([empty, text]), None
+
+    conditioning = conditioning or prompt_and_empty_prompt
+
+    def render(params, prompt_ids, rng):
+        encoder_hidden_states, added_cond_kwargs = conditioning(params, prompt_ids)
         state = models.scheduler.set_timesteps(models.scheduler_state, num_inference_steps, shape)
         if models.trailing:
             # Lin et al. 2023 sec. 3.3: with zero terminal SNR, sampling starts at the last timestep.
@@ -228,7 +255,9 @@ def make_renderer(models, size, num_inference_steps=20, guidance_scale=7.5):
             model_input = models.scheduler.scale_model_input(state, jnp.concatenate([latents] * 2), t)
             timesteps = jnp.broadcast_to(t, (2,))
             variables = {"params": params["unet"]}
-            model_pred = models.unet.apply(variables, model_input, timesteps, encoder_hidden_states).sample
+            model_pred = models.unet.apply(
+                variables, model_input, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs
+            ).sample
             unconditional, conditional = jnp.split(model_pred, 2)
             # Classifier-free guidance (Ho & Salimans 2022, arXiv:2207.12598).
             model_pred = unconditional + guidance_scale * (conditional - unconditional)
@@ -242,15 +271,20 @@ def make_renderer(models, size, num_inference_steps=20, guidance_scale=7.5):
     return jax.jit(render)
 
 
-def render_validation_images(render, params, tokenizer, prompts, seed):
-    """One image per prompt, each from its own fixed seed, so grids compare across steps and across a resume."""
+def render_validation_images(render, params, tokenize, prompts, seed):
+    """One image per prompt, each from its own fixed seed, so grids compare across steps and across a resume.
+    tokenize(prompt): the prompt's ids as render takes them: a tokenizer (ids [1, tokens]), or a function."""
     import jax
 
     images = []
     for index, prompt in enumerate(prompts):
-        prompt_ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
+        if callable(getattr(tokenize, "encode", None)):  # a tokenizer
+            ids = tokenize(prompt, padding="max_length", max_length=tokenize.model_max_length, truncation=True)
+            prompt_ids = np.asarray([ids.input_ids])
+        else:
+            prompt_ids = tokenize(prompt)
         rng = jax.random.PRNGKey(derive_seed(seed, VALIDATION_SEED_KEY, index) % (2**31))
-        images.append(Image.fromarray(np.asarray(render(params, np.asarray([prompt_ids.input_ids]), rng))))
+        images.append(Image.fromarray(np.asarray(render(params, prompt_ids, rng))))
     return images
 
 

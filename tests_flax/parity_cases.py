@@ -92,4 +92,9 @@ TEXTUAL_INVERSION["ti-v_prediction-huber-debiased-logit_normal"] = {
 }
 CASES = {**TEXT_TO_IMAGE, **TEXTUAL_INVERSION}
 PROMPTS = ["a red circle", "a blue square", "a photo of a green circle", "a <blob> on a yellow square"]
+# SDXL (the tiny SDXL pipeline): both text encoders' conditioning, the third caption dropped (zeros), and size
+# conditioning that differs per sample, into the UNet's added embedding.
+SDXL_CASE = ("sdxl-epsilon-snr_5.0", {"prediction_type": "epsilon", "snr_gamma": 5.0})
+SDXL_CAPTION_KEPT = [1.0, 1.0, 0.0, 1.0]
+SDXL_TIME_IDS = [[64, 64, 0, 0, 64, 64], [50, 100, 0, 32, 64, 64], [100, 50, 12, 0, 64, 64], [96, 80, 3, 7, 64, 64]]
 PLACEHOLDER, INITIALIZER, NUM_VECTORS = "<blob>", "circle", 2

@@ -34,7 +34,7 @@ def test_pytorch_and_flax_draw_the_same_batches(assets, tmp_path):
     from transformers import CLIPTokenizerFast
 
     tokenizer = CLIPTokenizerFast.from_pretrained(assets["pipeline"], subfolder="tokenizer")
-    dataset = t2i_flax.ImageCaptionDataset(captions.load_image_caption_dataset(args, 3), tokenizer, args, 3)
+    dataset = t2i_flax.ImageCaptionDataset(captions.load_image_caption_dataset(args, 3), [tokenizer], args, 3)
     batching.setup_buckets(dataset, t2i_flax.check_images(dataset), args, model_factor=16, global_batch_size=2)
     flax_batches = [batching.bucket_batches(dataset.bucket_of_row, 2, 3, epoch) for epoch in range(2)]
     flax_unbucketed = [batching.shuffled_batches(len(dataset), 2, 3, epoch) for epoch in range(2)]
@@ -61,7 +61,7 @@ sampler = t2i.GlobalBatchSampler(functools.partial(batching.bucket_batches, data
 batches = epochs(sampler)
 first = [dataset[key] for key in list(iter(sampler))[0]]
 np.savez({str(tmp_path / "torch.npz")!r}, pixels=np.stack([e["pixel_values"].numpy() for e in first]),
-         ids=np.stack([e["input_ids"][0].numpy() for e in first]))  # the ids of the one text encoder
+         ids=np.stack([e["input_ids"].numpy() for e in first]))  # [image, text encoder, token]
 print("UNBUCKETED", json.dumps(unbucketed))
 print("BATCHES", json.dumps(batches))
 """)

@@ -442,14 +442,116 @@ def test_text_to_image_flax_cached_training_logs_the_same_losses(launch, assets,
 # ------------------------------------------------------------------------------------------------------------ SDXL
 
 
-@pytest.mark.parametrize("script", [T2I, "textual_inversion_flax.py"])
-def test_the_flax_twins_name_sdxl_as_not_yet_supported(launch, assets, tmp_path, script):
+def test_textual_inversion_flax_names_sdxl_as_not_yet_supported(launch, assets, sdxl_pipeline, tmp_path):
     """A tiny SDXL pipeline (devkit/tiny_sd.py) is named as SDXL before any weights load, not failed on later."""
-    pipeline = tmp_path / "sdxl"
-    run_torch(f"from devkit import tiny_sd; tiny_sd.build_tiny_sdxl_pipeline({str(pipeline)!r})")
-    args = (t2i_args if script == T2I else ti_args)(assets, str(tmp_path / "run"), "--max_train_steps 1")
-    args[args.index("--pretrained_model_name_or_path") + 1] = str(pipeline)
+    script = "textual_inversion_flax.py"
+    args = ti_args(assets, str(tmp_path / "run"), "--max_train_steps 1")
+    args[args.index("--pretrained_model_name_or_path") + 1] = sdxl_pipeline
     result = launch.run(script, args, check=False)
     assert result.returncode != 0
-    message = f"--pretrained_model_name_or_path {pipeline} is an SDXL pipeline: {script} trains Stable Diffusion 1.x"
+    message = f"--pretrained_model_name_or_path {sdxl_pipeline} is an SDXL pipeline: {script} trains Stable Diffusion"
     assert message in result.output, result.output[-3000:]
+
+
+# 4 of the images, global batch 2: 2 updates per epoch, so step 2 ends epoch 0 (a mid-run grid) and is checkpointed.
+SDXL_FLAGS = (
+    "--max_train_samples 4 --max_train_steps 4 --checkpointing_steps 2 --mixed_precision bf16 --random_flip"
+    " --proportion_empty_prompts 0.3 --snr_gamma 5.0 --validation_prompts 'a red circle' --validation_epochs 1"
+)
+
+
+def sdxl_args(assets, pipeline, output_dir, *extra):
+    args = t2i_args(assets, output_dir, SDXL_FLAGS, *extra)
+    args[args.index("--pretrained_model_name_or_path") + 1] = pipeline
+    return args
+
+
+def test_text_to_image_flax_fine_tunes_sdxl_resumes_exactly_and_pytorch_samples_it(
+    launch, assets, sdxl_pipeline, tmp_path
+):
+    """Flips, caption dropout and Min-SNR under bf16: the SDXL VAE stays fp32 (force_upcast); a run resumed from its
+    step-2 checkpoint ends at the same weights and draws the same final grid; StableDiffusionXLPipeline loads the
+    saved folder and samples a finite image; the UNet (its add_embedding too) trained, the text encoders did not."""
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    result = launch.run(T2I, sdxl_args(assets, sdxl_pipeline, full))
+    assert "VAE in float32 (its config asks for it: force_upcast)" in result.output
+    assert checkpoint_names(full) == ["checkpoint-2", "checkpoint-4"]
+    grids = ["final-step-000004.png", "validation-step-000002.png"]
+    assert sorted(os.listdir(os.path.join(full, "validation"))) == grids
+    shutil.copytree(os.path.join(full, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    result = launch.run(T2I, sdxl_args(assets, sdxl_pipeline, resumed, "--resume_from_checkpoint latest"))
+    assert "starting at 2" in result.output
+    unet_file = os.path.join("unet", "diffusion_pytorch_model.safetensors")
+    a, b = (load_file(os.path.join(run, unet_file)) for run in (full, resumed))
+    assert max(np.abs(a[k] - b[k]).max() for k in a) <= 1e-6
+    final = [np.asarray(Image.open(os.path.join(run, "validation", grids[0]))) for run in (full, resumed)]
+    assert final[0].shape == (64, 64, 3) and final[0].std() > 0 and np.array_equal(*final)
+    # The saved add_embedding is the trained one (diffusers' Flax-to-PyTorch converter would leave it random).
+    trained = saved_train_state(os.path.join(full, "checkpoint-4"))["params"]["add_embedding"]
+    for layer in ("linear_1", "linear_2"):
+        assert np.abs(a[f"add_embedding.{layer}.weight"] - np.asarray(trained[layer]["kernel"]).T).max() <= 1e-6
+    source = load_file(os.path.join(sdxl_pipeline, unet_file))
+    assert a.keys() == source.keys()
+    assert np.abs(a["add_embedding.linear_1.weight"] - source["add_embedding.linear_1.weight"]).max() > 1e-4
+    for component in ("text_encoder", "text_encoder_2"):
+        name = os.path.join(component, "model.safetensors")
+        assert filecmp.cmp(os.path.join(sdxl_pipeline, name), os.path.join(full, name), shallow=False)
+    result = run_torch(f"""
+import numpy as np, torch
+from diffusers import StableDiffusionXLPipeline
+pipe = StableDiffusionXLPipeline.from_pretrained({full!r})
+source = StableDiffusionXLPipeline.from_pretrained({sdxl_pipeline!r})
+for name in ["text_encoder", "text_encoder_2", "vae"]:
+    ours, theirs = getattr(pipe, name).state_dict(), getattr(source, name).state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours), name
+image = pipe("a red circle", num_inference_steps=2, height=64, width=64, generator=torch.manual_seed(0),
+             output_type="np").images[0]
+print("sampled", image.shape, bool(np.isfinite(image).all()), float(image.std()) > 0)
+""")
+    assert "sampled (64, 64, 3) True True" in result.stdout, result.stdout
+
+
+def test_text_to_image_flax_refuses_an_sdxl_single_file_before_training(launch, assets, sdxl_pipeline, tmp_path):
+    """--save_single_file writes SD 1.x / 2.x layouts only (as in train_text_to_image.py): refused before any step."""
+    result = launch.run(T2I, sdxl_args(assets, sdxl_pipeline, str(tmp_path / "run"), "--save_single_file"), check=False)
+    assert result.returncode != 0 and "Compiling the train step" not in result.output
+    assert "--save_single_file writes Stable Diffusion 1.x / 2.x checkpoints; this pipeline is SDXL" in result.output
+
+
+def test_text_to_image_flax_sdxl_size_conditioning_of_a_known_image(sdxl_pipeline, tmp_path):
+    """time_ids = (original height, width, crop top, left, target height, width) in the resized image's pixels; a
+    mirrored image's left offset is measured from the other side; an empty caption is marked for zero
+    conditioning; input_ids hold a row for each of the two tokenizers."""
+    import datasets
+    from transformers import CLIPTokenizerFast
+
+    import train_text_to_image_flax as t2i
+
+    path = str(tmp_path / "wide.png")
+    Image.new("RGB", (100, 50), (200, 30, 30)).save(path)
+    rows = datasets.Dataset.from_dict({"image": [path], "text": [""]})
+    tokenizers = [CLIPTokenizerFast.from_pretrained(sdxl_pipeline, subfolder=n) for n in ("tokenizer", "tokenizer_2")]
+
+    def dataset(*flags):
+        args = t2i.parse_args(
+            command_line("--pretrained_model_name_or_path p --train_data_dir d --resolution 64", *flags)
+        )
+        data = t2i.ImageCaptionDataset(rows, tokenizers, args, seed=0, sdxl=True)
+        data.image_sizes = [(100, 50)]
+        return data
+
+    example = dataset("--center_crop")[(0, 0)]
+    assert example["time_ids"].tolist() == [50, 100, 0, 32, 64, 64]  # 100x50 -> 128x64, the middle 64 columns
+    assert example["caption_kept"] == 0 and example["input_ids"].shape == (2, 77)
+    random, flips = dataset("--random_flip"), set()
+    for epoch in range(8):  # random crops, both flips
+        pixels, box, flipped = random.transform(
+            Image.open(path).convert("RGB"), 0, np.random.default_rng([0, epoch, 0])
+        )
+        example = random[(epoch, 0)]
+        left = box[1][1]
+        assert np.array_equal(example["pixel_values"], pixels) and pixels.shape == (3, 64, 64)
+        expected_left = 128 - left - 64 if flipped else left
+        assert example["time_ids"].tolist() == [50, 100, 0, expected_left, 64, 64]
+        flips.add(flipped)
+    assert flips == {True, False}

@@ -12,7 +12,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import REPO, run_torch
-from parity_cases import CASES, INITIALIZER, NUM_VECTORS, PLACEHOLDER, TEXT_TO_IMAGE
+from parity_cases import (
+    CASES,
+    INITIALIZER,
+    NUM_VECTORS,
+    PLACEHOLDER,
+    SDXL_CAPTION_KEPT,
+    SDXL_CASE,
+    SDXL_TIME_IDS,
+    TEXT_TO_IMAGE,
+)
 
 import textual_inversion_flax
 import train_text_to_image_flax
@@ -20,10 +29,10 @@ from sdtrain import jax_training
 
 
 @pytest.fixture(scope="module")
-def torch_side(assets, tmp_path_factory):
+def torch_side(assets, sdxl_pipeline, tmp_path_factory):
     """Runs the PyTorch half once for every case; the folder of its .npz files."""
     out = str(tmp_path_factory.mktemp("torch_side"))
-    run_torch([os.path.join(REPO, "tests_flax", "torch_side.py"), assets["pipeline"], out])
+    run_torch([os.path.join(REPO, "tests_flax", "torch_side.py"), assets["pipeline"], sdxl_pipeline, out])
     return out
 
 
@@ -70,9 +79,20 @@ def with_zero_terminal_snr(script, models, recorded):
 def bound_loss(script, models):
     """script.diffusion_loss with the UNet and the noise scheduler of `models` filled in."""
 
-    def unet(noisy_latents, timesteps, encoder_hidden_states):
+    def unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=None):
         variables = {"params": models["unet_params"]}
-        return models["unet"].apply(variables, noisy_latents, timesteps, encoder_hidden_states, train=True).sample
+        return (
+            models["unet"]
+            .apply(
+                variables,
+                noisy_latents,
+                timesteps,
+                encoder_hidden_states,
+                added_cond_kwargs=added_cond_kwargs,
+                train=True,
+            )
+            .sample
+        )
 
     return functools.partial(script.diffusion_loss, unet, models["noise_scheduler"], models["scheduler_state"])
 
@@ -94,6 +114,57 @@ def test_text_to_image_loss_equals_pytorch(torch_side, flax_models, monkeypatch,
     loss = diffusion_loss(latents, encoder_hidden_states, rng, config, sample_weights)
     assert not queue, "PyTorch drew more often than JAX"
     assert abs(float(loss) - float(recorded["loss"])) <= 1e-4, (float(loss), float(recorded["loss"]))
+
+
+def test_sdxl_loss_equals_pytorch(torch_side, sdxl_pipeline, monkeypatch):
+    """The tiny SDXL pipeline in both frameworks: the script's encode_text (both encoders' penultimate states side by
+    side, the second's pooled projection), a dropped caption conditioned on zeros, per-sample size conditioning and
+    Min-SNR: the same loss."""
+    from diffusers import FlaxDDPMScheduler, FlaxUNet2DConditionModel
+
+    name, fields = SDXL_CASE
+    recorded = np.load(os.path.join(torch_side, f"{name}.npz"))
+    unet, unet_params = jax_training.load_flax_model(FlaxUNet2DConditionModel, sdxl_pipeline, "unet", None, jnp.float32)
+    noise_scheduler, scheduler_state = FlaxDDPMScheduler.from_pretrained(sdxl_pipeline, subfolder="scheduler")
+    text_encoders = [
+        jax_training.load_flax_text_encoder(sdxl_pipeline, None, jnp.float32, n)
+        for n in ("text_encoder", "text_encoder_2")
+    ]
+    frozen = train_text_to_image_flax.FrozenModels(
+        vae_params=None,
+        text_encoder_params=text_encoders[0].params,
+        scheduler_state=scheduler_state,
+        vae=None,
+        text_encoder=text_encoders[0],
+        noise_scheduler=noise_scheduler,
+        text_encoder_2_params=text_encoders[1].params,
+        text_encoder_2=text_encoders[1],
+    )
+    encoder_hidden_states, pooled_text_embeds = train_text_to_image_flax.encode_text(
+        frozen, jnp.asarray(recorded["input_ids"])
+    )
+    kept = jnp.asarray(SDXL_CAPTION_KEPT)
+    added_cond_kwargs = {
+        "text_embeds": pooled_text_embeds * kept[:, None],
+        "time_ids": jnp.asarray(SDXL_TIME_IDS, jnp.float32),
+    }
+    models = dict(unet=unet, unet_params=unet_params, noise_scheduler=noise_scheduler, scheduler_state=scheduler_state)
+    diffusion_loss = functools.partial(
+        bound_loss(train_text_to_image_flax, models),
+        jnp.asarray(recorded["latents"]),
+        encoder_hidden_states * kept[:, None, None],
+        jax.random.PRNGKey(0),
+        train_text_to_image_flax.LossConfig(**fields),
+    )
+    queue = replay_draws(monkeypatch, recorded)
+    loss = diffusion_loss(added_cond_kwargs=added_cond_kwargs)
+    assert not queue, "PyTorch drew more often than JAX"
+    assert abs(float(loss) - float(recorded["loss"])) <= 1e-4, (float(loss), float(recorded["loss"]))
+    # The case has teeth: the size conditioning and the pooled embedding each change the loss.
+    for key in ("time_ids", "text_embeds"):
+        replay_draws(monkeypatch, recorded)
+        other = diffusion_loss(added_cond_kwargs={**added_cond_kwargs, key: added_cond_kwargs[key] * 0})
+        assert abs(float(other) - float(loss)) > 1e-4, key
 
 
 @pytest.mark.parametrize("case", sorted(set(CASES) - set(TEXT_TO_IMAGE)))

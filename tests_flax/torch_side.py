@@ -1,11 +1,12 @@
 """The PyTorch half of the parity test, run by the PyTorch environment (.venv) with the repository on PYTHONPATH:
 
-    .venv/bin/python tests_flax/torch_side.py PIPELINE OUT_DIR
+    .venv/bin/python tests_flax/torch_side.py PIPELINE SDXL_PIPELINE OUT_DIR
 
 For every case of parity_cases.py it calls the scripts' own pure functions (train_text_to_image.diffusion_loss; for
 textual inversion, the text encoder with the script's learned embedding rows, then textual_inversion.diffusion_loss)
 on fixed latents and prompts, and saves to OUT_DIR/<case>.npz the inputs, the loss, every random draw in the order it
-was made (the JAX half replays them), and for textual inversion the gradient of the loss for the new rows.
+was made (the JAX half replays them), and for textual inversion the gradient of the loss for the new rows. The SDXL
+case conditions the tiny SDXL pipeline's UNet through the script's encode_text and added_cond_kwargs.
 """
 
 import os
@@ -14,8 +15,17 @@ import sys
 import numpy as np
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
-from parity_cases import CASES, INITIALIZER, NUM_VECTORS, PLACEHOLDER, PROMPTS
-from transformers import CLIPTextModel, CLIPTokenizer
+from parity_cases import (
+    CASES,
+    INITIALIZER,
+    NUM_VECTORS,
+    PLACEHOLDER,
+    PROMPTS,
+    SDXL_CAPTION_KEPT,
+    SDXL_CASE,
+    SDXL_TIME_IDS,
+)
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 import textual_inversion
 import train_text_to_image
@@ -46,11 +56,50 @@ class RecordedDraws:
         torch.randn, torch.rand, torch.randint = self.originals
 
 
-def main(pipeline, out_dir):
+def fixed_latents():
+    return torch.from_numpy(np.random.default_rng(0).standard_normal((4, 4, 8, 8)).astype(np.float32))
+
+
+def sdxl_case(pipeline, out_dir):
+    """The SDXL case: the script's encode_text of both encoders, zeros for a dropped caption (as encode_batch does),
+    size conditioning, and diffusion_loss with added_cond_kwargs."""
+    name, fields = SDXL_CASE
+    tokenizers = [CLIPTokenizer.from_pretrained(pipeline, subfolder=n) for n in ("tokenizer", "tokenizer_2")]
+    text_encoders = [
+        CLIPTextModel.from_pretrained(pipeline, subfolder="text_encoder").eval(),
+        CLIPTextModelWithProjection.from_pretrained(pipeline, subfolder="text_encoder_2").eval(),
+    ]
+    unet = UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet").eval()
+    scheduler = DDPMScheduler.from_pretrained(
+        pipeline, subfolder="scheduler", prediction_type=fields["prediction_type"]
+    )
+    input_ids = torch.stack([torch_training.tokenize(t, PROMPTS, range(len(PROMPTS))) for t in tokenizers], dim=1)
+    kept, time_ids = torch.tensor(SDXL_CAPTION_KEPT), torch.tensor(SDXL_TIME_IDS, dtype=torch.float32)
+    with torch.no_grad():
+        encoder_hidden_states, pooled_text_embeds = train_text_to_image.encode_text(text_encoders, input_ids)
+        encoder_hidden_states = encoder_hidden_states * kept[:, None, None]
+        added_cond_kwargs = {"text_embeds": pooled_text_embeds * kept[:, None], "time_ids": time_ids}
+        with RecordedDraws() as recorded:
+            loss = train_text_to_image.diffusion_loss(
+                unet,
+                scheduler,
+                fixed_latents(),
+                encoder_hidden_states,
+                torch.Generator().manual_seed(20),
+                train_text_to_image.LossConfig(**fields),
+                added_cond_kwargs=added_cond_kwargs,
+            )
+    saved = {"latents": fixed_latents().numpy(), "input_ids": input_ids.numpy(), "loss": loss.item()}
+    saved.update({f"draw_{i}": draw.numpy() for i, draw in enumerate(recorded.draws)})
+    np.savez(os.path.join(out_dir, f"{name}.npz"), **saved)
+
+
+def main(pipeline, sdxl_pipeline, out_dir):
     tokenizer = CLIPTokenizer.from_pretrained(pipeline, subfolder="tokenizer")
     unet = UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet").eval()
-    latents = torch.from_numpy(np.random.default_rng(0).standard_normal((4, 4, 8, 8)).astype(np.float32))
+    latents = fixed_latents()
     os.makedirs(out_dir, exist_ok=True)
+    sdxl_case(sdxl_pipeline, out_dir)
     for name, fields in CASES.items():
         fields = dict(fields)
         scheduler = DDPMScheduler.from_pretrained(
