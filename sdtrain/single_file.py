@@ -323,12 +323,14 @@ def original_layout_state(pipeline_dir):
 
 def write_single_file(state, path, dtype, metadata):
     """state as one .safetensors file in `dtype` ("fp16", "bf16" or "fp32"), with `metadata` in its header; written
-    beside `path` and renamed over it, so it appears only when complete."""
+    beside `path` and renamed over it, so it appears only when complete. Converts state in place: each read tensor is
+    freed as its converted copy replaces it, so the process never holds the model twice (an fp32 SDXL is ~7 GB)."""
     import safetensors.torch
     import torch
 
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    state = {key: tensor.to(torch_dtype).contiguous() for key, tensor in state.items()}
+    for key, tensor in state.items():
+        state[key] = tensor.to(torch_dtype).contiguous()
     partial = path + ".partial"
     try:
         safetensors.torch.save_file(state, partial, metadata={"format": "pt", **metadata})
