@@ -112,15 +112,27 @@ TINY_SD2 = {
     "unet": {**TINY["unet"], "use_linear_projection": True},
 }
 
+
+def one_layer_clip_text(width, hidden_act="quick_gelu"):
+    """A CLIP text encoder config at a real model's width with one layer: CLIP's 4x wide MLP, 64 channels per head,
+    the projection as wide as the encoder."""
+    return dict(
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=1,
+        num_attention_heads=width // 64,
+        projection_dim=width,
+        hidden_act=hidden_act,
+    )
+
+
 # Stable Diffusion's structure at a reduced size, for the tests that run the UIs' own loaders: ComfyUI tells the model
 # family by the UNet's first width (320) and its cross-attention width (768 for SD 1.x, 1024 with linear projections
 # for SD 2.x); InvokeAI by the cross-attention of the second layer of the first level (so two layers per level); and
 # both build SD's VAE and text encoder with their real shapes, so the VAE is SD's whole VAE and the text encoder keeps
 # its real width and vocabulary (build with vocab_size=49408) with one layer. About 180M parameters in all.
 SD1_SHAPED = {
-    "text": dict(
-        hidden_size=768, intermediate_size=3072, num_hidden_layers=1, num_attention_heads=12, projection_dim=768
-    ),
+    "text": one_layer_clip_text(768),
     "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
     "unet": dict(
         block_out_channels=(320, 320),
@@ -132,14 +144,7 @@ SD1_SHAPED = {
     ),
 }
 SD2_SHAPED = {
-    "text": dict(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=1,
-        num_attention_heads=16,
-        projection_dim=1024,
-        hidden_act="gelu",
-    ),
+    "text": one_layer_clip_text(1024, hidden_act="gelu"),
     "vae": SD1_SHAPED["vae"],
     "unet": {**SD1_SHAPED["unet"], "attention_head_dim": 5, "use_linear_projection": True},  # 64 channels per head
 }
@@ -253,17 +258,11 @@ TINY_SDXL = {
 # embedding (bigG's 1280 pooled + 6 size numbers x 256) and the transformer layers per input block; the smallest count
 # it knows is Segmind Vega's (none, 1, 2 per level, two blocks each: its SDXL-family class Segmind_Vega). InvokeAI
 # reads the cross-attention width of the second level's first block (2048: SDXL). Both text encoders keep their real
-# widths (build with vocab_size=49408) and one layer; the levels all stay at 320 channels to keep it small.
+# widths (build with vocab_size=49408) and one layer. Every level keeps 320 channels: ComfyUI reads the widths as whole
+# multiples of the first (a (320, 64, 64) UNet fails to load there). About 330M parameters in all.
 SDXL_SHAPED = {
     "text": SD1_SHAPED["text"],
-    "text_2": dict(
-        hidden_size=1280,
-        intermediate_size=5120,
-        num_hidden_layers=1,
-        num_attention_heads=20,
-        projection_dim=1280,
-        hidden_act="gelu",
-    ),
+    "text_2": one_layer_clip_text(1280, hidden_act="gelu"),
     "vae": SD1_SHAPED["vae"],
     "unet": dict(
         block_out_channels=(320, 320, 320),
