@@ -1188,8 +1188,6 @@ def main(argv=None):
     sdxl = model_family(args) == "sdxl"
     if sdxl and args.dream_training:
         raise ValueError("--dream_training supports Stable Diffusion 1.x / 2.x pipelines; this one is SDXL")
-    if sdxl and args.save_single_file:
-        raise ValueError("--save_single_file writes Stable Diffusion 1.x / 2.x checkpoints; this pipeline is SDXL")
     noise_scheduler = load_component(
         DDPMScheduler, args, "scheduler", rescale_betas_zero_snr=args.rescale_betas_zero_snr
     )
@@ -1233,7 +1231,7 @@ def main(argv=None):
     for text_encoder in text_encoders:
         text_encoder.to(accelerator.device, dtype=weight_dtype)
     if args.save_single_file:  # refused now rather than after training
-        single_file_layout(dict(unet.config), dict(vae.config), text_encoders[0].config.to_dict())
+        single_file_layout(dict(unet.config), dict(vae.config), [encoder.config.to_dict() for encoder in text_encoders])
     register_checkpoint_hooks(accelerator, ema_unet, args)
     loss_config = LossConfig(
         prediction_type=prediction_type,

@@ -112,15 +112,27 @@ TINY_SD2 = {
     "unet": {**TINY["unet"], "use_linear_projection": True},
 }
 
+
+def one_layer_clip_text(width, hidden_act="quick_gelu"):
+    """A CLIP text encoder config at a real model's width with one layer: CLIP's 4x wide MLP, 64 channels per head,
+    the projection as wide as the encoder."""
+    return dict(
+        hidden_size=width,
+        intermediate_size=4 * width,
+        num_hidden_layers=1,
+        num_attention_heads=width // 64,
+        projection_dim=width,
+        hidden_act=hidden_act,
+    )
+
+
 # Stable Diffusion's structure at a reduced size, for the tests that run the UIs' own loaders: ComfyUI tells the model
 # family by the UNet's first width (320) and its cross-attention width (768 for SD 1.x, 1024 with linear projections
 # for SD 2.x); InvokeAI by the cross-attention of the second layer of the first level (so two layers per level); and
 # both build SD's VAE and text encoder with their real shapes, so the VAE is SD's whole VAE and the text encoder keeps
 # its real width and vocabulary (build with vocab_size=49408) with one layer. About 180M parameters in all.
 SD1_SHAPED = {
-    "text": dict(
-        hidden_size=768, intermediate_size=3072, num_hidden_layers=1, num_attention_heads=12, projection_dim=768
-    ),
+    "text": one_layer_clip_text(768),
     "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32),
     "unet": dict(
         block_out_channels=(320, 320),
@@ -132,14 +144,7 @@ SD1_SHAPED = {
     ),
 }
 SD2_SHAPED = {
-    "text": dict(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=1,
-        num_attention_heads=16,
-        projection_dim=1024,
-        hidden_act="gelu",
-    ),
+    "text": one_layer_clip_text(1024, hidden_act="gelu"),
     "vae": SD1_SHAPED["vae"],
     "unet": {**SD1_SHAPED["unet"], "attention_head_dim": 5, "use_linear_projection": True},  # 64 channels per head
 }
@@ -248,16 +253,48 @@ TINY_SDXL = {
 }
 
 
+# SDXL's structure at a reduced size, for the UI loader tests (see SD1_SHAPED): ComfyUI tells SDXL by the UNet's first
+# width (320), its 2048-channel cross-attention (CLIP ViT-L's 768 + OpenCLIP bigG's 1280), its 2816-channel added
+# embedding (bigG's 1280 pooled + 6 size numbers x 256) and the transformer layers per input block; the smallest count
+# it knows is Segmind Vega's (none, 1, 2 per level, two blocks each: its SDXL-family class Segmind_Vega). InvokeAI
+# reads the cross-attention width of the second level's first block (2048: SDXL). Both text encoders keep their real
+# widths (build with vocab_size=49408) and one layer. Every level keeps 320 channels: ComfyUI reads the widths as whole
+# multiples of the first (a (320, 64, 64) UNet fails to load there). About 330M parameters in all.
+SDXL_SHAPED = {
+    "text": SD1_SHAPED["text"],
+    "text_2": one_layer_clip_text(1280, hidden_act="gelu"),
+    "vae": SD1_SHAPED["vae"],
+    "unet": dict(
+        block_out_channels=(320, 320, 320),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1, 2),
+        attention_head_dim=5,  # 64 channels per head, as SDXL
+        norm_num_groups=32,
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=1280 + 6 * 256,
+    ),
+}
+
+
 def build_tiny_sdxl_pipeline(path, prediction_type="epsilon", seed=0):
-    """Save a randomly initialised tiny SDXL pipeline (64 px images -> 8x8x4 latents) at `path`, in the layout
-    StableDiffusionXLPipeline.save_pretrained writes: tokenizer(_2), text_encoder(_2), unet, vae, scheduler."""
+    """Save a randomly initialised tiny SDXL pipeline (64 px images -> 8x8x4 latents) at `path`."""
+    return build_sdxl_pipeline(path, TINY_SDXL, sample_size=64, prediction_type=prediction_type, seed=seed)
+
+
+def build_sdxl_pipeline(path, architecture, sample_size, prediction_type="epsilon", seed=0, vocab_size=None):
+    """Save a randomly initialised SDXL pipeline of the given architecture (see TINY_SDXL) at `path`, in the layout
+    StableDiffusionXLPipeline.save_pretrained writes: tokenizer(_2), text_encoder(_2), unet, vae, scheduler.
+    vocab_size pads both text encoders' embedding tables (49408 for SDXL's)."""
     import torch
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     from sdtrain.torch_training import write_hub_style_text_encoder
 
-    architecture = TINY_SDXL
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as token_dir:
         tokens = write_clip_tokenizer_files(token_dir)
@@ -267,13 +304,14 @@ def build_tiny_sdxl_pipeline(path, prediction_type="epsilon", seed=0):
 
     def text_config(name):
         ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-        return CLIPTextConfig(vocab_size=tokens, max_position_embeddings=77, **ids, **architecture[name])
+        vocab = max(tokens, vocab_size or 0)
+        return CLIPTextConfig(vocab_size=vocab, max_position_embeddings=77, **ids, **architecture[name])
 
     text_encoder = CLIPTextModel(text_config("text"))
     text_encoder_2 = CLIPTextModelWithProjection(text_config("text_2"))
     width = architecture["text"]["hidden_size"] + architecture["text_2"]["hidden_size"]
     # SDXL's VAE: its own scaling factor, and it overflows in fp16, so its pipeline decodes in fp32 (force_upcast).
-    vae, unet = build_vae_and_unet(architecture, 64, width, scaling_factor=0.13025, force_upcast=True)
+    vae, unet = build_vae_and_unet(architecture, sample_size, width, scaling_factor=0.13025, force_upcast=True)
     scheduler = EulerDiscreteScheduler(timestep_spacing="leading", steps_offset=1, **sd_schedule(prediction_type))
     pipeline = StableDiffusionXLPipeline(
         vae=vae,

@@ -5,11 +5,13 @@ Run by the JAX environment (.venv-flax), which holds ComfyUI's `comfy` package a
 
     .venv-flax/bin/python devkit/ui_loaders.py checkpoint FILE.safetensors
     .venv-flax/bin/python devkit/ui_loaders.py embedding FILE.safetensors --width 768
+    .venv-flax/bin/python devkit/ui_loaders.py embedding FILE.safetensors --sdxl
 
 checkpoint: ComfyUI's load_checkpoint_guess_config (the model family it detects, and whether every tensor of the file
 is what its loaded UNet, VAE and text encoder hold, read back through its own save path) and InvokeAI's model probe
 (type, format, base, variant, prediction type). embedding: ComfyUI's load_embed and its tokenizer's expansion of
-"embedding:NAME", and InvokeAI's probe. The tests (tests/test_ui_loaders.py) assert on the printed result.
+"embedding:NAME" (for SDXL, per text encoder), and InvokeAI's probe. The tests (tests/test_ui_loaders.py) assert on
+the printed result.
 """
 
 import argparse
@@ -114,19 +116,16 @@ def comfy_checkpoint(path):
     }
 
 
-def comfy_embedding(path, width):
+def comfy_prompt_vectors(tokenizer, folder, name, width, tokens_key, embed_key):
+    """ComfyUI's rows for embedding NAME (load_embed, with the file key its text encoder asks for) and whether its
+    tokenizer (output `tokens_key`) expands "embedding:NAME" in a prompt to exactly those vectors."""
     import comfy.sd1_clip
-    import comfy.sd2_clip
     import torch
 
-    folder, file = os.path.split(path)
-    name = os.path.splitext(file)[0]
-    # The text encoder the width belongs to: CLIP ViT-L (SD 1.x, 768) or OpenCLIP ViT-H (SD 2.x, 1024).
-    tokenizer, key = (comfy.sd1_clip.SD1Tokenizer, "l") if width == 768 else (comfy.sd2_clip.SD2Tokenizer, "h")
-    rows = comfy.sd1_clip.load_embed(name, folder, width, "clip_" + key)
-    tokens = tokenizer(embedding_directory=folder).tokenize_with_weights(f"a photo of embedding:{name}")[key][0]
+    rows = comfy.sd1_clip.load_embed(name, folder, width, embed_key)
+    tokens = tokenizer.tokenize_with_weights(f"a photo of embedding:{name}")[tokens_key][0]
     vectors = [token for token, _ in tokens if isinstance(token, torch.Tensor)]
-    return {
+    return rows, {
         "rows": list(rows.shape),
         "vectors_in_prompt": len(vectors),
         "vectors_match": len(vectors) == len(rows)
@@ -134,11 +133,51 @@ def comfy_embedding(path, width):
     }
 
 
+def comfy_embedding(path, width):
+    import comfy.sd1_clip
+    import comfy.sd2_clip
+
+    folder, file = os.path.split(path)
+    name = os.path.splitext(file)[0]
+    # The text encoder the width belongs to: CLIP ViT-L (SD 1.x, 768) or OpenCLIP ViT-H (SD 2.x, 1024).
+    tokenizer, key = (comfy.sd1_clip.SD1Tokenizer, "l") if width == 768 else (comfy.sd2_clip.SD2Tokenizer, "h")
+    _, found = comfy_prompt_vectors(tokenizer(embedding_directory=folder), folder, name, width, key, "clip_" + key)
+    return found
+
+
+# SDXL's text encoders in ComfyUI: (its tokenizer's output key, the embedding file's key, the width).
+COMFY_SDXL_TEXT_ENCODERS = [("l", "clip_l", 768), ("g", "clip_g", 1280)]
+
+
+def comfy_sdxl_embedding(path):
+    """Per half of an SDXL embedding file ({clip_l, clip_g}): what comfy_embedding reports, and whether the rows
+    ComfyUI loads for that text encoder are the file's rows under its key (not the other half's)."""
+    import comfy.sdxl_clip
+    import torch
+    from safetensors.torch import load_file
+
+    folder, file = os.path.split(path)
+    name = os.path.splitext(file)[0]
+    tokenizer = comfy.sdxl_clip.SDXLTokenizer(embedding_directory=folder)
+    written = load_file(path)
+    report = {}
+    for tokens_key, embed_key, width in COMFY_SDXL_TEXT_ENCODERS:
+        rows, found = comfy_prompt_vectors(tokenizer, folder, name, width, tokens_key, embed_key)
+        report[embed_key] = {
+            **found,
+            "rows_are_the_files": embed_key in written and torch.equal(rows, written[embed_key]),
+        }
+    return report
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("kind", choices=["checkpoint", "embedding"], help="What the file is.")
     parser.add_argument("path", help="The .safetensors file.")
     parser.add_argument("--width", type=int, default=768, help="embedding: the text encoder's width (768 or 1024).")
+    parser.add_argument(
+        "--sdxl", action="store_true", help="embedding: an SDXL file ({clip_l, clip_g}), one half per text encoder."
+    )
     args = parser.parse_args(argv)
     path = os.path.abspath(args.path)
     import torch  # noqa: F401  (before the stubs: only what fails to import is replaced)
@@ -146,6 +185,8 @@ def main(argv=None):
     stub_absent_packages()
     if args.kind == "checkpoint":
         report = {"comfyui": comfy_checkpoint(path), "invokeai": invokeai_probe(path)}
+    elif args.sdxl:
+        report = {"comfyui": comfy_sdxl_embedding(path), "invokeai": invokeai_probe(path)}
     else:
         report = {"comfyui": comfy_embedding(path, args.width), "invokeai": invokeai_probe(path)}
     print("UI_LOADERS " + json.dumps(report))

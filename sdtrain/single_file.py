@@ -1,5 +1,6 @@
 """--save_single_file: a diffusers pipeline folder as one .safetensors in the original Stable Diffusion key layout
-(the file A1111, ComfyUI and InvokeAI load). Reads the saved folder, so it serves PyTorch and JAX alike."""
+(SD 1.x / 2.x: CompVis' and Stability's LDM code; SDXL: Stability's generative-models "SGM" code), the file A1111,
+ComfyUI and InvokeAI load. Reads the saved folder, so it serves PyTorch and JAX alike."""
 
 import json
 import logging
@@ -36,7 +37,7 @@ LDM_VAE_RESNET_NAMES = {"conv_shortcut": "nin_shortcut"}
 LDM_VAE_ATTENTION_NAMES = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
 
 
-# OpenCLIP (SD 2.x) names for the layers of a transformers CLIP encoder layer.
+# OpenCLIP (SD 2.x's ViT-H, SDXL's second text encoder, bigG) names for the layers of a transformers CLIP encoder layer.
 OPEN_CLIP_LAYER_NAMES = {
     "self_attn.out_proj": "attn.out_proj",
     "layer_norm1": "ln_1",
@@ -46,20 +47,64 @@ OPEN_CLIP_LAYER_NAMES = {
 }
 
 
-def single_file_layout(unet_config, vae_config, text_config):
-    """The layout, "sd1" (CLIP ViT-L text encoder) or "sd2" (OpenCLIP), of models the original Stable Diffusion code
-    defines; a ValueError naming what differs otherwise (an SDXL, LCM, upscaler or unCLIP UNet, another VAE or text
-    encoder), since no UI would load a file with an invented layout."""
+# The text encoders, in the pipeline's order, that single_file_layout and original_layout_state read.
+TEXT_ENCODERS = ["text_encoder", "text_encoder_2"]
+
+
+# Where each layout keeps its text encoders (in pipeline order), in transformers' CLIP names under a ".transformer."
+# prefix, or OpenCLIP's names under a ".model." one.
+TEXT_ENCODER_PREFIXES = {
+    "sd1": ["cond_stage_model.transformer."],
+    "sd2": ["cond_stage_model.model."],
+    "sdxl": ["conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."],
+}
+
+
+# SDXL base's added embedding reads six size numbers (original size, crop corner, target size); the refiner five
+# (original size, crop corner, aesthetic score).
+SDXL_TIME_NUMBERS, SDXL_REFINER_TIME_NUMBERS = 6, 5
+
+
+def sdxl_problems(unet_config, text_configs):
+    """What keeps an SDXL-style UNet ("text_time" added embedding) and its text encoders from SDXL base's layout: CLIP
+    ViT-L and OpenCLIP bigG side by side, and the pooled bigG embedding plus six size numbers in the added embedding."""
+    refiner = "an SDXL refiner (one OpenCLIP text encoder, aesthetic-score conditioning): its layout is not written"
+    if len(text_configs) != 2:
+        return [f"{len(text_configs)} text encoder(s), " + (refiner if len(text_configs) == 1 else "SDXL has two")]
+    pooled, per_number = text_configs[1].get("projection_dim"), unet_config.get("addition_time_embed_dim")
+    numbers = (unet_config.get("projection_class_embeddings_input_dim", 0) - (pooled or 0)) / (per_number or 1)
+    if numbers == SDXL_REFINER_TIME_NUMBERS:
+        return [refiner]
+    if numbers != SDXL_TIME_NUMBERS:
+        return [
+            f"UNet projection_class_embeddings_input_dim={unet_config.get('projection_class_embeddings_input_dim')!r}"
+            f" (SDXL: text_encoder_2's projection_dim {pooled} + 6 x addition_time_embed_dim {per_number})"
+        ]
+    if (
+        text_configs[0].get("hidden_act", "quick_gelu") != "quick_gelu"
+        or text_configs[1].get("hidden_act") == "quick_gelu"
+    ):
+        return ["text encoders' activations (SDXL: CLIP ViT-L's quick_gelu, then OpenCLIP bigG's gelu)"]
+    return []
+
+
+def single_file_layout(unet_config, vae_config, text_configs):
+    """The layout, "sd1" (CLIP ViT-L text encoder), "sd2" (OpenCLIP) or "sdxl" (SDXL base: both, and the added size
+    embedding), of models the original Stable Diffusion code defines; a ValueError naming what differs otherwise (an
+    SDXL refiner, LCM, upscaler or unCLIP UNet, another VAE or text encoder), since no UI would load a file with an
+    invented layout. text_configs: the pipeline's text encoder configs, in order."""
     problems = []
+    sdxl = unet_config.get("addition_embed_type") == "text_time"
     layers = unet_config.get("layers_per_block")
     if not isinstance(layers, int):
         problems.append(f"UNet layers_per_block {layers!r} (one number in SD)")
     for key in ["addition_embed_type", "class_embed_type", "encoder_hid_dim", "time_cond_proj_dim"]:
-        if unet_config.get(key) is not None:
-            problems.append(f"UNet {key}={unet_config[key]!r} (SD has none)")
+        if unet_config.get(key) is not None and not (sdxl and key == "addition_embed_type"):
+            problems.append(f"UNet {key}={unet_config[key]!r} (SD has none, SDXL only addition_embed_type='text_time')")
     if unet_config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
         problems.append(f"UNet mid_block_type {unet_config['mid_block_type']!r}")
-    if unet_config.get("transformer_layers_per_block", 1) != 1:
+    # SDXL stacks several transformer layers per attention block; the names inside stay those of SD's one.
+    if not sdxl and unet_config.get("transformer_layers_per_block", 1) != 1:
         problems.append(f"UNet transformer_layers_per_block {unet_config['transformer_layers_per_block']!r}")
     down, up = list(unet_config.get("down_block_types", [])), list(unet_config.get("up_block_types", []))
     if any(kind not in SD_DOWN_BLOCKS for kind in down) or any(kind not in SD_UP_BLOCKS for kind in up):
@@ -69,15 +114,22 @@ def single_file_layout(unet_config, vae_config, text_config):
     vae_blocks = set(vae_config.get("down_block_types", [])) | set(vae_config.get("up_block_types", []))
     if vae_blocks != {"DownEncoderBlock2D", "UpDecoderBlock2D"} or not vae_config.get("mid_block_add_attention", True):
         problems.append(f"VAE blocks {sorted(vae_blocks)}")
-    if text_config.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
-        problems.append(f"text encoder model_type {text_config.get('model_type')!r} (SD uses CLIP)")
+    for name, text_config in zip(TEXT_ENCODERS, text_configs, strict=False):
+        if text_config.get("model_type", "clip_text_model") not in ("clip_text_model", "clip"):
+            problems.append(f"{name} model_type {text_config.get('model_type')!r} (SD uses CLIP)")
+    if sdxl:
+        problems += sdxl_problems(unet_config, text_configs)
+    elif len(text_configs) != 1:
+        problems.append(f"{len(text_configs)} text encoders without SDXL's added embedding (SD 1.x / 2.x have one)")
     if problems:
         raise ValueError(
             "--save_single_file: no original Stable Diffusion single-file layout for this model: " + "; ".join(problems)
         )
+    if sdxl:
+        return "sdxl"
     # The one architectural difference between the two text encoders: OpenCLIP ViT-H uses GELU, OpenAI's CLIP ViT-L
     # its "quick" approximation.
-    return "sd1" if text_config.get("hidden_act", "quick_gelu") == "quick_gelu" else "sd2"
+    return "sd1" if text_configs[0].get("hidden_act", "quick_gelu") == "quick_gelu" else "sd2"
 
 
 def ldm_unet_prefixes(unet_config):
@@ -88,6 +140,9 @@ def ldm_unet_prefixes(unet_config):
     prefixes = [
         ("time_embedding.linear_1.", "time_embed.0.", {}),
         ("time_embedding.linear_2.", "time_embed.2.", {}),
+        # SDXL's added embedding (pooled text and size numbers), a Sequential(Sequential(Linear, SiLU, Linear)) there.
+        ("add_embedding.linear_1.", "label_emb.0.0.", {}),
+        ("add_embedding.linear_2.", "label_emb.0.2.", {}),
         ("conv_in.", "input_blocks.0.0.", {}),
         ("conv_norm_out.", "out.0.", {}),
         ("conv_out.", "out.2.", {}),
@@ -166,8 +221,9 @@ def rename_by_prefix(state, prefixes, what):
 
 
 def open_clip_state(state):
-    """transformers CLIP text-model weights in OpenCLIP's names (SD 2.x). OpenCLIP keeps the query, key and value
-    projections in one in_proj matrix, stacked in that order."""
+    """transformers CLIP text-model weights in OpenCLIP's names (SD 2.x, SDXL's second encoder). OpenCLIP keeps the
+    query, key and value projections in one in_proj matrix, stacked in that order, and its text projection as the
+    matrix the pooled state is multiplied by on the right: the transpose of transformers' linear weight."""
     import torch
 
     converted = {}
@@ -195,18 +251,24 @@ def open_clip_state(state):
             converted["positional_embedding"] = tensor
         elif name.startswith("final_layer_norm."):
             converted["ln_final." + name.removeprefix("final_layer_norm.")] = tensor
+        elif name == "text_projection.weight":
+            converted["text_projection"] = tensor.T.contiguous()
         elif name != "embeddings.position_ids":
             raise ValueError(f"text encoder weight {key} has no name in the OpenCLIP layout")
     return converted
 
 
 def component_configs(pipeline_dir):
-    """The UNet, VAE and text encoder configs of a pipeline folder."""
-    configs = []
-    for name in ["unet", "vae", "text_encoder"]:
+    """The UNet and VAE configs of a pipeline folder, and its text encoders' configs in order."""
+
+    def config(name):
         with open(os.path.join(pipeline_dir, name, "config.json")) as f:
-            configs.append(json.load(f))
-    return configs
+            return json.load(f)
+
+    text_configs = [
+        config(name) for name in TEXT_ENCODERS if os.path.exists(os.path.join(pipeline_dir, name, "config.json"))
+    ]
+    return config("unet"), config("vae"), text_configs
 
 
 def read_component_weights(folder):
@@ -222,12 +284,26 @@ def read_component_weights(folder):
     return state
 
 
+def text_encoder_state(folder, prefix):
+    """A text encoder's weights in the original layout under `prefix`: transformers' CLIP names for a ".transformer."
+    prefix, OpenCLIP's for a ".model." one."""
+    text = {}
+    for key, tensor in read_component_weights(folder).items():
+        # transformers 5 may save without the "text_model." prefix that the original layout keeps.
+        text[key if key.startswith(("text_model.", "text_projection.")) else "text_model." + key] = tensor
+    if prefix.endswith(".model."):
+        text = open_clip_state(text)
+    else:
+        text = {key: tensor for key, tensor in text.items() if not key.endswith("position_ids")}
+    return {prefix + key: tensor for key, tensor in text.items()}
+
+
 def original_layout_state(pipeline_dir):
     """(layout, state) of a saved diffusers pipeline, in the original Stable Diffusion keys that A1111/Forge,
-    ComfyUI and InvokeAI load: model.diffusion_model.* (UNet), first_stage_model.* (VAE) and
-    cond_stage_model.transformer.* (SD 1.x CLIP) or cond_stage_model.model.* (SD 2.x OpenCLIP)."""
-    unet_config, vae_config, text_config = component_configs(pipeline_dir)
-    layout = single_file_layout(unet_config, vae_config, text_config)
+    ComfyUI and InvokeAI load: model.diffusion_model.* (UNet), first_stage_model.* (VAE) and the text encoders where
+    TEXT_ENCODER_PREFIXES puts them (cond_stage_model.* for SD 1.x / 2.x, conditioner.embedders.0/1.* for SDXL)."""
+    unet_config, vae_config, text_configs = component_configs(pipeline_dir)
+    layout = single_file_layout(unet_config, vae_config, text_configs)
     unet = rename_by_prefix(
         read_component_weights(os.path.join(pipeline_dir, "unet")), ldm_unet_prefixes(unet_config), "UNet"
     )
@@ -238,28 +314,23 @@ def original_layout_state(pipeline_dir):
     for key, tensor in vae.items():
         if ".mid.attn_1." in key and key.endswith(".weight") and tensor.ndim == 2:
             vae[key] = tensor.reshape(*tensor.shape, 1, 1)
-    text = {}
-    for key, tensor in read_component_weights(os.path.join(pipeline_dir, "text_encoder")).items():
-        # transformers 5 may save without the "text_model." prefix that the original layout keeps.
-        text[key if key.startswith("text_model.") else "text_model." + key] = tensor
-    if layout == "sd1":
-        text = {"transformer." + key: tensor for key, tensor in text.items() if not key.endswith("position_ids")}
-    else:
-        text = {"model." + key: tensor for key, tensor in open_clip_state(text).items()}
     state = {"model.diffusion_model." + key: tensor for key, tensor in unet.items()}
     state.update({"first_stage_model." + key: tensor for key, tensor in vae.items()})
-    state.update({"cond_stage_model." + key: tensor for key, tensor in text.items()})
+    for name, prefix in zip(TEXT_ENCODERS, TEXT_ENCODER_PREFIXES[layout], strict=False):
+        state.update(text_encoder_state(os.path.join(pipeline_dir, name), prefix))
     return layout, state
 
 
 def write_single_file(state, path, dtype, metadata):
     """state as one .safetensors file in `dtype` ("fp16", "bf16" or "fp32"), with `metadata` in its header; written
-    beside `path` and renamed over it, so it appears only when complete."""
+    beside `path` and renamed over it, so it appears only when complete. Converts state in place: each read tensor is
+    freed as its converted copy replaces it, so the process never holds the model twice (an fp32 SDXL is ~7 GB)."""
     import safetensors.torch
     import torch
 
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    state = {key: tensor.to(torch_dtype).contiguous() for key, tensor in state.items()}
+    for key, tensor in state.items():
+        state[key] = tensor.to(torch_dtype).contiguous()
     partial = path + ".partial"
     try:
         safetensors.torch.save_file(state, partial, metadata={"format": "pt", **metadata})
@@ -274,11 +345,16 @@ def write_single_file(state, path, dtype, metadata):
 
 
 def single_file_metadata(layout, prediction_type, zero_terminal_snr, resolution, base_model, global_step, title):
-    """The SAI model spec header (github.com/Stability-AI/ModelSpec) that UIs read to tell SD 1.x, SD 2.x-512 and
-    SD 2.x-768-v apart, plus how the model was trained."""
+    """The SAI model spec header (github.com/Stability-AI/ModelSpec) that UIs read to tell SD 1.x, SD 2.x-512,
+    SD 2.x-768-v and SDXL base apart, plus how the model was trained."""
     v_prediction = prediction_type == "v_prediction"
     if layout == "sd1":
         architecture, implementation = "stable-diffusion-v1", "https://github.com/CompVis/stable-diffusion"
+    elif layout == "sdxl":
+        architecture, implementation = (
+            "stable-diffusion-xl-v1-base",
+            "https://github.com/Stability-AI/generative-models",
+        )
     else:
         architecture = "stable-diffusion-v2-768-v" if v_prediction else "stable-diffusion-v2-512"
         implementation = "https://github.com/Stability-AI/stablediffusion"

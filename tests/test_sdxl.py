@@ -11,13 +11,15 @@ import numpy as np
 import pytest
 import torch
 from helpers import checkpoint_names, load_state_dict, max_abs_diff, tree_snapshot
+from safetensors import safe_open
 from safetensors.torch import load_file
 from test_speed_paths import tensorboard_losses
 from test_train_text_to_image import SCRIPT
 
 import train_text_to_image as t2i
+from devkit import tiny_sd
 from devkit.command_line import command_line
-from sdtrain import families
+from sdtrain import families, single_file
 
 
 def sdxl_args(pipeline, data, output_dir, *extra):
@@ -233,10 +235,91 @@ def test_an_sd3_pipeline_is_refused_by_name_before_anything_is_written(launch, a
     assert {k: v for k, v in after.items() if not k.startswith(".training.lock")} == before
 
 
-def test_sdxl_single_file_is_refused_before_training(launch, assets, sdxl_pipeline, tmp_path):
-    out = tmp_path / "run"
-    flags = "--max_train_steps 1 --save_single_file"
-    result = launch.accelerate(SCRIPT, sdxl_args(sdxl_pipeline, assets["images"], str(out), flags), check=False)
-    assert result.returncode != 0
-    assert "--save_single_file writes Stable Diffusion 1.x / 2.x checkpoints; this pipeline is SDXL" in result.output
-    assert [name for name in os.listdir(out) if not name.startswith(".training.lock")] == []
+# TINY_SDXL with a second text encoder wider than the first, as SDXL's (768 and 1280): diffusers' single-file loader
+# tells the two encoders apart by width, and would read the first into both where they are equally wide.
+TINY_SDXL_TWO_WIDTHS = {
+    **tiny_sd.TINY_SDXL,
+    "text_2": {**tiny_sd.TINY_SDXL["text_2"], "hidden_size": 48},
+    "unet": {**tiny_sd.TINY_SDXL["unet"], "projection_class_embeddings_input_dim": 32 + 6 * 8},
+}
+
+
+def folder_tensors(pipeline_dir):
+    """(how many tensors, how many numbers) the pipeline's UNet, VAE and text encoders hold, transformers'
+    position_ids buffer aside."""
+    tensors = [
+        tensor
+        for name in ["unet", "vae", "text_encoder", "text_encoder_2"]
+        for file in os.listdir(os.path.join(pipeline_dir, name))
+        if file.endswith(".safetensors")
+        for key, tensor in load_file(os.path.join(pipeline_dir, name, file)).items()
+        if not key.endswith("position_ids")
+    ]
+    return len(tensors), sum(tensor.numel() for tensor in tensors)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_sdxl_single_file_round_trips_through_diffusers(launch, assets, tmp_path, dtype):
+    """--save_single_file on SDXL: the SGM layout (conditioner.embedders.0/1), every tensor of the pipeline written
+    once, and read back by diffusers' StableDiffusionXLPipeline.from_single_file equal to the folder's weights."""
+    from diffusers import StableDiffusionXLPipeline
+    from test_single_file import components_match
+
+    base = tiny_sd.build_sdxl_pipeline(str(tmp_path / "base"), TINY_SDXL_TWO_WIDTHS, sample_size=64)
+    out = str(tmp_path / "xl-run")
+    flags = f"--max_train_steps 2 --checkpointing_steps 10 --save_single_file --single_file_dtype {dtype}"
+    launch.accelerate(SCRIPT, sdxl_args(base, assets["images"], out, flags))
+    path = os.path.join(out, "xl-run.safetensors")
+    with safe_open(path, "pt") as f:
+        metadata, keys = f.metadata(), list(f.keys())
+        written = [f.get_tensor(key) for key in keys]
+    assert {tensor.dtype for tensor in written} == {torch.float32 if dtype == "fp32" else torch.float16}
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+    assert metadata["training.global_step"] == "2"
+    # Every number written once; OpenCLIP fuses each layer's q, k, v weights and biases (6 tensors) into 2.
+    tensors, numbers = folder_tensors(out)
+    assert sum(tensor.numel() for tensor in written) == numbers
+    assert len(keys) == tensors - 4 * TINY_SDXL_TWO_WIDTHS["text_2"]["num_hidden_layers"]
+    assert {".".join(key.split(".")[:3]) for key in keys if not key.startswith("first_stage_model.")} == {
+        "model.diffusion_model.input_blocks",
+        "model.diffusion_model.middle_block",
+        "model.diffusion_model.output_blocks",
+        "model.diffusion_model.time_embed",
+        "model.diffusion_model.label_emb",
+        "model.diffusion_model.out",
+        "conditioner.embedders.0",
+        "conditioner.embedders.1",
+    }
+    assert "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight" in keys
+    assert "conditioner.embedders.0.transformer.text_model.encoder.layers.0.mlp.fc1.weight" in keys
+
+    folder = StableDiffusionXLPipeline.from_pretrained(out)
+    single = StableDiffusionXLPipeline.from_single_file(path, config=out, local_files_only=True)
+    names = ("unet", "vae", "text_encoder", "text_encoder_2")
+    components_match(single, folder, torch.float32 if dtype == "fp32" else torch.float16, names)
+
+
+def sdxl_configs(architecture):
+    """(UNet, VAE, text encoder configs) of a tiny SDXL-style architecture, as single_file_layout reads them."""
+    unet = {**architecture["unet"], "down_block_types": list(architecture["unet"]["down_block_types"])}
+    unet["up_block_types"] = list(architecture["unet"]["up_block_types"])
+    vae = {"down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4}
+    text = [{**architecture[name], "model_type": "clip_text_model"} for name in ("text", "text_2")]
+    text[0].setdefault("hidden_act", "quick_gelu")
+    return unet, vae, text
+
+
+def test_sdxl_single_file_layout_is_sdxl_base_only():
+    """SDXL base is written; the refiner (one OpenCLIP encoder, aesthetic score in place of the target size) and an
+    added embedding of another size are refused by name, as no UI would load a file with an invented layout."""
+    unet, vae, text = sdxl_configs(tiny_sd.TINY_SDXL)
+    assert single_file.single_file_layout(unet, vae, text) == "sdxl"
+    refiner = {**unet, "projection_class_embeddings_input_dim": 32 + 5 * 8}
+    for configs in [(refiner, vae, text), (unet, vae, text[1:])]:
+        with pytest.raises(ValueError, match="an SDXL refiner"):
+            single_file.single_file_layout(*configs)
+    other = {**unet, "projection_class_embeddings_input_dim": 32 + 7 * 8}
+    with pytest.raises(ValueError, match="projection_class_embeddings_input_dim=88"):
+        single_file.single_file_layout(other, vae, text)
+    with pytest.raises(ValueError, match="text encoders' activations"):
+        single_file.single_file_layout(unet, vae, text[::-1])

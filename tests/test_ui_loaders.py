@@ -1,15 +1,16 @@
 """The single file and the embeddings file in the UIs' own loaders: ComfyUI's `comfy` package and InvokeAI's model
 probe, run offline by devkit/ui_loaders.py in the JAX environment (where requirements_ui_loaders.txt installs them).
-The runs train an SD-shaped pipeline (devkit/tiny_sd.py SD1_SHAPED / SD2_SHAPED) for one step: the tiny test pipeline
-is too small for the loaders to tell which model family it is."""
+The runs train an SD-shaped pipeline (devkit/tiny_sd.py SD1_SHAPED / SD2_SHAPED / SDXL_SHAPED) for one step: the tiny
+test pipeline is too small for the loaders to tell which model family it is."""
 
 import json
 import os
 import subprocess
 
 import pytest
+import torch
 from conftest import OFFLINE_ENV, REPO
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_textual_inversion import SCRIPT as TI_SCRIPT
 from test_train_text_to_image import SCRIPT as T2I_SCRIPT
 
@@ -37,6 +38,32 @@ def ui_loaders(kind, path, tmp_path, *extra):
     return json.loads(line.removeprefix("UI_LOADERS "))
 
 
+def require_flax_python():
+    if not os.path.exists(FLAX_PYTHON):
+        pytest.fail(f"{FLAX_PYTHON} is missing: `make test` builds it, with the UI loaders")
+
+
+COMMON = "--resolution 64 --train_batch_size 1 --max_train_steps 1 --report_to none"
+
+
+def train_single_file(launch, base, data, out):
+    """One step of train_text_to_image.py with --save_single_file, launched as users launch it; the file's path."""
+    args = command_line("--pretrained_model_name_or_path", base, "--train_data_dir", data, COMMON)
+    launch.accelerate(T2I_SCRIPT, args + ["--output_dir", out, "--save_single_file"])
+    return out / f"{out.name}.safetensors"
+
+
+def assert_uis_load_the_checkpoint(single_file, tmp_path, comfy_class, invoke_base, prediction_type):
+    """ComfyUI detects comfy_class and holds every tensor of the file as written; InvokeAI's probe sees a main
+    checkpoint of invoke_base."""
+    report = ui_loaders("checkpoint", single_file, tmp_path)
+    comfy, invoke = report["comfyui"], report["invokeai"]
+    assert comfy["model_config"] == comfy_class
+    assert comfy["tensors"] == len(load_file(single_file)) and comfy["not_loaded"] == [] and comfy["differ"] == []
+    assert invoke["type"] == "main" and invoke["format"] == "checkpoint" and invoke["base"] == invoke_base
+    assert invoke["variant"] == "normal" and invoke["prediction_type"] == prediction_type
+
+
 @pytest.fixture(scope="module")
 def concept(tmp_path_factory):
     return tiny_sd.write_concept_folder(str(tmp_path_factory.mktemp("concept")), num_images=2, size=64)
@@ -44,8 +71,7 @@ def concept(tmp_path_factory):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_comfyui_and_invokeai_load_the_single_file_and_the_embedding(launch, assets, concept, tmp_path, family):
-    if not os.path.exists(FLAX_PYTHON):
-        pytest.fail(f"{FLAX_PYTHON} is missing: `make test` builds it, with the UI loaders")
+    require_flax_python()
     architecture, prediction_type, comfy_class, invoke_base, width = FAMILIES[family]
     # The UIs' text encoders have CLIP's 49408-row vocabulary; textual inversion needs the tokenizer to match the
     # text encoder's table, so it trains on the same architecture with the test vocabulary.
@@ -53,24 +79,15 @@ def test_comfyui_and_invokeai_load_the_single_file_and_the_embedding(launch, ass
         str(tmp_path / "base"), architecture, sample_size=64, prediction_type=prediction_type, vocab_size=49408
     )
     ti_base = tiny_sd.build_pipeline(str(tmp_path / "ti-base"), architecture, 64, prediction_type=prediction_type)
-    common = "--resolution 64 --train_batch_size 1 --max_train_steps 1 --report_to none"
-    t2i_out = tmp_path / "my-model"
-    t2i = command_line("--pretrained_model_name_or_path", base, "--train_data_dir", assets["images"], common)
-    launch.accelerate(T2I_SCRIPT, t2i + ["--output_dir", t2i_out, "--save_single_file"])
+    single_file = train_single_file(launch, base, assets["images"], tmp_path / "my-model")
     ti_out = tmp_path / "embedding"
-    ti = command_line("--pretrained_model_name_or_path", ti_base, "--train_data_dir", concept, common)
+    ti = command_line("--pretrained_model_name_or_path", ti_base, "--train_data_dir", concept, COMMON)
     ti += command_line(
         "--output_dir", ti_out, "--num_vectors 3 --placeholder_token <cat-toy> --initializer_token circle"
     )
     launch.accelerate(TI_SCRIPT, ti)
 
-    single_file = t2i_out / "my-model.safetensors"
-    report = ui_loaders("checkpoint", single_file, tmp_path)
-    comfy, invoke = report["comfyui"], report["invokeai"]
-    assert comfy["model_config"] == comfy_class
-    assert comfy["tensors"] == len(load_file(single_file)) and comfy["not_loaded"] == [] and comfy["differ"] == []
-    assert invoke["type"] == "main" and invoke["format"] == "checkpoint" and invoke["base"] == invoke_base
-    assert invoke["variant"] == "normal" and invoke["prediction_type"] == prediction_type
+    assert_uis_load_the_checkpoint(single_file, tmp_path, comfy_class, invoke_base, prediction_type)
 
     ui_file = ti_out / "cat-toy.safetensors"
     report = ui_loaders("embedding", ui_file, tmp_path, "--width", str(width))
@@ -81,3 +98,27 @@ def test_comfyui_and_invokeai_load_the_single_file_and_the_embedding(launch, ass
     # number of vectors) and refuses diffusers' learned_embeds, which ComfyUI reads all the same.
     report = ui_loaders("embedding", ti_out / "learned_embeds.safetensors", tmp_path, "--width", str(width))
     assert report["invokeai"]["config"] is None and report["comfyui"]["vectors_match"]
+
+
+def test_comfyui_and_invokeai_load_the_sdxl_single_file(launch, assets, tmp_path):
+    """ComfyUI detects SDXL_SHAPED as Segmind_Vega, its smallest SDXL-family class (SDXL's widths, fewer transformer
+    layers): its SDXL model and both SDXL text encoders hold every tensor of the file."""
+    require_flax_python()
+    base = tiny_sd.build_sdxl_pipeline(str(tmp_path / "base"), tiny_sd.SDXL_SHAPED, sample_size=64, vocab_size=49408)
+    single_file = train_single_file(launch, base, assets["images"], tmp_path / "my-xl-model")
+    assert_uis_load_the_checkpoint(single_file, tmp_path, "Segmind_Vega", "sdxl", "epsilon")
+
+
+def test_comfyui_and_invokeai_read_an_sdxl_embedding(tmp_path):
+    """The SDXL textual inversion file the UIs read, {"clip_l": [n, 768], "clip_g": [n, 1280]}, written by hand here:
+    ComfyUI loads each half for its text encoder and expands "embedding:NAME" to its n vectors; InvokeAI's probe sees
+    an SDXL embedding."""
+    require_flax_python()
+    path = tmp_path / "xl-toy.safetensors"
+    save_file({"clip_l": torch.randn(3, 768), "clip_g": torch.randn(3, 1280)}, path)
+    report = ui_loaders("embedding", path, tmp_path, "--sdxl")
+    for key, width in [("clip_l", 768), ("clip_g", 1280)]:
+        expected = {"rows": [3, width], "vectors_in_prompt": 3, "vectors_match": True, "rows_are_the_files": True}
+        assert report["comfyui"][key] == expected, key
+    invoke = report["invokeai"]
+    assert invoke["type"] == "embedding" and invoke["format"] == "embedding_file" and invoke["base"] == "sdxl"
