@@ -1179,8 +1179,6 @@ def main(argv=None):
     source = f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}"
     # SD 1.x / 2.x or SDXL, from model_index.json before any weights load; any other family is named and refused.
     sdxl = folder_family(folder, source) == "sdxl"
-    if sdxl and args.save_single_file:
-        raise ValueError("--save_single_file writes Stable Diffusion 1.x / 2.x checkpoints; this pipeline is SDXL")
     if args.save_single_file:  # refused now rather than after training
         single_file_layout(*component_configs(folder))
     tokenizer_names = ["tokenizer", "tokenizer_2"] if sdxl else ["tokenizer"]

@@ -253,6 +253,11 @@ TINY_SDXL = {
 }
 
 
+# TINY_SDXL with the second text encoder wider than the first, as SDXL's are (768 and 1280): diffusers' single-file
+# loader tells the two apart by width, and reads the first into both where they are equally wide.
+TINY_SDXL_TWO_WIDTHS = {**TINY_SDXL, "text_2": {**TINY_SDXL["text_2"], "hidden_size": 48}}  # pooled: still 32 wide
+
+
 # SDXL's structure at a reduced size, for the UI loader tests (see SD1_SHAPED): ComfyUI tells SDXL by the UNet's first
 # width (320), its 2048-channel cross-attention (CLIP ViT-L's 768 + OpenCLIP bigG's 1280), its 2816-channel added
 # embedding (bigG's 1280 pooled + 6 size numbers x 256) and the transformer layers per input block; the smallest count
@@ -277,6 +282,19 @@ SDXL_SHAPED = {
         addition_time_embed_dim=256,
         projection_class_embeddings_input_dim=1280 + 6 * 256,
     ),
+}
+
+
+# TINY_SDXL's UNet with SDXL's text encoders (768 and 1280 wide, one layer each): textual inversion on it learns rows of
+# the widths the UIs' SDXL text encoders load.
+SDXL_TEXT_SHAPED = {
+    **TINY_SDXL,
+    "text": SDXL_SHAPED["text"],
+    "text_2": SDXL_SHAPED["text_2"],
+    "unet": {
+        **TINY_SDXL["unet"],
+        "projection_class_embeddings_input_dim": SDXL_SHAPED["text_2"]["projection_dim"] + 6 * 8,
+    },
 }
 
 

@@ -235,15 +235,6 @@ def test_an_sd3_pipeline_is_refused_by_name_before_anything_is_written(launch, a
     assert {k: v for k, v in after.items() if not k.startswith(".training.lock")} == before
 
 
-# TINY_SDXL with a second text encoder wider than the first, as SDXL's (768 and 1280): diffusers' single-file loader
-# tells the two encoders apart by width, and would read the first into both where they are equally wide.
-TINY_SDXL_TWO_WIDTHS = {
-    **tiny_sd.TINY_SDXL,
-    "text_2": {**tiny_sd.TINY_SDXL["text_2"], "hidden_size": 48},
-    "unet": {**tiny_sd.TINY_SDXL["unet"], "projection_class_embeddings_input_dim": 32 + 6 * 8},
-}
-
-
 def folder_tensors(pipeline_dir):
     """(how many tensors, how many numbers) the pipeline's UNet, VAE and text encoders hold, transformers'
     position_ids buffer aside."""
@@ -265,7 +256,7 @@ def test_sdxl_single_file_round_trips_through_diffusers(launch, assets, tmp_path
     from diffusers import StableDiffusionXLPipeline
     from test_single_file import components_match
 
-    base = tiny_sd.build_sdxl_pipeline(str(tmp_path / "base"), TINY_SDXL_TWO_WIDTHS, sample_size=64)
+    base = tiny_sd.build_sdxl_pipeline(str(tmp_path / "base"), tiny_sd.TINY_SDXL_TWO_WIDTHS, sample_size=64)
     out = str(tmp_path / "xl-run")
     flags = f"--max_train_steps 2 --checkpointing_steps 10 --save_single_file --single_file_dtype {dtype}"
     launch.accelerate(SCRIPT, sdxl_args(base, assets["images"], out, flags))
@@ -279,7 +270,7 @@ def test_sdxl_single_file_round_trips_through_diffusers(launch, assets, tmp_path
     # Every number written once; OpenCLIP fuses each layer's q, k, v weights and biases (6 tensors) into 2.
     tensors, numbers = folder_tensors(out)
     assert sum(tensor.numel() for tensor in written) == numbers
-    assert len(keys) == tensors - 4 * TINY_SDXL_TWO_WIDTHS["text_2"]["num_hidden_layers"]
+    assert len(keys) == tensors - 4 * tiny_sd.TINY_SDXL_TWO_WIDTHS["text_2"]["num_hidden_layers"]
     assert {".".join(key.split(".")[:3]) for key in keys if not key.startswith("first_stage_model.")} == {
         "model.diffusion_model.input_blocks",
         "model.diffusion_model.middle_block",

@@ -8,9 +8,8 @@ import os
 import subprocess
 
 import pytest
-import torch
 from conftest import OFFLINE_ENV, REPO
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from test_textual_inversion import SCRIPT as TI_SCRIPT
 from test_train_text_to_image import SCRIPT as T2I_SCRIPT
 
@@ -109,13 +108,17 @@ def test_comfyui_and_invokeai_load_the_sdxl_single_file(launch, assets, tmp_path
     assert_uis_load_the_checkpoint(single_file, tmp_path, "Segmind_Vega", "sdxl", "epsilon")
 
 
-def test_comfyui_and_invokeai_read_an_sdxl_embedding(tmp_path):
-    """The SDXL textual inversion file the UIs read, {"clip_l": [n, 768], "clip_g": [n, 1280]}, written by hand here:
-    ComfyUI loads each half for its text encoder and expands "embedding:NAME" to its n vectors; InvokeAI's probe sees
-    an SDXL embedding."""
+def test_comfyui_and_invokeai_read_the_sdxl_embedding(launch, concept, tmp_path):
+    """textual_inversion.py's SDXL file for the UIs, {"clip_l": [n, 768], "clip_g": [n, 1280]} (trained on a tiny UNet
+    beside SDXL's text encoders, devkit/tiny_sd.py SDXL_TEXT_SHAPED): ComfyUI loads each half for its text encoder
+    and expands "embedding:NAME" to its n vectors; InvokeAI's probe sees an SDXL embedding."""
     require_flax_python()
-    path = tmp_path / "xl-toy.safetensors"
-    save_file({"clip_l": torch.randn(3, 768), "clip_g": torch.randn(3, 1280)}, path)
+    base = tiny_sd.build_sdxl_pipeline(str(tmp_path / "xl-base"), tiny_sd.SDXL_TEXT_SHAPED, sample_size=64)
+    out = tmp_path / "xl-embedding"
+    flags = "--resolution 64 --train_batch_size 1 --max_train_steps 1 --report_to none --num_vectors 3"
+    args = command_line("--pretrained_model_name_or_path", base, "--train_data_dir", concept, "--output_dir", out)
+    launch.accelerate(TI_SCRIPT, args + command_line(flags, "--placeholder_token <xl-toy> --initializer_token circle"))
+    path = out / "xl-toy.safetensors"
     report = ui_loaders("embedding", path, tmp_path, "--sdxl")
     for key, width in [("clip_l", 768), ("clip_g", 1280)]:
         expected = {"rows": [3, width], "vectors_in_prompt": 3, "vectors_match": True, "rows_are_the_files": True}

@@ -511,11 +511,32 @@ print("sampled", image.shape, bool(np.isfinite(image).all()), float(image.std())
     assert "sampled (64, 64, 3) True True" in result.stdout, result.stdout
 
 
-def test_text_to_image_flax_refuses_an_sdxl_single_file_before_training(launch, assets, sdxl_pipeline, tmp_path):
-    """--save_single_file writes SD 1.x / 2.x layouts only (as in train_text_to_image.py): refused before any step."""
-    result = launch.run(T2I, sdxl_args(assets, sdxl_pipeline, str(tmp_path / "run"), "--save_single_file"), check=False)
-    assert result.returncode != 0 and "Compiling the train step" not in result.output
-    assert "--save_single_file writes Stable Diffusion 1.x / 2.x checkpoints; this pipeline is SDXL" in result.output
+def test_text_to_image_flax_writes_the_sdxl_single_file_diffusers_reads(launch, assets, tmp_path):
+    """--save_single_file on SDXL from the Flax twin: the SGM layout train_text_to_image.py writes, read back by
+    diffusers' StableDiffusionXLPipeline.from_single_file equal to the saved folder (fp16 by default). The text
+    encoders differ in width (devkit/tiny_sd.py TINY_SDXL_TWO_WIDTHS), as diffusers' loader tells them apart by it."""
+    base = str(tmp_path / "base")
+    run_torch(f"from devkit import tiny_sd; tiny_sd.build_sdxl_pipeline({base!r}, tiny_sd.TINY_SDXL_TWO_WIDTHS, 64)")
+    out = str(tmp_path / "run")
+    flags = "--max_train_samples 2 --max_train_steps 1 --checkpointing_steps 10 --save_single_file"
+    args = t2i_args(assets, out, flags)
+    args[args.index("--pretrained_model_name_or_path") + 1] = base
+    launch.run(T2I, args)
+    result = run_torch(f"""
+import torch
+from diffusers import StableDiffusionXLPipeline
+pipe = StableDiffusionXLPipeline.from_pretrained({out!r})
+single = StableDiffusionXLPipeline.from_single_file({os.path.join(out, "run.safetensors")!r}, config={out!r},
+                                                    local_files_only=True)
+for name in ["unet", "vae", "text_encoder", "text_encoder_2"]:
+    ours, folder = getattr(single, name).state_dict(), getattr(pipe, name).state_dict()
+    assert ours.keys() == folder.keys(), name
+    assert all(torch.equal(ours[k], v.half().float()) for k, v in folder.items()), name
+print("single file equal")
+""")
+    assert "single file equal" in result.stdout
+    with safe_open(os.path.join(out, "run.safetensors"), "np") as f:
+        assert f.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
 
 
 def test_text_to_image_flax_sdxl_size_conditioning_of_a_known_image(sdxl_pipeline, tmp_path):
