@@ -389,3 +389,46 @@ def start_distributed(args):
         process_id=args.process_id,
         heartbeat_timeout_seconds=args.heartbeat_timeout_seconds,
     )
+
+
+def load_flax_text_encoder_from(cls, folder, subfolder, variant, dtype):
+    """A transformers Flax CLIP text model of class `cls` (SDXL's second encoder: FlaxCLIPTextModelWithProjection) and
+    its params, from the PyTorch safetensors weights in folder/subfolder. Keys saved by transformers 5 without the
+    'text_model.' prefix get it back; the projection's keys never carry it."""
+    import jax
+    import jax.numpy as jnp
+    import safetensors.torch
+    from transformers import CLIPTextConfig
+    from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
+
+    model = cls(CLIPTextConfig.from_pretrained(folder, subfolder=subfolder), dtype=dtype, _do_init=False)
+    path = os.path.join(folder, subfolder, f"model.{variant}.safetensors" if variant else "model.safetensors")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"{path} not found: the Flax scripts read PyTorch pipelines saved with safetensors weights"
+        )
+    state = {}
+    for key, value in safetensors.torch.load_file(path).items():
+        prefixed = key.split(".")[0] in ("embeddings", "encoder", "final_layer_norm")
+        state[("text_model." if prefixed else "") + key] = value.float()
+    shapes = type("ShapesOnly", (), {"base_model_prefix": model.base_model_prefix, "params": model.params_shape_tree})
+    params = convert_pytorch_state_dict_to_flax(state, shapes())
+    model._is_initialized = True
+    model.params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), params)
+    return model
+
+
+def encode_text(text_encoders, text_encoder_params, input_ids):
+    """The UNet's text conditioning from token ids [batch, encoders, tokens], the twin of torch_training.encode_text.
+    SD 1.x / 2.x: the text encoder's last hidden state. SDXL: (both encoders' penultimate hidden states side by side,
+    the second's pooled projection)."""
+    import jax.numpy as jnp
+
+    if len(text_encoders) == 1:
+        return text_encoders[0](input_ids[:, 0], params=text_encoder_params[0], train=False)[0]
+    hidden_states = []
+    for index, (text_encoder, params) in enumerate(zip(text_encoders, text_encoder_params, strict=True)):
+        output = text_encoder(input_ids[:, index], params=params, train=False, output_hidden_states=True)
+        # SDXL reads the penultimate layer of each encoder (Podell et al. 2023, arXiv:2307.01952, sec. 2.1).
+        hidden_states.append(output.hidden_states[-2])
+    return jnp.concatenate(hidden_states, axis=-1), output[0]  # output[0]: the second encoder's text_embeds
