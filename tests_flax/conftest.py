@@ -67,6 +67,14 @@ tiny_sd.write_mixed_imagefolder({str(root / "mixed")!r})
     return {name: str(root / name) for name in names}
 
 
+@pytest.fixture(scope="session")
+def sdxl_pipeline(tmp_path_factory):
+    """A tiny SDXL pipeline (devkit/tiny_sd.py TINY_SDXL) in the layout StableDiffusionXLPipeline saves."""
+    path = str(tmp_path_factory.mktemp("sdxl") / "pipeline")
+    run_torch(f"from devkit import tiny_sd; tiny_sd.build_tiny_sdxl_pipeline({path!r})")
+    return path
+
+
 class FlaxLauncher:
     def run(self, script, args, check=True, devices=2):
         flags = XLA_FLAGS.replace("device_count=2", f"device_count={devices}")
