@@ -73,6 +73,7 @@ from sdtrain.embeddings import (
     find_example_images,
     initializer_token_id,
     learned_embeds_name,
+    sdxl_time_ids,
 )
 from sdtrain.hub import push_to_hub
 from sdtrain.images import load_rgb
@@ -504,20 +505,10 @@ class TextualInversionDataset(torch.utils.data.Dataset):
         return TF.to_tensor(image) * 2.0 - 1.0  # [0, 1] -> [-1, 1], the VAE's input range
 
     def time_ids(self, image_index, flipped):
-        """SDXL's size conditioning (Podell et al. 2023, arXiv:2307.01952, sec. 2.2): the image's original (height,
-        width), the top-left corner of the crop pixels() takes, in the image scaled so its shorter side is
-        --resolution (without --center_crop the whole image is squeezed to the square: no crop), and the size
-        trained at. A mirrored image was cropped from the mirrored corner, so its left offset is measured from the
-        other side."""
+        """SDXL's size conditioning of the example (sdxl_time_ids): the crop pixels() takes, at --resolution."""
         width, height = self.image_sizes[image_index]
-        size, top, left = self.args.resolution, 0, 0
-        if self.args.center_crop:
-            side = min(width, height)
-            top, left = int(round((height - side) / 2.0)), int(round((width - side) / 2.0))  # as TF.center_crop
-            if flipped:
-                left = width - left - side
-            top, left = round(top * size / side), round(left * size / side)
-        return torch.tensor([height, width, top, left, size, size], dtype=torch.float32)
+        time_ids = sdxl_time_ids(width, height, self.args.resolution, self.args.center_crop, flipped)
+        return torch.tensor(time_ids, dtype=torch.float32)
 
     def __getitem__(self, key):
         epoch, index, weight = key

@@ -16,6 +16,13 @@ Multi-host TPU pod: run the same command on every host with --jax_distributed. T
 Several processes named by hand (GPU nodes, or two CPU processes as a test does), process 0 on HOST0:
     python textual_inversion_flax.py <flags> --coordinator_address=HOST0:1234 --num_processes=2 --process_id=0
     python textual_inversion_flax.py <flags> --coordinator_address=HOST0:1234 --num_processes=2 --process_id=1
+SDXL (found from the pipeline folder): the placeholder gets rows in both text encoders, saved as
+learned_embeds.safetensors and learned_embeds_2.safetensors (diffusers) and <name>.safetensors with clip_l / clip_g:
+    python textual_inversion_flax.py \
+      --pretrained_model_name_or_path=stabilityai/stable-diffusion-xl-base-1.0 \
+      --train_data_dir=./cat_toy --placeholder_token="<cat-toy>" --initializer_token=toy --resolution=1024 \
+      --train_batch_size=1 --max_train_steps=1000 --learning_rate=5.0e-04 --mixed_precision=bf16 \
+      --output_dir=textual_inversion_cat_sdxl_flax
 The output_dir must be on a file system all hosts share: each writes and reads its part of every checkpoint.
 After a crash or preemption, relaunch the same command with --resume_from_checkpoint=latest.
 This file keeps the recipe you edit; the machinery it shares with the other scripts (run folder, checkpoints,
@@ -48,17 +55,21 @@ from sdtrain.embeddings import (
     OBJECT_TEMPLATES,
     STYLE_TEMPLATES,
     add_placeholder_tokens,
+    center_crop_box,
     embedding_files,
     find_example_images,
     initializer_token_id,
+    learned_embeds_name,
+    sdxl_time_ids,
 )
-from sdtrain.families import folder_family, sdxl_not_yet
+from sdtrain.families import folder_family
 from sdtrain.hub import push_to_hub
 from sdtrain.images import load_rgb
 from sdtrain.jax_training import (
     LogWindow,
     check_finite,
     enable_block_rematerialisation,
+    encode_text,
     epoch_batches,
     evaluation_params,
     inference_scheduler_config,
@@ -103,14 +114,17 @@ def parse_args(argv=None):
         "--pretrained_model_name_or_path",
         type=str,
         required=True,
-        help="Hub id or local folder of a PyTorch diffusers Stable Diffusion pipeline.",
+        help="Hub id or local folder of a PyTorch diffusers Stable Diffusion 1.x / 2.x or SDXL pipeline.",
     )
     group.add_argument(
         "--revision", type=str, default=None, help="Hub revision (branch, tag or commit) of the pretrained pipeline."
     )
     group.add_argument("--variant", type=str, default=None, help="Weight file variant to load, e.g. 'fp16'.")
     group.add_argument(
-        "--tokenizer_name", type=str, default=None, help="Tokenizer to use instead of the pipeline's own."
+        "--tokenizer_name",
+        type=str,
+        default=None,
+        help="Tokenizer to use instead of the pipeline's own (SDXL: its first).",
     )
     group.add_argument(
         "--prediction_type",
@@ -243,14 +257,14 @@ def parse_args(argv=None):
         "--save_steps",
         type=int,
         default=500,
-        help="Also save learned_embeds-steps-N every this many optimizer updates.",
+        help="Also save learned_embeds(_2 for SDXL)-steps-N every this many optimizer updates.",
     )
     group.add_argument(
         "--embedding_format",
         type=str,
         default="both",
         choices=["diffusers", "ui", "both"],
-        help="Final embeddings: learned_embeds (diffusers), <placeholder> (A1111/Forge, ComfyUI, InvokeAI), or both.",
+        help="Final files: learned_embeds(_2) (diffusers), <placeholder> (A1111/Forge, ComfyUI, InvokeAI), or both.",
     )
     group.add_argument(
         "--checkpointing_steps",
@@ -418,14 +432,21 @@ def with_learned_rows(text_encoder_params, learned):
     return {**text_encoder_params, "text_model": text_model}
 
 
+def learned_key(encoder_index):
+    """Where the train state keeps the new rows of text encoder `encoder_index`: params["learned"], then (SDXL's second
+    encoder) params["learned_2"]."""
+    return "learned" + (f"_{encoder_index + 1}" if encoder_index else "")
+
+
 class TextualInversionDataset:
     """The example images repeated --repeats times, each with a prompt from the templates holding the placeholder, as
     numpy arrays. Indexed by (epoch, index) keys: the template and the flip are drawn from an RNG seeded by
-    (seed, epoch, index), so the same sample is identical in a resumed run."""
+    (seed, epoch, index), so the same sample is identical in a resumed run. `tokenizers`: one per text encoder (two
+    for SDXL); input_ids holds a row of ids for each, and for SDXL each example has its size conditioning, time_ids."""
 
-    def __init__(self, image_paths, tokenizer, placeholder_text, args, seed):
-        self.image_paths, self.tokenizer, self.placeholder_text = image_paths, tokenizer, placeholder_text
-        self.args, self.seed = args, seed
+    def __init__(self, image_paths, tokenizers, placeholder_text, args, seed, sdxl=False):
+        self.image_paths, self.tokenizers, self.placeholder_text = image_paths, tokenizers, placeholder_text
+        self.args, self.seed, self.sdxl = args, seed, sdxl
         self.templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
 
     def __len__(self):
@@ -436,18 +457,25 @@ class TextualInversionDataset:
         rng = np.random.default_rng([self.seed, epoch, index])
         path = self.image_paths[index % len(self.image_paths)]
         image = load_rgb(path, path)
+        original_size = image.size
         if self.args.center_crop:
-            side = min(image.size)
-            left, top = (image.width - side) // 2, (image.height - side) // 2
+            top, left, side = center_crop_box(*image.size)
             image = image.crop((left, top, left + side, top + side))
         image = image.resize((self.args.resolution, self.args.resolution), resample=Image.Resampling.BICUBIC)
-        if rng.random() < 0.5:
+        flipped = rng.random() < 0.5
+        if flipped:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         prompt = self.templates[int(rng.integers(len(self.templates)))].format(self.placeholder_text)
-        padding = dict(max_length=self.tokenizer.model_max_length, padding="max_length", truncation=True)
-        input_ids = self.tokenizer(prompt, **padding).input_ids
+        input_ids = [
+            tokenizer(prompt, max_length=tokenizer.model_max_length, padding="max_length", truncation=True).input_ids
+            for tokenizer in self.tokenizers
+        ]
         pixel_values = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0  # the VAE's input range
-        return {"pixel_values": pixel_values, "input_ids": np.asarray(input_ids, dtype=np.int32)}
+        example = {"pixel_values": pixel_values, "input_ids": np.asarray(input_ids, dtype=np.int32)}
+        if self.sdxl:
+            time_ids = sdxl_time_ids(*original_size, self.args.resolution, self.args.center_crop, flipped)
+            example["time_ids"] = np.asarray(time_ids, dtype=np.float32)
+        return example
 
 
 def learning_rate_schedule(name, peak, warmup_steps, max_train_steps):
@@ -502,25 +530,34 @@ class FrozenModels:
 
     unet_params: Any
     vae_params: Any
-    text_encoder_params: Any
+    text_encoder_params: tuple  # one per text encoder (two for SDXL), without the new rows
     scheduler_state: Any
     unet: Any = struct.field(pytree_node=False)
     vae: Any = struct.field(pytree_node=False)
-    text_encoder: Any = struct.field(pytree_node=False)
+    text_encoders: tuple = struct.field(pytree_node=False)  # the modules, expecting the extended tables
     noise_scheduler: Any = struct.field(pytree_node=False)
 
 
-def encode_batch(frozen, batch, learned, rng):
-    """The batch's latents, from the frozen VAE (the sample is drawn from `rng`), and its text conditioning, computed
-    with the new embedding rows `learned`."""
+def encode_batch(frozen, batch, params, rng):
+    """The batch's latents in the frozen UNet's dtype, from the frozen VAE (the sample is drawn from `rng`), and its
+    text conditioning (encoder_hidden_states, and for SDXL added_cond_kwargs: the second encoder's pooled embedding
+    and the size conditioning), computed with the new embedding rows in `params`."""
     # The frozen VAE maps images to latents; the scaling factor brings them to roughly unit variance.
     vae_variables = {"params": frozen.vae_params}
     encoded = frozen.vae.apply(vae_variables, batch["pixel_values"], deterministic=True, method=frozen.vae.encode)
     latents = jnp.transpose(encoded.latent_dist.sample(rng), (0, 3, 1, 2)) * frozen.vae.config.scaling_factor
-    # The text encoder runs with gradients: they reach the new token embedding rows and nothing else.
-    text_encoder_params = with_learned_rows(frozen.text_encoder_params, learned)
-    encoder_hidden_states = frozen.text_encoder(batch["input_ids"], params=text_encoder_params, train=False)[0]
-    return jax.lax.stop_gradient(latents), encoder_hidden_states
+    latents = latents.astype(frozen.unet.dtype)  # an fp32 VAE (SDXL's: see main) beside a bf16 UNet
+    # The text encoders run with gradients: they reach the new token embedding rows and nothing else.
+    text_encoder_params = [
+        with_learned_rows(encoder_params, params[learned_key(index)])
+        for index, encoder_params in enumerate(frozen.text_encoder_params)
+    ]
+    encoded = encode_text(frozen.text_encoders, text_encoder_params, batch["input_ids"])
+    if "time_ids" not in batch:
+        return jax.lax.stop_gradient(latents), encoded, None
+    encoder_hidden_states, text_embeds = encoded
+    added_cond_kwargs = {"text_embeds": text_embeds, "time_ids": batch["time_ids"]}
+    return jax.lax.stop_gradient(latents), encoder_hidden_states, added_cond_kwargs
 
 
 # ----------------------------------------------------- BEGIN MATH -----------------------------------------------------
@@ -549,11 +586,20 @@ class LossConfig:
 
 
 def diffusion_loss(
-    unet, noise_scheduler, scheduler_state, latents, encoder_hidden_states, rng, config, sample_weights=None
+    unet,
+    noise_scheduler,
+    scheduler_state,
+    latents,
+    encoder_hidden_states,
+    rng,
+    config,
+    sample_weights=None,
+    added_cond_kwargs=None,
 ):
     """The denoising loss of a batch of clean latents, averaged over the batch (weighted by `sample_weights` when
     given: a padded batch holds examples of weight 0). Every random draw comes from `rng`, in
-    the PyTorch twin's order: noise, offset noise, input perturbation, timesteps."""
+    the PyTorch twin's order: noise, offset noise, input perturbation, timesteps. added_cond_kwargs: SDXL's pooled text
+    embedding and size conditioning (None for SD 1.x / 2.x)."""
     noise_rng, offset_rng, perturbation_rng, timestep_rng = jax.random.split(rng, 4)
     bsz = latents.shape[0]
     noise = jax.random.normal(noise_rng, latents.shape, latents.dtype)
@@ -595,7 +641,7 @@ def diffusion_loss(
     else:
         raise ValueError(f"unsupported prediction type {config.prediction_type!r}")
 
-    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states)
+    model_pred = unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
     # Signal-to-noise ratio of each sample's timestep, alpha_bar / (1 - alpha_bar): 0 at a zero-terminal-SNR end.
     alphas_cumprod = scheduler_state.common.alphas_cumprod[timesteps].astype(jnp.float32)
     snr = alphas_cumprod / (1.0 - alphas_cumprod)
@@ -648,14 +694,20 @@ def batch_loss(params, state, frozen, batch, rng, config):
     """The loss the new rows in `params` give on one batch: encode, then the denoising loss. Pure: every draw comes
     from `rng`."""
     sample_rng, loss_rng = jax.random.split(rng)
-    latents, encoder_hidden_states = encode_batch(frozen, batch, params["learned"], sample_rng)
-
-    def unet(noisy_latents, timesteps, encoder_hidden_states):
-        variables = {"params": frozen.unet_params}
-        return frozen.unet.apply(variables, noisy_latents, timesteps, encoder_hidden_states, train=True).sample
-
+    latents, encoder_hidden_states, added_cond_kwargs = encode_batch(frozen, batch, params, sample_rng)
+    unet = functools.partial(apply_unet, frozen.unet, frozen.unet_params)
     scheduler, scheduler_state, weights = frozen.noise_scheduler, frozen.scheduler_state, batch["sample_weights"]
-    return diffusion_loss(unet, scheduler, scheduler_state, latents, encoder_hidden_states, loss_rng, config, weights)
+    return diffusion_loss(
+        unet, scheduler, scheduler_state, latents, encoder_hidden_states, loss_rng, config, weights, added_cond_kwargs
+    )
+
+
+def apply_unet(unet, unet_params, noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=None):
+    """The frozen UNet's prediction, in the call diffusion_loss makes (added_cond_kwargs: SDXL's extra conditioning)."""
+    variables = {"params": unet_params}
+    return unet.apply(
+        variables, noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, train=True
+    ).sample
 
 
 def train_step(state, frozen, batch, rng, config):
@@ -716,7 +768,7 @@ def validate(render, state, frozen, tokenizer, prompts, args, seed, global_step,
     """Render the validation prompts with the embedding learned so far, through the frozen pipeline. Every process
     renders; the main process saves."""
     learned = evaluation_params(state, args)["learned"]
-    text_encoder_params = with_learned_rows(frozen.text_encoder_params, learned)
+    text_encoder_params = with_learned_rows(frozen.text_encoder_params[0], learned)
     params = {"unet": frozen.unet_params, "vae": frozen.vae_params, "text_encoder": text_encoder_params}
     images = render_validation_images(render, params, tokenizer, prompts, seed)
     if is_main_process:
@@ -779,38 +831,59 @@ def main(argv=None):
     weight_dtype = jnp.bfloat16 if args.mixed_precision == "bf16" else jnp.float32
     folder = resolve_pipeline_folder(args)
     source = f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}"
-    if folder_family(folder, source) == "sdxl":  # any other family is named and refused by folder_family
-        raise sdxl_not_yet(source, os.path.basename(__file__))
+    # SDXL: two text encoders, each with its own tokenizer and its own copy of the placeholder's rows.
+    sdxl = folder_family(folder, source) == "sdxl"  # any family but SD 1.x / 2.x and SDXL is named and refused
     if args.tokenizer_name:
-        tokenizer = CLIPTokenizerFast.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)
+        tokenizers = [CLIPTokenizerFast.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)]
     else:
-        tokenizer = CLIPTokenizerFast.from_pretrained(folder, subfolder="tokenizer")
-    # The text encoder computes in fp32: gradients flow through it to the new rows.
-    text_encoder = load_flax_text_encoder(folder, args.variant, jnp.float32)
-    vae, vae_params = load_flax_model(FlaxAutoencoderKL, folder, "vae", args.variant, weight_dtype)
+        tokenizers = [CLIPTokenizerFast.from_pretrained(folder, subfolder="tokenizer")]
+    # The text encoders compute in fp32: gradients flow through them to the new rows.
+    text_encoders = [load_flax_text_encoder(folder, args.variant, jnp.float32)]
+    if sdxl:
+        tokenizers.append(CLIPTokenizerFast.from_pretrained(folder, subfolder="tokenizer_2"))
+        text_encoders.append(load_flax_text_encoder(folder, args.variant, jnp.float32, "text_encoder_2"))
+    # SDXL's VAE overflows in reduced precision and says so (force_upcast): it stays in fp32.
+    vae_dtype = (
+        jnp.float32 if sdxl and FlaxAutoencoderKL.load_config(folder, subfolder="vae")["force_upcast"] else weight_dtype
+    )
+    vae, vae_params = load_flax_model(FlaxAutoencoderKL, folder, "vae", args.variant, vae_dtype)
+    logger.info(
+        f"VAE in {jnp.dtype(vae_dtype)}"
+        + (" (its config asks for it: force_upcast)" if vae_dtype != weight_dtype else "")
+    )
     if args.gradient_checkpointing:
         enable_block_rematerialisation()
     unet, unet_params = load_flax_model(FlaxUNet2DConditionModel, folder, "unet", args.variant, weight_dtype)
     # Lin et al. 2023 (arXiv:2305.08891): rescaled betas reach zero SNR at the last timestep, as sampling starts.
     noise_scheduler, scheduler_state = load_noise_scheduler(folder, args)
-    # Everything is frozen; the only trainable tensor is the new rows, each starting at the initializer's embedding.
+    # Everything is frozen; the only trainable tensors are the new rows (one set per text encoder), each starting at
+    # the initializer's embedding in that encoder.
     token = (args.placeholder_token, args.initializer_token, args.num_vectors)
-    placeholder_tokens, placeholder_ids, learned, extended_text_encoder = add_learned_embedding(
-        text_encoder, tokenizer, *token
-    )
+    learned, extended_text_encoders = {}, []
+    for index, (text_encoder, tokenizer) in enumerate(zip(text_encoders, tokenizers, strict=True)):
+        placeholder_tokens, placeholder_ids, learned[learned_key(index)], extended_text_encoder = add_learned_embedding(
+            text_encoder, tokenizer, *token
+        )
+        extended_text_encoders.append(extended_text_encoder)
     frozen = FrozenModels(
         unet_params=unet_params,
         vae_params=vae_params,
-        text_encoder_params=text_encoder.params,
+        text_encoder_params=tuple(text_encoder.params for text_encoder in text_encoders),
         scheduler_state=scheduler_state,
         unet=unet,
         vae=vae,
-        text_encoder=extended_text_encoder,
+        text_encoders=tuple(extended_text_encoders),
         noise_scheduler=noise_scheduler,
     )
     validation_prompts = [args.validation_prompt] * args.num_validation_images if args.validation_prompt else []
+    if validation_prompts and sdxl:
+        # make_renderer samples SD 1.x / 2.x only (one text encoder, no size conditioning).
+        logger.warning("--validation_prompt: the Flax twin does not render SDXL validation images yet; skipped")
+        validation_prompts = []
     render = (
-        validation_renderer(folder, args, unet, vae, extended_text_encoder, tokenizer) if validation_prompts else None
+        validation_renderer(folder, args, unet, vae, extended_text_encoders[0], tokenizers[0])
+        if validation_prompts
+        else None
     )
     prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
     loss_config = LossConfig(
@@ -820,7 +893,7 @@ def main(argv=None):
     )
 
     # ------------------------------------------------------------------------------------------------------- data
-    train_dataset = TextualInversionDataset(image_paths, tokenizer, " ".join(placeholder_tokens), args, seed)
+    train_dataset = TextualInversionDataset(image_paths, tokenizers, " ".join(placeholder_tokens), args, seed, sdxl)
     global_batch_size = args.train_batch_size * jax.device_count()
     epoch_global_batches = functools.partial(shuffled_batches, len(train_dataset), global_batch_size, seed)
     batches_per_epoch = len(epoch_global_batches(0))  # the same every epoch
@@ -839,7 +912,7 @@ def main(argv=None):
     max_train_steps = args.max_train_steps
     num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
     schedule = learning_rate_schedule(args.lr_scheduler, args.learning_rate, args.lr_warmup_steps, max_train_steps)
-    state = TrainState.create(apply_fn=None, params={"learned": learned}, tx=make_optimizer(args, schedule))
+    state = TrainState.create(apply_fn=None, params=learned, tx=make_optimizer(args, schedule))
     total_batch_size = global_batch_size * args.gradient_accumulation_steps
     run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
     run_metadata["process_count"] = jax.process_count()  # information only: the run does not depend on it
@@ -917,10 +990,13 @@ def main(argv=None):
                 check_finite(
                     {"params": state.params, "opt_state": state.opt_state}, probe, "the embedding", global_step
                 )
-            if is_main_process:
-                if global_step % args.save_steps == 0:
-                    path = os.path.join(args.output_dir, f"learned_embeds-steps-{global_step}.safetensors")
-                    save_embeddings({args.placeholder_token: evaluation_params(state, args)["learned"]}, path)
+            if is_main_process and global_step % args.save_steps == 0:
+                params = evaluation_params(state, args)
+                for index in range(len(text_encoders)):
+                    name = f"{learned_embeds_name(index)}-steps-{global_step}.safetensors"
+                    save_embeddings(
+                        {args.placeholder_token: params[learned_key(index)]}, os.path.join(args.output_dir, name)
+                    )
             if is_checkpoint_step:
                 save_checkpoint(state, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
             if validation_prompts and global_step % args.validation_steps == 0 and global_step < max_train_steps:
@@ -928,7 +1004,7 @@ def main(argv=None):
                     render,
                     state,
                     frozen,
-                    tokenizer,
+                    tokenizers[0],
                     validation_prompts,
                     args,
                     seed,
@@ -948,12 +1024,12 @@ def main(argv=None):
         probe = float(probe_fn(params, state, frozen, *last_batch))
         check_finite({"params": params}, probe, "the embedding", global_step)
     if is_main_process:
-        for path, keys in embedding_files(args, "safetensors"):
-            save_embeddings({key: params["learned"] for key in keys}, path)
+        for path, keys in embedding_files(args, "safetensors", len(text_encoders)):
+            save_embeddings({key: params[learned_key(index)] for key, index in keys.items()}, path)
             logger.info(f"Saved {os.path.abspath(path)}")
     if validation_prompts:
         validate(
-            render, state, frozen, tokenizer, validation_prompts, args, seed, global_step, "final", is_main_process
+            render, state, frozen, tokenizers[0], validation_prompts, args, seed, global_step, "final", is_main_process
         )
     if is_main_process:
         if args.push_to_hub:

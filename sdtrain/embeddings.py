@@ -123,3 +123,24 @@ def embedding_files(args, suffix, num_encoders=1):
         path = os.path.join(args.output_dir, f"{ui_embedding_name(args.placeholder_token)}.{suffix}")
         files.append((path, {key: index for index, key in enumerate(keys)}))
     return files
+
+
+def center_crop_box(width, height):
+    """(top, left, side) of the central square of a width x height image, rounded as torchvision's center_crop
+    rounds, so both twins crop the same pixels."""
+    side = min(width, height)
+    return int(round((height - side) / 2.0)), int(round((width - side) / 2.0)), side
+
+
+def sdxl_time_ids(width, height, resolution, center_crop, flipped):
+    """SDXL's size conditioning of one example (Podell et al. 2023, arXiv:2307.01952, sec. 2.2): the image's original
+    (height, width), the top-left corner of the crop taken, in the image scaled so its shorter side is `resolution`
+    (without center_crop the whole image is squeezed to the square: no crop), and the size trained at. A mirrored
+    image was cropped from the mirrored corner, so its left offset is measured from the other side."""
+    top, left = 0, 0
+    if center_crop:
+        top, left, side = center_crop_box(width, height)
+        if flipped:
+            left = width - left - side
+        top, left = round(top * resolution / side), round(left * resolution / side)
+    return [height, width, top, left, resolution, resolution]

@@ -70,11 +70,3 @@ def folder_family(folder, source):
         return pipeline_family(local_model_index(folder), source)
     with open(path) as f:
         return pipeline_family(json.load(f), source)
-
-
-def sdxl_not_yet(source, script):
-    """The error of a script that does not train SDXL yet."""
-    return ValueError(
-        f"{source} is an SDXL pipeline: {script} trains Stable Diffusion 1.x / 2.x only so far "
-        "(train_text_to_image.py fine-tunes SDXL)"
-    )

@@ -423,3 +423,19 @@ def start_distributed(args):
         process_id=args.process_id,
         heartbeat_timeout_seconds=args.heartbeat_timeout_seconds,
     )
+
+
+def encode_text(text_encoders, text_encoder_params, input_ids):
+    """The UNet's text conditioning from token ids [batch, encoders, tokens], the twin of torch_training.encode_text.
+    SD 1.x / 2.x: the text encoder's last hidden state. SDXL: (both encoders' penultimate hidden states side by side,
+    the second's pooled projection)."""
+    import jax.numpy as jnp
+
+    if len(text_encoders) == 1:
+        return text_encoders[0](input_ids[:, 0], params=text_encoder_params[0], train=False)[0]
+    hidden_states = []
+    for index, (text_encoder, params) in enumerate(zip(text_encoders, text_encoder_params, strict=True)):
+        output = text_encoder(input_ids[:, index], params=params, train=False, output_hidden_states=True)
+        # SDXL reads the penultimate layer of each encoder (Podell et al. 2023, arXiv:2307.01952, sec. 2.1).
+        hidden_states.append(output.hidden_states[-2])
+    return jnp.concatenate(hidden_states, axis=-1), output[0]  # output[0]: the second encoder's text_embeds

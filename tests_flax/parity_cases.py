@@ -3,6 +3,8 @@
 
 import itertools
 
+from sdtrain.embeddings import sdxl_time_ids
+
 # name -> LossConfig fields (the same fields in all four scripts' LossConfig), the sample_weights argument if any, and
 # "zero_snr": the noise schedule rescaled to zero terminal SNR (--rescale_betas_zero_snr).
 TEXT_TO_IMAGE = {
@@ -91,6 +93,18 @@ TEXTUAL_INVERSION["ti-v_prediction-huber-debiased-logit_normal"] = {
     **SAMPLING["logit_normal"],
 }
 CASES = {**TEXT_TO_IMAGE, **TEXTUAL_INVERSION}
+# SDXL textual inversion (a tiny SDXL pipeline): both encoders' new rows, the pooled embedding, the size conditioning.
+SDXL_TEXTUAL_INVERSION = {
+    "ti_sdxl-epsilon-snr_None": {"prediction_type": "epsilon", "snr_gamma": None},
+    "ti_sdxl-v_prediction-snr_5.0": {"prediction_type": "v_prediction", "snr_gamma": 5.0},
+}
+# One example each: landscape, its mirror (an odd margin: the mirror's left offset is one pixel larger), portrait
+# (all center-cropped), and a square squeezed without a crop.
+SDXL_TI_TIME_IDS = [
+    sdxl_time_ids(width, height, 64, center_crop, flipped)
+    for width, height, center_crop, flipped in [(97, 72, True, False), (97, 72, True, True), (72, 120, True, False)]
+    + [(80, 80, False, False)]
+]
 PROMPTS = ["a red circle", "a blue square", "a photo of a green circle", "a <blob> on a yellow square"]
 # SDXL (the tiny SDXL pipeline): both text encoders' conditioning, the third caption dropped (zeros), and size
 # conditioning that differs per sample, into the UNet's added embedding.

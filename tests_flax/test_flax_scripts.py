@@ -442,17 +442,6 @@ def test_text_to_image_flax_cached_training_logs_the_same_losses(launch, assets,
 # ------------------------------------------------------------------------------------------------------------ SDXL
 
 
-def test_textual_inversion_flax_names_sdxl_as_not_yet_supported(launch, assets, sdxl_pipeline, tmp_path):
-    """A tiny SDXL pipeline (devkit/tiny_sd.py) is named as SDXL before any weights load, not failed on later."""
-    script = "textual_inversion_flax.py"
-    args = ti_args(assets, str(tmp_path / "run"), "--max_train_steps 1")
-    args[args.index("--pretrained_model_name_or_path") + 1] = sdxl_pipeline
-    result = launch.run(script, args, check=False)
-    assert result.returncode != 0
-    message = f"--pretrained_model_name_or_path {sdxl_pipeline} is an SDXL pipeline: {script} trains Stable Diffusion"
-    assert message in result.output, result.output[-3000:]
-
-
 # 4 of the images, global batch 2: 2 updates per epoch, so step 2 ends epoch 0 (a mid-run grid) and is checkpointed.
 SDXL_FLAGS = (
     "--max_train_samples 4 --max_train_steps 4 --checkpointing_steps 2 --mixed_precision bf16 --random_flip"
@@ -576,3 +565,72 @@ def test_text_to_image_flax_sdxl_size_conditioning_of_a_known_image(sdxl_pipelin
         assert example["time_ids"].tolist() == [50, 100, 0, expected_left, 64, 64]
         flips.add(flipped)
     assert flips == {True, False}
+
+
+def sdxl_ti_args(assets, sdxl_pipeline, output_dir, *extra):
+    """The tiny textual-inversion run's command line on the tiny SDXL pipeline."""
+    args = ti_args(assets, output_dir, "--num_vectors 2", *extra)
+    args[args.index("--pretrained_model_name_or_path") + 1] = sdxl_pipeline
+    return args
+
+
+def test_sdxl_textual_inversion_flax_saves_both_tables_and_pytorch_loads_them(launch, assets, sdxl_pipeline, tmp_path):
+    """Both encoders' rows, as diffusers (learned_embeds, learned_embeds_2) and the UIs (clip_l, clip_g) load them;
+    the VAE stays fp32 (force_upcast); PyTorch's SDXL pipeline loads both files, moves both tables' rows off the
+    initializer, encodes a prompt and samples a finite image."""
+    out = str(tmp_path / "run")
+    flags = "--max_train_steps 2 --save_steps 2 --checkpointing_steps 2 --mixed_precision bf16 --center_crop"
+    result = launch.run(TI, sdxl_ti_args(assets, sdxl_pipeline, out, flags, "--validation_prompt 'a <blob>'"))
+    assert "VAE in float32 (its config asks for it: force_upcast)" in result.output
+    assert "does not render SDXL validation images yet; skipped" in result.output
+    assert sorted(n for n in os.listdir(out) if n.endswith(".safetensors")) == [
+        "blob.safetensors",
+        "learned_embeds-steps-2.safetensors",
+        "learned_embeds.safetensors",
+        "learned_embeds_2-steps-2.safetensors",
+        "learned_embeds_2.safetensors",
+    ]
+    rows = [load_file(os.path.join(out, f"{name}.safetensors")) for name in ("learned_embeds", "learned_embeds_2")]
+    for embeds in rows:
+        assert list(embeds) == ["<blob>"] and embeds["<blob>"].shape == (2, 32)
+        assert embeds["<blob>"].dtype == np.float32
+    ui = load_file(os.path.join(out, "blob.safetensors"))
+    assert ui.keys() == {"clip_l", "clip_g"}
+    assert np.array_equal(ui["clip_l"], rows[0]["<blob>"]) and np.array_equal(ui["clip_g"], rows[1]["<blob>"])
+    assert np.array_equal(load_file(os.path.join(out, "learned_embeds_2-steps-2.safetensors"))["<blob>"], ui["clip_g"])
+    result = run_torch(f"""
+import torch
+from diffusers import StableDiffusionXLPipeline
+pipe = StableDiffusionXLPipeline.from_pretrained({sdxl_pipeline!r})
+pairs = [(pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)]
+initial = [e.get_input_embeddings().weight[t.convert_tokens_to_ids("circle</w>")].clone() for e, t in pairs]
+for name, (text_encoder, tokenizer) in zip(["learned_embeds", "learned_embeds_2"], pairs):
+    path = {out!r} + "/" + name + ".safetensors"
+    pipe.load_textual_inversion(path, token="<blob>", text_encoder=text_encoder, tokenizer=tokenizer)
+for (text_encoder, tokenizer), start in zip(pairs, initial):
+    ids = tokenizer.convert_tokens_to_ids(["<blob>", "<blob>_1"])
+    rows = text_encoder.get_input_embeddings().weight[ids]
+    print("moved", bool((rows - start).abs().amax(dim=1).min() > 1e-3))  # every new row
+embeds, _, pooled, _ = pipe.encode_prompt("a photo of a <blob>", device="cpu", do_classifier_free_guidance=False)
+print("encoded", tuple(embeds.shape), tuple(pooled.shape), bool(torch.isfinite(embeds).all()))
+image = pipe("a photo of a <blob>", num_inference_steps=2, height=64, width=64, output_type="np").images[0]
+print("generated", image.shape, bool(torch.isfinite(torch.from_numpy(image)).all()))
+""")
+    assert result.stdout.count("moved True") == 2, result.stdout
+    assert "encoded (1, 77, 64) (1, 32) True" in result.stdout and "generated (64, 64, 3) True" in result.stdout
+
+
+def test_sdxl_textual_inversion_flax_exact_resume(launch, assets, sdxl_pipeline, tmp_path):
+    """Stopped at step 2 and resumed to 4, both encoders' rows equal the uninterrupted run's."""
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    flags = "--max_train_steps 4 --checkpointing_steps 2 --lr_scheduler linear --lr_warmup_steps 1"
+    launch.run(TI, sdxl_ti_args(assets, sdxl_pipeline, full, flags))
+    shutil.copytree(os.path.join(full, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    result = launch.run(
+        TI, sdxl_ti_args(assets, sdxl_pipeline, resumed, flags, "--resume_from_checkpoint checkpoint-2")
+    )
+    assert "starting at 2" in result.output
+    for name in ("learned_embeds", "learned_embeds_2"):
+        a = load_file(os.path.join(full, f"{name}.safetensors"))["<blob>"]
+        b = load_file(os.path.join(resumed, f"{name}.safetensors"))["<blob>"]
+        assert np.abs(a - b).max() <= 1e-6, name

@@ -111,3 +111,38 @@ def test_ema_follows_the_diffusers_ema_model_rule():
         assert np.abs(np.asarray(state.ema_params["w"]) - reference.shadow_params[0].numpy()).max() <= 1e-6
     assert not np.allclose(state.ema_params["w"], trajectory[-1]), "the average lags the last weights"
     assert isinstance(state, TrainState)
+
+
+def test_sdxl_textual_inversion_example_crops_and_conditions_as_the_pytorch_twin(tmp_path):
+    """A 101x50 image (the PyTorch twin's test_sdxl_size_conditioning case): centre-cropped at torchvision's left 26,
+    conditioned on left 33 at 64 px, or 32 when mirrored; without --center_crop squeezed, with no offset. The flip is
+    the first draw of the example's RNG, seeded by (seed, epoch, index)."""
+    import types
+
+    from PIL import Image
+
+    import textual_inversion_flax
+
+    class Tokenizer:  # the prompt is not what this checks
+        model_max_length = 4
+
+        def __call__(self, prompt, **padding):
+            return types.SimpleNamespace(input_ids=[0, 1, 2, 3])
+
+    wide = np.zeros((50, 101, 3), np.uint8)
+    wide[:, 26:76] = 255  # exactly the centre square is white
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    for center_crop, lefts in ((True, {False: 33, True: 32}), (False, {False: 0, True: 0})):
+        args = types.SimpleNamespace(resolution=64, center_crop=center_crop, learnable_property="object", repeats=8)
+        paths = [str(tmp_path / "wide.png")]
+        dataset = textual_inversion_flax.TextualInversionDataset(paths, [Tokenizer()] * 2, "<t>", args, 0, sdxl=True)
+        flips = set()
+        for index in range(len(dataset)):
+            example = dataset[(0, index)]
+            flipped = bool(np.random.default_rng([0, 0, index]).random() < 0.5)
+            flips.add(flipped)
+            assert example["time_ids"].tolist() == [50, 101, 0, lefts[flipped], 64, 64]
+            assert example["input_ids"].shape == (2, 4)
+            if center_crop:
+                assert example["pixel_values"].min() > 0.9, "the crop is the white centre square"
+        assert flips == {False, True}

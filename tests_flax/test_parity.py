@@ -19,6 +19,7 @@ from parity_cases import (
     PLACEHOLDER,
     SDXL_CAPTION_KEPT,
     SDXL_CASE,
+    SDXL_TEXTUAL_INVERSION,
     SDXL_TIME_IDS,
     TEXT_TO_IMAGE,
 )
@@ -196,6 +197,53 @@ def test_textual_inversion_loss_and_gradient_equal_pytorch(assets, torch_side, f
     expected = recorded["learned_grad"]
     assert np.abs(expected).max() > 0, "the gradient must reach the new rows for the check to bite"
     assert np.abs(np.asarray(grad) - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max())
+
+
+@pytest.mark.parametrize("case", sorted(SDXL_TEXTUAL_INVERSION))
+def test_sdxl_textual_inversion_loss_and_gradients_equal_pytorch(sdxl_pipeline, torch_side, monkeypatch, case):
+    """SDXL: each encoder's new rows enter its table, both penultimate states and the second encoder's pooled
+    embedding (jax_training.encode_text) condition the UNet with the recorded size conditioning: the loss, and the
+    gradient for each encoder's rows."""
+    recorded = np.load(os.path.join(torch_side, f"{case}.npz"))
+    from diffusers import FlaxDDPMScheduler, FlaxUNet2DConditionModel
+    from transformers import CLIPTokenizerFast
+
+    folder = sdxl_pipeline
+    unet, unet_params = jax_training.load_flax_model(FlaxUNet2DConditionModel, folder, "unet", None, jnp.float32)
+    noise_scheduler, scheduler_state = FlaxDDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    models = dict(unet=unet, unet_params=unet_params, noise_scheduler=noise_scheduler, scheduler_state=scheduler_state)
+    text_encoders = [
+        jax_training.load_flax_text_encoder(folder, None, jnp.float32),
+        jax_training.load_flax_text_encoder(folder, None, jnp.float32, "text_encoder_2"),
+    ]
+    input_ids = jnp.asarray(recorded["input_ids"])
+    extended_text_encoders = []
+    for index, text_encoder in enumerate(text_encoders):
+        tokenizer = CLIPTokenizerFast.from_pretrained(folder, subfolder=["tokenizer", "tokenizer_2"][index])
+        token = (PLACEHOLDER, INITIALIZER, NUM_VECTORS)
+        _, placeholder_ids, _, extended = textual_inversion_flax.add_learned_embedding(text_encoder, tokenizer, *token)
+        assert set(placeholder_ids) <= set(np.asarray(input_ids[:, index]).ravel().tolist()), "every new row is used"
+        extended_text_encoders.append(extended)
+    config = textual_inversion_flax.LossConfig(**SDXL_TEXTUAL_INVERSION[case])
+    diffusion_loss = bound_loss(textual_inversion_flax, models)
+    keys = [textual_inversion_flax.learned_key(index) for index in range(2)]
+
+    def loss_fn(rows):
+        with_rows = textual_inversion_flax.with_learned_rows
+        params = [with_rows(encoder.params, rows[key]) for encoder, key in zip(text_encoders, keys, strict=True)]
+        encoder_hidden_states, text_embeds = jax_training.encode_text(extended_text_encoders, params, input_ids)
+        added_cond_kwargs = {"text_embeds": text_embeds, "time_ids": jnp.asarray(recorded["time_ids"])}
+        latents, rng = jnp.asarray(recorded["latents"]), jax.random.PRNGKey(0)
+        return diffusion_loss(latents, encoder_hidden_states, rng, config, added_cond_kwargs=added_cond_kwargs)
+
+    queue = replay_draws(monkeypatch, recorded)
+    loss, grads = jax.value_and_grad(loss_fn)({key: jnp.asarray(recorded[key]) for key in keys})
+    assert not queue, "PyTorch drew more often than JAX"
+    assert abs(float(loss) - float(recorded["loss"])) <= 1e-4, (float(loss), float(recorded["loss"]))
+    for key in keys:
+        expected = recorded[f"{key}_grad"]
+        assert np.abs(expected).max() > 0, f"the gradient must reach {key} for the check to bite"
+        assert np.abs(np.asarray(grads[key]) - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max()), key
 
 
 def test_every_option_changes_the_loss(torch_side):

@@ -6,7 +6,8 @@ For every case of parity_cases.py it calls the scripts' own pure functions (trai
 textual inversion, the text encoder with the script's learned embedding rows, then textual_inversion.diffusion_loss)
 on fixed latents and prompts, and saves to OUT_DIR/<case>.npz the inputs, the loss, every random draw in the order it
 was made (the JAX half replays them), and for textual inversion the gradient of the loss for the new rows. The SDXL
-case conditions the tiny SDXL pipeline's UNet through the script's encode_text and added_cond_kwargs.
+case conditions the tiny SDXL pipeline's UNet through the script's encode_text and added_cond_kwargs; the SDXL
+textual-inversion cases run on SDXL_PIPELINE through textual_inversion.text_conditioning (sdtrain's encode_text).
 """
 
 import os
@@ -23,6 +24,8 @@ from parity_cases import (
     PROMPTS,
     SDXL_CAPTION_KEPT,
     SDXL_CASE,
+    SDXL_TEXTUAL_INVERSION,
+    SDXL_TI_TIME_IDS,
     SDXL_TIME_IDS,
 )
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -94,6 +97,73 @@ def sdxl_case(pipeline, out_dir):
     np.savez(os.path.join(out_dir, f"{name}.npz"), **saved)
 
 
+def learned_rows(text_encoder, tokenizer, seed):
+    """The script's new rows for the placeholder in this encoder, moved away from the initializer so each is distinct;
+    the prompts with the placeholder standing for all its vectors, as in the script's dataset."""
+    text_encoder.requires_grad_(False)
+    token = (PLACEHOLDER, INITIALIZER, NUM_VECTORS)
+    tokens, _, learned_embedding = textual_inversion.add_learned_embedding(text_encoder, tokenizer, *token)
+    learned = learned_embedding.learned
+    with torch.no_grad():
+        learned.add_(0.1 * torch.from_numpy(np.random.default_rng(seed).standard_normal(learned.shape)).float())
+    return learned, [prompt.replace(PLACEHOLDER, " ".join(tokens)) for prompt in PROMPTS]
+
+
+def recorded_loss(script, unet, scheduler, latents, encoder_hidden_states, config, **options):
+    """script.diffusion_loss with the parity generator, and the record of every draw it made."""
+    with RecordedDraws() as recorded:
+        # Seed 20 draws timestep 13 among others, where Min-SNR changes the epsilon weight: every case has teeth.
+        generator = torch.Generator().manual_seed(20)
+        loss = script.diffusion_loss(unet, scheduler, latents, encoder_hidden_states, generator, config, **options)
+    return loss, recorded
+
+
+def save_case(out_dir, name, inputs, loss, scheduler, recorded, rows):
+    """The case's inputs, loss and draws; with `rows` ({name: new rows}), each one's value and gradient."""
+    saved = {**inputs, "loss": loss.item(), "alphas_cumprod": scheduler.alphas_cumprod.numpy()}
+    saved.update({f"draw_{i}": draw.numpy() for i, draw in enumerate(recorded.draws)})
+    if rows:
+        loss.backward()
+        for key, learned in rows.items():
+            saved.update({key: learned.detach().numpy(), f"{key}_grad": learned.grad.numpy()})
+    np.savez(os.path.join(out_dir, f"{name}.npz"), **saved)
+
+
+def sdxl_textual_inversion_cases(pipeline, out_dir, latents):
+    """SDXL textual inversion: the new rows of both encoders condition the UNet (penultimate states, the pooled
+    embedding) beside fixed size conditioning; the loss and the gradient for each encoder's rows."""
+    unet = UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet").eval()
+    for name, fields in SDXL_TEXTUAL_INVERSION.items():
+        scheduler = DDPMScheduler.from_pretrained(
+            pipeline, subfolder="scheduler", prediction_type=fields["prediction_type"]
+        )
+        text_encoders = [
+            CLIPTextModel.from_pretrained(pipeline, subfolder="text_encoder").eval(),
+            CLIPTextModelWithProjection.from_pretrained(pipeline, subfolder="text_encoder_2").eval(),
+        ]
+        tokenizers = [CLIPTokenizer.from_pretrained(pipeline, subfolder=sub) for sub in ("tokenizer", "tokenizer_2")]
+        rows, ids = {}, []
+        for index, (text_encoder, tokenizer) in enumerate(zip(text_encoders, tokenizers, strict=True)):
+            rows["learned" + ("_2" if index else "")], prompts = learned_rows(text_encoder, tokenizer, seed=1 + index)
+            ids.append(torch_training.tokenize(tokenizer, prompts, range(len(prompts))))
+        input_ids, time_ids = torch.stack(ids, dim=1), torch.tensor(SDXL_TI_TIME_IDS, dtype=torch.float32)
+        encoder_hidden_states, added_cond_kwargs = textual_inversion.text_conditioning(
+            text_encoders, input_ids, time_ids, latents.dtype
+        )
+        config = textual_inversion.LossConfig(**fields)
+        loss, recorded = recorded_loss(
+            textual_inversion,
+            unet,
+            scheduler,
+            latents,
+            encoder_hidden_states,
+            config,
+            added_cond_kwargs=added_cond_kwargs,
+        )
+        inputs = {"latents": latents.numpy(), "input_ids": input_ids.numpy(), "time_ids": time_ids.numpy()}
+        save_case(out_dir, name, inputs, loss, scheduler, recorded, rows)
+
+
 def main(pipeline, sdxl_pipeline, out_dir):
     tokenizer = CLIPTokenizer.from_pretrained(pipeline, subfolder="tokenizer")
     unet = UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet").eval()
@@ -113,38 +183,19 @@ def main(pipeline, sdxl_pipeline, out_dir):
             script, learned, case_tokenizer, prompts = train_text_to_image, None, tokenizer, PROMPTS
         else:
             script, case_tokenizer = textual_inversion, CLIPTokenizer.from_pretrained(pipeline, subfolder="tokenizer")
-            text_encoder.requires_grad_(False)
-            token = (PLACEHOLDER, INITIALIZER, NUM_VECTORS)
-            tokens, _, learned_embedding = textual_inversion.add_learned_embedding(text_encoder, case_tokenizer, *token)
-            # In a prompt the placeholder stands for all its vectors, as in the script's dataset.
-            prompts = [prompt.replace(PLACEHOLDER, " ".join(tokens)) for prompt in PROMPTS]
-            learned = learned_embedding.learned
-            with torch.no_grad():  # moved away from the initializer, so each new row is distinct
-                learned.add_(0.1 * torch.from_numpy(np.random.default_rng(1).standard_normal(learned.shape)).float())
+            learned, prompts = learned_rows(text_encoder, case_tokenizer, seed=1)
         input_ids = torch_training.tokenize(case_tokenizer, prompts, range(len(prompts)))
         weights = fields.pop("sample_weights", None)
         sample_weights = None if weights is None else torch.tensor(weights)
         config = script.LossConfig(**fields)
         with torch.set_grad_enabled(learned is not None):
             encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
-            # Seed 20 draws timestep 13 among others, where Min-SNR changes the epsilon weight: every case has teeth.
-            with RecordedDraws() as recorded:
-                loss = script.diffusion_loss(
-                    unet,
-                    scheduler,
-                    latents,
-                    encoder_hidden_states,
-                    torch.Generator().manual_seed(20),
-                    config,
-                    sample_weights,
-                )
-        saved = {"latents": latents.numpy(), "input_ids": input_ids.numpy(), "loss": loss.item()}
-        saved["alphas_cumprod"] = scheduler.alphas_cumprod.numpy()
-        saved.update({f"draw_{i}": draw.numpy() for i, draw in enumerate(recorded.draws)})
-        if learned is not None:
-            loss.backward()
-            saved.update(learned=learned.detach().numpy(), learned_grad=learned.grad.numpy())
-        np.savez(os.path.join(out_dir, f"{name}.npz"), **saved)
+            loss, recorded = recorded_loss(
+                script, unet, scheduler, latents, encoder_hidden_states, config, sample_weights=sample_weights
+            )
+        inputs = {"latents": latents.numpy(), "input_ids": input_ids.numpy()}
+        save_case(out_dir, name, inputs, loss, scheduler, recorded, None if learned is None else {"learned": learned})
+    sdxl_textual_inversion_cases(sdxl_pipeline, out_dir, latents)
 
 
 if __name__ == "__main__":
