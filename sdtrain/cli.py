@@ -1,0 +1,63 @@
+"""The command line of the four scripts: an argument parser whose mistakes are one line, and the run of main() that
+reports a user's mistake (a bad flag, path, data set or model) as one `error: ...` line and a non-zero exit instead of
+a Python traceback. --debug, or SDTRAIN_DEBUG=1 in the environment, shows the traceback as well. Framework-free: the
+scripts parse and check their arguments with it before torch, JAX or diffusers load, so --help answers at once."""
+
+import argparse
+import difflib
+import os
+import sys
+
+ARGUMENT_ERROR_EXIT_CODE = 2  # what argparse has always exited with on a bad flag
+USER_ERROR_EXIT_CODE = 1  # any other mistake a user can fix: a path, a data set, a model, a flag combination
+DEBUG_VARIABLE = "SDTRAIN_DEBUG"
+
+
+class UserError(ValueError):
+    """A problem the user causes and can fix, with a message that names the culprit (flag, path, column, token,
+    step) and what to do. run() prints it as one line; anything else is a bug and keeps its traceback. A ValueError,
+    so code that caught the ValueErrors these messages used to be still catches them."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, with every default shown in --help, and a mistake reported in one line (not the usage of a hundred
+    flags), with the closest flag when one was mistyped."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=argparse.ArgumentDefaultsHelpFormatter, **kwargs)
+
+    def error(self, message):
+        hints = []
+        if "unrecognized arguments" in message:
+            flags = [option for option in self._option_string_actions if option.startswith("--")]
+            for word in message.split(":", 1)[1].split():
+                close = difflib.get_close_matches(word.split("=", 1)[0], flags, n=1, cutoff=0.75)
+                if word.startswith("-") and close:
+                    hints.append(f"{word.split('=', 1)[0]} -> {close[0]}?")
+        hint = f" (did you mean: {', '.join(hints)})" if hints else ""
+        self.exit(ARGUMENT_ERROR_EXIT_CODE, f"error: {message}{hint}; see {self.prog} --help\n")
+
+
+def add_debug_argument(group):
+    group.add_argument(
+        "--debug",
+        action="store_true",
+        help=f"On an error, show the Python traceback too (also: {DEBUG_VARIABLE}=1 in the environment).",
+    )
+
+
+def debugging(args=None):
+    return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+
+
+def run(main, args):
+    """main(args); a UserError becomes one `error: ...` line on stderr and exit code USER_ERROR_EXIT_CODE (under
+    accelerate launch, its own CalledProcessError follows unless launched with -q)."""
+    try:
+        return main(args)
+    except UserError as err:
+        if debugging(args):
+            raise
+        sys.stderr.write(f"error: {err}\n")
+        sys.stderr.flush()
+        sys.exit(USER_ERROR_EXIT_CODE)
