@@ -30,7 +30,6 @@ This file keeps the recipe you edit; the machinery it shares with the other scri
 batching, image checks, single-file export) is the sdtrain/ package beside it: copy both together.
 """
 
-import argparse
 import dataclasses
 import functools
 import importlib
@@ -41,30 +40,8 @@ import os
 import shutil
 import sys
 
-import diffusers
-import numpy as np
-import safetensors.torch
-import torch
-import torch.nn.functional as F
-import torchvision.transforms.functional as TF
-from accelerate import Accelerator
-from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, broadcast_object_list
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import compute_dream_and_update_latents
-from torchvision.transforms import InterpolationMode
-from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
 from sdtrain.batching import BatchShare, parse_size, shuffled_batches
+from sdtrain.cli import ArgumentParser, UserError, add_debug_argument, run
 from sdtrain.embeddings import (
     OBJECT_TEMPLATES,
     STYLE_TEMPLATES,
@@ -111,8 +88,6 @@ from sdtrain.torch_training import (
     write_hub_style_text_encoder,
 )
 
-logger = get_logger(__name__, log_level="INFO")
-
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 OPTIMIZERS = ["adamw", "adamw_8bit", "adafactor", "lion", "prodigy", "schedule_free_adamw"]
 # The optimizers that need a package of their own: module, pip package.
@@ -125,9 +100,8 @@ OPTIMIZER_PACKAGES = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Learn the text embedding of a new token from a few images (textual inversion).",
+    parser = ArgumentParser(
+        description="Learn the text embedding of a new token from a few images (textual inversion)."
     )
     group = parser.add_argument_group("Model")
     group.add_argument(
@@ -317,6 +291,7 @@ def parse_args(argv=None):
         help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).",
     )
     group = parser.add_argument_group("Logging and validation")
+    add_debug_argument(group)
     group.add_argument(
         "--logging_steps",
         type=int,
@@ -429,6 +404,39 @@ def check_optimizer_arguments(parser, args):
     if args.optimizer == "schedule_free_adamw" and args.lr_scheduler != "constant":
         # Schedule-free replaces the schedule (Defazio et al. 2024); its warmup is --lr_warmup_steps, inside it.
         parser.error(f"--optimizer schedule_free_adamw needs --lr_scheduler constant, got {args.lr_scheduler}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The frameworks load only here, after the arguments are parsed and checked: --help and a mistyped flag answer
+# at once, before the seconds torch, JAX and diffusers take to import.
+# ----------------------------------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    ARGS = parse_args()
+
+import diffusers
+import numpy as np
+import safetensors.torch
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, broadcast_object_list
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_dream_and_update_latents
+from torchvision.transforms import InterpolationMode
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+logger = get_logger(__name__, log_level="INFO")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -606,10 +614,10 @@ def register_checkpoint_hooks(accelerator, learned_embeddings, args):
         for index, learned_embedding in enumerate(learned_embeddings):
             path = os.path.join(input_dir, f"{learned_embeds_name(index)}.safetensors")
             if not os.path.exists(path):
-                raise ValueError(f"{input_dir}: no {os.path.basename(path)}; is it a checkpoint of this pipeline?")
+                raise UserError(f"{input_dir}: no {os.path.basename(path)}; is it a checkpoint of this pipeline?")
             rows = safetensors.torch.load_file(path)[args.placeholder_token]
             if rows.shape != learned_embedding.learned.shape:
-                raise ValueError(
+                raise UserError(
                     f"{path}: learned embeddings of shape {tuple(rows.shape)}, "
                     f"this run trains {tuple(learned_embedding.learned.shape)} (--num_vectors)"
                 )
@@ -955,9 +963,7 @@ def save_full_pipeline(text_encoders, tokenizers, unet, vae, weight_dtype, args)
         text_encoder.set_input_embeddings(token_embedding)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-
+def main(args):
     # ------------------------------------------------------------------------------------------------------ setup
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator = Accelerator(
@@ -974,9 +980,7 @@ def main(argv=None):
     if not accelerator.is_local_main_process:
         diffusers.utils.logging.set_verbosity_error()
     if args.enable_xformers_memory_efficient_attention and not diffusers.utils.is_xformers_available():
-        raise ImportError(
-            "--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (GPU only)"
-        )
+        raise UserError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (GPU only)")
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -1083,7 +1087,7 @@ def main(argv=None):
     # global_step counts optimizer updates; --max_train_steps is authoritative and epochs are derived from it.
     batches_per_epoch = len(train_dataloader)
     if args.gradient_accumulation_steps > batches_per_epoch:
-        raise ValueError(
+        raise UserError(
             f"--gradient_accumulation_steps {args.gradient_accumulation_steps} is more than the {batches_per_epoch} "
             f"batches of an epoch ({len(train_dataset)} examples, {args.train_batch_size} per device x "
             f"{accelerator.num_processes} processes): use at most {batches_per_epoch}, or a smaller batch"
@@ -1270,4 +1274,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main, ARGS)

@@ -29,7 +29,6 @@ This file keeps the recipe you edit; the machinery it shares with the other scri
 batching, image checks, single-file export) is the sdtrain/ package beside it: copy both together.
 """
 
-import argparse
 import copy
 import dataclasses
 import functools
@@ -40,17 +39,8 @@ import os
 import sys
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import struct
-from flax.training.train_state import TrainState
-from jax.experimental import multihost_utils
-from PIL import Image
-from tqdm.auto import tqdm
-
 from sdtrain.batching import parse_size, shuffled_batches
+from sdtrain.cli import ArgumentParser, UserError, add_debug_argument, run
 from sdtrain.embeddings import (
     OBJECT_TEMPLATES,
     STYLE_TEMPLATES,
@@ -98,16 +88,13 @@ from sdtrain.run_folder import (
     write_failure,
 )
 
-logger = logging.getLogger(__name__)
-
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine"]
 OPTIMIZERS = ["adamw", "adafactor", "lion", "prodigy", "schedule_free_adamw"]
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Learn the text embedding of a new token from a few images (textual inversion, JAX/Flax).",
+    parser = ArgumentParser(
+        description="Learn the text embedding of a new token from a few images (textual inversion, JAX/Flax)."
     )
     group = parser.add_argument_group("Model")
     group.add_argument(
@@ -285,6 +272,7 @@ def parse_args(argv=None):
         help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).",
     )
     group = parser.add_argument_group("Logging")
+    add_debug_argument(group)
     group.add_argument(
         "--logging_steps",
         type=int,
@@ -370,6 +358,26 @@ def check_optimizer_arguments(parser, args):
     if args.optimizer == "schedule_free_adamw" and args.lr_scheduler != "constant":
         # Schedule-free replaces the schedule (Defazio et al. 2024); its warmup is --lr_warmup_steps, inside it.
         parser.error(f"--optimizer schedule_free_adamw needs --lr_scheduler constant, got {args.lr_scheduler}")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The frameworks load only here, after the arguments are parsed and checked: --help and a mistyped flag answer
+# at once, before the seconds torch, JAX and diffusers take to import.
+# ----------------------------------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    ARGS = parse_args()
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from flax.training.train_state import TrainState
+from jax.experimental import multihost_utils
+from PIL import Image
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -795,9 +803,7 @@ def save_embeddings(tensors, path):
     fsync_folder(os.path.dirname(path))
 
 
-def main(argv=None):
-    args = parse_args(argv)
-
+def main(args):
     # ------------------------------------------------------------------------------------------------------ setup
     start_distributed(args)
     # force: importing Orbax (or anything that logs at import time) leaves a root handler that would make this a no-op.
@@ -898,7 +904,7 @@ def main(argv=None):
     epoch_global_batches = functools.partial(shuffled_batches, len(train_dataset), global_batch_size, seed)
     batches_per_epoch = len(epoch_global_batches(0))  # the same every epoch
     if batches_per_epoch < args.gradient_accumulation_steps:
-        raise ValueError(
+        raise UserError(
             f"{len(train_dataset)} examples make {batches_per_epoch} global batches of {global_batch_size} "
             f"({args.train_batch_size} per device x {jax.device_count()} devices); "
             f"one update needs {args.gradient_accumulation_steps}"
@@ -1038,4 +1044,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main, ARGS)

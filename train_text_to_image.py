@@ -30,7 +30,6 @@ This file keeps the recipe you edit; the machinery it shares with the other scri
 batching, image checks, single-file export) is the sdtrain/ package beside it: copy both together.
 """
 
-import argparse
 import dataclasses
 import functools
 import importlib
@@ -42,29 +41,6 @@ import os
 import shutil
 import sys
 
-import datasets
-import diffusers
-import numpy as np
-import torch
-import torch.nn.functional as F
-import torchvision.transforms.functional as TF
-from accelerate import Accelerator
-from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, broadcast_object_list
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
-from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
-from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel, compute_dream_and_update_latents
-from torchvision.transforms import InterpolationMode
-from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
 from sdtrain.batching import (
     BatchShare,
     bucket_batches,
@@ -75,7 +51,7 @@ from sdtrain.batching import (
     shuffled_batches,
     size_conditioning,
 )
-from sdtrain.captions import CaptionConfig, edit_caption, load_image_caption_dataset
+from sdtrain.cli import ArgumentParser, UserError, add_debug_argument, run
 from sdtrain.hub import push_to_hub
 from sdtrain.images import load_rgb, verify_image
 from sdtrain.logs import format_logs
@@ -113,8 +89,6 @@ from sdtrain.torch_training import (
     write_hub_style_text_encoder,
 )
 
-logger = get_logger(__name__, log_level="INFO")
-
 INTERPOLATION_MODES = ["lanczos", "bicubic", "bilinear", "nearest", "nearest_exact", "box", "hamming"]
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 OPTIMIZERS = ["adamw", "adamw_8bit", "adafactor", "lion", "prodigy", "schedule_free_adamw"]
@@ -128,10 +102,7 @@ OPTIMIZER_PACKAGES = {
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Fine-tune the UNet of a Stable Diffusion pipeline on image-caption pairs.",
-    )
+    parser = ArgumentParser(description="Fine-tune the UNet of a Stable Diffusion pipeline on image-caption pairs.")
     group = parser.add_argument_group("Model")
     group.add_argument(
         "--pretrained_model_name_or_path",
@@ -393,6 +364,7 @@ def parse_args(argv=None):
         help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).",
     )
     group = parser.add_argument_group("Logging and validation")
+    add_debug_argument(group)
     group.add_argument(
         "--logging_steps",
         type=int,
@@ -519,6 +491,41 @@ def check_optimizer_arguments(parser, args):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The frameworks load only here, after the arguments are parsed and checked: --help and a mistyped flag answer
+# at once, before the seconds torch, JAX and diffusers take to import.
+# ----------------------------------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    ARGS = parse_args()
+
+import datasets
+import diffusers
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision.transforms.functional as TF
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, broadcast_object_list
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_dream_and_update_latents
+from torchvision.transforms import InterpolationMode
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from sdtrain.captions import CaptionConfig, edit_caption, load_image_caption_dataset  # imports datasets
+
+logger = get_logger(__name__, log_level="INFO")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The recipe's parts: dataset, models, loss, optimizer, validation and saving (the machinery is in sdtrain/)
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -601,7 +608,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             return [value]
         if isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0 and all(isinstance(v, str) for v in value):
             return list(value)
-        raise ValueError(
+        raise UserError(
             f"--caption_column '{self.args.caption_column}', row {row}: "
             f"expected a string or a list of strings, got {value!r}"
         )
@@ -1138,9 +1145,7 @@ def save_pipeline(unet, args, sdxl):
     return pipeline
 
 
-def main(argv=None):
-    args = parse_args(argv)
-
+def main(args):
     # ------------------------------------------------------------------------------------------------------ setup
     logging_dir = os.path.join(args.output_dir, args.logging_dir)
     accelerator = Accelerator(
@@ -1160,11 +1165,9 @@ def main(argv=None):
         else:
             library.utils.logging.set_verbosity_error()
     if args.enable_xformers_memory_efficient_attention and not diffusers.utils.is_xformers_available():
-        raise ImportError(
-            "--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (GPU only)"
-        )
+        raise UserError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (GPU only)")
     if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
-        raise ValueError(
+        raise UserError(
             f"--mixed_precision fp16 needs a CUDA GPU (this run is on {accelerator.device.type}): use bf16 or no"
         )
     if args.allow_tf32 and torch.cuda.is_available():
@@ -1187,7 +1190,7 @@ def main(argv=None):
     # SD 1.x / 2.x or SDXL, from model_index.json before any weights load; any other family is named and refused.
     sdxl = model_family(args) == "sdxl"
     if sdxl and args.dream_training:
-        raise ValueError("--dream_training supports Stable Diffusion 1.x / 2.x pipelines; this one is SDXL")
+        raise UserError("--dream_training supports Stable Diffusion 1.x / 2.x pipelines; this one is SDXL")
     noise_scheduler = load_component(
         DDPMScheduler, args, "scheduler", rescale_betas_zero_snr=args.rescale_betas_zero_snr
     )
@@ -1195,7 +1198,7 @@ def main(argv=None):
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     prediction_type = noise_scheduler.config.prediction_type
     if args.dream_training and prediction_type != "epsilon":
-        raise ValueError(f"--dream_training supports epsilon prediction only; this run predicts {prediction_type}")
+        raise UserError(f"--dream_training supports epsilon prediction only; this run predicts {prediction_type}")
     tokenizers = [load_component(CLIPTokenizer, args, "tokenizer")]
     text_encoders = [load_component(CLIPTextModel, args, "text_encoder", variant=args.variant)]
     if sdxl:
@@ -1274,7 +1277,7 @@ def main(argv=None):
     # global_step counts optimizer updates; --max_train_steps is authoritative and epochs are derived from it.
     batches_per_epoch = len(train_dataloader)
     if args.gradient_accumulation_steps > batches_per_epoch:
-        raise ValueError(
+        raise UserError(
             f"--gradient_accumulation_steps {args.gradient_accumulation_steps} is more than the {batches_per_epoch} "
             f"batches of an epoch ({len(train_dataset)} examples, {args.train_batch_size} per device x "
             f"{accelerator.num_processes} processes): use at most {batches_per_epoch}, or a smaller batch"
@@ -1460,4 +1463,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main, ARGS)

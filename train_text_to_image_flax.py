@@ -22,7 +22,6 @@ This file keeps the recipe you edit; the machinery it shares with the other scri
 batching, image checks, single-file export) is the sdtrain/ package beside it: copy both together.
 """
 
-import argparse
 import dataclasses
 import functools
 import io
@@ -35,16 +34,6 @@ import sys
 import time
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import struct
-from flax.training.train_state import TrainState
-from jax.experimental import multihost_utils
-from PIL import Image
-from tqdm.auto import tqdm
-
 from sdtrain.batching import (
     bucket_batches,
     crop_box,
@@ -54,7 +43,7 @@ from sdtrain.batching import (
     shuffled_batches,
     size_conditioning,
 )
-from sdtrain.captions import CaptionConfig, edit_caption, load_image_caption_dataset
+from sdtrain.cli import ArgumentParser, UserError, add_debug_argument, run
 from sdtrain.families import folder_family
 from sdtrain.hub import push_to_hub
 from sdtrain.images import inspect_images, load_rgb, verify_image
@@ -92,8 +81,6 @@ from sdtrain.run_folder import (
 )
 from sdtrain.single_file import SINGLE_FILE_DTYPES, component_configs, save_single_file, single_file_layout
 
-logger = logging.getLogger(__name__)
-
 # The largest decay of --use_ema, as diffusers' EMAModel.
 EMA_MAX_DECAY = 0.9999
 INTERPOLATION_MODES = ["lanczos", "bicubic", "bilinear", "nearest", "box", "hamming"]
@@ -102,9 +89,8 @@ OPTIMIZERS = ["adamw", "adafactor", "lion", "prodigy", "schedule_free_adamw"]
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        description="Fine-tune the UNet of a Stable Diffusion pipeline on image-caption pairs (JAX/Flax).",
+    parser = ArgumentParser(
+        description="Fine-tune the UNet of a Stable Diffusion pipeline on image-caption pairs (JAX/Flax)."
     )
     group = parser.add_argument_group("Model")
     group.add_argument(
@@ -355,6 +341,7 @@ def parse_args(argv=None):
         help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).",
     )
     group = parser.add_argument_group("Logging")
+    add_debug_argument(group)
     group.add_argument(
         "--logging_steps",
         type=int,
@@ -457,6 +444,28 @@ def check_optimizer_arguments(parser, args):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The frameworks load only here, after the arguments are parsed and checked: --help and a mistyped flag answer
+# at once, before the seconds torch, JAX and diffusers take to import.
+# ----------------------------------------------------------------------------------------------------------------------
+if __name__ == "__main__":
+    ARGS = parse_args()
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from flax.training.train_state import TrainState
+from jax.experimental import multihost_utils
+from PIL import Image
+from tqdm.auto import tqdm
+
+from sdtrain.captions import CaptionConfig, edit_caption, load_image_caption_dataset  # imports datasets
+
+logger = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # The recipe's parts: dataset, models, loss, optimizer, validation and saving (the machinery is in sdtrain/)
 # ----------------------------------------------------------------------------------------------------------------------
 
@@ -552,7 +561,7 @@ class ImageCaptionDataset:
             return [value]
         if isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0 and all(isinstance(v, str) for v in value):
             return list(value)
-        raise ValueError(
+        raise UserError(
             f"--caption_column '{self.args.caption_column}', row {row}: "
             f"expected a string or a list of strings, got {value!r}"
         )
@@ -611,7 +620,7 @@ def check_images(dataset):
         sizes = np.sum(multihost_utils.process_allgather(sizes), axis=0)  # each row is filled by one process
     if count:
         listed = "\n  ".join(sorted(problems)[:10]) or "(listed by the other processes)"
-        raise ValueError(f"{count} of {len(dataset)} images cannot be read; fix or remove them:\n  {listed}")
+        raise UserError(f"{count} of {len(dataset)} images cannot be read; fix or remove them:\n  {listed}")
     logger.info(f"Checked {len(dataset)} images in {time.perf_counter() - started:.1f} s")
     return [tuple(int(side) for side in size) for size in sizes]
 
@@ -1137,9 +1146,7 @@ def save_pipeline(unet_params, folder, args, sdxl):
     publish_pipeline(partial, args.output_dir)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-
+def main(args):
     # ------------------------------------------------------------------------------------------------------ setup
     start_distributed(args)
     # force: importing Orbax (or anything that logs at import time) leaves a root handler that would make this a no-op.
@@ -1161,9 +1168,7 @@ def main(argv=None):
     resume_metadata = read_checkpoint_metadata(resume_path)
     if resume_path is not None and bool(resume_metadata.get("use_ema")) != args.use_ema:
         saved = "with" if resume_metadata.get("use_ema") else "without"
-        raise ValueError(
-            f"{resume_path} was saved {saved} --use_ema: resume it the same way, or start a new output_dir"
-        )
+        raise UserError(f"{resume_path} was saved {saved} --use_ema: resume it the same way, or start a new output_dir")
     # Process 0's draw on every process when there is no --seed, so that all shuffle and draw alike.
     seed = choose_seed(args, resume_metadata, int(multihost_utils.broadcast_one_to_all(np.uint32(draw_seed()))))
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
@@ -1232,7 +1237,7 @@ def main(argv=None):
         epoch_global_batches = functools.partial(shuffled_batches, len(train_dataset), global_batch_size, seed)
     batches_per_epoch = len(epoch_global_batches(0))  # the same every epoch
     if batches_per_epoch < args.gradient_accumulation_steps:
-        raise ValueError(
+        raise UserError(
             f"{len(train_dataset)} examples make {batches_per_epoch} global batches of {global_batch_size} "
             f"({args.train_batch_size} per device x {jax.device_count()} devices); "
             f"one update needs {args.gradient_accumulation_steps}"
@@ -1375,4 +1380,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run(main, ARGS)

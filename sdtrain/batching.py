@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from sdtrain.cli import UserError
 from sdtrain.run_folder import derive_seed
 
 # The third key of bucket draws, derive_seed(seed, epoch, BUCKET_SEED_KEY, ...), and of each image's fixed bucket crop.
@@ -24,14 +25,14 @@ def parse_buckets(text):
         try:
             height, width = (int(side) for side in part.split(","))
         except ValueError:
-            raise ValueError(
+            raise UserError(
                 f"--aspect_ratio_buckets: {part!r} is not 'height,width' (e.g. '512,512;384,640')"
             ) from None
         if height < 8 or width < 8 or height % 8 or width % 8:
-            raise ValueError(f"--aspect_ratio_buckets: {height},{width} has a side that is not a multiple of 8")
+            raise UserError(f"--aspect_ratio_buckets: {height},{width} has a side that is not a multiple of 8")
         buckets.append((height, width))
     if len(set(buckets)) != len(buckets):
-        raise ValueError(f"--aspect_ratio_buckets {text!r}: a bucket is listed twice")
+        raise UserError(f"--aspect_ratio_buckets {text!r}: a bucket is listed twice")
     return buckets
 
 
@@ -43,9 +44,9 @@ def parse_size(text, default):
         sides = [int(side) for side in text.replace(" ", "").split(",")]
         height, width = sides if len(sides) == 2 else sides * 2
     except ValueError:
-        raise ValueError(f"--validation_resolution {text!r}: expected 'height,width', e.g. '640,384'") from None
+        raise UserError(f"--validation_resolution {text!r}: expected 'height,width', e.g. '640,384'") from None
     if height % 8 or width % 8 or height < 8 or width < 8:
-        raise ValueError(f"--validation_resolution {text!r}: both sides must be multiples of 8")
+        raise UserError(f"--validation_resolution {text!r}: both sides must be multiples of 8")
     return height, width
 
 
@@ -161,7 +162,7 @@ def setup_buckets(dataset, sizes, args, model_factor, global_batch_size):
         buckets = args.aspect_ratio_buckets
         for height, width in buckets:
             if height % model_factor or width % model_factor:
-                raise ValueError(
+                raise UserError(
                     f"--aspect_ratio_buckets: {height},{width} has a side that is not a multiple of {model_factor}, "
                     "which this model's VAE and UNet downsampling need"
                 )

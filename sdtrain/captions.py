@@ -7,6 +7,8 @@ import os
 import datasets
 from PIL import Image
 
+from sdtrain.cli import UserError
+
 
 @dataclasses.dataclass(frozen=True)
 class CaptionConfig:
@@ -86,16 +88,16 @@ def load_image_caption_dataset(args, seed):
         source = f"--dataset_name {args.dataset_name}"
         looks_local = args.dataset_name.startswith(("/", "./", "../", "~")) or os.path.exists(args.dataset_name)
         if looks_local and not os.path.exists(os.path.expanduser(args.dataset_name)):
-            raise FileNotFoundError(f"{source}: no such folder")
+            raise UserError(f"{source}: no such folder")
         name = os.path.expanduser(args.dataset_name) if looks_local else args.dataset_name
         try:
             dataset = datasets.load_dataset(name, args.dataset_config_name, cache_dir=args.cache_dir, split="train")
         except Exception as err:
-            raise RuntimeError(f"{source}: could not load a 'train' split ({type(err).__name__}: {err})") from err
+            raise UserError(f"{source}: could not load a 'train' split ({type(err).__name__}: {err})") from err
     else:
         source = f"--train_data_dir {args.train_data_dir}"
         if not os.path.isdir(args.train_data_dir):
-            raise FileNotFoundError(f"{source}: no such folder")
+            raise UserError(f"{source}: no such folder")
         dataset = caption_file_dataset(args.train_data_dir, args.image_column, args.caption_column)
         if dataset is None:
             try:
@@ -103,14 +105,14 @@ def load_image_caption_dataset(args, seed):
                     "imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir, split="train"
                 )
             except Exception as err:
-                raise RuntimeError(f"{source}: not a readable imagefolder ({type(err).__name__}: {err})") from err
+                raise UserError(f"{source}: not a readable imagefolder ({type(err).__name__}: {err})") from err
     for flag, column in [("--image_column", args.image_column), ("--caption_column", args.caption_column)]:
         if column not in dataset.column_names:
-            raise ValueError(
+            raise UserError(
                 f"{flag} '{column}' is not a column of {source}; its columns are: {', '.join(dataset.column_names)}"
             )
     if len(dataset) == 0:
-        raise ValueError(f"{source} has no rows")
+        raise UserError(f"{source} has no rows")
     if isinstance(dataset.features[args.image_column], datasets.Image):
         # Decode ourselves, so an unreadable file is reported by name.
         dataset = dataset.cast_column(args.image_column, datasets.Image(decode=False))

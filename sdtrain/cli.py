@@ -33,8 +33,8 @@ class ArgumentParser(argparse.ArgumentParser):
             for word in message.split(":", 1)[1].split():
                 close = difflib.get_close_matches(word.split("=", 1)[0], flags, n=1, cutoff=0.75)
                 if word.startswith("-") and close:
-                    hints.append(f"{word.split('=', 1)[0]} -> {close[0]}?")
-        hint = f" (did you mean: {', '.join(hints)})" if hints else ""
+                    hints.append(close[0])
+        hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
         self.exit(ARGUMENT_ERROR_EXIT_CODE, f"error: {message}{hint}; see {self.prog} --help\n")
 
 
@@ -52,10 +52,11 @@ def debugging(args=None):
 
 def run(main, args):
     """main(args); a UserError becomes one `error: ...` line on stderr and exit code USER_ERROR_EXIT_CODE (under
-    accelerate launch, its own CalledProcessError follows unless launched with -q)."""
+    accelerate launch, the launcher's own CalledProcessError follows unless it is launched with -q). So does a
+    FloatingPointError: the finite checks raise it when training diverged, which the learning rate fixes, not a bug."""
     try:
         return main(args)
-    except UserError as err:
+    except (UserError, FloatingPointError) as err:
         if debugging(args):
             raise
         sys.stderr.write(f"error: {err}\n")

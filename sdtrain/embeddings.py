@@ -4,6 +4,7 @@ learned embedding is saved as (diffusers' and the UIs')."""
 import os
 import re
 
+from sdtrain.cli import UserError
 from sdtrain.images import inspect_images, load_rgb
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
@@ -49,14 +50,14 @@ STYLE_TEMPLATES = [
 def find_example_images(train_data_dir):
     """The example images, sorted by name, each decoded now: a bad file fails before anything is written."""
     if not os.path.isdir(train_data_dir):
-        raise FileNotFoundError(f"--train_data_dir {train_data_dir}: no such folder")
+        raise UserError(f"--train_data_dir {train_data_dir}: no such folder")
     names = sorted(name for name in os.listdir(train_data_dir) if name.lower().endswith(IMAGE_EXTENSIONS))
     paths = [os.path.join(train_data_dir, name) for name in names]
     if not paths:
-        raise ValueError(f"--train_data_dir {train_data_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
+        raise UserError(f"--train_data_dir {train_data_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
     _, problems = inspect_images(lambda index: load_rgb(paths[index], paths[index]).size, range(len(paths)))
     if problems:
-        raise ValueError(
+        raise UserError(
             f"{len(problems)} of {len(paths)} images cannot be read; fix or remove them:\n  " + "\n  ".join(problems)
         )
     return paths
@@ -70,7 +71,7 @@ def add_placeholder_tokens(tokenizer, placeholder_token, num_vectors):
     for name in names:
         for form in (name.lower() + "</w>", name, name.lower()):
             if form in vocab:
-                raise ValueError(
+                raise UserError(
                     f"--placeholder_token {placeholder_token}: '{name}' already exists in the tokenizer (as '{form}'), "
                     "so training it would change the meaning of existing prompts; "
                     "choose a new string such as '<my-concept>'"
@@ -82,7 +83,7 @@ def add_placeholder_tokens(tokenizer, placeholder_token, num_vectors):
 def initializer_token_id(tokenizer, initializer_token):
     ids = tokenizer.encode(initializer_token, add_special_tokens=False)
     if len(ids) != 1:
-        raise ValueError(
+        raise UserError(
             f"--initializer_token {initializer_token!r} must be exactly one token, but the tokenizer splits it into "
             f"{len(ids)}: {tokenizer.convert_ids_to_tokens(ids)}; pick a single word such as 'toy' or 'painting'"
         )

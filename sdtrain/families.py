@@ -5,6 +5,8 @@ instead of failing later on a component it does not have."""
 import json
 import os
 
+from sdtrain.cli import UserError
+
 # Pipelines whose class name starts with one of these are families the scripts do not train (the model that denoises
 # is a transformer, or the pipeline has another text conditioning).
 OTHER_FAMILIES = {
@@ -40,18 +42,18 @@ def pipeline_family(model_index, source):
     class_name = str(model_index.get("_class_name", ""))
     for prefix, family in OTHER_FAMILIES.items():
         if class_name.startswith(prefix):
-            raise ValueError(
+            raise UserError(
                 f"{source} is a {family} pipeline ({class_name}): these scripts train Stable Diffusion 1.x / 2.x "
                 "and SDXL pipelines (a UNet conditioned on CLIP text encoders)"
             )
     components = present_components(model_index)
     missing = {"unet", "vae", "text_encoder", "tokenizer"} - components
     if "text_encoder_2" in components and missing == {"text_encoder", "tokenizer"}:
-        raise ValueError(
+        raise UserError(
             f"{source} is an SDXL refiner ({class_name}, only the second text encoder): train the SDXL base pipeline"
         )
     if missing:
-        raise ValueError(
+        raise UserError(
             f"{source} ({class_name or 'no _class_name'}) has no {', '.join(sorted(missing))}: these scripts train "
             "Stable Diffusion 1.x / 2.x and SDXL pipelines in the diffusers layout"
         )

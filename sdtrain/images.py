@@ -7,6 +7,8 @@ import os
 import numpy as np
 from PIL import Image, ImageOps
 
+from sdtrain.cli import UserError
+
 
 def load_rgb(source, name):
     """The image at `source` (a path or a file object) as 8-bit RGB, whatever it is stored as: EXIF rotation applied,
@@ -26,7 +28,7 @@ def load_rgb(source, name):
             image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
         return image.convert("RGB")
     except Exception as err:
-        raise ValueError(f"cannot read image {name}: {err}") from err
+        raise UserError(f"cannot read image {name}: {err}") from err
 
 
 def verify_image(source, name):
@@ -50,7 +52,7 @@ def verify_image(source, name):
             size = size[::-1]
         return size
     except Exception as err:
-        raise ValueError(f"cannot read image {name}: {err}") from err
+        raise UserError(f"cannot read image {name}: {err}") from err
 
 
 def inspect_images(inspect, indices):

@@ -3,6 +3,8 @@ timestep weights of --timestep_bias_strategy."""
 
 import numpy as np
 
+from sdtrain.cli import UserError
+
 
 def add_recipe_arguments(parser):
     """The loss and timestep-sampling recipes, the same flags in all four scripts (docs/recipes.md)."""
@@ -92,12 +94,12 @@ def recipe_fields(args, prediction_type, num_train_timesteps):
     """The LossConfig fields of the recipe flags, once the prediction type and the schedule length are known."""
     if args.rescale_betas_zero_snr and prediction_type != "v_prediction":
         # At zero terminal SNR the last timestep's input is pure noise, so predicting that noise teaches nothing.
-        raise ValueError(
+        raise UserError(
             f"--rescale_betas_zero_snr needs v-prediction, and this run predicts {prediction_type}: add "
             "--prediction_type v_prediction"
         )
     if args.timestep_bias_strategy == "range" and args.timestep_bias_begin >= num_train_timesteps:
-        raise ValueError(
+        raise UserError(
             f"--timestep_bias_begin {args.timestep_bias_begin} is past the schedule's {num_train_timesteps} timesteps"
         )
     return dict(

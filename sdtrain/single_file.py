@@ -6,6 +6,7 @@ import json
 import logging
 import os
 
+from sdtrain.cli import UserError
 from sdtrain.run_folder import fsync_folder, write_failure
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def single_file_layout(unet_config, vae_config, text_configs):
     elif len(text_configs) != 1:
         problems.append(f"{len(text_configs)} text encoders without SDXL's added embedding (SD 1.x / 2.x have one)")
     if problems:
-        raise ValueError(
+        raise UserError(
             "--save_single_file: no original Stable Diffusion single-file layout for this model: " + "; ".join(problems)
         )
     if sdxl:

@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
+from sdtrain.cli import UserError
 from sdtrain.families import local_model_index, pipeline_family
 from sdtrain.images import inspect_images
 from sdtrain.run_folder import (
@@ -369,6 +370,6 @@ def check_images(dataset, accelerator):
         problems, found = gather_object(problems), gather_object(found)
     if problems:
         listed = "\n  ".join(sorted(problems)[:10])
-        raise ValueError(f"{len(problems)} of {len(dataset)} images cannot be read; fix or remove them:\n  {listed}")
+        raise UserError(f"{len(problems)} of {len(dataset)} images cannot be read; fix or remove them:\n  {listed}")
     logger.info(f"Checked {len(dataset)} images in {time.perf_counter() - started:.1f} s")
     return [size for _, size in sorted(found)]

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -386,6 +387,8 @@ def test_clear_errors_write_nothing(launch, assets, tmp_path, case):
     assert result.returncode != 0
     for text in expected(assets, tmp_path):
         assert text in result.output, f"expected {text!r} in:\n{result.output[-3000:]}"
+    # One error line: no traceback through the script or sdtrain (only the launcher's CalledProcessError follows).
+    assert not re.search(r'File ".*(train_text_to_image\.py|sdtrain/\w+\.py)", line', result.output), result.output
     after = tree_snapshot(str(out))
     assert {k: v for k, v in after.items() if k in before} == before, "a failed run changed existing files"
     if case == "non_finite_loss":  # the check runs before the step's checkpoint would be written
