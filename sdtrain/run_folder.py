@@ -277,15 +277,20 @@ HOW_TO_JOIN = {
 
 
 def check_process_group(num_processes, environ, framework):
-    """Refuse processes a launcher started as several (WORLD_SIZE above 1, or a RANK) that the framework sees as one
-    each: they formed no distributed group, so each would train alone and all would write as the main process."""
-    launched = int(environ.get("WORLD_SIZE") or 1)
-    ranked = any(environ.get(name, "0") != "0" for name in ("RANK", "LOCAL_RANK"))
-    if num_processes == 1 and (launched > 1 or ranked):
+    """Refuse processes a launcher started as several (WORLD_SIZE or JAX_NUM_PROCESSES above 1, or a rank) that the
+    framework sees as one each: they formed no distributed group, so each would train alone as the main process,
+    and the second would be refused by the first one's lock."""
+    sizes, ranks = ["WORLD_SIZE"], ["RANK", "LOCAL_RANK"]
+    if framework == "jax":  # what --jax_distributed reads (JAX's own variables), passed without it
+        sizes, ranks = sizes + ["JAX_NUM_PROCESSES"], ranks + ["JAX_PROCESS_ID"]
+    said = {name: environ[name] for name in sizes + ranks if environ.get(name)}
+    several = any(said.get(name, "1") not in ("0", "1") for name in sizes)
+    if num_processes == 1 and (several or any(said.get(name, "0") != "0" for name in ranks)):
+        shown = ", ".join(f"{name}={value}" for name, value in said.items())
         raise UserError(
-            f"the launcher started several processes (WORLD_SIZE={environ.get('WORLD_SIZE')}, "
-            f"RANK={environ.get('RANK')}) but they formed no distributed group: each would train alone, as the main "
-            f"process. {HOW_TO_JOIN[framework][0].upper()}{HOW_TO_JOIN[framework][1:]}. See docs/distributed.md"
+            f"the launcher started several processes ({shown}) but they formed no distributed group: each would "
+            f"train alone, as the main process. {HOW_TO_JOIN[framework][0].upper()}{HOW_TO_JOIN[framework][1:]}. "
+            "See docs/distributed.md"
         )
 
 

@@ -314,9 +314,29 @@ def test_two_processes_that_formed_no_group_are_told_so_not_blamed_on_the_lock(l
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "the launcher started several processes (WORLD_SIZE=2, RANK=1) but they formed no distributed" in output
+    assert "started several processes (WORLD_SIZE=2, RANK=1, LOCAL_RANK=1) but they formed no distributed" in output
     assert "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2" in output, output[-3000:]
     assert "in use by another training run" not in output and not out.exists()
+
+
+def test_processes_that_formed_no_group_are_found_from_the_launchers_variables():
+    check = run_folder.check_process_group
+    for alone in [{}, {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}, {"JAX_NUM_PROCESSES": "2"}]:
+        check(1, alone, "accelerate")  # one process, as launched (JAX's variables are not accelerate's)
+    check(2, {"WORLD_SIZE": "2", "RANK": "1"}, "accelerate")  # a group was formed
+    check(2, {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}, "jax")
+    for environ, framework, hint in [
+        ({"WORLD_SIZE": "2", "RANK": "0"}, "accelerate", "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu"),
+        ({"LOCAL_RANK": "1"}, "accelerate", "ACCELERATE_USE_CPU=true"),
+        ({"WORLD_SIZE": "4", "RANK": "3"}, "jax", "Start each process with --coordinator_address HOST:PORT"),
+        ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "jax", "(or --jax_distributed where JAX finds them"),
+    ]:
+        with pytest.raises(UserError) as refused:
+            check(1, environ, framework)
+        shown = ", ".join(f"{name}={value}" for name, value in environ.items())
+        assert f"the launcher started several processes ({shown}) but they formed no distributed group" in str(
+            refused.value
+        ) and hint in str(refused.value), str(refused.value)
 
 
 def test_a_second_run_into_a_live_runs_folder_is_refused(launch, assets, tmp_path):

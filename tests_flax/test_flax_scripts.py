@@ -386,6 +386,27 @@ def test_textual_inversion_flax_clear_errors(launch, assets, tmp_path, flag, val
     assert visible == ["learned_embeds.safetensors"] and (out / "learned_embeds.safetensors").read_bytes() == b"earlier"
 
 
+def test_flax_refused_starts_write_nothing_and_a_folder_of_user_files_is_refused(launch, assets, tmp_path):
+    """The Flax twins take the output folder as the PyTorch scripts do: a start refused before training (here a
+    missing --train_data_dir, found after the models load) leaves no folder at all; a folder of someone's files is
+    refused, naming it, before any model loads, and is left byte for byte as it was."""
+    out = tmp_path / "run"
+    args = t2i_args(assets, str(out), "--max_train_steps 2")
+    args[args.index("--train_data_dir") + 1] = "/nowhere/images"
+    result = launch.run(T2I, args, check=False)
+    assert result.returncode != 0 and "--train_data_dir /nowhere/images: no such folder" in result.output
+    assert not out.exists(), os.listdir(out)
+    mine = tmp_path / "mine"
+    (mine / "unet").mkdir(parents=True)
+    (mine / "unet" / "important.bin").write_text("keep")
+    (mine / "README.md").write_text("mine")
+    before = folder_bytes(mine)
+    result = launch.run(TI, ti_args(assets, str(mine), "--max_train_steps 2"), check=False)
+    assert result.returncode != 0
+    assert f"--output_dir {mine} holds files no run of these scripts wrote (README.md, unet)" in result.output
+    assert folder_bytes(mine) == before and sorted(os.listdir(mine)) == ["README.md", "unet"]
+
+
 def test_textual_inversion_flax_preempted_resumes_to_the_same_embedding(launch, assets, tmp_path):
     """SIGTERM, sent twice to the process group: a checkpoint at the step reached, exit code 75, exact resume."""
     import signal
