@@ -78,12 +78,14 @@ from sdtrain.logs import format_logs
 from sdtrain.preemption import PREEMPTED_EXIT_CODE, StopRequest, preemption_message
 from sdtrain.recipes import add_recipe_arguments, check_recipe_arguments, recipe_fields, timestep_bias_weights
 from sdtrain.run_folder import (
+    check_output_dir,
+    check_process_group,
     choose_seed,
     draw_seed,
     find_resume_checkpoint,
     fsync_folder,
-    lock_output_dir,
     read_checkpoint_metadata,
+    take_output_dir,
     warn_if_batch_layout_changed,
     write_failure,
 )
@@ -818,9 +820,13 @@ def main(args):
         for name in (__name__, "sdtrain"):
             logging.getLogger(name).setLevel(logging.ERROR)
     image_paths = find_example_images(args.train_data_dir)
-    # Only the main process writes (but for each process's share of a checkpoint's arrays), and only while it holds
-    # output_dir: a second run into it is refused.
-    output_lock = lock_output_dir(args.output_dir) if is_main_process else None
+    check_process_group(jax.process_count(), os.environ, "jax")
+    # Only the main process writes (but for each process's share of a checkpoint's arrays), and only into a folder
+    # that is absent, empty or a run's, never the model's own. It takes the folder (and its lock) just before
+    # training, so that a run refused before then writes nothing.
+    if is_main_process:
+        check_output_dir(args.output_dir, {"--pretrained_model_name_or_path": args.pretrained_model_name_or_path})
+    output_lock = None
     stop_request = StopRequest()
     resume_path = find_resume_checkpoint(args)
     resume_metadata = read_checkpoint_metadata(resume_path)
@@ -933,7 +939,7 @@ def main(args):
     state, frozen = jax.device_put((state, frozen), replicated)
     first_epoch = global_step // updates_per_epoch
     if is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+        output_lock = take_output_dir(args.output_dir, os.path.basename(__file__))
     logger.info("***** Running training *****")
     logger.info(
         f"  Images = {len(image_paths)} x {args.repeats} repeats, epochs = {num_train_epochs}, "

@@ -58,13 +58,15 @@ from sdtrain.logs import format_logs
 from sdtrain.preemption import PREEMPTED_EXIT_CODE, StopRequest, preemption_message
 from sdtrain.recipes import add_recipe_arguments, check_recipe_arguments, recipe_fields, timestep_bias_weights
 from sdtrain.run_folder import (
+    check_output_dir,
+    check_process_group,
     choose_seed,
     derive_seed,
     draw_seed,
     find_resume_checkpoint,
-    lock_output_dir,
     publish_pipeline,
     read_checkpoint_metadata,
+    take_output_dir,
     warn_if_batch_layout_changed,
     write_failure,
 )
@@ -1173,8 +1175,18 @@ def main(args):
     if args.allow_tf32 and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    # Only the main process writes, and only while it holds output_dir: a second run into it is refused.
-    output_lock = lock_output_dir(args.output_dir) if accelerator.is_main_process else None
+    check_process_group(accelerator.num_processes, os.environ, "accelerate")
+    # Only the main process writes, and only into a folder that is absent, empty or a run's, never the model's own.
+    # It takes the folder (and its lock) just before training, so that a run refused before then writes nothing.
+    if accelerator.is_main_process:
+        check_output_dir(
+            args.output_dir,
+            {
+                "--pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+                "--pretrained_vae_model_name_or_path": args.pretrained_vae_model_name_or_path,
+            },
+        )
+    output_lock = None
     accelerator.wait_for_everyone()
     stop_request = StopRequest()
     # A CPU side channel for agreeing on stop requests, so that it never waits for the GPU.
@@ -1311,7 +1323,7 @@ def main(args):
     first_epoch = global_step // updates_per_epoch
 
     if accelerator.is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+        output_lock = take_output_dir(args.output_dir, os.path.basename(__file__), disposable=[args.logging_dir])
         tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
         accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
     logger.info("***** Running training *****")

@@ -70,12 +70,14 @@ from sdtrain.logs import format_logs
 from sdtrain.preemption import PREEMPTED_EXIT_CODE, StopRequest, preemption_message
 from sdtrain.recipes import add_recipe_arguments, check_recipe_arguments, recipe_fields, timestep_bias_weights
 from sdtrain.run_folder import (
+    check_output_dir,
+    check_process_group,
     choose_seed,
     draw_seed,
     find_resume_checkpoint,
-    lock_output_dir,
     publish_pipeline,
     read_checkpoint_metadata,
+    take_output_dir,
     warn_if_batch_layout_changed,
     write_failure,
 )
@@ -1160,9 +1162,19 @@ def main(args):
     if not is_main_process:
         for name in (__name__, "sdtrain"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    # Only the main process writes (but for each process's share of a checkpoint's arrays), and only while it holds
-    # output_dir: a second run into it is refused.
-    output_lock = lock_output_dir(args.output_dir) if is_main_process else None
+    check_process_group(jax.process_count(), os.environ, "jax")
+    # Only the main process writes (but for each process's share of a checkpoint's arrays), and only into a folder
+    # that is absent, empty or a run's, never the model's own. It takes the folder (and its lock) just before
+    # training, so that a run refused before then writes nothing.
+    if is_main_process:
+        check_output_dir(
+            args.output_dir,
+            {
+                "--pretrained_model_name_or_path": args.pretrained_model_name_or_path,
+                "--pretrained_vae_model_name_or_path": args.pretrained_vae_model_name_or_path,
+            },
+        )
+    output_lock = None
     stop_request = StopRequest()
     resume_path = find_resume_checkpoint(args)
     resume_metadata = read_checkpoint_metadata(resume_path)
@@ -1279,7 +1291,7 @@ def main(args):
     state, frozen = jax.device_put((state, frozen), replicated)
     first_epoch = global_step // updates_per_epoch
     if is_main_process:
-        os.makedirs(args.output_dir, exist_ok=True)
+        output_lock = take_output_dir(args.output_dir, os.path.basename(__file__))
     logger.info("***** Running training *****")
     logger.info(
         f"  Examples = {len(train_dataset)}, epochs = {num_train_epochs}, updates per epoch = {updates_per_epoch}"

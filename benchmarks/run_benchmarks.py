@@ -258,8 +258,9 @@ def window_logs(output):
 
 def measure(row, command, args, env):
     """Run one configuration and fill the row with steady-state figures (windows after the first)."""
-    os.makedirs(row["output_dir"], exist_ok=True)
-    status, output, rss = run(command, os.path.join(row["output_dir"], "run.log"), env)
+    # The log lies beside the output folder: the scripts write only into a folder that is empty or a run's.
+    os.makedirs(os.path.dirname(row["output_dir"]), exist_ok=True)
+    status, output, rss = run(command, row["output_dir"] + ".log", env)
     row["compiled_shapes"] = output.count("Compiling the train step for")  # the Flax twin logs each compilation
     if status != 0:
         row["error"] = output.strip().splitlines()[-1][:200] if output.strip() else f"exit status {status}"

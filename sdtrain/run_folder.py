@@ -1,15 +1,21 @@
 """The output folder of a run: its lock, checkpoints (listed, checked, published only when complete), the published
 pipeline, the seed and the choice of checkpoint to resume from. Shared by the four scripts; no framework needed."""
 
+import atexit
 import ctypes
+import errno
 import json
 import logging
 import os
 import re
 import shutil
 import socket
+import tempfile
+import time
 
 import numpy as np
+
+from sdtrain.cli import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -27,6 +33,14 @@ VALIDATION_SEED_KEY = 7919
 
 
 LOCK_FILE = ".training.lock"  # held (an OS lock) by the run writing into output_dir; a killed run holds none
+
+
+# Written into output_dir when a run first takes it: the folder is ours, and a later run may write into it.
+RUN_MANIFEST = ".sdtrain-run.json"
+
+
+# Bookkeeping a run writes into output_dir before anything of value: a folder holding only these is still empty.
+BOOKKEEPING = (RUN_MANIFEST, LOCK_FILE, LOCK_FILE + ".owner")
 
 
 PIPELINE_LINK = ".pipeline"  # -> the current .pipeline-<n> folder; output_dir's components link through it
@@ -153,6 +167,162 @@ def write_failure(what, folder, err):
     )
 
 
+def project_version():
+    """The version pyproject.toml gives the scripts, for the run manifest ("unknown" where it cannot be read)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pyproject.toml")
+    try:
+        with open(path) as f:
+            match = re.search(r'^version\s*=\s*"([^"]+)"', f.read(), re.MULTILINE)
+    except OSError:
+        match = None
+    return match.group(1) if match else "unknown"
+
+
+def made_by_a_run(output_dir, names):
+    """Whether the folder with these entries is one our runs write into: it carries the run manifest, or the lock of
+    a run of an earlier version, or a complete checkpoint (copied in to resume from)."""
+    if RUN_MANIFEST in names or LOCK_FILE in names:
+        return True
+    return any(CHECKPOINT_PATTERN.match(name) for name in names) and bool(list_checkpoints(output_dir))
+
+
+def held_by_a_live_run(output_dir):
+    """The pid (as its owner file says) of the live run holding output_dir's lock, or None: probed with a shared OS
+    lock on a read-only handle, so that the check writes nothing."""
+    try:
+        import fcntl
+    except ImportError:
+        return None  # Windows: lock_output_dir refuses it when the run takes the folder
+    try:
+        descriptor = os.open(os.path.join(output_dir, LOCK_FILE), os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(descriptor, fcntl.LOCK_UN)
+        return None
+    except OSError:
+        owner_path = os.path.join(output_dir, LOCK_FILE + ".owner")
+        return open(owner_path).read().strip() if os.path.isfile(owner_path) else "unknown"
+    finally:
+        os.close(descriptor)
+
+
+def in_use_error(output_dir, owner):
+    return UserError(
+        f"--output_dir {output_dir} is in use by another training run (pid {owner}): wait for it to end, "
+        "stop it, or choose another --output_dir"
+    )
+
+
+def nearest_existing(path):
+    """path itself, or its closest ancestor that exists."""
+    path = os.path.abspath(path)
+    while not os.path.lexists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
+def check_output_dir(output_dir, model_folders):
+    """Refuse, before any model loads and writing nothing, an --output_dir a run must not write into: a file, a
+    folder that holds anything but what our runs write (so that no user file is ever deleted or replaced), the
+    folder of a model the run reads (model_folders: {flag: path}, local folders only), a live run's folder, or a
+    place that cannot be written. Main process only."""
+    real = os.path.realpath(output_dir)
+    for flag, model_path in model_folders.items():
+        if not model_path or not os.path.isdir(model_path):
+            continue  # a Hub name: nothing local to overwrite
+        model = os.path.realpath(model_path)
+        if real == model or real.startswith(model + os.sep) or model.startswith(real + os.sep):
+            raise UserError(
+                f"--output_dir {output_dir} is, contains or lies inside {flag} {model_path}: training would write "
+                "over the model it reads. Choose another --output_dir"
+            )
+    if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
+        raise UserError(f"--output_dir {output_dir} is a file, not a folder: choose another --output_dir")
+    if os.path.isdir(output_dir):
+        names = sorted(os.listdir(output_dir))
+        if names and not made_by_a_run(output_dir, names):
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise UserError(
+                f"--output_dir {output_dir} holds files no run of these scripts wrote ({shown}): a run would write "
+                "over them. Empty it, or choose another --output_dir"
+            )
+        owner = held_by_a_live_run(output_dir)
+        if owner is not None:
+            raise in_use_error(output_dir, owner)
+    existing = nearest_existing(output_dir)
+    where = f"--output_dir {output_dir}" + ("" if existing == os.path.abspath(output_dir) else f" (in {existing})")
+    if not os.path.isdir(existing):
+        raise UserError(
+            f"{where}: {existing} is a file, so no folder can be made under it: choose another --output_dir"
+        )
+    for top in ("/proc", "/sys"):
+        if real == top or real.startswith(top + os.sep):
+            raise UserError(f"{where} lies in {top}, a virtual file system of the kernel: choose another --output_dir")
+    try:  # the one sure test (read-only mounts, permissions, root or not): make a folder there and remove it
+        os.rmdir(tempfile.mkdtemp(prefix=".sdtrain-probe-", dir=existing))
+    except OSError as err:
+        reason = "a read-only file system" if err.errno == errno.EROFS else err.strerror or type(err).__name__
+        raise UserError(f"{where} cannot be written ({reason}): choose another --output_dir") from None
+
+
+# What joins several processes into one run, by framework; the commands are in docs/distributed.md.
+HOW_TO_JOIN = {
+    "accelerate": "without GPUs, tell accelerate to join them on the CPU: ACCELERATE_USE_CPU=true accelerate launch "
+    "--multi_gpu --num_processes 2 ... (accelerate launch --cpu starts one process only)",
+    "jax": "start each process with --coordinator_address HOST:PORT --num_processes N --process_id I (or "
+    "--jax_distributed where JAX finds them itself), not with torchrun or accelerate launch",
+}
+
+
+def check_process_group(num_processes, environ, framework):
+    """Refuse processes a launcher started as several (WORLD_SIZE or JAX_NUM_PROCESSES above 1, or a rank) that the
+    framework sees as one each: they formed no distributed group, so each would train alone as the main process,
+    and the second would be refused by the first one's lock."""
+    sizes, ranks = ["WORLD_SIZE"], ["RANK", "LOCAL_RANK"]
+    if framework == "jax":  # what --jax_distributed reads (JAX's own variables), passed without it
+        sizes, ranks = sizes + ["JAX_NUM_PROCESSES"], ranks + ["JAX_PROCESS_ID"]
+    said = {name: environ[name] for name in sizes + ranks if environ.get(name)}
+    several = any(said.get(name, "1") not in ("0", "1") for name in sizes)
+    if num_processes == 1 and (several or any(said.get(name, "0") != "0" for name in ranks)):
+        shown = ", ".join(f"{name}={value}" for name, value in said.items())
+        raise UserError(
+            f"the launcher started several processes ({shown}) but they formed no distributed group: each would "
+            f"train alone, as the main process. {HOW_TO_JOIN[framework][0].upper()}{HOW_TO_JOIN[framework][1:]}. "
+            "See docs/distributed.md"
+        )
+
+
+def take_output_dir(output_dir, script, disposable=()):
+    """Make output_dir (if absent), take its lock (lock_output_dir) and write the run manifest if it has none: called
+    once models and data are loaded and checked, just before training, so that a run refused earlier writes nothing.
+    A folder this run made is removed again when the process ends with nothing of value in it: only bookkeeping,
+    unfinished saves, and the `disposable` entries (the tracker's log folder). Main process only; returns the lock."""
+    created = not os.path.isdir(output_dir)
+    os.makedirs(output_dir, exist_ok=True)
+    lock = lock_output_dir(output_dir)
+    manifest = os.path.join(output_dir, RUN_MANIFEST)
+    if not os.path.isfile(manifest):
+        with open(manifest, "w") as f:
+            started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            json.dump({"script": script, "started": started, "version": project_version()}, f, indent=2)
+    if created:
+        relative = [os.path.normpath(name).split(os.sep)[0] for name in disposable if not os.path.isabs(name)]
+        atexit.register(remove_if_worthless, output_dir, (*BOOKKEEPING, *relative))
+    return lock
+
+
+def remove_if_worthless(output_dir, disposable):
+    """Remove output_dir if it holds nothing but `disposable` entries and unfinished saves."""
+    try:
+        names = os.listdir(output_dir)
+    except OSError:
+        return
+    if all(name in disposable or name.endswith(".partial") for name in names):
+        shutil.rmtree(output_dir, ignore_errors=True)
+
+
 def lock_output_dir(output_dir):
     """Hold an OS lock on output_dir for the whole run, so that a second run into the same folder is refused instead
     of overwriting this run's checkpoints and model. The kernel drops the lock when the process ends, however it
@@ -167,10 +337,7 @@ def lock_output_dir(output_dir):
         lock.acquire()
     except filelock.Timeout:
         owner = open(owner_path).read().strip() if os.path.isfile(owner_path) else "unknown"
-        raise RuntimeError(
-            f"--output_dir {output_dir} is in use by another training run (pid {owner}): wait for it to end, "
-            "stop it, or choose another --output_dir"
-        ) from None
+        raise in_use_error(output_dir, owner) from None
     with open(owner_path, "w") as f:
         f.write(f"{os.getpid()} on {socket.gethostname()}\n")
     link = os.path.join(output_dir, PIPELINE_LINK)

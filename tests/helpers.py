@@ -21,6 +21,16 @@ def max_abs_diff(a, b):
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
 
 
+def earlier_run_folder(folder):
+    """An output folder as a run of these scripts leaves it (its manifest), into which a later run may write."""
+    from sdtrain.run_folder import RUN_MANIFEST
+
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, RUN_MANIFEST), "w") as f:
+        f.write('{"script": "train_text_to_image.py"}\n')
+    return folder
+
+
 def tree_snapshot(folder):
     """Every file under folder with its size and mtime: to prove a failed run wrote nothing over it."""
     snapshot = {}

@@ -24,6 +24,7 @@ from test_train_text_to_image import SCRIPT, base_args
 import train_text_to_image
 from devkit import tiny_sd
 from sdtrain import captions, images, run_folder, torch_training
+from sdtrain.cli import UserError
 
 
 def concept_folder(tmp_path):
@@ -44,8 +45,8 @@ def test_a_diverged_unet_is_never_written(launch, assets, tmp_path, flags):
     out = tmp_path / "run"
     result = launch.accelerate(SCRIPT, base_args(assets, str(out), flags), check=False)
     assert result.returncode != 0 and "the UNet diverged at step 1" in result.output, result.output[-3000:]
-    written = sorted(n for n in os.listdir(out) if not n.startswith((".", "logs")))
-    assert written == [], f"a diverged run wrote {written}"
+    # The folder it made is removed again: it held nothing but the run's bookkeeping and logs.
+    assert not os.path.exists(out), f"a diverged run left {os.listdir(out)}"
 
 
 def test_a_diverged_embedding_is_never_written(launch, assets, tmp_path):
@@ -53,7 +54,7 @@ def test_a_diverged_embedding_is_never_written(launch, assets, tmp_path):
     flags = "--learning_rate 1e39 --max_train_steps 3 --checkpointing_steps 1 --save_steps 1"
     result = launch.accelerate(TI_SCRIPT, ti_args(assets, concept_folder(tmp_path), str(out), flags), check=False)
     assert result.returncode != 0 and "the embedding diverged at step 1" in result.output, result.output[-3000:]
-    assert sorted(n for n in os.listdir(out) if not n.startswith((".", "logs"))) == []
+    assert not os.path.exists(out), f"a diverged run left {os.listdir(out)}"
 
 
 # ---------------------------------------------------------------------------------------------------------- images
@@ -77,7 +78,7 @@ def test_a_bad_image_anywhere_stops_the_run_before_anything_is_written(launch, a
     assert result.returncode != 0
     assert "1 of 10 images cannot be read" in result.output and str(folder / "0009.png") in result.output
     assert "row 9" in result.output and "truncated" in result.output.lower()
-    assert not [n for n in os.listdir(out) if n.startswith("checkpoint")]
+    assert not os.path.exists(out)  # refused before training: nothing written, not even the folder
 
 
 def image_file(mode, tmp_path):
@@ -155,6 +156,189 @@ def test_a_16_bit_png_trains_as_its_picture_not_as_white(assets, tmp_path):
 # ------------------------------------------------------------------------------------------------- output folders
 
 
+def folder_bytes(folder):
+    """Every entry under folder, a file's bytes or None for a folder: to prove a refused run changed nothing."""
+    found = {}
+    for root, folders, names in os.walk(folder):
+        for name in folders:
+            found[os.path.relpath(os.path.join(root, name), folder)] = None
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                found[os.path.relpath(os.path.join(root, name), folder)] = f.read()
+    return found
+
+
+def test_which_output_folders_a_run_may_write_into(tmp_path):
+    """check_output_dir, in-process: absent, empty or a run's folder (its manifest, an earlier version's lock, or a
+    checkpoint copied in to resume from) are accepted; anything else is refused naming the folder, what it holds and
+    what to do, and the check itself writes nothing."""
+    model = tmp_path / "model"
+    (model / "unet").mkdir(parents=True)
+    (model / "model_index.json").write_text("{}")
+    vae = tmp_path / "vae"
+    vae.mkdir()
+    models = {"--pretrained_model_name_or_path": str(model), "--pretrained_vae_model_name_or_path": str(vae)}
+    runs = tmp_path / "runs"
+    for name, entry in [("ours", run_folder.RUN_MANIFEST), ("legacy", run_folder.LOCK_FILE)]:
+        (runs / name).mkdir(parents=True)
+        (runs / name / entry).write_text("")
+        (runs / name / "unet").mkdir()
+    (runs / "copied" / "checkpoint-3").mkdir(parents=True)
+    (runs / "copied" / "checkpoint-3" / run_folder.CHECKPOINT_METADATA).write_text('{"global_step": 3}')
+    (runs / "empty").mkdir()
+    before = folder_bytes(tmp_path)
+    for folder in ["absent", "absent/and/deeper", "empty", "ours", "legacy", "copied"]:
+        run_folder.check_output_dir(str(runs / folder), models)
+    (runs / "mine").mkdir()
+    for name in ["a.txt", "b.txt", "c.txt", "d.txt", "e.txt", "f.txt", "g.txt"]:
+        (runs / "mine" / name).write_text("keep")
+    incomplete = runs / "incomplete" / "checkpoint-3"  # a folder named like a checkpoint is not one of ours
+    incomplete.mkdir(parents=True)
+    before = folder_bytes(tmp_path)
+    refusals = {
+        str(runs / "mine"): f"--output_dir {runs / 'mine'} holds files no run of these scripts wrote (a.txt, b.txt, "
+        "c.txt, d.txt, e.txt and 2 more): a run would write over them. Empty it, or choose another --output_dir",
+        str(runs / "incomplete"): "holds files no run of these scripts wrote (checkpoint-3)",
+        str(model): f"--output_dir {model} is, contains or lies inside --pretrained_model_name_or_path {model}",
+        str(model / "unet"): "is, contains or lies inside --pretrained_model_name_or_path",
+        str(model / "new" / "folder"): "is, contains or lies inside --pretrained_model_name_or_path",
+        str(tmp_path): "is, contains or lies inside --pretrained_model_name_or_path",
+        str(vae): "is, contains or lies inside --pretrained_vae_model_name_or_path",
+        str(model / "model_index.json"): "is, contains or lies inside",
+        str(runs / "mine" / "a.txt"): f"--output_dir {runs / 'mine' / 'a.txt'} is a file, not a folder",
+        str(runs / "mine" / "a.txt" / "run"): f"--output_dir {runs / 'mine' / 'a.txt' / 'run'} (in "
+        f"{runs / 'mine' / 'a.txt'}): {runs / 'mine' / 'a.txt'} is a file, so no folder can be made under it",
+        "/proc/sdtrain-run": "--output_dir /proc/sdtrain-run (in /proc) lies in /proc, a virtual file system",
+        "/sys/kernel/run": "--output_dir /sys/kernel/run (in /sys/kernel) lies in /sys, a virtual file system",
+    }
+    (tmp_path / "link").symlink_to(model)  # real paths are compared
+    refusals[str(tmp_path / "link" / "unet")] = "is, contains or lies inside --pretrained_model_name_or_path"
+    for output_dir, message in refusals.items():
+        with pytest.raises(UserError) as refused:
+            run_folder.check_output_dir(output_dir, models)
+        assert message in str(refused.value), str(refused.value)
+    (tmp_path / "link").unlink()
+    assert folder_bytes(tmp_path) == before
+
+
+def test_a_folder_a_run_made_is_removed_when_it_fails_before_anything_of_value(tmp_path):
+    """take_output_dir makes the folder with its manifest and lock; a process that then fails leaves no folder,
+    unless something of value (here a checkpoint) was written into it, and a folder it did not make is kept."""
+    code = (
+        "import os, sys, sdtrain.run_folder as r; r.take_output_dir(sys.argv[1], 'train_text_to_image.py', ['logs'])"
+        "; os.makedirs(os.path.join(sys.argv[1], 'logs', 'run')); os.makedirs(os.path.join(sys.argv[1], sys.argv[2]))"
+        "; raise SystemExit('stopped')"
+    )
+    made, kept, earlier = tmp_path / "made", tmp_path / "kept", tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / run_folder.RUN_MANIFEST).write_text("{}")  # made by an earlier run
+    for folder, entry in [(made, ".checkpoint-1.partial"), (kept, "checkpoint-1"), (earlier, ".checkpoint-1.partial")]:
+        stopped = subprocess.run([sys.executable, "-c", code, str(folder), entry], cwd=REPO, capture_output=True)
+        assert stopped.returncode == 1 and b"stopped" in stopped.stderr, stopped.stderr
+    assert not made.exists()
+    assert sorted(os.listdir(kept)) == [
+        ".sdtrain-run.json",
+        ".training.lock",
+        ".training.lock.owner",
+        "checkpoint-1",
+        "logs",
+    ]
+    manifest = json.loads((kept / run_folder.RUN_MANIFEST).read_text())
+    assert manifest["script"] == "train_text_to_image.py" and manifest["version"] != "unknown" and manifest["started"]
+    assert earlier.is_dir()
+
+
+def test_user_files_in_the_output_folder_survive_and_the_run_is_refused_before_models_load(launch, assets, tmp_path):
+    """The issue's reproduction: someone's files in --output_dir were deleted or replaced by a run that exited 0.
+    Refused now, byte for byte untouched, before any model loads: the model given is one the scripts refuse when
+    they read it (an SD3 pipeline), and it is the folder that is named."""
+    out = tmp_path / "X"
+    (out / "unet").mkdir(parents=True)
+    (out / "unet" / "important.bin").write_text("keep\n")
+    (out / "model_index.json").write_text("{}\n")
+    (out / "README.md").write_text("mine\n")
+    before = folder_bytes(out)
+    sd3 = tmp_path / "sd3"
+    sd3.mkdir()
+    (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    args = base_args(assets, str(out), "--max_train_steps 2")
+    args[args.index("--pretrained_model_name_or_path") + 1] = str(sd3)
+    result = launch.accelerate(SCRIPT, args, check=False)
+    assert result.returncode != 0
+    assert f"--output_dir {out} holds files no run of these scripts wrote (README.md, model_index.json, unet)" in (
+        result.output
+    ), result.output[-3000:]
+    assert "Stable Diffusion 3" not in result.output
+    assert folder_bytes(out) == before
+
+
+def test_the_base_models_folder_is_refused_as_output_dir(launch, assets, tmp_path):
+    base = shutil.copytree(assets["pipeline"], tmp_path / "base")
+    before = folder_bytes(base)
+    args = base_args(assets, str(base), "--max_train_steps 2")
+    args[args.index("--pretrained_model_name_or_path") + 1] = str(base)
+    result = launch.accelerate(SCRIPT, args, check=False)
+    assert result.returncode != 0
+    message = f"--output_dir {base} is, contains or lies inside --pretrained_model_name_or_path {base}"
+    assert message in result.output, result.output[-3000:]
+    assert folder_bytes(base) == before
+
+
+def test_a_refused_start_leaves_no_output_folder(launch, assets, tmp_path):
+    """Refusals before training (a missing --train_data_dir, a model family the scripts do not train, an output_dir
+    under a file) wrote the folder and its lock; now they write nothing."""
+    out = tmp_path / "run"
+    flags = "--max_train_steps 2"
+    missing = launch.accelerate(TI_SCRIPT, ti_args(assets, str(tmp_path / "nowhere"), str(out), flags), check=False)
+    assert missing.returncode != 0 and "--train_data_dir" in missing.output, missing.output[-3000:]
+    sd3 = tmp_path / "sd3"
+    sd3.mkdir()
+    (sd3 / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline"}))
+    args = base_args(assets, str(out), flags)
+    args[args.index("--pretrained_model_name_or_path") + 1] = str(sd3)
+    refused = launch.accelerate(SCRIPT, args, check=False)
+    assert refused.returncode != 0 and "Stable Diffusion 3" in refused.output, refused.output[-3000:]
+    assert not out.exists()
+
+
+def test_two_processes_that_formed_no_group_are_told_so_not_blamed_on_the_lock(launch, assets, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a machine without GPUs starts two processes that each
+    see one process and think they are the main one; the second used to be refused by the first's lock."""
+    from devkit.running_launch import free_port
+
+    out = tmp_path / "run"
+    command = [os.path.join(BIN, "accelerate"), "launch", "--multi_gpu", "--num_processes", "2"]
+    command += ["--main_process_port", free_port(), SCRIPT, *base_args(assets, str(out), "--max_train_steps 2")]
+    env = {key: value for key, value in os.environ.items() if key != "ACCELERATE_USE_CPU"}
+    env.update(OFFLINE_ENV, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "started several processes (WORLD_SIZE=2, RANK=1, LOCAL_RANK=1) but they formed no distributed" in output
+    assert "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2" in output, output[-3000:]
+    assert "in use by another training run" not in output and not out.exists()
+
+
+def test_processes_that_formed_no_group_are_found_from_the_launchers_variables():
+    check = run_folder.check_process_group
+    for alone in [{}, {"WORLD_SIZE": "1", "RANK": "0", "LOCAL_RANK": "0"}, {"JAX_NUM_PROCESSES": "2"}]:
+        check(1, alone, "accelerate")  # one process, as launched (JAX's variables are not accelerate's)
+    check(2, {"WORLD_SIZE": "2", "RANK": "1"}, "accelerate")  # a group was formed
+    check(2, {"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}, "jax")
+    for environ, framework, hint in [
+        ({"WORLD_SIZE": "2", "RANK": "0"}, "accelerate", "ACCELERATE_USE_CPU=true accelerate launch --multi_gpu"),
+        ({"LOCAL_RANK": "1"}, "accelerate", "ACCELERATE_USE_CPU=true"),
+        ({"WORLD_SIZE": "4", "RANK": "3"}, "jax", "Start each process with --coordinator_address HOST:PORT"),
+        ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "0"}, "jax", "(or --jax_distributed where JAX finds them"),
+    ]:
+        with pytest.raises(UserError) as refused:
+            check(1, environ, framework)
+        shown = ", ".join(f"{name}={value}" for name, value in environ.items())
+        assert f"the launcher started several processes ({shown}) but they formed no distributed group" in str(
+            refused.value
+        ) and hint in str(refused.value), str(refused.value)
+
+
 def test_a_second_run_into_a_live_runs_folder_is_refused(launch, assets, tmp_path):
     out = tmp_path / "run"
     # Long enough to outlive the second launch on any machine; stopped with SIGTERM once the second is refused.
@@ -176,7 +360,7 @@ def test_a_killed_runs_lock_and_leftovers_never_block(launch, assets, tmp_path):
     """The lock of a run killed with SIGKILL is taken over; its unfinished checkpoint and pipeline, and a replaced
     checkpoint it had not deleted yet, are cleared instead of failing the next run at that step."""
     out = tmp_path / "run"
-    code = f"import time, train_text_to_image as t; t.lock_output_dir({str(out)!r}); time.sleep(600)"
+    code = f"import time, sdtrain.run_folder as r; r.lock_output_dir({str(out)!r}); time.sleep(600)"
     holder = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env={**os.environ, "PYTHONPATH": REPO})
     for _ in range(200):
         if os.path.isfile(out / ".training.lock.owner"):
@@ -190,7 +374,8 @@ def test_a_killed_runs_lock_and_leftovers_never_block(launch, assets, tmp_path):
     launch.accelerate(SCRIPT, base_args(assets, str(out), "--max_train_steps 2 --checkpointing_steps 2"))
     assert checkpoint_names(str(out)) == ["checkpoint-2"]
     hidden = sorted(n for n in os.listdir(out) if n.startswith("."))
-    assert hidden == [".pipeline", ".pipeline-1", ".training.lock", ".training.lock.owner"], hidden
+    # The folder of an earlier version (its lock, no manifest) is taken, and now carries the manifest.
+    assert hidden == [".pipeline", ".pipeline-1", ".sdtrain-run.json", ".training.lock", ".training.lock.owner"], hidden
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints

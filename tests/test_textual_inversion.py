@@ -6,7 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import checkpoint_names, load_state_dict, tree_snapshot
+from helpers import checkpoint_names, earlier_run_folder, load_state_dict, tree_snapshot
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -260,7 +260,7 @@ ERROR_CASES = {
 def test_clear_errors_write_nothing(launch, assets, concept, tmp_path, case):
     make_args, expected = ERROR_CASES[case]
     out = tmp_path / "previous_run"
-    out.mkdir()
+    earlier_run_folder(out)
     (out / "learned_embeds.safetensors").write_bytes(b"embeddings of an earlier run")
     before = tree_snapshot(str(out))
     args = base_args(assets, concept, str(out), "--max_train_steps 2")

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import checkpoint_names, load_state_dict, max_abs_diff, tree_snapshot
+from helpers import checkpoint_names, earlier_run_folder, load_state_dict, max_abs_diff, tree_snapshot
 from PIL import Image
 
 import train_text_to_image
@@ -57,7 +57,8 @@ def test_train_checkpoints_validate_save_and_generate(launch, assets, tmp_path):
     # 10 images / batch 2 = 5 updates per epoch: checkpoints at 2, 4, 6, the limit keeps the last two.
     assert checkpoint_names(out) == ["checkpoint-4", "checkpoint-6"]
     hidden = sorted(n for n in os.listdir(out) if n.startswith("."))
-    assert hidden == [".pipeline", ".pipeline-1", ".training.lock", ".training.lock.owner"], "no partial folders remain"
+    no_partial_folders = [".pipeline", ".pipeline-1", ".sdtrain-run.json", ".training.lock", ".training.lock.owner"]
+    assert hidden == no_partial_folders, hidden
     assert os.path.islink(os.path.join(out, "unet")) and os.readlink(os.path.join(out, "unet")) == ".pipeline/unet"
     for name in ["checkpoint-4", "checkpoint-6"]:
         metadata = json.load(open(os.path.join(out, name, "checkpoint_metadata.json")))
@@ -371,6 +372,7 @@ def test_clear_errors_write_nothing(launch, assets, tmp_path, case):
     make_args, expected = ERROR_CASES[case]
     out = tmp_path / "previous_run"
     (out / "unet").mkdir(parents=True)
+    earlier_run_folder(out)
     (out / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights of an earlier run")
     before = tree_snapshot(str(out))
     args = base_args(assets, str(out), "--max_train_steps 4 --checkpointing_steps 1")

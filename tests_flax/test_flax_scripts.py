@@ -18,6 +18,7 @@ from safetensors.numpy import load_file
 
 from devkit.command_line import command_line, recorded_seed, without_seed
 from devkit.running_launch import free_port
+from sdtrain.run_folder import RUN_MANIFEST
 
 
 def checkpoint_names(output_dir):
@@ -176,6 +177,7 @@ def test_text_to_image_flax_exact_resume(launch, assets, tmp_path):
 def test_text_to_image_flax_clear_errors(launch, assets, tmp_path, flag, value, message):
     out = tmp_path / "previous"
     out.mkdir()
+    (out / RUN_MANIFEST).write_text("{}")  # an earlier run's folder: a later run may write into it
     (out / "model_index.json").write_text("{}")
     args = t2i_args(assets, str(out), "--max_train_steps 2")
     if flag in args:
@@ -184,7 +186,7 @@ def test_text_to_image_flax_clear_errors(launch, assets, tmp_path, flag, value, 
         args += [flag, value]
     result = launch.run(T2I, args, check=False)
     assert result.returncode != 0 and message in result.output, result.output[-3000:]
-    visible = [name for name in os.listdir(out) if not name.startswith(".training.lock")]  # the run's lock
+    visible = [name for name in os.listdir(out) if not name.startswith(".")]  # the manifest, a run's lock
     assert visible == ["model_index.json"] and (out / "model_index.json").read_text() == "{}"
 
 
@@ -202,8 +204,7 @@ def test_text_to_image_flax_refuses_a_single_file_it_has_no_layout_for(launch, a
     assert result.returncode != 0, result.output[-3000:]
     assert "--save_single_file: no original Stable Diffusion single-file layout" in result.output
     assert "class_embed_type='timestep'" in result.output
-    written = [name for name in os.listdir(out) if not name.startswith(".training.lock")] if out.exists() else []
-    assert written == []
+    assert not out.exists()  # refused before training: nothing written, not even the folder
 
 
 def start_two_processes(launch, script, args):
@@ -233,7 +234,7 @@ def test_a_dead_process_makes_the_other_exit_in_bounded_time(launch, assets, tmp
     print(f"the surviving process exited {waited:.0f} s after the other was killed")
     assert result.returncode != 0 and waited < 60
     assert "stopped sending heartbeats" in result.output and "1" in result.output.split("stopped sending heartbeats")[1]
-    assert not os.path.exists(out / "model_index.json") and checkpoint_names(out) == []
+    assert not os.path.exists(out / "model_index.json") and (not os.path.exists(out) or checkpoint_names(out) == [])
 
 
 def test_text_to_image_flax_as_two_processes_matches_one_process_with_two_devices(launch, assets, tmp_path):
@@ -375,13 +376,35 @@ def test_textual_inversion_flax_exact_resume(launch, assets, tmp_path):
 def test_textual_inversion_flax_clear_errors(launch, assets, tmp_path, flag, value, message):
     out = tmp_path / "previous"
     out.mkdir()
+    (out / RUN_MANIFEST).write_text("{}")  # an earlier run's folder: a later run may write into it
     (out / "learned_embeds.safetensors").write_bytes(b"earlier")
     args = ti_args(assets, str(out), "--max_train_steps 2")
     args[args.index(flag) + 1] = value
     result = launch.run(TI, args, check=False)
     assert result.returncode != 0 and message in result.output, result.output[-3000:]
-    visible = [name for name in os.listdir(out) if not name.startswith(".training.lock")]  # the run's lock
+    visible = [name for name in os.listdir(out) if not name.startswith(".")]  # the manifest, a run's lock
     assert visible == ["learned_embeds.safetensors"] and (out / "learned_embeds.safetensors").read_bytes() == b"earlier"
+
+
+def test_flax_refused_starts_write_nothing_and_a_folder_of_user_files_is_refused(launch, assets, tmp_path):
+    """The Flax twins take the output folder as the PyTorch scripts do: a start refused before training (here a
+    missing --train_data_dir, found after the models load) leaves no folder at all; a folder of someone's files is
+    refused, naming it, before any model loads, and is left byte for byte as it was."""
+    out = tmp_path / "run"
+    args = t2i_args(assets, str(out), "--max_train_steps 2")
+    args[args.index("--train_data_dir") + 1] = "/nowhere/images"
+    result = launch.run(T2I, args, check=False)
+    assert result.returncode != 0 and "--train_data_dir /nowhere/images: no such folder" in result.output
+    assert not out.exists(), os.listdir(out)
+    mine = tmp_path / "mine"
+    (mine / "unet").mkdir(parents=True)
+    (mine / "unet" / "important.bin").write_text("keep")
+    (mine / "README.md").write_text("mine")
+    before = folder_bytes(mine)
+    result = launch.run(TI, ti_args(assets, str(mine), "--max_train_steps 2"), check=False)
+    assert result.returncode != 0
+    assert f"--output_dir {mine} holds files no run of these scripts wrote (README.md, unet)" in result.output
+    assert folder_bytes(mine) == before and sorted(os.listdir(mine)) == ["README.md", "unet"]
 
 
 def test_textual_inversion_flax_preempted_resumes_to_the_same_embedding(launch, assets, tmp_path):
@@ -411,7 +434,7 @@ def test_flax_writes_no_diverged_embedding_and_skips_a_damaged_checkpoint(launch
     flags = "--learning_rate 1e39 --max_train_steps 3 --checkpointing_steps 1 --save_steps 1"
     result = launch.run(TI, ti_args(assets, str(out), flags), check=False)
     assert result.returncode != 0 and "the embedding diverged at step 1" in result.output, result.output[-3000:]
-    assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == []
+    assert not os.path.exists(out), f"a diverged run left {os.listdir(out)}"
     out = str(tmp_path / "damaged")
     launch.run(TI, ti_args(assets, out, "--max_train_steps 4 --checkpointing_steps 2"))
     files = [
