@@ -260,6 +260,11 @@ def parse_args(argv=None):
         default=0.0,
         help="Drop each tag of a caption (after --keep_tokens) with this probability at every use.",
     )
+    group.add_argument(
+        "--skip_bad_captions",
+        action="store_true",
+        help="Leave out (and count) the images whose caption .txt file is not UTF-8, instead of stopping.",
+    )
     group = parser.add_argument_group("Training")
     group.add_argument(
         "--seed",
