@@ -121,6 +121,24 @@ def caption_file_dataset(folder, image_column, caption_column, skip_bad_captions
     return dataset.cast_column(image_column, datasets.Image(decode=False))
 
 
+def check_metadata_encoding(folder):
+    """A metadata.jsonl or .csv that is not UTF-8 is refused by name and byte offset (datasets' own error names
+    neither); there is no image to leave out, so --skip_bad_captions does not apply."""
+    for name in sorted(METADATA_FILES - {"metadata.parquet"}):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        with open(path, "rb") as f:
+            data = f.read()
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise UserError(
+                f"metadata file {path} is not UTF-8: byte offset {err.start} is 0x{data[err.start]:02x} "
+                "(a Latin-1 or Windows-1252 file?): re-save it as UTF-8"
+            ) from None
+
+
 def describe_captions(values, origin):
     """One line for the log: how many captions came from where, how many are empty, how many have alternatives."""
     # A row is a caption or a list of alternatives ([""] when its caption file is empty and others have several).
@@ -159,6 +177,7 @@ def load_image_caption_dataset(args, seed):
         origin = f"{CAPTION_EXTENSION} files"
         if dataset is None:
             origin = "the metadata file"
+            check_metadata_encoding(args.train_data_dir)
             try:
                 dataset = datasets.load_dataset(
                     "imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir, split="train"

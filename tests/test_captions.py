@@ -129,3 +129,14 @@ def test_a_run_refuses_a_caption_file_that_is_not_utf8(launch, assets, tmp_path)
     result = launch.accelerate(SCRIPT, args, check=False)
     assert result.returncode != 0
     assert "0003.txt is not UTF-8: byte offset 5" in result.output and "--skip_bad_captions" in result.output
+
+
+def test_a_metadata_file_that_is_not_utf8_is_named_with_its_byte_offset(assets, tmp_path):
+    folder = shutil.copytree(assets["images"], tmp_path / "latin1")
+    rows = metadata_rows(assets["images"])
+    rows[2]["text"] = "a café"
+    (folder / "metadata.jsonl").write_bytes(
+        "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("latin-1")
+    )
+    with pytest.raises(UserError, match=r"metadata.jsonl is not UTF-8: byte offset \d+ is 0xe9 .*re-save it as UTF-8"):
+        read(str(folder))
