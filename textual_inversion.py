@@ -92,6 +92,7 @@ from sdtrain.run_folder import (
     warn_if_batch_layout_changed,
     write_failure,
 )
+from sdtrain.sizes import check_model_sizes
 from sdtrain.torch_training import (
     LogWindow,
     check_finite,
@@ -995,6 +996,9 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------ load models
     # SDXL: two text encoders, each with its own tokenizer and its own copy of the placeholder's rows.
     sdxl = model_family(args) == "sdxl"  # any family but SD 1.x / 2.x and SDXL is named and refused by model_family
+    # A size the model cannot train or render at is refused now, from the configs, not at the first validation.
+    path = args.pretrained_model_name_or_path
+    check_model_sizes(path, None, args.revision, args.cache_dir, args.resolution, args.validation_resolution)
     if args.tokenizer_name:
         tokenizers = [CLIPTokenizer.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)]
     else:

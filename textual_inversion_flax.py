@@ -97,6 +97,7 @@ from sdtrain.run_folder import (
     warn_if_batch_layout_changed,
     write_failure,
 )
+from sdtrain.sizes import check_model_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -833,6 +834,8 @@ def main(argv=None):
     source = f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}"
     # SDXL: two text encoders, each with its own tokenizer and its own copy of the placeholder's rows.
     sdxl = folder_family(folder, source) == "sdxl"  # any family but SD 1.x / 2.x and SDXL is named and refused
+    # A size the model cannot train or render at is refused now, from the configs, not at the first validation.
+    check_model_sizes(folder, None, None, None, args.resolution, args.validation_resolution, whole_model=True)
     if args.tokenizer_name:
         tokenizers = [CLIPTokenizerFast.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)]
     else:

@@ -93,6 +93,7 @@ from sdtrain.run_folder import (
     write_failure,
 )
 from sdtrain.single_file import SINGLE_FILE_DTYPES, save_single_file, single_file_layout
+from sdtrain.sizes import check_model_sizes
 from sdtrain.torch_training import (
     LogWindow,
     check_finite,
@@ -103,6 +104,7 @@ from sdtrain.torch_training import (
     encode_text,
     inference_scheduler,
     load_component,
+    load_model,
     log_validation,
     model_family,
     optimizer_tensors,
@@ -1193,6 +1195,16 @@ def main(argv=None):
     sdxl = model_family(args) == "sdxl"
     if sdxl and args.dream_training:
         raise ValueError("--dream_training supports Stable Diffusion 1.x / 2.x pipelines; this one is SDXL")
+    # A size the model cannot train or render at is refused now, from the configs, not at the first validation.
+    check_model_sizes(
+        args.pretrained_model_name_or_path,
+        args.pretrained_vae_model_name_or_path,
+        args.revision,
+        args.cache_dir,
+        args.resolution,
+        args.validation_resolution,
+        args.aspect_ratio_buckets,
+    )
     noise_scheduler = load_component(
         DDPMScheduler, args, "scheduler", rescale_betas_zero_snr=args.rescale_betas_zero_snr
     )
@@ -1207,7 +1219,8 @@ def main(argv=None):
         tokenizers.append(load_component(CLIPTokenizer, args, "tokenizer_2"))
         text_encoders.append(load_component(CLIPTextModelWithProjection, args, "text_encoder_2", variant=args.variant))
     if args.pretrained_vae_model_name_or_path:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+        flag = "--pretrained_vae_model_name_or_path"
+        vae = load_model(AutoencoderKL, args.pretrained_vae_model_name_or_path, "", flag, cache_dir=args.cache_dir)
     else:
         vae = load_component(AutoencoderKL, args, "vae", variant=args.variant)
     unet = load_component(UNet2DConditionModel, args, "unet", revision=args.non_ema_revision)

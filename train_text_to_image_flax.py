@@ -91,6 +91,7 @@ from sdtrain.run_folder import (
     write_failure,
 )
 from sdtrain.single_file import SINGLE_FILE_DTYPES, component_configs, save_single_file, single_file_layout
+from sdtrain.sizes import check_model_sizes
 
 logger = logging.getLogger(__name__)
 
@@ -1184,6 +1185,17 @@ def main(argv=None):
     source = f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}"
     # SD 1.x / 2.x or SDXL, from model_index.json before any weights load; any other family is named and refused.
     sdxl = folder_family(folder, source) == "sdxl"
+    # A size the model cannot train or render at is refused now, from the configs, not at the first validation.
+    check_model_sizes(
+        folder,
+        args.pretrained_vae_model_name_or_path,
+        args.revision,
+        args.cache_dir,
+        args.resolution,
+        args.validation_resolution,
+        args.aspect_ratio_buckets,
+        whole_model=True,
+    )
     if args.save_single_file:  # refused now rather than after training
         single_file_layout(*component_configs(folder))
     tokenizer_names = ["tokenizer", "tokenizer_2"] if sdxl else ["tokenizer"]

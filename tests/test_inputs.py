@@ -1,0 +1,89 @@
+"""Mistakes in what a run is given (sizes the model cannot use, a pipeline folder missing a component) are refused at
+the start, by name, before any training: not at the first validation, and not as a loader error naming the pipeline."""
+
+import os
+import shutil
+import types
+
+import pytest
+from test_train_text_to_image import SCRIPT, base_args
+
+from sdtrain.cli import UserError
+from sdtrain.sizes import check_model_sizes
+from sdtrain.torch_training import load_component, load_model
+
+
+def sizes(pipeline, resolution, validation=None, buckets=None, whole_model=False):
+    validation = validation or (resolution, resolution)
+    check_model_sizes(pipeline, None, None, None, resolution, validation, buckets, whole_model=whole_model)
+
+
+def test_sizes_the_model_cannot_use_are_named_with_the_nearest_valid_ones(assets):
+    pipeline = assets["pipeline"]  # VAE scale factor 8, UNet downsampling 2
+    sizes(pipeline, 64, (64, 96), [(64, 96), (96, 64)])  # valid: no error
+    sizes(pipeline, 40)  # a multiple of the VAE's 8: the PyTorch UNet upsamples to an odd skip connection
+    with pytest.raises(
+        UserError, match=r"--resolution 50: 50 is not a multiple of 8, .*nearest valid size is 48 or 56"
+    ):
+        sizes(pipeline, 50)
+    with pytest.raises(UserError, match=r"--resolution 4: 4 is not a multiple of 8, .*nearest valid size is 8$"):
+        sizes(pipeline, 4)
+    with pytest.raises(UserError, match=r"--validation_resolution 64,36: 36 is not a multiple of 8"):
+        sizes(pipeline, 64, (64, 36))
+    # Every bucket side, and with whole_model (the Flax twins) every side, must also survive the UNet's downsampling.
+    with pytest.raises(UserError, match=r"--aspect_ratio_buckets 64,72: 72 is not a multiple of 16, which this model "):
+        sizes(pipeline, 64, None, [(64, 64), (64, 72)])
+    with pytest.raises(
+        UserError, match=r"--resolution 40: .* 16, .*UNet downsampling 2.*nearest valid size is 32 or 48"
+    ):
+        sizes(pipeline, 40, whole_model=True)
+
+
+def test_resolution_50_is_refused_before_training(launch, assets, tmp_path):
+    out = tmp_path / "run"
+    args = base_args(assets, str(out), "--max_train_steps 2 --validation_prompts a --validation_epochs 1")
+    args[args.index("--resolution") + 1] = "50"
+    result = launch.accelerate(SCRIPT, args, check=False)
+    assert result.returncode != 0
+    assert "--resolution 50: 50 is not a multiple of 8" in result.output and "48 or 56" in result.output
+    assert "Examples =" not in result.output  # the training banner: refused before it
+    assert not os.path.exists(out / "unet") and not list(out.glob("checkpoint-*"))
+
+
+def pipeline_copy(assets, tmp_path, name):
+    return shutil.copytree(assets["pipeline"], tmp_path / name)
+
+
+def test_a_missing_component_is_named(assets, tmp_path):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextModelWithProjection
+
+    folder = pipeline_copy(assets, tmp_path, "no_vae")
+    shutil.rmtree(folder / "vae")
+    args = types.SimpleNamespace(pretrained_model_name_or_path=str(folder), revision=None, cache_dir=None)
+    with pytest.raises(UserError, match=r"cannot load its vae \(AutoencoderKL\): there is no vae/ folder in .*no_vae"):
+        load_component(AutoencoderKL, args, "vae")
+    # The sizes check, which reads the configs before any weights, says the same.
+    with pytest.raises(UserError, match=r"cannot read its vae: there is no vae/ folder in .*no_vae"):
+        sizes(str(folder), 64)
+    # An SD pipeline given where SDXL's second text encoder is expected.
+    with pytest.raises(UserError, match=r"cannot load its text_encoder_2 .*: there is no text_encoder_2/ folder"):
+        load_component(CLIPTextModelWithProjection, args, "text_encoder_2")
+    with pytest.raises(UserError, match=r"--pretrained_vae_model_name_or_path .*no_vae/unet: cannot load the model"):
+        load_model(AutoencoderKL, str(folder / "unet"), "", "--pretrained_vae_model_name_or_path")
+
+
+def test_a_unet_without_weights_is_refused_naming_the_component(launch, assets, tmp_path):
+    folder = pipeline_copy(assets, tmp_path, "no_unet_weights")
+    for name in os.listdir(folder / "unet"):
+        if name.endswith((".safetensors", ".bin")):
+            os.remove(folder / "unet" / name)
+    args = base_args(assets, str(tmp_path / "run"), "--max_train_steps 1")
+    args[args.index("--pretrained_model_name_or_path") + 1] = str(folder)
+    result = launch.accelerate(SCRIPT, args, check=False)
+    assert result.returncode != 0
+    expected = "cannot load its unet (UNet2DConditionModel): there are no weights in"
+    assert (
+        expected in result.output
+        and "diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin" in result.output
+    )
