@@ -90,7 +90,11 @@ def component_name(folder, subfolder):
 
 def read_flax_config(read, folder, subfolder):
     """read(folder, subfolder=subfolder), the component's config; a UserError naming the component and what it lacks
-    when there is none (diffusers' and transformers' errors name the pipeline, not the component)."""
+    when there is none (diffusers' and transformers' errors name the pipeline, not the component; transformers'
+    CLIPTextConfig even reads a missing subfolder as its default config)."""
+    problem = component_problem(folder, subfolder) if subfolder and os.path.isdir(folder) else None
+    if problem:
+        raise UserError(f"{component_name(folder, subfolder)} cannot be loaded: {problem}")
     try:
         return read(folder, subfolder=subfolder)
     except (OSError, ValueError) as err:

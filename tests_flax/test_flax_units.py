@@ -1,5 +1,8 @@
 """Pieces of the Flax twins checked in-process: the learning-rate schedules and block rematerialisation."""
 
+import os
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,3 +149,19 @@ def test_sdxl_textual_inversion_example_crops_and_conditions_as_the_pytorch_twin
             if center_crop:
                 assert example["pixel_values"].min() > 0.9, "the crop is the white centre square"
         assert flips == {False, True}
+
+
+def test_a_missing_flax_component_is_named(assets, tmp_path):
+    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
+
+    from sdtrain.cli import UserError
+
+    folder = shutil.copytree(assets["pipeline"], tmp_path / "broken")
+    shutil.rmtree(folder / "vae")
+    os.remove(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(UserError, match=r"broken: its vae cannot be loaded: there is no vae/ folder in .*broken"):
+        jax_training.load_flax_model(FlaxAutoencoderKL, str(folder), "vae", None, jnp.float32)
+    with pytest.raises(UserError, match=r"its unet cannot be loaded: there is no diffusion_pytorch_model.safetensors"):
+        jax_training.load_flax_model(FlaxUNet2DConditionModel, str(folder), "unet", None, jnp.float32)
+    with pytest.raises(UserError, match=r"its text_encoder_2 cannot be loaded: there is no text_encoder_2/ folder"):
+        jax_training.load_flax_text_encoder(str(folder), None, jnp.float32, "text_encoder_2")
