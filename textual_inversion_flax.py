@@ -51,6 +51,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sdtrain.batching import parse_size, shuffled_batches
+from sdtrain.checks import schedule_problem
 from sdtrain.embeddings import (
     OBJECT_TEMPLATES,
     STYLE_TEMPLATES,
@@ -63,7 +64,7 @@ from sdtrain.embeddings import (
     sdxl_time_ids,
 )
 from sdtrain.families import folder_family
-from sdtrain.hub import push_to_hub
+from sdtrain.hub import hub_problem, push_to_hub
 from sdtrain.images import load_rgb
 from sdtrain.jax_training import (
     LogWindow,
@@ -337,6 +338,14 @@ def parse_args(argv=None):
         parser.error(str(err))
     check_recipe_arguments(parser, args)
     check_optimizer_arguments(parser, args)
+    for problem in (
+        schedule_problem(
+            args.learning_rate, args.lr_warmup_steps, args.max_grad_norm, args.num_train_epochs, args.max_train_steps
+        ),
+        hub_problem(args.push_to_hub, args.hub_model_id, args.hub_token, args.output_dir),
+    ):
+        if problem:
+            parser.error(problem)
     if args.coordinator_address is not None:
         if args.num_processes is None or args.process_id is None:
             parser.error(

@@ -76,7 +76,8 @@ from sdtrain.batching import (
     size_conditioning,
 )
 from sdtrain.captions import CaptionConfig, edit_caption, load_image_caption_dataset
-from sdtrain.hub import push_to_hub
+from sdtrain.checks import schedule_problem
+from sdtrain.hub import hub_problem, push_to_hub
 from sdtrain.images import load_rgb, verify_image
 from sdtrain.logs import format_logs
 from sdtrain.preemption import PREEMPTED_EXIT_CODE, StopRequest, preemption_message
@@ -481,6 +482,14 @@ def parse_args(argv=None):
         parser.error("--dream_detail_preservation must be positive")
     check_recipe_arguments(parser, args)
     check_optimizer_arguments(parser, args)
+    for problem in (
+        schedule_problem(
+            args.learning_rate, args.lr_warmup_steps, args.max_grad_norm, args.num_train_epochs, args.max_train_steps
+        ),
+        hub_problem(args.push_to_hub, args.hub_model_id, args.hub_token, args.output_dir),
+    ):
+        if problem:
+            parser.error(problem)
     if args.report_to == "wandb" and args.hub_token is not None:
         parser.error("--hub_token with --report_to=wandb would leak the token to wandb; use `hf auth login` instead")
     return args

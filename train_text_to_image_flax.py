@@ -55,8 +55,9 @@ from sdtrain.batching import (
     size_conditioning,
 )
 from sdtrain.captions import CaptionConfig, edit_caption, load_image_caption_dataset
+from sdtrain.checks import schedule_problem
 from sdtrain.families import folder_family
-from sdtrain.hub import push_to_hub
+from sdtrain.hub import hub_problem, push_to_hub
 from sdtrain.images import inspect_images, load_rgb, verify_image
 from sdtrain.jax_training import (
     LogWindow,
@@ -426,6 +427,14 @@ def parse_args(argv=None):
         parser.error(f"--keep_tokens must be 0 or more, got {args.keep_tokens}")
     check_recipe_arguments(parser, args)
     check_optimizer_arguments(parser, args)
+    for problem in (
+        schedule_problem(
+            args.learning_rate, args.lr_warmup_steps, args.max_grad_norm, args.num_train_epochs, args.max_train_steps
+        ),
+        hub_problem(args.push_to_hub, args.hub_model_id, args.hub_token, args.output_dir),
+    ):
+        if problem:
+            parser.error(problem)
     if args.coordinator_address is not None:
         if args.num_processes is None or args.process_id is None:
             parser.error(

@@ -194,6 +194,10 @@ def load_image_caption_dataset(args, seed):
     if isinstance(dataset.features[args.image_column], datasets.Image):
         # Decode ourselves, so an unreadable file is reported by name.
         dataset = dataset.cast_column(args.image_column, datasets.Image(decode=False))
+    if args.max_train_samples is not None and args.max_train_samples > len(dataset):
+        logger.warning(
+            f"--max_train_samples {args.max_train_samples}: {source} has {len(dataset)} rows, training on all"
+        )
     if args.max_train_samples is not None:
         dataset = dataset.shuffle(seed=seed).select(range(min(args.max_train_samples, len(dataset))))
     logger.info(describe_captions(dataset[args.caption_column], origin))

@@ -8,6 +8,7 @@ import types
 import pytest
 from test_train_text_to_image import SCRIPT, base_args
 
+from devkit.command_line import command_line
 from sdtrain.cli import UserError
 from sdtrain.sizes import check_model_sizes
 from sdtrain.torch_training import load_component, load_model
@@ -87,3 +88,47 @@ def test_a_unet_without_weights_is_refused_naming_the_component(launch, assets, 
         expected in result.output
         and "diffusion_pytorch_model.safetensors or diffusion_pytorch_model.bin" in result.output
     )
+
+
+def refused(parse_args, flags, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(command_line(*flags))
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+T2I = ("--pretrained_model_name_or_path p --train_data_dir d",)
+TI = ("--pretrained_model_name_or_path p --train_data_dir d --placeholder_token <x> --initializer_token toy",)
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        ("--learning_rate 0", "--learning_rate must be positive, got 0.0"),
+        ("--lr_warmup_steps -1", "--lr_warmup_steps must be 0 or more, got -1"),
+        ("--max_grad_norm -1", "--max_grad_norm must be 0 (no clipping) or positive, got -1.0"),
+        ("--num_train_epochs 0", "--num_train_epochs must be at least 1 (or give --max_train_steps), got 0"),
+        ("--hub_model_id me/model", "--hub_model_id me/model names the repository --push_to_hub uploads to"),
+        ("--push_to_hub --output_dir 'sd model'", "the --output_dir name 'sd model' is not a valid Hub repository"),
+        # The tests run with HF_HUB_OFFLINE=1 (conftest): the upload after training could not happen.
+        ("--push_to_hub --hub_model_id me/model", "the Hub is switched off (HF_HUB_OFFLINE=1)"),
+    ],
+)
+def test_flags_that_would_fail_or_train_nothing_later_are_refused_at_parse_time(flags, message, capsys):
+    import textual_inversion
+    import train_text_to_image
+
+    assert message in refused(train_text_to_image.parse_args, T2I + (flags,), capsys)
+    if "num_train_epochs" in flags:  # textual inversion always has --max_train_steps (5000 by default)
+        assert textual_inversion.parse_args(command_line(*TI, flags)).num_train_epochs == 0
+    else:
+        assert message in refused(textual_inversion.parse_args, TI + (flags,), capsys)
+
+
+def test_textual_inversion_validation_epochs_must_be_positive(capsys):
+    import textual_inversion
+
+    # 0 became --validation_steps 0: a division by zero at the first step with --validation_prompt.
+    message = "--validation_epochs must be at least 1, got 0"
+    assert message in refused(textual_inversion.parse_args, TI + ("--validation_epochs 0",), capsys)
+    assert textual_inversion.parse_args(command_line(*TI, "--validation_epochs 2")).validation_epochs == 2

@@ -165,3 +165,24 @@ def test_a_missing_flax_component_is_named(assets, tmp_path):
         jax_training.load_flax_model(FlaxUNet2DConditionModel, str(folder), "unet", None, jnp.float32)
     with pytest.raises(UserError, match=r"its text_encoder_2 cannot be loaded: there is no text_encoder_2/ folder"):
         jax_training.load_flax_text_encoder(str(folder), None, jnp.float32, "text_encoder_2")
+
+
+def test_flax_twins_refuse_flags_that_would_fail_later(capsys):
+    import textual_inversion_flax
+    from devkit.command_line import command_line
+
+    twins = [
+        (T.parse_args, "--pretrained_model_name_or_path p --train_data_dir d"),
+        (
+            textual_inversion_flax.parse_args,
+            "--pretrained_model_name_or_path p --train_data_dir d --placeholder_token <x> --initializer_token toy",
+        ),
+    ]
+    for parse_args, required in twins:
+        for flags, message in [
+            ("--max_grad_norm -1", "--max_grad_norm must be 0 (no clipping) or positive"),
+            ("--hub_model_id me/model", "names the repository --push_to_hub uploads to: add --push_to_hub"),
+        ]:
+            with pytest.raises(SystemExit):
+                parse_args(command_line(required, flags))
+            assert message in capsys.readouterr().err
