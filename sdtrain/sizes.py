@@ -25,9 +25,14 @@ def read_component_config(source, subfolder, revision=None, cache_dir=None, flag
     else:
         from huggingface_hub import hf_hub_download
 
-        path = hf_hub_download(
-            source, "config.json", subfolder=subfolder or None, revision=revision, cache_dir=cache_dir
-        )
+        try:
+            path = hf_hub_download(
+                source, "config.json", subfolder=subfolder or None, revision=revision, cache_dir=cache_dir
+            )
+        except OSError as err:  # the hub's errors (no such repository, file or revision; offline) are OSErrors
+            component = f"its {subfolder} config" if subfolder else "its config"
+            detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise UserError(f"{flag} {source}: cannot read {component} from the Hub: {detail}") from err
     with open(path, encoding="utf-8") as f:
         return json.load(f)
 

@@ -132,3 +132,21 @@ def test_textual_inversion_validation_epochs_must_be_positive(capsys):
     message = "--validation_epochs must be at least 1, got 0"
     assert message in refused(textual_inversion.parse_args, TI + ("--validation_epochs 0",), capsys)
     assert textual_inversion.parse_args(command_line(*TI, "--validation_epochs 2")).validation_epochs == 2
+
+
+def test_a_hub_model_whose_config_cannot_be_read_is_named():
+    # The tests run offline (conftest): the hub id cannot be reached, and the message says which config was wanted.
+    with pytest.raises(
+        UserError, match=r"--pretrained_model_name_or_path someone/no-model: cannot read its vae config"
+    ):
+        sizes("someone/no-model", 64)
+
+
+def test_a_scheduler_prediction_type_the_loss_cannot_train_is_refused_before_training():
+    import train_text_to_image
+    from sdtrain.recipes import recipe_fields
+
+    args = train_text_to_image.parse_args(command_line(*T2I))
+    assert recipe_fields(args, "v_prediction", 1000)["loss_type"] == args.loss_type
+    with pytest.raises(UserError, match=r"prediction_type 'sample', .*pass --prediction_type epsilon or v_prediction"):
+        recipe_fields(args, "sample", 1000)
