@@ -186,3 +186,30 @@ def test_flax_twins_refuse_flags_that_would_fail_later(capsys):
             with pytest.raises(SystemExit):
                 parse_args(command_line(required, flags))
             assert message in capsys.readouterr().err
+
+
+def test_flax_twin_reads_caption_files_as_the_pytorch_twin(assets, tmp_path, caplog):
+    """The shared caption reader under the Flax twin's flags: a Notepad byte-order mark is dropped, a Latin-1 file is
+    named (or left out and counted with --skip_bad_captions), and the captions are summarised in one log line."""
+    from devkit.command_line import command_line
+    from sdtrain.captions import load_image_caption_dataset
+    from sdtrain.cli import UserError
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in sorted(os.listdir(assets["images"]))[:2]:
+        if name.endswith(".png"):
+            shutil.copy(os.path.join(assets["images"], name), folder)
+    images = sorted(os.listdir(folder))
+    (folder / images[0].replace(".png", ".txt")).write_bytes(b"\xef\xbb\xbfa red circle\n")
+    (folder / images[1].replace(".png", ".txt")).write_bytes("a café".encode("latin-1"))
+
+    def read(*flags):
+        args = T.parse_args(command_line("--pretrained_model_name_or_path p --train_data_dir", str(folder), *flags))
+        return {os.path.basename(row["image"]["path"]): row["text"] for row in load_image_caption_dataset(args, 0)}
+
+    with pytest.raises(UserError, match=rf"{images[1][:-4]}\.txt is not UTF-8: byte offset 5 is 0xe9"):
+        read()
+    with caplog.at_level("INFO", logger="sdtrain"):
+        assert read("--skip_bad_captions") == {images[0]: "a red circle"}
+    assert "captions: 1 from .txt files, 0 empty, 0 with alternatives" in caplog.text
