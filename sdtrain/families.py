@@ -74,7 +74,7 @@ def folder_family(folder, source):
 
 def component_problem(folder, subfolder, weight_names=(), variant=None):
     """What a local pipeline folder's component lacks, in words: its folder, its config, or (for a model: weight_names,
-    the files its loader reads, e.g. ("diffusion_pytorch_model.safetensors", ".bin")) its weights; None when all are
+    the files its loader reads, e.g. ("model.safetensors", "pytorch_model.bin")) its weights; None when all are
     there, and then the loader's own error is the one to show."""
     path = os.path.join(folder, subfolder)
     if not os.path.isdir(path):
