@@ -65,7 +65,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdtrain.batching import BatchShare, parse_size, shuffled_batches
-from sdtrain.checks import schedule_problem
+from sdtrain.checks import training_problem
 from sdtrain.embeddings import (
     OBJECT_TEMPLATES,
     STYLE_TEMPLATES,
@@ -374,7 +374,9 @@ def parse_args(argv=None):
     if env_local_rank != -1:
         args.local_rank = env_local_rank
     positive = "num_vectors repeats resolution train_batch_size max_train_steps gradient_accumulation_steps save_steps"
-    for name in (positive + " checkpointing_steps validation_steps num_validation_images logging_steps").split():
+    for name in (
+        positive + " checkpointing_steps validation_steps num_validation_images logging_steps lr_num_cycles"
+    ).split():
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ["checkpoints_total_limit", "validation_epochs"]:
@@ -393,8 +395,13 @@ def parse_args(argv=None):
     check_recipe_arguments(parser, args)
     check_optimizer_arguments(parser, args)
     for problem in (
-        schedule_problem(
-            args.learning_rate, args.lr_warmup_steps, args.max_grad_norm, args.num_train_epochs, args.max_train_steps
+        training_problem(
+            args.learning_rate,
+            args.lr_warmup_steps,
+            args.max_grad_norm,
+            args.num_train_epochs,
+            args.max_train_steps,
+            args.snr_gamma,
         ),
         hub_problem(args.push_to_hub, args.hub_model_id, args.hub_token, args.output_dir),
     ):

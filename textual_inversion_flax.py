@@ -51,7 +51,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sdtrain.batching import parse_size, shuffled_batches
-from sdtrain.checks import schedule_problem
+from sdtrain.checks import training_problem
 from sdtrain.embeddings import (
     OBJECT_TEMPLATES,
     STYLE_TEMPLATES,
@@ -339,8 +339,13 @@ def parse_args(argv=None):
     check_recipe_arguments(parser, args)
     check_optimizer_arguments(parser, args)
     for problem in (
-        schedule_problem(
-            args.learning_rate, args.lr_warmup_steps, args.max_grad_norm, args.num_train_epochs, args.max_train_steps
+        training_problem(
+            args.learning_rate,
+            args.lr_warmup_steps,
+            args.max_grad_norm,
+            args.num_train_epochs,
+            args.max_train_steps,
+            args.snr_gamma,
         ),
         hub_problem(args.push_to_hub, args.hub_model_id, args.hub_token, args.output_dir),
     ):

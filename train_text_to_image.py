@@ -76,7 +76,7 @@ from sdtrain.batching import (
     size_conditioning,
 )
 from sdtrain.captions import CaptionConfig, edit_caption, load_image_caption_dataset
-from sdtrain.checks import schedule_problem
+from sdtrain.checks import training_problem
 from sdtrain.hub import hub_problem, push_to_hub
 from sdtrain.images import load_rgb, verify_image
 from sdtrain.logs import format_logs
@@ -483,8 +483,13 @@ def parse_args(argv=None):
     check_recipe_arguments(parser, args)
     check_optimizer_arguments(parser, args)
     for problem in (
-        schedule_problem(
-            args.learning_rate, args.lr_warmup_steps, args.max_grad_norm, args.num_train_epochs, args.max_train_steps
+        training_problem(
+            args.learning_rate,
+            args.lr_warmup_steps,
+            args.max_grad_norm,
+            args.num_train_epochs,
+            args.max_train_steps,
+            args.snr_gamma,
         ),
         hub_problem(args.push_to_hub, args.hub_model_id, args.hub_token, args.output_dir),
     ):

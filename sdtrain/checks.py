@@ -2,8 +2,8 @@
 (each function returns the message for parser.error, or None). Framework-free."""
 
 
-def schedule_problem(learning_rate, lr_warmup_steps, max_grad_norm, num_train_epochs, max_train_steps):
-    """The training length and step size: a run that would train nothing, or in the wrong direction."""
+def training_problem(learning_rate, lr_warmup_steps, max_grad_norm, num_train_epochs, max_train_steps, snr_gamma):
+    """The training length, step size and loss weighting: a run that would train nothing, or in the wrong direction."""
     if learning_rate <= 0:
         return f"--learning_rate must be positive, got {learning_rate}"
     if lr_warmup_steps < 0:
@@ -13,4 +13,7 @@ def schedule_problem(learning_rate, lr_warmup_steps, max_grad_norm, num_train_ep
         return f"--max_grad_norm must be 0 (no clipping) or positive, got {max_grad_norm}"
     if max_train_steps is None and num_train_epochs < 1:
         return f"--num_train_epochs must be at least 1 (or give --max_train_steps), got {num_train_epochs}"
+    if snr_gamma is not None and snr_gamma <= 0:
+        # Min-SNR weights are min(SNR, gamma) / SNR: zero or negative for every timestep.
+        return f"--snr_gamma must be positive (5.0 is recommended), got {snr_gamma}"
     return None

@@ -108,6 +108,7 @@ TI = ("--pretrained_model_name_or_path p --train_data_dir d --placeholder_token 
         ("--lr_warmup_steps -1", "--lr_warmup_steps must be 0 or more, got -1"),
         ("--max_grad_norm -1", "--max_grad_norm must be 0 (no clipping) or positive, got -1.0"),
         ("--num_train_epochs 0", "--num_train_epochs must be at least 1 (or give --max_train_steps), got 0"),
+        ("--snr_gamma 0", "--snr_gamma must be positive (5.0 is recommended), got 0.0"),
         ("--hub_model_id me/model", "--hub_model_id me/model names the repository --push_to_hub uploads to"),
         ("--push_to_hub --output_dir 'sd model'", "the --output_dir name 'sd model' is not a valid Hub repository"),
         # The tests run with HF_HUB_OFFLINE=1 (conftest): the upload after training could not happen.
@@ -125,13 +126,17 @@ def test_flags_that_would_fail_or_train_nothing_later_are_refused_at_parse_time(
         assert message in refused(textual_inversion.parse_args, TI + (flags,), capsys)
 
 
-def test_textual_inversion_validation_epochs_must_be_positive(capsys):
+def test_textual_inversion_validation_epochs_and_lr_num_cycles_must_be_positive(capsys):
     import textual_inversion
 
     # 0 became --validation_steps 0: a division by zero at the first step with --validation_prompt.
     message = "--validation_epochs must be at least 1, got 0"
     assert message in refused(textual_inversion.parse_args, TI + ("--validation_epochs 0",), capsys)
     assert textual_inversion.parse_args(command_line(*TI, "--validation_epochs 2")).validation_epochs == 2
+    # 0 cycles of cosine_with_restarts leave the learning rate at its peak, silently.
+    assert "--lr_num_cycles must be at least 1, got 0" in refused(
+        textual_inversion.parse_args, TI + ("--lr_num_cycles 0",), capsys
+    )
 
 
 def test_a_hub_model_whose_config_cannot_be_read_is_named():
