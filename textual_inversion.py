@@ -65,7 +65,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdtrain.batching import BatchShare, parse_size, shuffled_batches
-from sdtrain.checks import training_problem
+from sdtrain.checks import training_problem, validation_problem
 from sdtrain.embeddings import (
     OBJECT_TEMPLATES,
     STYLE_TEMPLATES,
@@ -388,6 +388,9 @@ def parse_args(argv=None):
         parser.error(f"--placeholder_token {args.placeholder_token!r} must be one word without spaces")
     if args.report_to == "wandb" and args.hub_token is not None:
         parser.error("--hub_token with --report_to=wandb would leak the token to wandb; use `hf auth login` instead")
+    problem = validation_problem("--validation_prompt", args.validation_prompt, args.validation_resolution)
+    if problem:
+        parser.error(problem)
     try:
         args.validation_resolution = parse_size(args.validation_resolution, args.resolution)
     except ValueError as err:

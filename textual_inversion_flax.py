@@ -51,7 +51,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sdtrain.batching import parse_size, shuffled_batches
-from sdtrain.checks import training_problem
+from sdtrain.checks import training_problem, validation_problem
 from sdtrain.embeddings import (
     OBJECT_TEMPLATES,
     STYLE_TEMPLATES,
@@ -332,6 +332,9 @@ def parse_args(argv=None):
         parser.error(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
     if not args.placeholder_token.strip() or any(c.isspace() for c in args.placeholder_token):
         parser.error(f"--placeholder_token {args.placeholder_token!r} must be one word without spaces")
+    problem = validation_problem("--validation_prompt", args.validation_prompt, args.validation_resolution)
+    if problem:
+        parser.error(problem)
     try:
         args.validation_resolution = parse_size(args.validation_resolution, args.resolution)
     except ValueError as err:

@@ -76,7 +76,7 @@ from sdtrain.batching import (
     size_conditioning,
 )
 from sdtrain.captions import CaptionConfig, edit_caption, load_image_caption_dataset
-from sdtrain.checks import training_problem
+from sdtrain.checks import training_problem, validation_problem
 from sdtrain.hub import hub_problem, push_to_hub
 from sdtrain.images import load_rgb, verify_image
 from sdtrain.logs import format_logs
@@ -455,6 +455,9 @@ def parse_args(argv=None):
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
         parser.error(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}")
+    problem = validation_problem("--validation_prompts", args.validation_prompts, args.validation_resolution)
+    if problem:
+        parser.error(problem)
     try:
         args.aspect_ratio_buckets = parse_buckets(args.aspect_ratio_buckets)
         args.validation_resolution = parse_size(args.validation_resolution, args.resolution)

@@ -55,7 +55,7 @@ from sdtrain.batching import (
     size_conditioning,
 )
 from sdtrain.captions import CaptionConfig, edit_caption, load_image_caption_dataset
-from sdtrain.checks import training_problem
+from sdtrain.checks import training_problem, validation_problem
 from sdtrain.families import folder_family
 from sdtrain.hub import hub_problem, push_to_hub
 from sdtrain.images import inspect_images, load_rgb, verify_image
@@ -400,6 +400,9 @@ def parse_args(argv=None):
     for name in ["max_train_steps", "checkpoints_total_limit", "max_train_samples"]:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    problem = validation_problem("--validation_prompts", args.validation_prompts, args.validation_resolution)
+    if problem:
+        parser.error(problem)
     try:
         args.aspect_ratio_buckets = parse_buckets(args.aspect_ratio_buckets)
         args.validation_resolution = parse_size(args.validation_resolution, args.resolution)

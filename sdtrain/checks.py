@@ -2,6 +2,13 @@
 (each function returns the message for parser.error, or None). Framework-free."""
 
 
+def validation_problem(prompt_flag, prompts, validation_resolution):
+    """--validation_resolution without validation prompts renders nothing: most likely the prompts were forgotten."""
+    if validation_resolution is not None and not prompts:
+        return f"--validation_resolution {validation_resolution} sizes the validation images: add {prompt_flag}"
+    return None
+
+
 def training_problem(learning_rate, lr_warmup_steps, max_grad_norm, num_train_epochs, max_train_steps, snr_gamma):
     """The training length, step size and loss weighting: a run that would train nothing, or in the wrong direction."""
     if learning_rate <= 0:

@@ -109,6 +109,10 @@ TI = ("--pretrained_model_name_or_path p --train_data_dir d --placeholder_token 
         ("--max_grad_norm -1", "--max_grad_norm must be 0 (no clipping) or positive, got -1.0"),
         ("--num_train_epochs 0", "--num_train_epochs must be at least 1 (or give --max_train_steps), got 0"),
         ("--snr_gamma 0", "--snr_gamma must be positive (5.0 is recommended), got 0.0"),
+        (
+            "--validation_resolution 64,96",
+            "--validation_resolution 64,96 sizes the validation images: add --validation_",
+        ),
         ("--hub_model_id me/model", "--hub_model_id me/model names the repository --push_to_hub uploads to"),
         ("--push_to_hub --output_dir 'sd model'", "the --output_dir name 'sd model' is not a valid Hub repository"),
         # The tests run with HF_HUB_OFFLINE=1 (conftest): the upload after training could not happen.
