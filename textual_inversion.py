@@ -41,6 +41,7 @@ import shutil
 import sys
 
 from sdtrain.batching import BatchShare, parse_size, shuffled_batches
+from sdtrain.checks import training_problem, validation_problem
 from sdtrain.cli import ArgumentParser, UserError, add_debug_argument, run
 from sdtrain.embeddings import (
     OBJECT_TEMPLATES,
@@ -52,7 +53,7 @@ from sdtrain.embeddings import (
     learned_embeds_name,
     sdxl_time_ids,
 )
-from sdtrain.hub import push_to_hub
+from sdtrain.hub import hub_problem, push_to_hub
 from sdtrain.images import load_rgb
 from sdtrain.logs import format_logs
 from sdtrain.preemption import PREEMPTED_EXIT_CODE, StopRequest, preemption_message
@@ -71,6 +72,7 @@ from sdtrain.run_folder import (
     warn_if_batch_layout_changed,
     write_failure,
 )
+from sdtrain.sizes import check_model_sizes
 from sdtrain.torch_training import (
     LogWindow,
     check_finite,
@@ -349,23 +351,42 @@ def parse_args(argv=None):
     if env_local_rank != -1:
         args.local_rank = env_local_rank
     positive = "num_vectors repeats resolution train_batch_size max_train_steps gradient_accumulation_steps save_steps"
-    for name in (positive + " checkpointing_steps validation_steps num_validation_images logging_steps").split():
+    for name in (
+        positive + " checkpointing_steps validation_steps num_validation_images logging_steps lr_num_cycles"
+    ).split():
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
-        parser.error(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
+    for name in ["checkpoints_total_limit", "validation_epochs"]:
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
         parser.error(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}")
     if not args.placeholder_token.strip() or any(c.isspace() for c in args.placeholder_token):
         parser.error(f"--placeholder_token {args.placeholder_token!r} must be one word without spaces")
     if args.report_to == "wandb" and args.hub_token is not None:
         parser.error("--hub_token with --report_to=wandb would leak the token to wandb; use `hf auth login` instead")
+    problem = validation_problem("--validation_prompt", args.validation_prompt, args.validation_resolution)
+    if problem:
+        parser.error(problem)
     try:
         args.validation_resolution = parse_size(args.validation_resolution, args.resolution)
     except ValueError as err:
         parser.error(str(err))
     check_recipe_arguments(parser, args)
     check_optimizer_arguments(parser, args)
+    for problem in (
+        training_problem(
+            args.learning_rate,
+            args.lr_warmup_steps,
+            args.max_grad_norm,
+            args.num_train_epochs,
+            args.max_train_steps,
+            args.snr_gamma,
+        ),
+        hub_problem(args.push_to_hub, args.hub_model_id, args.hub_token, args.output_dir),
+    ):
+        if problem:
+            parser.error(problem)
     return args
 
 
@@ -1005,6 +1026,9 @@ def main(args):
     # ------------------------------------------------------------------------------------------------ load models
     # SDXL: two text encoders, each with its own tokenizer and its own copy of the placeholder's rows.
     sdxl = model_family(args) == "sdxl"  # any family but SD 1.x / 2.x and SDXL is named and refused by model_family
+    # A size the model cannot train or render at is refused now, from the configs, not at the first validation.
+    path = args.pretrained_model_name_or_path
+    check_model_sizes(path, None, args.revision, args.cache_dir, args.resolution, args.validation_resolution)
     if args.tokenizer_name:
         tokenizers = [CLIPTokenizer.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)]
     else:

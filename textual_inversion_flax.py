@@ -40,6 +40,7 @@ import sys
 from typing import Any
 
 from sdtrain.batching import parse_size, shuffled_batches
+from sdtrain.checks import training_problem, validation_problem
 from sdtrain.cli import ArgumentParser, UserError, add_debug_argument, run
 from sdtrain.embeddings import (
     OBJECT_TEMPLATES,
@@ -53,7 +54,7 @@ from sdtrain.embeddings import (
     sdxl_time_ids,
 )
 from sdtrain.families import folder_family
-from sdtrain.hub import push_to_hub
+from sdtrain.hub import hub_problem, push_to_hub
 from sdtrain.images import load_rgb
 from sdtrain.jax_training import (
     LogWindow,
@@ -89,6 +90,7 @@ from sdtrain.run_folder import (
     warn_if_batch_layout_changed,
     write_failure,
 )
+from sdtrain.sizes import check_model_sizes
 
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine"]
 OPTIMIZERS = ["adamw", "adafactor", "lion", "prodigy", "schedule_free_adamw"]
@@ -320,12 +322,28 @@ def parse_args(argv=None):
         parser.error(f"--checkpoints_total_limit must be at least 1, got {args.checkpoints_total_limit}")
     if not args.placeholder_token.strip() or any(c.isspace() for c in args.placeholder_token):
         parser.error(f"--placeholder_token {args.placeholder_token!r} must be one word without spaces")
+    problem = validation_problem("--validation_prompt", args.validation_prompt, args.validation_resolution)
+    if problem:
+        parser.error(problem)
     try:
         args.validation_resolution = parse_size(args.validation_resolution, args.resolution)
     except ValueError as err:
         parser.error(str(err))
     check_recipe_arguments(parser, args)
     check_optimizer_arguments(parser, args)
+    for problem in (
+        training_problem(
+            args.learning_rate,
+            args.lr_warmup_steps,
+            args.max_grad_norm,
+            args.num_train_epochs,
+            args.max_train_steps,
+            args.snr_gamma,
+        ),
+        hub_problem(args.push_to_hub, args.hub_model_id, args.hub_token, args.output_dir),
+    ):
+        if problem:
+            parser.error(problem)
     if args.coordinator_address is not None:
         if args.num_processes is None or args.process_id is None:
             parser.error(
@@ -845,6 +863,8 @@ def main(args):
     source = f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}"
     # SDXL: two text encoders, each with its own tokenizer and its own copy of the placeholder's rows.
     sdxl = folder_family(folder, source) == "sdxl"  # any family but SD 1.x / 2.x and SDXL is named and refused
+    # A size the model cannot train or render at is refused now, from the configs, not at the first validation.
+    check_model_sizes(folder, None, None, None, args.resolution, args.validation_resolution, whole_model=True)
     if args.tokenizer_name:
         tokenizers = [CLIPTokenizerFast.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)]
     else:

@@ -51,8 +51,9 @@ from sdtrain.batching import (
     shuffled_batches,
     size_conditioning,
 )
+from sdtrain.checks import training_problem, validation_problem
 from sdtrain.cli import ArgumentParser, UserError, add_debug_argument, run
-from sdtrain.hub import push_to_hub
+from sdtrain.hub import hub_problem, push_to_hub
 from sdtrain.images import load_rgb, verify_image
 from sdtrain.logs import format_logs
 from sdtrain.preemption import PREEMPTED_EXIT_CODE, StopRequest, preemption_message
@@ -71,6 +72,7 @@ from sdtrain.run_folder import (
     write_failure,
 )
 from sdtrain.single_file import SINGLE_FILE_DTYPES, save_single_file, single_file_layout
+from sdtrain.sizes import check_model_sizes
 from sdtrain.torch_training import (
     LogWindow,
     check_finite,
@@ -81,6 +83,7 @@ from sdtrain.torch_training import (
     encode_text,
     inference_scheduler,
     load_component,
+    load_model,
     log_validation,
     model_family,
     optimizer_tensors,
@@ -232,6 +235,11 @@ def parse_args(argv=None):
         type=float,
         default=0.0,
         help="Drop each tag of a caption (after --keep_tokens) with this probability at every use.",
+    )
+    group.add_argument(
+        "--skip_bad_captions",
+        action="store_true",
+        help="Leave out (and count) the images whose caption .txt file is not UTF-8, instead of stopping.",
     )
     group = parser.add_argument_group("Training")
     group.add_argument(
@@ -421,6 +429,9 @@ def parse_args(argv=None):
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.dataloader_num_workers is not None and args.dataloader_num_workers < 0:
         parser.error(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}")
+    problem = validation_problem("--validation_prompts", args.validation_prompts, args.validation_resolution)
+    if problem:
+        parser.error(problem)
     try:
         args.aspect_ratio_buckets = parse_buckets(args.aspect_ratio_buckets)
         args.validation_resolution = parse_size(args.validation_resolution, args.resolution)
@@ -448,6 +459,19 @@ def parse_args(argv=None):
         parser.error("--dream_detail_preservation must be positive")
     check_recipe_arguments(parser, args)
     check_optimizer_arguments(parser, args)
+    for problem in (
+        training_problem(
+            args.learning_rate,
+            args.lr_warmup_steps,
+            args.max_grad_norm,
+            args.num_train_epochs,
+            args.max_train_steps,
+            args.snr_gamma,
+        ),
+        hub_problem(args.push_to_hub, args.hub_model_id, args.hub_token, args.output_dir),
+    ):
+        if problem:
+            parser.error(problem)
     if args.report_to == "wandb" and args.hub_token is not None:
         parser.error("--hub_token with --report_to=wandb would leak the token to wandb; use `hf auth login` instead")
     return args
@@ -1203,6 +1227,16 @@ def main(args):
     sdxl = model_family(args) == "sdxl"
     if sdxl and args.dream_training:
         raise UserError("--dream_training supports Stable Diffusion 1.x / 2.x pipelines; this one is SDXL")
+    # A size the model cannot train or render at is refused now, from the configs, not at the first validation.
+    check_model_sizes(
+        args.pretrained_model_name_or_path,
+        args.pretrained_vae_model_name_or_path,
+        args.revision,
+        args.cache_dir,
+        args.resolution,
+        args.validation_resolution,
+        args.aspect_ratio_buckets,
+    )
     noise_scheduler = load_component(
         DDPMScheduler, args, "scheduler", rescale_betas_zero_snr=args.rescale_betas_zero_snr
     )
@@ -1217,7 +1251,8 @@ def main(args):
         tokenizers.append(load_component(CLIPTokenizer, args, "tokenizer_2"))
         text_encoders.append(load_component(CLIPTextModelWithProjection, args, "text_encoder_2", variant=args.variant))
     if args.pretrained_vae_model_name_or_path:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir)
+        flag = "--pretrained_vae_model_name_or_path"
+        vae = load_model(AutoencoderKL, args.pretrained_vae_model_name_or_path, "", flag, cache_dir=args.cache_dir)
     else:
         vae = load_component(AutoencoderKL, args, "vae", variant=args.variant)
     unet = load_component(UNet2DConditionModel, args, "unet", revision=args.non_ema_revision)

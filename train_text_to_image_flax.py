@@ -43,9 +43,10 @@ from sdtrain.batching import (
     shuffled_batches,
     size_conditioning,
 )
+from sdtrain.checks import training_problem, validation_problem
 from sdtrain.cli import ArgumentParser, UserError, add_debug_argument, run
 from sdtrain.families import folder_family
-from sdtrain.hub import push_to_hub
+from sdtrain.hub import hub_problem, push_to_hub
 from sdtrain.images import inspect_images, load_rgb, verify_image
 from sdtrain.jax_training import (
     LogWindow,
@@ -82,6 +83,7 @@ from sdtrain.run_folder import (
     write_failure,
 )
 from sdtrain.single_file import SINGLE_FILE_DTYPES, component_configs, save_single_file, single_file_layout
+from sdtrain.sizes import check_model_sizes
 
 # The largest decay of --use_ema, as diffusers' EMAModel.
 EMA_MAX_DECAY = 0.9999
@@ -209,6 +211,11 @@ def parse_args(argv=None):
         type=float,
         default=0.0,
         help="Drop each tag of a caption (after --keep_tokens) with this probability at every use.",
+    )
+    group.add_argument(
+        "--skip_bad_captions",
+        action="store_true",
+        help="Leave out (and count) the images whose caption .txt file is not UTF-8, instead of stopping.",
     )
     group = parser.add_argument_group("Training")
     group.add_argument(
@@ -382,6 +389,9 @@ def parse_args(argv=None):
     for name in ["max_train_steps", "checkpoints_total_limit", "max_train_samples"]:
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    problem = validation_problem("--validation_prompts", args.validation_prompts, args.validation_resolution)
+    if problem:
+        parser.error(problem)
     try:
         args.aspect_ratio_buckets = parse_buckets(args.aspect_ratio_buckets)
         args.validation_resolution = parse_size(args.validation_resolution, args.resolution)
@@ -409,6 +419,19 @@ def parse_args(argv=None):
         parser.error(f"--keep_tokens must be 0 or more, got {args.keep_tokens}")
     check_recipe_arguments(parser, args)
     check_optimizer_arguments(parser, args)
+    for problem in (
+        training_problem(
+            args.learning_rate,
+            args.lr_warmup_steps,
+            args.max_grad_norm,
+            args.num_train_epochs,
+            args.max_train_steps,
+            args.snr_gamma,
+        ),
+        hub_problem(args.push_to_hub, args.hub_model_id, args.hub_token, args.output_dir),
+    ):
+        if problem:
+            parser.error(problem)
     if args.coordinator_address is not None:
         if args.num_processes is None or args.process_id is None:
             parser.error(
@@ -1196,6 +1219,17 @@ def main(args):
     source = f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}"
     # SD 1.x / 2.x or SDXL, from model_index.json before any weights load; any other family is named and refused.
     sdxl = folder_family(folder, source) == "sdxl"
+    # A size the model cannot train or render at is refused now, from the configs, not at the first validation.
+    check_model_sizes(
+        folder,
+        args.pretrained_vae_model_name_or_path,
+        args.revision,
+        args.cache_dir,
+        args.resolution,
+        args.validation_resolution,
+        args.aspect_ratio_buckets,
+        whole_model=True,
+    )
     if args.save_single_file:  # refused now rather than after training
         single_file_layout(*component_configs(folder))
     tokenizer_names = ["tokenizer", "tokenizer_2"] if sdxl else ["tokenizer"]

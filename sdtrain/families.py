@@ -72,3 +72,20 @@ def folder_family(folder, source):
         return pipeline_family(local_model_index(folder), source)
     with open(path) as f:
         return pipeline_family(json.load(f), source)
+
+
+def component_problem(folder, subfolder, weight_names=(), variant=None):
+    """What a local pipeline folder's component lacks, in words: its folder, its config, or (for a model: weight_names,
+    the files its loader reads, e.g. ("model.safetensors", "pytorch_model.bin")) its weights; None when all are
+    there, and then the loader's own error is the one to show."""
+    path = os.path.join(folder, subfolder)
+    if not os.path.isdir(path):
+        return f"there is no {subfolder}/ folder in {folder}"
+    names = os.listdir(path)
+    if not any(name.endswith(".json") for name in names):
+        return f"there is no config (.json) in {path}"
+    suffixes = (f".{variant}.safetensors", f".{variant}.bin") if variant else (".safetensors", ".bin")
+    if weight_names and not any(name.endswith(suffixes) or (variant and f".{variant}-" in name) for name in names):
+        wanted = " or ".join(weight_names)
+        return f"there are no weights in {path} ({wanted}{f', variant {variant}' if variant else ''})"
+    return None

@@ -29,3 +29,28 @@ def push_to_hub(args):
     ).repo_id
     files = [CommitOperationAdd(path_in_repo, local) for path_in_repo, local in files_to_upload(args.output_dir)]
     api.create_commit(repo_id, operations=files, commit_message="End of training")
+
+
+def hub_problem(push, hub_model_id, hub_token, output_dir):
+    """Why --push_to_hub would fail at the end of the run, found now (a message naming the flag and what to do), or
+    None. Only with --push_to_hub is huggingface_hub imported."""
+    if not push and hub_model_id:
+        return f"--hub_model_id {hub_model_id} names the repository --push_to_hub uploads to: add --push_to_hub"
+    if not push:
+        return None
+    from huggingface_hub import constants, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    repo_id = hub_model_id or os.path.basename(os.path.abspath(output_dir))
+    flag = f"--hub_model_id {hub_model_id}" if hub_model_id else f"the --output_dir name {repo_id!r}"
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as err:
+        return (
+            f"--push_to_hub: {flag} is not a valid Hub repository name ({err}); pass --hub_model_id name or user/name"
+        )
+    if constants.HF_HUB_OFFLINE:
+        return "--push_to_hub: the Hub is switched off (HF_HUB_OFFLINE=1), so the upload would fail after training"
+    if hub_token is None and get_token() is None:
+        return "--push_to_hub: no Hub token, so the upload would fail after training: run `hf auth login` first"
+    return None

@@ -12,6 +12,8 @@ import time
 import numpy as np
 from PIL import Image
 
+from sdtrain.cli import UserError
+from sdtrain.families import component_problem
 from sdtrain.run_folder import (
     VALIDATION_SEED_KEY,
     derive_seed,
@@ -82,6 +84,33 @@ def resolve_vae_folder(pipeline_folder, args):
     ), ""
 
 
+def component_name(folder, subfolder):
+    return f"{folder}: its {subfolder}" if subfolder else f"the model {folder}"
+
+
+def read_flax_config(read, folder, subfolder):
+    """read(folder, subfolder=subfolder), the component's config; a UserError naming the component and what it lacks
+    when there is none (diffusers' and transformers' errors name the pipeline, not the component; transformers'
+    CLIPTextConfig even reads a missing subfolder as its default config)."""
+    problem = component_problem(folder, subfolder) if subfolder and os.path.isdir(folder) else None
+    if problem:
+        raise UserError(f"{component_name(folder, subfolder)} cannot be loaded: {problem}")
+    try:
+        return read(folder, subfolder=subfolder)
+    except (OSError, ValueError) as err:
+        problem = component_problem(folder, subfolder) if subfolder and os.path.isdir(folder) else None
+        detail = problem or f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+        raise UserError(f"{component_name(folder, subfolder)} cannot be loaded: {detail}") from err
+
+
+def missing_weights(folder, subfolder, name):
+    where = os.path.join(folder, subfolder)
+    return UserError(
+        f"{component_name(folder, subfolder)} cannot be loaded: there is no {name} in {where} "
+        "(the Flax scripts read PyTorch pipelines saved with safetensors weights)"
+    )
+
+
 def load_flax_model(cls, folder, subfolder, variant, dtype, **overrides):
     """A diffusers Flax model and its params from the PyTorch safetensors weights of a standard pipeline folder."""
     import jax
@@ -89,10 +118,10 @@ def load_flax_model(cls, folder, subfolder, variant, dtype, **overrides):
     import safetensors.torch
     from diffusers.models.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
 
-    config = cls.load_config(folder, subfolder=subfolder)
+    config = read_flax_config(cls.load_config, folder, subfolder)
     if cls.__name__ == "FlaxUNet2DConditionModel" and config.get("norm_num_groups", 32) != 32:
         # diffusers' Flax UNet always normalises over 32 groups: any other value would silently compute another model.
-        raise ValueError(
+        raise UserError(
             f"{os.path.join(folder, subfolder)}: norm_num_groups={config['norm_num_groups']}, "
             "but the Flax UNet supports only 32"
         )
@@ -100,9 +129,7 @@ def load_flax_model(cls, folder, subfolder, variant, dtype, **overrides):
     name = f"diffusion_pytorch_model.{variant}.safetensors" if variant else "diffusion_pytorch_model.safetensors"
     path = os.path.join(folder, subfolder, name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path} not found: the Flax scripts read PyTorch pipelines saved with safetensors weights"
-        )
+        raise missing_weights(folder, subfolder, name)
     state = {k: v.float() for k, v in safetensors.torch.load_file(path).items()}
 
     class ShapesOnly:
@@ -125,16 +152,14 @@ def load_flax_text_encoder(folder, variant, dtype, subfolder="text_encoder"):
     from transformers import CLIPTextConfig, FlaxCLIPTextModel, FlaxCLIPTextModelWithProjection
     from transformers.modeling_flax_pytorch_utils import convert_pytorch_state_dict_to_flax
 
-    config = CLIPTextConfig.from_pretrained(folder, subfolder=subfolder)
+    config = read_flax_config(CLIPTextConfig.from_pretrained, folder, subfolder)
     with_projection = "CLIPTextModelWithProjection" in (config.architectures or [])
     cls = FlaxCLIPTextModelWithProjection if with_projection else FlaxCLIPTextModel
     model = cls(config, dtype=dtype, _do_init=False)
     name = f"model.{variant}.safetensors" if variant else "model.safetensors"
     path = os.path.join(folder, subfolder, name)
     if not os.path.isfile(path):
-        raise FileNotFoundError(
-            f"{path} not found: the Flax scripts read PyTorch pipelines saved with safetensors weights"
-        )
+        raise missing_weights(folder, subfolder, name)
     state = {k: v.float() for k, v in safetensors.torch.load_file(path).items()}
     if not any(k.startswith("text_model.") for k in state):  # transformers 5 drops the prefix when saving
         state = {"text_model." + k: v for k, v in state.items()}

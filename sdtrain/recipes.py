@@ -92,6 +92,12 @@ def check_recipe_arguments(parser, args):
 
 def recipe_fields(args, prediction_type, num_train_timesteps):
     """The LossConfig fields of the recipe flags, once the prediction type and the schedule length are known."""
+    if prediction_type not in ("epsilon", "v_prediction"):
+        # The loss has a target for these two only: any other (a scheduler saved with "sample") fails at step 1.
+        raise UserError(
+            f"the pipeline's scheduler config has prediction_type {prediction_type!r}, which these scripts do not "
+            "train: pass --prediction_type epsilon or v_prediction"
+        )
     if args.rescale_betas_zero_snr and prediction_type != "v_prediction":
         # At zero terminal SNR the last timestep's input is pure noise, so predicting that noise teaches nothing.
         raise UserError(

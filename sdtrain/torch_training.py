@@ -15,7 +15,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sdtrain.cli import UserError
-from sdtrain.families import local_model_index, pipeline_family
+from sdtrain.families import component_problem, local_model_index, pipeline_family
 from sdtrain.images import inspect_images
 from sdtrain.run_folder import (
     VALIDATION_SEED_KEY,
@@ -181,7 +181,29 @@ def model_family(args):
 def load_component(cls, args, subfolder, **kwargs):
     """One part of the --pretrained_model_name_or_path pipeline, at --revision unless kwargs name another."""
     kwargs = {"revision": args.revision, "cache_dir": args.cache_dir, **kwargs}
-    return cls.from_pretrained(args.pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+    return load_model(cls, args.pretrained_model_name_or_path, subfolder, "--pretrained_model_name_or_path", **kwargs)
+
+
+def load_model(cls, source, subfolder, flag, **kwargs):
+    """cls.from_pretrained(source, subfolder=subfolder). diffusers' and transformers' errors name the pipeline, not
+    the component: a UserError names the flag, the component and, for a local folder, what it lacks."""
+    try:
+        return cls.from_pretrained(source, subfolder=subfolder or None, **kwargs)
+    except (OSError, ValueError) as err:
+        problem = None
+        if os.path.isdir(source):
+            weight_names = ()
+            if hasattr(cls, "state_dict"):  # a model (not a tokenizer or a scheduler): it has weights to find
+                diffusers_model = cls.__module__.startswith("diffusers")
+                stem = "diffusion_pytorch_model" if diffusers_model else "model"
+                weight_names = (
+                    f"{stem}.safetensors",
+                    "diffusion_pytorch_model.bin" if diffusers_model else "pytorch_model.bin",
+                )
+            problem = component_problem(source, subfolder, weight_names, kwargs.get("variant"))
+        component = f"its {subfolder}" if subfolder else "the model"
+        detail = problem or f"{type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}"
+        raise UserError(f"{flag} {source}: cannot load {component} ({cls.__name__}): {detail}") from err
 
 
 def save_checkpoint(accelerator, output_dir, global_step, run_metadata, total_limit=None):

@@ -139,7 +139,9 @@ def test_a_bucket_the_model_cannot_take_is_refused_before_training(launch, asset
         SCRIPT, base_args(assets, str(out), "--aspect_ratio_buckets '64,64;40,96'", data="mixed"), check=False
     )
     assert result.returncode != 0
-    assert "40,96 has a side that is not a multiple of 16" in result.output
+    # Refused from the configs, before any weights load (sdtrain.sizes), with the nearest sizes that work.
+    assert "--aspect_ratio_buckets 40,96: 40 is not a multiple of 16" in result.output
+    assert "the nearest valid size is 32 or 48" in result.output
     assert not os.path.exists(out)  # refused before training: nothing written, not even the folder
 
 

@@ -12,6 +12,7 @@ from test_train_text_to_image import SCRIPT, base_args
 import train_text_to_image
 from devkit.command_line import command_line
 from sdtrain import captions
+from sdtrain.cli import UserError
 
 
 def metadata_rows(folder):
@@ -82,4 +83,58 @@ def test_a_run_trains_on_caption_files(launch, assets, tmp_path):
     args[args.index("--train_data_dir") + 1] = folder
     result = launch.accelerate(SCRIPT, args)
     assert "Examples = 10," in result.output
+    assert "captions: 10 from .txt files, 0 empty, 0 with alternatives" in result.output
     assert os.path.isfile(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
+
+
+def test_a_byte_order_mark_is_not_part_of_the_caption(assets, tmp_path):
+    folder = caption_file_folder(assets["images"], str(tmp_path / "photos"))
+    with open(os.path.join(folder, "0000.txt"), "wb") as f:
+        f.write(b"\xef\xbb\xbfa red circle\r\n")  # what Windows Notepad writes
+    assert read(folder)["0000.png"] == "a red circle"
+
+
+def latin1_caption_folder(assets, folder):
+    folder = caption_file_folder(assets["images"], folder)
+    with open(os.path.join(folder, "more", "0003.txt"), "wb") as f:
+        f.write("a café".encode("latin-1"))
+    return folder
+
+
+def test_a_caption_file_that_is_not_utf8_is_named_with_its_byte_offset(assets, tmp_path):
+    folder = latin1_caption_folder(assets, str(tmp_path / "photos"))
+    with pytest.raises(UserError, match=r"more/0003\.txt is not UTF-8: byte offset 5 is 0xe9 .*re-save it as UTF-8"):
+        read(folder)
+
+
+def test_skip_bad_captions_leaves_the_image_out_and_counts_it(assets, tmp_path, caplog):
+    folder = latin1_caption_folder(assets, str(tmp_path / "photos"))
+    with open(os.path.join(folder, "0000.txt"), "w") as f:
+        f.write("a red circle\na photo of a red circle\nred\n")
+    with open(os.path.join(folder, "0002.txt"), "w") as f:
+        f.write("\n")
+    with caplog.at_level("INFO", logger="sdtrain"):
+        rows = read(folder, "--skip_bad_captions")
+    assert "0003.png" not in rows and len(rows) == 9
+    assert "left out 1 of 10 images, their caption files are not UTF-8: more/0003.txt" in caplog.text
+    assert "captions: 9 from .txt files, 1 empty, 1 with alternatives (3 each)" in caplog.text
+
+
+def test_a_run_refuses_a_caption_file_that_is_not_utf8(launch, assets, tmp_path):
+    folder = latin1_caption_folder(assets, str(tmp_path / "photos"))
+    args = base_args(assets, str(tmp_path / "run"), "--max_train_steps 1")
+    args[args.index("--train_data_dir") + 1] = folder
+    result = launch.accelerate(SCRIPT, args, check=False)
+    assert result.returncode != 0
+    assert "0003.txt is not UTF-8: byte offset 5" in result.output and "--skip_bad_captions" in result.output
+
+
+def test_a_metadata_file_that_is_not_utf8_is_named_with_its_byte_offset(assets, tmp_path):
+    folder = shutil.copytree(assets["images"], tmp_path / "latin1")
+    rows = metadata_rows(assets["images"])
+    rows[2]["text"] = "a café"
+    (folder / "metadata.jsonl").write_bytes(
+        "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("latin-1")
+    )
+    with pytest.raises(UserError, match=r"metadata.jsonl is not UTF-8: byte offset \d+ is 0xe9 .*re-save it as UTF-8"):
+        read(str(folder))

@@ -207,6 +207,20 @@ def test_text_to_image_flax_refuses_a_single_file_it_has_no_layout_for(launch, a
     assert not out.exists()  # refused before training: nothing written, not even the folder
 
 
+def test_text_to_image_flax_refuses_a_resolution_its_unet_cannot_use(launch, assets, tmp_path):
+    """--resolution 40 trains in PyTorch (its UNet upsamples to an odd skip connection), not in Flax: 5x5 latents halve
+    to 3x3 and come back 6x6. Refused from the configs, before any weights load or anything is written."""
+    out = tmp_path / "run"
+    args = t2i_args(assets, str(out), "--max_train_steps 1")
+    args[args.index("--resolution") + 1] = "40"
+    result = launch.run("train_text_to_image_flax.py", args, check=False)
+    assert result.returncode != 0, result.output[-3000:]
+    assert "--resolution 40: 40 is not a multiple of 16" in result.output and "32 or 48" in result.output
+    assert "Examples =" not in result.output
+    written = [name for name in os.listdir(out) if not name.startswith(".training.lock")] if out.exists() else []
+    assert written == []
+
+
 def start_two_processes(launch, script, args):
     """The script as two JAX processes of one CPU device each, meeting at a coordinator on 127.0.0.1, as two hosts
     of a pod or two GPU machines run it."""

@@ -1,5 +1,8 @@
 """Pieces of the Flax twins checked in-process: the learning-rate schedules and block rematerialisation."""
 
+import os
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -146,3 +149,68 @@ def test_sdxl_textual_inversion_example_crops_and_conditions_as_the_pytorch_twin
             if center_crop:
                 assert example["pixel_values"].min() > 0.9, "the crop is the white centre square"
         assert flips == {False, True}
+
+
+def test_a_missing_flax_component_is_named(assets, tmp_path):
+    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
+
+    from sdtrain.cli import UserError
+
+    folder = shutil.copytree(assets["pipeline"], tmp_path / "broken")
+    shutil.rmtree(folder / "vae")
+    os.remove(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(UserError, match=r"broken: its vae cannot be loaded: there is no vae/ folder in .*broken"):
+        jax_training.load_flax_model(FlaxAutoencoderKL, str(folder), "vae", None, jnp.float32)
+    with pytest.raises(UserError, match=r"its unet cannot be loaded: there is no diffusion_pytorch_model.safetensors"):
+        jax_training.load_flax_model(FlaxUNet2DConditionModel, str(folder), "unet", None, jnp.float32)
+    with pytest.raises(UserError, match=r"its text_encoder_2 cannot be loaded: there is no text_encoder_2/ folder"):
+        jax_training.load_flax_text_encoder(str(folder), None, jnp.float32, "text_encoder_2")
+
+
+def test_flax_twins_refuse_flags_that_would_fail_later(capsys):
+    import textual_inversion_flax
+    from devkit.command_line import command_line
+
+    twins = [
+        (T.parse_args, "--pretrained_model_name_or_path p --train_data_dir d"),
+        (
+            textual_inversion_flax.parse_args,
+            "--pretrained_model_name_or_path p --train_data_dir d --placeholder_token <x> --initializer_token toy",
+        ),
+    ]
+    for parse_args, required in twins:
+        for flags, message in [
+            ("--max_grad_norm -1", "--max_grad_norm must be 0 (no clipping) or positive"),
+            ("--hub_model_id me/model", "names the repository --push_to_hub uploads to: add --push_to_hub"),
+            ("--validation_resolution 64", "--validation_resolution 64 sizes the validation images: add --validation"),
+        ]:
+            with pytest.raises(SystemExit):
+                parse_args(command_line(required, flags))
+            assert message in capsys.readouterr().err
+
+
+def test_flax_twin_reads_caption_files_as_the_pytorch_twin(assets, tmp_path, caplog):
+    """The shared caption reader under the Flax twin's flags: a Notepad byte-order mark is dropped, a Latin-1 file is
+    named (or left out and counted with --skip_bad_captions), and the captions are summarised in one log line."""
+    from devkit.command_line import command_line
+    from sdtrain.captions import load_image_caption_dataset
+    from sdtrain.cli import UserError
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in sorted(os.listdir(assets["images"]))[:2]:
+        if name.endswith(".png"):
+            shutil.copy(os.path.join(assets["images"], name), folder)
+    images = sorted(os.listdir(folder))
+    (folder / images[0].replace(".png", ".txt")).write_bytes(b"\xef\xbb\xbfa red circle\n")
+    (folder / images[1].replace(".png", ".txt")).write_bytes("a café".encode("latin-1"))
+
+    def read(*flags):
+        args = T.parse_args(command_line("--pretrained_model_name_or_path p --train_data_dir", str(folder), *flags))
+        return {os.path.basename(row["image"]["path"]): row["text"] for row in load_image_caption_dataset(args, 0)}
+
+    with pytest.raises(UserError, match=rf"{images[1][:-4]}\.txt is not UTF-8: byte offset 5 is 0xe9"):
+        read()
+    with caplog.at_level("INFO", logger="sdtrain"):
+        assert read("--skip_bad_captions") == {images[0]: "a red circle"}
+    assert "captions: 1 from .txt files, 0 empty, 0 with alternatives" in caplog.text
