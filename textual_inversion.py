@@ -78,7 +78,7 @@ from sdtrain.embeddings import (
 from sdtrain.hub import push_to_hub
 from sdtrain.images import load_rgb
 from sdtrain.logs import format_logs
-from sdtrain.preemption import PREEMPTED_EXIT_CODE, StopRequest, preemption_message
+from sdtrain.preemption import StopRequest, ignore_interrupts, preemption_message, stop_exit_code
 from sdtrain.recipes import add_recipe_arguments, check_recipe_arguments, recipe_fields, timestep_bias_weights
 from sdtrain.run_folder import (
     choose_seed,
@@ -1072,6 +1072,7 @@ def main(argv=None):
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=accelerator.device.type == "cuda",
+        worker_init_fn=ignore_interrupts,  # Ctrl-C stops the main process's loop, not its workers
     )
 
     # ---------------------------------------------------------------------------------- optimizer and schedule
@@ -1205,7 +1206,7 @@ def main(argv=None):
             global_step += 1
             window.add_update(grad_norm)
             progress_bar.update(1)
-            stopping = stop_agreed(stop_request, accelerator, stop_group)  # a SIGTERM / SIGUSR1 on any process
+            stopping = stop_agreed(stop_request, accelerator, stop_group)  # a SIGTERM / SIGUSR1 / Ctrl-C on any process
             is_checkpoint_step = global_step % args.checkpointing_steps == 0 or stopping
             is_save_step = global_step % args.save_steps == 0 or is_checkpoint_step
             # Reading the loss back waits for the device: only at logging steps, and before anything is saved (the
@@ -1238,7 +1239,7 @@ def main(argv=None):
                 accelerator.wait_for_everyone()
                 logger.warning(preemption_message(stop_request, global_step))
                 accelerator.end_training()
-                sys.exit(PREEMPTED_EXIT_CODE)
+                sys.exit(stop_exit_code(stop_request))
             if global_step >= max_train_steps:
                 break
 

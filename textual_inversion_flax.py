@@ -85,7 +85,7 @@ from sdtrain.jax_training import (
     stop_agreed,
 )
 from sdtrain.logs import format_logs
-from sdtrain.preemption import PREEMPTED_EXIT_CODE, StopRequest, preemption_message
+from sdtrain.preemption import StopRequest, preemption_message, stop_exit_code
 from sdtrain.recipes import add_recipe_arguments, check_recipe_arguments, recipe_fields, timestep_bias_weights
 from sdtrain.run_folder import (
     choose_seed,
@@ -976,7 +976,7 @@ def main(argv=None):
             global_step += 1
             window.add_update(metrics)
             progress_bar.update(1)
-            stopping = stop_agreed(stop_request)  # a SIGTERM / SIGUSR1 on any process
+            stopping = stop_agreed(stop_request)  # a SIGTERM / SIGUSR1 / Ctrl-C on any process
             is_checkpoint_step = global_step % args.checkpointing_steps == 0 or stopping
             is_save_step = global_step % args.save_steps == 0 or is_checkpoint_step
             # Reading the loss back waits for the device: only at logging steps, and before anything is saved (the
@@ -1014,7 +1014,7 @@ def main(argv=None):
                 )
             if stopping:
                 logger.warning(preemption_message(stop_request, global_step))
-                sys.exit(PREEMPTED_EXIT_CODE)
+                sys.exit(stop_exit_code(stop_request))
             if global_step >= max_train_steps:
                 break
 

@@ -79,7 +79,7 @@ from sdtrain.captions import CaptionConfig, edit_caption, load_image_caption_dat
 from sdtrain.hub import push_to_hub
 from sdtrain.images import load_rgb, verify_image
 from sdtrain.logs import format_logs
-from sdtrain.preemption import PREEMPTED_EXIT_CODE, StopRequest, preemption_message
+from sdtrain.preemption import StopRequest, ignore_interrupts, preemption_message, stop_exit_code
 from sdtrain.recipes import add_recipe_arguments, check_recipe_arguments, recipe_fields, timestep_bias_weights
 from sdtrain.run_folder import (
     choose_seed,
@@ -1264,6 +1264,7 @@ def main(argv=None):
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=accelerator.device.type == "cuda",
+        worker_init_fn=ignore_interrupts,  # Ctrl-C stops the main process's loop, not its workers
     )
 
     # ---------------------------------------------------------------------------------- optimizer and schedule
@@ -1390,7 +1391,7 @@ def main(argv=None):
                 if args.offload_ema:
                     ema_unet.to(device="cpu", non_blocking=True)
             progress_bar.update(1)
-            stopping = stop_agreed(stop_request, accelerator, stop_group)  # a SIGTERM / SIGUSR1 on any process
+            stopping = stop_agreed(stop_request, accelerator, stop_group)  # a SIGTERM / SIGUSR1 / Ctrl-C on any process
             is_checkpoint_step = global_step % args.checkpointing_steps == 0 or stopping
             # Reading the loss back waits for the device: only at logging steps, and before a checkpoint is written
             # (the read raises on a non-finite loss).
@@ -1410,7 +1411,7 @@ def main(argv=None):
                 accelerator.wait_for_everyone()
                 logger.warning(preemption_message(stop_request, global_step))
                 accelerator.end_training()
-                sys.exit(PREEMPTED_EXIT_CODE)
+                sys.exit(stop_exit_code(stop_request))
             if global_step >= max_train_steps:
                 break
 

@@ -78,7 +78,7 @@ from sdtrain.jax_training import (
     stop_agreed,
 )
 from sdtrain.logs import format_logs
-from sdtrain.preemption import PREEMPTED_EXIT_CODE, StopRequest, preemption_message
+from sdtrain.preemption import StopRequest, preemption_message, stop_exit_code
 from sdtrain.recipes import add_recipe_arguments, check_recipe_arguments, recipe_fields, timestep_bias_weights
 from sdtrain.run_folder import (
     choose_seed,
@@ -1331,7 +1331,7 @@ def main(argv=None):
                 state = ema_fn(state, global_step)
             window.add_update(metrics)
             progress_bar.update(1)
-            stopping = stop_agreed(stop_request)  # a SIGTERM / SIGUSR1 on any process
+            stopping = stop_agreed(stop_request)  # a SIGTERM / SIGUSR1 / Ctrl-C on any process
             is_checkpoint_step = global_step % args.checkpointing_steps == 0 or stopping
             # Reading the loss back waits for the device: only at logging steps, and before a checkpoint is written
             # (the read raises on a non-finite loss, so no checkpoint ever holds a diverged model).
@@ -1348,7 +1348,7 @@ def main(argv=None):
                 save_checkpoint(state, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
             if stopping:
                 logger.warning(preemption_message(stop_request, global_step))
-                sys.exit(PREEMPTED_EXIT_CODE)
+                sys.exit(stop_exit_code(stop_request))
             if global_step >= max_train_steps:
                 break
 

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from sdtrain.families import local_model_index, pipeline_family
 from sdtrain.images import inspect_images
+from sdtrain.preemption import ignore_interrupts
 from sdtrain.run_folder import (
     VALIDATION_SEED_KEY,
     derive_seed,
@@ -48,7 +49,11 @@ def encode_once(accelerator, num_items, batch_size, prepare, encode, description
     # Padded with the last item, so every process contributes a batch of the same shape to the gather.
     batches = [[min(i, num_items - 1) for i in range(s + first, s + first + batch_size)] for s in starts]
     loader = torch.utils.data.DataLoader(
-        range(num_items), batch_sampler=batches, collate_fn=prepare, num_workers=num_workers
+        range(num_items),
+        batch_sampler=batches,
+        collate_fn=prepare,
+        num_workers=num_workers,
+        worker_init_fn=ignore_interrupts,
     )
     progress = tqdm(loader, desc=description, disable=not accelerator.is_local_main_process)
     caches, several = None, False

@@ -398,7 +398,7 @@ def test_the_final_swap_leaves_the_old_or_the_new_model_at_every_step(assets, tm
 
 # ---------------------------------------------------------------------------------------------------- preemption
 
-PREEMPTED = r"(SIGTERM|SIGUSR1) received: stopped after step (\d+) with checkpoint-(\d+) written"
+PREEMPTED = r"(SIGTERM|SIGUSR1|SIGINT) received: stopped after step (\d+) with checkpoint-(\d+) written"
 RUN = "--max_train_steps 12 --checkpointing_steps 100 --logging_steps 1 --random_flip --lr_scheduler cosine"
 
 
@@ -409,16 +409,21 @@ def uninterrupted(launch, assets, tmp_path_factory):
     return load_state_dict(os.path.join(out, "unet"))
 
 
-@pytest.mark.parametrize("launcher,sig", [("accelerate", signal.SIGTERM), ("python", signal.SIGUSR1)])
+@pytest.mark.parametrize(
+    "launcher,sig", [("accelerate", signal.SIGTERM), ("python", signal.SIGUSR1), ("accelerate", signal.SIGINT)]
+)
 def test_a_preempted_run_checkpoints_its_step_and_resumes_to_the_same_weights(
     launch, assets, tmp_path, uninterrupted, launcher, sig
 ):
-    """The signal goes to the whole process group, as SLURM and a spot VM's shutdown send it; it is sent twice."""
+    """The signal goes to the whole process group, as SLURM and a spot VM's shutdown send it, and as a terminal sends
+    Ctrl-C (SIGINT): the launcher and the DataLoader's worker get it too. SIGTERM and SIGUSR1 are sent twice."""
     out = str(tmp_path / "run")
-    run = launch.start(SCRIPT, base_args(assets, out, RUN), launcher=launcher)
+    workers = "--dataloader_num_workers 1" if sig == signal.SIGINT else ""
+    run = launch.start(SCRIPT, base_args(assets, out, RUN, workers), launcher=launcher)
     run.wait_for(r"step 2: loss")
     run.send(sig)
-    run.send(sig)  # a second signal changes nothing
+    if sig != signal.SIGINT:
+        run.send(sig)  # a second signal changes nothing
     result = run.finish()
     found = re.search(PREEMPTED, result.output)
     assert found, result.output[-4000:]
@@ -427,9 +432,25 @@ def test_a_preempted_run_checkpoints_its_step_and_resumes_to_the_same_weights(
     assert not os.path.exists(os.path.join(out, "model_index.json")), "a preempted run saves no final model"
     if launcher == "python":
         assert result.returncode == 75, "the documented exit code"
+    if sig == signal.SIGINT:
+        # accelerate launch stops waiting a quarter second after Ctrl-C and ends as killed by it, as a shell expects;
+        # the training process finishes its checkpoint and ends with 130 too.
+        assert result.returncode == -signal.SIGINT and "(exit code 130)" in result.output, result.output[-4000:]
+        assert "exited unexpectedly" not in result.output
     resumed = launch.accelerate(SCRIPT, base_args(assets, out, RUN, "--resume_from_checkpoint latest"))
     assert f"starting at {step}" in resumed.output
     assert max_abs_diff(load_state_dict(os.path.join(out, "unet")), uninterrupted) <= 1e-6
+
+
+def test_a_second_ctrl_c_aborts_at_once(launch, assets, tmp_path):
+    run = launch.start(SCRIPT, base_args(assets, str(tmp_path / "run"), RUN), launcher="python")
+    run.wait_for(r"step 2: loss")
+    run.send(signal.SIGINT)
+    run.wait_for("Ctrl-C: stopping after this update")
+    run.send(signal.SIGINT)
+    result = run.finish(timeout=60)
+    assert result.returncode == 130 and "Second Ctrl-C: aborted" in result.output, result.output[-4000:]
+    assert "Traceback" not in result.output and "stopped after step" not in result.output
 
 
 def test_a_preempted_two_process_run_resumes_exactly_on_two_processes(launch, assets, tmp_path):

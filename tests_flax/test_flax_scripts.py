@@ -385,11 +385,13 @@ def test_textual_inversion_flax_clear_errors(launch, assets, tmp_path, flag, val
 
 
 def test_textual_inversion_flax_preempted_resumes_to_the_same_embedding(launch, assets, tmp_path):
-    """SIGTERM, sent twice to the process group: a checkpoint at the step reached, exit code 75, exact resume."""
+    """SIGTERM, sent twice to the process group: a checkpoint at the step reached, exit code 75; the resumed run is
+    stopped again by Ctrl-C (SIGINT to the group): a checkpoint at its step, exit code 130; the second resume ends with
+    the embedding of a run never stopped."""
     import signal
 
     full, out = str(tmp_path / "full"), str(tmp_path / "run")
-    flags = "--num_vectors 2 --max_train_steps 10 --checkpointing_steps 100 --save_steps 100 --logging_steps 1"
+    flags = "--num_vectors 2 --max_train_steps 16 --checkpointing_steps 100 --save_steps 100 --logging_steps 1"
     launch.run(TI, ti_args(assets, full, flags))
     run = launch.start(TI, ti_args(assets, out, flags))
     run.wait_for(r"step 2: loss")
@@ -399,7 +401,15 @@ def test_textual_inversion_flax_preempted_resumes_to_the_same_embedding(launch, 
     found = re.search(r"SIGTERM received: stopped after step (\d+) with checkpoint-(\d+) written", result.output)
     assert found and result.returncode == 75, result.output[-3000:]
     step = int(found.group(1))
-    assert checkpoint_names(out) == [f"checkpoint-{step}"] and step < 10
+    assert checkpoint_names(out) == [f"checkpoint-{step}"] and step < 16
+    run = launch.start(TI, ti_args(assets, out, flags, "--resume_from_checkpoint latest"))
+    run.wait_for(rf"step {step + 2}: loss")
+    run.send(signal.SIGINT)
+    result = run.finish()
+    found = re.search(r"SIGINT received: stopped after step (\d+) with checkpoint-(\d+) written", result.output)
+    assert found and result.returncode == 130, result.output[-3000:]
+    second = int(found.group(1))
+    assert checkpoint_names(out) == [f"checkpoint-{step}", f"checkpoint-{second}"] and second < 16
     launch.run(TI, ti_args(assets, out, flags, "--resume_from_checkpoint latest"))
     a = load_file(os.path.join(full, "learned_embeds.safetensors"))["<blob>"]
     b = load_file(os.path.join(out, "learned_embeds.safetensors"))["<blob>"]
