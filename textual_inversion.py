@@ -99,6 +99,7 @@ from sdtrain.torch_training import (
     default_num_workers,
     encode_once,
     encode_text,
+    final_save_failed,
     inference_scheduler,
     load_component,
     log_validation,
@@ -1251,17 +1252,23 @@ def main(argv=None):
         check_finite(tensors, probe, "the embedding", global_step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        for path, keys in embedding_files(args, embeds_suffix, len(learned_rows)):
-            tensors = {key: learned_rows[index] for key, index in keys.items()}
-            save_embeddings(tensors, path, not args.no_safe_serialization)
-            logger.info(f"Saved {os.path.abspath(path)}")
+        try:
+            for path, keys in embedding_files(args, embeds_suffix, len(learned_rows)):
+                tensors = {key: learned_rows[index] for key, index in keys.items()}
+                save_embeddings(tensors, path, not args.no_safe_serialization)
+                logger.info(f"Saved {os.path.abspath(path)}")
+        except Exception as err:  # a full disk, most often: the steps since the last checkpoint must not be lost
+            raise final_save_failed(accelerator, args.output_dir, global_step, run_metadata, err) from err
         grid = None
         if validation_prompts:
             validate(accelerator, *validation_models, args, seed, global_step, "final", weight_dtype)
             grid = f"validation/final-step-{global_step:06d}.png"
         if args.save_as_full_pipeline or args.push_to_hub:
-            text_encoders = [accelerator.unwrap_model(text_encoder) for text_encoder in text_encoders]
-            save_full_pipeline(text_encoders, tokenizers, unet, vae, weight_dtype, args)
+            unwrapped = [accelerator.unwrap_model(text_encoder) for text_encoder in text_encoders]
+            try:
+                save_full_pipeline(unwrapped, tokenizers, unet, vae, weight_dtype, args)
+            except Exception as err:
+                raise final_save_failed(accelerator, args.output_dir, global_step, run_metadata, err) from err
         write_model_card(args, global_step, grid, sdxl)
         if args.push_to_hub:
             push_to_hub(args)

@@ -101,6 +101,7 @@ from sdtrain.torch_training import (
     default_num_workers,
     encode_once,
     encode_text,
+    final_save_failed,
     inference_scheduler,
     load_component,
     log_validation,
@@ -1435,12 +1436,17 @@ def main(argv=None):
         final_unet = accelerator.unwrap_model(unet)
         renders = validation_weights(args) if args.validation_prompts else []
         if ema_unet is not None:
-            if ("-raw", False) in renders:
-                ema_unet.store(final_unet.parameters())  # the raw weights, rendered after the saved EMA
+            # The raw weights are kept: rendered after the saved EMA, and checkpointed if the save fails.
+            ema_unet.store(final_unet.parameters())
             ema_unet.copy_to(final_unet.parameters())
-        pipeline = save_pipeline(final_unet, args, sdxl)
-        if args.save_single_file:
-            save_single_file(args, prediction_type, global_step)
+        try:
+            pipeline = save_pipeline(final_unet, args, sdxl)
+            if args.save_single_file:
+                save_single_file(args, prediction_type, global_step)
+        except Exception as err:  # a full disk, most often: the steps since the last checkpoint must not be lost
+            if ema_unet is not None:
+                ema_unet.restore(final_unet.parameters())
+            raise final_save_failed(accelerator, args.output_dir, global_step, run_metadata, err) from err
         grid = None
         if renders:
             pipeline = pipeline.to(accelerator.device)

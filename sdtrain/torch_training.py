@@ -232,6 +232,42 @@ def save_checkpoint(accelerator, output_dir, global_step, run_metadata, total_li
         accelerator.wait_for_everyone()
 
 
+def final_save_failed(accelerator, output_dir, global_step, run_metadata, err):
+    """The error to raise when the final save failed (a full disk, most often), after keeping what was trained: the
+    unfinished save is removed to free space, then checkpoint-<final step> is written (unless it exists), so a relaunch
+    with --resume_from_checkpoint latest trains nothing and only saves. Main process only; the weights in the model
+    must be the trained ones, as in every checkpoint (EMA weights restored)."""
+    from accelerate.utils import DistributedType
+
+    from sdtrain.cli import UserError
+
+    for name in os.listdir(output_dir):
+        if name.endswith(".partial"):
+            path = os.path.join(output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    free = shutil.disk_usage(output_dir).free / 2**30
+    failed = f"the final save into {output_dir} failed ({type(err).__name__}: {err}); {free:.2f} GiB free there"
+    checkpoint = f"checkpoint-{global_step}"
+    if global_step not in dict(list_checkpoints(output_dir)):
+        if accelerator.state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+            # Their checkpoints are written by every process together, which are past this point.
+            return UserError(
+                f"{failed}. {checkpoint} cannot be written now (DeepSpeed / FSDP): the steps since the "
+                "last checkpoint are lost. Free space and relaunch with --resume_from_checkpoint latest"
+            )
+        try:
+            save_checkpoint(accelerator, output_dir, global_step, run_metadata)
+        except OSError as checkpoint_err:
+            return UserError(
+                f"{failed}. {checkpoint} could not be written either ({checkpoint_err}): the steps since the last "
+                "checkpoint are lost. Free space and relaunch with --resume_from_checkpoint latest"
+            )
+    return UserError(
+        f"{failed}. What was trained is in {os.path.join(output_dir, checkpoint)}: free space and relaunch the same "
+        "command with --resume_from_checkpoint latest, which saves without training"
+    )
+
+
 def render_validation_images(pipeline, prompts, size, seed, weight_dtype):
     """One image per prompt, each from its own fixed seed, so grids compare across steps and across a resume."""
     import torch

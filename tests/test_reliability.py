@@ -279,25 +279,79 @@ def test_checkpoint_files_reach_the_disk_before_the_rename_that_publishes_them(t
     assert metadata["files"] == {"unet/diffusion_pytorch_model.safetensors": 7, "optimizer.bin": 7}
 
 
+def launch_with_file_size_limit(assets, script, args, limit):
+    """`accelerate launch` where writing past `limit` bytes into one file fails as a full disk does: an error from the
+    write in the middle of the save (EFBIG, with SIGXFSZ ignored so that it does not kill the process)."""
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    command = [os.path.join(BIN, "accelerate"), "launch", "--config_file", assets["accelerate_config"], script]
+    env = {**os.environ, **OFFLINE_ENV}
+    result = subprocess.run(
+        command + args, cwd=REPO, env=env, capture_output=True, text=True, preexec_fn=limit_file_size
+    )
+    result.output = result.stdout + result.stderr
+    return result
+
+
 def test_a_full_disk_during_a_checkpoint_is_a_clear_error_that_keeps_the_older_checkpoints(launch, assets, tmp_path):
-    """Writing past a file-size limit fails like a full disk does (an error from the write in the middle of
-    torch.save), here after checkpoint-2 was written."""
+    """The limit is hit halfway through the optimizer state of checkpoint-4, after checkpoint-2 was written."""
     out = str(tmp_path / "run")
     launch.accelerate(SCRIPT, base_args(assets, out, "--max_train_steps 2 --checkpointing_steps 2 --report_to none"))
     size = os.path.getsize(os.path.join(out, "checkpoint-2", "optimizer.bin"))
     args = base_args(assets, out, "--max_train_steps 4 --checkpointing_steps 2 --report_to none")
-
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of killing the process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
-
-    command = [os.path.join(BIN, "accelerate"), "launch", "--config_file", assets["accelerate_config"], SCRIPT]
-    env = {**os.environ, **OFFLINE_ENV}
-    command += args + ["--resume_from_checkpoint", "latest"]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, preexec_fn=limit_file_size)
-    output = result.stdout + result.stderr
+    result = launch_with_file_size_limit(assets, SCRIPT, args + ["--resume_from_checkpoint", "latest"], size // 2)
+    output = result.output
     assert result.returncode != 0 and "could not write checkpoint-4 into" in output and "GiB free there" in output
     assert checkpoint_names(out) == ["checkpoint-2"] and not [n for n in os.listdir(out) if n.endswith(".partial")]
+
+
+def final_save_failure(result, out, step):
+    assert result.returncode != 0 and f"the final save into {out} failed" in result.output, result.output[-3000:]
+    assert "GiB free there" in result.output and f"is in {os.path.join(out, f'checkpoint-{step}')}" in result.output
+    assert not [name for name in os.listdir(out) if name.endswith(".partial")], "the unfinished save is removed"
+
+
+def test_a_full_disk_during_the_final_save_keeps_the_trained_steps_in_a_checkpoint(launch, assets, tmp_path):
+    """Adafactor's factored state is small, so every checkpoint file is at most the UNet's weights; the fp32 single
+    file (UNet, VAE and text encoder in one file) is the only larger file: the limit between the two fails the final
+    save alone, after the pipeline was written, 1 update after checkpoint-2."""
+    out, pipeline = str(tmp_path / "run"), assets["pipeline"]
+    flags = "--max_train_steps 3 --checkpointing_steps 2 --optimizer adafactor --report_to none"
+    flags += " --save_single_file --single_file_dtype fp32"
+    unet, vae, text_encoder = (
+        os.path.getsize(os.path.join(pipeline, *path))
+        for path in [
+            ("unet", "diffusion_pytorch_model.safetensors"),
+            ("vae", "diffusion_pytorch_model.safetensors"),
+            ("text_encoder", "model.safetensors"),
+        ]
+    )
+    result = launch_with_file_size_limit(
+        assets, SCRIPT, base_args(assets, out, flags), unet + (vae + text_encoder) // 2
+    )
+    final_save_failure(result, out, 3)
+    assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-3"]
+    saved = load_state_dict(os.path.join(out, "unet"))  # the pipeline, written before the single file failed
+    assert max_abs_diff(load_state_dict(os.path.join(out, "checkpoint-3", "unet")), saved) == 0
+    resumed = launch.accelerate(SCRIPT, base_args(assets, out, flags, "--resume_from_checkpoint latest"))
+    assert "starting at 3" in resumed.output and "nothing to train" in resumed.output
+    assert os.path.isfile(os.path.join(out, "run.safetensors"))
+
+
+def test_a_full_disk_during_the_final_embedding_pipeline_save_keeps_the_trained_steps(launch, assets, tmp_path):
+    """A checkpoint of textual inversion holds kilobytes; --save_as_full_pipeline writes the UNet's megabytes."""
+    out, concept = str(tmp_path / "run"), concept_folder(tmp_path)
+    flags = "--max_train_steps 3 --checkpointing_steps 2 --save_as_full_pipeline --report_to none"
+    unet = os.path.getsize(os.path.join(assets["pipeline"], "unet", "diffusion_pytorch_model.safetensors"))
+    result = launch_with_file_size_limit(assets, TI_SCRIPT, ti_args(assets, concept, out, flags), unet // 2)
+    final_save_failure(result, out, 3)
+    assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-3"]
+    resumed = launch.accelerate(TI_SCRIPT, ti_args(assets, concept, out, flags, "--resume_from_checkpoint latest"))
+    assert "starting at 3" in resumed.output and "nothing to train" in resumed.output
+    assert os.path.isfile(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
 
 
 # ------------------------------------------------------------------------------------------------- the final swap
