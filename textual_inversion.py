@@ -69,6 +69,7 @@ from sdtrain.embeddings import (
     OBJECT_TEMPLATES,
     STYLE_TEMPLATES,
     add_placeholder_tokens,
+    check_embedding_scale,
     embedding_files,
     find_example_images,
     initializer_token_id,
@@ -836,6 +837,10 @@ def diffusion_loss(
 # ------------------------------------------------------ END MATH ------------------------------------------------------
 
 
+def learned_array(rows):
+    return rows.detach().float().cpu().numpy()
+
+
 def save_embeddings(tensors, path, safe_serialization=True):
     """{key: rows[num_vectors, hidden]}, keys as embedding_files() names them (the placeholder for diffusers, the UIs'
     keys). Written to a temporary name, flushed to disk and renamed, so a crash never leaves a truncated file."""
@@ -1025,6 +1030,10 @@ def main(argv=None):
         )
         learned_embeddings.append(learned_embedding)
         text_encoder.train()
+    # The scale of each vocabulary, which no learned row that works comes near (check_embedding_scale).
+    vocabulary_norms = [
+        embedding.base.weight.detach().float().norm(dim=1).max().item() for embedding in learned_embeddings
+    ]
     if args.gradient_checkpointing:
         # Gradients flow through the frozen UNet back to the text encoders; checkpointing saves their activations.
         unet.train()
@@ -1221,6 +1230,7 @@ def main(argv=None):
             if is_save_step or is_validation_step:
                 optimizer.eval()  # what is saved or rendered is the model at this step; resume switches back exactly
             if is_save_step:
+                check_embedding_scale([learned_array(rows) for rows in learned_rows], vocabulary_norms, global_step)
                 tensors = [*(("the new rows", rows) for rows in learned_rows), *optimizer_tensors(optimizer)]
                 probe = probe_loss(accelerator, unet, text_encoders, noise_scheduler, *last_batch, loss_config, seed)
                 check_finite(tensors, probe, "the embedding", global_step)
@@ -1247,6 +1257,7 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------- save
     optimizer.eval()
     if last_batch is not None:  # what is about to be saved, checked as every checkpoint is
+        check_embedding_scale([learned_array(rows) for rows in learned_rows], vocabulary_norms, global_step)
         tensors = [*(("the new rows", rows) for rows in learned_rows), *optimizer_tensors(optimizer)]
         probe = probe_loss(accelerator, unet, text_encoders, noise_scheduler, *last_batch, loss_config, seed)
         check_finite(tensors, probe, "the embedding", global_step)

@@ -56,6 +56,7 @@ from sdtrain.embeddings import (
     STYLE_TEMPLATES,
     add_placeholder_tokens,
     center_crop_box,
+    check_embedding_scale,
     embedding_files,
     find_example_images,
     initializer_token_id,
@@ -865,6 +866,13 @@ def main(argv=None):
             text_encoder, tokenizer, *token
         )
         extended_text_encoders.append(extended_text_encoder)
+    # The scale of each vocabulary, which no learned row that works comes near (check_embedding_scale).
+    vocabulary_norms = [
+        float(
+            jnp.linalg.norm(encoder.params["text_model"]["embeddings"]["token_embedding"]["embedding"], axis=-1).max()
+        )
+        for encoder in text_encoders
+    ]
     frozen = FrozenModels(
         unet_params=unet_params,
         vae_params=vae_params,
@@ -986,6 +994,8 @@ def main(argv=None):
                 logger.info(format_logs(global_step, logs))
                 progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             if is_save_step:
+                rows = [jax.device_get(state.params[learned_key(index)]) for index in range(len(text_encoders))]
+                check_embedding_scale(rows, vocabulary_norms, global_step)
                 probe = float(probe_fn(state.params, state, frozen, *last_batch))
                 check_finite(
                     {"params": state.params, "opt_state": state.opt_state}, probe, "the embedding", global_step
@@ -1021,6 +1031,8 @@ def main(argv=None):
     # ------------------------------------------------------------------------------------------------------- save
     params = evaluation_params(state, args)
     if last_batch is not None:  # what is about to be saved, checked as every checkpoint is
+        rows = [jax.device_get(params[learned_key(index)]) for index in range(len(text_encoders))]
+        check_embedding_scale(rows, vocabulary_norms, global_step)
         probe = float(probe_fn(params, state, frozen, *last_batch))
         check_finite({"params": params}, probe, "the embedding", global_step)
     if is_main_process:

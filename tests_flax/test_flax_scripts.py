@@ -417,11 +417,14 @@ def test_textual_inversion_flax_preempted_resumes_to_the_same_embedding(launch, 
 
 
 def test_flax_writes_no_diverged_embedding_and_skips_a_damaged_checkpoint(launch, assets, tmp_path):
-    out = tmp_path / "diverged"
-    flags = "--learning_rate 1e39 --max_train_steps 3 --checkpointing_steps 1 --save_steps 1"
-    result = launch.run(TI, ti_args(assets, str(out), flags), check=False)
-    assert result.returncode != 0 and "the embedding diverged at step 1" in result.output, result.output[-3000:]
-    assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == []
+    # 1e39: inf rows; 1e6: finite rows of norm ~1e6, 100 times past the vocabulary's longest (check_embedding_scale).
+    for learning_rate, message in [("1e39", "diverged at step 1 (non-finite"), ("1e6", "has norm")]:
+        out = tmp_path / f"diverged-{learning_rate}"
+        flags = f"--learning_rate {learning_rate} --max_train_steps 3 --checkpointing_steps 1 --save_steps 1"
+        result = launch.run(TI, ti_args(assets, str(out), flags), check=False)
+        assert result.returncode != 0 and "the embedding diverged at step 1" in result.output, result.output[-3000:]
+        assert message in result.output, result.output[-3000:]
+        assert sorted(n for n in os.listdir(out) if not n.startswith(".")) == []
     out = str(tmp_path / "damaged")
     launch.run(TI, ti_args(assets, out, "--max_train_steps 4 --checkpointing_steps 2"))
     files = [
