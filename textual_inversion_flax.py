@@ -89,6 +89,7 @@ from sdtrain.logs import format_logs
 from sdtrain.preemption import StopRequest, preemption_message, stop_exit_code
 from sdtrain.recipes import add_recipe_arguments, check_recipe_arguments, recipe_fields, timestep_bias_weights
 from sdtrain.run_folder import (
+    check_resume_identity,
     choose_seed,
     draw_seed,
     find_resume_checkpoint,
@@ -922,13 +923,21 @@ def main(argv=None):
     schedule = learning_rate_schedule(args.lr_scheduler, args.learning_rate, args.lr_warmup_steps, max_train_steps)
     state = TrainState.create(apply_fn=None, params=learned, tx=make_optimizer(args, schedule))
     total_batch_size = global_batch_size * args.gradient_accumulation_steps
+    # What this run trains, recorded in its checkpoints: a checkpoint resumes only a run of the same kind.
+    run_identity = {
+        "script": "textual_inversion_flax.py",
+        "placeholder_token": args.placeholder_token,
+        "num_vectors": args.num_vectors,
+    }
     run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
+    run_metadata.update(run_identity)
     run_metadata["process_count"] = jax.process_count()  # information only: the run does not depend on it
 
     # ----------------------------------------------------------------------------------------------------- resume
     global_step = 0
     if resume_path is not None:
         logger.info(f"Resuming from {resume_path}")
+        check_resume_identity(resume_path, resume_metadata, run_identity)
         state = restore_train_state(state, resume_path, replicated)
         global_step = resume_metadata["global_step"]
         warn_if_batch_layout_changed(resume_metadata, run_metadata)

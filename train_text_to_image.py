@@ -82,6 +82,7 @@ from sdtrain.logs import format_logs
 from sdtrain.preemption import StopRequest, ignore_interrupts, preemption_message, stop_exit_code
 from sdtrain.recipes import add_recipe_arguments, check_recipe_arguments, recipe_fields, timestep_bias_weights
 from sdtrain.run_folder import (
+    check_resume_identity,
     choose_seed,
     derive_seed,
     draw_seed,
@@ -1293,7 +1294,10 @@ def main(argv=None):
     )
     lr_scheduler = accelerator.prepare(lr_scheduler)
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    # What this run trains, recorded in its checkpoints: a checkpoint resumes only a run of the same kind.
+    run_identity = {"script": "train_text_to_image.py"}
     run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
+    run_metadata.update(run_identity)
     run_metadata["process_count"] = accelerator.num_processes  # information only: the run does not depend on it
     run_metadata["aspect_ratio_buckets"] = [list(bucket) for bucket in train_dataset.buckets or []] or None
 
@@ -1301,6 +1305,7 @@ def main(argv=None):
     global_step = 0
     if resume_path is not None:
         accelerator.print(f"Resuming from {resume_path}")
+        check_resume_identity(resume_path, resume_metadata, run_identity)
         try:
             accelerator.load_state(resume_path)
         except Exception as err:

@@ -81,6 +81,7 @@ from sdtrain.logs import format_logs
 from sdtrain.preemption import StopRequest, preemption_message, stop_exit_code
 from sdtrain.recipes import add_recipe_arguments, check_recipe_arguments, recipe_fields, timestep_bias_weights
 from sdtrain.run_folder import (
+    check_resume_identity,
     choose_seed,
     draw_seed,
     find_resume_checkpoint,
@@ -1257,7 +1258,10 @@ def main(argv=None):
     else:
         state = TrainState.create(apply_fn=unet.apply, params=unet_params, tx=optimizer)
     total_batch_size = global_batch_size * args.gradient_accumulation_steps
+    # What this run trains, recorded in its checkpoints: a checkpoint resumes only a run of the same kind.
+    run_identity = {"script": "train_text_to_image_flax.py"}
     run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
+    run_metadata.update(run_identity)
     # Not part of the batch layout here: every draw is made over the global batch from the step's key, so a checkpoint
     # resumes exactly on another process count with the same global batch (tested with 2 processes and 1).
     run_metadata["process_count"] = jax.process_count()
@@ -1268,6 +1272,7 @@ def main(argv=None):
     global_step = 0
     if resume_path is not None:
         logger.info(f"Resuming from {resume_path}")
+        check_resume_identity(resume_path, resume_metadata, run_identity)
         state = restore_train_state(state, resume_path, replicated)
         global_step = resume_metadata["global_step"]
         warn_if_batch_layout_changed(resume_metadata, run_metadata)

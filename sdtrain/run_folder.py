@@ -11,6 +11,8 @@ import socket
 
 import numpy as np
 
+from sdtrain.cli import UserError
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,16 +43,29 @@ def derive_seed(*keys):
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-def list_checkpoints(output_dir):
-    """Complete checkpoints in output_dir, oldest first, as (step, path)."""
+def checkpoint_folders(output_dir):
+    """Every checkpoint-N folder in output_dir, complete or not, oldest first, as (step, path)."""
     if not os.path.isdir(output_dir):
         return []
     found = []
     for name in os.listdir(output_dir):
         match = CHECKPOINT_PATTERN.match(name)
-        if match and os.path.isfile(os.path.join(output_dir, name, CHECKPOINT_METADATA)):
+        if match and os.path.isdir(os.path.join(output_dir, name)):
             found.append((int(match.group(1)), os.path.join(output_dir, name)))
     return sorted(found)
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints in output_dir, oldest first, as (step, path)."""
+    return [(step, path) for step, path in checkpoint_folders(output_dir) if has_metadata(path)]
+
+
+def metadata_path(checkpoint_path):
+    return os.path.join(checkpoint_path, CHECKPOINT_METADATA)
+
+
+def has_metadata(checkpoint_path):
+    return os.path.isfile(metadata_path(checkpoint_path))
 
 
 def find_resume_checkpoint(args):
@@ -59,8 +74,9 @@ def find_resume_checkpoint(args):
     if args.resume_from_checkpoint is None:
         return None
     if args.resume_from_checkpoint == "latest":
-        for _, path in reversed(list_checkpoints(args.output_dir)):
-            problem = checkpoint_problem(path)
+        for _, path in reversed(checkpoint_folders(args.output_dir)):
+            # Every checkpoint these scripts publish holds the file: one without it was copied in part, or made by hand.
+            problem = checkpoint_problem(path) if has_metadata(path) else f"{metadata_path(path)} is missing"
             if problem is None:
                 return path
             logger.warning(f"skipping {os.path.basename(path)}: {problem}")
@@ -68,11 +84,11 @@ def find_resume_checkpoint(args):
     path = args.resume_from_checkpoint
     if not os.path.isdir(path):
         path = os.path.join(args.output_dir, args.resume_from_checkpoint)
-    if not os.path.isfile(os.path.join(path, CHECKPOINT_METADATA)):
+    if not has_metadata(path):
         complete = [os.path.basename(p) for _, p in list_checkpoints(args.output_dir)]
         raise FileNotFoundError(
             f"--resume_from_checkpoint {args.resume_from_checkpoint}: no complete checkpoint at {path} "
-            f"(complete ones in {args.output_dir}: {complete})"
+            f"({metadata_path(path)} is missing; complete ones in {args.output_dir}: {complete})"
         )
     problem = checkpoint_problem(path)
     if problem is not None:
@@ -86,6 +102,39 @@ def read_checkpoint_metadata(checkpoint_path):
         return {}
     with open(os.path.join(checkpoint_path, CHECKPOINT_METADATA)) as f:
         return json.load(f)
+
+
+# What a checkpoint was trained as, recorded in its metadata: a checkpoint resumes only a run of the same kind.
+RUN_IDENTITY_KEYS = ("script", "placeholder_token", "num_vectors")
+
+
+def checkpoint_identity(checkpoint_path, metadata):
+    """RUN_IDENTITY_KEYS as the checkpoint's metadata records them. A checkpoint written before they were recorded
+    tells its PyTorch script by its files (the learned rows, or the UNet); anything else is not known."""
+    identity = {key: metadata[key] for key in RUN_IDENTITY_KEYS if key in metadata}
+    if "script" not in identity:
+        if os.path.isfile(os.path.join(checkpoint_path, "learned_embeds.safetensors")):
+            identity["script"] = "textual_inversion.py"
+        elif os.path.isdir(os.path.join(checkpoint_path, "unet")):
+            identity["script"] = "train_text_to_image.py"
+    return identity
+
+
+def describe_identity(identity):
+    flags = " ".join(f"--{key} {value}" for key, value in identity.items() if key != "script")
+    return " ".join(filter(None, [identity.get("script", "an unknown script"), flags]))
+
+
+def check_resume_identity(checkpoint_path, metadata, run_identity):
+    """A UserError naming the checkpoint, what it was trained as and what this run is, when they differ in anything
+    both know (another script; textual inversion of another placeholder or number of vectors)."""
+    recorded = checkpoint_identity(checkpoint_path, metadata)
+    if any(key in run_identity and run_identity[key] != value for key, value in recorded.items()):
+        raise UserError(
+            f"--resume_from_checkpoint: {checkpoint_path} was trained by {describe_identity(recorded)}, this run is "
+            f"{describe_identity(run_identity)}: resume it with the same script and flags, or choose another "
+            "--output_dir"
+        )
 
 
 def draw_seed():

@@ -209,11 +209,15 @@ def damage(checkpoint, case):
     """Damage a checkpoint the ways a crash or a bad disk does; the file that was damaged."""
     name = {
         "empty metadata": "checkpoint_metadata.json",
+        "missing metadata": "checkpoint_metadata.json",
         "truncated optimizer": "optimizer.bin",
         "truncated weights": "unet/diffusion_pytorch_model.safetensors",
         "truncated embeddings": "learned_embeds.safetensors",
     }[case]
     path = os.path.join(checkpoint, name)
+    if case == "missing metadata":
+        os.remove(path)
+        return path
     data = open(path, "rb").read()
     open(path, "wb").write(b"" if case == "empty metadata" else data[: len(data) // 2])
     return path
@@ -226,7 +230,7 @@ def two_checkpoints(launch, assets, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("case", ["empty metadata", "truncated optimizer", "truncated weights"])
+@pytest.mark.parametrize("case", ["empty metadata", "missing metadata", "truncated optimizer", "truncated weights"])
 def test_a_damaged_checkpoint_is_named_and_latest_falls_back_to_the_newest_good_one(
     launch, assets, tmp_path, two_checkpoints, case
 ):
@@ -257,6 +261,42 @@ def test_a_damaged_embeddings_checkpoint_falls_back(launch, assets, tmp_path):
         TI_SCRIPT, ti_args(assets, concept, out, "--max_train_steps 5", "--resume_from_checkpoint latest")
     )
     assert f"skipping checkpoint-4: {damaged}" in resumed.output and "starting at 2" in resumed.output
+
+
+def test_a_checkpoint_of_another_kind_of_run_is_refused_naming_what_it_was_trained_as(
+    launch, assets, tmp_path, two_checkpoints
+):
+    """Textual inversion's checkpoints hold the new rows, text-to-image's the UNet: resuming one with the other script,
+    or with another placeholder or number of vectors, is refused before anything is loaded from it. Checkpoints
+    written before the metadata recorded this are told by their files."""
+    out, concept = str(tmp_path / "run"), concept_folder(tmp_path)
+    flags = "--max_train_steps 2 --checkpointing_steps 2 --report_to none"
+    launch.accelerate(TI_SCRIPT, ti_args(assets, concept, out, flags))
+    trained_as = f"{os.path.join(out, 'checkpoint-2')} was trained by textual_inversion.py --placeholder_token <blob>"
+    resume = "--resume_from_checkpoint latest"
+    for script, args, this_run in [
+        (SCRIPT, base_args(assets, out, flags, resume), "this run is train_text_to_image.py:"),
+        (TI_SCRIPT, ti_args(assets, concept, out, flags, resume, "--num_vectors 2"), "--num_vectors 2:"),
+        (
+            TI_SCRIPT,
+            [a.replace("<blob>", "<cat>") for a in ti_args(assets, concept, out, flags, resume)],
+            "<cat> --num_vectors 1:",
+        ),
+    ]:
+        result = launch.accelerate(script, args, check=False)
+        assert result.returncode != 0 and trained_as in result.output and this_run in result.output, result.output[
+            -3000:
+        ]
+    metadata_file = os.path.join(out, "checkpoint-2", "checkpoint_metadata.json")
+    metadata = json.load(open(metadata_file))
+    json.dump({key: value for key, value in metadata.items() if key != "script"}, open(metadata_file, "w"))
+    result = launch.accelerate(SCRIPT, base_args(assets, out, flags, resume), check=False)
+    assert result.returncode != 0 and "was trained by textual_inversion.py" in result.output, result.output[-3000:]
+    copy = str(tmp_path / "text_to_image")
+    shutil.copytree(two_checkpoints, copy, symlinks=True)
+    result = launch.accelerate(TI_SCRIPT, ti_args(assets, concept, copy, flags, resume), check=False)
+    assert result.returncode != 0, result.output[-3000:]
+    assert f"{os.path.join(copy, 'checkpoint-4')} was trained by train_text_to_image.py, this run" in result.output
 
 
 def test_checkpoint_files_reach_the_disk_before_the_rename_that_publishes_them(tmp_path, monkeypatch):
