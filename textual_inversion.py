@@ -78,7 +78,7 @@ from sdtrain.embeddings import (
 )
 from sdtrain.hub import push_to_hub
 from sdtrain.images import load_rgb
-from sdtrain.logs import format_logs
+from sdtrain.logs import format_logs, report_to_problem
 from sdtrain.preemption import StopRequest, ignore_interrupts, preemption_message, stop_exit_code
 from sdtrain.recipes import add_recipe_arguments, check_recipe_arguments, recipe_fields, timestep_bias_weights
 from sdtrain.run_folder import (
@@ -384,6 +384,8 @@ def parse_args(argv=None):
         parser.error(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}")
     if not args.placeholder_token.strip() or any(c.isspace() for c in args.placeholder_token):
         parser.error(f"--placeholder_token {args.placeholder_token!r} must be one word without spaces")
+    if report_to_problem(args.report_to) is not None:
+        parser.error(report_to_problem(args.report_to))
     if args.report_to == "wandb" and args.hub_token is not None:
         parser.error("--hub_token with --report_to=wandb would leak the token to wandb; use `hf auth login` instead")
     try:

@@ -78,7 +78,7 @@ from sdtrain.batching import (
 from sdtrain.captions import CaptionConfig, edit_caption, load_image_caption_dataset
 from sdtrain.hub import push_to_hub
 from sdtrain.images import load_rgb, verify_image
-from sdtrain.logs import format_logs
+from sdtrain.logs import format_logs, report_to_problem, warmup_applied
 from sdtrain.preemption import StopRequest, ignore_interrupts, preemption_message, stop_exit_code
 from sdtrain.recipes import add_recipe_arguments, check_recipe_arguments, recipe_fields, timestep_bias_weights
 from sdtrain.run_folder import (
@@ -476,6 +476,8 @@ def parse_args(argv=None):
         parser.error("--dream_detail_preservation must be positive")
     check_recipe_arguments(parser, args)
     check_optimizer_arguments(parser, args)
+    if report_to_problem(args.report_to) is not None:
+        parser.error(report_to_problem(args.report_to))
     if args.report_to == "wandb" and args.hub_token is not None:
         parser.error("--hub_token with --report_to=wandb would leak the token to wandb; use `hf auth login` instead")
     return args
@@ -1067,6 +1069,7 @@ def validate(accelerator, unet, ema_unet, components, args, seed, global_step, w
 
 
 def write_model_card(args, global_step, validation_grid, sdxl):
+    warmup = warmup_applied(args.lr_scheduler, args.lr_warmup_steps, args.optimizer)
     lines = [
         "---",
         "license: openrail++" if sdxl else "license: creativeml-openrail-m",  # SDXL's license, SD 1.x / 2.x's
@@ -1093,7 +1096,7 @@ def write_model_card(args, global_step, validation_grid, sdxl):
         "| setting | value |",
         "| --- | --- |",
         f"| optimizer updates | {global_step} |",
-        f"| learning rate | {args.learning_rate} ({args.lr_scheduler}, {args.lr_warmup_steps} warmup) |",
+        f"| learning rate | {args.learning_rate} ({args.lr_scheduler}, {warmup} warmup) |",
         f"| batch per device x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |",
         f"| resolution | {args.resolution} |",
         f"| mixed precision | {args.mixed_precision} |",

@@ -12,6 +12,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from sdtrain.images import labelled_grid
 from sdtrain.run_folder import (
     VALIDATION_SEED_KEY,
     derive_seed,
@@ -289,12 +290,9 @@ def render_validation_images(render, params, tokenize, prompts, seed):
 
 
 def save_validation_grid(images, prompts, output_dir, tag, global_step):
-    """The images side by side in output_dir/validation/<tag>-step-<global_step>.png. Main process only."""
-    grid = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)))
-    x = 0
-    for image in images:
-        grid.paste(image, (x, 0))
-        x += image.width
+    """The images side by side, each with its prompt under it, in output_dir/validation/<tag>-step-<global_step>.png.
+    Main process only."""
+    grid = labelled_grid(images, prompts)
     folder = os.path.join(output_dir, "validation")
     os.makedirs(folder, exist_ok=True)
     grid_path = os.path.join(folder, f"{tag}-step-{global_step:06d}.png")

@@ -11,11 +11,10 @@ import shutil
 import time
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
 from sdtrain.families import local_model_index, pipeline_family
-from sdtrain.images import inspect_images
+from sdtrain.images import inspect_images, labelled_grid
 from sdtrain.preemption import ignore_interrupts
 from sdtrain.run_folder import (
     VALIDATION_SEED_KEY,
@@ -301,11 +300,7 @@ def log_validation(pipeline, prompts, args, accelerator, seed, global_step, tag,
     """Render, save a PNG grid under output_dir/validation/, and log the images to the trackers."""
     pipeline.set_progress_bar_config(disable=True)
     images = render_validation_images(pipeline, prompts, args.validation_resolution, seed, weight_dtype)
-    grid = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)))
-    x = 0
-    for image in images:
-        grid.paste(image, (x, 0))
-        x += image.width
+    grid = labelled_grid(images, prompts)
     folder = os.path.join(args.output_dir, "validation")
     os.makedirs(folder, exist_ok=True)
     grid_path = os.path.join(folder, f"{tag}-step-{global_step:06d}.png")
