@@ -73,6 +73,7 @@ from sdtrain.jax_training import (
     encode_text,
     epoch_batches,
     evaluation_params,
+    final_save_failed,
     inference_scheduler_config,
     load_flax_model,
     load_flax_text_encoder,
@@ -1045,9 +1046,12 @@ def main(argv=None):
         probe = float(probe_fn(params, state, frozen, *last_batch))
         check_finite({"params": params}, probe, "the embedding", global_step)
     if is_main_process:
-        for path, keys in embedding_files(args, "safetensors", len(text_encoders)):
-            save_embeddings({key: params[learned_key(index)] for key, index in keys.items()}, path)
-            logger.info(f"Saved {os.path.abspath(path)}")
+        try:
+            for path, keys in embedding_files(args, "safetensors", len(text_encoders)):
+                save_embeddings({key: params[learned_key(index)] for key, index in keys.items()}, path)
+                logger.info(f"Saved {os.path.abspath(path)}")
+        except Exception as err:  # a full disk, most often: the steps since the last checkpoint must not be lost
+            raise final_save_failed(state, args.output_dir, global_step, run_metadata, err) from err
     if validation_prompts:
         validate(
             render, state, frozen, tokenizers[0], validation_prompts, args, seed, global_step, "final", is_main_process

@@ -64,6 +64,7 @@ from sdtrain.jax_training import (
     enable_block_rematerialisation,
     epoch_batches,
     evaluation_params,
+    final_save_failed,
     inference_scheduler_config,
     load_flax_model,
     load_flax_text_encoder,
@@ -1367,10 +1368,13 @@ def main(argv=None):
         probe = float(probe_fn(unet_params, state, frozen, *last_batch))
         check_finite({"params": unet_params}, probe, "the UNet", global_step)
     if is_main_process:
-        save_pipeline(unet_params, folder, args, sdxl)
-        logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
-        if args.save_single_file:
-            save_single_file(args, prediction_type, global_step)
+        try:
+            save_pipeline(unet_params, folder, args, sdxl)
+            logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
+            if args.save_single_file:
+                save_single_file(args, prediction_type, global_step)
+        except Exception as err:  # a full disk, most often: the steps since the last checkpoint must not be lost
+            raise final_save_failed(state, args.output_dir, global_step, run_metadata, err) from err
     if args.validation_prompts:
         validate(render, state, frozen, tokenizers, args, seed, global_step, "final", is_main_process)
     if is_main_process:

@@ -2,6 +2,7 @@
 the log window, stopping together, finiteness checks, Orbax checkpoints and validation rendering. jax, flax, optax and
 diffusers are imported where they are used, so the package imports without them."""
 
+import functools
 import inspect
 import logging
 import math
@@ -16,6 +17,7 @@ from sdtrain.images import labelled_grid
 from sdtrain.run_folder import (
     VALIDATION_SEED_KEY,
     derive_seed,
+    final_save_error,
     list_checkpoints,
     publish_checkpoint,
     write_checkpoint_metadata,
@@ -328,6 +330,17 @@ def check_finite(tree, loss, what, global_step):
             f"{what} diverged at step {global_step} ({culprits}): stopping, nothing was written for this step. "
             "Lower --learning_rate, or clip gradients with --max_grad_norm"
         )
+
+
+def final_save_failed(state, output_dir, global_step, run_metadata, err):
+    """final_save_error for the Flax scripts: checkpoint-<final step> of the train state. Main process only, so only
+    a one-process run can write it (Orbax writes with every process, and the others are past this point)."""
+    import jax
+
+    if jax.process_count() > 1:
+        return final_save_error(output_dir, global_step, err, None, "Orbax writes it with every process")
+    write = functools.partial(save_checkpoint, state, output_dir, global_step, run_metadata)
+    return final_save_error(output_dir, global_step, err, write)
 
 
 def save_checkpoint(state, output_dir, global_step, run_metadata, total_limit=None):

@@ -202,6 +202,32 @@ def write_failure(what, folder, err):
     )
 
 
+def final_save_error(output_dir, global_step, err, write_checkpoint, why_not=None):
+    """The UserError to raise when the final save failed (a full disk, most often), after keeping what was trained:
+    what the save left unfinished is removed to free space, then write_checkpoint() writes checkpoint-<global_step>
+    (unless it exists), so a relaunch with --resume_from_checkpoint latest trains nothing and only saves. Where no
+    checkpoint can be written now, write_checkpoint is None and why_not says why."""
+    for name in os.listdir(output_dir):
+        if name.endswith(".partial"):
+            path = os.path.join(output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    free = shutil.disk_usage(output_dir).free / 2**30
+    failed = f"the final save into {output_dir} failed ({type(err).__name__}: {err}); {free:.2f} GiB free there"
+    checkpoint = f"checkpoint-{global_step}"
+    lost = "the steps since the last checkpoint are lost. Free space and relaunch with --resume_from_checkpoint latest"
+    if global_step not in dict(list_checkpoints(output_dir)):
+        if write_checkpoint is None:
+            return UserError(f"{failed}. {checkpoint} cannot be written now ({why_not}): {lost}")
+        try:
+            write_checkpoint()
+        except OSError as checkpoint_err:
+            return UserError(f"{failed}. {checkpoint} could not be written either ({checkpoint_err}): {lost}")
+    return UserError(
+        f"{failed}. What was trained is in {os.path.join(output_dir, checkpoint)}: free space and relaunch the same "
+        "command with --resume_from_checkpoint latest, which saves without training"
+    )
+
+
 def lock_output_dir(output_dir):
     """Hold an OS lock on output_dir for the whole run, so that a second run into the same folder is refused instead
     of overwriting this run's checkpoints and model. The kernel drops the lock when the process ends, however it

@@ -2,6 +2,7 @@
 window, stopping together, finiteness checks, checkpoints through Accelerate, validation grids and the saved text
 encoder. torch, accelerate and diffusers are imported where they are used, so the package imports without them."""
 
+import functools
 import inspect
 import json
 import logging
@@ -19,6 +20,7 @@ from sdtrain.preemption import ignore_interrupts
 from sdtrain.run_folder import (
     VALIDATION_SEED_KEY,
     derive_seed,
+    final_save_error,
     list_checkpoints,
     publish_checkpoint,
     write_checkpoint_metadata,
@@ -232,39 +234,15 @@ def save_checkpoint(accelerator, output_dir, global_step, run_metadata, total_li
 
 
 def final_save_failed(accelerator, output_dir, global_step, run_metadata, err):
-    """The error to raise when the final save failed (a full disk, most often), after keeping what was trained: the
-    unfinished save is removed to free space, then checkpoint-<final step> is written (unless it exists), so a relaunch
-    with --resume_from_checkpoint latest trains nothing and only saves. Main process only; the weights in the model
-    must be the trained ones, as in every checkpoint (EMA weights restored)."""
+    """final_save_error for the PyTorch scripts: checkpoint-<final step> through Accelerate. Main process only; the
+    model must hold the trained weights, as in every checkpoint (EMA weights restored)."""
     from accelerate.utils import DistributedType
 
-    from sdtrain.cli import UserError
-
-    for name in os.listdir(output_dir):
-        if name.endswith(".partial"):
-            path = os.path.join(output_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    free = shutil.disk_usage(output_dir).free / 2**30
-    failed = f"the final save into {output_dir} failed ({type(err).__name__}: {err}); {free:.2f} GiB free there"
-    checkpoint = f"checkpoint-{global_step}"
-    if global_step not in dict(list_checkpoints(output_dir)):
-        if accelerator.state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
-            # Their checkpoints are written by every process together, which are past this point.
-            return UserError(
-                f"{failed}. {checkpoint} cannot be written now (DeepSpeed / FSDP): the steps since the "
-                "last checkpoint are lost. Free space and relaunch with --resume_from_checkpoint latest"
-            )
-        try:
-            save_checkpoint(accelerator, output_dir, global_step, run_metadata)
-        except OSError as checkpoint_err:
-            return UserError(
-                f"{failed}. {checkpoint} could not be written either ({checkpoint_err}): the steps since the last "
-                "checkpoint are lost. Free space and relaunch with --resume_from_checkpoint latest"
-            )
-    return UserError(
-        f"{failed}. What was trained is in {os.path.join(output_dir, checkpoint)}: free space and relaunch the same "
-        "command with --resume_from_checkpoint latest, which saves without training"
-    )
+    if accelerator.state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        # Their checkpoints are written by every process together, and the others are past this point.
+        return final_save_error(output_dir, global_step, err, None, "DeepSpeed and FSDP write it with every process")
+    write = functools.partial(save_checkpoint, accelerator, output_dir, global_step, run_metadata)
+    return final_save_error(output_dir, global_step, err, write)
 
 
 def render_validation_images(pipeline, prompts, size, seed, weight_dtype):

@@ -416,6 +416,24 @@ def test_textual_inversion_flax_preempted_resumes_to_the_same_embedding(launch, 
     assert np.abs(a - b).max() <= 1e-6
 
 
+def test_a_failed_final_save_keeps_the_trained_steps_in_a_checkpoint(launch, assets, tmp_path):
+    """The single file cannot take its name (a folder holds it), so the final save fails after the pipeline was
+    written, 1 update after checkpoint-2, as a full disk makes it fail in tests/test_reliability.py (a file-size limit
+    cannot single out the final save here: Orbax appends a checkpoint's arrays into files of unpredictable sizes)."""
+    out = tmp_path / "run"
+    (out / "run.safetensors").mkdir(parents=True)
+    flags = "--max_train_steps 3 --checkpointing_steps 2 --save_single_file"
+    result = launch.run(T2I, t2i_args(assets, str(out), flags), check=False)
+    assert result.returncode != 0 and f"the final save into {out} failed" in result.output, result.output[-3000:]
+    assert f"is in {out / 'checkpoint-3'}" in result.output and "GiB free there" in result.output
+    assert checkpoint_names(str(out)) == ["checkpoint-2", "checkpoint-3"]
+    assert not [name for name in os.listdir(out) if name.endswith(".partial")], "the unfinished save is removed"
+    (out / "run.safetensors").rmdir()
+    resumed = launch.run(T2I, t2i_args(assets, str(out), flags, "--resume_from_checkpoint latest"))
+    assert "starting at 3" in resumed.output and "nothing to train" in resumed.output
+    assert (out / "run.safetensors").is_file()
+
+
 def test_flax_writes_no_diverged_embedding_and_skips_a_damaged_checkpoint(launch, assets, tmp_path):
     # 1e39: inf rows; 1e6: finite rows of norm ~1e6, 100 times past the vocabulary's longest (check_embedding_scale).
     for learning_rate, message in [("1e39", "diverged at step 1 (non-finite"), ("1e6", "has norm")]:
