@@ -365,7 +365,7 @@ def save_checkpoint(state, output_dir, global_step, run_metadata, total_limit=No
             checkpointer.wait_until_finished()
         if is_main_process:
             write_checkpoint_metadata(partial_path, {**run_metadata, "global_step": global_step})
-    except OSError as err:
+    except (OSError, ValueError) as err:  # Orbax reports a write that failed (a full disk) as a ValueError
         if is_main_process:
             shutil.rmtree(partial_path, ignore_errors=True)
         raise OSError(write_failure(f"checkpoint-{global_step}", output_dir, err)) from err
