@@ -521,7 +521,7 @@ def test_a_preempted_run_checkpoints_its_step_and_resumes_to_the_same_weights(
     """The signal goes to the whole process group, as SLURM and a spot VM's shutdown send it, and as a terminal sends
     Ctrl-C (SIGINT): the launcher and the DataLoader's worker get it too. SIGTERM and SIGUSR1 are sent twice."""
     out = str(tmp_path / "run")
-    workers = "--dataloader_num_workers 1" if sig == signal.SIGINT else ""
+    workers = f"--dataloader_num_workers {int(sig == signal.SIGINT)}"  # the CPU default is 0
     run = launch.start(SCRIPT, base_args(assets, out, RUN, workers), launcher=launcher)
     run.wait_for(r"step 2: loss")
     run.send(sig)
