@@ -42,11 +42,12 @@ import sys
 
 from sdtrain.batching import BatchShare, parse_size, shuffled_batches
 from sdtrain.checks import training_problem, validation_problem
-from sdtrain.cli import ArgumentParser, UserError, add_debug_argument, run
+from sdtrain.cli import ArgumentParser, UserError, WriteFailure, add_debug_argument, run
 from sdtrain.embeddings import (
     OBJECT_TEMPLATES,
     STYLE_TEMPLATES,
     add_placeholder_tokens,
+    check_embedding_scale,
     embedding_files,
     find_example_images,
     initializer_token_id,
@@ -55,12 +56,13 @@ from sdtrain.embeddings import (
 )
 from sdtrain.hub import hub_problem, push_to_hub
 from sdtrain.images import load_rgb
-from sdtrain.logs import format_logs
-from sdtrain.preemption import PREEMPTED_EXIT_CODE, StopRequest, preemption_message
+from sdtrain.logs import format_logs, report_to_problem
+from sdtrain.preemption import StopRequest, ignore_interrupts, preemption_message, stop_exit_code
 from sdtrain.recipes import add_recipe_arguments, check_recipe_arguments, recipe_fields, timestep_bias_weights
 from sdtrain.run_folder import (
     check_output_dir,
     check_process_group,
+    check_resume_identity,
     choose_seed,
     derive_seed,
     draw_seed,
@@ -80,6 +82,7 @@ from sdtrain.torch_training import (
     default_num_workers,
     encode_once,
     encode_text,
+    final_save_failed,
     inference_scheduler,
     load_component,
     log_validation,
@@ -363,6 +366,8 @@ def parse_args(argv=None):
         parser.error(f"--dataloader_num_workers must be 0 or more, got {args.dataloader_num_workers}")
     if not args.placeholder_token.strip() or any(c.isspace() for c in args.placeholder_token):
         parser.error(f"--placeholder_token {args.placeholder_token!r} must be one word without spaces")
+    if report_to_problem(args.report_to) is not None:
+        parser.error(report_to_problem(args.report_to))
     if args.report_to == "wandb" and args.hub_token is not None:
         parser.error("--hub_token with --report_to=wandb would leak the token to wandb; use `hf auth login` instead")
     problem = validation_problem("--validation_prompt", args.validation_prompt, args.validation_resolution)
@@ -638,7 +643,13 @@ def register_checkpoint_hooks(accelerator, learned_embeddings, args):
             path = os.path.join(input_dir, f"{learned_embeds_name(index)}.safetensors")
             if not os.path.exists(path):
                 raise UserError(f"{input_dir}: no {os.path.basename(path)}; is it a checkpoint of this pipeline?")
-            rows = safetensors.torch.load_file(path)[args.placeholder_token]
+            saved = safetensors.torch.load_file(path)
+            if args.placeholder_token not in saved:
+                raise UserError(
+                    f"{input_dir} was trained for {', '.join(saved)}, not --placeholder_token "
+                    f"{args.placeholder_token}: resume it with that token, or start a new --output_dir"
+                )
+            rows = saved[args.placeholder_token]
             if rows.shape != learned_embedding.learned.shape:
                 raise UserError(
                     f"{path}: learned embeddings of shape {tuple(rows.shape)}, "
@@ -866,6 +877,10 @@ def diffusion_loss(
 # ------------------------------------------------------ END MATH ------------------------------------------------------
 
 
+def learned_array(rows):
+    return rows.detach().float().cpu().numpy()
+
+
 def save_embeddings(tensors, path, safe_serialization=True):
     """{key: rows[num_vectors, hidden]}, keys as embedding_files() names them (the placeholder for diffusers, the UIs'
     keys). Written to a temporary name, flushed to disk and renamed, so a crash never leaves a truncated file."""
@@ -881,7 +896,7 @@ def save_embeddings(tensors, path, safe_serialization=True):
     except (OSError, RuntimeError) as err:
         if os.path.exists(partial):
             os.remove(partial)
-        raise OSError(write_failure(os.path.basename(path), os.path.dirname(path), err)) from err
+        raise WriteFailure(write_failure(os.path.basename(path), os.path.dirname(path), err)) from err
     os.replace(partial, path)
     fsync_folder(os.path.dirname(path))
 
@@ -980,7 +995,7 @@ def save_full_pipeline(text_encoders, tokenizers, unet, vae, weight_dtype, args)
                 write_hub_style_text_encoder(os.path.join(partial, name))
     except (OSError, RuntimeError) as err:
         shutil.rmtree(partial, ignore_errors=True)
-        raise OSError(write_failure("the pipeline", args.output_dir, err)) from err
+        raise WriteFailure(write_failure("the pipeline", args.output_dir, err)) from err
     publish_pipeline(partial, args.output_dir)
     for text_encoder, token_embedding in zip(text_encoders, token_embeddings, strict=True):
         text_encoder.set_input_embeddings(token_embedding)
@@ -1058,6 +1073,10 @@ def main(args):
         )
         learned_embeddings.append(learned_embedding)
         text_encoder.train()
+    # The scale of each vocabulary, which no learned row that works comes near (check_embedding_scale).
+    vocabulary_norms = [
+        embedding.base.weight.detach().float().norm(dim=1).max().item() for embedding in learned_embeddings
+    ]
     if args.gradient_checkpointing:
         # Gradients flow through the frozen UNet back to the text encoders; checkpointing saves their activations.
         unet.train()
@@ -1106,6 +1125,7 @@ def main(args):
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=accelerator.device.type == "cuda",
+        worker_init_fn=ignore_interrupts,  # Ctrl-C stops the main process's loop, not its workers
     )
 
     # ---------------------------------------------------------------------------------- optimizer and schedule
@@ -1138,17 +1158,27 @@ def main(args):
     )
     lr_scheduler = accelerator.prepare(lr_scheduler)
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    # What this run trains, recorded in its checkpoints: a checkpoint resumes only a run of the same kind.
+    run_identity = {
+        "script": "textual_inversion.py",
+        "placeholder_token": args.placeholder_token,
+        "num_vectors": args.num_vectors,
+    }
     run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
+    run_metadata.update(run_identity)
     run_metadata["process_count"] = accelerator.num_processes  # information only: the run does not depend on it
 
     # ----------------------------------------------------------------------------------------------------- resume
     global_step = 0
     if resume_path is not None:
         accelerator.print(f"Resuming from {resume_path}")
+        check_resume_identity(resume_path, resume_metadata, run_identity)
         try:
             accelerator.load_state(resume_path)
+        except UserError:
+            raise  # the checkpoint hooks' own, naming what does not fit
         except Exception as err:
-            raise RuntimeError(f"{resume_path} could not be loaded ({type(err).__name__}: {err})") from err
+            raise UserError(f"{resume_path} could not be loaded ({type(err).__name__}: {err})") from err
         global_step = resume_metadata["global_step"]
         warn_if_batch_layout_changed(resume_metadata, run_metadata)
     first_epoch = global_step // updates_per_epoch
@@ -1239,7 +1269,7 @@ def main(args):
             global_step += 1
             window.add_update(grad_norm)
             progress_bar.update(1)
-            stopping = stop_agreed(stop_request, accelerator, stop_group)  # a SIGTERM / SIGUSR1 on any process
+            stopping = stop_agreed(stop_request, accelerator, stop_group)  # a SIGTERM / SIGUSR1 / Ctrl-C on any process
             is_checkpoint_step = global_step % args.checkpointing_steps == 0 or stopping
             is_save_step = global_step % args.save_steps == 0 or is_checkpoint_step
             # Reading the loss back waits for the device: only at logging steps, and before anything is saved (the
@@ -1253,6 +1283,7 @@ def main(args):
             if is_save_step or is_validation_step:
                 optimizer.eval()  # what is saved or rendered is the model at this step; resume switches back exactly
             if is_save_step:
+                check_embedding_scale([learned_array(rows) for rows in learned_rows], vocabulary_norms, global_step)
                 tensors = [*(("the new rows", rows) for rows in learned_rows), *optimizer_tensors(optimizer)]
                 probe = probe_loss(accelerator, unet, text_encoders, noise_scheduler, *last_batch, loss_config, seed)
                 check_finite(tensors, probe, "the embedding", global_step)
@@ -1272,29 +1303,36 @@ def main(args):
                 accelerator.wait_for_everyone()
                 logger.warning(preemption_message(stop_request, global_step))
                 accelerator.end_training()
-                sys.exit(PREEMPTED_EXIT_CODE)
+                sys.exit(stop_exit_code(stop_request))
             if global_step >= max_train_steps:
                 break
 
     # ------------------------------------------------------------------------------------------------------- save
     optimizer.eval()
     if last_batch is not None:  # what is about to be saved, checked as every checkpoint is
+        check_embedding_scale([learned_array(rows) for rows in learned_rows], vocabulary_norms, global_step)
         tensors = [*(("the new rows", rows) for rows in learned_rows), *optimizer_tensors(optimizer)]
         probe = probe_loss(accelerator, unet, text_encoders, noise_scheduler, *last_batch, loss_config, seed)
         check_finite(tensors, probe, "the embedding", global_step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        for path, keys in embedding_files(args, embeds_suffix, len(learned_rows)):
-            tensors = {key: learned_rows[index] for key, index in keys.items()}
-            save_embeddings(tensors, path, not args.no_safe_serialization)
-            logger.info(f"Saved {os.path.abspath(path)}")
+        try:
+            for path, keys in embedding_files(args, embeds_suffix, len(learned_rows)):
+                tensors = {key: learned_rows[index] for key, index in keys.items()}
+                save_embeddings(tensors, path, not args.no_safe_serialization)
+                logger.info(f"Saved {os.path.abspath(path)}")
+        except Exception as err:  # a full disk, most often: the steps since the last checkpoint must not be lost
+            raise final_save_failed(accelerator, args.output_dir, global_step, run_metadata, err) from err
         grid = None
         if validation_prompts:
             validate(accelerator, *validation_models, args, seed, global_step, "final", weight_dtype)
             grid = f"validation/final-step-{global_step:06d}.png"
         if args.save_as_full_pipeline or args.push_to_hub:
-            text_encoders = [accelerator.unwrap_model(text_encoder) for text_encoder in text_encoders]
-            save_full_pipeline(text_encoders, tokenizers, unet, vae, weight_dtype, args)
+            unwrapped = [accelerator.unwrap_model(text_encoder) for text_encoder in text_encoders]
+            try:
+                save_full_pipeline(unwrapped, tokenizers, unet, vae, weight_dtype, args)
+            except Exception as err:
+                raise final_save_failed(accelerator, args.output_dir, global_step, run_metadata, err) from err
         write_model_card(args, global_step, grid, sdxl)
         if args.push_to_hub:
             push_to_hub(args)

@@ -41,12 +41,13 @@ from typing import Any
 
 from sdtrain.batching import parse_size, shuffled_batches
 from sdtrain.checks import training_problem, validation_problem
-from sdtrain.cli import ArgumentParser, UserError, add_debug_argument, run
+from sdtrain.cli import ArgumentParser, UserError, WriteFailure, add_debug_argument, run
 from sdtrain.embeddings import (
     OBJECT_TEMPLATES,
     STYLE_TEMPLATES,
     add_placeholder_tokens,
     center_crop_box,
+    check_embedding_scale,
     embedding_files,
     find_example_images,
     initializer_token_id,
@@ -63,6 +64,7 @@ from sdtrain.jax_training import (
     encode_text,
     epoch_batches,
     evaluation_params,
+    final_save_failed,
     inference_scheduler_config,
     load_flax_model,
     load_flax_text_encoder,
@@ -76,11 +78,12 @@ from sdtrain.jax_training import (
     stop_agreed,
 )
 from sdtrain.logs import format_logs
-from sdtrain.preemption import PREEMPTED_EXIT_CODE, StopRequest, preemption_message
+from sdtrain.preemption import StopRequest, preemption_message, stop_exit_code
 from sdtrain.recipes import add_recipe_arguments, check_recipe_arguments, recipe_fields, timestep_bias_weights
 from sdtrain.run_folder import (
     check_output_dir,
     check_process_group,
+    check_resume_identity,
     choose_seed,
     draw_seed,
     find_resume_checkpoint,
@@ -818,7 +821,7 @@ def save_embeddings(tensors, path):
     except OSError as err:
         if os.path.exists(partial):
             os.remove(partial)
-        raise OSError(write_failure(os.path.basename(path), os.path.dirname(path), err)) from err
+        raise WriteFailure(write_failure(os.path.basename(path), os.path.dirname(path), err)) from err
     os.replace(partial, path)
     fsync_folder(os.path.dirname(path))
 
@@ -897,6 +900,13 @@ def main(args):
             text_encoder, tokenizer, *token
         )
         extended_text_encoders.append(extended_text_encoder)
+    # The scale of each vocabulary, which no learned row that works comes near (check_embedding_scale).
+    vocabulary_norms = [
+        float(
+            jnp.linalg.norm(encoder.params["text_model"]["embeddings"]["token_embedding"]["embedding"], axis=-1).max()
+        )
+        for encoder in text_encoders
+    ]
     frozen = FrozenModels(
         unet_params=unet_params,
         vae_params=vae_params,
@@ -946,13 +956,21 @@ def main(args):
     schedule = learning_rate_schedule(args.lr_scheduler, args.learning_rate, args.lr_warmup_steps, max_train_steps)
     state = TrainState.create(apply_fn=None, params=learned, tx=make_optimizer(args, schedule))
     total_batch_size = global_batch_size * args.gradient_accumulation_steps
+    # What this run trains, recorded in its checkpoints: a checkpoint resumes only a run of the same kind.
+    run_identity = {
+        "script": "textual_inversion_flax.py",
+        "placeholder_token": args.placeholder_token,
+        "num_vectors": args.num_vectors,
+    }
     run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
+    run_metadata.update(run_identity)
     run_metadata["process_count"] = jax.process_count()  # information only: the run does not depend on it
 
     # ----------------------------------------------------------------------------------------------------- resume
     global_step = 0
     if resume_path is not None:
         logger.info(f"Resuming from {resume_path}")
+        check_resume_identity(resume_path, resume_metadata, run_identity)
         state = restore_train_state(state, resume_path, replicated)
         global_step = resume_metadata["global_step"]
         warn_if_batch_layout_changed(resume_metadata, run_metadata)
@@ -1008,7 +1026,7 @@ def main(args):
             global_step += 1
             window.add_update(metrics)
             progress_bar.update(1)
-            stopping = stop_agreed(stop_request)  # a SIGTERM / SIGUSR1 on any process
+            stopping = stop_agreed(stop_request)  # a SIGTERM / SIGUSR1 / Ctrl-C on any process
             is_checkpoint_step = global_step % args.checkpointing_steps == 0 or stopping
             is_save_step = global_step % args.save_steps == 0 or is_checkpoint_step
             # Reading the loss back waits for the device: only at logging steps, and before anything is saved (the
@@ -1018,6 +1036,8 @@ def main(args):
                 logger.info(format_logs(global_step, logs))
                 progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
             if is_save_step:
+                rows = [jax.device_get(state.params[learned_key(index)]) for index in range(len(text_encoders))]
+                check_embedding_scale(rows, vocabulary_norms, global_step)
                 probe = float(probe_fn(state.params, state, frozen, *last_batch))
                 check_finite(
                     {"params": state.params, "opt_state": state.opt_state}, probe, "the embedding", global_step
@@ -1046,19 +1066,24 @@ def main(args):
                 )
             if stopping:
                 logger.warning(preemption_message(stop_request, global_step))
-                sys.exit(PREEMPTED_EXIT_CODE)
+                sys.exit(stop_exit_code(stop_request))
             if global_step >= max_train_steps:
                 break
 
     # ------------------------------------------------------------------------------------------------------- save
     params = evaluation_params(state, args)
     if last_batch is not None:  # what is about to be saved, checked as every checkpoint is
+        rows = [jax.device_get(params[learned_key(index)]) for index in range(len(text_encoders))]
+        check_embedding_scale(rows, vocabulary_norms, global_step)
         probe = float(probe_fn(params, state, frozen, *last_batch))
         check_finite({"params": params}, probe, "the embedding", global_step)
     if is_main_process:
-        for path, keys in embedding_files(args, "safetensors", len(text_encoders)):
-            save_embeddings({key: params[learned_key(index)] for key, index in keys.items()}, path)
-            logger.info(f"Saved {os.path.abspath(path)}")
+        try:
+            for path, keys in embedding_files(args, "safetensors", len(text_encoders)):
+                save_embeddings({key: params[learned_key(index)] for key, index in keys.items()}, path)
+                logger.info(f"Saved {os.path.abspath(path)}")
+        except Exception as err:  # a full disk, most often: the steps since the last checkpoint must not be lost
+            raise final_save_failed(state, args.output_dir, global_step, run_metadata, err) from err
     if validation_prompts:
         validate(
             render, state, frozen, tokenizers[0], validation_prompts, args, seed, global_step, "final", is_main_process

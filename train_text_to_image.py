@@ -52,15 +52,16 @@ from sdtrain.batching import (
     size_conditioning,
 )
 from sdtrain.checks import training_problem, validation_problem
-from sdtrain.cli import ArgumentParser, UserError, add_debug_argument, run
+from sdtrain.cli import ArgumentParser, UserError, WriteFailure, add_debug_argument, run
 from sdtrain.hub import hub_problem, push_to_hub
 from sdtrain.images import load_rgb, verify_image
-from sdtrain.logs import format_logs
-from sdtrain.preemption import PREEMPTED_EXIT_CODE, StopRequest, preemption_message
+from sdtrain.logs import format_logs, report_to_problem, warmup_applied
+from sdtrain.preemption import StopRequest, ignore_interrupts, preemption_message, stop_exit_code
 from sdtrain.recipes import add_recipe_arguments, check_recipe_arguments, recipe_fields, timestep_bias_weights
 from sdtrain.run_folder import (
     check_output_dir,
     check_process_group,
+    check_resume_identity,
     choose_seed,
     derive_seed,
     draw_seed,
@@ -81,6 +82,7 @@ from sdtrain.torch_training import (
     default_num_workers,
     encode_once,
     encode_text,
+    final_save_failed,
     inference_scheduler,
     load_component,
     load_model,
@@ -472,6 +474,8 @@ def parse_args(argv=None):
     ):
         if problem:
             parser.error(problem)
+    if report_to_problem(args.report_to) is not None:
+        parser.error(report_to_problem(args.report_to))
     if args.report_to == "wandb" and args.hub_token is not None:
         parser.error("--hub_token with --report_to=wandb would leak the token to wandb; use `hf auth login` instead")
     return args
@@ -1098,6 +1102,7 @@ def validate(accelerator, unet, ema_unet, components, args, seed, global_step, w
 
 
 def write_model_card(args, global_step, validation_grid, sdxl):
+    warmup = warmup_applied(args.lr_scheduler, args.lr_warmup_steps, args.optimizer)
     lines = [
         "---",
         "license: openrail++" if sdxl else "license: creativeml-openrail-m",  # SDXL's license, SD 1.x / 2.x's
@@ -1124,7 +1129,7 @@ def write_model_card(args, global_step, validation_grid, sdxl):
         "| setting | value |",
         "| --- | --- |",
         f"| optimizer updates | {global_step} |",
-        f"| learning rate | {args.learning_rate} ({args.lr_scheduler}, {args.lr_warmup_steps} warmup) |",
+        f"| learning rate | {args.learning_rate} ({args.lr_scheduler}, {warmup} warmup) |",
         f"| batch per device x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |",
         f"| resolution | {args.resolution} |",
         f"| mixed precision | {args.mixed_precision} |",
@@ -1166,7 +1171,7 @@ def save_pipeline(unet, args, sdxl):
                 write_hub_style_text_encoder(os.path.join(partial, name))
     except (OSError, RuntimeError) as err:
         shutil.rmtree(partial, ignore_errors=True)
-        raise OSError(write_failure("the pipeline", args.output_dir, err)) from err
+        raise WriteFailure(write_failure("the pipeline", args.output_dir, err)) from err
     publish_pipeline(partial, args.output_dir)
     return pipeline
 
@@ -1314,6 +1319,7 @@ def main(args):
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
         pin_memory=accelerator.device.type == "cuda",
+        worker_init_fn=ignore_interrupts,  # Ctrl-C stops the main process's loop, not its workers
     )
 
     # ---------------------------------------------------------------------------------- optimizer and schedule
@@ -1341,7 +1347,10 @@ def main(args):
     )
     lr_scheduler = accelerator.prepare(lr_scheduler)
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    # What this run trains, recorded in its checkpoints: a checkpoint resumes only a run of the same kind.
+    run_identity = {"script": "train_text_to_image.py"}
     run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
+    run_metadata.update(run_identity)
     run_metadata["process_count"] = accelerator.num_processes  # information only: the run does not depend on it
     run_metadata["aspect_ratio_buckets"] = [list(bucket) for bucket in train_dataset.buckets or []] or None
 
@@ -1349,10 +1358,13 @@ def main(args):
     global_step = 0
     if resume_path is not None:
         accelerator.print(f"Resuming from {resume_path}")
+        check_resume_identity(resume_path, resume_metadata, run_identity)
         try:
             accelerator.load_state(resume_path)
+        except UserError:
+            raise  # the checkpoint hooks' own, naming what does not fit
         except Exception as err:
-            raise RuntimeError(f"{resume_path} could not be loaded ({type(err).__name__}: {err})") from err
+            raise UserError(f"{resume_path} could not be loaded ({type(err).__name__}: {err})") from err
         global_step = resume_metadata["global_step"]
         warn_if_batch_layout_changed(resume_metadata, run_metadata)
     first_epoch = global_step // updates_per_epoch
@@ -1440,7 +1452,7 @@ def main(args):
                 if args.offload_ema:
                     ema_unet.to(device="cpu", non_blocking=True)
             progress_bar.update(1)
-            stopping = stop_agreed(stop_request, accelerator, stop_group)  # a SIGTERM / SIGUSR1 on any process
+            stopping = stop_agreed(stop_request, accelerator, stop_group)  # a SIGTERM / SIGUSR1 / Ctrl-C on any process
             is_checkpoint_step = global_step % args.checkpointing_steps == 0 or stopping
             # Reading the loss back waits for the device: only at logging steps, and before a checkpoint is written
             # (the read raises on a non-finite loss).
@@ -1460,7 +1472,7 @@ def main(args):
                 accelerator.wait_for_everyone()
                 logger.warning(preemption_message(stop_request, global_step))
                 accelerator.end_training()
-                sys.exit(PREEMPTED_EXIT_CODE)
+                sys.exit(stop_exit_code(stop_request))
             if global_step >= max_train_steps:
                 break
 
@@ -1484,12 +1496,17 @@ def main(args):
         final_unet = accelerator.unwrap_model(unet)
         renders = validation_weights(args) if args.validation_prompts else []
         if ema_unet is not None:
-            if ("-raw", False) in renders:
-                ema_unet.store(final_unet.parameters())  # the raw weights, rendered after the saved EMA
+            # The raw weights are kept: rendered after the saved EMA, and checkpointed if the save fails.
+            ema_unet.store(final_unet.parameters())
             ema_unet.copy_to(final_unet.parameters())
-        pipeline = save_pipeline(final_unet, args, sdxl)
-        if args.save_single_file:
-            save_single_file(args, prediction_type, global_step)
+        try:
+            pipeline = save_pipeline(final_unet, args, sdxl)
+            if args.save_single_file:
+                save_single_file(args, prediction_type, global_step)
+        except Exception as err:  # a full disk, most often: the steps since the last checkpoint must not be lost
+            if ema_unet is not None:
+                ema_unet.restore(final_unet.parameters())
+            raise final_save_failed(accelerator, args.output_dir, global_step, run_metadata, err) from err
         grid = None
         if renders:
             pipeline = pipeline.to(accelerator.device)

@@ -44,7 +44,7 @@ from sdtrain.batching import (
     size_conditioning,
 )
 from sdtrain.checks import training_problem, validation_problem
-from sdtrain.cli import ArgumentParser, UserError, add_debug_argument, run
+from sdtrain.cli import ArgumentParser, UserError, WriteFailure, add_debug_argument, run
 from sdtrain.families import folder_family
 from sdtrain.hub import hub_problem, push_to_hub
 from sdtrain.images import inspect_images, load_rgb, verify_image
@@ -54,6 +54,7 @@ from sdtrain.jax_training import (
     enable_block_rematerialisation,
     epoch_batches,
     evaluation_params,
+    final_save_failed,
     inference_scheduler_config,
     load_flax_model,
     load_flax_text_encoder,
@@ -68,11 +69,12 @@ from sdtrain.jax_training import (
     stop_agreed,
 )
 from sdtrain.logs import format_logs
-from sdtrain.preemption import PREEMPTED_EXIT_CODE, StopRequest, preemption_message
+from sdtrain.preemption import StopRequest, preemption_message, stop_exit_code
 from sdtrain.recipes import add_recipe_arguments, check_recipe_arguments, recipe_fields, timestep_bias_weights
 from sdtrain.run_folder import (
     check_output_dir,
     check_process_group,
+    check_resume_identity,
     choose_seed,
     draw_seed,
     find_resume_checkpoint,
@@ -1167,7 +1169,7 @@ def save_pipeline(unet_params, folder, args, sdxl):
         unet.to(torch.float32).save_pretrained(os.path.join(partial, "unet"), safe_serialization=True)
     except (OSError, RuntimeError) as err:
         shutil.rmtree(partial, ignore_errors=True)
-        raise OSError(write_failure("the pipeline", args.output_dir, err)) from err
+        raise WriteFailure(write_failure("the pipeline", args.output_dir, err)) from err
     publish_pipeline(partial, args.output_dir)
 
 
@@ -1308,7 +1310,10 @@ def main(args):
     else:
         state = TrainState.create(apply_fn=unet.apply, params=unet_params, tx=optimizer)
     total_batch_size = global_batch_size * args.gradient_accumulation_steps
+    # What this run trains, recorded in its checkpoints: a checkpoint resumes only a run of the same kind.
+    run_identity = {"script": "train_text_to_image_flax.py"}
     run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
+    run_metadata.update(run_identity)
     # Not part of the batch layout here: every draw is made over the global batch from the step's key, so a checkpoint
     # resumes exactly on another process count with the same global batch (tested with 2 processes and 1).
     run_metadata["process_count"] = jax.process_count()
@@ -1319,6 +1324,7 @@ def main(args):
     global_step = 0
     if resume_path is not None:
         logger.info(f"Resuming from {resume_path}")
+        check_resume_identity(resume_path, resume_metadata, run_identity)
         state = restore_train_state(state, resume_path, replicated)
         global_step = resume_metadata["global_step"]
         warn_if_batch_layout_changed(resume_metadata, run_metadata)
@@ -1382,7 +1388,7 @@ def main(args):
                 state = ema_fn(state, global_step)
             window.add_update(metrics)
             progress_bar.update(1)
-            stopping = stop_agreed(stop_request)  # a SIGTERM / SIGUSR1 on any process
+            stopping = stop_agreed(stop_request)  # a SIGTERM / SIGUSR1 / Ctrl-C on any process
             is_checkpoint_step = global_step % args.checkpointing_steps == 0 or stopping
             # Reading the loss back waits for the device: only at logging steps, and before a checkpoint is written
             # (the read raises on a non-finite loss, so no checkpoint ever holds a diverged model).
@@ -1399,7 +1405,7 @@ def main(args):
                 save_checkpoint(state, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
             if stopping:
                 logger.warning(preemption_message(stop_request, global_step))
-                sys.exit(PREEMPTED_EXIT_CODE)
+                sys.exit(stop_exit_code(stop_request))
             if global_step >= max_train_steps:
                 break
 
@@ -1413,10 +1419,13 @@ def main(args):
         probe = float(probe_fn(unet_params, state, frozen, *last_batch))
         check_finite({"params": unet_params}, probe, "the UNet", global_step)
     if is_main_process:
-        save_pipeline(unet_params, folder, args, sdxl)
-        logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
-        if args.save_single_file:
-            save_single_file(args, prediction_type, global_step)
+        try:
+            save_pipeline(unet_params, folder, args, sdxl)
+            logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
+            if args.save_single_file:
+                save_single_file(args, prediction_type, global_step)
+        except Exception as err:  # a full disk, most often: the steps since the last checkpoint must not be lost
+            raise final_save_failed(state, args.output_dir, global_step, run_metadata, err) from err
     if args.validation_prompts:
         validate(render, state, frozen, tokenizers, args, seed, global_step, "final", is_main_process)
     if is_main_process:

@@ -22,6 +22,7 @@ import time
 import numpy as np
 import shapes
 import torch
+from tqdm.auto import tqdm
 
 from devkit import tiny_sd
 
@@ -84,8 +85,8 @@ def pretrain_vae(steps, seed):
     )
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
-    start = time.time()
-    for step in range(steps):
+    progress = tqdm(range(steps), desc="VAE pretraining", unit="step", mininterval=1.0)
+    for step in progress:
         images = random_drawings(rng, 16)
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample()).sample
@@ -95,8 +96,8 @@ def pretrain_vae(steps, seed):
         loss.backward()
         optimizer.step()
         schedule.step()
-        if step % 100 == 0 or step == steps - 1:
-            print(f"vae step {step:4d}  reconstruction mse {loss.item():.4f}  ({time.time() - start:.0f}s)", flush=True)
+        if step % 10 == 0 or step == steps - 1:  # reading the loss waits for the step: not at every one
+            progress.set_postfix(reconstruction_mse=f"{loss.item():.4f}")
     vae.eval()
     with torch.no_grad():
         latents = vae.encode(random_drawings(rng, 64)).latent_dist.mean

@@ -37,6 +37,11 @@ SCORED_SIZES = {"landscape": (48, 96), "portrait": (96, 48)}
 # less time per step on the shapes (measured on 2 CPU cores).
 CACHES = ["--cache_latents", "--cache_text_embeddings"]
 CORES = len(os.sched_getaffinity(0))
+# Seconds per update of each stage on 2 idle CPU cores, for the estimate each stage's banner prints (the progress bars
+# under it show the time left as it goes): the VAE's 400 steps take two minutes, fine-tuning 0.25 s (see launch), and
+# textual inversion, which also runs the text encoder forward and back, 1.9 times that step in a side-by-side
+# measurement; with them the default demo adds up to the 11 minutes docs/demo.md reports.
+SECONDS_PER_STEP = {"vae": 0.3, "text_to_image": 0.25, "textual_inversion": 0.45}
 HALF_THE_CORES = max(CORES // 2, 1)  # for each of two runs side by side
 
 
@@ -74,6 +79,12 @@ def parse_args(argv=None):
     )
     parser.add_argument("--seeds", type=int, default=4, help="Pictures per prompt when scoring.")
     return parser.parse_args(argv)
+
+
+def banner(what, steps, seconds_per_step):
+    """A stage's title and its estimated time, so that a stage silent for minutes has said what it is doing."""
+    minutes = max(round(steps * seconds_per_step / 60), 1)
+    print(f"\n===== {what}: about {minutes} min on 2 CPU cores =====\n", flush=True)
 
 
 def launch(script, args, wait=True, threads=None):
@@ -153,6 +164,7 @@ def score_sizes(pipeline, seeds, grid_prefix):
 
 
 def train_shapes(starter, output_dir, steps, snr_gamma, checkpointing_steps):
+    banner(f"Fine-tuning the UNet on the shapes: {steps} updates", steps, SECONDS_PER_STEP["text_to_image"])
     args = [
         "--pretrained_model_name_or_path",
         os.path.join(starter, "pipeline"),
@@ -213,6 +225,11 @@ def main(argv=None):
     args = parse_args(argv)
     start = time.time()
     starter = os.path.join(args.output_dir, "starter")
+    banner(
+        f"Starter pipeline: {args.vae_steps} VAE steps (reused if already built)",
+        args.vae_steps,
+        SECONDS_PER_STEP["vae"],
+    )
     subprocess.run(
         [
             sys.executable,
@@ -278,6 +295,12 @@ def main(argv=None):
 
     # Learn a word for the concept, on top of the fine-tuned pipeline.
     ti = os.path.join(args.output_dir, "textual_inversion")
+    alongside = f", with {args.bucket_steps} bucket updates alongside" if bucket_run else ""
+    banner(
+        f"Textual inversion of <thing>: {args.ti_steps} updates{alongside}",
+        args.ti_steps,
+        SECONDS_PER_STEP["textual_inversion"] * (2 if bucket_run else 1),  # each run has half the cores
+    )
     launch(
         "textual_inversion.py",
         [

@@ -19,6 +19,12 @@ class UserError(ValueError):
     so code that caught the ValueErrors these messages used to be still catches them."""
 
 
+class WriteFailure(OSError):
+    """A file the run could not write (a full disk, a lost mount, a permission), with a message that says what, where
+    and how much room is left (run_folder.write_failure). The machine's state, not a bug: run() prints it as one line
+    too. An OSError, as the failure it reports."""
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse, with every default shown in --help, and a mistake reported in one line (not the usage of a hundred
     flags), with the closest flag when one was mistyped."""
@@ -53,10 +59,11 @@ def debugging(args=None):
 def run(main, args):
     """main(args); a UserError becomes one `error: ...` line on stderr and exit code USER_ERROR_EXIT_CODE (under
     accelerate launch, the launcher's own CalledProcessError follows unless it is launched with -q). So does a
-    FloatingPointError: the finite checks raise it when training diverged, which the learning rate fixes, not a bug."""
+    FloatingPointError: the finite checks raise it when training diverged, which the learning rate fixes, not a bug;
+    and a WriteFailure."""
     try:
         return main(args)
-    except (UserError, FloatingPointError) as err:
+    except (UserError, FloatingPointError, WriteFailure) as err:
         if debugging(args):
             raise
         sys.stderr.write(f"error: {err}\n")

@@ -1,8 +1,11 @@
 """Textual inversion's token side: example images, prompt templates, the placeholder tokens and the files the
 learned embedding is saved as (diffusers' and the UIs')."""
 
+import math
 import os
 import re
+
+import numpy as np
 
 from sdtrain.cli import UserError
 from sdtrain.images import inspect_images, load_rgb
@@ -145,3 +148,25 @@ def sdxl_time_ids(width, height, resolution, center_crop, flipped):
             left = width - left - side
         top, left = round(top * resolution / side), round(left * resolution / side)
     return [height, width, top, left, resolution, resolution]
+
+
+# A learned row longer than this many times the longest row of the text encoder's own vocabulary has diverged. CLIP's
+# token rows have similar lengths (SD 1.5: at most about 0.6), and embeddings that work, even over-trained ones, stay
+# within about ten times that; an exploding learning rate gives rows of 1e6 and more that are still finite, which the
+# finiteness check lets through and --resume_from_checkpoint latest would pick. 100 is far from both.
+DIVERGED_NORM_FACTOR = 100
+
+
+def check_embedding_scale(learned_rows, vocabulary_norms, global_step):
+    """Before anything is written: every learned row (one [num_vectors, hidden] array per text encoder) is at most
+    DIVERGED_NORM_FACTOR times as long as the longest row of that encoder's vocabulary (vocabulary_norms). Otherwise
+    stop, naming the step and the norm, as check_finite does for non-finite values."""
+    for index, (rows, vocabulary_norm) in enumerate(zip(learned_rows, vocabulary_norms, strict=True)):
+        norm = float(np.max(np.linalg.norm(np.asarray(rows, dtype=np.float64), axis=-1)))
+        if math.isfinite(norm) and norm > DIVERGED_NORM_FACTOR * vocabulary_norm:  # inf and NaN: check_finite's
+            encoder = f" of text encoder {index + 1}" if len(learned_rows) > 1 else ""
+            raise FloatingPointError(
+                f"the embedding diverged at step {global_step}: a learned row{encoder} has norm {norm:.3g}, over "
+                f"{DIVERGED_NORM_FACTOR} times the longest row of the vocabulary ({vocabulary_norm:.3g}): stopping, "
+                "nothing was written for this step. Lower --learning_rate, or clip gradients with --max_grad_norm"
+            )

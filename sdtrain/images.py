@@ -69,3 +69,45 @@ def inspect_images(inspect, indices):
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         results = list(pool.map(attempt, indices))
     return [result for result, _ in results], [problem for _, problem in results if problem is not None]
+
+
+def labelled_grid(images, labels, margin=2):
+    """The images side by side, each with its label (its validation prompt) written under it in PIL's default font,
+    wrapped to the image's width, so a grid says what each picture was asked to show."""
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    pen = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_height = font.getbbox("Ag|")[3] + 2
+    wrapped = [
+        wrap_text(label, image.width - 2 * margin, font, pen) for image, label in zip(images, labels, strict=True)
+    ]
+    image_height = max(image.height for image in images)
+    strip_height = max(len(lines) for lines in wrapped) * line_height + 2 * margin
+    grid = Image.new("RGB", (sum(image.width for image in images), image_height + strip_height), "white")
+    pen = ImageDraw.Draw(grid)
+    x = 0
+    for image, lines in zip(images, wrapped, strict=True):
+        grid.paste(image, (x, 0))
+        for index, line in enumerate(lines):
+            pen.text((x + margin, image_height + margin + index * line_height), line, fill="black", font=font)
+        x += image.width
+    return grid
+
+
+def wrap_text(text, width, font, pen):
+    """text as lines no wider than `width` pixels: broken between words, and inside a word longer than a line."""
+    lines, line = [], ""
+    for word in text.split():
+        candidate = f"{line} {word}" if line else word
+        if line and pen.textlength(candidate, font=font) > width:
+            lines.append(line)
+            candidate = word
+        line = candidate
+        while len(line) > 1 and pen.textlength(line, font=font) > width:
+            cut = len(line) - 1
+            while cut > 1 and pen.textlength(line[:cut], font=font) > width:
+                cut -= 1
+            lines.append(line[:cut])
+            line = line[cut:]
+    return [*lines, line] if line else lines or [""]

@@ -2,6 +2,7 @@
 the log window, stopping together, finiteness checks, Orbax checkpoints and validation rendering. jax, flax, optax and
 diffusers are imported where they are used, so the package imports without them."""
 
+import functools
 import inspect
 import logging
 import math
@@ -12,11 +13,13 @@ import time
 import numpy as np
 from PIL import Image
 
-from sdtrain.cli import UserError
+from sdtrain.cli import UserError, WriteFailure
 from sdtrain.families import component_problem
+from sdtrain.images import labelled_grid
 from sdtrain.run_folder import (
     VALIDATION_SEED_KEY,
     derive_seed,
+    final_save_error,
     list_checkpoints,
     publish_checkpoint,
     write_checkpoint_metadata,
@@ -314,12 +317,9 @@ def render_validation_images(render, params, tokenize, prompts, seed):
 
 
 def save_validation_grid(images, prompts, output_dir, tag, global_step):
-    """The images side by side in output_dir/validation/<tag>-step-<global_step>.png. Main process only."""
-    grid = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)))
-    x = 0
-    for image in images:
-        grid.paste(image, (x, 0))
-        x += image.width
+    """The images side by side, each with its prompt under it, in output_dir/validation/<tag>-step-<global_step>.png.
+    Main process only."""
+    grid = labelled_grid(images, prompts)
     folder = os.path.join(output_dir, "validation")
     os.makedirs(folder, exist_ok=True)
     grid_path = os.path.join(folder, f"{tag}-step-{global_step:06d}.png")
@@ -357,6 +357,17 @@ def check_finite(tree, loss, what, global_step):
         )
 
 
+def final_save_failed(state, output_dir, global_step, run_metadata, err):
+    """final_save_error for the Flax scripts: checkpoint-<final step> of the train state. Main process only, so only
+    a one-process run can write it (Orbax writes with every process, and the others are past this point)."""
+    import jax
+
+    if jax.process_count() > 1:
+        return final_save_error(output_dir, global_step, err, None, "Orbax writes it with every process")
+    write = functools.partial(save_checkpoint, state, output_dir, global_step, run_metadata)
+    return final_save_error(output_dir, global_step, err, write)
+
+
 def save_checkpoint(state, output_dir, global_step, run_metadata, total_limit=None):
     """Write checkpoint-N crash-safely: into a hidden temporary folder, flushed to disk, then renamed into place (a
     checkpoint is visible only when complete); then keep the newest `total_limit` (--checkpoints_total_limit).
@@ -379,10 +390,10 @@ def save_checkpoint(state, output_dir, global_step, run_metadata, total_limit=No
             checkpointer.wait_until_finished()
         if is_main_process:
             write_checkpoint_metadata(partial_path, {**run_metadata, "global_step": global_step})
-    except OSError as err:
+    except (OSError, ValueError) as err:  # Orbax reports a write that failed (a full disk) as a ValueError
         if is_main_process:
             shutil.rmtree(partial_path, ignore_errors=True)
-        raise OSError(write_failure(f"checkpoint-{global_step}", output_dir, err)) from err
+        raise WriteFailure(write_failure(f"checkpoint-{global_step}", output_dir, err)) from err
     if is_main_process:
         publish_checkpoint(partial_path, final_path)
         logger.info(f"Saved {final_path}")
@@ -406,7 +417,7 @@ def restore_train_state(state, checkpoint_path, sharding):
         with ocp.StandardCheckpointer() as checkpointer:
             return checkpointer.restore(path, target)
     except Exception as err:
-        raise RuntimeError(f"{path} could not be loaded ({type(err).__name__}: {err})") from err
+        raise UserError(f"{path} could not be loaded ({type(err).__name__}: {err})") from err
 
 
 def inference_scheduler_config(config, args):

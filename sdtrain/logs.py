@@ -1,5 +1,29 @@
-"""Log lines."""
+"""Log lines, the trackers they can go to, and what the model card says of the schedule."""
+
+# The trackers Accelerate logs to (accelerate.utils.LoggerType, which a test compares this with), so that --report_to
+# is checked while the arguments are parsed, before Accelerate is imported.
+TRACKERS = ("tensorboard", "wandb", "comet_ml", "mlflow", "clearml", "dvclive", "swanlab", "trackio", "aim")
+REPORT_TO_CHOICES = (*TRACKERS, "all", "none")
+
+
+# diffusers' get_scheduler gives these schedules no warmup, whatever --lr_warmup_steps says.
+SCHEDULES_WITHOUT_WARMUP = ("constant", "piecewise_constant")
 
 
 def format_logs(global_step, logs):
     return f"step {global_step}: " + ", ".join(f"{key}={value:.4g}" for key, value in logs.items())
+
+
+def report_to_problem(report_to):
+    """Why --report_to cannot be used (None when it can): Accelerate's own error names the value, not the flag."""
+    if report_to in REPORT_TO_CHOICES:
+        return None
+    return f"--report_to {report_to}: not a tracker; use one of {', '.join(REPORT_TO_CHOICES)}"
+
+
+def warmup_applied(lr_scheduler, lr_warmup_steps, optimizer):
+    """The warmup updates the run really has: none on a schedule without warmup, except schedule-free AdamW's, which
+    warms up inside the optimizer (its schedule is constant)."""
+    if optimizer == "schedule_free_adamw" or lr_scheduler not in SCHEDULES_WITHOUT_WARMUP:
+        return lr_warmup_steps
+    return 0

@@ -55,16 +55,29 @@ def derive_seed(*keys):
     return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
-def list_checkpoints(output_dir):
-    """Complete checkpoints in output_dir, oldest first, as (step, path)."""
+def checkpoint_folders(output_dir):
+    """Every checkpoint-N folder in output_dir, complete or not, oldest first, as (step, path)."""
     if not os.path.isdir(output_dir):
         return []
     found = []
     for name in os.listdir(output_dir):
         match = CHECKPOINT_PATTERN.match(name)
-        if match and os.path.isfile(os.path.join(output_dir, name, CHECKPOINT_METADATA)):
+        if match and os.path.isdir(os.path.join(output_dir, name)):
             found.append((int(match.group(1)), os.path.join(output_dir, name)))
     return sorted(found)
+
+
+def list_checkpoints(output_dir):
+    """Complete checkpoints in output_dir, oldest first, as (step, path)."""
+    return [(step, path) for step, path in checkpoint_folders(output_dir) if has_metadata(path)]
+
+
+def metadata_path(checkpoint_path):
+    return os.path.join(checkpoint_path, CHECKPOINT_METADATA)
+
+
+def has_metadata(checkpoint_path):
+    return os.path.isfile(metadata_path(checkpoint_path))
 
 
 def find_resume_checkpoint(args):
@@ -73,8 +86,9 @@ def find_resume_checkpoint(args):
     if args.resume_from_checkpoint is None:
         return None
     if args.resume_from_checkpoint == "latest":
-        for _, path in reversed(list_checkpoints(args.output_dir)):
-            problem = checkpoint_problem(path)
+        for _, path in reversed(checkpoint_folders(args.output_dir)):
+            # Every checkpoint these scripts publish holds the file: one without it was copied in part, or made by hand.
+            problem = checkpoint_problem(path) if has_metadata(path) else f"{metadata_path(path)} is missing"
             if problem is None:
                 return path
             logger.warning(f"skipping {os.path.basename(path)}: {problem}")
@@ -82,15 +96,15 @@ def find_resume_checkpoint(args):
     path = args.resume_from_checkpoint
     if not os.path.isdir(path):
         path = os.path.join(args.output_dir, args.resume_from_checkpoint)
-    if not os.path.isfile(os.path.join(path, CHECKPOINT_METADATA)):
+    if not has_metadata(path):
         complete = [os.path.basename(p) for _, p in list_checkpoints(args.output_dir)]
-        raise FileNotFoundError(
+        raise UserError(
             f"--resume_from_checkpoint {args.resume_from_checkpoint}: no complete checkpoint at {path} "
-            f"(complete ones in {args.output_dir}: {complete})"
+            f"({metadata_path(path)} is missing; complete ones in {args.output_dir}: {complete})"
         )
     problem = checkpoint_problem(path)
     if problem is not None:
-        raise ValueError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: {problem}")
+        raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: {problem}")
     return path
 
 
@@ -100,6 +114,39 @@ def read_checkpoint_metadata(checkpoint_path):
         return {}
     with open(os.path.join(checkpoint_path, CHECKPOINT_METADATA)) as f:
         return json.load(f)
+
+
+# What a checkpoint was trained as, recorded in its metadata: a checkpoint resumes only a run of the same kind.
+RUN_IDENTITY_KEYS = ("script", "placeholder_token", "num_vectors")
+
+
+def checkpoint_identity(checkpoint_path, metadata):
+    """RUN_IDENTITY_KEYS as the checkpoint's metadata records them. A checkpoint written before they were recorded
+    tells its PyTorch script by its files (the learned rows, or the UNet); anything else is not known."""
+    identity = {key: metadata[key] for key in RUN_IDENTITY_KEYS if key in metadata}
+    if "script" not in identity:
+        if os.path.isfile(os.path.join(checkpoint_path, "learned_embeds.safetensors")):
+            identity["script"] = "textual_inversion.py"
+        elif os.path.isdir(os.path.join(checkpoint_path, "unet")):
+            identity["script"] = "train_text_to_image.py"
+    return identity
+
+
+def describe_identity(identity):
+    flags = " ".join(f"--{key} {value}" for key, value in identity.items() if key != "script")
+    return " ".join(filter(None, [identity.get("script", "an unknown script"), flags]))
+
+
+def check_resume_identity(checkpoint_path, metadata, run_identity):
+    """A UserError naming the checkpoint, what it was trained as and what this run is, when they differ in anything
+    both know (another script; textual inversion of another placeholder or number of vectors)."""
+    recorded = checkpoint_identity(checkpoint_path, metadata)
+    if any(key in run_identity and run_identity[key] != value for key, value in recorded.items()):
+        raise UserError(
+            f"--resume_from_checkpoint: {checkpoint_path} was trained by {describe_identity(recorded)}, this run is "
+            f"{describe_identity(run_identity)}: resume it with the same script and flags, or choose another "
+            "--output_dir"
+        )
 
 
 def draw_seed():
@@ -321,6 +368,32 @@ def remove_if_worthless(output_dir, disposable):
         return
     if all(name in disposable or name.endswith(".partial") for name in names):
         shutil.rmtree(output_dir, ignore_errors=True)
+
+
+def final_save_error(output_dir, global_step, err, write_checkpoint, why_not=None):
+    """The UserError to raise when the final save failed (a full disk, most often), after keeping what was trained:
+    what the save left unfinished is removed to free space, then write_checkpoint() writes checkpoint-<global_step>
+    (unless it exists), so a relaunch with --resume_from_checkpoint latest trains nothing and only saves. Where no
+    checkpoint can be written now, write_checkpoint is None and why_not says why."""
+    for name in os.listdir(output_dir):
+        if name.endswith(".partial"):
+            path = os.path.join(output_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    free = shutil.disk_usage(output_dir).free / 2**30
+    failed = f"the final save into {output_dir} failed ({type(err).__name__}: {err}); {free:.2f} GiB free there"
+    checkpoint = f"checkpoint-{global_step}"
+    lost = "the steps since the last checkpoint are lost. Free space and relaunch with --resume_from_checkpoint latest"
+    if global_step not in dict(list_checkpoints(output_dir)):
+        if write_checkpoint is None:
+            return UserError(f"{failed}. {checkpoint} cannot be written now ({why_not}): {lost}")
+        try:
+            write_checkpoint()
+        except OSError as checkpoint_err:
+            return UserError(f"{failed}. {checkpoint} could not be written either ({checkpoint_err}): {lost}")
+    return UserError(
+        f"{failed}. What was trained is in {os.path.join(output_dir, checkpoint)}: free space and relaunch the same "
+        "command with --resume_from_checkpoint latest, which saves without training"
+    )
 
 
 def lock_output_dir(output_dir):

@@ -6,7 +6,7 @@ import json
 import logging
 import os
 
-from sdtrain.cli import UserError
+from sdtrain.cli import UserError, WriteFailure
 from sdtrain.run_folder import fsync_folder, write_failure
 
 logger = logging.getLogger(__name__)
@@ -341,7 +341,7 @@ def write_single_file(state, path, dtype, metadata):
     except OSError as err:
         if os.path.exists(partial):
             os.remove(partial)
-        raise OSError(write_failure("the single-file checkpoint", os.path.dirname(path), err)) from err
+        raise WriteFailure(write_failure("the single-file checkpoint", os.path.dirname(path), err)) from err
     fsync_folder(os.path.dirname(path))
 
 

@@ -2,6 +2,7 @@
 window, stopping together, finiteness checks, checkpoints through Accelerate, validation grids and the saved text
 encoder. torch, accelerate and diffusers are imported where they are used, so the package imports without them."""
 
+import functools
 import inspect
 import json
 import logging
@@ -11,15 +12,16 @@ import shutil
 import time
 
 import numpy as np
-from PIL import Image
 from tqdm.auto import tqdm
 
-from sdtrain.cli import UserError
+from sdtrain.cli import UserError, WriteFailure
 from sdtrain.families import component_problem, local_model_index, pipeline_family
-from sdtrain.images import inspect_images
+from sdtrain.images import inspect_images, labelled_grid
+from sdtrain.preemption import ignore_interrupts
 from sdtrain.run_folder import (
     VALIDATION_SEED_KEY,
     derive_seed,
+    final_save_error,
     list_checkpoints,
     publish_checkpoint,
     write_checkpoint_metadata,
@@ -49,7 +51,11 @@ def encode_once(accelerator, num_items, batch_size, prepare, encode, description
     # Padded with the last item, so every process contributes a batch of the same shape to the gather.
     batches = [[min(i, num_items - 1) for i in range(s + first, s + first + batch_size)] for s in starts]
     loader = torch.utils.data.DataLoader(
-        range(num_items), batch_sampler=batches, collate_fn=prepare, num_workers=num_workers
+        range(num_items),
+        batch_sampler=batches,
+        collate_fn=prepare,
+        num_workers=num_workers,
+        worker_init_fn=ignore_interrupts,
     )
     progress = tqdm(loader, desc=description, disable=not accelerator.is_local_main_process)
     caches, several = None, False
@@ -238,7 +244,7 @@ def save_checkpoint(accelerator, output_dir, global_step, run_metadata, total_li
     if failure is not None:
         if accelerator.is_main_process:
             shutil.rmtree(partial_path, ignore_errors=True)
-        raise OSError(write_failure(f"checkpoint-{global_step}", output_dir, failure)) from failure
+        raise WriteFailure(write_failure(f"checkpoint-{global_step}", output_dir, failure)) from failure
     if accelerator.is_main_process:
         publish_checkpoint(partial_path, final_path)
         logger.info(f"Saved {final_path}")
@@ -248,6 +254,18 @@ def save_checkpoint(accelerator, output_dir, global_step, run_metadata, total_li
                 shutil.rmtree(path)
     if collective:
         accelerator.wait_for_everyone()
+
+
+def final_save_failed(accelerator, output_dir, global_step, run_metadata, err):
+    """final_save_error for the PyTorch scripts: checkpoint-<final step> through Accelerate. Main process only; the
+    model must hold the trained weights, as in every checkpoint (EMA weights restored)."""
+    from accelerate.utils import DistributedType
+
+    if accelerator.state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        # Their checkpoints are written by every process together, and the others are past this point.
+        return final_save_error(output_dir, global_step, err, None, "DeepSpeed and FSDP write it with every process")
+    write = functools.partial(save_checkpoint, accelerator, output_dir, global_step, run_metadata)
+    return final_save_error(output_dir, global_step, err, write)
 
 
 def render_validation_images(pipeline, prompts, size, seed, weight_dtype):
@@ -283,11 +301,7 @@ def log_validation(pipeline, prompts, args, accelerator, seed, global_step, tag,
     """Render, save a PNG grid under output_dir/validation/, and log the images to the trackers."""
     pipeline.set_progress_bar_config(disable=True)
     images = render_validation_images(pipeline, prompts, args.validation_resolution, seed, weight_dtype)
-    grid = Image.new("RGB", (sum(i.width for i in images), max(i.height for i in images)))
-    x = 0
-    for image in images:
-        grid.paste(image, (x, 0))
-        x += image.width
+    grid = labelled_grid(images, prompts)
     folder = os.path.join(args.output_dir, "validation")
     os.makedirs(folder, exist_ok=True)
     grid_path = os.path.join(folder, f"{tag}-step-{global_step:06d}.png")

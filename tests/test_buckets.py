@@ -170,8 +170,10 @@ def test_bucketed_training_resumes_exactly_mid_epoch(launch, assets, tmp_path):
     assert diff <= 1e-6, f"resumed run differs from the uninterrupted one by {diff}"
     from PIL import Image
 
+    from sdtrain.images import labelled_grid
+
     grid = Image.open(os.path.join(full, "validation", "final-step-000006.png"))
-    assert grid.size == (96, 32)
+    assert grid.size == labelled_grid([Image.new("RGB", (96, 32))], ["a red circle"]).size  # a 96x32 image, labelled
 
 
 def test_bucketed_cached_training_logs_the_same_losses(launch, assets, tmp_path):

@@ -49,11 +49,20 @@ def test_a_diverged_unet_is_never_written(launch, assets, tmp_path, flags):
     assert not os.path.exists(out), f"a diverged run left {os.listdir(out)}"
 
 
-def test_a_diverged_embedding_is_never_written(launch, assets, tmp_path):
+@pytest.mark.parametrize(
+    "learning_rate,message",
+    [
+        ("1e39", r"the embedding diverged at step 1 \(non-finite values"),
+        # Finite rows of norm ~1e6 after one update (AdamW moves every coordinate by about the learning rate), that
+        # checkpoints used to hold: the vocabulary's longest row is 0.16 in the tiny model.
+        ("1e6", r"the embedding diverged at step 1: a learned row has norm \d\.\d+e\+0[67], over 100 times"),
+    ],
+)
+def test_a_diverged_embedding_is_never_written(launch, assets, tmp_path, learning_rate, message):
     out = tmp_path / "run"
-    flags = "--learning_rate 1e39 --max_train_steps 3 --checkpointing_steps 1 --save_steps 1"
+    flags = f"--learning_rate {learning_rate} --max_train_steps 3 --checkpointing_steps 1 --save_steps 1"
     result = launch.accelerate(TI_SCRIPT, ti_args(assets, concept_folder(tmp_path), str(out), flags), check=False)
-    assert result.returncode != 0 and "the embedding diverged at step 1" in result.output, result.output[-3000:]
+    assert result.returncode != 0 and re.search(message, result.output), result.output[-3000:]
     assert not os.path.exists(out), f"a diverged run left {os.listdir(out)}"
 
 
@@ -385,11 +394,15 @@ def damage(checkpoint, case):
     """Damage a checkpoint the ways a crash or a bad disk does; the file that was damaged."""
     name = {
         "empty metadata": "checkpoint_metadata.json",
+        "missing metadata": "checkpoint_metadata.json",
         "truncated optimizer": "optimizer.bin",
         "truncated weights": "unet/diffusion_pytorch_model.safetensors",
         "truncated embeddings": "learned_embeds.safetensors",
     }[case]
     path = os.path.join(checkpoint, name)
+    if case == "missing metadata":
+        os.remove(path)
+        return path
     data = open(path, "rb").read()
     open(path, "wb").write(b"" if case == "empty metadata" else data[: len(data) // 2])
     return path
@@ -402,7 +415,7 @@ def two_checkpoints(launch, assets, tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("case", ["empty metadata", "truncated optimizer", "truncated weights"])
+@pytest.mark.parametrize("case", ["empty metadata", "missing metadata", "truncated optimizer", "truncated weights"])
 def test_a_damaged_checkpoint_is_named_and_latest_falls_back_to_the_newest_good_one(
     launch, assets, tmp_path, two_checkpoints, case
 ):
@@ -435,6 +448,42 @@ def test_a_damaged_embeddings_checkpoint_falls_back(launch, assets, tmp_path):
     assert f"skipping checkpoint-4: {damaged}" in resumed.output and "starting at 2" in resumed.output
 
 
+def test_a_checkpoint_of_another_kind_of_run_is_refused_naming_what_it_was_trained_as(
+    launch, assets, tmp_path, two_checkpoints
+):
+    """Textual inversion's checkpoints hold the new rows, text-to-image's the UNet: resuming one with the other script,
+    or with another placeholder or number of vectors, is refused before anything is loaded from it. Checkpoints
+    written before the metadata recorded this are told by their files."""
+    out, concept = str(tmp_path / "run"), concept_folder(tmp_path)
+    flags = "--max_train_steps 2 --checkpointing_steps 2 --report_to none"
+    launch.accelerate(TI_SCRIPT, ti_args(assets, concept, out, flags))
+    trained_as = f"{os.path.join(out, 'checkpoint-2')} was trained by textual_inversion.py --placeholder_token <blob>"
+    resume = "--resume_from_checkpoint latest"
+    for script, args, this_run in [
+        (SCRIPT, base_args(assets, out, flags, resume), "this run is train_text_to_image.py:"),
+        (TI_SCRIPT, ti_args(assets, concept, out, flags, resume, "--num_vectors 2"), "--num_vectors 2:"),
+        (
+            TI_SCRIPT,
+            [a.replace("<blob>", "<cat>") for a in ti_args(assets, concept, out, flags, resume)],
+            "<cat> --num_vectors 1:",
+        ),
+    ]:
+        result = launch.accelerate(script, args, check=False)
+        assert result.returncode != 0 and trained_as in result.output and this_run in result.output, result.output[
+            -3000:
+        ]
+    metadata_file = os.path.join(out, "checkpoint-2", "checkpoint_metadata.json")
+    metadata = json.load(open(metadata_file))
+    json.dump({key: value for key, value in metadata.items() if key != "script"}, open(metadata_file, "w"))
+    result = launch.accelerate(SCRIPT, base_args(assets, out, flags, resume), check=False)
+    assert result.returncode != 0 and "was trained by textual_inversion.py" in result.output, result.output[-3000:]
+    copy = str(tmp_path / "text_to_image")
+    shutil.copytree(two_checkpoints, copy, symlinks=True)
+    result = launch.accelerate(TI_SCRIPT, ti_args(assets, concept, copy, flags, resume), check=False)
+    assert result.returncode != 0, result.output[-3000:]
+    assert f"{os.path.join(copy, 'checkpoint-4')} was trained by train_text_to_image.py, this run" in result.output
+
+
 def test_checkpoint_files_reach_the_disk_before_the_rename_that_publishes_them(tmp_path, monkeypatch):
     from accelerate import PartialState
 
@@ -464,25 +513,79 @@ def test_checkpoint_files_reach_the_disk_before_the_rename_that_publishes_them(t
     assert metadata["files"] == {"unet/diffusion_pytorch_model.safetensors": 7, "optimizer.bin": 7}
 
 
+def launch_with_file_size_limit(assets, script, args, limit):
+    """`accelerate launch` where writing past `limit` bytes into one file fails as a full disk does: an error from the
+    write in the middle of the save (EFBIG, with SIGXFSZ ignored so that it does not kill the process)."""
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    command = [os.path.join(BIN, "accelerate"), "launch", "--config_file", assets["accelerate_config"], script]
+    env = {**os.environ, **OFFLINE_ENV}
+    result = subprocess.run(
+        command + args, cwd=REPO, env=env, capture_output=True, text=True, preexec_fn=limit_file_size
+    )
+    result.output = result.stdout + result.stderr
+    return result
+
+
 def test_a_full_disk_during_a_checkpoint_is_a_clear_error_that_keeps_the_older_checkpoints(launch, assets, tmp_path):
-    """Writing past a file-size limit fails like a full disk does (an error from the write in the middle of
-    torch.save), here after checkpoint-2 was written."""
+    """The limit is hit halfway through the optimizer state of checkpoint-4, after checkpoint-2 was written."""
     out = str(tmp_path / "run")
     launch.accelerate(SCRIPT, base_args(assets, out, "--max_train_steps 2 --checkpointing_steps 2 --report_to none"))
     size = os.path.getsize(os.path.join(out, "checkpoint-2", "optimizer.bin"))
     args = base_args(assets, out, "--max_train_steps 4 --checkpointing_steps 2 --report_to none")
-
-    def limit_file_size():
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails (EFBIG) instead of killing the process
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
-
-    command = [os.path.join(BIN, "accelerate"), "launch", "--config_file", assets["accelerate_config"], SCRIPT]
-    env = {**os.environ, **OFFLINE_ENV}
-    command += args + ["--resume_from_checkpoint", "latest"]
-    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, preexec_fn=limit_file_size)
-    output = result.stdout + result.stderr
+    result = launch_with_file_size_limit(assets, SCRIPT, args + ["--resume_from_checkpoint", "latest"], size // 2)
+    output = result.output
     assert result.returncode != 0 and "could not write checkpoint-4 into" in output and "GiB free there" in output
     assert checkpoint_names(out) == ["checkpoint-2"] and not [n for n in os.listdir(out) if n.endswith(".partial")]
+
+
+def final_save_failure(result, out, step):
+    assert result.returncode != 0 and f"the final save into {out} failed" in result.output, result.output[-3000:]
+    assert "GiB free there" in result.output and f"is in {os.path.join(out, f'checkpoint-{step}')}" in result.output
+    assert not [name for name in os.listdir(out) if name.endswith(".partial")], "the unfinished save is removed"
+
+
+def test_a_full_disk_during_the_final_save_keeps_the_trained_steps_in_a_checkpoint(launch, assets, tmp_path):
+    """Adafactor's factored state is small, so every checkpoint file is at most the UNet's weights; the fp32 single
+    file (UNet, VAE and text encoder in one file) is the only larger file: the limit between the two fails the final
+    save alone, after the pipeline was written, 1 update after checkpoint-2."""
+    out, pipeline = str(tmp_path / "run"), assets["pipeline"]
+    flags = "--max_train_steps 3 --checkpointing_steps 2 --optimizer adafactor --report_to none"
+    flags += " --save_single_file --single_file_dtype fp32"
+    unet, vae, text_encoder = (
+        os.path.getsize(os.path.join(pipeline, *path))
+        for path in [
+            ("unet", "diffusion_pytorch_model.safetensors"),
+            ("vae", "diffusion_pytorch_model.safetensors"),
+            ("text_encoder", "model.safetensors"),
+        ]
+    )
+    result = launch_with_file_size_limit(
+        assets, SCRIPT, base_args(assets, out, flags), unet + (vae + text_encoder) // 2
+    )
+    final_save_failure(result, out, 3)
+    assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-3"]
+    saved = load_state_dict(os.path.join(out, "unet"))  # the pipeline, written before the single file failed
+    assert max_abs_diff(load_state_dict(os.path.join(out, "checkpoint-3", "unet")), saved) == 0
+    resumed = launch.accelerate(SCRIPT, base_args(assets, out, flags, "--resume_from_checkpoint latest"))
+    assert "starting at 3" in resumed.output and "nothing to train" in resumed.output
+    assert os.path.isfile(os.path.join(out, "run.safetensors"))
+
+
+def test_a_full_disk_during_the_final_embedding_pipeline_save_keeps_the_trained_steps(launch, assets, tmp_path):
+    """A checkpoint of textual inversion holds kilobytes; --save_as_full_pipeline writes the UNet's megabytes."""
+    out, concept = str(tmp_path / "run"), concept_folder(tmp_path)
+    flags = "--max_train_steps 3 --checkpointing_steps 2 --save_as_full_pipeline --report_to none"
+    unet = os.path.getsize(os.path.join(assets["pipeline"], "unet", "diffusion_pytorch_model.safetensors"))
+    result = launch_with_file_size_limit(assets, TI_SCRIPT, ti_args(assets, concept, out, flags), unet // 2)
+    final_save_failure(result, out, 3)
+    assert checkpoint_names(out) == ["checkpoint-2", "checkpoint-3"]
+    resumed = launch.accelerate(TI_SCRIPT, ti_args(assets, concept, out, flags, "--resume_from_checkpoint latest"))
+    assert "starting at 3" in resumed.output and "nothing to train" in resumed.output
+    assert os.path.isfile(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
 
 
 # ------------------------------------------------------------------------------------------------- the final swap
@@ -583,7 +686,7 @@ def test_the_final_swap_leaves_the_old_or_the_new_model_at_every_step(assets, tm
 
 # ---------------------------------------------------------------------------------------------------- preemption
 
-PREEMPTED = r"(SIGTERM|SIGUSR1) received: stopped after step (\d+) with checkpoint-(\d+) written"
+PREEMPTED = r"(SIGTERM|SIGUSR1|SIGINT) received: stopped after step (\d+) with checkpoint-(\d+) written"
 RUN = "--max_train_steps 12 --checkpointing_steps 100 --logging_steps 1 --random_flip --lr_scheduler cosine"
 
 
@@ -594,16 +697,21 @@ def uninterrupted(launch, assets, tmp_path_factory):
     return load_state_dict(os.path.join(out, "unet"))
 
 
-@pytest.mark.parametrize("launcher,sig", [("accelerate", signal.SIGTERM), ("python", signal.SIGUSR1)])
+@pytest.mark.parametrize(
+    "launcher,sig", [("accelerate", signal.SIGTERM), ("python", signal.SIGUSR1), ("accelerate", signal.SIGINT)]
+)
 def test_a_preempted_run_checkpoints_its_step_and_resumes_to_the_same_weights(
     launch, assets, tmp_path, uninterrupted, launcher, sig
 ):
-    """The signal goes to the whole process group, as SLURM and a spot VM's shutdown send it; it is sent twice."""
+    """The signal goes to the whole process group, as SLURM and a spot VM's shutdown send it, and as a terminal sends
+    Ctrl-C (SIGINT): the launcher and the DataLoader's worker get it too. SIGTERM and SIGUSR1 are sent twice."""
     out = str(tmp_path / "run")
-    run = launch.start(SCRIPT, base_args(assets, out, RUN), launcher=launcher)
+    workers = f"--dataloader_num_workers {int(sig == signal.SIGINT)}"  # the CPU default is 0
+    run = launch.start(SCRIPT, base_args(assets, out, RUN, workers), launcher=launcher)
     run.wait_for(r"step 2: loss")
     run.send(sig)
-    run.send(sig)  # a second signal changes nothing
+    if sig != signal.SIGINT:
+        run.send(sig)  # a second signal changes nothing
     result = run.finish()
     found = re.search(PREEMPTED, result.output)
     assert found, result.output[-4000:]
@@ -612,9 +720,25 @@ def test_a_preempted_run_checkpoints_its_step_and_resumes_to_the_same_weights(
     assert not os.path.exists(os.path.join(out, "model_index.json")), "a preempted run saves no final model"
     if launcher == "python":
         assert result.returncode == 75, "the documented exit code"
+    if sig == signal.SIGINT:
+        # accelerate launch stops waiting a quarter second after Ctrl-C and ends as killed by it, as a shell expects;
+        # the training process finishes its checkpoint and ends with 130 too.
+        assert result.returncode == -signal.SIGINT and "(exit code 130)" in result.output, result.output[-4000:]
+        assert "exited unexpectedly" not in result.output
     resumed = launch.accelerate(SCRIPT, base_args(assets, out, RUN, "--resume_from_checkpoint latest"))
     assert f"starting at {step}" in resumed.output
     assert max_abs_diff(load_state_dict(os.path.join(out, "unet")), uninterrupted) <= 1e-6
+
+
+def test_a_second_ctrl_c_aborts_at_once(launch, assets, tmp_path):
+    run = launch.start(SCRIPT, base_args(assets, str(tmp_path / "run"), RUN), launcher="python")
+    run.wait_for(r"step 2: loss")
+    run.send(signal.SIGINT)
+    run.wait_for("Ctrl-C: stopping after this update")
+    run.send(signal.SIGINT)
+    result = run.finish(timeout=60)
+    assert result.returncode == 130 and "Second Ctrl-C: aborted" in result.output, result.output[-4000:]
+    assert "Traceback" not in result.output and "stopped after step" not in result.output
 
 
 def test_a_preempted_two_process_run_resumes_exactly_on_two_processes(launch, assets, tmp_path):

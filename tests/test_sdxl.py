@@ -77,7 +77,7 @@ def test_sdxl_vae_stays_in_fp32_unless_the_given_vae_needs_no_upcast(launch, ass
     from PIL import Image
 
     grid = np.asarray(Image.open(os.path.join(own, "validation", "validation-step-000005.png")), np.float32)
-    assert grid.shape == (64, 64, 3) and grid.std() > 1  # a picture, not the black of a NaN decode
+    assert grid.shape[1:] == (64, 3) and grid[:64].std() > 1  # a picture, not the black of a NaN decode
     vae_flag = ["--pretrained_vae_model_name_or_path", str(safe_vae)]
     result = launch.accelerate(SCRIPT, sdxl_args(sdxl_pipeline, assets["images"], given, flags, *vae_flag))
     assert "VAE in torch.bfloat16" in result.output

@@ -76,7 +76,8 @@ def test_embeddings_load_in_diffusers_and_generate(launch, assets, concept, tmp_
         "final-step-000006.png",
         "validation-step-000004.png",
     ]
-    assert Image.open(os.path.join(out, "validation", "final-step-000006.png")).size == (128, 64)
+    grid = Image.open(os.path.join(out, "validation", "final-step-000006.png"))
+    assert grid.width == 128 and grid.height > 64, "two 64 px pictures, their prompt under each"
 
     from diffusers import StableDiffusionPipeline
 
@@ -101,10 +102,11 @@ def test_embeddings_load_in_diffusers_and_generate(launch, assets, concept, tmp_
 
 
 def test_only_the_new_rows_change(launch, assets, concept, tmp_path):
-    """With a huge learning rate and weight decay, every pre-existing embedding row and every other weight of the text
-    encoder, UNet and VAE stays bit-identical; the new rows move away from the initializer."""
+    """With a large learning rate and weight decay, every pre-existing embedding row and every other weight of the text
+    encoder, UNet and VAE stays bit-identical; the new rows move away from the initializer. (The learning rate stays
+    under what the divergence check refuses: rows of 100 times the vocabulary's longest.)"""
     out = str(tmp_path / "run")
-    flags = "--num_vectors 2 --max_train_steps 4 --learning_rate 10.0 --adam_weight_decay 0.5 --save_as_full_pipeline"
+    flags = "--num_vectors 2 --max_train_steps 4 --learning_rate 0.2 --adam_weight_decay 0.5 --save_as_full_pipeline"
     launch.accelerate(SCRIPT, base_args(assets, concept, out, flags, "--checkpointing_steps 100"))
     from transformers import CLIPTextModel, CLIPTokenizer
 

@@ -92,6 +92,7 @@ def test_train_checkpoints_validate_save_and_generate(launch, assets, tmp_path):
         "validation-step-000005.png",
     ]
     final_grid, raw_grid = (np.asarray(Image.open(os.path.join(out, "validation", n))) for n in grids[1::-1])
+    final_grid, raw_grid = final_grid[:64], raw_grid[:64]  # the pictures, above their prompts
     assert final_grid.shape == raw_grid.shape == (64, 128, 3) and np.abs(final_grid - raw_grid.astype(int)).max() > 0
     # The final grid is what the saved (EMA) pipeline draws from the same seeds.
     drawn = torch_training.render_validation_images(pipe, ["a red circle", "a blue square"], (64, 64), 7, torch.float32)
@@ -395,3 +396,48 @@ def test_clear_errors_write_nothing(launch, assets, tmp_path, case):
     assert {k: v for k, v in after.items() if k in before} == before, "a failed run changed existing files"
     if case == "non_finite_loss":  # the check runs before the step's checkpoint would be written
         assert not [k for k in after if "checkpoint" in k]
+
+
+@pytest.mark.parametrize(
+    "flags,stated",
+    [
+        ("--lr_scheduler constant --lr_warmup_steps 500", "(constant, 0 warmup)"),  # get_scheduler applies none
+        ("--lr_scheduler cosine --lr_warmup_steps 500", "(cosine, 500 warmup)"),
+        ("--optimizer schedule_free_adamw --lr_scheduler constant --lr_warmup_steps 50", "(constant, 50 warmup)"),
+    ],
+)
+def test_the_model_card_states_the_warmup_the_run_applied(tmp_path, flags, stated):
+    required = ["--pretrained_model_name_or_path", "p", "--train_data_dir", "d", "--output_dir", str(tmp_path)]
+    args = train_text_to_image.parse_args(required + flags.split())
+    train_text_to_image.write_model_card(args, 10, None, sdxl=False)
+    assert stated in (tmp_path / "README.md").read_text()
+
+
+@pytest.mark.parametrize("script", ["train_text_to_image", "textual_inversion"])
+def test_an_unknown_tracker_is_refused_naming_the_flag(capsys, script):
+    import importlib
+
+    from accelerate.utils import LoggerType
+
+    from sdtrain import logs
+
+    required = "--pretrained_model_name_or_path p --train_data_dir d --placeholder_token <t> --initializer_token toy"
+    if script == "train_text_to_image":
+        required = required.split(" --placeholder_token")[0]
+    with pytest.raises(SystemExit):
+        importlib.import_module(script).parse_args(required.split() + ["--report_to", "bogus"])
+    error = capsys.readouterr().err
+    assert "--report_to bogus" in error and "tensorboard" in error, error
+    assert set(logs.REPORT_TO_CHOICES) == {tracker.value for tracker in LoggerType} | {"none"}, "Accelerate's list"
+
+
+def test_a_validation_grid_writes_each_prompt_under_its_image():
+    from sdtrain.images import labelled_grid
+
+    images = [Image.new("RGB", (64, 64), color) for color in ("red", "blue")]
+    prompts = ["a red circle", "a blue square on a long line that wraps"]
+    grid = np.asarray(labelled_grid(images, prompts))
+    assert grid.shape[1] == 128 and grid.shape[0] > 64
+    assert (grid[:64, :64] == (255, 0, 0)).all() and (grid[:64, 64:] == (0, 0, 255)).all()
+    labels = grid[64:].min(axis=-1) < 128  # dark text on white
+    assert labels[:, :64].sum() > 20 and labels[:, 64:].sum() > labels[:, :64].sum(), "the longer prompt, more text"
