@@ -5,6 +5,7 @@ portrait size. Takes about 22 minutes on 2 CPU cores; prints the figures."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -45,6 +46,14 @@ def demo_run(tmp_path_factory):
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     print("\n" + "\n".join(result.stdout.splitlines()[-10:]))
+    # No stage is silent for minutes: each opens with a banner and its estimate, and the VAE's steps show a bar.
+    stages = re.findall(
+        r"^===== (Starter|Fine-tuning|Textual inversion)[^=]*: about \d+ min on 2 CPU cores =====$",
+        result.stdout,
+        re.MULTILINE,
+    )
+    assert stages == ["Starter", "Fine-tuning", "Textual inversion"], result.stdout[:3000]
+    assert "VAE pretraining" in result.stderr
     return out, json.load(open(out / "summary.json"))
 
 
