@@ -461,6 +461,7 @@ def test_a_failed_final_save_keeps_the_trained_steps_in_a_checkpoint(launch, ass
     cannot single out the final save here: Orbax appends a checkpoint's arrays into files of unpredictable sizes)."""
     out = tmp_path / "run"
     (out / "run.safetensors").mkdir(parents=True)
+    (out / RUN_MANIFEST).write_text("{}")  # an earlier run's folder: a later run may write into it
     flags = "--max_train_steps 3 --checkpointing_steps 2 --save_single_file"
     result = launch.run(T2I, t2i_args(assets, str(out), flags), check=False)
     assert result.returncode != 0 and f"the final save into {out} failed" in result.output, result.output[-3000:]
