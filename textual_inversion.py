@@ -1224,6 +1224,7 @@ def main(args):
     # and is switched to eval mode (on every process) whenever the rows are checked, rendered or saved. The other
     # optimizers have no modes, and Accelerate makes these calls no-ops for them.
     optimizer.train()
+    stop_request.stop_on_ctrl_c(True)  # from here on, an update is in progress for Ctrl-C to let finish
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
             break
@@ -1308,6 +1309,7 @@ def main(args):
                 break
 
     # ------------------------------------------------------------------------------------------------------- save
+    stop_request.stop_on_ctrl_c(False)  # nothing left to finish: Ctrl-C interrupts the save as usual
     optimizer.eval()
     if last_batch is not None:  # what is about to be saved, checked as every checkpoint is
         check_embedding_scale([learned_array(rows) for rows in learned_rows], vocabulary_norms, global_step)

@@ -1006,6 +1006,7 @@ def main(args):
     )
     window = LogWindow(total_batch_size, global_step)
     last_batch = None  # (batch, rng) of the last step, to probe the new rows before writing them
+    stop_request.stop_on_ctrl_c(True)  # from here on, an update is in progress for Ctrl-C to let finish
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
             break
@@ -1071,6 +1072,7 @@ def main(args):
                 break
 
     # ------------------------------------------------------------------------------------------------------- save
+    stop_request.stop_on_ctrl_c(False)  # nothing left to finish: Ctrl-C interrupts the save as usual
     params = evaluation_params(state, args)
     if last_batch is not None:  # what is about to be saved, checked as every checkpoint is
         rows = [jax.device_get(params[learned_key(index)]) for index in range(len(text_encoders))]

@@ -1402,6 +1402,7 @@ def main(args):
     # optimizers have no modes, and Accelerate makes these calls no-ops for them.
     optimizer.train()
     last_batch = None  # the last batch's encode_batch(), to probe the weights before writing them
+    stop_request.stop_on_ctrl_c(True)  # from here on, an update is in progress for Ctrl-C to let finish
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
             break
@@ -1486,6 +1487,7 @@ def main(args):
             optimizer.train()
 
     # ------------------------------------------------------------------------------------------------------- save
+    stop_request.stop_on_ctrl_c(False)  # nothing left to finish: Ctrl-C interrupts the save as usual
     optimizer.eval()
     if last_batch is not None:  # what is about to be saved, checked as every checkpoint is
         tensors = trained_tensors(accelerator.unwrap_model(unet), ema_unet, optimizer)

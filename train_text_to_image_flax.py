@@ -1357,6 +1357,7 @@ def main(args):
     window = LogWindow(total_batch_size, global_step)
     last_batch = None  # (batch, rng) of the last step, to probe the params before writing them
     compiled_shapes = set()
+    stop_request.stop_on_ctrl_c(True)  # from here on, an update is in progress for Ctrl-C to let finish
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
             break
@@ -1414,6 +1415,7 @@ def main(args):
             validate(render, state, frozen, tokenizers, args, seed, global_step, "validation", is_main_process)
 
     # ------------------------------------------------------------------------------------------------------- save
+    stop_request.stop_on_ctrl_c(False)  # nothing left to finish: Ctrl-C interrupts the save as usual
     unet_params = state.ema_params if args.use_ema else evaluation_params(state, args)
     if last_batch is not None:  # what is about to be saved, checked as every checkpoint is
         probe = float(probe_fn(unet_params, state, frozen, *last_batch))

@@ -113,6 +113,11 @@ def caption_file_dataset(folder, image_column, caption_column, skip_bad_captions
             f"--skip_bad_captions: left out {len(skipped)} of {len(images)} images, their caption files are not "
             f"UTF-8: {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''}"
         )
+    if not images:
+        raise UserError(
+            f"--train_data_dir {folder} has {CAPTION_EXTENSION} caption files but no image that Pillow reads "
+            f"(its extensions: {', '.join(sorted(image_extensions)[:8])}, ...)"
+        )
     if not kept:
         raise UserError(f"--train_data_dir {folder}: every caption file is not UTF-8 (--skip_bad_captions left none)")
     if any(isinstance(caption, list) for caption in captions):

@@ -8,6 +8,8 @@ import difflib
 import os
 import sys
 
+from sdtrain.preemption import INTERRUPTED_EXIT_CODE
+
 ARGUMENT_ERROR_EXIT_CODE = 2  # what argparse has always exited with on a bad flag
 USER_ERROR_EXIT_CODE = 1  # any other mistake a user can fix: a path, a data set, a model, a flag combination
 DEBUG_VARIABLE = "SDTRAIN_DEBUG"
@@ -69,3 +71,9 @@ def run(main, args):
         sys.stderr.write(f"error: {err}\n")
         sys.stderr.flush()
         sys.exit(USER_ERROR_EXIT_CODE)
+    except KeyboardInterrupt:  # Ctrl-C while no update was in progress (see preemption.StopRequest): no traceback
+        if debugging(args):
+            raise
+        sys.stderr.write("\nCtrl-C: interrupted; the checkpoints already written are kept\n")
+        sys.stderr.flush()
+        sys.exit(INTERRUPTED_EXIT_CODE)

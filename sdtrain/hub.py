@@ -34,8 +34,7 @@ def push_to_hub(args):
 def hub_problem(push, hub_model_id, hub_token, output_dir):
     """Why --push_to_hub would fail at the end of the run, found now (a message naming the flag and what to do), or
     None. Only with --push_to_hub is huggingface_hub imported."""
-    if not push and hub_model_id:
-        return f"--hub_model_id {hub_model_id} names the repository --push_to_hub uploads to: add --push_to_hub"
+    # --hub_model_id alone is allowed, as in diffusers' scripts: the model card names it for an upload made by hand.
     if not push:
         return None
     from huggingface_hub import constants, get_token

@@ -12,7 +12,9 @@ class StopRequest:
     """SIGTERM (what cloud spot VMs and SLURM send before a kill), SIGUSR1 (SLURM's --signal) and SIGINT (Ctrl-C) ask
     the run to stop. The handler only records the request: the loop finishes the optimizer update it is in, writes a
     checkpoint at that step and exits with stop_exit_code(). A second SIGTERM or SIGUSR1 changes nothing, so it cannot
-    break the save; a second Ctrl-C is a person who does not want to wait, and ends the process at once."""
+    break the save; a second Ctrl-C is a person who does not want to wait, and ends the process at once. Ctrl-C is
+    handled so only while the loop trains (stop_on_ctrl_c): before it and during the final save there is no update to
+    finish, and it interrupts at once, as in any program."""
 
     def __init__(self):
         self.signal_name = None
@@ -20,8 +22,12 @@ class StopRequest:
             if hasattr(signal, name):  # Windows has no SIGUSR1
                 signal.signal(getattr(signal, name), self.record)
         # A job started in the background by a shell without job control has Ctrl-C ignored; it stays ignored.
-        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
-            signal.signal(signal.SIGINT, self.interrupt)
+        self.ctrl_c_ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+    def stop_on_ctrl_c(self, enabled):
+        """Ctrl-C asks for a clean stop (enabled, while the loop trains) or raises KeyboardInterrupt (Python's own)."""
+        if not self.ctrl_c_ignored:
+            signal.signal(signal.SIGINT, self.interrupt if enabled else signal.default_int_handler)
 
     def record(self, signum, frame):
         if self.signal_name is None:

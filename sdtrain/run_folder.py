@@ -39,6 +39,11 @@ LOCK_FILE = ".training.lock"  # held (an OS lock) by the run writing into output
 RUN_MANIFEST = ".sdtrain-run.json"
 
 
+# The folder check_output_dir makes and removes to learn whether a place can be written (<prefix>xxxx.probe): one left
+# by a run killed at that instant holds no user's file, and the lock's cleanup removes it.
+PROBE_PREFIX = ".sdtrain-"
+
+
 # Bookkeeping a run writes into output_dir before anything of value: a folder holding only these is still empty.
 BOOKKEEPING = (RUN_MANIFEST, LOCK_FILE, LOCK_FILE + ".owner")
 
@@ -288,7 +293,7 @@ def check_output_dir(output_dir, model_folders):
     if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
         raise UserError(f"--output_dir {output_dir} is a file, not a folder: choose another --output_dir")
     if os.path.isdir(output_dir):
-        names = sorted(os.listdir(output_dir))
+        names = sorted(n for n in os.listdir(output_dir) if not (n.startswith(PROBE_PREFIX) and n.endswith(".probe")))
         if names and not made_by_a_run(output_dir, names):
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             raise UserError(
@@ -308,7 +313,7 @@ def check_output_dir(output_dir, model_folders):
         if real == top or real.startswith(top + os.sep):
             raise UserError(f"{where} lies in {top}, a virtual file system of the kernel: choose another --output_dir")
     try:  # the one sure test (read-only mounts, permissions, root or not): make a folder there and remove it
-        os.rmdir(tempfile.mkdtemp(prefix=".sdtrain-probe-", dir=existing))
+        os.rmdir(tempfile.mkdtemp(prefix=PROBE_PREFIX, suffix=".probe", dir=existing))
     except OSError as err:
         reason = "a read-only file system" if err.errno == errno.EROFS else err.strerror or type(err).__name__
         raise UserError(f"{where} cannot be written ({reason}): choose another --output_dir") from None

@@ -138,3 +138,10 @@ def test_a_metadata_file_that_is_not_utf8_is_named_with_its_byte_offset(assets, 
     )
     with pytest.raises(UserError, match=r"metadata.jsonl is not UTF-8: byte offset \d+ is 0xe9 .*re-save it as UTF-8"):
         read(str(folder))
+
+
+def test_caption_files_beside_no_readable_image_are_named(tmp_path):
+    (tmp_path / "photo.heic").write_bytes(b"not an image Pillow reads")
+    (tmp_path / "photo.txt").write_text("a caption")
+    with pytest.raises(UserError, match=r"has \.txt caption files but no image that Pillow reads"):
+        captions.caption_file_dataset(str(tmp_path), "image", "text")

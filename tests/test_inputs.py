@@ -113,7 +113,6 @@ TI = ("--pretrained_model_name_or_path p --train_data_dir d --placeholder_token 
             "--validation_resolution 64,96",
             "--validation_resolution 64,96 sizes the validation images: add --validation_",
         ),
-        ("--hub_model_id me/model", "--hub_model_id me/model names the repository --push_to_hub uploads to"),
         ("--push_to_hub --output_dir 'sd model'", "the --output_dir name 'sd model' is not a valid Hub repository"),
         # The tests run with HF_HUB_OFFLINE=1 (conftest): the upload after training could not happen.
         ("--push_to_hub --hub_model_id me/model", "the Hub is switched off (HF_HUB_OFFLINE=1)"),
@@ -128,6 +127,13 @@ def test_flags_that_would_fail_or_train_nothing_later_are_refused_at_parse_time(
         assert textual_inversion.parse_args(command_line(*TI, flags)).num_train_epochs == 0
     else:
         assert message in refused(textual_inversion.parse_args, TI + (flags,), capsys)
+
+
+def test_hub_model_id_alone_is_allowed_as_in_diffusers():
+    """The model card names it, for an upload made by hand; only --push_to_hub uploads."""
+    import train_text_to_image
+
+    assert train_text_to_image.parse_args(command_line(*T2I, "--hub_model_id me/model")).hub_model_id == "me/model"
 
 
 def test_textual_inversion_validation_epochs_and_lr_num_cycles_must_be_positive(capsys):

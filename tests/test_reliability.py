@@ -2,6 +2,7 @@
 second run into the same folder, damaged or leftover checkpoints, a crash during the final swap, a preemption
 signal, a full disk. Each test here failed on the scripts before these guards existed."""
 
+import argparse
 import io
 import json
 import os
@@ -25,6 +26,8 @@ import train_text_to_image
 from devkit import tiny_sd
 from sdtrain import captions, images, run_folder, torch_training
 from sdtrain.cli import UserError
+from sdtrain.cli import run as run_main
+from sdtrain.preemption import StopRequest
 
 
 def concept_folder(tmp_path):
@@ -198,6 +201,10 @@ def test_which_output_folders_a_run_may_write_into(tmp_path):
     before = folder_bytes(tmp_path)
     for folder in ["absent", "absent/and/deeper", "empty", "ours", "legacy", "copied"]:
         run_folder.check_output_dir(str(runs / folder), models)
+    assert folder_bytes(tmp_path) == before, "accepting a folder wrote nothing"
+    # A probe left by a run killed while it checked: no user's file, so the folder is still a run's to take.
+    (runs / "empty" / ".sdtrain-x1y2.probe").mkdir()
+    run_folder.check_output_dir(str(runs / "empty"), models)
     (runs / "mine").mkdir()
     for name in ["a.txt", "b.txt", "c.txt", "d.txt", "e.txt", "f.txt", "g.txt"]:
         (runs / "mine" / name).write_text("keep")
@@ -731,7 +738,10 @@ def test_a_preempted_run_checkpoints_its_step_and_resumes_to_the_same_weights(
 
 
 def test_a_second_ctrl_c_aborts_at_once(launch, assets, tmp_path):
-    run = launch.start(SCRIPT, base_args(assets, str(tmp_path / "run"), RUN), launcher="python")
+    # Updates of 5 batches each: the first Ctrl-C lands in one with seconds to go, time enough for the second to
+    # arrive before the checkpoint would be written, however busy the machine.
+    slow_updates = "--gradient_accumulation_steps 5"
+    run = launch.start(SCRIPT, base_args(assets, str(tmp_path / "run"), RUN, slow_updates), launcher="python")
     run.wait_for(r"step 2: loss")
     run.send(signal.SIGINT)
     run.wait_for("Ctrl-C: stopping after this update")
@@ -754,3 +764,33 @@ def test_a_preempted_two_process_run_resumes_exactly_on_two_processes(launch, as
     launch.torchrun(SCRIPT, base_args(assets, out, flags, "--resume_from_checkpoint latest"))
     final, resumed = (load_state_dict(os.path.join(folder, "unet")) for folder in (full, out))
     assert max_abs_diff(final, resumed) <= 1e-6, f"stopped at step {step}"
+
+
+def test_ctrl_c_asks_for_a_clean_stop_only_while_the_loop_trains():
+    """Before the loop (loading, caching) and in the final save there is no update to finish: Ctrl-C interrupts there
+    as in any program (run() prints one line for it), instead of promising a checkpoint after an update to come."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)}
+    try:
+        request = StopRequest()
+        assert signal.getsignal(signal.SIGINT) is saved[signal.SIGINT]
+        request.stop_on_ctrl_c(True)
+        assert signal.getsignal(signal.SIGINT) == request.interrupt
+        request.stop_on_ctrl_c(False)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a job started with Ctrl-C ignored keeps it ignored
+        ignoring = StopRequest()
+        ignoring.stop_on_ctrl_c(True)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+def test_ctrl_c_outside_the_loop_is_one_line_and_exit_130(capsys):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(interrupted, argparse.Namespace(debug=False))
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err == "\nCtrl-C: interrupted; the checkpoints already written are kept\n"

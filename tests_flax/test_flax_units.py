@@ -181,7 +181,6 @@ def test_flax_twins_refuse_flags_that_would_fail_later(capsys):
     for parse_args, required in twins:
         for flags, message in [
             ("--max_grad_norm -1", "--max_grad_norm must be 0 (no clipping) or positive"),
-            ("--hub_model_id me/model", "names the repository --push_to_hub uploads to: add --push_to_hub"),
             ("--validation_resolution 64", "--validation_resolution 64 sizes the validation images: add --validation"),
         ]:
             with pytest.raises(SystemExit):
