@@ -73,7 +73,7 @@ from sdtrain.run_folder import (
     write_failure,
 )
 from sdtrain.single_file import SINGLE_FILE_DTYPES, save_single_file, single_file_layout
-from sdtrain.sizes import check_model_sizes
+from sdtrain.sizes import check_model_sizes, size_factors
 from sdtrain.torch_training import (
     LogWindow,
     check_finite,
@@ -1303,8 +1303,8 @@ def main(args):
     # The run depends on the global batch, not on how many processes share it: batches and draws are made for it.
     global_batch_size = args.train_batch_size * accelerator.num_processes
     if args.use_aspect_ratio_buckets:
-        # The VAE shrinks images by 2 per block after its first; the UNet halves latents per down block after its first.
-        model_factor = 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.down_block_types) - 1)
+        # Every bucket side is a multiple of it (check_model_sizes refused any other at the start).
+        model_factor = size_factors(vae.config, unet.config)[1]
         setup_buckets(train_dataset, image_sizes, args, model_factor, global_batch_size)
         epoch_global_batches = functools.partial(bucket_batches, train_dataset.bucket_of_row, global_batch_size, seed)
     else:

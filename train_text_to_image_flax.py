@@ -85,7 +85,7 @@ from sdtrain.run_folder import (
     write_failure,
 )
 from sdtrain.single_file import SINGLE_FILE_DTYPES, component_configs, save_single_file, single_file_layout
-from sdtrain.sizes import check_model_sizes
+from sdtrain.sizes import check_model_sizes, size_factors
 
 # The largest decay of --use_ema, as diffusers' EMAModel.
 EMA_MAX_DECAY = 0.9999
@@ -1277,8 +1277,8 @@ def main(args):
     image_sizes = train_dataset.image_sizes = check_images(train_dataset)
     global_batch_size = args.train_batch_size * jax.device_count()
     if args.use_aspect_ratio_buckets:
-        # The VAE shrinks images by 2 per block after its first; the UNet halves latents per down block after its first.
-        model_factor = 2 ** (len(vae.config.block_out_channels) - 1) * 2 ** (len(unet.config.down_block_types) - 1)
+        # Every bucket side is a multiple of it (check_model_sizes refused any other at the start).
+        model_factor = size_factors(vae.config, unet.config)[1]
         setup_buckets(train_dataset, image_sizes, args, model_factor, global_batch_size)
         epoch_global_batches = functools.partial(bucket_batches, train_dataset.bucket_of_row, global_batch_size, seed)
     else:

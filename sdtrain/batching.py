@@ -159,13 +159,7 @@ def setup_buckets(dataset, sizes, args, model_factor, global_batch_size):
     logs the bucket histogram."""
     step = bucket_step(args.resolution, model_factor)
     if args.aspect_ratio_buckets is not None:
-        buckets = args.aspect_ratio_buckets
-        for height, width in buckets:
-            if height % model_factor or width % model_factor:
-                raise UserError(
-                    f"--aspect_ratio_buckets: {height},{width} has a side that is not a multiple of {model_factor}, "
-                    "which this model's VAE and UNet downsampling need"
-                )
+        buckets = args.aspect_ratio_buckets  # sides checked against the model before it loaded (check_model_sizes)
         origin = f"{len(buckets)} from --aspect_ratio_buckets"
     else:
         buckets = generate_buckets(args.resolution, step)
