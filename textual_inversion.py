@@ -1040,7 +1040,9 @@ def main(args):
 
     # ------------------------------------------------------------------------------------------------ load models
     # SDXL: two text encoders, each with its own tokenizer and its own copy of the placeholder's rows.
-    sdxl = model_family(args) == "sdxl"  # any family but SD 1.x / 2.x and SDXL is named and refused by model_family
+    sdxl = (
+        model_family(args).name == "sdxl"
+    )  # any family but SD 1.x / 2.x and SDXL is named and refused by model_family
     # A size the model cannot train or render at is refused now, from the configs, not at the first validation.
     path = args.pretrained_model_name_or_path
     check_model_sizes(path, None, args.revision, args.cache_dir, args.resolution, args.validation_resolution)

@@ -865,7 +865,7 @@ def main(args):
     folder = resolve_pipeline_folder(args)
     source = f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}"
     # SDXL: two text encoders, each with its own tokenizer and its own copy of the placeholder's rows.
-    sdxl = folder_family(folder, source) == "sdxl"  # any family but SD 1.x / 2.x and SDXL is named and refused
+    sdxl = folder_family(folder, source).name == "sdxl"  # any family but SD 1.x / 2.x and SDXL is named and refused
     # A size the model cannot train or render at is refused now, from the configs, not at the first validation.
     check_model_sizes(folder, None, None, None, args.resolution, args.validation_resolution, whole_model=True)
     if args.tokenizer_name:

@@ -1229,7 +1229,7 @@ def main(args):
     # Lin et al. 2023 (arXiv:2305.08891): rescaled betas reach zero SNR at the last timestep, so the model learns to
     # start from pure noise, as sampling does, and can make very dark and very bright images.
     # SD 1.x / 2.x or SDXL, from model_index.json before any weights load; any other family is named and refused.
-    sdxl = model_family(args) == "sdxl"
+    sdxl = model_family(args).name == "sdxl"
     if sdxl and args.dream_training:
         raise UserError("--dream_training supports Stable Diffusion 1.x / 2.x pipelines; this one is SDXL")
     # A size the model cannot train or render at is refused now, from the configs, not at the first validation.

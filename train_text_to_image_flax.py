@@ -1220,7 +1220,7 @@ def main(args):
     folder = resolve_pipeline_folder(args)
     source = f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}"
     # SD 1.x / 2.x or SDXL, from model_index.json before any weights load; any other family is named and refused.
-    sdxl = folder_family(folder, source) == "sdxl"
+    sdxl = folder_family(folder, source).name == "sdxl"
     # A size the model cannot train or render at is refused now, from the configs, not at the first validation.
     check_model_sizes(
         folder,

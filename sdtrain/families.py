@@ -1,7 +1,13 @@
-"""Which model family a pipeline belongs to, read from its model_index.json before any weights load: the scripts
-train Stable Diffusion 1.x / 2.x ("sd") and Stable Diffusion XL ("sdxl"), and name any other family they are given
-instead of failing later on a component it does not have."""
+"""Model families: what differs between Stable Diffusion 1.x / 2.x ("sd") and Stable Diffusion XL ("sdxl"),
+described once, without a framework, and chosen once per run from the pipeline's model_index.json before any weights
+load. Any other family is named and refused instead of failing later on a component it does not have.
 
+The contract: a script asks `pipeline_family(model_index, source)` (or `folder_family`) for a `Family` and never
+tests for SD or SDXL itself. The framework adapters (sdtrain/torch/family.py, sdtrain/jax/family.py) give each family
+the code that needs a framework (loading its text encoders, encode_text, its added conditioning) behind the same
+names; docs/development.md says how a new family plugs in."""
+
+import dataclasses
 import json
 import os
 
@@ -24,7 +30,61 @@ OTHER_FAMILIES = {
     "CogView": "CogView",
     "QwenImage": "Qwen-Image",
 }
-FAMILY_NAMES = {"sd": "Stable Diffusion 1.x / 2.x", "sdxl": "Stable Diffusion XL"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family, as the scripts need to know it. Per-pipeline settings (force_zeros_for_empty_prompt) are filled
+    in by pipeline_family from the pipeline's own model_index.json."""
+
+    name: str  # "sd" or "sdxl": the key in FAMILIES, and what checkpoints and single files record
+    title: str  # in messages and model cards
+    tokenizers: tuple  # the pipeline's tokenizer components, one per text encoder, in order
+    text_encoders: tuple  # the pipeline's text encoder components, in order
+    pipeline_class: str  # diffusers' pipeline class (its Flax twin is "Flax" + this)
+    # SDXL's added conditioning (Podell et al. 2023, arXiv:2307.01952, sec. 2.2): the pooled text embedding and the
+    # size and crop time ids enter the UNet's added embedding.
+    added_conditioning: bool
+    # SDXL pipelines sample the unconditional branch, and so an empty caption, as zeros rather than as the encoded empty
+    # prompt, unless their model_index.json says force_zeros_for_empty_prompt: false.
+    force_zeros_for_empty_prompt: bool
+    # SDXL's VAE overflows in fp16 and says so in its config (force_upcast): it then runs in fp32. SD 1.x / 2.x VAEs
+    # carry the same key but run in the mixed-precision dtype, as diffusers' SD scripts run them.
+    honours_vae_force_upcast: bool
+    license: str  # the model card's license: the base model's
+    tags: tuple  # the model card's family tags (the writer adds text-to-image, diffusers)
+
+    @property
+    def num_text_encoders(self):
+        return len(self.text_encoders)
+
+
+SD = Family(
+    name="sd",
+    title="Stable Diffusion 1.x / 2.x",
+    tokenizers=("tokenizer",),
+    text_encoders=("text_encoder",),
+    pipeline_class="StableDiffusionPipeline",
+    added_conditioning=False,
+    force_zeros_for_empty_prompt=False,
+    honours_vae_force_upcast=False,
+    license="creativeml-openrail-m",
+    tags=("stable-diffusion",),
+)
+SDXL = Family(
+    name="sdxl",
+    title="Stable Diffusion XL",
+    tokenizers=("tokenizer", "tokenizer_2"),
+    text_encoders=("text_encoder", "text_encoder_2"),
+    pipeline_class="StableDiffusionXLPipeline",
+    added_conditioning=True,
+    force_zeros_for_empty_prompt=True,
+    honours_vae_force_upcast=True,
+    license="openrail++",
+    tags=("stable-diffusion-xl",),
+)
+FAMILIES = {family.name: family for family in (SD, SDXL)}
+FAMILY_NAMES = {name: family.title for name, family in FAMILIES.items()}
 
 
 def present_components(model_index):
@@ -37,8 +97,8 @@ def present_components(model_index):
 
 
 def pipeline_family(model_index, source):
-    """ "sd" or "sdxl" for a pipeline's model_index.json (a dict); a ValueError naming `source` and what it is
-    otherwise."""
+    """The Family (SD or SDXL) of a pipeline's model_index.json (a dict), with the pipeline's own settings; a
+    UserError naming `source` and what it is otherwise."""
     class_name = str(model_index.get("_class_name", ""))
     for prefix, family in OTHER_FAMILIES.items():
         if class_name.startswith(prefix):
@@ -57,7 +117,10 @@ def pipeline_family(model_index, source):
             f"{source} ({class_name or 'no _class_name'}) has no {', '.join(sorted(missing))}: these scripts train "
             "Stable Diffusion 1.x / 2.x and SDXL pipelines in the diffusers layout"
         )
-    return "sdxl" if {"text_encoder_2", "tokenizer_2"} <= components else "sd"
+    if not {"text_encoder_2", "tokenizer_2"} <= components:
+        return SD
+    zeros = model_index.get("force_zeros_for_empty_prompt", SDXL.force_zeros_for_empty_prompt)
+    return dataclasses.replace(SDXL, force_zeros_for_empty_prompt=bool(zeros))
 
 
 def local_model_index(path):
