@@ -121,17 +121,23 @@ def run_all(work, only):
 
 
 def compare(before_path, after_path):
+    """Every file of a run before is byte-identical after; files only the later run writes are listed as added."""
     with open(before_path) as f:
         before = json.load(f)
     with open(after_path) as f:
         after = json.load(f)
     differences = 0
-    for run in sorted(set(before) | set(after)):
-        a, b = before.get(run, {}), after.get(run, {})
+    for run in sorted(set(before) & set(after)):
+        a, b = (
+            {name: digest for name, digest in files.items() if not os.path.basename(name).startswith(".")}
+            for files in (before[run], after[run])
+        )
         for name in sorted(set(a) | set(b)):
-            if a.get(name) != b.get(name):
+            if name not in a:
+                print(f"ADDED {run} {name}")
+            elif a[name] != b.get(name):
                 differences += 1
-                print(f"DIFFERENT {run} {name}: {a.get(name, 'missing')[:12]} -> {b.get(name, 'missing')[:12]}")
+                print(f"DIFFERENT {run} {name}: {a[name][:12]} -> {b.get(name, 'missing')[:12]}")
         print(f"{run}: {len(a)} files before, {len(b)} after")
     print("identical" if not differences else f"{differences} files differ")
     return 1 if differences else 0
