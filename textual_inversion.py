@@ -48,6 +48,7 @@ from sdtrain.embeddings import (
     STYLE_TEMPLATES,
     add_embedding_format_argument,
     add_placeholder_tokens,
+    add_token_arguments,
     check_embedding_scale,
     embedding_files,
     find_example_images,
@@ -56,7 +57,7 @@ from sdtrain.embeddings import (
 )
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import load_rgb
-from sdtrain.logs import format_logs, report_to_problem
+from sdtrain.logs import add_tracker_arguments, format_logs, report_to_problem
 from sdtrain.preemption import StopRequest, ignore_interrupts, preemption_message, stop_exit_code
 from sdtrain.recipes import (
     RecipeConfig,
@@ -141,31 +142,7 @@ def parse_args(argv=None):
     )
     group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
     group = parser.add_argument_group("Token")
-    group.add_argument(
-        "--placeholder_token",
-        type=str,
-        required=True,
-        help="The new token that stands for the concept in prompts, e.g. '<cat-toy>'.",
-    )
-    group.add_argument(
-        "--initializer_token",
-        type=str,
-        required=True,
-        help="An existing single-token word whose embedding starts every new vector, e.g. 'toy'.",
-    )
-    group.add_argument(
-        "--num_vectors",
-        type=int,
-        default=1,
-        help="Embedding vectors the placeholder expands to (more capture more detail).",
-    )
-    group.add_argument(
-        "--learnable_property",
-        type=str,
-        default="object",
-        choices=["object", "style"],
-        help="Train prompts that describe an object or a style.",
-    )
+    add_token_arguments(group)
     group = parser.add_argument_group("Data")
     group.add_argument("--train_data_dir", type=str, required=True, help="Folder with the 3-5 example images.")
     group.add_argument("--repeats", type=int, default=100, help="Times each image is repeated in one epoch.")
@@ -312,10 +289,7 @@ def parse_args(argv=None):
         default=None,
         help="Deprecated: validate every this many epochs (converted to --validation_steps).",
     )
-    group.add_argument(
-        "--report_to", type=str, default="tensorboard", help="Tracker: tensorboard, wandb, comet_ml, all, or none."
-    )
-    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker log folder, relative to --output_dir.")
+    add_tracker_arguments(group)
     add_hub_arguments(group, "Upload the embeddings and the full pipeline to the Hugging Face Hub.")
     args = parser.parse_args(argv)
 

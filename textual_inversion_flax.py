@@ -42,11 +42,13 @@ from typing import Any
 from sdtrain.batching import center_crop_box, parse_size, sdxl_time_ids, shuffled_batches
 from sdtrain.checks import training_problem, validation_problem
 from sdtrain.cli import ArgumentParser, UserError, WriteFailure, add_debug_argument, run
+from sdtrain.distributed import DistributedConfig, add_distributed_arguments, distributed_problem
 from sdtrain.embeddings import (
     OBJECT_TEMPLATES,
     STYLE_TEMPLATES,
     add_embedding_format_argument,
     add_placeholder_tokens,
+    add_token_arguments,
     check_embedding_scale,
     embedding_files,
     find_example_images,
@@ -134,31 +136,7 @@ def parse_args(argv=None):
     )
     group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
     group = parser.add_argument_group("Token")
-    group.add_argument(
-        "--placeholder_token",
-        type=str,
-        required=True,
-        help="The new token that stands for the concept in prompts, e.g. '<cat-toy>'.",
-    )
-    group.add_argument(
-        "--initializer_token",
-        type=str,
-        required=True,
-        help="An existing single-token word whose embedding starts every new vector, e.g. 'toy'.",
-    )
-    group.add_argument(
-        "--num_vectors",
-        type=int,
-        default=1,
-        help="Embedding vectors the placeholder expands to (more capture more detail).",
-    )
-    group.add_argument(
-        "--learnable_property",
-        type=str,
-        default="object",
-        choices=["object", "style"],
-        help="Train prompts that describe an object or a style.",
-    )
+    add_token_arguments(group)
     group = parser.add_argument_group("Data")
     group.add_argument("--train_data_dir", type=str, required=True, help="Folder with the 3-5 example images.")
     group.add_argument("--repeats", type=int, default=100, help="Times each image is repeated in one epoch.")
@@ -214,35 +192,7 @@ def parse_args(argv=None):
         choices=["no", "bf16"],
         help="bf16 computes in bfloat16 with fp32 master weights.",
     )
-    group.add_argument(
-        "--jax_distributed",
-        action="store_true",
-        help="Call jax.distributed.initialize() first (multi-host TPU pods and clusters).",
-    )
-    group.add_argument(
-        "--coordinator_address",
-        type=str,
-        default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
-        help="host:port where process 0 coordinates a multi-process run (implies --jax_distributed).",
-    )
-    group.add_argument(
-        "--num_processes",
-        type=int,
-        default=int(os.environ["JAX_NUM_PROCESSES"]) if os.environ.get("JAX_NUM_PROCESSES") else None,
-        help="With --coordinator_address: the run's processes, all hosts together (default $JAX_NUM_PROCESSES).",
-    )
-    group.add_argument(
-        "--process_id",
-        type=int,
-        default=int(os.environ["JAX_PROCESS_ID"]) if os.environ.get("JAX_PROCESS_ID") else None,
-        help="With --coordinator_address: this process's index, 0 to --num_processes - 1 (default $JAX_PROCESS_ID).",
-    )
-    group.add_argument(
-        "--heartbeat_timeout_seconds",
-        type=int,
-        default=100,
-        help="With several processes: seconds without a heartbeat before a process counts as dead and the rest stop.",
-    )
+    add_distributed_arguments(group)
     group = parser.add_argument_group("Checkpointing and saving")
     group.add_argument(
         "--output_dir", type=str, default="text-inversion-model", help="Where the embeddings and checkpoints go."
@@ -320,13 +270,9 @@ def parse_args(argv=None):
     ):
         if problem:
             parser.error(problem)
-    if args.coordinator_address is not None:
-        if args.num_processes is None or args.process_id is None:
-            parser.error(
-                "--coordinator_address needs --num_processes and --process_id (or JAX_NUM_PROCESSES/_PROCESS_ID)"
-            )
-        if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
-            parser.error(f"--process_id must be in [0, {args.num_processes}), got {args.process_id}")
+    problem = distributed_problem(DistributedConfig.from_args(args))
+    if problem:
+        parser.error(problem)
     return args
 
 

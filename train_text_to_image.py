@@ -45,6 +45,7 @@ from sdtrain.batching import (
     BatchShare,
     BucketConfig,
     add_bucket_arguments,
+    add_crop_arguments,
     bucket_batches,
     crop_box,
     parse_buckets,
@@ -58,7 +59,7 @@ from sdtrain.cli import ArgumentParser, UserError, WriteFailure, add_debug_argum
 from sdtrain.data_config import CaptionConfig, DatasetConfig, add_caption_arguments, add_dataset_arguments
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import load_rgb, verify_image
-from sdtrain.logs import format_logs, report_to_problem, warmup_applied
+from sdtrain.logs import add_tracker_arguments, format_logs, report_to_problem, warmup_applied
 from sdtrain.preemption import StopRequest, ignore_interrupts, preemption_message, stop_exit_code
 from sdtrain.recipes import (
     RecipeConfig,
@@ -151,13 +152,7 @@ def parse_args(argv=None):
     )
     group = parser.add_argument_group("Data")
     add_dataset_arguments(group)
-    group.add_argument(
-        "--resolution", type=int, default=512, help="Training images are resized and cropped to this square size."
-    )
-    group.add_argument(
-        "--center_crop", action="store_true", help="Crop the center of each image instead of a random crop."
-    )
-    group.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    add_crop_arguments(group)
     group.add_argument(
         "--image_interpolation_mode",
         type=str,
@@ -306,10 +301,7 @@ def parse_args(argv=None):
         default=None,
         help="Size of the validation images, 'height,width' (a bucket's, say); default: --resolution square.",
     )
-    group.add_argument(
-        "--report_to", type=str, default="tensorboard", help="Tracker: tensorboard, wandb, comet_ml, all, or none."
-    )
-    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker log folder, relative to --output_dir.")
+    add_tracker_arguments(group)
     group.add_argument(
         "--tracker_project_name", type=str, default="text2image-fine-tune", help="Project name passed to the tracker."
     )

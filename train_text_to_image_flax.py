@@ -37,6 +37,7 @@ from typing import Any
 from sdtrain.batching import (
     BucketConfig,
     add_bucket_arguments,
+    add_crop_arguments,
     bucket_batches,
     crop_box,
     parse_buckets,
@@ -48,6 +49,7 @@ from sdtrain.batching import (
 from sdtrain.checks import training_problem, validation_problem
 from sdtrain.cli import ArgumentParser, UserError, WriteFailure, add_debug_argument, run
 from sdtrain.data_config import CaptionConfig, DatasetConfig, add_caption_arguments, add_dataset_arguments
+from sdtrain.distributed import DistributedConfig, add_distributed_arguments, distributed_problem
 from sdtrain.families import folder_family
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import inspect_images, load_rgb, verify_image
@@ -134,13 +136,7 @@ def parse_args(argv=None):
     )
     group = parser.add_argument_group("Data")
     add_dataset_arguments(group)
-    group.add_argument(
-        "--resolution", type=int, default=512, help="Training images are resized and cropped to this square size."
-    )
-    group.add_argument(
-        "--center_crop", action="store_true", help="Crop the center of each image instead of a random crop."
-    )
-    group.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    add_crop_arguments(group)
     group.add_argument(
         "--cache_latents",
         action="store_true",
@@ -224,35 +220,7 @@ def parse_args(argv=None):
         choices=["no", "bf16"],
         help="bf16 computes in bfloat16 with fp32 master weights.",
     )
-    group.add_argument(
-        "--jax_distributed",
-        action="store_true",
-        help="Call jax.distributed.initialize() first (multi-host TPU pods and clusters).",
-    )
-    group.add_argument(
-        "--coordinator_address",
-        type=str,
-        default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
-        help="host:port where process 0 coordinates a multi-process run (implies --jax_distributed).",
-    )
-    group.add_argument(
-        "--num_processes",
-        type=int,
-        default=int(os.environ["JAX_NUM_PROCESSES"]) if os.environ.get("JAX_NUM_PROCESSES") else None,
-        help="With --coordinator_address: the run's processes, all hosts together (default $JAX_NUM_PROCESSES).",
-    )
-    group.add_argument(
-        "--process_id",
-        type=int,
-        default=int(os.environ["JAX_PROCESS_ID"]) if os.environ.get("JAX_PROCESS_ID") else None,
-        help="With --coordinator_address: this process's index, 0 to --num_processes - 1 (default $JAX_PROCESS_ID).",
-    )
-    group.add_argument(
-        "--heartbeat_timeout_seconds",
-        type=int,
-        default=100,
-        help="With several processes: seconds without a heartbeat before a process counts as dead and the rest stop.",
-    )
+    add_distributed_arguments(group)
     group = parser.add_argument_group("Checkpointing")
     group.add_argument(
         "--output_dir", type=str, default="sd-model-finetuned", help="Where the final pipeline and checkpoints go."
@@ -338,13 +306,9 @@ def parse_args(argv=None):
     ):
         if problem:
             parser.error(problem)
-    if args.coordinator_address is not None:
-        if args.num_processes is None or args.process_id is None:
-            parser.error(
-                "--coordinator_address needs --num_processes and --process_id (or JAX_NUM_PROCESSES/_PROCESS_ID)"
-            )
-        if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
-            parser.error(f"--process_id must be in [0, {args.num_processes}), got {args.process_id}")
+    problem = distributed_problem(DistributedConfig.from_args(args))
+    if problem:
+        parser.error(problem)
     return args
 
 

@@ -1,5 +1,6 @@
-"""An epoch as global batches of (row, weight), from (seed, epoch) alone, and the aspect-ratio buckets they are cut
-from. The same functions in PyTorch and JAX, so both frameworks see the same batches."""
+"""An epoch as global batches of (row, weight), from (seed, epoch) alone, the aspect-ratio buckets they are cut from,
+and the crop each image trains on with SDXL's size conditioning of it. The same functions in PyTorch and JAX, so both
+frameworks see the same batches and the same pixels."""
 
 import dataclasses
 import logging
@@ -152,6 +153,18 @@ class BatchShare:
     @classmethod
     def of_process(cls, process_index, batch_size, num_processes):
         return cls(process_index * batch_size, (process_index + 1) * batch_size, batch_size * num_processes)
+
+
+def add_crop_arguments(group):
+    """The square crop each image trains on (crop_box) and its mirror image, the same flags in both text-to-image
+    scripts."""
+    group.add_argument(
+        "--resolution", type=int, default=512, help="Training images are resized and cropped to this square size."
+    )
+    group.add_argument(
+        "--center_crop", action="store_true", help="Crop the center of each image instead of a random crop."
+    )
+    group.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
 
 
 def add_bucket_arguments(group):

@@ -50,6 +50,36 @@ STYLE_TEMPLATES = [
 ]
 
 
+def add_token_arguments(group):
+    """The placeholder token, what its vectors start from, and the prompts it is trained in (OBJECT_TEMPLATES or
+    STYLE_TEMPLATES)."""
+    group.add_argument(
+        "--placeholder_token",
+        type=str,
+        required=True,
+        help="The new token that stands for the concept in prompts, e.g. '<cat-toy>'.",
+    )
+    group.add_argument(
+        "--initializer_token",
+        type=str,
+        required=True,
+        help="An existing single-token word whose embedding starts every new vector, e.g. 'toy'.",
+    )
+    group.add_argument(
+        "--num_vectors",
+        type=int,
+        default=1,
+        help="Embedding vectors the placeholder expands to (more capture more detail).",
+    )
+    group.add_argument(
+        "--learnable_property",
+        type=str,
+        default="object",
+        choices=["object", "style"],
+        help="Train prompts that describe an object or a style.",
+    )
+
+
 def find_example_images(train_data_dir):
     """The example images, sorted by name, each decoded now: a bad file fails before anything is written."""
     if not os.path.isdir(train_data_dir):
