@@ -383,7 +383,8 @@ def write_single_file(state, path, dtype, metadata):
         if dtype == "bf16":
             state[key] = float32_to_bfloat16(tensor)
         else:
-            state[key] = np.ascontiguousarray(tensor, dtype=np.float16 if dtype == "fp16" else np.float32)
+            with np.errstate(over="ignore"):  # a weight beyond fp16's range becomes inf, silently, as in torch
+                state[key] = np.ascontiguousarray(tensor, dtype=np.float16 if dtype == "fp16" else np.float32)
     # The dtype names torch's writer gives safetensors, so the header is the one torch would write.
     name = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype]
     specs = {
