@@ -56,7 +56,13 @@ from sdtrain.batching import (
 )
 from sdtrain.checks import training_problem, validation_problem
 from sdtrain.cli import ArgumentParser, UserError, WriteFailure, add_debug_argument, run
-from sdtrain.data_config import CaptionConfig, DatasetConfig, add_caption_arguments, add_dataset_arguments
+from sdtrain.data_config import (
+    CaptionConfig,
+    DatasetConfig,
+    add_caption_arguments,
+    add_dataset_arguments,
+    caption_problem,
+)
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import load_rgb, verify_image
 from sdtrain.logs import add_tracker_arguments, format_logs, report_to_problem, warmup_applied
@@ -342,11 +348,9 @@ def parse_args(argv=None):
             "--cache_latents stores one crop per image, so it needs --center_crop or --use_aspect_ratio_buckets "
             "(where each image has one crop), not a new random crop at every use"
         )
-    for name in ["proportion_empty_prompts", "caption_tag_dropout_rate"]:
-        if not 0 <= getattr(args, name) < 1:
-            parser.error(f"--{name} must be in [0, 1), got {getattr(args, name)}")
-    if args.keep_tokens < 0:
-        parser.error(f"--keep_tokens must be 0 or more, got {args.keep_tokens}")
+    problem = caption_problem(CaptionConfig.from_args(args))
+    if problem:
+        parser.error(problem)
     if args.cache_text_embeddings and (args.shuffle_caption or args.caption_tag_dropout_rate > 0):
         parser.error(
             "--shuffle_caption and --caption_tag_dropout_rate change a caption at every use, and "

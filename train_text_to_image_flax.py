@@ -48,7 +48,13 @@ from sdtrain.batching import (
 )
 from sdtrain.checks import training_problem, validation_problem
 from sdtrain.cli import ArgumentParser, UserError, WriteFailure, add_debug_argument, run
-from sdtrain.data_config import CaptionConfig, DatasetConfig, add_caption_arguments, add_dataset_arguments
+from sdtrain.data_config import (
+    CaptionConfig,
+    DatasetConfig,
+    add_caption_arguments,
+    add_dataset_arguments,
+    caption_problem,
+)
 from sdtrain.distributed import DistributedConfig, add_distributed_arguments, distributed_problem
 from sdtrain.families import folder_family
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
@@ -286,11 +292,9 @@ def parse_args(argv=None):
         parser.error(f"--ema_validation {args.ema_validation} renders EMA and raw weights: it needs --use_ema")
     if args.bucket_no_upscale and not args.use_aspect_ratio_buckets:
         parser.error("--bucket_no_upscale needs --use_aspect_ratio_buckets")
-    for name in ["proportion_empty_prompts", "caption_tag_dropout_rate"]:
-        if not 0 <= getattr(args, name) < 1:
-            parser.error(f"--{name} must be in [0, 1), got {getattr(args, name)}")
-    if args.keep_tokens < 0:
-        parser.error(f"--keep_tokens must be 0 or more, got {args.keep_tokens}")
+    problem = caption_problem(CaptionConfig.from_args(args))
+    if problem:
+        parser.error(problem)
     check_recipe_arguments(parser, RecipeConfig.from_args(args))
     check_optimizer_arguments(parser, args)
     for problem in (

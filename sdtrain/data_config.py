@@ -98,3 +98,13 @@ class CaptionConfig:
     @classmethod
     def from_args(cls, args):
         return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
+
+
+def caption_problem(config):
+    """Why a CaptionConfig's values cannot train (a message naming the flag), or None."""
+    for name in ["proportion_empty_prompts", "caption_tag_dropout_rate"]:
+        if not 0 <= getattr(config, name) < 1:
+            return f"--{name} must be in [0, 1), got {getattr(config, name)}"
+    if config.keep_tokens < 0:
+        return f"--keep_tokens must be 0 or more, got {config.keep_tokens}"
+    return None
