@@ -87,7 +87,7 @@ from sdtrain.run_folder import (
     write_failure,
 )
 from sdtrain.seeds import add_seed_argument, choose_seed, derive_seed, draw_seed
-from sdtrain.single_file import add_single_file_arguments, save_single_file, single_file_layout
+from sdtrain.single_file import SingleFileConfig, add_single_file_arguments, save_single_file, single_file_layout
 from sdtrain.sizes import check_model_sizes, size_factors
 from sdtrain.torch_training import (
     LogWindow,
@@ -1405,15 +1405,7 @@ def main(args):
         try:
             pipeline = save_pipeline(final_unet, args, sdxl)
             if args.save_single_file:
-                save_single_file(
-                    args.output_dir,
-                    args.single_file_dtype,
-                    prediction_type,
-                    args.rescale_betas_zero_snr,
-                    args.resolution,
-                    args.pretrained_model_name_or_path,
-                    global_step,
-                )
+                save_single_file(SingleFileConfig.from_args(args), prediction_type, global_step)
         except Exception as err:  # a full disk, most often: the steps since the last checkpoint must not be lost
             if ema_unet is not None:
                 ema_unet.restore(final_unet.parameters())

@@ -101,7 +101,13 @@ from sdtrain.run_folder import (
     write_failure,
 )
 from sdtrain.seeds import add_seed_argument, choose_seed, draw_seed
-from sdtrain.single_file import add_single_file_arguments, component_configs, save_single_file, single_file_layout
+from sdtrain.single_file import (
+    SingleFileConfig,
+    add_single_file_arguments,
+    component_configs,
+    save_single_file,
+    single_file_layout,
+)
 from sdtrain.sizes import check_model_sizes, size_factors
 
 # The largest decay of --use_ema, as diffusers' EMAModel.
@@ -1301,15 +1307,7 @@ def main(args):
             save_pipeline(unet_params, folder, args, sdxl)
             logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
             if args.save_single_file:
-                save_single_file(
-                    args.output_dir,
-                    args.single_file_dtype,
-                    prediction_type,
-                    args.rescale_betas_zero_snr,
-                    args.resolution,
-                    args.pretrained_model_name_or_path,
-                    global_step,
-                )
+                save_single_file(SingleFileConfig.from_args(args), prediction_type, global_step)
         except Exception as err:  # a full disk, most often: the steps since the last checkpoint must not be lost
             raise final_save_failed(state, args.output_dir, global_step, run_metadata, err) from err
     if args.validation_prompts:

@@ -3,6 +3,7 @@
 ComfyUI and InvokeAI load. Reads the saved folder, so it serves PyTorch and JAX alike; the weights are NumPy arrays
 (bfloat16 as its bits, converted with the rounding torch uses), so no framework is needed."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -432,14 +433,34 @@ def single_file_metadata(layout, prediction_type, zero_terminal_snr, resolution,
     }
 
 
-def save_single_file(output_dir, dtype, prediction_type, zero_terminal_snr, resolution, base_model, global_step):
-    """output_dir/<its name>.safetensors in `dtype` (--single_file_dtype) from the pipeline just saved there; the
-    other arguments are what single_file_metadata records of the training."""
-    title = os.path.basename(os.path.abspath(output_dir))
-    path = os.path.join(output_dir, title + ".safetensors")
-    layout, state = original_layout_state(output_dir)
+@dataclasses.dataclass(frozen=True)
+class SingleFileConfig:
+    """Where and in what precision --save_single_file writes, and what the file records of the training."""
+
+    output_dir: str
+    dtype: str  # --single_file_dtype
+    zero_terminal_snr: bool  # --rescale_betas_zero_snr
+    resolution: int
+    base_model: str  # --pretrained_model_name_or_path
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(
+            args.output_dir,
+            args.single_file_dtype,
+            args.rescale_betas_zero_snr,
+            args.resolution,
+            args.pretrained_model_name_or_path,
+        )
+
+
+def save_single_file(config, prediction_type, global_step):
+    """config.output_dir/<its name>.safetensors in config.dtype, from the pipeline just saved there."""
+    title = os.path.basename(os.path.abspath(config.output_dir))
+    path = os.path.join(config.output_dir, title + ".safetensors")
+    layout, state = original_layout_state(config.output_dir)
     metadata = single_file_metadata(
-        layout, prediction_type, zero_terminal_snr, resolution, base_model, global_step, title
+        layout, prediction_type, config.zero_terminal_snr, config.resolution, config.base_model, global_step, title
     )
-    write_single_file(state, path, dtype, metadata)
-    logger.info(f"Saved the single-file checkpoint ({layout}, {dtype}) to {os.path.abspath(path)}")
+    write_single_file(state, path, config.dtype, metadata)
+    logger.info(f"Saved the single-file checkpoint ({layout}, {config.dtype}) to {os.path.abspath(path)}")
