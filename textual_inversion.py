@@ -40,32 +40,37 @@ import os
 import shutil
 import sys
 
-from sdtrain.batching import BatchShare, parse_size, shuffled_batches
+from sdtrain.batching import BatchShare, parse_size, sdxl_time_ids, shuffled_batches
 from sdtrain.checks import training_problem, validation_problem
 from sdtrain.cli import ArgumentParser, UserError, WriteFailure, add_debug_argument, run
 from sdtrain.embeddings import (
     OBJECT_TEMPLATES,
     STYLE_TEMPLATES,
+    add_embedding_format_argument,
     add_placeholder_tokens,
+    add_token_arguments,
     check_embedding_scale,
     embedding_files,
     find_example_images,
     initializer_token_id,
     learned_embeds_name,
-    sdxl_time_ids,
 )
-from sdtrain.hub import hub_problem, push_to_hub
+from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import load_rgb
-from sdtrain.logs import format_logs, report_to_problem
+from sdtrain.logs import add_tracker_arguments, format_logs, report_to_problem
 from sdtrain.preemption import StopRequest, ignore_interrupts, preemption_message, stop_exit_code
-from sdtrain.recipes import add_recipe_arguments, check_recipe_arguments, recipe_fields, timestep_bias_weights
+from sdtrain.recipes import (
+    RecipeConfig,
+    add_recipe_arguments,
+    check_recipe_arguments,
+    recipe_fields,
+    timestep_bias_weights,
+)
 from sdtrain.run_folder import (
+    add_checkpoint_arguments,
     check_output_dir,
     check_process_group,
     check_resume_identity,
-    choose_seed,
-    derive_seed,
-    draw_seed,
     find_resume_checkpoint,
     fsync_folder,
     publish_pipeline,
@@ -74,6 +79,7 @@ from sdtrain.run_folder import (
     warn_if_batch_layout_changed,
     write_failure,
 )
+from sdtrain.seeds import add_seed_argument, choose_seed, derive_seed, draw_seed
 from sdtrain.sizes import check_model_sizes
 from sdtrain.torch_training import (
     LogWindow,
@@ -136,31 +142,7 @@ def parse_args(argv=None):
     )
     group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
     group = parser.add_argument_group("Token")
-    group.add_argument(
-        "--placeholder_token",
-        type=str,
-        required=True,
-        help="The new token that stands for the concept in prompts, e.g. '<cat-toy>'.",
-    )
-    group.add_argument(
-        "--initializer_token",
-        type=str,
-        required=True,
-        help="An existing single-token word whose embedding starts every new vector, e.g. 'toy'.",
-    )
-    group.add_argument(
-        "--num_vectors",
-        type=int,
-        default=1,
-        help="Embedding vectors the placeholder expands to (more capture more detail).",
-    )
-    group.add_argument(
-        "--learnable_property",
-        type=str,
-        default="object",
-        choices=["object", "style"],
-        help="Train prompts that describe an object or a style.",
-    )
+    add_token_arguments(group)
     group = parser.add_argument_group("Data")
     group.add_argument("--train_data_dir", type=str, required=True, help="Folder with the 3-5 example images.")
     group.add_argument("--repeats", type=int, default=100, help="Times each image is repeated in one epoch.")
@@ -182,12 +164,7 @@ def parse_args(argv=None):
         help="Encode every example image and its mirror image once before training and train from the stored latents.",
     )
     group = parser.add_argument_group("Training")
-    group.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="Seed for data order, augmentation and noise; a resumed run reuses its checkpoint's seed.",
-    )
+    add_seed_argument(group)
     group.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
     group.add_argument(
         "--num_train_epochs", type=int, default=100, help="Epochs to train; ignored when --max_train_steps is given."
@@ -262,13 +239,7 @@ def parse_args(argv=None):
         default=500,
         help="Also save learned_embeds(_2 for SDXL)-steps-N every this many optimizer updates.",
     )
-    group.add_argument(
-        "--embedding_format",
-        type=str,
-        default="both",
-        choices=["diffusers", "ui", "both"],
-        help="Final files: learned_embeds(_2) (diffusers), <placeholder> (A1111/Forge, ComfyUI, InvokeAI), or both.",
-    )
+    add_embedding_format_argument(group)
     group.add_argument(
         "--no_safe_serialization",
         action="store_true",
@@ -279,24 +250,7 @@ def parse_args(argv=None):
         action="store_true",
         help="Also save the full pipeline with the extended tokenizer and text encoder.",
     )
-    group.add_argument(
-        "--checkpointing_steps",
-        type=int,
-        default=500,
-        help="Save the full training state every this many optimizer updates.",
-    )
-    group.add_argument(
-        "--checkpoints_total_limit",
-        type=int,
-        default=None,
-        help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).",
-    )
-    group.add_argument(
-        "--resume_from_checkpoint",
-        type=str,
-        default=None,
-        help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).",
-    )
+    add_checkpoint_arguments(group)
     group = parser.add_argument_group("Logging and validation")
     add_debug_argument(group)
     group.add_argument(
@@ -335,19 +289,8 @@ def parse_args(argv=None):
         default=None,
         help="Deprecated: validate every this many epochs (converted to --validation_steps).",
     )
-    group.add_argument(
-        "--report_to", type=str, default="tensorboard", help="Tracker: tensorboard, wandb, comet_ml, all, or none."
-    )
-    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker log folder, relative to --output_dir.")
-    group.add_argument(
-        "--push_to_hub",
-        action="store_true",
-        help="Upload the embeddings and the full pipeline to the Hugging Face Hub.",
-    )
-    group.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `hf auth login`).")
-    group.add_argument(
-        "--hub_model_id", type=str, default=None, help="Hub repository to push to; default: the output folder's name."
-    )
+    add_tracker_arguments(group)
+    add_hub_arguments(group, "Upload the embeddings and the full pipeline to the Hugging Face Hub.")
     args = parser.parse_args(argv)
 
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
@@ -377,7 +320,7 @@ def parse_args(argv=None):
         args.validation_resolution = parse_size(args.validation_resolution, args.resolution)
     except ValueError as err:
         parser.error(str(err))
-    check_recipe_arguments(parser, args)
+    check_recipe_arguments(parser, RecipeConfig.from_args(args))
     check_optimizer_arguments(parser, args)
     for problem in (
         training_problem(
@@ -1033,10 +976,10 @@ def main(args):
     stop_request = StopRequest()
     # A CPU side channel for agreeing on stop requests, so that it never waits for the GPU.
     stop_group = torch.distributed.new_group(backend="gloo") if accelerator.num_processes > 1 else None
-    resume_path = find_resume_checkpoint(args)
+    resume_path = find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     resume_metadata = read_checkpoint_metadata(resume_path)
     # Process 0's draw on every process when there is no --seed, so that all shuffle and draw alike.
-    seed = choose_seed(args, resume_metadata, broadcast_object_list([draw_seed()])[0])
+    seed = choose_seed(args.seed, resume_metadata, broadcast_object_list([draw_seed()])[0])
 
     # ------------------------------------------------------------------------------------------------ load models
     # SDXL: two text encoders, each with its own tokenizer and its own copy of the placeholder's rows.
@@ -1108,7 +1051,7 @@ def main(args):
     loss_config = LossConfig(
         prediction_type=prediction_type,
         snr_gamma=args.snr_gamma,
-        **recipe_fields(args, prediction_type, noise_scheduler.config.num_train_timesteps),
+        **recipe_fields(RecipeConfig.from_args(args), prediction_type, noise_scheduler.config.num_train_timesteps),
     )
 
     # ------------------------------------------------------------------------------------------------------- data
@@ -1321,7 +1264,9 @@ def main(args):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         try:
-            for path, keys in embedding_files(args, embeds_suffix, len(learned_rows)):
+            for path, keys in embedding_files(
+                args.output_dir, args.placeholder_token, args.embedding_format, embeds_suffix, len(learned_rows)
+            ):
                 tensors = {key: learned_rows[index] for key, index in keys.items()}
                 save_embeddings(tensors, path, not args.no_safe_serialization)
                 logger.info(f"Saved {os.path.abspath(path)}")
@@ -1339,11 +1284,11 @@ def main(args):
                 raise final_save_failed(accelerator, args.output_dir, global_step, run_metadata, err) from err
         write_model_card(args, global_step, grid, sdxl)
         if args.push_to_hub:
-            push_to_hub(args)
+            push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
     accelerator.end_training()
     if output_lock is not None:
         output_lock.release()
 
 
 if __name__ == "__main__":
-    run(main, ARGS)
+    run(functools.partial(main, ARGS), debug=ARGS.debug)

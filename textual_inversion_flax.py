@@ -39,23 +39,24 @@ import os
 import sys
 from typing import Any
 
-from sdtrain.batching import parse_size, shuffled_batches
+from sdtrain.batching import center_crop_box, parse_size, sdxl_time_ids, shuffled_batches
 from sdtrain.checks import training_problem, validation_problem
 from sdtrain.cli import ArgumentParser, UserError, WriteFailure, add_debug_argument, run
+from sdtrain.distributed import DistributedConfig, add_distributed_arguments, distributed_problem
 from sdtrain.embeddings import (
     OBJECT_TEMPLATES,
     STYLE_TEMPLATES,
+    add_embedding_format_argument,
     add_placeholder_tokens,
-    center_crop_box,
+    add_token_arguments,
     check_embedding_scale,
     embedding_files,
     find_example_images,
     initializer_token_id,
     learned_embeds_name,
-    sdxl_time_ids,
 )
 from sdtrain.families import folder_family
-from sdtrain.hub import hub_problem, push_to_hub
+from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import load_rgb
 from sdtrain.jax_training import (
     LogWindow,
@@ -79,13 +80,18 @@ from sdtrain.jax_training import (
 )
 from sdtrain.logs import format_logs
 from sdtrain.preemption import StopRequest, preemption_message, stop_exit_code
-from sdtrain.recipes import add_recipe_arguments, check_recipe_arguments, recipe_fields, timestep_bias_weights
+from sdtrain.recipes import (
+    RecipeConfig,
+    add_recipe_arguments,
+    check_recipe_arguments,
+    recipe_fields,
+    timestep_bias_weights,
+)
 from sdtrain.run_folder import (
+    add_checkpoint_arguments,
     check_output_dir,
     check_process_group,
     check_resume_identity,
-    choose_seed,
-    draw_seed,
     find_resume_checkpoint,
     fsync_folder,
     read_checkpoint_metadata,
@@ -93,6 +99,7 @@ from sdtrain.run_folder import (
     warn_if_batch_layout_changed,
     write_failure,
 )
+from sdtrain.seeds import add_seed_argument, choose_seed, draw_seed
 from sdtrain.sizes import check_model_sizes
 
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine"]
@@ -129,31 +136,7 @@ def parse_args(argv=None):
     )
     group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models are cached.")
     group = parser.add_argument_group("Token")
-    group.add_argument(
-        "--placeholder_token",
-        type=str,
-        required=True,
-        help="The new token that stands for the concept in prompts, e.g. '<cat-toy>'.",
-    )
-    group.add_argument(
-        "--initializer_token",
-        type=str,
-        required=True,
-        help="An existing single-token word whose embedding starts every new vector, e.g. 'toy'.",
-    )
-    group.add_argument(
-        "--num_vectors",
-        type=int,
-        default=1,
-        help="Embedding vectors the placeholder expands to (more capture more detail).",
-    )
-    group.add_argument(
-        "--learnable_property",
-        type=str,
-        default="object",
-        choices=["object", "style"],
-        help="Train prompts that describe an object or a style.",
-    )
+    add_token_arguments(group)
     group = parser.add_argument_group("Data")
     group.add_argument("--train_data_dir", type=str, required=True, help="Folder with the 3-5 example images.")
     group.add_argument("--repeats", type=int, default=100, help="Times each image is repeated in one epoch.")
@@ -164,12 +147,7 @@ def parse_args(argv=None):
         help="Crop the central square before resizing (otherwise the whole image is squeezed).",
     )
     group = parser.add_argument_group("Training")
-    group.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="Seed for data order, augmentation and noise; a resumed run reuses its checkpoint's seed.",
-    )
+    add_seed_argument(group)
     group.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
     group.add_argument(
         "--num_train_epochs", type=int, default=100, help="Epochs to train; ignored when --max_train_steps is given."
@@ -214,35 +192,7 @@ def parse_args(argv=None):
         choices=["no", "bf16"],
         help="bf16 computes in bfloat16 with fp32 master weights.",
     )
-    group.add_argument(
-        "--jax_distributed",
-        action="store_true",
-        help="Call jax.distributed.initialize() first (multi-host TPU pods and clusters).",
-    )
-    group.add_argument(
-        "--coordinator_address",
-        type=str,
-        default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
-        help="host:port where process 0 coordinates a multi-process run (implies --jax_distributed).",
-    )
-    group.add_argument(
-        "--num_processes",
-        type=int,
-        default=int(os.environ["JAX_NUM_PROCESSES"]) if os.environ.get("JAX_NUM_PROCESSES") else None,
-        help="With --coordinator_address: the run's processes, all hosts together (default $JAX_NUM_PROCESSES).",
-    )
-    group.add_argument(
-        "--process_id",
-        type=int,
-        default=int(os.environ["JAX_PROCESS_ID"]) if os.environ.get("JAX_PROCESS_ID") else None,
-        help="With --coordinator_address: this process's index, 0 to --num_processes - 1 (default $JAX_PROCESS_ID).",
-    )
-    group.add_argument(
-        "--heartbeat_timeout_seconds",
-        type=int,
-        default=100,
-        help="With several processes: seconds without a heartbeat before a process counts as dead and the rest stop.",
-    )
+    add_distributed_arguments(group)
     group = parser.add_argument_group("Checkpointing and saving")
     group.add_argument(
         "--output_dir", type=str, default="text-inversion-model", help="Where the embeddings and checkpoints go."
@@ -253,31 +203,8 @@ def parse_args(argv=None):
         default=500,
         help="Also save learned_embeds(_2 for SDXL)-steps-N every this many optimizer updates.",
     )
-    group.add_argument(
-        "--embedding_format",
-        type=str,
-        default="both",
-        choices=["diffusers", "ui", "both"],
-        help="Final files: learned_embeds(_2) (diffusers), <placeholder> (A1111/Forge, ComfyUI, InvokeAI), or both.",
-    )
-    group.add_argument(
-        "--checkpointing_steps",
-        type=int,
-        default=500,
-        help="Save the full training state every this many optimizer updates.",
-    )
-    group.add_argument(
-        "--checkpoints_total_limit",
-        type=int,
-        default=None,
-        help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).",
-    )
-    group.add_argument(
-        "--resume_from_checkpoint",
-        type=str,
-        default=None,
-        help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).",
-    )
+    add_embedding_format_argument(group)
+    add_checkpoint_arguments(group)
     group = parser.add_argument_group("Logging")
     add_debug_argument(group)
     group.add_argument(
@@ -310,11 +237,7 @@ def parse_args(argv=None):
         default=100,
         help="Render the validation prompt every this many optimizer updates.",
     )
-    group.add_argument("--push_to_hub", action="store_true", help="Upload the embeddings to the Hugging Face Hub.")
-    group.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `hf auth login`).")
-    group.add_argument(
-        "--hub_model_id", type=str, default=None, help="Hub repository to push to; default: the output folder's name."
-    )
+    add_hub_arguments(group, "Upload the embeddings to the Hugging Face Hub.")
     args = parser.parse_args(argv)
 
     positive = "num_vectors repeats resolution train_batch_size max_train_steps gradient_accumulation_steps save_steps"
@@ -332,7 +255,7 @@ def parse_args(argv=None):
         args.validation_resolution = parse_size(args.validation_resolution, args.resolution)
     except ValueError as err:
         parser.error(str(err))
-    check_recipe_arguments(parser, args)
+    check_recipe_arguments(parser, RecipeConfig.from_args(args))
     check_optimizer_arguments(parser, args)
     for problem in (
         training_problem(
@@ -347,13 +270,9 @@ def parse_args(argv=None):
     ):
         if problem:
             parser.error(problem)
-    if args.coordinator_address is not None:
-        if args.num_processes is None or args.process_id is None:
-            parser.error(
-                "--coordinator_address needs --num_processes and --process_id (or JAX_NUM_PROCESSES/_PROCESS_ID)"
-            )
-        if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
-            parser.error(f"--process_id must be in [0, {args.num_processes}), got {args.process_id}")
+    problem = distributed_problem(DistributedConfig.from_args(args))
+    if problem:
+        parser.error(problem)
     return args
 
 
@@ -849,10 +768,10 @@ def main(args):
         check_output_dir(args.output_dir, {"--pretrained_model_name_or_path": args.pretrained_model_name_or_path})
     output_lock = None
     stop_request = StopRequest()
-    resume_path = find_resume_checkpoint(args)
+    resume_path = find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     resume_metadata = read_checkpoint_metadata(resume_path)
     # Process 0's draw on every process when there is no --seed, so that all shuffle and draw alike.
-    seed = choose_seed(args, resume_metadata, int(multihost_utils.broadcast_one_to_all(np.uint32(draw_seed()))))
+    seed = choose_seed(args.seed, resume_metadata, int(multihost_utils.broadcast_one_to_all(np.uint32(draw_seed()))))
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -931,7 +850,7 @@ def main(args):
     loss_config = LossConfig(
         prediction_type=prediction_type,
         snr_gamma=args.snr_gamma,
-        **recipe_fields(args, prediction_type, noise_scheduler.config.num_train_timesteps),
+        **recipe_fields(RecipeConfig.from_args(args), prediction_type, noise_scheduler.config.num_train_timesteps),
     )
 
     # ------------------------------------------------------------------------------------------------------- data
@@ -1081,7 +1000,9 @@ def main(args):
         check_finite({"params": params}, probe, "the embedding", global_step)
     if is_main_process:
         try:
-            for path, keys in embedding_files(args, "safetensors", len(text_encoders)):
+            for path, keys in embedding_files(
+                args.output_dir, args.placeholder_token, args.embedding_format, "safetensors", len(text_encoders)
+            ):
                 save_embeddings({key: params[learned_key(index)] for key, index in keys.items()}, path)
                 logger.info(f"Saved {os.path.abspath(path)}")
         except Exception as err:  # a full disk, most often: the steps since the last checkpoint must not be lost
@@ -1092,9 +1013,9 @@ def main(args):
         )
     if is_main_process:
         if args.push_to_hub:
-            push_to_hub(args)
+            push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
         output_lock.release()
 
 
 if __name__ == "__main__":
-    run(main, ARGS)
+    run(functools.partial(main, ARGS), debug=ARGS.debug)

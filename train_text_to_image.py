@@ -43,6 +43,9 @@ import sys
 
 from sdtrain.batching import (
     BatchShare,
+    BucketConfig,
+    add_bucket_arguments,
+    add_crop_arguments,
     bucket_batches,
     crop_box,
     parse_buckets,
@@ -53,18 +56,29 @@ from sdtrain.batching import (
 )
 from sdtrain.checks import training_problem, validation_problem
 from sdtrain.cli import ArgumentParser, UserError, WriteFailure, add_debug_argument, run
-from sdtrain.hub import hub_problem, push_to_hub
+from sdtrain.data_config import (
+    CaptionConfig,
+    DatasetConfig,
+    add_caption_arguments,
+    add_dataset_arguments,
+    caption_problem,
+)
+from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import load_rgb, verify_image
-from sdtrain.logs import format_logs, report_to_problem, warmup_applied
+from sdtrain.logs import add_tracker_arguments, format_logs, report_to_problem, warmup_applied
 from sdtrain.preemption import StopRequest, ignore_interrupts, preemption_message, stop_exit_code
-from sdtrain.recipes import add_recipe_arguments, check_recipe_arguments, recipe_fields, timestep_bias_weights
+from sdtrain.recipes import (
+    RecipeConfig,
+    add_recipe_arguments,
+    check_recipe_arguments,
+    recipe_fields,
+    timestep_bias_weights,
+)
 from sdtrain.run_folder import (
+    add_checkpoint_arguments,
     check_output_dir,
     check_process_group,
     check_resume_identity,
-    choose_seed,
-    derive_seed,
-    draw_seed,
     find_resume_checkpoint,
     publish_pipeline,
     read_checkpoint_metadata,
@@ -72,7 +86,8 @@ from sdtrain.run_folder import (
     warn_if_batch_layout_changed,
     write_failure,
 )
-from sdtrain.single_file import SINGLE_FILE_DTYPES, save_single_file, single_file_layout
+from sdtrain.seeds import add_seed_argument, choose_seed, derive_seed, draw_seed
+from sdtrain.single_file import SingleFileConfig, add_single_file_arguments, save_single_file, single_file_layout
 from sdtrain.sizes import check_model_sizes, size_factors
 from sdtrain.torch_training import (
     LogWindow,
@@ -142,42 +157,8 @@ def parse_args(argv=None):
         help="Training target; default: the scheduler config's prediction_type.",
     )
     group = parser.add_argument_group("Data")
-    group.add_argument(
-        "--dataset_name",
-        type=str,
-        default=None,
-        help="Hub dataset id or local dataset folder that datasets.load_dataset reads.",
-    )
-    group.add_argument(
-        "--dataset_config_name", type=str, default=None, help="Config name of the dataset, if it has several."
-    )
-    group.add_argument(
-        "--train_data_dir",
-        type=str,
-        default=None,
-        help="Local image folder: a metadata.jsonl of file_name and caption, or a caption .txt beside each image.",
-    )
-    group.add_argument("--image_column", type=str, default="image", help="Dataset column holding the images.")
-    group.add_argument(
-        "--caption_column",
-        type=str,
-        default="text",
-        help="Dataset column holding a caption or a list of captions (one is drawn per use).",
-    )
-    group.add_argument(
-        "--max_train_samples",
-        type=int,
-        default=None,
-        help="Train on a random subset of this many examples (for debugging).",
-    )
-    group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
-    group.add_argument(
-        "--resolution", type=int, default=512, help="Training images are resized and cropped to this square size."
-    )
-    group.add_argument(
-        "--center_crop", action="store_true", help="Crop the center of each image instead of a random crop."
-    )
-    group.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    add_dataset_arguments(group)
+    add_crop_arguments(group)
     group.add_argument(
         "--image_interpolation_mode",
         type=str,
@@ -201,55 +182,10 @@ def parse_args(argv=None):
         action="store_true",
         help="Encode every distinct caption once before training and train from the stored text-encoder outputs.",
     )
-    group.add_argument(
-        "--use_aspect_ratio_buckets",
-        action="store_true",
-        help="Batch images by aspect ratio (one bucket per batch) instead of cropping every one to a square.",
-    )
-    group.add_argument(
-        "--aspect_ratio_buckets",
-        type=str,
-        default=None,
-        help="Buckets as 'height,width;...' (implies --use_aspect_ratio_buckets); default: made from --resolution.",
-    )
-    group.add_argument(
-        "--bucket_no_upscale",
-        action="store_true",
-        help="Never enlarge an image to fit a bucket: an image smaller than every bucket gets one of its own size.",
-    )
-    group.add_argument(
-        "--proportion_empty_prompts",
-        type=float,
-        default=0.0,
-        help="Replace each use of a caption by the empty caption with this probability (classifier-free guidance).",
-    )
-    group.add_argument(
-        "--shuffle_caption", action="store_true", help="Shuffle the comma-separated tags of a caption at every use."
-    )
-    group.add_argument(
-        "--keep_tokens",
-        type=int,
-        default=0,
-        help="Tags at the start of a caption that stay in place (and are never dropped).",
-    )
-    group.add_argument(
-        "--caption_tag_dropout_rate",
-        type=float,
-        default=0.0,
-        help="Drop each tag of a caption (after --keep_tokens) with this probability at every use.",
-    )
-    group.add_argument(
-        "--skip_bad_captions",
-        action="store_true",
-        help="Leave out (and count) the images whose caption .txt file is not UTF-8, instead of stopping.",
-    )
+    add_bucket_arguments(group)
+    add_caption_arguments(group)
     group = parser.add_argument_group("Training")
-    group.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="Seed for data order, augmentation and noise; a resumed run reuses its checkpoint's seed.",
-    )
+    add_seed_argument(group)
     group.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
     group.add_argument(
         "--num_train_epochs", type=int, default=100, help="Epochs to train; ignored when --max_train_steps is given."
@@ -345,36 +281,8 @@ def parse_args(argv=None):
         default="sd-model-finetuned",
         help="Where the final pipeline, checkpoints, validation images and logs go.",
     )
-    group.add_argument(
-        "--save_single_file",
-        action="store_true",
-        help="Also write output_dir/<its name>.safetensors in the original SD layout (A1111/Forge, ComfyUI, InvokeAI).",
-    )
-    group.add_argument(
-        "--single_file_dtype",
-        type=str,
-        default="fp16",
-        choices=SINGLE_FILE_DTYPES,
-        help="Precision of the --save_single_file weights (fp16 halves the file; the UIs run fp16 anyway).",
-    )
-    group.add_argument(
-        "--checkpointing_steps",
-        type=int,
-        default=500,
-        help="Save the full training state every this many optimizer updates.",
-    )
-    group.add_argument(
-        "--checkpoints_total_limit",
-        type=int,
-        default=None,
-        help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).",
-    )
-    group.add_argument(
-        "--resume_from_checkpoint",
-        type=str,
-        default=None,
-        help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).",
-    )
+    add_single_file_arguments(group)
+    add_checkpoint_arguments(group)
     group = parser.add_argument_group("Logging and validation")
     add_debug_argument(group)
     group.add_argument(
@@ -399,18 +307,11 @@ def parse_args(argv=None):
         default=None,
         help="Size of the validation images, 'height,width' (a bucket's, say); default: --resolution square.",
     )
-    group.add_argument(
-        "--report_to", type=str, default="tensorboard", help="Tracker: tensorboard, wandb, comet_ml, all, or none."
-    )
-    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker log folder, relative to --output_dir.")
+    add_tracker_arguments(group)
     group.add_argument(
         "--tracker_project_name", type=str, default="text2image-fine-tune", help="Project name passed to the tracker."
     )
-    group.add_argument("--push_to_hub", action="store_true", help="Upload the final pipeline to the Hugging Face Hub.")
-    group.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `hf auth login`).")
-    group.add_argument(
-        "--hub_model_id", type=str, default=None, help="Hub repository to push to; default: the output folder's name."
-    )
+    add_hub_arguments(group, "Upload the final pipeline to the Hugging Face Hub.")
     args = parser.parse_args(argv)
 
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
@@ -447,11 +348,9 @@ def parse_args(argv=None):
             "--cache_latents stores one crop per image, so it needs --center_crop or --use_aspect_ratio_buckets "
             "(where each image has one crop), not a new random crop at every use"
         )
-    for name in ["proportion_empty_prompts", "caption_tag_dropout_rate"]:
-        if not 0 <= getattr(args, name) < 1:
-            parser.error(f"--{name} must be in [0, 1), got {getattr(args, name)}")
-    if args.keep_tokens < 0:
-        parser.error(f"--keep_tokens must be 0 or more, got {args.keep_tokens}")
+    problem = caption_problem(CaptionConfig.from_args(args))
+    if problem:
+        parser.error(problem)
     if args.cache_text_embeddings and (args.shuffle_caption or args.caption_tag_dropout_rate > 0):
         parser.error(
             "--shuffle_caption and --caption_tag_dropout_rate change a caption at every use, and "
@@ -459,7 +358,7 @@ def parse_args(argv=None):
         )
     if args.dream_training and args.dream_detail_preservation <= 0:
         parser.error("--dream_detail_preservation must be positive")
-    check_recipe_arguments(parser, args)
+    check_recipe_arguments(parser, RecipeConfig.from_args(args))
     check_optimizer_arguments(parser, args)
     for problem in (
         training_problem(
@@ -550,7 +449,7 @@ from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from sdtrain.captions import CaptionConfig, edit_caption, load_image_caption_dataset  # imports datasets
+from sdtrain.captions import edit_caption, load_image_caption_dataset  # imports datasets
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -570,12 +469,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __init__(self, rows, tokenizers, args, seed, sdxl=False):
         self.rows, self.tokenizers, self.args, self.seed, self.sdxl = rows, tokenizers, args, seed, sdxl
         self.interpolation = InterpolationMode[args.image_interpolation_mode.upper()]
-        self.caption_config = CaptionConfig(
-            proportion_empty_prompts=args.proportion_empty_prompts,
-            shuffle_caption=args.shuffle_caption,
-            keep_tokens=args.keep_tokens,
-            caption_tag_dropout_rate=args.caption_tag_dropout_rate,
-        )
+        self.caption_config = CaptionConfig.from_args(args)
         # Captions stay in the (memory-mapped) dataset: a Python list of them would be copied into every worker.
         self.caption_rows = rows.select_columns([args.caption_column])
         for row, value in enumerate(self.caption_rows[args.caption_column]):
@@ -615,7 +509,10 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
 
     def crop_box(self, row, image_width, image_height, rng):
         """Where the row's training crop comes from (see sdtrain.batching.crop_box, shared with the JAX twin)."""
-        return crop_box(self, row, (image_width, image_height), rng)
+        bucket = None if self.buckets is None else self.buckets[self.bucket_of_row[row]]
+        return crop_box(
+            (image_width, image_height), rng, self.args.resolution, self.args.center_crop, bucket, self.seed, row
+        )
 
     def time_ids(self, row, box, flipped):
         """SDXL's size conditioning of the row's crop (see sdtrain.batching.size_conditioning)."""
@@ -1220,10 +1117,10 @@ def main(args):
     stop_request = StopRequest()
     # A CPU side channel for agreeing on stop requests, so that it never waits for the GPU.
     stop_group = torch.distributed.new_group(backend="gloo") if accelerator.num_processes > 1 else None
-    resume_path = find_resume_checkpoint(args)
+    resume_path = find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     resume_metadata = read_checkpoint_metadata(resume_path)
     # Process 0's draw on every process when there is no --seed, so that all shuffle and draw alike.
-    seed = choose_seed(args, resume_metadata, broadcast_object_list([draw_seed()])[0])
+    seed = choose_seed(args.seed, resume_metadata, broadcast_object_list([draw_seed()])[0])
 
     # ------------------------------------------------------------------------------------------------ load models
     # Lin et al. 2023 (arXiv:2305.08891): rescaled betas reach zero SNR at the last timestep, so the model learns to
@@ -1294,18 +1191,22 @@ def main(args):
         noise_offset=args.noise_offset,
         input_perturbation=args.input_perturbation,
         dream_detail_preservation=args.dream_detail_preservation if args.dream_training else None,
-        **recipe_fields(args, prediction_type, noise_scheduler.config.num_train_timesteps),
+        **recipe_fields(RecipeConfig.from_args(args), prediction_type, noise_scheduler.config.num_train_timesteps),
     )
 
     # ------------------------------------------------------------------------------------------------------- data
-    train_dataset = ImageCaptionDataset(load_image_caption_dataset(args, seed), tokenizers, args, seed, sdxl)
+    train_dataset = ImageCaptionDataset(
+        load_image_caption_dataset(DatasetConfig.from_args(args), seed), tokenizers, args, seed, sdxl
+    )
     image_sizes = train_dataset.image_sizes = check_images(train_dataset, accelerator)
     # The run depends on the global batch, not on how many processes share it: batches and draws are made for it.
     global_batch_size = args.train_batch_size * accelerator.num_processes
     if args.use_aspect_ratio_buckets:
         # Every bucket side is a multiple of it (check_model_sizes refused any other at the start).
         model_factor = size_factors(vae.config, unet.config)[1]
-        setup_buckets(train_dataset, image_sizes, args, model_factor, global_batch_size)
+        train_dataset.bucket_of_row, train_dataset.buckets = setup_buckets(
+            image_sizes, BucketConfig.from_args(args), model_factor, global_batch_size
+        )
         epoch_global_batches = functools.partial(bucket_batches, train_dataset.bucket_of_row, global_batch_size, seed)
     else:
         epoch_global_batches = functools.partial(shuffled_batches, len(train_dataset), global_batch_size, seed)
@@ -1504,7 +1405,7 @@ def main(args):
         try:
             pipeline = save_pipeline(final_unet, args, sdxl)
             if args.save_single_file:
-                save_single_file(args, prediction_type, global_step)
+                save_single_file(SingleFileConfig.from_args(args), prediction_type, global_step)
         except Exception as err:  # a full disk, most often: the steps since the last checkpoint must not be lost
             if ema_unet is not None:
                 ema_unet.restore(final_unet.parameters())
@@ -1522,11 +1423,11 @@ def main(args):
         write_model_card(args, global_step, grid, sdxl)
         logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
         if args.push_to_hub:
-            push_to_hub(args)
+            push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
     accelerator.end_training()
     if output_lock is not None:
         output_lock.release()
 
 
 if __name__ == "__main__":
-    run(main, ARGS)
+    run(functools.partial(main, ARGS), debug=ARGS.debug)

@@ -35,6 +35,9 @@ import time
 from typing import Any
 
 from sdtrain.batching import (
+    BucketConfig,
+    add_bucket_arguments,
+    add_crop_arguments,
     bucket_batches,
     crop_box,
     parse_buckets,
@@ -45,8 +48,16 @@ from sdtrain.batching import (
 )
 from sdtrain.checks import training_problem, validation_problem
 from sdtrain.cli import ArgumentParser, UserError, WriteFailure, add_debug_argument, run
+from sdtrain.data_config import (
+    CaptionConfig,
+    DatasetConfig,
+    add_caption_arguments,
+    add_dataset_arguments,
+    caption_problem,
+)
+from sdtrain.distributed import DistributedConfig, add_distributed_arguments, distributed_problem
 from sdtrain.families import folder_family
-from sdtrain.hub import hub_problem, push_to_hub
+from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import inspect_images, load_rgb, verify_image
 from sdtrain.jax_training import (
     LogWindow,
@@ -70,13 +81,18 @@ from sdtrain.jax_training import (
 )
 from sdtrain.logs import format_logs
 from sdtrain.preemption import StopRequest, preemption_message, stop_exit_code
-from sdtrain.recipes import add_recipe_arguments, check_recipe_arguments, recipe_fields, timestep_bias_weights
+from sdtrain.recipes import (
+    RecipeConfig,
+    add_recipe_arguments,
+    check_recipe_arguments,
+    recipe_fields,
+    timestep_bias_weights,
+)
 from sdtrain.run_folder import (
+    add_checkpoint_arguments,
     check_output_dir,
     check_process_group,
     check_resume_identity,
-    choose_seed,
-    draw_seed,
     find_resume_checkpoint,
     publish_pipeline,
     read_checkpoint_metadata,
@@ -84,7 +100,14 @@ from sdtrain.run_folder import (
     warn_if_batch_layout_changed,
     write_failure,
 )
-from sdtrain.single_file import SINGLE_FILE_DTYPES, component_configs, save_single_file, single_file_layout
+from sdtrain.seeds import add_seed_argument, choose_seed, draw_seed
+from sdtrain.single_file import (
+    SingleFileConfig,
+    add_single_file_arguments,
+    component_configs,
+    save_single_file,
+    single_file_layout,
+)
 from sdtrain.sizes import check_model_sizes, size_factors
 
 # The largest decay of --use_ema, as diffusers' EMAModel.
@@ -124,42 +147,8 @@ def parse_args(argv=None):
         help="Training target; default: the scheduler config's prediction_type.",
     )
     group = parser.add_argument_group("Data")
-    group.add_argument(
-        "--dataset_name",
-        type=str,
-        default=None,
-        help="Hub dataset id or local dataset folder that datasets.load_dataset reads.",
-    )
-    group.add_argument(
-        "--dataset_config_name", type=str, default=None, help="Config name of the dataset, if it has several."
-    )
-    group.add_argument(
-        "--train_data_dir",
-        type=str,
-        default=None,
-        help="Local image folder: a metadata.jsonl of file_name and caption, or a caption .txt beside each image.",
-    )
-    group.add_argument("--image_column", type=str, default="image", help="Dataset column holding the images.")
-    group.add_argument(
-        "--caption_column",
-        type=str,
-        default="text",
-        help="Dataset column holding a caption or a list of captions (one is drawn per use).",
-    )
-    group.add_argument(
-        "--max_train_samples",
-        type=int,
-        default=None,
-        help="Train on a random subset of this many examples (for debugging).",
-    )
-    group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
-    group.add_argument(
-        "--resolution", type=int, default=512, help="Training images are resized and cropped to this square size."
-    )
-    group.add_argument(
-        "--center_crop", action="store_true", help="Crop the center of each image instead of a random crop."
-    )
-    group.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+    add_dataset_arguments(group)
+    add_crop_arguments(group)
     group.add_argument(
         "--cache_latents",
         action="store_true",
@@ -177,55 +166,10 @@ def parse_args(argv=None):
         choices=INTERPOLATION_MODES,
         help="Interpolation used to resize images.",
     )
-    group.add_argument(
-        "--use_aspect_ratio_buckets",
-        action="store_true",
-        help="Batch images by aspect ratio (one bucket per batch) instead of cropping every one to a square.",
-    )
-    group.add_argument(
-        "--aspect_ratio_buckets",
-        type=str,
-        default=None,
-        help="Buckets as 'height,width;...' (implies --use_aspect_ratio_buckets); default: made from --resolution.",
-    )
-    group.add_argument(
-        "--bucket_no_upscale",
-        action="store_true",
-        help="Never enlarge an image to fit a bucket: an image smaller than every bucket gets one of its own size.",
-    )
-    group.add_argument(
-        "--proportion_empty_prompts",
-        type=float,
-        default=0.0,
-        help="Replace each use of a caption by the empty caption with this probability (classifier-free guidance).",
-    )
-    group.add_argument(
-        "--shuffle_caption", action="store_true", help="Shuffle the comma-separated tags of a caption at every use."
-    )
-    group.add_argument(
-        "--keep_tokens",
-        type=int,
-        default=0,
-        help="Tags at the start of a caption that stay in place (and are never dropped).",
-    )
-    group.add_argument(
-        "--caption_tag_dropout_rate",
-        type=float,
-        default=0.0,
-        help="Drop each tag of a caption (after --keep_tokens) with this probability at every use.",
-    )
-    group.add_argument(
-        "--skip_bad_captions",
-        action="store_true",
-        help="Leave out (and count) the images whose caption .txt file is not UTF-8, instead of stopping.",
-    )
+    add_bucket_arguments(group)
+    add_caption_arguments(group)
     group = parser.add_argument_group("Training")
-    group.add_argument(
-        "--seed",
-        type=int,
-        default=None,
-        help="Seed for data order, augmentation and noise; a resumed run reuses its checkpoint's seed.",
-    )
+    add_seed_argument(group)
     group.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
     group.add_argument(
         "--num_train_epochs", type=int, default=100, help="Epochs to train; ignored when --max_train_steps is given."
@@ -288,69 +232,13 @@ def parse_args(argv=None):
         choices=["no", "bf16"],
         help="bf16 computes in bfloat16 with fp32 master weights.",
     )
-    group.add_argument(
-        "--jax_distributed",
-        action="store_true",
-        help="Call jax.distributed.initialize() first (multi-host TPU pods and clusters).",
-    )
-    group.add_argument(
-        "--coordinator_address",
-        type=str,
-        default=os.environ.get("JAX_COORDINATOR_ADDRESS"),
-        help="host:port where process 0 coordinates a multi-process run (implies --jax_distributed).",
-    )
-    group.add_argument(
-        "--num_processes",
-        type=int,
-        default=int(os.environ["JAX_NUM_PROCESSES"]) if os.environ.get("JAX_NUM_PROCESSES") else None,
-        help="With --coordinator_address: the run's processes, all hosts together (default $JAX_NUM_PROCESSES).",
-    )
-    group.add_argument(
-        "--process_id",
-        type=int,
-        default=int(os.environ["JAX_PROCESS_ID"]) if os.environ.get("JAX_PROCESS_ID") else None,
-        help="With --coordinator_address: this process's index, 0 to --num_processes - 1 (default $JAX_PROCESS_ID).",
-    )
-    group.add_argument(
-        "--heartbeat_timeout_seconds",
-        type=int,
-        default=100,
-        help="With several processes: seconds without a heartbeat before a process counts as dead and the rest stop.",
-    )
+    add_distributed_arguments(group)
     group = parser.add_argument_group("Checkpointing")
     group.add_argument(
         "--output_dir", type=str, default="sd-model-finetuned", help="Where the final pipeline and checkpoints go."
     )
-    group.add_argument(
-        "--save_single_file",
-        action="store_true",
-        help="Also write output_dir/<its name>.safetensors in the original SD layout (A1111/Forge, ComfyUI, InvokeAI).",
-    )
-    group.add_argument(
-        "--single_file_dtype",
-        type=str,
-        default="fp16",
-        choices=SINGLE_FILE_DTYPES,
-        help="Precision of the --save_single_file weights (fp16 halves the file; the UIs run fp16 anyway).",
-    )
-    group.add_argument(
-        "--checkpointing_steps",
-        type=int,
-        default=500,
-        help="Save the full training state every this many optimizer updates.",
-    )
-    group.add_argument(
-        "--checkpoints_total_limit",
-        type=int,
-        default=None,
-        help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).",
-    )
-    group.add_argument(
-        "--resume_from_checkpoint",
-        type=str,
-        default=None,
-        help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).",
-    )
+    add_single_file_arguments(group)
+    add_checkpoint_arguments(group)
     group = parser.add_argument_group("Logging")
     add_debug_argument(group)
     group.add_argument(
@@ -375,11 +263,7 @@ def parse_args(argv=None):
         default=None,
         help="Size of the validation images, 'height,width' (a bucket's, say); default: --resolution square.",
     )
-    group.add_argument("--push_to_hub", action="store_true", help="Upload the final pipeline to the Hugging Face Hub.")
-    group.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `hf auth login`).")
-    group.add_argument(
-        "--hub_model_id", type=str, default=None, help="Hub repository to push to; default: the output folder's name."
-    )
+    add_hub_arguments(group, "Upload the final pipeline to the Hugging Face Hub.")
     args = parser.parse_args(argv)
 
     if args.dataset_name is None and args.train_data_dir is None:
@@ -414,12 +298,10 @@ def parse_args(argv=None):
         parser.error(f"--ema_validation {args.ema_validation} renders EMA and raw weights: it needs --use_ema")
     if args.bucket_no_upscale and not args.use_aspect_ratio_buckets:
         parser.error("--bucket_no_upscale needs --use_aspect_ratio_buckets")
-    for name in ["proportion_empty_prompts", "caption_tag_dropout_rate"]:
-        if not 0 <= getattr(args, name) < 1:
-            parser.error(f"--{name} must be in [0, 1), got {getattr(args, name)}")
-    if args.keep_tokens < 0:
-        parser.error(f"--keep_tokens must be 0 or more, got {args.keep_tokens}")
-    check_recipe_arguments(parser, args)
+    problem = caption_problem(CaptionConfig.from_args(args))
+    if problem:
+        parser.error(problem)
+    check_recipe_arguments(parser, RecipeConfig.from_args(args))
     check_optimizer_arguments(parser, args)
     for problem in (
         training_problem(
@@ -434,13 +316,9 @@ def parse_args(argv=None):
     ):
         if problem:
             parser.error(problem)
-    if args.coordinator_address is not None:
-        if args.num_processes is None or args.process_id is None:
-            parser.error(
-                "--coordinator_address needs --num_processes and --process_id (or JAX_NUM_PROCESSES/_PROCESS_ID)"
-            )
-        if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
-            parser.error(f"--process_id must be in [0, {args.num_processes}), got {args.process_id}")
+    problem = distributed_problem(DistributedConfig.from_args(args))
+    if problem:
+        parser.error(problem)
     return args
 
 
@@ -487,7 +365,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sdtrain.captions import CaptionConfig, edit_caption, load_image_caption_dataset  # imports datasets
+from sdtrain.captions import edit_caption, load_image_caption_dataset  # imports datasets
 
 logger = logging.getLogger(__name__)
 
@@ -530,12 +408,7 @@ class ImageCaptionDataset:
     def __init__(self, rows, tokenizers, args, seed, sdxl=False):
         self.rows, self.tokenizers, self.args, self.seed, self.sdxl = rows, tokenizers, args, seed, sdxl
         self.resample = getattr(Image.Resampling, args.image_interpolation_mode.upper())
-        self.caption_config = CaptionConfig(
-            proportion_empty_prompts=args.proportion_empty_prompts,
-            shuffle_caption=args.shuffle_caption,
-            keep_tokens=args.keep_tokens,
-            caption_tag_dropout_rate=args.caption_tag_dropout_rate,
-        )
+        self.caption_config = CaptionConfig.from_args(args)
         # Set by setup_buckets(): each row's bucket and the buckets' (height, width); None crops squares.
         self.bucket_of_row = None
         self.buckets = None
@@ -563,10 +436,15 @@ class ImageCaptionDataset:
     def verify_image(self, row):
         return verify_image(*self.image_source(row))
 
+    def crop_box(self, row, image_size, rng):
+        """Where the row's training crop comes from (see sdtrain.batching.crop_box, shared with the PyTorch twin)."""
+        bucket = None if self.buckets is None else self.buckets[self.bucket_of_row[row]]
+        return crop_box(image_size, rng, self.args.resolution, self.args.center_crop, bucket, self.seed, row)
+
     def transform(self, image, row, rng, flip=None):
         """The row's image as the training crop, CHW in [-1, 1], its crop box (see crop_box) and whether it is
         mirrored."""
-        box = crop_box(self, row, (image.width, image.height), rng)
+        box = self.crop_box(row, (image.width, image.height), rng)
         (resized_height, resized_width), (top, left), (height, width) = box
         image = image.resize((resized_width, resized_height), resample=self.resample)
         image = image.crop((left, top, left + width, top + height))
@@ -604,7 +482,7 @@ class ImageCaptionDataset:
             flipped = bool(self.args.random_flip and rng.random() < 0.5)
             means, stds = self.latent_cache[row]
             example["latent_mean"], example["latent_std"] = means[int(flipped)], stds[int(flipped)]
-            box = crop_box(self, row, self.image_sizes[row], rng=None) if self.sdxl else None
+            box = self.crop_box(row, self.image_sizes[row], rng=None) if self.sdxl else None
         if self.sdxl:
             example["time_ids"] = np.asarray(size_conditioning(self.image_sizes[row], box, flipped), np.float32)
         caption = self.pick_caption(self.rows[row][self.args.caption_column], row, rng)
@@ -1201,13 +1079,13 @@ def main(args):
         )
     output_lock = None
     stop_request = StopRequest()
-    resume_path = find_resume_checkpoint(args)
+    resume_path = find_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     resume_metadata = read_checkpoint_metadata(resume_path)
     if resume_path is not None and bool(resume_metadata.get("use_ema")) != args.use_ema:
         saved = "with" if resume_metadata.get("use_ema") else "without"
         raise UserError(f"{resume_path} was saved {saved} --use_ema: resume it the same way, or start a new output_dir")
     # Process 0's draw on every process when there is no --seed, so that all shuffle and draw alike.
-    seed = choose_seed(args, resume_metadata, int(multihost_utils.broadcast_one_to_all(np.uint32(draw_seed()))))
+    seed = choose_seed(args.seed, resume_metadata, int(multihost_utils.broadcast_one_to_all(np.uint32(draw_seed()))))
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -1269,17 +1147,21 @@ def main(args):
         snr_gamma=args.snr_gamma,
         noise_offset=args.noise_offset,
         input_perturbation=args.input_perturbation,
-        **recipe_fields(args, prediction_type, noise_scheduler.config.num_train_timesteps),
+        **recipe_fields(RecipeConfig.from_args(args), prediction_type, noise_scheduler.config.num_train_timesteps),
     )
 
     # ------------------------------------------------------------------------------------------------------- data
-    train_dataset = ImageCaptionDataset(load_image_caption_dataset(args, seed), tokenizers, args, seed, sdxl)
+    train_dataset = ImageCaptionDataset(
+        load_image_caption_dataset(DatasetConfig.from_args(args), seed), tokenizers, args, seed, sdxl
+    )
     image_sizes = train_dataset.image_sizes = check_images(train_dataset)
     global_batch_size = args.train_batch_size * jax.device_count()
     if args.use_aspect_ratio_buckets:
         # Every bucket side is a multiple of it (check_model_sizes refused any other at the start).
         model_factor = size_factors(vae.config, unet.config)[1]
-        setup_buckets(train_dataset, image_sizes, args, model_factor, global_batch_size)
+        train_dataset.bucket_of_row, train_dataset.buckets = setup_buckets(
+            image_sizes, BucketConfig.from_args(args), model_factor, global_batch_size
+        )
         epoch_global_batches = functools.partial(bucket_batches, train_dataset.bucket_of_row, global_batch_size, seed)
     else:
         epoch_global_batches = functools.partial(shuffled_batches, len(train_dataset), global_batch_size, seed)
@@ -1425,16 +1307,16 @@ def main(args):
             save_pipeline(unet_params, folder, args, sdxl)
             logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
             if args.save_single_file:
-                save_single_file(args, prediction_type, global_step)
+                save_single_file(SingleFileConfig.from_args(args), prediction_type, global_step)
         except Exception as err:  # a full disk, most often: the steps since the last checkpoint must not be lost
             raise final_save_failed(state, args.output_dir, global_step, run_metadata, err) from err
     if args.validation_prompts:
         validate(render, state, frozen, tokenizers, args, seed, global_step, "final", is_main_process)
     if is_main_process:
         if args.push_to_hub:
-            push_to_hub(args)
+            push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
         output_lock.release()
 
 
 if __name__ == "__main__":
-    run(main, ARGS)
+    run(functools.partial(main, ARGS), debug=ARGS.debug)

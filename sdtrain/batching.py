@@ -1,5 +1,6 @@
-"""An epoch as global batches of (row, weight), from (seed, epoch) alone, and the aspect-ratio buckets they are cut
-from. The same functions in PyTorch and JAX, so both frameworks see the same batches."""
+"""An epoch as global batches of (row, weight), from (seed, epoch) alone, the aspect-ratio buckets they are cut from,
+and the crop each image trains on with SDXL's size conditioning of it. The same functions in PyTorch and JAX, so both
+frameworks see the same batches and the same pixels."""
 
 import dataclasses
 import logging
@@ -8,7 +9,7 @@ import math
 import numpy as np
 
 from sdtrain.cli import UserError
-from sdtrain.run_folder import derive_seed
+from sdtrain.seeds import derive_seed
 
 # The third key of bucket draws, derive_seed(seed, epoch, BUCKET_SEED_KEY, ...), and of each image's fixed bucket crop.
 BUCKET_SEED_KEY = 6007
@@ -154,47 +155,93 @@ class BatchShare:
         return cls(process_index * batch_size, (process_index + 1) * batch_size, batch_size * num_processes)
 
 
-def setup_buckets(dataset, sizes, args, model_factor, global_batch_size):
-    """--use_aspect_ratio_buckets: each image's bucket, from --aspect_ratio_buckets or generated from --resolution;
-    logs the bucket histogram."""
-    step = bucket_step(args.resolution, model_factor)
-    if args.aspect_ratio_buckets is not None:
-        buckets = args.aspect_ratio_buckets  # sides checked against the model before it loaded (check_model_sizes)
+def add_crop_arguments(group):
+    """The square crop each image trains on (crop_box) and its mirror image, the same flags in both text-to-image
+    scripts."""
+    group.add_argument(
+        "--resolution", type=int, default=512, help="Training images are resized and cropped to this square size."
+    )
+    group.add_argument(
+        "--center_crop", action="store_true", help="Crop the center of each image instead of a random crop."
+    )
+    group.add_argument("--random_flip", action="store_true", help="Flip images horizontally at random.")
+
+
+def add_bucket_arguments(group):
+    """--use_aspect_ratio_buckets and the buckets, the same flags in both text-to-image scripts."""
+    group.add_argument(
+        "--use_aspect_ratio_buckets",
+        action="store_true",
+        help="Batch images by aspect ratio (one bucket per batch) instead of cropping every one to a square.",
+    )
+    group.add_argument(
+        "--aspect_ratio_buckets",
+        type=str,
+        default=None,
+        help="Buckets as 'height,width;...' (implies --use_aspect_ratio_buckets); default: made from --resolution.",
+    )
+    group.add_argument(
+        "--bucket_no_upscale",
+        action="store_true",
+        help="Never enlarge an image to fit a bucket: an image smaller than every bucket gets one of its own size.",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketConfig:
+    """The bucket flags, as parse_args left them (aspect_ratio_buckets parsed by parse_buckets, or None)."""
+
+    resolution: int
+    aspect_ratio_buckets: list | None
+    bucket_no_upscale: bool
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(args.resolution, args.aspect_ratio_buckets, args.bucket_no_upscale)
+
+
+def setup_buckets(sizes, config, model_factor, global_batch_size):
+    """--use_aspect_ratio_buckets: (bucket_of_row, buckets), each image's bucket index and the buckets' (height,
+    width), from --aspect_ratio_buckets or generated from --resolution; logs the bucket histogram."""
+    step = bucket_step(config.resolution, model_factor)
+    if config.aspect_ratio_buckets is not None:
+        buckets = config.aspect_ratio_buckets  # sides checked against the model before it loaded (check_model_sizes)
         origin = f"{len(buckets)} from --aspect_ratio_buckets"
     else:
-        buckets = generate_buckets(args.resolution, step)
-        origin = f"{len(buckets)} generated for --resolution {args.resolution}: sides multiples of {step}, 1:4 to 4:1"
-    dataset.bucket_of_row, dataset.buckets = assign_buckets(sizes, buckets, args.bucket_no_upscale, model_factor)
-    if len(dataset.buckets) > len(buckets):
-        origin += f", {len(dataset.buckets) - len(buckets)} more for images smaller than all (--bucket_no_upscale)"
-    histogram = describe_buckets(dataset.bucket_of_row, dataset.buckets, global_batch_size)
+        buckets = generate_buckets(config.resolution, step)
+        origin = f"{len(buckets)} generated for --resolution {config.resolution}: sides multiples of {step}, 1:4 to 4:1"
+    bucket_of_row, assigned = assign_buckets(sizes, buckets, config.bucket_no_upscale, model_factor)
+    if len(assigned) > len(buckets):
+        origin += f", {len(assigned) - len(buckets)} more for images smaller than all (--bucket_no_upscale)"
+    histogram = describe_buckets(bucket_of_row, assigned, global_batch_size)
     logger.info(f"Aspect-ratio buckets ({origin}):\n{histogram}")
+    return bucket_of_row, assigned
 
 
-def crop_box(dataset, row, image_size, rng):
-    """Where the training crop of `row` (an image of image_size (width, height)) comes from: (resized height, width),
-    (top, left) of the crop in the resized image, and the crop's (height, width). The same in both frameworks' datasets,
-    which hold args (resolution, center_crop), seed, and the buckets setup_buckets() set. `rng` draws a random square
-    crop; a bucket's random crop is drawn once per image (from the seed and the row), so --cache_latents stores exactly
-    what an uncached run trains on."""
+def crop_box(image_size, rng, resolution, center_crop, bucket=None, seed=None, row=None):
+    """Where the training crop of an image of image_size (width, height) comes from: (resized height, width),
+    (top, left) of the crop in the resized image, and the crop's (height, width). The same in both frameworks'
+    datasets. Without a bucket, the shorter side goes to `resolution` and `rng` draws a random square crop; in a
+    bucket ((height, width), with the run's seed and the image's row) the random crop is drawn once per image, so
+    --cache_latents stores exactly what an uncached run trains on."""
     image_width, image_height = image_size
-    if dataset.buckets is None:
+    if bucket is None:
         # The shorter side to --resolution, the longer in proportion (truncated, as torchvision computes it).
-        height = width = dataset.args.resolution
+        height = width = resolution
         short, long = sorted((image_width, image_height))
-        resized_long = int(dataset.args.resolution * long / short)
+        resized_long = int(resolution * long / short)
         if image_width <= image_height:
-            resized = (resized_long, dataset.args.resolution)
+            resized = (resized_long, resolution)
         else:
-            resized = (dataset.args.resolution, resized_long)
+            resized = (resolution, resized_long)
         crop_rng = rng
     else:
         # Resized to cover its bucket, then cropped.
-        height, width = dataset.buckets[dataset.bucket_of_row[row]]
+        height, width = bucket
         scale = max(height / image_height, width / image_width)
         resized = (max(height, round(image_height * scale)), max(width, round(image_width * scale)))
-        crop_rng = np.random.default_rng([dataset.seed, BUCKET_SEED_KEY, row])
-    if dataset.args.center_crop:
+        crop_rng = np.random.default_rng([seed, BUCKET_SEED_KEY, row])
+    if center_crop:
         top, left = int(round((resized[0] - height) / 2.0)), int(round((resized[1] - width) / 2.0))
     else:
         top = int(crop_rng.integers(0, resized[0] - height + 1))
@@ -212,3 +259,24 @@ def size_conditioning(image_size, box, flipped):
     if flipped:
         left = resized[1] - left - width
     return [image_height, image_width, top, left, height, width]
+
+
+def center_crop_box(width, height):
+    """(top, left, side) of the central square of a width x height image, rounded as torchvision's center_crop
+    rounds, so both twins crop the same pixels."""
+    side = min(width, height)
+    return int(round((height - side) / 2.0)), int(round((width - side) / 2.0)), side
+
+
+def sdxl_time_ids(width, height, resolution, center_crop, flipped):
+    """SDXL's size conditioning of one example (Podell et al. 2023, arXiv:2307.01952, sec. 2.2): the image's original
+    (height, width), the top-left corner of the crop taken, in the image scaled so its shorter side is `resolution`
+    (without center_crop the whole image is squeezed to the square: no crop), and the size trained at. A mirrored
+    image was cropped from the mirrored corner, so its left offset is measured from the other side."""
+    top, left = 0, 0
+    if center_crop:
+        top, left, side = center_crop_box(width, height)
+        if flipped:
+            left = width - left - side
+        top, left = round(top * resolution / side), round(left * resolution / side)
+    return [height, width, top, left, resolution, resolution]

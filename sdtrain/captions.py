@@ -2,7 +2,6 @@
 (dropout, tag shuffling)."""
 
 import codecs
-import dataclasses
 import logging
 import os
 
@@ -12,16 +11,6 @@ from PIL import Image
 from sdtrain.cli import UserError
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class CaptionConfig:
-    """How a caption changes at each use, built once from the flags in main()."""
-
-    proportion_empty_prompts: float = 0.0  # chance that a use sees the empty caption
-    shuffle_caption: bool = False  # shuffle the comma-separated tags
-    keep_tokens: int = 0  # tags at the start that stay in place and are never dropped
-    caption_tag_dropout_rate: float = 0.0  # chance that each other tag is dropped
 
 
 def edit_caption(caption, rng, config):
@@ -159,51 +148,52 @@ def describe_captions(values, origin):
     return line
 
 
-def load_image_caption_dataset(args, seed):
-    """The training rows as a datasets.Dataset, with both columns checked; images stay undecoded until used."""
-    if args.dataset_name is not None:
-        source = f"--dataset_name {args.dataset_name}"
-        looks_local = args.dataset_name.startswith(("/", "./", "../", "~")) or os.path.exists(args.dataset_name)
-        if looks_local and not os.path.exists(os.path.expanduser(args.dataset_name)):
+def load_image_caption_dataset(config, seed):
+    """The training rows a DatasetConfig names, as a datasets.Dataset with both columns checked; images stay undecoded
+    until used. `seed` picks the --max_train_samples subset."""
+    if config.dataset_name is not None:
+        source = f"--dataset_name {config.dataset_name}"
+        looks_local = config.dataset_name.startswith(("/", "./", "../", "~")) or os.path.exists(config.dataset_name)
+        if looks_local and not os.path.exists(os.path.expanduser(config.dataset_name)):
             raise UserError(f"{source}: no such folder")
-        name = os.path.expanduser(args.dataset_name) if looks_local else args.dataset_name
+        name = os.path.expanduser(config.dataset_name) if looks_local else config.dataset_name
         try:
-            dataset = datasets.load_dataset(name, args.dataset_config_name, cache_dir=args.cache_dir, split="train")
+            dataset = datasets.load_dataset(name, config.dataset_config_name, cache_dir=config.cache_dir, split="train")
         except Exception as err:
             raise UserError(f"{source}: could not load a 'train' split ({type(err).__name__}: {err})") from err
-        origin = f"dataset column '{args.caption_column}'"
+        origin = f"dataset column '{config.caption_column}'"
     else:
-        source = f"--train_data_dir {args.train_data_dir}"
-        if not os.path.isdir(args.train_data_dir):
+        source = f"--train_data_dir {config.train_data_dir}"
+        if not os.path.isdir(config.train_data_dir):
             raise UserError(f"{source}: no such folder")
         dataset = caption_file_dataset(
-            args.train_data_dir, args.image_column, args.caption_column, args.skip_bad_captions
+            config.train_data_dir, config.image_column, config.caption_column, config.skip_bad_captions
         )
         origin = f"{CAPTION_EXTENSION} files"
         if dataset is None:
             origin = "the metadata file"
-            check_metadata_encoding(args.train_data_dir)
+            check_metadata_encoding(config.train_data_dir)
             try:
                 dataset = datasets.load_dataset(
-                    "imagefolder", data_dir=args.train_data_dir, cache_dir=args.cache_dir, split="train"
+                    "imagefolder", data_dir=config.train_data_dir, cache_dir=config.cache_dir, split="train"
                 )
             except Exception as err:
                 raise UserError(f"{source}: not a readable imagefolder ({type(err).__name__}: {err})") from err
-    for flag, column in [("--image_column", args.image_column), ("--caption_column", args.caption_column)]:
+    for flag, column in [("--image_column", config.image_column), ("--caption_column", config.caption_column)]:
         if column not in dataset.column_names:
             raise UserError(
                 f"{flag} '{column}' is not a column of {source}; its columns are: {', '.join(dataset.column_names)}"
             )
     if len(dataset) == 0:
         raise UserError(f"{source} has no rows")
-    if isinstance(dataset.features[args.image_column], datasets.Image):
+    if isinstance(dataset.features[config.image_column], datasets.Image):
         # Decode ourselves, so an unreadable file is reported by name.
-        dataset = dataset.cast_column(args.image_column, datasets.Image(decode=False))
-    if args.max_train_samples is not None and args.max_train_samples > len(dataset):
+        dataset = dataset.cast_column(config.image_column, datasets.Image(decode=False))
+    if config.max_train_samples is not None and config.max_train_samples > len(dataset):
         logger.warning(
-            f"--max_train_samples {args.max_train_samples}: {source} has {len(dataset)} rows, training on all"
+            f"--max_train_samples {config.max_train_samples}: {source} has {len(dataset)} rows, training on all"
         )
-    if args.max_train_samples is not None:
-        dataset = dataset.shuffle(seed=seed).select(range(min(args.max_train_samples, len(dataset))))
-    logger.info(describe_captions(dataset[args.caption_column], origin))
+    if config.max_train_samples is not None:
+        dataset = dataset.shuffle(seed=seed).select(range(min(config.max_train_samples, len(dataset))))
+    logger.info(describe_captions(dataset[config.caption_column], origin))
     return dataset

@@ -54,25 +54,26 @@ def add_debug_argument(group):
     )
 
 
-def debugging(args=None):
-    return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+def debugging(debug=False):
+    """Whether an error shows its traceback: --debug (`debug`), or DEBUG_VARIABLE set in the environment."""
+    return debug or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
 
 
-def run(main, args):
-    """main(args); a UserError becomes one `error: ...` line on stderr and exit code USER_ERROR_EXIT_CODE (under
-    accelerate launch, the launcher's own CalledProcessError follows unless it is launched with -q). So does a
-    FloatingPointError: the finite checks raise it when training diverged, which the learning rate fixes, not a bug;
-    and a WriteFailure."""
+def run(main, debug=False):
+    """main(): the script's main with its parsed arguments bound (functools.partial(main, args)); `debug`: --debug.
+    A UserError becomes one `error: ...` line on stderr and exit code USER_ERROR_EXIT_CODE (under accelerate launch,
+    the launcher's own CalledProcessError follows unless it is launched with -q). So does a FloatingPointError: the
+    finite checks raise it when training diverged, which the learning rate fixes, not a bug; and a WriteFailure."""
     try:
-        return main(args)
+        return main()
     except (UserError, FloatingPointError, WriteFailure) as err:
-        if debugging(args):
+        if debugging(debug):
             raise
         sys.stderr.write(f"error: {err}\n")
         sys.stderr.flush()
         sys.exit(USER_ERROR_EXIT_CODE)
     except KeyboardInterrupt:  # Ctrl-C while no update was in progress (see preemption.StopRequest): no traceback
-        if debugging(args):
+        if debugging(debug):
             raise
         sys.stderr.write("\nCtrl-C: interrupted; the checkpoints already written are kept\n")
         sys.stderr.flush()

@@ -50,6 +50,36 @@ STYLE_TEMPLATES = [
 ]
 
 
+def add_token_arguments(group):
+    """The placeholder token, what its vectors start from, and the prompts it is trained in (OBJECT_TEMPLATES or
+    STYLE_TEMPLATES)."""
+    group.add_argument(
+        "--placeholder_token",
+        type=str,
+        required=True,
+        help="The new token that stands for the concept in prompts, e.g. '<cat-toy>'.",
+    )
+    group.add_argument(
+        "--initializer_token",
+        type=str,
+        required=True,
+        help="An existing single-token word whose embedding starts every new vector, e.g. 'toy'.",
+    )
+    group.add_argument(
+        "--num_vectors",
+        type=int,
+        default=1,
+        help="Embedding vectors the placeholder expands to (more capture more detail).",
+    )
+    group.add_argument(
+        "--learnable_property",
+        type=str,
+        default="object",
+        choices=["object", "style"],
+        help="Train prompts that describe an object or a style.",
+    )
+
+
 def find_example_images(train_data_dir):
     """The example images, sorted by name, each decoded now: a bad file fails before anything is written."""
     if not os.path.isdir(train_data_dir):
@@ -113,41 +143,31 @@ def learned_embeds_name(encoder_index):
     return "learned_embeds" + (f"_{encoder_index + 1}" if encoder_index else "")
 
 
-def embedding_files(args, suffix, num_encoders=1):
-    """(path, {key in the file: text encoder index}) of each final embeddings file --embedding_format asks for:
+def add_embedding_format_argument(group):
+    group.add_argument(
+        "--embedding_format",
+        type=str,
+        default="both",
+        choices=["diffusers", "ui", "both"],
+        help="Final files: learned_embeds(_2) (diffusers), <placeholder> (A1111/Forge, ComfyUI, InvokeAI), or both.",
+    )
+
+
+def embedding_files(output_dir, placeholder_token, embedding_format, suffix, num_encoders=1):
+    """(path, {key in the file: text encoder index}) of each final embeddings file in output_dir that
+    --embedding_format asks for:
     diffusers' learned_embeds.<suffix> (and learned_embeds_2.<suffix> for SDXL's second encoder) keyed by the
     placeholder, and the UIs' <name>.<suffix>, keyed by UI_EMBEDDING_KEY or for SDXL by UI_SDXL_EMBEDDING_KEYS."""
     files = []
-    if args.embedding_format in ("diffusers", "both"):
+    if embedding_format in ("diffusers", "both"):
         for index in range(num_encoders):
-            path = os.path.join(args.output_dir, f"{learned_embeds_name(index)}.{suffix}")
-            files.append((path, {args.placeholder_token: index}))
-    if args.embedding_format in ("ui", "both"):
+            path = os.path.join(output_dir, f"{learned_embeds_name(index)}.{suffix}")
+            files.append((path, {placeholder_token: index}))
+    if embedding_format in ("ui", "both"):
         keys = (UI_EMBEDDING_KEY,) if num_encoders == 1 else UI_SDXL_EMBEDDING_KEYS
-        path = os.path.join(args.output_dir, f"{ui_embedding_name(args.placeholder_token)}.{suffix}")
+        path = os.path.join(output_dir, f"{ui_embedding_name(placeholder_token)}.{suffix}")
         files.append((path, {key: index for index, key in enumerate(keys)}))
     return files
-
-
-def center_crop_box(width, height):
-    """(top, left, side) of the central square of a width x height image, rounded as torchvision's center_crop
-    rounds, so both twins crop the same pixels."""
-    side = min(width, height)
-    return int(round((height - side) / 2.0)), int(round((width - side) / 2.0)), side
-
-
-def sdxl_time_ids(width, height, resolution, center_crop, flipped):
-    """SDXL's size conditioning of one example (Podell et al. 2023, arXiv:2307.01952, sec. 2.2): the image's original
-    (height, width), the top-left corner of the crop taken, in the image scaled so its shorter side is `resolution`
-    (without center_crop the whole image is squeezed to the square: no crop), and the size trained at. A mirrored
-    image was cropped from the mirrored corner, so its left offset is measured from the other side."""
-    top, left = 0, 0
-    if center_crop:
-        top, left, side = center_crop_box(width, height)
-        if flipped:
-            left = width - left - side
-        top, left = round(top * resolution / side), round(left * resolution / side)
-    return [height, width, top, left, resolution, resolution]
 
 
 # A learned row longer than this many times the longest row of the text encoder's own vocabulary has diverged. CLIP's

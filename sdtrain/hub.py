@@ -19,15 +19,22 @@ def files_to_upload(output_dir):
     return sorted(found)
 
 
-def push_to_hub(args):
-    """Upload output_dir's files_to_upload in one commit."""
+def add_hub_arguments(group, push_help):
+    """--push_to_hub and where to; push_help says what the script uploads."""
+    group.add_argument("--push_to_hub", action="store_true", help=push_help)
+    group.add_argument("--hub_token", type=str, default=None, help="Hub token (prefer `hf auth login`).")
+    group.add_argument(
+        "--hub_model_id", type=str, default=None, help="Hub repository to push to; default: the output folder's name."
+    )
+
+
+def push_to_hub(output_dir, hub_model_id, hub_token):
+    """Upload output_dir's files_to_upload in one commit, to hub_model_id (default: output_dir's name)."""
     from huggingface_hub import CommitOperationAdd, HfApi
 
-    api = HfApi(token=args.hub_token)
-    repo_id = api.create_repo(
-        args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir)), exist_ok=True
-    ).repo_id
-    files = [CommitOperationAdd(path_in_repo, local) for path_in_repo, local in files_to_upload(args.output_dir)]
+    api = HfApi(token=hub_token)
+    repo_id = api.create_repo(hub_model_id or os.path.basename(os.path.abspath(output_dir)), exist_ok=True).repo_id
+    files = [CommitOperationAdd(path_in_repo, local) for path_in_repo, local in files_to_upload(output_dir)]
     api.create_commit(repo_id, operations=files, commit_message="End of training")
 
 

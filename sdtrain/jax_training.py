@@ -17,14 +17,13 @@ from sdtrain.cli import UserError, WriteFailure
 from sdtrain.families import component_problem
 from sdtrain.images import labelled_grid
 from sdtrain.run_folder import (
-    VALIDATION_SEED_KEY,
-    derive_seed,
     final_save_error,
     list_checkpoints,
     publish_checkpoint,
     write_checkpoint_metadata,
     write_failure,
 )
+from sdtrain.seeds import VALIDATION_SEED_KEY, derive_seed
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Log lines, the trackers they can go to, and what the model card says of the schedule."""
+"""What a run reports as it trains: the line logged for an update, the trackers the same numbers can go to (--report_to,
+checked while the arguments are parsed, before Accelerate loads), and the warmup the model card reports."""
 
 # The trackers Accelerate logs to (accelerate.utils.LoggerType, which a test compares this with), so that --report_to
 # is checked while the arguments are parsed, before Accelerate is imported.
@@ -10,7 +11,17 @@ REPORT_TO_CHOICES = (*TRACKERS, "all", "none")
 SCHEDULES_WITHOUT_WARMUP = ("constant", "piecewise_constant")
 
 
+def add_tracker_arguments(group):
+    """Where the PyTorch scripts' logs go besides the progress bar (Accelerate's trackers)."""
+    group.add_argument(
+        "--report_to", type=str, default="tensorboard", help="Tracker: tensorboard, wandb, comet_ml, all, or none."
+    )
+    group.add_argument("--logging_dir", type=str, default="logs", help="Tracker log folder, relative to --output_dir.")
+
+
 def format_logs(global_step, logs):
+    """The progress line of an update: its step and the logs dict the trackers get, each to four significant
+    digits."""
     return f"step {global_step}: " + ", ".join(f"{key}={value:.4g}" for key, value in logs.items())
 
 

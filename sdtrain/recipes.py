@@ -1,6 +1,8 @@
 """The training-recipe flags shared by the four scripts (noise, timesteps, loss, weighting), their checks, and the
 timestep weights of --timestep_bias_strategy."""
 
+import dataclasses
+
 import numpy as np
 
 from sdtrain.cli import UserError
@@ -69,58 +71,82 @@ def add_recipe_arguments(parser):
     )
 
 
-def check_recipe_arguments(parser, args):
-    """The recipe flags' values make sense together; parser.error names the flag otherwise."""
-    if args.huber_c <= 0 or (args.huber_schedule != "constant" and args.huber_c > 1):
-        parser.error(f"--huber_c must be in (0, 1] (above 0 with --huber_schedule constant), got {args.huber_c}")
-    if args.logit_std <= 0:
-        parser.error(f"--logit_std must be positive, got {args.logit_std}")
-    if args.timestep_bias_multiplier <= 0:
-        parser.error(f"--timestep_bias_multiplier must be positive, got {args.timestep_bias_multiplier}")
-    if not 0 < args.timestep_bias_portion < 1:
-        parser.error(f"--timestep_bias_portion must be in (0, 1), got {args.timestep_bias_portion}")
-    if not 0 <= args.timestep_bias_begin < args.timestep_bias_end:
+@dataclasses.dataclass(frozen=True)
+class RecipeConfig:
+    """The recipe flags (add_recipe_arguments), built once from the parsed arguments."""
+
+    rescale_betas_zero_snr: bool
+    loss_type: str
+    huber_schedule: str
+    huber_c: float
+    debiased_estimation_loss: bool
+    timestep_sampling: str
+    logit_mean: float
+    logit_std: float
+    timestep_bias_strategy: str
+    timestep_bias_multiplier: float
+    timestep_bias_begin: int
+    timestep_bias_end: int
+    timestep_bias_portion: float
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
+
+
+def check_recipe_arguments(parser, config):
+    """The recipe flags' values (a RecipeConfig) make sense together; parser.error names the flag otherwise."""
+    if config.huber_c <= 0 or (config.huber_schedule != "constant" and config.huber_c > 1):
+        parser.error(f"--huber_c must be in (0, 1] (above 0 with --huber_schedule constant), got {config.huber_c}")
+    if config.logit_std <= 0:
+        parser.error(f"--logit_std must be positive, got {config.logit_std}")
+    if config.timestep_bias_multiplier <= 0:
+        parser.error(f"--timestep_bias_multiplier must be positive, got {config.timestep_bias_multiplier}")
+    if not 0 < config.timestep_bias_portion < 1:
+        parser.error(f"--timestep_bias_portion must be in (0, 1), got {config.timestep_bias_portion}")
+    if not 0 <= config.timestep_bias_begin < config.timestep_bias_end:
         parser.error(
-            f"--timestep_bias_begin {args.timestep_bias_begin} and --timestep_bias_end {args.timestep_bias_end}: "
+            f"--timestep_bias_begin {config.timestep_bias_begin} and --timestep_bias_end {config.timestep_bias_end}: "
             "need 0 <= begin < end"
         )
-    if args.timestep_sampling != "uniform" and args.timestep_bias_strategy != "none":
+    if config.timestep_sampling != "uniform" and config.timestep_bias_strategy != "none":
         parser.error(
             "--timestep_sampling logit_normal and --timestep_bias_strategy both choose the timesteps: pick one"
         )
 
 
-def recipe_fields(args, prediction_type, num_train_timesteps):
-    """The LossConfig fields of the recipe flags, once the prediction type and the schedule length are known."""
+def recipe_fields(config, prediction_type, num_train_timesteps):
+    """The LossConfig fields of the recipe flags (a RecipeConfig), once the prediction type and the schedule length
+    are known."""
     if prediction_type not in ("epsilon", "v_prediction"):
         # The loss has a target for these two only: any other (a scheduler saved with "sample") fails at step 1.
         raise UserError(
             f"the pipeline's scheduler config has prediction_type {prediction_type!r}, which these scripts do not "
             "train: pass --prediction_type epsilon or v_prediction"
         )
-    if args.rescale_betas_zero_snr and prediction_type != "v_prediction":
+    if config.rescale_betas_zero_snr and prediction_type != "v_prediction":
         # At zero terminal SNR the last timestep's input is pure noise, so predicting that noise teaches nothing.
         raise UserError(
             f"--rescale_betas_zero_snr needs v-prediction, and this run predicts {prediction_type}: add "
             "--prediction_type v_prediction"
         )
-    if args.timestep_bias_strategy == "range" and args.timestep_bias_begin >= num_train_timesteps:
+    if config.timestep_bias_strategy == "range" and config.timestep_bias_begin >= num_train_timesteps:
         raise UserError(
-            f"--timestep_bias_begin {args.timestep_bias_begin} is past the schedule's {num_train_timesteps} timesteps"
+            f"--timestep_bias_begin {config.timestep_bias_begin} is past the schedule's {num_train_timesteps} timesteps"
         )
     return dict(
-        loss_type=args.loss_type,
-        huber_schedule=args.huber_schedule,
-        huber_c=args.huber_c,
-        debiased_estimation=args.debiased_estimation_loss,
-        timestep_sampling=args.timestep_sampling,
-        logit_mean=args.logit_mean,
-        logit_std=args.logit_std,
-        timestep_bias_strategy=args.timestep_bias_strategy,
-        timestep_bias_multiplier=args.timestep_bias_multiplier,
-        timestep_bias_begin=args.timestep_bias_begin,
-        timestep_bias_end=args.timestep_bias_end,
-        timestep_bias_portion=args.timestep_bias_portion,
+        loss_type=config.loss_type,
+        huber_schedule=config.huber_schedule,
+        huber_c=config.huber_c,
+        debiased_estimation=config.debiased_estimation_loss,
+        timestep_sampling=config.timestep_sampling,
+        logit_mean=config.logit_mean,
+        logit_std=config.logit_std,
+        timestep_bias_strategy=config.timestep_bias_strategy,
+        timestep_bias_multiplier=config.timestep_bias_multiplier,
+        timestep_bias_begin=config.timestep_bias_begin,
+        timestep_bias_end=config.timestep_bias_end,
+        timestep_bias_portion=config.timestep_bias_portion,
     )
 
 

@@ -1,5 +1,5 @@
 """The output folder of a run: its lock, checkpoints (listed, checked, published only when complete), the published
-pipeline, the seed and the choice of checkpoint to resume from. Shared by the four scripts; no framework needed."""
+pipeline and the choice of checkpoint to resume from. Shared by the four scripts; no framework needed."""
 
 import atexit
 import ctypes
@@ -13,8 +13,6 @@ import socket
 import tempfile
 import time
 
-import numpy as np
-
 from sdtrain.cli import UserError
 
 logger = logging.getLogger(__name__)
@@ -25,11 +23,6 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 
 # Seed, step and batch layout of a checkpoint, written last into it: its presence marks the checkpoint complete.
 CHECKPOINT_METADATA = "checkpoint_metadata.json"
-
-
-# The second key of every validation seed, derive_seed(seed, VALIDATION_SEED_KEY, prompt index): training draws use
-# four keys, so a validation image never shares its noise with a training step.
-VALIDATION_SEED_KEY = 7919
 
 
 LOCK_FILE = ".training.lock"  # held (an OS lock) by the run writing into output_dir; a killed run holds none
@@ -52,12 +45,6 @@ PIPELINE_LINK = ".pipeline"  # -> the current .pipeline-<n> folder; output_dir's
 
 
 PIPELINE_VERSION = re.compile(r"^\.pipeline-(\d+)$")
-
-
-def derive_seed(*keys):
-    """A well-mixed 63-bit seed from integer keys. All randomness is a pure function of such keys, so a resumed
-    run draws exactly what an uninterrupted run would have drawn, whatever the number of workers."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 def checkpoint_folders(output_dir):
@@ -85,31 +72,54 @@ def has_metadata(checkpoint_path):
     return os.path.isfile(metadata_path(checkpoint_path))
 
 
-def find_resume_checkpoint(args):
-    """The checkpoint --resume_from_checkpoint names (None to start fresh). 'latest' is the newest intact checkpoint:
-    a damaged one is skipped with a warning. A named checkpoint that is missing or damaged is an error."""
-    if args.resume_from_checkpoint is None:
+def add_checkpoint_arguments(group):
+    """How often checkpoints are written, how many are kept, and which one a run resumes from; the same in all four
+    scripts."""
+    group.add_argument(
+        "--checkpointing_steps",
+        type=int,
+        default=500,
+        help="Save the full training state every this many optimizer updates.",
+    )
+    group.add_argument(
+        "--checkpoints_total_limit",
+        type=int,
+        default=None,
+        help="Keep at most this many checkpoints (the oldest are deleted after a new one is complete).",
+    )
+    group.add_argument(
+        "--resume_from_checkpoint",
+        type=str,
+        default=None,
+        help="Checkpoint folder or name to resume from, or 'latest' (starts fresh if none exists).",
+    )
+
+
+def find_resume_checkpoint(resume_from_checkpoint, output_dir):
+    """The checkpoint --resume_from_checkpoint names in output_dir (None to start fresh). 'latest' is the newest intact
+    checkpoint: a damaged one is skipped with a warning. A named checkpoint that is missing or damaged is an error."""
+    if resume_from_checkpoint is None:
         return None
-    if args.resume_from_checkpoint == "latest":
-        for _, path in reversed(checkpoint_folders(args.output_dir)):
+    if resume_from_checkpoint == "latest":
+        for _, path in reversed(checkpoint_folders(output_dir)):
             # Every checkpoint these scripts publish holds the file: one without it was copied in part, or made by hand.
             problem = checkpoint_problem(path) if has_metadata(path) else f"{metadata_path(path)} is missing"
             if problem is None:
                 return path
             logger.warning(f"skipping {os.path.basename(path)}: {problem}")
         return None
-    path = args.resume_from_checkpoint
+    path = resume_from_checkpoint
     if not os.path.isdir(path):
-        path = os.path.join(args.output_dir, args.resume_from_checkpoint)
+        path = os.path.join(output_dir, resume_from_checkpoint)
     if not has_metadata(path):
-        complete = [os.path.basename(p) for _, p in list_checkpoints(args.output_dir)]
+        complete = [os.path.basename(p) for _, p in list_checkpoints(output_dir)]
         raise UserError(
-            f"--resume_from_checkpoint {args.resume_from_checkpoint}: no complete checkpoint at {path} "
-            f"({metadata_path(path)} is missing; complete ones in {args.output_dir}: {complete})"
+            f"--resume_from_checkpoint {resume_from_checkpoint}: no complete checkpoint at {path} "
+            f"({metadata_path(path)} is missing; complete ones in {output_dir}: {complete})"
         )
     problem = checkpoint_problem(path)
     if problem is not None:
-        raise UserError(f"--resume_from_checkpoint {args.resume_from_checkpoint}: {problem}")
+        raise UserError(f"--resume_from_checkpoint {resume_from_checkpoint}: {problem}")
     return path
 
 
@@ -152,27 +162,6 @@ def check_resume_identity(checkpoint_path, metadata, run_identity):
             f"{describe_identity(run_identity)}: resume it with the same script and flags, or choose another "
             "--output_dir"
         )
-
-
-def draw_seed():
-    """A fresh seed for a run started without --seed. A multi-process run must use process 0's draw on every process
-    (the scripts broadcast it): each process drawing its own would shuffle and noise differently."""
-    return int(np.random.SeedSequence().generate_state(1)[0])
-
-
-def choose_seed(args, resume_metadata, drawn_seed):
-    """One seed drives every draw: --seed; without it, the seed a resumed checkpoint recorded, or for a new run
-    drawn_seed (draw_seed() of process 0, the same on every process), which its checkpoints record."""
-    if args.seed is not None:
-        seed = args.seed
-    else:
-        seed = resume_metadata.get("seed", drawn_seed)
-    if resume_metadata and resume_metadata["seed"] != seed:
-        logger.warning(
-            f"--seed {seed} differs from the checkpoint's seed {resume_metadata['seed']}: "
-            "the resumed run will not match an uninterrupted one"
-        )
-    return seed
 
 
 def warn_if_batch_layout_changed(resume_metadata, run_metadata):

@@ -1,10 +1,15 @@
 """--save_single_file: a diffusers pipeline folder as one .safetensors in the original Stable Diffusion key layout
 (SD 1.x / 2.x: CompVis' and Stability's LDM code; SDXL: Stability's generative-models "SGM" code), the file A1111,
-ComfyUI and InvokeAI load. Reads the saved folder, so it serves PyTorch and JAX alike."""
+ComfyUI and InvokeAI load. Reads the saved folder, so it serves PyTorch and JAX alike; the weights are NumPy arrays
+(bfloat16 as its bits, converted with the rounding torch uses), so no framework is needed."""
 
+import dataclasses
 import json
 import logging
 import os
+
+import numpy as np
+import safetensors
 
 from sdtrain.cli import UserError, WriteFailure
 from sdtrain.run_folder import fsync_folder, write_failure
@@ -13,6 +18,39 @@ logger = logging.getLogger(__name__)
 
 
 SINGLE_FILE_DTYPES = ["fp16", "bf16", "fp32"]
+
+
+def add_single_file_arguments(group):
+    group.add_argument(
+        "--save_single_file",
+        action="store_true",
+        help="Also write output_dir/<its name>.safetensors in the original SD layout (A1111/Forge, ComfyUI, InvokeAI).",
+    )
+    group.add_argument(
+        "--single_file_dtype",
+        type=str,
+        default="fp16",
+        choices=SINGLE_FILE_DTYPES,
+        help="Precision of the --save_single_file weights (fp16 halves the file; the UIs run fp16 anyway).",
+    )
+
+
+# The safetensors dtypes a pipeline's weights come in, as NumPy reads them; BF16 is read as its 16 bits (NumPy has no
+# bfloat16) and widened to float32 exactly, since a bfloat16 is the upper half of a float32.
+SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64}
+
+
+def bfloat16_to_float32(bits):
+    return (bits.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def float32_to_bfloat16(array):
+    """The bfloat16 bits of a float32 array, rounded to nearest even as torch rounds (c10's round_to_nearest_even),
+    NaN as torch's 0x7FC0, so the file is byte-identical to one torch would write."""
+    bits = np.ascontiguousarray(array, dtype=np.float32).view(np.uint32)
+    rounding_bias = ((bits >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
+    rounded = ((bits + rounding_bias) >> np.uint32(16)).astype(np.uint16)
+    return np.where(np.isnan(array), np.uint16(0x7FC0), rounded)
 
 
 SD_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -225,8 +263,6 @@ def open_clip_state(state):
     """transformers CLIP text-model weights in OpenCLIP's names (SD 2.x, SDXL's second encoder). OpenCLIP keeps the
     query, key and value projections in one in_proj matrix, stacked in that order, and its text projection as the
     matrix the pooled state is multiplied by on the right: the transpose of transformers' linear weight."""
-    import torch
-
     converted = {}
     for key, tensor in state.items():
         name = key.removeprefix("text_model.")
@@ -237,7 +273,7 @@ def open_clip_state(state):
                 if layer_name.startswith("self_attn.q_proj."):
                     kind = layer_name.rsplit(".", 1)[1]
                     parts = [state[f"text_model.encoder.layers.{index}.self_attn.{p}_proj.{kind}"] for p in "qkv"]
-                    converted[prefix + f"attn.in_proj_{kind}"] = torch.cat(parts)
+                    converted[prefix + f"attn.in_proj_{kind}"] = np.concatenate(parts)
                 continue
             for old, new in OPEN_CLIP_LAYER_NAMES.items():
                 if layer_name.startswith(old + "."):
@@ -253,7 +289,7 @@ def open_clip_state(state):
         elif name.startswith("final_layer_norm."):
             converted["ln_final." + name.removeprefix("final_layer_norm.")] = tensor
         elif name == "text_projection.weight":
-            converted["text_projection"] = tensor.T.contiguous()
+            converted["text_projection"] = np.ascontiguousarray(tensor.T)
         elif name != "embeddings.position_ids":
             raise ValueError(f"text encoder weight {key} has no name in the OpenCLIP layout")
     return converted
@@ -272,16 +308,34 @@ def component_configs(pipeline_dir):
     return config("unet"), config("vae"), text_configs
 
 
+def read_safetensors(path):
+    """The tensors of one .safetensors file as NumPy arrays (bfloat16 widened to float32), each read on its own, so
+    the file is never held twice."""
+    state = {}
+    with open(path, "rb") as f:
+        header_size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_size))
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            if entry["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"{path}: weight {key} has dtype {entry['dtype']}, not one a pipeline is saved in")
+            dtype = np.dtype(SAFETENSORS_DTYPES[entry["dtype"]])
+            start, end = entry["data_offsets"]
+            f.seek(8 + header_size + start)
+            array = np.fromfile(f, dtype=dtype, count=(end - start) // dtype.itemsize).reshape(entry["shape"])
+            state[key] = bfloat16_to_float32(array) if entry["dtype"] == "BF16" else array
+    return state
+
+
 def read_component_weights(folder):
     """A diffusers/transformers component's weights, from its one safetensors file or its shards."""
-    import safetensors.torch
-
     names = [name for name in sorted(os.listdir(folder)) if name.endswith(".safetensors")]
     if not names:
         raise ValueError(f"{folder} has no .safetensors weights to write into the single file")
     state = {}
     for name in names:
-        state.update(safetensors.torch.load_file(os.path.join(folder, name)))
+        state.update(read_safetensors(os.path.join(folder, name)))
     return state
 
 
@@ -326,15 +380,21 @@ def write_single_file(state, path, dtype, metadata):
     """state as one .safetensors file in `dtype` ("fp16", "bf16" or "fp32"), with `metadata` in its header; written
     beside `path` and renamed over it, so it appears only when complete. Converts state in place: each read tensor is
     freed as its converted copy replaces it, so the process never holds the model twice (an fp32 SDXL is ~7 GB)."""
-    import safetensors.torch
-    import torch
-
-    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     for key, tensor in state.items():
-        state[key] = tensor.to(torch_dtype).contiguous()
+        if dtype == "bf16":
+            state[key] = float32_to_bfloat16(tensor)
+        else:
+            with np.errstate(over="ignore"):  # a weight beyond fp16's range becomes inf, silently, as in torch
+                state[key] = np.ascontiguousarray(tensor, dtype=np.float16 if dtype == "fp16" else np.float32)
+    # The dtype names torch's writer gives safetensors, so the header is the one torch would write.
+    name = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}[dtype]
+    specs = {
+        key: safetensors.TensorSpec(dtype=name, shape=array.shape, data_ptr=array.ctypes.data, data_len=array.nbytes)
+        for key, array in state.items()
+    }
     partial = path + ".partial"
     try:
-        safetensors.torch.save_file(state, partial, metadata={"format": "pt", **metadata})
+        safetensors.serialize_file(specs, partial, metadata={"format": "pt", **metadata})
         with open(partial, "rb") as f:
             os.fsync(f.fileno())
         os.replace(partial, path)
@@ -373,19 +433,34 @@ def single_file_metadata(layout, prediction_type, zero_terminal_snr, resolution,
     }
 
 
-def save_single_file(args, prediction_type, global_step):
-    """output_dir/<its name>.safetensors from the pipeline just saved there."""
-    title = os.path.basename(os.path.abspath(args.output_dir))
-    path = os.path.join(args.output_dir, title + ".safetensors")
-    layout, state = original_layout_state(args.output_dir)
+@dataclasses.dataclass(frozen=True)
+class SingleFileConfig:
+    """Where and in what precision --save_single_file writes, and what the file records of the training."""
+
+    output_dir: str
+    dtype: str  # --single_file_dtype
+    zero_terminal_snr: bool  # --rescale_betas_zero_snr
+    resolution: int
+    base_model: str  # --pretrained_model_name_or_path
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(
+            args.output_dir,
+            args.single_file_dtype,
+            args.rescale_betas_zero_snr,
+            args.resolution,
+            args.pretrained_model_name_or_path,
+        )
+
+
+def save_single_file(config, prediction_type, global_step):
+    """config.output_dir/<its name>.safetensors in config.dtype, from the pipeline just saved there."""
+    title = os.path.basename(os.path.abspath(config.output_dir))
+    path = os.path.join(config.output_dir, title + ".safetensors")
+    layout, state = original_layout_state(config.output_dir)
     metadata = single_file_metadata(
-        layout,
-        prediction_type,
-        args.rescale_betas_zero_snr,
-        args.resolution,
-        args.pretrained_model_name_or_path,
-        global_step,
-        title,
+        layout, prediction_type, config.zero_terminal_snr, config.resolution, config.base_model, global_step, title
     )
-    write_single_file(state, path, args.single_file_dtype, metadata)
-    logger.info(f"Saved the single-file checkpoint ({layout}, {args.single_file_dtype}) to {os.path.abspath(path)}")
+    write_single_file(state, path, config.dtype, metadata)
+    logger.info(f"Saved the single-file checkpoint ({layout}, {config.dtype}) to {os.path.abspath(path)}")

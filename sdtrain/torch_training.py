@@ -19,14 +19,13 @@ from sdtrain.families import component_problem, local_model_index, pipeline_fami
 from sdtrain.images import inspect_images, labelled_grid
 from sdtrain.preemption import ignore_interrupts
 from sdtrain.run_folder import (
-    VALIDATION_SEED_KEY,
-    derive_seed,
     final_save_error,
     list_checkpoints,
     publish_checkpoint,
     write_checkpoint_metadata,
     write_failure,
 )
+from sdtrain.seeds import VALIDATION_SEED_KEY, derive_seed
 
 logger = logging.getLogger(__name__)
 

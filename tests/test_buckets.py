@@ -16,7 +16,7 @@ from test_train_text_to_image import SCRIPT, base_args
 
 import train_text_to_image as t2i
 from devkit.command_line import command_line
-from sdtrain import batching, captions
+from sdtrain import batching, captions, data_config
 
 
 def test_generated_buckets_at_512():
@@ -100,7 +100,7 @@ def test_processes_get_whole_shares_of_each_batch(num_processes):
 
 
 def test_caption_edits_are_deterministic_and_keep_the_trigger_tags():
-    config = captions.CaptionConfig(shuffle_caption=True, keep_tokens=2, caption_tag_dropout_rate=0.3)
+    config = data_config.CaptionConfig(shuffle_caption=True, keep_tokens=2, caption_tag_dropout_rate=0.3)
     caption = "sks dog, photo, red collar, grass, sunny, running, happy"
     edited = [captions.edit_caption(caption, np.random.default_rng([1, epoch, 4]), config) for epoch in range(50)]
     again = [captions.edit_caption(caption, np.random.default_rng([1, epoch, 4]), config) for epoch in range(50)]
@@ -109,8 +109,8 @@ def test_caption_edits_are_deterministic_and_keep_the_trigger_tags():
     assert len(set(edited)) > 20  # shuffled and dropped differently at each use
     kept = [len(text.split(", ")) - 2 for text in edited]
     assert 0.5 < np.mean(kept) / 5 < 0.9  # about 70% of the other 5 tags survive
-    assert captions.edit_caption(caption, np.random.default_rng(0), captions.CaptionConfig()) == caption
-    empty = captions.CaptionConfig(proportion_empty_prompts=0.25)
+    assert captions.edit_caption(caption, np.random.default_rng(0), data_config.CaptionConfig()) == caption
+    empty = data_config.CaptionConfig(proportion_empty_prompts=0.25)
     share = np.mean([captions.edit_caption(caption, np.random.default_rng(i), empty) == "" for i in range(2000)])
     assert 0.2 < share < 0.3
 

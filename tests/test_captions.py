@@ -11,7 +11,7 @@ from test_train_text_to_image import SCRIPT, base_args
 
 import train_text_to_image
 from devkit.command_line import command_line
-from sdtrain import captions
+from sdtrain import captions, data_config
 from sdtrain.cli import UserError
 
 
@@ -36,7 +36,7 @@ def read(folder, *flags):
     args = train_text_to_image.parse_args(
         command_line("--pretrained_model_name_or_path p --train_data_dir", folder, *flags)
     )
-    dataset = captions.load_image_caption_dataset(args, 0)
+    dataset = captions.load_image_caption_dataset(data_config.DatasetConfig.from_args(args), 0)
     return {os.path.basename(row["image"]["path"]): row["text"] for row in dataset}
 
 

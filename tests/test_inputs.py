@@ -159,9 +159,10 @@ def test_a_hub_model_whose_config_cannot_be_read_is_named():
 
 def test_a_scheduler_prediction_type_the_loss_cannot_train_is_refused_before_training():
     import train_text_to_image
-    from sdtrain.recipes import recipe_fields
+    from sdtrain.recipes import RecipeConfig, recipe_fields
 
     args = train_text_to_image.parse_args(command_line(*T2I))
-    assert recipe_fields(args, "v_prediction", 1000)["loss_type"] == args.loss_type
+    recipe = RecipeConfig.from_args(args)
+    assert recipe_fields(recipe, "v_prediction", 1000)["loss_type"] == args.loss_type
     with pytest.raises(UserError, match=r"prediction_type 'sample', .*pass --prediction_type epsilon or v_prediction"):
-        recipe_fields(args, "sample", 1000)
+        recipe_fields(recipe, "sample", 1000)

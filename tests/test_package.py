@@ -1,30 +1,98 @@
-"""The sdtrain package, which the four scripts import from their own folder: it imports in either environment, since
-no module of it imports a framework when it is imported, and the scripts find it without any install step."""
+"""The sdtrain package, which the four scripts import from their own folder: a framework-free core (sdtrain/*.py) that
+imports in either environment and names no framework anywhere in its source, framework adapters in sdtrain/torch/ and
+sdtrain/jax/, and scripts the scripts find without any install step. Also the size targets of issue 30."""
 
+import ast
 import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
-FRAMEWORKS = ["torch", "torchvision", "jax", "flax", "optax", "diffusers", "transformers", "accelerate", "safetensors"]
+# What the core never imports: the frameworks and the libraries built on them.
+FRAMEWORKS = ["torch", "torchvision", "jax", "flax", "optax", "orbax", "diffusers", "transformers", "accelerate"]
+CORE = os.path.join(REPO, "sdtrain")
+CORE_MODULES = sorted(name[:-3] for name in os.listdir(CORE) if name.endswith(".py") and name != "__init__.py")
+# Framework adapters still in the flat folder on this branch; they move to sdtrain/torch/ and sdtrain/jax/.
+FLAT_ADAPTERS = {"torch_training", "jax_training"}
+SCRIPTS = ["train_text_to_image.py", "textual_inversion.py", "train_text_to_image_flax.py", "textual_inversion_flax.py"]
+# Issue 30's targets: a script a newcomer can read, and a main() that reads in one sitting.
+MAX_SCRIPT_LINES = 1300
+MAX_MAIN_LINES = 300
 
 
-def test_importing_every_module_imports_no_framework():
-    folder = os.path.join(REPO, "sdtrain")
-    modules = sorted(name[:-3] for name in os.listdir(folder) if name.endswith(".py") and name != "__init__.py")
-    assert {"run_folder", "images", "batching", "captions", "single_file", "torch_training", "jax_training"} <= set(
-        modules
-    )
+def imported_modules(path):
+    """Every module a source file imports, at the top or inside a function, as top-level package names."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), filename=path)
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_importing_every_core_module_imports_no_framework():
+    assert {"run_folder", "seeds", "images", "batching", "captions", "single_file", "families"} <= set(CORE_MODULES)
+    core = [module for module in CORE_MODULES if module not in FLAT_ADAPTERS]
     probe = (
         "import importlib, sys\n"
-        f"for module in {modules!r}:\n"
+        f"for module in {core!r}:\n"
         "    importlib.import_module('sdtrain.' + module)\n"
         f"print(sorted(name for name in {FRAMEWORKS!r} if name in sys.modules))\n"
     )
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        pytest.param(
+            module,
+            marks=pytest.mark.xfail(strict=True, reason="a framework adapter: moves to sdtrain/torch/ or sdtrain/jax/"),
+        )
+        if module in FLAT_ADAPTERS
+        else module
+        for module in CORE_MODULES
+    ],
+)
+def test_a_core_module_names_no_framework_anywhere(module):
+    """Not even inside a function: the core's contract holds for every call, not only at import time."""
+    assert imported_modules(os.path.join(CORE, module + ".py")).isdisjoint(FRAMEWORKS)
+
+
+def function_lines(path, name):
+    with open(path) as f:
+        tree = ast.parse(f.read(), filename=path)
+    (node,) = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == name]
+    return node.end_lineno - node.lineno + 1
+
+
+SIZE_TARGET = pytest.mark.xfail(
+    strict=False,
+    reason="issue 30's target, met once the PyTorch and JAX main()s hand their machinery to sdtrain/torch and "
+    "sdtrain/jax; then remove this marker",
+)
+
+
+@SIZE_TARGET
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_a_script_stays_readable(script):
+    with open(os.path.join(REPO, script)) as f:
+        lines = len(f.read().splitlines())
+    assert lines <= MAX_SCRIPT_LINES, f"{script}: {lines} lines"
+
+
+@SIZE_TARGET
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_main_reads_in_one_sitting(script):
+    lines = function_lines(os.path.join(REPO, script), "main")
+    assert lines <= MAX_MAIN_LINES, f"{script}: main() is {lines} lines"
 
 
 def test_a_script_finds_the_package_beside_it_from_any_folder(tmp_path):

@@ -2,7 +2,6 @@
 second run into the same folder, damaged or leftover checkpoints, a crash during the final swap, a preemption
 signal, a full disk. Each test here failed on the scripts before these guards existed."""
 
-import argparse
 import io
 import json
 import os
@@ -24,7 +23,7 @@ from test_train_text_to_image import SCRIPT, base_args
 
 import train_text_to_image
 from devkit import tiny_sd
-from sdtrain import captions, images, run_folder, torch_training
+from sdtrain import captions, data_config, images, run_folder, torch_training
 from sdtrain.cli import UserError
 from sdtrain.cli import run as run_main
 from sdtrain.preemption import StopRequest
@@ -159,7 +158,7 @@ def test_a_16_bit_png_trains_as_its_picture_not_as_white(assets, tmp_path):
     args = train_text_to_image.parse_args(
         command_line("--pretrained_model_name_or_path", "x", "--train_data_dir", folder, flags)
     )
-    rows = captions.load_image_caption_dataset(args, 0)
+    rows = captions.load_image_caption_dataset(data_config.DatasetConfig.from_args(args), 0)
     tokenizer = CLIPTokenizer.from_pretrained(assets["pipeline"], subfolder="tokenizer")
     pixels = train_text_to_image.ImageCaptionDataset(rows, [tokenizer], args, 0)[(0, 0, 1.0)]["pixel_values"]
     assert abs(float((pixels.mean() + 1) * 127.5) - shown.mean()) < 2  # mid-gray, as the gradient shows
@@ -787,10 +786,10 @@ def test_ctrl_c_asks_for_a_clean_stop_only_while_the_loop_trains():
 
 
 def test_ctrl_c_outside_the_loop_is_one_line_and_exit_130(capsys):
-    def interrupted(args):
+    def interrupted():
         raise KeyboardInterrupt
 
     with pytest.raises(SystemExit) as exit_info:
-        run_main(interrupted, argparse.Namespace(debug=False))
+        run_main(interrupted, debug=False)
     assert exit_info.value.code == 130
     assert capsys.readouterr().err == "\nCtrl-C: interrupted; the checkpoints already written are kept\n"

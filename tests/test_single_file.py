@@ -100,3 +100,42 @@ def test_unknown_architecture_is_refused_before_training(launch, assets, tmp_pat
     assert not os.path.exists(out / "unet") and not os.path.exists(out / "run.safetensors")
     after = tree_snapshot(str(out))
     assert after == before  # refused before training: nothing written, not even the lock
+
+
+def test_numpy_writes_the_bytes_torch_would(tmp_path):
+    """The core reads and writes the weights with NumPy (no torch): every tensor of the single file is the bytes
+    torch's conversion and safetensors.torch would write, for each --single_file_dtype, from fp32, fp16 and bf16
+    weights, at the edges of bf16's round-to-nearest-even (ties, overflow to inf, subnormals, signed zero)."""
+    import json
+
+    import safetensors.torch
+
+    from sdtrain import single_file
+
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal(4000).astype(np.float32) * np.float32(10.0) ** rng.integers(-40, 38, 4000)
+    edges = [0.0, -0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, 3.3961e38, -3.3961e38, 1e-40, 6e-8, 65520.0, np.inf]
+    values = np.concatenate([values, np.array(edges, np.float32)]).reshape(-1, 10)
+    weights = {
+        "a.weight": torch.from_numpy(values),
+        "b.weight": torch.from_numpy(values[:100]).to(torch.bfloat16),
+        "c.weight": torch.from_numpy(values[:100]).to(torch.float16),
+    }
+    component = tmp_path / "unet"
+    component.mkdir()
+    safetensors.torch.save_file(weights, str(component / "diffusion_pytorch_model.safetensors"))
+
+    def body(path):
+        """The header (metadata written in no fixed order, so parsed) and the tensor bytes."""
+        data = path.read_bytes()
+        size = int.from_bytes(data[:8], "little")
+        return json.loads(data[8 : 8 + size]), data[8 + size :]
+
+    for dtype, torch_dtype in [("fp16", torch.float16), ("bf16", torch.bfloat16), ("fp32", torch.float32)]:
+        state = single_file.read_component_weights(str(component))
+        single_file.write_single_file(state, str(tmp_path / f"{dtype}.safetensors"), dtype, {"training.step": "1"})
+        expected = {key: tensor.to(torch_dtype).contiguous() for key, tensor in weights.items()}
+        safetensors.torch.save_file(
+            expected, str(tmp_path / "torch.safetensors"), metadata={"format": "pt", "training.step": "1"}
+        )
+        assert body(tmp_path / f"{dtype}.safetensors") == body(tmp_path / "torch.safetensors"), dtype

@@ -12,7 +12,7 @@ from helpers import checkpoint_names, load_state_dict, max_abs_diff
 import textual_inversion
 import train_text_to_image
 from devkit.command_line import command_line
-from sdtrain import captions, embeddings
+from sdtrain import captions, data_config, embeddings
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -40,7 +40,7 @@ def test_text_to_image_caches_equal_encoding_in_the_loop(assets):
     paths = ["--pretrained_model_name_or_path", assets["pipeline"], "--train_data_dir", assets["images_lists"]]
     flags = "--resolution 64 --center_crop --random_flip --cache_latents --cache_text_embeddings --train_batch_size 3"
     args = train_text_to_image.parse_args(command_line(*paths, flags))
-    rows = captions.load_image_caption_dataset(args, 7)
+    rows = captions.load_image_caption_dataset(data_config.DatasetConfig.from_args(args), 7)
     plain = train_text_to_image.ImageCaptionDataset(rows, [tokenizer], args, 7)
     cached = train_text_to_image.ImageCaptionDataset(rows, [tokenizer], args, 7)
     train_text_to_image.build_caches(cached, vae, [text_encoder], cpu_accelerator(), args, num_workers=0)

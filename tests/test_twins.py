@@ -101,10 +101,23 @@ def config_fields(dataclass):
     return {node.target.id for node in dataclass.body if isinstance(node, ast.AnnAssign)}
 
 
-def flags(script):
-    tree = ast.parse(open(os.path.join(REPO, script)).read())
+def added_flags(tree):
     calls = [node for node in ast.walk(tree) if isinstance(node, ast.Call)]
     return {call.args[0].value for call in calls if getattr(call.func, "attr", "") == "add_argument"}
+
+
+def flags(script):
+    """The flags a script's parser defines: its own, and those of the sdtrain add_*_argument(s) functions it calls."""
+    tree = ast.parse(open(os.path.join(REPO, script)).read())
+    found = added_flags(tree)
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sdtrain."):
+            module = ast.parse(open(os.path.join(REPO, *node.module.split(".")) + ".py").read())
+            adders = {alias.name for alias in node.names if alias.name.startswith("add_") and "_argument" in alias.name}
+            for function in module.body:
+                if isinstance(function, ast.FunctionDef) and function.name in adders:
+                    found |= added_flags(function)
+    return found
 
 
 @pytest.mark.parametrize("torch_script,flax_script", [(T2I, T2I_FLAX), (TI, TI_FLAX)])

@@ -3,7 +3,7 @@
 
 import itertools
 
-from sdtrain.embeddings import sdxl_time_ids
+from sdtrain.batching import sdxl_time_ids
 
 # name -> LossConfig fields (the same fields in all four scripts' LossConfig), the sample_weights argument if any, and
 # "zero_snr": the noise schedule rescaled to zero terminal SNR (--rescale_betas_zero_snr).

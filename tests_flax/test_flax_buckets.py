@@ -11,7 +11,7 @@ from safetensors.numpy import load_file
 
 import train_text_to_image_flax as t2i_flax
 from devkit.command_line import command_line
-from sdtrain import batching, captions
+from sdtrain import batching, captions, data_config
 
 T2I = "train_text_to_image_flax.py"
 RECIPE = (
@@ -34,8 +34,11 @@ def test_pytorch_and_flax_draw_the_same_batches(assets, tmp_path):
     from transformers import CLIPTokenizerFast
 
     tokenizer = CLIPTokenizerFast.from_pretrained(assets["pipeline"], subfolder="tokenizer")
-    dataset = t2i_flax.ImageCaptionDataset(captions.load_image_caption_dataset(args, 3), [tokenizer], args, 3)
-    batching.setup_buckets(dataset, t2i_flax.check_images(dataset), args, model_factor=16, global_batch_size=2)
+    rows = captions.load_image_caption_dataset(data_config.DatasetConfig.from_args(args), 3)
+    dataset = t2i_flax.ImageCaptionDataset(rows, [tokenizer], args, 3)
+    dataset.bucket_of_row, dataset.buckets = batching.setup_buckets(
+        t2i_flax.check_images(dataset), batching.BucketConfig.from_args(args), model_factor=16, global_batch_size=2
+    )
     flax_batches = [batching.bucket_batches(dataset.bucket_of_row, 2, 3, epoch) for epoch in range(2)]
     flax_unbucketed = [batching.shuffled_batches(len(dataset), 2, 3, epoch) for epoch in range(2)]
     first = [dataset[(1, row)] for row, _ in flax_batches[1][0]]
@@ -45,11 +48,14 @@ import functools, json, numpy as np, torch
 from accelerate import Accelerator
 from transformers import CLIPTokenizer
 import train_text_to_image as t2i
-from sdtrain import batching, captions
+from sdtrain import batching, captions, data_config
 args = t2i.parse_args(json.loads({json.dumps(torch_argv)!r}))
 tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer")
-dataset = t2i.ImageCaptionDataset(captions.load_image_caption_dataset(args, 3), [tokenizer], args, 3)
-batching.setup_buckets(dataset, t2i.check_images(dataset, Accelerator(cpu=True)), args, 16, 2)
+rows = captions.load_image_caption_dataset(data_config.DatasetConfig.from_args(args), 3)
+dataset = t2i.ImageCaptionDataset(rows, [tokenizer], args, 3)
+dataset.bucket_of_row, dataset.buckets = batching.setup_buckets(
+    t2i.check_images(dataset, Accelerator(cpu=True)), batching.BucketConfig.from_args(args), 16, 2
+)
 def epochs(sampler):
     found = []
     for epoch in range(2):

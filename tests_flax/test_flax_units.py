@@ -194,6 +194,7 @@ def test_flax_twin_reads_caption_files_as_the_pytorch_twin(assets, tmp_path, cap
     from devkit.command_line import command_line
     from sdtrain.captions import load_image_caption_dataset
     from sdtrain.cli import UserError
+    from sdtrain.data_config import DatasetConfig
 
     folder = tmp_path / "photos"
     folder.mkdir()
@@ -206,7 +207,10 @@ def test_flax_twin_reads_caption_files_as_the_pytorch_twin(assets, tmp_path, cap
 
     def read(*flags):
         args = T.parse_args(command_line("--pretrained_model_name_or_path p --train_data_dir", str(folder), *flags))
-        return {os.path.basename(row["image"]["path"]): row["text"] for row in load_image_caption_dataset(args, 0)}
+        return {
+            os.path.basename(row["image"]["path"]): row["text"]
+            for row in load_image_caption_dataset(DatasetConfig.from_args(args), 0)
+        }
 
     with pytest.raises(UserError, match=rf"{images[1][:-4]}\.txt is not UTF-8: byte offset 5 is 0xe9"):
         read()
