@@ -75,25 +75,6 @@ from sdtrain.run_folder import (
     write_failure,
 )
 from sdtrain.sizes import check_model_sizes
-from sdtrain.torch_training import (
-    LogWindow,
-    check_finite,
-    collate,
-    default_num_workers,
-    encode_once,
-    encode_text,
-    final_save_failed,
-    inference_scheduler,
-    load_component,
-    log_validation,
-    model_family,
-    optimizer_tensors,
-    save_checkpoint,
-    stop_agreed,
-    text_components,
-    tokenize,
-    write_hub_style_text_encoder,
-)
 
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 OPTIMIZERS = ["adamw", "adamw_8bit", "adafactor", "lion", "prodigy", "schedule_free_adamw"]
@@ -463,6 +444,13 @@ from diffusers.training_utils import compute_dream_and_update_latents
 from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from sdtrain.torch.checkpoints import check_finite, final_save_failed, optimizer_tensors, save_checkpoint
+from sdtrain.torch.data import collate, default_num_workers, encode_once
+from sdtrain.torch.loop import LogWindow, stop_agreed
+from sdtrain.torch.models import ModelSource, inference_scheduler, load_component, model_family
+from sdtrain.torch.text import encode_text, text_components, tokenize, write_hub_style_text_encoder
+from sdtrain.torch.validation import log_validation
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -919,8 +907,18 @@ def validate(accelerator, text_encoders, tokenizers, unet, vae, prompts, args, s
         dtype=weight_dtype,
         cache_dir=args.cache_dir,
     )
-    pipeline.scheduler = inference_scheduler(pipeline.scheduler, args)
-    log_validation(pipeline, prompts, args, accelerator, seed, global_step, tag, weight_dtype)
+    pipeline.scheduler = inference_scheduler(pipeline.scheduler, args.prediction_type, args.rescale_betas_zero_snr)
+    log_validation(
+        pipeline,
+        prompts,
+        args.validation_resolution,
+        args.output_dir,
+        accelerator,
+        seed,
+        global_step,
+        tag,
+        weight_dtype,
+    )
 
 
 def write_model_card(args, global_step, validation_grid, sdxl):
@@ -985,7 +983,7 @@ def save_full_pipeline(text_encoders, tokenizers, unet, vae, weight_dtype, args)
         **frozen,
     )
     # The saved scheduler says what this run trained with (prediction type, zero terminal SNR).
-    pipeline.scheduler = inference_scheduler(pipeline.scheduler, args)
+    pipeline.scheduler = inference_scheduler(pipeline.scheduler, args.prediction_type, args.rescale_betas_zero_snr)
     partial = os.path.join(args.output_dir, ".pipeline.partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
@@ -1039,9 +1037,10 @@ def main(args):
     seed = choose_seed(args, resume_metadata, broadcast_object_list([draw_seed()])[0])
 
     # ------------------------------------------------------------------------------------------------ load models
+    source = ModelSource.from_args(args)
     # SDXL: two text encoders, each with its own tokenizer and its own copy of the placeholder's rows.
     sdxl = (
-        model_family(args).name == "sdxl"
+        model_family(source).name == "sdxl"
     )  # any family but SD 1.x / 2.x and SDXL is named and refused by model_family
     # A size the model cannot train or render at is refused now, from the configs, not at the first validation.
     path = args.pretrained_model_name_or_path
@@ -1049,20 +1048,22 @@ def main(args):
     if args.tokenizer_name:
         tokenizers = [CLIPTokenizer.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)]
     else:
-        tokenizers = [load_component(CLIPTokenizer, args, "tokenizer")]
+        tokenizers = [load_component(CLIPTokenizer, source, "tokenizer")]
     if sdxl:
-        tokenizers.append(load_component(CLIPTokenizer, args, "tokenizer_2"))
+        tokenizers.append(load_component(CLIPTokenizer, source, "tokenizer_2"))
     # Lin et al. 2023 (arXiv:2305.08891): rescaled betas reach zero SNR at the last timestep, as sampling starts.
     noise_scheduler = load_component(
-        DDPMScheduler, args, "scheduler", rescale_betas_zero_snr=args.rescale_betas_zero_snr
+        DDPMScheduler, source, "scheduler", rescale_betas_zero_snr=args.rescale_betas_zero_snr
     )
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    text_encoders = [load_component(CLIPTextModel, args, "text_encoder", variant=args.variant)]
+    text_encoders = [load_component(CLIPTextModel, source, "text_encoder", variant=args.variant)]
     if sdxl:
-        text_encoders.append(load_component(CLIPTextModelWithProjection, args, "text_encoder_2", variant=args.variant))
-    vae = load_component(AutoencoderKL, args, "vae", variant=args.variant)
-    unet = load_component(UNet2DConditionModel, args, "unet", variant=args.variant)
+        text_encoders.append(
+            load_component(CLIPTextModelWithProjection, source, "text_encoder_2", variant=args.variant)
+        )
+    vae = load_component(AutoencoderKL, source, "vae", variant=args.variant)
+    unet = load_component(UNet2DConditionModel, source, "unet", variant=args.variant)
     # Everything is frozen; the only trainable tensors are the new rows (one set per text encoder), each starting at
     # the initializer's embedding in that encoder.
     vae.requires_grad_(False)
@@ -1113,7 +1114,7 @@ def main(args):
 
     # ------------------------------------------------------------------------------------------------------- data
     train_dataset = TextualInversionDataset(image_paths, tokenizers, " ".join(placeholder_tokens), args, seed, sdxl)
-    num_workers = default_num_workers(args, accelerator)
+    num_workers = default_num_workers(args.dataloader_num_workers, accelerator.device)
     if args.cache_latents:
         build_latent_cache(train_dataset, vae, accelerator, args, num_workers)
     # The run depends on the global batch, not on how many processes share it: batches and draws are made for it.

@@ -74,27 +74,6 @@ from sdtrain.run_folder import (
 )
 from sdtrain.single_file import SINGLE_FILE_DTYPES, save_single_file, single_file_layout
 from sdtrain.sizes import check_model_sizes, size_factors
-from sdtrain.torch_training import (
-    LogWindow,
-    check_finite,
-    check_images,
-    collate,
-    default_num_workers,
-    encode_once,
-    encode_text,
-    final_save_failed,
-    inference_scheduler,
-    load_component,
-    load_model,
-    log_validation,
-    model_family,
-    optimizer_tensors,
-    save_checkpoint,
-    stop_agreed,
-    text_components,
-    tokenize,
-    write_hub_style_text_encoder,
-)
 
 INTERPOLATION_MODES = ["lanczos", "bicubic", "bilinear", "nearest", "nearest_exact", "box", "hamming"]
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
@@ -551,6 +530,12 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdtrain.captions import CaptionConfig, edit_caption, load_image_caption_dataset  # imports datasets
+from sdtrain.torch.checkpoints import check_finite, final_save_failed, optimizer_tensors, save_checkpoint
+from sdtrain.torch.data import check_images, collate, default_num_workers, encode_once
+from sdtrain.torch.loop import LogWindow, stop_agreed
+from sdtrain.torch.models import ModelSource, inference_scheduler, load_component, load_model, model_family
+from sdtrain.torch.text import encode_text, text_components, tokenize, write_hub_style_text_encoder
+from sdtrain.torch.validation import log_validation
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -796,7 +781,7 @@ def trained_tensors(unet, ema_unet, optimizer):
 def make_ema_unet(args, device):
     """--use_ema: an exponential moving average of the UNet, starting from --revision's UNet (training may start from
     --non_ema_revision), on the device or, with --offload_ema, in CPU memory (pinned on GPU machines)."""
-    ema_source = load_component(UNet2DConditionModel, args, "unet", variant=args.variant)
+    ema_source = load_component(UNet2DConditionModel, ModelSource.from_args(args), "unet", variant=args.variant)
     ema_unet = EMAModel(
         ema_source.parameters(),
         model_cls=UNet2DConditionModel,
@@ -1089,13 +1074,23 @@ def validate(accelerator, unet, ema_unet, components, args, seed, global_step, w
         cache_dir=args.cache_dir,
         **components,
     )
-    pipeline.scheduler = inference_scheduler(pipeline.scheduler, args)
+    pipeline.scheduler = inference_scheduler(pipeline.scheduler, args.prediction_type, args.rescale_betas_zero_snr)
     for suffix, ema_weights in validation_weights(args):
         if ema_weights:
             ema_unet.store(unet.parameters())
             ema_unet.copy_to(unet.parameters())
         tag = "validation" + suffix
-        log_validation(pipeline, args.validation_prompts, args, accelerator, seed, global_step, tag, weight_dtype)
+        log_validation(
+            pipeline,
+            args.validation_prompts,
+            args.validation_resolution,
+            args.output_dir,
+            accelerator,
+            seed,
+            global_step,
+            tag,
+            weight_dtype,
+        )
         if ema_weights:
             ema_unet.restore(unet.parameters())
     del pipeline
@@ -1161,7 +1156,7 @@ def save_pipeline(unet, args, sdxl):
     )
     # The model now predicts this target on this schedule: the saved scheduler must say so, or inference silently
     # goes wrong.
-    pipeline.scheduler = inference_scheduler(pipeline.scheduler, args)
+    pipeline.scheduler = inference_scheduler(pipeline.scheduler, args.prediction_type, args.rescale_betas_zero_snr)
     partial = os.path.join(args.output_dir, ".pipeline.partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
@@ -1226,10 +1221,11 @@ def main(args):
     seed = choose_seed(args, resume_metadata, broadcast_object_list([draw_seed()])[0])
 
     # ------------------------------------------------------------------------------------------------ load models
+    source = ModelSource.from_args(args)
     # Lin et al. 2023 (arXiv:2305.08891): rescaled betas reach zero SNR at the last timestep, so the model learns to
     # start from pure noise, as sampling does, and can make very dark and very bright images.
     # SD 1.x / 2.x or SDXL, from model_index.json before any weights load; any other family is named and refused.
-    sdxl = model_family(args).name == "sdxl"
+    sdxl = model_family(source).name == "sdxl"
     if sdxl and args.dream_training:
         raise UserError("--dream_training supports Stable Diffusion 1.x / 2.x pipelines; this one is SDXL")
     # A size the model cannot train or render at is refused now, from the configs, not at the first validation.
@@ -1243,24 +1239,26 @@ def main(args):
         args.aspect_ratio_buckets,
     )
     noise_scheduler = load_component(
-        DDPMScheduler, args, "scheduler", rescale_betas_zero_snr=args.rescale_betas_zero_snr
+        DDPMScheduler, source, "scheduler", rescale_betas_zero_snr=args.rescale_betas_zero_snr
     )
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     prediction_type = noise_scheduler.config.prediction_type
     if args.dream_training and prediction_type != "epsilon":
         raise UserError(f"--dream_training supports epsilon prediction only; this run predicts {prediction_type}")
-    tokenizers = [load_component(CLIPTokenizer, args, "tokenizer")]
-    text_encoders = [load_component(CLIPTextModel, args, "text_encoder", variant=args.variant)]
+    tokenizers = [load_component(CLIPTokenizer, source, "tokenizer")]
+    text_encoders = [load_component(CLIPTextModel, source, "text_encoder", variant=args.variant)]
     if sdxl:
-        tokenizers.append(load_component(CLIPTokenizer, args, "tokenizer_2"))
-        text_encoders.append(load_component(CLIPTextModelWithProjection, args, "text_encoder_2", variant=args.variant))
+        tokenizers.append(load_component(CLIPTokenizer, source, "tokenizer_2"))
+        text_encoders.append(
+            load_component(CLIPTextModelWithProjection, source, "text_encoder_2", variant=args.variant)
+        )
     if args.pretrained_vae_model_name_or_path:
         flag = "--pretrained_vae_model_name_or_path"
         vae = load_model(AutoencoderKL, args.pretrained_vae_model_name_or_path, "", flag, cache_dir=args.cache_dir)
     else:
-        vae = load_component(AutoencoderKL, args, "vae", variant=args.variant)
-    unet = load_component(UNet2DConditionModel, args, "unet", revision=args.non_ema_revision)
+        vae = load_component(AutoencoderKL, source, "vae", variant=args.variant)
+    unet = load_component(UNet2DConditionModel, source, "unet", revision=args.non_ema_revision)
     vae.requires_grad_(False)
     for text_encoder in text_encoders:
         text_encoder.requires_grad_(False)
@@ -1299,7 +1297,7 @@ def main(args):
 
     # ------------------------------------------------------------------------------------------------------- data
     train_dataset = ImageCaptionDataset(load_image_caption_dataset(args, seed), tokenizers, args, seed, sdxl)
-    image_sizes = train_dataset.image_sizes = check_images(train_dataset, accelerator)
+    image_sizes = train_dataset.image_sizes = check_images(train_dataset.verify_image, len(train_dataset), accelerator)
     # The run depends on the global batch, not on how many processes share it: batches and draws are made for it.
     global_batch_size = args.train_batch_size * accelerator.num_processes
     if args.use_aspect_ratio_buckets:
@@ -1309,7 +1307,7 @@ def main(args):
         epoch_global_batches = functools.partial(bucket_batches, train_dataset.bucket_of_row, global_batch_size, seed)
     else:
         epoch_global_batches = functools.partial(shuffled_batches, len(train_dataset), global_batch_size, seed)
-    num_workers = default_num_workers(args, accelerator)
+    num_workers = default_num_workers(args.dataloader_num_workers, accelerator.device)
     build_caches(train_dataset, vae, text_encoders, accelerator, args, num_workers)
     sampler = GlobalBatchSampler(epoch_global_batches, args.train_batch_size, accelerator.num_processes)
     train_dataloader = torch.utils.data.DataLoader(
@@ -1517,7 +1515,17 @@ def main(args):
                 if ema_unet is not None and not ema_weights:
                     ema_unet.restore(final_unet.parameters())
                 prompts, tag = args.validation_prompts, "final" + suffix
-                log_validation(pipeline, prompts, args, accelerator, seed, global_step, tag, torch.float32)
+                log_validation(
+                    pipeline,
+                    prompts,
+                    args.validation_resolution,
+                    args.output_dir,
+                    accelerator,
+                    seed,
+                    global_step,
+                    tag,
+                    torch.float32,
+                )
             grid = f"validation/final{renders[0][0]}-step-{global_step:06d}.png"
         write_model_card(args, global_step, grid, sdxl)
         logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")

@@ -1,0 +1,95 @@
+"""Checkpoints through Accelerate, written crash-safely; the finiteness check before anything is written; the rescue
+checkpoint when the final save fails."""
+
+import functools
+import logging
+import math
+import os
+import shutil
+
+import torch
+from accelerate.utils import DistributedType
+
+from sdtrain.cli import WriteFailure
+from sdtrain.run_folder import (
+    final_save_error,
+    list_checkpoints,
+    publish_checkpoint,
+    write_checkpoint_metadata,
+    write_failure,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def check_finite(named_tensors, loss, what, global_step):
+    """Before anything is written: every tensor about to be written is finite, and so is the loss the new weights
+    give on the last batch (weights can stay finite while a model's outputs do not). Otherwise stop, naming the step
+    and the tensors; only then is anything written, so no file ever holds a diverged model."""
+    bad = [name for name, tensor in named_tensors if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad or not math.isfinite(loss):
+        culprits = f"non-finite values in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}" if bad else ""
+        culprits = culprits or f"a loss of {loss} on the last batch"
+        raise FloatingPointError(
+            f"{what} diverged at step {global_step} ({culprits}): stopping, nothing was written for this step. "
+            "Lower --learning_rate, or clip gradients with --max_grad_norm"
+        )
+
+
+def optimizer_tensors(optimizer):
+    """The optimizer's state tensors, named by parameter index and key."""
+    for index, state in enumerate(optimizer.state.values()):
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                yield f"optimizer state {index}.{key}", value
+
+
+def save_checkpoint(accelerator, output_dir, global_step, run_metadata, total_limit=None):
+    """Write checkpoint-N crash-safely: into a hidden temporary folder, flushed to disk, then renamed into place (a
+    checkpoint is visible only when complete); then keep the newest `total_limit` (--checkpoints_total_limit).
+    Called by every process. Under DeepSpeed and FSDP, save_state is collective (each rank writes its own shards into
+    the folder, which must be shared by all machines) and the checkpoint is published only if every rank succeeded;
+    otherwise the main process writes it alone."""
+    collective = accelerator.state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    if not (accelerator.is_main_process or collective):
+        return
+    final_path = os.path.join(output_dir, f"checkpoint-{global_step}")
+    partial_path = os.path.join(output_dir, f".checkpoint-{global_step}.partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial_path, ignore_errors=True)
+    failure = None
+    if collective:
+        accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(partial_path)
+        if accelerator.is_main_process:
+            write_checkpoint_metadata(partial_path, {**run_metadata, "global_step": global_step})
+    except (OSError, RuntimeError) as err:
+        failure = err
+    if collective:
+        failed = torch.tensor(float(failure is not None), device=accelerator.device)
+        if accelerator.reduce(failed, reduction="sum").item() and failure is None:
+            failure = RuntimeError("another process could not write its part")
+    if failure is not None:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial_path, ignore_errors=True)
+        raise WriteFailure(write_failure(f"checkpoint-{global_step}", output_dir, failure)) from failure
+    if accelerator.is_main_process:
+        publish_checkpoint(partial_path, final_path)
+        logger.info(f"Saved {final_path}")
+        if total_limit is not None:
+            for _, path in list_checkpoints(output_dir)[:-total_limit]:
+                logger.info(f"Deleting {path} (--checkpoints_total_limit {total_limit})")
+                shutil.rmtree(path)
+    if collective:
+        accelerator.wait_for_everyone()
+
+
+def final_save_failed(accelerator, output_dir, global_step, run_metadata, err):
+    """final_save_error for the PyTorch scripts: checkpoint-<final step> through Accelerate. Main process only; the
+    model must hold the trained weights, as in every checkpoint (EMA weights restored)."""
+    if accelerator.state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        # Their checkpoints are written by every process together, and the others are past this point.
+        return final_save_error(output_dir, global_step, err, None, "DeepSpeed and FSDP write it with every process")
+    write = functools.partial(save_checkpoint, accelerator, output_dir, global_step, run_metadata)
+    return final_save_error(output_dir, global_step, err, write)
