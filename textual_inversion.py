@@ -431,25 +431,19 @@ import torchvision.transforms.functional as TF
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, broadcast_object_list
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_dream_and_update_latents
 from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdtrain.torch.checkpoints import check_finite, final_save_failed, optimizer_tensors, save_checkpoint
 from sdtrain.torch.data import collate, default_num_workers, encode_once
+from sdtrain.torch.family import family_code
 from sdtrain.torch.loop import LogWindow, stop_agreed
 from sdtrain.torch.models import ModelSource, inference_scheduler, load_component, model_family
-from sdtrain.torch.text import encode_text, text_components, tokenize, write_hub_style_text_encoder
+from sdtrain.torch.text import tokenize, write_hub_style_text_encoder
 from sdtrain.torch.validation import log_validation
 
 logger = get_logger(__name__, log_level="INFO")
@@ -504,16 +498,16 @@ class TextualInversionDataset(torch.utils.data.Dataset):
     """The example images repeated --repeats times, each with a prompt from the templates holding the placeholder.
     Indexed by (epoch, index, weight) keys: the template and the flip are drawn from an RNG seeded by (seed, epoch,
     index), so the same sample is identical in a resumed run, and the cached path draws exactly what the uncached one
-    does. `tokenizers`: one per text encoder (two for SDXL); input_ids holds a row of ids for each, and for SDXL each
-    example has its size conditioning, time_ids."""
+    does. `tokenizers`: one per text encoder (two for SDXL); input_ids holds a row of ids for each, and with
+    added_conditioning (the family's: SDXL's size conditioning) each example has its time_ids."""
 
-    def __init__(self, image_paths, tokenizers, placeholder_text, args, seed, sdxl=False):
+    def __init__(self, image_paths, tokenizers, placeholder_text, args, seed, added_conditioning=False):
         self.image_paths, self.tokenizers, self.placeholder_text = image_paths, tokenizers, placeholder_text
         self.args, self.seed = args, seed
         self.templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
         self.latent_cache = None  # [image, flipped] -> VAE latent distribution parameters, set by build_latent_cache()
         # Every image's (width, height) as decoded (EXIF rotation applied): SDXL's original-size conditioning.
-        self.image_sizes = [load_rgb(path, path).size for path in image_paths] if sdxl else None
+        self.image_sizes = [load_rgb(path, path).size for path in image_paths] if added_conditioning else None
 
     def __len__(self):
         return len(self.image_paths) * self.args.repeats
@@ -597,11 +591,12 @@ class GlobalBatchSampler(torch.utils.data.Sampler):
                 yield [(self.epoch, row, weight) for row, weight in share]
 
 
-def probe_loss(accelerator, unet, text_encoders, noise_scheduler, latents, input_ids, time_ids, config, seed):
+def probe_loss(accelerator, unet, text_encoders, code, noise_scheduler, latents, input_ids, time_ids, config, seed):
     """The loss the learned rows give now on a batch (the mean over processes), with draws of its own."""
     generator = torch.Generator(device=latents.device).manual_seed(seed)
     with torch.no_grad(), accelerator.autocast():
-        encoder_hidden_states, added_cond_kwargs = text_conditioning(text_encoders, input_ids, time_ids, latents.dtype)
+        conditioning = text_conditioning(text_encoders, code, input_ids, time_ids, latents.dtype)
+        encoder_hidden_states, added_cond_kwargs = conditioning
         loss = diffusion_loss(
             unet,
             noise_scheduler,
@@ -684,21 +679,21 @@ def make_optimizer(args, params):
     )
 
 
-def text_conditioning(text_encoders, input_ids, time_ids, dtype):
-    """The UNet's conditioning from the text encoders: encoder_hidden_states, and for SDXL (time_ids given)
-    added_cond_kwargs, the second encoder's pooled embedding and the size conditioning. Cast to the dtype of the
-    frozen UNet, which is the latents' (the mixed-precision dtype)."""
-    encoded = encode_text(text_encoders, input_ids)
-    if time_ids is None:
-        return encoded.to(dtype), None
-    encoder_hidden_states, text_embeds = encoded
-    return encoder_hidden_states.to(dtype), {"text_embeds": text_embeds.to(dtype), "time_ids": time_ids.to(dtype)}
+def text_conditioning(text_encoders, code, input_ids, time_ids, dtype):
+    """The UNet's conditioning from the family's (`code`: sdtrain.torch.family) text encoders: encoder_hidden_states,
+    and added_cond_kwargs (SDXL's pooled embedding and size conditioning) or None. Cast to the dtype of the frozen
+    UNet, which is the latents' (the mixed-precision dtype)."""
+    encoder_hidden_states, pooled_text_embeds = code.encode_text(text_encoders, input_ids)
+    added_cond_kwargs = code.added_conditioning(pooled_text_embeds, time_ids)
+    if added_cond_kwargs:
+        added_cond_kwargs = {name: value.to(dtype) for name, value in added_cond_kwargs.items()}
+    return encoder_hidden_states.to(dtype), added_cond_kwargs
 
 
-def encode_batch(batch, vae, text_encoders, generator, share, unet_dtype):
+def encode_batch(batch, vae, text_encoders, code, generator, share, unet_dtype):
     """The batch's latents in the frozen UNet's dtype, from the frozen VAE or its cache (the VAE sample is the first
     draw from `generator`, made for the global batch `share` belongs to: see BatchShare), and its text conditioning
-    (encoder_hidden_states, and for SDXL added_cond_kwargs), which carries gradients back to the new embedding rows."""
+    (encoder_hidden_states, and added_cond_kwargs or None), which carries gradients back to the new embedding rows."""
     with torch.no_grad():
         if "latent_parameters" in batch:
             # --cache_latents: sampling from the stored distribution draws exactly what encoding the image would.
@@ -715,7 +710,7 @@ def encode_batch(batch, vae, text_encoders, generator, share, unet_dtype):
     # The text encoders run with gradients: they reach the new token embedding rows and nothing else.
     input_ids, time_ids = batch["input_ids"].to(latents.device), batch.get("time_ids")
     time_ids = None if time_ids is None else time_ids.to(latents.device)
-    return latents, *text_conditioning(text_encoders, input_ids, time_ids, latents.dtype)
+    return latents, *text_conditioning(text_encoders, code, input_ids, time_ids, latents.dtype)
 
 
 # ----------------------------------------------------- BEGIN MATH -----------------------------------------------------
@@ -889,19 +884,17 @@ def save_embeddings(tensors, path, safe_serialization=True):
     fsync_folder(os.path.dirname(path))
 
 
-def pipeline_class(sdxl):
-    return StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-
-
-def validate(accelerator, text_encoders, tokenizers, unet, vae, prompts, args, seed, global_step, tag, weight_dtype):
+def validate(
+    accelerator, code, text_encoders, tokenizers, unet, vae, prompts, args, seed, global_step, tag, weight_dtype
+):
     """Render the validation prompts with the embedding learned so far, through the frozen pipeline."""
     text_encoders = [accelerator.unwrap_model(text_encoder) for text_encoder in text_encoders]
-    pipeline = pipeline_class(len(text_encoders) == 2).from_pretrained(
+    pipeline = code.pipeline_class.from_pretrained(
         args.pretrained_model_name_or_path,
-        **text_components(text_encoders, tokenizers),
+        **code.components(text_encoders, tokenizers),
         unet=unet,
         vae=vae,
-        **({} if len(text_encoders) == 2 else {"safety_checker": None}),  # SDXL pipelines have none
+        **code.validation_components(),
         revision=args.revision,
         variant=args.variant,
         dtype=weight_dtype,
@@ -921,23 +914,24 @@ def validate(accelerator, text_encoders, tokenizers, unet, vae, prompts, args, s
     )
 
 
-def write_model_card(args, global_step, validation_grid, sdxl):
+def write_model_card(args, global_step, validation_grid, code):
+    """README.md: the license and tags of the base model's family, how to load the embedding, the run's settings."""
     suffix = "bin" if args.no_safe_serialization else "safetensors"
-    if sdxl:
+    family, pipeline_name = code.family, code.pipeline_class.__name__
+    load = [f'pipe.load_textual_inversion("{args.output_dir}/learned_embeds.{suffix}")']
+    if len(family.text_encoders) > 1:
         # One file per text encoder: each gets the placeholder's tokens and its own rows.
         load = [
             f'pipe.load_textual_inversion("{args.output_dir}/{learned_embeds_name(index)}.{suffix}", '
-            f'token="{args.placeholder_token}", text_encoder=pipe.text_encoder{name}, tokenizer=pipe.tokenizer{name})'
-            for index, name in enumerate(["", "_2"])
+            f'token="{args.placeholder_token}", text_encoder=pipe.{text_encoder}, tokenizer=pipe.{tokenizer})'
+            for index, (text_encoder, tokenizer) in enumerate(zip(family.text_encoders, family.tokenizers, strict=True))
         ]
-    else:
-        load = [f'pipe.load_textual_inversion("{args.output_dir}/learned_embeds.{suffix}")']
     lines = [
         "---",
-        "license: openrail++" if sdxl else "license: creativeml-openrail-m",  # SDXL's license, SD 1.x / 2.x's
+        f"license: {family.license}",
         f"base_model: {args.pretrained_model_name_or_path}",
         "tags:",
-        "- stable-diffusion-xl" if sdxl else "- stable-diffusion",
+        *(f"- {tag}" for tag in family.tags),
         "- text-to-image",
         "- diffusers",
         "- textual_inversion",
@@ -951,9 +945,9 @@ def write_model_card(args, global_step, validation_grid, sdxl):
         f"from the images in `{args.train_data_dir}`, {global_step} optimizer updates.",
         "",
         "```python",
-        f"from diffusers import {pipeline_class(sdxl).__name__}",
+        f"from diffusers import {pipeline_name}",
         "",
-        f'pipe = {pipeline_class(sdxl).__name__}.from_pretrained("{args.pretrained_model_name_or_path}")',
+        f'pipe = {pipeline_name}.from_pretrained("{args.pretrained_model_name_or_path}")',
         *load,
         f'image = pipe("{args.validation_prompt or "a photo of a " + args.placeholder_token}").images[0]',
         "```",
@@ -964,7 +958,7 @@ def write_model_card(args, global_step, validation_grid, sdxl):
         f.write("\n".join(lines) + "\n")
 
 
-def save_full_pipeline(text_encoders, tokenizers, unet, vae, weight_dtype, args):
+def save_full_pipeline(code, text_encoders, tokenizers, unet, vae, weight_dtype, args):
     """The pipeline with the extended tokenizer(s) and standard text encoder(s) holding the learned rows, written to a
     temporary folder first. The frozen UNet and VAE are re-read from the source when training held them in
     reduced precision, so the saved files keep the original precision."""
@@ -973,8 +967,8 @@ def save_full_pipeline(text_encoders, tokenizers, unet, vae, weight_dtype, args)
         text_encoder.set_input_embeddings(token_embedding.merged())
         text_encoder.config.vocab_size = len(tokenizer)
     frozen = {"unet": unet, "vae": vae} if weight_dtype == torch.float32 else {}
-    components = text_components(text_encoders, tokenizers)
-    pipeline = pipeline_class(len(text_encoders) == 2).from_pretrained(
+    components = code.components(text_encoders, tokenizers)
+    pipeline = code.pipeline_class.from_pretrained(
         args.pretrained_model_name_or_path,
         **components,
         revision=args.revision,
@@ -988,9 +982,8 @@ def save_full_pipeline(text_encoders, tokenizers, unet, vae, weight_dtype, args)
     shutil.rmtree(partial, ignore_errors=True)
     try:
         pipeline.save_pretrained(partial, safe_serialization=not args.no_safe_serialization)
-        for name in components:
-            if name.startswith("text_encoder"):
-                write_hub_style_text_encoder(os.path.join(partial, name))
+        for name in code.family.text_encoders:
+            write_hub_style_text_encoder(os.path.join(partial, name))
     except (OSError, RuntimeError) as err:
         shutil.rmtree(partial, ignore_errors=True)
         raise WriteFailure(write_failure("the pipeline", args.output_dir, err)) from err
@@ -1038,30 +1031,22 @@ def main(args):
 
     # ------------------------------------------------------------------------------------------------ load models
     source = ModelSource.from_args(args)
-    # SDXL: two text encoders, each with its own tokenizer and its own copy of the placeholder's rows.
-    sdxl = (
-        model_family(source).name == "sdxl"
-    )  # any family but SD 1.x / 2.x and SDXL is named and refused by model_family
+    # SD 1.x / 2.x or SDXL, from model_index.json before any weights load; any other family is named and refused.
+    # What differs between them is the family's: `code` loads and encodes its text (sdtrain/torch/family.py). SDXL
+    # has two text encoders, each with its own tokenizer and its own copy of the placeholder's rows.
+    family = model_family(source)
+    code = family_code(family)
     # A size the model cannot train or render at is refused now, from the configs, not at the first validation.
     path = args.pretrained_model_name_or_path
     check_model_sizes(path, None, args.revision, args.cache_dir, args.resolution, args.validation_resolution)
-    if args.tokenizer_name:
-        tokenizers = [CLIPTokenizer.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)]
-    else:
-        tokenizers = [load_component(CLIPTokenizer, source, "tokenizer")]
-    if sdxl:
-        tokenizers.append(load_component(CLIPTokenizer, source, "tokenizer_2"))
+    tokenizers = code.load_tokenizers(source, args.tokenizer_name)
     # Lin et al. 2023 (arXiv:2305.08891): rescaled betas reach zero SNR at the last timestep, as sampling starts.
     noise_scheduler = load_component(
         DDPMScheduler, source, "scheduler", rescale_betas_zero_snr=args.rescale_betas_zero_snr
     )
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    text_encoders = [load_component(CLIPTextModel, source, "text_encoder", variant=args.variant)]
-    if sdxl:
-        text_encoders.append(
-            load_component(CLIPTextModelWithProjection, source, "text_encoder_2", variant=args.variant)
-        )
+    text_encoders = code.load_text_encoders(source, variant=args.variant)
     vae = load_component(AutoencoderKL, source, "vae", variant=args.variant)
     unet = load_component(UNet2DConditionModel, source, "unet", variant=args.variant)
     # Everything is frozen; the only trainable tensors are the new rows (one set per text encoder), each starting at
@@ -1091,7 +1076,7 @@ def main(args):
     # The frozen UNet and VAE run in the mixed-precision dtype; the text encoders and the new rows stay fp32. SDXL's
     # VAE overflows in fp16 and says so (force_upcast): it stays in fp32.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    vae_dtype = torch.float32 if sdxl and vae.config.force_upcast else weight_dtype
+    vae_dtype = code.vae_dtype(vae.config, weight_dtype)
     unet.to(accelerator.device, dtype=weight_dtype)
     vae.to(accelerator.device, dtype=vae_dtype)
     logger.info(
@@ -1113,7 +1098,10 @@ def main(args):
     )
 
     # ------------------------------------------------------------------------------------------------------- data
-    train_dataset = TextualInversionDataset(image_paths, tokenizers, " ".join(placeholder_tokens), args, seed, sdxl)
+    placeholder_text = " ".join(placeholder_tokens)
+    train_dataset = TextualInversionDataset(
+        image_paths, tokenizers, placeholder_text, args, seed, family.added_conditioning
+    )
     num_workers = default_num_workers(args.dataloader_num_workers, accelerator.device)
     if args.cache_latents:
         build_latent_cache(train_dataset, vae, accelerator, args, num_workers)
@@ -1243,7 +1231,7 @@ def main(args):
             group_size = min(args.gradient_accumulation_steps, batches_per_epoch - group_start)
             with accelerator.accumulate(*text_encoders):
                 latents, encoder_hidden_states, added_cond_kwargs = encode_batch(
-                    batch, vae, text_encoders, generator, share, weight_dtype
+                    batch, vae, text_encoders, code, generator, share, weight_dtype
                 )
                 sample_weights = batch["sample_weights"].to(latents.device)
                 loss = diffusion_loss(
@@ -1289,7 +1277,9 @@ def main(args):
             if is_save_step:
                 check_embedding_scale([learned_array(rows) for rows in learned_rows], vocabulary_norms, global_step)
                 tensors = [*(("the new rows", rows) for rows in learned_rows), *optimizer_tensors(optimizer)]
-                probe = probe_loss(accelerator, unet, text_encoders, noise_scheduler, *last_batch, loss_config, seed)
+                probe = probe_loss(
+                    accelerator, unet, text_encoders, code, noise_scheduler, *last_batch, loss_config, seed
+                )
                 check_finite(tensors, probe, "the embedding", global_step)
             if accelerator.is_main_process:
                 if global_step % args.save_steps == 0:
@@ -1298,7 +1288,7 @@ def main(args):
                         path = os.path.join(args.output_dir, name)
                         save_embeddings({args.placeholder_token: rows}, path, not args.no_safe_serialization)
                 if is_validation_step and global_step < max_train_steps:
-                    validate(accelerator, *validation_models, args, seed, global_step, "validation", weight_dtype)
+                    validate(accelerator, code, *validation_models, args, seed, global_step, "validation", weight_dtype)
             if is_checkpoint_step:
                 save_checkpoint(accelerator, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
             if is_save_step or is_validation_step:
@@ -1317,7 +1307,7 @@ def main(args):
     if last_batch is not None:  # what is about to be saved, checked as every checkpoint is
         check_embedding_scale([learned_array(rows) for rows in learned_rows], vocabulary_norms, global_step)
         tensors = [*(("the new rows", rows) for rows in learned_rows), *optimizer_tensors(optimizer)]
-        probe = probe_loss(accelerator, unet, text_encoders, noise_scheduler, *last_batch, loss_config, seed)
+        probe = probe_loss(accelerator, unet, text_encoders, code, noise_scheduler, *last_batch, loss_config, seed)
         check_finite(tensors, probe, "the embedding", global_step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -1330,15 +1320,15 @@ def main(args):
             raise final_save_failed(accelerator, args.output_dir, global_step, run_metadata, err) from err
         grid = None
         if validation_prompts:
-            validate(accelerator, *validation_models, args, seed, global_step, "final", weight_dtype)
+            validate(accelerator, code, *validation_models, args, seed, global_step, "final", weight_dtype)
             grid = f"validation/final-step-{global_step:06d}.png"
         if args.save_as_full_pipeline or args.push_to_hub:
             unwrapped = [accelerator.unwrap_model(text_encoder) for text_encoder in text_encoders]
             try:
-                save_full_pipeline(unwrapped, tokenizers, unet, vae, weight_dtype, args)
+                save_full_pipeline(code, unwrapped, tokenizers, unet, vae, weight_dtype, args)
             except Exception as err:
                 raise final_save_failed(accelerator, args.output_dir, global_step, run_metadata, err) from err
-        write_model_card(args, global_step, grid, sdxl)
+        write_model_card(args, global_step, grid, code)
         if args.push_to_hub:
             push_to_hub(args)
     accelerator.end_training()

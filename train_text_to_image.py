@@ -515,26 +515,20 @@ import torchvision.transforms.functional as TF
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import ProjectConfiguration, broadcast_object_list
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_dream_and_update_latents
 from torchvision.transforms import InterpolationMode
 from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdtrain.captions import CaptionConfig, edit_caption, load_image_caption_dataset  # imports datasets
 from sdtrain.torch.checkpoints import check_finite, final_save_failed, optimizer_tensors, save_checkpoint
 from sdtrain.torch.data import check_images, collate, default_num_workers, encode_once
+from sdtrain.torch.family import family_code
 from sdtrain.torch.loop import LogWindow, stop_agreed
 from sdtrain.torch.models import ModelSource, inference_scheduler, load_component, load_model, model_family
-from sdtrain.torch.text import encode_text, text_components, tokenize, write_hub_style_text_encoder
+from sdtrain.torch.text import tokenize, write_hub_style_text_encoder
 from sdtrain.torch.validation import log_validation
 
 logger = get_logger(__name__, log_level="INFO")
@@ -547,13 +541,14 @@ logger = get_logger(__name__, log_level="INFO")
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """Rows -> {pixel_values or latent_parameters, input_ids or encoder_hidden_states (+ pooled_text_embeds),
-    sample_weights}, and for SDXL {time_ids, caption_kept}. Indexed by (epoch, row, weight) keys: crop, flip and
-    caption edits are drawn from an RNG seeded by (seed, epoch, row), so the same sample is identical in a resumed run,
-    and the cached path draws exactly what the uncached one does. `tokenizers`: one per text encoder (two for SDXL);
-    input_ids holds a row of ids for each."""
+    caption_kept, sample_weights}, and time_ids with added_conditioning (the family's: SDXL's size conditioning).
+    Indexed by (epoch, row, weight) keys: crop, flip and caption edits are drawn from an RNG seeded by (seed, epoch,
+    row), so the same sample is identical in a resumed run, and the cached path draws exactly what the uncached one
+    does. `tokenizers`: one per text encoder (two for SDXL); input_ids holds a row of ids for each."""
 
-    def __init__(self, rows, tokenizers, args, seed, sdxl=False):
-        self.rows, self.tokenizers, self.args, self.seed, self.sdxl = rows, tokenizers, args, seed, sdxl
+    def __init__(self, rows, tokenizers, args, seed, added_conditioning=False):
+        self.rows, self.tokenizers, self.args, self.seed = rows, tokenizers, args, seed
+        self.added_conditioning = added_conditioning
         self.interpolation = InterpolationMode[args.image_interpolation_mode.upper()]
         self.caption_config = CaptionConfig(
             proportion_empty_prompts=args.proportion_empty_prompts,
@@ -639,16 +634,16 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             flipped = self.args.random_flip and rng.random() < 0.5
             group_of_row, place, latents = self.latent_cache
             example["latent_parameters"] = latents[group_of_row[row]][place[row], int(flipped)]
-            box = self.crop_box(row, *self.image_sizes[row], rng=None) if self.sdxl else None
-        if self.sdxl:
+            box = None  # the fixed crop, which crop_box() gives without a draw
+        if self.added_conditioning:
+            box = box or self.crop_box(row, *self.image_sizes[row], rng=None)
             example["time_ids"] = self.time_ids(row, box, flipped)
         choices = self.caption_choices(self.caption_rows[row][self.args.caption_column], row)
         choice = int(rng.integers(len(choices))) if len(choices) > 1 else 0
         caption = edit_caption(choices[choice], rng, self.caption_config)
-        if self.sdxl:
-            # SDXL pipelines sample the unconditional branch from zeros, not from the encoded empty prompt
-            # (force_zeros_for_empty_prompt): an empty caption, dropped or in the data, trains that branch.
-            example["caption_kept"] = torch.tensor(float(caption != ""))
+        # Where the pipeline samples the unconditional branch from zeros (force_zeros_for_empty_prompt), an empty
+        # caption, dropped or in the data, trains that branch: encode_batch zeroes its conditioning.
+        example["caption_kept"] = torch.tensor(float(caption != ""))
         if self.text_cache is None:
             example["input_ids"] = torch.stack(
                 [tokenize(tokenizer, [caption], [0])[0] for tokenizer in self.tokenizers]
@@ -673,7 +668,7 @@ def image_views(dataset, views, rows, indices):
     return torch.stack(pixels)
 
 
-def build_caches(train_dataset, vae, text_encoders, accelerator, args, num_workers):
+def build_caches(train_dataset, vae, text_encoders, code, accelerator, args, num_workers):
     """--cache_latents: the VAE's latent distribution of every image (and its mirror image with --random_flip), at its
     bucket's size, so the VAE leaves the training loop. --cache_text_embeddings: the text encoder's output for every
     distinct caption (and the empty one, with --proportion_empty_prompts)."""
@@ -712,17 +707,16 @@ def build_caches(train_dataset, vae, text_encoders, accelerator, args, num_worke
         def token_ids(indices):
             return torch.stack([tokenize(tokenizer, captions, indices) for tokenizer in train_dataset.tokenizers], 1)
 
-        embeddings = encode_once(
+        embeddings, pooled = encode_once(
             accelerator,
             len(distinct),
             args.train_batch_size,
             token_ids,
-            lambda input_ids: encode_text(text_encoders, input_ids.to(text_encoders[0].device)),
+            lambda input_ids: code.encode_text(text_encoders, input_ids.to(text_encoders[0].device)),
             "Caching text embeddings",
         )
-        embeddings, pooled = embeddings if train_dataset.sdxl else (embeddings, None)
         train_dataset.text_cache = (np.array(offsets), np.array(indices), embeddings, pooled, empty_index)
-        caches.append(("text embeddings", [embeddings] + ([pooled] if pooled is not None else [])))
+        caches.append(("text embeddings", [tensor for tensor in (embeddings, pooled) if tensor is not None]))
     for name, tensors in caches:
         size = sum(t.numel() * t.element_size() for t in tensors) / 2**20
         shapes = ", ".join(str(tuple(t.shape)) for t in tensors[:4]) + (", ..." if len(tensors) > 4 else "")
@@ -859,10 +853,10 @@ def make_optimizer(args, params):
     )
 
 
-def encode_batch(batch, vae, text_encoders, generator, share):
-    """The batch's latents and text conditioning (encoder_hidden_states, and for SDXL the UNet's added_cond_kwargs),
-    from the frozen VAE and text encoders or from their caches. The VAE sample is the first draw from `generator`,
-    made for the global batch `share` belongs to (see BatchShare)."""
+def encode_batch(batch, vae, text_encoders, code, generator, share):
+    """The batch's latents and text conditioning (encoder_hidden_states, and the UNet's added_cond_kwargs or None),
+    from the frozen VAE and the family's text encoders (`code`: sdtrain.torch.family) or from their caches. The VAE
+    sample is the first draw from `generator`, made for the global batch `share` belongs to (see BatchShare)."""
     with torch.no_grad():
         if "latent_parameters" in batch:
             # --cache_latents: sampling from the stored distribution draws exactly what encoding the image would.
@@ -881,16 +875,17 @@ def encode_batch(batch, vae, text_encoders, generator, share):
             pooled_text_embeds = batch.get("pooled_text_embeds")
         else:
             # The frozen text encoders' hidden states condition the UNet through cross-attention.
-            encoded = encode_text(text_encoders, batch["input_ids"].to(device))
-            encoder_hidden_states, pooled_text_embeds = encoded if isinstance(encoded, tuple) else (encoded, None)
-        added_cond_kwargs = None
-        if "time_ids" in batch:
-            # SDXL: the pooled text embedding and the size conditioning enter through the UNet's added embedding; an
-            # empty caption conditions on zeros (see ImageCaptionDataset).
+            encoder_hidden_states, pooled_text_embeds = code.encode_text(text_encoders, batch["input_ids"].to(device))
+        if code.family.force_zeros_for_empty_prompt:
+            # The pipeline samples its unconditional branch from zeros, so an empty caption trains on zeros (SDXL's
+            # pooled embedding too), unless its model_index.json says force_zeros_for_empty_prompt: false.
             kept = batch["caption_kept"].to(device, dtype)
             encoder_hidden_states = encoder_hidden_states * kept[:, None, None]
-            text_embeds = pooled_text_embeds.to(device, dtype) * kept[:, None]
-            added_cond_kwargs = {"text_embeds": text_embeds, "time_ids": batch["time_ids"].to(device, dtype)}
+            pooled_text_embeds = pooled_text_embeds.to(device, dtype) * kept[:, None]
+        # SDXL: the pooled text embedding and the size conditioning enter through the UNet's added embedding.
+        added_cond_kwargs = code.added_conditioning(pooled_text_embeds, batch.get("time_ids"))
+        if added_cond_kwargs:  # cached embeddings and size conditioning come from CPU memory
+            added_cond_kwargs = {name: value.to(device, dtype) for name, value in added_cond_kwargs.items()}
     return latents, encoder_hidden_states, added_cond_kwargs
 
 
@@ -1050,24 +1045,14 @@ def validation_weights(args):
     return {"ema": [("", True)], "raw": [("-raw", False)], "both": [("", True), ("-raw", False)]}[args.ema_validation]
 
 
-def frozen_components(vae, text_encoders, tokenizers):
-    """The frozen models by their pipeline names: vae, text_encoder, tokenizer (and SDXL's text_encoder_2,
-    tokenizer_2)."""
-    return {"vae": vae, **text_components(text_encoders, tokenizers)}
-
-
-def pipeline_class(sdxl):
-    return StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-
-
-def validate(accelerator, unet, ema_unet, components, args, seed, global_step, weight_dtype):
+def validate(accelerator, code, unet, ema_unet, components, args, seed, global_step, weight_dtype):
     """Render the validation prompts mid-training with the weights that would be saved now (the EMA with --use_ema),
-    and with --ema_validation raw or both, with the raw trained weights."""
-    sdxl = "text_encoder_2" in components
-    pipeline = pipeline_class(sdxl).from_pretrained(
+    and with --ema_validation raw or both, with the raw trained weights. components: the frozen models by their
+    pipeline names."""
+    pipeline = code.pipeline_class.from_pretrained(
         args.pretrained_model_name_or_path,
         unet=accelerator.unwrap_model(unet),
-        **({} if sdxl else {"safety_checker": None}),
+        **code.validation_components(),
         revision=args.revision,
         variant=args.variant,
         dtype=weight_dtype,
@@ -1096,14 +1081,16 @@ def validate(accelerator, unet, ema_unet, components, args, seed, global_step, w
     del pipeline
 
 
-def write_model_card(args, global_step, validation_grid, sdxl):
+def write_model_card(args, global_step, validation_grid, code):
+    """README.md: the license and tags of the base model's family, how to load the pipeline, the run's settings."""
     warmup = warmup_applied(args.lr_scheduler, args.lr_warmup_steps, args.optimizer)
+    pipeline_name = code.pipeline_class.__name__
     lines = [
         "---",
-        "license: openrail++" if sdxl else "license: creativeml-openrail-m",  # SDXL's license, SD 1.x / 2.x's
+        f"license: {code.family.license}",
         f"base_model: {args.pretrained_model_name_or_path}",
         "tags:",
-        "- stable-diffusion-xl" if sdxl else "- stable-diffusion",
+        *(f"- {tag}" for tag in code.family.tags),
         "- text-to-image",
         "- diffusers",
         "library_name: diffusers",
@@ -1115,9 +1102,9 @@ def write_model_card(args, global_step, validation_grid, sdxl):
         f"`{args.dataset_name or args.train_data_dir}`.",
         "",
         "```python",
-        f"from diffusers import {pipeline_class(sdxl).__name__}",
+        f"from diffusers import {pipeline_name}",
         "",
-        f'pipe = {pipeline_class(sdxl).__name__}.from_pretrained("{args.hub_model_id or args.output_dir}")',
+        f'pipe = {pipeline_name}.from_pretrained("{args.hub_model_id or args.output_dir}")',
         f'image = pipe("{(args.validation_prompts or ["a photo"])[0]}").images[0]',
         "```",
         "",
@@ -1137,7 +1124,7 @@ def write_model_card(args, global_step, validation_grid, sdxl):
         f.write("\n".join(lines) + "\n")
 
 
-def save_pipeline(unet, args, sdxl):
+def save_pipeline(unet, args, code):
     """The full pipeline (frozen parts re-read in their original precision, the --pretrained_vae_model_name_or_path VAE
     in place of the pipeline's) in output_dir, written to a temporary folder first and switched in atomically
     (publish_pipeline), so a crash never leaves a broken model."""
@@ -1146,7 +1133,7 @@ def save_pipeline(unet, args, sdxl):
         replaced["vae"] = AutoencoderKL.from_pretrained(
             args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir
         )
-    pipeline = pipeline_class(sdxl).from_pretrained(
+    pipeline = code.pipeline_class.from_pretrained(
         args.pretrained_model_name_or_path,
         unet=unet,
         **replaced,
@@ -1161,7 +1148,7 @@ def save_pipeline(unet, args, sdxl):
     shutil.rmtree(partial, ignore_errors=True)
     try:
         pipeline.save_pretrained(partial, safe_serialization=True)
-        for name in ("text_encoder", "text_encoder_2"):
+        for name in code.family.text_encoders:
             if os.path.isdir(os.path.join(partial, name)):
                 write_hub_style_text_encoder(os.path.join(partial, name))
     except (OSError, RuntimeError) as err:
@@ -1222,12 +1209,12 @@ def main(args):
 
     # ------------------------------------------------------------------------------------------------ load models
     source = ModelSource.from_args(args)
-    # Lin et al. 2023 (arXiv:2305.08891): rescaled betas reach zero SNR at the last timestep, so the model learns to
-    # start from pure noise, as sampling does, and can make very dark and very bright images.
     # SD 1.x / 2.x or SDXL, from model_index.json before any weights load; any other family is named and refused.
-    sdxl = model_family(source).name == "sdxl"
-    if sdxl and args.dream_training:
-        raise UserError("--dream_training supports Stable Diffusion 1.x / 2.x pipelines; this one is SDXL")
+    # What differs between them is the family's: `code` loads and encodes its text (sdtrain/torch/family.py).
+    family = model_family(source)
+    code = family_code(family)
+    if family.added_conditioning and args.dream_training:  # DREAM's extra UNet call passes no added conditioning
+        raise UserError(f"--dream_training supports Stable Diffusion 1.x / 2.x pipelines; this one is {family.title}")
     # A size the model cannot train or render at is refused now, from the configs, not at the first validation.
     check_model_sizes(
         args.pretrained_model_name_or_path,
@@ -1238,6 +1225,8 @@ def main(args):
         args.validation_resolution,
         args.aspect_ratio_buckets,
     )
+    # Lin et al. 2023 (arXiv:2305.08891): rescaled betas reach zero SNR at the last timestep, so the model learns to
+    # start from pure noise, as sampling does, and can make very dark and very bright images.
     noise_scheduler = load_component(
         DDPMScheduler, source, "scheduler", rescale_betas_zero_snr=args.rescale_betas_zero_snr
     )
@@ -1246,13 +1235,8 @@ def main(args):
     prediction_type = noise_scheduler.config.prediction_type
     if args.dream_training and prediction_type != "epsilon":
         raise UserError(f"--dream_training supports epsilon prediction only; this run predicts {prediction_type}")
-    tokenizers = [load_component(CLIPTokenizer, source, "tokenizer")]
-    text_encoders = [load_component(CLIPTextModel, source, "text_encoder", variant=args.variant)]
-    if sdxl:
-        tokenizers.append(load_component(CLIPTokenizer, source, "tokenizer_2"))
-        text_encoders.append(
-            load_component(CLIPTextModelWithProjection, source, "text_encoder_2", variant=args.variant)
-        )
+    tokenizers = code.load_tokenizers(source)
+    text_encoders = code.load_text_encoders(source, variant=args.variant)
     if args.pretrained_vae_model_name_or_path:
         flag = "--pretrained_vae_model_name_or_path"
         vae = load_model(AutoencoderKL, args.pretrained_vae_model_name_or_path, "", flag, cache_dir=args.cache_dir)
@@ -1276,7 +1260,7 @@ def main(args):
     # The frozen models only run forward: keep them in the mixed-precision dtype. The UNet keeps fp32 master weights.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     # SDXL's VAE overflows in fp16 and says so (force_upcast): it stays in fp32. An fp16-safe VAE says otherwise.
-    vae_dtype = torch.float32 if sdxl and vae.config.force_upcast else weight_dtype
+    vae_dtype = code.vae_dtype(vae.config, weight_dtype)
     vae.to(accelerator.device, dtype=vae_dtype)
     logger.info(
         f"VAE in {vae_dtype}" + (" (its config asks for it: force_upcast)" if vae_dtype != weight_dtype else "")
@@ -1296,7 +1280,8 @@ def main(args):
     )
 
     # ------------------------------------------------------------------------------------------------------- data
-    train_dataset = ImageCaptionDataset(load_image_caption_dataset(args, seed), tokenizers, args, seed, sdxl)
+    rows = load_image_caption_dataset(args, seed)
+    train_dataset = ImageCaptionDataset(rows, tokenizers, args, seed, family.added_conditioning)
     image_sizes = train_dataset.image_sizes = check_images(train_dataset.verify_image, len(train_dataset), accelerator)
     # The run depends on the global batch, not on how many processes share it: batches and draws are made for it.
     global_batch_size = args.train_batch_size * accelerator.num_processes
@@ -1308,7 +1293,7 @@ def main(args):
     else:
         epoch_global_batches = functools.partial(shuffled_batches, len(train_dataset), global_batch_size, seed)
     num_workers = default_num_workers(args.dataloader_num_workers, accelerator.device)
-    build_caches(train_dataset, vae, text_encoders, accelerator, args, num_workers)
+    build_caches(train_dataset, vae, text_encoders, code, accelerator, args, num_workers)
     sampler = GlobalBatchSampler(epoch_global_batches, args.train_batch_size, accelerator.num_processes)
     train_dataloader = torch.utils.data.DataLoader(
         train_dataset,
@@ -1416,7 +1401,7 @@ def main(args):
             group_size = min(args.gradient_accumulation_steps, batches_per_epoch - group_start)
             with accelerator.accumulate(unet):
                 latents, encoder_hidden_states, added_cond_kwargs = encode_batch(
-                    batch, vae, text_encoders, generator, share
+                    batch, vae, text_encoders, code, generator, share
                 )
                 sample_weights = batch["sample_weights"].to(latents.device)
                 loss = diffusion_loss(
@@ -1479,8 +1464,8 @@ def main(args):
         if args.validation_prompts and (epoch + 1) % args.validation_epochs == 0 and not end_of_run:
             optimizer.eval()
             if accelerator.is_main_process:
-                components = frozen_components(vae, text_encoders, tokenizers)
-                validate(accelerator, unet, ema_unet, components, args, seed, global_step, weight_dtype)
+                components = {"vae": vae, **code.components(text_encoders, tokenizers)}
+                validate(accelerator, code, unet, ema_unet, components, args, seed, global_step, weight_dtype)
             accelerator.wait_for_everyone()
             optimizer.train()
 
@@ -1500,7 +1485,7 @@ def main(args):
             ema_unet.store(final_unet.parameters())
             ema_unet.copy_to(final_unet.parameters())
         try:
-            pipeline = save_pipeline(final_unet, args, sdxl)
+            pipeline = save_pipeline(final_unet, args, code)
             if args.save_single_file:
                 save_single_file(args, prediction_type, global_step)
         except Exception as err:  # a full disk, most often: the steps since the last checkpoint must not be lost
@@ -1527,7 +1512,7 @@ def main(args):
                     torch.float32,
                 )
             grid = f"validation/final{renders[0][0]}-step-{global_step:06d}.png"
-        write_model_card(args, global_step, grid, sdxl)
+        write_model_card(args, global_step, grid, code)
         logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
         if args.push_to_hub:
             push_to_hub(args)

@@ -20,6 +20,7 @@ import train_text_to_image as t2i
 from devkit import tiny_sd
 from devkit.command_line import command_line
 from sdtrain import families, single_file
+from sdtrain.torch.family import family_code
 
 
 def sdxl_args(pipeline, data, output_dir, *extra):
@@ -105,8 +106,9 @@ def test_sdxl_text_conditioning_is_what_the_sdxl_pipeline_samples_with(sdxl_pipe
         "caption_kept": torch.tensor([1.0, 0.0]),
     }
     generator = torch.Generator().manual_seed(0)
+    code = family_code(families.SDXL)
     _, encoder_hidden_states, added = t2i.encode_batch(
-        batch, pipeline.vae, text_encoders, generator, t2i.BatchShare(0, 2, 2)
+        batch, pipeline.vae, text_encoders, code, generator, t2i.BatchShare(0, 2, 2)
     )
     with torch.no_grad():
         embeds, negative, pooled, negative_pooled = pipeline.encode_prompt("a red circle", device="cpu")
@@ -132,7 +134,7 @@ def test_sdxl_size_conditioning_is_the_original_size_the_crop_corner_and_the_tar
         args = t2i.parse_args(
             command_line("--pretrained_model_name_or_path p --train_data_dir d --resolution 64", *flags)
         )
-        data = t2i.ImageCaptionDataset(rows, tokenizers, args, seed=0, sdxl=True)
+        data = t2i.ImageCaptionDataset(rows, tokenizers, args, seed=0, added_conditioning=True)
         data.image_sizes = [(100, 50)]
         return data
 

@@ -18,8 +18,8 @@ logger = logging.getLogger(__name__)
 def encode_once(accelerator, num_items, batch_size, prepare, encode, description, num_workers=0):
     """encode(prepare(indices)) over items 0..num_items-1, once, for --cache_latents / --cache_text_embeddings. Each
     process encodes every num_processes-th batch and all of them receive the whole result as one CPU tensor: the only
-    copy of the cache (dataloader workers share it, they do not copy it). An encode that returns a tuple of tensors
-    gives a tuple of caches."""
+    copy of the cache (dataloader workers share it, they do not copy it). An encode that returns a tuple gives a tuple
+    of caches, None where it returns None (SD's pooled text embedding)."""
     per_round = batch_size * accelerator.num_processes
     starts = range(0, num_items, per_round)
     first = accelerator.process_index * batch_size
@@ -38,12 +38,17 @@ def encode_once(accelerator, num_items, batch_size, prepare, encode, description
         with torch.no_grad():
             outputs = encode(prepared)
             several = isinstance(outputs, tuple)
-            encoded = [accelerator.gather(part.contiguous()).cpu() for part in (outputs if several else (outputs,))]
+            parts = outputs if several else (outputs,)
+            encoded = [None if part is None else accelerator.gather(part.contiguous()).cpu() for part in parts]
         if caches is None:
-            caches = [torch.empty((num_items, *part.shape[1:]), dtype=part.dtype) for part in encoded]
+            caches = [
+                None if part is None else torch.empty((num_items, *part.shape[1:]), dtype=part.dtype)
+                for part in encoded
+            ]
         stop = min(start + per_round, num_items)
         for cache, part in zip(caches, encoded, strict=True):
-            cache[start:stop] = part[: stop - start]
+            if cache is not None:
+                cache[start:stop] = part[: stop - start]
     return tuple(caches) if several else caches[0]
 
 
