@@ -7,7 +7,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from sdtrain.torch.models import load_component
+from sdtrain.torch.models import load_component, load_model
 
 
 class SDCode:
@@ -26,7 +26,9 @@ class SDCode:
         tokenizers = []
         for name in self.family.tokenizers:
             if tokenizer_name and not tokenizers:
-                tokenizers.append(CLIPTokenizer.from_pretrained(tokenizer_name, cache_dir=source.cache_dir))
+                tokenizers.append(
+                    load_model(CLIPTokenizer, tokenizer_name, "", "--tokenizer_name", cache_dir=source.cache_dir)
+                )
             else:
                 tokenizers.append(load_component(CLIPTokenizer, source, name))
         return tokenizers
