@@ -524,7 +524,7 @@ from tqdm.auto import tqdm
 
 from sdtrain.captions import CaptionConfig, edit_caption, load_image_caption_dataset  # imports datasets
 from sdtrain.torch.checkpoints import check_finite, final_save_failed, optimizer_tensors, save_checkpoint
-from sdtrain.torch.data import check_images, collate, default_num_workers, encode_once
+from sdtrain.torch.data import GlobalBatchSampler, check_images, collate, default_num_workers, encode_once
 from sdtrain.torch.family import family_code
 from sdtrain.torch.loop import LogWindow, stop_agreed
 from sdtrain.torch.models import ModelSource, inference_scheduler, load_component, load_model, model_family
@@ -721,28 +721,6 @@ def build_caches(train_dataset, vae, text_encoders, code, accelerator, args, num
         size = sum(t.numel() * t.element_size() for t in tensors) / 2**20
         shapes = ", ".join(str(tuple(t.shape)) for t in tensors[:4]) + (", ..." if len(tensors) > 4 else "")
         logger.info(f"Cached {name}: {shapes} {tensors[0].dtype}, {size:.1f} MiB of CPU memory")
-
-
-class GlobalBatchSampler(torch.utils.data.Sampler):
-    """Yields each epoch's global batches (lists of (row, weight) from epoch_global_batches(epoch)) as per-process
-    batches of (epoch, row, weight) keys, process 0's share first. Accelerate deals batch k to process k %
-    num_processes, so each process gets its share of every global batch: the run sees the same global batches however
-    many processes share them. The training loop sets `.epoch` itself; there is deliberately no set_epoch(), which
-    Accelerate would call with its own iteration counter."""
-
-    def __init__(self, epoch_global_batches, batch_size, num_processes):
-        self.epoch_global_batches, self.batch_size, self.num_processes = epoch_global_batches, batch_size, num_processes
-        self.drop_last, self.epoch = False, 0  # read by Accelerate's batch sharding
-        self.num_batches = len(epoch_global_batches(0)) * num_processes  # the same every epoch
-
-    def __len__(self):
-        return self.num_batches
-
-    def __iter__(self):
-        for batch in self.epoch_global_batches(self.epoch):
-            for process in range(self.num_processes):
-                share = batch[process * self.batch_size : (process + 1) * self.batch_size]
-                yield [(self.epoch, row, weight) for row, weight in share]
 
 
 def probe_loss(accelerator, unet, noise_scheduler, latents, encoder_hidden_states, added_cond_kwargs, config, seed):

@@ -1,5 +1,5 @@
-"""Data loading: every image checked before training, caches encoded once and shared by all processes, batches
-collated, and how many loader workers a device gets by default."""
+"""Data loading: every image checked before training, caches encoded once and shared by all processes, each
+process's share of the global batches, batches collated, and how many loader workers a device gets by default."""
 
 import logging
 import time
@@ -79,3 +79,25 @@ def check_images(verify_image, num_images, accelerator):
         raise UserError(f"{len(problems)} of {num_images} images cannot be read; fix or remove them:\n  {listed}")
     logger.info(f"Checked {num_images} images in {time.perf_counter() - started:.1f} s")
     return [size for _, size in sorted(found)]
+
+
+class GlobalBatchSampler(torch.utils.data.Sampler):
+    """Yields each epoch's global batches (lists of (row, weight) from epoch_global_batches(epoch)) as per-process
+    batches of (epoch, row, weight) keys, process 0's share first. Accelerate deals batch k to process k %
+    num_processes, so each process gets its share of every global batch: the run sees the same global batches however
+    many processes share them. The training loop sets `.epoch` itself; there is deliberately no set_epoch(), which
+    Accelerate would call with its own iteration counter."""
+
+    def __init__(self, epoch_global_batches, batch_size, num_processes):
+        self.epoch_global_batches, self.batch_size, self.num_processes = epoch_global_batches, batch_size, num_processes
+        self.drop_last, self.epoch = False, 0  # read by Accelerate's batch sharding
+        self.num_batches = len(epoch_global_batches(0)) * num_processes  # the same every epoch
+
+    def __len__(self):
+        return self.num_batches
+
+    def __iter__(self):
+        for batch in self.epoch_global_batches(self.epoch):
+            for process in range(self.num_processes):
+                share = batch[process * self.batch_size : (process + 1) * self.batch_size]
+                yield [(self.epoch, row, weight) for row, weight in share]
