@@ -34,11 +34,8 @@ import dataclasses
 import functools
 import importlib
 import importlib.util
-import logging
-import math
 import os
 import shutil
-import sys
 
 from sdtrain.batching import BatchShare, parse_size, shuffled_batches
 from sdtrain.checks import training_problem, validation_problem
@@ -56,13 +53,11 @@ from sdtrain.embeddings import (
 )
 from sdtrain.hub import hub_problem, push_to_hub
 from sdtrain.images import load_rgb
-from sdtrain.logs import format_logs, report_to_problem
-from sdtrain.preemption import StopRequest, ignore_interrupts, preemption_message, stop_exit_code
+from sdtrain.logs import report_to_problem
+from sdtrain.preemption import StopRequest
 from sdtrain.recipes import add_recipe_arguments, check_recipe_arguments, recipe_fields, timestep_bias_weights
 from sdtrain.run_folder import (
     check_output_dir,
-    check_process_group,
-    check_resume_identity,
     choose_seed,
     derive_seed,
     draw_seed,
@@ -70,8 +65,6 @@ from sdtrain.run_folder import (
     fsync_folder,
     publish_pipeline,
     read_checkpoint_metadata,
-    take_output_dir,
-    warn_if_batch_layout_changed,
     write_failure,
 )
 from sdtrain.sizes import check_model_sizes
@@ -428,21 +421,35 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, broadcast_object_list
+from accelerate.utils import broadcast_object_list
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_dream_and_update_latents
 from torchvision.transforms import InterpolationMode
-from tqdm.auto import tqdm
 
-from sdtrain.torch.checkpoints import check_finite, final_save_failed, optimizer_tensors, save_checkpoint
-from sdtrain.torch.data import GlobalBatchSampler, collate, default_num_workers, encode_once
+from sdtrain.torch.checkpoints import (
+    check_finite,
+    checkpoint_metadata,
+    final_save_failed,
+    optimizer_tensors,
+    resume,
+    save_checkpoint,
+)
+from sdtrain.torch.data import GlobalBatchSampler, batch_loader, default_num_workers, encode_once
 from sdtrain.torch.family import family_code
-from sdtrain.torch.loop import LogWindow, stop_agreed
+from sdtrain.torch.loop import (
+    LogWindow,
+    accumulation_group_size,
+    epoch_batches,
+    stop_agreed,
+    stop_run,
+    training_length,
+    updates_progress_bar,
+)
 from sdtrain.torch.models import ModelSource, inference_scheduler, load_component, model_family
+from sdtrain.torch.setup import AcceleratorConfig, begin_training, end_training, log_plan, make_accelerator
 from sdtrain.torch.text import tokenize, write_hub_style_text_encoder
 from sdtrain.torch.validation import log_validation
 
@@ -972,32 +979,12 @@ def save_full_pipeline(code, text_encoders, tokenizers, unet, vae, weight_dtype,
 
 def main(args):
     # ------------------------------------------------------------------------------------------------------ setup
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-    )
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
-    )
-    # The shared package (sdtrain) logs through the standard library: only the main process speaks, as this script does.
-    logging.getLogger("sdtrain").setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
-    if not accelerator.is_local_main_process:
-        diffusers.utils.logging.set_verbosity_error()
-    if args.enable_xformers_memory_efficient_attention and not diffusers.utils.is_xformers_available():
-        raise UserError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (GPU only)")
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    accelerator = make_accelerator(AcceleratorConfig.from_args(args), libraries=(diffusers,))
     image_paths = find_example_images(args.train_data_dir)
-    check_process_group(accelerator.num_processes, os.environ, "accelerate")
     # Only the main process writes, and only into a folder that is absent, empty or a run's, never the model's own.
     # It takes the folder (and its lock) just before training, so that a run refused before then writes nothing.
     if accelerator.is_main_process:
         check_output_dir(args.output_dir, {"--pretrained_model_name_or_path": args.pretrained_model_name_or_path})
-    output_lock = None
     accelerator.wait_for_everyone()
     stop_request = StopRequest()
     # A CPU side channel for agreeing on stop requests, so that it never waits for the GPU.
@@ -1087,15 +1074,7 @@ def main(args):
     global_batch_size = args.train_batch_size * accelerator.num_processes
     epoch_global_batches = functools.partial(shuffled_batches, len(train_dataset), global_batch_size, seed)
     sampler = GlobalBatchSampler(epoch_global_batches, args.train_batch_size, accelerator.num_processes)
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset,
-        batch_sampler=sampler,
-        collate_fn=collate,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=accelerator.device.type == "cuda",
-        worker_init_fn=ignore_interrupts,  # Ctrl-C stops the main process's loop, not its workers
-    )
+    train_dataloader = batch_loader(train_dataset, sampler, num_workers, accelerator.device)
 
     # ---------------------------------------------------------------------------------- optimizer and schedule
     if args.scale_lr:
@@ -1105,15 +1084,12 @@ def main(args):
     *text_encoders, optimizer, train_dataloader = accelerator.prepare(*text_encoders, optimizer, train_dataloader)
     # global_step counts optimizer updates; --max_train_steps is authoritative and epochs are derived from it.
     batches_per_epoch = len(train_dataloader)
-    if args.gradient_accumulation_steps > batches_per_epoch:
-        raise UserError(
-            f"--gradient_accumulation_steps {args.gradient_accumulation_steps} is more than the {batches_per_epoch} "
-            f"batches of an epoch ({len(train_dataset)} examples, {args.train_batch_size} per device x "
-            f"{accelerator.num_processes} processes): use at most {batches_per_epoch}, or a smaller batch"
-        )
-    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps
-    num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    layout = (
+        f"{len(train_dataset)} examples, {args.train_batch_size} per device x {accelerator.num_processes} processes"
+    )
+    updates_per_epoch, max_train_steps, num_train_epochs = training_length(
+        batches_per_epoch, args.gradient_accumulation_steps, args.max_train_steps, None, layout
+    )
     if args.validation_epochs is not None:
         logger.warning("--validation_epochs is deprecated: use --validation_steps")
         args.validation_steps = args.validation_epochs * updates_per_epoch
@@ -1133,29 +1109,19 @@ def main(args):
         "placeholder_token": args.placeholder_token,
         "num_vectors": args.num_vectors,
     }
-    run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
-    run_metadata.update(run_identity)
-    run_metadata["process_count"] = accelerator.num_processes  # information only: the run does not depend on it
+    run_metadata = checkpoint_metadata(
+        run_identity, seed, total_batch_size, updates_per_epoch, accelerator.num_processes
+    )
 
     # ----------------------------------------------------------------------------------------------------- resume
-    global_step = 0
-    if resume_path is not None:
-        accelerator.print(f"Resuming from {resume_path}")
-        check_resume_identity(resume_path, resume_metadata, run_identity)
-        try:
-            accelerator.load_state(resume_path)
-        except UserError:
-            raise  # the checkpoint hooks' own, naming what does not fit
-        except Exception as err:
-            raise UserError(f"{resume_path} could not be loaded ({type(err).__name__}: {err})") from err
-        global_step = resume_metadata["global_step"]
-        warn_if_batch_layout_changed(resume_metadata, run_metadata)
+    global_step = resume(accelerator, resume_path, resume_metadata, run_identity, run_metadata)
     first_epoch = global_step // updates_per_epoch
 
-    if accelerator.is_main_process:
-        output_lock = take_output_dir(args.output_dir, os.path.basename(__file__), disposable=[args.logging_dir])
-        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("textual_inversion", config=tracker_config)
+    tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+    script = os.path.basename(__file__)
+    output_lock = begin_training(
+        accelerator, args.output_dir, script, [args.logging_dir], "textual_inversion", tracker_config
+    )
     embeds_suffix = "bin" if args.no_safe_serialization else "safetensors"
     validation_prompts = [args.validation_prompt] * args.num_validation_images if args.validation_prompt else []
     validation_models = (text_encoders, tokenizers, unet, vae, validation_prompts)
@@ -1165,28 +1131,15 @@ def main(args):
         f"updates per epoch = {updates_per_epoch}"
     )
     logger.info(
-        f"  Batch per device = {args.train_batch_size}, processes = {accelerator.num_processes}, "
-        f"accumulation = {args.gradient_accumulation_steps}, total batch = {total_batch_size}"
-    )
-    logger.info(f"  Optimizer updates = {max_train_steps}, starting at {global_step}, seed = {seed}")
-    logger.info(
         f"  Placeholder {args.placeholder_token} -> {placeholder_tokens} (ids {placeholder_ids}), "
         f"initialised from {args.initializer_token!r}"
     )
-    if global_step >= max_train_steps:
-        logger.info(
-            f"Checkpoint step {global_step} is at or past --max_train_steps {max_train_steps}: nothing to train."
-        )
+    log_plan(accelerator, args.train_batch_size, args.gradient_accumulation_steps, max_train_steps, global_step, seed)
 
     # ------------------------------------------------------------------------------------------------- train loop
     generator = torch.Generator(device=accelerator.device)
     share = BatchShare.of_process(accelerator.process_index, args.train_batch_size, accelerator.num_processes)
-    progress_bar = tqdm(
-        range(max_train_steps),
-        initial=min(global_step, max_train_steps),
-        desc="Steps",
-        disable=not accelerator.is_local_main_process,
-    )
+    progress_bar = updates_progress_bar(accelerator, max_train_steps, global_step)
     window = LogWindow(accelerator, total_batch_size, global_step)
     last_batch = None  # (latents, input_ids, time_ids) of the last batch, to probe the new rows before writing them
     # Schedule-free AdamW steps one sequence of weights and evaluates another, its average: it trains in train mode
@@ -1197,16 +1150,19 @@ def main(args):
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
             break
-        sampler.epoch = epoch
-        # Resume mid-epoch: skip exactly the batches the interrupted run had consumed (every earlier update in this
-        # epoch used a full accumulation group).
-        skip = (global_step - epoch * updates_per_epoch) * args.gradient_accumulation_steps
-        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-        for batch_index, batch in enumerate(batches, start=skip):
+        # Resumed mid-epoch, the batches the interrupted run had consumed are skipped.
+        batches = epoch_batches(
+            accelerator,
+            train_dataloader,
+            sampler,
+            epoch,
+            global_step,
+            updates_per_epoch,
+            args.gradient_accumulation_steps,
+        )
+        for batch_index, batch in batches:
             generator.manual_seed(derive_seed(seed, epoch, batch_index))  # the same in every process: see BatchShare
-            # The epoch's last accumulation group may be short: its update averages the batches it has.
-            group_start = batch_index - batch_index % args.gradient_accumulation_steps
-            group_size = min(args.gradient_accumulation_steps, batches_per_epoch - group_start)
+            group_size = accumulation_group_size(batch_index, args.gradient_accumulation_steps, batches_per_epoch)
             with accelerator.accumulate(*text_encoders):
                 latents, encoder_hidden_states, added_cond_kwargs = encode_batch(
                     batch, vae, text_encoders, code, generator, share, weight_dtype
@@ -1245,10 +1201,7 @@ def main(args):
             # Reading the loss back waits for the device: only at logging steps, and before anything is saved (the
             # read raises on a non-finite loss, so no saved embedding or checkpoint ever holds a diverged one).
             if global_step % args.logging_steps == 0 or is_save_step or global_step >= max_train_steps:
-                logs = window.read(global_step, epoch, lr_scheduler.get_last_lr()[0])
-                accelerator.log(logs, step=global_step)
-                logger.info(format_logs(global_step, logs))
-                progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+                window.log(global_step, epoch, lr_scheduler.get_last_lr()[0], progress_bar)
             is_validation_step = validation_prompts and global_step % args.validation_steps == 0
             if is_save_step or is_validation_step:
                 optimizer.eval()  # what is saved or rendered is the model at this step; resume switches back exactly
@@ -1272,10 +1225,7 @@ def main(args):
             if is_save_step or is_validation_step:
                 optimizer.train()
             if stopping:
-                accelerator.wait_for_everyone()
-                logger.warning(preemption_message(stop_request, global_step))
-                accelerator.end_training()
-                sys.exit(stop_exit_code(stop_request))
+                stop_run(stop_request, accelerator, global_step)
             if global_step >= max_train_steps:
                 break
 
@@ -1309,9 +1259,7 @@ def main(args):
         write_model_card(args, global_step, grid, code)
         if args.push_to_hub:
             push_to_hub(args)
-    accelerator.end_training()
-    if output_lock is not None:
-        output_lock.release()
+    end_training(accelerator, output_lock)
 
 
 if __name__ == "__main__":

@@ -35,11 +35,8 @@ import functools
 import importlib
 import importlib.util
 import io
-import logging
-import math
 import os
 import shutil
-import sys
 
 from sdtrain.batching import (
     BatchShare,
@@ -55,21 +52,17 @@ from sdtrain.checks import training_problem, validation_problem
 from sdtrain.cli import ArgumentParser, UserError, WriteFailure, add_debug_argument, run
 from sdtrain.hub import hub_problem, push_to_hub
 from sdtrain.images import load_rgb, verify_image
-from sdtrain.logs import format_logs, report_to_problem, warmup_applied
-from sdtrain.preemption import StopRequest, ignore_interrupts, preemption_message, stop_exit_code
+from sdtrain.logs import report_to_problem, warmup_applied
+from sdtrain.preemption import StopRequest
 from sdtrain.recipes import add_recipe_arguments, check_recipe_arguments, recipe_fields, timestep_bias_weights
 from sdtrain.run_folder import (
     check_output_dir,
-    check_process_group,
-    check_resume_identity,
     choose_seed,
     derive_seed,
     draw_seed,
     find_resume_checkpoint,
     publish_pipeline,
     read_checkpoint_metadata,
-    take_output_dir,
-    warn_if_batch_layout_changed,
     write_failure,
 )
 from sdtrain.single_file import SINGLE_FILE_DTYPES, save_single_file, single_file_layout
@@ -512,22 +505,36 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, broadcast_object_list
+from accelerate.utils import broadcast_object_list
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_dream_and_update_latents
 from torchvision.transforms import InterpolationMode
-from tqdm.auto import tqdm
 
 from sdtrain.captions import CaptionConfig, edit_caption, load_image_caption_dataset  # imports datasets
-from sdtrain.torch.checkpoints import check_finite, final_save_failed, optimizer_tensors, save_checkpoint
-from sdtrain.torch.data import GlobalBatchSampler, check_images, collate, default_num_workers, encode_once
+from sdtrain.torch.checkpoints import (
+    check_finite,
+    checkpoint_metadata,
+    final_save_failed,
+    optimizer_tensors,
+    resume,
+    save_checkpoint,
+)
+from sdtrain.torch.data import GlobalBatchSampler, batch_loader, check_images, default_num_workers, encode_once
 from sdtrain.torch.family import family_code
-from sdtrain.torch.loop import LogWindow, stop_agreed
+from sdtrain.torch.loop import (
+    LogWindow,
+    accumulation_group_size,
+    epoch_batches,
+    stop_agreed,
+    stop_run,
+    training_length,
+    updates_progress_bar,
+)
 from sdtrain.torch.models import ModelSource, inference_scheduler, load_component, load_model, model_family
+from sdtrain.torch.setup import AcceleratorConfig, begin_training, end_training, log_plan, make_accelerator
 from sdtrain.torch.text import tokenize, write_hub_style_text_encoder
 from sdtrain.torch.validation import log_validation
 
@@ -1138,33 +1145,11 @@ def save_pipeline(unet, args, code):
 
 def main(args):
     # ------------------------------------------------------------------------------------------------------ setup
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-    )
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
-    )
-    # The shared package (sdtrain) logs through the standard library: only the main process speaks, as this script does.
-    logging.getLogger("sdtrain").setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
-    for library in (datasets, diffusers):
-        if accelerator.is_local_main_process:
-            library.utils.logging.set_verbosity_warning()
-        else:
-            library.utils.logging.set_verbosity_error()
-    if args.enable_xformers_memory_efficient_attention and not diffusers.utils.is_xformers_available():
-        raise UserError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (GPU only)")
+    accelerator = make_accelerator(AcceleratorConfig.from_args(args), libraries=(datasets, diffusers))
     if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
         raise UserError(
             f"--mixed_precision fp16 needs a CUDA GPU (this run is on {accelerator.device.type}): use bf16 or no"
         )
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    check_process_group(accelerator.num_processes, os.environ, "accelerate")
     # Only the main process writes, and only into a folder that is absent, empty or a run's, never the model's own.
     # It takes the folder (and its lock) just before training, so that a run refused before then writes nothing.
     if accelerator.is_main_process:
@@ -1175,7 +1160,6 @@ def main(args):
                 "--pretrained_vae_model_name_or_path": args.pretrained_vae_model_name_or_path,
             },
         )
-    output_lock = None
     accelerator.wait_for_everyone()
     stop_request = StopRequest()
     # A CPU side channel for agreeing on stop requests, so that it never waits for the GPU.
@@ -1273,15 +1257,7 @@ def main(args):
     num_workers = default_num_workers(args.dataloader_num_workers, accelerator.device)
     build_caches(train_dataset, vae, text_encoders, code, accelerator, args, num_workers)
     sampler = GlobalBatchSampler(epoch_global_batches, args.train_batch_size, accelerator.num_processes)
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset,
-        batch_sampler=sampler,
-        collate_fn=collate,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=accelerator.device.type == "cuda",
-        worker_init_fn=ignore_interrupts,  # Ctrl-C stops the main process's loop, not its workers
-    )
+    train_dataloader = batch_loader(train_dataset, sampler, num_workers, accelerator.device)
 
     # ---------------------------------------------------------------------------------- optimizer and schedule
     if args.scale_lr:
@@ -1290,15 +1266,12 @@ def main(args):
     unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
     # global_step counts optimizer updates; --max_train_steps is authoritative and epochs are derived from it.
     batches_per_epoch = len(train_dataloader)
-    if args.gradient_accumulation_steps > batches_per_epoch:
-        raise UserError(
-            f"--gradient_accumulation_steps {args.gradient_accumulation_steps} is more than the {batches_per_epoch} "
-            f"batches of an epoch ({len(train_dataset)} examples, {args.train_batch_size} per device x "
-            f"{accelerator.num_processes} processes): use at most {batches_per_epoch}, or a smaller batch"
-        )
-    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
-    num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    layout = (
+        f"{len(train_dataset)} examples, {args.train_batch_size} per device x {accelerator.num_processes} processes"
+    )
+    updates_per_epoch, max_train_steps, num_train_epochs = training_length(
+        batches_per_epoch, args.gradient_accumulation_steps, args.max_train_steps, args.num_train_epochs, layout
+    )
     # The prepared scheduler steps once per process at every update, hence the factor num_processes.
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
@@ -1310,53 +1283,30 @@ def main(args):
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     # What this run trains, recorded in its checkpoints: a checkpoint resumes only a run of the same kind.
     run_identity = {"script": "train_text_to_image.py"}
-    run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
-    run_metadata.update(run_identity)
-    run_metadata["process_count"] = accelerator.num_processes  # information only: the run does not depend on it
+    run_metadata = checkpoint_metadata(
+        run_identity, seed, total_batch_size, updates_per_epoch, accelerator.num_processes
+    )
     run_metadata["aspect_ratio_buckets"] = [list(bucket) for bucket in train_dataset.buckets or []] or None
 
     # ----------------------------------------------------------------------------------------------------- resume
-    global_step = 0
-    if resume_path is not None:
-        accelerator.print(f"Resuming from {resume_path}")
-        check_resume_identity(resume_path, resume_metadata, run_identity)
-        try:
-            accelerator.load_state(resume_path)
-        except UserError:
-            raise  # the checkpoint hooks' own, naming what does not fit
-        except Exception as err:
-            raise UserError(f"{resume_path} could not be loaded ({type(err).__name__}: {err})") from err
-        global_step = resume_metadata["global_step"]
-        warn_if_batch_layout_changed(resume_metadata, run_metadata)
+    global_step = resume(accelerator, resume_path, resume_metadata, run_identity, run_metadata)
     first_epoch = global_step // updates_per_epoch
 
-    if accelerator.is_main_process:
-        output_lock = take_output_dir(args.output_dir, os.path.basename(__file__), disposable=[args.logging_dir])
-        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
+    tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+    script = os.path.basename(__file__)
+    output_lock = begin_training(
+        accelerator, args.output_dir, script, [args.logging_dir], args.tracker_project_name, tracker_config
+    )
     logger.info("***** Running training *****")
     logger.info(
         f"  Examples = {len(train_dataset)}, epochs = {num_train_epochs}, updates per epoch = {updates_per_epoch}"
     )
-    logger.info(
-        f"  Batch per device = {args.train_batch_size}, processes = {accelerator.num_processes}, "
-        f"accumulation = {args.gradient_accumulation_steps}, total batch = {total_batch_size}"
-    )
-    logger.info(f"  Optimizer updates = {max_train_steps}, starting at {global_step}, seed = {seed}")
-    if global_step >= max_train_steps:
-        logger.info(
-            f"Checkpoint step {global_step} is at or past --max_train_steps {max_train_steps}: nothing to train."
-        )
+    log_plan(accelerator, args.train_batch_size, args.gradient_accumulation_steps, max_train_steps, global_step, seed)
 
     # ------------------------------------------------------------------------------------------------- train loop
     generator = torch.Generator(device=accelerator.device)
     share = BatchShare.of_process(accelerator.process_index, args.train_batch_size, accelerator.num_processes)
-    progress_bar = tqdm(
-        range(max_train_steps),
-        initial=min(global_step, max_train_steps),
-        desc="Steps",
-        disable=not accelerator.is_local_main_process,
-    )
+    progress_bar = updates_progress_bar(accelerator, max_train_steps, global_step)
     window = LogWindow(accelerator, total_batch_size, global_step)
     # Schedule-free AdamW steps one sequence of weights and evaluates another, its average: it trains in train mode
     # and is switched to eval mode (on every process) whenever the weights are checked, rendered or saved. The other
@@ -1367,16 +1317,19 @@ def main(args):
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
             break
-        sampler.epoch = epoch
-        # Resume mid-epoch: skip exactly the batches the interrupted run had consumed (every earlier update in this
-        # epoch used a full accumulation group).
-        skip = (global_step - epoch * updates_per_epoch) * args.gradient_accumulation_steps
-        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-        for batch_index, batch in enumerate(batches, start=skip):
+        # Resumed mid-epoch, the batches the interrupted run had consumed are skipped.
+        batches = epoch_batches(
+            accelerator,
+            train_dataloader,
+            sampler,
+            epoch,
+            global_step,
+            updates_per_epoch,
+            args.gradient_accumulation_steps,
+        )
+        for batch_index, batch in batches:
             generator.manual_seed(derive_seed(seed, epoch, batch_index))  # the same in every process: see BatchShare
-            # The epoch's last accumulation group may be short: its update averages the batches it has.
-            group_start = batch_index - batch_index % args.gradient_accumulation_steps
-            group_size = min(args.gradient_accumulation_steps, batches_per_epoch - group_start)
+            group_size = accumulation_group_size(batch_index, args.gradient_accumulation_steps, batches_per_epoch)
             with accelerator.accumulate(unet):
                 latents, encoder_hidden_states, added_cond_kwargs = encode_batch(
                     batch, vae, text_encoders, code, generator, share
@@ -1419,10 +1372,7 @@ def main(args):
             # Reading the loss back waits for the device: only at logging steps, and before a checkpoint is written
             # (the read raises on a non-finite loss).
             if global_step % args.logging_steps == 0 or is_checkpoint_step or global_step >= max_train_steps:
-                logs = window.read(global_step, epoch, lr_scheduler.get_last_lr()[0])
-                accelerator.log(logs, step=global_step)
-                logger.info(format_logs(global_step, logs))
-                progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+                window.log(global_step, epoch, lr_scheduler.get_last_lr()[0], progress_bar)
             if is_checkpoint_step:
                 optimizer.eval()  # a checkpoint's UNet is the model at this step; resume switches back exactly
                 tensors = trained_tensors(accelerator.unwrap_model(unet), ema_unet, optimizer)
@@ -1431,10 +1381,7 @@ def main(args):
                 save_checkpoint(accelerator, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
                 optimizer.train()
             if stopping:
-                accelerator.wait_for_everyone()
-                logger.warning(preemption_message(stop_request, global_step))
-                accelerator.end_training()
-                sys.exit(stop_exit_code(stop_request))
+                stop_run(stop_request, accelerator, global_step)
             if global_step >= max_train_steps:
                 break
 
@@ -1494,9 +1441,7 @@ def main(args):
         logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
         if args.push_to_hub:
             push_to_hub(args)
-    accelerator.end_training()
-    if output_lock is not None:
-        output_lock.release()
+    end_training(accelerator, output_lock)
 
 
 if __name__ == "__main__":

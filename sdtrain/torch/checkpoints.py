@@ -1,5 +1,5 @@
-"""Checkpoints through Accelerate, written crash-safely; the finiteness check before anything is written; the rescue
-checkpoint when the final save fails."""
+"""Checkpoints through Accelerate, written crash-safely and resumed from; the finiteness check before anything is
+written; the rescue checkpoint when the final save fails."""
 
 import functools
 import logging
@@ -10,11 +10,13 @@ import shutil
 import torch
 from accelerate.utils import DistributedType
 
-from sdtrain.cli import WriteFailure
+from sdtrain.cli import UserError, WriteFailure
 from sdtrain.run_folder import (
+    check_resume_identity,
     final_save_error,
     list_checkpoints,
     publish_checkpoint,
+    warn_if_batch_layout_changed,
     write_checkpoint_metadata,
     write_failure,
 )
@@ -42,6 +44,16 @@ def optimizer_tensors(optimizer):
         for key, value in state.items():
             if torch.is_tensor(value):
                 yield f"optimizer state {index}.{key}", value
+
+
+def checkpoint_metadata(run_identity, seed, total_batch_size, updates_per_epoch, num_processes):
+    """What every checkpoint of the run records besides its step: what the run trains (run_identity: a checkpoint
+    resumes only a run of the same kind), its seed and batch layout, and (information only: the run does not depend
+    on it) how many processes trained it."""
+    metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
+    metadata.update(run_identity)
+    metadata["process_count"] = num_processes
+    return metadata
 
 
 def save_checkpoint(accelerator, output_dir, global_step, run_metadata, total_limit=None):
@@ -93,3 +105,21 @@ def final_save_failed(accelerator, output_dir, global_step, run_metadata, err):
         return final_save_error(output_dir, global_step, err, None, "DeepSpeed and FSDP write it with every process")
     write = functools.partial(save_checkpoint, accelerator, output_dir, global_step, run_metadata)
     return final_save_error(output_dir, global_step, err, write)
+
+
+def resume(accelerator, resume_path, resume_metadata, run_identity, run_metadata):
+    """The global step to start from: 0 without a checkpoint (resume_path None), else the checkpoint's, after loading
+    it through Accelerate (and the scripts' checkpoint hooks) into the prepared models, optimizer and schedule. A
+    checkpoint of another kind of run (run_identity) or one that cannot load is a UserError."""
+    if resume_path is None:
+        return 0
+    accelerator.print(f"Resuming from {resume_path}")
+    check_resume_identity(resume_path, resume_metadata, run_identity)
+    try:
+        accelerator.load_state(resume_path)
+    except UserError:
+        raise  # the checkpoint hooks' own, naming what does not fit
+    except Exception as err:
+        raise UserError(f"{resume_path} could not be loaded ({type(err).__name__}: {err})") from err
+    warn_if_batch_layout_changed(resume_metadata, run_metadata)
+    return resume_metadata["global_step"]

@@ -56,6 +56,20 @@ def collate(examples):
     return {key: torch.stack([example[key] for example in examples]) for key in examples[0]}
 
 
+def batch_loader(dataset, sampler, num_workers, device):
+    """The DataLoader of the dataset's examples in the batches `sampler` (a GlobalBatchSampler) deals, stacked, with
+    num_workers worker processes kept across epochs, and pinned memory on GPU."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=device.type == "cuda",
+        worker_init_fn=ignore_interrupts,  # Ctrl-C stops the main process's loop, not its workers
+    )
+
+
 def default_num_workers(requested, device):
     """`requested` (--dataloader_num_workers) when given, or 4 workers on GPU (decoding and augmenting overlap the
     step) and none on CPU."""
