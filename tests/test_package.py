@@ -1,6 +1,8 @@
 """The sdtrain package, which the four scripts import from their own folder: it imports in either environment, since
 no module of it imports a framework when it is imported, and the scripts find it without any install step."""
 
+import ast
+import importlib
 import os
 import subprocess
 import sys
@@ -36,3 +38,18 @@ def test_a_script_finds_the_package_beside_it_from_any_folder(tmp_path):
     # Grouped flags, each with its default.
     assert "Model:" in result.stdout and "Checkpointing:" in result.stdout
     assert "(default: 512)" in result.stdout
+
+
+def test_the_pytorch_adapters_import_their_framework_at_the_top():
+    """sdtrain/torch/: every module imports (no cycle among them) and has no import inside a function, bar the
+    optional packages a flag asks for."""
+    folder = os.path.join(REPO, "sdtrain", "torch")
+    optional = {"wandb"}
+    for name in sorted(name[:-3] for name in os.listdir(folder) if name.endswith(".py")):
+        importlib.import_module(f"sdtrain.torch.{name}")
+        tree = ast.parse(open(os.path.join(folder, f"{name}.py")).read())
+        for function in (node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)):
+            for node in ast.walk(function):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    modules = {alias.name for alias in node.names} if isinstance(node, ast.Import) else {node.module}
+                    assert modules <= optional, f"sdtrain/torch/{name}.py {function.name}() imports {modules}"
