@@ -1,5 +1,6 @@
-"""The sdtrain package, which the four scripts import from their own folder: it imports in either environment, since
-no module of it imports a framework when it is imported, and the scripts find it without any install step."""
+"""The sdtrain package, which the four scripts import from their own folder: its core imports in either environment,
+since no core module imports a framework when it is imported, the PyTorch adapters (sdtrain/torch/) import theirs at
+the top, and the scripts find the package without any install step."""
 
 import ast
 import importlib

@@ -1,4 +1,4 @@
-"""Token ids for the text encoders, and SDXL's text encoders saved in the hub's key layout."""
+"""Token ids for the text encoders, and saved text encoders rewritten in the hub's key layout."""
 
 import json
 import os
@@ -41,27 +41,3 @@ def write_hub_style_text_encoder(text_encoder_dir):
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
             torch.save({hub_key(k): v for k, v in state.items()}, path)
-
-
-def text_components(text_encoders, tokenizers):
-    """The text encoders and tokenizers by their pipeline names: text_encoder, tokenizer (and SDXL's text_encoder_2,
-    tokenizer_2)."""
-    components = {}
-    for index, (text_encoder, tokenizer) in enumerate(zip(text_encoders, tokenizers, strict=True)):
-        suffix = f"_{index + 1}" if index else ""
-        components["text_encoder" + suffix], components["tokenizer" + suffix] = text_encoder, tokenizer
-    return components
-
-
-def encode_text(text_encoders, input_ids):
-    """The UNet's text conditioning from token ids [batch, encoders, tokens], on the encoders' device. SD 1.x / 2.x:
-    the text encoder's last hidden state. SDXL: (both encoders' penultimate hidden states side by side, the second's
-    pooled projection)."""
-    if len(text_encoders) == 1:
-        return text_encoders[0](input_ids[:, 0], return_dict=False)[0]
-    hidden_states = []
-    for text_encoder, ids in zip(text_encoders, input_ids.unbind(1), strict=True):
-        output = text_encoder(ids, output_hidden_states=True)
-        # SDXL reads the penultimate layer of each encoder (Podell et al. 2023, arXiv:2307.01952, sec. 2.1).
-        hidden_states.append(output.hidden_states[-2])
-    return torch.cat(hidden_states, dim=-1), output[0]  # output[0]: the second encoder's text_embeds
