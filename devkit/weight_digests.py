@@ -9,7 +9,10 @@ after it, byte for byte.
 
 The PyTorch scripts run under `accelerate launch` in .venv, the Flax twins with .venv-flax's python on two host
 devices, all offline. Each run uses recipes, validation images and the single-file export, so those paths are
-compared too. Checkpoint folders are left out: they record times and library versions."""
+compared too. Checkpoint folders are left out: they record times and library versions. The tiny pipelines and data
+are built once in --assets, a fixed folder, because saved configs and single-file metadata record the base model's
+path; a .safetensors file is digested as its header (keys sorted: safetensors writes its metadata in no fixed order)
+and its tensor bytes."""
 
 import argparse
 import hashlib
@@ -50,21 +53,22 @@ RUNS = {
 }
 
 
-def build_assets(work):
+def build_assets(folder):
+    """The tiny pipelines and data, built once: a lock lets runs started side by side share them."""
+    import fcntl
+
     from devkit import tiny_sd
 
-    paths = {
-        "sd": os.path.join(work, "sd"),
-        "sdxl": os.path.join(work, "sdxl"),
-        "images": os.path.join(work, "images"),
-        "concept": os.path.join(work, "concept"),
-    }
-    if not os.path.exists(paths["sd"]):
-        tiny_sd.build_tiny_pipeline(paths["sd"])
-        tiny_sd.build_tiny_sdxl_pipeline(paths["sdxl"])
-        tiny_sd.write_imagefolder(paths["images"], num_images=8, size=72)
-        tiny_sd.write_concept_folder(paths["concept"], num_images=4, size=72)
-    return paths
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(folder, "built")):
+            tiny_sd.build_tiny_pipeline(os.path.join(folder, "sd"))
+            tiny_sd.build_tiny_sdxl_pipeline(os.path.join(folder, "sdxl"))
+            tiny_sd.write_imagefolder(os.path.join(folder, "images"), num_images=8, size=72)
+            tiny_sd.write_concept_folder(os.path.join(folder, "concept"), num_images=4, size=72)
+            open(os.path.join(folder, "built"), "w").close()
+    return {name: os.path.join(folder, name) for name in ("sd", "sdxl", "images", "concept")}
 
 
 def launch(script, arguments, log_path):
@@ -83,6 +87,16 @@ def launch(script, arguments, log_path):
         sys.exit(f"{script} failed ({result.returncode}): see {log_path} ({shlex.join(command + arguments)})")
 
 
+def file_digest(path):
+    with open(path, "rb") as f:
+        content = f.read()
+    if path.endswith(".safetensors"):
+        header_size = int.from_bytes(content[:8], "little")
+        header = json.loads(content[8 : 8 + header_size])
+        content = json.dumps(header, sort_keys=True).encode() + content[8 + header_size :]
+    return hashlib.sha256(content).hexdigest()
+
+
 def digests(folder):
     found = {}
     for root, dirs, files in os.walk(folder, followlinks=True):  # the pipeline's components link into .pipeline-N
@@ -90,15 +104,14 @@ def digests(folder):
         for name in files:
             if name.endswith(DIGESTED) and not name.startswith("."):  # the manifest records when the run started
                 path = os.path.join(root, name)
-                with open(path, "rb") as f:
-                    found[os.path.relpath(path, folder)] = hashlib.sha256(f.read()).hexdigest()
+                found[os.path.relpath(path, folder)] = file_digest(path)
     return dict(sorted(found.items()))
 
 
-def run_all(work, only):
+def run_all(work, assets, only):
     from devkit.command_line import command_line
 
-    paths = build_assets(work)
+    paths = build_assets(assets)
     results = {}
     for script, (data, flags) in RUNS.items():
         for family in ("sd", "sdxl"):
@@ -121,17 +134,23 @@ def run_all(work, only):
 
 
 def compare(before_path, after_path):
+    """Every file of a run before is byte-identical after; files only the later run writes are listed as added."""
     with open(before_path) as f:
         before = json.load(f)
     with open(after_path) as f:
         after = json.load(f)
     differences = 0
-    for run in sorted(set(before) | set(after)):
-        a, b = before.get(run, {}), after.get(run, {})
+    for run in sorted(set(before) & set(after)):
+        a, b = (
+            {name: digest for name, digest in files.items() if not os.path.basename(name).startswith(".")}
+            for files in (before[run], after[run])
+        )
         for name in sorted(set(a) | set(b)):
-            if a.get(name) != b.get(name):
+            if name not in a:
+                print(f"ADDED {run} {name}")
+            elif a[name] != b.get(name):
                 differences += 1
-                print(f"DIFFERENT {run} {name}: {a.get(name, 'missing')[:12]} -> {b.get(name, 'missing')[:12]}")
+                print(f"DIFFERENT {run} {name}: {a[name][:12]} -> {b.get(name, 'missing')[:12]}")
         print(f"{run}: {len(a)} files before, {len(b)} after")
     print("identical" if not differences else f"{differences} files differ")
     return 1 if differences else 0
@@ -139,14 +158,15 @@ def compare(before_path, after_path):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", help="where the tiny pipelines, data and runs go")
+    parser.add_argument("--work", help="where the runs go")
+    parser.add_argument("--assets", default="/tmp/sdtrain-weight-digests-assets", help="the tiny pipelines and data")
     parser.add_argument("--output", help="the JSON file of digests to write")
     parser.add_argument("--only", nargs="*", help="run only these (substrings of 'script:family')")
     parser.add_argument("--compare", nargs=2, metavar=("BEFORE", "AFTER"))
     args = parser.parse_args()
     if args.compare:
         sys.exit(compare(*args.compare))
-    results = run_all(os.path.abspath(args.work), args.only)
+    results = run_all(os.path.abspath(args.work), os.path.abspath(args.assets), args.only)
     with open(args.output, "w") as f:
         json.dump(results, f, indent=1)
 
