@@ -34,11 +34,8 @@ import dataclasses
 import functools
 import importlib
 import importlib.util
-import logging
-import math
 import os
 import shutil
-import sys
 
 from sdtrain.batching import BatchShare, parse_size, sdxl_time_ids, shuffled_batches
 from sdtrain.checks import training_problem, validation_problem
@@ -57,8 +54,8 @@ from sdtrain.embeddings import (
 )
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import load_rgb
-from sdtrain.logs import add_tracker_arguments, format_logs, report_to_problem
-from sdtrain.preemption import StopRequest, ignore_interrupts, preemption_message, stop_exit_code
+from sdtrain.logs import add_tracker_arguments, report_to_problem
+from sdtrain.preemption import StopRequest
 from sdtrain.recipes import (
     RecipeConfig,
     add_recipe_arguments,
@@ -69,37 +66,14 @@ from sdtrain.recipes import (
 from sdtrain.run_folder import (
     add_checkpoint_arguments,
     check_output_dir,
-    check_process_group,
-    check_resume_identity,
     find_resume_checkpoint,
     fsync_folder,
     publish_pipeline,
     read_checkpoint_metadata,
-    take_output_dir,
-    warn_if_batch_layout_changed,
     write_failure,
 )
 from sdtrain.seeds import add_seed_argument, choose_seed, derive_seed, draw_seed
 from sdtrain.sizes import check_model_sizes
-from sdtrain.torch_training import (
-    LogWindow,
-    check_finite,
-    collate,
-    default_num_workers,
-    encode_once,
-    encode_text,
-    final_save_failed,
-    inference_scheduler,
-    load_component,
-    log_validation,
-    model_family,
-    optimizer_tensors,
-    save_checkpoint,
-    stop_agreed,
-    text_components,
-    tokenize,
-    write_hub_style_text_encoder,
-)
 
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
 OPTIMIZERS = ["adamw", "adamw_8bit", "adafactor", "lion", "prodigy", "schedule_free_adamw"]
@@ -390,22 +364,37 @@ import safetensors.torch
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, broadcast_object_list
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
+from accelerate.utils import broadcast_object_list
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_dream_and_update_latents
 from torchvision.transforms import InterpolationMode
-from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from sdtrain.torch.checkpoints import (
+    check_finite,
+    checkpoint_metadata,
+    final_save_failed,
+    optimizer_tensors,
+    resume,
+    save_checkpoint,
+)
+from sdtrain.torch.data import GlobalBatchSampler, batch_loader, default_num_workers, encode_once
+from sdtrain.torch.family import family_code
+from sdtrain.torch.loop import (
+    LogWindow,
+    accumulation_group_size,
+    epoch_batches,
+    stop_agreed,
+    stop_run,
+    training_length,
+    updates_progress_bar,
+)
+from sdtrain.torch.models import ModelSource, inference_scheduler, load_component, model_family
+from sdtrain.torch.setup import AcceleratorConfig, begin_training, end_training, log_plan, make_accelerator
+from sdtrain.torch.text import tokenize, write_hub_style_text_encoder
+from sdtrain.torch.validation import log_validation
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -459,16 +448,16 @@ class TextualInversionDataset(torch.utils.data.Dataset):
     """The example images repeated --repeats times, each with a prompt from the templates holding the placeholder.
     Indexed by (epoch, index, weight) keys: the template and the flip are drawn from an RNG seeded by (seed, epoch,
     index), so the same sample is identical in a resumed run, and the cached path draws exactly what the uncached one
-    does. `tokenizers`: one per text encoder (two for SDXL); input_ids holds a row of ids for each, and for SDXL each
-    example has its size conditioning, time_ids."""
+    does. `tokenizers`: one per text encoder (two for SDXL); input_ids holds a row of ids for each, and with
+    added_conditioning (the family's: SDXL's size conditioning) each example has its time_ids."""
 
-    def __init__(self, image_paths, tokenizers, placeholder_text, args, seed, sdxl=False):
+    def __init__(self, image_paths, tokenizers, placeholder_text, args, seed, added_conditioning=False):
         self.image_paths, self.tokenizers, self.placeholder_text = image_paths, tokenizers, placeholder_text
         self.args, self.seed = args, seed
         self.templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
         self.latent_cache = None  # [image, flipped] -> VAE latent distribution parameters, set by build_latent_cache()
         # Every image's (width, height) as decoded (EXIF rotation applied): SDXL's original-size conditioning.
-        self.image_sizes = [load_rgb(path, path).size for path in image_paths] if sdxl else None
+        self.image_sizes = [load_rgb(path, path).size for path in image_paths] if added_conditioning else None
 
     def __len__(self):
         return len(self.image_paths) * self.args.repeats
@@ -530,33 +519,12 @@ def build_latent_cache(train_dataset, vae, accelerator, args, num_workers):
     )
 
 
-class GlobalBatchSampler(torch.utils.data.Sampler):
-    """Yields each epoch's global batches (lists of (row, weight) from epoch_global_batches(epoch)) as per-process
-    batches of (epoch, row, weight) keys, process 0's share first. Accelerate deals batch k to process k %
-    num_processes, so each process gets its share of every global batch: the run sees the same global batches however
-    many processes share them. The training loop sets `.epoch` itself; there is deliberately no set_epoch(), which
-    Accelerate would call with its own iteration counter."""
-
-    def __init__(self, epoch_global_batches, batch_size, num_processes):
-        self.epoch_global_batches, self.batch_size, self.num_processes = epoch_global_batches, batch_size, num_processes
-        self.drop_last, self.epoch = False, 0  # read by Accelerate's batch sharding
-        self.num_batches = len(epoch_global_batches(0)) * num_processes  # the same every epoch
-
-    def __len__(self):
-        return self.num_batches
-
-    def __iter__(self):
-        for batch in self.epoch_global_batches(self.epoch):
-            for process in range(self.num_processes):
-                share = batch[process * self.batch_size : (process + 1) * self.batch_size]
-                yield [(self.epoch, row, weight) for row, weight in share]
-
-
-def probe_loss(accelerator, unet, text_encoders, noise_scheduler, latents, input_ids, time_ids, config, seed):
+def probe_loss(accelerator, unet, text_encoders, code, noise_scheduler, latents, input_ids, time_ids, config, seed):
     """The loss the learned rows give now on a batch (the mean over processes), with draws of its own."""
     generator = torch.Generator(device=latents.device).manual_seed(seed)
     with torch.no_grad(), accelerator.autocast():
-        encoder_hidden_states, added_cond_kwargs = text_conditioning(text_encoders, input_ids, time_ids, latents.dtype)
+        conditioning = text_conditioning(text_encoders, code, input_ids, time_ids, latents.dtype)
+        encoder_hidden_states, added_cond_kwargs = conditioning
         loss = diffusion_loss(
             unet,
             noise_scheduler,
@@ -639,21 +607,21 @@ def make_optimizer(args, params):
     )
 
 
-def text_conditioning(text_encoders, input_ids, time_ids, dtype):
-    """The UNet's conditioning from the text encoders: encoder_hidden_states, and for SDXL (time_ids given)
-    added_cond_kwargs, the second encoder's pooled embedding and the size conditioning. Cast to the dtype of the
-    frozen UNet, which is the latents' (the mixed-precision dtype)."""
-    encoded = encode_text(text_encoders, input_ids)
-    if time_ids is None:
-        return encoded.to(dtype), None
-    encoder_hidden_states, text_embeds = encoded
-    return encoder_hidden_states.to(dtype), {"text_embeds": text_embeds.to(dtype), "time_ids": time_ids.to(dtype)}
+def text_conditioning(text_encoders, code, input_ids, time_ids, dtype):
+    """The UNet's conditioning from the family's (`code`: sdtrain.torch.family) text encoders: encoder_hidden_states,
+    and added_cond_kwargs (SDXL's pooled embedding and size conditioning) or None. Cast to the dtype of the frozen
+    UNet, which is the latents' (the mixed-precision dtype)."""
+    encoder_hidden_states, pooled_text_embeds = code.encode_text(text_encoders, input_ids)
+    added_cond_kwargs = code.added_conditioning(pooled_text_embeds, time_ids)
+    if added_cond_kwargs:
+        added_cond_kwargs = {name: value.to(dtype) for name, value in added_cond_kwargs.items()}
+    return encoder_hidden_states.to(dtype), added_cond_kwargs
 
 
-def encode_batch(batch, vae, text_encoders, generator, share, unet_dtype):
+def encode_batch(batch, vae, text_encoders, code, generator, share, unet_dtype):
     """The batch's latents in the frozen UNet's dtype, from the frozen VAE or its cache (the VAE sample is the first
     draw from `generator`, made for the global batch `share` belongs to: see BatchShare), and its text conditioning
-    (encoder_hidden_states, and for SDXL added_cond_kwargs), which carries gradients back to the new embedding rows."""
+    (encoder_hidden_states, and added_cond_kwargs or None), which carries gradients back to the new embedding rows."""
     with torch.no_grad():
         if "latent_parameters" in batch:
             # --cache_latents: sampling from the stored distribution draws exactly what encoding the image would.
@@ -670,7 +638,7 @@ def encode_batch(batch, vae, text_encoders, generator, share, unet_dtype):
     # The text encoders run with gradients: they reach the new token embedding rows and nothing else.
     input_ids, time_ids = batch["input_ids"].to(latents.device), batch.get("time_ids")
     time_ids = None if time_ids is None else time_ids.to(latents.device)
-    return latents, *text_conditioning(text_encoders, input_ids, time_ids, latents.dtype)
+    return latents, *text_conditioning(text_encoders, code, input_ids, time_ids, latents.dtype)
 
 
 # ----------------------------------------------------- BEGIN MATH -----------------------------------------------------
@@ -844,45 +812,54 @@ def save_embeddings(tensors, path, safe_serialization=True):
     fsync_folder(os.path.dirname(path))
 
 
-def pipeline_class(sdxl):
-    return StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-
-
-def validate(accelerator, text_encoders, tokenizers, unet, vae, prompts, args, seed, global_step, tag, weight_dtype):
+def validate(
+    accelerator, code, text_encoders, tokenizers, unet, vae, prompts, args, seed, global_step, tag, weight_dtype
+):
     """Render the validation prompts with the embedding learned so far, through the frozen pipeline."""
     text_encoders = [accelerator.unwrap_model(text_encoder) for text_encoder in text_encoders]
-    pipeline = pipeline_class(len(text_encoders) == 2).from_pretrained(
+    pipeline = code.pipeline_class.from_pretrained(
         args.pretrained_model_name_or_path,
-        **text_components(text_encoders, tokenizers),
+        **code.components(text_encoders, tokenizers),
         unet=unet,
         vae=vae,
-        **({} if len(text_encoders) == 2 else {"safety_checker": None}),  # SDXL pipelines have none
+        **code.validation_components(),
         revision=args.revision,
         variant=args.variant,
         dtype=weight_dtype,
         cache_dir=args.cache_dir,
     )
-    pipeline.scheduler = inference_scheduler(pipeline.scheduler, args)
-    log_validation(pipeline, prompts, args, accelerator, seed, global_step, tag, weight_dtype)
+    pipeline.scheduler = inference_scheduler(pipeline.scheduler, args.prediction_type, args.rescale_betas_zero_snr)
+    log_validation(
+        pipeline,
+        prompts,
+        args.validation_resolution,
+        args.output_dir,
+        accelerator,
+        seed,
+        global_step,
+        tag,
+        weight_dtype,
+    )
 
 
-def write_model_card(args, global_step, validation_grid, sdxl):
+def write_model_card(args, global_step, validation_grid, code):
+    """README.md: the license and tags of the base model's family, how to load the embedding, the run's settings."""
     suffix = "bin" if args.no_safe_serialization else "safetensors"
-    if sdxl:
+    family, pipeline_name = code.family, code.pipeline_class.__name__
+    load = [f'pipe.load_textual_inversion("{args.output_dir}/learned_embeds.{suffix}")']
+    if len(family.text_encoders) > 1:
         # One file per text encoder: each gets the placeholder's tokens and its own rows.
         load = [
             f'pipe.load_textual_inversion("{args.output_dir}/{learned_embeds_name(index)}.{suffix}", '
-            f'token="{args.placeholder_token}", text_encoder=pipe.text_encoder{name}, tokenizer=pipe.tokenizer{name})'
-            for index, name in enumerate(["", "_2"])
+            f'token="{args.placeholder_token}", text_encoder=pipe.{text_encoder}, tokenizer=pipe.{tokenizer})'
+            for index, (text_encoder, tokenizer) in enumerate(zip(family.text_encoders, family.tokenizers, strict=True))
         ]
-    else:
-        load = [f'pipe.load_textual_inversion("{args.output_dir}/learned_embeds.{suffix}")']
     lines = [
         "---",
-        "license: openrail++" if sdxl else "license: creativeml-openrail-m",  # SDXL's license, SD 1.x / 2.x's
+        f"license: {family.license}",
         f"base_model: {args.pretrained_model_name_or_path}",
         "tags:",
-        "- stable-diffusion-xl" if sdxl else "- stable-diffusion",
+        *(f"- {tag}" for tag in family.tags),
         "- text-to-image",
         "- diffusers",
         "- textual_inversion",
@@ -896,9 +873,9 @@ def write_model_card(args, global_step, validation_grid, sdxl):
         f"from the images in `{args.train_data_dir}`, {global_step} optimizer updates.",
         "",
         "```python",
-        f"from diffusers import {pipeline_class(sdxl).__name__}",
+        f"from diffusers import {pipeline_name}",
         "",
-        f'pipe = {pipeline_class(sdxl).__name__}.from_pretrained("{args.pretrained_model_name_or_path}")',
+        f'pipe = {pipeline_name}.from_pretrained("{args.pretrained_model_name_or_path}")',
         *load,
         f'image = pipe("{args.validation_prompt or "a photo of a " + args.placeholder_token}").images[0]',
         "```",
@@ -909,7 +886,7 @@ def write_model_card(args, global_step, validation_grid, sdxl):
         f.write("\n".join(lines) + "\n")
 
 
-def save_full_pipeline(text_encoders, tokenizers, unet, vae, weight_dtype, args):
+def save_full_pipeline(code, text_encoders, tokenizers, unet, vae, weight_dtype, args):
     """The pipeline with the extended tokenizer(s) and standard text encoder(s) holding the learned rows, written to a
     temporary folder first. The frozen UNet and VAE are re-read from the source when training held them in
     reduced precision, so the saved files keep the original precision."""
@@ -918,8 +895,8 @@ def save_full_pipeline(text_encoders, tokenizers, unet, vae, weight_dtype, args)
         text_encoder.set_input_embeddings(token_embedding.merged())
         text_encoder.config.vocab_size = len(tokenizer)
     frozen = {"unet": unet, "vae": vae} if weight_dtype == torch.float32 else {}
-    components = text_components(text_encoders, tokenizers)
-    pipeline = pipeline_class(len(text_encoders) == 2).from_pretrained(
+    components = code.components(text_encoders, tokenizers)
+    pipeline = code.pipeline_class.from_pretrained(
         args.pretrained_model_name_or_path,
         **components,
         revision=args.revision,
@@ -928,14 +905,13 @@ def save_full_pipeline(text_encoders, tokenizers, unet, vae, weight_dtype, args)
         **frozen,
     )
     # The saved scheduler says what this run trained with (prediction type, zero terminal SNR).
-    pipeline.scheduler = inference_scheduler(pipeline.scheduler, args)
+    pipeline.scheduler = inference_scheduler(pipeline.scheduler, args.prediction_type, args.rescale_betas_zero_snr)
     partial = os.path.join(args.output_dir, ".pipeline.partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
         pipeline.save_pretrained(partial, safe_serialization=not args.no_safe_serialization)
-        for name in components:
-            if name.startswith("text_encoder"):
-                write_hub_style_text_encoder(os.path.join(partial, name))
+        for name in code.family.text_encoders:
+            write_hub_style_text_encoder(os.path.join(partial, name))
     except (OSError, RuntimeError) as err:
         shutil.rmtree(partial, ignore_errors=True)
         raise WriteFailure(write_failure("the pipeline", args.output_dir, err)) from err
@@ -946,32 +922,12 @@ def save_full_pipeline(text_encoders, tokenizers, unet, vae, weight_dtype, args)
 
 def main(args):
     # ------------------------------------------------------------------------------------------------------ setup
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-    )
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
-    )
-    # The shared package (sdtrain) logs through the standard library: only the main process speaks, as this script does.
-    logging.getLogger("sdtrain").setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
-    if not accelerator.is_local_main_process:
-        diffusers.utils.logging.set_verbosity_error()
-    if args.enable_xformers_memory_efficient_attention and not diffusers.utils.is_xformers_available():
-        raise UserError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (GPU only)")
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    accelerator = make_accelerator(AcceleratorConfig.from_args(args), libraries=(diffusers,))
     image_paths = find_example_images(args.train_data_dir)
-    check_process_group(accelerator.num_processes, os.environ, "accelerate")
     # Only the main process writes, and only into a folder that is absent, empty or a run's, never the model's own.
     # It takes the folder (and its lock) just before training, so that a run refused before then writes nothing.
     if accelerator.is_main_process:
         check_output_dir(args.output_dir, {"--pretrained_model_name_or_path": args.pretrained_model_name_or_path})
-    output_lock = None
     accelerator.wait_for_everyone()
     stop_request = StopRequest()
     # A CPU side channel for agreeing on stop requests, so that it never waits for the GPU.
@@ -982,30 +938,25 @@ def main(args):
     seed = choose_seed(args.seed, resume_metadata, broadcast_object_list([draw_seed()])[0])
 
     # ------------------------------------------------------------------------------------------------ load models
-    # SDXL: two text encoders, each with its own tokenizer and its own copy of the placeholder's rows.
-    sdxl = (
-        model_family(args).name == "sdxl"
-    )  # any family but SD 1.x / 2.x and SDXL is named and refused by model_family
+    source = ModelSource.from_args(args)
+    # SD 1.x / 2.x or SDXL, from model_index.json before any weights load; any other family is named and refused.
+    # What differs between them is the family's: `code` loads and encodes its text (sdtrain/torch/family.py). SDXL
+    # has two text encoders, each with its own tokenizer and its own copy of the placeholder's rows.
+    family = model_family(source)
+    code = family_code(family)
     # A size the model cannot train or render at is refused now, from the configs, not at the first validation.
     path = args.pretrained_model_name_or_path
     check_model_sizes(path, None, args.revision, args.cache_dir, args.resolution, args.validation_resolution)
-    if args.tokenizer_name:
-        tokenizers = [CLIPTokenizer.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)]
-    else:
-        tokenizers = [load_component(CLIPTokenizer, args, "tokenizer")]
-    if sdxl:
-        tokenizers.append(load_component(CLIPTokenizer, args, "tokenizer_2"))
+    tokenizers = code.load_tokenizers(source, args.tokenizer_name)
     # Lin et al. 2023 (arXiv:2305.08891): rescaled betas reach zero SNR at the last timestep, as sampling starts.
     noise_scheduler = load_component(
-        DDPMScheduler, args, "scheduler", rescale_betas_zero_snr=args.rescale_betas_zero_snr
+        DDPMScheduler, source, "scheduler", rescale_betas_zero_snr=args.rescale_betas_zero_snr
     )
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
-    text_encoders = [load_component(CLIPTextModel, args, "text_encoder", variant=args.variant)]
-    if sdxl:
-        text_encoders.append(load_component(CLIPTextModelWithProjection, args, "text_encoder_2", variant=args.variant))
-    vae = load_component(AutoencoderKL, args, "vae", variant=args.variant)
-    unet = load_component(UNet2DConditionModel, args, "unet", variant=args.variant)
+    text_encoders = code.load_text_encoders(source, variant=args.variant)
+    vae = load_component(AutoencoderKL, source, "vae", variant=args.variant)
+    unet = load_component(UNet2DConditionModel, source, "unet", variant=args.variant)
     # Everything is frozen; the only trainable tensors are the new rows (one set per text encoder), each starting at
     # the initializer's embedding in that encoder.
     vae.requires_grad_(False)
@@ -1033,7 +984,7 @@ def main(args):
     # The frozen UNet and VAE run in the mixed-precision dtype; the text encoders and the new rows stay fp32. SDXL's
     # VAE overflows in fp16 and says so (force_upcast): it stays in fp32.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
-    vae_dtype = torch.float32 if sdxl and vae.config.force_upcast else weight_dtype
+    vae_dtype = code.vae_dtype(vae.config, weight_dtype)
     unet.to(accelerator.device, dtype=weight_dtype)
     vae.to(accelerator.device, dtype=vae_dtype)
     logger.info(
@@ -1055,23 +1006,18 @@ def main(args):
     )
 
     # ------------------------------------------------------------------------------------------------------- data
-    train_dataset = TextualInversionDataset(image_paths, tokenizers, " ".join(placeholder_tokens), args, seed, sdxl)
-    num_workers = default_num_workers(args, accelerator)
+    placeholder_text = " ".join(placeholder_tokens)
+    train_dataset = TextualInversionDataset(
+        image_paths, tokenizers, placeholder_text, args, seed, family.added_conditioning
+    )
+    num_workers = default_num_workers(args.dataloader_num_workers, accelerator.device)
     if args.cache_latents:
         build_latent_cache(train_dataset, vae, accelerator, args, num_workers)
     # The run depends on the global batch, not on how many processes share it: batches and draws are made for it.
     global_batch_size = args.train_batch_size * accelerator.num_processes
     epoch_global_batches = functools.partial(shuffled_batches, len(train_dataset), global_batch_size, seed)
     sampler = GlobalBatchSampler(epoch_global_batches, args.train_batch_size, accelerator.num_processes)
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset,
-        batch_sampler=sampler,
-        collate_fn=collate,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=accelerator.device.type == "cuda",
-        worker_init_fn=ignore_interrupts,  # Ctrl-C stops the main process's loop, not its workers
-    )
+    train_dataloader = batch_loader(train_dataset, sampler, num_workers, accelerator.device)
 
     # ---------------------------------------------------------------------------------- optimizer and schedule
     if args.scale_lr:
@@ -1081,15 +1027,12 @@ def main(args):
     *text_encoders, optimizer, train_dataloader = accelerator.prepare(*text_encoders, optimizer, train_dataloader)
     # global_step counts optimizer updates; --max_train_steps is authoritative and epochs are derived from it.
     batches_per_epoch = len(train_dataloader)
-    if args.gradient_accumulation_steps > batches_per_epoch:
-        raise UserError(
-            f"--gradient_accumulation_steps {args.gradient_accumulation_steps} is more than the {batches_per_epoch} "
-            f"batches of an epoch ({len(train_dataset)} examples, {args.train_batch_size} per device x "
-            f"{accelerator.num_processes} processes): use at most {batches_per_epoch}, or a smaller batch"
-        )
-    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps
-    num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    layout = (
+        f"{len(train_dataset)} examples, {args.train_batch_size} per device x {accelerator.num_processes} processes"
+    )
+    updates_per_epoch, max_train_steps, num_train_epochs = training_length(
+        batches_per_epoch, args.gradient_accumulation_steps, args.max_train_steps, None, layout
+    )
     if args.validation_epochs is not None:
         logger.warning("--validation_epochs is deprecated: use --validation_steps")
         args.validation_steps = args.validation_epochs * updates_per_epoch
@@ -1109,29 +1052,19 @@ def main(args):
         "placeholder_token": args.placeholder_token,
         "num_vectors": args.num_vectors,
     }
-    run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
-    run_metadata.update(run_identity)
-    run_metadata["process_count"] = accelerator.num_processes  # information only: the run does not depend on it
+    run_metadata = checkpoint_metadata(
+        run_identity, seed, total_batch_size, updates_per_epoch, accelerator.num_processes
+    )
 
     # ----------------------------------------------------------------------------------------------------- resume
-    global_step = 0
-    if resume_path is not None:
-        accelerator.print(f"Resuming from {resume_path}")
-        check_resume_identity(resume_path, resume_metadata, run_identity)
-        try:
-            accelerator.load_state(resume_path)
-        except UserError:
-            raise  # the checkpoint hooks' own, naming what does not fit
-        except Exception as err:
-            raise UserError(f"{resume_path} could not be loaded ({type(err).__name__}: {err})") from err
-        global_step = resume_metadata["global_step"]
-        warn_if_batch_layout_changed(resume_metadata, run_metadata)
+    global_step = resume(accelerator, resume_path, resume_metadata, run_identity, run_metadata)
     first_epoch = global_step // updates_per_epoch
 
-    if accelerator.is_main_process:
-        output_lock = take_output_dir(args.output_dir, os.path.basename(__file__), disposable=[args.logging_dir])
-        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers("textual_inversion", config=tracker_config)
+    tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+    script = os.path.basename(__file__)
+    output_lock = begin_training(
+        accelerator, args.output_dir, script, [args.logging_dir], "textual_inversion", tracker_config
+    )
     embeds_suffix = "bin" if args.no_safe_serialization else "safetensors"
     validation_prompts = [args.validation_prompt] * args.num_validation_images if args.validation_prompt else []
     validation_models = (text_encoders, tokenizers, unet, vae, validation_prompts)
@@ -1141,28 +1074,15 @@ def main(args):
         f"updates per epoch = {updates_per_epoch}"
     )
     logger.info(
-        f"  Batch per device = {args.train_batch_size}, processes = {accelerator.num_processes}, "
-        f"accumulation = {args.gradient_accumulation_steps}, total batch = {total_batch_size}"
-    )
-    logger.info(f"  Optimizer updates = {max_train_steps}, starting at {global_step}, seed = {seed}")
-    logger.info(
         f"  Placeholder {args.placeholder_token} -> {placeholder_tokens} (ids {placeholder_ids}), "
         f"initialised from {args.initializer_token!r}"
     )
-    if global_step >= max_train_steps:
-        logger.info(
-            f"Checkpoint step {global_step} is at or past --max_train_steps {max_train_steps}: nothing to train."
-        )
+    log_plan(accelerator, args.train_batch_size, args.gradient_accumulation_steps, max_train_steps, global_step, seed)
 
     # ------------------------------------------------------------------------------------------------- train loop
     generator = torch.Generator(device=accelerator.device)
     share = BatchShare.of_process(accelerator.process_index, args.train_batch_size, accelerator.num_processes)
-    progress_bar = tqdm(
-        range(max_train_steps),
-        initial=min(global_step, max_train_steps),
-        desc="Steps",
-        disable=not accelerator.is_local_main_process,
-    )
+    progress_bar = updates_progress_bar(accelerator, max_train_steps, global_step)
     window = LogWindow(accelerator, total_batch_size, global_step)
     last_batch = None  # (latents, input_ids, time_ids) of the last batch, to probe the new rows before writing them
     # Schedule-free AdamW steps one sequence of weights and evaluates another, its average: it trains in train mode
@@ -1173,19 +1093,22 @@ def main(args):
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
             break
-        sampler.epoch = epoch
-        # Resume mid-epoch: skip exactly the batches the interrupted run had consumed (every earlier update in this
-        # epoch used a full accumulation group).
-        skip = (global_step - epoch * updates_per_epoch) * args.gradient_accumulation_steps
-        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-        for batch_index, batch in enumerate(batches, start=skip):
+        # Resumed mid-epoch, the batches the interrupted run had consumed are skipped.
+        batches = epoch_batches(
+            accelerator,
+            train_dataloader,
+            sampler,
+            epoch,
+            global_step,
+            updates_per_epoch,
+            args.gradient_accumulation_steps,
+        )
+        for batch_index, batch in batches:
             generator.manual_seed(derive_seed(seed, epoch, batch_index))  # the same in every process: see BatchShare
-            # The epoch's last accumulation group may be short: its update averages the batches it has.
-            group_start = batch_index - batch_index % args.gradient_accumulation_steps
-            group_size = min(args.gradient_accumulation_steps, batches_per_epoch - group_start)
+            group_size = accumulation_group_size(batch_index, args.gradient_accumulation_steps, batches_per_epoch)
             with accelerator.accumulate(*text_encoders):
                 latents, encoder_hidden_states, added_cond_kwargs = encode_batch(
-                    batch, vae, text_encoders, generator, share, weight_dtype
+                    batch, vae, text_encoders, code, generator, share, weight_dtype
                 )
                 sample_weights = batch["sample_weights"].to(latents.device)
                 loss = diffusion_loss(
@@ -1221,17 +1144,16 @@ def main(args):
             # Reading the loss back waits for the device: only at logging steps, and before anything is saved (the
             # read raises on a non-finite loss, so no saved embedding or checkpoint ever holds a diverged one).
             if global_step % args.logging_steps == 0 or is_save_step or global_step >= max_train_steps:
-                logs = window.read(global_step, epoch, lr_scheduler.get_last_lr()[0])
-                accelerator.log(logs, step=global_step)
-                logger.info(format_logs(global_step, logs))
-                progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+                window.log(global_step, epoch, lr_scheduler.get_last_lr()[0], progress_bar)
             is_validation_step = validation_prompts and global_step % args.validation_steps == 0
             if is_save_step or is_validation_step:
                 optimizer.eval()  # what is saved or rendered is the model at this step; resume switches back exactly
             if is_save_step:
                 check_embedding_scale([learned_array(rows) for rows in learned_rows], vocabulary_norms, global_step)
                 tensors = [*(("the new rows", rows) for rows in learned_rows), *optimizer_tensors(optimizer)]
-                probe = probe_loss(accelerator, unet, text_encoders, noise_scheduler, *last_batch, loss_config, seed)
+                probe = probe_loss(
+                    accelerator, unet, text_encoders, code, noise_scheduler, *last_batch, loss_config, seed
+                )
                 check_finite(tensors, probe, "the embedding", global_step)
             if accelerator.is_main_process:
                 if global_step % args.save_steps == 0:
@@ -1240,16 +1162,13 @@ def main(args):
                         path = os.path.join(args.output_dir, name)
                         save_embeddings({args.placeholder_token: rows}, path, not args.no_safe_serialization)
                 if is_validation_step and global_step < max_train_steps:
-                    validate(accelerator, *validation_models, args, seed, global_step, "validation", weight_dtype)
+                    validate(accelerator, code, *validation_models, args, seed, global_step, "validation", weight_dtype)
             if is_checkpoint_step:
                 save_checkpoint(accelerator, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
             if is_save_step or is_validation_step:
                 optimizer.train()
             if stopping:
-                accelerator.wait_for_everyone()
-                logger.warning(preemption_message(stop_request, global_step))
-                accelerator.end_training()
-                sys.exit(stop_exit_code(stop_request))
+                stop_run(stop_request, accelerator, global_step)
             if global_step >= max_train_steps:
                 break
 
@@ -1259,7 +1178,7 @@ def main(args):
     if last_batch is not None:  # what is about to be saved, checked as every checkpoint is
         check_embedding_scale([learned_array(rows) for rows in learned_rows], vocabulary_norms, global_step)
         tensors = [*(("the new rows", rows) for rows in learned_rows), *optimizer_tensors(optimizer)]
-        probe = probe_loss(accelerator, unet, text_encoders, noise_scheduler, *last_batch, loss_config, seed)
+        probe = probe_loss(accelerator, unet, text_encoders, code, noise_scheduler, *last_batch, loss_config, seed)
         check_finite(tensors, probe, "the embedding", global_step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -1274,20 +1193,18 @@ def main(args):
             raise final_save_failed(accelerator, args.output_dir, global_step, run_metadata, err) from err
         grid = None
         if validation_prompts:
-            validate(accelerator, *validation_models, args, seed, global_step, "final", weight_dtype)
+            validate(accelerator, code, *validation_models, args, seed, global_step, "final", weight_dtype)
             grid = f"validation/final-step-{global_step:06d}.png"
         if args.save_as_full_pipeline or args.push_to_hub:
             unwrapped = [accelerator.unwrap_model(text_encoder) for text_encoder in text_encoders]
             try:
-                save_full_pipeline(unwrapped, tokenizers, unet, vae, weight_dtype, args)
+                save_full_pipeline(code, unwrapped, tokenizers, unet, vae, weight_dtype, args)
             except Exception as err:
                 raise final_save_failed(accelerator, args.output_dir, global_step, run_metadata, err) from err
-        write_model_card(args, global_step, grid, sdxl)
+        write_model_card(args, global_step, grid, code)
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
-    accelerator.end_training()
-    if output_lock is not None:
-        output_lock.release()
+    end_training(accelerator, output_lock)
 
 
 if __name__ == "__main__":

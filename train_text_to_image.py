@@ -35,11 +35,8 @@ import functools
 import importlib
 import importlib.util
 import io
-import logging
-import math
 import os
 import shutil
-import sys
 
 from sdtrain.batching import (
     BatchShare,
@@ -65,8 +62,8 @@ from sdtrain.data_config import (
 )
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import load_rgb, verify_image
-from sdtrain.logs import add_tracker_arguments, format_logs, report_to_problem, warmup_applied
-from sdtrain.preemption import StopRequest, ignore_interrupts, preemption_message, stop_exit_code
+from sdtrain.logs import add_tracker_arguments, report_to_problem, warmup_applied
+from sdtrain.preemption import StopRequest
 from sdtrain.recipes import (
     RecipeConfig,
     add_recipe_arguments,
@@ -77,39 +74,14 @@ from sdtrain.recipes import (
 from sdtrain.run_folder import (
     add_checkpoint_arguments,
     check_output_dir,
-    check_process_group,
-    check_resume_identity,
     find_resume_checkpoint,
     publish_pipeline,
     read_checkpoint_metadata,
-    take_output_dir,
-    warn_if_batch_layout_changed,
     write_failure,
 )
 from sdtrain.seeds import add_seed_argument, choose_seed, derive_seed, draw_seed
 from sdtrain.single_file import SingleFileConfig, add_single_file_arguments, save_single_file, single_file_layout
 from sdtrain.sizes import check_model_sizes, size_factors
-from sdtrain.torch_training import (
-    LogWindow,
-    check_finite,
-    check_images,
-    collate,
-    default_num_workers,
-    encode_once,
-    encode_text,
-    final_save_failed,
-    inference_scheduler,
-    load_component,
-    load_model,
-    log_validation,
-    model_family,
-    optimizer_tensors,
-    save_checkpoint,
-    stop_agreed,
-    text_components,
-    tokenize,
-    write_hub_style_text_encoder,
-)
 
 INTERPOLATION_MODES = ["lanczos", "bicubic", "bilinear", "nearest", "nearest_exact", "box", "hamming"]
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
@@ -432,24 +404,38 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, broadcast_object_list
-from diffusers import (
-    AutoencoderKL,
-    DDPMScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
+from accelerate.utils import broadcast_object_list
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_dream_and_update_latents
 from torchvision.transforms import InterpolationMode
-from tqdm.auto import tqdm
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from sdtrain.captions import edit_caption, load_image_caption_dataset  # imports datasets
+from sdtrain.torch.checkpoints import (
+    check_finite,
+    checkpoint_metadata,
+    final_save_failed,
+    optimizer_tensors,
+    resume,
+    save_checkpoint,
+)
+from sdtrain.torch.data import GlobalBatchSampler, batch_loader, check_images, default_num_workers, encode_once
+from sdtrain.torch.family import family_code
+from sdtrain.torch.loop import (
+    LogWindow,
+    accumulation_group_size,
+    epoch_batches,
+    stop_agreed,
+    stop_run,
+    training_length,
+    updates_progress_bar,
+)
+from sdtrain.torch.models import ModelSource, inference_scheduler, load_component, load_model, model_family
+from sdtrain.torch.setup import AcceleratorConfig, begin_training, end_training, log_plan, make_accelerator
+from sdtrain.torch.text import tokenize, write_hub_style_text_encoder
+from sdtrain.torch.validation import log_validation
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -461,13 +447,14 @@ logger = get_logger(__name__, log_level="INFO")
 
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """Rows -> {pixel_values or latent_parameters, input_ids or encoder_hidden_states (+ pooled_text_embeds),
-    sample_weights}, and for SDXL {time_ids, caption_kept}. Indexed by (epoch, row, weight) keys: crop, flip and
-    caption edits are drawn from an RNG seeded by (seed, epoch, row), so the same sample is identical in a resumed run,
-    and the cached path draws exactly what the uncached one does. `tokenizers`: one per text encoder (two for SDXL);
-    input_ids holds a row of ids for each."""
+    caption_kept, sample_weights}, and time_ids with added_conditioning (the family's: SDXL's size conditioning).
+    Indexed by (epoch, row, weight) keys: crop, flip and caption edits are drawn from an RNG seeded by (seed, epoch,
+    row), so the same sample is identical in a resumed run, and the cached path draws exactly what the uncached one
+    does. `tokenizers`: one per text encoder (two for SDXL); input_ids holds a row of ids for each."""
 
-    def __init__(self, rows, tokenizers, args, seed, sdxl=False):
-        self.rows, self.tokenizers, self.args, self.seed, self.sdxl = rows, tokenizers, args, seed, sdxl
+    def __init__(self, rows, tokenizers, args, seed, added_conditioning=False):
+        self.rows, self.tokenizers, self.args, self.seed = rows, tokenizers, args, seed
+        self.added_conditioning = added_conditioning
         self.interpolation = InterpolationMode[args.image_interpolation_mode.upper()]
         self.caption_config = CaptionConfig.from_args(args)
         # Captions stay in the (memory-mapped) dataset: a Python list of them would be copied into every worker.
@@ -551,16 +538,16 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
             flipped = self.args.random_flip and rng.random() < 0.5
             group_of_row, place, latents = self.latent_cache
             example["latent_parameters"] = latents[group_of_row[row]][place[row], int(flipped)]
-            box = self.crop_box(row, *self.image_sizes[row], rng=None) if self.sdxl else None
-        if self.sdxl:
+            box = None  # the fixed crop, which crop_box() gives without a draw
+        if self.added_conditioning:
+            box = box or self.crop_box(row, *self.image_sizes[row], rng=None)
             example["time_ids"] = self.time_ids(row, box, flipped)
         choices = self.caption_choices(self.caption_rows[row][self.args.caption_column], row)
         choice = int(rng.integers(len(choices))) if len(choices) > 1 else 0
         caption = edit_caption(choices[choice], rng, self.caption_config)
-        if self.sdxl:
-            # SDXL pipelines sample the unconditional branch from zeros, not from the encoded empty prompt
-            # (force_zeros_for_empty_prompt): an empty caption, dropped or in the data, trains that branch.
-            example["caption_kept"] = torch.tensor(float(caption != ""))
+        # Where the pipeline samples the unconditional branch from zeros (force_zeros_for_empty_prompt), an empty
+        # caption, dropped or in the data, trains that branch: encode_batch zeroes its conditioning.
+        example["caption_kept"] = torch.tensor(float(caption != ""))
         if self.text_cache is None:
             example["input_ids"] = torch.stack(
                 [tokenize(tokenizer, [caption], [0])[0] for tokenizer in self.tokenizers]
@@ -585,7 +572,7 @@ def image_views(dataset, views, rows, indices):
     return torch.stack(pixels)
 
 
-def build_caches(train_dataset, vae, text_encoders, accelerator, args, num_workers):
+def build_caches(train_dataset, vae, text_encoders, code, accelerator, args, num_workers):
     """--cache_latents: the VAE's latent distribution of every image (and its mirror image with --random_flip), at its
     bucket's size, so the VAE leaves the training loop. --cache_text_embeddings: the text encoder's output for every
     distinct caption (and the empty one, with --proportion_empty_prompts)."""
@@ -624,43 +611,20 @@ def build_caches(train_dataset, vae, text_encoders, accelerator, args, num_worke
         def token_ids(indices):
             return torch.stack([tokenize(tokenizer, captions, indices) for tokenizer in train_dataset.tokenizers], 1)
 
-        embeddings = encode_once(
+        embeddings, pooled = encode_once(
             accelerator,
             len(distinct),
             args.train_batch_size,
             token_ids,
-            lambda input_ids: encode_text(text_encoders, input_ids.to(text_encoders[0].device)),
+            lambda input_ids: code.encode_text(text_encoders, input_ids.to(text_encoders[0].device)),
             "Caching text embeddings",
         )
-        embeddings, pooled = embeddings if train_dataset.sdxl else (embeddings, None)
         train_dataset.text_cache = (np.array(offsets), np.array(indices), embeddings, pooled, empty_index)
-        caches.append(("text embeddings", [embeddings] + ([pooled] if pooled is not None else [])))
+        caches.append(("text embeddings", [tensor for tensor in (embeddings, pooled) if tensor is not None]))
     for name, tensors in caches:
         size = sum(t.numel() * t.element_size() for t in tensors) / 2**20
         shapes = ", ".join(str(tuple(t.shape)) for t in tensors[:4]) + (", ..." if len(tensors) > 4 else "")
         logger.info(f"Cached {name}: {shapes} {tensors[0].dtype}, {size:.1f} MiB of CPU memory")
-
-
-class GlobalBatchSampler(torch.utils.data.Sampler):
-    """Yields each epoch's global batches (lists of (row, weight) from epoch_global_batches(epoch)) as per-process
-    batches of (epoch, row, weight) keys, process 0's share first. Accelerate deals batch k to process k %
-    num_processes, so each process gets its share of every global batch: the run sees the same global batches however
-    many processes share them. The training loop sets `.epoch` itself; there is deliberately no set_epoch(), which
-    Accelerate would call with its own iteration counter."""
-
-    def __init__(self, epoch_global_batches, batch_size, num_processes):
-        self.epoch_global_batches, self.batch_size, self.num_processes = epoch_global_batches, batch_size, num_processes
-        self.drop_last, self.epoch = False, 0  # read by Accelerate's batch sharding
-        self.num_batches = len(epoch_global_batches(0)) * num_processes  # the same every epoch
-
-    def __len__(self):
-        return self.num_batches
-
-    def __iter__(self):
-        for batch in self.epoch_global_batches(self.epoch):
-            for process in range(self.num_processes):
-                share = batch[process * self.batch_size : (process + 1) * self.batch_size]
-                yield [(self.epoch, row, weight) for row, weight in share]
 
 
 def probe_loss(accelerator, unet, noise_scheduler, latents, encoder_hidden_states, added_cond_kwargs, config, seed):
@@ -693,7 +657,7 @@ def trained_tensors(unet, ema_unet, optimizer):
 def make_ema_unet(args, device):
     """--use_ema: an exponential moving average of the UNet, starting from --revision's UNet (training may start from
     --non_ema_revision), on the device or, with --offload_ema, in CPU memory (pinned on GPU machines)."""
-    ema_source = load_component(UNet2DConditionModel, args, "unet", variant=args.variant)
+    ema_source = load_component(UNet2DConditionModel, ModelSource.from_args(args), "unet", variant=args.variant)
     ema_unet = EMAModel(
         ema_source.parameters(),
         model_cls=UNet2DConditionModel,
@@ -771,10 +735,10 @@ def make_optimizer(args, params):
     )
 
 
-def encode_batch(batch, vae, text_encoders, generator, share):
-    """The batch's latents and text conditioning (encoder_hidden_states, and for SDXL the UNet's added_cond_kwargs),
-    from the frozen VAE and text encoders or from their caches. The VAE sample is the first draw from `generator`,
-    made for the global batch `share` belongs to (see BatchShare)."""
+def encode_batch(batch, vae, text_encoders, code, generator, share):
+    """The batch's latents and text conditioning (encoder_hidden_states, and the UNet's added_cond_kwargs or None),
+    from the frozen VAE and the family's text encoders (`code`: sdtrain.torch.family) or from their caches. The VAE
+    sample is the first draw from `generator`, made for the global batch `share` belongs to (see BatchShare)."""
     with torch.no_grad():
         if "latent_parameters" in batch:
             # --cache_latents: sampling from the stored distribution draws exactly what encoding the image would.
@@ -793,16 +757,17 @@ def encode_batch(batch, vae, text_encoders, generator, share):
             pooled_text_embeds = batch.get("pooled_text_embeds")
         else:
             # The frozen text encoders' hidden states condition the UNet through cross-attention.
-            encoded = encode_text(text_encoders, batch["input_ids"].to(device))
-            encoder_hidden_states, pooled_text_embeds = encoded if isinstance(encoded, tuple) else (encoded, None)
-        added_cond_kwargs = None
-        if "time_ids" in batch:
-            # SDXL: the pooled text embedding and the size conditioning enter through the UNet's added embedding; an
-            # empty caption conditions on zeros (see ImageCaptionDataset).
+            encoder_hidden_states, pooled_text_embeds = code.encode_text(text_encoders, batch["input_ids"].to(device))
+        if code.family.force_zeros_for_empty_prompt:
+            # The pipeline samples its unconditional branch from zeros, so an empty caption trains on zeros (SDXL's
+            # pooled embedding too), unless its model_index.json says force_zeros_for_empty_prompt: false.
             kept = batch["caption_kept"].to(device, dtype)
             encoder_hidden_states = encoder_hidden_states * kept[:, None, None]
-            text_embeds = pooled_text_embeds.to(device, dtype) * kept[:, None]
-            added_cond_kwargs = {"text_embeds": text_embeds, "time_ids": batch["time_ids"].to(device, dtype)}
+            pooled_text_embeds = pooled_text_embeds.to(device, dtype) * kept[:, None]
+        # SDXL: the pooled text embedding and the size conditioning enter through the UNet's added embedding.
+        added_cond_kwargs = code.added_conditioning(pooled_text_embeds, batch.get("time_ids"))
+        if added_cond_kwargs:  # cached embeddings and size conditioning come from CPU memory
+            added_cond_kwargs = {name: value.to(device, dtype) for name, value in added_cond_kwargs.items()}
     return latents, encoder_hidden_states, added_cond_kwargs
 
 
@@ -962,50 +927,52 @@ def validation_weights(args):
     return {"ema": [("", True)], "raw": [("-raw", False)], "both": [("", True), ("-raw", False)]}[args.ema_validation]
 
 
-def frozen_components(vae, text_encoders, tokenizers):
-    """The frozen models by their pipeline names: vae, text_encoder, tokenizer (and SDXL's text_encoder_2,
-    tokenizer_2)."""
-    return {"vae": vae, **text_components(text_encoders, tokenizers)}
-
-
-def pipeline_class(sdxl):
-    return StableDiffusionXLPipeline if sdxl else StableDiffusionPipeline
-
-
-def validate(accelerator, unet, ema_unet, components, args, seed, global_step, weight_dtype):
+def validate(accelerator, code, unet, ema_unet, components, args, seed, global_step, weight_dtype):
     """Render the validation prompts mid-training with the weights that would be saved now (the EMA with --use_ema),
-    and with --ema_validation raw or both, with the raw trained weights."""
-    sdxl = "text_encoder_2" in components
-    pipeline = pipeline_class(sdxl).from_pretrained(
+    and with --ema_validation raw or both, with the raw trained weights. components: the frozen models by their
+    pipeline names."""
+    pipeline = code.pipeline_class.from_pretrained(
         args.pretrained_model_name_or_path,
         unet=accelerator.unwrap_model(unet),
-        **({} if sdxl else {"safety_checker": None}),
+        **code.validation_components(),
         revision=args.revision,
         variant=args.variant,
         dtype=weight_dtype,
         cache_dir=args.cache_dir,
         **components,
     )
-    pipeline.scheduler = inference_scheduler(pipeline.scheduler, args)
+    pipeline.scheduler = inference_scheduler(pipeline.scheduler, args.prediction_type, args.rescale_betas_zero_snr)
     for suffix, ema_weights in validation_weights(args):
         if ema_weights:
             ema_unet.store(unet.parameters())
             ema_unet.copy_to(unet.parameters())
         tag = "validation" + suffix
-        log_validation(pipeline, args.validation_prompts, args, accelerator, seed, global_step, tag, weight_dtype)
+        log_validation(
+            pipeline,
+            args.validation_prompts,
+            args.validation_resolution,
+            args.output_dir,
+            accelerator,
+            seed,
+            global_step,
+            tag,
+            weight_dtype,
+        )
         if ema_weights:
             ema_unet.restore(unet.parameters())
     del pipeline
 
 
-def write_model_card(args, global_step, validation_grid, sdxl):
+def write_model_card(args, global_step, validation_grid, code):
+    """README.md: the license and tags of the base model's family, how to load the pipeline, the run's settings."""
     warmup = warmup_applied(args.lr_scheduler, args.lr_warmup_steps, args.optimizer)
+    pipeline_name = code.pipeline_class.__name__
     lines = [
         "---",
-        "license: openrail++" if sdxl else "license: creativeml-openrail-m",  # SDXL's license, SD 1.x / 2.x's
+        f"license: {code.family.license}",
         f"base_model: {args.pretrained_model_name_or_path}",
         "tags:",
-        "- stable-diffusion-xl" if sdxl else "- stable-diffusion",
+        *(f"- {tag}" for tag in code.family.tags),
         "- text-to-image",
         "- diffusers",
         "library_name: diffusers",
@@ -1017,9 +984,9 @@ def write_model_card(args, global_step, validation_grid, sdxl):
         f"`{args.dataset_name or args.train_data_dir}`.",
         "",
         "```python",
-        f"from diffusers import {pipeline_class(sdxl).__name__}",
+        f"from diffusers import {pipeline_name}",
         "",
-        f'pipe = {pipeline_class(sdxl).__name__}.from_pretrained("{args.hub_model_id or args.output_dir}")',
+        f'pipe = {pipeline_name}.from_pretrained("{args.hub_model_id or args.output_dir}")',
         f'image = pipe("{(args.validation_prompts or ["a photo"])[0]}").images[0]',
         "```",
         "",
@@ -1039,7 +1006,7 @@ def write_model_card(args, global_step, validation_grid, sdxl):
         f.write("\n".join(lines) + "\n")
 
 
-def save_pipeline(unet, args, sdxl):
+def save_pipeline(unet, args, code):
     """The full pipeline (frozen parts re-read in their original precision, the --pretrained_vae_model_name_or_path VAE
     in place of the pipeline's) in output_dir, written to a temporary folder first and switched in atomically
     (publish_pipeline), so a crash never leaves a broken model."""
@@ -1048,7 +1015,7 @@ def save_pipeline(unet, args, sdxl):
         replaced["vae"] = AutoencoderKL.from_pretrained(
             args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir
         )
-    pipeline = pipeline_class(sdxl).from_pretrained(
+    pipeline = code.pipeline_class.from_pretrained(
         args.pretrained_model_name_or_path,
         unet=unet,
         **replaced,
@@ -1058,12 +1025,12 @@ def save_pipeline(unet, args, sdxl):
     )
     # The model now predicts this target on this schedule: the saved scheduler must say so, or inference silently
     # goes wrong.
-    pipeline.scheduler = inference_scheduler(pipeline.scheduler, args)
+    pipeline.scheduler = inference_scheduler(pipeline.scheduler, args.prediction_type, args.rescale_betas_zero_snr)
     partial = os.path.join(args.output_dir, ".pipeline.partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
         pipeline.save_pretrained(partial, safe_serialization=True)
-        for name in ("text_encoder", "text_encoder_2"):
+        for name in code.family.text_encoders:
             if os.path.isdir(os.path.join(partial, name)):
                 write_hub_style_text_encoder(os.path.join(partial, name))
     except (OSError, RuntimeError) as err:
@@ -1075,33 +1042,11 @@ def save_pipeline(unet, args, sdxl):
 
 def main(args):
     # ------------------------------------------------------------------------------------------------------ setup
-    logging_dir = os.path.join(args.output_dir, args.logging_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=None if args.report_to == "none" else args.report_to,
-        project_config=ProjectConfiguration(project_dir=args.output_dir, logging_dir=logging_dir),
-    )
-    logging.basicConfig(
-        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S", level=logging.INFO
-    )
-    # The shared package (sdtrain) logs through the standard library: only the main process speaks, as this script does.
-    logging.getLogger("sdtrain").setLevel(logging.INFO if accelerator.is_main_process else logging.ERROR)
-    for library in (datasets, diffusers):
-        if accelerator.is_local_main_process:
-            library.utils.logging.set_verbosity_warning()
-        else:
-            library.utils.logging.set_verbosity_error()
-    if args.enable_xformers_memory_efficient_attention and not diffusers.utils.is_xformers_available():
-        raise UserError("--enable_xformers_memory_efficient_attention needs xformers: pip install xformers (GPU only)")
+    accelerator = make_accelerator(AcceleratorConfig.from_args(args), libraries=(datasets, diffusers))
     if accelerator.mixed_precision == "fp16" and accelerator.device.type != "cuda":
         raise UserError(
             f"--mixed_precision fp16 needs a CUDA GPU (this run is on {accelerator.device.type}): use bf16 or no"
         )
-    if args.allow_tf32 and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    check_process_group(accelerator.num_processes, os.environ, "accelerate")
     # Only the main process writes, and only into a folder that is absent, empty or a run's, never the model's own.
     # It takes the folder (and its lock) just before training, so that a run refused before then writes nothing.
     if accelerator.is_main_process:
@@ -1112,7 +1057,6 @@ def main(args):
                 "--pretrained_vae_model_name_or_path": args.pretrained_vae_model_name_or_path,
             },
         )
-    output_lock = None
     accelerator.wait_for_everyone()
     stop_request = StopRequest()
     # A CPU side channel for agreeing on stop requests, so that it never waits for the GPU.
@@ -1123,12 +1067,13 @@ def main(args):
     seed = choose_seed(args.seed, resume_metadata, broadcast_object_list([draw_seed()])[0])
 
     # ------------------------------------------------------------------------------------------------ load models
-    # Lin et al. 2023 (arXiv:2305.08891): rescaled betas reach zero SNR at the last timestep, so the model learns to
-    # start from pure noise, as sampling does, and can make very dark and very bright images.
+    source = ModelSource.from_args(args)
     # SD 1.x / 2.x or SDXL, from model_index.json before any weights load; any other family is named and refused.
-    sdxl = model_family(args).name == "sdxl"
-    if sdxl and args.dream_training:
-        raise UserError("--dream_training supports Stable Diffusion 1.x / 2.x pipelines; this one is SDXL")
+    # What differs between them is the family's: `code` loads and encodes its text (sdtrain/torch/family.py).
+    family = model_family(source)
+    code = family_code(family)
+    if family.added_conditioning and args.dream_training:  # DREAM's extra UNet call passes no added conditioning
+        raise UserError(f"--dream_training supports Stable Diffusion 1.x / 2.x pipelines; this one is {family.title}")
     # A size the model cannot train or render at is refused now, from the configs, not at the first validation.
     check_model_sizes(
         args.pretrained_model_name_or_path,
@@ -1139,25 +1084,24 @@ def main(args):
         args.validation_resolution,
         args.aspect_ratio_buckets,
     )
+    # Lin et al. 2023 (arXiv:2305.08891): rescaled betas reach zero SNR at the last timestep, so the model learns to
+    # start from pure noise, as sampling does, and can make very dark and very bright images.
     noise_scheduler = load_component(
-        DDPMScheduler, args, "scheduler", rescale_betas_zero_snr=args.rescale_betas_zero_snr
+        DDPMScheduler, source, "scheduler", rescale_betas_zero_snr=args.rescale_betas_zero_snr
     )
     if args.prediction_type is not None:
         noise_scheduler.register_to_config(prediction_type=args.prediction_type)
     prediction_type = noise_scheduler.config.prediction_type
     if args.dream_training and prediction_type != "epsilon":
         raise UserError(f"--dream_training supports epsilon prediction only; this run predicts {prediction_type}")
-    tokenizers = [load_component(CLIPTokenizer, args, "tokenizer")]
-    text_encoders = [load_component(CLIPTextModel, args, "text_encoder", variant=args.variant)]
-    if sdxl:
-        tokenizers.append(load_component(CLIPTokenizer, args, "tokenizer_2"))
-        text_encoders.append(load_component(CLIPTextModelWithProjection, args, "text_encoder_2", variant=args.variant))
+    tokenizers = code.load_tokenizers(source)
+    text_encoders = code.load_text_encoders(source, variant=args.variant)
     if args.pretrained_vae_model_name_or_path:
         flag = "--pretrained_vae_model_name_or_path"
         vae = load_model(AutoencoderKL, args.pretrained_vae_model_name_or_path, "", flag, cache_dir=args.cache_dir)
     else:
-        vae = load_component(AutoencoderKL, args, "vae", variant=args.variant)
-    unet = load_component(UNet2DConditionModel, args, "unet", revision=args.non_ema_revision)
+        vae = load_component(AutoencoderKL, source, "vae", variant=args.variant)
+    unet = load_component(UNet2DConditionModel, source, "unet", revision=args.non_ema_revision)
     vae.requires_grad_(False)
     for text_encoder in text_encoders:
         text_encoder.requires_grad_(False)
@@ -1175,7 +1119,7 @@ def main(args):
     # The frozen models only run forward: keep them in the mixed-precision dtype. The UNet keeps fp32 master weights.
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     # SDXL's VAE overflows in fp16 and says so (force_upcast): it stays in fp32. An fp16-safe VAE says otherwise.
-    vae_dtype = torch.float32 if sdxl and vae.config.force_upcast else weight_dtype
+    vae_dtype = code.vae_dtype(vae.config, weight_dtype)
     vae.to(accelerator.device, dtype=vae_dtype)
     logger.info(
         f"VAE in {vae_dtype}" + (" (its config asks for it: force_upcast)" if vae_dtype != weight_dtype else "")
@@ -1195,10 +1139,9 @@ def main(args):
     )
 
     # ------------------------------------------------------------------------------------------------------- data
-    train_dataset = ImageCaptionDataset(
-        load_image_caption_dataset(DatasetConfig.from_args(args), seed), tokenizers, args, seed, sdxl
-    )
-    image_sizes = train_dataset.image_sizes = check_images(train_dataset, accelerator)
+    rows = load_image_caption_dataset(DatasetConfig.from_args(args), seed)
+    train_dataset = ImageCaptionDataset(rows, tokenizers, args, seed, family.added_conditioning)
+    image_sizes = train_dataset.image_sizes = check_images(train_dataset.verify_image, len(train_dataset), accelerator)
     # The run depends on the global batch, not on how many processes share it: batches and draws are made for it.
     global_batch_size = args.train_batch_size * accelerator.num_processes
     if args.use_aspect_ratio_buckets:
@@ -1210,18 +1153,10 @@ def main(args):
         epoch_global_batches = functools.partial(bucket_batches, train_dataset.bucket_of_row, global_batch_size, seed)
     else:
         epoch_global_batches = functools.partial(shuffled_batches, len(train_dataset), global_batch_size, seed)
-    num_workers = default_num_workers(args, accelerator)
-    build_caches(train_dataset, vae, text_encoders, accelerator, args, num_workers)
+    num_workers = default_num_workers(args.dataloader_num_workers, accelerator.device)
+    build_caches(train_dataset, vae, text_encoders, code, accelerator, args, num_workers)
     sampler = GlobalBatchSampler(epoch_global_batches, args.train_batch_size, accelerator.num_processes)
-    train_dataloader = torch.utils.data.DataLoader(
-        train_dataset,
-        batch_sampler=sampler,
-        collate_fn=collate,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=accelerator.device.type == "cuda",
-        worker_init_fn=ignore_interrupts,  # Ctrl-C stops the main process's loop, not its workers
-    )
+    train_dataloader = batch_loader(train_dataset, sampler, num_workers, accelerator.device)
 
     # ---------------------------------------------------------------------------------- optimizer and schedule
     if args.scale_lr:
@@ -1230,15 +1165,12 @@ def main(args):
     unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
     # global_step counts optimizer updates; --max_train_steps is authoritative and epochs are derived from it.
     batches_per_epoch = len(train_dataloader)
-    if args.gradient_accumulation_steps > batches_per_epoch:
-        raise UserError(
-            f"--gradient_accumulation_steps {args.gradient_accumulation_steps} is more than the {batches_per_epoch} "
-            f"batches of an epoch ({len(train_dataset)} examples, {args.train_batch_size} per device x "
-            f"{accelerator.num_processes} processes): use at most {batches_per_epoch}, or a smaller batch"
-        )
-    updates_per_epoch = math.ceil(batches_per_epoch / args.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * updates_per_epoch
-    num_train_epochs = math.ceil(max_train_steps / updates_per_epoch)
+    layout = (
+        f"{len(train_dataset)} examples, {args.train_batch_size} per device x {accelerator.num_processes} processes"
+    )
+    updates_per_epoch, max_train_steps, num_train_epochs = training_length(
+        batches_per_epoch, args.gradient_accumulation_steps, args.max_train_steps, args.num_train_epochs, layout
+    )
     # The prepared scheduler steps once per process at every update, hence the factor num_processes.
     lr_scheduler = get_scheduler(
         args.lr_scheduler,
@@ -1250,53 +1182,30 @@ def main(args):
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     # What this run trains, recorded in its checkpoints: a checkpoint resumes only a run of the same kind.
     run_identity = {"script": "train_text_to_image.py"}
-    run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
-    run_metadata.update(run_identity)
-    run_metadata["process_count"] = accelerator.num_processes  # information only: the run does not depend on it
+    run_metadata = checkpoint_metadata(
+        run_identity, seed, total_batch_size, updates_per_epoch, accelerator.num_processes
+    )
     run_metadata["aspect_ratio_buckets"] = [list(bucket) for bucket in train_dataset.buckets or []] or None
 
     # ----------------------------------------------------------------------------------------------------- resume
-    global_step = 0
-    if resume_path is not None:
-        accelerator.print(f"Resuming from {resume_path}")
-        check_resume_identity(resume_path, resume_metadata, run_identity)
-        try:
-            accelerator.load_state(resume_path)
-        except UserError:
-            raise  # the checkpoint hooks' own, naming what does not fit
-        except Exception as err:
-            raise UserError(f"{resume_path} could not be loaded ({type(err).__name__}: {err})") from err
-        global_step = resume_metadata["global_step"]
-        warn_if_batch_layout_changed(resume_metadata, run_metadata)
+    global_step = resume(accelerator, resume_path, resume_metadata, run_identity, run_metadata)
     first_epoch = global_step // updates_per_epoch
 
-    if accelerator.is_main_process:
-        output_lock = take_output_dir(args.output_dir, os.path.basename(__file__), disposable=[args.logging_dir])
-        tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        accelerator.init_trackers(args.tracker_project_name, config=tracker_config)
+    tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+    script = os.path.basename(__file__)
+    output_lock = begin_training(
+        accelerator, args.output_dir, script, [args.logging_dir], args.tracker_project_name, tracker_config
+    )
     logger.info("***** Running training *****")
     logger.info(
         f"  Examples = {len(train_dataset)}, epochs = {num_train_epochs}, updates per epoch = {updates_per_epoch}"
     )
-    logger.info(
-        f"  Batch per device = {args.train_batch_size}, processes = {accelerator.num_processes}, "
-        f"accumulation = {args.gradient_accumulation_steps}, total batch = {total_batch_size}"
-    )
-    logger.info(f"  Optimizer updates = {max_train_steps}, starting at {global_step}, seed = {seed}")
-    if global_step >= max_train_steps:
-        logger.info(
-            f"Checkpoint step {global_step} is at or past --max_train_steps {max_train_steps}: nothing to train."
-        )
+    log_plan(accelerator, args.train_batch_size, args.gradient_accumulation_steps, max_train_steps, global_step, seed)
 
     # ------------------------------------------------------------------------------------------------- train loop
     generator = torch.Generator(device=accelerator.device)
     share = BatchShare.of_process(accelerator.process_index, args.train_batch_size, accelerator.num_processes)
-    progress_bar = tqdm(
-        range(max_train_steps),
-        initial=min(global_step, max_train_steps),
-        desc="Steps",
-        disable=not accelerator.is_local_main_process,
-    )
+    progress_bar = updates_progress_bar(accelerator, max_train_steps, global_step)
     window = LogWindow(accelerator, total_batch_size, global_step)
     # Schedule-free AdamW steps one sequence of weights and evaluates another, its average: it trains in train mode
     # and is switched to eval mode (on every process) whenever the weights are checked, rendered or saved. The other
@@ -1307,19 +1216,22 @@ def main(args):
     for epoch in range(first_epoch, num_train_epochs):
         if global_step >= max_train_steps:
             break
-        sampler.epoch = epoch
-        # Resume mid-epoch: skip exactly the batches the interrupted run had consumed (every earlier update in this
-        # epoch used a full accumulation group).
-        skip = (global_step - epoch * updates_per_epoch) * args.gradient_accumulation_steps
-        batches = accelerator.skip_first_batches(train_dataloader, skip) if skip else train_dataloader
-        for batch_index, batch in enumerate(batches, start=skip):
+        # Resumed mid-epoch, the batches the interrupted run had consumed are skipped.
+        batches = epoch_batches(
+            accelerator,
+            train_dataloader,
+            sampler,
+            epoch,
+            global_step,
+            updates_per_epoch,
+            args.gradient_accumulation_steps,
+        )
+        for batch_index, batch in batches:
             generator.manual_seed(derive_seed(seed, epoch, batch_index))  # the same in every process: see BatchShare
-            # The epoch's last accumulation group may be short: its update averages the batches it has.
-            group_start = batch_index - batch_index % args.gradient_accumulation_steps
-            group_size = min(args.gradient_accumulation_steps, batches_per_epoch - group_start)
+            group_size = accumulation_group_size(batch_index, args.gradient_accumulation_steps, batches_per_epoch)
             with accelerator.accumulate(unet):
                 latents, encoder_hidden_states, added_cond_kwargs = encode_batch(
-                    batch, vae, text_encoders, generator, share
+                    batch, vae, text_encoders, code, generator, share
                 )
                 sample_weights = batch["sample_weights"].to(latents.device)
                 loss = diffusion_loss(
@@ -1359,10 +1271,7 @@ def main(args):
             # Reading the loss back waits for the device: only at logging steps, and before a checkpoint is written
             # (the read raises on a non-finite loss).
             if global_step % args.logging_steps == 0 or is_checkpoint_step or global_step >= max_train_steps:
-                logs = window.read(global_step, epoch, lr_scheduler.get_last_lr()[0])
-                accelerator.log(logs, step=global_step)
-                logger.info(format_logs(global_step, logs))
-                progress_bar.set_postfix(loss=f"{logs['loss']:.4f}", lr=f"{logs['lr']:.2e}")
+                window.log(global_step, epoch, lr_scheduler.get_last_lr()[0], progress_bar)
             if is_checkpoint_step:
                 optimizer.eval()  # a checkpoint's UNet is the model at this step; resume switches back exactly
                 tensors = trained_tensors(accelerator.unwrap_model(unet), ema_unet, optimizer)
@@ -1371,10 +1280,7 @@ def main(args):
                 save_checkpoint(accelerator, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
                 optimizer.train()
             if stopping:
-                accelerator.wait_for_everyone()
-                logger.warning(preemption_message(stop_request, global_step))
-                accelerator.end_training()
-                sys.exit(stop_exit_code(stop_request))
+                stop_run(stop_request, accelerator, global_step)
             if global_step >= max_train_steps:
                 break
 
@@ -1382,8 +1288,8 @@ def main(args):
         if args.validation_prompts and (epoch + 1) % args.validation_epochs == 0 and not end_of_run:
             optimizer.eval()
             if accelerator.is_main_process:
-                components = frozen_components(vae, text_encoders, tokenizers)
-                validate(accelerator, unet, ema_unet, components, args, seed, global_step, weight_dtype)
+                components = {"vae": vae, **code.components(text_encoders, tokenizers)}
+                validate(accelerator, code, unet, ema_unet, components, args, seed, global_step, weight_dtype)
             accelerator.wait_for_everyone()
             optimizer.train()
 
@@ -1403,7 +1309,7 @@ def main(args):
             ema_unet.store(final_unet.parameters())
             ema_unet.copy_to(final_unet.parameters())
         try:
-            pipeline = save_pipeline(final_unet, args, sdxl)
+            pipeline = save_pipeline(final_unet, args, code)
             if args.save_single_file:
                 save_single_file(SingleFileConfig.from_args(args), prediction_type, global_step)
         except Exception as err:  # a full disk, most often: the steps since the last checkpoint must not be lost
@@ -1418,15 +1324,23 @@ def main(args):
                 if ema_unet is not None and not ema_weights:
                     ema_unet.restore(final_unet.parameters())
                 prompts, tag = args.validation_prompts, "final" + suffix
-                log_validation(pipeline, prompts, args, accelerator, seed, global_step, tag, torch.float32)
+                log_validation(
+                    pipeline,
+                    prompts,
+                    args.validation_resolution,
+                    args.output_dir,
+                    accelerator,
+                    seed,
+                    global_step,
+                    tag,
+                    torch.float32,
+                )
             grid = f"validation/final{renders[0][0]}-step-{global_step:06d}.png"
-        write_model_card(args, global_step, grid, sdxl)
+        write_model_card(args, global_step, grid, code)
         logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
-    accelerator.end_training()
-    if output_lock is not None:
-        output_lock.release()
+    end_training(accelerator, output_lock)
 
 
 if __name__ == "__main__":

@@ -199,7 +199,7 @@ def build_pipeline(path, architecture, sample_size, prediction_type="epsilon", s
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from sdtrain.torch_training import write_hub_style_text_encoder
+    from sdtrain.torch.text import write_hub_style_text_encoder
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as token_dir:
@@ -311,7 +311,7 @@ def build_sdxl_pipeline(path, architecture, sample_size, prediction_type="epsilo
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from sdtrain.torch_training import write_hub_style_text_encoder
+    from sdtrain.torch.text import write_hub_style_text_encoder
 
     torch.manual_seed(seed)
     with tempfile.TemporaryDirectory() as token_dir:

@@ -117,8 +117,15 @@ def pipeline_family(model_index, source):
             f"{source} ({class_name or 'no _class_name'}) has no {', '.join(sorted(missing))}: these scripts train "
             "Stable Diffusion 1.x / 2.x and SDXL pipelines in the diffusers layout"
         )
-    if not {"text_encoder_2", "tokenizer_2"} <= components:
+    second = {"text_encoder_2", "tokenizer_2"}
+    if not (components & second or class_name.startswith("StableDiffusionXL")):
         return SD
+    if second - components:
+        # An SDXL UNet trained as SD would fail at its first step on the added conditioning it is not given.
+        raise UserError(
+            f"{source} is an SDXL pipeline ({class_name or 'no _class_name'}) without its "
+            f"{' and '.join(sorted(second - components))}: SDXL needs both text encoders and their tokenizers"
+        )
     zeros = model_index.get("force_zeros_for_empty_prompt", SDXL.force_zeros_for_empty_prompt)
     return dataclasses.replace(SDXL, force_zeros_for_empty_prompt=bool(zeros))
 

@@ -17,6 +17,7 @@ from test_train_text_to_image import SCRIPT, base_args
 import train_text_to_image as t2i
 from devkit.command_line import command_line
 from sdtrain import batching, captions, data_config
+from sdtrain.torch.data import GlobalBatchSampler
 
 
 def test_generated_buckets_at_512():
@@ -82,7 +83,7 @@ def test_processes_get_whole_shares_of_each_batch(num_processes):
 
     bucket_of_row = [0] * 9 + [1] * 4 + [2] * 3
     epoch_global_batches = functools.partial(batching.bucket_batches, bucket_of_row, 2 * num_processes, 5)
-    sampler = t2i.GlobalBatchSampler(epoch_global_batches, batch_size=2, num_processes=num_processes)
+    sampler = GlobalBatchSampler(epoch_global_batches, batch_size=2, num_processes=num_processes)
     sampler.epoch = 3
     loader = torch.utils.data.DataLoader(KeyEcho(), batch_sampler=sampler, collate_fn=lambda keys: keys)
     shares = []

@@ -3,7 +3,6 @@ the start, by name, before any training: not at the first validation, and not as
 
 import os
 import shutil
-import types
 
 import pytest
 from test_train_text_to_image import SCRIPT, base_args
@@ -11,7 +10,7 @@ from test_train_text_to_image import SCRIPT, base_args
 from devkit.command_line import command_line
 from sdtrain.cli import UserError
 from sdtrain.sizes import check_model_sizes
-from sdtrain.torch_training import load_component, load_model
+from sdtrain.torch.models import ModelSource, load_component, load_model
 
 
 def sizes(pipeline, resolution, validation=None, buckets=None, whole_model=False):
@@ -61,15 +60,15 @@ def test_a_missing_component_is_named(assets, tmp_path):
 
     folder = pipeline_copy(assets, tmp_path, "no_vae")
     shutil.rmtree(folder / "vae")
-    args = types.SimpleNamespace(pretrained_model_name_or_path=str(folder), revision=None, cache_dir=None)
+    source = ModelSource(str(folder))
     with pytest.raises(UserError, match=r"cannot load its vae \(AutoencoderKL\): there is no vae/ folder in .*no_vae"):
-        load_component(AutoencoderKL, args, "vae")
+        load_component(AutoencoderKL, source, "vae")
     # The sizes check, which reads the configs before any weights, says the same.
     with pytest.raises(UserError, match=r"cannot read its vae: there is no vae/ folder in .*no_vae"):
         sizes(str(folder), 64)
     # An SD pipeline given where SDXL's second text encoder is expected.
     with pytest.raises(UserError, match=r"cannot load its text_encoder_2 .*: there is no text_encoder_2/ folder"):
-        load_component(CLIPTextModelWithProjection, args, "text_encoder_2")
+        load_component(CLIPTextModelWithProjection, source, "text_encoder_2")
     with pytest.raises(UserError, match=r"--pretrained_vae_model_name_or_path .*no_vae/unet: cannot load the model"):
         load_model(AutoencoderKL, str(folder / "unet"), "", "--pretrained_vae_model_name_or_path")
 

@@ -3,6 +3,7 @@ imports in either environment and names no framework anywhere in its source, fra
 sdtrain/jax/, and scripts the scripts find without any install step. Also the size targets of issue 30."""
 
 import ast
+import importlib
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ FRAMEWORKS = ["torch", "torchvision", "jax", "flax", "optax", "orbax", "diffuser
 CORE = os.path.join(REPO, "sdtrain")
 CORE_MODULES = sorted(name[:-3] for name in os.listdir(CORE) if name.endswith(".py") and name != "__init__.py")
 # Framework adapters still in the flat folder on this branch; they move to sdtrain/torch/ and sdtrain/jax/.
-FLAT_ADAPTERS = {"torch_training", "jax_training"}
+FLAT_ADAPTERS = {"jax_training"}
 SCRIPTS = ["train_text_to_image.py", "textual_inversion.py", "train_text_to_image_flax.py", "textual_inversion_flax.py"]
 # Issue 30's targets: a script a newcomer can read, and a main() that reads in one sitting.
 MAX_SCRIPT_LINES = 1300
@@ -106,3 +107,18 @@ def test_a_script_finds_the_package_beside_it_from_any_folder(tmp_path):
     # Grouped flags, each with its default.
     assert "Model:" in result.stdout and "Checkpointing:" in result.stdout
     assert "(default: 512)" in result.stdout
+
+
+def test_the_pytorch_adapters_import_their_framework_at_the_top():
+    """sdtrain/torch/: every module imports (no cycle among them) and has no import inside a function, bar the
+    optional packages a flag asks for."""
+    folder = os.path.join(REPO, "sdtrain", "torch")
+    optional = {"wandb"}
+    for name in sorted(name[:-3] for name in os.listdir(folder) if name.endswith(".py")):
+        importlib.import_module(f"sdtrain.torch.{name}")
+        tree = ast.parse(open(os.path.join(folder, f"{name}.py")).read())
+        for function in (node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)):
+            for node in ast.walk(function):
+                if isinstance(node, (ast.Import, ast.ImportFrom)):
+                    modules = {alias.name for alias in node.names} if isinstance(node, ast.Import) else {node.module}
+                    assert modules <= optional, f"sdtrain/torch/{name}.py {function.name}() imports {modules}"

@@ -23,10 +23,11 @@ from test_train_text_to_image import SCRIPT, base_args
 
 import train_text_to_image
 from devkit import tiny_sd
-from sdtrain import captions, data_config, images, run_folder, torch_training
+from sdtrain import captions, data_config, images, run_folder
 from sdtrain.cli import UserError
 from sdtrain.cli import run as run_main
 from sdtrain.preemption import StopRequest
+from sdtrain.torch import checkpoints
 
 
 def concept_folder(tmp_path):
@@ -508,7 +509,7 @@ def test_checkpoint_files_reach_the_disk_before_the_rename_that_publishes_them(t
             for name in ["unet/diffusion_pytorch_model.safetensors", "optimizer.bin"]:
                 open(os.path.join(path, name), "wb").write(b"weights")
 
-    torch_training.save_checkpoint(Accelerator(), str(tmp_path), 3, {"seed": 1})
+    checkpoints.save_checkpoint(Accelerator(), str(tmp_path), 3, {"seed": 1})
     partial = str(tmp_path / ".checkpoint-3.partial")
     publish = events.index(("rename", partial))
     flushed = {path for kind, path in events[:publish] if kind == "fsync"}

@@ -14,12 +14,15 @@ from helpers import checkpoint_names, earlier_run_folder, load_state_dict, max_a
 from safetensors import safe_open
 from safetensors.torch import load_file
 from test_speed_paths import tensorboard_losses
+from test_textual_inversion import SCRIPT as TI_SCRIPT
 from test_train_text_to_image import SCRIPT
 
 import train_text_to_image as t2i
 from devkit import tiny_sd
 from devkit.command_line import command_line
 from sdtrain import families, single_file
+from sdtrain.cli import UserError
+from sdtrain.torch.family import family_code
 
 
 def sdxl_args(pipeline, data, output_dir, *extra):
@@ -105,8 +108,9 @@ def test_sdxl_text_conditioning_is_what_the_sdxl_pipeline_samples_with(sdxl_pipe
         "caption_kept": torch.tensor([1.0, 0.0]),
     }
     generator = torch.Generator().manual_seed(0)
+    code = family_code(families.SDXL)
     _, encoder_hidden_states, added = t2i.encode_batch(
-        batch, pipeline.vae, text_encoders, generator, t2i.BatchShare(0, 2, 2)
+        batch, pipeline.vae, text_encoders, code, generator, t2i.BatchShare(0, 2, 2)
     )
     with torch.no_grad():
         embeds, negative, pooled, negative_pooled = pipeline.encode_prompt("a red circle", device="cpu")
@@ -115,6 +119,21 @@ def test_sdxl_text_conditioning_is_what_the_sdxl_pipeline_samples_with(sdxl_pipe
     torch.testing.assert_close(added["text_embeds"][:1], pooled)
     assert not negative.any() and not negative_pooled.any()  # force_zeros_for_empty_prompt
     assert not encoder_hidden_states[1].any() and not added["text_embeds"][1].any()
+
+    # A pipeline whose model_index.json says force_zeros_for_empty_prompt: false samples its unconditional branch
+    # from the encoded empty prompt: the empty caption trains as that, read once into the family.
+    with open(os.path.join(sdxl_pipeline, "model_index.json")) as f:
+        model_index = {**json.load(f), "force_zeros_for_empty_prompt": False}
+    code = family_code(families.pipeline_family(model_index, "--pretrained_model_name_or_path x"))
+    _, encoder_hidden_states, added = t2i.encode_batch(
+        batch, pipeline.vae, text_encoders, code, generator, t2i.BatchShare(0, 2, 2)
+    )
+    with torch.no_grad():
+        empty, _, empty_pooled, _ = pipeline.encode_prompt("", device="cpu", do_classifier_free_guidance=False)
+    assert empty.abs().sum() > 0 and empty_pooled.abs().sum() > 0
+    torch.testing.assert_close(encoder_hidden_states[1:], empty)
+    torch.testing.assert_close(added["text_embeds"][1:], empty_pooled)
+    torch.testing.assert_close(encoder_hidden_states[:1], embeds)
 
 
 def test_sdxl_size_conditioning_is_the_original_size_the_crop_corner_and_the_target(sdxl_pipeline, tmp_path):
@@ -132,7 +151,7 @@ def test_sdxl_size_conditioning_is_the_original_size_the_crop_corner_and_the_tar
         args = t2i.parse_args(
             command_line("--pretrained_model_name_or_path p --train_data_dir d --resolution 64", *flags)
         )
-        data = t2i.ImageCaptionDataset(rows, tokenizers, args, seed=0, sdxl=True)
+        data = t2i.ImageCaptionDataset(rows, tokenizers, args, seed=0, added_conditioning=True)
         data.image_sizes = [(100, 50)]
         return data
 
@@ -218,6 +237,44 @@ def test_other_families_are_named(family):
     model_index, message = OTHER_FAMILIES[family]
     with pytest.raises(ValueError, match=message):
         families.pipeline_family(model_index, "--pretrained_model_name_or_path x")
+
+
+def test_an_sdxl_pipeline_that_lists_no_second_text_encoder_is_named():
+    """Saved with text_encoder_2 None (or a folder without model_index.json and without text_encoder_2/), an SDXL
+    pipeline is not taken for SD, whose training would fail at the first step deep inside the UNet."""
+    model_index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        **{name: ["transformers", "CLIPTokenizer"] for name in ("tokenizer", "tokenizer_2")},
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": [None, None],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    message = r"x is an SDXL pipeline \(StableDiffusionXLPipeline\) without its text_encoder_2: SDXL needs both"
+    with pytest.raises(UserError, match=message):
+        families.pipeline_family(model_index, "x")
+    del model_index["text_encoder_2"], model_index["_class_name"]
+    with pytest.raises(UserError, match=r"x is an SDXL pipeline \(no _class_name\) without its text_encoder_2"):
+        families.pipeline_family(model_index, "x")
+
+
+@pytest.mark.parametrize("script", [SCRIPT, TI_SCRIPT])
+def test_an_sdxl_folder_without_text_encoder_2_is_named_by_both_scripts(
+    launch, assets, sdxl_pipeline, tmp_path, script
+):
+    """The folder deleted (a partial download): a one-line error naming the component and the missing folder,
+    before anything is written."""
+    pipeline = shutil.copytree(sdxl_pipeline, tmp_path / "sdxl", ignore=shutil.ignore_patterns("text_encoder_2"))
+    out = tmp_path / "out"
+    extra = ["--placeholder_token", "<x>", "--initializer_token", "circle"] if script == TI_SCRIPT else []
+    result = launch.accelerate(script, sdxl_args(str(pipeline), assets["images"], str(out), *extra), check=False)
+    assert result.returncode != 0
+    expected = f"error: --pretrained_model_name_or_path {pipeline}: cannot load its text_encoder_2 "
+    assert (
+        expected + f"(CLIPTextModelWithProjection): there is no text_encoder_2/ folder in {pipeline}" in result.output
+    )
+    assert "OSError" not in result.output  # the loader's own error named the pipeline, not the component
+    assert not out.exists()
 
 
 def test_an_sd3_pipeline_is_refused_by_name_before_anything_is_written(launch, assets, tmp_path):

@@ -123,7 +123,7 @@ def test_sdxl_size_conditioning_of_an_example_follows_its_crop_and_flip(tmp_path
     paths = [str(folder / "wide.png")]
     for center_crop, expected in ((True, {False: 33, True: 32}), (False, {False: 0, True: 0})):
         args = types.SimpleNamespace(resolution=64, center_crop=center_crop, learnable_property="object", repeats=1)
-        dataset = textual_inversion.TextualInversionDataset(paths, [], "<t>", args, seed=0, sdxl=True)
+        dataset = textual_inversion.TextualInversionDataset(paths, [], "<t>", args, seed=0, added_conditioning=True)
         for flipped, left in expected.items():
             assert dataset.time_ids(0, flipped).tolist() == [50, 101, 0, left, 64, 64]
 

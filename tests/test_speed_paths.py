@@ -12,7 +12,8 @@ from helpers import checkpoint_names, load_state_dict, max_abs_diff
 import textual_inversion
 import train_text_to_image
 from devkit.command_line import command_line
-from sdtrain import captions, data_config, embeddings
+from sdtrain import captions, data_config, embeddings, families
+from sdtrain.torch.family import family_code
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +44,8 @@ def test_text_to_image_caches_equal_encoding_in_the_loop(assets):
     rows = captions.load_image_caption_dataset(data_config.DatasetConfig.from_args(args), 7)
     plain = train_text_to_image.ImageCaptionDataset(rows, [tokenizer], args, 7)
     cached = train_text_to_image.ImageCaptionDataset(rows, [tokenizer], args, 7)
-    train_text_to_image.build_caches(cached, vae, [text_encoder], cpu_accelerator(), args, num_workers=0)
+    code = family_code(families.SD)
+    train_text_to_image.build_caches(cached, vae, [text_encoder], code, cpu_accelerator(), args, num_workers=0)
     _, _, cache = cached.latent_cache  # without buckets, one group of every row
     assert [tuple(t.shape) for t in cache] == [(len(rows), 2, 8, 8, 8)]  # rows x flips x (mean, logvar) x 8 x 8
     assert cache[0].dtype == vae.dtype

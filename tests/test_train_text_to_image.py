@@ -13,7 +13,10 @@ from PIL import Image
 
 import train_text_to_image
 from devkit.command_line import command_line
-from sdtrain import run_folder, torch_training
+from sdtrain import families, run_folder
+from sdtrain.torch import checkpoints
+from sdtrain.torch.family import family_code
+from sdtrain.torch.validation import render_validation_images
 
 SCRIPT = "train_text_to_image.py"
 REFERENCE_FLAGS = """
@@ -95,7 +98,7 @@ def test_train_checkpoints_validate_save_and_generate(launch, assets, tmp_path):
     final_grid, raw_grid = final_grid[:64], raw_grid[:64]  # the pictures, above their prompts
     assert final_grid.shape == raw_grid.shape == (64, 128, 3) and np.abs(final_grid - raw_grid.astype(int)).max() > 0
     # The final grid is what the saved (EMA) pipeline draws from the same seeds.
-    drawn = torch_training.render_validation_images(pipe, ["a red circle", "a blue square"], (64, 64), 7, torch.float32)
+    drawn = render_validation_images(pipe, ["a red circle", "a blue square"], (64, 64), 7, torch.float32)
     assert np.array_equal(final_grid, np.concatenate([np.asarray(image) for image in drawn], axis=1))
     assert any(n.startswith("events.out.tfevents") for _, _, files in os.walk(os.path.join(out, "logs")) for n in files)
 
@@ -187,7 +190,7 @@ def test_checkpoint_is_invisible_until_complete(tmp_path):
             raise OSError("disk full")
 
     with pytest.raises(OSError, match="disk full"):
-        torch_training.save_checkpoint(CrashingAccelerator(), str(out), 6, {"seed": 1}, total_limit=1)
+        checkpoints.save_checkpoint(CrashingAccelerator(), str(out), 6, {"seed": 1}, total_limit=1)
     assert checkpoint_names(str(out)) == ["checkpoint-2", "checkpoint-4"]
     assert [p for _, p in run_folder.list_checkpoints(str(out))][-1].endswith("checkpoint-4")
 
@@ -197,7 +200,7 @@ def test_checkpoint_is_invisible_until_complete(tmp_path):
         def save_state(self, path):
             os.makedirs(os.path.join(path, "unet"))
 
-    torch_training.save_checkpoint(WorkingAccelerator(), str(out), 6, {"seed": 1}, total_limit=1)
+    checkpoints.save_checkpoint(WorkingAccelerator(), str(out), 6, {"seed": 1}, total_limit=1)
     assert checkpoint_names(str(out)) == ["checkpoint-6"]
     assert sorted(os.listdir(out)) == ["checkpoint-6"]
 
@@ -409,7 +412,7 @@ def test_clear_errors_write_nothing(launch, assets, tmp_path, case):
 def test_the_model_card_states_the_warmup_the_run_applied(tmp_path, flags, stated):
     required = ["--pretrained_model_name_or_path", "p", "--train_data_dir", "d", "--output_dir", str(tmp_path)]
     args = train_text_to_image.parse_args(required + flags.split())
-    train_text_to_image.write_model_card(args, 10, None, sdxl=False)
+    train_text_to_image.write_model_card(args, 10, None, family_code(families.SD))
     assert stated in (tmp_path / "README.md").read_text()
 
 

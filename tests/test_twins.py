@@ -12,12 +12,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 T2I, TI = "train_text_to_image.py", "textual_inversion.py"
 T2I_FLAX, TI_FLAX = "train_text_to_image_flax.py", "textual_inversion_flax.py"
 
-# What the scripts still copy on purpose: the recipe a user edits (the loss, its config, the optimizer and schedule,
-# the batch sampler), kept identical between scripts of the same framework. Everything else lives once, in sdtrain/.
+# What the scripts still copy on purpose: the recipe a user edits (the loss, its config, the optimizer and schedule),
+# kept identical between scripts of the same framework. Everything else lives once, in sdtrain/. OPTIMIZER_PACKAGES
+# stays beside the optimizer flags: parse_args reads it before the frameworks (and so sdtrain.torch) load.
 COPIED = {
     (T2I, TI): """
         LR_SCHEDULERS OPTIMIZERS OPTIMIZER_PACKAGES add_optimizer_arguments check_optimizer_arguments make_optimizer
-        LossConfig diffusion_loss GlobalBatchSampler
+        LossConfig diffusion_loss
     """.split(),
     (T2I_FLAX, TI_FLAX): """
         LR_SCHEDULERS OPTIMIZERS add_optimizer_arguments check_optimizer_arguments make_optimizer learning_rate_schedule

@@ -32,7 +32,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 import textual_inversion
 import train_text_to_image
-from sdtrain import torch_training
+from sdtrain.torch import text as torch_text
 
 
 class RecordedDraws:
@@ -76,7 +76,7 @@ def sdxl_case(pipeline, out_dir):
     scheduler = DDPMScheduler.from_pretrained(
         pipeline, subfolder="scheduler", prediction_type=fields["prediction_type"]
     )
-    input_ids = torch.stack([torch_training.tokenize(t, PROMPTS, range(len(PROMPTS))) for t in tokenizers], dim=1)
+    input_ids = torch.stack([torch_text.tokenize(t, PROMPTS, range(len(PROMPTS))) for t in tokenizers], dim=1)
     kept, time_ids = torch.tensor(SDXL_CAPTION_KEPT), torch.tensor(SDXL_TIME_IDS, dtype=torch.float32)
     with torch.no_grad():
         encoder_hidden_states, pooled_text_embeds = train_text_to_image.encode_text(text_encoders, input_ids)
@@ -145,7 +145,7 @@ def sdxl_textual_inversion_cases(pipeline, out_dir, latents):
         rows, ids = {}, []
         for index, (text_encoder, tokenizer) in enumerate(zip(text_encoders, tokenizers, strict=True)):
             rows["learned" + ("_2" if index else "")], prompts = learned_rows(text_encoder, tokenizer, seed=1 + index)
-            ids.append(torch_training.tokenize(tokenizer, prompts, range(len(prompts))))
+            ids.append(torch_text.tokenize(tokenizer, prompts, range(len(prompts))))
         input_ids, time_ids = torch.stack(ids, dim=1), torch.tensor(SDXL_TI_TIME_IDS, dtype=torch.float32)
         encoder_hidden_states, added_cond_kwargs = textual_inversion.text_conditioning(
             text_encoders, input_ids, time_ids, latents.dtype
@@ -184,7 +184,7 @@ def main(pipeline, sdxl_pipeline, out_dir):
         else:
             script, case_tokenizer = textual_inversion, CLIPTokenizer.from_pretrained(pipeline, subfolder="tokenizer")
             learned, prompts = learned_rows(text_encoder, case_tokenizer, seed=1)
-        input_ids = torch_training.tokenize(case_tokenizer, prompts, range(len(prompts)))
+        input_ids = torch_text.tokenize(case_tokenizer, prompts, range(len(prompts)))
         weights = fields.pop("sample_weights", None)
         sample_weights = None if weights is None else torch.tensor(weights)
         config = script.LossConfig(**fields)

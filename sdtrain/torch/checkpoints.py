@@ -1,0 +1,125 @@
+"""Checkpoints through Accelerate, written crash-safely and resumed from; the finiteness check before anything is
+written; the rescue checkpoint when the final save fails."""
+
+import functools
+import logging
+import math
+import os
+import shutil
+
+import torch
+from accelerate.utils import DistributedType
+
+from sdtrain.cli import UserError, WriteFailure
+from sdtrain.run_folder import (
+    check_resume_identity,
+    final_save_error,
+    list_checkpoints,
+    publish_checkpoint,
+    warn_if_batch_layout_changed,
+    write_checkpoint_metadata,
+    write_failure,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def check_finite(named_tensors, loss, what, global_step):
+    """Before anything is written: every tensor about to be written is finite, and so is the loss the new weights
+    give on the last batch (weights can stay finite while a model's outputs do not). Otherwise stop, naming the step
+    and the tensors; only then is anything written, so no file ever holds a diverged model."""
+    bad = [name for name, tensor in named_tensors if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if bad or not math.isfinite(loss):
+        culprits = f"non-finite values in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}" if bad else ""
+        culprits = culprits or f"a loss of {loss} on the last batch"
+        raise FloatingPointError(
+            f"{what} diverged at step {global_step} ({culprits}): stopping, nothing was written for this step. "
+            "Lower --learning_rate, or clip gradients with --max_grad_norm"
+        )
+
+
+def optimizer_tensors(optimizer):
+    """The optimizer's state tensors, named by parameter index and key."""
+    for index, state in enumerate(optimizer.state.values()):
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                yield f"optimizer state {index}.{key}", value
+
+
+def checkpoint_metadata(run_identity, seed, total_batch_size, updates_per_epoch, num_processes):
+    """What every checkpoint of the run records besides its step: what the run trains (run_identity: a checkpoint
+    resumes only a run of the same kind), its seed and batch layout, and (information only: the run does not depend
+    on it) how many processes trained it."""
+    metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
+    metadata.update(run_identity)
+    metadata["process_count"] = num_processes
+    return metadata
+
+
+def save_checkpoint(accelerator, output_dir, global_step, run_metadata, total_limit=None):
+    """Write checkpoint-N crash-safely: into a hidden temporary folder, flushed to disk, then renamed into place (a
+    checkpoint is visible only when complete); then keep the newest `total_limit` (--checkpoints_total_limit).
+    Called by every process. Under DeepSpeed and FSDP, save_state is collective (each rank writes its own shards into
+    the folder, which must be shared by all machines) and the checkpoint is published only if every rank succeeded;
+    otherwise the main process writes it alone."""
+    collective = accelerator.state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+    if not (accelerator.is_main_process or collective):
+        return
+    final_path = os.path.join(output_dir, f"checkpoint-{global_step}")
+    partial_path = os.path.join(output_dir, f".checkpoint-{global_step}.partial")
+    if accelerator.is_main_process:
+        shutil.rmtree(partial_path, ignore_errors=True)
+    failure = None
+    if collective:
+        accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(partial_path)
+        if accelerator.is_main_process:
+            write_checkpoint_metadata(partial_path, {**run_metadata, "global_step": global_step})
+    except (OSError, RuntimeError) as err:
+        failure = err
+    if collective:
+        failed = torch.tensor(float(failure is not None), device=accelerator.device)
+        if accelerator.reduce(failed, reduction="sum").item() and failure is None:
+            failure = RuntimeError("another process could not write its part")
+    if failure is not None:
+        if accelerator.is_main_process:
+            shutil.rmtree(partial_path, ignore_errors=True)
+        raise WriteFailure(write_failure(f"checkpoint-{global_step}", output_dir, failure)) from failure
+    if accelerator.is_main_process:
+        publish_checkpoint(partial_path, final_path)
+        logger.info(f"Saved {final_path}")
+        if total_limit is not None:
+            for _, path in list_checkpoints(output_dir)[:-total_limit]:
+                logger.info(f"Deleting {path} (--checkpoints_total_limit {total_limit})")
+                shutil.rmtree(path)
+    if collective:
+        accelerator.wait_for_everyone()
+
+
+def final_save_failed(accelerator, output_dir, global_step, run_metadata, err):
+    """final_save_error for the PyTorch scripts: checkpoint-<final step> through Accelerate. Main process only; the
+    model must hold the trained weights, as in every checkpoint (EMA weights restored)."""
+    if accelerator.state.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        # Their checkpoints are written by every process together, and the others are past this point.
+        return final_save_error(output_dir, global_step, err, None, "DeepSpeed and FSDP write it with every process")
+    write = functools.partial(save_checkpoint, accelerator, output_dir, global_step, run_metadata)
+    return final_save_error(output_dir, global_step, err, write)
+
+
+def resume(accelerator, resume_path, resume_metadata, run_identity, run_metadata):
+    """The global step to start from: 0 without a checkpoint (resume_path None), else the checkpoint's, after loading
+    it through Accelerate (and the scripts' checkpoint hooks) into the prepared models, optimizer and schedule. A
+    checkpoint of another kind of run (run_identity) or one that cannot load is a UserError."""
+    if resume_path is None:
+        return 0
+    accelerator.print(f"Resuming from {resume_path}")
+    check_resume_identity(resume_path, resume_metadata, run_identity)
+    try:
+        accelerator.load_state(resume_path)
+    except UserError:
+        raise  # the checkpoint hooks' own, naming what does not fit
+    except Exception as err:
+        raise UserError(f"{resume_path} could not be loaded ({type(err).__name__}: {err})") from err
+    warn_if_batch_layout_changed(resume_metadata, run_metadata)
+    return resume_metadata["global_step"]
