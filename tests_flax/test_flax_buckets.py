@@ -12,6 +12,7 @@ from safetensors.numpy import load_file
 import train_text_to_image_flax as t2i_flax
 from devkit.command_line import command_line
 from sdtrain import batching, captions
+from sdtrain.families import SD
 
 T2I = "train_text_to_image_flax.py"
 RECIPE = (
@@ -34,7 +35,8 @@ def test_pytorch_and_flax_draw_the_same_batches(assets, tmp_path):
     from transformers import CLIPTokenizerFast
 
     tokenizer = CLIPTokenizerFast.from_pretrained(assets["pipeline"], subfolder="tokenizer")
-    dataset = t2i_flax.ImageCaptionDataset(captions.load_image_caption_dataset(args, 3), [tokenizer], args, 3)
+    rows = captions.load_image_caption_dataset(args, 3)
+    dataset = t2i_flax.ImageCaptionDataset(rows, [tokenizer], args, 3, SD)
     batching.setup_buckets(dataset, t2i_flax.check_images(dataset), args, model_factor=16, global_batch_size=2)
     flax_batches = [batching.bucket_batches(dataset.bucket_of_row, 2, 3, epoch) for epoch in range(2)]
     flax_unbucketed = [batching.shuffled_batches(len(dataset), 2, 3, epoch) for epoch in range(2)]
