@@ -32,7 +32,6 @@ batching, image checks, single-file export) is the sdtrain/ package beside it: c
 import copy
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
@@ -58,26 +57,6 @@ from sdtrain.embeddings import (
 from sdtrain.families import folder_family
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import load_rgb
-from sdtrain.jax_training import (
-    LogWindow,
-    check_finite,
-    enable_block_rematerialisation,
-    encode_text,
-    epoch_batches,
-    evaluation_params,
-    final_save_failed,
-    inference_scheduler_config,
-    load_flax_model,
-    load_flax_text_encoder,
-    make_renderer,
-    render_validation_images,
-    resolve_pipeline_folder,
-    restore_train_state,
-    save_checkpoint,
-    save_validation_grid,
-    start_distributed,
-    stop_agreed,
-)
 from sdtrain.logs import format_logs
 from sdtrain.preemption import StopRequest, preemption_message, stop_exit_code
 from sdtrain.recipes import (
@@ -313,11 +292,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import safetensors.numpy
+from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
 from flax import struct
 from flax.training.train_state import TrainState
 from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm.auto import tqdm
+
+from sdtrain.jax.checkpoints import check_finite, final_save_failed, restore_train_state, save_checkpoint
+from sdtrain.jax.data import epoch_batches
+from sdtrain.jax.family import family_code
+from sdtrain.jax.loop import LogWindow, evaluation_params, start_distributed, stop_agreed
+from sdtrain.jax.models import (
+    enable_block_rematerialisation,
+    load_flax_model,
+    load_noise_scheduler,
+    resolve_pipeline_folder,
+)
+from sdtrain.jax.validation import render_validation_images, save_validation_grid, validation_renderer
+from sdtrain.model_cards import textual_inversion_card, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -325,30 +319,6 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------------------------
 # The recipe's parts: dataset, models, loss, optimizer, validation and saving (the machinery is in sdtrain/)
 # ----------------------------------------------------------------------------------------------------------------------
-
-
-def rescale_zero_terminal_snr(betas):
-    """Betas whose schedule ends at zero SNR (Lin et al. 2023, arXiv:2305.08891, Algorithm 1): sqrt(alpha_bar) is
-    shifted so its last value is 0 and scaled so its first value is unchanged. diffusers' FlaxDDPMScheduler has no
-    such option, so the rescaled betas are handed to it as trained_betas."""
-    sqrt_alphas_cumprod = np.sqrt(np.cumprod(1.0 - np.asarray(betas, np.float64)))
-    first, last = sqrt_alphas_cumprod[0], sqrt_alphas_cumprod[-1]
-    sqrt_alphas_cumprod = (sqrt_alphas_cumprod - last) * first / (first - last)
-    alphas_cumprod = sqrt_alphas_cumprod**2
-    alphas = np.concatenate([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
-    return 1.0 - alphas
-
-
-def load_noise_scheduler(folder, args):
-    """The training noise scheduler and its state; with --rescale_betas_zero_snr, on the rescaled schedule."""
-    from diffusers import FlaxDDPMScheduler
-
-    noise_scheduler, scheduler_state = FlaxDDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    if args.rescale_betas_zero_snr:
-        betas = rescale_zero_terminal_snr(np.asarray(scheduler_state.common.betas))
-        noise_scheduler = FlaxDDPMScheduler.from_config(noise_scheduler.config, trained_betas=betas.tolist())
-        scheduler_state = noise_scheduler.create_state()
-    return noise_scheduler, scheduler_state
 
 
 def add_learned_embedding(text_encoder, tokenizer, placeholder_token, initializer_token, num_vectors):
@@ -392,11 +362,12 @@ class TextualInversionDataset:
     """The example images repeated --repeats times, each with a prompt from the templates holding the placeholder, as
     numpy arrays. Indexed by (epoch, index) keys: the template and the flip are drawn from an RNG seeded by
     (seed, epoch, index), so the same sample is identical in a resumed run. `tokenizers`: one per text encoder (two
-    for SDXL); input_ids holds a row of ids for each, and for SDXL each example has its size conditioning, time_ids."""
+    for SDXL); input_ids holds a row of ids for each, and for a family with added conditioning (SDXL) each example
+    has its size conditioning, time_ids."""
 
-    def __init__(self, image_paths, tokenizers, placeholder_text, args, seed, sdxl=False):
+    def __init__(self, image_paths, tokenizers, placeholder_text, args, seed, family):
         self.image_paths, self.tokenizers, self.placeholder_text = image_paths, tokenizers, placeholder_text
-        self.args, self.seed, self.sdxl = args, seed, sdxl
+        self.args, self.seed, self.family = args, seed, family
         self.templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
 
     def __len__(self):
@@ -422,7 +393,7 @@ class TextualInversionDataset:
         ]
         pixel_values = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0  # the VAE's input range
         example = {"pixel_values": pixel_values, "input_ids": np.asarray(input_ids, dtype=np.int32)}
-        if self.sdxl:
+        if self.family.added_conditioning:
             time_ids = sdxl_time_ids(*original_size, self.args.resolution, self.args.center_crop, flipped)
             example["time_ids"] = np.asarray(time_ids, dtype=np.float32)
         return example
@@ -486,6 +457,7 @@ class FrozenModels:
     vae: Any = struct.field(pytree_node=False)
     text_encoders: tuple = struct.field(pytree_node=False)  # the modules, expecting the extended tables
     noise_scheduler: Any = struct.field(pytree_node=False)
+    code: Any = struct.field(pytree_node=False)  # the family's (sdtrain.jax.family): encode_text, added conditioning
 
 
 def encode_batch(frozen, batch, params, rng):
@@ -502,11 +474,10 @@ def encode_batch(frozen, batch, params, rng):
         with_learned_rows(encoder_params, params[learned_key(index)])
         for index, encoder_params in enumerate(frozen.text_encoder_params)
     ]
-    encoded = encode_text(frozen.text_encoders, text_encoder_params, batch["input_ids"])
-    if "time_ids" not in batch:
-        return jax.lax.stop_gradient(latents), encoded, None
-    encoder_hidden_states, text_embeds = encoded
-    added_cond_kwargs = {"text_embeds": text_embeds, "time_ids": batch["time_ids"]}
+    encoder_hidden_states, pooled_text_embeds = frozen.code.encode_text(
+        frozen.text_encoders, text_encoder_params, batch["input_ids"]
+    )
+    added_cond_kwargs = frozen.code.added_conditioning(pooled_text_embeds, batch.get("time_ids"))
     return jax.lax.stop_gradient(latents), encoder_hidden_states, added_cond_kwargs
 
 
@@ -666,71 +637,25 @@ def train_step(state, frozen, batch, rng, config):
     return state.apply_gradients(grads=grads), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
-@struct.dataclass
-class ValidationModels:
-    """What renders validation images, all static: the modules, the tokenizer, and the sampling scheduler with its
-    state. The params that change (UNet, VAE, text encoder) are passed to each render."""
-
-    unet: Any = struct.field(pytree_node=False)
-    vae: Any = struct.field(pytree_node=False)
-    text_encoder: Any = struct.field(pytree_node=False)
-    tokenizer: Any = struct.field(pytree_node=False)
-    scheduler: Any = struct.field(pytree_node=False)
-    scheduler_state: Any = struct.field(pytree_node=False)
-    trailing: bool = struct.field(pytree_node=False)
-
-
-def load_validation_scheduler(folder, args):
-    """The Flax twin of the scheduler the saved pipeline samples with (inference_scheduler_config), its state, and
-    whether it samples from the last timestep ("trailing", which Flax schedulers cannot set themselves)."""
-    import diffusers
-
-    with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
-        config = inference_scheduler_config(json.load(f), args)
-    cls = getattr(diffusers, "Flax" + config["_class_name"], None)
-    if cls is None:
-        logger.info(f"Validation renders with FlaxDDIMScheduler: diffusers has no Flax {config['_class_name']}")
-        cls = diffusers.FlaxDDIMScheduler
-    config = {key: value for key, value in config.items() if not key.startswith("_")}
-    scheduler = cls.from_config(config)
-    if config.get("rescale_betas_zero_snr"):
-        betas = rescale_zero_terminal_snr(np.asarray(scheduler.create_state().common.betas))
-        scheduler = cls.from_config(config, trained_betas=betas.tolist())
-    return scheduler, scheduler.create_state(), config.get("timestep_spacing") == "trailing"
-
-
-def validation_renderer(folder, args, unet, vae, text_encoder, tokenizer):
-    """The compiled validation sampler (make_renderer) of these models, at --validation_resolution."""
-    scheduler, scheduler_state, trailing = load_validation_scheduler(folder, args)
-    models = ValidationModels(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        scheduler_state=scheduler_state,
-        trailing=trailing,
-    )
-    return make_renderer(models, args.validation_resolution)
-
-
-def validate(render, state, frozen, tokenizer, prompts, args, seed, global_step, tag, is_main_process):
+def validate(render, state, frozen, tokenizers, prompts, args, seed, global_step, tag, is_main_process):
     """Render the validation prompts with the embedding learned so far, through the frozen pipeline. Every process
-    renders; the main process saves."""
-    learned = evaluation_params(state, args)["learned"]
-    text_encoder_params = with_learned_rows(frozen.text_encoder_params[0], learned)
-    params = {"unet": frozen.unet_params, "vae": frozen.vae_params, "text_encoder": text_encoder_params}
-    images = render_validation_images(render, params, tokenizer, prompts, seed)
+    renders; the main process saves, and gets the grid's path (relative to --output_dir)."""
+    params = evaluation_params(state, args.optimizer)
+    text_encoder_params = [
+        with_learned_rows(encoder_params, params[learned_key(index)])
+        for index, encoder_params in enumerate(frozen.text_encoder_params)
+    ]
+    params = {"unet": frozen.unet_params, "vae": frozen.vae_params, "text_encoders": text_encoder_params}
+    images = render_validation_images(render, params, tokenizers, prompts, seed)
     if is_main_process:
-        save_validation_grid(images, prompts, args.output_dir, tag, global_step)
+        return save_validation_grid(images, prompts, args.output_dir, tag, global_step)
+    return None
 
 
 def save_embeddings(tensors, path):
     """{key: rows[num_vectors, hidden]}, keys as embedding_files() names them (the placeholder for diffusers, the UIs'
     keys), the same as the PyTorch twin writes. Written to a temporary name, flushed to disk and renamed, so a crash
     never leaves a truncated file."""
-    import safetensors.numpy
-
     partial = path + ".partial"
     try:
         rows = {key: np.asarray(jax.device_get(learned), dtype=np.float32) for key, learned in tensors.items()}
@@ -745,9 +670,24 @@ def save_embeddings(tensors, path):
     fsync_folder(os.path.dirname(path))
 
 
+def model_card(family, args, global_step, validation_grid):
+    """The README.md lines textual_inversion.py writes for the same run."""
+    paths = [f"{args.output_dir}/{learned_embeds_name(index)}.safetensors" for index in range(family.num_text_encoders)]
+    prompt = args.validation_prompt or "a photo of a " + args.placeholder_token
+    token = (args.placeholder_token, args.num_vectors)
+    base_model, data = args.pretrained_model_name_or_path, args.train_data_dir
+    return textual_inversion_card(family, base_model, *token, data, global_step, paths, prompt, validation_grid)
+
+
 def main(args):
     # ------------------------------------------------------------------------------------------------------ setup
-    start_distributed(args)
+    start_distributed(
+        args.jax_distributed,
+        args.coordinator_address,
+        args.num_processes,
+        args.process_id,
+        args.heartbeat_timeout_seconds,
+    )
     # force: importing Orbax (or anything that logs at import time) leaves a root handler that would make this a no-op.
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -777,29 +717,19 @@ def main(args):
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
     # ------------------------------------------------------------------------------------------------ load models
-    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
-    from transformers import CLIPTokenizerFast
-
     weight_dtype = jnp.bfloat16 if args.mixed_precision == "bf16" else jnp.float32
-    folder = resolve_pipeline_folder(args)
+    folder = resolve_pipeline_folder(args.pretrained_model_name_or_path, args.revision, args.variant, args.cache_dir)
     source = f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}"
     # SDXL: two text encoders, each with its own tokenizer and its own copy of the placeholder's rows.
-    sdxl = folder_family(folder, source).name == "sdxl"  # any family but SD 1.x / 2.x and SDXL is named and refused
+    family = folder_family(folder, source)  # any family but SD 1.x / 2.x and SDXL is named and refused
+    code = family_code(family)
     # A size the model cannot train or render at is refused now, from the configs, not at the first validation.
     check_model_sizes(folder, None, None, None, args.resolution, args.validation_resolution, whole_model=True)
-    if args.tokenizer_name:
-        tokenizers = [CLIPTokenizerFast.from_pretrained(args.tokenizer_name, cache_dir=args.cache_dir)]
-    else:
-        tokenizers = [CLIPTokenizerFast.from_pretrained(folder, subfolder="tokenizer")]
+    tokenizers = code.load_tokenizers(folder, args.tokenizer_name, args.cache_dir)
     # The text encoders compute in fp32: gradients flow through them to the new rows.
-    text_encoders = [load_flax_text_encoder(folder, args.variant, jnp.float32)]
-    if sdxl:
-        tokenizers.append(CLIPTokenizerFast.from_pretrained(folder, subfolder="tokenizer_2"))
-        text_encoders.append(load_flax_text_encoder(folder, args.variant, jnp.float32, "text_encoder_2"))
+    text_encoders = code.load_text_encoders(folder, args.variant, jnp.float32)
     # SDXL's VAE overflows in reduced precision and says so (force_upcast): it stays in fp32.
-    vae_dtype = (
-        jnp.float32 if sdxl and FlaxAutoencoderKL.load_config(folder, subfolder="vae")["force_upcast"] else weight_dtype
-    )
+    vae_dtype = code.vae_dtype(FlaxAutoencoderKL.load_config(folder, subfolder="vae"), weight_dtype)
     vae, vae_params = load_flax_model(FlaxAutoencoderKL, folder, "vae", args.variant, vae_dtype)
     logger.info(
         f"VAE in {jnp.dtype(vae_dtype)}"
@@ -809,7 +739,7 @@ def main(args):
         enable_block_rematerialisation()
     unet, unet_params = load_flax_model(FlaxUNet2DConditionModel, folder, "unet", args.variant, weight_dtype)
     # Lin et al. 2023 (arXiv:2305.08891): rescaled betas reach zero SNR at the last timestep, as sampling starts.
-    noise_scheduler, scheduler_state = load_noise_scheduler(folder, args)
+    noise_scheduler, scheduler_state = load_noise_scheduler(folder, args.rescale_betas_zero_snr)
     # Everything is frozen; the only trainable tensors are the new rows (one set per text encoder), each starting at
     # the initializer's embedding in that encoder.
     token = (args.placeholder_token, args.initializer_token, args.num_vectors)
@@ -835,17 +765,13 @@ def main(args):
         vae=vae,
         text_encoders=tuple(extended_text_encoders),
         noise_scheduler=noise_scheduler,
+        code=code,
     )
     validation_prompts = [args.validation_prompt] * args.num_validation_images if args.validation_prompt else []
-    if validation_prompts and sdxl:
-        # make_renderer samples SD 1.x / 2.x only (one text encoder, no size conditioning).
-        logger.warning("--validation_prompt: the Flax twin does not render SDXL validation images yet; skipped")
-        validation_prompts = []
-    render = (
-        validation_renderer(folder, args, unet, vae, extended_text_encoders[0], tokenizers[0])
-        if validation_prompts
-        else None
-    )
+    render = None
+    if validation_prompts:
+        sampling = (args.validation_resolution, args.prediction_type, args.rescale_betas_zero_snr)
+        render = validation_renderer(folder, code, unet, vae, extended_text_encoders, tokenizers, *sampling)
     prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
     loss_config = LossConfig(
         prediction_type=prediction_type,
@@ -854,7 +780,7 @@ def main(args):
     )
 
     # ------------------------------------------------------------------------------------------------------- data
-    train_dataset = TextualInversionDataset(image_paths, tokenizers, " ".join(placeholder_tokens), args, seed, sdxl)
+    train_dataset = TextualInversionDataset(image_paths, tokenizers, " ".join(placeholder_tokens), args, seed, family)
     global_batch_size = args.train_batch_size * jax.device_count()
     epoch_global_batches = functools.partial(shuffled_batches, len(train_dataset), global_batch_size, seed)
     batches_per_epoch = len(epoch_global_batches(0))  # the same every epoch
@@ -963,7 +889,7 @@ def main(args):
                     {"params": state.params, "opt_state": state.opt_state}, probe, "the embedding", global_step
                 )
             if is_main_process and global_step % args.save_steps == 0:
-                params = evaluation_params(state, args)
+                params = evaluation_params(state, args.optimizer)
                 for index in range(len(text_encoders)):
                     name = f"{learned_embeds_name(index)}-steps-{global_step}.safetensors"
                     save_embeddings(
@@ -976,7 +902,7 @@ def main(args):
                     render,
                     state,
                     frozen,
-                    tokenizers[0],
+                    tokenizers,
                     validation_prompts,
                     args,
                     seed,
@@ -992,7 +918,7 @@ def main(args):
 
     # ------------------------------------------------------------------------------------------------------- save
     stop_request.stop_on_ctrl_c(False)  # nothing left to finish: Ctrl-C interrupts the save as usual
-    params = evaluation_params(state, args)
+    params = evaluation_params(state, args.optimizer)
     if last_batch is not None:  # what is about to be saved, checked as every checkpoint is
         rows = [jax.device_get(params[learned_key(index)]) for index in range(len(text_encoders))]
         check_embedding_scale(rows, vocabulary_norms, global_step)
@@ -1007,11 +933,13 @@ def main(args):
                 logger.info(f"Saved {os.path.abspath(path)}")
         except Exception as err:  # a full disk, most often: the steps since the last checkpoint must not be lost
             raise final_save_failed(state, args.output_dir, global_step, run_metadata, err) from err
+    grid = None
     if validation_prompts:
-        validate(
-            render, state, frozen, tokenizers[0], validation_prompts, args, seed, global_step, "final", is_main_process
+        grid = validate(
+            render, state, frozen, tokenizers, validation_prompts, args, seed, global_step, "final", is_main_process
         )
     if is_main_process:
+        write_model_card(args.output_dir, model_card(family, args, global_step, grid))
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
         output_lock.release()

@@ -25,11 +25,9 @@ batching, image checks, single-file export) is the sdtrain/ package beside it: c
 import dataclasses
 import functools
 import io
-import json
 import logging
 import math
 import os
-import shutil
 import sys
 import time
 from typing import Any
@@ -47,7 +45,7 @@ from sdtrain.batching import (
     size_conditioning,
 )
 from sdtrain.checks import training_problem, validation_problem
-from sdtrain.cli import ArgumentParser, UserError, WriteFailure, add_debug_argument, run
+from sdtrain.cli import ArgumentParser, UserError, add_debug_argument, run
 from sdtrain.data_config import (
     CaptionConfig,
     DatasetConfig,
@@ -59,27 +57,7 @@ from sdtrain.distributed import DistributedConfig, add_distributed_arguments, di
 from sdtrain.families import folder_family
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import inspect_images, load_rgb, verify_image
-from sdtrain.jax_training import (
-    LogWindow,
-    check_finite,
-    enable_block_rematerialisation,
-    epoch_batches,
-    evaluation_params,
-    final_save_failed,
-    inference_scheduler_config,
-    load_flax_model,
-    load_flax_text_encoder,
-    make_renderer,
-    render_validation_images,
-    resolve_pipeline_folder,
-    resolve_vae_folder,
-    restore_train_state,
-    save_checkpoint,
-    save_validation_grid,
-    start_distributed,
-    stop_agreed,
-)
-from sdtrain.logs import format_logs
+from sdtrain.logs import format_logs, warmup_applied
 from sdtrain.preemption import StopRequest, preemption_message, stop_exit_code
 from sdtrain.recipes import (
     RecipeConfig,
@@ -94,11 +72,9 @@ from sdtrain.run_folder import (
     check_process_group,
     check_resume_identity,
     find_resume_checkpoint,
-    publish_pipeline,
     read_checkpoint_metadata,
     take_output_dir,
     warn_if_batch_layout_changed,
-    write_failure,
 )
 from sdtrain.seeds import add_seed_argument, choose_seed, draw_seed
 from sdtrain.single_file import (
@@ -359,6 +335,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
 from flax import struct
 from flax.training.train_state import TrainState
 from jax.experimental import multihost_utils
@@ -366,6 +343,21 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sdtrain.captions import edit_caption, load_image_caption_dataset  # imports datasets
+from sdtrain.jax.checkpoints import check_finite, final_save_failed, restore_train_state, save_checkpoint
+from sdtrain.jax.data import epoch_batches
+from sdtrain.jax.export import save_pipeline
+from sdtrain.jax.family import family_code
+from sdtrain.jax.loop import LogWindow, evaluation_params, start_distributed, stop_agreed
+from sdtrain.jax.models import (
+    enable_block_rematerialisation,
+    load_flax_model,
+    load_noise_scheduler,
+    resolve_pipeline_folder,
+    resolve_vae_folder,
+)
+from sdtrain.jax.text import token_ids
+from sdtrain.jax.validation import render_validation_images, save_validation_grid, validation_renderer
+from sdtrain.model_cards import fine_tuned_card, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -375,45 +367,22 @@ logger = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def rescale_zero_terminal_snr(betas):
-    """Betas whose schedule ends at zero SNR (Lin et al. 2023, arXiv:2305.08891, Algorithm 1): sqrt(alpha_bar) is
-    shifted so its last value is 0 and scaled so its first value is unchanged. diffusers' FlaxDDPMScheduler has no
-    such option, so the rescaled betas are handed to it as trained_betas."""
-    sqrt_alphas_cumprod = np.sqrt(np.cumprod(1.0 - np.asarray(betas, np.float64)))
-    first, last = sqrt_alphas_cumprod[0], sqrt_alphas_cumprod[-1]
-    sqrt_alphas_cumprod = (sqrt_alphas_cumprod - last) * first / (first - last)
-    alphas_cumprod = sqrt_alphas_cumprod**2
-    alphas = np.concatenate([alphas_cumprod[:1], alphas_cumprod[1:] / alphas_cumprod[:-1]])
-    return 1.0 - alphas
-
-
-def load_noise_scheduler(folder, args):
-    """The training noise scheduler and its state; with --rescale_betas_zero_snr, on the rescaled schedule."""
-    from diffusers import FlaxDDPMScheduler
-
-    noise_scheduler, scheduler_state = FlaxDDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    if args.rescale_betas_zero_snr:
-        betas = rescale_zero_terminal_snr(np.asarray(scheduler_state.common.betas))
-        noise_scheduler = FlaxDDPMScheduler.from_config(noise_scheduler.config, trained_betas=betas.tolist())
-        scheduler_state = noise_scheduler.create_state()
-    return noise_scheduler, scheduler_state
-
-
 class ImageCaptionDataset:
     """Rows -> {pixel_values (CHW in [-1, 1]) or latent_mean and latent_std, input_ids or encoder_hidden_states
     (+ pooled_text_embeds)}, and for SDXL {time_ids, caption_kept}, as numpy arrays. Indexed by (epoch, row) keys: crop,
     flip and caption edits are drawn from an RNG seeded by (seed, epoch, row), so a resumed run sees the same samples.
-    `tokenizers`: one per text encoder (two for SDXL); input_ids holds a row of ids for each."""
+    `tokenizers`: one per text encoder (two for SDXL); input_ids holds a row of ids for each. `family`: the model
+    family (sdtrain.families.Family), which says whether examples carry size conditioning and the caption_kept mark."""
 
-    def __init__(self, rows, tokenizers, args, seed, sdxl=False):
-        self.rows, self.tokenizers, self.args, self.seed, self.sdxl = rows, tokenizers, args, seed, sdxl
+    def __init__(self, rows, tokenizers, args, seed, family):
+        self.rows, self.tokenizers, self.args, self.seed, self.family = rows, tokenizers, args, seed, family
         self.resample = getattr(Image.Resampling, args.image_interpolation_mode.upper())
         self.caption_config = CaptionConfig.from_args(args)
         # Set by setup_buckets(): each row's bucket and the buckets' (height, width); None crops squares.
         self.bucket_of_row = None
         self.buckets = None
-        # Set by build_caches(): row -> (latent means, stds) per view; (caption -> index, text embeddings, pooled text
-        # embeddings or None).
+        # Set by build_caches(): row -> (latent means, stds) per view; (caption -> index, {batch key: the captions'
+        # text embeddings, and pooled ones where the family has them}).
         self.latent_cache = None
         self.text_cache = None
         # Set in main() from check_images(): every image's (width, height), SDXL's original-size conditioning.
@@ -482,32 +451,21 @@ class ImageCaptionDataset:
             flipped = bool(self.args.random_flip and rng.random() < 0.5)
             means, stds = self.latent_cache[row]
             example["latent_mean"], example["latent_std"] = means[int(flipped)], stds[int(flipped)]
-            box = self.crop_box(row, self.image_sizes[row], rng=None) if self.sdxl else None
-        if self.sdxl:
+            box = self.crop_box(row, self.image_sizes[row], rng=None) if self.family.added_conditioning else None
+        if self.family.added_conditioning:
             example["time_ids"] = np.asarray(size_conditioning(self.image_sizes[row], box, flipped), np.float32)
         caption = self.pick_caption(self.rows[row][self.args.caption_column], row, rng)
         caption = edit_caption(caption, rng, self.caption_config)
-        if self.sdxl:
-            # SDXL pipelines sample the unconditional branch from zeros, not from the encoded empty prompt
-            # (force_zeros_for_empty_prompt): an empty caption, dropped or in the data, trains that branch.
+        if self.family.force_zeros_for_empty_prompt:
+            # SDXL pipelines sample the unconditional branch from zeros, not from the encoded empty prompt, unless
+            # their model_index.json says otherwise: an empty caption, dropped or in the data, trains that branch.
             example["caption_kept"] = np.float32(caption != "")
         if self.text_cache is None:
             example["input_ids"] = token_ids(self.tokenizers, [caption])[0]
         else:
-            index_of_caption, embeddings, pooled = self.text_cache
-            example["encoder_hidden_states"] = embeddings[index_of_caption[caption]]
-            if pooled is not None:
-                example["pooled_text_embeds"] = pooled[index_of_caption[caption]]
+            index_of_caption, cached = self.text_cache
+            example.update({name: encoded[index_of_caption[caption]] for name, encoded in cached.items()})
         return example
-
-
-def token_ids(tokenizers, captions):
-    """The captions' token ids [caption, tokenizer, token] as int32, padded to each tokenizer's full length."""
-    ids = [
-        tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True).input_ids
-        for tokenizer in tokenizers
-    ]
-    return np.asarray(ids, np.int32).transpose(1, 0, 2)
 
 
 def check_images(dataset):
@@ -588,19 +546,19 @@ def build_caches(dataset, frozen, args, global_batch_size, batch_sharding):
             for caption in dataset.caption_choices(value, row):
                 captions.setdefault(caption, len(captions))
 
-        encode_jitted = jax.jit(encode_text)
+        encode_text = functools.partial(frozen.code.encode_text, frozen.text_encoders)
 
-        def encode(input_ids):
-            encoder_hidden_states, pooled_text_embeds = encode_jitted(frozen, input_ids)
-            return (
-                (encoder_hidden_states,) if pooled_text_embeds is None else (encoder_hidden_states, pooled_text_embeds)
-            )
+        @jax.jit
+        def encode(text_encoder_params, input_ids):
+            return jax.tree.leaves(encode_text(text_encoder_params, input_ids))  # (hidden states, pooled or nothing)
 
         prepare = functools.partial(token_ids, dataset.tokenizers)
+        encode = functools.partial(encode, frozen.text_encoder_params)
         description = "Caching text embeddings"
         encoded = encode_once(list(captions), prepare, encode, global_batch_size, batch_sharding, description)
-        embeddings, pooled = encoded if len(encoded) == 2 else (encoded[0], None)
-        dataset.text_cache = (captions, embeddings, pooled)
+        names = ["encoder_hidden_states", "pooled_text_embeds"]  # the pooled ones only where the family has them
+        dataset.text_cache = (captions, dict(zip(names, encoded, strict=False)))
+        embeddings = encoded[0]
         logger.info(
             f"Cached text embeddings: {embeddings.shape} {embeddings.dtype}, {embeddings.nbytes / 2**20:.1f} MiB"
         )
@@ -654,35 +612,16 @@ def make_optimizer(args, schedule):
 @struct.dataclass
 class FrozenModels:
     """The models that do not train. Their params are pytree leaves, so the jitted step takes them as arguments (not
-    as constants baked into the compiled program); the modules and the noise scheduler are static."""
+    as constants baked into the compiled program); the modules, the noise scheduler and the family's code are
+    static."""
 
     vae_params: Any
-    text_encoder_params: Any
+    text_encoder_params: tuple  # one per text encoder (two for SDXL)
     scheduler_state: Any
     vae: Any = struct.field(pytree_node=False)
-    text_encoder: Any = struct.field(pytree_node=False)
+    text_encoders: tuple = struct.field(pytree_node=False)
     noise_scheduler: Any = struct.field(pytree_node=False)
-    # SDXL's second text encoder (FlaxCLIPTextModelWithProjection); None for SD 1.x / 2.x.
-    text_encoder_2_params: Any = None
-    text_encoder_2: Any = struct.field(pytree_node=False, default=None)
-
-
-def encode_text(frozen, input_ids):
-    """The UNet's text conditioning from token ids [batch, encoders, tokens], as (encoder_hidden_states, pooled text
-    embeddings or None). SD 1.x / 2.x: the text encoder's last hidden state. SDXL: both encoders' penultimate hidden
-    states side by side, and the second's pooled projection."""
-    if frozen.text_encoder_2 is None:
-        return frozen.text_encoder(input_ids[:, 0], params=frozen.text_encoder_params, train=False)[0], None
-    encoders = [
-        (frozen.text_encoder, frozen.text_encoder_params),
-        (frozen.text_encoder_2, frozen.text_encoder_2_params),
-    ]
-    hidden_states = []
-    for (text_encoder, params), ids in zip(encoders, jnp.unstack(input_ids, axis=1), strict=True):
-        output = text_encoder(ids, params=params, output_hidden_states=True, train=False)
-        # SDXL reads the penultimate layer of each encoder (Podell et al. 2023, arXiv:2307.01952, sec. 2.1).
-        hidden_states.append(output.hidden_states[-2])
-    return jnp.concatenate(hidden_states, axis=-1), output[0]  # output[0]: the second encoder's text_embeds
+    code: Any = struct.field(pytree_node=False)  # the family's (sdtrain.jax.family): encode_text, added conditioning
 
 
 def encode_batch(frozen, batch, rng):
@@ -702,15 +641,17 @@ def encode_batch(frozen, batch, rng):
         encoder_hidden_states, pooled_text_embeds = batch["encoder_hidden_states"], batch.get("pooled_text_embeds")
     else:
         # The frozen text encoders' hidden states condition the UNet through cross-attention.
-        encoder_hidden_states, pooled_text_embeds = encode_text(frozen, batch["input_ids"])
-    added_cond_kwargs = None
-    if "time_ids" in batch:
-        # SDXL: the pooled text embedding and the size conditioning enter through the UNet's added embedding; an
-        # empty caption conditions on zeros (see ImageCaptionDataset).
+        text_encoders, text_encoder_params = frozen.text_encoders, frozen.text_encoder_params
+        encoder_hidden_states, pooled_text_embeds = frozen.code.encode_text(
+            text_encoders, text_encoder_params, batch["input_ids"]
+        )
+    if "caption_kept" in batch:
+        # An empty caption conditions on zeros (see ImageCaptionDataset).
         kept = batch["caption_kept"].astype(encoder_hidden_states.dtype)
         encoder_hidden_states = encoder_hidden_states * kept[:, None, None]
-        text_embeds = pooled_text_embeds * kept[:, None].astype(pooled_text_embeds.dtype)
-        added_cond_kwargs = {"text_embeds": text_embeds, "time_ids": batch["time_ids"]}
+        pooled_text_embeds = pooled_text_embeds * kept[:, None].astype(pooled_text_embeds.dtype)
+    # SDXL: the pooled text embedding and the size conditioning enter through the UNet's added embedding.
+    added_cond_kwargs = frozen.code.added_conditioning(pooled_text_embeds, batch.get("time_ids"))
     return jax.lax.stop_gradient((latents, encoder_hidden_states, added_cond_kwargs))
 
 
@@ -875,85 +816,6 @@ def train_step(state, frozen, batch, rng, config):
     return state.apply_gradients(grads=grads), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
 
-@struct.dataclass
-class ValidationModels:
-    """What renders validation images, all static: the modules, the tokenizer, and the sampling scheduler with its
-    state. The params that change (UNet, VAE, text encoder) are passed to each render."""
-
-    unet: Any = struct.field(pytree_node=False)
-    vae: Any = struct.field(pytree_node=False)
-    text_encoder: Any = struct.field(pytree_node=False)
-    tokenizer: Any = struct.field(pytree_node=False)
-    scheduler: Any = struct.field(pytree_node=False)
-    scheduler_state: Any = struct.field(pytree_node=False)
-    trailing: bool = struct.field(pytree_node=False)
-
-
-def load_validation_scheduler(folder, args):
-    """The Flax twin of the scheduler the saved pipeline samples with (inference_scheduler_config), its state, and
-    whether it samples from the last timestep ("trailing", which Flax schedulers cannot set themselves)."""
-    import diffusers
-
-    with open(os.path.join(folder, "scheduler", "scheduler_config.json")) as f:
-        config = inference_scheduler_config(json.load(f), args)
-    cls = getattr(diffusers, "Flax" + config["_class_name"], None)
-    if cls is None:
-        logger.info(f"Validation renders with FlaxDDIMScheduler: diffusers has no Flax {config['_class_name']}")
-        cls = diffusers.FlaxDDIMScheduler
-    config = {key: value for key, value in config.items() if not key.startswith("_")}
-    scheduler = cls.from_config(config)
-    if config.get("rescale_betas_zero_snr"):
-        betas = rescale_zero_terminal_snr(np.asarray(scheduler.create_state().common.betas))
-        scheduler = cls.from_config(config, trained_betas=betas.tolist())
-    return scheduler, scheduler.create_state(), config.get("timestep_spacing") == "trailing"
-
-
-def validation_renderer(folder, args, unet, frozen, tokenizers, sdxl):
-    """The compiled validation sampler (make_renderer) of these models, at --validation_resolution, conditioned as the
-    saved pipeline samples (validation_conditioning)."""
-    scheduler, scheduler_state, trailing = load_validation_scheduler(folder, args)
-    models = ValidationModels(
-        unet=unet,
-        vae=frozen.vae,
-        text_encoder=frozen.text_encoder,
-        tokenizer=tokenizers[0],
-        scheduler=scheduler,
-        scheduler_state=scheduler_state,
-        trailing=trailing,
-    )
-    conditioning = validation_conditioning(folder, tokenizers, sdxl, args.validation_resolution)
-    return make_renderer(models, args.validation_resolution, conditioning=conditioning)
-
-
-def validation_conditioning(folder, tokenizers, sdxl, size):
-    """conditioning(params, prompt_ids) for make_renderer: the pair (unconditional, conditional) of encode_text's
-    output, from params["text_encoders"] (the FrozenModels). The unconditional branch is the empty prompt's encoding,
-    or for an SDXL pipeline that says force_zeros_for_empty_prompt (as SDXL base does) zeros, as
-    StableDiffusionXLPipeline samples. SDXL's size conditioning at sampling: the rendered size, uncropped."""
-    with open(os.path.join(folder, "model_index.json")) as f:
-        zeros_for_empty_prompt = sdxl and json.load(f).get("force_zeros_for_empty_prompt", True)
-    empty_ids = token_ids(tokenizers, [""])
-    height, width = size
-
-    def conditioning(params, prompt_ids):
-        encoder_hidden_states, pooled_text_embeds = encode_text(params["text_encoders"], prompt_ids)
-        if zeros_for_empty_prompt:
-            empty, empty_pooled = jnp.zeros_like(encoder_hidden_states), jnp.zeros_like(pooled_text_embeds)
-        else:
-            empty, empty_pooled = encode_text(params["text_encoders"], empty_ids)
-        encoder_hidden_states = jnp.concatenate([empty, encoder_hidden_states])
-        if not sdxl:
-            return encoder_hidden_states, None
-        time_ids = jnp.asarray([size_conditioning((width, height), ((height, width), (0, 0), (height, width)), False)])
-        added_cond_kwargs = {
-            "text_embeds": jnp.concatenate([empty_pooled, pooled_text_embeds]),
-            "time_ids": jnp.concatenate([time_ids, time_ids]).astype(jnp.float32),
-        }
-        return encoder_hidden_states, added_cond_kwargs
-
-    return conditioning
-
-
 class EMATrainState(TrainState):
     """The train state with --use_ema: the exponential moving average of the params is checkpointed with them."""
 
@@ -980,80 +842,49 @@ def validation_weights(args):
 
 def validate(render, state, frozen, tokenizers, args, seed, global_step, tag, is_main_process):
     """Render the validation prompts with the weights that would be saved now (the EMA with --use_ema), and with
-    --ema_validation raw or both, with the raw trained weights. Every process renders; the main process saves."""
-
-    def tokenize(prompt):
-        return token_ids(tokenizers, [prompt])  # ids [1, encoders, tokens], as encode_text reads them
-
+    --ema_validation raw or both, with the raw trained weights. Every process renders; the main process saves, and
+    gets the first grid's path (relative to --output_dir)."""
+    grids = []
     for suffix, ema_weights in validation_weights(args):
-        unet_params = state.ema_params if ema_weights else evaluation_params(state, args)
-        params = {"unet": unet_params, "vae": frozen.vae_params, "text_encoders": frozen}
-        images = render_validation_images(render, params, tokenize, args.validation_prompts, seed)
+        unet_params = state.ema_params if ema_weights else evaluation_params(state, args.optimizer)
+        params = {"unet": unet_params, "vae": frozen.vae_params, "text_encoders": frozen.text_encoder_params}
+        images = render_validation_images(render, params, tokenizers, args.validation_prompts, seed)
         if is_main_process:
-            save_validation_grid(images, args.validation_prompts, args.output_dir, tag + suffix, global_step)
+            grids.append(
+                save_validation_grid(images, args.validation_prompts, args.output_dir, tag + suffix, global_step)
+            )
+    return grids[0] if grids else None
 
 
-def pytorch_unet(unet_params, folder):
-    """The trained Flax UNet params as diffusers' PyTorch UNet2DConditionModel of the source's config. diffusers'
-    converter renames every "_1" of a key to ".1" except under time_embedding, so SDXL's add_embedding.linear_1 and
-    linear_2 would be left at random values (with a warning): they are copied here (Dense kernels are transposed
-    weights)."""
-    import torch
-    from diffusers import UNet2DConditionModel
-    from diffusers.models.modeling_pytorch_flax_utils import load_flax_weights_in_pytorch_model
-
-    params = dict(jax.tree_util.tree_map(np.array, jax.device_get(unet_params)))
-    add_embedding = params.pop("add_embedding", None)
-    unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
-    unet = load_flax_weights_in_pytorch_model(unet, params)
-    if add_embedding is not None:
-        with torch.no_grad():
-            for name, dense in add_embedding.items():
-                getattr(unet.add_embedding, name).weight.copy_(torch.from_numpy(dense["kernel"].T.copy()))
-                getattr(unet.add_embedding, name).bias.copy_(torch.from_numpy(dense["bias"]))
-    return unet
-
-
-def save_pipeline(unet_params, folder, args, sdxl):
-    """The full pipeline as PyTorch diffusers with safetensors weights: the trained UNet converted from Flax, the
-    frozen parts (text encoders, VAE, tokenizers, scheduler) copied byte for byte from the source (the VAE from
-    --pretrained_vae_model_name_or_path when given). Written to a temporary folder first, so a crash never leaves a
-    half-written model over a good one."""
-    import torch
-
-    partial = os.path.join(args.output_dir, ".pipeline.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    os.makedirs(partial)
-    for component in ["scheduler", "tokenizer", "text_encoder"] + (["tokenizer_2", "text_encoder_2"] if sdxl else []):
-        shutil.copytree(os.path.join(folder, component), os.path.join(partial, component))
-    shutil.copytree(os.path.join(*resolve_vae_folder(folder, args)), os.path.join(partial, "vae"))
-    # The model now predicts this target on this schedule: the saved scheduler must say so, or inference silently
-    # goes wrong.
-    scheduler_config = os.path.join(partial, "scheduler", "scheduler_config.json")
-    with open(scheduler_config) as f:
-        config = inference_scheduler_config(json.load(f), args)
-    with open(scheduler_config, "w") as f:
-        json.dump(config, f, indent=2)
-    with open(os.path.join(folder, "model_index.json")) as f:
-        model_index = json.load(f)
-    if not sdxl:  # SDXL pipelines have no safety checker
-        # The source's safety checker is not downloaded (nothing the user did not name); the saved pipeline has none.
-        model_index.update(safety_checker=[None, None], feature_extractor=[None, None], requires_safety_checker=False)
-    model_index["scheduler"] = ["diffusers", config["_class_name"]]  # the class pipelines load it as
-    with open(os.path.join(partial, "model_index.json"), "w") as f:
-        json.dump(model_index, f, indent=2)
-    unet = pytorch_unet(unet_params, folder)
-    try:
-        unet.to(torch.float32).save_pretrained(os.path.join(partial, "unet"), safe_serialization=True)
-    except (OSError, RuntimeError) as err:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise WriteFailure(write_failure("the pipeline", args.output_dir, err)) from err
-    publish_pipeline(partial, args.output_dir)
+def model_card(family, args, global_step, validation_grid):
+    """The README.md lines train_text_to_image.py writes for the same run."""
+    warmup = warmup_applied(args.lr_scheduler, args.lr_warmup_steps, args.optimizer)
+    settings = {
+        "optimizer updates": global_step,
+        "learning rate": f"{args.learning_rate} ({args.lr_scheduler}, {warmup} warmup)",
+        "batch per device x accumulation": f"{args.train_batch_size} x {args.gradient_accumulation_steps}",
+        "resolution": args.resolution,
+        "mixed precision": args.mixed_precision,
+        "EMA": args.use_ema,
+        "Min-SNR gamma": args.snr_gamma,
+    }
+    data, prompt = args.dataset_name or args.train_data_dir, (args.validation_prompts or ["a photo"])[0]
+    repo = args.hub_model_id or args.output_dir
+    base_model = args.pretrained_model_name_or_path
+    return fine_tuned_card(
+        family, os.path.basename(__file__), base_model, data, repo, prompt, settings, validation_grid
+    )
 
 
 def main(args):
     # ------------------------------------------------------------------------------------------------------ setup
-    start_distributed(args)
+    start_distributed(
+        args.jax_distributed,
+        args.coordinator_address,
+        args.num_processes,
+        args.process_id,
+        args.heartbeat_timeout_seconds,
+    )
     # force: importing Orbax (or anything that logs at import time) leaves a root handler that would make this a no-op.
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
@@ -1091,14 +922,12 @@ def main(args):
     batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
 
     # ------------------------------------------------------------------------------------------------ load models
-    from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
-    from transformers import CLIPTokenizerFast
-
     weight_dtype = jnp.bfloat16 if args.mixed_precision == "bf16" else jnp.float32
-    folder = resolve_pipeline_folder(args)
+    folder = resolve_pipeline_folder(args.pretrained_model_name_or_path, args.revision, args.variant, args.cache_dir)
     source = f"--pretrained_model_name_or_path {args.pretrained_model_name_or_path}"
     # SD 1.x / 2.x or SDXL, from model_index.json before any weights load; any other family is named and refused.
-    sdxl = folder_family(folder, source).name == "sdxl"
+    family = folder_family(folder, source)
+    code = family_code(family)
     # A size the model cannot train or render at is refused now, from the configs, not at the first validation.
     check_model_sizes(
         folder,
@@ -1112,15 +941,12 @@ def main(args):
     )
     if args.save_single_file:  # refused now rather than after training
         single_file_layout(*component_configs(folder))
-    tokenizer_names = ["tokenizer", "tokenizer_2"] if sdxl else ["tokenizer"]
-    tokenizers = [CLIPTokenizerFast.from_pretrained(folder, subfolder=name) for name in tokenizer_names]
-    text_encoder = load_flax_text_encoder(folder, args.variant, weight_dtype)
-    text_encoder_2 = load_flax_text_encoder(folder, args.variant, weight_dtype, "text_encoder_2") if sdxl else None
-    vae_folder, vae_subfolder = resolve_vae_folder(folder, args)
+    tokenizers = code.load_tokenizers(folder)
+    text_encoders = code.load_text_encoders(folder, args.variant, weight_dtype)
+    vae_folder = resolve_vae_folder(folder, args.pretrained_vae_model_name_or_path, args.cache_dir)
     # SDXL's VAE overflows in fp16 and says so (force_upcast): it stays in fp32. An fp16-safe VAE says otherwise.
-    force_upcast = FlaxAutoencoderKL.load_config(vae_folder, subfolder=vae_subfolder).get("force_upcast", True)
-    vae_dtype = jnp.float32 if sdxl and force_upcast else weight_dtype
-    vae, vae_params = load_flax_model(FlaxAutoencoderKL, vae_folder, vae_subfolder, args.variant, vae_dtype)
+    vae_dtype = code.vae_dtype(FlaxAutoencoderKL.load_config(vae_folder[0], subfolder=vae_folder[1]), weight_dtype)
+    vae, vae_params = load_flax_model(FlaxAutoencoderKL, *vae_folder, args.variant, vae_dtype)
     logger.info(
         f"VAE in {jnp.dtype(vae_dtype)}"
         + (" (its config asks for it: force_upcast)" if vae_dtype != weight_dtype else "")
@@ -1129,18 +955,20 @@ def main(args):
         enable_block_rematerialisation()
     unet, unet_params = load_flax_model(FlaxUNet2DConditionModel, folder, "unet", args.variant, weight_dtype)
     # Lin et al. 2023 (arXiv:2305.08891): rescaled betas reach zero SNR at the last timestep, as sampling starts.
-    noise_scheduler, scheduler_state = load_noise_scheduler(folder, args)
+    noise_scheduler, scheduler_state = load_noise_scheduler(folder, args.rescale_betas_zero_snr)
     frozen = FrozenModels(
         vae_params=vae_params,
-        text_encoder_params=text_encoder.params,
+        text_encoder_params=tuple(text_encoder.params for text_encoder in text_encoders),
         scheduler_state=scheduler_state,
         vae=vae,
-        text_encoder=text_encoder,
+        text_encoders=tuple(text_encoders),
         noise_scheduler=noise_scheduler,
-        text_encoder_2_params=text_encoder_2.params if sdxl else None,
-        text_encoder_2=text_encoder_2,
+        code=code,
     )
-    render = validation_renderer(folder, args, unet, frozen, tokenizers, sdxl) if args.validation_prompts else None
+    render = None
+    if args.validation_prompts:
+        sampling = (args.validation_resolution, args.prediction_type, args.rescale_betas_zero_snr)
+        render = validation_renderer(folder, code, unet, vae, text_encoders, tokenizers, *sampling)
     prediction_type = args.prediction_type or noise_scheduler.config.prediction_type
     loss_config = LossConfig(
         prediction_type=prediction_type,
@@ -1152,7 +980,7 @@ def main(args):
 
     # ------------------------------------------------------------------------------------------------------- data
     train_dataset = ImageCaptionDataset(
-        load_image_caption_dataset(DatasetConfig.from_args(args), seed), tokenizers, args, seed, sdxl
+        load_image_caption_dataset(DatasetConfig.from_args(args), seed), tokenizers, args, seed, family
     )
     image_sizes = train_dataset.image_sizes = check_images(train_dataset)
     global_batch_size = args.train_batch_size * jax.device_count()
@@ -1298,21 +1126,24 @@ def main(args):
 
     # ------------------------------------------------------------------------------------------------------- save
     stop_request.stop_on_ctrl_c(False)  # nothing left to finish: Ctrl-C interrupts the save as usual
-    unet_params = state.ema_params if args.use_ema else evaluation_params(state, args)
+    unet_params = state.ema_params if args.use_ema else evaluation_params(state, args.optimizer)
     if last_batch is not None:  # what is about to be saved, checked as every checkpoint is
         probe = float(probe_fn(unet_params, state, frozen, *last_batch))
         check_finite({"params": unet_params}, probe, "the UNet", global_step)
     if is_main_process:
         try:
-            save_pipeline(unet_params, folder, args, sdxl)
+            saved_scheduler = (args.prediction_type, args.rescale_betas_zero_snr)
+            save_pipeline(unet_params, folder, family, vae_folder, args.output_dir, *saved_scheduler)
             logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
             if args.save_single_file:
                 save_single_file(SingleFileConfig.from_args(args), prediction_type, global_step)
         except Exception as err:  # a full disk, most often: the steps since the last checkpoint must not be lost
             raise final_save_failed(state, args.output_dir, global_step, run_metadata, err) from err
+    grid = None
     if args.validation_prompts:
-        validate(render, state, frozen, tokenizers, args, seed, global_step, "final", is_main_process)
+        grid = validate(render, state, frozen, tokenizers, args, seed, global_step, "final", is_main_process)
     if is_main_process:
+        write_model_card(args.output_dir, model_card(family, args, global_step, grid))
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
         output_lock.release()

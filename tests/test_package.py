@@ -16,7 +16,7 @@ FRAMEWORKS = ["torch", "torchvision", "jax", "flax", "optax", "orbax", "diffuser
 CORE = os.path.join(REPO, "sdtrain")
 CORE_MODULES = sorted(name[:-3] for name in os.listdir(CORE) if name.endswith(".py") and name != "__init__.py")
 # Framework adapters still in the flat folder on this branch; they move to sdtrain/torch/ and sdtrain/jax/.
-FLAT_ADAPTERS = {"jax_training"}
+FLAT_ADAPTERS = set()
 SCRIPTS = ["train_text_to_image.py", "textual_inversion.py", "train_text_to_image_flax.py", "textual_inversion_flax.py"]
 # Issue 30's targets: a script a newcomer can read, and a main() that reads in one sitting.
 MAX_SCRIPT_LINES = 1300

@@ -22,9 +22,8 @@ COPIED = {
     """.split(),
     (T2I_FLAX, TI_FLAX): """
         LR_SCHEDULERS OPTIMIZERS add_optimizer_arguments check_optimizer_arguments make_optimizer learning_rate_schedule
-        LossConfig diffusion_loss train_step rescale_zero_terminal_snr load_noise_scheduler ValidationModels
-        load_validation_scheduler
-    """.split(),  # validation_renderer differs: the T2I twin's also samples SDXL; the TI twin renders SD only so far
+        LossConfig diffusion_loss train_step
+    """.split(),
     (T2I, T2I_FLAX): """
         validation_weights
     """.split(),

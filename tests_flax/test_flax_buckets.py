@@ -12,6 +12,7 @@ from safetensors.numpy import load_file
 import train_text_to_image_flax as t2i_flax
 from devkit.command_line import command_line
 from sdtrain import batching, captions, data_config
+from sdtrain.families import SD
 
 T2I = "train_text_to_image_flax.py"
 RECIPE = (
@@ -35,7 +36,7 @@ def test_pytorch_and_flax_draw_the_same_batches(assets, tmp_path):
 
     tokenizer = CLIPTokenizerFast.from_pretrained(assets["pipeline"], subfolder="tokenizer")
     rows = captions.load_image_caption_dataset(data_config.DatasetConfig.from_args(args), 3)
-    dataset = t2i_flax.ImageCaptionDataset(rows, [tokenizer], args, 3)
+    dataset = t2i_flax.ImageCaptionDataset(rows, [tokenizer], args, 3, SD)
     dataset.bucket_of_row, dataset.buckets = batching.setup_buckets(
         t2i_flax.check_images(dataset), batching.BucketConfig.from_args(args), model_factor=16, global_batch_size=2
     )

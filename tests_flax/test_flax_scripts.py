@@ -18,6 +18,7 @@ from safetensors.numpy import load_file
 
 from devkit.command_line import command_line, recorded_seed, without_seed
 from devkit.running_launch import free_port
+from sdtrain.families import SDXL
 from sdtrain.run_folder import RUN_MANIFEST
 
 
@@ -55,6 +56,11 @@ def folder_bytes(folder):
             path = os.path.join(root, name)
             found[os.path.relpath(path, folder)] = open(path, "rb").read()
     return found
+
+
+def model_card(output_dir):
+    with open(os.path.join(output_dir, "README.md")) as f:
+        return f.read()
 
 
 def t2i_args(assets, output_dir, *extra):
@@ -115,6 +121,15 @@ print("single file", single.scheduler.config.prediction_type)
         metadata = f.metadata()
     assert metadata["modelspec.architecture"] == "stable-diffusion-v1" and metadata["modelspec.prediction_type"] == "v"
     assert metadata["training.zero_terminal_snr"] == "true" and metadata["training.global_step"] == "4"
+    # The model card train_text_to_image.py writes: the family's license, tags and pipeline class, the settings, the
+    # final grid.
+    card = model_card(out)
+    assert card.startswith("---\nlicense: creativeml-openrail-m\n") and "- stable-diffusion\n- text-to-image\n" in card
+    assert f"fine-tuned with train_text_to_image_flax.py on `{assets['images']}`" in card
+    assert f'pipe = StableDiffusionPipeline.from_pretrained("{out}")' in card
+    assert "| optimizer updates | 4 |" in card and "| mixed precision | bf16 |" in card
+    assert "| learning rate | 0.001 (constant, 0 warmup) |" in card
+    assert card.endswith("![validation](validation/final-step-000004.png)\n")
 
 
 T2I_EXACT = (
@@ -329,6 +344,10 @@ image = pipe("a photo of a <blob>", num_inference_steps=2, height=64, width=64).
 print("generated", image.size)
 """)
     assert "moved True" in result.stdout and "generated (64, 64)" in result.stdout
+    card = model_card(out)
+    assert card.startswith("---\nlicense: creativeml-openrail-m\n") and "- textual_inversion\n" in card
+    assert f'pipe.load_textual_inversion("{out}/learned_embeds.safetensors")' in card
+    assert "Embedding of `<blob>` (2 vector(s))" in card and "4 optimizer updates" in card
 
 
 def test_textual_inversion_flax_as_two_processes_matches_one_process_and_resumes_on_it(launch, assets, tmp_path):
@@ -535,6 +554,12 @@ def test_text_to_image_flax_fine_tunes_sdxl_resumes_exactly_and_pytorch_samples_
     full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
     result = launch.run(T2I, sdxl_args(assets, sdxl_pipeline, full))
     assert "VAE in float32 (its config asks for it: force_upcast)" in result.output
+    # The converter's warning that add_embedding is "newly initialized" would be false: it is copied in after.
+    assert "newly initialized" not in result.output and "Saved the pipeline" in result.output
+    card = model_card(full)
+    assert card.startswith("---\nlicense: openrail++\n") and "- stable-diffusion-xl\n" in card
+    assert f'pipe = StableDiffusionXLPipeline.from_pretrained("{full}")' in card
+    assert card.endswith("![validation](validation/final-step-000004.png)\n")
     assert checkpoint_names(full) == ["checkpoint-2", "checkpoint-4"]
     grids = ["final-step-000004.png", "validation-step-000002.png"]
     assert sorted(os.listdir(os.path.join(full, "validation"))) == grids
@@ -617,7 +642,7 @@ def test_text_to_image_flax_sdxl_size_conditioning_of_a_known_image(sdxl_pipelin
         args = t2i.parse_args(
             command_line("--pretrained_model_name_or_path p --train_data_dir d --resolution 64", *flags)
         )
-        data = t2i.ImageCaptionDataset(rows, tokenizers, args, seed=0, sdxl=True)
+        data = t2i.ImageCaptionDataset(rows, tokenizers, args, seed=0, family=SDXL)
         data.image_sizes = [(100, 50)]
         return data
 
@@ -647,13 +672,27 @@ def sdxl_ti_args(assets, sdxl_pipeline, output_dir, *extra):
 
 def test_sdxl_textual_inversion_flax_saves_both_tables_and_pytorch_loads_them(launch, assets, sdxl_pipeline, tmp_path):
     """Both encoders' rows, as diffusers (learned_embeds, learned_embeds_2) and the UIs (clip_l, clip_g) load them;
-    the VAE stays fp32 (force_upcast); PyTorch's SDXL pipeline loads both files, moves both tables' rows off the
-    initializer, encodes a prompt and samples a finite image."""
+    the VAE stays fp32 (force_upcast); validation images are rendered through both encoders; the model card loads
+    both files; PyTorch's SDXL pipeline loads both files, moves both tables' rows off the initializer, encodes a prompt
+    and samples a finite image."""
     out = str(tmp_path / "run")
     flags = "--max_train_steps 2 --save_steps 2 --checkpointing_steps 2 --mixed_precision bf16 --center_crop"
     result = launch.run(TI, sdxl_ti_args(assets, sdxl_pipeline, out, flags, "--validation_prompt 'a <blob>'"))
     assert "VAE in float32 (its config asks for it: force_upcast)" in result.output
-    assert "does not render SDXL validation images yet; skipped" in result.output
+    assert os.listdir(os.path.join(out, "validation")) == ["final-step-000002.png"]
+    grid = np.asarray(Image.open(os.path.join(out, "validation", "final-step-000002.png")))
+    assert grid.shape[1] == 4 * 64 and grid[:64].std() > 0  # the 4 images side by side, their prompt under them
+    card = model_card(out)
+    assert card.startswith("---\nlicense: openrail++\n") and "from diffusers import StableDiffusionXLPipeline" in card
+    for path, encoder, tokenizer in [
+        ("learned_embeds", "text_encoder", "tokenizer"),
+        ("learned_embeds_2", "text_encoder_2", "tokenizer_2"),
+    ]:
+        assert (
+            f'pipe.load_textual_inversion("{out}/{path}.safetensors", token="<blob>", text_encoder=pipe.{encoder}, '
+            f"tokenizer=pipe.{tokenizer})"
+        ) in card
+    assert card.endswith("![validation](validation/final-step-000002.png)\n")
     assert sorted(n for n in os.listdir(out) if n.endswith(".safetensors")) == [
         "blob.safetensors",
         "learned_embeds-steps-2.safetensors",

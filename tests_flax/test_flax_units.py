@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 import train_text_to_image_flax as T
-from sdtrain import jax_training
+from sdtrain.families import SDXL
+from sdtrain.jax import checkpoints, loop, models
 
 
 @pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine"])
@@ -31,8 +32,8 @@ def test_lr_scheduler_and_warmup_are_honoured(name):
 def test_gradient_checkpointing_rematerialises_every_unet_block(assets):
     from diffusers import FlaxUNet2DConditionModel
 
-    jax_training.enable_block_rematerialisation()
-    unet, params = jax_training.load_flax_model(FlaxUNet2DConditionModel, assets["pipeline"], "unet", None, jnp.float32)
+    models.enable_block_rematerialisation()
+    unet, params = models.load_flax_model(FlaxUNet2DConditionModel, assets["pipeline"], "unet", None, jnp.float32)
 
     def loss(p):
         return unet.apply(
@@ -78,16 +79,16 @@ def test_each_optimizer_state_round_trips_through_a_checkpoint(optimizer, tmp_pa
     half = start
     for x in batches[:4]:
         half = step(half, x)
-    jax_training.save_checkpoint(half, str(tmp_path), 2, {"seed": 0})
+    checkpoints.save_checkpoint(half, str(tmp_path), 2, {"seed": 0})
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    resumed = jax_training.restore_train_state(start, str(tmp_path / "checkpoint-2"), device)
+    resumed = checkpoints.restore_train_state(start, str(tmp_path / "checkpoint-2"), device)
     for x in batches[4:]:
         resumed = step(resumed, x)
     moved = max_difference(full.params, params)
     assert moved > (1e-6 if optimizer == "prodigy" else 1e-4), f"{optimizer} must train: moved {moved}"
     for a, b in zip(jax.tree.leaves(full), jax.tree.leaves(resumed), strict=True):
         assert np.array_equal(np.asarray(a), np.asarray(b)), optimizer
-    evaluated = jax_training.evaluation_params(full, args)
+    evaluated = loop.evaluation_params(full, args.optimizer)
     differs = max_difference(evaluated, full.params)
     # Schedule-free saves its average, which differs from the point it takes gradients at; the others save params.
     assert (differs > 1e-6) == (optimizer == "schedule_free_adamw")
@@ -138,7 +139,7 @@ def test_sdxl_textual_inversion_example_crops_and_conditions_as_the_pytorch_twin
     for center_crop, lefts in ((True, {False: 33, True: 32}), (False, {False: 0, True: 0})):
         args = types.SimpleNamespace(resolution=64, center_crop=center_crop, learnable_property="object", repeats=8)
         paths = [str(tmp_path / "wide.png")]
-        dataset = textual_inversion_flax.TextualInversionDataset(paths, [Tokenizer()] * 2, "<t>", args, 0, sdxl=True)
+        dataset = textual_inversion_flax.TextualInversionDataset(paths, [Tokenizer()] * 2, "<t>", args, 0, SDXL)
         flips = set()
         for index in range(len(dataset)):
             example = dataset[(0, index)]
@@ -160,11 +161,11 @@ def test_a_missing_flax_component_is_named(assets, tmp_path):
     shutil.rmtree(folder / "vae")
     os.remove(folder / "unet" / "diffusion_pytorch_model.safetensors")
     with pytest.raises(UserError, match=r"broken: its vae cannot be loaded: there is no vae/ folder in .*broken"):
-        jax_training.load_flax_model(FlaxAutoencoderKL, str(folder), "vae", None, jnp.float32)
+        models.load_flax_model(FlaxAutoencoderKL, str(folder), "vae", None, jnp.float32)
     with pytest.raises(UserError, match=r"its unet cannot be loaded: there is no diffusion_pytorch_model.safetensors"):
-        jax_training.load_flax_model(FlaxUNet2DConditionModel, str(folder), "unet", None, jnp.float32)
+        models.load_flax_model(FlaxUNet2DConditionModel, str(folder), "unet", None, jnp.float32)
     with pytest.raises(UserError, match=r"its text_encoder_2 cannot be loaded: there is no text_encoder_2/ folder"):
-        jax_training.load_flax_text_encoder(str(folder), None, jnp.float32, "text_encoder_2")
+        models.load_flax_text_encoder(str(folder), None, jnp.float32, "text_encoder_2")
 
 
 def test_flax_twins_refuse_flags_that_would_fail_later(capsys):

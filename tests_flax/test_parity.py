@@ -3,7 +3,6 @@ PyTorch twin's (fp32, within 1e-4), for every option of the loss. The PyTorch ha
 its generator made; here the JAX draws are replaced by those, one by one, in order, so the check also proves that both
 twins draw the same shapes in the same order. Textual inversion compares the gradient for the new rows as well."""
 
-import argparse
 import functools
 import os
 
@@ -26,7 +25,9 @@ from parity_cases import (
 
 import textual_inversion_flax
 import train_text_to_image_flax
-from sdtrain import jax_training
+from sdtrain.families import SDXL
+from sdtrain.jax import models as jax_models
+from sdtrain.jax.family import family_code
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +43,9 @@ def flax_models(assets):
     from diffusers import FlaxDDPMScheduler, FlaxUNet2DConditionModel
 
     folder = assets["pipeline"]
-    unet, unet_params = jax_training.load_flax_model(FlaxUNet2DConditionModel, folder, "unet", None, jnp.float32)
+    unet, unet_params = jax_models.load_flax_model(FlaxUNet2DConditionModel, folder, "unet", None, jnp.float32)
     noise_scheduler, scheduler_state = FlaxDDPMScheduler.from_pretrained(folder, subfolder="scheduler")
-    text_encoder = jax_training.load_flax_text_encoder(folder, None, jnp.float32)
+    text_encoder = jax_models.load_flax_text_encoder(folder, None, jnp.float32)
     models = dict(unet=unet, unet_params=unet_params, noise_scheduler=noise_scheduler, scheduler_state=scheduler_state)
     models["folder"] = folder
     return {**models, "text_encoder": text_encoder}
@@ -66,11 +67,9 @@ def replay_draws(monkeypatch, recorded):
     return queue
 
 
-def with_zero_terminal_snr(script, models, recorded):
-    """`models` with the script's own zero-terminal-SNR schedule, which must equal diffusers' PyTorch one."""
-    noise_scheduler, scheduler_state = script.load_noise_scheduler(
-        models["folder"], argparse.Namespace(rescale_betas_zero_snr=True)
-    )
+def with_zero_terminal_snr(models, recorded):
+    """`models` with the Flax twins' zero-terminal-SNR schedule, which must equal diffusers' PyTorch one."""
+    noise_scheduler, scheduler_state = jax_models.load_noise_scheduler(models["folder"], rescale_betas_zero_snr=True)
     alphas_cumprod = np.asarray(scheduler_state.common.alphas_cumprod)
     assert alphas_cumprod[-1] == 0 and recorded["alphas_cumprod"][-1] == 0
     np.testing.assert_allclose(alphas_cumprod, recorded["alphas_cumprod"], atol=1e-6)
@@ -108,7 +107,7 @@ def test_text_to_image_loss_equals_pytorch(torch_side, flax_models, monkeypatch,
     weights = fields.pop("sample_weights", None)
     sample_weights = None if weights is None else jnp.asarray(weights, jnp.float32)
     if fields.pop("zero_snr", False):
-        m = with_zero_terminal_snr(train_text_to_image_flax, m, recorded)
+        m = with_zero_terminal_snr(m, recorded)
     config = train_text_to_image_flax.LossConfig(**fields)
     diffusion_loss = bound_loss(train_text_to_image_flax, m)
     latents, rng = jnp.asarray(recorded["latents"]), jax.random.PRNGKey(0)
@@ -118,31 +117,22 @@ def test_text_to_image_loss_equals_pytorch(torch_side, flax_models, monkeypatch,
 
 
 def test_sdxl_loss_equals_pytorch(torch_side, sdxl_pipeline, monkeypatch):
-    """The tiny SDXL pipeline in both frameworks: the script's encode_text (both encoders' penultimate states side by
+    """The tiny SDXL pipeline in both frameworks: the family's encode_text (both encoders' penultimate states side by
     side, the second's pooled projection), a dropped caption conditioned on zeros, per-sample size conditioning and
     Min-SNR: the same loss."""
     from diffusers import FlaxDDPMScheduler, FlaxUNet2DConditionModel
 
     name, fields = SDXL_CASE
     recorded = np.load(os.path.join(torch_side, f"{name}.npz"))
-    unet, unet_params = jax_training.load_flax_model(FlaxUNet2DConditionModel, sdxl_pipeline, "unet", None, jnp.float32)
+    unet, unet_params = jax_models.load_flax_model(FlaxUNet2DConditionModel, sdxl_pipeline, "unet", None, jnp.float32)
     noise_scheduler, scheduler_state = FlaxDDPMScheduler.from_pretrained(sdxl_pipeline, subfolder="scheduler")
     text_encoders = [
-        jax_training.load_flax_text_encoder(sdxl_pipeline, None, jnp.float32, n)
+        jax_models.load_flax_text_encoder(sdxl_pipeline, None, jnp.float32, n)
         for n in ("text_encoder", "text_encoder_2")
     ]
-    frozen = train_text_to_image_flax.FrozenModels(
-        vae_params=None,
-        text_encoder_params=text_encoders[0].params,
-        scheduler_state=scheduler_state,
-        vae=None,
-        text_encoder=text_encoders[0],
-        noise_scheduler=noise_scheduler,
-        text_encoder_2_params=text_encoders[1].params,
-        text_encoder_2=text_encoders[1],
-    )
-    encoder_hidden_states, pooled_text_embeds = train_text_to_image_flax.encode_text(
-        frozen, jnp.asarray(recorded["input_ids"])
+    text_encoder_params = [text_encoder.params for text_encoder in text_encoders]
+    encoder_hidden_states, pooled_text_embeds = family_code(SDXL).encode_text(
+        text_encoders, text_encoder_params, jnp.asarray(recorded["input_ids"])
     )
     kept = jnp.asarray(SDXL_CAPTION_KEPT)
     added_cond_kwargs = {
@@ -202,19 +192,19 @@ def test_textual_inversion_loss_and_gradient_equal_pytorch(assets, torch_side, f
 @pytest.mark.parametrize("case", sorted(SDXL_TEXTUAL_INVERSION))
 def test_sdxl_textual_inversion_loss_and_gradients_equal_pytorch(sdxl_pipeline, torch_side, monkeypatch, case):
     """SDXL: each encoder's new rows enter its table, both penultimate states and the second encoder's pooled
-    embedding (jax_training.encode_text) condition the UNet with the recorded size conditioning: the loss, and the
+    embedding (the family's encode_text) condition the UNet with the recorded size conditioning: the loss, and the
     gradient for each encoder's rows."""
     recorded = np.load(os.path.join(torch_side, f"{case}.npz"))
     from diffusers import FlaxDDPMScheduler, FlaxUNet2DConditionModel
     from transformers import CLIPTokenizerFast
 
     folder = sdxl_pipeline
-    unet, unet_params = jax_training.load_flax_model(FlaxUNet2DConditionModel, folder, "unet", None, jnp.float32)
+    unet, unet_params = jax_models.load_flax_model(FlaxUNet2DConditionModel, folder, "unet", None, jnp.float32)
     noise_scheduler, scheduler_state = FlaxDDPMScheduler.from_pretrained(folder, subfolder="scheduler")
     models = dict(unet=unet, unet_params=unet_params, noise_scheduler=noise_scheduler, scheduler_state=scheduler_state)
     text_encoders = [
-        jax_training.load_flax_text_encoder(folder, None, jnp.float32),
-        jax_training.load_flax_text_encoder(folder, None, jnp.float32, "text_encoder_2"),
+        jax_models.load_flax_text_encoder(folder, None, jnp.float32),
+        jax_models.load_flax_text_encoder(folder, None, jnp.float32, "text_encoder_2"),
     ]
     input_ids = jnp.asarray(recorded["input_ids"])
     extended_text_encoders = []
@@ -231,7 +221,7 @@ def test_sdxl_textual_inversion_loss_and_gradients_equal_pytorch(sdxl_pipeline, 
     def loss_fn(rows):
         with_rows = textual_inversion_flax.with_learned_rows
         params = [with_rows(encoder.params, rows[key]) for encoder, key in zip(text_encoders, keys, strict=True)]
-        encoder_hidden_states, text_embeds = jax_training.encode_text(extended_text_encoders, params, input_ids)
+        encoder_hidden_states, text_embeds = family_code(SDXL).encode_text(extended_text_encoders, params, input_ids)
         added_cond_kwargs = {"text_embeds": text_embeds, "time_ids": jnp.asarray(recorded["time_ids"])}
         latents, rng = jnp.asarray(recorded["latents"]), jax.random.PRNGKey(0)
         return diffusion_loss(latents, encoder_hidden_states, rng, config, added_cond_kwargs=added_cond_kwargs)
