@@ -55,6 +55,7 @@ from sdtrain.embeddings import (
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import load_rgb
 from sdtrain.logs import add_tracker_arguments, report_to_problem
+from sdtrain.model_cards import textual_inversion_card, write_model_card
 from sdtrain.preemption import StopRequest
 from sdtrain.recipes import (
     RecipeConfig,
@@ -842,48 +843,14 @@ def validate(
     )
 
 
-def write_model_card(args, global_step, validation_grid, code):
-    """README.md: the license and tags of the base model's family, how to load the embedding, the run's settings."""
+def model_card(family, args, global_step, validation_grid):
+    """README.md: the license and tags of the base model's family, how to load the embedding and use the token."""
     suffix = "bin" if args.no_safe_serialization else "safetensors"
-    family, pipeline_name = code.family, code.pipeline_class.__name__
-    load = [f'pipe.load_textual_inversion("{args.output_dir}/learned_embeds.{suffix}")']
-    if len(family.text_encoders) > 1:
-        # One file per text encoder: each gets the placeholder's tokens and its own rows.
-        load = [
-            f'pipe.load_textual_inversion("{args.output_dir}/{learned_embeds_name(index)}.{suffix}", '
-            f'token="{args.placeholder_token}", text_encoder=pipe.{text_encoder}, tokenizer=pipe.{tokenizer})'
-            for index, (text_encoder, tokenizer) in enumerate(zip(family.text_encoders, family.tokenizers, strict=True))
-        ]
-    lines = [
-        "---",
-        f"license: {family.license}",
-        f"base_model: {args.pretrained_model_name_or_path}",
-        "tags:",
-        *(f"- {tag}" for tag in family.tags),
-        "- text-to-image",
-        "- diffusers",
-        "- textual_inversion",
-        "library_name: diffusers",
-        "---",
-        "",
-        f"# Textual inversion: {args.placeholder_token}",
-        "",
-        f"Embedding of `{args.placeholder_token}` ({args.num_vectors} vector(s)) "
-        f"learned on `{args.pretrained_model_name_or_path}` "
-        f"from the images in `{args.train_data_dir}`, {global_step} optimizer updates.",
-        "",
-        "```python",
-        f"from diffusers import {pipeline_name}",
-        "",
-        f'pipe = {pipeline_name}.from_pretrained("{args.pretrained_model_name_or_path}")',
-        *load,
-        f'image = pipe("{args.validation_prompt or "a photo of a " + args.placeholder_token}").images[0]',
-        "```",
-    ]
-    if validation_grid:
-        lines += ["", f"![validation]({validation_grid})"]
-    with open(os.path.join(args.output_dir, "README.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    paths = [f"{args.output_dir}/{learned_embeds_name(index)}.{suffix}" for index in range(family.num_text_encoders)]
+    prompt = args.validation_prompt or "a photo of a " + args.placeholder_token
+    token = (args.placeholder_token, args.num_vectors)
+    base_model, data = args.pretrained_model_name_or_path, args.train_data_dir
+    return textual_inversion_card(family, base_model, *token, data, global_step, paths, prompt, validation_grid)
 
 
 def save_full_pipeline(code, text_encoders, tokenizers, unet, vae, weight_dtype, args):
@@ -1201,7 +1168,7 @@ def main(args):
                 save_full_pipeline(code, unwrapped, tokenizers, unet, vae, weight_dtype, args)
             except Exception as err:
                 raise final_save_failed(accelerator, args.output_dir, global_step, run_metadata, err) from err
-        write_model_card(args, global_step, grid, code)
+        write_model_card(args.output_dir, model_card(code.family, args, global_step, grid))
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
     end_training(accelerator, output_lock)

@@ -63,6 +63,7 @@ from sdtrain.data_config import (
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import load_rgb, verify_image
 from sdtrain.logs import add_tracker_arguments, report_to_problem, warmup_applied
+from sdtrain.model_cards import fine_tuned_card, write_model_card
 from sdtrain.preemption import StopRequest
 from sdtrain.recipes import (
     RecipeConfig,
@@ -418,6 +419,7 @@ from sdtrain.torch.checkpoints import (
     checkpoint_metadata,
     final_save_failed,
     optimizer_tensors,
+    register_unet_folder_hooks,
     resume,
     save_checkpoint,
 )
@@ -669,37 +671,6 @@ def make_ema_unet(args, device):
     elif not args.offload_ema:
         ema_unet.to(device)
     return ema_unet
-
-
-def register_checkpoint_hooks(accelerator, ema_unet, args):
-    """Checkpoints hold loadable unet/ (and unet_ema/) folders instead of anonymous state dicts."""
-
-    def save_model_hook(models, weights, output_dir):
-        # Under DeepSpeed and FSDP every rank runs this hook, and their engines save the weights and leave `weights`
-        # empty; the loadable folders are the main process's to write.
-        if accelerator.is_main_process:
-            if ema_unet is not None:
-                ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
-            for model in models:
-                accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"))
-        weights.clear()  # already saved above: Accelerate would write a second, anonymous copy
-
-    def load_model_hook(models, input_dir):
-        if ema_unet is not None:
-            loaded = EMAModel.from_pretrained(
-                os.path.join(input_dir, "unet_ema"), UNet2DConditionModel, foreach=args.foreach_ema
-            )
-            ema_unet.load_state_dict(loaded.state_dict())
-            if not args.offload_ema:
-                ema_unet.to(accelerator.device)
-        while models:
-            model = models.pop()
-            loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
-            model.register_to_config(**loaded.config)
-            model.load_state_dict(loaded.state_dict())
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
 
 
 def make_optimizer(args, params):
@@ -963,47 +934,24 @@ def validate(accelerator, code, unet, ema_unet, components, args, seed, global_s
     del pipeline
 
 
-def write_model_card(args, global_step, validation_grid, code):
+def model_card(family, args, global_step, validation_grid):
     """README.md: the license and tags of the base model's family, how to load the pipeline, the run's settings."""
     warmup = warmup_applied(args.lr_scheduler, args.lr_warmup_steps, args.optimizer)
-    pipeline_name = code.pipeline_class.__name__
-    lines = [
-        "---",
-        f"license: {code.family.license}",
-        f"base_model: {args.pretrained_model_name_or_path}",
-        "tags:",
-        *(f"- {tag}" for tag in code.family.tags),
-        "- text-to-image",
-        "- diffusers",
-        "library_name: diffusers",
-        "---",
-        "",
-        f"# {os.path.basename(os.path.abspath(args.output_dir))}",
-        "",
-        f"UNet of `{args.pretrained_model_name_or_path}` fine-tuned with train_text_to_image.py on "
-        f"`{args.dataset_name or args.train_data_dir}`.",
-        "",
-        "```python",
-        f"from diffusers import {pipeline_name}",
-        "",
-        f'pipe = {pipeline_name}.from_pretrained("{args.hub_model_id or args.output_dir}")',
-        f'image = pipe("{(args.validation_prompts or ["a photo"])[0]}").images[0]',
-        "```",
-        "",
-        "| setting | value |",
-        "| --- | --- |",
-        f"| optimizer updates | {global_step} |",
-        f"| learning rate | {args.learning_rate} ({args.lr_scheduler}, {warmup} warmup) |",
-        f"| batch per device x accumulation | {args.train_batch_size} x {args.gradient_accumulation_steps} |",
-        f"| resolution | {args.resolution} |",
-        f"| mixed precision | {args.mixed_precision} |",
-        f"| EMA | {args.use_ema} |",
-        f"| Min-SNR gamma | {args.snr_gamma} |",
-    ]
-    if validation_grid:
-        lines += ["", f"![validation]({validation_grid})"]
-    with open(os.path.join(args.output_dir, "README.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    settings = {
+        "optimizer updates": global_step,
+        "learning rate": f"{args.learning_rate} ({args.lr_scheduler}, {warmup} warmup)",
+        "batch per device x accumulation": f"{args.train_batch_size} x {args.gradient_accumulation_steps}",
+        "resolution": args.resolution,
+        "mixed precision": args.mixed_precision,
+        "EMA": args.use_ema,
+        "Min-SNR gamma": args.snr_gamma,
+    }
+    data, prompt = args.dataset_name or args.train_data_dir, (args.validation_prompts or ["a photo"])[0]
+    repo = args.hub_model_id or args.output_dir
+    base_model = args.pretrained_model_name_or_path
+    return fine_tuned_card(
+        family, os.path.basename(__file__), base_model, data, repo, prompt, settings, validation_grid
+    )
 
 
 def save_pipeline(unet, args, code):
@@ -1050,13 +998,9 @@ def main(args):
     # Only the main process writes, and only into a folder that is absent, empty or a run's, never the model's own.
     # It takes the folder (and its lock) just before training, so that a run refused before then writes nothing.
     if accelerator.is_main_process:
-        check_output_dir(
-            args.output_dir,
-            {
-                "--pretrained_model_name_or_path": args.pretrained_model_name_or_path,
-                "--pretrained_vae_model_name_or_path": args.pretrained_vae_model_name_or_path,
-            },
-        )
+        model_folders = {"--pretrained_model_name_or_path": args.pretrained_model_name_or_path}
+        model_folders["--pretrained_vae_model_name_or_path"] = args.pretrained_vae_model_name_or_path
+        check_output_dir(args.output_dir, model_folders)
     accelerator.wait_for_everyone()
     stop_request = StopRequest()
     # A CPU side channel for agreeing on stop requests, so that it never waits for the GPU.
@@ -1128,7 +1072,7 @@ def main(args):
         text_encoder.to(accelerator.device, dtype=weight_dtype)
     if args.save_single_file:  # refused now rather than after training
         single_file_layout(dict(unet.config), dict(vae.config), [encoder.config.to_dict() for encoder in text_encoders])
-    register_checkpoint_hooks(accelerator, ema_unet, args)
+    register_unet_folder_hooks(accelerator, ema_unet, args.foreach_ema, args.offload_ema)
     loss_config = LossConfig(
         prediction_type=prediction_type,
         snr_gamma=args.snr_gamma,
@@ -1336,7 +1280,7 @@ def main(args):
                     torch.float32,
                 )
             grid = f"validation/final{renders[0][0]}-step-{global_step:06d}.png"
-        write_model_card(args, global_step, grid, code)
+        write_model_card(args.output_dir, model_card(code.family, args, global_step, grid))
         logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)

@@ -857,7 +857,7 @@ def validate(render, state, frozen, tokenizers, args, seed, global_step, tag, is
 
 
 def model_card(family, args, global_step, validation_grid):
-    """The README.md lines train_text_to_image.py writes for the same run."""
+    """README.md: the license and tags of the base model's family, how to load the pipeline, the run's settings."""
     warmup = warmup_applied(args.lr_scheduler, args.lr_warmup_steps, args.optimizer)
     settings = {
         "optimizer updates": global_step,

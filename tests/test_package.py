@@ -15,8 +15,6 @@ from conftest import REPO
 FRAMEWORKS = ["torch", "torchvision", "jax", "flax", "optax", "orbax", "diffusers", "transformers", "accelerate"]
 CORE = os.path.join(REPO, "sdtrain")
 CORE_MODULES = sorted(name[:-3] for name in os.listdir(CORE) if name.endswith(".py") and name != "__init__.py")
-# Framework adapters still in the flat folder on this branch; they move to sdtrain/torch/ and sdtrain/jax/.
-FLAT_ADAPTERS = set()
 SCRIPTS = ["train_text_to_image.py", "textual_inversion.py", "train_text_to_image_flax.py", "textual_inversion_flax.py"]
 # Issue 30's targets: a script a newcomer can read, and a main() that reads in one sitting.
 MAX_SCRIPT_LINES = 1300
@@ -38,10 +36,9 @@ def imported_modules(path):
 
 def test_importing_every_core_module_imports_no_framework():
     assert {"run_folder", "seeds", "images", "batching", "captions", "single_file", "families"} <= set(CORE_MODULES)
-    core = [module for module in CORE_MODULES if module not in FLAT_ADAPTERS]
     probe = (
         "import importlib, sys\n"
-        f"for module in {core!r}:\n"
+        f"for module in {CORE_MODULES!r}:\n"
         "    importlib.import_module('sdtrain.' + module)\n"
         f"print(sorted(name for name in {FRAMEWORKS!r} if name in sys.modules))\n"
     )
@@ -50,18 +47,7 @@ def test_importing_every_core_module_imports_no_framework():
     assert result.stdout.strip() == "[]"
 
 
-@pytest.mark.parametrize(
-    "module",
-    [
-        pytest.param(
-            module,
-            marks=pytest.mark.xfail(strict=True, reason="a framework adapter: moves to sdtrain/torch/ or sdtrain/jax/"),
-        )
-        if module in FLAT_ADAPTERS
-        else module
-        for module in CORE_MODULES
-    ],
-)
+@pytest.mark.parametrize("module", CORE_MODULES)
 def test_a_core_module_names_no_framework_anywhere(module):
     """Not even inside a function: the core's contract holds for every call, not only at import time."""
     assert imported_modules(os.path.join(CORE, module + ".py")).isdisjoint(FRAMEWORKS)
@@ -74,14 +60,6 @@ def function_lines(path, name):
     return node.end_lineno - node.lineno + 1
 
 
-SIZE_TARGET = pytest.mark.xfail(
-    strict=False,
-    reason="issue 30's target, met once the PyTorch and JAX main()s hand their machinery to sdtrain/torch and "
-    "sdtrain/jax; then remove this marker",
-)
-
-
-@SIZE_TARGET
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_a_script_stays_readable(script):
     with open(os.path.join(REPO, script)) as f:
@@ -89,7 +67,6 @@ def test_a_script_stays_readable(script):
     assert lines <= MAX_SCRIPT_LINES, f"{script}: {lines} lines"
 
 
-@SIZE_TARGET
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_main_reads_in_one_sitting(script):
     lines = function_lines(os.path.join(REPO, script), "main")

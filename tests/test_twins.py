@@ -25,7 +25,7 @@ COPIED = {
         LossConfig diffusion_loss train_step
     """.split(),
     (T2I, T2I_FLAX): """
-        validation_weights
+        validation_weights model_card
     """.split(),
 }
 # The names the math uses in all four scripts (diffusers' names).

@@ -9,6 +9,8 @@ import shutil
 
 import torch
 from accelerate.utils import DistributedType
+from diffusers import UNet2DConditionModel
+from diffusers.training_utils import EMAModel
 
 from sdtrain.cli import UserError, WriteFailure
 from sdtrain.run_folder import (
@@ -123,3 +125,35 @@ def resume(accelerator, resume_path, resume_metadata, run_identity, run_metadata
         raise UserError(f"{resume_path} could not be loaded ({type(err).__name__}: {err})") from err
     warn_if_batch_layout_changed(resume_metadata, run_metadata)
     return resume_metadata["global_step"]
+
+
+def register_unet_folder_hooks(accelerator, ema_unet, foreach_ema, offload_ema):
+    """Checkpoints hold loadable unet/ (and unet_ema/: ema_unet, an EMAModel or None) folders instead of anonymous
+    state dicts; foreach_ema and offload_ema as --foreach_ema and --offload_ema set them for the run."""
+
+    def save_model_hook(models, weights, output_dir):
+        # Under DeepSpeed and FSDP every rank runs this hook, and their engines save the weights and leave `weights`
+        # empty; the loadable folders are the main process's to write.
+        if accelerator.is_main_process:
+            if ema_unet is not None:
+                ema_unet.save_pretrained(os.path.join(output_dir, "unet_ema"))
+            for model in models:
+                accelerator.unwrap_model(model).save_pretrained(os.path.join(output_dir, "unet"))
+        weights.clear()  # already saved above: Accelerate would write a second, anonymous copy
+
+    def load_model_hook(models, input_dir):
+        if ema_unet is not None:
+            loaded = EMAModel.from_pretrained(
+                os.path.join(input_dir, "unet_ema"), UNet2DConditionModel, foreach=foreach_ema
+            )
+            ema_unet.load_state_dict(loaded.state_dict())
+            if not offload_ema:
+                ema_unet.to(accelerator.device)
+        while models:
+            model = models.pop()
+            loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
+            model.register_to_config(**loaded.config)
+            model.load_state_dict(loaded.state_dict())
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
