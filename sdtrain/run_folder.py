@@ -6,6 +6,7 @@ import ctypes
 import errno
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -197,6 +198,19 @@ def fsync_tree(folder):
             with open(os.path.join(root, name), "rb") as f:
                 os.fsync(f.fileno())
         fsync_folder(root)
+
+
+def refuse_diverged(bad, loss, what, global_step):
+    """The finiteness check's verdict, in both frameworks: `bad` names the tensors about to be written that hold
+    non-finite values, `loss` is what the new weights give on the last batch. A FloatingPointError naming the step and
+    the culprits when either is wrong, raised before anything is written, so no file ever holds a diverged model."""
+    if bad or not math.isfinite(loss):
+        culprits = f"non-finite values in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}" if bad else ""
+        culprits = culprits or f"a loss of {loss} on the last batch"
+        raise FloatingPointError(
+            f"{what} diverged at step {global_step} ({culprits}): stopping, nothing was written for this step. "
+            "Lower --learning_rate, or clip gradients with --max_grad_norm"
+        )
 
 
 def write_failure(what, folder, err):

@@ -3,7 +3,6 @@ the checks that keep a diverged model out of every file."""
 
 import functools
 import logging
-import math
 import os
 import shutil
 
@@ -18,6 +17,7 @@ from sdtrain.run_folder import (
     final_save_error,
     list_checkpoints,
     publish_checkpoint,
+    refuse_diverged,
     write_checkpoint_metadata,
     write_failure,
 )
@@ -34,13 +34,7 @@ def check_finite(tree, loss, what, global_step):
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     floating = [(path, leaf) for path, leaf in leaves if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating)]
     bad = [jax.tree_util.keystr(path) for path, leaf in floating if not bool(jnp.isfinite(leaf).all())]
-    if bad or not math.isfinite(loss):
-        culprits = f"non-finite values in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}" if bad else ""
-        culprits = culprits or f"a loss of {loss} on the last batch"
-        raise FloatingPointError(
-            f"{what} diverged at step {global_step} ({culprits}): stopping, nothing was written for this step. "
-            "Lower --learning_rate, or clip gradients with --max_grad_norm"
-        )
+    refuse_diverged(bad, loss, what, global_step)
 
 
 def final_save_failed(state, output_dir, global_step, run_metadata, err):

@@ -3,7 +3,6 @@ written; the rescue checkpoint when the final save fails."""
 
 import functools
 import logging
-import math
 import os
 import shutil
 
@@ -18,6 +17,7 @@ from sdtrain.run_folder import (
     final_save_error,
     list_checkpoints,
     publish_checkpoint,
+    refuse_diverged,
     warn_if_batch_layout_changed,
     write_checkpoint_metadata,
     write_failure,
@@ -31,13 +31,7 @@ def check_finite(named_tensors, loss, what, global_step):
     give on the last batch (weights can stay finite while a model's outputs do not). Otherwise stop, naming the step
     and the tensors; only then is anything written, so no file ever holds a diverged model."""
     bad = [name for name, tensor in named_tensors if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-    if bad or not math.isfinite(loss):
-        culprits = f"non-finite values in {', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''}" if bad else ""
-        culprits = culprits or f"a loss of {loss} on the last batch"
-        raise FloatingPointError(
-            f"{what} diverged at step {global_step} ({culprits}): stopping, nothing was written for this step. "
-            "Lower --learning_rate, or clip gradients with --max_grad_norm"
-        )
+    refuse_diverged(bad, loss, what, global_step)
 
 
 def optimizer_tensors(optimizer):
