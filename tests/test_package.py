@@ -86,16 +86,29 @@ def test_a_script_finds_the_package_beside_it_from_any_folder(tmp_path):
     assert "(default: 512)" in result.stdout
 
 
-def test_the_pytorch_adapters_import_their_framework_at_the_top():
-    """sdtrain/torch/: every module imports (no cycle among them) and has no import inside a function, bar the
-    optional packages a flag asks for."""
-    folder = os.path.join(REPO, "sdtrain", "torch")
+def imports_inside_functions(path):
+    """(function, modules) for every import statement inside a function of a source file."""
+    with open(path) as f:
+        tree = ast.parse(f.read(), filename=path)
+    for function in (node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))):
+        for node in ast.walk(function):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                yield (
+                    function.name,
+                    {alias.name for alias in node.names} if isinstance(node, ast.Import) else {node.module},
+                )
+
+
+@pytest.mark.parametrize("adapter", ["torch", "jax"])
+def test_the_adapters_import_their_framework_at_the_top(adapter):
+    """sdtrain/torch/ and sdtrain/jax/: no import inside a function, bar the optional packages a flag asks for. The
+    PyTorch adapters also import here (no cycle among them); tests_flax/test_flax_units.py imports the JAX ones."""
+    folder = os.path.join(REPO, "sdtrain", adapter)
     optional = {"wandb"}
-    for name in sorted(name[:-3] for name in os.listdir(folder) if name.endswith(".py")):
-        importlib.import_module(f"sdtrain.torch.{name}")
-        tree = ast.parse(open(os.path.join(folder, f"{name}.py")).read())
-        for function in (node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)):
-            for node in ast.walk(function):
-                if isinstance(node, (ast.Import, ast.ImportFrom)):
-                    modules = {alias.name for alias in node.names} if isinstance(node, ast.Import) else {node.module}
-                    assert modules <= optional, f"sdtrain/torch/{name}.py {function.name}() imports {modules}"
+    names = sorted(name[:-3] for name in os.listdir(folder) if name.endswith(".py"))
+    assert {"family", "models", "checkpoints", "validation", "loop"} <= set(names)
+    for name in names:
+        if adapter == "torch":
+            importlib.import_module(f"sdtrain.torch.{name}")
+        for function, modules in imports_inside_functions(os.path.join(folder, f"{name}.py")):
+            assert modules <= optional, f"sdtrain/{adapter}/{name}.py {function}() imports {modules}"

@@ -1,5 +1,7 @@
-"""Pieces of the Flax twins checked in-process: the learning-rate schedules and block rematerialisation."""
+"""Pieces of the Flax twins checked in-process: the JAX adapters, the learning-rate schedules and block
+rematerialisation."""
 
+import importlib
 import os
 import shutil
 
@@ -11,6 +13,14 @@ import pytest
 import train_text_to_image_flax as T
 from sdtrain.families import SDXL
 from sdtrain.jax import checkpoints, loop, models
+
+
+def test_every_jax_adapter_imports():
+    """sdtrain/jax/ imports in the JAX environment with no cycle among its modules (tests/test_package.py checks that
+    they import at the top)."""
+    folder = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sdtrain", "jax")
+    for name in sorted(name[:-3] for name in os.listdir(folder) if name.endswith(".py")):
+        importlib.import_module(f"sdtrain.jax.{name}")
 
 
 @pytest.mark.parametrize("name", ["constant", "constant_with_warmup", "linear", "cosine"])
