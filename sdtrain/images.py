@@ -5,7 +5,7 @@ import concurrent.futures
 import os
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 from sdtrain.cli import UserError
 
@@ -74,7 +74,6 @@ def inspect_images(inspect, indices):
 def labelled_grid(images, labels, margin=2):
     """The images side by side, each with its label (its validation prompt) written under it in PIL's default font,
     wrapped to the image's width, so a grid says what each picture was asked to show."""
-    from PIL import ImageDraw, ImageFont
 
     font = ImageFont.load_default()
     pen = ImageDraw.Draw(Image.new("RGB", (1, 1)))
