@@ -54,9 +54,8 @@ args = t2i.parse_args(json.loads({json.dumps(torch_argv)!r}))
 tokenizer = CLIPTokenizer.from_pretrained(args.pretrained_model_name_or_path, subfolder="tokenizer")
 rows = captions.load_image_caption_dataset(data_config.DatasetConfig.from_args(args), 3)
 dataset = t2i.ImageCaptionDataset(rows, [tokenizer], args, 3)
-dataset.bucket_of_row, dataset.buckets = batching.setup_buckets(
-    t2i.check_images(dataset, Accelerator(cpu=True)), batching.BucketConfig.from_args(args), 16, 2
-)
+sizes = t2i.check_images(dataset.verify_image, len(dataset), Accelerator(cpu=True))
+dataset.bucket_of_row, dataset.buckets = batching.setup_buckets(sizes, batching.BucketConfig.from_args(args), 16, 2)
 def epochs(sampler):
     found = []
     for epoch in range(2):

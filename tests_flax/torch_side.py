@@ -6,8 +6,8 @@ For every case of parity_cases.py it calls the scripts' own pure functions (trai
 textual inversion, the text encoder with the script's learned embedding rows, then textual_inversion.diffusion_loss)
 on fixed latents and prompts, and saves to OUT_DIR/<case>.npz the inputs, the loss, every random draw in the order it
 was made (the JAX half replays them), and for textual inversion the gradient of the loss for the new rows. The SDXL
-case conditions the tiny SDXL pipeline's UNet through the script's encode_text and added_cond_kwargs; the SDXL
-textual-inversion cases run on SDXL_PIPELINE through textual_inversion.text_conditioning (sdtrain's encode_text).
+case conditions the tiny SDXL pipeline's UNet through the SDXL family's encode_text (sdtrain.torch.family) and
+added_cond_kwargs; the SDXL textual-inversion cases run on SDXL_PIPELINE through textual_inversion.text_conditioning.
 """
 
 import os
@@ -32,7 +32,9 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 import textual_inversion
 import train_text_to_image
+from sdtrain.families import SDXL
 from sdtrain.torch import text as torch_text
+from sdtrain.torch.family import family_code
 
 
 class RecordedDraws:
@@ -79,7 +81,7 @@ def sdxl_case(pipeline, out_dir):
     input_ids = torch.stack([torch_text.tokenize(t, PROMPTS, range(len(PROMPTS))) for t in tokenizers], dim=1)
     kept, time_ids = torch.tensor(SDXL_CAPTION_KEPT), torch.tensor(SDXL_TIME_IDS, dtype=torch.float32)
     with torch.no_grad():
-        encoder_hidden_states, pooled_text_embeds = train_text_to_image.encode_text(text_encoders, input_ids)
+        encoder_hidden_states, pooled_text_embeds = family_code(SDXL).encode_text(text_encoders, input_ids)
         encoder_hidden_states = encoder_hidden_states * kept[:, None, None]
         added_cond_kwargs = {"text_embeds": pooled_text_embeds * kept[:, None], "time_ids": time_ids}
         with RecordedDraws() as recorded:
@@ -148,7 +150,7 @@ def sdxl_textual_inversion_cases(pipeline, out_dir, latents):
             ids.append(torch_text.tokenize(tokenizer, prompts, range(len(prompts))))
         input_ids, time_ids = torch.stack(ids, dim=1), torch.tensor(SDXL_TI_TIME_IDS, dtype=torch.float32)
         encoder_hidden_states, added_cond_kwargs = textual_inversion.text_conditioning(
-            text_encoders, input_ids, time_ids, latents.dtype
+            text_encoders, family_code(SDXL), input_ids, time_ids, latents.dtype
         )
         config = textual_inversion.LossConfig(**fields)
         loss, recorded = recorded_loss(
