@@ -463,7 +463,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.caption_rows = rows.select_columns([args.caption_column])
         for row, value in enumerate(self.caption_rows[args.caption_column]):
             self.caption_choices(value, row)  # checked now, so a bad row fails before training, not hours into it
-        # Set by setup_buckets(): each row's bucket and the buckets' (height, width); None crops squares.
+        # Set in main() from setup_buckets(): each row's bucket and the buckets' (height, width); None crops squares.
         self.bucket_of_row = None
         self.buckets = None
         # Set by build_caches(): (each row's group, its place in the group, [group][place, flipped] -> the VAE's latent

@@ -378,7 +378,7 @@ class ImageCaptionDataset:
         self.rows, self.tokenizers, self.args, self.seed, self.family = rows, tokenizers, args, seed, family
         self.resample = getattr(Image.Resampling, args.image_interpolation_mode.upper())
         self.caption_config = CaptionConfig.from_args(args)
-        # Set by setup_buckets(): each row's bucket and the buckets' (height, width); None crops squares.
+        # Set in main() from setup_buckets(): each row's bucket and the buckets' (height, width); None crops squares.
         self.bucket_of_row = None
         self.buckets = None
         # Set by build_caches(): row -> (latent means, stds) per view; (caption -> index, {batch key: the captions'
@@ -645,7 +645,7 @@ def encode_batch(frozen, batch, rng):
         encoder_hidden_states, pooled_text_embeds = frozen.code.encode_text(
             text_encoders, text_encoder_params, batch["input_ids"]
         )
-    if "caption_kept" in batch:
+    if frozen.code.family.force_zeros_for_empty_prompt:
         # An empty caption conditions on zeros (see ImageCaptionDataset).
         kept = batch["caption_kept"].astype(encoder_hidden_states.dtype)
         encoder_hidden_states = encoder_hidden_states * kept[:, None, None]

@@ -1,6 +1,6 @@
 """The multi-process flags of the JAX twins: a run of several processes joined by jax.distributed (multi-host TPU
 pods, clusters, or several processes on one machine). Framework-free, so parse_args defines and checks them before
-JAX loads; the JAX adapter starts the processes from a DistributedConfig."""
+JAX loads; sdtrain.jax.loop.start_distributed joins the processes with these values."""
 
 import dataclasses
 import os

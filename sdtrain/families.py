@@ -37,7 +37,7 @@ class Family:
     """A model family, as the scripts need to know it. Per-pipeline settings (force_zeros_for_empty_prompt) are filled
     in by pipeline_family from the pipeline's own model_index.json."""
 
-    name: str  # "sd" or "sdxl": the key in FAMILIES, and what checkpoints and single files record
+    name: str  # "sd" or "sdxl": the key of its code in the adapters' FAMILY_CODE
     title: str  # in messages and model cards
     tokenizers: tuple  # the pipeline's tokenizer components, one per text encoder, in order
     text_encoders: tuple  # the pipeline's text encoder components, in order
@@ -83,8 +83,6 @@ SDXL = Family(
     license="openrail++",
     tags=("stable-diffusion-xl",),
 )
-FAMILIES = {family.name: family for family in (SD, SDXL)}
-FAMILY_NAMES = {name: family.title for name, family in FAMILIES.items()}
 
 
 def present_components(model_index):

@@ -1,6 +1,6 @@
 """The sdtrain package, which the four scripts import from their own folder: a framework-free core (sdtrain/*.py) that
 imports in either environment and names no framework anywhere in its source, framework adapters in sdtrain/torch/ and
-sdtrain/jax/, and scripts the scripts find without any install step. Also the size targets of issue 30."""
+sdtrain/jax/, and a package the scripts find without any install step. Also the size targets of issue 30."""
 
 import ast
 import importlib

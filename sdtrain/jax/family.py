@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from diffusers import FlaxStableDiffusionPipeline, FlaxStableDiffusionXLPipeline
 from transformers import CLIPTokenizerFast
 
+from sdtrain.cli import UserError
 from sdtrain.families import Family
 from sdtrain.jax.models import load_flax_text_encoder
 
@@ -24,12 +25,19 @@ class SDCode:
 
     def load_tokenizers(self, folder, tokenizer_name=None, cache_dir=None):
         """One tokenizer per text encoder; tokenizer_name (--tokenizer_name) replaces the first."""
-        return [
-            CLIPTokenizerFast.from_pretrained(tokenizer_name, cache_dir=cache_dir)
-            if tokenizer_name and index == 0
-            else CLIPTokenizerFast.from_pretrained(folder, subfolder=name)
-            for index, name in enumerate(self.family.tokenizers)
-        ]
+        tokenizers = []
+        for name in self.family.tokenizers:
+            if tokenizer_name and not tokenizers:
+                try:
+                    tokenizers.append(CLIPTokenizerFast.from_pretrained(tokenizer_name, cache_dir=cache_dir))
+                except (OSError, ValueError) as err:
+                    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                    raise UserError(
+                        f"--tokenizer_name {tokenizer_name}: cannot load a tokenizer ({first_line})"
+                    ) from err
+            else:
+                tokenizers.append(CLIPTokenizerFast.from_pretrained(folder, subfolder=name))
+        return tokenizers
 
     def load_text_encoders(self, folder, variant, dtype):
         return [load_flax_text_encoder(folder, variant, dtype, name) for name in self.family.text_encoders]
