@@ -1263,7 +1263,8 @@ def main(args):
         grid = None
         if renders:
             pipeline = pipeline.to(accelerator.device)
-            pipeline.safety_checker = None
+            for name, component in code.validation_components().items():  # SD renders without its safety checker
+                setattr(pipeline, name, component)
             for suffix, ema_weights in renders:
                 if ema_unet is not None and not ema_weights:
                     ema_unet.restore(final_unet.parameters())
