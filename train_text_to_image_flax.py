@@ -344,7 +344,7 @@ from tqdm.auto import tqdm
 
 from sdtrain.captions import edit_caption, load_image_caption_dataset  # imports datasets
 from sdtrain.jax.checkpoints import check_finite, final_save_failed, restore_train_state, save_checkpoint
-from sdtrain.jax.data import epoch_batches
+from sdtrain.jax.data import process_batches
 from sdtrain.jax.export import save_pipeline
 from sdtrain.jax.family import family_code
 from sdtrain.jax.loop import LogWindow, evaluation_params, start_distributed, stop_agreed
@@ -1074,7 +1074,7 @@ def main(args):
         # Resume mid-epoch: skip exactly the batches the interrupted run had consumed.
         skip = (global_step - epoch * updates_per_epoch) * args.gradient_accumulation_steps
         global_batches = epoch_global_batches(epoch)
-        batches = epoch_batches(train_dataset, epoch, global_batches, skip)
+        batches = process_batches(train_dataset.__getitem__, epoch, global_batches, skip)
         for batch_index, batch in enumerate(batches, start=skip):
             if batch_index >= updates_per_epoch * args.gradient_accumulation_steps:
                 break  # the last batches that cannot fill an accumulation group
