@@ -67,6 +67,7 @@ from sdtrain.recipes import (
 from sdtrain.run_folder import (
     add_checkpoint_arguments,
     check_output_dir,
+    checkpoint_metadata,
     find_resume_checkpoint,
     fsync_folder,
     publish_pipeline,
@@ -373,14 +374,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_dream_and_update_latents
 from torchvision.transforms import InterpolationMode
 
-from sdtrain.torch.checkpoints import (
-    check_finite,
-    checkpoint_metadata,
-    final_save_failed,
-    optimizer_tensors,
-    resume,
-    save_checkpoint,
-)
+from sdtrain.torch.checkpoints import check_finite, final_save_failed, optimizer_tensors, resume, save_checkpoint
 from sdtrain.torch.data import GlobalBatchSampler, batch_loader, default_num_workers, encode_once
 from sdtrain.torch.family import family_code
 from sdtrain.torch.loop import (

@@ -71,6 +71,7 @@ from sdtrain.run_folder import (
     check_output_dir,
     check_process_group,
     check_resume_identity,
+    checkpoint_metadata,
     find_resume_checkpoint,
     fsync_folder,
     read_checkpoint_metadata,
@@ -807,9 +808,7 @@ def main(args):
         "placeholder_token": args.placeholder_token,
         "num_vectors": args.num_vectors,
     }
-    run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
-    run_metadata.update(run_identity)
-    run_metadata["process_count"] = jax.process_count()  # information only: the run does not depend on it
+    run_metadata = checkpoint_metadata(run_identity, seed, total_batch_size, updates_per_epoch, jax.process_count())
 
     # ----------------------------------------------------------------------------------------------------- resume
     global_step = 0

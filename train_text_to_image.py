@@ -75,6 +75,7 @@ from sdtrain.recipes import (
 from sdtrain.run_folder import (
     add_checkpoint_arguments,
     check_output_dir,
+    checkpoint_metadata,
     find_resume_checkpoint,
     publish_pipeline,
     read_checkpoint_metadata,
@@ -416,7 +417,6 @@ from torchvision.transforms import InterpolationMode
 from sdtrain.captions import edit_caption, load_image_caption_dataset  # imports datasets
 from sdtrain.torch.checkpoints import (
     check_finite,
-    checkpoint_metadata,
     final_save_failed,
     optimizer_tensors,
     register_unet_folder_hooks,

@@ -71,6 +71,7 @@ from sdtrain.run_folder import (
     check_output_dir,
     check_process_group,
     check_resume_identity,
+    checkpoint_metadata,
     find_resume_checkpoint,
     read_checkpoint_metadata,
     take_output_dir,
@@ -1022,11 +1023,9 @@ def main(args):
     total_batch_size = global_batch_size * args.gradient_accumulation_steps
     # What this run trains, recorded in its checkpoints: a checkpoint resumes only a run of the same kind.
     run_identity = {"script": "train_text_to_image_flax.py"}
-    run_metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
-    run_metadata.update(run_identity)
-    # Not part of the batch layout here: every draw is made over the global batch from the step's key, so a checkpoint
-    # resumes exactly on another process count with the same global batch (tested with 2 processes and 1).
-    run_metadata["process_count"] = jax.process_count()
+    # The process count is not part of the batch layout here: every draw is made over the global batch from the step's
+    # key, so a checkpoint resumes exactly on another process count with the same global batch (tested with 2 and 1).
+    run_metadata = checkpoint_metadata(run_identity, seed, total_batch_size, updates_per_epoch, jax.process_count())
     run_metadata["use_ema"] = args.use_ema
     run_metadata["aspect_ratio_buckets"] = [list(bucket) for bucket in train_dataset.buckets or []] or None
 

@@ -124,6 +124,16 @@ def find_resume_checkpoint(resume_from_checkpoint, output_dir):
     return path
 
 
+def checkpoint_metadata(run_identity, seed, total_batch_size, updates_per_epoch, num_processes):
+    """What every checkpoint of the run records besides its step: what the run trains (run_identity: a checkpoint
+    resumes only a run of the same kind), its seed and batch layout, and (information only: the run does not depend
+    on it) how many processes trained it."""
+    metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
+    metadata.update(run_identity)
+    metadata["process_count"] = num_processes
+    return metadata
+
+
 def read_checkpoint_metadata(checkpoint_path):
     """The metadata save_checkpoint wrote into a checkpoint ({} when there is no checkpoint to resume)."""
     if checkpoint_path is None:

@@ -42,16 +42,6 @@ def optimizer_tensors(optimizer):
                 yield f"optimizer state {index}.{key}", value
 
 
-def checkpoint_metadata(run_identity, seed, total_batch_size, updates_per_epoch, num_processes):
-    """What every checkpoint of the run records besides its step: what the run trains (run_identity: a checkpoint
-    resumes only a run of the same kind), its seed and batch layout, and (information only: the run does not depend
-    on it) how many processes trained it."""
-    metadata = {"seed": seed, "total_batch_size": total_batch_size, "updates_per_epoch": updates_per_epoch}
-    metadata.update(run_identity)
-    metadata["process_count"] = num_processes
-    return metadata
-
-
 def save_checkpoint(accelerator, output_dir, global_step, run_metadata, total_limit=None):
     """Write checkpoint-N crash-safely: into a hidden temporary folder, flushed to disk, then renamed into place (a
     checkpoint is visible only when complete); then keep the newest `total_limit` (--checkpoints_total_limit).

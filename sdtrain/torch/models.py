@@ -9,7 +9,7 @@ import os
 from diffusers import DDIMScheduler, DiffusionPipeline
 
 from sdtrain.cli import UserError
-from sdtrain.families import component_problem, local_model_index, pipeline_family
+from sdtrain.families import component_problem, folder_family, pipeline_family
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +33,9 @@ def model_family(source):
     """The source pipeline's Family (sdtrain.families), from its model_index.json, read before any weights; a UserError
     naming any other family."""
     path = source.path
-    if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "model_index.json")):
-        model_index = local_model_index(path)
-    else:
-        model_index = DiffusionPipeline.load_config(path, revision=source.revision, cache_dir=source.cache_dir)
+    if os.path.isdir(path):
+        return folder_family(path, f"{source.flag} {path}")
+    model_index = DiffusionPipeline.load_config(path, revision=source.revision, cache_dir=source.cache_dir)
     return pipeline_family(model_index, f"{source.flag} {path}")
 
 
