@@ -63,7 +63,17 @@ from sdtrain.data_config import (
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import load_rgb, verify_image
 from sdtrain.logs import add_tracker_arguments, report_to_problem, warmup_applied
-from sdtrain.model_cards import fine_tuned_card, write_model_card
+from sdtrain.lora import (
+    DIFFUSERS_LORA_FILE,
+    TEXT_ENCODER_LORA_MODULES,
+    LoraConfig,
+    add_lora_arguments,
+    base_model_version,
+    lora_problem,
+    ui_lora_path,
+    write_lora_files,
+)
+from sdtrain.model_cards import fine_tuned_card, lora_card, write_model_card
 from sdtrain.preemption import StopRequest
 from sdtrain.recipes import (
     RecipeConfig,
@@ -130,6 +140,7 @@ def parse_args(argv=None):
         choices=["epsilon", "v_prediction"],
         help="Training target; default: the scheduler config's prediction_type.",
     )
+    add_lora_arguments(parser.add_argument_group("LoRA"))
     group = parser.add_argument_group("Data")
     add_dataset_arguments(group)
     add_crop_arguments(group)
@@ -293,6 +304,25 @@ def parse_args(argv=None):
         args.local_rank = env_local_rank
     if args.dataset_name is None and args.train_data_dir is None:
         parser.error("no training data: pass --dataset_name (hub id or local dataset folder) or --train_data_dir")
+    problem = lora_problem(args)
+    if problem:
+        parser.error(problem)
+    if args.rank is not None:
+        if args.save_single_file:
+            parser.error(
+                "--save_single_file writes a full checkpoint; a LoRA run (--rank) always writes the file the UIs load, "
+                "<output_dir name>.safetensors, beside pytorch_lora_weights.safetensors: drop --save_single_file"
+            )
+        if args.train_text_encoder and args.cache_text_embeddings:
+            parser.error(
+                "--train_text_encoder trains the text encoders, so their outputs change at every update and "
+                "--cache_text_embeddings cannot store them: use one or the other"
+            )
+        if args.non_ema_revision not in (None, args.revision):
+            parser.error(
+                "--non_ema_revision with --rank: a LoRA trains beside the base weights it is loaded onto, "
+                "--revision's; train and load it on the same weights (drop --non_ema_revision)"
+            )
     if args.non_ema_revision is None:
         args.non_ema_revision = args.revision
     if args.ema_validation != "ema" and not args.use_ema:
@@ -419,6 +449,7 @@ from sdtrain.torch.checkpoints import (
     check_finite,
     final_save_failed,
     optimizer_tensors,
+    register_lora_hooks,
     register_unet_folder_hooks,
     resume,
     save_checkpoint,
@@ -433,6 +464,14 @@ from sdtrain.torch.loop import (
     stop_run,
     training_length,
     updates_progress_bar,
+)
+from sdtrain.torch.lora import (
+    adapter_parameters,
+    adapter_size_mib,
+    adapter_state,
+    add_adapters,
+    average_gradients,
+    set_training,
 )
 from sdtrain.torch.models import ModelSource, inference_scheduler, load_component, load_model, model_family
 from sdtrain.torch.setup import AcceleratorConfig, begin_training, end_training, log_plan, make_accelerator
@@ -645,14 +684,12 @@ def probe_loss(accelerator, unet, noise_scheduler, latents, encoder_hidden_state
     return accelerator.reduce(loss.detach().float(), reduction="mean").item()
 
 
-def trained_tensors(unet, ema_unet, optimizer):
-    """Everything of the trained model a checkpoint or the final pipeline holds, by name."""
-    yield from unet.named_parameters()
-    if ema_unet is not None:
-        yield from (
-            (f"EMA {name}", shadow)
-            for (name, _), shadow in zip(unet.named_parameters(), ema_unet.shadow_params, strict=True)
-        )
+def trained_tensors(trained, ema, optimizer):
+    """Everything of the trained model a checkpoint or the final save holds, by name: the trained parameters (the
+    UNet's, or the LoRA's: `trained`, (name, parameter) pairs), their EMA and the optimizer's state."""
+    yield from trained
+    if ema is not None:
+        yield from ((f"EMA {name}", shadow) for (name, _), shadow in zip(trained, ema.shadow_params, strict=True))
     yield from optimizer_tensors(optimizer)
 
 
@@ -671,6 +708,17 @@ def make_ema_unet(args, device):
     elif not args.offload_ema:
         ema_unet.to(device)
     return ema_unet
+
+
+def make_ema_adapter(parameters, args, device):
+    """--use_ema with --rank: an exponential moving average of the adapter's parameters only (the base is frozen),
+    placed as make_ema_unet places the UNet's."""
+    ema = EMAModel(parameters, foreach=args.foreach_ema)
+    if args.offload_ema and torch.cuda.is_available():
+        ema.pin_memory()
+    elif not args.offload_ema:
+        ema.to(device)
+    return ema
 
 
 def make_optimizer(args, params):
@@ -706,10 +754,11 @@ def make_optimizer(args, params):
     )
 
 
-def encode_batch(batch, vae, text_encoders, code, generator, share):
+def encode_batch(batch, vae, text_encoders, code, generator, share, train_text=False):
     """The batch's latents and text conditioning (encoder_hidden_states, and the UNet's added_cond_kwargs or None),
     from the frozen VAE and the family's text encoders (`code`: sdtrain.torch.family) or from their caches. The VAE
-    sample is the first draw from `generator`, made for the global batch `share` belongs to (see BatchShare)."""
+    sample is the first draw from `generator`, made for the global batch `share` belongs to (see BatchShare).
+    train_text: the text encoders train (their LoRA: --train_text_encoder), so the text is encoded with gradients."""
     with torch.no_grad():
         if "latent_parameters" in batch:
             # --cache_latents: sampling from the stored distribution draws exactly what encoding the image would.
@@ -722,12 +771,13 @@ def encode_batch(batch, vae, text_encoders, code, generator, share):
         sample_shape = (share.global_batch_size, *mean.shape[1:])
         sample = torch.randn(sample_shape, generator=generator, device=mean.device, dtype=mean.dtype)
         latents = (mean + std * sample[share.start : share.stop]) * vae.config.scaling_factor
+    with torch.set_grad_enabled(train_text):
         device, dtype = text_encoders[0].device, text_encoders[0].dtype
         if "encoder_hidden_states" in batch:
             encoder_hidden_states = batch["encoder_hidden_states"].to(device, dtype)
             pooled_text_embeds = batch.get("pooled_text_embeds")
         else:
-            # The frozen text encoders' hidden states condition the UNet through cross-attention.
+            # The text encoders' hidden states condition the UNet through cross-attention.
             encoder_hidden_states, pooled_text_embeds = code.encode_text(text_encoders, batch["input_ids"].to(device))
         if code.family.force_zeros_for_empty_prompt:
             # The pipeline samples its unconditional branch from zeros, so an empty caption trains on zeros (SDXL's
@@ -898,13 +948,12 @@ def validation_weights(args):
     return {"ema": [("", True)], "raw": [("-raw", False)], "both": [("", True), ("-raw", False)]}[args.ema_validation]
 
 
-def validate(accelerator, code, unet, ema_unet, components, args, seed, global_step, weight_dtype):
-    """Render the validation prompts mid-training with the weights that would be saved now (the EMA with --use_ema),
-    and with --ema_validation raw or both, with the raw trained weights. components: the frozen models by their
-    pipeline names."""
+def rendering_pipeline(code, unet, components, args, weight_dtype):
+    """A pipeline around the models in training: the UNet (unwrapped) and `components`, the other models by their
+    pipeline names (with --rank, the text encoders carry their adapters)."""
     pipeline = code.pipeline_class.from_pretrained(
         args.pretrained_model_name_or_path,
-        unet=accelerator.unwrap_model(unet),
+        unet=unet,
         **code.validation_components(),
         revision=args.revision,
         variant=args.variant,
@@ -913,10 +962,18 @@ def validate(accelerator, code, unet, ema_unet, components, args, seed, global_s
         **components,
     )
     pipeline.scheduler = inference_scheduler(pipeline.scheduler, args.prediction_type, args.rescale_betas_zero_snr)
+    return pipeline
+
+
+def validate(accelerator, code, unet, ema_unet, components, args, seed, global_step, weight_dtype, parameters):
+    """Render the validation prompts mid-training with the weights that would be saved now (the EMA with --use_ema),
+    and with --ema_validation raw or both, with the raw trained weights. components: the frozen models by their
+    pipeline names; parameters: the trained ones (the UNet's, or the LoRA's), which the EMA swaps in."""
+    pipeline = rendering_pipeline(code, accelerator.unwrap_model(unet), components, args, weight_dtype)
     for suffix, ema_weights in validation_weights(args):
         if ema_weights:
-            ema_unet.store(unet.parameters())
-            ema_unet.copy_to(unet.parameters())
+            ema_unet.store(parameters)
+            ema_unet.copy_to(parameters)
         tag = "validation" + suffix
         log_validation(
             pipeline,
@@ -930,7 +987,7 @@ def validate(accelerator, code, unet, ema_unet, components, args, seed, global_s
             weight_dtype,
         )
         if ema_weights:
-            ema_unet.restore(unet.parameters())
+            ema_unet.restore(parameters)
     del pipeline
 
 
@@ -951,6 +1008,43 @@ def model_card(family, args, global_step, validation_grid):
     base_model = args.pretrained_model_name_or_path
     return fine_tuned_card(
         family, os.path.basename(__file__), base_model, data, repo, prompt, settings, validation_grid
+    )
+
+
+def lora_model_card(family, args, config, global_step, validation_grid):
+    """README.md of a LoRA run (--rank): what the LoRA is, the base model, how to load it, the run's settings."""
+    warmup = warmup_applied(args.lr_scheduler, args.lr_warmup_steps, args.optimizer)
+    settings = {
+        "optimizer updates": global_step,
+        "learning rate": f"{args.learning_rate} ({args.lr_scheduler}, {warmup} warmup)",
+        "batch per device x accumulation": f"{args.train_batch_size} x {args.gradient_accumulation_steps}",
+        "resolution": args.resolution,
+        "mixed precision": args.mixed_precision,
+        "LoRA UNet modules": ", ".join(config.unet_modules),
+        "LoRA dropout": config.dropout,
+        "EMA": args.use_ema,
+        "Min-SNR gamma": args.snr_gamma,
+    }
+    components = "the UNet's " + ", ".join(config.unet_modules)
+    if config.train_text_encoder:
+        encoders = "text encoder's" if family.num_text_encoders == 1 else "text encoders'"
+        components += f" and the {encoders} " + ", ".join(TEXT_ENCODER_LORA_MODULES)
+    data, prompt = args.dataset_name or args.train_data_dir, (args.validation_prompts or ["a photo"])[0]
+    repo = args.hub_model_id or args.output_dir
+    ui_file = os.path.basename(ui_lora_path(args.output_dir))
+    return lora_card(
+        family,
+        os.path.basename(__file__),
+        args.pretrained_model_name_or_path,
+        data,
+        repo,
+        prompt,
+        config.rank,
+        config.alpha,
+        components,
+        ui_file,
+        settings,
+        validation_grid,
     )
 
 
@@ -1047,10 +1141,35 @@ def main(args):
         vae = load_component(AutoencoderKL, source, "vae", variant=args.variant)
     unet = load_component(UNet2DConditionModel, source, "unet", revision=args.non_ema_revision)
     vae.requires_grad_(False)
+    # The frozen models only run forward: keep them in the mixed-precision dtype. The UNet keeps fp32 master weights,
+    # unless a LoRA trains (--rank): then its base is frozen too.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for text_encoder in text_encoders:
         text_encoder.requires_grad_(False)
+        text_encoder.to(dtype=weight_dtype)
+    lora_config = LoraConfig.from_args(args)
+    adapted = []  # with --rank: the models holding the LoRA, as (pipeline component name, model)
+    if lora_config is None:
+        ema_unet = make_ema_unet(args, accelerator.device) if args.use_ema else None
+        trained = list(unet.named_parameters())
+    else:
+        # LoRA (Hu et al. 2021, arXiv:2106.09685): only the low-rank adapter trains, in fp32 (with its optimizer
+        # state); the base weights stay frozen, bit for bit, in the mixed-precision dtype.
+        unet.to(dtype=weight_dtype)
+        adapted = add_adapters(unet, zip(family.text_encoders, text_encoders, strict=True), lora_config, seed)
+        trained = list(adapter_parameters(adapted))  # (the key in the LoRA files, parameter)
+        ema_unet = make_ema_adapter([p for _, p in trained], args, accelerator.device) if args.use_ema else None
+        logger.info(
+            f"LoRA rank {lora_config.rank}, alpha {lora_config.alpha:g} in {', '.join(name for name, _ in adapted)}: "
+            f"{sum(p.numel() for _, p in trained)} parameters ({adapter_size_mib(adapted):.2f} MiB) train in fp32, "
+            f"the base weights are frozen in {weight_dtype}"
+        )
+    parameters = [parameter for _, parameter in trained]
+    trained_what = "the UNet" if lora_config is None else "the LoRA"
+    # The text encoders train with --train_text_encoder (their LoRA), and are encoded with gradients then.
+    text_trains = lora_config is not None and lora_config.train_text_encoder
     unet.train()
-    ema_unet = make_ema_unet(args, accelerator.device) if args.use_ema else None
+    set_training(adapted, True)
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
@@ -1060,8 +1179,6 @@ def main(args):
         unet.to(memory_format=torch.channels_last)
     if args.torch_compile:
         unet.compile()  # in place: the module, its state-dict keys and save_pretrained stay as they are
-    # The frozen models only run forward: keep them in the mixed-precision dtype. The UNet keeps fp32 master weights.
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     # SDXL's VAE overflows in fp16 and says so (force_upcast): it stays in fp32. An fp16-safe VAE says otherwise.
     vae_dtype = code.vae_dtype(vae.config, weight_dtype)
     vae.to(accelerator.device, dtype=vae_dtype)
@@ -1069,10 +1186,13 @@ def main(args):
         f"VAE in {vae_dtype}" + (" (its config asks for it: force_upcast)" if vae_dtype != weight_dtype else "")
     )
     for text_encoder in text_encoders:
-        text_encoder.to(accelerator.device, dtype=weight_dtype)
+        text_encoder.to(accelerator.device)  # in weight_dtype since loaded, their adapters in fp32
     if args.save_single_file:  # refused now rather than after training
         single_file_layout(dict(unet.config), dict(vae.config), [encoder.config.to_dict() for encoder in text_encoders])
-    register_unet_folder_hooks(accelerator, ema_unet, args.foreach_ema, args.offload_ema)
+    if adapted:  # a checkpoint holds the adapter, not the base model
+        register_lora_hooks(accelerator, adapted, ema_unet, args.offload_ema)
+    else:
+        register_unet_folder_hooks(accelerator, ema_unet, args.foreach_ema, args.offload_ema)
     loss_config = LossConfig(
         prediction_type=prediction_type,
         snr_gamma=args.snr_gamma,
@@ -1105,7 +1225,7 @@ def main(args):
     # ---------------------------------------------------------------------------------- optimizer and schedule
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    optimizer = make_optimizer(args, unet.parameters())
+    optimizer = make_optimizer(args, parameters)
     unet, optimizer, train_dataloader = accelerator.prepare(unet, optimizer, train_dataloader)
     # global_step counts optimizer updates; --max_train_steps is authoritative and epochs are derived from it.
     batches_per_epoch = len(train_dataloader)
@@ -1175,7 +1295,7 @@ def main(args):
             group_size = accumulation_group_size(batch_index, args.gradient_accumulation_steps, batches_per_epoch)
             with accelerator.accumulate(unet):
                 latents, encoder_hidden_states, added_cond_kwargs = encode_batch(
-                    batch, vae, text_encoders, code, generator, share
+                    batch, vae, text_encoders, code, generator, share, text_trains
                 )
                 sample_weights = batch["sample_weights"].to(latents.device)
                 loss = diffusion_loss(
@@ -1191,10 +1311,17 @@ def main(args):
                 )
                 window.add_batch(loss, group_size)
                 accelerator.backward(loss * (args.gradient_accumulation_steps / group_size))
+                if text_trains:  # kept for the probe, without the graph that encoded them
+                    encoder_hidden_states = encoder_hidden_states.detach()
+                    added_cond_kwargs = added_cond_kwargs and {k: v.detach() for k, v in added_cond_kwargs.items()}
                 last_batch = (latents, encoder_hidden_states, added_cond_kwargs)
+                if accelerator.sync_gradients and text_trains:
+                    average_gradients(
+                        [p for name, p in trained if not name.startswith("unet.")], accelerator.num_processes
+                    )
                 grad_norm = None
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                    grad_norm = accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
                 optimizer.step()
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -1206,7 +1333,7 @@ def main(args):
             if ema_unet is not None:
                 if args.offload_ema:
                     ema_unet.to(device=accelerator.device, non_blocking=True)
-                ema_unet.step(unet.parameters())
+                ema_unet.step(parameters)
                 if args.offload_ema:
                     ema_unet.to(device="cpu", non_blocking=True)
             progress_bar.update(1)
@@ -1218,9 +1345,11 @@ def main(args):
                 window.log(global_step, epoch, lr_scheduler.get_last_lr()[0], progress_bar)
             if is_checkpoint_step:
                 optimizer.eval()  # a checkpoint's UNet is the model at this step; resume switches back exactly
-                tensors = trained_tensors(accelerator.unwrap_model(unet), ema_unet, optimizer)
+                tensors = trained_tensors(trained, ema_unet, optimizer)
+                set_training(adapted, False)
                 probe = probe_loss(accelerator, unet, noise_scheduler, *last_batch, loss_config, seed)
-                check_finite(tensors, probe, "the UNet", global_step)
+                set_training(adapted, True)
+                check_finite(tensors, probe, trained_what, global_step)
                 save_checkpoint(accelerator, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
                 optimizer.train()
             if stopping:
@@ -1233,7 +1362,11 @@ def main(args):
             optimizer.eval()
             if accelerator.is_main_process:
                 components = {"vae": vae, **code.components(text_encoders, tokenizers)}
-                validate(accelerator, code, unet, ema_unet, components, args, seed, global_step, weight_dtype)
+                set_training(adapted, False)
+                validate(
+                    accelerator, code, unet, ema_unet, components, args, seed, global_step, weight_dtype, parameters
+                )
+                set_training(adapted, True)
             accelerator.wait_for_everyone()
             optimizer.train()
 
@@ -1241,33 +1374,54 @@ def main(args):
     stop_request.stop_on_ctrl_c(False)  # nothing left to finish: Ctrl-C interrupts the save as usual
     optimizer.eval()
     if last_batch is not None:  # what is about to be saved, checked as every checkpoint is
-        tensors = trained_tensors(accelerator.unwrap_model(unet), ema_unet, optimizer)
+        tensors = trained_tensors(trained, ema_unet, optimizer)
+        set_training(adapted, False)
         probe = probe_loss(accelerator, unet, noise_scheduler, *last_batch, loss_config, seed)
-        check_finite(tensors, probe, "the UNet", global_step)
+        check_finite(tensors, probe, trained_what, global_step)
+    set_training(adapted, False)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
         renders = validation_weights(args) if args.validation_prompts else []
         if ema_unet is not None:
             # The raw weights are kept: rendered after the saved EMA, and checkpointed if the save fails.
-            ema_unet.store(final_unet.parameters())
-            ema_unet.copy_to(final_unet.parameters())
+            ema_unet.store(parameters)
+            ema_unet.copy_to(parameters)
+        pipeline = None
         try:
-            pipeline = save_pipeline(final_unet, args, code)
-            if args.save_single_file:
-                save_single_file(SingleFileConfig.from_args(args), prediction_type, global_step)
+            if adapted:
+                # No pipeline: the LoRA's two files, which load onto the unchanged base model.
+                base_version = base_model_version(family.name, final_unet.config.cross_attention_dim)
+                size = write_lora_files(
+                    args.output_dir, adapter_state(adapted), lora_config, family.text_encoders, base_version
+                )
+                logger.info(
+                    f"Saved the LoRA ({size:.2f} MiB): {os.path.join(args.output_dir, DIFFUSERS_LORA_FILE)} "
+                    f"(diffusers) and {ui_lora_path(args.output_dir)} (the UIs)"
+                )
+            else:
+                pipeline = save_pipeline(final_unet, args, code)
+                if args.save_single_file:
+                    save_single_file(SingleFileConfig.from_args(args), prediction_type, global_step)
         except Exception as err:  # a full disk, most often: the steps since the last checkpoint must not be lost
             if ema_unet is not None:
-                ema_unet.restore(final_unet.parameters())
+                ema_unet.restore(parameters)
             raise final_save_failed(accelerator, args.output_dir, global_step, run_metadata, err) from err
         grid = None
         if renders:
-            pipeline = pipeline.to(accelerator.device)
-            for name, component in code.validation_components().items():  # SD renders without its safety checker
-                setattr(pipeline, name, component)
+            if adapted:  # the models in training, their adapters applied
+                components = {"vae": vae, **code.components(text_encoders, tokenizers)}
+                pipeline, render_dtype = (
+                    rendering_pipeline(code, final_unet, components, args, weight_dtype),
+                    weight_dtype,
+                )
+            else:  # the saved pipeline, as it loads
+                pipeline, render_dtype = pipeline.to(accelerator.device), torch.float32
+                for name, component in code.validation_components().items():  # SD renders without its safety checker
+                    setattr(pipeline, name, component)
             for suffix, ema_weights in renders:
                 if ema_unet is not None and not ema_weights:
-                    ema_unet.restore(final_unet.parameters())
+                    ema_unet.restore(parameters)
                 prompts, tag = args.validation_prompts, "final" + suffix
                 log_validation(
                     pipeline,
@@ -1278,11 +1432,14 @@ def main(args):
                     seed,
                     global_step,
                     tag,
-                    torch.float32,
+                    render_dtype,
                 )
             grid = f"validation/final{renders[0][0]}-step-{global_step:06d}.png"
-        write_model_card(args.output_dir, model_card(code.family, args, global_step, grid))
-        logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
+        if adapted:
+            write_model_card(args.output_dir, lora_model_card(code.family, args, lora_config, global_step, grid))
+        else:
+            write_model_card(args.output_dir, model_card(code.family, args, global_step, grid))
+            logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
     end_training(accelerator, output_lock)

@@ -45,6 +45,39 @@ def fine_tuned_card(family, script, base_model, data, repo, prompt, settings, va
     return lines + (["", f"![validation]({validation_grid})"] if validation_grid else [])
 
 
+def lora_card(
+    family, script, base_model, data, repo, prompt, rank, alpha, components, ui_file, settings, validation_grid=None
+):
+    """The card of a LoRA: that it is one (rank, alpha and what it adapts: `components`, in words), the base model it
+    loads onto, how to load it in diffusers from `repo` (the hub id or the output folder) and in the UIs (ui_file:
+    the kohya-layout file's name), and `settings` (name -> value) as a table."""
+    lines = [
+        *card_header(family, base_model, ["lora"]),
+        "",
+        f"# {os.path.basename(os.path.abspath(repo))}",
+        "",
+        f"LoRA of `{base_model}` trained with {script} on `{data}`: rank {rank}, alpha {alpha:g} (the update is "
+        f"scaled by alpha / rank = {alpha / rank:g}), adapting {components}. The base model's weights are unchanged: "
+        "load it, then the LoRA.",
+        "",
+        "```python",
+        f"from diffusers import {family.pipeline_class}",
+        "",
+        f'pipe = {family.pipeline_class}.from_pretrained("{base_model}")',
+        f'pipe.load_lora_weights("{repo}")',
+        f'image = pipe("{prompt}").images[0]',
+        "```",
+        "",
+        f"AUTOMATIC1111 / Forge, ComfyUI and InvokeAI: put `{ui_file}` (the kohya layout, its alpha included) in the "
+        f"UI's LoRA folder and use it with `{base_model}`.",
+        "",
+        "| setting | value |",
+        "| --- | --- |",
+        *[f"| {name} | {value} |" for name, value in settings.items()],
+    ]
+    return lines + (["", f"![validation]({validation_grid})"] if validation_grid else [])
+
+
 def textual_inversion_card(
     family, base_model, placeholder_token, num_vectors, data, global_step, embedding_paths, prompt, validation_grid=None
 ):
