@@ -63,16 +63,7 @@ from sdtrain.data_config import (
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import load_rgb, verify_image
 from sdtrain.logs import add_tracker_arguments, report_to_problem, warmup_applied
-from sdtrain.lora import (
-    DIFFUSERS_LORA_FILE,
-    TEXT_ENCODER_LORA_MODULES,
-    LoraConfig,
-    add_lora_arguments,
-    base_model_version,
-    lora_problem,
-    ui_lora_path,
-    write_lora_files,
-)
+from sdtrain.lora import LoraConfig, add_lora_arguments, lora_problem
 from sdtrain.model_cards import fine_tuned_card, lora_card, write_model_card
 from sdtrain.preemption import StopRequest
 from sdtrain.recipes import (
@@ -304,25 +295,14 @@ def parse_args(argv=None):
         args.local_rank = env_local_rank
     if args.dataset_name is None and args.train_data_dir is None:
         parser.error("no training data: pass --dataset_name (hub id or local dataset folder) or --train_data_dir")
-    problem = lora_problem(args)
-    if problem:
-        parser.error(problem)
-    if args.rank is not None:
-        if args.save_single_file:
-            parser.error(
-                "--save_single_file writes a full checkpoint; a LoRA run (--rank) always writes the file the UIs load, "
-                "<output_dir name>.safetensors, beside pytorch_lora_weights.safetensors: drop --save_single_file"
-            )
-        if args.train_text_encoder and args.cache_text_embeddings:
-            parser.error(
-                "--train_text_encoder trains the text encoders, so their outputs change at every update and "
-                "--cache_text_embeddings cannot store them: use one or the other"
-            )
-        if args.non_ema_revision not in (None, args.revision):
-            parser.error(
-                "--non_ema_revision with --rank: a LoRA trains beside the base weights it is loaded onto, "
-                "--revision's; train and load it on the same weights (drop --non_ema_revision)"
-            )
+    if lora_problem(args):
+        parser.error(lora_problem(args))
+    if args.rank is not None and args.save_single_file:
+        parser.error("--save_single_file with --rank: a LoRA run always writes <output_dir name>.safetensors (UIs)")
+    if args.rank is not None and args.non_ema_revision not in (None, args.revision):
+        parser.error("--non_ema_revision with --rank: a LoRA trains on the UNet it is loaded onto, --revision's")
+    if args.train_text_encoder and args.cache_text_embeddings:
+        parser.error("--cache_text_embeddings with --train_text_encoder: the encoders change, their outputs too")
     if args.non_ema_revision is None:
         args.non_ema_revision = args.revision
     if args.ema_validation != "ema" and not args.use_ema:
@@ -444,12 +424,12 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_dream_and_update_latents
 from torchvision.transforms import InterpolationMode
 
+import sdtrain.torch.lora as lora
 from sdtrain.captions import edit_caption, load_image_caption_dataset  # imports datasets
 from sdtrain.torch.checkpoints import (
     check_finite,
     final_save_failed,
     optimizer_tensors,
-    register_lora_hooks,
     register_unet_folder_hooks,
     resume,
     save_checkpoint,
@@ -464,14 +444,6 @@ from sdtrain.torch.loop import (
     stop_run,
     training_length,
     updates_progress_bar,
-)
-from sdtrain.torch.lora import (
-    adapter_parameters,
-    adapter_size_mib,
-    adapter_state,
-    add_adapters,
-    average_gradients,
-    set_training,
 )
 from sdtrain.torch.models import ModelSource, inference_scheduler, load_component, load_model, model_family
 from sdtrain.torch.setup import AcceleratorConfig, begin_training, end_training, log_plan, make_accelerator
@@ -671,7 +643,7 @@ def build_caches(train_dataset, vae, text_encoders, code, accelerator, args, num
 def probe_loss(accelerator, unet, noise_scheduler, latents, encoder_hidden_states, added_cond_kwargs, config, seed):
     """The loss the UNet's current weights give on a batch (the mean over processes), with draws of its own."""
     generator = torch.Generator(device=latents.device).manual_seed(seed)
-    with torch.no_grad(), accelerator.autocast():
+    with torch.no_grad(), accelerator.autocast(), lora.evaluating([unet]):  # evaluating: no LoRA dropout
         loss = diffusion_loss(
             unet,
             noise_scheduler,
@@ -693,32 +665,25 @@ def trained_tensors(trained, ema, optimizer):
     yield from optimizer_tensors(optimizer)
 
 
-def make_ema_unet(args, device):
+def make_ema_unet(args, device, adapter_parameters=None):
     """--use_ema: an exponential moving average of the UNet, starting from --revision's UNet (training may start from
-    --non_ema_revision), on the device or, with --offload_ema, in CPU memory (pinned on GPU machines)."""
-    ema_source = load_component(UNet2DConditionModel, ModelSource.from_args(args), "unet", variant=args.variant)
-    ema_unet = EMAModel(
-        ema_source.parameters(),
-        model_cls=UNet2DConditionModel,
-        model_config=ema_source.config,
-        foreach=args.foreach_ema,
-    )
+    --non_ema_revision), or with --rank of the LoRA's adapter_parameters only; on the device or, with --offload_ema, in
+    CPU memory (pinned on GPU machines)."""
+    if adapter_parameters is not None:
+        ema_unet = EMAModel(adapter_parameters, foreach=args.foreach_ema)
+    else:
+        ema_source = load_component(UNet2DConditionModel, ModelSource.from_args(args), "unet", variant=args.variant)
+        ema_unet = EMAModel(
+            ema_source.parameters(),
+            model_cls=UNet2DConditionModel,
+            model_config=ema_source.config,
+            foreach=args.foreach_ema,
+        )
     if args.offload_ema and torch.cuda.is_available():
         ema_unet.pin_memory()
     elif not args.offload_ema:
         ema_unet.to(device)
     return ema_unet
-
-
-def make_ema_adapter(parameters, args, device):
-    """--use_ema with --rank: an exponential moving average of the adapter's parameters only (the base is frozen),
-    placed as make_ema_unet places the UNet's."""
-    ema = EMAModel(parameters, foreach=args.foreach_ema)
-    if args.offload_ema and torch.cuda.is_available():
-        ema.pin_memory()
-    elif not args.offload_ema:
-        ema.to(device)
-    return ema
 
 
 def make_optimizer(args, params):
@@ -758,7 +723,7 @@ def encode_batch(batch, vae, text_encoders, code, generator, share, train_text=F
     """The batch's latents and text conditioning (encoder_hidden_states, and the UNet's added_cond_kwargs or None),
     from the frozen VAE and the family's text encoders (`code`: sdtrain.torch.family) or from their caches. The VAE
     sample is the first draw from `generator`, made for the global batch `share` belongs to (see BatchShare).
-    train_text: the text encoders train (their LoRA: --train_text_encoder), so the text is encoded with gradients."""
+    train_text: the text encoders' LoRA trains (--train_text_encoder), so the text is encoded with gradients."""
     with torch.no_grad():
         if "latent_parameters" in batch:
             # --cache_latents: sampling from the stored distribution draws exactly what encoding the image would.
@@ -948,12 +913,13 @@ def validation_weights(args):
     return {"ema": [("", True)], "raw": [("-raw", False)], "both": [("", True), ("-raw", False)]}[args.ema_validation]
 
 
-def rendering_pipeline(code, unet, components, args, weight_dtype):
-    """A pipeline around the models in training: the UNet (unwrapped) and `components`, the other models by their
-    pipeline names (with --rank, the text encoders carry their adapters)."""
+def validate(accelerator, code, unet, ema_unet, components, args, seed, global_step, weight_dtype, parameters):
+    """Render the validation prompts mid-training with the weights that would be saved now (the EMA with --use_ema),
+    and with --ema_validation raw or both, with the raw trained weights. components: the other models by their
+    pipeline names; parameters: the trained ones (the UNet's, or the LoRA's), which the EMA swaps."""
     pipeline = code.pipeline_class.from_pretrained(
         args.pretrained_model_name_or_path,
-        unet=unet,
+        unet=accelerator.unwrap_model(unet),
         **code.validation_components(),
         revision=args.revision,
         variant=args.variant,
@@ -962,30 +928,13 @@ def rendering_pipeline(code, unet, components, args, weight_dtype):
         **components,
     )
     pipeline.scheduler = inference_scheduler(pipeline.scheduler, args.prediction_type, args.rescale_betas_zero_snr)
-    return pipeline
-
-
-def validate(accelerator, code, unet, ema_unet, components, args, seed, global_step, weight_dtype, parameters):
-    """Render the validation prompts mid-training with the weights that would be saved now (the EMA with --use_ema),
-    and with --ema_validation raw or both, with the raw trained weights. components: the frozen models by their
-    pipeline names; parameters: the trained ones (the UNet's, or the LoRA's), which the EMA swaps in."""
-    pipeline = rendering_pipeline(code, accelerator.unwrap_model(unet), components, args, weight_dtype)
     for suffix, ema_weights in validation_weights(args):
         if ema_weights:
             ema_unet.store(parameters)
             ema_unet.copy_to(parameters)
-        tag = "validation" + suffix
-        log_validation(
-            pipeline,
-            args.validation_prompts,
-            args.validation_resolution,
-            args.output_dir,
-            accelerator,
-            seed,
-            global_step,
-            tag,
-            weight_dtype,
-        )
+        prompts, size, tag = args.validation_prompts, args.validation_resolution, "validation" + suffix
+        with lora.evaluating([unet, *components.values()]):  # no LoRA dropout
+            log_validation(pipeline, prompts, size, args.output_dir, accelerator, seed, global_step, tag, weight_dtype)
         if ema_weights:
             ema_unet.restore(parameters)
     del pipeline
@@ -1006,53 +955,20 @@ def model_card(family, args, global_step, validation_grid):
     data, prompt = args.dataset_name or args.train_data_dir, (args.validation_prompts or ["a photo"])[0]
     repo = args.hub_model_id or args.output_dir
     base_model = args.pretrained_model_name_or_path
+    if args.rank is not None:  # a LoRA, loaded onto the base model
+        card = (family, os.path.basename(__file__), base_model, data, repo, prompt, LoraConfig.from_args(args))
+        return lora_card(*card, args.output_dir, settings, validation_grid)
     return fine_tuned_card(
         family, os.path.basename(__file__), base_model, data, repo, prompt, settings, validation_grid
     )
 
 
-def lora_model_card(family, args, config, global_step, validation_grid):
-    """README.md of a LoRA run (--rank): what the LoRA is, the base model, how to load it, the run's settings."""
-    warmup = warmup_applied(args.lr_scheduler, args.lr_warmup_steps, args.optimizer)
-    settings = {
-        "optimizer updates": global_step,
-        "learning rate": f"{args.learning_rate} ({args.lr_scheduler}, {warmup} warmup)",
-        "batch per device x accumulation": f"{args.train_batch_size} x {args.gradient_accumulation_steps}",
-        "resolution": args.resolution,
-        "mixed precision": args.mixed_precision,
-        "LoRA UNet modules": ", ".join(config.unet_modules),
-        "LoRA dropout": config.dropout,
-        "EMA": args.use_ema,
-        "Min-SNR gamma": args.snr_gamma,
-    }
-    components = "the UNet's " + ", ".join(config.unet_modules)
-    if config.train_text_encoder:
-        encoders = "text encoder's" if family.num_text_encoders == 1 else "text encoders'"
-        components += f" and the {encoders} " + ", ".join(TEXT_ENCODER_LORA_MODULES)
-    data, prompt = args.dataset_name or args.train_data_dir, (args.validation_prompts or ["a photo"])[0]
-    repo = args.hub_model_id or args.output_dir
-    ui_file = os.path.basename(ui_lora_path(args.output_dir))
-    return lora_card(
-        family,
-        os.path.basename(__file__),
-        args.pretrained_model_name_or_path,
-        data,
-        repo,
-        prompt,
-        config.rank,
-        config.alpha,
-        components,
-        ui_file,
-        settings,
-        validation_grid,
-    )
-
-
-def save_pipeline(unet, args, code):
+def save_pipeline(unet, args, code, adapted=()):
     """The full pipeline (frozen parts re-read in their original precision, the --pretrained_vae_model_name_or_path VAE
     in place of the pipeline's) in output_dir, written to a temporary folder first and switched in atomically
-    (publish_pipeline), so a crash never leaves a broken model."""
-    replaced = {}
+    (publish_pipeline), so a crash never leaves a broken model. With a LoRA (adapted: the models holding it) only its
+    files are written, and the pipeline returned for the final renders holds the adapted models, in fp32."""
+    replaced = dict(adapted[1:])  # the text encoders with their LoRA
     if args.pretrained_vae_model_name_or_path:
         replaced["vae"] = AutoencoderKL.from_pretrained(
             args.pretrained_vae_model_name_or_path, cache_dir=args.cache_dir
@@ -1068,6 +984,10 @@ def save_pipeline(unet, args, code):
     # The model now predicts this target on this schedule: the saved scheduler must say so, or inference silently
     # goes wrong.
     pipeline.scheduler = inference_scheduler(pipeline.scheduler, args.prediction_type, args.rescale_betas_zero_snr)
+    if adapted:
+        lora.save_lora(args.output_dir, adapted, LoraConfig.from_args(args), code.family, unet.config)
+        lora.set_training(adapted, False)  # nothing trains any more: rendered without dropout, in fp32 as loaded
+        return pipeline.to(dtype=torch.float32)
     partial = os.path.join(args.output_dir, ".pipeline.partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
@@ -1141,35 +1061,9 @@ def main(args):
         vae = load_component(AutoencoderKL, source, "vae", variant=args.variant)
     unet = load_component(UNet2DConditionModel, source, "unet", revision=args.non_ema_revision)
     vae.requires_grad_(False)
-    # The frozen models only run forward: keep them in the mixed-precision dtype. The UNet keeps fp32 master weights,
-    # unless a LoRA trains (--rank): then its base is frozen too.
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for text_encoder in text_encoders:
         text_encoder.requires_grad_(False)
-        text_encoder.to(dtype=weight_dtype)
-    lora_config = LoraConfig.from_args(args)
-    adapted = []  # with --rank: the models holding the LoRA, as (pipeline component name, model)
-    if lora_config is None:
-        ema_unet = make_ema_unet(args, accelerator.device) if args.use_ema else None
-        trained = list(unet.named_parameters())
-    else:
-        # LoRA (Hu et al. 2021, arXiv:2106.09685): only the low-rank adapter trains, in fp32 (with its optimizer
-        # state); the base weights stay frozen, bit for bit, in the mixed-precision dtype.
-        unet.to(dtype=weight_dtype)
-        adapted = add_adapters(unet, zip(family.text_encoders, text_encoders, strict=True), lora_config, seed)
-        trained = list(adapter_parameters(adapted))  # (the key in the LoRA files, parameter)
-        ema_unet = make_ema_adapter([p for _, p in trained], args, accelerator.device) if args.use_ema else None
-        logger.info(
-            f"LoRA rank {lora_config.rank}, alpha {lora_config.alpha:g} in {', '.join(name for name, _ in adapted)}: "
-            f"{sum(p.numel() for _, p in trained)} parameters ({adapter_size_mib(adapted):.2f} MiB) train in fp32, "
-            f"the base weights are frozen in {weight_dtype}"
-        )
-    parameters = [parameter for _, parameter in trained]
-    trained_what = "the UNet" if lora_config is None else "the LoRA"
-    # The text encoders train with --train_text_encoder (their LoRA), and are encoded with gradients then.
-    text_trains = lora_config is not None and lora_config.train_text_encoder
     unet.train()
-    set_training(adapted, True)
     if args.enable_xformers_memory_efficient_attention:
         unet.enable_xformers_memory_efficient_attention()
     if args.gradient_checkpointing:
@@ -1179,6 +1073,8 @@ def main(args):
         unet.to(memory_format=torch.channels_last)
     if args.torch_compile:
         unet.compile()  # in place: the module, its state-dict keys and save_pretrained stay as they are
+    # The frozen models only run forward: keep them in the mixed-precision dtype. The UNet keeps fp32 master weights.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     # SDXL's VAE overflows in fp16 and says so (force_upcast): it stays in fp32. An fp16-safe VAE says otherwise.
     vae_dtype = code.vae_dtype(vae.config, weight_dtype)
     vae.to(accelerator.device, dtype=vae_dtype)
@@ -1186,11 +1082,16 @@ def main(args):
         f"VAE in {vae_dtype}" + (" (its config asks for it: force_upcast)" if vae_dtype != weight_dtype else "")
     )
     for text_encoder in text_encoders:
-        text_encoder.to(accelerator.device)  # in weight_dtype since loaded, their adapters in fp32
+        text_encoder.to(accelerator.device, dtype=weight_dtype)
+    # --rank: a LoRA (Hu et al. 2021, arXiv:2106.09685) trains in fp32 beside the frozen base, in weight_dtype.
+    adapted = lora.add_adapters(unet, text_encoders, family, LoraConfig.from_args(args), weight_dtype, seed)
+    trained = list(lora.adapter_parameters(adapted) if adapted else unet.named_parameters())  # (name, parameter)
+    parameters, text_parameters = [p for _, p in trained], [p for _, p in lora.adapter_parameters(adapted[1:])]
+    ema_unet = make_ema_unet(args, accelerator.device, parameters if adapted else None) if args.use_ema else None
     if args.save_single_file:  # refused now rather than after training
         single_file_layout(dict(unet.config), dict(vae.config), [encoder.config.to_dict() for encoder in text_encoders])
     if adapted:  # a checkpoint holds the adapter, not the base model
-        register_lora_hooks(accelerator, adapted, ema_unet, args.offload_ema)
+        lora.register_lora_hooks(accelerator, adapted, ema_unet, args.offload_ema)
     else:
         register_unet_folder_hooks(accelerator, ema_unet, args.foreach_ema, args.offload_ema)
     loss_config = LossConfig(
@@ -1295,30 +1196,16 @@ def main(args):
             group_size = accumulation_group_size(batch_index, args.gradient_accumulation_steps, batches_per_epoch)
             with accelerator.accumulate(unet):
                 latents, encoder_hidden_states, added_cond_kwargs = encode_batch(
-                    batch, vae, text_encoders, code, generator, share, text_trains
+                    batch, vae, text_encoders, code, generator, share, bool(text_parameters)
                 )
                 sample_weights = batch["sample_weights"].to(latents.device)
-                loss = diffusion_loss(
-                    unet,
-                    noise_scheduler,
-                    latents,
-                    encoder_hidden_states,
-                    generator,
-                    loss_config,
-                    sample_weights,
-                    share,
-                    added_cond_kwargs=added_cond_kwargs,
-                )
+                conditioning = (encoder_hidden_states, generator, loss_config, sample_weights, share, added_cond_kwargs)
+                loss = diffusion_loss(unet, noise_scheduler, latents, *conditioning)
                 window.add_batch(loss, group_size)
                 accelerator.backward(loss * (args.gradient_accumulation_steps / group_size))
-                if text_trains:  # kept for the probe, without the graph that encoded them
-                    encoder_hidden_states = encoder_hidden_states.detach()
-                    added_cond_kwargs = added_cond_kwargs and {k: v.detach() for k, v in added_cond_kwargs.items()}
                 last_batch = (latents, encoder_hidden_states, added_cond_kwargs)
-                if accelerator.sync_gradients and text_trains:
-                    average_gradients(
-                        [p for name, p in trained if not name.startswith("unet.")], accelerator.num_processes
-                    )
+                if accelerator.sync_gradients:  # the text encoders' LoRA (the UNet's gradients are DDP's)
+                    lora.average_gradients(text_parameters, accelerator.num_processes)
                 grad_norm = None
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     grad_norm = accelerator.clip_grad_norm_(parameters, args.max_grad_norm)
@@ -1346,10 +1233,8 @@ def main(args):
             if is_checkpoint_step:
                 optimizer.eval()  # a checkpoint's UNet is the model at this step; resume switches back exactly
                 tensors = trained_tensors(trained, ema_unet, optimizer)
-                set_training(adapted, False)
                 probe = probe_loss(accelerator, unet, noise_scheduler, *last_batch, loss_config, seed)
-                set_training(adapted, True)
-                check_finite(tensors, probe, trained_what, global_step)
+                check_finite(tensors, probe, "the LoRA" if adapted else "the UNet", global_step)
                 save_checkpoint(accelerator, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
                 optimizer.train()
             if stopping:
@@ -1362,11 +1247,8 @@ def main(args):
             optimizer.eval()
             if accelerator.is_main_process:
                 components = {"vae": vae, **code.components(text_encoders, tokenizers)}
-                set_training(adapted, False)
-                validate(
-                    accelerator, code, unet, ema_unet, components, args, seed, global_step, weight_dtype, parameters
-                )
-                set_training(adapted, True)
+                validation = (components, args, seed, global_step, weight_dtype, parameters)
+                validate(accelerator, code, unet, ema_unet, *validation)
             accelerator.wait_for_everyone()
             optimizer.train()
 
@@ -1375,10 +1257,8 @@ def main(args):
     optimizer.eval()
     if last_batch is not None:  # what is about to be saved, checked as every checkpoint is
         tensors = trained_tensors(trained, ema_unet, optimizer)
-        set_training(adapted, False)
         probe = probe_loss(accelerator, unet, noise_scheduler, *last_batch, loss_config, seed)
-        check_finite(tensors, probe, trained_what, global_step)
-    set_training(adapted, False)
+        check_finite(tensors, probe, "the LoRA" if adapted else "the UNet", global_step)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         final_unet = accelerator.unwrap_model(unet)
@@ -1387,59 +1267,29 @@ def main(args):
             # The raw weights are kept: rendered after the saved EMA, and checkpointed if the save fails.
             ema_unet.store(parameters)
             ema_unet.copy_to(parameters)
-        pipeline = None
         try:
-            if adapted:
-                # No pipeline: the LoRA's two files, which load onto the unchanged base model.
-                base_version = base_model_version(family.name, final_unet.config.cross_attention_dim)
-                size = write_lora_files(
-                    args.output_dir, adapter_state(adapted), lora_config, family.text_encoders, base_version
-                )
-                logger.info(
-                    f"Saved the LoRA ({size:.2f} MiB): {os.path.join(args.output_dir, DIFFUSERS_LORA_FILE)} "
-                    f"(diffusers) and {ui_lora_path(args.output_dir)} (the UIs)"
-                )
-            else:
-                pipeline = save_pipeline(final_unet, args, code)
-                if args.save_single_file:
-                    save_single_file(SingleFileConfig.from_args(args), prediction_type, global_step)
+            pipeline = save_pipeline(final_unet, args, code, adapted)
+            if args.save_single_file:
+                save_single_file(SingleFileConfig.from_args(args), prediction_type, global_step)
         except Exception as err:  # a full disk, most often: the steps since the last checkpoint must not be lost
             if ema_unet is not None:
                 ema_unet.restore(parameters)
             raise final_save_failed(accelerator, args.output_dir, global_step, run_metadata, err) from err
         grid = None
         if renders:
-            if adapted:  # the models in training, their adapters applied
-                components = {"vae": vae, **code.components(text_encoders, tokenizers)}
-                pipeline, render_dtype = (
-                    rendering_pipeline(code, final_unet, components, args, weight_dtype),
-                    weight_dtype,
-                )
-            else:  # the saved pipeline, as it loads
-                pipeline, render_dtype = pipeline.to(accelerator.device), torch.float32
-                for name, component in code.validation_components().items():  # SD renders without its safety checker
-                    setattr(pipeline, name, component)
+            pipeline = pipeline.to(accelerator.device)
+            for name, component in code.validation_components().items():  # SD renders without its safety checker
+                setattr(pipeline, name, component)
             for suffix, ema_weights in renders:
                 if ema_unet is not None and not ema_weights:
                     ema_unet.restore(parameters)
-                prompts, tag = args.validation_prompts, "final" + suffix
+                prompts, size, tag = args.validation_prompts, args.validation_resolution, "final" + suffix
                 log_validation(
-                    pipeline,
-                    prompts,
-                    args.validation_resolution,
-                    args.output_dir,
-                    accelerator,
-                    seed,
-                    global_step,
-                    tag,
-                    render_dtype,
+                    pipeline, prompts, size, args.output_dir, accelerator, seed, global_step, tag, torch.float32
                 )
             grid = f"validation/final{renders[0][0]}-step-{global_step:06d}.png"
-        if adapted:
-            write_model_card(args.output_dir, lora_model_card(code.family, args, lora_config, global_step, grid))
-        else:
-            write_model_card(args.output_dir, model_card(code.family, args, global_step, grid))
-            logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
+        write_model_card(args.output_dir, model_card(code.family, args, global_step, grid))
+        logger.info(f"Saved {'the LoRA' if adapted else 'the pipeline'} to {os.path.abspath(args.output_dir)}")
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
     end_training(accelerator, output_lock)

@@ -4,6 +4,8 @@ the PyTorch scripts and their Flax twins write the same card."""
 
 import os
 
+from sdtrain.lora import TEXT_ENCODER_LORA_MODULES, ui_lora_path
+
 GENERAL_TAGS = ("text-to-image", "diffusers")
 
 
@@ -45,20 +47,23 @@ def fine_tuned_card(family, script, base_model, data, repo, prompt, settings, va
     return lines + (["", f"![validation]({validation_grid})"] if validation_grid else [])
 
 
-def lora_card(
-    family, script, base_model, data, repo, prompt, rank, alpha, components, ui_file, settings, validation_grid=None
-):
-    """The card of a LoRA: that it is one (rank, alpha and what it adapts: `components`, in words), the base model it
-    loads onto, how to load it in diffusers from `repo` (the hub id or the output folder) and in the UIs (ui_file:
-    the kohya-layout file's name), and `settings` (name -> value) as a table."""
+def lora_card(family, script, base_model, data, repo, prompt, config, output_dir, settings, validation_grid=None):
+    """The card of a LoRA (config: an sdtrain.lora.LoraConfig): that it is one, its rank and alpha and what it adapts,
+    the base model it loads onto, how to load it in diffusers from `repo` (the hub id or the output folder) and in the
+    UIs (the kohya-layout file in output_dir), and `settings` (name -> value) as a table."""
+    adapts = "the UNet's " + ", ".join(config.unet_modules)
+    if config.train_text_encoder:
+        encoders = "text encoder's" if family.num_text_encoders == 1 else "text encoders'"
+        adapts += f" and the {encoders} " + ", ".join(TEXT_ENCODER_LORA_MODULES)
+    settings = {"LoRA rank": config.rank, "LoRA alpha": f"{config.alpha:g}", "LoRA dropout": config.dropout, **settings}
     lines = [
         *card_header(family, base_model, ["lora"]),
         "",
         f"# {os.path.basename(os.path.abspath(repo))}",
         "",
-        f"LoRA of `{base_model}` trained with {script} on `{data}`: rank {rank}, alpha {alpha:g} (the update is "
-        f"scaled by alpha / rank = {alpha / rank:g}), adapting {components}. The base model's weights are unchanged: "
-        "load it, then the LoRA.",
+        f"LoRA of `{base_model}` trained with {script} on `{data}`: rank {config.rank}, alpha {config.alpha:g} (the "
+        f"update is scaled by alpha / rank = {config.scale:g}), adapting {adapts}. The base model's weights are "
+        "unchanged: load it, then the LoRA.",
         "",
         "```python",
         f"from diffusers import {family.pipeline_class}",
@@ -68,8 +73,8 @@ def lora_card(
         f'image = pipe("{prompt}").images[0]',
         "```",
         "",
-        f"AUTOMATIC1111 / Forge, ComfyUI and InvokeAI: put `{ui_file}` (the kohya layout, its alpha included) in the "
-        f"UI's LoRA folder and use it with `{base_model}`.",
+        f"AUTOMATIC1111 / Forge, ComfyUI and InvokeAI: put `{os.path.basename(ui_lora_path(output_dir))}` (the kohya "
+        f"layout, its alpha included) in the UI's LoRA folder and use it with `{base_model}`.",
         "",
         "| setting | value |",
         "| --- | --- |",

@@ -17,7 +17,8 @@ from test_train_text_to_image import SCRIPT, base_args
 import textual_inversion
 import train_text_to_image
 from sdtrain.lora import DIFFUSERS_LORA_FILE, ui_lora_path
-from sdtrain.torch.checkpoints import LORA_CHECKPOINT_FILE, LORA_EMA_CHECKPOINT_FILE
+from sdtrain.torch.lora import CHECKPOINT_FILE as LORA_CHECKPOINT_FILE
+from sdtrain.torch.lora import EMA_CHECKPOINT_FILE as LORA_EMA_CHECKPOINT_FILE
 
 RANK, ALPHA = 4, 8.0
 # A text encoder trains too; EMA of the adapter; --adam_epsilon 1e-5 as in tests/test_multi_node.py, so that two
@@ -208,11 +209,12 @@ LORA_ERRORS = {
     "rank_zero": (["--rank", "0"], "--rank must be 1 or more (got 0)"),
     "unknown_layer": (["--rank", "4", "--lora_layers", "to_q,nonsense"], "unknown module 'nonsense'"),
     "alpha_without_rank": (["--lora_alpha", "8"], "--lora_alpha sets up a LoRA: give --rank too"),
-    "single_file": (["--rank", "4", "--save_single_file"], "drop --save_single_file"),
+    "single_file": (["--rank", "4", "--save_single_file"], "--save_single_file with --rank: a LoRA run always writes"),
     "cached_text": (
         ["--rank", "4", "--train_text_encoder", "--cache_text_embeddings"],
-        "--train_text_encoder trains the text encoders",
+        "--cache_text_embeddings with --train_text_encoder",
     ),
+    "non_ema_revision": (["--rank", "4", "--non_ema_revision", "other"], "--non_ema_revision with --rank"),
 }
 
 

@@ -2,7 +2,6 @@
 written; the rescue checkpoint when the final save fails."""
 
 import functools
-import json
 import logging
 import os
 import shutil
@@ -139,57 +138,6 @@ def register_unet_folder_hooks(accelerator, ema_unet, foreach_ema, offload_ema):
             loaded = UNet2DConditionModel.from_pretrained(input_dir, subfolder="unet")
             model.register_to_config(**loaded.config)
             model.load_state_dict(loaded.state_dict())
-
-    accelerator.register_save_state_pre_hook(save_model_hook)
-    accelerator.register_load_state_pre_hook(load_model_hook)
-
-
-# A LoRA run's checkpoint holds its adapter (and the adapter's EMA), not the base model, which the run never changes.
-LORA_CHECKPOINT_FILE = "lora_adapter.safetensors"
-LORA_EMA_CHECKPOINT_FILE = "lora_adapter_ema.safetensors"
-
-
-def register_lora_hooks(accelerator, adapted, ema, offload_ema):
-    """Checkpoints of a LoRA run (sdtrain.torch.lora): the adapter's tensors of every adapted model ((component name,
-    model) pairs) in LORA_CHECKPOINT_FILE, and with --use_ema (ema: an EMAModel over the adapter's parameters, or
-    None) its shadow tensors and counters in LORA_EMA_CHECKPOINT_FILE, by the keys of the files the run writes.
-    Accelerate writes the optimizer, schedule and RNG states beside them."""
-    from sdtrain.torch.lora import adapter_parameters, load_tensors, save_tensors
-
-    def save_model_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            named = list(adapter_parameters(adapted))
-            save_tensors(named, os.path.join(output_dir, LORA_CHECKPOINT_FILE))
-            if ema is not None:
-                state = ema.state_dict()
-                shadows = state.pop("shadow_params")
-                counters = {"ema_state": json.dumps(state)}
-                save_tensors(
-                    zip((name for name, _ in named), shadows, strict=True),
-                    os.path.join(output_dir, LORA_EMA_CHECKPOINT_FILE),
-                    counters,
-                )
-        weights.clear()  # the prepared UNet's full state dict: its base weights are the pretrained ones
-
-    def load_model_hook(models, input_dir):
-        models.clear()  # every adapted model's adapter loads below; their base weights are the pretrained ones
-        path = os.path.join(input_dir, LORA_CHECKPOINT_FILE)
-        if not os.path.isfile(path):
-            raise UserError(
-                f"{input_dir} holds no LoRA adapter ({LORA_CHECKPOINT_FILE}): it is a full fine-tune's checkpoint; "
-                "resume it without --rank"
-            )
-        named = list(adapter_parameters(adapted))
-        load_tensors(named, path, "the checkpoint's adapter")
-        if ema is not None:
-            ema_path = os.path.join(input_dir, LORA_EMA_CHECKPOINT_FILE)
-            if not os.path.isfile(ema_path):
-                raise UserError(f"{input_dir} holds no EMA of the adapter: it was trained without --use_ema")
-            shadows = [torch.empty_like(parameter) for _, parameter in named]
-            metadata = load_tensors(zip((name for name, _ in named), shadows, strict=True), ema_path, "its EMA")
-            ema.load_state_dict({**json.loads(metadata["ema_state"]), "shadow_params": shadows})
-            if not offload_ema:
-                ema.to(accelerator.device)
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
