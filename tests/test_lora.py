@@ -234,3 +234,13 @@ def test_textual_inversion_has_no_lora(capsys):
             + ["--initializer_token", "x", "--rank", "4"]
         )
     assert "unrecognized arguments: --rank 4" in capsys.readouterr().err
+
+
+def test_a_diverged_lora_is_never_written(launch, assets, tmp_path):
+    """The finite check covers the adapter's tensors (here: the text encoder's, whose update overflows too)."""
+    out = tmp_path / "run"
+    flags = "--rank 4 --train_text_encoder --learning_rate 1e39 --max_train_steps 3 --checkpointing_steps 1"
+    result = launch.accelerate(SCRIPT, base_args(assets, str(out), flags), check=False)
+    assert result.returncode != 0 and "the LoRA diverged at step 1 (non-finite values in unet." in result.output
+    assert ".lora_A.weight" in result.output.split("diverged at step 1", 1)[1].split("\n")[0]
+    assert not os.path.exists(out), f"a diverged run left {os.listdir(out)}"
