@@ -188,7 +188,8 @@ def register_lora_hooks(accelerator, adapted, ema, offload_ema):
             ema_path = os.path.join(input_dir, EMA_CHECKPOINT_FILE)
             if not os.path.isfile(ema_path):
                 raise UserError(f"{input_dir} holds no EMA of the adapter: it was trained without --use_ema")
-            shadows = [torch.empty_like(parameter) for _, parameter in named]
+            # Offloaded (--offload_ema), the EMA stays in CPU memory, as the full fine-tune's does when it resumes.
+            shadows = [torch.empty_like(parameter, device="cpu" if offload_ema else None) for _, parameter in named]
             metadata = load_tensors(zip([name for name, _ in named], shadows, strict=True), ema_path, "its EMA")
             ema.load_state_dict({**json.loads(metadata["ema"]), "shadow_params": shadows})
             if not offload_ema:
