@@ -6,11 +6,14 @@ Run by the JAX environment (.venv-flax), which holds ComfyUI's `comfy` package a
     .venv-flax/bin/python devkit/ui_loaders.py checkpoint FILE.safetensors
     .venv-flax/bin/python devkit/ui_loaders.py embedding FILE.safetensors --width 768
     .venv-flax/bin/python devkit/ui_loaders.py embedding FILE.safetensors --sdxl
+    .venv-flax/bin/python devkit/ui_loaders.py lora LORA.safetensors --checkpoint BASE.safetensors --patched OUT
 
 checkpoint: ComfyUI's load_checkpoint_guess_config (the model family it detects, and whether every tensor of the file
 is what its loaded UNet, VAE and text encoder hold, read back through its own save path) and InvokeAI's model probe
 (type, format, base, variant, prediction type). embedding: ComfyUI's load_embed and its tokenizer's expansion of
-"embedding:NAME" (for SDXL, per text encoder), and InvokeAI's probe. The tests (tests/test_ui_loaders.py) assert on
+"embedding:NAME" (for SDXL, per text encoder), and InvokeAI's probe. lora: ComfyUI's LoRA path on a kohya-layout file
+over the base model's single file (the keys its loader leaves unmapped, the weights it patches, written to OUT keyed
+by diffusers module names) and InvokeAI's probe. The tests (tests/test_ui_loaders.py) assert on
 the printed result.
 """
 
@@ -18,6 +21,7 @@ import argparse
 import importlib.abc
 import importlib.machinery
 import json
+import logging
 import os
 import sys
 import types
@@ -170,21 +174,115 @@ def comfy_sdxl_embedding(path):
     return report
 
 
+class LoggedWarnings(logging.Handler):
+    """The warnings ComfyUI logs while it runs: how its LoRA loader says a key went unused ("lora key not loaded",
+    "NOT LOADED", "could not patch")."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        logging.getLogger().addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger().removeHandler(self)
+
+
+# ComfyUI's text encoders by attribute of its CLIP model, and the diffusers component each is: SD 1.x's ViT-L, SD 2.x's
+# ViT-H, SDXL's ViT-L and bigG.
+COMFY_TEXT_ENCODERS = {"clip_l": "text_encoder", "clip_h": "text_encoder", "clip_g": "text_encoder_2"}
+
+
+def diffusers_names(unet_config):
+    """ComfyUI's names of the model's weights (its UNet's under diffusion_model., its text encoders' under clip_l. /
+    clip_h. / clip_g.) -> diffusers' (unet. / text_encoder. / text_encoder_2.), from its own diffusers-to-original
+    UNet map, reversed."""
+    import comfy.utils
+
+    unet = {
+        f"diffusion_model.{ours}": f"unet.{theirs}"
+        for theirs, ours in comfy.utils.unet_to_diffusers(unet_config).items()
+    }
+
+    def name(key):
+        if key in unet:
+            return unet[key]
+        head, _, rest = key.partition(".transformer.")
+        if head in COMFY_TEXT_ENCODERS and rest:
+            return f"{COMFY_TEXT_ENCODERS[head]}.{rest}"
+        raise KeyError(f"no diffusers name for ComfyUI's weight {key}")
+
+    return name
+
+
+def comfy_lora(path, checkpoint, patched_path):
+    """ComfyUI's LoRA path, as its LoraLoader node runs it at strength 1 and its samplers then load the models: the
+    checkpoint, load_lora_for_models (the key map its models offer, model_lora_keys_unet / model_lora_keys_clip, and
+    load_lora on the file), load_models_gpu (which patches the weights). Writes the weight of every module it
+    patched, keyed by diffusers name, to patched_path."""
+    import comfy.lora
+    import comfy.model_management
+    import comfy.sd
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    with torch.no_grad():
+        model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(checkpoint, output_vae=False, output_clip=True)
+    lora = load_file(path)
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    # load_lora's rule: a module's keys (.lora_up.weight, .lora_down.weight, .alpha) are used when the key map names it.
+    modules = {key.removesuffix(".weight").rsplit(".", 1)[0] for key in lora}
+    unmapped = sorted(key for key in lora if key.removesuffix(".weight").rsplit(".", 1)[0] not in key_map)
+    with LoggedWarnings() as warnings, torch.no_grad():
+        model_lora, clip_lora = comfy.sd.load_lora_for_models(model, clip, lora, 1.0, 1.0)
+        comfy.model_management.load_models_gpu([model_lora, clip_lora.patcher])
+    name = diffusers_names(model.model.model_config.unet_config)
+    patched = {}
+    for patcher in [model_lora, clip_lora.patcher]:
+        held = patcher.model.state_dict()
+        patched.update({name(key): held[key].detach().float().contiguous() for key in patcher.patches})
+    save_file(patched, patched_path)
+    return {
+        "model_config": type(model.model.model_config).__name__,
+        "file_modules": len(modules),
+        "patched_modules": len(patched),
+        "unet_modules": sum(key.startswith("unet.") for key in patched),
+        "text_encoder_modules": sum(not key.startswith("unet.") for key in patched),
+        "unmapped": unmapped[:20],
+        "warnings": warnings.messages[:20],
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("kind", choices=["checkpoint", "embedding"], help="What the file is.")
+    parser.add_argument("kind", choices=["checkpoint", "embedding", "lora"], help="What the file is.")
     parser.add_argument("path", help="The .safetensors file.")
     parser.add_argument("--width", type=int, default=768, help="embedding: the text encoder's width (768 or 1024).")
     parser.add_argument(
         "--sdxl", action="store_true", help="embedding: an SDXL file ({clip_l, clip_g}), one half per text encoder."
     )
+    parser.add_argument("--checkpoint", help="lora: the base model's single file, which the LoRA patches.")
+    parser.add_argument("--patched", help="lora: where to write the patched weights (.safetensors).")
     args = parser.parse_args(argv)
+    if args.kind == "lora" and not (args.checkpoint and args.patched):
+        parser.error("lora needs --checkpoint and --patched")
     path = os.path.abspath(args.path)
     import torch  # noqa: F401  (before the stubs: only what fails to import is replaced)
 
     stub_absent_packages()
     if args.kind == "checkpoint":
         report = {"comfyui": comfy_checkpoint(path), "invokeai": invokeai_probe(path)}
+    elif args.kind == "lora":
+        report = {
+            "comfyui": comfy_lora(path, os.path.abspath(args.checkpoint), os.path.abspath(args.patched)),
+            "invokeai": invokeai_probe(path),
+        }
     elif args.sdxl:
         report = {"comfyui": comfy_sdxl_embedding(path), "invokeai": invokeai_probe(path)}
     else:

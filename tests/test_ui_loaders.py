@@ -1,20 +1,23 @@
-"""The single file and the embeddings file in the UIs' own loaders: ComfyUI's `comfy` package and InvokeAI's model
-probe, run offline by devkit/ui_loaders.py in the JAX environment (where requirements_ui_loaders.txt installs them).
-The runs train an SD-shaped pipeline (devkit/tiny_sd.py SD1_SHAPED / SD2_SHAPED / SDXL_SHAPED) for one step: the tiny
-test pipeline is too small for the loaders to tell which model family it is."""
+"""The single file, the embeddings file and the LoRA file in the UIs' own loaders: ComfyUI's `comfy` package and
+InvokeAI's model probe, run offline by devkit/ui_loaders.py in the JAX environment (where requirements_ui_loaders.txt
+installs them). The runs train an SD-shaped pipeline (devkit/tiny_sd.py SD1_SHAPED / SD2_SHAPED / SDXL_SHAPED) for one
+step: the tiny test pipeline is too small for the loaders to tell which model family it is."""
 
 import json
 import os
 import subprocess
 
+import numpy as np
 import pytest
 from conftest import OFFLINE_ENV, REPO
+from safetensors import safe_open
 from safetensors.torch import load_file
 from test_textual_inversion import SCRIPT as TI_SCRIPT
 from test_train_text_to_image import SCRIPT as T2I_SCRIPT
 
-from devkit import tiny_sd
+from devkit import lora_files, tiny_sd
 from devkit.command_line import command_line
+from sdtrain import lora, single_file
 
 FLAX_PYTHON = os.path.join(REPO, ".venv-flax", "bin", "python")
 FAMILIES = {
@@ -125,3 +128,64 @@ def test_comfyui_and_invokeai_read_the_sdxl_embedding(launch, concept, tmp_path)
         assert report["comfyui"][key] == expected, key
     invoke = report["invokeai"]
     assert invoke["type"] == "embedding" and invoke["format"] == "embedding_file" and invoke["base"] == "sdxl"
+
+
+# LoRA (issue 31). The tests below launch train_text_to_image.py --rank, so they need the LoRA training: `-k lora`.
+LORA_FAMILIES = {
+    # family: (pipeline builder, architecture, ComfyUI's model class, InvokeAI's base)
+    "sd1": (tiny_sd.build_pipeline, tiny_sd.SD1_SHAPED, "SD15", "sd-1"),
+    "sdxl": (tiny_sd.build_sdxl_pipeline, tiny_sd.SDXL_SHAPED, "Segmind_Vega", "sdxl"),
+}
+# Rank 4, alpha 8: a scale of 2, which a loader ignoring .alpha (scale 1) or reading alpha as the scale (8) would miss.
+# The learning rate moves B well away from zero in the one step (B starts at zero: an untrained LoRA changes nothing).
+LORA_FLAGS = "--rank 4 --lora_alpha 8 --train_text_encoder --learning_rate 1e-2 --lr_warmup_steps 0"
+
+
+def write_base_single_file(pipeline_dir, path):
+    """The base pipeline as the single file the UIs load as their model (the LoRA's base), in float32."""
+    _, state = single_file.original_layout_state(pipeline_dir)
+    single_file.write_single_file(state, str(path), "fp32", {})
+    return path
+
+
+def assert_uis_load_the_lora(base, out, tmp_path, comfy_class, invoke_base):
+    """The kohya-layout file in `out` (beside diffusers' file) over the base pipeline: ComfyUI maps every key of it
+    (.alpha included) onto the model, and the weights its LoraLoader patches equal diffusers' fuse_lora within 1e-5 in
+    every adapted module of the UNet and text encoder(s); InvokeAI's probe sees a LoRA of invoke_base."""
+    patched_path = tmp_path / "comfyui-patched.safetensors"
+    checkpoint = write_base_single_file(base, tmp_path / "base.safetensors")
+    report = ui_loaders(
+        "lora", lora.ui_lora_path(out), tmp_path, "--checkpoint", str(checkpoint), "--patched", str(patched_path)
+    )
+    comfy, invoke = report["comfyui"], report["invokeai"]
+    assert comfy["model_config"] == comfy_class
+    assert comfy["unmapped"] == [] and comfy["warnings"] == [], comfy
+    with safe_open(os.path.join(out, lora.DIFFUSERS_LORA_FILE), "np") as f:
+        adapted = sorted({key.rsplit(".lora_", 1)[0] for key in f.keys()})
+    patched = {key.removesuffix(".weight"): tensor.numpy() for key, tensor in load_file(patched_path).items()}
+    assert comfy["file_modules"] == comfy["patched_modules"] == len(adapted)
+    assert sorted(patched) == adapted
+    assert {name.split(".", 1)[0] for name in adapted} == {"unet", *lora_files.text_encoder_names(base)}
+    base_weights, fused = lora_files.fused_weights(base, out, adapted)
+    differences = {name: float(np.abs(patched[name] - fused[name]).max()) for name in adapted}
+    worst = max(differences, key=differences.get)
+    assert differences[worst] <= 1e-5, f"{worst}: ComfyUI's weight differs from diffusers' by {differences[worst]}"
+    # The comparison means something only where the LoRA moved the weight.
+    moved = {name: float(np.abs(fused[name] - base_weights[name]).max()) for name in adapted}
+    assert min(moved.values()) > 1e-4, min(moved.items(), key=lambda item: item[1])
+    assert invoke["type"] == "lora" and invoke["base"] == invoke_base, invoke
+    # InvokeAI files a kohya-layout LoRA (lora_up / lora_down / alpha keys) under its LyCORIS format.
+    assert invoke["format"] == "lycoris", invoke
+
+
+@pytest.mark.parametrize("family", sorted(LORA_FAMILIES))
+def test_comfyui_and_invokeai_load_the_lora(launch, assets, tmp_path, family):
+    """train_text_to_image.py --rank --train_text_encoder, one step: its kohya-layout file in ComfyUI's LoRA loader
+    over the base model, and in InvokeAI's probe (see assert_uis_load_the_lora)."""
+    require_flax_python()
+    build, architecture, comfy_class, invoke_base = LORA_FAMILIES[family]
+    base = build(str(tmp_path / "base"), architecture, sample_size=64, vocab_size=49408)
+    out = tmp_path / f"my-{family}-lora"
+    args = command_line("--pretrained_model_name_or_path", base, "--train_data_dir", assets["images"], COMMON)
+    launch.accelerate(T2I_SCRIPT, args + command_line("--output_dir", out, LORA_FLAGS))
+    assert_uis_load_the_lora(base, out, tmp_path, comfy_class, invoke_base)
