@@ -6,14 +6,16 @@ Run by the JAX environment (.venv-flax), which holds ComfyUI's `comfy` package a
     .venv-flax/bin/python devkit/ui_loaders.py checkpoint FILE.safetensors
     .venv-flax/bin/python devkit/ui_loaders.py embedding FILE.safetensors --width 768
     .venv-flax/bin/python devkit/ui_loaders.py embedding FILE.safetensors --sdxl
-    .venv-flax/bin/python devkit/ui_loaders.py lora LORA.safetensors --checkpoint BASE.safetensors --patched OUT
+    .venv-flax/bin/python devkit/ui_loaders.py lora LORA.safetensors --checkpoint BASE.safetensors \
+        --pipeline BASE_FOLDER --patched OUT
 
 checkpoint: ComfyUI's load_checkpoint_guess_config (the model family it detects, and whether every tensor of the file
 is what its loaded UNet, VAE and text encoder hold, read back through its own save path) and InvokeAI's model probe
 (type, format, base, variant, prediction type). embedding: ComfyUI's load_embed and its tokenizer's expansion of
 "embedding:NAME" (for SDXL, per text encoder), and InvokeAI's probe. lora: ComfyUI's LoRA path on a kohya-layout file
-over the base model's single file (the keys its loader leaves unmapped, the weights it patches, written to OUT keyed
-by diffusers module names) and InvokeAI's probe. The tests (tests/test_ui_loaders.py) assert on
+over the base model's single file (the keys its loader leaves unmapped, the weights it patches), InvokeAI's probe and
+its LoRA loader and patcher over the base model's diffusers folder; the weights each patched go to OUT, keyed by
+diffusers module names. The tests (tests/test_ui_loaders.py) assert on
 the printed result.
 """
 
@@ -48,8 +50,9 @@ class AbsentModule(types.ModuleType):
 
 class AbsentPackages(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     """torchvision: PyPI's builds for this torch are CUDA builds that fail to import beside the CPU torch, and only
-    ComfyUI's Stable Cascade code and InvokeAI's image utilities use it. onnxruntime: InvokeAI names it in a type
-    only."""
+    ComfyUI's Stable Cascade code and InvokeAI's image utilities use it. onnxruntime, onnx: InvokeAI names them in
+    types and its ONNX model class only. cv2 (InvokeAI's image utilities) and compel (its prompt weighting, a base
+    class of its textual inversion manager): imported on the way to its model loaders, unused by a LoRA's loading."""
 
     def __init__(self, roots):
         self.roots = roots
@@ -68,7 +71,7 @@ class AbsentPackages(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module.__version__ = "0+absent"
 
 
-def stub_absent_packages(names=("torchvision", "onnxruntime")):
+def stub_absent_packages(names=("torchvision", "onnxruntime", "onnx", "cv2", "compel")):
     missing = set()
     for name in names:
         try:
@@ -81,11 +84,15 @@ def stub_absent_packages(names=("torchvision", "onnxruntime")):
         sys.meta_path.insert(0, AbsentPackages(missing))
 
 
-def invokeai_probe(path):
+def invokeai_config(path):
     from invokeai.backend.model_manager.configs.factory import ModelConfigFactory
 
     # The hash is only InvokeAI's database key; skipping it leaves the classification as it is.
-    result = ModelConfigFactory.from_model_on_disk(path, override_fields={"hash": "skip"}, allow_unknown=False)
+    return ModelConfigFactory.from_model_on_disk(path, override_fields={"hash": "skip"}, allow_unknown=False)
+
+
+def invokeai_probe(path):
+    result = invokeai_config(path)
     config = result.config
     if config is None:
         return {"config": None, "reasons": {name: str(reason)[:200] for name, reason in result.details.items()}}
@@ -259,6 +266,65 @@ def comfy_lora(path, checkpoint, patched_path):
     }
 
 
+# The LoRA key prefix InvokeAI patches each diffusers component with (its denoise and prompt invocations), SD and SDXL.
+INVOKEAI_LORA_PREFIXES = {
+    "sd": {"unet": "lora_unet_", "text_encoder": "lora_te_"},
+    "sdxl": {"unet": "lora_unet_", "text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
+}
+
+
+def invokeai_lora(path, pipeline_dir, patched_path):
+    """InvokeAI's LoRA path: the config its probe gives the file, its LoRA loader (which converts SDXL's keys to
+    diffusers' names), and its LayerPatcher on the base pipeline's diffusers UNet and transformers text encoders, with
+    the prefix its invocations use for each, patching weights in place (as on a GPU). Writes the weight of every
+    module it patched, keyed by diffusers name, to patched_path."""
+    import torch
+    from diffusers import UNet2DConditionModel
+    from invokeai.app.services.config.config_default import get_config
+    from invokeai.backend.model_manager.load.model_loaders.lora import LoRALoader
+    from invokeai.backend.patches.layer_patcher import LayerPatcher
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    config = invokeai_config(path).config
+    loader = LoRALoader(get_config(), logging.getLogger("invokeai"), None)
+    loader._get_model_path(config)  # where the loader notes the base, before it loads
+    patch = loader._load_model(config)
+    family = "sdxl" if os.path.isdir(os.path.join(pipeline_dir, "text_encoder_2")) else "sd"
+    models = {"unet": UNet2DConditionModel.from_pretrained(os.path.join(pipeline_dir, "unet"))}
+    models["text_encoder"] = CLIPTextModel.from_pretrained(os.path.join(pipeline_dir, "text_encoder"))
+    if family == "sdxl":
+        models["text_encoder_2"] = CLIPTextModelWithProjection.from_pretrained(
+            os.path.join(pipeline_dir, "text_encoder_2")
+        )
+    flattened = not any("." in key for key in patch.layers)
+    unmatched = []
+    patched = {}
+    for component, prefix in INVOKEAI_LORA_PREFIXES[family].items():
+        model = models[component]
+        modules = {}
+        for key in patch.layers:
+            if key.startswith(prefix):
+                try:
+                    modules[key] = LayerPatcher._get_submodule(model, key[len(prefix) :], flattened)[0]
+                except AttributeError:
+                    unmatched.append(key)
+        with LayerPatcher.apply_smart_model_patches(
+            model=model, patches=[(patch, 1.0)], prefix=prefix, dtype=torch.float32, force_direct_patching=True
+        ):
+            for module in modules.values():
+                weight = model.get_submodule(module).weight
+                patched[f"{component}.{module}.weight"] = weight.detach().float().clone().contiguous()
+    prefixes = tuple(INVOKEAI_LORA_PREFIXES[family].values())
+    save_file(patched, patched_path)
+    return {
+        "layers": len(patch.layers),
+        "patched_modules": len(patched),
+        "no_prefix": sorted(key for key in patch.layers if not key.startswith(prefixes))[:20],
+        "unmatched": unmatched[:20],
+    }
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("kind", choices=["checkpoint", "embedding", "lora"], help="What the file is.")
@@ -267,11 +333,14 @@ def main(argv=None):
     parser.add_argument(
         "--sdxl", action="store_true", help="embedding: an SDXL file ({clip_l, clip_g}), one half per text encoder."
     )
-    parser.add_argument("--checkpoint", help="lora: the base model's single file, which the LoRA patches.")
-    parser.add_argument("--patched", help="lora: where to write the patched weights (.safetensors).")
+    parser.add_argument("--checkpoint", help="lora: the base model's single file, which ComfyUI loads.")
+    parser.add_argument("--pipeline", help="lora: the base model's diffusers folder, whose models InvokeAI patches.")
+    parser.add_argument(
+        "--patched", help="lora: a folder for the weights each UI patched (comfyui.safetensors, invokeai.safetensors)."
+    )
     args = parser.parse_args(argv)
-    if args.kind == "lora" and not (args.checkpoint and args.patched):
-        parser.error("lora needs --checkpoint and --patched")
+    if args.kind == "lora" and not (args.checkpoint and args.pipeline and args.patched):
+        parser.error("lora needs --checkpoint, --pipeline and --patched")
     path = os.path.abspath(args.path)
     import torch  # noqa: F401  (before the stubs: only what fails to import is replaced)
 
@@ -279,9 +348,14 @@ def main(argv=None):
     if args.kind == "checkpoint":
         report = {"comfyui": comfy_checkpoint(path), "invokeai": invokeai_probe(path)}
     elif args.kind == "lora":
+        patched = os.path.abspath(args.patched)
+        os.makedirs(patched, exist_ok=True)
         report = {
-            "comfyui": comfy_lora(path, os.path.abspath(args.checkpoint), os.path.abspath(args.patched)),
+            "comfyui": comfy_lora(path, os.path.abspath(args.checkpoint), os.path.join(patched, "comfyui.safetensors")),
             "invokeai": invokeai_probe(path),
+            "invokeai_patch": invokeai_lora(
+                path, os.path.abspath(args.pipeline), os.path.join(patched, "invokeai.safetensors")
+            ),
         }
     elif args.sdxl:
         report = {"comfyui": comfy_sdxl_embedding(path), "invokeai": invokeai_probe(path)}

@@ -150,32 +150,39 @@ def write_base_single_file(pipeline_dir, path):
 
 def assert_uis_load_the_lora(base, out, tmp_path, comfy_class, invoke_base):
     """The kohya-layout file in `out` (beside diffusers' file) over the base pipeline: ComfyUI maps every key of it
-    (.alpha included) onto the model, and the weights its LoraLoader patches equal diffusers' fuse_lora within 1e-5 in
-    every adapted module of the UNet and text encoder(s); InvokeAI's probe sees a LoRA of invoke_base."""
-    patched_path = tmp_path / "comfyui-patched.safetensors"
+    (.alpha included) onto the model, InvokeAI's probe sees a LoRA of invoke_base and its loader finds a module for
+    every layer, and the weights each patches equal diffusers' fuse_lora within 1e-5 in every adapted module of the
+    UNet and text encoder(s)."""
+    patched_dir = tmp_path / "patched"
     checkpoint = write_base_single_file(base, tmp_path / "base.safetensors")
     report = ui_loaders(
-        "lora", lora.ui_lora_path(out), tmp_path, "--checkpoint", str(checkpoint), "--patched", str(patched_path)
+        "lora",
+        lora.ui_lora_path(out),
+        tmp_path,
+        *("--checkpoint", checkpoint, "--pipeline", base, "--patched", patched_dir),
     )
-    comfy, invoke = report["comfyui"], report["invokeai"]
+    comfy, invoke, invoke_patch = report["comfyui"], report["invokeai"], report["invokeai_patch"]
     assert comfy["model_config"] == comfy_class
     assert comfy["unmapped"] == [] and comfy["warnings"] == [], comfy
-    with safe_open(os.path.join(out, lora.DIFFUSERS_LORA_FILE), "np") as f:
-        adapted = sorted({key.rsplit(".lora_", 1)[0] for key in f.keys()})
-    patched = {key.removesuffix(".weight"): tensor.numpy() for key, tensor in load_file(patched_path).items()}
-    assert comfy["file_modules"] == comfy["patched_modules"] == len(adapted)
-    assert sorted(patched) == adapted
-    assert {name.split(".", 1)[0] for name in adapted} == {"unet", *lora_files.text_encoder_names(base)}
-    base_weights, fused = lora_files.fused_weights(base, out, adapted)
-    differences = {name: float(np.abs(patched[name] - fused[name]).max()) for name in adapted}
-    worst = max(differences, key=differences.get)
-    assert differences[worst] <= 1e-5, f"{worst}: ComfyUI's weight differs from diffusers' by {differences[worst]}"
-    # The comparison means something only where the LoRA moved the weight.
-    moved = {name: float(np.abs(fused[name] - base_weights[name]).max()) for name in adapted}
-    assert min(moved.values()) > 1e-4, min(moved.items(), key=lambda item: item[1])
     assert invoke["type"] == "lora" and invoke["base"] == invoke_base, invoke
     # InvokeAI files a kohya-layout LoRA (lora_up / lora_down / alpha keys) under its LyCORIS format.
     assert invoke["format"] == "lycoris", invoke
+    assert invoke_patch["no_prefix"] == [] and invoke_patch["unmatched"] == [], invoke_patch
+    with safe_open(os.path.join(out, lora.DIFFUSERS_LORA_FILE), "np") as f:
+        adapted = sorted({key.rsplit(".lora_", 1)[0] for key in f.keys()})
+    assert {name.split(".", 1)[0] for name in adapted} == {"unet", *lora_files.text_encoder_names(base)}
+    base_weights, fused = lora_files.fused_weights(base, out, adapted)
+    # The comparison means something only where the LoRA moved the weight.
+    moved = {name: float(np.abs(fused[name] - base_weights[name]).max()) for name in adapted}
+    assert min(moved.values()) > 1e-4, min(moved.items(), key=lambda item: item[1])
+    for ui in ["comfyui", "invokeai"]:
+        patched = {
+            key.removesuffix(".weight"): t.numpy() for key, t in load_file(patched_dir / f"{ui}.safetensors").items()
+        }
+        assert sorted(patched) == adapted, ui
+        differences = {name: float(np.abs(patched[name] - fused[name]).max()) for name in adapted}
+        worst = max(differences, key=differences.get)
+        assert differences[worst] <= 1e-5, f"{ui}: {worst} differs from diffusers' fused weight by {differences[worst]}"
 
 
 @pytest.mark.parametrize("family", sorted(LORA_FAMILIES))
