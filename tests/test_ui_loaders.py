@@ -131,10 +131,20 @@ def test_comfyui_and_invokeai_read_the_sdxl_embedding(launch, concept, tmp_path)
 
 
 # LoRA (issue 31). The tests below launch train_text_to_image.py --rank, so they need the LoRA training: `-k lora`.
+# SDXL conditions on the penultimate hidden state of its first text encoder, so that encoder's last layer never
+# trains: the SDXL run's first text encoder has two layers, so its LoRA has a trained layer (0) to compare as well.
+SDXL_LORA_SHAPED = {**tiny_sd.SDXL_SHAPED, "text": {**tiny_sd.SDXL_SHAPED["text"], "num_hidden_layers": 2}}
 LORA_FAMILIES = {
-    # family: (pipeline builder, architecture, ComfyUI's model class, InvokeAI's base)
-    "sd1": (tiny_sd.build_pipeline, tiny_sd.SD1_SHAPED, "SD15", "sd-1"),
-    "sdxl": (tiny_sd.build_sdxl_pipeline, tiny_sd.SDXL_SHAPED, "Segmind_Vega", "sdxl"),
+    # family: (pipeline builder, architecture, ComfyUI's model class, InvokeAI's base, the modules one step leaves
+    # untouched (B still zero): the unused last layer of SDXL's first text encoder)
+    "sd1": (tiny_sd.build_pipeline, tiny_sd.SD1_SHAPED, "SD15", "sd-1", ()),
+    "sdxl": (
+        tiny_sd.build_sdxl_pipeline,
+        SDXL_LORA_SHAPED,
+        "Segmind_Vega",
+        "sdxl",
+        ("text_encoder.text_model.encoder.layers.1.",),
+    ),
 }
 # Rank 4, alpha 8: a scale of 2, which a loader ignoring .alpha (scale 1) or reading alpha as the scale (8) would miss.
 # The learning rate moves B well away from zero in the one step (B starts at zero: an untrained LoRA changes nothing).
@@ -148,11 +158,11 @@ def write_base_single_file(pipeline_dir, path):
     return path
 
 
-def assert_uis_load_the_lora(base, out, tmp_path, comfy_class, invoke_base):
+def assert_uis_load_the_lora(base, out, tmp_path, comfy_class, invoke_base, untrained=()):
     """The kohya-layout file in `out` (beside diffusers' file) over the base pipeline: ComfyUI maps every key of it
     (.alpha included) onto the model, InvokeAI's probe sees a LoRA of invoke_base and its loader finds a module for
     every layer, and the weights each patches equal diffusers' fuse_lora within 1e-5 in every adapted module of the
-    UNet and text encoder(s)."""
+    UNet and text encoder(s). untrained: module name prefixes the run cannot train, whose B is still zero."""
     patched_dir = tmp_path / "patched"
     checkpoint = write_base_single_file(base, tmp_path / "base.safetensors")
     report = ui_loaders(
@@ -174,7 +184,8 @@ def assert_uis_load_the_lora(base, out, tmp_path, comfy_class, invoke_base):
     base_weights, fused = lora_files.fused_weights(base, out, adapted)
     # The comparison means something only where the LoRA moved the weight.
     moved = {name: float(np.abs(fused[name] - base_weights[name]).max()) for name in adapted}
-    assert min(moved.values()) > 1e-4, min(moved.items(), key=lambda item: item[1])
+    trained = {name: change for name, change in moved.items() if not name.startswith(tuple(untrained))}
+    assert min(trained.values()) > 1e-4, min(trained.items(), key=lambda item: item[1])
     for ui in ["comfyui", "invokeai"]:
         patched = {
             key.removesuffix(".weight"): t.numpy() for key, t in load_file(patched_dir / f"{ui}.safetensors").items()
@@ -190,9 +201,9 @@ def test_comfyui_and_invokeai_load_the_lora(launch, assets, tmp_path, family):
     """train_text_to_image.py --rank --train_text_encoder, one step: its kohya-layout file in ComfyUI's LoRA loader
     over the base model, and in InvokeAI's probe (see assert_uis_load_the_lora)."""
     require_flax_python()
-    build, architecture, comfy_class, invoke_base = LORA_FAMILIES[family]
+    build, architecture, comfy_class, invoke_base, untrained = LORA_FAMILIES[family]
     base = build(str(tmp_path / "base"), architecture, sample_size=64, vocab_size=49408)
     out = tmp_path / f"my-{family}-lora"
     args = command_line("--pretrained_model_name_or_path", base, "--train_data_dir", assets["images"], COMMON)
     launch.accelerate(T2I_SCRIPT, args + command_line("--output_dir", out, LORA_FLAGS))
-    assert_uis_load_the_lora(base, out, tmp_path, comfy_class, invoke_base)
+    assert_uis_load_the_lora(base, out, tmp_path, comfy_class, invoke_base, untrained)
