@@ -55,7 +55,7 @@ def random_lora_state(pipeline_dir, config, seed=0):
 def fused_weights(pipeline_dir, lora_dir, modules):
     """(base, fused): the weight (float32 NumPy) of each of `modules` ("unet.<module>", "text_encoder.<module>", ...)
     in the base pipeline, and diffusers' merge of the LoRA in lora_dir into it: `pipe.load_lora_weights(lora_dir)`
-    then `pipe.fuse_lora()` on every LoRA-loadable component, at scale 1."""
+    then `pipe.fuse_lora()` on the UNet and every text encoder, at scale 1."""
     pipe = pipeline_class(pipeline_dir).from_pretrained(pipeline_dir)  # float32, as saved
 
     def layer(name):
@@ -71,7 +71,7 @@ def fused_weights(pipeline_dir, lora_dir, modules):
 
     base = {name: layer(name).weight.detach().numpy().copy() for name in modules}
     pipe.load_lora_weights(lora_dir)
-    pipe.fuse_lora(components=pipe._lora_loadable_modules)
+    pipe.fuse_lora(components=["unet", *text_encoder_names(pipeline_dir)])
     return base, {name: layer(name).weight.detach().numpy().copy() for name in modules}
 
 

@@ -199,7 +199,8 @@ def assert_uis_load_the_lora(base, out, tmp_path, comfy_class, invoke_base, untr
 @pytest.mark.parametrize("family", sorted(LORA_FAMILIES))
 def test_comfyui_and_invokeai_load_the_lora(launch, assets, tmp_path, family):
     """train_text_to_image.py --rank --train_text_encoder, one step: its kohya-layout file in ComfyUI's LoRA loader
-    over the base model, and in InvokeAI's probe (see assert_uis_load_the_lora)."""
+    over the base model's single file, and in InvokeAI's probe, loader and patcher over its diffusers folder (see
+    assert_uis_load_the_lora)."""
     require_flax_python()
     build, architecture, comfy_class, invoke_base, untrained = LORA_FAMILIES[family]
     base = build(str(tmp_path / "base"), architecture, sample_size=64, vocab_size=49408)
