@@ -15,8 +15,7 @@ is what its loaded UNet, VAE and text encoder hold, read back through its own sa
 "embedding:NAME" (for SDXL, per text encoder), and InvokeAI's probe. lora: ComfyUI's LoRA path on a kohya-layout file
 over the base model's single file (the keys its loader leaves unmapped, the weights it patches), InvokeAI's probe and
 its LoRA loader and patcher over the base model's diffusers folder; the weights each patched go to OUT, keyed by
-diffusers module names. The tests (tests/test_ui_loaders.py) assert on
-the printed result.
+diffusers module names. The tests (tests/test_ui_loaders.py) assert on the printed result.
 """
 
 import argparse
