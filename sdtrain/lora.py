@@ -130,7 +130,13 @@ def ui_lora_path(output_dir):
 
 def diffusers_key(component, module, matrix):
     """The key of one LoRA matrix ("A" or "B") in DIFFUSERS_LORA_FILE: component is the pipeline's component name
-    (unet, text_encoder, text_encoder_2) and module the adapted module's name within it."""
+    (unet, text_encoder, text_encoder_2) and module the adapted module's name within it.
+
+    A text encoder's module is keyed under `text_model.`, the name CLIP's modules have in transformers 4 and Flax, and
+    the one ComfyUI and A1111 map (lora_te_text_model_encoder_layers_*): transformers 5's CLIPTextModel dropped that
+    level (its CLIPTextModelWithProjection keeps it), and diffusers' load_lora_weights reads the key either way."""
+    if component != "unet" and not module.startswith("text_model."):
+        module = "text_model." + module
     return f"{component}.{module}.lora_{matrix}.weight"
 
 

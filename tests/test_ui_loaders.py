@@ -1,20 +1,23 @@
-"""The single file and the embeddings file in the UIs' own loaders: ComfyUI's `comfy` package and InvokeAI's model
-probe, run offline by devkit/ui_loaders.py in the JAX environment (where requirements_ui_loaders.txt installs them).
-The runs train an SD-shaped pipeline (devkit/tiny_sd.py SD1_SHAPED / SD2_SHAPED / SDXL_SHAPED) for one step: the tiny
-test pipeline is too small for the loaders to tell which model family it is."""
+"""The single file, the embeddings file and the LoRA file in the UIs' own loaders: ComfyUI's `comfy` package and
+InvokeAI's model probe, run offline by devkit/ui_loaders.py in the JAX environment (where requirements_ui_loaders.txt
+installs them). The runs train an SD-shaped pipeline (devkit/tiny_sd.py SD1_SHAPED / SD2_SHAPED / SDXL_SHAPED) for one
+step: the tiny test pipeline is too small for the loaders to tell which model family it is."""
 
 import json
 import os
 import subprocess
 
+import numpy as np
 import pytest
 from conftest import OFFLINE_ENV, REPO
+from safetensors import safe_open
 from safetensors.torch import load_file
 from test_textual_inversion import SCRIPT as TI_SCRIPT
 from test_train_text_to_image import SCRIPT as T2I_SCRIPT
 
-from devkit import tiny_sd
+from devkit import lora_files, tiny_sd
 from devkit.command_line import command_line
+from sdtrain import lora, single_file
 
 FLAX_PYTHON = os.path.join(REPO, ".venv-flax", "bin", "python")
 FAMILIES = {
@@ -125,3 +128,83 @@ def test_comfyui_and_invokeai_read_the_sdxl_embedding(launch, concept, tmp_path)
         assert report["comfyui"][key] == expected, key
     invoke = report["invokeai"]
     assert invoke["type"] == "embedding" and invoke["format"] == "embedding_file" and invoke["base"] == "sdxl"
+
+
+# LoRA (issue 31). The tests below launch train_text_to_image.py --rank, so they need the LoRA training: `-k lora`.
+# SDXL conditions on the penultimate hidden state of its first text encoder, so that encoder's last layer never
+# trains: the SDXL run's first text encoder has two layers, so its LoRA has a trained layer (0) to compare as well.
+SDXL_LORA_SHAPED = {**tiny_sd.SDXL_SHAPED, "text": {**tiny_sd.SDXL_SHAPED["text"], "num_hidden_layers": 2}}
+LORA_FAMILIES = {
+    # family: (pipeline builder, architecture, ComfyUI's model class, InvokeAI's base, the modules one step leaves
+    # untouched (B still zero): the unused last layer of SDXL's first text encoder)
+    "sd1": (tiny_sd.build_pipeline, tiny_sd.SD1_SHAPED, "SD15", "sd-1", ()),
+    "sdxl": (
+        tiny_sd.build_sdxl_pipeline,
+        SDXL_LORA_SHAPED,
+        "Segmind_Vega",
+        "sdxl",
+        ("text_encoder.text_model.encoder.layers.1.",),
+    ),
+}
+# Rank 4, alpha 8: a scale of 2, which a loader ignoring .alpha (scale 1) or reading alpha as the scale (8) would miss.
+# The learning rate moves B well away from zero in the one step (B starts at zero: an untrained LoRA changes nothing).
+LORA_FLAGS = "--rank 4 --lora_alpha 8 --train_text_encoder --learning_rate 1e-2 --lr_warmup_steps 0"
+
+
+def write_base_single_file(pipeline_dir, path):
+    """The base pipeline as the single file the UIs load as their model (the LoRA's base), in float32."""
+    _, state = single_file.original_layout_state(pipeline_dir)
+    single_file.write_single_file(state, str(path), "fp32", {})
+    return path
+
+
+def assert_uis_load_the_lora(base, out, tmp_path, comfy_class, invoke_base, untrained=()):
+    """The kohya-layout file in `out` (beside diffusers' file) over the base pipeline: ComfyUI maps every key of it
+    (.alpha included) onto the model, InvokeAI's probe sees a LoRA of invoke_base and its loader finds a module for
+    every layer, and the weights each patches equal diffusers' fuse_lora within 1e-5 in every adapted module of the
+    UNet and text encoder(s). untrained: module name prefixes the run cannot train, whose B is still zero."""
+    patched_dir = tmp_path / "patched"
+    checkpoint = write_base_single_file(base, tmp_path / "base.safetensors")
+    report = ui_loaders(
+        "lora",
+        lora.ui_lora_path(out),
+        tmp_path,
+        *("--checkpoint", checkpoint, "--pipeline", base, "--patched", patched_dir),
+    )
+    comfy, invoke, invoke_patch = report["comfyui"], report["invokeai"], report["invokeai_patch"]
+    assert comfy["model_config"] == comfy_class
+    assert comfy["unmapped"] == [] and comfy["warnings"] == [], comfy
+    assert invoke["type"] == "lora" and invoke["base"] == invoke_base, invoke
+    # InvokeAI files a kohya-layout LoRA (lora_up / lora_down / alpha keys) under its LyCORIS format.
+    assert invoke["format"] == "lycoris", invoke
+    assert invoke_patch["no_prefix"] == [] and invoke_patch["unmatched"] == [], invoke_patch
+    with safe_open(os.path.join(out, lora.DIFFUSERS_LORA_FILE), "np") as f:
+        adapted = sorted({key.rsplit(".lora_", 1)[0] for key in f.keys()})
+    assert {name.split(".", 1)[0] for name in adapted} == {"unet", *lora_files.text_encoder_names(base)}
+    base_weights, fused = lora_files.fused_weights(base, out, adapted)
+    # The comparison means something only where the LoRA moved the weight.
+    moved = {name: float(np.abs(fused[name] - base_weights[name]).max()) for name in adapted}
+    trained = {name: change for name, change in moved.items() if not name.startswith(tuple(untrained))}
+    assert min(trained.values()) > 1e-4, min(trained.items(), key=lambda item: item[1])
+    for ui in ["comfyui", "invokeai"]:
+        patched = {
+            key.removesuffix(".weight"): t.numpy() for key, t in load_file(patched_dir / f"{ui}.safetensors").items()
+        }
+        assert sorted(patched) == adapted, ui
+        differences = {name: float(np.abs(patched[name] - fused[name]).max()) for name in adapted}
+        worst = max(differences, key=differences.get)
+        assert differences[worst] <= 1e-5, f"{ui}: {worst} differs from diffusers' fused weight by {differences[worst]}"
+
+
+@pytest.mark.parametrize("family", sorted(LORA_FAMILIES))
+def test_comfyui_and_invokeai_load_the_lora(launch, assets, tmp_path, family):
+    """train_text_to_image.py --rank --train_text_encoder, one step: its kohya-layout file in ComfyUI's LoRA loader
+    over the base model's single file, and in InvokeAI's probe, loader and patcher over its diffusers folder (see
+    assert_uis_load_the_lora)."""
+    require_flax_python()
+    build, architecture, comfy_class, invoke_base, untrained = LORA_FAMILIES[family]
+    base = build(str(tmp_path / "base"), architecture, sample_size=64, vocab_size=49408)
+    out = tmp_path / f"my-{family}-lora"
+    args = command_line("--pretrained_model_name_or_path", base, "--train_data_dir", assets["images"], COMMON)
+    launch.accelerate(T2I_SCRIPT, args + command_line("--output_dir", out, LORA_FLAGS))
+    assert_uis_load_the_lora(base, out, tmp_path, comfy_class, invoke_base, untrained)
