@@ -41,14 +41,18 @@ base, out, scale = sys.argv[1], sys.argv[2], float(sys.argv[3])
 pipe = DiffusionPipeline.from_pretrained(base)
 names = [n for n in ("unet", "text_encoder", "text_encoder_2") if getattr(pipe, n, None) is not None]
 before = {n: {k: v.numpy().copy() for k, v in getattr(pipe, n).state_dict().items()} for n in names}
-pipe.load_lora_weights(out)
+# diffusers 0.39 offline needs the file's name even in a local folder; 0.42 finds it (sys.argv[4]: give it).
+pipe.load_lora_weights(out, **({"weight_name": "pytorch_lora_weights.safetensors"} if sys.argv[4:] else {}))
 pipe.fuse_lora()
 pipe.unload_lora_weights()
 lora, worst, fused = load_file(out + "/pytorch_lora_weights.safetensors"), 0.0, set()
 for key, a in lora.items():
     if ".lora_A." in key:
         component, module = key.split(".", 1)[0], key.split(".", 1)[1].rsplit(".lora_A", 1)[0]
-        weight = getattr(pipe, component).state_dict()[module + ".weight"].numpy()
+        weights = getattr(pipe, component).state_dict()
+        if module + ".weight" not in weights:  # transformers 5's CLIPTextModel has no text_model level
+            module = module.removeprefix("text_model.")
+        weight = weights[module + ".weight"].numpy()
         expected = before[component][module + ".weight"] + scale * lora[key.replace("lora_A", "lora_B")] @ a
         worst = max(worst, float(np.abs(weight - expected).max()))
         fused.add(component)
@@ -136,7 +140,7 @@ def test_sd_lora_writes_both_files_that_diffusers_loads(sd_run, assets):
     assert "- lora\n" in card and f"rank {RANK}, alpha {ALPHA}" in card and f'load_lora_weights("{full}")' in card
     assert "checkpoints hold the adapter and its optimizer state" in sd_run["output"]
     for result in (
-        run_flax_python(FUSE_CHECK, assets["pipeline"], full, str(ALPHA / RANK)),  # diffusers 0.39
+        run_flax_python(FUSE_CHECK, assets["pipeline"], full, str(ALPHA / RANK), "named"),  # diffusers 0.39
         run_torch(["-c", FUSE_CHECK, assets["pipeline"], full, str(ALPHA / RANK)]),  # diffusers 0.42
     ):
         components, worst = result.stdout.strip().splitlines()[-1].split(" ", 1)[1].rsplit(" ", 1)
@@ -186,7 +190,7 @@ def test_sdxl_lora_in_bf16_trains_both_text_encoders_and_diffusers_loads_it(laun
     saved = check_files(out, sdxl_pipeline, ["text_encoder", "text_encoder_2"], ["lora_te1_", "lora_te2_"])
     assert any(np.abs(v).max() > 0 for k, v in saved.items() if k.startswith("text_encoder_2.") and ".lora_B." in k)
     assert os.listdir(os.path.join(out, "validation")) == ["final-step-000002.png"]
-    fused = run_flax_python(FUSE_CHECK, sdxl_pipeline, out, str(ALPHA / RANK)).stdout.strip().splitlines()[-1]
+    fused = run_flax_python(FUSE_CHECK, sdxl_pipeline, out, str(ALPHA / RANK), "named").stdout.strip().splitlines()[-1]
     components, worst = fused.split(" ", 1)[1].rsplit(" ", 1)
     assert components == "['text_encoder', 'text_encoder_2', 'unet']" and float(worst) <= 1e-6, fused
 
