@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Fine-tune the UNet of a Stable Diffusion 1.x / 2.x or SDXL pipeline on image-caption pairs (JAX/Flax twin of
 train_text_to_image.py). Reads a standard PyTorch diffusers folder or hub id, trains data-parallel over every local
-device, and saves a PyTorch diffusers pipeline (safetensors) that current diffusers loads.
+device, and saves a PyTorch diffusers pipeline (safetensors) that current diffusers loads. With --rank N it trains a
+LoRA instead (Hu et al. 2021, arXiv:2106.09685; the flags are diffusers' LoRA scripts'): the base model stays frozen
+and the run writes the adapter alone, in diffusers' layout (pytorch_lora_weights.safetensors) and the UIs' one.
 
 One host (all its GPUs or TPU cores):
     python train_text_to_image_flax.py \
@@ -1152,7 +1154,9 @@ def main(args):
     run_metadata["use_ema"] = args.use_ema
     run_metadata["lora"] = lora_identity
     if lora is not None:
-        size = tree_mib({"params": state.params, "opt_state": state.opt_state, "ema": getattr(state, "ema_params", None)})
+        size = tree_mib(
+            {"params": state.params, "opt_state": state.opt_state, "ema": getattr(state, "ema_params", None)}
+        )
         layers = sum(len(adapter_layers(adapter)) for adapter in state.params.values())
         logger.info(
             f"LoRA rank {lora.rank}, alpha {lora.alpha:g} on {layers} layers ({', '.join(state.params)}): "

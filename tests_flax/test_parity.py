@@ -298,6 +298,10 @@ def test_lora_loss_and_gradients_equal_pytorch(assets, sdxl_pipeline, torch_side
     assert abs(float(loss) - float(recorded["loss"])) <= 1e-4, (float(loss), float(recorded["loss"]))
     grads = jax_lora.diffusers_state(grads)
     assert all(np.abs(recorded[f"grad:{key}"]).max() > 0 for key in keys if key.startswith("unet.")), "grads bite"
+    worst = max(float(np.abs(grads[key] - recorded[f"grad:{key}"]).max()) for key in keys)
+    print(
+        f"{case}: loss {float(loss):.6f} vs {float(recorded['loss']):.6f}, largest A/B gradient difference {worst:.2e}"
+    )
     for key in sorted(keys):
         expected = recorded[f"grad:{key}"]
         assert np.abs(grads[key] - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max()), key
