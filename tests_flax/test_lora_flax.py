@@ -70,10 +70,10 @@ def run_flax_python(code, *args):
     return result
 
 
-def lora_args(base, data, output_dir, *extra):
+def lora_args(base, data, output_dir, *extra, lora=LORA):
     paths = ["--pretrained_model_name_or_path", base, "--train_data_dir", data, "--output_dir", output_dir]
     fixed = "--resolution 64 --train_batch_size 1 --learning_rate 1e-3 --lr_warmup_steps 0 --seed 3"
-    return command_line(*paths, fixed, LORA, *extra)
+    return command_line(*paths, fixed, lora, *extra)
 
 
 def expected_shapes(base, text_encoders):
@@ -165,6 +165,19 @@ def test_sd_lora_checkpoint_holds_the_adapter_alone_and_resumes_exactly(sd_run):
     ema, raw = (jax_lora.lookup(final[tree]["unet"], module)["lora_B"] for tree in ("ema_params", "params"))
     key = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight"
     assert np.array_equal(a[key], np.asarray(ema)) and not np.array_equal(a[key], np.asarray(raw))
+
+
+def test_a_lora_checkpoint_resumes_only_the_same_lora(sd_run, launch, assets):
+    """Another rank, or no LoRA at all (the whole UNet), cannot resume the adapter's checkpoint: refused, naming it."""
+    for name, lora in [("other-rank", "--rank 8"), ("whole-unet", "--snr_gamma 5.0")]:
+        out = sd_run["root"] / name
+        shutil.copytree(os.path.join(sd_run["full"], "checkpoint-2"), out / "checkpoint-2")
+        args = lora_args(
+            assets["pipeline"], assets["images"], out, SD_FLAGS, "--resume_from_checkpoint latest", lora=lora
+        )
+        result = launch.run(T2I, args, check=False)
+        assert result.returncode != 0 and "was trained with LoRA {'rank': 4" in result.output, result.output[-3000:]
+        assert [n for n in os.listdir(out) if not n.startswith(".")] == ["checkpoint-2"], "nothing written"
 
 
 def test_sd_lora_as_two_processes_equals_one_process(sd_run, launch, assets):
