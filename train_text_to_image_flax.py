@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Fine-tune the UNet of a Stable Diffusion 1.x / 2.x or SDXL pipeline on image-caption pairs (JAX/Flax twin of
 train_text_to_image.py). Reads a standard PyTorch diffusers folder or hub id, trains data-parallel over every local
-device, and saves a PyTorch diffusers pipeline (safetensors) that current diffusers loads.
+device, and saves a PyTorch diffusers pipeline (safetensors) that current diffusers loads. With --rank N it trains a
+LoRA instead (Hu et al. 2021, arXiv:2106.09685; the flags are diffusers' LoRA scripts'): the base model stays frozen
+and the run writes the adapter alone, in diffusers' layout (pytorch_lora_weights.safetensors) and the UIs' one.
 
 One host (all its GPUs or TPU cores):
     python train_text_to_image_flax.py \
@@ -58,6 +60,7 @@ from sdtrain.families import folder_family
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import inspect_images, load_rgb, verify_image
 from sdtrain.logs import format_logs, warmup_applied
+from sdtrain.lora import LoraConfig, add_lora_arguments, lora_problem
 from sdtrain.preemption import StopRequest, preemption_message, stop_exit_code
 from sdtrain.recipes import (
     RecipeConfig,
@@ -198,6 +201,7 @@ def parse_args(argv=None):
         default=0.0,
         help="Scale of input perturbation (0.1 is recommended); 0 turns it off.",
     )
+    add_lora_arguments(parser.add_argument_group("LoRA"))
     add_optimizer_arguments(parser.add_argument_group("Optimizer"))
     group.add_argument(
         "--max_grad_norm", type=float, default=1.0, help="Clip gradients to this global norm (0 turns clipping off)."
@@ -296,7 +300,30 @@ def parse_args(argv=None):
     problem = distributed_problem(DistributedConfig.from_args(args))
     if problem:
         parser.error(problem)
+    problem = lora_problem(args) or flax_lora_problem(args)
+    if problem:
+        parser.error(problem)
     return args
+
+
+def flax_lora_problem(args):
+    """What the Flax twin cannot do with a LoRA, beyond sdtrain.lora.lora_problem."""
+    if args.rank is None:
+        return None
+    if args.lora_dropout > 0:
+        # The adapter is merged into the kernels (W + scale * B @ A) inside the loss; dropout on the LoRA branch's
+        # input is not a weight and has no such form.
+        return "--lora_dropout: the Flax twin merges the LoRA into the weights and cannot drop its inputs; use 0"
+    if args.save_single_file:
+        return (
+            "--save_single_file writes a whole model; a LoRA run (--rank) writes its adapter in the UIs' layout "
+            "(<output_dir name>.safetensors) anyway: drop --save_single_file"
+        )
+    if args.train_text_encoder and args.cache_text_embeddings:
+        return (
+            "--train_text_encoder trains the text encoders' LoRA, so their outputs change: drop --cache_text_embeddings"
+        )
+    return None
 
 
 def add_optimizer_arguments(parser):
@@ -344,11 +371,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from sdtrain.captions import edit_caption, load_image_caption_dataset  # imports datasets
-from sdtrain.jax.checkpoints import check_finite, final_save_failed, restore_train_state, save_checkpoint
+from sdtrain.jax.checkpoints import check_finite, final_save_failed, restore_train_state, save_checkpoint, tree_mib
 from sdtrain.jax.data import process_batches
 from sdtrain.jax.export import save_pipeline
 from sdtrain.jax.family import family_code
 from sdtrain.jax.loop import LogWindow, evaluation_params, start_distributed, stop_agreed
+from sdtrain.jax.lora import adapter_layers, diffusers_state, init_lora, merge_lora
 from sdtrain.jax.models import (
     enable_block_rematerialisation,
     load_flax_model,
@@ -358,7 +386,8 @@ from sdtrain.jax.models import (
 )
 from sdtrain.jax.text import token_ids
 from sdtrain.jax.validation import render_validation_images, save_validation_grid, validation_renderer
-from sdtrain.model_cards import fine_tuned_card, write_model_card
+from sdtrain.lora import TEXT_ENCODER_LORA_MODULES, base_model_version, ui_lora_path, write_lora_files
+from sdtrain.model_cards import card_header, fine_tuned_card, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -623,6 +652,24 @@ class FrozenModels:
     text_encoders: tuple = struct.field(pytree_node=False)
     noise_scheduler: Any = struct.field(pytree_node=False)
     code: Any = struct.field(pytree_node=False)  # the family's (sdtrain.jax.family): encode_text, added conditioning
+    # With --rank: the frozen UNet (in the mixed-precision dtype) the adapter is merged into, and the LoRA's config.
+    unet_params: Any = None
+    lora: Any = struct.field(pytree_node=False, default=None)
+
+
+def adapted_weights(trained, frozen):
+    """(UNet params, text encoders' params) that the trained params give: the trained UNet and the frozen text
+    encoders, or with a LoRA (frozen.lora) the frozen base with the adapter `trained` merged in, the text encoders'
+    too where it has theirs (keyed by the family's component names)."""
+    if frozen.lora is None:
+        return trained, frozen.text_encoder_params
+    scale = frozen.lora.scale
+    unet_params = merge_lora(frozen.unet_params, trained["unet"], scale)
+    text_encoder_params = tuple(
+        merge_lora(params, trained[name], scale) if name in trained else params
+        for name, params in zip(frozen.code.family.text_encoders, frozen.text_encoder_params, strict=True)
+    )
+    return unet_params, text_encoder_params
 
 
 def encode_batch(frozen, batch, rng):
@@ -653,6 +700,9 @@ def encode_batch(frozen, batch, rng):
         pooled_text_embeds = pooled_text_embeds * kept[:, None].astype(pooled_text_embeds.dtype)
     # SDXL: the pooled text embedding and the size conditioning enter through the UNet's added embedding.
     added_cond_kwargs = frozen.code.added_conditioning(pooled_text_embeds, batch.get("time_ids"))
+    if frozen.lora is not None and frozen.lora.train_text_encoder:
+        # The text encoders' LoRA trains through the conditioning.
+        return jax.lax.stop_gradient(latents), encoder_hidden_states, added_cond_kwargs
     return jax.lax.stop_gradient((latents, encoder_hidden_states, added_cond_kwargs))
 
 
@@ -789,10 +839,14 @@ def diffusion_loss(
 def batch_loss(params, state, frozen, batch, rng, config):
     """The loss `params` give on one batch: encode, then the denoising loss. Pure: every draw comes from `rng`."""
     sample_rng, loss_rng = jax.random.split(rng)
-    latents, encoder_hidden_states, added_cond_kwargs = encode_batch(frozen, batch, sample_rng)
+    # With a LoRA, `params` is the adapter, merged into the frozen weights here so that only it gets gradients.
+    unet_params, text_encoder_params = adapted_weights(params, frozen)
+    latents, encoder_hidden_states, added_cond_kwargs = encode_batch(
+        frozen.replace(text_encoder_params=text_encoder_params), batch, sample_rng
+    )
 
     def unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=None):
-        variables = {"params": params}
+        variables = {"params": unet_params}
         return state.apply_fn(
             variables, noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, train=True
         ).sample
@@ -843,12 +897,13 @@ def validation_weights(args):
 
 def validate(render, state, frozen, tokenizers, args, seed, global_step, tag, is_main_process):
     """Render the validation prompts with the weights that would be saved now (the EMA with --use_ema), and with
-    --ema_validation raw or both, with the raw trained weights. Every process renders; the main process saves, and
-    gets the first grid's path (relative to --output_dir)."""
+    --ema_validation raw or both, with the raw trained weights; a LoRA merged into the base model. Every process
+    renders; the main process saves, and gets the first grid's path (relative to --output_dir)."""
     grids = []
     for suffix, ema_weights in validation_weights(args):
-        unet_params = state.ema_params if ema_weights else evaluation_params(state, args.optimizer)
-        params = {"unet": unet_params, "vae": frozen.vae_params, "text_encoders": frozen.text_encoder_params}
+        trained = state.ema_params if ema_weights else evaluation_params(state, args.optimizer)
+        unet_params, text_encoder_params = adapted_weights(trained, frozen)
+        params = {"unet": unet_params, "vae": frozen.vae_params, "text_encoders": text_encoder_params}
         images = render_validation_images(render, params, tokenizers, args.validation_prompts, seed)
         if is_main_process:
             grids.append(
@@ -875,6 +930,58 @@ def model_card(family, args, global_step, validation_grid):
     return fine_tuned_card(
         family, os.path.basename(__file__), base_model, data, repo, prompt, settings, validation_grid
     )
+
+
+def lora_run_identity(lora):
+    """What a LoRA checkpoint must match to resume: the adapter's shape and what it adapts."""
+    return {
+        "rank": lora.rank,
+        "alpha": lora.alpha,
+        "unet_modules": sorted(lora.unet_modules),
+        "train_text_encoder": lora.train_text_encoder,
+    }
+
+
+def new_lora(lora, unet_params, text_encoder_params, seed):
+    """The adapter a LoRA run starts from, {component: A/B pytree}: the UNet's, and the text encoders' (by component
+    name) with --train_text_encoder. A is drawn from the run's seed, the same on every process."""
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed % (2**31)), 0x10A)
+    adapter = {"unet": init_lora(unet_params, "unet", lora.unet_modules, lora.rank, jax.random.fold_in(rng, 0))}
+    if lora.train_text_encoder:
+        for index, (name, params) in enumerate(text_encoder_params.items(), start=1):
+            modules = TEXT_ENCODER_LORA_MODULES
+            adapter[name] = init_lora(params, name, modules, lora.rank, jax.random.fold_in(rng, index))
+    return adapter
+
+
+def lora_model_card(family, args, global_step, validation_grid):
+    """README.md of a LoRA run: the base model, how to load the adapter, rank and alpha.
+    COORDINATOR: switch to the LoRA card function train_text_to_image.py's branch adds to sdtrain/model_cards.py."""
+    lora = LoraConfig.from_args(args)
+    repo = args.hub_model_id or args.output_dir
+    base_model = args.pretrained_model_name_or_path
+    prompt = (args.validation_prompts or ["a photo"])[0]
+    data, ui_file = args.dataset_name or args.train_data_dir, os.path.basename(ui_lora_path(args.output_dir))
+    lines = [
+        *card_header(family, base_model, ["lora"]),
+        "",
+        f"# {os.path.basename(os.path.abspath(repo))}",
+        "",
+        f"LoRA of `{base_model}` trained with {os.path.basename(__file__)} on `{data}`: rank {lora.rank}, "
+        f"alpha {lora.alpha:g}, {global_step} optimizer updates"
+        + (", text encoders included." if lora.train_text_encoder else "."),
+        "",
+        "```python",
+        f"from diffusers import {family.pipeline_class}",
+        "",
+        f'pipe = {family.pipeline_class}.from_pretrained("{base_model}")',
+        f'pipe.load_lora_weights("{repo}")',
+        f'image = pipe("{prompt}").images[0]',
+        "```",
+        "",
+        f"`{ui_file}` holds the same LoRA for AUTOMATIC1111 / Forge, ComfyUI and InvokeAI.",
+    ]
+    return lines + (["", f"![validation]({validation_grid})"] if validation_grid else [])
 
 
 def main(args):
@@ -916,6 +1023,14 @@ def main(args):
     if resume_path is not None and bool(resume_metadata.get("use_ema")) != args.use_ema:
         saved = "with" if resume_metadata.get("use_ema") else "without"
         raise UserError(f"{resume_path} was saved {saved} --use_ema: resume it the same way, or start a new output_dir")
+    lora = LoraConfig.from_args(args)  # None: the whole UNet trains
+    # A checkpoint holds a LoRA of one shape, or the whole UNet: it resumes only the same kind of run.
+    lora_identity = None if lora is None else lora_run_identity(lora)
+    if resume_path is not None and resume_metadata.get("lora") != lora_identity:
+        raise UserError(
+            f"{resume_path} was trained with LoRA {resume_metadata.get('lora')}, this run is LoRA {lora_identity} "
+            "(None: the whole UNet): resume it with the same LoRA flags, or start a new output_dir"
+        )
     # Process 0's draw on every process when there is no --seed, so that all shuffle and draw alike.
     seed = choose_seed(args.seed, resume_metadata, int(multihost_utils.broadcast_one_to_all(np.uint32(draw_seed()))))
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
@@ -955,6 +1070,14 @@ def main(args):
     if args.gradient_checkpointing:
         enable_block_rematerialisation()
     unet, unet_params = load_flax_model(FlaxUNet2DConditionModel, folder, "unet", args.variant, weight_dtype)
+    base_unet_params = None
+    if lora is not None:
+        # Only the adapter trains (in float32, with its optimizer state); the base stays frozen in the compute dtype.
+        base_unet_params = jax.tree.map(lambda p: p.astype(weight_dtype), unet_params)
+        text_encoder_params = {
+            name: encoder.params for name, encoder in zip(family.text_encoders, text_encoders, strict=True)
+        }
+        unet_params = new_lora(lora, base_unet_params, text_encoder_params, seed)
     # Lin et al. 2023 (arXiv:2305.08891): rescaled betas reach zero SNR at the last timestep, as sampling starts.
     noise_scheduler, scheduler_state = load_noise_scheduler(folder, args.rescale_betas_zero_snr)
     frozen = FrozenModels(
@@ -965,6 +1088,8 @@ def main(args):
         text_encoders=tuple(text_encoders),
         noise_scheduler=noise_scheduler,
         code=code,
+        unet_params=base_unet_params,
+        lora=lora,
     )
     render = None
     if args.validation_prompts:
@@ -1027,6 +1152,16 @@ def main(args):
     # key, so a checkpoint resumes exactly on another process count with the same global batch (tested with 2 and 1).
     run_metadata = checkpoint_metadata(run_identity, seed, total_batch_size, updates_per_epoch, jax.process_count())
     run_metadata["use_ema"] = args.use_ema
+    run_metadata["lora"] = lora_identity
+    if lora is not None:
+        size = tree_mib(
+            {"params": state.params, "opt_state": state.opt_state, "ema": getattr(state, "ema_params", None)}
+        )
+        layers = sum(len(adapter_layers(adapter)) for adapter in state.params.values())
+        logger.info(
+            f"LoRA rank {lora.rank}, alpha {lora.alpha:g} on {layers} layers ({', '.join(state.params)}): "
+            f"checkpoints hold the adapter and its optimizer state, {size:.2f} MiB, not the base model"
+        )
     run_metadata["aspect_ratio_buckets"] = [list(bucket) for bucket in train_dataset.buckets or []] or None
 
     # ----------------------------------------------------------------------------------------------------- resume
@@ -1111,7 +1246,7 @@ def main(args):
                 trained = {"params": state.params, "opt_state": state.opt_state}
                 if args.use_ema:
                     trained["ema_params"] = state.ema_params
-                check_finite(trained, probe, "the UNet", global_step)
+                check_finite(trained, probe, "the UNet" if lora is None else "the LoRA", global_step)
                 save_checkpoint(state, args.output_dir, global_step, run_metadata, args.checkpoints_total_limit)
             if stopping:
                 logger.warning(preemption_message(stop_request, global_step))
@@ -1128,12 +1263,20 @@ def main(args):
     unet_params = state.ema_params if args.use_ema else evaluation_params(state, args.optimizer)
     if last_batch is not None:  # what is about to be saved, checked as every checkpoint is
         probe = float(probe_fn(unet_params, state, frozen, *last_batch))
-        check_finite({"params": unet_params}, probe, "the UNet", global_step)
+        check_finite({"params": unet_params}, probe, "the UNet" if lora is None else "the LoRA", global_step)
     if is_main_process:
         try:
-            saved_scheduler = (args.prediction_type, args.rescale_betas_zero_snr)
-            save_pipeline(unet_params, folder, family, vae_folder, args.output_dir, *saved_scheduler)
-            logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
+            if lora is not None:
+                # The adapter alone, in diffusers' layout and in the UIs' (kohya) one, not the pipeline.
+                version = base_model_version(family.name, unet.config.cross_attention_dim)
+                size = write_lora_files(
+                    args.output_dir, diffusers_state(unet_params), lora, family.text_encoders, version
+                )
+                logger.info(f"Saved the LoRA ({size:.2f} MiB) to {os.path.abspath(args.output_dir)}")
+            else:
+                saved_scheduler = (args.prediction_type, args.rescale_betas_zero_snr)
+                save_pipeline(unet_params, folder, family, vae_folder, args.output_dir, *saved_scheduler)
+                logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
             if args.save_single_file:
                 save_single_file(SingleFileConfig.from_args(args), prediction_type, global_step)
         except Exception as err:  # a full disk, most often: the steps since the last checkpoint must not be lost
@@ -1142,7 +1285,8 @@ def main(args):
     if args.validation_prompts:
         grid = validate(render, state, frozen, tokenizers, args, seed, global_step, "final", is_main_process)
     if is_main_process:
-        write_model_card(args.output_dir, model_card(family, args, global_step, grid))
+        card = model_card if lora is None else lora_model_card
+        write_model_card(args.output_dir, card(family, args, global_step, grid))
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
         output_lock.release()

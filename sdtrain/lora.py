@@ -142,9 +142,17 @@ def diffusers_key(component, module, matrix):
 
 def adapter_metadata(config, component):
     """What diffusers' save_lora_weights records for one component's adapter (peft's LoraConfig fields), which
-    load_lora_weights reads back to scale by alpha / rank."""
+    load_lora_weights reads back to scale by alpha / rank. The empty rank and alpha patterns are there because diffusers
+    before 0.40 reads rank_pattern whenever the file has metadata."""
     modules = config.unet_modules if component == "unet" else TEXT_ENCODER_LORA_MODULES
-    return {"r": config.rank, "lora_alpha": config.alpha, "target_modules": sorted(modules), "init_lora_weights": True}
+    return {
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "target_modules": sorted(modules),
+        "init_lora_weights": True,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
 
 
 def kohya_prefixes(text_encoders):

@@ -112,3 +112,11 @@ SDXL_CASE = ("sdxl-epsilon-snr_5.0", {"prediction_type": "epsilon", "snr_gamma":
 SDXL_CAPTION_KEPT = [1.0, 1.0, 0.0, 1.0]
 SDXL_TIME_IDS = [[64, 64, 0, 0, 64, 64], [50, 100, 0, 32, 64, 64], [100, 50, 12, 0, 64, 64], [96, 80, 3, 7, 64, 64]]
 PLACEHOLDER, INITIALIZER, NUM_VECTORS = "<blob>", "circle", 2
+# LoRA (--rank with --train_text_encoder): the adapter on every UNet module a LoRA may adapt and on the text
+# encoders' attention, A and B drawn from a seed (B nonzero, so the gradient reaches A): the loss and every A/B
+# gradient. The SDXL case conditions as SDXL_CASE does.
+LORA_RANK, LORA_ALPHA = 4, 8.0
+LORA_CASES = {
+    "lora-sd-v_prediction-snr_5.0": {"prediction_type": "v_prediction", "snr_gamma": 5.0},
+    "lora_sdxl-epsilon-snr_5.0": {"prediction_type": "epsilon", "snr_gamma": 5.0},
+}

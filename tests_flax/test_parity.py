@@ -14,6 +14,9 @@ from conftest import REPO, run_torch
 from parity_cases import (
     CASES,
     INITIALIZER,
+    LORA_ALPHA,
+    LORA_CASES,
+    LORA_RANK,
     NUM_VECTORS,
     PLACEHOLDER,
     SDXL_CAPTION_KEPT,
@@ -25,9 +28,11 @@ from parity_cases import (
 
 import textual_inversion_flax
 import train_text_to_image_flax
-from sdtrain.families import SDXL
+from sdtrain.families import SD, SDXL
+from sdtrain.jax import lora as jax_lora
 from sdtrain.jax import models as jax_models
 from sdtrain.jax.family import family_code
+from sdtrain.lora import TEXT_ENCODER_LORA_MODULES, UNET_LORA_MODULES, LoraConfig
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +239,72 @@ def test_sdxl_textual_inversion_loss_and_gradients_equal_pytorch(sdxl_pipeline, 
         expected = recorded[f"{key}_grad"]
         assert np.abs(expected).max() > 0, f"the gradient must reach {key} for the check to bite"
         assert np.abs(np.asarray(grads[key]) - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max()), key
+
+
+@pytest.mark.parametrize("case", sorted(LORA_CASES))
+def test_lora_loss_and_gradients_equal_pytorch(assets, sdxl_pipeline, torch_side, monkeypatch, case):
+    """A LoRA on every UNet module it may adapt and on the text encoders' attention (--train_text_encoder), with the
+    A and B peft held on the PyTorch side: the layers have the same PyTorch names (the Flax paths map to peft's
+    modules), and the script's adapted_weights (the adapter merged into the frozen params), the family's encode_text
+    and diffusion_loss give the same loss and the same gradient for every A and B."""
+    from diffusers import FlaxDDPMScheduler, FlaxUNet2DConditionModel
+
+    recorded = np.load(os.path.join(torch_side, f"{case}.npz"))
+    family = SDXL if case.startswith("lora_sdxl") else SD
+    folder = sdxl_pipeline if family is SDXL else assets["pipeline"]
+    code = family_code(family)
+    unet, unet_params = jax_models.load_flax_model(FlaxUNet2DConditionModel, folder, "unet", None, jnp.float32)
+    noise_scheduler, scheduler_state = FlaxDDPMScheduler.from_pretrained(folder, subfolder="scheduler")
+    text_encoders = tuple(code.load_text_encoders(folder, None, jnp.float32))
+    lora = LoraConfig(LORA_RANK, LORA_ALPHA, 0.0, UNET_LORA_MODULES, train_text_encoder=True)
+    frozen = train_text_to_image_flax.FrozenModels(
+        vae_params=None,
+        text_encoder_params=tuple(text_encoder.params for text_encoder in text_encoders),
+        scheduler_state=scheduler_state,
+        vae=None,
+        text_encoders=text_encoders,
+        noise_scheduler=noise_scheduler,
+        code=code,
+        unet_params=unet_params,
+        lora=lora,
+    )
+    layout = {"unet": jax_lora.init_lora(unet_params, "unet", UNET_LORA_MODULES, LORA_RANK, jax.random.PRNGKey(0))}
+    for name, text_encoder in zip(family.text_encoders, text_encoders, strict=True):
+        modules = TEXT_ENCODER_LORA_MODULES
+        layout[name] = jax_lora.init_lora(text_encoder.params, name, modules, LORA_RANK, jax.random.PRNGKey(0))
+    keys = {key for key in recorded.files if ".lora_" in key and not key.startswith("grad:")}
+    assert set(jax_lora.diffusers_state(layout)) == keys, "the Flax layers are peft's modules, by name"
+    adapter = jax_lora.from_diffusers_state(recorded, layout)
+    input_ids, latents = jnp.asarray(recorded["input_ids"]), jnp.asarray(recorded["latents"])
+    config = train_text_to_image_flax.LossConfig(**LORA_CASES[case])
+
+    def loss_fn(adapter):
+        unet_params, text_encoder_params = train_text_to_image_flax.adapted_weights(adapter, frozen)
+        encoder_hidden_states, pooled = code.encode_text(text_encoders, text_encoder_params, input_ids)
+        added_cond_kwargs = None
+        if family is SDXL:  # as SDXL_CASE: a dropped caption conditions on zeros, per-sample size conditioning
+            kept = jnp.asarray(SDXL_CAPTION_KEPT)
+            encoder_hidden_states = encoder_hidden_states * kept[:, None, None]
+            added_cond_kwargs = code.added_conditioning(pooled * kept[:, None], jnp.asarray(SDXL_TIME_IDS, jnp.float32))
+        models = dict(
+            unet=unet, unet_params=unet_params, noise_scheduler=noise_scheduler, scheduler_state=scheduler_state
+        )
+        diffusion_loss = bound_loss(train_text_to_image_flax, models)
+        return diffusion_loss(latents, encoder_hidden_states, jax.random.PRNGKey(0), config, None, added_cond_kwargs)
+
+    queue = replay_draws(monkeypatch, recorded)
+    loss, grads = jax.value_and_grad(loss_fn)(adapter)
+    assert not queue, "PyTorch drew more often than JAX"
+    assert abs(float(loss) - float(recorded["loss"])) <= 1e-4, (float(loss), float(recorded["loss"]))
+    grads = jax_lora.diffusers_state(grads)
+    assert all(np.abs(recorded[f"grad:{key}"]).max() > 0 for key in keys if key.startswith("unet.")), "grads bite"
+    worst = max(float(np.abs(grads[key] - recorded[f"grad:{key}"]).max()) for key in keys)
+    print(
+        f"{case}: loss {float(loss):.6f} vs {float(recorded['loss']):.6f}, largest A/B gradient difference {worst:.2e}"
+    )
+    for key in sorted(keys):
+        expected = recorded[f"grad:{key}"]
+        assert np.abs(grads[key] - expected).max() <= 1e-4 * max(1.0, np.abs(expected).max()), key
 
 
 def test_every_option_changes_the_loss(torch_side):

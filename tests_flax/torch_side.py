@@ -19,6 +19,9 @@ from diffusers import DDPMScheduler, UNet2DConditionModel
 from parity_cases import (
     CASES,
     INITIALIZER,
+    LORA_ALPHA,
+    LORA_CASES,
+    LORA_RANK,
     NUM_VECTORS,
     PLACEHOLDER,
     PROMPTS,
@@ -32,7 +35,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 import textual_inversion
 import train_text_to_image
-from sdtrain.families import SDXL
+from sdtrain.families import SD, SDXL
 from sdtrain.torch import text as torch_text
 from sdtrain.torch.family import family_code
 
@@ -166,6 +169,76 @@ def sdxl_textual_inversion_cases(pipeline, out_dir, latents):
         save_case(out_dir, name, inputs, loss, scheduler, recorded, rows)
 
 
+def lora_case(name, fields, pipeline, family, out_dir, latents):
+    """A LoRA of LORA_RANK / LORA_ALPHA set up by peft, as the PyTorch script does, on the UNet (every module of
+    UNET_LORA_MODULES) and the text encoders (TEXT_ENCODER_LORA_MODULES), with A and B drawn from a fixed seed; the
+    text encoded with the adapter on, then the script's diffusion_loss: the loss, and every A and B with its gradient,
+    keyed by diffusers_key (A under "<key>", its gradient under "grad:<key>")."""
+    import peft
+
+    from sdtrain.lora import TEXT_ENCODER_LORA_MODULES, UNET_LORA_MODULES, diffusers_key
+
+    classes = [CLIPTextModel, CLIPTextModelWithProjection]
+    text_encoders = [
+        classes[index].from_pretrained(pipeline, subfolder=component).eval()
+        for index, component in enumerate(family.text_encoders)
+    ]
+    tokenizers = [CLIPTokenizer.from_pretrained(pipeline, subfolder=n) for n in family.tokenizers]
+    unet = UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet").eval()
+    scheduler = DDPMScheduler.from_pretrained(
+        pipeline, subfolder="scheduler", prediction_type=fields["prediction_type"]
+    )
+    rng = np.random.default_rng(31)
+    matrices = {}
+    models = [("unet", unet, UNET_LORA_MODULES)]
+    models += [
+        (component, model, TEXT_ENCODER_LORA_MODULES)
+        for component, model in zip(family.text_encoders, text_encoders, strict=True)
+    ]
+    for component, model, modules in models:
+        model.requires_grad_(False)
+        config = peft.LoraConfig(
+            r=LORA_RANK, lora_alpha=LORA_ALPHA, target_modules=list(modules), init_lora_weights=False
+        )
+        peft.inject_adapter_in_model(config, model)
+        for module_name, module in model.named_modules():
+            if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+                if component != "unet" and not module_name.startswith("text_model."):
+                    module_name = "text_model." + module_name  # the saved files' name; transformers 5 drops it
+                for matrix, layer in (("A", module.lora_A["default"]), ("B", module.lora_B["default"])):
+                    with torch.no_grad():
+                        value = 0.1 * rng.standard_normal(tuple(layer.weight.shape))
+                        layer.weight.copy_(torch.from_numpy(value.astype(np.float32)))
+                    layer.weight.requires_grad_(True)
+                    matrices[diffusers_key(component, module_name, matrix)] = layer.weight
+    input_ids = torch.stack([torch_text.tokenize(t, PROMPTS, range(len(PROMPTS))) for t in tokenizers], dim=1)
+    code = family_code(family)
+    encoder_hidden_states, pooled = code.encode_text(text_encoders, input_ids)
+    added_cond_kwargs, inputs = None, {"latents": latents.numpy(), "input_ids": input_ids.numpy()}
+    if family is SDXL:
+        kept, time_ids = torch.tensor(SDXL_CAPTION_KEPT), torch.tensor(SDXL_TIME_IDS, dtype=torch.float32)
+        encoder_hidden_states = encoder_hidden_states * kept[:, None, None]
+        added_cond_kwargs = code.added_conditioning(pooled * kept[:, None], time_ids)
+    config = train_text_to_image.LossConfig(**fields)
+    loss, recorded = recorded_loss(
+        train_text_to_image,
+        unet,
+        scheduler,
+        latents,
+        encoder_hidden_states,
+        config,
+        added_cond_kwargs=added_cond_kwargs,
+    )
+    loss.backward()
+    saved = {**inputs, "loss": loss.item()}
+    saved.update({f"draw_{i}": draw.numpy() for i, draw in enumerate(recorded.draws)})
+    for key, weight in matrices.items():
+        saved[key] = weight.detach().numpy()
+        # None: a layer whose output the conditioning does not read (SDXL's first encoder's last layer).
+        saved[f"grad:{key}"] = np.zeros(weight.shape, np.float32) if weight.grad is None else weight.grad.numpy()
+    np.savez(os.path.join(out_dir, f"{name}.npz"), **saved)
+
+
 def main(pipeline, sdxl_pipeline, out_dir):
     tokenizer = CLIPTokenizer.from_pretrained(pipeline, subfolder="tokenizer")
     unet = UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet").eval()
@@ -198,6 +271,9 @@ def main(pipeline, sdxl_pipeline, out_dir):
         inputs = {"latents": latents.numpy(), "input_ids": input_ids.numpy()}
         save_case(out_dir, name, inputs, loss, scheduler, recorded, None if learned is None else {"learned": learned})
     sdxl_textual_inversion_cases(sdxl_pipeline, out_dir, latents)
+    for name, fields in LORA_CASES.items():
+        family = SDXL if name.startswith("lora_sdxl") else SD
+        lora_case(name, fields, sdxl_pipeline if family is SDXL else pipeline, family, out_dir, latents)
 
 
 if __name__ == "__main__":

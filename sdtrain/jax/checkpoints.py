@@ -88,3 +88,8 @@ def restore_train_state(state, checkpoint_path, sharding):
             return checkpointer.restore(path, target)
     except Exception as err:
         raise UserError(f"{path} could not be loaded ({type(err).__name__}: {err})") from err
+
+
+def tree_mib(tree):
+    """The size of a pytree's arrays in MiB: what a checkpoint of it holds."""
+    return sum(np.dtype(jnp.result_type(leaf)).itemsize * np.size(leaf) for leaf in jax.tree.leaves(tree)) / 2**20
