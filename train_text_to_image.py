@@ -63,7 +63,7 @@ from sdtrain.data_config import (
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import load_rgb, verify_image
 from sdtrain.logs import add_tracker_arguments, report_to_problem, warmup_applied
-from sdtrain.lora import LoraConfig, add_lora_arguments, lora_problem
+from sdtrain.lora import LoraConfig, add_lora_arguments, lora_identity, lora_problem
 from sdtrain.model_cards import fine_tuned_card, lora_card, write_model_card
 from sdtrain.preemption import StopRequest
 from sdtrain.recipes import (
@@ -1146,7 +1146,7 @@ def main(args):
     lr_scheduler = accelerator.prepare(lr_scheduler)
     total_batch_size = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     # What this run trains, recorded in its checkpoints: a checkpoint resumes only a run of the same kind.
-    run_identity = {"script": "train_text_to_image.py"}
+    run_identity = {"script": "train_text_to_image.py", "lora": lora_identity(LoraConfig.from_args(args))}
     run_metadata = checkpoint_metadata(
         run_identity, seed, total_batch_size, updates_per_epoch, accelerator.num_processes
     )

@@ -60,7 +60,7 @@ from sdtrain.families import folder_family
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import inspect_images, load_rgb, verify_image
 from sdtrain.logs import format_logs, warmup_applied
-from sdtrain.lora import LoraConfig, add_lora_arguments, lora_problem
+from sdtrain.lora import LoraConfig, add_lora_arguments, lora_identity, lora_problem
 from sdtrain.preemption import StopRequest, preemption_message, stop_exit_code
 from sdtrain.recipes import (
     RecipeConfig,
@@ -386,8 +386,8 @@ from sdtrain.jax.models import (
 )
 from sdtrain.jax.text import token_ids
 from sdtrain.jax.validation import render_validation_images, save_validation_grid, validation_renderer
-from sdtrain.lora import TEXT_ENCODER_LORA_MODULES, base_model_version, ui_lora_path, write_lora_files
-from sdtrain.model_cards import card_header, fine_tuned_card, write_model_card
+from sdtrain.lora import TEXT_ENCODER_LORA_MODULES, base_model_version, write_lora_files
+from sdtrain.model_cards import fine_tuned_card, lora_card, write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -927,19 +927,12 @@ def model_card(family, args, global_step, validation_grid):
     data, prompt = args.dataset_name or args.train_data_dir, (args.validation_prompts or ["a photo"])[0]
     repo = args.hub_model_id or args.output_dir
     base_model = args.pretrained_model_name_or_path
+    if args.rank is not None:  # a LoRA, loaded onto the base model
+        card = (family, os.path.basename(__file__), base_model, data, repo, prompt, LoraConfig.from_args(args))
+        return lora_card(*card, args.output_dir, settings, validation_grid)
     return fine_tuned_card(
         family, os.path.basename(__file__), base_model, data, repo, prompt, settings, validation_grid
     )
-
-
-def lora_run_identity(lora):
-    """What a LoRA checkpoint must match to resume: the adapter's shape and what it adapts."""
-    return {
-        "rank": lora.rank,
-        "alpha": lora.alpha,
-        "unet_modules": sorted(lora.unet_modules),
-        "train_text_encoder": lora.train_text_encoder,
-    }
 
 
 def new_lora(lora, unet_params, text_encoder_params, seed):
@@ -952,36 +945,6 @@ def new_lora(lora, unet_params, text_encoder_params, seed):
             modules = TEXT_ENCODER_LORA_MODULES
             adapter[name] = init_lora(params, name, modules, lora.rank, jax.random.fold_in(rng, index))
     return adapter
-
-
-def lora_model_card(family, args, global_step, validation_grid):
-    """README.md of a LoRA run: the base model, how to load the adapter, rank and alpha.
-    COORDINATOR: switch to the LoRA card function train_text_to_image.py's branch adds to sdtrain/model_cards.py."""
-    lora = LoraConfig.from_args(args)
-    repo = args.hub_model_id or args.output_dir
-    base_model = args.pretrained_model_name_or_path
-    prompt = (args.validation_prompts or ["a photo"])[0]
-    data, ui_file = args.dataset_name or args.train_data_dir, os.path.basename(ui_lora_path(args.output_dir))
-    lines = [
-        *card_header(family, base_model, ["lora"]),
-        "",
-        f"# {os.path.basename(os.path.abspath(repo))}",
-        "",
-        f"LoRA of `{base_model}` trained with {os.path.basename(__file__)} on `{data}`: rank {lora.rank}, "
-        f"alpha {lora.alpha:g}, {global_step} optimizer updates"
-        + (", text encoders included." if lora.train_text_encoder else "."),
-        "",
-        "```python",
-        f"from diffusers import {family.pipeline_class}",
-        "",
-        f'pipe = {family.pipeline_class}.from_pretrained("{base_model}")',
-        f'pipe.load_lora_weights("{repo}")',
-        f'image = pipe("{prompt}").images[0]',
-        "```",
-        "",
-        f"`{ui_file}` holds the same LoRA for AUTOMATIC1111 / Forge, ComfyUI and InvokeAI.",
-    ]
-    return lines + (["", f"![validation]({validation_grid})"] if validation_grid else [])
 
 
 def main(args):
@@ -1024,13 +987,6 @@ def main(args):
         saved = "with" if resume_metadata.get("use_ema") else "without"
         raise UserError(f"{resume_path} was saved {saved} --use_ema: resume it the same way, or start a new output_dir")
     lora = LoraConfig.from_args(args)  # None: the whole UNet trains
-    # A checkpoint holds a LoRA of one shape, or the whole UNet: it resumes only the same kind of run.
-    lora_identity = None if lora is None else lora_run_identity(lora)
-    if resume_path is not None and resume_metadata.get("lora") != lora_identity:
-        raise UserError(
-            f"{resume_path} was trained with LoRA {resume_metadata.get('lora')}, this run is LoRA {lora_identity} "
-            "(None: the whole UNet): resume it with the same LoRA flags, or start a new output_dir"
-        )
     # Process 0's draw on every process when there is no --seed, so that all shuffle and draw alike.
     seed = choose_seed(args.seed, resume_metadata, int(multihost_utils.broadcast_one_to_all(np.uint32(draw_seed()))))
     mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
@@ -1147,12 +1103,11 @@ def main(args):
         state = TrainState.create(apply_fn=unet.apply, params=unet_params, tx=optimizer)
     total_batch_size = global_batch_size * args.gradient_accumulation_steps
     # What this run trains, recorded in its checkpoints: a checkpoint resumes only a run of the same kind.
-    run_identity = {"script": "train_text_to_image_flax.py"}
+    run_identity = {"script": "train_text_to_image_flax.py", "lora": lora_identity(lora)}
     # The process count is not part of the batch layout here: every draw is made over the global batch from the step's
     # key, so a checkpoint resumes exactly on another process count with the same global batch (tested with 2 and 1).
     run_metadata = checkpoint_metadata(run_identity, seed, total_batch_size, updates_per_epoch, jax.process_count())
     run_metadata["use_ema"] = args.use_ema
-    run_metadata["lora"] = lora_identity
     if lora is not None:
         size = tree_mib(
             {"params": state.params, "opt_state": state.opt_state, "ema": getattr(state, "ema_params", None)}
@@ -1285,8 +1240,7 @@ def main(args):
     if args.validation_prompts:
         grid = validate(render, state, frozen, tokenizers, args, seed, global_step, "final", is_main_process)
     if is_main_process:
-        card = model_card if lora is None else lora_model_card
-        write_model_card(args.output_dir, card(family, args, global_step, grid))
+        write_model_card(args.output_dir, model_card(family, args, global_step, grid))
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
         output_lock.release()

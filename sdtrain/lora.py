@@ -90,6 +90,19 @@ class LoraConfig:
         )
 
 
+def lora_identity(config):
+    """What a checkpoint records of its run's LoRA, and what a run resuming it must match (run_folder's identity check):
+    None for the whole UNet, else the flags that give the adapter's shape and scale."""
+    if config is None:
+        return None
+    return {
+        "rank": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_layers": ",".join(sorted(config.unet_modules)),
+        "train_text_encoder": config.train_text_encoder,
+    }
+
+
 def lora_problem(args):
     """What is wrong with the LoRA flags, in a sentence naming the flag, or None. Checked in parse_args, before any
     model loads."""

@@ -143,7 +143,7 @@ def read_checkpoint_metadata(checkpoint_path):
 
 
 # What a checkpoint was trained as, recorded in its metadata: a checkpoint resumes only a run of the same kind.
-RUN_IDENTITY_KEYS = ("script", "placeholder_token", "num_vectors")
+RUN_IDENTITY_KEYS = ("script", "placeholder_token", "num_vectors", "lora")
 
 
 def checkpoint_identity(checkpoint_path, metadata):
@@ -155,12 +155,17 @@ def checkpoint_identity(checkpoint_path, metadata):
             identity["script"] = "textual_inversion.py"
         elif os.path.isdir(os.path.join(checkpoint_path, "unet")):
             identity["script"] = "train_text_to_image.py"
+    if identity.get("script", "").startswith("train_text_to_image") and "lora" not in identity:
+        identity["lora"] = None  # written before LoRA runs existed: the whole UNet trained
     return identity
 
 
 def describe_identity(identity):
-    flags = " ".join(f"--{key} {value}" for key, value in identity.items() if key != "script")
-    return " ".join(filter(None, [identity.get("script", "an unknown script"), flags]))
+    flags = " ".join(f"--{key} {value}" for key, value in identity.items() if key not in ("script", "lora"))
+    if "lora" in identity:  # sdtrain.lora.lora_identity: the LoRA flags, or None for the whole UNet
+        lora = identity["lora"]
+        flags += " (the whole UNet)" if lora is None else "".join(f" --{key} {value}" for key, value in lora.items())
+    return " ".join(filter(None, [identity.get("script", "an unknown script"), flags.strip()]))
 
 
 def check_resume_identity(checkpoint_path, metadata, run_identity):

@@ -244,3 +244,17 @@ def test_a_diverged_lora_is_never_written(launch, assets, tmp_path):
     assert result.returncode != 0 and "the LoRA diverged at step 1 (non-finite values in unet." in result.output
     assert ".lora_A.weight" in result.output.split("diverged at step 1", 1)[1].split("\n")[0]
     assert not os.path.exists(out), f"a diverged run left {os.listdir(out)}"
+
+
+def test_a_lora_checkpoint_resumes_only_the_same_lora(sd_runs, launch, assets, tmp_path):
+    """Another alpha would resume at another scale without a word: the checkpoint records its LoRA flags, and a run
+    with others is refused, naming both, before anything is written."""
+    out = tmp_path / "other-alpha"
+    shutil.copytree(os.path.join(sd_runs["one"], "checkpoint-2"), out / "checkpoint-2")
+    other = LORA.replace(f"--lora_alpha {ALPHA:g}", "--lora_alpha 16")
+    args = base_args(assets, str(out), other, STEPS, "--resume_from_checkpoint latest")
+    result = launch.accelerate(SCRIPT, args, check=False)
+    trained_as = f"was trained by train_text_to_image.py --rank {RANK} --lora_alpha {ALPHA}"
+    assert result.returncode != 0 and trained_as in result.output, result.output[-3000:]
+    assert "this run is train_text_to_image.py --rank 4 --lora_alpha 16.0" in result.output
+    assert os.listdir(out) == ["checkpoint-2"], "nothing written"
