@@ -467,7 +467,7 @@ def test_a_checkpoint_of_another_kind_of_run_is_refused_naming_what_it_was_train
     trained_as = f"{os.path.join(out, 'checkpoint-2')} was trained by textual_inversion.py --placeholder_token <blob>"
     resume = "--resume_from_checkpoint latest"
     for script, args, this_run in [
-        (SCRIPT, base_args(assets, out, flags, resume), "this run is train_text_to_image.py:"),
+        (SCRIPT, base_args(assets, out, flags, resume), "this run is train_text_to_image.py (the whole UNet):"),
         (TI_SCRIPT, ti_args(assets, concept, out, flags, resume, "--num_vectors 2"), "--num_vectors 2:"),
         (
             TI_SCRIPT,
@@ -488,7 +488,10 @@ def test_a_checkpoint_of_another_kind_of_run_is_refused_naming_what_it_was_train
     shutil.copytree(two_checkpoints, copy, symlinks=True)
     result = launch.accelerate(TI_SCRIPT, ti_args(assets, concept, copy, flags, resume), check=False)
     assert result.returncode != 0, result.output[-3000:]
-    assert f"{os.path.join(copy, 'checkpoint-4')} was trained by train_text_to_image.py, this run" in result.output
+    assert (
+        f"{os.path.join(copy, 'checkpoint-4')} was trained by train_text_to_image.py (the whole UNet), this run"
+        in result.output
+    )
 
 
 def test_checkpoint_files_reach_the_disk_before_the_rename_that_publishes_them(tmp_path, monkeypatch):
