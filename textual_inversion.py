@@ -69,6 +69,7 @@ from sdtrain.run_folder import (
     check_output_dir,
     checkpoint_metadata,
     find_resume_checkpoint,
+    flush_file,
     fsync_folder,
     publish_pipeline,
     read_checkpoint_metadata,
@@ -797,8 +798,7 @@ def save_embeddings(tensors, path, safe_serialization=True):
             safetensors.torch.save_file(state, partial, metadata={"format": "pt"})
         else:
             torch.save(state, partial)
-        with open(partial, "rb") as f:
-            os.fsync(f.fileno())
+        flush_file(partial)
     except (OSError, RuntimeError) as err:
         if os.path.exists(partial):
             os.remove(partial)

@@ -73,6 +73,7 @@ from sdtrain.run_folder import (
     check_resume_identity,
     checkpoint_metadata,
     find_resume_checkpoint,
+    flush_file,
     fsync_folder,
     read_checkpoint_metadata,
     take_output_dir,
@@ -661,8 +662,7 @@ def save_embeddings(tensors, path):
     try:
         rows = {key: np.asarray(jax.device_get(learned), dtype=np.float32) for key, learned in tensors.items()}
         safetensors.numpy.save_file(rows, partial, metadata={"format": "pt"})
-        with open(partial, "rb") as f:
-            os.fsync(f.fileno())
+        flush_file(partial)
     except OSError as err:
         if os.path.exists(partial):
             os.remove(partial)

@@ -22,7 +22,7 @@ import numpy as np
 import safetensors.numpy
 
 from sdtrain.cli import UserError, WriteFailure
-from sdtrain.run_folder import fsync_folder, write_failure
+from sdtrain.run_folder import flush_file, fsync_folder, write_failure
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -243,8 +243,7 @@ def write_lora_files(output_dir, diffusers_state, config, text_encoders, base_ve
         partial = path + ".partial"
         try:
             safetensors.numpy.save_file(tensors, partial, metadata=file_metadata)
-            with open(partial, "rb") as f:
-                os.fsync(f.fileno())
+            flush_file(partial)
             os.replace(partial, path)
         except OSError as err:
             if os.path.exists(partial):

@@ -205,13 +205,27 @@ def fsync_folder(folder):
         os.close(descriptor)
 
 
+def umask_file_mode():
+    """The mode open() gives a new file: 0666 less the process's umask (read, then put back)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def flush_file(path):
+    """Give a finished file the mode open() would and flush it to disk. safetensors (0.8) creates its files readable
+    by their owner only (0600), so a UI or server running as another user could not load what a run wrote."""
+    os.chmod(path, umask_file_mode())
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
 def fsync_tree(folder):
-    """Flush every file and folder under `folder` to disk, so that the rename that publishes it can never survive a
-    power cut that its bytes did not."""
+    """Flush every file (with flush_file) and folder under `folder` to disk, so that the rename that publishes it can
+    never survive a power cut that its bytes did not."""
     for root, _, names in os.walk(folder):
         for name in names:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
+            flush_file(os.path.join(root, name))
         fsync_folder(root)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import safetensors
 
 from sdtrain.cli import UserError, WriteFailure
-from sdtrain.run_folder import fsync_folder, write_failure
+from sdtrain.run_folder import flush_file, fsync_folder, write_failure
 
 logger = logging.getLogger(__name__)
 
@@ -395,8 +395,7 @@ def write_single_file(state, path, dtype, metadata):
     partial = path + ".partial"
     try:
         safetensors.serialize_file(specs, partial, metadata={"format": "pt", **metadata})
-        with open(partial, "rb") as f:
-            os.fsync(f.fileno())
+        flush_file(partial)
         os.replace(partial, path)
     except OSError as err:
         if os.path.exists(partial):

@@ -6,6 +6,7 @@ EMA of the adapter is what is saved, and wrong flag combinations are refused bef
 import json
 import os
 import shutil
+import stat
 
 import pytest
 import torch
@@ -157,6 +158,11 @@ def test_sd_lora_files_load_in_diffusers_with_alpha_and_the_base_is_untouched(sd
     assert "rank 4, alpha 8" in card and "load_lora_weights" in card and "one.safetensors" in card
     assert f"base_model: {assets['pipeline']}" in card
     assert os.listdir(os.path.join(out, "validation")) == ["final-step-000004.png"]
+    # safetensors creates files for their owner only; a UI running as another user must be able to read them.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in [DIFFUSERS_LORA_FILE, "one.safetensors"]:
+        assert stat.S_IMODE(os.stat(os.path.join(out, name)).st_mode) == 0o666 & ~umask, name
     check_lora_loads_and_fuses(StableDiffusionPipeline, assets["pipeline"], out, ["text_encoder"])
 
 
