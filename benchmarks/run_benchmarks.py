@@ -15,9 +15,9 @@ and backward FLOPs per image, measured with torch.utils.flop_counter, against th
 Pipelines are random-initialised from configs and saved in the diffusers folder layout: nothing is downloaded.
 
 Configs (b) and (d) also train a LoRA (`--rank 16`, the same command otherwise), uncached and cached, beside their
-full fine-tune. A script without `--rank` (the flag is new) gets those rows listed as not measured. The last section,
-from benchmarks/step_memory.py, is the memory of one training step of the real SD 1.5 and SDXL UNets, LoRA against
-the full fine-tune.
+full fine-tune, and (c) beside its batch-16 cached run and its batch-1 memory row. A script without `--rank` (the
+flag is new) gets those rows listed as not measured. The last section, from benchmarks/step_memory.py, is the memory
+of one training step of the real SD 1.5 and SDXL UNets, LoRA against the full fine-tune.
 """
 
 import argparse
@@ -120,6 +120,7 @@ CONFIGS = {
         precision="bf16",
         flax=False,
         recipes=True,
+        lora=True,
     ),
 }
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by a substring of the device name.
@@ -345,6 +346,12 @@ BUCKETS_VARIANT = (["--use_aspect_ratio_buckets"], "--use_aspect_ratio_buckets, 
 # modules, the attention projections), uncached and with both caches.
 LORA_FLAGS = ["--rank", "16"]
 LORA_VARIANTS = [(flags + LORA_FLAGS, f"{' '.join(LORA_FLAGS)}, {variant}") for flags, variant in T2I_VARIANTS[::2]]
+
+
+def is_lora(variant):
+    return " ".join(LORA_FLAGS) in variant
+
+
 # The variant of a scaling row: two processes (torchrun / two JAX processes with a coordinator) share the global batch.
 TWO_PROCESSES = "2 processes x half the batch, "
 
@@ -387,6 +394,11 @@ def plan(name, config, args, pipeline, images, mixed, concept, flax_ok):
             ]
         memory = ["--gradient_checkpointing", "--use_8bit_adam"]
         jobs.append(("train_text_to_image.py", 1, cached + memory, variant + " " + " ".join(memory)))
+        if config.get("lora"):  # at SD 1.5's scale: beside the batch-16 cached run, and beside the memory row
+            for batch, flags, row_variant in [(16, cached, variant), (1, cached + memory, jobs[-1][3])]:
+                jobs.append(
+                    ("train_text_to_image.py", batch, flags + LORA_FLAGS, f"{' '.join(LORA_FLAGS)}, {row_variant}")
+                )
         jobs += [("textual_inversion.py", 4, flags, variant) for flags, variant in TI_VARIANTS]
     if config.get("recipes"):
         cached, variant = T2I_VARIANTS[2]
@@ -531,7 +543,7 @@ def format_table(rows):
     def is_baseline(variant):
         """The uncached square run of a script: "... in the loop" (PyTorch) or "... in the step" (JAX)."""
         one_process = TWO_PROCESSES not in variant
-        full = " ".join(LORA_FLAGS) not in variant  # a LoRA row compares with the full fine-tune
+        full = not is_lora(variant)  # a LoRA row compares with the full fine-tune
         return (
             ("in the loop" in variant or "in the step" in variant)
             and "checkpointing" not in variant
@@ -598,6 +610,7 @@ def target_lines(rows):
         and r["script"] == "train_text_to_image.py"
         and "cache_latents" in r["variant"]
         and "use_8bit_adam" not in r["variant"]
+        and not is_lora(r["variant"])
         and r["batch"] >= 16
         and "images_per_second" in r
     ]
@@ -616,7 +629,12 @@ def target_lines(rows):
             f"(target: under 3; {'met' if minutes < 3 else 'not met'})."
         )
     memory = [
-        r for r in rows if r["config"].startswith("(c)") and "use_8bit_adam" in r["variant"] and "peak_gpu_gib" in r
+        r
+        for r in rows
+        if r["config"].startswith("(c)")
+        and "use_8bit_adam" in r["variant"]
+        and not is_lora(r["variant"])
+        and "peak_gpu_gib" in r
     ]
     if memory:
         gb = memory[0]["peak_gpu_gib"] * 2**30 / 1e9

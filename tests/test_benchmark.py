@@ -64,7 +64,8 @@ def test_benchmark_writes_a_table_with_every_row(tmp_path):
     assert re.search(r"\(d\) tiny SDXL pipeline, per 64 px image: UNet forward \+ backward [\d.e-]+ TFLOPs", text)
     # Without a GPU the SD 1.5 rows are listed, marked not measured; its FLOPs are counted on the meta device.
     sd15 = [row for row in rows if row.startswith("| (c)")]
-    assert len(sd15) == 21 and all("not measured" in row for row in sd15)
+    assert len(sd15) == 23 and all("not measured" in row for row in sd15)
+    assert sum(" | --rank 16, --cache_latents --cache_text_embeddings" in row for row in sd15) == 2
     # Its recipe rows: every loss, sampler and optimizer over the cached run, 8-bit AdamW included (CUDA only), and
     # that run once more.
     recipes = [row.split(" | ")[1] for row in sd15 if "`--" in row.split(" | ")[1]]
@@ -79,7 +80,8 @@ def test_benchmark_writes_a_table_with_every_row(tmp_path):
 
 def test_benchmark_plan_adds_a_lora_beside_the_full_fine_tune():
     """Configs (b) and (d) train a LoRA with the command of their full fine-tune plus --rank 16 (PyTorch, uncached and
-    cached; the Flax twin in (b)); --plan_only lists every row's command without building or running anything."""
+    cached; the Flax twin in (b)), and (c) on a GPU beside its batch-16 cached run and its batch-1 memory row;
+    --plan_only lists every row's command without building or running anything."""
     command = [sys.executable, os.path.join(REPO, "benchmarks", "run_benchmarks.py"), "--plan_only"]
     command += ["--configs", "tiny", "small", "sdxl", "sd15", "--flax_python", sys.executable]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -93,19 +95,23 @@ def test_benchmark_plan_adds_a_lora_beside_the_full_fine_tune():
         ("(b)", "train_text_to_image_flax.py", "JAX, --rank 16, VAE in the step"),
         ("(d)", "train_text_to_image.py", "--rank 16, VAE + text encoder in the loop"),
         ("(d)", "train_text_to_image.py", "--rank 16, --cache_latents --cache_text_embeddings"),
+        ("(c)", "train_text_to_image.py", "--rank 16, --cache_latents --cache_text_embeddings"),
+        (
+            "(c)",
+            "train_text_to_image.py",
+            "--rank 16, --cache_latents --cache_text_embeddings --gradient_checkpointing --use_8bit_adam",
+        ),
     ]
 
     def without_output_dir(command):
         at = command.index("--output_dir")
         return command[:at] + command[at + 2 :]
 
+    def key(entry):
+        return entry["config"], entry["script"], entry["variant"].replace("--rank 16, ", ""), entry["batch"]
+
     for entry in lora:
-        full_variant = entry["variant"].replace("--rank 16, ", "")
-        (full,) = [
-            other
-            for other in runs
-            if (other["config"], other["script"], other["variant"]) == (entry["config"], entry["script"], full_variant)
-        ]
+        (full,) = [other for other in runs if other not in lora and key(other) == key(entry)]
         assert without_output_dir(entry["command"]) == without_output_dir(full["command"]) + ["--rank", "16"]
         assert (
             entry["command"][entry["command"].index("--output_dir") + 1]
