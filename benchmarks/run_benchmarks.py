@@ -163,6 +163,12 @@ def parse_args(argv=None):
         help="Measure only the recipe rows (and their cached baseline); replace the recipe section of --output.",
     )
     parser.add_argument(
+        "--lora_only",
+        action="store_true",
+        help="Measure only the LoRA rows and the full fine-tune rows they compare with; write them as the LoRA "
+        "section of --output (a full run has them in its main table).",
+    )
+    parser.add_argument(
         "--plan_only",
         action="store_true",
         help="Print each planned row and its command as a JSON line, and exit: nothing is built, run or written.",
@@ -345,11 +351,13 @@ BUCKETS_VARIANT = (["--use_aspect_ratio_buckets"], "--use_aspect_ratio_buckets, 
 # A LoRA beside the full fine-tune (configs with lora=True): the same command with --rank 16 added (the default
 # modules, the attention projections), uncached and with both caches.
 LORA_FLAGS = ["--rank", "16"]
-LORA_VARIANTS = [(flags + LORA_FLAGS, f"{' '.join(LORA_FLAGS)}, {variant}") for flags, variant in T2I_VARIANTS[::2]]
+LORA_MARK = f"{' '.join(LORA_FLAGS)}, "  # in a LoRA row's variant, before its full fine-tune's
+LORA_VARIANTS = [(flags + LORA_FLAGS, LORA_MARK + variant) for flags, variant in T2I_VARIANTS[::2]]
+LORA_SECTION = "## LoRA beside the full fine-tune"
 
 
 def is_lora(variant):
-    return " ".join(LORA_FLAGS) in variant
+    return LORA_MARK in variant
 
 
 # The variant of a scaling row: two processes (torchrun / two JAX processes with a coordinator) share the global batch.
@@ -373,7 +381,7 @@ def plan(name, config, args, pipeline, images, mixed, concept, flax_ok):
             ]
             jobs.append(("train_text_to_image_flax.py", batch, BUCKETS_VARIANT[0], "JAX, " + BUCKETS_VARIANT[1]))
             if config.get("lora"):
-                lora_variant = f"JAX, {' '.join(LORA_FLAGS)}, VAE in the step"
+                lora_variant = f"JAX, {LORA_MARK}VAE in the step"
                 jobs.append(("train_text_to_image_flax.py", batch, LORA_FLAGS, lora_variant))
         # Scaling: the same global batch (the same run, docs/distributed.md) shared by two processes of a core each.
         jobs.append(("train_text_to_image.py", batch, [], TWO_PROCESSES + T2I_VARIANTS[0][1]))
@@ -396,9 +404,7 @@ def plan(name, config, args, pipeline, images, mixed, concept, flax_ok):
         jobs.append(("train_text_to_image.py", 1, cached + memory, variant + " " + " ".join(memory)))
         if config.get("lora"):  # at SD 1.5's scale: beside the batch-16 cached run, and beside the memory row
             for batch, flags, row_variant in [(16, cached, variant), (1, cached + memory, jobs[-1][3])]:
-                jobs.append(
-                    ("train_text_to_image.py", batch, flags + LORA_FLAGS, f"{' '.join(LORA_FLAGS)}, {row_variant}")
-                )
+                jobs.append(("train_text_to_image.py", batch, flags + LORA_FLAGS, LORA_MARK + row_variant))
         jobs += [("textual_inversion.py", 4, flags, variant) for flags, variant in TI_VARIANTS]
     if config.get("recipes"):
         cached, variant = T2I_VARIANTS[2]
@@ -412,6 +418,12 @@ def plan(name, config, args, pipeline, images, mixed, concept, flax_ok):
         jobs.append(("train_text_to_image.py", batch, cached, RECIPE_PREFIX + BASELINE_AGAIN))
     elif args.recipes_only:
         jobs = []
+    if args.lora_only:  # the LoRA rows, each after the full fine-tune row it compares with
+        full = {
+            (script, batch, variant.replace(LORA_MARK, "")) for script, batch, _, variant in jobs if is_lora(variant)
+        }
+        jobs = [job for job in jobs if is_lora(job[3]) or (job[0], job[1], job[3]) in full]
+        jobs.sort(key=lambda job: (job[0], job[1], job[3].replace(LORA_MARK, ""), is_lora(job[3])))
     steps = args.logging_steps * (1 + args.windows)
     runs = []
     for script, batch, flags, variant in jobs:
@@ -687,7 +699,7 @@ def print_plan(args, flax_ok):
             print(
                 json.dumps({key: row[key] for key in ("config", "script", "variant", "batch")} | {"command": command})
             )
-    for model in args.step_memory:
+    for model in [] if args.lora_only or args.recipes_only else args.step_memory:
         for method in step_memory.METHODS:
             print(json.dumps({"step_memory": model, "method": method}))
 
@@ -790,7 +802,7 @@ def main(argv=None):
                     f"{row['compiled_shapes']} time{'s' if row['compiled_shapes'] != 1 else ''}, once per batch shape "
                     "(the log says which)."
                 )
-    if args.image_check_count and not args.recipes_only:
+    if args.image_check_count and not (args.recipes_only or args.lora_only):
         rates = image_check_rates(args.work_dir, args.image_check_count)
         notes.append(
             f"Data check at start (every image decoded before training; {os.cpu_count()} CPU cores): "
@@ -821,6 +833,24 @@ def main(argv=None):
         with open(args.output, "w") as f:
             f.write(text)
         print(f"Wrote the recipe section of {args.output}")
+        return rows
+    if args.lora_only:
+        lora_section = [
+            LORA_SECTION,
+            "",
+            f"Measured on {today} ({machine_description()}) by `run_benchmarks.py --lora_only`: each LoRA row "
+            "(`--rank 16`, the attention projections) after the full fine-tune row whose command it repeats with "
+            f"`--rank 16` added, in the same run; {args.logging_steps * (1 + args.windows)} updates each, the first "
+            f"{args.logging_steps} left out. A full `make benchmark` puts these rows in the main table. "
+            '"vs uncached square": against the full fine-tune without caches at the same batch.',
+            "",
+            format_table(rows),
+            "",
+        ]
+        text = open(args.output).read() if os.path.exists(args.output) else "# Benchmarks\n"
+        with open(args.output, "w") as f:
+            f.write(replace_section(text, LORA_SECTION, "\n".join(lora_section)))
+        print(f"Wrote the LoRA section of {args.output}")
         return rows
     report = [
         "# Benchmarks",

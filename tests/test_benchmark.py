@@ -117,6 +117,10 @@ def test_benchmark_plan_adds_a_lora_beside_the_full_fine_tune():
             entry["command"][entry["command"].index("--output_dir") + 1]
             != full["command"][full["command"].index("--output_dir") + 1]
         )
+    # --lora_only: the LoRA rows and the full fine-tune rows they compare with, nothing else.
+    result = subprocess.run(command + ["--lora_only"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    only = [json.loads(line) for line in result.stdout.splitlines()]
+    assert sorted(set(map(key, only))) == sorted(set(map(key, lora))) and len(only) == 2 * len(lora)
     assert [(e["step_memory"], e["method"]) for e in planned if "step_memory" in e] == [
         ("sd15", "lora"),
         ("sd15", "full"),
