@@ -5,6 +5,7 @@
     .venv/bin/python benchmarks/run_benchmarks.py --configs small --output BENCHMARKS.md
     .venv/bin/python benchmarks/run_benchmarks.py --plan_only        # each row's command, as JSON lines; runs nothing
     .venv/bin/python benchmarks/run_benchmarks.py --step_memory_only  # only the step-memory section (step_memory.py)
+    .venv/bin/python benchmarks/run_benchmarks.py --lora_only --configs small sdxl  # LoRA rows + their full runs
 
 Each run trains for (1 + --windows) windows of --logging_steps updates. The scripts log images/s and step time per
 window (those are the only steps that wait for the device); the first window holds start-up, compilation and cache
