@@ -3,6 +3,9 @@
 
     make benchmark                                   # CPU configs (a), (b) and (d), and (c) when a GPU is present
     .venv/bin/python benchmarks/run_benchmarks.py --configs small --output BENCHMARKS.md
+    .venv/bin/python benchmarks/run_benchmarks.py --plan_only        # each row's command, as JSON lines; runs nothing
+    .venv/bin/python benchmarks/run_benchmarks.py --step_memory_only  # only the step-memory section (step_memory.py)
+    .venv/bin/python benchmarks/run_benchmarks.py --lora_only --configs small sdxl  # LoRA rows + their full runs
 
 Each run trains for (1 + --windows) windows of --logging_steps updates. The scripts log images/s and step time per
 window (those are the only steps that wait for the device); the first window holds start-up, compilation and cache
@@ -11,6 +14,11 @@ included) and torch.cuda.max_memory_allocated on GPU. Model FLOPs utilisation (G
 and backward FLOPs per image, measured with torch.utils.flop_counter, against the GPU's dense bf16 peak.
 
 Pipelines are random-initialised from configs and saved in the diffusers folder layout: nothing is downloaded.
+
+Configs (b) and (d) also train a LoRA (`--rank 16`, the same command otherwise), uncached and cached, beside their
+full fine-tune, and (c) beside its batch-16 cached run and its batch-1 memory row. A script without `--rank` (the
+flag is new) gets those rows listed as not measured. The last section, from benchmarks/step_memory.py, is the memory
+of one training step of the real SD 1.5 and SDXL UNets, LoRA against the full fine-tune.
 """
 
 import argparse
@@ -25,6 +33,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+
+import step_memory  # beside this script, whose folder Python puts first on sys.path
 
 from devkit import tiny_sd
 from devkit.running_launch import free_port
@@ -87,6 +97,7 @@ CONFIGS = {
         precision="no",
         flax=True,
         recipes=True,
+        lora=True,
     ),
     # SDXL's structure (two text encoders, the pooled embedding and size conditioning) at the tiny size; SDXL is in
     # train_text_to_image.py only so far, so it has no textual inversion or Flax rows.
@@ -99,6 +110,7 @@ CONFIGS = {
         precision="no",
         flax=False,
         textual_inversion=False,
+        lora=True,
     ),
     "sd15": dict(
         label="(c) SD 1.5 architecture",
@@ -109,6 +121,7 @@ CONFIGS = {
         precision="bf16",
         flax=False,
         recipes=True,
+        lora=True,
     ),
 }
 # Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets, by a substring of the device name.
@@ -149,6 +162,29 @@ def parse_args(argv=None):
         "--recipes_only",
         action="store_true",
         help="Measure only the recipe rows (and their cached baseline); replace the recipe section of --output.",
+    )
+    parser.add_argument(
+        "--lora_only",
+        action="store_true",
+        help="Measure only the LoRA rows and the full fine-tune rows they compare with; write them as the LoRA "
+        "section of --output (a full run has them in its main table).",
+    )
+    parser.add_argument(
+        "--plan_only",
+        action="store_true",
+        help="Print each planned row and its command as a JSON line, and exit: nothing is built, run or written.",
+    )
+    parser.add_argument(
+        "--step_memory",
+        nargs="*",
+        default=["sd15", "sdxl"],
+        choices=sorted(step_memory.MODELS),
+        help="UNets whose one-step memory (LoRA and full fine-tune, CPU) is measured; none: skip that section.",
+    )
+    parser.add_argument(
+        "--step_memory_only",
+        action="store_true",
+        help="Measure only the step-memory rows; replace that section of --output.",
     )
     parser.add_argument(
         "--flax_python",
@@ -236,6 +272,14 @@ def model_flops_per_image(architecture, resolution):
     return unet_flops, counter.get_total_flops()
 
 
+@functools.cache
+def has_flag(python, script, flag):
+    """Whether a script's parser knows a flag (new flags land one script at a time): its --help, which answers before
+    the frameworks load."""
+    result = subprocess.run([python, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    return re.search(rf"(^|\s){re.escape(flag)}[\s,=]", result.stdout) is not None
+
+
 def run(command, log_path, env):
     """Run a command to completion; returns (exit status, output, peak RSS in GiB over it and its descendants)."""
     with open(log_path, "w") as log:
@@ -305,6 +349,18 @@ BASELINE_AGAIN = "(none: AdamW + L2, measured again)"
 RECIPE_PREFIX = "recipe: "  # the variant of a recipe row, which goes to the recipe table
 # Uncached, like the first t2i row, on 2:1, 1:2, 1:1 and 3:2 images: each bucket holds at most resolution² pixels.
 BUCKETS_VARIANT = (["--use_aspect_ratio_buckets"], "--use_aspect_ratio_buckets, mixed aspect ratios")
+# A LoRA beside the full fine-tune (configs with lora=True): the same command with --rank 16 added (the default
+# modules, the attention projections), uncached and with both caches.
+LORA_FLAGS = ["--rank", "16"]
+LORA_MARK = f"{' '.join(LORA_FLAGS)}, "  # in a LoRA row's variant, before its full fine-tune's
+LORA_VARIANTS = [(flags + LORA_FLAGS, LORA_MARK + variant) for flags, variant in T2I_VARIANTS[::2]]
+LORA_SECTION = "## LoRA beside the full fine-tune"
+
+
+def is_lora(variant):
+    return LORA_MARK in variant
+
+
 # The variant of a scaling row: two processes (torchrun / two JAX processes with a coordinator) share the global batch.
 TWO_PROCESSES = "2 processes x half the batch, "
 
@@ -315,6 +371,8 @@ def plan(name, config, args, pipeline, images, mixed, concept, flax_ok):
         batch = config["batches"][0]
         jobs = [("train_text_to_image.py", batch, flags, variant) for flags, variant in T2I_VARIANTS]
         jobs.append(("train_text_to_image.py", batch, *BUCKETS_VARIANT))
+        if config.get("lora"):
+            jobs += [("train_text_to_image.py", batch, flags, variant) for flags, variant in LORA_VARIANTS]
         if config.get("textual_inversion", True):
             jobs += [("textual_inversion.py", batch, flags, variant) for flags, variant in TI_VARIANTS]
         if config["flax"] and flax_ok:
@@ -323,6 +381,9 @@ def plan(name, config, args, pipeline, images, mixed, concept, flax_ok):
                 for script in ["train_text_to_image_flax.py", "textual_inversion_flax.py"]
             ]
             jobs.append(("train_text_to_image_flax.py", batch, BUCKETS_VARIANT[0], "JAX, " + BUCKETS_VARIANT[1]))
+            if config.get("lora"):
+                lora_variant = f"JAX, {LORA_MARK}VAE in the step"
+                jobs.append(("train_text_to_image_flax.py", batch, LORA_FLAGS, lora_variant))
         # Scaling: the same global batch (the same run, docs/distributed.md) shared by two processes of a core each.
         jobs.append(("train_text_to_image.py", batch, [], TWO_PROCESSES + T2I_VARIANTS[0][1]))
         if config["flax"] and flax_ok:
@@ -342,6 +403,9 @@ def plan(name, config, args, pipeline, images, mixed, concept, flax_ok):
             ]
         memory = ["--gradient_checkpointing", "--use_8bit_adam"]
         jobs.append(("train_text_to_image.py", 1, cached + memory, variant + " " + " ".join(memory)))
+        if config.get("lora"):  # at SD 1.5's scale: beside the batch-16 cached run, and beside the memory row
+            for batch, flags, row_variant in [(16, cached, variant), (1, cached + memory, jobs[-1][3])]:
+                jobs.append(("train_text_to_image.py", batch, flags + LORA_FLAGS, LORA_MARK + row_variant))
         jobs += [("textual_inversion.py", 4, flags, variant) for flags, variant in TI_VARIANTS]
     if config.get("recipes"):
         cached, variant = T2I_VARIANTS[2]
@@ -355,6 +419,12 @@ def plan(name, config, args, pipeline, images, mixed, concept, flax_ok):
         jobs.append(("train_text_to_image.py", batch, cached, RECIPE_PREFIX + BASELINE_AGAIN))
     elif args.recipes_only:
         jobs = []
+    if args.lora_only:  # the LoRA rows, each after the full fine-tune row it compares with
+        full = {
+            (script, batch, variant.replace(LORA_MARK, "")) for script, batch, _, variant in jobs if is_lora(variant)
+        }
+        jobs = [job for job in jobs if is_lora(job[3]) or (job[0], job[1], job[3]) in full]
+        jobs.sort(key=lambda job: (job[0], job[1], job[3].replace(LORA_MARK, ""), is_lora(job[3])))
     steps = args.logging_steps * (1 + args.windows)
     runs = []
     for script, batch, flags, variant in jobs:
@@ -486,7 +556,13 @@ def format_table(rows):
     def is_baseline(variant):
         """The uncached square run of a script: "... in the loop" (PyTorch) or "... in the step" (JAX)."""
         one_process = TWO_PROCESSES not in variant
-        return ("in the loop" in variant or "in the step" in variant) and "checkpointing" not in variant and one_process
+        full = not is_lora(variant)  # a LoRA row compares with the full fine-tune
+        return (
+            ("in the loop" in variant or "in the step" in variant)
+            and "checkpointing" not in variant
+            and one_process
+            and full
+        )
 
     baselines = {
         (r["config"], r["script"], r["batch"]): r.get("images_per_second") for r in rows if is_baseline(r["variant"])
@@ -547,6 +623,7 @@ def target_lines(rows):
         and r["script"] == "train_text_to_image.py"
         and "cache_latents" in r["variant"]
         and "use_8bit_adam" not in r["variant"]
+        and not is_lora(r["variant"])
         and r["batch"] >= 16
         and "images_per_second" in r
     ]
@@ -565,7 +642,12 @@ def target_lines(rows):
             f"(target: under 3; {'met' if minutes < 3 else 'not met'})."
         )
     memory = [
-        r for r in rows if r["config"].startswith("(c)") and "use_8bit_adam" in r["variant"] and "peak_gpu_gib" in r
+        r
+        for r in rows
+        if r["config"].startswith("(c)")
+        and "use_8bit_adam" in r["variant"]
+        and not is_lora(r["variant"])
+        and "peak_gpu_gib" in r
     ]
     if memory:
         gb = memory[0]["peak_gpu_gib"] * 2**30 / 1e9
@@ -609,15 +691,66 @@ def image_check_rates(work_dir, count):
     return rates
 
 
+def print_plan(args, flax_ok):
+    """--plan_only: every row of the chosen configurations and the command that measures it, one JSON object a line,
+    with placeholders for the pipeline and data folders."""
+    placeholders = ("<pipeline>", "<images>", "<mixed>", "<concept>")
+    for name in args.configs:
+        for row, command in plan(name, CONFIGS[name], args, *placeholders, flax_ok):
+            print(
+                json.dumps({key: row[key] for key in ("config", "script", "variant", "batch")} | {"command": command})
+            )
+    for model in [] if args.lora_only or args.recipes_only else args.step_memory:
+        for method in step_memory.METHODS:
+            print(json.dumps({"step_memory": model, "method": method}))
+
+
+def replace_section(text, title, section):
+    """text with its section under the heading `title` (up to the next "## " heading) replaced by section, or with
+    section appended."""
+    head, found, rest = text.partition("\n" + title + "\n")
+    tail = "\n## " + rest.split("\n## ", 1)[1] if found and "\n## " in rest else ""
+    return head.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n" + tail
+
+
+def measure_step_memory(models):
+    """benchmarks/step_memory.py's rows for these UNets: LoRA first, then the full fine-tune that needs four times the
+    memory or more; SDXL's last, as the largest."""
+    import time
+
+    started = time.perf_counter()
+    rows = []
+    for model in models:
+        counts = step_memory.parameter_counts(model)
+        for method in step_memory.METHODS:
+            print(f"-- step memory: {model}, {step_memory.METHODS[method]}", flush=True)
+            rows.append(step_memory.measure(model, method, counts=counts))
+    return rows, time.perf_counter() - started
+
+
 def main(argv=None):
     args = parse_args(argv)
+    flax_ok = os.path.exists(args.flax_python)
+    args.accelerate_config = {
+        device: os.path.join(args.work_dir, f"accelerate-{device}.yaml") for device in ["cpu", "cuda"]
+    }
+    if args.plan_only:
+        print_plan(args, flax_ok)
+        return []
+    today = datetime.date.today().isoformat()
+    if args.step_memory_only:
+        step_rows, seconds = measure_step_memory(args.step_memory)
+        text = open(args.output).read() if os.path.exists(args.output) else "# Benchmarks\n"
+        memory_section = step_memory.section(step_rows, seconds, today, machine_description())
+        with open(args.output, "w") as f:
+            f.write(replace_section(text, step_memory.SECTION_TITLE, memory_section))
+        print(f"Wrote the step-memory section of {args.output}")
+        return step_rows
     os.makedirs(args.work_dir, exist_ok=True)
     gpu = gpu_name()
     from accelerate.utils import write_basic_config
 
-    args.accelerate_config = {}
-    for device in ["cpu", "cuda"]:
-        path = os.path.join(args.work_dir, f"accelerate-{device}.yaml")
+    for device, path in args.accelerate_config.items():
         if os.path.exists(path):
             os.remove(path)  # write_basic_config never overwrites
         write_basic_config(mixed_precision="no", save_location=path)
@@ -625,7 +758,6 @@ def main(argv=None):
             config = json.load(open(path))
             config.update(use_cpu=True, distributed_type="NO", num_processes=1)
             json.dump(config, open(path, "w"))
-        args.accelerate_config[device] = path
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -633,7 +765,6 @@ def main(argv=None):
         "TRANSFORMERS_OFFLINE": "1",
         "PYTHONUNBUFFERED": "1",
     }
-    flax_ok = os.path.exists(args.flax_python)
     rows, notes = [], []
     for name in args.configs:
         config = CONFIGS[name]
@@ -657,6 +788,11 @@ def main(argv=None):
         )
         for row, command in plan(name, config, args, pipeline, images, mixed, concept, flax_ok):
             print(f"-- {row['script']} {row['variant']} batch {row['batch']}", flush=True)
+            python = args.flax_python if row["script"].endswith("_flax.py") else sys.executable
+            if "--rank" in command and not has_flag(python, row["script"], "--rank"):
+                rows.append({**row, "error": f"not measured: this `{row['script']}` has no --rank yet"})
+                print(f"  {rows[-1]['error']}", flush=True)
+                continue
             row = measure(row, command, args, env)
             if peak and "images_per_second" in row:
                 row["mfu"] = row["images_per_second"] * unet_flops / peak
@@ -667,7 +803,7 @@ def main(argv=None):
                     f"{row['compiled_shapes']} time{'s' if row['compiled_shapes'] != 1 else ''}, once per batch shape "
                     "(the log says which)."
                 )
-    if args.image_check_count and not args.recipes_only:
+    if args.image_check_count and not (args.recipes_only or args.lora_only):
         rates = image_check_rates(args.work_dir, args.image_check_count)
         notes.append(
             f"Data check at start (every image decoded before training; {os.cpu_count()} CPU cores): "
@@ -694,15 +830,33 @@ def main(argv=None):
     ]
     if args.recipes_only:
         text = open(args.output).read() if os.path.exists(args.output) else "# Benchmarks\n"
-        text = text.split("\n" + recipe_section[0] + "\n")[0].rstrip("\n") + "\n\n" + "\n".join(recipe_section)
+        text = replace_section(text, recipe_section[0], "\n".join(recipe_section))
         with open(args.output, "w") as f:
             f.write(text)
         print(f"Wrote the recipe section of {args.output}")
         return rows
+    if args.lora_only:
+        lora_section = [
+            LORA_SECTION,
+            "",
+            f"Measured on {today} ({machine_description()}) by `run_benchmarks.py --lora_only`: each LoRA row "
+            "(`--rank 16`, the attention projections) after the full fine-tune row whose command it repeats with "
+            f"`--rank 16` added, in the same run; {args.logging_steps * (1 + args.windows)} updates each, the first "
+            f"{args.logging_steps} left out. A full `make benchmark` puts these rows in the main table. "
+            '"vs uncached square": against the full fine-tune without caches at the same batch.',
+            "",
+            format_table(rows),
+            "",
+        ]
+        text = open(args.output).read() if os.path.exists(args.output) else "# Benchmarks\n"
+        with open(args.output, "w") as f:
+            f.write(replace_section(text, LORA_SECTION, "\n".join(lora_section)))
+        print(f"Wrote the LoRA section of {args.output}")
+        return rows
     report = [
         "# Benchmarks",
         "",
-        f"Written by `make benchmark` (`benchmarks/run_benchmarks.py`) on {datetime.date.today().isoformat()}.",
+        f"Written by `make benchmark` (`benchmarks/run_benchmarks.py`) on {today}.",
         "",
         f"Machine: {machine_description()}.",
         "",
@@ -722,6 +876,9 @@ def main(argv=None):
         "",
         *recipe_section,
     ]
+    if args.step_memory:
+        step_rows, seconds = measure_step_memory(args.step_memory)
+        report += [step_memory.section(step_rows, seconds, today, machine_description()), ""]
     with open(args.output, "w") as f:
         f.write("\n".join(report))
     print(f"Wrote {args.output}")
