@@ -273,13 +273,6 @@ def model_flops_per_image(architecture, resolution):
 
 
 @functools.cache
-def has_flag(python, script, flag):
-    """Whether a script's parser knows a flag (new flags land one script at a time): its --help, which answers before
-    the frameworks load."""
-    result = subprocess.run([python, script, "--help"], cwd=REPO, capture_output=True, text=True, timeout=300)
-    return re.search(rf"(^|\s){re.escape(flag)}[\s,=]", result.stdout) is not None
-
-
 def run(command, log_path, env):
     """Run a command to completion; returns (exit status, output, peak RSS in GiB over it and its descendants)."""
     with open(log_path, "w") as log:
@@ -788,11 +781,6 @@ def main(argv=None):
         )
         for row, command in plan(name, config, args, pipeline, images, mixed, concept, flax_ok):
             print(f"-- {row['script']} {row['variant']} batch {row['batch']}", flush=True)
-            python = args.flax_python if row["script"].endswith("_flax.py") else sys.executable
-            if "--rank" in command and not has_flag(python, row["script"], "--rank"):
-                rows.append({**row, "error": f"not measured: this `{row['script']}` has no --rank yet"})
-                print(f"  {rows[-1]['error']}", flush=True)
-                continue
             row = measure(row, command, args, env)
             if peak and "images_per_second" in row:
                 row["mfu"] = row["images_per_second"] * unet_flops / peak

@@ -12,7 +12,6 @@ from conftest import OFFLINE_ENV, REPO
 from devkit.command_line import command_line
 
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))  # the benchmark's modules, imported as its script imports them
-import run_benchmarks  # noqa: E402
 import step_memory  # noqa: E402
 
 
@@ -56,11 +55,7 @@ def test_benchmark_writes_a_table_with_every_row(tmp_path):
     assert [(r[1], r[2]) for r in sdxl] == full[:4] + lora + full[4:]
     lora_rows = [row for row in sdxl if row[2].startswith("--rank")]
     assert all(float(row[6]) > 0 and float(row[7]) > 0 for row in sdxl if row not in lora_rows), sdxl
-    # --rank lands in train_text_to_image.py on its own branch: until then its LoRA rows say why they are empty.
-    if run_benchmarks.has_flag(sys.executable, "train_text_to_image.py", "--rank"):
-        assert all(float(row[6]) > 0 and re.fullmatch(r"\d+\.\d\dx", row[10]) for row in lora_rows), lora_rows
-    else:
-        assert all(row[6] == "not measured: this `train_text_to_image.py` has no --rank yet" for row in lora_rows)
+    assert all(float(row[6]) > 0 and re.fullmatch(r"\d+\.\d\dx", row[10]) for row in lora_rows), lora_rows
     assert re.search(r"\(d\) tiny SDXL pipeline, per 64 px image: UNet forward \+ backward [\d.e-]+ TFLOPs", text)
     # Without a GPU the SD 1.5 rows are listed, marked not measured; its FLOPs are counted on the meta device.
     sd15 = [row for row in rows if row.startswith("| (c)")]
