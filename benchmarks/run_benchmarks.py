@@ -272,7 +272,6 @@ def model_flops_per_image(architecture, resolution):
     return unet_flops, counter.get_total_flops()
 
 
-@functools.cache
 def run(command, log_path, env):
     """Run a command to completion; returns (exit status, output, peak RSS in GiB over it and its descendants)."""
     with open(log_path, "w") as log:
