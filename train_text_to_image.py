@@ -63,7 +63,7 @@ from sdtrain.data_config import (
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import load_rgb, verify_image
 from sdtrain.logs import add_tracker_arguments, report_to_problem, warmup_applied
-from sdtrain.lora import LoraConfig, add_lora_arguments, lora_identity, lora_problem
+from sdtrain.lora import LoraConfig, add_lora_arguments, lora_identity, lora_problem, save_lora
 from sdtrain.model_cards import fine_tuned_card, lora_card, write_model_card
 from sdtrain.preemption import StopRequest
 from sdtrain.recipes import (
@@ -297,12 +297,8 @@ def parse_args(argv=None):
         parser.error("no training data: pass --dataset_name (hub id or local dataset folder) or --train_data_dir")
     if lora_problem(args):
         parser.error(lora_problem(args))
-    if args.rank is not None and args.save_single_file:
-        parser.error("--save_single_file with --rank: a LoRA run always writes <output_dir name>.safetensors (UIs)")
     if args.rank is not None and args.non_ema_revision not in (None, args.revision):
         parser.error("--non_ema_revision with --rank: a LoRA trains on the UNet it is loaded onto, --revision's")
-    if args.train_text_encoder and args.cache_text_embeddings:
-        parser.error("--cache_text_embeddings with --train_text_encoder: the encoders change, their outputs too")
     if args.non_ema_revision is None:
         args.non_ema_revision = args.revision
     if args.ema_validation != "ema" and not args.use_ema:
@@ -680,6 +676,7 @@ def make_ema_unet(args, device, adapter_parameters=None):
             foreach=args.foreach_ema,
         )
     if args.offload_ema and torch.cuda.is_available():
+        ema_unet.to(device="cpu")  # the text encoders' adapter (--train_text_encoder) was made on the GPU
         ema_unet.pin_memory()
     elif not args.offload_ema:
         ema_unet.to(device)
@@ -985,7 +982,8 @@ def save_pipeline(unet, args, code, adapted=()):
     # goes wrong.
     pipeline.scheduler = inference_scheduler(pipeline.scheduler, args.prediction_type, args.rescale_betas_zero_snr)
     if adapted:
-        lora.save_lora(args.output_dir, adapted, LoraConfig.from_args(args), code.family, unet.config)
+        config = LoraConfig.from_args(args)
+        save_lora(args.output_dir, lora.adapter_state(adapted), config, code.family, unet.config.cross_attention_dim)
         lora.set_training(adapted, False)  # nothing trains any more: rendered without dropout, in fp32 as loaded
         return pipeline.to(dtype=torch.float32)
     partial = os.path.join(args.output_dir, ".pipeline.partial")

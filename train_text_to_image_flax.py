@@ -314,15 +314,6 @@ def flax_lora_problem(args):
         # The adapter is merged into the kernels (W + scale * B @ A) inside the loss; dropout on the LoRA branch's
         # input is not a weight and has no such form.
         return "--lora_dropout: the Flax twin merges the LoRA into the weights and cannot drop its inputs; use 0"
-    if args.save_single_file:
-        return (
-            "--save_single_file writes a whole model; a LoRA run (--rank) writes its adapter in the UIs' layout "
-            "(<output_dir name>.safetensors) anyway: drop --save_single_file"
-        )
-    if args.train_text_encoder and args.cache_text_embeddings:
-        return (
-            "--train_text_encoder trains the text encoders' LoRA, so their outputs change: drop --cache_text_embeddings"
-        )
     return None
 
 
@@ -376,7 +367,7 @@ from sdtrain.jax.data import process_batches
 from sdtrain.jax.export import save_pipeline
 from sdtrain.jax.family import family_code
 from sdtrain.jax.loop import LogWindow, evaluation_params, start_distributed, stop_agreed
-from sdtrain.jax.lora import adapter_layers, diffusers_state, init_lora, merge_lora
+from sdtrain.jax.lora import adapter_layers, adapter_state, add_adapters, merge_lora
 from sdtrain.jax.models import (
     enable_block_rematerialisation,
     load_flax_model,
@@ -386,7 +377,7 @@ from sdtrain.jax.models import (
 )
 from sdtrain.jax.text import token_ids
 from sdtrain.jax.validation import render_validation_images, save_validation_grid, validation_renderer
-from sdtrain.lora import TEXT_ENCODER_LORA_MODULES, base_model_version, write_lora_files
+from sdtrain.lora import save_lora
 from sdtrain.model_cards import fine_tuned_card, lora_card, write_model_card
 
 logger = logging.getLogger(__name__)
@@ -935,18 +926,6 @@ def model_card(family, args, global_step, validation_grid):
     )
 
 
-def new_lora(lora, unet_params, text_encoder_params, seed):
-    """The adapter a LoRA run starts from, {component: A/B pytree}: the UNet's, and the text encoders' (by component
-    name) with --train_text_encoder. A is drawn from the run's seed, the same on every process."""
-    rng = jax.random.fold_in(jax.random.PRNGKey(seed % (2**31)), 0x10A)
-    adapter = {"unet": init_lora(unet_params, "unet", lora.unet_modules, lora.rank, jax.random.fold_in(rng, 0))}
-    if lora.train_text_encoder:
-        for index, (name, params) in enumerate(text_encoder_params.items(), start=1):
-            modules = TEXT_ENCODER_LORA_MODULES
-            adapter[name] = init_lora(params, name, modules, lora.rank, jax.random.fold_in(rng, index))
-    return adapter
-
-
 def main(args):
     # ------------------------------------------------------------------------------------------------------ setup
     start_distributed(
@@ -1033,7 +1012,7 @@ def main(args):
         text_encoder_params = {
             name: encoder.params for name, encoder in zip(family.text_encoders, text_encoders, strict=True)
         }
-        unet_params = new_lora(lora, base_unet_params, text_encoder_params, seed)
+        unet_params = add_adapters(lora, base_unet_params, text_encoder_params, seed)
     # Lin et al. 2023 (arXiv:2305.08891): rescaled betas reach zero SNR at the last timestep, as sampling starts.
     noise_scheduler, scheduler_state = load_noise_scheduler(folder, args.rescale_betas_zero_snr)
     frozen = FrozenModels(
@@ -1223,11 +1202,7 @@ def main(args):
         try:
             if lora is not None:
                 # The adapter alone, in diffusers' layout and in the UIs' (kohya) one, not the pipeline.
-                version = base_model_version(family.name, unet.config.cross_attention_dim)
-                size = write_lora_files(
-                    args.output_dir, diffusers_state(unet_params), lora, family.text_encoders, version
-                )
-                logger.info(f"Saved the LoRA ({size:.2f} MiB) to {os.path.abspath(args.output_dir)}")
+                save_lora(args.output_dir, adapter_state(unet_params), lora, family, unet.config.cross_attention_dim)
             else:
                 saved_scheduler = (args.prediction_type, args.rescale_betas_zero_snr)
                 save_pipeline(unet_params, folder, family, vae_folder, args.output_dir, *saved_scheduler)

@@ -11,6 +11,7 @@ fuse_lora on the base pipeline, read back for every module the LoRA adapts.
 """
 
 import argparse
+import json
 import os
 
 
@@ -76,7 +77,8 @@ def fused_weights(pipeline_dir, lora_dir, modules):
 
 
 def main(argv=None):
-    from sdtrain.lora import DEFAULT_LORA_LAYERS, LoraConfig, base_model_version, write_lora_files
+    from sdtrain.families import SD, SDXL
+    from sdtrain.lora import DEFAULT_LORA_LAYERS, LoraConfig, kohya_base_model, write_lora_files
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("pipeline", help="A saved SD or SDXL pipeline folder.")
@@ -94,16 +96,14 @@ def main(argv=None):
         unet_modules=tuple(args.lora_layers.split(",")),
         train_text_encoder=not args.no_text_encoder,
     )
-    import json
-
     text_encoders = text_encoder_names(args.pipeline)
     with open(os.path.join(args.pipeline, "unet", "config.json")) as f:
         cross_attention_dim = json.load(f)["cross_attention_dim"]
-    family = "sdxl" if len(text_encoders) == 2 else "sd"
+    family = SDXL if len(text_encoders) == 2 else SD
     state = random_lora_state(args.pipeline, config, args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
     size = write_lora_files(
-        args.output_dir, state, config, text_encoders, base_model_version(family, cross_attention_dim)
+        args.output_dir, state, config, text_encoders, kohya_base_model(family, cross_attention_dim)
     )
     print(f"{len(state)} tensors, {size:.2f} MiB in {args.output_dir}")
 

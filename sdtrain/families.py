@@ -53,6 +53,9 @@ class Family:
     honours_vae_force_upcast: bool
     license: str  # the model card's license: the base model's
     tags: tuple  # the model card's family tags (the writer adds text-to-image, diffusers)
+    # kohya's name for the base model in a LoRA file's metadata (ss_base_model_version), by the UNet's
+    # cross_attention_dim (the text encoder's width); the first is the default for other widths.
+    kohya_base_models: tuple
 
     @property
     def num_text_encoders(self):
@@ -70,6 +73,7 @@ SD = Family(
     honours_vae_force_upcast=False,
     license="creativeml-openrail-m",
     tags=("stable-diffusion",),
+    kohya_base_models=((768, "sd_v1"), (1024, "sd_v2")),  # CLIP ViT-L (1.x), OpenCLIP ViT-H (2.x)
 )
 SDXL = Family(
     name="sdxl",
@@ -82,6 +86,7 @@ SDXL = Family(
     honours_vae_force_upcast=True,
     license="openrail++",
     tags=("stable-diffusion-xl",),
+    kohya_base_models=((2048, "sdxl_base_v1-0"),),
 )
 
 

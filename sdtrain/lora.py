@@ -16,13 +16,16 @@ The files, in --output_dir:
 
 import dataclasses
 import json
+import logging
 import os
 
 import numpy as np
 import safetensors.numpy
 
-from sdtrain.cli import UserError, WriteFailure
+from sdtrain.cli import WriteFailure
 from sdtrain.run_folder import flush_file, fsync_folder, write_failure
+
+logger = logging.getLogger(__name__)
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 
@@ -131,6 +134,10 @@ def lora_problem(args):
             return f"--lora_layers: unknown module {name!r}; the UNet modules a LoRA adapts are {known}"
     if len(set(names)) != len(names):
         return f"--lora_layers names a module twice: {args.lora_layers}"
+    if args.save_single_file:
+        return "--save_single_file writes a whole model; a LoRA run always writes <output_dir name>.safetensors (UIs)"
+    if args.train_text_encoder and args.cache_text_embeddings:
+        return "--cache_text_embeddings with --train_text_encoder: the text encoders train, so their outputs change"
     return None
 
 
@@ -179,12 +186,12 @@ def kohya_prefixes(text_encoders):
     return prefixes
 
 
-def kohya_state(diffusers_state, alpha, text_encoders):
+def kohya_state(adapter_state, alpha, text_encoders):
     """DIFFUSERS_LORA_FILE's tensors (NumPy arrays, by diffusers_key) in the kohya layout, with one `.alpha` per
     module holding the run's alpha."""
     prefixes = kohya_prefixes(text_encoders)
     state = {}
-    for key, array in diffusers_state.items():
+    for key, array in adapter_state.items():
         component, rest = key.split(".", 1)
         module, matrix = rest.removesuffix(".weight").rsplit(".lora_", 1)
         if component not in prefixes or matrix not in ("A", "B"):
@@ -195,31 +202,29 @@ def kohya_state(diffusers_state, alpha, text_encoders):
     return state
 
 
-def kohya_metadata(base_model_version, config, title):
+def kohya_metadata(base_model, config, title):
     """The training metadata kohya's scripts write and the UIs show (A1111's and ComfyUI's LoRA info): what the file
-    is, its rank and alpha, the base model. base_model_version: "sd_v1", "sd_v2" or "sdxl_base_v1-0"."""
+    is, its rank and alpha, the base model (kohya_base_model: "sd_v1", "sd_v2" or "sdxl_base_v1-0")."""
     return {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(config.rank),
         "ss_network_alpha": str(config.alpha),
-        "ss_base_model_version": base_model_version,
+        "ss_base_model_version": base_model,
         "ss_output_name": title,
         "ss_training_comment": "trained with sdtrain (train_text_to_image.py --rank)",
     }
 
 
-def base_model_version(family_name, cross_attention_dim):
-    """kohya's name for the base model: SDXL, or SD 1.x (CLIP ViT-L, 768) / SD 2.x (OpenCLIP ViT-H, 1024)."""
-    if family_name == "sdxl":
-        return "sdxl_base_v1-0"
-    return "sd_v2" if cross_attention_dim == 1024 else "sd_v1"
+def kohya_base_model(family, cross_attention_dim):
+    """kohya's name for the base model (sdtrain.families.Family.kohya_base_models)."""
+    return dict(family.kohya_base_models).get(cross_attention_dim, family.kohya_base_models[0][1])
 
 
-def write_lora_files(output_dir, diffusers_state, config, text_encoders, base_version):
+def write_lora_files(output_dir, adapter_state, config, text_encoders, base_model):
     """Both files, from the adapter's tensors as float32 NumPy arrays keyed by diffusers_key. Each is written to a
     temporary name, flushed and renamed into place, so a crash leaves the earlier file or none, never half of one."""
     metadata = {"format": "pt"}
-    components = sorted({key.split(".", 1)[0] for key in diffusers_state})
+    components = sorted({key.split(".", 1)[0] for key in adapter_state})
     metadata["lora_adapter_metadata"] = json.dumps(
         {
             f"{component}.{field}": value
@@ -228,7 +233,7 @@ def write_lora_files(output_dir, diffusers_state, config, text_encoders, base_ve
         },
         sort_keys=True,
     )
-    state = {key: np.ascontiguousarray(array, dtype=np.float32) for key, array in diffusers_state.items()}
+    state = {key: np.ascontiguousarray(array, dtype=np.float32) for key, array in adapter_state.items()}
     ui_path = ui_lora_path(output_dir)
     title = os.path.splitext(os.path.basename(ui_path))[0]
     files = [
@@ -236,7 +241,7 @@ def write_lora_files(output_dir, diffusers_state, config, text_encoders, base_ve
         (
             ui_path,
             kohya_state(state, config.alpha, text_encoders),
-            {"format": "pt", **kohya_metadata(base_version, config, title)},
+            {"format": "pt", **kohya_metadata(base_model, config, title)},
         ),
     ]
     for path, tensors, file_metadata in files:
@@ -254,9 +259,12 @@ def write_lora_files(output_dir, diffusers_state, config, text_encoders, base_ve
     return size
 
 
-def check_lora_state(diffusers_state, config, text_encoders):
-    """Refuse an adapter whose keys are not the modules the config names (a loader would skip them silently)."""
-    components = {key.split(".", 1)[0] for key in diffusers_state}
-    expected = {"unet", *(text_encoders if config.train_text_encoder else ())}
-    if components != expected:
-        raise UserError(f"the LoRA holds {sorted(components)}, expected {sorted(expected)}")
+def save_lora(output_dir, adapter_state, config, family, cross_attention_dim):
+    """A LoRA run's final save, in both frameworks: write_lora_files for the family (its text encoders, its kohya base
+    model name) from the adapter's tensors (float32 NumPy arrays by diffusers_key), and say where they went."""
+    base_model = kohya_base_model(family, cross_attention_dim)
+    size = write_lora_files(output_dir, adapter_state, config, family.text_encoders, base_model)
+    logger.info(
+        f"Saved the LoRA ({size:.2f} MiB) to {os.path.abspath(output_dir)}: {DIFFUSERS_LORA_FILE} for diffusers, "
+        f"{os.path.basename(ui_lora_path(output_dir))} for the UIs"
+    )

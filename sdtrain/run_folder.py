@@ -206,16 +206,24 @@ def fsync_folder(folder):
 
 
 def umask_file_mode():
-    """The mode open() gives a new file: 0666 less the process's umask (read, then put back)."""
-    umask = os.umask(0o022)
-    os.umask(umask)
+    """The mode open() gives a new file: 0666 less the process's umask. Linux says the umask in /proc; elsewhere it is
+    read by setting it, which the first call does once, at the start, before other threads write files."""
+    try:
+        with open("/proc/self/status") as f:
+            umask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o022)
+        os.umask(umask)
     return 0o666 & ~umask
+
+
+FILE_MODE = umask_file_mode()
 
 
 def flush_file(path):
     """Give a finished file the mode open() would and flush it to disk. safetensors (0.8) creates its files readable
     by their owner only (0600), so a UI or server running as another user could not load what a run wrote."""
-    os.chmod(path, umask_file_mode())
+    os.chmod(path, FILE_MODE)
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 

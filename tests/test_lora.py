@@ -25,7 +25,7 @@ RANK, ALPHA = 4, 8.0
 # A text encoder trains too; EMA of the adapter; --adam_epsilon 1e-5 as in tests/test_multi_node.py, so that two
 # processes match one within TOLERANCE (at 1e-8 Adam amplifies the all-reduce's rounding of near-zero gradients).
 LORA = f"--rank {RANK} --lora_alpha {ALPHA:g} --train_text_encoder --use_ema --adam_epsilon 1e-5"
-STEPS = "--max_train_steps 4 --checkpointing_steps 2 --random_flip"
+STEPS = "--max_train_steps 4 --checkpointing_steps 2 --random_flip --gradient_accumulation_steps 2"
 TOLERANCE = 1e-5
 UNET_MODULE = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"  # cross-attention: reads the text
 TEXT_MODULE = "text_model.encoder.layers.0.self_attn.q_proj"
@@ -215,7 +215,10 @@ LORA_ERRORS = {
     "rank_zero": (["--rank", "0"], "--rank must be 1 or more (got 0)"),
     "unknown_layer": (["--rank", "4", "--lora_layers", "to_q,nonsense"], "unknown module 'nonsense'"),
     "alpha_without_rank": (["--lora_alpha", "8"], "--lora_alpha sets up a LoRA: give --rank too"),
-    "single_file": (["--rank", "4", "--save_single_file"], "--save_single_file with --rank: a LoRA run always writes"),
+    "single_file": (
+        ["--rank", "4", "--save_single_file"],
+        "--save_single_file writes a whole model; a LoRA run always writes",
+    ),
     "cached_text": (
         ["--rank", "4", "--train_text_encoder", "--cache_text_embeddings"],
         "--cache_text_embeddings with --train_text_encoder",

@@ -247,7 +247,7 @@ def test_adapter_merges_as_w_plus_scaled_b_a_and_names_pytorch_modules(assets):
         ("--lora_alpha 8", "--lora_alpha sets up a LoRA: give --rank too"),
         ("--rank 4 --lora_dropout 0.1", "--lora_dropout: the Flax twin merges the LoRA into the weights"),
         ("--rank 4 --save_single_file", "--save_single_file writes a whole model"),
-        ("--rank 4 --train_text_encoder --cache_text_embeddings", "drop --cache_text_embeddings"),
+        ("--rank 4 --train_text_encoder --cache_text_embeddings", "--cache_text_embeddings with --train_text_encoder"),
     ],
 )
 def test_lora_flag_errors(flags, message, capsys):

@@ -273,8 +273,8 @@ def test_lora_loss_and_gradients_equal_pytorch(assets, sdxl_pipeline, torch_side
         modules = TEXT_ENCODER_LORA_MODULES
         layout[name] = jax_lora.init_lora(text_encoder.params, name, modules, LORA_RANK, jax.random.PRNGKey(0))
     keys = {key for key in recorded.files if ".lora_" in key and not key.startswith("grad:")}
-    assert set(jax_lora.diffusers_state(layout)) == keys, "the Flax layers are peft's modules, by name"
-    adapter = jax_lora.from_diffusers_state(recorded, layout)
+    assert set(jax_lora.adapter_state(layout)) == keys, "the Flax layers are peft's modules, by name"
+    adapter = jax_lora.from_adapter_state(recorded, layout)
     input_ids, latents = jnp.asarray(recorded["input_ids"]), jnp.asarray(recorded["latents"])
     config = train_text_to_image_flax.LossConfig(**LORA_CASES[case])
 
@@ -296,7 +296,7 @@ def test_lora_loss_and_gradients_equal_pytorch(assets, sdxl_pipeline, torch_side
     loss, grads = jax.value_and_grad(loss_fn)(adapter)
     assert not queue, "PyTorch drew more often than JAX"
     assert abs(float(loss) - float(recorded["loss"])) <= 1e-4, (float(loss), float(recorded["loss"]))
-    grads = jax_lora.diffusers_state(grads)
+    grads = jax_lora.adapter_state(grads)
     assert all(np.abs(recorded[f"grad:{key}"]).max() > 0 for key in keys if key.startswith("unet.")), "grads bite"
     worst = max(float(np.abs(grads[key] - recorded[f"grad:{key}"]).max()) for key in keys)
     print(

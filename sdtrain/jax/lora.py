@@ -7,6 +7,11 @@ Flax names the layers differently from the PyTorch modules that sdtrain.lora and
 UNet writes a block index into the name (down_blocks_0, to_out_0, net_0) where PyTorch has a submodule (down_blocks.0,
 to_out.0, net.0); transformers' Flax CLIP keeps PyTorch's layout (encoder/layers/0). A Flax Dense kernel is the
 transposed PyTorch weight, (in, out), so the merged kernel is kernel + scale * (B @ A).T.
+
+With bf16 base weights the merged kernel is computed in fp32 and rounded to bf16 by the layer, like the base weights
+themselves: the part of an update smaller than half of W's bf16 step shows in the gradients (which reach A and B in
+fp32) but not yet in the forward pass. PyTorch under autocast rounds the LoRA branch's output instead. Both are within
+bf16's own precision; the parity test holds the two frameworks to each other in fp32.
 """
 
 import re
@@ -103,7 +108,7 @@ def adapter_layers(lora):
     return [((name, *path), pair) for name, sub in sorted(lora.items()) for path, pair in adapter_layers(sub)]
 
 
-def diffusers_state(lora):
+def adapter_state(lora):
     """The adapter ({component: adapter}) as float32 NumPy arrays keyed by sdtrain.lora.diffusers_key, what
     sdtrain.lora.write_lora_files writes. A is (rank, in), B (out, rank), as in PyTorch."""
     state = {}
@@ -115,8 +120,8 @@ def diffusers_state(lora):
     return state
 
 
-def from_diffusers_state(state, lora):
-    """The inverse of diffusers_state: an adapter shaped like `lora` with the matrices of `state` (the parity test
+def from_adapter_state(state, lora):
+    """The inverse of adapter_state: an adapter shaped like `lora` with the matrices of `state` (the parity test
     sets the PyTorch side's A and B this way)."""
     result = {}
     for component, adapter in lora.items():
@@ -128,3 +133,16 @@ def from_diffusers_state(state, lora):
             node["lora_A"] = jnp.asarray(state[diffusers_key(component, module, "A")])
             node["lora_B"] = jnp.asarray(state[diffusers_key(component, module, "B")])
     return result
+
+
+def add_adapters(config, unet_params, text_encoder_params, seed):
+    """The adapter a LoRA run (an sdtrain.lora.LoraConfig) starts from, {component: A/B pytree}: the UNet's, and with
+    config.train_text_encoder the text encoders' (text_encoder_params: {component name: params}). A is drawn from the
+    run's seed, so it is the same on every process; B is zero, so training starts from the base model."""
+    rng = jax.random.fold_in(jax.random.PRNGKey(seed % (2**31)), 0x10A)
+    adapter = {"unet": init_lora(unet_params, "unet", config.unet_modules, config.rank, jax.random.fold_in(rng, 0))}
+    if config.train_text_encoder:
+        for index, (name, params) in enumerate(text_encoder_params.items(), start=1):
+            modules = TEXT_ENCODER_LORA_MODULES
+            adapter[name] = init_lora(params, name, modules, config.rank, jax.random.fold_in(rng, index))
+    return adapter

@@ -14,14 +14,11 @@ from peft import LoraConfig as PeftLoraConfig
 from peft.tuners.lora import LoraLayer
 
 from sdtrain.cli import UserError
-from sdtrain.lora import TEXT_ENCODER_LORA_MODULES, base_model_version, diffusers_key, ui_lora_path, write_lora_files
+from sdtrain.lora import TEXT_ENCODER_LORA_MODULES, diffusers_key
 
 logger = logging.getLogger(__name__)
 
 ADAPTER = "default"  # peft's name for the one adapter a run trains; it appears in no file
-# transformers 5's CLIPTextModel holds these at its top level, where hub checkpoints, transformers 4 and diffusers'
-# LoRA files have them under text_model. (CLIPTextModelWithProjection keeps text_model. in both versions).
-TEXT_MODEL_PARTS = ("embeddings", "encoder", "final_layer_norm")
 # A LoRA run's checkpoint holds its adapter (and the adapter's EMA), not the base model, which the run never changes.
 CHECKPOINT_FILE = "lora_adapter.safetensors"
 EMA_CHECKPOINT_FILE = "lora_adapter_ema.safetensors"
@@ -66,36 +63,19 @@ def add_adapters(unet, text_encoders, family, config, weight_dtype, seed):
     return models
 
 
-def module_path(component, name):
-    """The adapted module's name in the files: diffusers' module path in the UNet, the hub's in a text encoder."""
-    if component != "unet" and name.split(".", 1)[0] in TEXT_MODEL_PARTS:
-        return "text_model." + name
-    return name
-
-
 def adapter_parameters(adapted):
     """(diffusers_key, parameter) of every LoRA matrix of the adapted models ((component name, model) pairs), in a
     fixed order: the optimizer's, the EMA's and the checkpoints'."""
     for component, model in adapted:
         for name, module in model.named_modules():
             if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
-                path = module_path(component, name)
-                yield diffusers_key(component, path, "A"), module.lora_A[ADAPTER].weight
-                yield diffusers_key(component, path, "B"), module.lora_B[ADAPTER].weight
+                yield diffusers_key(component, name, "A"), module.lora_A[ADAPTER].weight
+                yield diffusers_key(component, name, "B"), module.lora_B[ADAPTER].weight
 
 
 def adapter_state(adapted):
     """The adapter's tensors as float32 NumPy arrays by diffusers_key: what sdtrain.lora.write_lora_files writes."""
     return {key: parameter.detach().float().cpu().numpy() for key, parameter in adapter_parameters(adapted)}
-
-
-def save_lora(output_dir, adapted, config, family, unet_config):
-    """The LoRA's two files (sdtrain.lora.write_lora_files), for the base model the family and UNet config name."""
-    base_version = base_model_version(family.name, unet_config.cross_attention_dim)
-    size = write_lora_files(output_dir, adapter_state(adapted), config, family.text_encoders, base_version)
-    logger.info(
-        f"Saved the LoRA ({size:.2f} MiB) to {os.path.abspath(output_dir)}: {ui_lora_path(output_dir)} for the UIs"
-    )
 
 
 def average_gradients(parameters, num_processes):
