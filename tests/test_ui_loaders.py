@@ -148,7 +148,7 @@ LORA_FAMILIES = {
 }
 # Rank 4, alpha 8: a scale of 2, which a loader ignoring .alpha (scale 1) or reading alpha as the scale (8) would miss.
 # The learning rate moves B well away from zero in the one step (B starts at zero: an untrained LoRA changes nothing).
-LORA_FLAGS = "--rank 4 --lora_alpha 8 --train_text_encoder --learning_rate 1e-2 --lr_warmup_steps 0"
+LORA_FLAGS = "--rank 4 --lora_alpha 8 --train_text_encoder --learning_rate 1e-2 --lr_warmup_steps 0 --seed 0"
 
 
 def write_base_single_file(pipeline_dir, path):
