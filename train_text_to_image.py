@@ -964,7 +964,12 @@ def save_pipeline(unet, args, code, adapted=()):
     """The full pipeline (frozen parts re-read in their original precision, the --pretrained_vae_model_name_or_path VAE
     in place of the pipeline's) in output_dir, written to a temporary folder first and switched in atomically
     (publish_pipeline), so a crash never leaves a broken model. With a LoRA (adapted: the models holding it) only its
-    files are written, and the pipeline returned for the final renders holds the adapted models, in fp32."""
+    files are written, and the pipeline is built only for the final renders (None without): the adapted models, fp32."""
+    if adapted:
+        config, width = LoraConfig.from_args(args), unet.config.cross_attention_dim
+        save_lora(args.output_dir, lora.adapter_state(adapted), config, code.family, width)
+        if not args.validation_prompts:
+            return None
     replaced = dict(adapted[1:])  # the text encoders with their LoRA
     if args.pretrained_vae_model_name_or_path:
         replaced["vae"] = AutoencoderKL.from_pretrained(
@@ -982,8 +987,6 @@ def save_pipeline(unet, args, code, adapted=()):
     # goes wrong.
     pipeline.scheduler = inference_scheduler(pipeline.scheduler, args.prediction_type, args.rescale_betas_zero_snr)
     if adapted:
-        config = LoraConfig.from_args(args)
-        save_lora(args.output_dir, lora.adapter_state(adapted), config, code.family, unet.config.cross_attention_dim)
         lora.set_training(adapted, False)  # nothing trains any more: rendered without dropout, in fp32 as loaded
         return pipeline.to(dtype=torch.float32)
     partial = os.path.join(args.output_dir, ".pipeline.partial")
@@ -997,6 +1000,7 @@ def save_pipeline(unet, args, code, adapted=()):
         shutil.rmtree(partial, ignore_errors=True)
         raise WriteFailure(write_failure("the pipeline", args.output_dir, err)) from err
     publish_pipeline(partial, args.output_dir)
+    logger.info(f"Saved the pipeline to {os.path.abspath(args.output_dir)}")
     return pipeline
 
 
@@ -1287,7 +1291,6 @@ def main(args):
                 )
             grid = f"validation/final{renders[0][0]}-step-{global_step:06d}.png"
         write_model_card(args.output_dir, model_card(code.family, args, global_step, grid))
-        logger.info(f"Saved {'the LoRA' if adapted else 'the pipeline'} to {os.path.abspath(args.output_dir)}")
         if args.push_to_hub:
             push_to_hub(args.output_dir, args.hub_model_id, args.hub_token)
     end_training(accelerator, output_lock)
