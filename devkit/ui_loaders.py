@@ -84,6 +84,11 @@ def stub_absent_packages(names=("torchvision", "onnxruntime", "onnx", "cv2", "co
 
 
 def invokeai_config(path):
+    # InvokeAI's app imports its model loaders at start-up. Probed cold, its LoRA configs import
+    # invokeai.backend.patches in an order set by string hashing, which for some PYTHONHASHSEED values is a circular
+    # import that the probe reports as "not a LoRA" (seen in CI: 2 seeds of 8 here). Importing the loader first, as
+    # the app does, makes every seed classify the same.
+    import invokeai.backend.model_manager.load.model_loaders.lora  # noqa: F401
     from invokeai.backend.model_manager.configs.factory import ModelConfigFactory
 
     # The hash is only InvokeAI's database key; skipping it leaves the classification as it is.

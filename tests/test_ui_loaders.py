@@ -174,7 +174,7 @@ def assert_uis_load_the_lora(base, out, tmp_path, comfy_class, invoke_base, untr
     comfy, invoke, invoke_patch = report["comfyui"], report["invokeai"], report["invokeai_patch"]
     assert comfy["model_config"] == comfy_class
     assert comfy["unmapped"] == [] and comfy["warnings"] == [], comfy
-    assert invoke["type"] == "lora" and invoke["base"] == invoke_base, invoke
+    assert invoke.get("type") == "lora" and invoke.get("base") == invoke_base, invoke
     # InvokeAI files a kohya-layout LoRA (lora_up / lora_down / alpha keys) under its LyCORIS format.
     assert invoke["format"] == "lycoris", invoke
     assert invoke_patch["no_prefix"] == [] and invoke_patch["unmatched"] == [], invoke_patch
