@@ -1,0 +1,52 @@
+"""Captions of more than 75 tokens (--max_token_length; token chunks from sdtrain.long_prompts) through the PyTorch
+text encoders: each 77-token chunk is encoded on its own by the family's encode_text, so each keeps what the family
+reads (SDXL: both encoders' penultimate layers side by side), and the chunks' hidden states are joined along the
+sequence, which the UNet's cross-attention takes at any length. The JAX twin is sdtrain/jax/long_prompts.py."""
+
+import dataclasses
+
+import numpy as np
+import torch
+
+from sdtrain.long_prompts import caption_token_ids
+
+
+def encode_text_chunks(code, text_encoders, input_ids, chunk_length):
+    """(encoder_hidden_states [batch, chunks * chunk_length, features], pooled embedding of the first chunk or None)
+    from token ids [batch, encoders, chunks * chunk_length]. SDXL's pooled embedding comes from the first chunk, as in
+    kohya's sd-scripts: the one that holds the caption's start."""
+    batch, encoders, tokens = input_ids.shape
+    chunks = tokens // chunk_length
+    # [batch, encoders, chunks, length] -> [batch * chunks, encoders, length]: every chunk a caption of its own.
+    ids = input_ids.reshape(batch, encoders, chunks, chunk_length).transpose(1, 2).reshape(-1, encoders, chunk_length)
+    hidden_states, pooled = code.encode_text(text_encoders, ids)
+    hidden_states = hidden_states.reshape(batch, chunks * chunk_length, hidden_states.shape[-1])
+    if pooled is not None:
+        pooled = pooled.reshape(batch, chunks, -1)[:, 0]
+    return hidden_states, pooled
+
+
+@dataclasses.dataclass(frozen=True)
+class LongPromptCode:
+    """A family's code (sdtrain.torch.family) whose encode_text reads chunked token ids; all else is the family's."""
+
+    code: object
+    chunk_length: int
+
+    def __getattr__(self, name):
+        if name in ("code", "chunk_length"):  # not set yet (copy, pickle): no recursion through self.code
+            raise AttributeError(name)
+        return getattr(self.code, name)
+
+    def encode_text(self, text_encoders, input_ids):
+        return encode_text_chunks(self.code, text_encoders, input_ids, self.chunk_length)
+
+
+def long_prompt_code(code, tokenizers, max_token_length):
+    """The family's code, reading chunked ids when max_token_length is set (the tokenizers give the chunk length)."""
+    return code if max_token_length is None else LongPromptCode(code, tokenizers[0].model_max_length)
+
+
+def token_ids(tokenizers, captions, max_token_length):
+    """The captions' ids as a LongTensor [caption, tokenizer, token] (see sdtrain.long_prompts.caption_token_ids)."""
+    return torch.from_numpy(caption_token_ids(tokenizers, captions, max_token_length, np.int64))
