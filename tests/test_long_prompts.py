@@ -3,6 +3,7 @@ encoding (sdtrain.torch.long_prompts), and the warning about captions the defaul
 test_train_text_to_image.py::test_dataset_folder_with_list_captions; the PyTorch/JAX parity is in tests_flax."""
 
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -17,6 +18,22 @@ from sdtrain.torch.long_prompts import encode_text_chunks, long_prompt_code, tok
 
 # 200 tokens: every word is a whole token of the tiny vocabulary (devkit/tiny_sd.py VOCAB_WORDS).
 LONG_CAPTION = " ".join(["a", "red", "circle", "on", "a", "blue", "square"] * 28 + ["with", "a", "toy", "cat"])
+
+
+def with_long_captions(saved_dataset, folder):
+    """A copy of devkit/tiny_sd.py's saved dataset whose rows' first captions are 200 tokens long (the row's own
+    caption first, so rows still differ), for the launched runs of --max_token_length."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    name = os.path.join("data", "train-00000-of-00001.parquet")
+    table = pq.read_table(os.path.join(saved_dataset, name))
+    column = table.schema.get_field_index("captions")
+    captions = [[f"{first} {LONG_CAPTION}", *rest] for first, *rest in table.column(column).to_pylist()]
+    table = table.set_column(column, table.schema.field(column), pa.array(captions, table.schema.field(column).type))
+    os.makedirs(os.path.join(folder, "data"))
+    pq.write_table(table, os.path.join(folder, name))
+    return str(folder)
 
 
 def test_chunk_ids_wraps_every_chunk_and_pads_short_captions_with_empty_chunks():

@@ -2,7 +2,12 @@
 encoders: the twin of sdtrain/torch/long_prompts.py (same names, same numbers; tests_flax/test_parity.py)."""
 
 import dataclasses
+import logging
 from typing import Any
+
+from sdtrain.long_prompts import chunk_count
+
+logger = logging.getLogger(__name__)
 
 
 def encode_text_chunks(code, text_encoders, text_encoder_params, input_ids, chunk_length):
@@ -40,4 +45,12 @@ class LongPromptCode:
 
 def long_prompt_code(code, tokenizers, max_token_length):
     """The family's code, reading chunked ids when max_token_length is set (the tokenizers give the chunk length)."""
-    return code if max_token_length is None else LongPromptCode(code, tokenizers[0].model_max_length)
+    if max_token_length is None:
+        return code
+    length = tokenizers[0].model_max_length
+    chunks = chunk_count(tokenizers[0], max_token_length)
+    logger.info(
+        f"Captions of up to {max_token_length} tokens, encoded in {chunks} chunks of {length}: "
+        f"{chunks * length} positions of text conditioning"
+    )
+    return LongPromptCode(code, length)

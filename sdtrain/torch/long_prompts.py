@@ -4,11 +4,14 @@ reads (SDXL: both encoders' penultimate layers side by side), and the chunks' hi
 sequence, which the UNet's cross-attention takes at any length. The JAX twin is sdtrain/jax/long_prompts.py."""
 
 import dataclasses
+import logging
 
 import numpy as np
 import torch
 
-from sdtrain.long_prompts import caption_token_ids
+from sdtrain.long_prompts import caption_token_ids, chunk_count
+
+logger = logging.getLogger(__name__)
 
 
 def encode_text_chunks(code, text_encoders, input_ids, chunk_length):
@@ -44,7 +47,15 @@ class LongPromptCode:
 
 def long_prompt_code(code, tokenizers, max_token_length):
     """The family's code, reading chunked ids when max_token_length is set (the tokenizers give the chunk length)."""
-    return code if max_token_length is None else LongPromptCode(code, tokenizers[0].model_max_length)
+    if max_token_length is None:
+        return code
+    length = tokenizers[0].model_max_length
+    chunks = chunk_count(tokenizers[0], max_token_length)
+    logger.info(
+        f"Captions of up to {max_token_length} tokens, encoded in {chunks} chunks of {length}: "
+        f"{chunks * length} positions of text conditioning"
+    )
+    return LongPromptCode(code, length)
 
 
 def token_ids(tokenizers, captions, max_token_length):
