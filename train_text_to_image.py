@@ -434,7 +434,7 @@ from sdtrain.torch.checkpoints import (
 )
 from sdtrain.torch.data import GlobalBatchSampler, batch_loader, check_images, default_num_workers, encode_once
 from sdtrain.torch.family import family_code
-from sdtrain.torch.long_prompts import long_prompt_code, token_ids
+from sdtrain.torch.long_prompts import long_prompt_code, long_prompt_pipeline, token_ids
 from sdtrain.torch.loop import (
     LogWindow,
     accumulation_group_size,
@@ -928,6 +928,7 @@ def validate(accelerator, code, unet, ema_unet, components, args, seed, global_s
         **components,
     )
     pipeline.scheduler = inference_scheduler(pipeline.scheduler, args.prediction_type, args.rescale_betas_zero_snr)
+    pipeline = long_prompt_pipeline(pipeline, code)  # --max_token_length: prompts encoded as the captions are
     for suffix, ema_weights in validation_weights(args):
         if ema_weights:
             ema_unet.store(parameters)
@@ -1283,7 +1284,7 @@ def main(args):
             raise final_save_failed(accelerator, args.output_dir, global_step, run_metadata, err) from err
         grid = None
         if renders:
-            pipeline = pipeline.to(accelerator.device)
+            pipeline = long_prompt_pipeline(pipeline.to(accelerator.device), code)
             for name, component in code.validation_components().items():  # SD renders without its safety checker
                 setattr(pipeline, name, component)
             for suffix, ema_weights in renders:

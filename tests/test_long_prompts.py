@@ -143,3 +143,26 @@ def test_max_token_length_takes_kohyas_values(capsys):
     with pytest.raises(SystemExit) as raised:
         train_text_to_image.parse_args(argv)
     assert raised.value.code != 0 and "--max_token_length" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", [SD, SDXL], ids=lambda family: family.name)
+def test_validation_prompts_past_77_tokens_reach_the_unet(assets, sdxl_pipeline, family):
+    """The pipelines cut a prompt to 77 tokens themselves; long_prompt_pipeline encodes it as the captions are (with
+    classifier-free guidance: the negative embeddings, or SDXL's zeros, take the long shape)."""
+    from sdtrain.torch.long_prompts import long_prompt_pipeline
+
+    folder = assets["pipeline"] if family is SD else sdxl_pipeline
+    pipeline = family_code(family).pipeline_class.from_pretrained(folder, **family_code(family).validation_components())
+    pipeline.set_progress_bar_config(disable=True)
+    tokenizers = [getattr(pipeline, name) for name in family.tokenizers]
+    code = long_prompt_code(family_code(family), tokenizers, 225)
+
+    def render(pipe, last_word):
+        generator = torch.Generator().manual_seed(0)
+        options = dict(num_inference_steps=1, height=64, width=64, output_type="latent", generator=generator)
+        return pipe(f"{LONG_CAPTION} {last_word}", **options).images
+
+    assert torch.equal(render(pipeline, "red"), render(pipeline, "blue"))  # cut at 77: the ends are not seen
+    long = long_prompt_pipeline(pipeline, code)
+    assert not torch.equal(render(long, "red"), render(long, "blue"))
+    assert long_prompt_pipeline(pipeline, family_code(family)) is pipeline

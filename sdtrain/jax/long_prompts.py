@@ -33,9 +33,14 @@ class LongPromptCode:
 
     code: Any
     chunk_length: int
+    max_token_length: int
 
     def __getattr__(self, name):
-        if name in ("code", "chunk_length"):  # not set yet (copy, pickle): no recursion through self.code
+        if name in (
+            "code",
+            "chunk_length",
+            "max_token_length",
+        ):  # not set yet (copy, pickle): no recursion through self.code
             raise AttributeError(name)
         return getattr(self.code, name)
 
@@ -53,4 +58,4 @@ def long_prompt_code(code, tokenizers, max_token_length):
         f"Captions of up to {max_token_length} tokens, encoded in {chunks} chunks of {length}: "
         f"{chunks * length} positions of text conditioning"
     )
-    return LongPromptCode(code, length)
+    return LongPromptCode(code, length, max_token_length)

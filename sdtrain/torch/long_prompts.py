@@ -35,9 +35,14 @@ class LongPromptCode:
 
     code: object
     chunk_length: int
+    max_token_length: int
 
     def __getattr__(self, name):
-        if name in ("code", "chunk_length"):  # not set yet (copy, pickle): no recursion through self.code
+        if name in (
+            "code",
+            "chunk_length",
+            "max_token_length",
+        ):  # not set yet (copy, pickle): no recursion through self.code
             raise AttributeError(name)
         return getattr(self.code, name)
 
@@ -55,9 +60,48 @@ def long_prompt_code(code, tokenizers, max_token_length):
         f"Captions of up to {max_token_length} tokens, encoded in {chunks} chunks of {length}: "
         f"{chunks * length} positions of text conditioning"
     )
-    return LongPromptCode(code, length)
+    return LongPromptCode(code, length, max_token_length)
 
 
 def token_ids(tokenizers, captions, max_token_length):
     """The captions' ids as a LongTensor [caption, tokenizer, token] (see sdtrain.long_prompts.caption_token_ids)."""
     return torch.from_numpy(caption_token_ids(tokenizers, captions, max_token_length, np.int64))
+
+
+class LongPromptPipeline:
+    """A diffusers pipeline (for the validation images) that encodes its prompt as the training captions are, in
+    chunks, and passes the embeddings: the pipelines' own encode_prompt would cut it to 77 tokens. The negative prompt
+    is the empty caption chunked alike (the shapes must match for classifier-free guidance), or zeros where the
+    pipeline samples its unconditional branch from zeros (SDXL's force_zeros_for_empty_prompt). Everything else,
+    attributes set included, is the pipeline's."""
+
+    def __init__(self, pipeline, code):
+        self.__dict__.update(pipeline=pipeline, code=code)
+
+    def __getattr__(self, name):
+        if name in ("pipeline", "code"):  # not set yet (copy, pickle): no recursion through self.pipeline
+            raise AttributeError(name)
+        return getattr(self.pipeline, name)
+
+    def __setattr__(self, name, value):
+        setattr(self.pipeline, name, value)
+
+    def __call__(self, prompt, **kwargs):
+        family, pipeline = self.code.family, self.pipeline
+        tokenizers = [getattr(pipeline, name) for name in family.tokenizers]
+        encoders = [getattr(pipeline, name) for name in family.text_encoders]
+        input_ids = token_ids(tokenizers, [prompt, ""], self.code.max_token_length).to(pipeline.device)
+        with torch.no_grad():
+            hidden_states, pooled = self.code.encode_text(encoders, input_ids)
+        embeds = {"prompt_embeds": hidden_states[:1]}
+        negative = {"negative_prompt_embeds": hidden_states[1:]}
+        if pooled is not None:
+            embeds["pooled_prompt_embeds"], negative["negative_pooled_prompt_embeds"] = pooled[:1], pooled[1:]
+        if not pipeline.config.get("force_zeros_for_empty_prompt", False):
+            embeds.update(negative)
+        return pipeline(**embeds, **kwargs)
+
+
+def long_prompt_pipeline(pipeline, code):
+    """The pipeline, rendering prompts in chunks where the code reads chunked ids (long_prompt_code)."""
+    return LongPromptPipeline(pipeline, code) if isinstance(code, LongPromptCode) else pipeline
