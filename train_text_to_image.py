@@ -471,10 +471,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.caption_config = CaptionConfig.from_args(args)
         # Captions stay in the (memory-mapped) dataset: a Python list of them would be copied into every worker.
         self.caption_rows = rows.select_columns([args.caption_column])
-        # Checked now, so a bad row fails before training, not hours into it; and a cut caption is not cut silently.
-        values = enumerate(self.caption_rows[args.caption_column])
-        captions = [caption for row, value in values for caption in self.caption_choices(value, row)]
-        log_cut_captions(tokenizers[0], captions, args.max_token_length)
+        choices = [self.caption_choices(value, row) for row, value in enumerate(self.caption_rows[args.caption_column])]
+        log_cut_captions(tokenizers[0], choices, args.max_token_length)  # rows checked now, not hours in; cuts logged
         # Set in main() from setup_buckets(): each row's bucket and the buckets' (height, width); None crops squares.
         self.bucket_of_row = None
         self.buckets = None
@@ -619,15 +617,11 @@ def build_caches(train_dataset, vae, text_encoders, code, accelerator, args, num
             offsets.append(len(indices))
         empty_index = distinct.setdefault("", len(distinct)) if args.proportion_empty_prompts > 0 else None
         captions = list(distinct)
-
-        def token_ids(indices):
-            return token_ids(train_dataset.tokenizers, [captions[i] for i in indices], args.max_token_length)
-
         embeddings, pooled = encode_once(
             accelerator,
             len(distinct),
             args.train_batch_size,
-            token_ids,
+            lambda indices: token_ids(train_dataset.tokenizers, [captions[i] for i in indices], args.max_token_length),
             lambda input_ids: code.encode_text(text_encoders, input_ids.to(text_encoders[0].device)),
             "Caching text embeddings",
         )

@@ -402,8 +402,8 @@ class ImageCaptionDataset:
         self.resample = getattr(Image.Resampling, args.image_interpolation_mode.upper())
         self.caption_config = CaptionConfig.from_args(args)
         values = enumerate(rows.select_columns([args.caption_column])[args.caption_column])
-        captions = [caption for row, value in values for caption in self.caption_choices(value, row)]
-        log_cut_captions(tokenizers[0], captions, args.max_token_length)  # a cut caption is not cut silently
+        choices = [self.caption_choices(value, row) for row, value in values]
+        log_cut_captions(tokenizers[0], choices, args.max_token_length)  # a cut caption is not cut silently
         # Set in main() from setup_buckets(): each row's bucket and the buckets' (height, width); None crops squares.
         self.bucket_of_row = None
         self.buckets = None

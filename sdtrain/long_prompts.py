@@ -67,10 +67,11 @@ def caption_token_ids(tokenizers, captions, max_token_length, dtype=np.int32):
     return np.asarray(rows, dtype).transpose(1, 0, 2)
 
 
-def log_cut_captions(tokenizer, captions, max_token_length, shown_chars=120):
-    """Logs and returns a warning saying how many captions are longer than what is encoded (the 75-token window, or
-    max_token_length), showing the longest; None when none is cut. Called once, where the dataset is built: a cut
-    caption should not go unnoticed."""
+def log_cut_captions(tokenizer, choices, max_token_length, shown_chars=120):
+    """Logs and returns a warning saying how many captions (`choices`: each row's list of captions) are longer than
+    what is encoded (the 75-token window, or max_token_length), showing the longest; None when none is cut. Called
+    once, where the dataset is built: a cut caption should not go unnoticed."""
+    captions = [caption for row in choices for caption in row]
     if not captions:
         return None
     limit = max_token_length or content_window(tokenizer)

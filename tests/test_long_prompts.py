@@ -78,7 +78,7 @@ def test_long_captions_tokenize_into_wrapped_chunks_with_each_tokenizers_pad(tok
 
 
 def test_cut_captions_are_logged_with_the_longest(tokenizers, caplog):
-    captions = ["a red circle", LONG_CAPTION, "a blue square " * 40]
+    captions = [["a red circle", LONG_CAPTION], ["a blue square " * 40]]  # each row's list
     with caplog.at_level(logging.WARNING, logger="sdtrain.long_prompts"):
         note = log_cut_captions(tokenizers[0], captions, None)
     assert note in caplog.text
@@ -166,3 +166,32 @@ def test_validation_prompts_past_77_tokens_reach_the_unet(assets, sdxl_pipeline,
     long = long_prompt_pipeline(pipeline, code)
     assert not torch.equal(render(long, "red"), render(long, "blue"))
     assert long_prompt_pipeline(pipeline, family_code(family)) is pipeline
+
+
+def test_the_text_cache_holds_the_long_embeddings(assets, tmp_path):
+    """--cache_text_embeddings with --max_token_length: every sample's cached conditioning is what encoding its
+    chunked ids in the loop gives (a row's list of captions, long and short, and a dropped caption)."""
+    import datasets
+    from accelerate import Accelerator
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (200, 40, 40)).save(tmp_path / "red.png")
+    texts = [[LONG_CAPTION, "a red circle"], [f"a cat {LONG_CAPTION}"]]
+    rows = datasets.Dataset.from_dict({"image": [str(tmp_path / "red.png")] * 2, "text": texts})
+    folder = assets["pipeline"]
+    tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")]
+    text_encoders = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").eval()]
+    argv = ["--pretrained_model_name_or_path", folder, "--train_data_dir", str(tmp_path), "--resolution", "32"]
+    argv += ["--max_token_length", "150", "--cache_text_embeddings", "--proportion_empty_prompts", "0.3"]
+    args = train_text_to_image.parse_args(argv)
+    plain, cached = (train_text_to_image.ImageCaptionDataset(rows, tokenizers, args, seed=0) for _ in range(2))
+    code = long_prompt_code(family_code(SD), tokenizers, 150)
+    train_text_to_image.build_caches(cached, None, text_encoders, code, Accelerator(cpu=True), args, num_workers=0)
+    assert cached.text_cache[2].shape[1:] == (154, 32)
+    seen = set()
+    for key in [(epoch, row, 1.0) for epoch in range(6) for row in range(2)]:
+        with torch.no_grad():
+            hidden = code.encode_text(text_encoders, plain[key]["input_ids"][None])[0][0]
+        torch.testing.assert_close(cached[key]["encoder_hidden_states"], hidden, rtol=0, atol=1e-5)
+        seen.add(int((plain[key]["input_ids"][0] != tokenizers[0].pad_token_id).sum()))
+    assert len(seen) >= 3, "the check must see long, short and dropped captions"
