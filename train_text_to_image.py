@@ -63,6 +63,7 @@ from sdtrain.data_config import (
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import load_rgb, verify_image
 from sdtrain.logs import add_tracker_arguments, report_to_problem, warmup_applied
+from sdtrain.long_prompts import add_long_prompt_arguments, log_cut_captions
 from sdtrain.lora import LoraConfig, add_lora_arguments, lora_identity, lora_problem, save_lora
 from sdtrain.model_cards import fine_tuned_card, lora_card, write_model_card
 from sdtrain.preemption import StopRequest
@@ -160,6 +161,7 @@ def parse_args(argv=None):
     )
     add_bucket_arguments(group)
     add_caption_arguments(group)
+    add_long_prompt_arguments(group)
     group = parser.add_argument_group("Training")
     add_seed_argument(group)
     group.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
@@ -432,6 +434,7 @@ from sdtrain.torch.checkpoints import (
 )
 from sdtrain.torch.data import GlobalBatchSampler, batch_loader, check_images, default_num_workers, encode_once
 from sdtrain.torch.family import family_code
+from sdtrain.torch.long_prompts import long_prompt_code, long_prompt_pipeline, token_ids
 from sdtrain.torch.loop import (
     LogWindow,
     accumulation_group_size,
@@ -443,7 +446,7 @@ from sdtrain.torch.loop import (
 )
 from sdtrain.torch.models import ModelSource, inference_scheduler, load_component, load_model, model_family
 from sdtrain.torch.setup import AcceleratorConfig, begin_training, end_training, log_plan, make_accelerator
-from sdtrain.torch.text import tokenize, write_hub_style_text_encoder
+from sdtrain.torch.text import write_hub_style_text_encoder
 from sdtrain.torch.validation import log_validation
 
 logger = get_logger(__name__, log_level="INFO")
@@ -468,8 +471,8 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         self.caption_config = CaptionConfig.from_args(args)
         # Captions stay in the (memory-mapped) dataset: a Python list of them would be copied into every worker.
         self.caption_rows = rows.select_columns([args.caption_column])
-        for row, value in enumerate(self.caption_rows[args.caption_column]):
-            self.caption_choices(value, row)  # checked now, so a bad row fails before training, not hours into it
+        choices = [self.caption_choices(value, row) for row, value in enumerate(self.caption_rows[args.caption_column])]
+        log_cut_captions(tokenizers[0], choices, args.max_token_length)  # rows checked now, not hours in; cuts logged
         # Set in main() from setup_buckets(): each row's bucket and the buckets' (height, width); None crops squares.
         self.bucket_of_row = None
         self.buckets = None
@@ -558,9 +561,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         # caption, dropped or in the data, trains that branch: encode_batch zeroes its conditioning.
         example["caption_kept"] = torch.tensor(float(caption != ""))
         if self.text_cache is None:
-            example["input_ids"] = torch.stack(
-                [tokenize(tokenizer, [caption], [0])[0] for tokenizer in self.tokenizers]
-            )
+            example["input_ids"] = token_ids(self.tokenizers, [caption], self.args.max_token_length)[0]
         else:
             # The same draws as above; the cache lists each row's captions in order, and the empty caption once. A
             # caption that edit_caption replaced is the dropped (empty) one; an empty caption of the data is listed.
@@ -616,15 +617,11 @@ def build_caches(train_dataset, vae, text_encoders, code, accelerator, args, num
             offsets.append(len(indices))
         empty_index = distinct.setdefault("", len(distinct)) if args.proportion_empty_prompts > 0 else None
         captions = list(distinct)
-
-        def token_ids(indices):
-            return torch.stack([tokenize(tokenizer, captions, indices) for tokenizer in train_dataset.tokenizers], 1)
-
         embeddings, pooled = encode_once(
             accelerator,
             len(distinct),
             args.train_batch_size,
-            token_ids,
+            lambda indices: token_ids(train_dataset.tokenizers, [captions[i] for i in indices], args.max_token_length),
             lambda input_ids: code.encode_text(text_encoders, input_ids.to(text_encoders[0].device)),
             "Caching text embeddings",
         )
@@ -925,6 +922,7 @@ def validate(accelerator, code, unet, ema_unet, components, args, seed, global_s
         **components,
     )
     pipeline.scheduler = inference_scheduler(pipeline.scheduler, args.prediction_type, args.rescale_betas_zero_snr)
+    pipeline = long_prompt_pipeline(pipeline, code)  # --max_token_length: prompts encoded as the captions are
     for suffix, ema_weights in validation_weights(args):
         if ema_weights:
             ema_unet.store(parameters)
@@ -1055,6 +1053,7 @@ def main(args):
     if args.dream_training and prediction_type != "epsilon":
         raise UserError(f"--dream_training supports epsilon prediction only; this run predicts {prediction_type}")
     tokenizers = code.load_tokenizers(source)
+    code = long_prompt_code(code, tokenizers, args.max_token_length)  # --max_token_length: captions in 77-token chunks
     text_encoders = code.load_text_encoders(source, variant=args.variant)
     if args.pretrained_vae_model_name_or_path:
         flag = "--pretrained_vae_model_name_or_path"
@@ -1279,7 +1278,7 @@ def main(args):
             raise final_save_failed(accelerator, args.output_dir, global_step, run_metadata, err) from err
         grid = None
         if renders:
-            pipeline = pipeline.to(accelerator.device)
+            pipeline = long_prompt_pipeline(pipeline.to(accelerator.device), code)
             for name, component in code.validation_components().items():  # SD renders without its safety checker
                 setattr(pipeline, name, component)
             for suffix, ema_weights in renders:

@@ -60,6 +60,7 @@ from sdtrain.families import folder_family
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import inspect_images, load_rgb, verify_image
 from sdtrain.logs import format_logs, warmup_applied
+from sdtrain.long_prompts import add_long_prompt_arguments, caption_token_ids, log_cut_captions
 from sdtrain.lora import LoraConfig, add_lora_arguments, lora_identity, lora_problem
 from sdtrain.preemption import StopRequest, preemption_message, stop_exit_code
 from sdtrain.recipes import (
@@ -148,6 +149,7 @@ def parse_args(argv=None):
     )
     add_bucket_arguments(group)
     add_caption_arguments(group)
+    add_long_prompt_arguments(group)
     group = parser.add_argument_group("Training")
     add_seed_argument(group)
     group.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
@@ -366,6 +368,7 @@ from sdtrain.jax.checkpoints import check_finite, final_save_failed, restore_tra
 from sdtrain.jax.data import process_batches
 from sdtrain.jax.export import save_pipeline
 from sdtrain.jax.family import family_code
+from sdtrain.jax.long_prompts import long_prompt_code
 from sdtrain.jax.loop import LogWindow, evaluation_params, start_distributed, stop_agreed
 from sdtrain.jax.lora import adapter_layers, adapter_state, add_adapters, merge_lora
 from sdtrain.jax.models import (
@@ -375,7 +378,6 @@ from sdtrain.jax.models import (
     resolve_pipeline_folder,
     resolve_vae_folder,
 )
-from sdtrain.jax.text import token_ids
 from sdtrain.jax.validation import render_validation_images, save_validation_grid, validation_renderer
 from sdtrain.lora import save_lora
 from sdtrain.model_cards import fine_tuned_card, lora_card, write_model_card
@@ -399,6 +401,9 @@ class ImageCaptionDataset:
         self.rows, self.tokenizers, self.args, self.seed, self.family = rows, tokenizers, args, seed, family
         self.resample = getattr(Image.Resampling, args.image_interpolation_mode.upper())
         self.caption_config = CaptionConfig.from_args(args)
+        values = enumerate(rows.select_columns([args.caption_column])[args.caption_column])
+        choices = [self.caption_choices(value, row) for row, value in values]
+        log_cut_captions(tokenizers[0], choices, args.max_token_length)  # a cut caption is not cut silently
         # Set in main() from setup_buckets(): each row's bucket and the buckets' (height, width); None crops squares.
         self.bucket_of_row = None
         self.buckets = None
@@ -482,7 +487,7 @@ class ImageCaptionDataset:
             # their model_index.json says otherwise: an empty caption, dropped or in the data, trains that branch.
             example["caption_kept"] = np.float32(caption != "")
         if self.text_cache is None:
-            example["input_ids"] = token_ids(self.tokenizers, [caption])[0]
+            example["input_ids"] = caption_token_ids(self.tokenizers, [caption], self.args.max_token_length)[0]
         else:
             index_of_caption, cached = self.text_cache
             example.update({name: encoded[index_of_caption[caption]] for name, encoded in cached.items()})
@@ -573,7 +578,7 @@ def build_caches(dataset, frozen, args, global_batch_size, batch_sharding):
         def encode(text_encoder_params, input_ids):
             return jax.tree.leaves(encode_text(text_encoder_params, input_ids))  # (hidden states, pooled or nothing)
 
-        prepare = functools.partial(token_ids, dataset.tokenizers)
+        prepare = functools.partial(caption_token_ids, dataset.tokenizers, max_token_length=args.max_token_length)
         encode = functools.partial(encode, frozen.text_encoder_params)
         description = "Caching text embeddings"
         encoded = encode_once(list(captions), prepare, encode, global_batch_size, batch_sharding, description)
@@ -993,6 +998,7 @@ def main(args):
     if args.save_single_file:  # refused now rather than after training
         single_file_layout(*component_configs(folder))
     tokenizers = code.load_tokenizers(folder)
+    code = long_prompt_code(code, tokenizers, args.max_token_length)  # --max_token_length: captions in 77-token chunks
     text_encoders = code.load_text_encoders(folder, args.variant, weight_dtype)
     vae_folder = resolve_vae_folder(folder, args.pretrained_vae_model_name_or_path, args.cache_dir)
     # SDXL's VAE overflows in fp16 and says so (force_upcast): it stays in fp32. An fp16-safe VAE says otherwise.

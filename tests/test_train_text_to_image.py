@@ -10,6 +10,7 @@ import pytest
 import torch
 from helpers import checkpoint_names, earlier_run_folder, load_state_dict, max_abs_diff, tree_snapshot
 from PIL import Image
+from test_long_prompts import with_long_captions
 
 import train_text_to_image
 from devkit.command_line import command_line
@@ -264,9 +265,12 @@ def test_dataset_folder_with_list_captions(launch, assets, tmp_path):
     out = str(tmp_path / "run")
     args = base_args(assets, out, "--max_train_steps 2 --checkpointing_steps 100 --max_train_samples 4")
     args += ["--dataloader_num_workers", "2", "--dream_training"]
+    # Each row's first caption has 200 tokens or more: --max_token_length 225 encodes them whole (issue 32).
+    long_captions = with_long_captions(assets["saved_dataset"], tmp_path / "long_captions")
     data = args.index("--train_data_dir")
-    args[data : data + 2] = ["--dataset_name", assets["saved_dataset"], "--image_column", "picture"]
-    launch.accelerate(SCRIPT, args + ["--caption_column", "captions"])
+    args[data : data + 2] = ["--dataset_name", long_captions, "--image_column", "picture", "--max_token_length", "225"]
+    result = launch.accelerate(SCRIPT, args + ["--caption_column", "captions"])
+    assert "in 3 chunks of 77: 231 positions" in result.output and "captions are longer" not in result.output
     assert os.path.isfile(os.path.join(out, "unet", "diffusion_pytorch_model.safetensors"))
 
 

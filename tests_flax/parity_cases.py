@@ -120,3 +120,10 @@ LORA_CASES = {
     "lora-sd-v_prediction-snr_5.0": {"prediction_type": "v_prediction", "snr_gamma": 5.0},
     "lora_sdxl-epsilon-snr_5.0": {"prediction_type": "epsilon", "snr_gamma": 5.0},
 }
+# --max_token_length 225 (issue 32): a short caption (padded with empty chunks) and one of 200 tokens in three
+# chunks, through each family's text encoders, chunk by chunk (sdtrain/torch|jax/long_prompts.py).
+LONG_PROMPT_TOKENS = 225
+LONG_PROMPTS = [
+    PROMPTS[0],
+    " ".join(["a", "red", "circle", "on", "a", "blue", "square"] * 28 + ["a", "toy", "cat", "!"]),
+]

@@ -15,6 +15,7 @@ from conftest import run_torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.numpy import load_file
+from test_long_prompts_flax import with_long_captions
 
 from devkit.command_line import command_line, recorded_seed, without_seed
 from devkit.running_launch import free_port
@@ -604,9 +605,12 @@ def test_text_to_image_flax_writes_the_sdxl_single_file_diffusers_reads(launch, 
     run_torch(f"from devkit import tiny_sd; tiny_sd.build_sdxl_pipeline({base!r}, tiny_sd.TINY_SDXL_TWO_WIDTHS, 64)")
     out = str(tmp_path / "run")
     flags = "--max_train_samples 2 --max_train_steps 1 --checkpointing_steps 10 --save_single_file"
-    args = t2i_args(assets, out, flags)
+    # Its captions are 200 tokens longer, which --max_token_length 225 encodes whole in both encoders (issue 32).
+    args = t2i_args(assets, out, flags, "--max_token_length 225")
     args[args.index("--pretrained_model_name_or_path") + 1] = base
-    launch.run(T2I, args)
+    args[args.index("--train_data_dir") + 1] = with_long_captions(assets["images"], tmp_path / "long_captions")
+    output = launch.run(T2I, args).output
+    assert "in 3 chunks of 77: 231 positions" in output and "captions are longer" not in output
     result = run_torch(f"""
 import torch
 from diffusers import StableDiffusionXLPipeline

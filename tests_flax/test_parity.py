@@ -352,3 +352,28 @@ def test_every_recipe_changes_the_loss(torch_side):
         # The timestep draw (the last one) lands on the SNR-0 timestep 999 for some samples and on 998 for others.
         uniform = recorded[f"draw_{sum(k.startswith('draw_') for k in recorded.files) - 1}"]
         assert (uniform >= 0.5).any() and (uniform < 0.5).any()
+
+
+@pytest.mark.parametrize("family", [SD, SDXL], ids=lambda family: family.name)
+def test_long_prompts_encode_alike(torch_side, assets, sdxl_pipeline, family):
+    """--max_token_length 225: the Flax twin's fast tokenizers chunk LONG_PROMPTS into the PyTorch script's ids, and
+    its encode_text_chunks gives PyTorch's hidden states (and SDXL's pooled embedding of the first chunk)."""
+    from parity_cases import LONG_PROMPT_TOKENS, LONG_PROMPTS
+
+    from sdtrain.jax.long_prompts import encode_text_chunks
+    from sdtrain.long_prompts import caption_token_ids
+
+    recorded = np.load(os.path.join(torch_side, f"long_prompts-{family.name}.npz"))
+    folder = assets["pipeline"] if family is SD else sdxl_pipeline
+    code = family_code(family)
+    input_ids = caption_token_ids(code.load_tokenizers(folder), LONG_PROMPTS, LONG_PROMPT_TOKENS)
+    np.testing.assert_array_equal(input_ids, recorded["input_ids"])
+    encoders = [jax_models.load_flax_text_encoder(folder, None, jnp.float32, name) for name in family.text_encoders]
+    params = [encoder.params for encoder in encoders]
+    hidden, pooled = encode_text_chunks(code, encoders, params, jnp.asarray(input_ids), 77)
+    assert hidden.shape[1] == 231
+    np.testing.assert_allclose(np.asarray(hidden), recorded["hidden"], rtol=0, atol=1e-5)
+    if family is SDXL:
+        np.testing.assert_allclose(np.asarray(pooled), recorded["pooled"], rtol=0, atol=1e-5)
+    else:
+        assert pooled is None and "pooled" not in recorded.files

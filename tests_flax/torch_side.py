@@ -274,6 +274,27 @@ def main(pipeline, sdxl_pipeline, out_dir):
     for name, fields in LORA_CASES.items():
         family = SDXL if name.startswith("lora_sdxl") else SD
         lora_case(name, fields, sdxl_pipeline if family is SDXL else pipeline, family, out_dir, latents)
+    long_prompt_cases(pipeline, sdxl_pipeline, out_dir)
+
+
+def long_prompt_cases(pipeline, sdxl_pipeline, out_dir):
+    """--max_token_length: LONG_PROMPTS' chunked ids and their encoding by each family's text encoders, to
+    long_prompts-<family>.npz (hidden states, and SDXL's pooled embedding)."""
+    from parity_cases import LONG_PROMPT_TOKENS, LONG_PROMPTS
+
+    from sdtrain.torch.long_prompts import encode_text_chunks, token_ids
+
+    for family, folder in [(SD, pipeline), (SDXL, sdxl_pipeline)]:
+        classes = [CLIPTextModel, CLIPTextModelWithProjection]
+        names = zip(classes, family.text_encoders, strict=False)
+        encoders = [cls.from_pretrained(folder, subfolder=name).eval() for cls, name in names]
+        tokenizers = [CLIPTokenizer.from_pretrained(folder, subfolder=name) for name in family.tokenizers]
+        input_ids = token_ids(tokenizers, LONG_PROMPTS, LONG_PROMPT_TOKENS)
+        with torch.no_grad():
+            hidden, pooled = encode_text_chunks(family_code(family), encoders, input_ids, 77)
+        saved = {"input_ids": input_ids.numpy(), "hidden": hidden.numpy()}
+        saved.update({} if pooled is None else {"pooled": pooled.numpy()})
+        np.savez(os.path.join(out_dir, f"long_prompts-{family.name}.npz"), **saved)
 
 
 if __name__ == "__main__":
