@@ -900,7 +900,9 @@ def validate(render, state, frozen, tokenizers, args, seed, global_step, tag, is
         trained = state.ema_params if ema_weights else evaluation_params(state, args.optimizer)
         unet_params, text_encoder_params = adapted_weights(trained, frozen)
         params = {"unet": unet_params, "vae": frozen.vae_params, "text_encoders": text_encoder_params}
-        images = render_validation_images(render, params, tokenizers, args.validation_prompts, seed)
+        images = render_validation_images(
+            render, params, tokenizers, args.validation_prompts, seed, args.max_token_length
+        )
         if is_main_process:
             grids.append(
                 save_validation_grid(images, args.validation_prompts, args.output_dir, tag + suffix, global_step)

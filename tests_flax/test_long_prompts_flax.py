@@ -99,3 +99,14 @@ def test_the_flax_text_cache_holds_the_long_embeddings(sdxl_pipeline, tmp_path):
         assert got["encoder_hidden_states"].shape == (154, 64)
         np.testing.assert_allclose(got["encoder_hidden_states"], np.asarray(hidden[0]), rtol=0, atol=1e-5)
         np.testing.assert_allclose(got["pooled_text_embeds"], np.asarray(pooled[0]), rtol=0, atol=1e-5)
+    # The validation renderer's conditioning reads the same chunks: the whole prompt, and an empty prompt of the same
+    # shape for guidance.
+    from sdtrain.jax.validation import text_conditioning
+    from sdtrain.long_prompts import caption_token_ids
+
+    conditioning = text_conditioning(code, encoders, tokenizers, (32, 32))
+    prompt_ids = jnp.asarray(caption_token_ids(tokenizers, [LONG_CAPTION], 150))
+    states, _ = conditioning({"text_encoders": frozen.text_encoder_params}, prompt_ids)
+    assert states.shape == (2, 154, 64)
+    hidden, _ = code.encode_text(encoders, frozen.text_encoder_params, jnp.asarray(plain[(0, 0)]["input_ids"][None]))
+    np.testing.assert_allclose(np.asarray(states[1]), np.asarray(hidden[0]), rtol=0, atol=1e-5)

@@ -14,7 +14,7 @@ from PIL import Image
 from sdtrain.batching import size_conditioning
 from sdtrain.images import labelled_grid
 from sdtrain.jax.models import load_validation_scheduler
-from sdtrain.jax.text import token_ids
+from sdtrain.long_prompts import caption_token_ids
 from sdtrain.seeds import VALIDATION_SEED_KEY, derive_seed
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,9 @@ def text_conditioning(code, text_encoders, tokenizers, size):
     per text encoder module in `text_encoders`). The unconditional branch is the empty prompt's encoding, or zeros for
     a pipeline that says force_zeros_for_empty_prompt (as SDXL base does), as diffusers' pipelines sample. The size
     conditioning at sampling: the rendered size (height, width), uncropped."""
-    empty_ids = token_ids(tokenizers, [""])
+    # The empty prompt in as many chunks as the prompts under --max_token_length (code.max_token_length), so the two
+    # branches of guidance have one shape.
+    empty_ids = caption_token_ids(tokenizers, [""], getattr(code, "max_token_length", None))
     height, width = size
     box = ((height, width), (0, 0), (height, width))
     time_ids = jnp.asarray([size_conditioning((width, height), box, False)], jnp.float32)
@@ -113,12 +115,15 @@ def validation_renderer(folder, code, unet, vae, text_encoders, tokenizers, size
     return make_renderer(models, size, text_conditioning(code, text_encoders, tokenizers, size))
 
 
-def render_validation_images(render, params, tokenizers, prompts, seed):
-    """One image per prompt, each from its own fixed seed, so grids compare across steps and across a resume."""
+def render_validation_images(render, params, tokenizers, prompts, seed, max_token_length=None):
+    """One image per prompt, each from its own fixed seed, so grids compare across steps and across a resume; a prompt
+    of more than 75 tokens is seen whole with max_token_length (diffusers' pipelines cut it at 77)."""
     images = []
     for index, prompt in enumerate(prompts):
         rng = jax.random.PRNGKey(derive_seed(seed, VALIDATION_SEED_KEY, index) % (2**31))
-        images.append(Image.fromarray(np.asarray(render(params, token_ids(tokenizers, [prompt]), rng))))
+        images.append(
+            Image.fromarray(np.asarray(render(params, caption_token_ids(tokenizers, [prompt], max_token_length), rng)))
+        )
     return images
 
 
