@@ -36,6 +36,7 @@ def settings(args):
             FLAGS + " --scale_lr",
         ),
     ],
+    ids=["train_text_to_image_flax", "textual_inversion_flax"],
 )
 def test_a_config_file_is_its_flags_the_command_line_wins_and_the_written_one_repeats_it(
     parse_args, required, file, flags, tmp_path, capsys
