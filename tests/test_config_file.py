@@ -6,10 +6,11 @@ write it: tests/test_lora.py (PyTorch) and tests_flax/test_flax_scripts.py (Flax
 import os
 
 import pytest
+from conftest import REPO
 
 import textual_inversion
 import train_text_to_image
-from devkit.command_line import command_line
+from devkit.command_line import command_line, run_as_main
 from sdtrain.config_file import RUN_CONFIG, write_config
 
 T2I_REQUIRED = "--pretrained_model_name_or_path p --train_data_dir d"
@@ -79,6 +80,22 @@ def test_a_mistake_in_the_file_is_refused_at_parse_time_naming_the_key(tmp_path,
     path = write(tmp_path, "run.toml", 'pretrained_model_name_or_path = "p"\ntrain_data_dir = "d"\n' + text)
     error = refused(train_text_to_image.parse_args, ["--config", path], capsys)
     assert error.startswith(f"error: --config {path}") and message in error, error
+
+
+def test_an_unknown_key_is_refused_before_any_framework_loads(tmp_path):
+    path = write(tmp_path, "run.toml", 'pretrained_model_name_or_path = "p"\ntrain_data_dir = "d"\nlearnin_rate = 1\n')
+    result = run_as_main("train_text_to_image.py", "--config", path, cwd=REPO)
+    assert result.stdout.splitlines()[-1] == "imported: [] exit: 2"
+    assert result.stderr.splitlines() == [
+        f"error: --config {path}: unknown key 'learnin_rate' (did you mean learning_rate?); see train_text_to_image.py "
+        "--help"
+    ]
+
+
+def test_the_readme_example_parses(tmp_path):
+    example = open(os.path.join(REPO, "README.md")).read().split("```toml\n", 1)[1].split("```", 1)[0]
+    args = train_text_to_image.parse_args(["--config", write(tmp_path, "run.toml", example)])
+    assert args.use_ema and args.validation_prompts == ["yoda", "a cute naruto creature"]
 
 
 def test_a_config_file_that_cannot_be_read_is_named(tmp_path, capsys):
