@@ -11,7 +11,8 @@ import tomli_w
 import tomllib
 import yaml
 
-from sdtrain.run_folder import flush_file, fsync_folder
+from sdtrain.cli import WriteFailure
+from sdtrain.run_folder import flush_file, fsync_folder, write_failure
 
 RUN_CONFIG = "config.toml"  # what every run writes into its output folder
 
@@ -190,11 +191,14 @@ def config_text(flag_values, **overrides):
 
 def write_config(output_dir, args, **overrides):
     """Write the run's settings (config_text) to output_dir/config.toml, as a whole or not at all: a temporary file
-    renamed into place. Main process only."""
+    renamed into place; a WriteFailure saying why it could not be. Main process only."""
     path = os.path.join(output_dir, RUN_CONFIG)
-    temporary = os.path.join(output_dir, f".{RUN_CONFIG}.partial")
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(config_text(args.flag_values, **overrides))
-    flush_file(temporary)
-    os.replace(temporary, path)
+    temporary = os.path.join(output_dir, f".{RUN_CONFIG}.partial")  # what the next run's lock clears if left
+    try:
+        with open(temporary, "w", encoding="utf-8") as f:
+            f.write(config_text(args.flag_values, **overrides))
+        flush_file(temporary)
+        os.replace(temporary, path)
+    except OSError as err:
+        raise WriteFailure(write_failure(RUN_CONFIG, output_dir, err)) from err
     fsync_folder(output_dir)

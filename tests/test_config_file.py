@@ -11,6 +11,7 @@ from conftest import REPO
 import textual_inversion
 import train_text_to_image
 from devkit.command_line import command_line, run_as_main
+from sdtrain.cli import WriteFailure
 from sdtrain.config_file import RUN_CONFIG, write_config
 
 T2I_REQUIRED = "--pretrained_model_name_or_path p --train_data_dir d"
@@ -123,6 +124,8 @@ def test_the_config_a_run_writes_repeats_it(tmp_path):
     repeated = train_text_to_image.parse_args(["--config", str(out / RUN_CONFIG)])
     assert settings(repeated) == {**settings(original), "seed": 11, "hub_token": None}
     assert repeated.flag_values == {**original.flag_values, "seed": 11}
+    with pytest.raises(WriteFailure, match=f"could not write {RUN_CONFIG} into .*gone .*FileNotFoundError"):
+        write_config(str(tmp_path / "gone"), original)  # one error line, not a traceback (sdtrain.cli.run)
 
 
 def test_validation_prompts_file(tmp_path, capsys):
