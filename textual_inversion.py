@@ -40,6 +40,7 @@ import shutil
 from sdtrain.batching import BatchShare, parse_size, sdxl_time_ids, shuffled_batches
 from sdtrain.checks import training_problem, validation_problem
 from sdtrain.cli import ArgumentParser, UserError, WriteFailure, add_debug_argument, run
+from sdtrain.config_file import RUN_CONFIG, add_config_argument, parse_with_config, write_config
 from sdtrain.embeddings import (
     OBJECT_TEMPLATES,
     STYLE_TEMPLATES,
@@ -93,6 +94,7 @@ def parse_args(argv=None):
     parser = ArgumentParser(
         description="Learn the text embedding of a new token from a few images (textual inversion)."
     )
+    add_config_argument(parser)
     group = parser.add_argument_group("Model")
     group.add_argument(
         "--pretrained_model_name_or_path",
@@ -268,7 +270,7 @@ def parse_args(argv=None):
     )
     add_tracker_arguments(group)
     add_hub_arguments(group, "Upload the embeddings and the full pipeline to the Hugging Face Hub.")
-    args = parser.parse_args(argv)
+    args = parse_with_config(parser, argv)
 
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1:
@@ -1024,8 +1026,10 @@ def main(args):
     tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
     script = os.path.basename(__file__)
     output_lock = begin_training(
-        accelerator, args.output_dir, script, [args.logging_dir], "textual_inversion", tracker_config
+        accelerator, args.output_dir, script, [args.logging_dir, RUN_CONFIG], "textual_inversion", tracker_config
     )
+    if accelerator.is_main_process:
+        write_config(args.output_dir, args, seed=seed)
     embeds_suffix = "bin" if args.no_safe_serialization else "safetensors"
     validation_prompts = [args.validation_prompt] * args.num_validation_images if args.validation_prompt else []
     validation_models = (text_encoders, tokenizers, unet, vae, validation_prompts)

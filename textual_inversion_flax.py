@@ -41,6 +41,7 @@ from typing import Any
 from sdtrain.batching import center_crop_box, parse_size, sdxl_time_ids, shuffled_batches
 from sdtrain.checks import training_problem, validation_problem
 from sdtrain.cli import ArgumentParser, UserError, WriteFailure, add_debug_argument, run
+from sdtrain.config_file import RUN_CONFIG, add_config_argument, parse_with_config, write_config
 from sdtrain.distributed import DistributedConfig, add_distributed_arguments, distributed_problem
 from sdtrain.embeddings import (
     OBJECT_TEMPLATES,
@@ -91,6 +92,7 @@ def parse_args(argv=None):
     parser = ArgumentParser(
         description="Learn the text embedding of a new token from a few images (textual inversion, JAX/Flax)."
     )
+    add_config_argument(parser)
     group = parser.add_argument_group("Model")
     group.add_argument(
         "--pretrained_model_name_or_path",
@@ -219,7 +221,7 @@ def parse_args(argv=None):
         help="Render the validation prompt every this many optimizer updates.",
     )
     add_hub_arguments(group, "Upload the embeddings to the Hugging Face Hub.")
-    args = parser.parse_args(argv)
+    args = parse_with_config(parser, argv)
 
     positive = "num_vectors repeats resolution train_batch_size max_train_steps gradient_accumulation_steps save_steps"
     for name in (positive + " checkpointing_steps validation_steps num_validation_images logging_steps").split():
@@ -821,7 +823,8 @@ def main(args):
     state, frozen = jax.device_put((state, frozen), replicated)
     first_epoch = global_step // updates_per_epoch
     if is_main_process:
-        output_lock = take_output_dir(args.output_dir, os.path.basename(__file__))
+        output_lock = take_output_dir(args.output_dir, os.path.basename(__file__), disposable=[RUN_CONFIG])
+        write_config(args.output_dir, args, seed=seed)
     logger.info("***** Running training *****")
     logger.info(
         f"  Images = {len(image_paths)} x {args.repeats} repeats, epochs = {num_train_epochs}, "

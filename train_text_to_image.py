@@ -53,6 +53,7 @@ from sdtrain.batching import (
 )
 from sdtrain.checks import training_problem, validation_problem
 from sdtrain.cli import ArgumentParser, UserError, WriteFailure, add_debug_argument, run
+from sdtrain.config_file import RUN_CONFIG, add_config_argument, add_prompt_arguments, parse_with_config, write_config
 from sdtrain.data_config import (
     CaptionConfig,
     DatasetConfig,
@@ -101,6 +102,7 @@ OPTIMIZER_PACKAGES = {
 
 def parse_args(argv=None):
     parser = ArgumentParser(description="Fine-tune the UNet of a Stable Diffusion pipeline on image-caption pairs.")
+    add_config_argument(parser)
     group = parser.add_argument_group("Model")
     group.add_argument(
         "--pretrained_model_name_or_path",
@@ -269,13 +271,7 @@ def parse_args(argv=None):
         default=10,
         help="Log loss, lr, grad norm, images/s and peak GPU memory averaged over this many updates.",
     )
-    group.add_argument(
-        "--validation_prompts",
-        type=str,
-        default=None,
-        nargs="+",
-        help="Prompts rendered every --validation_epochs and at the end.",
-    )
+    add_prompt_arguments(group)
     group.add_argument(
         "--validation_epochs", type=int, default=5, help="Render the validation prompts every this many epochs."
     )
@@ -290,7 +286,7 @@ def parse_args(argv=None):
         "--tracker_project_name", type=str, default="text2image-fine-tune", help="Project name passed to the tracker."
     )
     add_hub_arguments(group, "Upload the final pipeline to the Hugging Face Hub.")
-    args = parser.parse_args(argv)
+    args = parse_with_config(parser, argv)
 
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_local_rank != -1:
@@ -1160,8 +1156,10 @@ def main(args):
     tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
     script = os.path.basename(__file__)
     output_lock = begin_training(
-        accelerator, args.output_dir, script, [args.logging_dir], args.tracker_project_name, tracker_config
+        accelerator, args.output_dir, script, [args.logging_dir, RUN_CONFIG], args.tracker_project_name, tracker_config
     )
+    if accelerator.is_main_process:
+        write_config(args.output_dir, args, seed=seed)
     logger.info("***** Running training *****")
     logger.info(
         f"  Examples = {len(train_dataset)}, epochs = {num_train_epochs}, updates per epoch = {updates_per_epoch}"

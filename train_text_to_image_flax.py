@@ -48,6 +48,7 @@ from sdtrain.batching import (
 )
 from sdtrain.checks import training_problem, validation_problem
 from sdtrain.cli import ArgumentParser, UserError, add_debug_argument, run
+from sdtrain.config_file import RUN_CONFIG, add_config_argument, add_prompt_arguments, parse_with_config, write_config
 from sdtrain.data_config import (
     CaptionConfig,
     DatasetConfig,
@@ -102,6 +103,7 @@ def parse_args(argv=None):
     parser = ArgumentParser(
         description="Fine-tune the UNet of a Stable Diffusion pipeline on image-caption pairs (JAX/Flax)."
     )
+    add_config_argument(parser)
     group = parser.add_argument_group("Model")
     group.add_argument(
         "--pretrained_model_name_or_path",
@@ -230,13 +232,7 @@ def parse_args(argv=None):
         default=10,
         help="Log loss, lr, grad norm, images/s and peak GPU memory averaged over this many updates.",
     )
-    group.add_argument(
-        "--validation_prompts",
-        type=str,
-        default=None,
-        nargs="+",
-        help="Prompts rendered every --validation_epochs and at the end.",
-    )
+    add_prompt_arguments(group)
     group.add_argument(
         "--validation_epochs", type=int, default=5, help="Render the validation prompts every this many epochs."
     )
@@ -247,7 +243,7 @@ def parse_args(argv=None):
         help="Size of the validation images, 'height,width' (a bucket's, say); default: --resolution square.",
     )
     add_hub_arguments(group, "Upload the final pipeline to the Hugging Face Hub.")
-    args = parser.parse_args(argv)
+    args = parse_with_config(parser, argv)
 
     if args.dataset_name is None and args.train_data_dir is None:
         parser.error("no training data: pass --dataset_name (hub id or local dataset folder) or --train_data_dir")
@@ -1117,7 +1113,8 @@ def main(args):
     state, frozen = jax.device_put((state, frozen), replicated)
     first_epoch = global_step // updates_per_epoch
     if is_main_process:
-        output_lock = take_output_dir(args.output_dir, os.path.basename(__file__))
+        output_lock = take_output_dir(args.output_dir, os.path.basename(__file__), disposable=[RUN_CONFIG])
+        write_config(args.output_dir, args, seed=seed)
     logger.info("***** Running training *****")
     logger.info(
         f"  Examples = {len(train_dataset)}, epochs = {num_train_epochs}, updates per epoch = {updates_per_epoch}"

@@ -17,6 +17,7 @@ from test_train_text_to_image import SCRIPT, base_args
 
 import textual_inversion
 import train_text_to_image
+from sdtrain.config_file import RUN_CONFIG
 from sdtrain.lora import DIFFUSERS_LORA_FILE, ui_lora_path
 from sdtrain.torch.lora import CHECKPOINT_FILE as LORA_CHECKPOINT_FILE
 from sdtrain.torch.lora import EMA_CHECKPOINT_FILE as LORA_EMA_CHECKPOINT_FILE
@@ -152,8 +153,14 @@ def test_sd_lora_files_load_in_diffusers_with_alpha_and_the_base_is_untouched(sd
     out = sd_runs["one"]
     assert sorted(os.listdir(out)) == sorted(
         [DIFFUSERS_LORA_FILE, "one.safetensors", "README.md", "checkpoint-2", "checkpoint-4", "logs", "validation"]
-        + [".sdtrain-run.json", ".training.lock", ".training.lock.owner"]
+        + [RUN_CONFIG, ".sdtrain-run.json", ".training.lock", ".training.lock.owner"]
     )
+    # Its config.toml repeats it: the settings of its command line (whose --seed 7 is the seed the run used).
+    repeated = train_text_to_image.parse_args(["--config", os.path.join(out, RUN_CONFIG)])
+    original = train_text_to_image.parse_args(
+        base_args(assets, out, LORA, STEPS, "--validation_prompts 'a red circle'")
+    )
+    assert {**vars(repeated), "config": None} == vars(original)
     assert "LoRA rank 4, alpha 8 in unet, text_encoder" in sd_runs["output"]
     card = open(os.path.join(out, "README.md")).read()
     assert "rank 4, alpha 8" in card and "load_lora_weights" in card and "one.safetensors" in card

@@ -17,8 +17,10 @@ from safetensors import safe_open
 from safetensors.numpy import load_file
 from test_long_prompts_flax import with_long_captions
 
+import train_text_to_image_flax
 from devkit.command_line import command_line, recorded_seed, without_seed
 from devkit.running_launch import free_port
+from sdtrain.config_file import RUN_CONFIG
 from sdtrain.families import SDXL
 from sdtrain.run_folder import RUN_MANIFEST
 
@@ -78,15 +80,17 @@ def test_text_to_image_flax_trains_on_two_devices_and_pytorch_loads_it(launch, a
         "--mixed_precision bf16 --snr_gamma 5.0 --prediction_type v_prediction --random_flip --rescale_betas_zero_snr"
         " --loss_type huber --debiased_estimation_loss --timestep_sampling logit_normal"
     )
-    result = launch.run(
-        T2I, t2i_args(assets, out, flags, recipe, "--validation_prompts 'a red circle' --save_single_file")
-    )
+    argv = t2i_args(assets, out, flags, recipe, "--validation_prompts 'a red circle' --save_single_file")
+    result = launch.run(T2I, argv)
     assert "devices = 2" in result.output and "total batch = 2" in result.output
     assert checkpoint_names(out) == ["checkpoint-4"]
     # Rendered by DDIM from the last timestep, where alpha_bar is 0: a picture, not NaN (which would render black).
     assert os.listdir(os.path.join(out, "validation")) == ["final-step-000004.png"]
     assert np.asarray(Image.open(os.path.join(out, "validation", "final-step-000004.png"))).std() > 0
     assert not [n for n in os.listdir(out) if n.endswith((".partial", ".stale"))]
+    # Its config.toml repeats it: the settings of its command line (whose --seed 3 is the seed the run used).
+    repeated = train_text_to_image_flax.parse_args(["--config", os.path.join(out, RUN_CONFIG)])
+    assert {**vars(repeated), "config": None} == vars(train_text_to_image_flax.parse_args(argv))
     # The frozen parts are the source's files, byte for byte; the UNet is the trained one.
     for component, name in [("text_encoder", "model.safetensors"), ("vae", "diffusion_pytorch_model.safetensors")]:
         assert filecmp.cmp(
