@@ -1023,7 +1023,10 @@ def main(args):
     global_step = resume(accelerator, resume_path, resume_metadata, run_identity, run_metadata)
     first_epoch = global_step // updates_per_epoch
 
-    tracker_config = {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
+    # The trackers keep their hyperparameters (tensorboard in logs/, pushed with the folder): no token among them.
+    tracker_config = {
+        k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"
+    }
     script = os.path.basename(__file__)
     output_lock = begin_training(
         accelerator, args.output_dir, script, [args.logging_dir, RUN_CONFIG], "textual_inversion", tracker_config
