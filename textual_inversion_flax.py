@@ -591,8 +591,7 @@ def diffusion_loss(
         # "huber" is scaled to match L2's curvature near 0, "smooth_l1" to match L1's slope in the tails.
         loss = 2.0 * huber_c * pseudo_huber if config.loss_type == "huber" else 2.0 * pseudo_huber
     if mask is not None:
-        # Masked loss (kohya issue 2083): each latent pixel weighs by its mask over the sample's mean mask, so that an
-        # all-ones mask is exactly the unmasked loss; a sample whose mask is all zeros weighs 0, not 0/0.
+        # Masked loss (kohya issue 2083): weights over their per-sample mean (all ones: the plain loss; all zeros: 0).
         mask_mean = mask.mean(axis=(1, 2, 3), keepdims=True)
         loss = loss * jnp.where(mask_mean > 0, mask / jnp.maximum(mask_mean, 1e-12), 0.0)
     loss = loss.mean(axis=tuple(range(1, model_pred.ndim)))

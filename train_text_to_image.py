@@ -58,6 +58,7 @@ from sdtrain.data_config import (
     DatasetConfig,
     add_caption_arguments,
     add_dataset_arguments,
+    caption_choices,
     caption_problem,
 )
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
@@ -472,7 +473,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         # Captions stay in the (memory-mapped) dataset: a Python list of them would be copied into every worker.
         self.caption_rows = rows.select_columns([args.caption_column])
         for row, value in enumerate(self.caption_rows[args.caption_column]):
-            self.caption_choices(value, row)  # checked now, so a bad row fails before training, not hours into it
+            caption_choices(
+                value, row, args.caption_column
+            )  # checked now, so a bad row fails before training, not hours into it
         # Set in main() from setup_buckets(): each row's bucket and the buckets' (height, width); None crops squares.
         self.bucket_of_row = None
         self.buckets = None
@@ -520,20 +523,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def transform(self, image, row, rng, flip=None):
         """The row's image as the training crop, in [-1, 1], and its crop box (see crop_box)."""
         box = self.crop_box(row, image.width, image.height, rng)
-        if flip is None:
-            flip = self.args.random_flip and rng.random() < 0.5
+        flip = (self.args.random_flip and rng.random() < 0.5) if flip is None else flip
         image = crop_and_flip(image, box, flip, self.resample)  # as self.masks moves the mask
         return TF.to_tensor(image) * 2.0 - 1.0, box, flip  # [0, 1] -> [-1, 1], the VAE's input range
-
-    def caption_choices(self, value, row):
-        if isinstance(value, str):
-            return [value]
-        if isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0 and all(isinstance(v, str) for v in value):
-            return list(value)
-        raise UserError(
-            f"--caption_column '{self.args.caption_column}', row {row}: "
-            f"expected a string or a list of strings, got {value!r}"
-        )
 
     def __getitem__(self, key):
         epoch, row, weight = key
@@ -550,10 +542,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if self.added_conditioning:
             box = box or self.crop_box(row, *self.image_sizes[row], rng=None)
             example["time_ids"] = self.time_ids(row, box, flipped)
-        if self.masks:
-            box = box or self.crop_box(row, *self.image_sizes[row], rng=None)
+        if self.masks:  # with cached latents, from the cache beside them
             example["mask"] = torch.from_numpy(self.masks(row, box, flipped))
-        choices = self.caption_choices(self.caption_rows[row][self.args.caption_column], row)
+        choices = caption_choices(self.caption_rows[row][self.args.caption_column], row, self.args.caption_column)
         choice = int(rng.integers(len(choices))) if len(choices) > 1 else 0
         caption = edit_caption(choices[choice], rng, self.caption_config)
         # Where the pipeline samples the unconditional branch from zeros (force_zeros_for_empty_prompt), an empty
@@ -608,16 +599,14 @@ def build_caches(train_dataset, vae, text_encoders, code, accelerator, args, num
             )
             latents.append(parameters.view(len(rows), views, *parameters.shape[1:]))
         train_dataset.latent_cache = (group_of_row, place, latents)
-        if train_dataset.masks:  # the masks beside the latents, at the same fixed crops
-            train_dataset.masks.fill_cache(
-                [train_dataset.crop_box(row, *size, None) for row, size in enumerate(train_dataset.image_sizes)], views
-            )
+        boxes = [train_dataset.crop_box(row, *size, None) for row, size in enumerate(train_dataset.image_sizes)]
+        train_dataset.masks.fill_cache(boxes, views)  # --masked_loss: the masks beside the latents, same crops
         caches.append(("latents", [tensor for tensor in latents if tensor is not None]))
     if args.cache_text_embeddings:
         # Each distinct caption once, in first-seen order (the same in every process); rows point into the list.
         distinct, indices, offsets = {}, [], [0]
         for row, value in enumerate(train_dataset.caption_rows[args.caption_column]):
-            for caption in train_dataset.caption_choices(value, row):
+            for caption in caption_choices(value, row, args.caption_column):
                 indices.append(distinct.setdefault(caption, len(distinct)))
             offsets.append(len(indices))
         empty_index = distinct.setdefault("", len(distinct)) if args.proportion_empty_prompts > 0 else None
@@ -884,8 +873,7 @@ def diffusion_loss(
         # "huber" is scaled to match L2's curvature near 0, "smooth_l1" to match L1's slope in the tails.
         loss = 2.0 * huber_c * pseudo_huber if config.loss_type == "huber" else 2.0 * pseudo_huber
     if mask is not None:
-        # Masked loss (kohya issue 2083): each latent pixel weighs by its mask over the sample's mean mask, so that an
-        # all-ones mask is exactly the unmasked loss; a sample whose mask is all zeros weighs 0, not 0/0.
+        # Masked loss (kohya issue 2083): weights over their per-sample mean (all ones: the plain loss; all zeros: 0).
         mask_mean = mask.mean(dim=(1, 2, 3), keepdim=True)
         loss = loss * torch.where(mask_mean > 0, mask / torch.clamp(mask_mean, min=1e-12), 0.0)
     loss = loss.mean(dim=list(range(1, model_pred.ndim)))

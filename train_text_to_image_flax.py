@@ -53,6 +53,7 @@ from sdtrain.data_config import (
     DatasetConfig,
     add_caption_arguments,
     add_dataset_arguments,
+    caption_choices,
     caption_problem,
 )
 from sdtrain.distributed import DistributedConfig, add_distributed_arguments, distributed_problem
@@ -451,14 +452,7 @@ class ImageCaptionDataset:
         return choices[int(rng.integers(len(choices)))]
 
     def caption_choices(self, value, row):
-        if isinstance(value, str):
-            return [value]
-        if isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0 and all(isinstance(v, str) for v in value):
-            return list(value)
-        raise UserError(
-            f"--caption_column '{self.args.caption_column}', row {row}: "
-            f"expected a string or a list of strings, got {value!r}"
-        )
+        return caption_choices(value, row, self.args.caption_column)
 
     def __getitem__(self, key):
         epoch, row = key
@@ -474,8 +468,8 @@ class ImageCaptionDataset:
             box = self.crop_box(row, self.image_sizes[row], rng=None) if self.family.added_conditioning else None
         if self.family.added_conditioning:
             example["time_ids"] = np.asarray(size_conditioning(self.image_sizes[row], box, flipped), np.float32)
-        if self.masks:
-            example["mask"] = self.masks(row, box or self.crop_box(row, self.image_sizes[row], rng=None), flipped)
+        if self.masks:  # with cached latents, from the cache beside them
+            example["mask"] = self.masks(row, box, flipped)
         caption = self.pick_caption(self.rows[row][self.args.caption_column], row, rng)
         caption = edit_caption(caption, rng, self.caption_config)
         if self.family.force_zeros_for_empty_prompt:
@@ -561,10 +555,8 @@ def build_caches(dataset, frozen, args, global_batch_size, batch_sharding):
                     stds[index * views : (index + 1) * views],
                 )
             size += means.nbytes + stds.nbytes
-        if dataset.masks:  # the masks beside the latents, at the same fixed crops
-            dataset.masks.fill_cache(
-                [dataset.crop_box(row, size, None) for row, size in enumerate(dataset.image_sizes)], views
-            )
+        boxes = [dataset.crop_box(row, size, None) for row, size in enumerate(dataset.image_sizes)]
+        dataset.masks.fill_cache(boxes, views)  # --masked_loss: the masks beside the latents, same crops
         logger.info(f"Cached latents: {len(dataset)} images x {views} views, {size / 2**20:.1f} MiB of host memory")
     if args.cache_text_embeddings:
         captions = {"": 0}  # a dropped caption (--proportion_empty_prompts) is the empty one
@@ -810,8 +802,7 @@ def diffusion_loss(
         # "huber" is scaled to match L2's curvature near 0, "smooth_l1" to match L1's slope in the tails.
         loss = 2.0 * huber_c * pseudo_huber if config.loss_type == "huber" else 2.0 * pseudo_huber
     if mask is not None:
-        # Masked loss (kohya issue 2083): each latent pixel weighs by its mask over the sample's mean mask, so that an
-        # all-ones mask is exactly the unmasked loss; a sample whose mask is all zeros weighs 0, not 0/0.
+        # Masked loss (kohya issue 2083): weights over their per-sample mean (all ones: the plain loss; all zeros: 0).
         mask_mean = mask.mean(axis=(1, 2, 3), keepdims=True)
         loss = loss * jnp.where(mask_mean > 0, mask / jnp.maximum(mask_mean, 1e-12), 0.0)
     loss = loss.mean(axis=tuple(range(1, model_pred.ndim)))

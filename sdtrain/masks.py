@@ -217,8 +217,10 @@ class DatasetMasks:
         return training_mask(self.config, *self.image_source(index), box[2], geometry, self.column_value(index))
 
     def fill_cache(self, boxes, views):
-        """--cache_latents: every image's mask at its fixed crop `boxes[index]`, unflipped and (views 2) mirrored."""
-        self.cache = [[self(index, box, view == 1) for view in range(views)] for index, box in enumerate(boxes)]
+        """--cache_latents: every image's mask at its fixed crop `boxes[index]`, unflipped and (views 2) mirrored; then
+        __call__ reads the cache, whatever box it is given. Nothing without --masked_loss."""
+        if self:
+            self.cache = [[self(index, box, view == 1) for view in range(views)] for index, box in enumerate(boxes)]
 
 
 class ExampleMasks:
