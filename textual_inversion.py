@@ -130,7 +130,7 @@ def parse_args(argv=None):
         action="store_true",
         help="Crop the central square before resizing (otherwise the whole image is squeezed).",
     )
-    add_mask_arguments(group)
+    add_mask_arguments(group, dataset_column=False)
     group.add_argument(
         "--dataloader_num_workers",
         type=int,

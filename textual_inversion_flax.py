@@ -128,7 +128,7 @@ def parse_args(argv=None):
         action="store_true",
         help="Crop the central square before resizing (otherwise the whole image is squeezed).",
     )
-    add_mask_arguments(group)
+    add_mask_arguments(group, dataset_column=False)
     group = parser.add_argument_group("Training")
     add_seed_argument(group)
     group.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")

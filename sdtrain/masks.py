@@ -24,14 +24,16 @@ LATENT_FACTOR = 8  # the VAE's downsampling: the loss is computed on a grid 1/8 
 ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
-def add_mask_arguments(group):
-    """--masked_loss and --default_mask_value, the same flags in all four scripts."""
+def add_mask_arguments(group, dataset_column=True):
+    """--masked_loss and --default_mask_value, the same flags in all four scripts (textual inversion, which reads a
+    folder, has no dataset column to take masks from)."""
+    column = f"its dataset column '{MASK_COLUMN}', else " if dataset_column else ""
     group.add_argument(
         "--masked_loss",
         action="store_true",
         help=(
-            "Weigh the loss per latent pixel by each image's mask (white trains, black does not): its dataset column "
-            f"'{MASK_COLUMN}', else a <name>{MASKLABEL_SUFFIX} file beside it, else its alpha channel (opaque trains)."
+            f"Weigh the loss per latent pixel by each image's mask (white trains, black does not): {column}a "
+            f"<name>{MASKLABEL_SUFFIX} file beside it, else its alpha channel (opaque trains)."
         ),
     )
     group.add_argument(
