@@ -53,7 +53,8 @@ class MaskConfig:
 
     @classmethod
     def from_args(cls, args):
-        return cls(**{field.name: getattr(args, field.name) for field in dataclasses.fields(cls)})
+        # Off where the flags are absent: the datasets are also built from hand-made argument namespaces (tests).
+        return cls(**{field.name: getattr(args, field.name, field.default) for field in dataclasses.fields(cls)})
 
 
 def mask_problem(config):
