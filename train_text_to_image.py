@@ -599,8 +599,7 @@ def build_caches(train_dataset, vae, text_encoders, code, accelerator, args, num
             )
             latents.append(parameters.view(len(rows), views, *parameters.shape[1:]))
         train_dataset.latent_cache = (group_of_row, place, latents)
-        boxes = [train_dataset.crop_box(row, *size, None) for row, size in enumerate(train_dataset.image_sizes)]
-        train_dataset.masks.fill_cache(boxes, views)  # --masked_loss: the masks beside the latents, same crops
+        train_dataset.masks.fill_cache(lambda r: train_dataset.crop_box(r, *train_dataset.image_sizes[r], None), views)
         caches.append(("latents", [tensor for tensor in latents if tensor is not None]))
     if args.cache_text_embeddings:
         # Each distinct caption once, in first-seen order (the same in every process); rows point into the list.

@@ -555,8 +555,7 @@ def build_caches(dataset, frozen, args, global_batch_size, batch_sharding):
                     stds[index * views : (index + 1) * views],
                 )
             size += means.nbytes + stds.nbytes
-        boxes = [dataset.crop_box(row, size, None) for row, size in enumerate(dataset.image_sizes)]
-        dataset.masks.fill_cache(boxes, views)  # --masked_loss: the masks beside the latents, same crops
+        dataset.masks.fill_cache(lambda row: dataset.crop_box(row, dataset.image_sizes[row], None), views)
         logger.info(f"Cached latents: {len(dataset)} images x {views} views, {size / 2**20:.1f} MiB of host memory")
     if args.cache_text_embeddings:
         captions = {"": 0}  # a dropped caption (--proportion_empty_prompts) is the empty one

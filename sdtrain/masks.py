@@ -219,10 +219,11 @@ class DatasetMasks:
         geometry = functools.partial(crop_and_flip, box=box, flip=flip, resample=self.resample)
         return training_mask(self.config, *self.image_source(index), box[2], geometry, self.column_value(index))
 
-    def fill_cache(self, boxes, views):
-        """--cache_latents: every image's mask at its fixed crop `boxes[index]`, unflipped and (views 2) mirrored; then
-        __call__ reads the cache, whatever box it is given. Nothing without --masked_loss."""
+    def fill_cache(self, box_of, views):
+        """--cache_latents, with --masked_loss: every image's mask beside its latents, at its fixed crop box_of(index)
+        (read only then), unflipped and (views 2) mirrored; __call__ then reads the cache, whatever box it is given."""
         if self:
+            boxes = [box_of(index) for index in range(len(self.rows))]
             self.cache = [[self(index, box, view == 1) for view in range(views)] for index, box in enumerate(boxes)]
 
 

@@ -78,7 +78,7 @@ def test_mask_follows_the_bucket_crop_and_flip_of_its_image(assets, tmp_path):
             seen.add(flipped)
         assert seen == {False, True} and left not in (0, 16), "the case must exercise both flips and an inner crop"
     # --cache_latents keeps the masks beside the latents: the same masks, both flips.
-    dataset.masks.fill_cache([dataset.crop_box(row, *size, None) for row, size in enumerate(dataset.image_sizes)], 2)
+    dataset.masks.fill_cache(lambda row: dataset.crop_box(row, *dataset.image_sizes[row], None), 2)
     cached = dataset[(0, 0, 1.0)]
     dataset.masks.cache = None
     assert torch.equal(cached["mask"], dataset[(0, 0, 1.0)]["mask"])
