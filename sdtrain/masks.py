@@ -135,8 +135,9 @@ def open_mask(found, name):
     """The mask find_mask found, as an 8-bit grey ("L") image turned as EXIF says, as load_rgb turns images."""
     kind, source = found
     try:
-        image = source.copy() if isinstance(source, Image.Image) else None
-        if image is None:
+        if isinstance(source, Image.Image):  # a decoded dataset column
+            image = ImageOps.exif_transpose(source)
+        else:
             with Image.open(source) as opened:
                 image = ImageOps.exif_transpose(opened)
         if kind == "alpha":
