@@ -36,7 +36,7 @@ def write_png(path, rgb, alpha=None):
     return str(path)
 
 
-def text_to_image_dataset(paths, pipeline, *flags):
+def text_to_image_dataset(paths, pipeline, *flags, masks=None):
     """The PyTorch text-to-image script's dataset of `paths`, built as main() builds it (no model loads), in one
     64x64 bucket."""
     import datasets
@@ -44,7 +44,7 @@ def text_to_image_dataset(paths, pipeline, *flags):
 
     argv = ["--pretrained_model_name_or_path", pipeline, "--train_data_dir", "unused", "--resolution", "64", *flags]
     args = train_text_to_image.parse_args(argv)
-    rows = datasets.Dataset.from_dict({"image": paths, "text": ["a pattern"] * len(paths)})
+    rows = datasets.Dataset.from_dict({"image": paths, "text": ["a pattern"] * len(paths), **(masks or {})})
     rows = rows.cast_column("image", datasets.Image(decode=False))
     tokenizer = CLIPTokenizer.from_pretrained(pipeline, subfolder="tokenizer")
     dataset = train_text_to_image.ImageCaptionDataset(rows, [tokenizer], args, seed=7)
@@ -99,6 +99,17 @@ def test_mask_sources_precedence_grey_levels_and_area_average(tmp_path):
     np.testing.assert_allclose(masks.latent_mask(Image.fromarray(grid))[0], [[1 / 64, 0], [0, 0.25]], atol=1e-7)
     white = masks.crop_and_flip(Image.new("L", (80, 64), 255), ((70, 87), (3, 5), (64, 64)), True, Image.LANCZOS)
     assert np.all(masks.latent_mask(white) == 1.0), "an all-white mask stays exactly 1 through a resize"
+
+
+def test_a_mask_column_wins_over_the_alpha_channel(assets, tmp_path):
+    """A dataset's `mask` column (paths here), through the script's dataset: it, not the image's alpha, is the mask."""
+    left = np.zeros((64, 64), np.uint8)
+    left[:, :32] = 255
+    Image.fromarray(left).save(tmp_path / "left.png")
+    image = write_png(tmp_path / "image.png", np.zeros((64, 64, 3), np.uint8), alpha=np.full((64, 64), 255, np.uint8))
+    flags = ("--masked_loss", "--center_crop")
+    dataset = text_to_image_dataset([image], assets["pipeline"], *flags, masks={"mask": [str(tmp_path / "left.png")]})
+    assert dataset[(0, 0, 1.0)]["mask"][0].tolist() == [[1.0] * 4 + [0.0] * 4] * 8
 
 
 def test_an_image_without_a_mask_is_named_before_training(assets, tmp_path):
