@@ -56,6 +56,7 @@ from sdtrain.embeddings import (
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import load_rgb
 from sdtrain.logs import add_tracker_arguments, report_to_problem
+from sdtrain.masks import ExampleMasks, MaskConfig, add_mask_arguments, mask_problem, square_crop_and_flip
 from sdtrain.model_cards import textual_inversion_card, write_model_card
 from sdtrain.preemption import StopRequest
 from sdtrain.recipes import (
@@ -131,6 +132,7 @@ def parse_args(argv=None):
         action="store_true",
         help="Crop the central square before resizing (otherwise the whole image is squeezed).",
     )
+    add_mask_arguments(group, dataset_column=False)
     group.add_argument(
         "--dataloader_num_workers",
         type=int,
@@ -293,6 +295,7 @@ def parse_args(argv=None):
     if args.report_to == "wandb" and args.hub_token is not None:
         parser.error("--hub_token with --report_to=wandb would leak the token to wandb; use `hf auth login` instead")
     problem = validation_problem("--validation_prompt", args.validation_prompt, args.validation_resolution)
+    problem = problem or mask_problem(MaskConfig.from_args(args))
     if problem:
         parser.error(problem)
     try:
@@ -375,7 +378,6 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_dream_and_update_latents
-from torchvision.transforms import InterpolationMode
 
 from sdtrain.torch.checkpoints import check_finite, final_save_failed, optimizer_tensors, resume, save_checkpoint
 from sdtrain.torch.data import GlobalBatchSampler, batch_loader, default_num_workers, encode_once
@@ -454,6 +456,7 @@ class TextualInversionDataset(torch.utils.data.Dataset):
         self.args, self.seed = args, seed
         self.templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
         self.latent_cache = None  # [image, flipped] -> VAE latent distribution parameters, set by build_latent_cache()
+        self.masks = ExampleMasks(MaskConfig.from_args(args), image_paths, args.resolution, args.center_crop)
         # Every image's (width, height) as decoded (EXIF rotation applied): SDXL's original-size conditioning.
         self.image_sizes = [load_rgb(path, path).size for path in image_paths] if added_conditioning else None
 
@@ -462,12 +465,7 @@ class TextualInversionDataset(torch.utils.data.Dataset):
 
     def pixels(self, image_index, flip):
         image = load_rgb(self.image_paths[image_index], self.image_paths[image_index])
-        if self.args.center_crop:
-            side = min(image.size)
-            image = TF.center_crop(image, [side, side])
-        image = TF.resize(image, [self.args.resolution, self.args.resolution], interpolation=InterpolationMode.BICUBIC)
-        if flip:
-            image = TF.hflip(image)
+        image = square_crop_and_flip(image, self.args.resolution, self.args.center_crop, flip)  # as self.masks does
         return TF.to_tensor(image) * 2.0 - 1.0  # [0, 1] -> [-1, 1], the VAE's input range
 
     def time_ids(self, image_index, flipped):
@@ -489,6 +487,8 @@ class TextualInversionDataset(torch.utils.data.Dataset):
             example["pixel_values"] = self.pixels(image_index, flipped)
         else:
             example["latent_parameters"] = self.latent_cache[image_index, int(flipped)]
+        if self.masks:
+            example["mask"] = torch.from_numpy(self.masks(image_index, flipped))
         return example
 
 
@@ -511,6 +511,8 @@ def build_latent_cache(train_dataset, vae, accelerator, args, num_workers):
         num_workers,
     )
     train_dataset.latent_cache = parameters.view(num_images, 2, *parameters.shape[1:])
+    if train_dataset.masks:  # the masks beside the latents, both flips
+        train_dataset.masks.fill_cache()
     size = parameters.numel() * parameters.element_size() / 2**20
     logger.info(
         f"Cached latents: {tuple(train_dataset.latent_cache.shape)} {parameters.dtype}, {size:.1f} MiB of CPU memory"
@@ -675,12 +677,13 @@ def diffusion_loss(
     sample_weights=None,
     share=None,
     added_cond_kwargs=None,
+    mask=None,
 ):
     """The denoising loss of a batch of clean latents, averaged over the batch (weighted by `sample_weights` when
     given: a padded batch holds examples of weight 0). Every random draw comes from `generator`, in the JAX twin's
     order: noise, offset noise, input perturbation, timesteps; each is drawn for the global batch `share` belongs to
     (None: this batch is the whole batch) and cut to its rows. added_cond_kwargs: SDXL's pooled text embedding and size
-    conditioning (None for SD 1.x / 2.x)."""
+    conditioning (None for SD 1.x / 2.x). mask: --masked_loss's latent-grid weights, (batch, 1, h, w)."""
     bsz = latents.shape[0]
     share = share or BatchShare(0, bsz, bsz)
     rows, draws = slice(share.start, share.stop), share.global_batch_size
@@ -761,6 +764,10 @@ def diffusion_loss(
         pseudo_huber = torch.sqrt((model_pred.float() - target.float()) ** 2 + huber_c**2) - huber_c
         # "huber" is scaled to match L2's curvature near 0, "smooth_l1" to match L1's slope in the tails.
         loss = 2.0 * huber_c * pseudo_huber if config.loss_type == "huber" else 2.0 * pseudo_huber
+    if mask is not None:
+        # Masked loss (kohya issue 2083): weights over their per-sample mean (all ones: the plain loss; all zeros: 0).
+        mask_mean = mask.mean(dim=(1, 2, 3), keepdim=True)
+        loss = loss * torch.where(mask_mean > 0, mask / torch.clamp(mask_mean, min=1e-12), 0.0)
     loss = loss.mean(dim=list(range(1, model_pred.ndim)))
 
     # The timestep weights below are defined on the epsilon loss. A v-prediction loss is (SNR + 1) / SNR times the
@@ -887,6 +894,7 @@ def main(args):
     # ------------------------------------------------------------------------------------------------------ setup
     accelerator = make_accelerator(AcceleratorConfig.from_args(args), libraries=(diffusers,))
     image_paths = find_example_images(args.train_data_dir)
+    ExampleMasks(MaskConfig.from_args(args), image_paths, args.resolution, args.center_crop).check()  # --masked_loss
     # Only the main process writes, and only into a folder that is absent, empty or a run's, never the model's own.
     # It takes the folder (and its lock) just before training, so that a run refused before then writes nothing.
     if accelerator.is_main_process:
@@ -1089,6 +1097,7 @@ def main(args):
                     sample_weights,
                     share,
                     added_cond_kwargs,
+                    batch.get("mask"),
                 )
                 window.add_batch(loss, group_size)
                 accelerator.backward(loss * (args.gradient_accumulation_steps / group_size))

@@ -38,7 +38,7 @@ import os
 import sys
 from typing import Any
 
-from sdtrain.batching import center_crop_box, parse_size, sdxl_time_ids, shuffled_batches
+from sdtrain.batching import parse_size, sdxl_time_ids, shuffled_batches
 from sdtrain.checks import training_problem, validation_problem
 from sdtrain.cli import ArgumentParser, UserError, WriteFailure, add_debug_argument, run
 from sdtrain.config_file import RUN_CONFIG, add_config_argument, parse_with_config, write_config
@@ -59,6 +59,7 @@ from sdtrain.families import folder_family
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import load_rgb
 from sdtrain.logs import format_logs
+from sdtrain.masks import ExampleMasks, MaskConfig, add_mask_arguments, mask_problem, square_crop_and_flip
 from sdtrain.preemption import StopRequest, preemption_message, stop_exit_code
 from sdtrain.recipes import (
     RecipeConfig,
@@ -129,6 +130,7 @@ def parse_args(argv=None):
         action="store_true",
         help="Crop the central square before resizing (otherwise the whole image is squeezed).",
     )
+    add_mask_arguments(group, dataset_column=False)
     group = parser.add_argument_group("Training")
     add_seed_argument(group)
     group.add_argument("--train_batch_size", type=int, default=16, help="Batch size per device.")
@@ -232,6 +234,7 @@ def parse_args(argv=None):
     if not args.placeholder_token.strip() or any(c.isspace() for c in args.placeholder_token):
         parser.error(f"--placeholder_token {args.placeholder_token!r} must be one word without spaces")
     problem = validation_problem("--validation_prompt", args.validation_prompt, args.validation_resolution)
+    problem = problem or mask_problem(MaskConfig.from_args(args))
     if problem:
         parser.error(problem)
     try:
@@ -301,7 +304,6 @@ from diffusers import FlaxAutoencoderKL, FlaxUNet2DConditionModel
 from flax import struct
 from flax.training.train_state import TrainState
 from jax.experimental import multihost_utils
-from PIL import Image
 from tqdm.auto import tqdm
 
 from sdtrain.jax.checkpoints import check_finite, final_save_failed, restore_train_state, save_checkpoint
@@ -373,6 +375,7 @@ class TextualInversionDataset:
         self.image_paths, self.tokenizers, self.placeholder_text = image_paths, tokenizers, placeholder_text
         self.args, self.seed, self.family = args, seed, family
         self.templates = STYLE_TEMPLATES if args.learnable_property == "style" else OBJECT_TEMPLATES
+        self.masks = ExampleMasks(MaskConfig.from_args(args), image_paths, args.resolution, args.center_crop)
 
     def __len__(self):
         return len(self.image_paths) * self.args.repeats
@@ -383,13 +386,8 @@ class TextualInversionDataset:
         path = self.image_paths[index % len(self.image_paths)]
         image = load_rgb(path, path)
         original_size = image.size
-        if self.args.center_crop:
-            top, left, side = center_crop_box(*image.size)
-            image = image.crop((left, top, left + side, top + side))
-        image = image.resize((self.args.resolution, self.args.resolution), resample=Image.Resampling.BICUBIC)
-        flipped = rng.random() < 0.5
-        if flipped:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        flipped = rng.random() < 0.5  # the crop draws nothing: the same draws as ever
+        image = square_crop_and_flip(image, self.args.resolution, self.args.center_crop, flipped)  # as self.masks does
         prompt = self.templates[int(rng.integers(len(self.templates)))].format(self.placeholder_text)
         input_ids = [
             tokenizer(prompt, max_length=tokenizer.model_max_length, padding="max_length", truncation=True).input_ids
@@ -400,6 +398,8 @@ class TextualInversionDataset:
         if self.family.added_conditioning:
             time_ids = sdxl_time_ids(*original_size, self.args.resolution, self.args.center_crop, flipped)
             example["time_ids"] = np.asarray(time_ids, dtype=np.float32)
+        if self.masks:
+            example["mask"] = self.masks(index % len(self.image_paths), flipped)
         return example
 
 
@@ -520,11 +520,13 @@ def diffusion_loss(
     config,
     sample_weights=None,
     added_cond_kwargs=None,
+    mask=None,
 ):
     """The denoising loss of a batch of clean latents, averaged over the batch (weighted by `sample_weights` when
     given: a padded batch holds examples of weight 0). Every random draw comes from `rng`, in
     the PyTorch twin's order: noise, offset noise, input perturbation, timesteps. added_cond_kwargs: SDXL's pooled text
-    embedding and size conditioning (None for SD 1.x / 2.x)."""
+    embedding and size conditioning (None for SD 1.x / 2.x). mask: --masked_loss's latent-grid weights, (batch, 1, h,
+    w), as the latents are (NCHW)."""
     noise_rng, offset_rng, perturbation_rng, timestep_rng = jax.random.split(rng, 4)
     bsz = latents.shape[0]
     noise = jax.random.normal(noise_rng, latents.shape, latents.dtype)
@@ -590,6 +592,10 @@ def diffusion_loss(
         )
         # "huber" is scaled to match L2's curvature near 0, "smooth_l1" to match L1's slope in the tails.
         loss = 2.0 * huber_c * pseudo_huber if config.loss_type == "huber" else 2.0 * pseudo_huber
+    if mask is not None:
+        # Masked loss (kohya issue 2083): weights over their per-sample mean (all ones: the plain loss; all zeros: 0).
+        mask_mean = mask.mean(axis=(1, 2, 3), keepdims=True)
+        loss = loss * jnp.where(mask_mean > 0, mask / jnp.maximum(mask_mean, 1e-12), 0.0)
     loss = loss.mean(axis=tuple(range(1, model_pred.ndim)))
 
     # The timestep weights below are defined on the epsilon loss. A v-prediction loss is (SNR + 1) / SNR times the
@@ -622,9 +628,8 @@ def batch_loss(params, state, frozen, batch, rng, config):
     latents, encoder_hidden_states, added_cond_kwargs = encode_batch(frozen, batch, params, sample_rng)
     unet = functools.partial(apply_unet, frozen.unet, frozen.unet_params)
     scheduler, scheduler_state, weights = frozen.noise_scheduler, frozen.scheduler_state, batch["sample_weights"]
-    return diffusion_loss(
-        unet, scheduler, scheduler_state, latents, encoder_hidden_states, loss_rng, config, weights, added_cond_kwargs
-    )
+    inputs = (latents, encoder_hidden_states, loss_rng, config, weights, added_cond_kwargs, batch.get("mask"))
+    return diffusion_loss(unet, scheduler, scheduler_state, *inputs)
 
 
 def apply_unet(unet, unet_params, noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=None):
@@ -703,6 +708,7 @@ def main(args):
         for name in (__name__, "sdtrain"):
             logging.getLogger(name).setLevel(logging.ERROR)
     image_paths = find_example_images(args.train_data_dir)
+    ExampleMasks(MaskConfig.from_args(args), image_paths, args.resolution, args.center_crop).check()  # --masked_loss
     check_process_group(jax.process_count(), os.environ, "jax")
     # Only the main process writes (but for each process's share of a checkpoint's arrays), and only into a folder
     # that is absent, empty or a run's, never the model's own. It takes the folder (and its lock) just before

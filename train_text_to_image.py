@@ -59,6 +59,7 @@ from sdtrain.data_config import (
     DatasetConfig,
     add_caption_arguments,
     add_dataset_arguments,
+    caption_choices,
     caption_problem,
 )
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
@@ -66,6 +67,7 @@ from sdtrain.images import load_rgb, verify_image
 from sdtrain.logs import add_tracker_arguments, report_to_problem, warmup_applied
 from sdtrain.long_prompts import add_long_prompt_arguments, log_cut_captions
 from sdtrain.lora import LoraConfig, add_lora_arguments, lora_identity, lora_problem, save_lora
+from sdtrain.masks import DatasetMasks, MaskConfig, add_mask_arguments, crop_and_flip, mask_problem
 from sdtrain.model_cards import fine_tuned_card, lora_card, write_model_card
 from sdtrain.preemption import StopRequest
 from sdtrain.recipes import (
@@ -138,6 +140,7 @@ def parse_args(argv=None):
     group = parser.add_argument_group("Data")
     add_dataset_arguments(group)
     add_crop_arguments(group)
+    add_mask_arguments(group)
     group.add_argument(
         "--image_interpolation_mode",
         type=str,
@@ -326,7 +329,7 @@ def parse_args(argv=None):
             "--cache_latents stores one crop per image, so it needs --center_crop or --use_aspect_ratio_buckets "
             "(where each image has one crop), not a new random crop at every use"
         )
-    problem = caption_problem(CaptionConfig.from_args(args))
+    problem = caption_problem(CaptionConfig.from_args(args)) or mask_problem(MaskConfig.from_args(args))
     if problem:
         parser.error(problem)
     if args.cache_text_embeddings and (args.shuffle_caption or args.caption_tag_dropout_rate > 0):
@@ -463,11 +466,15 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def __init__(self, rows, tokenizers, args, seed, added_conditioning=False):
         self.rows, self.tokenizers, self.args, self.seed = rows, tokenizers, args, seed
         self.added_conditioning = added_conditioning
-        self.interpolation = InterpolationMode[args.image_interpolation_mode.upper()]
+        self.resample = TF.pil_modes_mapping[InterpolationMode[args.image_interpolation_mode.upper()]]
+        self.masks = DatasetMasks(MaskConfig.from_args(args), self.image_source, rows, self.resample)
         self.caption_config = CaptionConfig.from_args(args)
         # Captions stay in the (memory-mapped) dataset: a Python list of them would be copied into every worker.
         self.caption_rows = rows.select_columns([args.caption_column])
-        choices = [self.caption_choices(value, row) for row, value in enumerate(self.caption_rows[args.caption_column])]
+        choices = [
+            caption_choices(value, row, args.caption_column)
+            for row, value in enumerate(self.caption_rows[args.caption_column])
+        ]
         log_cut_captions(tokenizers[0], choices, args.max_token_length)  # rows checked now, not hours in; cuts logged
         # Set in main() from setup_buckets(): each row's bucket and the buckets' (height, width); None crops squares.
         self.bucket_of_row = None
@@ -495,7 +502,7 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         return load_rgb(*self.image_source(row))
 
     def verify_image(self, row):
-        return verify_image(*self.image_source(row))
+        return self.masks.check(row, verify_image(*self.image_source(row)))  # --masked_loss: the mask is found
 
     def shape_groups(self):
         """Rows that share an image size, as (each row's group, the rows of each group): the buckets, or one group."""
@@ -516,24 +523,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
     def transform(self, image, row, rng, flip=None):
         """The row's image as the training crop, in [-1, 1], and its crop box (see crop_box)."""
         box = self.crop_box(row, image.width, image.height, rng)
-        resized, (top, left), (height, width) = box
-        image = TF.resize(image, list(resized), interpolation=self.interpolation)
-        image = TF.crop(image, top, left, height, width)
-        if flip is None:
-            flip = self.args.random_flip and rng.random() < 0.5
-        if flip:
-            image = TF.hflip(image)
+        flip = (self.args.random_flip and rng.random() < 0.5) if flip is None else flip
+        image = crop_and_flip(image, box, flip, self.resample)  # as self.masks moves the mask
         return TF.to_tensor(image) * 2.0 - 1.0, box, flip  # [0, 1] -> [-1, 1], the VAE's input range
-
-    def caption_choices(self, value, row):
-        if isinstance(value, str):
-            return [value]
-        if isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0 and all(isinstance(v, str) for v in value):
-            return list(value)
-        raise UserError(
-            f"--caption_column '{self.args.caption_column}', row {row}: "
-            f"expected a string or a list of strings, got {value!r}"
-        )
 
     def __getitem__(self, key):
         epoch, row, weight = key
@@ -550,7 +542,9 @@ class ImageCaptionDataset(torch.utils.data.Dataset):
         if self.added_conditioning:
             box = box or self.crop_box(row, *self.image_sizes[row], rng=None)
             example["time_ids"] = self.time_ids(row, box, flipped)
-        choices = self.caption_choices(self.caption_rows[row][self.args.caption_column], row)
+        if self.masks:  # with cached latents, from the cache beside them
+            example["mask"] = torch.from_numpy(self.masks(row, box, flipped))
+        choices = caption_choices(self.caption_rows[row][self.args.caption_column], row, self.args.caption_column)
         choice = int(rng.integers(len(choices))) if len(choices) > 1 else 0
         caption = edit_caption(choices[choice], rng, self.caption_config)
         # Where the pipeline samples the unconditional branch from zeros (force_zeros_for_empty_prompt), an empty
@@ -603,12 +597,13 @@ def build_caches(train_dataset, vae, text_encoders, code, accelerator, args, num
             )
             latents.append(parameters.view(len(rows), views, *parameters.shape[1:]))
         train_dataset.latent_cache = (group_of_row, place, latents)
+        train_dataset.masks.fill_cache(lambda r: train_dataset.crop_box(r, *train_dataset.image_sizes[r], None), views)
         caches.append(("latents", [tensor for tensor in latents if tensor is not None]))
     if args.cache_text_embeddings:
         # Each distinct caption once, in first-seen order (the same in every process); rows point into the list.
         distinct, indices, offsets = {}, [], [0]
         for row, value in enumerate(train_dataset.caption_rows[args.caption_column]):
-            for caption in train_dataset.caption_choices(value, row):
+            for caption in caption_choices(value, row, args.caption_column):
                 indices.append(distinct.setdefault(caption, len(distinct)))
             offsets.append(len(indices))
         empty_index = distinct.setdefault("", len(distinct)) if args.proportion_empty_prompts > 0 else None
@@ -783,12 +778,13 @@ def diffusion_loss(
     sample_weights=None,
     share=None,
     added_cond_kwargs=None,
+    mask=None,
 ):
     """The denoising loss of a batch of clean latents, averaged over the batch (weighted by `sample_weights` when
     given: a padded batch holds examples of weight 0). Every random draw comes from `generator`, in the JAX twin's
     order: noise, offset noise, input perturbation, timesteps; each is drawn for the global batch `share` belongs to
     (None: this batch is the whole batch) and cut to its rows. added_cond_kwargs: SDXL's pooled text embedding and size
-    conditioning (None for SD 1.x / 2.x)."""
+    conditioning (None for SD 1.x / 2.x). mask: --masked_loss's latent-grid weights, (batch, 1, h, w)."""
     bsz = latents.shape[0]
     share = share or BatchShare(0, bsz, bsz)
     rows, draws = slice(share.start, share.stop), share.global_batch_size
@@ -869,6 +865,10 @@ def diffusion_loss(
         pseudo_huber = torch.sqrt((model_pred.float() - target.float()) ** 2 + huber_c**2) - huber_c
         # "huber" is scaled to match L2's curvature near 0, "smooth_l1" to match L1's slope in the tails.
         loss = 2.0 * huber_c * pseudo_huber if config.loss_type == "huber" else 2.0 * pseudo_huber
+    if mask is not None:
+        # Masked loss (kohya issue 2083): weights over their per-sample mean (all ones: the plain loss; all zeros: 0).
+        mask_mean = mask.mean(dim=(1, 2, 3), keepdim=True)
+        loss = loss * torch.where(mask_mean > 0, mask / torch.clamp(mask_mean, min=1e-12), 0.0)
     loss = loss.mean(dim=list(range(1, model_pred.ndim)))
 
     # The timestep weights below are defined on the epsilon loss. A v-prediction loss is (SNR + 1) / SNR times the
@@ -1202,7 +1202,7 @@ def main(args):
                 )
                 sample_weights = batch["sample_weights"].to(latents.device)
                 conditioning = (encoder_hidden_states, generator, loss_config, sample_weights, share, added_cond_kwargs)
-                loss = diffusion_loss(unet, noise_scheduler, latents, *conditioning)
+                loss = diffusion_loss(unet, noise_scheduler, latents, *conditioning, mask=batch.get("mask"))
                 window.add_batch(loss, group_size)
                 accelerator.backward(loss * (args.gradient_accumulation_steps / group_size))
                 last_batch = (latents, encoder_hidden_states, added_cond_kwargs)

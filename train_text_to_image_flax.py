@@ -54,6 +54,7 @@ from sdtrain.data_config import (
     DatasetConfig,
     add_caption_arguments,
     add_dataset_arguments,
+    caption_choices,
     caption_problem,
 )
 from sdtrain.distributed import DistributedConfig, add_distributed_arguments, distributed_problem
@@ -63,6 +64,7 @@ from sdtrain.images import inspect_images, load_rgb, verify_image
 from sdtrain.logs import format_logs, warmup_applied
 from sdtrain.long_prompts import add_long_prompt_arguments, caption_token_ids, log_cut_captions
 from sdtrain.lora import LoraConfig, add_lora_arguments, lora_identity, lora_problem
+from sdtrain.masks import DatasetMasks, MaskConfig, add_mask_arguments, crop_and_flip, mask_problem
 from sdtrain.preemption import StopRequest, preemption_message, stop_exit_code
 from sdtrain.recipes import (
     RecipeConfig,
@@ -132,6 +134,7 @@ def parse_args(argv=None):
     group = parser.add_argument_group("Data")
     add_dataset_arguments(group)
     add_crop_arguments(group)
+    add_mask_arguments(group)
     group.add_argument(
         "--cache_latents",
         action="store_true",
@@ -277,7 +280,7 @@ def parse_args(argv=None):
         parser.error(f"--ema_validation {args.ema_validation} renders EMA and raw weights: it needs --use_ema")
     if args.bucket_no_upscale and not args.use_aspect_ratio_buckets:
         parser.error("--bucket_no_upscale needs --use_aspect_ratio_buckets")
-    problem = caption_problem(CaptionConfig.from_args(args))
+    problem = caption_problem(CaptionConfig.from_args(args)) or mask_problem(MaskConfig.from_args(args))
     if problem:
         parser.error(problem)
     check_recipe_arguments(parser, RecipeConfig.from_args(args))
@@ -396,6 +399,7 @@ class ImageCaptionDataset:
     def __init__(self, rows, tokenizers, args, seed, family):
         self.rows, self.tokenizers, self.args, self.seed, self.family = rows, tokenizers, args, seed, family
         self.resample = getattr(Image.Resampling, args.image_interpolation_mode.upper())
+        self.masks = DatasetMasks(MaskConfig.from_args(args), self.image_source, rows, self.resample)
         self.caption_config = CaptionConfig.from_args(args)
         values = enumerate(rows.select_columns([args.caption_column])[args.caption_column])
         choices = [self.caption_choices(value, row) for row, value in values]
@@ -425,7 +429,7 @@ class ImageCaptionDataset:
         return load_rgb(*self.image_source(row))
 
     def verify_image(self, row):
-        return verify_image(*self.image_source(row))
+        return self.masks.check(row, verify_image(*self.image_source(row)))  # --masked_loss: the mask is found
 
     def crop_box(self, row, image_size, rng):
         """Where the row's training crop comes from (see sdtrain.batching.crop_box, shared with the PyTorch twin)."""
@@ -436,13 +440,9 @@ class ImageCaptionDataset:
         """The row's image as the training crop, CHW in [-1, 1], its crop box (see crop_box) and whether it is
         mirrored."""
         box = self.crop_box(row, (image.width, image.height), rng)
-        (resized_height, resized_width), (top, left), (height, width) = box
-        image = image.resize((resized_width, resized_height), resample=self.resample)
-        image = image.crop((left, top, left + width, top + height))
         if flip is None:
             flip = bool(self.args.random_flip and rng.random() < 0.5)
-        if flip:
-            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        image = crop_and_flip(image, box, flip, self.resample)  # as self.masks moves the mask
         pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 127.5 - 1.0  # the VAE's input range
         return pixels, box, flip
 
@@ -453,14 +453,7 @@ class ImageCaptionDataset:
         return choices[int(rng.integers(len(choices)))]
 
     def caption_choices(self, value, row):
-        if isinstance(value, str):
-            return [value]
-        if isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0 and all(isinstance(v, str) for v in value):
-            return list(value)
-        raise UserError(
-            f"--caption_column '{self.args.caption_column}', row {row}: "
-            f"expected a string or a list of strings, got {value!r}"
-        )
+        return caption_choices(value, row, self.args.caption_column)
 
     def __getitem__(self, key):
         epoch, row = key
@@ -476,6 +469,8 @@ class ImageCaptionDataset:
             box = self.crop_box(row, self.image_sizes[row], rng=None) if self.family.added_conditioning else None
         if self.family.added_conditioning:
             example["time_ids"] = np.asarray(size_conditioning(self.image_sizes[row], box, flipped), np.float32)
+        if self.masks:  # with cached latents, from the cache beside them
+            example["mask"] = self.masks(row, box, flipped)
         caption = self.pick_caption(self.rows[row][self.args.caption_column], row, rng)
         caption = edit_caption(caption, rng, self.caption_config)
         if self.family.force_zeros_for_empty_prompt:
@@ -561,6 +556,7 @@ def build_caches(dataset, frozen, args, global_batch_size, batch_sharding):
                     stds[index * views : (index + 1) * views],
                 )
             size += means.nbytes + stds.nbytes
+        dataset.masks.fill_cache(lambda row: dataset.crop_box(row, dataset.image_sizes[row], None), views)
         logger.info(f"Cached latents: {len(dataset)} images x {views} views, {size / 2**20:.1f} MiB of host memory")
     if args.cache_text_embeddings:
         captions = {"": 0}  # a dropped caption (--proportion_empty_prompts) is the empty one
@@ -733,11 +729,13 @@ def diffusion_loss(
     config,
     sample_weights=None,
     added_cond_kwargs=None,
+    mask=None,
 ):
     """The denoising loss of a batch of clean latents, averaged over the batch (weighted by `sample_weights` when
     given: a padded batch holds examples of weight 0). Every random draw comes from `rng`, in
     the PyTorch twin's order: noise, offset noise, input perturbation, timesteps. added_cond_kwargs: SDXL's pooled text
-    embedding and size conditioning (None for SD 1.x / 2.x)."""
+    embedding and size conditioning (None for SD 1.x / 2.x). mask: --masked_loss's latent-grid weights, (batch, 1, h,
+    w), as the latents are (NCHW)."""
     noise_rng, offset_rng, perturbation_rng, timestep_rng = jax.random.split(rng, 4)
     bsz = latents.shape[0]
     noise = jax.random.normal(noise_rng, latents.shape, latents.dtype)
@@ -803,6 +801,10 @@ def diffusion_loss(
         )
         # "huber" is scaled to match L2's curvature near 0, "smooth_l1" to match L1's slope in the tails.
         loss = 2.0 * huber_c * pseudo_huber if config.loss_type == "huber" else 2.0 * pseudo_huber
+    if mask is not None:
+        # Masked loss (kohya issue 2083): weights over their per-sample mean (all ones: the plain loss; all zeros: 0).
+        mask_mean = mask.mean(axis=(1, 2, 3), keepdims=True)
+        loss = loss * jnp.where(mask_mean > 0, mask / jnp.maximum(mask_mean, 1e-12), 0.0)
     loss = loss.mean(axis=tuple(range(1, model_pred.ndim)))
 
     # The timestep weights below are defined on the epsilon loss. A v-prediction loss is (SNR + 1) / SNR times the
@@ -854,6 +856,7 @@ def batch_loss(params, state, frozen, batch, rng, config):
         config,
         batch["sample_weights"],
         added_cond_kwargs,
+        batch.get("mask"),
     )
 
 

@@ -9,6 +9,7 @@ import datasets
 from PIL import Image
 
 from sdtrain.cli import UserError
+from sdtrain.masks import is_masklabel
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,8 @@ def caption_file_dataset(folder, image_column, caption_column, skip_bad_captions
                 return None
             extension = os.path.splitext(name)[1]
             has_caption_files = has_caption_files or extension.lower() == CAPTION_EXTENSION
-            if extension.lower() in image_extensions and not name.startswith("."):
+            # A <name>-masklabel.png is the mask of an image (sdtrain.masks), not an image to train on.
+            if extension.lower() in image_extensions and not name.startswith(".") and not is_masklabel(name):
                 images.append(os.path.join(root, name))
     if not has_caption_files:
         return None

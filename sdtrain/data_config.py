@@ -4,6 +4,10 @@ scripts define their flags before anything heavy loads, so --help answers at onc
 
 import dataclasses
 
+import numpy as np
+
+from sdtrain.cli import UserError
+
 
 def add_dataset_arguments(group):
     """Where the image-caption rows come from, the same flags in both text-to-image scripts."""
@@ -108,3 +112,15 @@ def caption_problem(config):
     if config.keep_tokens < 0:
         return f"--keep_tokens must be 0 or more, got {config.keep_tokens}"
     return None
+
+
+def caption_choices(value, row, caption_column):
+    """A row's captions (a caption, or a list of alternatives) as a list; anything else is refused, naming the row.
+    The same in both text-to-image twins' datasets."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple, np.ndarray)) and len(value) > 0 and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise UserError(
+        f"--caption_column '{caption_column}', row {row}: expected a string or a list of strings, got {value!r}"
+    )

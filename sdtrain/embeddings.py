@@ -9,6 +9,7 @@ import numpy as np
 
 from sdtrain.cli import UserError
 from sdtrain.images import inspect_images, load_rgb
+from sdtrain.masks import is_masklabel
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -84,7 +85,9 @@ def find_example_images(train_data_dir):
     """The example images, sorted by name, each decoded now: a bad file fails before anything is written."""
     if not os.path.isdir(train_data_dir):
         raise UserError(f"--train_data_dir {train_data_dir}: no such folder")
-    names = sorted(name for name in os.listdir(train_data_dir) if name.lower().endswith(IMAGE_EXTENSIONS))
+    names = os.listdir(train_data_dir)
+    # A <name>-masklabel.png is the mask of an example (sdtrain.masks, --masked_loss), not an example of its own.
+    names = sorted(name for name in names if name.lower().endswith(IMAGE_EXTENSIONS) and not is_masklabel(name))
     paths = [os.path.join(train_data_dir, name) for name in names]
     if not paths:
         raise UserError(f"--train_data_dir {train_data_dir}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")

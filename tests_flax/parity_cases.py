@@ -3,6 +3,8 @@
 
 import itertools
 
+import numpy as np
+
 from sdtrain.batching import sdxl_time_ids
 
 # name -> LossConfig fields (the same fields in all four scripts' LossConfig), the sample_weights argument if any, and
@@ -81,6 +83,18 @@ TEXT_TO_IMAGE.update(
         },
     }
 )
+# --masked_loss: a latent-grid mask per sample, (4, 1, 8, 8) as the latents: all ones, all zeros (a sample that weighs
+# 0), a grey ramp and the left half (the prompt that holds the placeholder, so the gradient still reaches its rows),
+# with Min-SNR and the pseudo-Huber loss on top (they compose).
+MASKS = np.stack(
+    [np.ones((8, 8)), np.zeros((8, 8)), np.tile(np.linspace(0, 1, 8), (8, 1)), np.tile(np.arange(8) < 4, (8, 1))]
+)[:, None].astype(np.float32)
+TEXT_TO_IMAGE["t2i-v_prediction-huber-snr_5.0-masked"] = {
+    "prediction_type": "v_prediction",
+    "snr_gamma": 5.0,
+    "loss_type": "huber",
+    "mask": MASKS,
+}
 TEXTUAL_INVERSION = {
     f"ti-{prediction}-snr_{snr}": {"prediction_type": prediction, "snr_gamma": snr}
     for prediction, snr in itertools.product(["epsilon", "v_prediction"], [None, 5.0])
@@ -92,6 +106,7 @@ TEXTUAL_INVERSION["ti-v_prediction-huber-debiased-logit_normal"] = {
     "debiased_estimation": True,
     **SAMPLING["logit_normal"],
 }
+TEXTUAL_INVERSION["ti-epsilon-snr_5.0-masked"] = {"prediction_type": "epsilon", "snr_gamma": 5.0, "mask": MASKS}
 CASES = {**TEXT_TO_IMAGE, **TEXTUAL_INVERSION}
 # SDXL textual inversion (a tiny SDXL pipeline): both encoders' new rows, the pooled embedding, the size conditioning.
 SDXL_TEXTUAL_INVERSION = {

@@ -111,12 +111,13 @@ def test_text_to_image_loss_equals_pytorch(torch_side, flax_models, monkeypatch,
     fields = dict(CASES[case])
     weights = fields.pop("sample_weights", None)
     sample_weights = None if weights is None else jnp.asarray(weights, jnp.float32)
+    mask = fields.pop("mask", None)
     if fields.pop("zero_snr", False):
         m = with_zero_terminal_snr(m, recorded)
     config = train_text_to_image_flax.LossConfig(**fields)
     diffusion_loss = bound_loss(train_text_to_image_flax, m)
     latents, rng = jnp.asarray(recorded["latents"]), jax.random.PRNGKey(0)
-    loss = diffusion_loss(latents, encoder_hidden_states, rng, config, sample_weights)
+    loss = diffusion_loss(latents, encoder_hidden_states, rng, config, sample_weights, mask=mask)
     assert not queue, "PyTorch drew more often than JAX"
     assert abs(float(loss) - float(recorded["loss"])) <= 1e-4, (float(loss), float(recorded["loss"]))
 
@@ -177,13 +178,16 @@ def test_textual_inversion_loss_and_gradient_equal_pytorch(assets, torch_side, f
     )
     input_ids = jnp.asarray(recorded["input_ids"])
     assert set(placeholder_ids) <= set(np.asarray(input_ids).ravel().tolist()), "the prompts must use every new row"
-    config = textual_inversion_flax.LossConfig(**CASES[case])
+    fields = dict(CASES[case])
+    mask = fields.pop("mask", None)
+    config = textual_inversion_flax.LossConfig(**fields)
     diffusion_loss = bound_loss(textual_inversion_flax, m)
 
     def loss_fn(rows):
         params = textual_inversion_flax.with_learned_rows(m["text_encoder"].params, rows)
         encoder_hidden_states = text_encoder(input_ids, params=params, train=False)[0]
-        return diffusion_loss(jnp.asarray(recorded["latents"]), encoder_hidden_states, jax.random.PRNGKey(0), config)
+        latents, rng = jnp.asarray(recorded["latents"]), jax.random.PRNGKey(0)
+        return diffusion_loss(latents, encoder_hidden_states, rng, config, mask=mask)
 
     queue = replay_draws(monkeypatch, recorded)
     loss, grad = jax.value_and_grad(loss_fn)(jnp.asarray(recorded["learned"]))

@@ -262,12 +262,12 @@ def main(pipeline, sdxl_pipeline, out_dir):
         input_ids = torch_text.tokenize(case_tokenizer, prompts, range(len(prompts)))
         weights = fields.pop("sample_weights", None)
         sample_weights = None if weights is None else torch.tensor(weights)
+        mask = fields.pop("mask", None)
+        options = {"sample_weights": sample_weights, "mask": None if mask is None else torch.from_numpy(mask)}
         config = script.LossConfig(**fields)
         with torch.set_grad_enabled(learned is not None):
             encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
-            loss, recorded = recorded_loss(
-                script, unet, scheduler, latents, encoder_hidden_states, config, sample_weights=sample_weights
-            )
+            loss, recorded = recorded_loss(script, unet, scheduler, latents, encoder_hidden_states, config, **options)
         inputs = {"latents": latents.numpy(), "input_ids": input_ids.numpy()}
         save_case(out_dir, name, inputs, loss, scheduler, recorded, None if learned is None else {"learned": learned})
     sdxl_textual_inversion_cases(sdxl_pipeline, out_dir, latents)
