@@ -85,12 +85,7 @@ from sdtrain.run_folder import (
 from sdtrain.seeds import add_seed_argument, choose_seed, derive_seed, draw_seed
 from sdtrain.single_file import SingleFileConfig, add_single_file_arguments, save_single_file, single_file_layout
 from sdtrain.sizes import check_model_sizes, size_factors
-from sdtrain.validation_loss import (
-    ValidationLossConfig,
-    add_validation_loss_arguments,
-    held_out_rows,
-    validation_loss_problem,
-)
+from sdtrain.validation_loss import ValidationLossConfig, add_validation_loss_arguments, validation_loss_problem
 
 INTERPOLATION_MODES = ["lanczos", "bicubic", "bilinear", "nearest", "nearest_exact", "box", "hamming"]
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
@@ -453,7 +448,7 @@ from sdtrain.torch.models import ModelSource, inference_scheduler, load_componen
 from sdtrain.torch.setup import AcceleratorConfig, begin_training, end_training, log_plan, make_accelerator
 from sdtrain.torch.text import tokenize, write_hub_style_text_encoder
 from sdtrain.torch.validation import log_validation
-from sdtrain.torch.validation_loss import HeldOutLoss
+from sdtrain.torch.validation_loss import HeldOutLoss, held_out_rows
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -1115,9 +1110,8 @@ def main(args):
     )
 
     # ------------------------------------------------------------------------------------------------------- data
-    held_out_config = ValidationLossConfig.from_args(args)
     rows = load_image_caption_dataset(DatasetConfig.from_args(args), seed)
-    rows, held_rows = held_out_rows(held_out_config, rows, DatasetConfig.from_args(args), seed)
+    rows, held_rows = held_out_rows(ValidationLossConfig.from_args(args), rows, DatasetConfig.from_args(args), seed)
     train_dataset = ImageCaptionDataset(rows, tokenizers, args, seed, family.added_conditioning)
     image_sizes = train_dataset.image_sizes = check_images(train_dataset.verify_image, len(train_dataset), accelerator)
     # The run depends on the global batch, not on how many processes share it: batches and draws are made for it.
@@ -1134,14 +1128,11 @@ def main(args):
     num_workers = default_num_workers(args.dataloader_num_workers, accelerator.device)
     build_caches(train_dataset, vae, text_encoders, code, accelerator, args, num_workers)
     held_out = None
-    if held_rows is not None:  # scored on center crops, unflipped, each image in its training bucket
+    if held_rows is not None:  # center crops, unflipped, each in the bucket it would train in (docs/evaluation.md)
         held_args = type(args)(**{**vars(args), "center_crop": True, "random_flip": False})
         held_dataset = ImageCaptionDataset(held_rows, tokenizers, held_args, seed, family.added_conditioning)
-        models, buckets = (vae, text_encoders, code, noise_scheduler, prediction_type), train_dataset.buckets
-        options = (args.bucket_no_upscale, size_factors(vae.config, unet.config)[1])
-        held_out = HeldOutLoss(
-            held_out_config, held_dataset, models, accelerator, args.train_batch_size, seed, buckets, options
-        )
+        models = (vae, unet.config, text_encoders, code, noise_scheduler, prediction_type, train_dataset.buckets)
+        held_out = HeldOutLoss(ValidationLossConfig.from_args(args), held_dataset, models, accelerator, seed)
     sampler = GlobalBatchSampler(epoch_global_batches, args.train_batch_size, accelerator.num_processes)
     train_dataloader = batch_loader(train_dataset, sampler, num_workers, accelerator.device)
 
@@ -1188,8 +1179,6 @@ def main(args):
         f"  Examples = {len(train_dataset)}, epochs = {num_train_epochs}, updates per epoch = {updates_per_epoch}"
     )
     log_plan(accelerator, args.train_batch_size, args.gradient_accumulation_steps, max_train_steps, global_step, seed)
-    if held_out is not None:
-        held_out.start(args.output_dir, global_step)
 
     # ------------------------------------------------------------------------------------------------- train loop
     generator = torch.Generator(device=accelerator.device)
@@ -1249,7 +1238,7 @@ def main(args):
                     ema_unet.to(device="cpu", non_blocking=True)
             progress_bar.update(1)
             if held_out is not None:  # the held-out loss, every --validation_loss_steps and at the end
-                held_out.evaluate(global_step, max_train_steps, unet, optimizer, ema_unet, parameters)
+                held_out.evaluate(global_step, max_train_steps, args.output_dir, unet, optimizer, ema_unet, parameters)
             stopping = stop_agreed(stop_request, accelerator, stop_group)  # a SIGTERM / SIGUSR1 / Ctrl-C on any process
             is_checkpoint_step = global_step % args.checkpointing_steps == 0 or stopping
             # Reading the loss back waits for the device: only at logging steps, and before a checkpoint is written

@@ -120,3 +120,8 @@ LORA_CASES = {
     "lora-sd-v_prediction-snr_5.0": {"prediction_type": "v_prediction", "snr_gamma": 5.0},
     "lora_sdxl-epsilon-snr_5.0": {"prediction_type": "epsilon", "snr_gamma": 5.0},
 }
+# The held-out validation loss (sdtrain.validation_loss, issue 32): each framework's validation_loss_batch on the same
+# weights, latents and prompts, with the NumPy noise of loss_noise(seed, image, k) at the equidistant timesteps; every
+# per-image, per-timestep loss within 1e-5 relative.
+VALIDATION_LOSS_CASES = {f"validation_loss-{prediction}": prediction for prediction in ["epsilon", "v_prediction"]}
+VALIDATION_LOSS_SEED, VALIDATION_LOSS_TIMESTEPS = 11, 4

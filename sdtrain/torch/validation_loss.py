@@ -9,12 +9,14 @@ import torch
 
 import sdtrain.torch.lora as lora
 from sdtrain.batching import assign_buckets
+from sdtrain.sizes import size_factors
 from sdtrain.torch.data import check_images, encode_once
 from sdtrain.torch.text import tokenize
 from sdtrain.validation_loss import (
     ValidationLossLog,
     describe_record,
     eval_batches,
+    held_out_rows,
     is_due,
     loss_noise,
     loss_record,
@@ -23,6 +25,8 @@ from sdtrain.validation_loss import (
 )
 
 logger = logging.getLogger(__name__)
+# held_out_rows is the framework-free module's, imported from here too, so a script imports one module for this.
+__all__ = ["HeldOutLoss", "held_out_rows", "validation_loss_batch"]
 
 
 # ----------------------------------------------------- BEGIN MATH -----------------------------------------------------
@@ -64,17 +68,20 @@ def held_out_example(dataset, image):
 
 class HeldOutLoss:
     """The held-out images, encoded once (the VAE's latent mean, the text encoders' output), and their validation
-    loss. `dataset`: an ImageCaptionDataset of the held-out rows with center crops and no flips; `buckets`: the
-    training buckets (None: square crops), each held-out image goes to the one it would train in."""
+    loss. `dataset`: an ImageCaptionDataset of the held-out rows with center crops and no flips (its args say the
+    batch size and --bucket_no_upscale); `models`: the frozen models, the UNet's config, the noise scheduler, the
+    prediction type and the training buckets (None: square crops): each held-out image goes to the bucket it would
+    train in."""
 
-    def __init__(self, config, dataset, models, accelerator, batch_size, seed, buckets=None, bucket_options=None):
-        vae, text_encoders, code, noise_scheduler, prediction_type = models
+    def __init__(self, config, dataset, models, accelerator, seed):
+        vae, unet_config, text_encoders, code, noise_scheduler, prediction_type, buckets = models
+        batch_size = dataset.args.train_batch_size
         self.config, self.accelerator, self.batch_size, self.seed = config, accelerator, batch_size, seed
         self.noise_scheduler, self.prediction_type, self.code = noise_scheduler, prediction_type, code
         self.timesteps = loss_timesteps(config.num_timesteps, noise_scheduler.config.num_train_timesteps)
         dataset.image_sizes = check_images(dataset.verify_image, len(dataset), accelerator)
         if buckets is not None:
-            no_upscale, model_factor = bucket_options
+            no_upscale, model_factor = dataset.args.bucket_no_upscale, size_factors(vae.config, unet_config)[1]
             dataset.bucket_of_row, dataset.buckets = assign_buckets(
                 dataset.image_sizes, buckets, no_upscale, model_factor
             )
@@ -106,11 +113,6 @@ class HeldOutLoss:
             "Encoding held-out captions",
         )
         self.log_file = None
-
-    def start(self, output_dir, global_step):
-        """After resume: the jsonl file, cut to the steps up to global_step (main process)."""
-        if self.accelerator.is_main_process:
-            self.log_file = ValidationLossLog(output_dir, global_step)
 
     def batch(self, images, device, dtype):
         latents = torch.stack([self.latents[i] for i in images]).to(device, torch.float32)
@@ -147,10 +149,13 @@ class HeldOutLoss:
             losses = accelerator.reduce(losses, reduction="sum")
         return losses.cpu().numpy()
 
-    def evaluate(self, global_step, max_train_steps, unet, optimizer, ema_unet=None, parameters=None):
+    def evaluate(self, global_step, max_train_steps, output_dir, unet, optimizer, ema_unet=None, parameters=None):
         """At a due step (sdtrain.validation_loss.is_due): the loss of the trained weights (schedule-free: the
         evaluated average, optimizer.eval()) and of their EMA, to the trackers, the log and validation_loss.jsonl.
-        Every process calls it."""
+        Every process calls it after every update: the first call opens the file, cut to the steps before it (a
+        resumed run's file equals an uninterrupted run's)."""
+        if self.log_file is None and self.accelerator.is_main_process:
+            self.log_file = ValidationLossLog(output_dir, global_step - 1)
         if not is_due(self.config, global_step, max_train_steps):
             return
         optimizer.eval()
@@ -164,6 +169,6 @@ class HeldOutLoss:
         optimizer.train()
         record = loss_record(global_step, self.timesteps, per_image, per_image_ema)
         logger.info(describe_record(record))
-        if self.accelerator.is_main_process and global_step > self.log_file.last_step:
+        if self.accelerator.is_main_process:
             self.accelerator.log(tracker_values(record), step=global_step)
             self.log_file.append(record)
