@@ -125,7 +125,10 @@ class HeldOutLoss:
             self.inputs.append((np.asarray(latents), np.asarray(hidden), added))
         logger.info(f"Encoded {len(dataset)} held-out images for the validation loss")
 
-        def batch_losses(unet_params, scheduler_state, latents, encoder_hidden_states, added_cond_kwargs, noise):
+        # One timestep per call (a traced argument): one compiled UNet forward per batch shape, not K unrolled ones.
+        def batch_loss(
+            unet_params, scheduler_state, latents, encoder_hidden_states, added_cond_kwargs, noise, timestep
+        ):
             def unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=None):
                 return unet_module.apply(
                     {"params": unet_params},
@@ -136,29 +139,22 @@ class HeldOutLoss:
                     train=False,
                 ).sample
 
-            scheduler = (noise_scheduler, scheduler_state)
-            losses = [
-                validation_loss_batch(
-                    unet, *scheduler, latents, encoder_hidden_states, t, noise[k], prediction_type, added_cond_kwargs
-                )
-                for k, t in enumerate(self.timesteps)
-            ]
-            return jnp.stack(losses, axis=1)
+            conditioning = (encoder_hidden_states, timestep, noise, prediction_type, added_cond_kwargs)
+            return validation_loss_batch(unet, noise_scheduler, scheduler_state, latents, *conditioning)
 
         noise_scheduler, self.scheduler_state = frozen.noise_scheduler, frozen.scheduler_state
-        self.batch_losses = jax.jit(batch_losses)
+        self.batch_loss = jax.jit(batch_loss)
         self.log_file = None
 
     def per_image(self, unet_params):
         """[images, K] losses of the UNet params."""
         losses = np.zeros((sum(len(images) for images in self.batches), len(self.timesteps)), np.float32)
         for images, (latents, *conditioning) in zip(self.batches, self.inputs, strict=True):
-            # NumPy noise from (seed, image, k): the PyTorch twin's exactly.
-            noise = [
-                [loss_noise(self.seed, i, k, latents.shape[1:]) for i in images] for k in range(len(self.timesteps))
-            ]
-            inputs = (unet_params, self.scheduler_state, latents, *conditioning, np.asarray(noise, np.float32))
-            losses[images] = np.asarray(self.batch_losses(*inputs))
+            for k, timestep in enumerate(self.timesteps):
+                # NumPy noise from (seed, image, k): the PyTorch twin's exactly.
+                noise = np.stack([loss_noise(self.seed, i, k, latents.shape[1:]) for i in images])
+                inputs = (unet_params, self.scheduler_state, latents, *conditioning, noise, np.int32(timestep))
+                losses[images, k] = np.asarray(self.batch_loss(*inputs))
         return losses
 
     def evaluate(self, global_step, max_train_steps, output_dir, state, optimizer, unet_params_of):
