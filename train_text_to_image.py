@@ -424,7 +424,7 @@ from diffusers.training_utils import EMAModel, compute_dream_and_update_latents
 from torchvision.transforms import InterpolationMode
 
 import sdtrain.torch.lora as lora
-from sdtrain.captions import edit_caption, load_image_caption_dataset  # imports datasets
+from sdtrain.captions import edit_caption  # imports datasets
 from sdtrain.torch.checkpoints import (
     check_finite,
     final_save_failed,
@@ -1110,8 +1110,7 @@ def main(args):
     )
 
     # ------------------------------------------------------------------------------------------------------- data
-    rows = load_image_caption_dataset(DatasetConfig.from_args(args), seed)
-    rows, held_rows = held_out_rows(ValidationLossConfig.from_args(args), rows, DatasetConfig.from_args(args), seed)
+    rows, held_rows = held_out_rows(ValidationLossConfig.from_args(args), DatasetConfig.from_args(args), seed)
     train_dataset = ImageCaptionDataset(rows, tokenizers, args, seed, family.added_conditioning)
     image_sizes = train_dataset.image_sizes = check_images(train_dataset.verify_image, len(train_dataset), accelerator)
     # The run depends on the global batch, not on how many processes share it: batches and draws are made for it.

@@ -364,7 +364,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sdtrain.captions import edit_caption, load_image_caption_dataset  # imports datasets
+from sdtrain.captions import edit_caption  # imports datasets
 from sdtrain.jax.checkpoints import check_finite, final_save_failed, restore_train_state, save_checkpoint, tree_mib
 from sdtrain.jax.data import process_batches
 from sdtrain.jax.export import save_pipeline
@@ -1044,8 +1044,7 @@ def main(args):
     )
 
     # ------------------------------------------------------------------------------------------------------- data
-    rows = load_image_caption_dataset(DatasetConfig.from_args(args), seed)
-    rows, held_rows = held_out_rows(ValidationLossConfig.from_args(args), rows, DatasetConfig.from_args(args), seed)
+    rows, held_rows = held_out_rows(ValidationLossConfig.from_args(args), DatasetConfig.from_args(args), seed)
     train_dataset = ImageCaptionDataset(rows, tokenizers, args, seed, family)
     image_sizes = train_dataset.image_sizes = check_images(train_dataset)
     global_batch_size = args.train_batch_size * jax.device_count()
@@ -1072,8 +1071,7 @@ def main(args):
     if held_rows is not None:  # center crops, unflipped, each in the bucket it would train in (docs/evaluation.md)
         held_args = type(args)(**{**vars(args), "center_crop": True, "random_flip": False})
         held_dataset = ImageCaptionDataset(held_rows, tokenizers, held_args, seed, family)
-        held_dataset.image_sizes = check_images(held_dataset)
-        models = (frozen, unet, vae.config, prediction_type, train_dataset.buckets)
+        models = (frozen, unet, vae.config, prediction_type, train_dataset.buckets, adapted_weights, check_images)
         held_out = HeldOutLoss(ValidationLossConfig.from_args(args), held_dataset, models, seed)
 
     # ---------------------------------------------------------------------------------- optimizer and schedule
@@ -1179,8 +1177,7 @@ def main(args):
             window.add_update(metrics)
             progress_bar.update(1)
             if held_out is not None:  # the held-out loss, every --validation_loss_steps and at the end
-                unet_params_of = functools.partial(adapted_weights, frozen=frozen)
-                held_out.evaluate(global_step, max_train_steps, args.output_dir, state, args.optimizer, unet_params_of)
+                held_out.evaluate(global_step, max_train_steps, args.output_dir, state, args.optimizer)
             stopping = stop_agreed(stop_request)  # a SIGTERM / SIGUSR1 / Ctrl-C on any process
             is_checkpoint_step = global_step % args.checkpointing_steps == 0 or stopping
             # Reading the loss back waits for the device: only at logging steps, and before a checkpoint is written

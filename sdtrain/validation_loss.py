@@ -104,9 +104,12 @@ def split_rows(num_rows, fraction, seed):
     return sorted(order[held:].tolist()), sorted(order[:held].tolist())
 
 
-def held_out_rows(config, rows, dataset_config, seed):
-    """(training rows, held-out rows or None), datasets.Dataset: --validation_split cuts the training rows (split_rows),
-    --validation_data_dir reads a folder as --train_data_dir is read. Logs how many images are held out."""
+def held_out_rows(config, dataset_config, seed):
+    """(training rows, held-out rows or None), datasets.Dataset: the rows dataset_config names, which --validation_split
+    cuts (split_rows); --validation_data_dir reads a folder as --train_data_dir is read. Logs how many are held out."""
+    from sdtrain.captions import load_image_caption_dataset  # imports datasets
+
+    rows = load_image_caption_dataset(dataset_config, seed)
     if config.split is not None:
         train, held = split_rows(len(rows), config.split, seed)
         logger.info(
@@ -115,8 +118,6 @@ def held_out_rows(config, rows, dataset_config, seed):
         )
         return rows.select(train), rows.select(held)
     if config.data_dir is not None:
-        from sdtrain.captions import load_image_caption_dataset  # imports datasets
-
         folder = dataclasses.replace(dataset_config, dataset_name=None, train_data_dir=config.data_dir)
         held = load_image_caption_dataset(dataclasses.replace(folder, max_train_samples=None), seed)
         logger.info(f"Held out {len(held)} images of --validation_data_dir {config.data_dir} for the validation loss")

@@ -10,12 +10,16 @@ import numpy as np
 import pytest
 
 import train_text_to_image
+from devkit import tiny_sd
+from sdtrain.captions import load_image_caption_dataset
 from sdtrain.cli import UserError
+from sdtrain.data_config import DatasetConfig
 from sdtrain.validation_loss import (
     LOG_FILE,
     ValidationLossConfig,
     ValidationLossLog,
     eval_batches,
+    held_out_rows,
     is_due,
     loss_noise,
     loss_record,
@@ -109,3 +113,19 @@ def test_bad_validation_loss_flags_are_refused_by_name(capsys, flags, message):
     with pytest.raises(SystemExit):
         parse(*flags)
     assert message in capsys.readouterr().err
+
+
+def test_held_out_rows_from_a_split_or_a_folder(tmp_path):
+    """--validation_split takes its rows out of the training rows; --validation_data_dir reads its own folder as
+    --train_data_dir is read, and every training row trains."""
+    train_dir = tiny_sd.write_imagefolder(str(tmp_path / "train"), num_images=10, size=16)
+    held_dir = tiny_sd.write_imagefolder(str(tmp_path / "held"), num_images=3, size=16)
+    dataset_config = DatasetConfig(None, None, train_dir, "image", "text", 10, None, False)
+    rows = list(load_image_caption_dataset(dataset_config, seed=7)["text"])
+    train, held = held_out_rows(ValidationLossConfig(0.2, None, None, 8), dataset_config, seed=7)
+    assert (len(train), len(held)) == (8, 2)
+    assert sorted(list(train["text"]) + list(held["text"])) == sorted(rows)
+    train, held = held_out_rows(ValidationLossConfig(None, held_dir, None, 8), dataset_config, seed=7)
+    assert (len(train), len(held)) == (10, 3)
+    train, held = held_out_rows(ValidationLossConfig(None, None, None, 8), dataset_config, seed=7)
+    assert len(train) == 10 and held is None

@@ -81,11 +81,13 @@ class HeldOutLoss:
     loss. `dataset`: an ImageCaptionDataset of the held-out rows with center crops and no flips, its image_sizes set;
     `buckets`: the training buckets (None: square crops), each held-out image goes to the one it would train in.
     `models`: the script's frozen models (vae, text encoders, code, noise scheduler and their params), the UNet module,
-    the VAE's config, the prediction type and the training buckets. The dataset's args say the batch size and
-    --bucket_no_upscale."""
+    the VAE's config, the prediction type, the training buckets, and the script's adapted_weights (trained params ->
+    UNet params, a LoRA merged in) and check_images. The dataset's args say the batch size and --bucket_no_upscale."""
 
     def __init__(self, config, dataset, models, seed):
-        frozen, unet_module, vae_config, prediction_type, buckets = models
+        frozen, unet_module, vae_config, prediction_type, buckets, adapted_weights, check_images = models
+        self.unet_params_of = lambda params: adapted_weights(params, frozen)[0]
+        dataset.image_sizes = check_images(dataset)
         batch_size = dataset.args.train_batch_size
         self.config, self.batch_size, self.seed, self.prediction_type = config, batch_size, seed, prediction_type
         self.timesteps = loss_timesteps(config.num_timesteps, frozen.noise_scheduler.config.num_train_timesteps)
@@ -157,18 +159,18 @@ class HeldOutLoss:
                 losses[images, k] = np.asarray(self.batch_loss(*inputs))
         return losses
 
-    def evaluate(self, global_step, max_train_steps, output_dir, state, optimizer, unet_params_of):
+    def evaluate(self, global_step, max_train_steps, output_dir, state, optimizer):
         """At a due step (sdtrain.validation_loss.is_due): the loss of the train state's params (schedule-free: the
         evaluated average) and of their EMA (state.ema_params, with --use_ema), to the log and validation_loss.jsonl.
-        unet_params_of: trained params -> (UNet params, ...) (a LoRA merged in). Every process calls it after every
-        update: the first call opens the file (process 0), cut to the steps before it, as a resumed run must."""
+        Every process calls it after every update: the first call opens the file (process 0), cut to the steps before
+        it, as a resumed run must."""
         if self.log_file is None and jax.process_index() == 0:
             self.log_file = ValidationLossLog(output_dir, global_step - 1)
         if not is_due(self.config, global_step, max_train_steps):
             return
-        per_image = self.per_image(unet_params_of(evaluation_params(state, optimizer))[0])
+        per_image = self.per_image(self.unet_params_of(evaluation_params(state, optimizer)))
         ema_params = getattr(state, "ema_params", None)
-        per_image_ema = None if ema_params is None else self.per_image(unet_params_of(ema_params)[0])
+        per_image_ema = None if ema_params is None else self.per_image(self.unet_params_of(ema_params))
         record = loss_record(global_step, self.timesteps, per_image, per_image_ema)
         logger.info(describe_record(record))
         if self.log_file is not None and global_step > self.log_file.last_step:
