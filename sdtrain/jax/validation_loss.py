@@ -111,21 +111,26 @@ class HeldOutLoss:
             latents = jnp.transpose(encoded.latent_dist.mean, (0, 3, 1, 2)) * frozen.vae.config.scaling_factor
             return latents, code.encode_text(frozen.text_encoders, text_encoder_params, input_ids)
 
-        self.inputs = []
-        for images in self.batches:
-            pixels = np.stack([examples[i][0] for i in images])
-            captions = [examples[i][1] for i in images]
-            ids = token_ids(dataset.tokenizers, captions)
-            latents, (hidden, pooled) = encode(frozen.vae_params, frozen.text_encoder_params, pixels, ids)
-            kept = np.asarray([float(caption != "") for caption in captions], np.float32)
-            if self.force_zeros:  # an empty caption conditions on zeros, as in training
-                hidden = hidden * kept[:, None, None]
-                pooled = None if pooled is None else pooled * kept[:, None]
-            added = None
-            if pooled is not None:
-                added = code.added_conditioning(pooled, np.stack([examples[i][2] for i in images]))
-            self.inputs.append((np.asarray(latents), np.asarray(hidden), added))
-        logger.info(f"Encoded {len(dataset)} held-out images for the validation loss")
+        # Encoded at the first evaluation, not here: a resumed run with nothing left to train compiles nothing.
+        def encode_held_out():
+            inputs = []
+            for images in self.batches:
+                pixels = np.stack([examples[i][0] for i in images])
+                captions = [examples[i][1] for i in images]
+                ids = token_ids(dataset.tokenizers, captions)
+                latents, (hidden, pooled) = encode(frozen.vae_params, frozen.text_encoder_params, pixels, ids)
+                kept = np.asarray([float(caption != "") for caption in captions], np.float32)
+                if self.force_zeros:  # an empty caption conditions on zeros, as in training
+                    hidden = hidden * kept[:, None, None]
+                    pooled = None if pooled is None else pooled * kept[:, None]
+                added = None
+                if pooled is not None:
+                    added = code.added_conditioning(pooled, np.stack([examples[i][2] for i in images]))
+                inputs.append((np.asarray(latents), np.asarray(hidden), added))
+            logger.info(f"Encoded {len(dataset)} held-out images for the validation loss")
+            return inputs
+
+        self.inputs, self.encode_held_out = None, encode_held_out
 
         # One timestep per call (a traced argument): one compiled UNet forward per batch shape, not K unrolled ones.
         def batch_loss(
@@ -150,6 +155,8 @@ class HeldOutLoss:
 
     def per_image(self, unet_params):
         """[images, K] losses of the UNet params."""
+        if self.inputs is None:
+            self.inputs = self.encode_held_out()
         losses = np.zeros((sum(len(images) for images in self.batches), len(self.timesteps)), np.float32)
         for images, (latents, *conditioning) in zip(self.batches, self.inputs, strict=True):
             for k, timestep in enumerate(self.timesteps):
