@@ -89,6 +89,7 @@ from sdtrain.run_folder import (
 from sdtrain.seeds import add_seed_argument, choose_seed, derive_seed, draw_seed
 from sdtrain.single_file import SingleFileConfig, add_single_file_arguments, save_single_file, single_file_layout
 from sdtrain.sizes import check_model_sizes, size_factors
+from sdtrain.validation_loss import ValidationLossConfig, add_validation_loss_arguments, validation_loss_problem
 
 INTERPOLATION_MODES = ["lanczos", "bicubic", "bilinear", "nearest", "nearest_exact", "box", "hamming"]
 LR_SCHEDULERS = ["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
@@ -289,6 +290,7 @@ def parse_args(argv=None):
         "--tracker_project_name", type=str, default="text2image-fine-tune", help="Project name passed to the tracker."
     )
     add_hub_arguments(group, "Upload the final pipeline to the Hugging Face Hub.")
+    add_validation_loss_arguments(parser.add_argument_group("Validation loss on held-out images (docs/evaluation.md)"))
     args = parse_with_config(parser, argv)
 
     env_local_rank = int(os.environ.get("LOCAL_RANK", -1))
@@ -351,6 +353,7 @@ def parse_args(argv=None):
             args.snr_gamma,
         ),
         hub_problem(args.push_to_hub, args.hub_model_id, args.hub_token, args.output_dir),
+        validation_loss_problem(ValidationLossConfig.from_args(args)),
     ):
         if problem:
             parser.error(problem)
@@ -422,7 +425,7 @@ from diffusers.training_utils import EMAModel, compute_dream_and_update_latents
 from torchvision.transforms import InterpolationMode
 
 import sdtrain.torch.lora as lora
-from sdtrain.captions import edit_caption, load_image_caption_dataset  # imports datasets
+from sdtrain.captions import edit_caption  # imports datasets
 from sdtrain.torch.checkpoints import (
     check_finite,
     final_save_failed,
@@ -447,6 +450,7 @@ from sdtrain.torch.models import ModelSource, inference_scheduler, load_componen
 from sdtrain.torch.setup import AcceleratorConfig, begin_training, end_training, log_plan, make_accelerator
 from sdtrain.torch.text import write_hub_style_text_encoder
 from sdtrain.torch.validation import log_validation
+from sdtrain.torch.validation_loss import HeldOutLoss, held_out_rows
 
 logger = get_logger(__name__, log_level="INFO")
 
@@ -1101,7 +1105,7 @@ def main(args):
     )
 
     # ------------------------------------------------------------------------------------------------------- data
-    rows = load_image_caption_dataset(DatasetConfig.from_args(args), seed)
+    rows, held_rows = held_out_rows(ValidationLossConfig.from_args(args), DatasetConfig.from_args(args), seed)
     train_dataset = ImageCaptionDataset(rows, tokenizers, args, seed, family.added_conditioning)
     image_sizes = train_dataset.image_sizes = check_images(train_dataset.verify_image, len(train_dataset), accelerator)
     # The run depends on the global batch, not on how many processes share it: batches and draws are made for it.
@@ -1117,6 +1121,12 @@ def main(args):
         epoch_global_batches = functools.partial(shuffled_batches, len(train_dataset), global_batch_size, seed)
     num_workers = default_num_workers(args.dataloader_num_workers, accelerator.device)
     build_caches(train_dataset, vae, text_encoders, code, accelerator, args, num_workers)
+    held_out = None
+    if held_rows is not None:  # center crops, unflipped, each in the bucket it would train in (docs/evaluation.md)
+        held_args = type(args)(**{**vars(args), "center_crop": True, "random_flip": False})
+        held_dataset = ImageCaptionDataset(held_rows, tokenizers, held_args, seed, family.added_conditioning)
+        models = (vae, unet.config, text_encoders, code, noise_scheduler, prediction_type, train_dataset.buckets)
+        held_out = HeldOutLoss(ValidationLossConfig.from_args(args), held_dataset, models, accelerator, seed)
     sampler = GlobalBatchSampler(epoch_global_batches, args.train_batch_size, accelerator.num_processes)
     train_dataloader = batch_loader(train_dataset, sampler, num_workers, accelerator.device)
 
@@ -1226,6 +1236,8 @@ def main(args):
                 if args.offload_ema:
                     ema_unet.to(device="cpu", non_blocking=True)
             progress_bar.update(1)
+            if held_out is not None:  # the held-out loss, every --validation_loss_steps and at the end
+                held_out.evaluate(global_step, max_train_steps, args.output_dir, unet, optimizer, ema_unet, parameters)
             stopping = stop_agreed(stop_request, accelerator, stop_group)  # a SIGTERM / SIGUSR1 / Ctrl-C on any process
             is_checkpoint_step = global_step % args.checkpointing_steps == 0 or stopping
             # Reading the loss back waits for the device: only at logging steps, and before a checkpoint is written

@@ -93,6 +93,7 @@ from sdtrain.single_file import (
     single_file_layout,
 )
 from sdtrain.sizes import check_model_sizes, size_factors
+from sdtrain.validation_loss import ValidationLossConfig, add_validation_loss_arguments, validation_loss_problem
 
 # The largest decay of --use_ema, as diffusers' EMAModel.
 EMA_MAX_DECAY = 0.9999
@@ -246,6 +247,7 @@ def parse_args(argv=None):
         help="Size of the validation images, 'height,width' (a bucket's, say); default: --resolution square.",
     )
     add_hub_arguments(group, "Upload the final pipeline to the Hugging Face Hub.")
+    add_validation_loss_arguments(parser.add_argument_group("Validation loss on held-out images (docs/evaluation.md)"))
     args = parse_with_config(parser, argv)
 
     if args.dataset_name is None and args.train_data_dir is None:
@@ -295,6 +297,7 @@ def parse_args(argv=None):
             args.snr_gamma,
         ),
         hub_problem(args.push_to_hub, args.hub_model_id, args.hub_token, args.output_dir),
+        validation_loss_problem(ValidationLossConfig.from_args(args)),
     ):
         if problem:
             parser.error(problem)
@@ -362,7 +365,7 @@ from jax.experimental import multihost_utils
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sdtrain.captions import edit_caption, load_image_caption_dataset  # imports datasets
+from sdtrain.captions import edit_caption  # imports datasets
 from sdtrain.jax.checkpoints import check_finite, final_save_failed, restore_train_state, save_checkpoint, tree_mib
 from sdtrain.jax.data import process_batches
 from sdtrain.jax.export import save_pipeline
@@ -378,6 +381,7 @@ from sdtrain.jax.models import (
     resolve_vae_folder,
 )
 from sdtrain.jax.validation import render_validation_images, save_validation_grid, validation_renderer
+from sdtrain.jax.validation_loss import HeldOutLoss, held_out_rows
 from sdtrain.lora import save_lora
 from sdtrain.model_cards import fine_tuned_card, lora_card, write_model_card
 
@@ -1047,9 +1051,8 @@ def main(args):
     )
 
     # ------------------------------------------------------------------------------------------------------- data
-    train_dataset = ImageCaptionDataset(
-        load_image_caption_dataset(DatasetConfig.from_args(args), seed), tokenizers, args, seed, family
-    )
+    rows, held_rows = held_out_rows(ValidationLossConfig.from_args(args), DatasetConfig.from_args(args), seed)
+    train_dataset = ImageCaptionDataset(rows, tokenizers, args, seed, family)
     image_sizes = train_dataset.image_sizes = check_images(train_dataset)
     global_batch_size = args.train_batch_size * jax.device_count()
     if args.use_aspect_ratio_buckets:
@@ -1071,6 +1074,12 @@ def main(args):
     frozen = jax.device_put(frozen, replicated)
     if args.cache_latents or args.cache_text_embeddings:
         build_caches(train_dataset, frozen, args, global_batch_size, batch_sharding)
+    held_out = None
+    if held_rows is not None:  # center crops, unflipped, each in the bucket it would train in (docs/evaluation.md)
+        held_args = type(args)(**{**vars(args), "center_crop": True, "random_flip": False})
+        held_dataset = ImageCaptionDataset(held_rows, tokenizers, held_args, seed, family)
+        models = (frozen, unet, vae.config, prediction_type, train_dataset.buckets, adapted_weights, check_images)
+        held_out = HeldOutLoss(ValidationLossConfig.from_args(args), held_dataset, models, seed)
 
     # ---------------------------------------------------------------------------------- optimizer and schedule
     if args.scale_lr:
@@ -1175,6 +1184,8 @@ def main(args):
                 state = ema_fn(state, global_step)
             window.add_update(metrics)
             progress_bar.update(1)
+            if held_out is not None:  # the held-out loss, every --validation_loss_steps and at the end
+                held_out.evaluate(global_step, max_train_steps, args.output_dir, state, args.optimizer)
             stopping = stop_agreed(stop_request)  # a SIGTERM / SIGUSR1 / Ctrl-C on any process
             is_checkpoint_step = global_step % args.checkpointing_steps == 0 or stopping
             # Reading the loss back waits for the device: only at logging steps, and before a checkpoint is written

@@ -171,10 +171,11 @@ def test_sdxl_size_conditioning_is_the_original_size_the_crop_corner_and_the_tar
 def test_sdxl_buckets_with_cached_latents_train_as_uncached_and_resume_exactly(launch, assets, sdxl_pipeline, tmp_path):
     """Wide, tall and square images in buckets with flips and caption dropout: the cached run (latents, both text
     encoders' states and the pooled embedding cached; time_ids from each image's size and crop) logs the plain run's
-    losses; stopped at step 2 and resumed, the cached run ends with the weights of the run that was never stopped."""
+    losses; stopped at step 2 and resumed, the cached run ends with the weights of the run that was never stopped. Two
+    images held out, each in its bucket: the validation loss is the same cached or not, and after the resume."""
     plain, cached, resumed = (str(tmp_path / name) for name in ("plain", "cached", "resumed"))
     flags = "--use_aspect_ratio_buckets --random_flip --proportion_empty_prompts 0.3 --max_train_steps 4"
-    flags += " --checkpointing_steps 2 --logging_steps 2"
+    flags += " --checkpointing_steps 2 --logging_steps 2 --validation_split 0.25 --validation_loss_steps 2"
     caches = "--cache_latents --cache_text_embeddings"
     launch.accelerate(SCRIPT, sdxl_args(sdxl_pipeline, assets["mixed"], plain, flags))
     result = launch.accelerate(SCRIPT, sdxl_args(sdxl_pipeline, assets["mixed"], cached, flags, caches))
@@ -190,6 +191,19 @@ def test_sdxl_buckets_with_cached_latents_train_as_uncached_and_resume_exactly(l
         load_state_dict(os.path.join(cached, "unet")), load_state_dict(os.path.join(resumed, "unet"))
     )
     assert difference <= 1e-6
+    held_out = {run: validation_losses(run) for run in (plain, cached, resumed)}
+    assert sorted(held_out[plain]) == sorted(held_out[cached]) == [2, 4] and sorted(held_out[resumed]) == [4]
+    for step, record in held_out[plain].items():
+        assert held_out[cached][step]["per_timestep"] == pytest.approx(record["per_timestep"], rel=1e-4), step
+    assert held_out[resumed][4]["per_timestep"] == pytest.approx(held_out[cached][4]["per_timestep"], rel=1e-5)
+    assert tensorboard_losses(cached, "validation_loss") == pytest.approx(
+        {s: r["loss"] for s, r in held_out[cached].items()}
+    )
+
+
+def validation_losses(output_dir):
+    with open(os.path.join(output_dir, "validation_loss.jsonl")) as f:
+        return {record["step"]: record for record in map(json.loads, f)}
 
 
 def test_sdxl_two_processes_train_what_one_process_with_the_same_global_batch_trains(

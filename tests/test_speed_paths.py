@@ -85,7 +85,7 @@ def test_textual_inversion_cache_equals_encoding_in_the_loop(assets, tmp_path):
         assert torch.equal(got["input_ids"], expected["input_ids"])
 
 
-def tensorboard_losses(output_dir):
+def tensorboard_losses(output_dir, tag="loss"):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     found = {}
@@ -93,8 +93,8 @@ def tensorboard_losses(output_dir):
         if any(name.startswith("events.out.tfevents") for name in files):
             events = EventAccumulator(root)
             events.Reload()
-            if "loss" in events.Tags()["scalars"]:
-                found.update({event.step: event.value for event in events.Scalars("loss")})
+            if tag in events.Tags()["scalars"]:
+                found.update({event.step: event.value for event in events.Scalars(tag)})
     return found
 
 

@@ -106,21 +106,29 @@ def test_train_checkpoints_validate_save_and_generate(launch, assets, tmp_path):
 EXACT_RESUME = (
     "--max_train_steps 8 --checkpointing_steps 2 --gradient_accumulation_steps 2 --lr_scheduler cosine"
     " --lr_warmup_steps 2 --use_ema --random_flip --snr_gamma 5.0 --noise_offset 0.05 --input_perturbation 0.1"
-    " --validation_prompts 'a red circle'"
+    " --validation_prompts 'a red circle' --validation_split 0.1 --validation_loss_steps 2"
 )
 
 
 def test_exact_resume_mid_epoch(launch, assets, tmp_path):
     """A run stopped at step 2 (mid-epoch, with random crops, flips, caption lists, accumulation, warmup+cosine, EMA)
-    and resumed ends with the same weights as the run that was never stopped."""
+    and resumed ends with the same weights as the run that was never stopped, and the same validation_loss.jsonl: the
+    resumed folder starts with the whole run's file, whose lines past step 2 the resumed run must drop and rewrite."""
     full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
     launch.accelerate(SCRIPT, base_args(assets, full, EXACT_RESUME, data="images_lists"))
     os.makedirs(resumed)
     shutil.copytree(os.path.join(full, "checkpoint-2"), os.path.join(resumed, "checkpoint-2"))
+    shutil.copy(os.path.join(full, "validation_loss.jsonl"), resumed)
     resume = "--resume_from_checkpoint latest"
     result = launch.accelerate(SCRIPT, base_args(assets, resumed, EXACT_RESUME, resume, data="images_lists"))
-    assert "starting at 2" in result.output
-    # 10 images / (batch 2 x accumulation 2) = 3 updates per epoch: steps 2 and 8 are mid-epoch.
+    assert "starting at 2" in result.output and "Held out 1 of 10 images" in result.output
+    with open(os.path.join(full, "validation_loss.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [2, 4, 6, 8] and len(records[0]["per_timestep_ema"]) == 8
+    assert records[0]["timesteps"] == [62, 187, 312, 437, 562, 687, 812, 937] and records[-1]["loss"] > 0
+    with open(os.path.join(resumed, "validation_loss.jsonl")) as f:
+        assert [json.loads(line) for line in f] == records
+    # 9 training images / (batch 2 x accumulation 2) = 3 updates per epoch: steps 2 and 8 are mid-epoch.
     assert checkpoint_names(resumed) == ["checkpoint-2", "checkpoint-4", "checkpoint-6", "checkpoint-8"]
     for folder in ["unet", "checkpoint-6/unet", "checkpoint-6/unet_ema"]:
         diff = max_abs_diff(load_state_dict(os.path.join(full, folder)), load_state_dict(os.path.join(resumed, folder)))

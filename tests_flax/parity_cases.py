@@ -142,3 +142,9 @@ LONG_PROMPTS = [
     PROMPTS[0],
     " ".join(["a", "red", "circle", "on", "a", "blue", "square"] * 28 + ["a", "toy", "cat", "!"]),
 ]
+
+# The held-out validation loss (sdtrain.validation_loss, issue 32): each framework's validation_loss_batch on the same
+# weights, latents and prompts, with the NumPy noise of loss_noise(seed, image, k) at the equidistant timesteps; every
+# per-image, per-timestep loss within 1e-5 relative.
+VALIDATION_LOSS_CASES = {f"validation_loss-{prediction}": prediction for prediction in ["epsilon", "v_prediction"]}
+VALIDATION_LOSS_SEED, VALIDATION_LOSS_TIMESTEPS = 11, 4

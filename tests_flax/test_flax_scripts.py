@@ -146,21 +146,34 @@ T2I_EXACT = (
 
 T2I_EMA_VALIDATION = (
     "--use_ema --ema_validation both --validation_prompts 'a red circle' 'a blue square' --validation_epochs 2"
+    " --validation_split 0.1 --validation_loss_steps 3"
 )
 
 
+def validation_losses(output_dir):
+    """validation_loss.jsonl's records by step."""
+    with open(os.path.join(output_dir, "validation_loss.jsonl")) as f:
+        return {record["step"]: record for record in map(json.loads, f)}
+
+
 def test_text_to_image_flax_exact_resume(launch, assets, tmp_path):
-    """With EMA and validation grids of the EMA and raw weights: the resumed run saves the same EMA UNet and draws the
-    same grids."""
+    """With EMA and validation grids of the EMA and raw weights: the resumed run saves the same EMA UNet, draws the
+    same grids and the same validation_loss.jsonl (it starts with the whole run's, whose later lines it drops)."""
     full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
     launch.run(T2I, t2i_args(assets, full, T2I_EXACT, T2I_EMA_VALIDATION))
-    # 10 images / global batch 2 = 5 batches, 2 updates of 2 per epoch: step 3 is in the middle of epoch 1.
+    # 9 images (one held out) / global batch 2 = 5 batches, 2 updates of 2 per epoch: step 3 is in the middle of
+    # epoch 1.
     assert checkpoint_names(full) == ["checkpoint-3", "checkpoint-6"]
     shutil.copytree(os.path.join(full, "checkpoint-3"), os.path.join(resumed, "checkpoint-3"))
+    shutil.copy(os.path.join(full, "validation_loss.jsonl"), resumed)
     result = launch.run(
         T2I, t2i_args(assets, resumed, T2I_EXACT, T2I_EMA_VALIDATION, "--resume_from_checkpoint latest")
     )
-    assert "starting at 3" in result.output
+    assert "starting at 3" in result.output and "Held out 1 of 10 images" in result.output
+    losses = validation_losses(full)
+    assert sorted(losses) == [3, 6] and len(losses[6]["per_timestep_ema"]) == 8
+    assert losses[6]["loss"] != losses[6]["loss_ema"]
+    assert validation_losses(resumed) == losses
     a = load_file(os.path.join(full, "unet", "diffusion_pytorch_model.safetensors"))
     b = load_file(os.path.join(resumed, "unet", "diffusion_pytorch_model.safetensors"))
     assert max(np.abs(a[k] - b[k]).max() for k in a) <= 1e-6
@@ -276,7 +289,7 @@ def test_a_dead_process_makes_the_other_exit_in_bounded_time(launch, assets, tmp
 def test_text_to_image_flax_as_two_processes_matches_one_process_with_two_devices(launch, assets, tmp_path):
     """Two JAX processes of one CPU device each (a coordinator on 127.0.0.1, gloo collectives), as two hosts of a pod
     run: the same checkpoints and the same final UNet as one process with two devices, written by process 0 alone."""
-    flags = "--max_train_steps 3 --checkpointing_steps 2 --random_flip --snr_gamma 5.0"
+    flags = "--max_train_steps 3 --checkpointing_steps 2 --random_flip --snr_gamma 5.0 --validation_split 0.2"
     one = tmp_path / "one"
     launch.run(T2I, t2i_args(assets, one, flags))
     two = tmp_path / "two"
@@ -296,6 +309,11 @@ def test_text_to_image_flax_as_two_processes_matches_one_process_with_two_device
     single, multi = load_file(os.path.join(one, name)), load_file(os.path.join(two, name))
     # Reduction order across processes may differ from across devices; measured: equal.
     assert max(np.abs(single[k] - multi[k]).max() for k in single) <= 1e-6
+    # The held-out loss (2 images, at the end): the same images, timesteps and noise on any process count.
+    (final,) = validation_losses(one).values()
+    assert final["step"] == 3 and np.allclose(
+        validation_losses(two)[3]["per_timestep"], final["per_timestep"], rtol=1e-5
+    )
     # The 2-process checkpoint resumed by one process with two devices continues the same run: every draw is keyed by
     # the step and made over the global batch, whichever process holds which rows.
     elastic = tmp_path / "elastic"

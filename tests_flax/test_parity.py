@@ -24,6 +24,9 @@ from parity_cases import (
     SDXL_TEXTUAL_INVERSION,
     SDXL_TIME_IDS,
     TEXT_TO_IMAGE,
+    VALIDATION_LOSS_CASES,
+    VALIDATION_LOSS_SEED,
+    VALIDATION_LOSS_TIMESTEPS,
 )
 
 import textual_inversion_flax
@@ -381,3 +384,31 @@ def test_long_prompts_encode_alike(torch_side, assets, sdxl_pipeline, family):
         np.testing.assert_allclose(np.asarray(pooled), recorded["pooled"], rtol=0, atol=1e-5)
     else:
         assert pooled is None and "pooled" not in recorded.files
+
+
+@pytest.mark.parametrize("case", sorted(VALIDATION_LOSS_CASES))
+def test_validation_loss_equals_pytorch(torch_side, flax_models, case):
+    """The held-out validation loss (issue 32): the same weights, latents, prompts and NumPy noise give the same loss
+    per image and timestep in both frameworks' validation_loss_batch, and the timesteps have teeth (losses differ)."""
+    from sdtrain.jax.validation_loss import validation_loss_batch
+    from sdtrain.validation_loss import loss_noise, loss_timesteps
+
+    recorded, m = np.load(os.path.join(torch_side, f"{case}.npz")), flax_models
+    encoder_hidden_states = m["text_encoder"](jnp.asarray(recorded["input_ids"]), params=m["text_encoder"].params)[0]
+    latents = jnp.asarray(recorded["latents"])
+
+    def unet(noisy_latents, timesteps, encoder_hidden_states, added_cond_kwargs=None):
+        variables = {"params": m["unet_params"]}
+        return m["unet"].apply(variables, noisy_latents, timesteps, encoder_hidden_states, train=False).sample
+
+    timesteps = loss_timesteps(VALIDATION_LOSS_TIMESTEPS, m["noise_scheduler"].config.num_train_timesteps)
+    per_timestep = []
+    for k, timestep in enumerate(timesteps):
+        noise = [loss_noise(VALIDATION_LOSS_SEED, i, k, latents.shape[1:]) for i in range(latents.shape[0])]
+        scheduler = (m["noise_scheduler"], m["scheduler_state"])
+        inputs = (latents, encoder_hidden_states, timestep, jnp.asarray(np.stack(noise)), VALIDATION_LOSS_CASES[case])
+        per_timestep.append(np.asarray(validation_loss_batch(unet, *scheduler, *inputs)))
+    per_image = np.stack(per_timestep, 1)
+    assert per_image.shape == recorded["per_image"].shape == (4, VALIDATION_LOSS_TIMESTEPS)
+    np.testing.assert_allclose(per_image, recorded["per_image"], rtol=1e-5, atol=0)
+    assert len({round(float(value), 6) for value in recorded["per_image"].mean(0)}) == VALIDATION_LOSS_TIMESTEPS

@@ -275,6 +275,7 @@ def main(pipeline, sdxl_pipeline, out_dir):
         family = SDXL if name.startswith("lora_sdxl") else SD
         lora_case(name, fields, sdxl_pipeline if family is SDXL else pipeline, family, out_dir, latents)
     long_prompt_cases(pipeline, sdxl_pipeline, out_dir)
+    validation_loss_cases(pipeline, out_dir)
 
 
 def long_prompt_cases(pipeline, sdxl_pipeline, out_dir):
@@ -295,6 +296,35 @@ def long_prompt_cases(pipeline, sdxl_pipeline, out_dir):
         saved = {"input_ids": input_ids.numpy(), "hidden": hidden.numpy()}
         saved.update({} if pooled is None else {"pooled": pooled.numpy()})
         np.savez(os.path.join(out_dir, f"long_prompts-{family.name}.npz"), **saved)
+
+
+def validation_loss_cases(pipeline, out_dir):
+    """The held-out validation loss: sdtrain.torch.validation_loss.validation_loss_batch per image and timestep, with
+    the framework-free noise and timesteps; saved as per_image [image, timestep] with its inputs."""
+    from parity_cases import VALIDATION_LOSS_CASES, VALIDATION_LOSS_SEED, VALIDATION_LOSS_TIMESTEPS
+
+    from sdtrain.torch.validation_loss import validation_loss_batch
+    from sdtrain.validation_loss import loss_noise, loss_timesteps
+
+    tokenizer = CLIPTokenizer.from_pretrained(pipeline, subfolder="tokenizer")
+    text_encoder = CLIPTextModel.from_pretrained(pipeline, subfolder="text_encoder").eval()
+    unet = UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet").eval()
+    latents, input_ids = fixed_latents(), torch_text.tokenize(tokenizer, PROMPTS, range(len(PROMPTS)))
+    for name, prediction in VALIDATION_LOSS_CASES.items():
+        scheduler = DDPMScheduler.from_pretrained(pipeline, subfolder="scheduler", prediction_type=prediction)
+        timesteps = loss_timesteps(VALIDATION_LOSS_TIMESTEPS, scheduler.config.num_train_timesteps)
+        per_timestep = []
+        with torch.no_grad():
+            encoder_hidden_states = text_encoder(input_ids, return_dict=False)[0]
+            for k, timestep in enumerate(timesteps):
+                noise = [loss_noise(VALIDATION_LOSS_SEED, i, k, tuple(latents.shape[1:])) for i in range(len(latents))]
+                noise = torch.from_numpy(np.stack(noise))
+                losses = validation_loss_batch(
+                    unet, scheduler, latents, encoder_hidden_states, timestep, noise, prediction
+                )
+                per_timestep.append(losses.numpy())
+        saved = {"latents": latents.numpy(), "input_ids": input_ids.numpy(), "per_image": np.stack(per_timestep, 1)}
+        np.savez(os.path.join(out_dir, f"{name}.npz"), **saved)
 
 
 if __name__ == "__main__":
