@@ -165,6 +165,8 @@ def score_sizes(pipeline, seeds, grid_prefix):
 
 def train_shapes(starter, output_dir, steps, snr_gamma, checkpointing_steps):
     banner(f"Fine-tuning the UNet on the shapes: {steps} updates", steps, SECONDS_PER_STEP["text_to_image"])
+    # Drawings the run never trains on (another seed), scored every 100 updates: docs/evaluation.md's validation loss.
+    held_out = shapes.write_shapes_dataset(output_dir + "_held_out", per_combination=2, seed=100)
     args = [
         "--pretrained_model_name_or_path",
         os.path.join(starter, "pipeline"),
@@ -196,6 +198,10 @@ def train_shapes(starter, output_dir, steps, snr_gamma, checkpointing_steps):
         "a yellow triangle",
         "--validation_epochs",
         10,
+        "--validation_data_dir",
+        held_out,
+        "--validation_loss_steps",
+        100,
         "--output_dir",
         output_dir,
     ]
@@ -283,7 +289,7 @@ def main(argv=None):
     score = evaluate.main_scores(
         ["--pipeline", t2i, "--seeds", str(args.seeds), "--grid", os.path.join(t2i, "samples.png")]
     )
-    summary["text_to_image"] = {**score, "loss_curve": plot_loss(t2i)}
+    summary["text_to_image"] = {**score, "loss_curve": plot_loss(t2i), **validation_curve(t2i)}
 
     # Meanwhile, go on training the fine-tuned pipeline on wide and tall pictures, with aspect-ratio buckets.
     buckets = os.path.join(args.output_dir, "buckets")
@@ -375,6 +381,11 @@ def main(argv=None):
     print(f"  samples (prompts x seeds): {t2i_score['grid']}")
     print(f"  color accuracy {t2i_score['color_accuracy']:.0%}, shape accuracy {t2i_score['shape_accuracy']:.0%}")
     print(f"  loss curve: {t2i_score['loss_curve']}")
+    first, last = t2i_score["validation_loss"][0], t2i_score["validation_loss"][-1]
+    print(
+        f"  held-out validation loss: {first[1]:.4f} at step {first[0]}, {last[1]:.4f} at step {last[0]} "
+        f"({t2i_score['validation_loss_curve']})"
+    )
     embeddings = os.path.join(ti, "learned_embeds.safetensors")
     print(f"Learned word <thing>:  {embeddings}  (pipe.load_textual_inversion loads it)")
     print(f"  samples: {ti_score['grid']}")
@@ -390,9 +401,8 @@ def main(argv=None):
     print(f"Summary: {os.path.join(args.output_dir, 'summary.json')}  ({summary['seconds']} s)")
 
 
-def plot_loss(run_dir, width=480, height=240):
+def plot_loss(run_dir):
     """loss_curve.png from the run's tensorboard log: the raw loss in gray, a moving average in blue."""
-    from PIL import Image, ImageDraw
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     points = []
@@ -402,29 +412,46 @@ def plot_loss(run_dir, width=480, height=240):
                 events = EventAccumulator(os.path.join(root, name), size_guidance={"scalars": 0}).Reload()
                 if "loss" in events.Tags()["scalars"]:
                     points += [(e.step, e.value) for e in events.Scalars("loss")]
-    points.sort()
-    path = os.path.join(run_dir, "loss_curve.png")
+    return draw_curve(sorted(points), os.path.join(run_dir, "loss_curve.png"), "loss", smooth=True)
+
+
+def validation_curve(run_dir):
+    """The held-out validation loss the run wrote (validation_loss.jsonl, one line per evaluation): its (step, loss)
+    points and their plot, validation_loss.png."""
+    with open(os.path.join(run_dir, "validation_loss.jsonl")) as f:
+        points = [(entry["step"], entry["loss"]) for entry in map(json.loads, f)]
+    path = draw_curve(points, os.path.join(run_dir, "validation_loss.png"), "held-out validation loss")
+    return {"validation_loss": points, "validation_loss_curve": path}
+
+
+def draw_curve(points, path, label, smooth=False, width=480, height=240):
+    """A line plot of (step, value) points, written to path: the values in blue, or with smooth the raw values in
+    gray under a moving average in blue."""
+    from PIL import Image, ImageDraw
+
     image = Image.new("RGB", (width, height), "white")
     pen = ImageDraw.Draw(image)
     if len(points) > 1:
-        steps, losses = [p[0] for p in points], [p[1] for p in points]
-        window = max(len(losses) // 20, 1)
-        smooth = [
-            sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-            for i in range(len(losses))
-        ]
-        top, bottom = max(losses), min(losses)
+        steps, values = [p[0] for p in points], [p[1] for p in points]
+        top, bottom = max(values), min(values)
 
         def xy(step, value):
             return 40 + (width - 50) * (step - steps[0]) / max(steps[-1] - steps[0], 1), 10 + (height - 40) * (
                 top - value
             ) / max(top - bottom, 1e-8)
 
-        pen.line([xy(s, v) for s, v in zip(steps, losses, strict=True)], fill=(200, 200, 200))
-        pen.line([xy(s, v) for s, v in zip(steps, smooth, strict=True)], fill=(30, 80, 200), width=2)
+        line = values
+        if smooth:
+            window = max(len(values) // 20, 1)
+            line = [
+                sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+                for i in range(len(values))
+            ]
+            pen.line([xy(s, v) for s, v in zip(steps, values, strict=True)], fill=(200, 200, 200))
+        pen.line([xy(s, v) for s, v in zip(steps, line, strict=True)], fill=(30, 80, 200), width=2)
         pen.text((4, 4), f"{top:.3f}", fill="black")
         pen.text((4, height - 40), f"{bottom:.3f}", fill="black")
-        pen.text((40, height - 20), f"loss vs step ({steps[0]}..{steps[-1]})", fill="black")
+        pen.text((40, height - 20), f"{label} vs step ({steps[0]}..{steps[-1]})", fill="black")
     image.save(path)
     return path
 

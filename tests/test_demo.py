@@ -96,6 +96,11 @@ def test_fine_tuned_pipeline_draws_what_prompts_ask(demo_run):
     print(f"\ntext_to_image: {accuracy} over {score['images']} pictures")
     assert score["color_accuracy"] >= 0.9 and score["shape_accuracy"] >= 0.7
     assert os.path.isfile(score["grid"]) and os.path.isfile(score["loss_curve"])
+    # The held-out drawings' validation loss, every 100 updates: it falls as the pipeline learns what it never saw.
+    steps, losses = zip(*score["validation_loss"], strict=True)
+    print(f"held-out validation loss: {' '.join(f'{step}:{loss:.4f}' for step, loss in score['validation_loss'])}")
+    assert list(steps) == list(range(100, 1501, 100)) and os.path.isfile(score["validation_loss_curve"])
+    assert losses[-1] < losses[0]
 
 
 def test_textual_inversion_learns_the_concept(demo_run):
