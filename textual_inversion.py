@@ -55,7 +55,7 @@ from sdtrain.embeddings import (
 )
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import load_rgb
-from sdtrain.logs import add_tracker_arguments, report_to_problem
+from sdtrain.logs import add_tracker_arguments, report_to_problem, tracker_hyperparameters
 from sdtrain.masks import ExampleMasks, MaskConfig, add_mask_arguments, mask_problem, square_crop_and_flip
 from sdtrain.model_cards import textual_inversion_card, write_model_card
 from sdtrain.preemption import StopRequest
@@ -1031,10 +1031,7 @@ def main(args):
     global_step = resume(accelerator, resume_path, resume_metadata, run_identity, run_metadata)
     first_epoch = global_step // updates_per_epoch
 
-    # The trackers keep their hyperparameters (tensorboard in logs/, pushed with the folder): no token among them.
-    tracker_config = {
-        k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"
-    }
+    tracker_config = tracker_hyperparameters(vars(args))
     script = os.path.basename(__file__)
     output_lock = begin_training(
         accelerator, args.output_dir, script, [args.logging_dir, RUN_CONFIG], "textual_inversion", tracker_config

@@ -57,6 +57,7 @@ from sdtrain.config_file import RUN_CONFIG, add_config_argument, add_prompt_argu
 from sdtrain.data_config import (
     CaptionConfig,
     DatasetConfig,
+    add_cache_arguments,
     add_caption_arguments,
     add_dataset_arguments,
     caption_choices,
@@ -64,7 +65,7 @@ from sdtrain.data_config import (
 )
 from sdtrain.hub import add_hub_arguments, hub_problem, push_to_hub
 from sdtrain.images import load_rgb, verify_image
-from sdtrain.logs import add_tracker_arguments, report_to_problem, warmup_applied
+from sdtrain.logs import add_tracker_arguments, report_to_problem, tracker_hyperparameters, warmup_applied
 from sdtrain.long_prompts import add_long_prompt_arguments, log_cut_captions
 from sdtrain.lora import LoraConfig, add_lora_arguments, lora_identity, lora_problem, save_lora
 from sdtrain.masks import DatasetMasks, MaskConfig, add_mask_arguments, crop_and_flip, mask_problem
@@ -155,16 +156,7 @@ def parse_args(argv=None):
         default=None,
         help="Data loading worker processes; default: 4 on GPU (with pinned memory), 0 (the main process) on CPU.",
     )
-    group.add_argument(
-        "--cache_latents",
-        action="store_true",
-        help="Encode every image once (both flips with --random_flip); train from the cache. Needs --center_crop.",
-    )
-    group.add_argument(
-        "--cache_text_embeddings",
-        action="store_true",
-        help="Encode every distinct caption once before training and train from the stored text-encoder outputs.",
-    )
+    add_cache_arguments(group)
     add_bucket_arguments(group)
     add_caption_arguments(group)
     add_long_prompt_arguments(group)
@@ -354,11 +346,10 @@ def parse_args(argv=None):
         ),
         hub_problem(args.push_to_hub, args.hub_model_id, args.hub_token, args.output_dir),
         validation_loss_problem(ValidationLossConfig.from_args(args)),
+        report_to_problem(args.report_to),
     ):
         if problem:
             parser.error(problem)
-    if report_to_problem(args.report_to) is not None:
-        parser.error(report_to_problem(args.report_to))
     if args.report_to == "wandb" and args.hub_token is not None:
         parser.error("--hub_token with --report_to=wandb would leak the token to wandb; use `hf auth login` instead")
     return args
@@ -1123,7 +1114,7 @@ def main(args):
     build_caches(train_dataset, vae, text_encoders, code, accelerator, args, num_workers)
     held_out = None
     if held_rows is not None:  # center crops, unflipped, each in the bucket it would train in (docs/evaluation.md)
-        held_args = type(args)(**{**vars(args), "center_crop": True, "random_flip": False})
+        held_args = type(args)(**{**vars(args), "center_crop": True, "random_flip": False, "masked_loss": False})
         held_dataset = ImageCaptionDataset(held_rows, tokenizers, held_args, seed, family.added_conditioning)
         models = (vae, unet.config, text_encoders, code, noise_scheduler, prediction_type, train_dataset.buckets)
         held_out = HeldOutLoss(ValidationLossConfig.from_args(args), held_dataset, models, accelerator, seed)
@@ -1163,10 +1154,7 @@ def main(args):
     global_step = resume(accelerator, resume_path, resume_metadata, run_identity, run_metadata)
     first_epoch = global_step // updates_per_epoch
 
-    # The trackers keep their hyperparameters (tensorboard in logs/, pushed with the folder): no token among them.
-    tracker_config = {
-        k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"
-    }
+    tracker_config = tracker_hyperparameters(vars(args))
     script = os.path.basename(__file__)
     output_lock = begin_training(
         accelerator, args.output_dir, script, [args.logging_dir, RUN_CONFIG], args.tracker_project_name, tracker_config

@@ -52,6 +52,7 @@ from sdtrain.config_file import RUN_CONFIG, add_config_argument, add_prompt_argu
 from sdtrain.data_config import (
     CaptionConfig,
     DatasetConfig,
+    add_cache_arguments,
     add_caption_arguments,
     add_dataset_arguments,
     caption_choices,
@@ -136,16 +137,7 @@ def parse_args(argv=None):
     add_dataset_arguments(group)
     add_crop_arguments(group)
     add_mask_arguments(group)
-    group.add_argument(
-        "--cache_latents",
-        action="store_true",
-        help="Encode every image once (both flips with --random_flip); train from the cache. Needs --center_crop.",
-    )
-    group.add_argument(
-        "--cache_text_embeddings",
-        action="store_true",
-        help="Encode every distinct caption once before training and train from the stored text-encoder outputs.",
-    )
+    add_cache_arguments(group)
     group.add_argument(
         "--image_interpolation_mode",
         type=str,
@@ -1076,7 +1068,7 @@ def main(args):
         build_caches(train_dataset, frozen, args, global_batch_size, batch_sharding)
     held_out = None
     if held_rows is not None:  # center crops, unflipped, each in the bucket it would train in (docs/evaluation.md)
-        held_args = type(args)(**{**vars(args), "center_crop": True, "random_flip": False})
+        held_args = type(args)(**{**vars(args), "center_crop": True, "random_flip": False, "masked_loss": False})
         held_dataset = ImageCaptionDataset(held_rows, tokenizers, held_args, seed, family)
         models = (frozen, unet, vae.config, prediction_type, train_dataset.buckets, adapted_weights, check_images)
         held_out = HeldOutLoss(ValidationLossConfig.from_args(args), held_dataset, models, seed)

@@ -42,6 +42,20 @@ def add_dataset_arguments(group):
     group.add_argument("--cache_dir", type=str, default=None, help="Where downloaded models and datasets are cached.")
 
 
+def add_cache_arguments(group):
+    """What the text-to-image scripts encode once before training instead of at every step."""
+    group.add_argument(
+        "--cache_latents",
+        action="store_true",
+        help="Encode every image once (both flips with --random_flip); train from the cache. Needs --center_crop.",
+    )
+    group.add_argument(
+        "--cache_text_embeddings",
+        action="store_true",
+        help="Encode every distinct caption once before training and train from the stored text-encoder outputs.",
+    )
+
+
 def add_caption_arguments(group):
     """The caption edits at each use (CaptionConfig) and what to do with an unreadable caption file."""
     group.add_argument(

@@ -19,6 +19,12 @@ def add_tracker_arguments(group):
     group.add_argument("--logging_dir", type=str, default="logs", help="Tracker log folder, relative to --output_dir.")
 
 
+def tracker_hyperparameters(flag_values):
+    """The flags a tracker records with the run (the plain values of vars(args)), never --hub_token: tensorboard keeps
+    them under logs/, which a push to the Hub uploads."""
+    return {k: v for k, v in flag_values.items() if isinstance(v, (int, float, str, bool)) and k != "hub_token"}
+
+
 def format_logs(global_step, logs):
     """The progress line of an update: its step and the logs dict the trackers get, each to four significant
     digits."""

@@ -13,7 +13,7 @@ import numpy as np
 
 from sdtrain.batching import assign_buckets, size_conditioning
 from sdtrain.jax.loop import evaluation_params
-from sdtrain.jax.text import token_ids
+from sdtrain.long_prompts import caption_token_ids
 from sdtrain.sizes import size_factors
 from sdtrain.validation_loss import (
     ValidationLossLog,
@@ -86,7 +86,10 @@ class HeldOutLoss:
 
     def __init__(self, config, dataset, models, seed):
         frozen, unet_module, vae_config, prediction_type, buckets, adapted_weights, check_images = models
-        self.unet_params_of = lambda params: adapted_weights(params, frozen)[0]
+        self.weights_of = lambda params: adapted_weights(params, frozen)  # (UNet params, text encoders' params)
+        # A text encoder LoRA (--train_text_encoder) changes the captions' encoding: the held-out images are encoded
+        # again at each evaluation, with the weights being scored (one jitted VAE + text encode); otherwise once.
+        self.text_trains = frozen.lora is not None and frozen.lora.train_text_encoder
         dataset.image_sizes = check_images(dataset)
         batch_size = dataset.args.train_batch_size
         self.config, self.batch_size, self.seed, self.prediction_type = config, batch_size, seed, prediction_type
@@ -112,13 +115,13 @@ class HeldOutLoss:
             return latents, code.encode_text(frozen.text_encoders, text_encoder_params, input_ids)
 
         # Encoded at the first evaluation, not here: a resumed run with nothing left to train compiles nothing.
-        def encode_held_out():
+        def encode_held_out(text_encoder_params):
             inputs = []
             for images in self.batches:
                 pixels = np.stack([examples[i][0] for i in images])
                 captions = [examples[i][1] for i in images]
-                ids = token_ids(dataset.tokenizers, captions)
-                latents, (hidden, pooled) = encode(frozen.vae_params, frozen.text_encoder_params, pixels, ids)
+                ids = caption_token_ids(dataset.tokenizers, captions, dataset.args.max_token_length)  # as in training
+                latents, (hidden, pooled) = encode(frozen.vae_params, text_encoder_params, pixels, ids)
                 kept = np.asarray([float(caption != "") for caption in captions], np.float32)
                 if self.force_zeros:  # an empty caption conditions on zeros, as in training
                     hidden = hidden * kept[:, None, None]
@@ -153,10 +156,11 @@ class HeldOutLoss:
         self.batch_loss = jax.jit(batch_loss)
         self.log_file = None
 
-    def per_image(self, unet_params):
-        """[images, K] losses of the UNet params."""
-        if self.inputs is None:
-            self.inputs = self.encode_held_out()
+    def per_image(self, weights):
+        """[images, K] losses of the weights (UNet params, text encoders' params)."""
+        unet_params, text_encoder_params = weights
+        if self.inputs is None or self.text_trains:
+            self.inputs = self.encode_held_out(text_encoder_params)
         losses = np.zeros((sum(len(images) for images in self.batches), len(self.timesteps)), np.float32)
         for images, (latents, *conditioning) in zip(self.batches, self.inputs, strict=True):
             for k, timestep in enumerate(self.timesteps):
@@ -175,9 +179,9 @@ class HeldOutLoss:
             self.log_file = ValidationLossLog(output_dir, global_step - 1)
         if not is_due(self.config, global_step, max_train_steps):
             return
-        per_image = self.per_image(self.unet_params_of(evaluation_params(state, optimizer)))
+        per_image = self.per_image(self.weights_of(evaluation_params(state, optimizer)))
         ema_params = getattr(state, "ema_params", None)
-        per_image_ema = None if ema_params is None else self.per_image(self.unet_params_of(ema_params))
+        per_image_ema = None if ema_params is None else self.per_image(self.weights_of(ema_params))
         record = loss_record(global_step, self.timesteps, per_image, per_image_ema)
         logger.info(describe_record(record))
         if self.log_file is not None and global_step > self.log_file.last_step:

@@ -9,9 +9,10 @@ import torch
 
 import sdtrain.torch.lora as lora
 from sdtrain.batching import assign_buckets
+from sdtrain.data_config import caption_choices
 from sdtrain.sizes import size_factors
 from sdtrain.torch.data import check_images, encode_once
-from sdtrain.torch.text import tokenize
+from sdtrain.torch.long_prompts import token_ids
 from sdtrain.validation_loss import (
     ValidationLossLog,
     describe_record,
@@ -60,8 +61,9 @@ def held_out_example(dataset, image):
     """The held-out image's center crop, unflipped ([-1, 1] pixels), its first caption's token ids and, for SDXL, its
     size conditioning: no random draw, so every evaluation scores the same example."""
     pixels, box, _ = dataset.transform(dataset.open_image(image), image, rng=None, flip=False)
-    caption = dataset.caption_choices(dataset.caption_rows[image][dataset.args.caption_column], image)[0]
-    input_ids = torch.stack([tokenize(tokenizer, [caption], [0])[0] for tokenizer in dataset.tokenizers])
+    column = dataset.args.caption_column
+    caption = caption_choices(dataset.caption_rows[image][column], image, column)[0]
+    input_ids = token_ids(dataset.tokenizers, [caption], dataset.args.max_token_length)[0]  # chunked as in training
     time_ids = dataset.time_ids(image, box, False) if dataset.added_conditioning else None
     return pixels, input_ids, time_ids, caption != ""
 
@@ -103,16 +105,23 @@ class HeldOutLoss:
             )
             for place, image in enumerate(images):
                 self.latents[image] = encoded[place]
-        text_device = text_encoders[0].device
-        self.text = encode_once(
-            accelerator,
-            len(dataset),
-            batch_size,
+        self.text_encoders = text_encoders
+        # A text encoder LoRA (--train_text_encoder) changes the captions' encoding: encoded again at each evaluation,
+        # with the weights being scored (the EMA's included); frozen text encoders: once.
+        self.text_trains = any(p.requires_grad for encoder in text_encoders for p in encoder.parameters())
+        self.text = None if self.text_trains else self.encode_captions()
+        self.log_file = None
+
+    def encode_captions(self):
+        device = self.text_encoders[0].device
+        return encode_once(
+            self.accelerator,
+            len(self.examples),
+            self.batch_size,
             lambda indices: torch.stack([self.examples[i][1] for i in indices]),
-            lambda input_ids: code.encode_text(text_encoders, input_ids.to(text_device)),
+            lambda input_ids: self.code.encode_text(self.text_encoders, input_ids.to(device)),
             "Encoding held-out captions",
         )
-        self.log_file = None
 
     def batch(self, images, device, dtype):
         latents = torch.stack([self.latents[i] for i in images]).to(device, torch.float32)
@@ -137,7 +146,9 @@ class HeldOutLoss:
         losses = torch.zeros((len(self.latents), len(self.timesteps)), dtype=torch.float32, device=accelerator.device)
         batches = eval_batches(list(self.group_of_image), self.batch_size)
         dtype = next(unet.parameters()).dtype
-        with torch.no_grad(), accelerator.autocast(), lora.evaluating([unet]):  # evaluating: no LoRA dropout
+        with torch.no_grad(), accelerator.autocast(), lora.evaluating([unet, *self.text_encoders]):  # no LoRA dropout
+            if self.text_trains:
+                self.text = self.encode_captions()
             for images in batches[accelerator.process_index :: accelerator.num_processes]:
                 latents, encoder_hidden_states, added_cond_kwargs = self.batch(images, accelerator.device, dtype)
                 for k, timestep in enumerate(self.timesteps):
