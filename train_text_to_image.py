@@ -1154,8 +1154,7 @@ def main(args):
     global_step = resume(accelerator, resume_path, resume_metadata, run_identity, run_metadata)
     first_epoch = global_step // updates_per_epoch
 
-    tracker_config = tracker_hyperparameters(vars(args))
-    script = os.path.basename(__file__)
+    script, tracker_config = os.path.basename(__file__), tracker_hyperparameters(vars(args))
     output_lock = begin_training(
         accelerator, args.output_dir, script, [args.logging_dir, RUN_CONFIG], args.tracker_project_name, tracker_config
     )

@@ -1012,9 +1012,9 @@ def main(args):
     if lora is not None:
         # Only the adapter trains (in float32, with its optimizer state); the base stays frozen in the compute dtype.
         base_unet_params = jax.tree.map(lambda p: p.astype(weight_dtype), unet_params)
-        text_encoder_params = {
-            name: encoder.params for name, encoder in zip(family.text_encoders, text_encoders, strict=True)
-        }
+        text_encoder_params = dict(
+            zip(family.text_encoders, [encoder.params for encoder in text_encoders], strict=True)
+        )
         unet_params = add_adapters(lora, base_unet_params, text_encoder_params, seed)
     # Lin et al. 2023 (arXiv:2305.08891): rescaled betas reach zero SNR at the last timestep, as sampling starts.
     noise_scheduler, scheduler_state = load_noise_scheduler(folder, args.rescale_betas_zero_snr)
@@ -1096,9 +1096,7 @@ def main(args):
     run_metadata = checkpoint_metadata(run_identity, seed, total_batch_size, updates_per_epoch, jax.process_count())
     run_metadata["use_ema"] = args.use_ema
     if lora is not None:
-        size = tree_mib(
-            {"params": state.params, "opt_state": state.opt_state, "ema": getattr(state, "ema_params", None)}
-        )
+        size = tree_mib((state.params, state.opt_state, getattr(state, "ema_params", None)))  # what a checkpoint holds
         layers = sum(len(adapter_layers(adapter)) for adapter in state.params.values())
         logger.info(
             f"LoRA rank {lora.rank}, alpha {lora.alpha:g} on {layers} layers ({', '.join(state.params)}): "
