@@ -8,6 +8,7 @@ import os
 import shutil
 import stat
 
+import numpy as np
 import pytest
 import torch
 from helpers import checkpoint_names, tree_snapshot
@@ -76,6 +77,7 @@ def sdxl_run(launch, assets, sdxl_pipeline, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("lora_sdxl") / "run")
     flags = f"--rank {RANK} --lora_alpha {ALPHA:g} --train_text_encoder --max_train_steps 2 --checkpointing_steps 10"
     flags += " --max_token_length 150"  # the text encoders' LoRA trains through captions encoded in chunks (issue 32)
+    flags += " --validation_split 0.25 --validation_loss_steps 1"  # held-out captions encoded by the trained LoRA
     launch.accelerate(SCRIPT, ["--pretrained_model_name_or_path", sdxl_pipeline, *base_args(assets, out, flags)[2:]])
     return out
 
@@ -179,6 +181,8 @@ def test_sdxl_lora_adapts_both_text_encoders_in_both_files(sdxl_run, sdxl_pipeli
 
     check_lora_loads_and_fuses(StableDiffusionXLPipeline, sdxl_pipeline, sdxl_run, ["text_encoder", "text_encoder_2"])
     assert safe_open(ui_lora_path(sdxl_run), "pt").metadata()["ss_base_model_version"] == "sdxl_base_v1-0"
+    records = [json.loads(line) for line in open(os.path.join(sdxl_run, "validation_loss.jsonl"))]
+    assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["per_timestep"]).all() for r in records)
 
 
 def test_a_checkpoint_holds_the_adapter_and_resumes_exactly(sd_runs):

@@ -2,6 +2,7 @@
 diffusers loads and fuses into W + (alpha / rank) * B @ A, and the kohya layout with the real alpha), checkpoints of the
 adapter alone, an exact resume, two processes equal to one, SD and SDXL with the text encoders' LoRA."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -202,11 +203,16 @@ def test_sd_lora_as_two_processes_equals_one_process(sd_run, launch, assets):
 def test_sdxl_lora_in_bf16_trains_both_text_encoders_and_diffusers_loads_it(launch, assets, sdxl_pipeline, tmp_path):
     out = str(tmp_path / "sdxl")
     # --max_token_length: the text encoders' LoRA trains through captions encoded in chunks (issue 32).
-    result = launch.run(T2I, lora_args(sdxl_pipeline, assets["images"], out, SDXL_FLAGS, "--max_token_length 150"))
+    held_out = "--validation_split 0.25 --validation_loss_steps 1"  # held-out captions encoded by the trained LoRA
+    result = launch.run(
+        T2I, lora_args(sdxl_pipeline, assets["images"], out, SDXL_FLAGS, "--max_token_length 150", held_out)
+    )
     assert "on 48 layers (unet, text_encoder, text_encoder_2)" in result.output
     saved = check_files(out, sdxl_pipeline, ["text_encoder", "text_encoder_2"], ["lora_te1_", "lora_te2_"])
     assert any(np.abs(v).max() > 0 for k, v in saved.items() if k.startswith("text_encoder_2.") and ".lora_B." in k)
     assert os.listdir(os.path.join(out, "validation")) == ["final-step-000002.png"]
+    records = [json.loads(line) for line in open(os.path.join(out, "validation_loss.jsonl"))]
+    assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["per_timestep"]).all() for r in records)
     fused = run_flax_python(FUSE_CHECK, sdxl_pipeline, out, str(ALPHA / RANK), "named").stdout.strip().splitlines()[-1]
     components, worst = fused.split(" ", 1)[1].rsplit(" ", 1)
     assert components == "['text_encoder', 'text_encoder_2', 'unet']" and float(worst) <= 1e-6, fused
