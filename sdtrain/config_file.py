@@ -147,6 +147,9 @@ def flag_value(action, value):
     convert = action.type or str
     converted = []
     for item in value if several else [value]:
+        if isinstance(item, bool) and action.choices is not None and {"no", "yes"} & set(action.choices):
+            # YAML 1.1 reads a bare no / yes as a boolean: `mixed_precision: no` means the choice "no".
+            item = "yes" if item else "no"
         if isinstance(item, (bool, dict, list)):
             raise ValueError(f"expected {'a ' + convert.__name__ if convert is not str else 'text'}")
         try:
@@ -168,6 +171,7 @@ def read_prompts_file(parser, args, from_file_only):
         if len(overridden) != 1:
             parser.error("--validation_prompts and --validation_prompts_file: give one or the other")
         setattr(args, overridden[0], None)
+        args.flag_values.pop(overridden[0], None)  # so that config.toml repeats the run, not the conflict
         if overridden[0] == "validation_prompts_file":
             return
     if args.validation_prompts_file is None:

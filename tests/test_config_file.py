@@ -57,6 +57,9 @@ def test_a_config_file_is_its_flags_on_the_command_line_and_the_command_line_win
     # YAML, with a key in the dashed form and 2e-5 as YAML 1.1 reads it (a string: no dot), converted as the flag would.
     yaml = write(tmp_path, "run.yaml", T2I_TOML.replace(" = ", ": ").replace("learning_rate", "learning-rate"))
     assert settings(train_text_to_image.parse_args(["--config", yaml])) == settings(from_file)
+    # A bare `no` in YAML 1.1 is a boolean: for a flag whose choices hold "no", it is that choice.
+    precision = write(tmp_path, "no.yaml", T2I_TOML.replace(" = ", ": ") + "mixed_precision: no\n")
+    assert train_text_to_image.parse_args(["--config", precision]).mixed_precision == "no"
     # Textual inversion's required flags from the file too.
     ti = T2I_TOML.split("learning_rate")[0] + 'placeholder_token = "<t>"\ninitializer_token = "toy"\n'
     ti = write(tmp_path, "ti.toml", ti + "\nnum_vectors = 2\nscale_lr = true\n")
@@ -135,7 +138,13 @@ def test_validation_prompts_file(tmp_path, capsys):
     assert args.validation_prompts == ["a red circle", "a blue square"]
     # Either one from a config file gives way to the other on the command line.
     toml = write(tmp_path, "run.toml", T2I_TOML)
-    assert parse(["--config", toml, "--validation_prompts_file", prompts]).validation_prompts == args.validation_prompts
+    overridden = parse(["--config", toml, "--validation_prompts_file", prompts])
+    assert overridden.validation_prompts == args.validation_prompts
+    # The config.toml such a run writes repeats it: the prompts given way to are not in it.
+    (tmp_path / "out").mkdir()
+    write_config(str(tmp_path / "out"), overridden)
+    repeated = parse(["--config", str(tmp_path / "out" / RUN_CONFIG)])
+    assert repeated.validation_prompts == args.validation_prompts
     with_file = write(
         tmp_path, "file.toml", T2I_TOML.replace("validation_prompts = ", f"validation_prompts_file = '{prompts}'\n#")
     )

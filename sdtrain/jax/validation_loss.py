@@ -183,6 +183,7 @@ class HeldOutLoss:
         ema_params = getattr(state, "ema_params", None)
         per_image_ema = None if ema_params is None else self.per_image(self.weights_of(ema_params))
         record = loss_record(global_step, self.timesteps, per_image, per_image_ema)
-        logger.info(describe_record(record))
+        if jax.process_index() == 0:
+            logger.info(describe_record(record))
         if self.log_file is not None and global_step > self.log_file.last_step:
             self.log_file.append(record)

@@ -105,6 +105,7 @@ class HeldOutLoss:
             )
             for place, image in enumerate(images):
                 self.latents[image] = encoded[place]
+        self.examples = [(None, *example[1:]) for example in self.examples]  # the pixels are not needed again
         self.text_encoders = text_encoders
         # A text encoder LoRA (--train_text_encoder) changes the captions' encoding: encoded again at each evaluation,
         # with the weights being scored (the EMA's included); frozen text encoders: once.
