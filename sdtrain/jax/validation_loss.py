@@ -5,6 +5,7 @@ their EMA. The PyTorch twin is sdtrain/torch/validation_loss.py; validation_loss
 Every device scores the whole held-out set with replicated arrays: the result cannot depend on the process count, and
 the held-out set is small next to training (the PyTorch twin shares the batches out instead)."""
 
+import functools
 import logging
 
 import jax
@@ -107,21 +108,30 @@ class HeldOutLoss:
         self.force_zeros = code.family.force_zeros_for_empty_prompt
 
         @jax.jit
-        def encode(vae_params, text_encoder_params, pixel_values, input_ids):
+        def encode_latents(vae_params, pixel_values):
             encoded = frozen.vae.apply(
                 {"params": vae_params}, pixel_values, deterministic=True, method=frozen.vae.encode
             )
-            latents = jnp.transpose(encoded.latent_dist.mean, (0, 3, 1, 2)) * frozen.vae.config.scaling_factor
-            return latents, code.encode_text(frozen.text_encoders, text_encoder_params, input_ids)
+            return jnp.transpose(encoded.latent_dist.mean, (0, 3, 1, 2)) * frozen.vae.config.scaling_factor
 
-        # Encoded at the first evaluation, not here: a resumed run with nothing left to train compiles nothing.
+        encode_text = jax.jit(functools.partial(code.encode_text, frozen.text_encoders))
+
+        # Encoded at the first evaluation, not here: a resumed run with nothing left to train compiles nothing. The
+        # latents once (the pixels are dropped then); the captions once, or at each evaluation with a text encoder
+        # LoRA, with the weights being scored.
         def encode_held_out(text_encoder_params):
+            if self.latents is None:
+                self.latents = [
+                    np.asarray(encode_latents(frozen.vae_params, np.stack([examples[i][0] for i in images])))
+                    for images in self.batches
+                ]
+                examples[:] = [(None, *example[1:]) for example in examples]
+                logger.info(f"Encoded {len(dataset)} held-out images for the validation loss")
             inputs = []
-            for images in self.batches:
-                pixels = np.stack([examples[i][0] for i in images])
+            for images, latents in zip(self.batches, self.latents, strict=True):
                 captions = [examples[i][1] for i in images]
                 ids = caption_token_ids(dataset.tokenizers, captions, dataset.args.max_token_length)  # as in training
-                latents, (hidden, pooled) = encode(frozen.vae_params, text_encoder_params, pixels, ids)
+                hidden, pooled = encode_text(text_encoder_params, ids)
                 kept = np.asarray([float(caption != "") for caption in captions], np.float32)
                 if self.force_zeros:  # an empty caption conditions on zeros, as in training
                     hidden = hidden * kept[:, None, None]
@@ -129,11 +139,10 @@ class HeldOutLoss:
                 added = None
                 if pooled is not None:
                     added = code.added_conditioning(pooled, np.stack([examples[i][2] for i in images]))
-                inputs.append((np.asarray(latents), np.asarray(hidden), added))
-            logger.info(f"Encoded {len(dataset)} held-out images for the validation loss")
+                inputs.append((latents, np.asarray(hidden), added))
             return inputs
 
-        self.inputs, self.encode_held_out = None, encode_held_out
+        self.inputs, self.latents, self.encode_held_out = None, None, encode_held_out
 
         # One timestep per call (a traced argument): one compiled UNet forward per batch shape, not K unrolled ones.
         def batch_loss(
