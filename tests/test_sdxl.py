@@ -100,7 +100,7 @@ def test_sdxl_text_conditioning_is_what_the_sdxl_pipeline_samples_with(sdxl_pipe
         [pipeline.tokenizer, pipeline.tokenizer_2],
         [pipeline.text_encoder, pipeline.text_encoder_2],
     )
-    ids = torch.stack([t2i.tokenize(tokenizer, ["a red circle", ""], [0, 1]) for tokenizer in tokenizers], 1)
+    ids = t2i.token_ids(tokenizers, ["a red circle", ""], None)  # [caption, tokenizer, token], as the dataset gives
     batch = {
         "pixel_values": torch.zeros(2, 3, 64, 64),
         "input_ids": ids,
