@@ -17,6 +17,7 @@ from safetensors.numpy import load_file
 from test_flax_scripts import checkpoint_names, saved_train_state, start_two_processes
 
 from devkit.command_line import command_line
+from sdtrain.config_file import RUN_CONFIG
 from sdtrain.jax import lora as jax_lora
 from sdtrain.lora import DIFFUSERS_LORA_FILE, ui_lora_path
 
@@ -134,8 +135,8 @@ def sd_run(launch, assets, tmp_path_factory):
 def test_sd_lora_writes_both_files_that_diffusers_loads(sd_run, assets):
     full = sd_run["full"]
     assert sorted(name for name in os.listdir(full) if not name.startswith(".")) == sorted(
-        ["README.md", "checkpoint-2", "checkpoint-4", DIFFUSERS_LORA_FILE, "full.safetensors"]
-    ), "the adapter's files, not the pipeline"
+        ["README.md", "checkpoint-2", "checkpoint-4", DIFFUSERS_LORA_FILE, "full.safetensors", RUN_CONFIG]
+    ), "the adapter's files and the run's settings, not the pipeline"
     check_files(full, assets["pipeline"], ["text_encoder"], ["lora_te_"])
     card = open(os.path.join(full, "README.md")).read()
     assert "- lora\n" in card and f"rank {RANK}, alpha {ALPHA}" in card and f'load_lora_weights("{full}")' in card
