@@ -26,6 +26,9 @@ def encode_text_chunks(code, text_encoders, text_encoder_params, input_ids, chun
     return hidden_states, pooled
 
 
+OWN_FIELDS = ("code", "chunk_length", "max_token_length")  # LongPromptCode's fields, never looked up in its code
+
+
 @dataclasses.dataclass(frozen=True)
 class LongPromptCode:
     """A family's code (sdtrain.jax.family) whose encode_text reads chunked token ids; all else is the family's.
@@ -36,11 +39,7 @@ class LongPromptCode:
     max_token_length: int
 
     def __getattr__(self, name):
-        if name in (
-            "code",
-            "chunk_length",
-            "max_token_length",
-        ):  # not set yet (copy, pickle): no recursion through self.code
+        if name in OWN_FIELDS:  # not set yet (copy, pickle): no recursion through self.code
             raise AttributeError(name)
         return getattr(self.code, name)
 
